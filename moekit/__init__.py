@@ -1,0 +1,23 @@
+"""moekit: the Mixture-of-Experts toolkit for PyTorch."""
+
+from .balance import load_balancing_loss, router_z_loss, sequence_balancing_loss
+from .config import MoEConfig
+from .dispatch import DispatchPlan, LocalDispatcher
+from .experts import Experts, SharedExperts
+from .layer import MoE
+from .routing import Router, RouterOutput, build_router, register_router
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "MoE", "MoEConfig", "Router", "RouterOutput", "build_router", "register_router", "DispatchPlan",
+    "LocalDispatcher", "Experts", "SharedExperts", "load_balancing_loss", "sequence_balancing_loss",
+    "router_z_loss", "from_hf", "__version__",
+]
+
+
+def from_hf(block, **options):
+    """Convert a transformers sparse-MoE block into an equivalent :class:`MoE` (see :mod:`moekit.interop.hf`)."""
+    from .interop.hf import from_hf as _from_hf
+
+    return _from_hf(block, **options)

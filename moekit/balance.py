@@ -1,0 +1,92 @@
+"""Load-balancing: auxiliary losses, router z-loss, and auxiliary-loss-free bias updates.
+
+Notation: ``T`` tokens, ``E`` experts, ``K`` slots per token, ``B`` sequences of ``L`` tokens.
+
+All auxiliary losses are normalised so that perfectly uniform routing scores exactly 1 (z-loss excepted), whatever
+``E`` and ``K``; Hugging Face's ``load_balancing_loss_func`` equals ``K`` times :func:`load_balancing_loss`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+AUX_LOSSES = ("switch", "seq")
+
+
+def _counts(ids_NK: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Slots per expert along the last axes: ``[..., K]`` ids → ``[..., E]`` float counts (empty slots skipped)."""
+    key = torch.where(ids_NK >= 0, ids_NK, num_experts)
+    out = torch.zeros(*ids_NK.shape[:-1], num_experts + 1, device=ids_NK.device, dtype=torch.float32)
+    return out.scatter_add_(-1, key, torch.ones_like(key, dtype=torch.float32))[..., :num_experts]
+
+
+def expert_load(ids_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Slots the router sent to each expert (its demand, before any capacity limit), as float ``[E]``."""
+    return _counts(ids_TK, num_experts).sum(dim=0)
+
+
+def load_balancing_loss(probs_TE: torch.Tensor, ids_TK: torch.Tensor) -> torch.Tensor:
+    """Switch/GShard auxiliary loss (Fedus et al. 2021, eq. 4): ``E * sum_i f_i * P_i``.
+
+    ``f_i``: fraction of routed slots that chose expert ``i``; ``P_i``: mean router probability of ``i``.
+    """
+    E = probs_TE.shape[-1]
+    if probs_TE.shape[0] == 0:
+        return probs_TE.sum() * 0.0
+    with torch.no_grad():
+        counts_E = _counts(ids_TK, E)
+        f_E = counts_E / counts_E.sum().clamp_min(1.0)
+    return E * (f_E * probs_TE.float().mean(dim=0)).sum()
+
+
+def sequence_balancing_loss(probs_TE: torch.Tensor, ids_TK: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """DeepSeek-V3 sequence-wise balance loss (arXiv:2412.19437 eq. 17-20), averaged over sequences.
+
+    Same as :func:`load_balancing_loss` but ``f`` and ``P`` are computed within each sequence of ``seq_len`` tokens.
+    """
+    T, E = probs_TE.shape
+    if T == 0:
+        return probs_TE.sum() * 0.0
+    if seq_len < 1 or T % seq_len:
+        raise ValueError(f"sequence balancing loss: {T} tokens do not split into sequences of {seq_len}")
+    B = T // seq_len
+    with torch.no_grad():
+        counts_BE = _counts(ids_TK.view(B, seq_len, -1).reshape(B, -1), E)
+        f_BE = counts_BE / counts_BE.sum(dim=-1, keepdim=True).clamp_min(1.0)
+    P_BE = probs_TE.float().view(B, seq_len, E).mean(dim=1)
+    return E * (f_BE * P_BE).sum(dim=-1).mean()
+
+
+def router_z_loss(logits_TE: torch.Tensor) -> torch.Tensor:
+    """ST-MoE router z-loss (Zoph et al. 2022, eq. 5): mean over tokens of ``logsumexp(logits)^2``."""
+    if logits_TE.shape[0] == 0:
+        return logits_TE.sum() * 0.0
+    return torch.logsumexp(logits_TE.float(), dim=-1).square().mean()
+
+
+class AttachAuxLoss(torch.autograd.Function):
+    """Return ``output`` unchanged; in backward also send gradient ``scale`` into ``aux_loss``.
+
+    This makes auxiliary losses train the router whenever anything downstream of the layer is back-propagated,
+    without the training loop adding them to its loss.
+    """
+
+    @staticmethod
+    def forward(ctx, output: torch.Tensor, aux_loss: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.aux_shape, ctx.aux_dtype, ctx.scale = aux_loss.shape, aux_loss.dtype, scale
+        return output.view_as(output)
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        grad_aux = torch.full(ctx.aux_shape, ctx.scale, dtype=ctx.aux_dtype, device=grad_output.device)
+        return grad_output, grad_aux, None
+
+
+@torch.no_grad()
+def update_expert_bias(expert_bias_E: torch.Tensor, load_E: torch.Tensor, rate: float) -> None:
+    """Auxiliary-loss-free balancing (DeepSeek-V3 §2.1.2): ``b_i += rate * sign(mean(load) - load_i)``.
+
+    Under-loaded experts become more attractive to the selection step; the combine weights are untouched.
+    """
+    load_E = load_E.float()
+    expert_bias_E += rate * torch.sign(load_E.mean() - load_E).to(expert_bias_E.dtype)

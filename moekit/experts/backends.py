@@ -1,0 +1,226 @@
+"""Experts backends: how the per-expert GEMMs run. All take ``(experts, x_TD, plan)`` and return fp32 ``y_TD``.
+
+- ``loop``: the obviously-correct reference. For each expert, find its slots with ``torch.where``, run the
+  expert, add ``weight * output`` to the token. Ignores the plan's sort entirely.
+- ``segment``: expert-sorted rows, one ``torch.mm`` per non-empty expert segment (needs the counts on the host).
+- ``grouped_mm``: expert-sorted rows, one PyTorch grouped GEMM per projection (``torch.nn.functional.grouped_mm``,
+  or ``torch._grouped_mm`` on older releases), no host sync. Falls back to ``segment`` where the running torch
+  or device has no grouped GEMM for the dtype.
+- ``auto``: ``grouped_mm`` where available, else ``segment``.
+
+Notation: ``T`` tokens, ``S`` sorted slots, ``D`` model dim, ``F`` expert hidden dim, ``E`` experts.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Callable
+
+import torch
+import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from ..dispatch.local import DispatchPlan
+    from .fused import Experts
+
+log = logging.getLogger(__name__)
+
+
+def compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The dtype the expert GEMMs run in: the autocast dtype if autocast is on, else the weights' dtype."""
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return weight.dtype
+
+
+def _cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    return None if t is None else t.to(dtype)
+
+
+# ------------------------------------------------------------------------------------------------ loop
+def loop_backend(experts: "Experts", x_TD: torch.Tensor, plan: "DispatchPlan") -> torch.Tensor:
+    dtype = compute_dtype(x_TD, experts.w_in)
+    x_TD = x_TD.to(dtype)
+    y_TD = x_TD.new_zeros(x_TD.shape, dtype=torch.float32)
+    for e in range(experts.num_experts):
+        tok_N, slot_N = torch.where(plan.ids_TK == e)
+        if tok_N.numel() == 0:
+            continue
+        h = F.linear(x_TD[tok_N], experts.w_in[e].to(dtype), _cast(_row(experts.b_in, e), dtype))
+        h = experts.activation(h)
+        out = F.linear(h, experts.w_out[e].to(dtype), _cast(_row(experts.b_out, e), dtype))
+        y_TD = y_TD.index_add(0, tok_N, out.float() * plan.weights_TK[tok_N, slot_N, None].float())
+    return y_TD
+
+
+def _row(b: torch.Tensor | None, e: int) -> torch.Tensor | None:
+    return None if b is None else b[e]
+
+
+# --------------------------------------------------------------------------------------------- segment
+# One torch.mm per expert over its contiguous rows. Registered as custom ops so torch.compile treats the
+# data-dependent loop as one opaque call (no graph break, works with fullgraph=True).
+@torch.library.custom_op("moekit::segment_linear", mutates_args=())
+def _segment_linear(x_SI: torch.Tensor, w_EOI: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
+    out = x_SI.new_zeros(x_SI.shape[0], w_EOI.shape[1])
+    start = 0
+    for e, end in enumerate(offsets_E.tolist()):  # one host sync for all experts
+        if end > start:
+            torch.mm(x_SI[start:end], w_EOI[e].T, out=out[start:end])
+        start = end
+    return out
+
+
+@_segment_linear.register_fake
+def _(x_SI, w_EOI, offsets_E):
+    return x_SI.new_empty(x_SI.shape[0], w_EOI.shape[1])
+
+
+@torch.library.custom_op("moekit::segment_linear_backward", mutates_args=())
+def _segment_linear_backward(grad_SO: torch.Tensor, x_SI: torch.Tensor, w_EOI: torch.Tensor,
+                             offsets_E: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    grad_x = torch.zeros_like(x_SI)
+    grad_w = torch.zeros_like(w_EOI)
+    start = 0
+    for e, end in enumerate(offsets_E.tolist()):
+        if end > start:
+            torch.mm(grad_SO[start:end], w_EOI[e], out=grad_x[start:end])
+            torch.mm(grad_SO[start:end].T, x_SI[start:end], out=grad_w[e])
+        start = end
+    return grad_x, grad_w
+
+
+@_segment_linear_backward.register_fake
+def _(grad_SO, x_SI, w_EOI, offsets_E):
+    return torch.empty_like(x_SI), torch.empty_like(w_EOI)
+
+
+def _segment_setup(ctx, inputs, output):
+    x_SI, w_EOI, offsets_E = inputs
+    ctx.save_for_backward(x_SI, w_EOI, offsets_E)
+
+
+def _segment_backward(ctx, grad_SO):
+    x_SI, w_EOI, offsets_E = ctx.saved_tensors
+    grad_x, grad_w = _segment_linear_backward(grad_SO.contiguous(), x_SI, w_EOI, offsets_E)
+    return grad_x, grad_w, None
+
+
+_segment_linear.register_autograd(_segment_backward, setup_context=_segment_setup)
+
+
+def segment_linear(x_SI: torch.Tensor, w_EOI: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
+    """``x_e @ w_e.T`` for each expert's row segment (``offsets_E`` inclusive ends); later rows come out as zeros."""
+    return _segment_linear(x_SI, w_EOI, offsets_E)
+
+
+def segment_backend(experts: "Experts", x_TD: torch.Tensor, plan: "DispatchPlan") -> torch.Tensor:
+    offsets_E = plan.offsets_E
+    return _sorted_backend(experts, x_TD, plan, lambda x, w: segment_linear(x, w, offsets_E))
+
+
+# ------------------------------------------------------------------------------------------ grouped_mm
+_GROUPED_MM: Callable | None = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward hands on a contiguous gradient (CPU grouped_mm's backward rejects expanded grads)."""
+
+    @staticmethod
+    def forward(ctx, t: torch.Tensor) -> torch.Tensor:
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor) -> torch.Tensor:
+        return g.contiguous()
+
+
+def grouped_linear(x_SI: torch.Tensor, w_EOI: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
+    """``x_e @ w_e.T`` for each expert's row segment in one grouped GEMM. Rows past ``offsets_E[-1]`` are undefined."""
+    return _ContiguousGrad.apply(_GROUPED_MM(x_SI, w_EOI.transpose(-2, -1), offs=offsets_E))
+
+
+_SUPPORT_CACHE: dict[tuple[str, torch.dtype], bool] = {}
+
+
+def grouped_mm_supported(device_type: str, dtype: torch.dtype) -> bool:
+    """Feature test: does this torch have a grouped GEMM that runs (and is right) on this device and dtype?"""
+    key = (device_type, dtype)
+    if key not in _SUPPORT_CACHE:
+        _SUPPORT_CACHE[key] = _probe_grouped_mm(device_type, dtype)
+    return _SUPPORT_CACHE[key]
+
+
+def _probe_grouped_mm(device_type: str, dtype: torch.dtype) -> bool:
+    if _GROUPED_MM is None:
+        return False
+    try:
+        dev = torch.device(device_type)
+        x = torch.randn(8, 16, device=dev).to(dtype)
+        w = torch.randn(2, 8, 16, device=dev).to(dtype)
+        offs = torch.tensor([3, 8], dtype=torch.int32, device=dev)
+        y = _GROUPED_MM(x, w.transpose(-2, -1), offs=offs)
+        ref = torch.cat([x[:3] @ w[0].T, x[3:] @ w[1].T])
+        return bool(torch.allclose(y.float(), ref.float(), atol=1e-1, rtol=1e-2))
+    except Exception:  # noqa: BLE001 - any failure means "not supported here"
+        return False
+
+
+def _use_grouped_mm(device_type: str, dtype: torch.dtype) -> bool:
+    if torch.compiler.is_compiling():
+        # Inductor lowers grouped_mm for bf16 only; the feature test is decided before compiling.
+        return dtype == torch.bfloat16 and _SUPPORT_CACHE.get((device_type, dtype), _GROUPED_MM is not None)
+    return grouped_mm_supported(device_type, dtype)
+
+
+def grouped_mm_backend(experts: "Experts", x_TD: torch.Tensor, plan: "DispatchPlan") -> torch.Tensor:
+    dtype = compute_dtype(x_TD, experts.w_in)
+    if not _use_grouped_mm(x_TD.device.type, dtype):
+        _warn_fallback(x_TD.device.type, dtype)
+        return segment_backend(experts, x_TD, plan)
+    offsets_E = plan.offsets_E
+    return _sorted_backend(experts, x_TD, plan, lambda x, w: grouped_linear(x, w, offsets_E))
+
+
+_WARNED: set[tuple[str, torch.dtype]] = set()
+
+
+def _warn_fallback(device_type: str, dtype: torch.dtype) -> None:
+    if torch.compiler.is_compiling() or (device_type, dtype) in _WARNED:
+        return
+    _WARNED.add((device_type, dtype))
+    log.warning("grouped_mm is not available for %s/%s in torch %s; using the 'segment' backend",
+                device_type, dtype, torch.__version__)
+
+
+def _sorted_backend(experts: "Experts", x_TD: torch.Tensor, plan: "DispatchPlan",
+                    linear: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Gather rows in expert order, two grouped projections around the activation, weighted combine."""
+    dtype = compute_dtype(x_TD, experts.w_in)
+    x_SD = plan.permute(x_TD.to(dtype))
+    if plan.may_have_empty:  # zero empty rows so no garbage gradient reaches x through the gather
+        x_SD = torch.where(plan.valid_S()[:, None], x_SD, 0)
+    expert_S = plan.expert_S.clamp(max=plan.num_experts - 1)
+    h_SF = linear(x_SD, experts.w_in.to(dtype))
+    if experts.b_in is not None:
+        h_SF = h_SF + experts.b_in.to(dtype)[expert_S]
+    h_SF = experts.activation(h_SF)
+    y_SD = linear(h_SF, experts.w_out.to(dtype))
+    if experts.b_out is not None:
+        y_SD = y_SD + experts.b_out.to(dtype)[expert_S]
+    return plan.combine(y_SD)
+
+
+def auto_backend(experts: "Experts", x_TD: torch.Tensor, plan: "DispatchPlan") -> torch.Tensor:
+    if _use_grouped_mm(x_TD.device.type, compute_dtype(x_TD, experts.w_in)):
+        return grouped_mm_backend(experts, x_TD, plan)
+    return segment_backend(experts, x_TD, plan)
+
+
+BACKENDS: dict[str, Callable[["Experts", torch.Tensor, "DispatchPlan"], torch.Tensor]] = {
+    "auto": auto_backend,
+    "loop": loop_backend,
+    "segment": segment_backend,
+    "grouped_mm": grouped_mm_backend,
+}

@@ -1,0 +1,115 @@
+"""Routed experts stored as fused 3D weights in the Hugging Face v5 layout.
+
+    gated (SwiGLU, ...):  gate_up_proj [E, 2F, D]  ([gate; up] concatenated on dim 1),  down_proj [E, D, F]
+    plain (GELU MLP...):  up_proj      [E, F, D],                                      down_proj [E, D, F]
+    optional biases:      gate_up_proj_bias / up_proj_bias [E, 2F or F],  down_proj_bias [E, D]
+
+Expert e computes ``down_e(act(gate_up_e(x)))``; the backend decides how the E GEMMs are run.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..dispatch.local import DispatchPlan
+from .activations import Activation, get_activation
+from .backends import BACKENDS
+
+
+class Experts(nn.Module):
+    """``E`` feed-forward experts with shared shapes, computed by a pluggable backend.
+
+    Args:
+        num_experts, d_model, d_ff: ``E``, ``D`` and ``F`` (the hidden width of one expert).
+        activation: a name from :data:`moekit.experts.activations.ACTIVATIONS` or an :class:`Activation`.
+        activation_kwargs: options of the activation (``gpt_oss``: ``alpha``, ``limit``).
+        bias: add per-expert biases to both projections (GPT-OSS).
+        backend: ``auto``, ``loop``, ``segment`` or ``grouped_mm``.
+    """
+
+    def __init__(self, num_experts: int, d_model: int, d_ff: int, *, activation: str | Activation = "swiglu",
+                 activation_kwargs: dict | None = None, bias: bool = False, backend: str = "auto"):
+        super().__init__()
+        self.num_experts, self.d_model, self.d_ff = num_experts, d_model, d_ff
+        self.activation = get_activation(activation, **(activation_kwargs or {}))
+        self.backend = backend
+        width = 2 * d_ff if self.activation.gated else d_ff
+        self.in_name = "gate_up_proj" if self.activation.gated else "up_proj"
+        self.register_parameter(self.in_name, nn.Parameter(torch.empty(num_experts, width, d_model)))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, d_model, d_ff))
+        if bias:
+            self.register_parameter(self.in_name + "_bias", nn.Parameter(torch.empty(num_experts, width)))
+            self.down_proj_bias = nn.Parameter(torch.empty(num_experts, d_model))
+        else:
+            self.register_parameter(self.in_name + "_bias", None)
+            self.down_proj_bias = None
+        self.reset_parameters()
+
+    @property
+    def backend(self) -> str:
+        return self._backend
+
+    @backend.setter
+    def backend(self, name: str) -> None:
+        if name not in BACKENDS:
+            raise ValueError(f"unknown experts backend {name!r}; choose one of {', '.join(BACKENDS)}")
+        self._backend = name
+
+    @property
+    def w_in(self) -> torch.Tensor:
+        return getattr(self, self.in_name)
+
+    @property
+    def b_in(self) -> torch.Tensor | None:
+        return getattr(self, self.in_name + "_bias")
+
+    @property
+    def w_out(self) -> torch.Tensor:
+        return self.down_proj
+
+    @property
+    def b_out(self) -> torch.Tensor | None:
+        return self.down_proj_bias
+
+    def reset_parameters(self) -> None:
+        # Same distribution as nn.Linear, so a dense FFN and an expert start alike.
+        for w, fan_in in ((self.w_in, self.d_model), (self.w_out, self.d_ff)):
+            bound = 1 / math.sqrt(fan_in)
+            nn.init.uniform_(w, -bound, bound)
+        for b in (self.b_in, self.b_out):
+            if b is not None:
+                nn.init.zeros_(b)
+
+    def forward(self, x_TD: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+        """fp32 ``y_TD = sum_k w_TK * expert_{id_TK}(x_TD)`` for the slots in ``plan``."""
+        return BACKENDS[self._backend](self, x_TD, plan)
+
+    def extra_repr(self) -> str:
+        return (f"num_experts={self.num_experts}, d_model={self.d_model}, d_ff={self.d_ff}, "
+                f"activation={self.activation.name}, bias={self.b_in is not None}, backend={self.backend}")
+
+
+class ModuleListExperts(nn.Module):
+    """Arbitrary expert modules (each ``[N, D] -> [N, D]``), run one after another: flexible, not fast."""
+
+    def __init__(self, experts: list[nn.Module] | nn.ModuleList):
+        super().__init__()
+        if len(experts) < 1:
+            raise ValueError("ModuleListExperts needs at least one expert module")
+        self.experts = nn.ModuleList(experts)
+        self.num_experts = len(self.experts)
+
+    def forward(self, x_TD: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+        y_TD = x_TD.new_zeros(x_TD.shape, dtype=torch.float32)
+        for e, expert in enumerate(self.experts):
+            tok_N, slot_N = torch.where(plan.ids_TK == e)
+            if tok_N.numel() == 0:
+                continue
+            out = expert(x_TD[tok_N])
+            if out.shape != (tok_N.numel(), x_TD.shape[-1]):
+                raise ValueError(f"expert {e} returned shape {tuple(out.shape)}; experts must map [N, D] to [N, D]")
+            y_TD = y_TD.index_add(0, tok_N, out.float() * plan.weights_TK[tok_N, slot_N, None].float())
+        return y_TD

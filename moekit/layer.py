@@ -1,0 +1,181 @@
+"""The MoE layer: router → dispatch plan → experts → combine, plus shared experts and balancing.
+
+    x [..., D] ──► Router ──► RouterOutput ──► LocalDispatcher.plan ──► Experts(x, plan) ──► y [..., D]
+                                                                                 + SharedExperts(x)
+
+Notation: ``T`` tokens (all leading dims flattened), ``D`` model dim, ``E`` experts, ``K`` slots per token.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from .balance import AttachAuxLoss, expert_load, load_balancing_loss, router_z_loss, sequence_balancing_loss, update_expert_bias
+from .config import MoEConfig
+from .dispatch.local import DispatchPlan, LocalDispatcher
+from .experts.fused import Experts, ModuleListExperts
+from .experts.shared import SharedExperts
+from .routing.base import ROUTERS, Router, RouterOutput, build_router
+
+RoutingHook = Callable[["MoE", torch.Tensor, RouterOutput, DispatchPlan], None]
+
+
+class MoE(nn.Module):
+    """A Mixture-of-Experts feed-forward layer: input ``[..., d_model]`` → output of the same shape and dtype.
+
+    Example::
+
+        layer = moekit.MoE(d_model=512, d_ff=1408, num_experts=8, top_k=2)
+        y = layer(x)                      # x: [batch, seq, 512]
+        y.sum().backward()                # the auxiliary loss trains the router too
+        layer.stats["aux_loss"]           # ...and is there for logging
+
+    Args:
+        d_model, d_ff, num_experts, top_k: sizes (see :class:`MoEConfig`).
+        router: a registered router name, or a :class:`moekit.routing.Router` instance.
+        experts: optional list of arbitrary expert modules (``[N, D] -> [N, D]``) instead of fused experts.
+        config: a ready :class:`MoEConfig` (then no other arguments).
+        **options: any other :class:`MoEConfig` field (``shared_experts``, ``capacity_factor``, ``backend``...).
+
+    Attributes:
+        stats: detached tensors from the last forward: ``tokens_per_expert``, ``dropped``, and each active loss.
+        aux_loss_scale: multiplies the gradient of the auxiliary losses (set it to your loss scale or
+            ``1 / grad_accum_steps`` if you scale the main loss).
+    """
+
+    def __init__(self, d_model: int | None = None, d_ff: int | None = None, num_experts: int | None = None,
+                 top_k: int | None = None, *, router: str | Router = "softmax_topk",
+                 experts: list[nn.Module] | None = None, config: MoEConfig | None = None, **options):
+        super().__init__()
+        if config is not None:
+            if any(v is not None for v in (d_model, d_ff, num_experts, top_k)) or options or experts:
+                raise ValueError("pass either config= or the layer's sizes and options, not both")
+        else:
+            missing = [n for n, v in (("d_model", d_model), ("d_ff", d_ff), ("num_experts", num_experts),
+                                      ("top_k", top_k)) if v is None]
+            if missing:
+                raise ValueError(f"MoE needs {', '.join(missing)} (or config=MoEConfig(...))")
+            name = router if isinstance(router, str) else _router_name(router)
+            config = MoEConfig(d_model, d_ff, num_experts, top_k, router=name, **options)
+        self.config = config
+        cfg = config
+
+        if isinstance(router, Router):
+            if (router.d_model, router.num_experts, router.top_k) != (cfg.d_model, cfg.num_experts, cfg.top_k):
+                raise ValueError(f"router instance has (d_model, num_experts, top_k)="
+                                 f"{(router.d_model, router.num_experts, router.top_k)} but the layer has "
+                                 f"{(cfg.d_model, cfg.num_experts, cfg.top_k)}")
+            self.router = router
+        else:
+            self.router = build_router(cfg.router, cfg.d_model, cfg.num_experts, cfg.top_k, **cfg.router_kwargs)
+        self.dispatcher = LocalDispatcher(cfg.num_experts, cfg.capacity_factor, cfg.drop_policy)
+        if experts is not None:
+            if len(experts) != cfg.num_experts:
+                raise ValueError(f"got {len(experts)} expert modules for num_experts={cfg.num_experts}")
+            self.experts: nn.Module = ModuleListExperts(experts)
+        else:
+            self.experts = Experts(cfg.num_experts, cfg.d_model, cfg.d_ff, activation=cfg.activation,
+                                   activation_kwargs=cfg.activation_kwargs, bias=cfg.expert_bias,
+                                   backend=cfg.backend)
+        self.shared_experts = (SharedExperts(cfg.d_model, cfg.shared_width, activation=cfg.activation,
+                                             activation_kwargs=cfg.activation_kwargs, gate=cfg.shared_expert_gate)
+                               if cfg.shared_experts else None)
+        self.register_buffer("load_accum", torch.zeros(cfg.num_experts))
+        self.aux_loss_scale = 1.0
+        self.stats: dict[str, torch.Tensor] = {}
+        self._routing_hooks: dict[int, RoutingHook] = {}
+
+    @classmethod
+    def from_config(cls, config: MoEConfig) -> "MoE":
+        return cls(config=config)
+
+    # ---------------------------------------------------------------------------------------------- forward
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
+        shape, D = x.shape, self.config.d_model
+        x_TD = x.reshape(-1, D)
+        routed = self.router(x_TD)
+        plan = self.dispatcher.plan(routed)
+        y_TD = self.experts(x_TD, plan)
+        if self.shared_experts is not None:
+            y_TD = y_TD + self.shared_experts(x_TD).float()
+        y = y_TD.to(x.dtype).view(shape)
+
+        loss = self._balance(routed, plan, seq_len=shape[-2] if x.dim() >= 3 else x_TD.shape[0])
+        if loss is not None and torch.is_grad_enabled() and loss.requires_grad:
+            y = AttachAuxLoss.apply(y, loss, float(self.aux_loss_scale))
+        for hook in self._routing_hooks.values():
+            hook(self, x_TD, routed, plan)
+        return y
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise ValueError(f"MoE input must be a torch.Tensor, got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise ValueError(f"MoE input must be floating point, got dtype {x.dtype}; "
+                             "embed token ids first (e.g. nn.Embedding) or cast with x.float()")
+        if x.dim() < 1 or x.shape[-1] != self.config.d_model:
+            raise ValueError(f"MoE input's last dimension must be d_model={self.config.d_model}, "
+                             f"got shape {tuple(x.shape)}")
+
+    def _balance(self, routed: RouterOutput, plan: DispatchPlan, seq_len: int) -> torch.Tensor | None:
+        """Compute the configured balancing losses and statistics; update the selection bias if asked."""
+        cfg = self.config
+        stats = {"tokens_per_expert": plan.counts_E.detach(), "dropped": plan.num_dropped.detach()}
+        total = None
+        losses = dict(routed.aux_losses)
+        if cfg.aux_loss and cfg.aux_loss_coef > 0:
+            if cfg.aux_loss == "seq":
+                aux = sequence_balancing_loss(routed.probs_TE, routed.topk_ids_TK, seq_len)
+            else:
+                aux = load_balancing_loss(routed.probs_TE, routed.topk_ids_TK)
+            stats["aux_loss"] = aux.detach()
+            losses["aux_loss"] = cfg.aux_loss_coef * aux
+        if cfg.z_loss_coef > 0:
+            z = router_z_loss(routed.logits_TE)
+            stats["z_loss"] = z.detach()
+            losses["z_loss"] = cfg.z_loss_coef * z
+        for name, value in losses.items():
+            total = value if total is None else total + value
+            stats.setdefault(name, value.detach())
+        if self.training and cfg.bias_update_rate > 0:
+            with torch.no_grad():
+                self.load_accum += expert_load(routed.topk_ids_TK, cfg.num_experts)
+            if cfg.bias_update == "auto":
+                self.update_bias()
+        self.stats = stats
+        return total
+
+    # ---------------------------------------------------------------------------------------- balancing
+    @torch.no_grad()
+    def update_bias(self) -> None:
+        """Apply one auxiliary-loss-free bias step from the load seen since the last call, then reset it."""
+        rate = self.config.bias_update_rate
+        if rate <= 0:
+            raise ValueError("update_bias() needs bias_update_rate > 0 in the layer's config")
+        if self.load_accum.sum() > 0:
+            update_expert_bias(self.router.expert_bias, self.load_accum, rate)
+        self.load_accum.zero_()
+
+    # -------------------------------------------------------------------------------------------- hooks
+    def register_routing_hook(self, hook: RoutingHook) -> RemovableHandle:
+        """Call ``hook(layer, x_TD, router_output, plan)`` after every forward; returns a removable handle."""
+        handle = RemovableHandle(self._routing_hooks)
+        self._routing_hooks[handle.id] = hook
+        return handle
+
+    def extra_repr(self) -> str:
+        c = self.config
+        cap = "dropless" if c.capacity_factor is None else f"capacity_factor={c.capacity_factor}, {c.drop_policy}"
+        return f"d_model={c.d_model}, num_experts={c.num_experts}, top_k={c.top_k}, {cap}"
+
+
+def _router_name(router: Router) -> str:
+    for name, cls in ROUTERS.items():
+        if type(router) is cls:
+            return name
+    return type(router).__name__

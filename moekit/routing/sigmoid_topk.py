@@ -1,0 +1,79 @@
+"""Sigmoid scores with group-limited top-k (DeepSeek-V3, arXiv:2412.19437 eq. 12-16; DeepSeek-V2 §2.1.2).
+
+    s_TE = sigmoid(x W^T)                               affinity of each token to each expert
+    c_TE = s_TE + b_E                                   b_E: score-correction bias, for selection only
+    group score_TG = sum of the top-2 c in the group    ("max" for DeepSeek-V2)
+    keep the topk_group best groups, mask the rest;  ids_TK = topk(c masked, K)
+    w_TK = s[ids] (/ (sum_k s[ids] + 1e-20) if renormalize) * routed_scaling_factor
+
+With ``n_group=1`` this is plain sigmoid top-k.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .base import TopKRouter, register_router
+
+
+@register_router("sigmoid_topk")
+class GroupLimitedTopK(TopKRouter):
+    """DeepSeek-style router: experts in ``n_group`` groups, a token may only use ``topk_group`` of them.
+
+    Args:
+        n_group: number of expert groups (``num_experts`` must divide evenly).
+        topk_group: groups each token may pick from.
+        score_func: ``"sigmoid"`` (V3) or ``"softmax"`` (V2).
+        group_score: ``"top2_sum"`` (V3) or ``"max"`` (V2).
+        renormalize: divide the k weights by their sum (plus 1e-20).
+        scale: ``routed_scaling_factor``.
+    """
+
+    def __init__(self, d_model: int, num_experts: int, top_k: int, *, n_group: int = 1, topk_group: int = 1,
+                 score_func: str = "sigmoid", group_score: str = "top2_sum", renormalize: bool = True,
+                 scale: float = 1.0, bias: bool = False, jitter: float = 0.0):
+        super().__init__(d_model, num_experts, top_k, bias=bias, jitter=jitter)
+        if n_group < 1 or num_experts % n_group:
+            raise ValueError(f"n_group={n_group} must be >= 1 and divide num_experts={num_experts}")
+        if not 1 <= topk_group <= n_group:
+            raise ValueError(f"topk_group={topk_group} must be between 1 and n_group={n_group}")
+        if topk_group * (num_experts // n_group) < top_k:
+            raise ValueError(f"topk_group={topk_group} groups of {num_experts // n_group} experts cannot hold "
+                             f"top_k={top_k} experts; raise topk_group")
+        if score_func not in ("sigmoid", "softmax"):
+            raise ValueError(f"score_func must be 'sigmoid' or 'softmax', got {score_func!r}")
+        if group_score not in ("top2_sum", "max"):
+            raise ValueError(f"group_score must be 'top2_sum' or 'max', got {group_score!r}")
+        self.n_group, self.topk_group, self.score_func, self.group_score = n_group, topk_group, score_func, group_score
+        self.renormalize, self.scale = renormalize, scale
+
+    def scores(self, logits_TE: torch.Tensor) -> torch.Tensor:
+        return logits_TE.sigmoid() if self.score_func == "sigmoid" else torch.softmax(logits_TE, dim=-1)
+
+    def select(self, scores_TE: torch.Tensor) -> torch.Tensor:
+        choice_TE = scores_TE + self.expert_bias.to(scores_TE.dtype)
+        if self.n_group > 1:
+            T, G = choice_TE.shape[0], self.n_group
+            grouped_TGe = choice_TE.view(T, G, -1)
+            if self.group_score == "max":
+                group_TG = grouped_TGe.amax(dim=-1)
+            else:
+                group_TG = grouped_TGe.topk(min(2, grouped_TGe.shape[-1]), dim=-1).values.sum(dim=-1)
+            keep_TG = torch.zeros_like(group_TG, dtype=torch.bool)
+            keep_TG.scatter_(1, group_TG.topk(self.topk_group, dim=-1, sorted=False).indices, True)
+            choice_TE = grouped_TGe.masked_fill(~keep_TG[..., None], float("-inf")).view(T, -1)
+        return torch.topk(choice_TE, self.top_k, dim=-1, sorted=False).indices
+
+    def combine_weights(self, scores_TE: torch.Tensor, ids_TK: torch.Tensor) -> torch.Tensor:
+        w_TK = scores_TE.gather(-1, ids_TK)
+        if self.renormalize:
+            w_TK = w_TK / (w_TK.sum(dim=-1, keepdim=True) + 1e-20)
+        return w_TK * self.scale
+
+    def balance_probs(self, logits_TE: torch.Tensor, scores_TE: torch.Tensor) -> torch.Tensor:
+        # DeepSeek-V3 eq. 19: the balance loss uses affinities normalised over all experts.
+        return scores_TE / scores_TE.sum(dim=-1, keepdim=True).clamp_min(1e-20)
+
+    def extra_repr(self) -> str:
+        return (f"{super().extra_repr()}, n_group={self.n_group}, topk_group={self.topk_group}, "
+                f"score_func={self.score_func}, renormalize={self.renormalize}, scale={self.scale}")

@@ -1,0 +1,56 @@
+"""Softmax → top-k routing (Shazeer et al. 2017 without noise; Mixtral, Qwen2/3-MoE, OLMoE, DBRX).
+
+    p_TE = softmax(x W^T)                    probabilities over all E experts
+    ids_TK = topk(p_TE + b_E, K)             b_E: selection-only bias (aux-loss-free balancing), 0 by default
+    w_TK = p[ids] (/ sum_k p[ids] if renormalize) * scale
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .base import TopKRouter, register_router
+
+
+@register_router("softmax_topk")
+class SoftmaxTopK(TopKRouter):
+    """Softmax over all experts, then the top-k probabilities as weights.
+
+    Args:
+        renormalize: divide the k weights by their sum (Mixtral always; Qwen/OLMoE ``norm_topk_prob``).
+        scale: multiply the final weights by this factor.
+    """
+
+    def __init__(self, d_model: int, num_experts: int, top_k: int, *, renormalize: bool = True,
+                 scale: float = 1.0, bias: bool = False, jitter: float = 0.0):
+        super().__init__(d_model, num_experts, top_k, bias=bias, jitter=jitter)
+        self.renormalize, self.scale = renormalize, scale
+
+    def scores(self, logits_TE: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(logits_TE, dim=-1)
+
+    def balance_probs(self, logits_TE: torch.Tensor, scores_TE: torch.Tensor) -> torch.Tensor:
+        return scores_TE
+
+    def combine_weights(self, scores_TE: torch.Tensor, ids_TK: torch.Tensor) -> torch.Tensor:
+        w_TK = scores_TE.gather(-1, ids_TK)
+        if self.renormalize:
+            w_TK = w_TK / w_TK.sum(dim=-1, keepdim=True)
+        return w_TK * self.scale if self.scale != 1.0 else w_TK
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, renormalize={self.renormalize}, scale={self.scale}"
+
+
+@register_router("switch")
+class SwitchTop1(SoftmaxTopK):
+    """Switch Transformer top-1 routing (Fedus et al. 2021, eq. 1-2): ``w = p_i(x)`` for ``i = argmax p(x)``.
+
+    The single weight is the un-renormalised probability, so the router still gets a gradient. ``jitter`` is the
+    paper's multiplicative input noise (they use 1e-2 in training).
+    """
+
+    def __init__(self, d_model: int, num_experts: int, top_k: int = 1, *, bias: bool = False, jitter: float = 0.0):
+        if top_k != 1:
+            raise ValueError(f"the switch router sends each token to exactly one expert; got top_k={top_k}, use top_k=1")
+        super().__init__(d_model, num_experts, 1, renormalize=False, bias=bias, jitter=jitter)

@@ -1,0 +1,22 @@
+"""Shared test utilities."""
+
+import torch
+
+
+def grads(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n.removeprefix("_orig_mod."): p.grad.detach().clone()
+            for n, p in module.named_parameters() if p.grad is not None}
+
+
+def run_fwd_bwd(layer, x, seed: int = 0):
+    """Forward + backward with a fixed random upstream gradient; returns (y, dx, param grads)."""
+    layer.zero_grad(set_to_none=True)
+    x = x.detach().clone().requires_grad_(True)
+    y = layer(x)
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed)).to(y.dtype)
+    y.backward(g)
+    return y.detach(), x.grad.detach(), grads(layer)
+
+
+def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.float() - b.float()).abs().max().item() if a.numel() else 0.0

@@ -1,0 +1,161 @@
+"""The MoE layer: every backend against the loop reference, shapes, dtypes, autocast, compile."""
+
+import pytest
+import torch
+
+import moekit
+from moekit.experts import BACKENDS
+
+from .helpers import max_err, run_fwd_bwd
+
+FAST = [b for b in BACKENDS if b != "loop"]
+
+CONFIGS = {
+    "mixtral": dict(num_experts=8, top_k=2),
+    "fine_grained_shared": dict(num_experts=16, top_k=4, shared_experts=2, shared_d_ff=24),
+    "qwen2_gated_shared": dict(num_experts=6, top_k=2, shared_experts=1, shared_expert_gate=True),
+    "deepseek": dict(num_experts=8, top_k=2, router="sigmoid_topk",
+                     router_kwargs=dict(n_group=4, topk_group=2, scale=2.5)),
+    "gpt_oss": dict(num_experts=4, top_k=2, router="topk_softmax", activation="gpt_oss", expert_bias=True),
+    "gelu_mlp": dict(num_experts=4, top_k=1, activation="gelu"),
+    "switch_capacity": dict(num_experts=4, top_k=1, router="switch", capacity_factor=0.5),
+    "top2_capacity_position": dict(num_experts=4, top_k=2, capacity_factor=0.75, drop_policy="position"),
+}
+
+
+def make(name, backend, dtype=torch.float32, **extra):
+    torch.manual_seed(1)
+    layer = moekit.MoE(16, 32, backend=backend, **CONFIGS[name], **extra).to(dtype)
+    with torch.no_grad():
+        for p in layer.parameters():  # non-zero biases so they are really tested
+            if p.dim() <= 2 and "bias" in str(p.shape) or p.dim() == 1:
+                p.uniform_(-0.1, 0.1)
+    return layer
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("backend", FAST)
+def test_backend_matches_loop_fp32(name, backend):
+    x = torch.randn(3, 7, 16)
+    ref = run_fwd_bwd(make(name, "loop"), x)
+    got = run_fwd_bwd(make(name, backend), x)
+    assert max_err(got[0], ref[0]) < 1e-5
+    assert max_err(got[1], ref[1]) < 1e-5
+    assert ref[2].keys() == got[2].keys()
+    for k in ref[2]:
+        assert max_err(got[2][k], ref[2][k]) < 1e-5, k
+
+
+@pytest.mark.parametrize("name", ["mixtral", "deepseek", "gpt_oss", "switch_capacity"])
+@pytest.mark.parametrize("backend", FAST)
+def test_backend_matches_loop_bf16(name, backend):
+    x = torch.randn(4, 9, 16).bfloat16()
+    ref = run_fwd_bwd(make(name, "loop", torch.bfloat16), x)
+    got = run_fwd_bwd(make(name, backend, torch.bfloat16), x)
+    assert got[0].dtype == torch.bfloat16
+    scale = ref[0].float().abs().max().item()
+    assert max_err(got[0], ref[0]) <= 2e-2 * scale
+    assert max_err(got[1], ref[1]) <= 2e-2 * ref[1].float().abs().max().item()
+    for k in ref[2]:
+        assert max_err(got[2][k], ref[2][k]) <= 3e-2 * ref[2][k].float().abs().max().item() + 1e-6, k
+
+
+def test_bf16_close_to_fp32():
+    x = torch.randn(4, 9, 16)
+    y32 = make("mixtral", "auto")(x)
+    y16 = make("mixtral", "auto", torch.bfloat16)(x.bfloat16())
+    assert max_err(y16, y32) < 0.05 * y32.abs().max().item()
+
+
+@pytest.mark.parametrize("shape", [(16,), (5, 16), (2, 3, 16), (2, 2, 3, 16), (0, 16), (2, 0, 16)])
+def test_any_leading_shape(shape):
+    layer = make("qwen2_gated_shared", "auto")
+    x = torch.randn(shape, requires_grad=True)
+    y = layer(x)
+    assert y.shape == x.shape and y.dtype == x.dtype
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+    if x.numel():
+        ref = make("qwen2_gated_shared", "loop")(x.detach().reshape(-1, 16)).reshape(shape)
+        assert max_err(y, ref) < 1e-5
+
+
+@pytest.mark.parametrize("backend", list(BACKENDS))
+def test_zero_tokens_and_idle_experts(backend):
+    layer = make("mixtral", backend)
+    y = layer(torch.zeros(0, 16))
+    assert y.shape == (0, 16)
+    # Force every token to expert 0 and 1: the other six experts get nothing.
+    with torch.no_grad():
+        layer.router.weight.zero_()
+        layer.router.weight[0, 0] = layer.router.weight[1, 0] = 10.0
+    x = torch.randn(6, 16).abs() + 0.1
+    x[:, 0] = 1.0
+    _, dx, g = run_fwd_bwd(layer, x)
+    assert layer.stats["tokens_per_expert"].tolist() == [6, 6, 0, 0, 0, 0, 0, 0]
+    assert torch.count_nonzero(g["experts.gate_up_proj"][2:]) == 0
+    assert torch.isfinite(dx).all()
+
+
+def test_output_is_weighted_sum_of_experts():
+    layer = make("deepseek", "auto")
+    x = torch.randn(10, 16)
+    y = layer(x)
+    routed = layer.router(x)
+    ex = layer.experts
+    for t in range(10):
+        expect = torch.zeros(16)
+        for k in range(2):
+            e = routed.topk_ids_TK[t, k]
+            h = ex.activation(x[t] @ ex.gate_up_proj[e].T)
+            expect += routed.topk_weights_TK[t, k] * (h @ ex.down_proj[e].T)
+        assert torch.allclose(y[t], expect, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", FAST)
+def test_autocast_bf16(backend):
+    layer = make("mixtral", backend)
+    x = torch.randn(2, 8, 16, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.float32  # same dtype as the input
+    ref = make("mixtral", "loop", torch.bfloat16)(x.detach().bfloat16())
+    assert max_err(y, ref) < 0.05 * ref.float().abs().max().item()
+    y.sum().backward()
+    assert layer.experts.gate_up_proj.grad.dtype == torch.float32
+    assert torch.isfinite(x.grad).all()
+
+
+@pytest.mark.slow
+def test_torch_compile_matches_eager():
+    layer = make("qwen2_gated_shared", "auto")
+    x = torch.randn(2, 8, 16)
+    eager = run_fwd_bwd(layer, x)
+    compiled = torch.compile(layer)
+    got = run_fwd_bwd(compiled, x)
+    assert max_err(got[0], eager[0]) < 1e-5
+    assert max_err(got[1], eager[1]) < 1e-5
+    for k in eager[2]:
+        assert max_err(got[2][k], eager[2][k]) < 1e-5
+
+
+def test_module_list_experts():
+    mlps = [torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.Tanh(), torch.nn.Linear(8, 16)) for _ in range(4)]
+    layer = moekit.MoE(16, 8, 4, 2, experts=mlps)
+    x = torch.randn(5, 16)
+    y = layer(x)
+    r = layer.router(x)
+    t = 3
+    expect = sum(r.topk_weights_TK[t, k] * mlps[r.topk_ids_TK[t, k]](x[t]) for k in range(2))
+    assert torch.allclose(y[t], expect, atol=1e-6)
+
+
+def test_state_dict_roundtrip_and_names():
+    layer = make("gpt_oss", "auto")
+    names = set(layer.state_dict())
+    assert {"router.weight", "router.expert_bias", "experts.gate_up_proj", "experts.gate_up_proj_bias",
+            "experts.down_proj", "experts.down_proj_bias"} <= names
+    other = moekit.MoE(config=layer.config)
+    other.load_state_dict(layer.state_dict())
+    x = torch.randn(4, 16)
+    assert torch.equal(other(x), layer(x))
