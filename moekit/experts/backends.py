@@ -174,9 +174,17 @@ def _use_grouped_mm(device_type: str, dtype: torch.dtype) -> bool:
     return grouped_mm_supported(device_type, dtype)
 
 
+def _aligned(experts: "Experts", dtype: torch.dtype) -> bool:
+    """grouped_mm needs 16-byte aligned rows: every GEMM dimension a multiple of 16 bytes, aligned weights."""
+    size = torch.empty((), dtype=dtype).element_size()
+    dims = (experts.d_model, experts.d_ff, experts.w_in.shape[1])
+    return all(d * size % 16 == 0 for d in dims) and all(
+        w.dtype != dtype or w.data_ptr() % 16 == 0 for w in (experts.w_in, experts.w_out))
+
+
 def grouped_mm_backend(experts: "Experts", x_TD: torch.Tensor, plan: "DispatchPlan") -> torch.Tensor:
     dtype = compute_dtype(x_TD, experts.w_in)
-    if not _use_grouped_mm(x_TD.device.type, dtype):
+    if not (_use_grouped_mm(x_TD.device.type, dtype) and _aligned(experts, dtype)):
         _warn_fallback(x_TD.device.type, dtype)
         return segment_backend(experts, x_TD, plan)
     offsets_E = plan.offsets_E
@@ -190,8 +198,8 @@ def _warn_fallback(device_type: str, dtype: torch.dtype) -> None:
     if torch.compiler.is_compiling() or (device_type, dtype) in _WARNED:
         return
     _WARNED.add((device_type, dtype))
-    log.warning("grouped_mm is not available for %s/%s in torch %s; using the 'segment' backend",
-                device_type, dtype, torch.__version__)
+    log.warning("grouped_mm cannot run %s/%s here (torch %s, or dimensions not multiples of 16 bytes); "
+                "using the 'segment' backend", device_type, dtype, torch.__version__)
 
 
 def _sorted_backend(experts: "Experts", x_TD: torch.Tensor, plan: "DispatchPlan",
@@ -213,7 +221,8 @@ def _sorted_backend(experts: "Experts", x_TD: torch.Tensor, plan: "DispatchPlan"
 
 
 def auto_backend(experts: "Experts", x_TD: torch.Tensor, plan: "DispatchPlan") -> torch.Tensor:
-    if _use_grouped_mm(x_TD.device.type, compute_dtype(x_TD, experts.w_in)):
+    dtype = compute_dtype(x_TD, experts.w_in)
+    if _use_grouped_mm(x_TD.device.type, dtype) and _aligned(experts, dtype):
         return grouped_mm_backend(experts, x_TD, plan)
     return segment_backend(experts, x_TD, plan)
 

@@ -1,0 +1,123 @@
+"""Balancing: auxiliary losses (values and gradient path), z-loss, auxiliary-loss-free bias."""
+
+import pytest
+import torch
+
+import moekit
+from moekit.balance import expert_load, load_balancing_loss, router_z_loss, sequence_balancing_loss
+
+
+def test_switch_loss_hand_computed():
+    probs = torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.6, 0.3]])
+    ids = torch.tensor([[0], [1]])
+    # f = [1/2, 1/2, 0], P = [0.4, 0.4, 0.2] -> 3 * (0.2 + 0.2) = 1.2
+    assert torch.isclose(load_balancing_loss(probs, ids), torch.tensor(1.2))
+    uniform = torch.full((6, 3), 1 / 3)
+    assert torch.isclose(load_balancing_loss(uniform, torch.tensor([[0], [1], [2]] * 2)), torch.tensor(1.0))
+
+
+def test_sequence_loss_is_per_sequence_mean():
+    probs = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.5, 0.5]])
+    ids = torch.tensor([[0], [0], [1], [0]])
+    # seq 1: f=[1,0], P=[1,0] -> 2*1 = 2 ; seq 2: f=[.5,.5], P=[.25,.75] -> 2*.5 = 1 ; mean 1.5
+    assert torch.isclose(sequence_balancing_loss(probs, ids, seq_len=2), torch.tensor(1.5))
+    assert torch.isclose(sequence_balancing_loss(probs, ids, seq_len=4), load_balancing_loss(probs, ids))
+    with pytest.raises(ValueError, match="do not split"):
+        sequence_balancing_loss(probs, ids, seq_len=3)
+
+
+def test_z_loss_and_load():
+    logits = torch.tensor([[0.0, 0.0], [1.0, 1.0]])
+    lse = torch.log(torch.tensor(2.0))
+    assert torch.isclose(router_z_loss(logits), ((lse**2) + (1 + lse) ** 2) / 2)
+    assert expert_load(torch.tensor([[0, 1], [1, -1]]), 3).tolist() == [1.0, 2.0, 0.0]
+    assert load_balancing_loss(torch.zeros(0, 4), torch.zeros(0, 2, dtype=torch.long)).item() == 0.0
+
+
+@pytest.mark.parametrize("aux", ["switch", "seq"])
+def test_aux_loss_reaches_router_gradient_without_the_user(aux):
+    torch.manual_seed(0)
+    layer = moekit.MoE(8, 16, 4, 2, aux_loss=aux, aux_loss_coef=0.5, z_loss_coef=0.1)
+    x = torch.randn(3, 5, 8)
+    y = layer(x)
+    (y * 0).sum().backward()  # the task loss gives the router no gradient at all ...
+    got = layer.router.weight.grad.clone()
+    # ... so the router's gradient must be exactly that of 0.5 * aux + 0.1 * z computed by hand.
+    layer.zero_grad()
+    r = layer.router(x.reshape(-1, 8))
+    lb = (sequence_balancing_loss(r.probs_TE, r.topk_ids_TK, 5) if aux == "seq"
+          else load_balancing_loss(r.probs_TE, r.topk_ids_TK))
+    (0.5 * lb + 0.1 * router_z_loss(r.logits_TE)).backward()
+    assert got.abs().sum() > 0
+    assert torch.allclose(got, layer.router.weight.grad, atol=1e-7)
+    assert torch.isclose(layer.stats["aux_loss"], lb.detach())
+    assert "z_loss" in layer.stats
+
+
+def test_aux_loss_scale_and_switch_off():
+    torch.manual_seed(0)
+    layer = moekit.MoE(8, 16, 4, 2, aux_loss_coef=0.5)
+    x = torch.randn(6, 8)
+    (layer(x) * 0).sum().backward()
+    g1 = layer.router.weight.grad.clone()
+    layer.zero_grad()
+    layer.aux_loss_scale = 0.25
+    (layer(x) * 0).sum().backward()
+    assert torch.allclose(layer.router.weight.grad, 0.25 * g1)
+    off = moekit.MoE(8, 16, 4, 2, aux_loss=None)
+    (off(x) * 0).sum().backward()
+    assert off.router.weight.grad is None or off.router.weight.grad.abs().sum() == 0
+    assert "aux_loss" not in off.stats
+    zero = moekit.MoE(8, 16, 4, 2, aux_loss_coef=0.0)
+    zero(x)
+    assert "aux_loss" not in zero.stats
+
+
+def test_no_aux_graph_in_inference():
+    layer = moekit.MoE(8, 16, 4, 2)
+    with torch.no_grad():
+        y = layer(torch.randn(4, 8))
+    assert y.grad_fn is None and "aux_loss" in layer.stats
+
+
+def skewed_layer(**kw):
+    torch.manual_seed(0)
+    layer = moekit.MoE(8, 16, 8, 2, router="sigmoid_topk", aux_loss=None, **kw)
+    with torch.no_grad():
+        layer.router.weight[0] += 2.0  # expert 0 is favoured by every positive-leaning token
+        layer.router.weight[1] += 1.0
+    return layer
+
+
+def imbalance(layer, x):
+    with torch.no_grad():
+        load = layer.stats["tokens_per_expert"].float() if layer(x) is not None else None
+    return (load.max() / load.mean()).item()
+
+
+def test_aux_loss_free_bias_balances_load_automatically():
+    x = torch.randn(512, 8).abs()
+    layer = skewed_layer(bias_update_rate=0.001)
+    layer.eval()
+    before = imbalance(layer, x)
+    layer.train()
+    for _ in range(400):
+        layer(x)
+    layer.eval()
+    after = imbalance(layer, x)
+    assert before > 2.0 and after < 1.2, (before, after)
+    assert layer.router.expert_bias[0] < 0 < layer.router.expert_bias.max()
+
+
+def test_manual_bias_update_accumulates_until_called():
+    layer = skewed_layer(bias_update_rate=0.05, bias_update="manual")
+    x = torch.randn(64, 8).abs()
+    layer(x)
+    layer(x)
+    assert torch.all(layer.router.expert_bias == 0)
+    assert layer.load_accum.sum().item() == 2 * 64 * 2
+    layer.update_bias()
+    assert layer.router.expert_bias[0].item() == pytest.approx(-0.05)
+    assert layer.load_accum.sum().item() == 0
+    with pytest.raises(ValueError, match="bias_update_rate > 0"):
+        moekit.MoE(8, 16, 4, 2).update_bias()
