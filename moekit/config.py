@@ -31,6 +31,9 @@ class MoEConfig:
             ``shared_experts * shared_d_ff``.
         shared_d_ff: width of one shared expert (default ``d_ff``).
         shared_expert_gate: scale the shared output by ``sigmoid(x @ w)`` (Qwen2-MoE).
+        shared_activation, shared_activation_kwargs: the shared experts' nonlinearity (default: ``activation``).
+        shared_bias: biases on the shared experts' projections.
+        shared_scale: constant factor on the shared output (0.5 with a 0.5 router scale = Cohere2's "average").
         capacity_factor: ``None`` = dropless; else per-expert capacity ``ceil(cf * T * K / E)``.
         drop_policy: over capacity, keep the highest-weight slots (``"probs"``) or the earliest tokens
             (``"position"``).
@@ -53,6 +56,10 @@ class MoEConfig:
     shared_experts: int = 0
     shared_d_ff: int | None = None
     shared_expert_gate: bool = False
+    shared_activation: str | None = None
+    shared_activation_kwargs: dict | None = None
+    shared_bias: bool = False
+    shared_scale: float = 1.0
     capacity_factor: float | None = None
     drop_policy: str = "probs"
     activation: str = "swiglu"
@@ -82,8 +89,10 @@ class MoEConfig:
             raise ValueError(f"capacity_factor must be > 0, or None for dropless routing; got {self.capacity_factor!r}")
         if self.drop_policy not in DROP_POLICIES:
             raise ValueError(f"drop_policy must be one of {DROP_POLICIES}, got {self.drop_policy!r}")
-        if self.activation not in ACTIVATIONS:
-            raise ValueError(f"unknown activation {self.activation!r}; choose one of {', '.join(ACTIVATIONS)}")
+        for name in ("activation", "shared_activation"):
+            act = getattr(self, name)
+            if act is not None and act not in ACTIVATIONS:
+                raise ValueError(f"unknown {name} {act!r}; choose one of {', '.join(ACTIVATIONS)}")
         if self.backend not in BACKENDS:
             raise ValueError(f"unknown backend {self.backend!r}; choose one of {', '.join(BACKENDS)}")
         if self.aux_loss not in (*AUX_LOSSES, None):
@@ -94,6 +103,12 @@ class MoEConfig:
                 raise ValueError(f"{name} must be a number >= 0, got {v!r}")
         if self.bias_update not in ("auto", "manual"):
             raise ValueError(f"bias_update must be 'auto' or 'manual', got {self.bias_update!r}")
+
+    @property
+    def shared_act(self) -> tuple[str, dict]:
+        if self.shared_activation is None:
+            return self.activation, self.activation_kwargs
+        return self.shared_activation, self.shared_activation_kwargs or {}
 
     @property
     def shared_width(self) -> int:

@@ -81,8 +81,10 @@ class MoE(nn.Module):
             self.experts = Experts(cfg.num_experts, cfg.d_model, cfg.d_ff, activation=cfg.activation,
                                    activation_kwargs=cfg.activation_kwargs, bias=cfg.expert_bias,
                                    backend=cfg.backend)
-        self.shared_experts = (SharedExperts(cfg.d_model, cfg.shared_width, activation=cfg.activation,
-                                             activation_kwargs=cfg.activation_kwargs, gate=cfg.shared_expert_gate)
+        shared_act, shared_act_kwargs = cfg.shared_act
+        self.shared_experts = (SharedExperts(cfg.d_model, cfg.shared_width, activation=shared_act,
+                                             activation_kwargs=shared_act_kwargs, gate=cfg.shared_expert_gate,
+                                             bias=cfg.shared_bias)
                                if cfg.shared_experts else None)
         self.register_buffer("load_accum", torch.zeros(cfg.num_experts))
         self.aux_loss_scale = 1.0
@@ -102,7 +104,8 @@ class MoE(nn.Module):
         plan = self.dispatcher.plan(routed)
         y_TD = self.experts(x_TD, plan)
         if self.shared_experts is not None:
-            y_TD = y_TD + self.shared_experts(x_TD).float()
+            shared_TD = self.shared_experts(x_TD).float()
+            y_TD = y_TD + (shared_TD if self.config.shared_scale == 1.0 else self.config.shared_scale * shared_TD)
         y = y_TD.to(x.dtype).view(shape)
 
         loss = self._balance(routed, plan, seq_len=shape[-2] if x.dim() >= 3 else x_TD.shape[0])

@@ -1,100 +1,102 @@
-"""moekit.from_hf against transformers blocks: same forward (fp32 max abs err <= 1e-5) and the same gradients."""
+"""moekit.from_hf against transformers blocks of every supported family: forward (fp32 max abs err <= 1e-5),
+input gradients and weight gradients."""
 
-import importlib
+import json
+import os
 
 import pytest
 import torch
 
 import moekit
-from moekit.interop.hf import find_parts, hf_in_weight, hf_out_weight
+from moekit.interop.hf import FAMILIES, UNSUPPORTED, find_parts, hf_in_weight, hf_out_weight
 
-transformers = pytest.importorskip("transformers")
+from .hf_families import BLOCKS, D, build_block, hf_forward
 
-D, F, E = 32, 24, 8
-
-# family -> (config class, modeling module, block class, config kwargs)
-FAMILIES = {
-    "mixtral": ("MixtralConfig", "mixtral", "MixtralSparseMoeBlock",
-                dict(hidden_size=D, intermediate_size=F, num_local_experts=E, num_experts_per_tok=2)),
-    "qwen2_moe": ("Qwen2MoeConfig", "qwen2_moe", "Qwen2MoeSparseMoeBlock",
-                  dict(hidden_size=D, moe_intermediate_size=F, shared_expert_intermediate_size=40, num_experts=E,
-                       num_experts_per_tok=2, norm_topk_prob=False)),
-    "qwen3_moe": ("Qwen3MoeConfig", "qwen3_moe", "Qwen3MoeSparseMoeBlock",
-                  dict(hidden_size=D, moe_intermediate_size=F, num_experts=E, num_experts_per_tok=3,
-                       norm_topk_prob=True)),
-    "olmoe": ("OlmoeConfig", "olmoe", "OlmoeSparseMoeBlock",
-              dict(hidden_size=D, intermediate_size=F, num_experts=E, num_experts_per_tok=2, norm_topk_prob=False)),
-    "deepseek_v3": ("DeepseekV3Config", "deepseek_v3", "DeepseekV3MoE",
-                    dict(hidden_size=D, moe_intermediate_size=F, n_routed_experts=E, num_experts_per_tok=2,
-                         n_group=4, topk_group=2, n_shared_experts=2, routed_scaling_factor=2.5,
-                         norm_topk_prob=True)),
-    "gpt_oss": ("GptOssConfig", "gpt_oss", "GptOssMLP",
-                dict(hidden_size=D, intermediate_size=F, num_local_experts=E, num_experts_per_tok=2)),
-}
+pytest.importorskip("transformers")
 
 
-def build_block(family, dtype=torch.float32, impl="eager"):
-    cfg_name, mod, block_name, kwargs = FAMILIES[family]
-    cfg = getattr(transformers, cfg_name)(**kwargs)
-    cfg._experts_implementation = impl
-    block = getattr(importlib.import_module(f"transformers.models.{mod}.modeling_{mod}"), block_name)(cfg)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in block.named_parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * (0.5 if p.dim() == 1 else p.shape[-1] ** -0.5))
-        for name, b in block.named_buffers():
-            if "bias" in name:  # DeepSeek's score-correction bias: make it matter
-                b.copy_(torch.randn(b.shape, generator=g) * 0.1)
-    return block.to(dtype)
+def shared_grads(shared: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Gradients of a transformers shared MLP under moekit's names (fused gate_up split in two)."""
+    out = {}
+    for name, p in shared.named_parameters():
+        if name.startswith("gate_up_proj."):
+            kind = name.split(".")[1]
+            g, u = p.grad.chunk(2, dim=0)
+            out[f"gate_proj.{kind}"], out[f"up_proj.{kind}"] = g, u
+        else:
+            out[name] = p.grad
+    return out
 
 
-def hf_forward(block, x):
-    out = block(x)
-    return out[0] if isinstance(out, tuple) else out
-
-
-def moekit_grads_as_hf(block, layer):
-    """Map moekit gradients into the transformers parameter layout for comparison."""
+def grad_pairs(block, layer):
     parts = find_parts(block)
     ex = parts.experts
-    bias = getattr(ex, "gate_up_proj_bias", None)
-    g_in, gb_in = hf_in_weight(ex, ex.gate_up_proj.grad, None if bias is None else bias.grad)
-    pairs = [("router", layer.router.weight.grad, parts.router.weight.grad),
-             ("gate_up", layer.experts.w_in.grad, g_in),
-             ("down", layer.experts.w_out.grad, hf_out_weight(ex, ex.down_proj.grad))]
+    in_name = "gate_up_proj" if getattr(ex, "has_gate", True) else "up_proj"
+    bias = getattr(ex, f"{in_name}_bias", None)
+    g_in, gb_in = hf_in_weight(ex, getattr(ex, in_name).grad, None if bias is None else bias.grad)
+    pairs = [("router", layer.router.weight.grad, parts.router_weight.grad),
+             ("experts_in", layer.experts.w_in.grad, g_in),
+             ("experts_out", layer.experts.w_out.grad, hf_out_weight(ex, ex.down_proj.grad))]
     if gb_in is not None:
-        pairs += [("gate_up_bias", layer.experts.b_in.grad, gb_in),
-                  ("down_bias", layer.experts.b_out.grad, ex.down_proj_bias.grad),
-                  ("router_bias", layer.router.bias.grad, parts.router.bias.grad)]
+        pairs += [("experts_in_bias", layer.experts.b_in.grad, gb_in),
+                  ("experts_out_bias", layer.experts.b_out.grad, ex.down_proj_bias.grad)]
+    if parts.router_bias is not None:
+        pairs.append(("router_bias", layer.router.bias.grad, parts.router_bias.grad))
     if parts.shared is not None:
-        for n in ("gate_proj", "up_proj", "down_proj"):
-            pairs.append((n, getattr(layer.shared_experts, n).weight.grad, getattr(parts.shared, n).weight.grad))
+        own = dict(layer.shared_experts.named_parameters())
+        pairs += [(f"shared.{n}", own[n].grad, g) for n, g in shared_grads(parts.shared).items()]
     if parts.shared_gate is not None:
         pairs.append(("shared_gate", layer.shared_experts.gate.weight.grad, parts.shared_gate.weight.grad))
     return pairs
 
 
-PARITY: dict[str, float] = {}
+RESULTS: dict[str, dict] = {}
 
 
-@pytest.mark.parametrize("backend", ["loop", "auto"])
-@pytest.mark.parametrize("family", list(FAMILIES))
-def test_forward_and_gradients_match_transformers(family, backend):
-    block = build_block(family)
-    layer = moekit.from_hf(block, backend=backend)
+@pytest.fixture(scope="module", autouse=True)
+def _write_results():
+    yield
+    out = os.environ.get("MOEKIT_PARITY_JSON")
+    if out and RESULTS:
+        with open(out, "w") as f:
+            json.dump(RESULTS, f, indent=1, sort_keys=True)
+
+
+@pytest.mark.parametrize("model_type", sorted(BLOCKS))
+def test_forward_and_gradients_match_transformers(model_type):
+    block = build_block(model_type)
+    layer = moekit.from_hf(block)
     x = torch.randn(2, 11, D)
     xh, xm = x.clone().requires_grad_(), x.clone().requires_grad_()
     yh, ym = hf_forward(block, xh), layer(xm)
-    err = (yh - ym).abs().max().item()
-    PARITY[f"{family}/{backend}"] = err
-    assert err <= 1e-5, err
+    fwd = (yh - ym).abs().max().item()
+    assert fwd <= 1e-5, fwd
     g = torch.randn_like(yh)
     yh.backward(g)
     ym.backward(g)
-    assert (xh.grad - xm.grad).abs().max().item() <= 1e-5
-    for name, got, want in moekit_grads_as_hf(block, layer):
+    dx = (xh.grad - xm.grad).abs().max().item()
+    assert dx <= 1e-5, dx
+    worst = 0.0
+    for name, got, want in grad_pairs(block, layer):
         assert got is not None and want is not None, name
-        assert (got - want).abs().max().item() <= 1e-5 * max(1.0, want.abs().max().item()), name
+        rel = (got - want).abs().max().item() / max(1.0, want.abs().max().item())
+        worst = max(worst, rel)
+        assert rel <= 1e-5, (name, rel)
+    RESULTS[model_type] = {"forward_max_abs": fwd, "input_grad_max_abs": dx, "weight_grad_max_rel": worst}
+
+
+def test_every_family_in_the_table_is_tested():
+    assert set(FAMILIES) == set(BLOCKS)
+    assert not set(FAMILIES) & set(UNSUPPORTED)
+
+
+@pytest.mark.parametrize("backend", ["loop", "segment", "grouped_mm"])
+@pytest.mark.parametrize("model_type", ["deepseek_v3", "gpt_oss", "qwen2_moe"])
+def test_every_moekit_backend(model_type, backend):
+    block = build_block(model_type)
+    layer = moekit.from_hf(block, backend=backend)
+    x = torch.randn(3, 5, D)
+    assert (hf_forward(block, x) - layer(x)).abs().max().item() <= 1e-5
 
 
 @pytest.mark.parametrize("impl", ["grouped_mm", "batched_mm"])
@@ -102,6 +104,20 @@ def test_matches_every_transformers_backend(impl):
     block = build_block("qwen3_moe", impl=impl)
     layer = moekit.from_hf(block)
     x = torch.randn(3, 5, D)
+    assert (hf_forward(block, x) - layer(x)).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("model_type,overrides", [
+    ("deepseek_v3", dict(norm_topk_prob=True)),
+    ("deepseek_v2", dict(topk_method="greedy")),
+    ("cohere2_moe", dict(shared_expert_combination_strategy="sum", expert_selection_fn="sigmoid")),
+    ("lfm2_moe", dict(use_expert_bias=False, norm_topk_prob=False)),
+    ("axk2", dict(n_group=None, topk_group=None)),
+])
+def test_config_variants(model_type, overrides):
+    block = build_block(model_type, **overrides)
+    layer = moekit.from_hf(block)
+    x = torch.randn(2, 7, D)
     assert (hf_forward(block, x) - layer(x)).abs().max().item() <= 1e-5
 
 
@@ -115,10 +131,16 @@ def test_bf16_close():
     assert (yh.float() - ym.float()).abs().max().item() <= 0.02 * yh.float().abs().max().item()
 
 
-def test_unsupported_block_is_a_clear_error():
+def test_unsupported_blocks_are_clear_errors():
     with pytest.raises(ValueError, match="not a router \\+ fused-experts MoE block"):
         moekit.from_hf(torch.nn.Linear(4, 4))
     block = build_block("mixtral")
     block.experts.config.model_type = "made_up"
     with pytest.raises(ValueError, match="family 'made_up'.*not supported.*supported: "):
         moekit.from_hf(block)
+    block.experts.config.model_type = "axk1"
+    with pytest.raises(ValueError, match="'axk1'.*RMSNorm"):
+        moekit.from_hf(block)
+    nem = build_block("nemotron_h", moe_latent_size=16)
+    with pytest.raises(ValueError, match="moe_latent_size"):
+        moekit.from_hf(nem)

@@ -35,6 +35,14 @@ def _gpt_oss(alpha: float, limit: float) -> Callable[[torch.Tensor, torch.Tensor
     return glu
 
 
+def _swiglu_clamped(limit: float) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    def glu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        # clamped SwiGLU (HY-V4, GLM-5-Next, DeepSeek-V4): silu(min(gate, limit)) * clamp(up, -limit, limit)
+        return F.silu(gate.clamp(max=limit)) * up.clamp(min=-limit, max=limit)
+
+    return glu
+
+
 def _relu2(h: torch.Tensor) -> torch.Tensor:
     return torch.square(F.relu(h))
 
@@ -56,21 +64,25 @@ _PLAIN: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "relu2": _relu2,
     "silu": F.silu,
 }
-ACTIVATIONS = tuple(_GATED) + tuple(_PLAIN) + ("gpt_oss",)
+_PARAMETRIC: dict[str, tuple[dict, Callable[..., Callable]]] = {
+    "gpt_oss": ({"alpha": 1.702, "limit": 7.0}, _gpt_oss),
+    "swiglu_clamped": ({"limit": 7.0}, _swiglu_clamped),
+}
+ACTIVATIONS = tuple(_GATED) + tuple(_PLAIN) + tuple(_PARAMETRIC)
 
 
 def get_activation(name: str | Activation, **kwargs) -> Activation:
-    """Look up an activation by name. ``gpt_oss`` takes ``alpha`` (1.702) and ``limit`` (7.0)."""
+    """Look up an activation by name. ``gpt_oss`` takes ``alpha`` (1.702) and ``limit`` (7.0);
+    ``swiglu_clamped`` takes ``limit`` (7.0)."""
     if isinstance(name, Activation):
         return name
-    if name == "gpt_oss":
-        params = {"alpha": 1.702, "limit": 7.0}
-        unknown = set(kwargs) - set(params)
+    if name in _PARAMETRIC:
+        defaults, make = _PARAMETRIC[name]
+        unknown = set(kwargs) - set(defaults)
         if unknown:
-            raise ValueError(f"activation 'gpt_oss' takes alpha and limit, not {sorted(unknown)}")
-        params.update(kwargs)
-        return Activation("gpt_oss", True, _gpt_oss(float(params["alpha"]), float(params["limit"])),
-                          tuple(sorted(params.items())))
+            raise ValueError(f"activation {name!r} takes {' and '.join(defaults)}, not {sorted(unknown)}")
+        params = {**defaults, **{k: float(v) for k, v in kwargs.items()}}
+        return Activation(name, True, make(**params), tuple(sorted(params.items())))
     if kwargs:
         raise ValueError(f"activation {name!r} takes no options, got {sorted(kwargs)}")
     if name in _GATED:

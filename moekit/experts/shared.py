@@ -16,12 +16,12 @@ class SharedExperts(nn.Module):
     """Dense MLP ``down(act(gate(x)) * up(x))`` (or ``down(act(up(x)))``) with an optional sigmoid gate."""
 
     def __init__(self, d_model: int, d_ff: int, *, activation: str | Activation = "swiglu",
-                 activation_kwargs: dict | None = None, gate: bool = False):
+                 activation_kwargs: dict | None = None, gate: bool = False, bias: bool = False):
         super().__init__()
         self.activation = get_activation(activation, **(activation_kwargs or {}))
-        self.gate_proj = nn.Linear(d_model, d_ff, bias=False) if self.activation.gated else None
-        self.up_proj = nn.Linear(d_model, d_ff, bias=False)
-        self.down_proj = nn.Linear(d_ff, d_model, bias=False)
+        self.gate_proj = nn.Linear(d_model, d_ff, bias=bias) if self.activation.gated else None
+        self.up_proj = nn.Linear(d_model, d_ff, bias=bias)
+        self.down_proj = nn.Linear(d_ff, d_model, bias=bias)
         self.gate = nn.Linear(d_model, 1, bias=False) if gate else None
 
     def forward(self, x_TD: torch.Tensor) -> torch.Tensor:

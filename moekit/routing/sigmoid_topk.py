@@ -1,12 +1,13 @@
 """Sigmoid scores with group-limited top-k (DeepSeek-V3, arXiv:2412.19437 eq. 12-16; DeepSeek-V2 §2.1.2).
 
-    s_TE = sigmoid(x W^T)                               affinity of each token to each expert
+    s_TE = sigmoid(x W^T)                               affinity of each token to each expert (softmax: V2)
     c_TE = s_TE + b_E                                   b_E: score-correction bias, for selection only
     group score_TG = sum of the top-2 c in the group    ("max" for DeepSeek-V2)
-    keep the topk_group best groups, mask the rest;  ids_TK = topk(c masked, K)
-    w_TK = s[ids] (/ (sum_k s[ids] + 1e-20) if renormalize) * routed_scaling_factor
+    keep the topk_group best groups, fill the rest with -inf (or 0);  ids_TK = topk(c masked, K)
+    w_TK = s[ids] (/ (sum_k s[ids] + eps) if renormalize) * routed_scaling_factor
 
-With ``n_group=1`` this is plain sigmoid top-k.
+With ``n_group=1`` this is plain sigmoid top-k (MiniMax-M2, LFM2, AFMoE). ``logit_softcap`` applies
+``c * tanh(l / c)`` to the logits first (Laguna).
 """
 
 from __future__ import annotations
@@ -25,13 +26,16 @@ class GroupLimitedTopK(TopKRouter):
         topk_group: groups each token may pick from.
         score_func: ``"sigmoid"`` (V3) or ``"softmax"`` (V2).
         group_score: ``"top2_sum"`` (V3) or ``"max"`` (V2).
-        renormalize: divide the k weights by their sum (plus 1e-20).
+        group_fill: score given to experts of dropped groups: ``-inf`` (V3) or ``0.0`` (V2, Mistral-4).
+        renormalize: divide the k weights by their sum plus ``renorm_eps``.
         scale: ``routed_scaling_factor``.
+        logit_softcap: if > 0, logits become ``logit_softcap * tanh(logits / logit_softcap)``.
     """
 
     def __init__(self, d_model: int, num_experts: int, top_k: int, *, n_group: int = 1, topk_group: int = 1,
-                 score_func: str = "sigmoid", group_score: str = "top2_sum", renormalize: bool = True,
-                 scale: float = 1.0, bias: bool = False, jitter: float = 0.0):
+                 score_func: str = "sigmoid", group_score: str = "top2_sum", group_fill: float = float("-inf"),
+                 renormalize: bool = True, renorm_eps: float = 1e-20, scale: float = 1.0,
+                 logit_softcap: float = 0.0, bias: bool = False, jitter: float = 0.0):
         super().__init__(d_model, num_experts, top_k, bias=bias, jitter=jitter)
         if n_group < 1 or num_experts % n_group:
             raise ValueError(f"n_group={n_group} must be >= 1 and divide num_experts={num_experts}")
@@ -45,7 +49,14 @@ class GroupLimitedTopK(TopKRouter):
         if group_score not in ("top2_sum", "max"):
             raise ValueError(f"group_score must be 'top2_sum' or 'max', got {group_score!r}")
         self.n_group, self.topk_group, self.score_func, self.group_score = n_group, topk_group, score_func, group_score
-        self.renormalize, self.scale = renormalize, scale
+        self.group_fill, self.renormalize, self.renorm_eps = float(group_fill), renormalize, renorm_eps
+        self.scale, self.logit_softcap = scale, logit_softcap
+
+    def logits(self, x_TD: torch.Tensor) -> torch.Tensor:
+        logits_TE = super().logits(x_TD)
+        if self.logit_softcap > 0:
+            logits_TE = torch.tanh(logits_TE / self.logit_softcap) * self.logit_softcap
+        return logits_TE
 
     def scores(self, logits_TE: torch.Tensor) -> torch.Tensor:
         return logits_TE.sigmoid() if self.score_func == "sigmoid" else torch.softmax(logits_TE, dim=-1)
@@ -61,13 +72,13 @@ class GroupLimitedTopK(TopKRouter):
                 group_TG = grouped_TGe.topk(min(2, grouped_TGe.shape[-1]), dim=-1).values.sum(dim=-1)
             keep_TG = torch.zeros_like(group_TG, dtype=torch.bool)
             keep_TG.scatter_(1, group_TG.topk(self.topk_group, dim=-1, sorted=False).indices, True)
-            choice_TE = grouped_TGe.masked_fill(~keep_TG[..., None], float("-inf")).view(T, -1)
+            choice_TE = grouped_TGe.masked_fill(~keep_TG[..., None], self.group_fill).view(T, -1)
         return torch.topk(choice_TE, self.top_k, dim=-1, sorted=False).indices
 
     def combine_weights(self, scores_TE: torch.Tensor, ids_TK: torch.Tensor) -> torch.Tensor:
         w_TK = scores_TE.gather(-1, ids_TK)
         if self.renormalize:
-            w_TK = w_TK / (w_TK.sum(dim=-1, keepdim=True) + 1e-20)
+            w_TK = w_TK / (w_TK.sum(dim=-1, keepdim=True) + self.renorm_eps)
         return w_TK * self.scale
 
     def balance_probs(self, logits_TE: torch.Tensor, scores_TE: torch.Tensor) -> torch.Tensor:

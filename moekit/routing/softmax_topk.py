@@ -2,7 +2,7 @@
 
     p_TE = softmax(x W^T)                    probabilities over all E experts
     ids_TK = topk(p_TE + b_E, K)             b_E: selection-only bias (aux-loss-free balancing), 0 by default
-    w_TK = p[ids] (/ sum_k p[ids] if renormalize) * scale
+    w_TK = p[ids] (/ max(sum_k p[ids], renorm_min) if renormalize) * scale
 """
 
 from __future__ import annotations
@@ -18,13 +18,14 @@ class SoftmaxTopK(TopKRouter):
 
     Args:
         renormalize: divide the k weights by their sum (Mixtral always; Qwen/OLMoE ``norm_topk_prob``).
+        renorm_min: lower clamp of that sum (ERNIE-4.5 ``moe_norm_min``); 0 = no clamp.
         scale: multiply the final weights by this factor.
     """
 
     def __init__(self, d_model: int, num_experts: int, top_k: int, *, renormalize: bool = True,
-                 scale: float = 1.0, bias: bool = False, jitter: float = 0.0):
+                 renorm_min: float = 0.0, scale: float = 1.0, bias: bool = False, jitter: float = 0.0):
         super().__init__(d_model, num_experts, top_k, bias=bias, jitter=jitter)
-        self.renormalize, self.scale = renormalize, scale
+        self.renormalize, self.renorm_min, self.scale = renormalize, renorm_min, scale
 
     def scores(self, logits_TE: torch.Tensor) -> torch.Tensor:
         return torch.softmax(logits_TE, dim=-1)
@@ -35,7 +36,8 @@ class SoftmaxTopK(TopKRouter):
     def combine_weights(self, scores_TE: torch.Tensor, ids_TK: torch.Tensor) -> torch.Tensor:
         w_TK = scores_TE.gather(-1, ids_TK)
         if self.renormalize:
-            w_TK = w_TK / w_TK.sum(dim=-1, keepdim=True)
+            total = w_TK.sum(dim=-1, keepdim=True)
+            w_TK = w_TK / (total.clamp_min(self.renorm_min) if self.renorm_min > 0 else total)
         return w_TK * self.scale if self.scale != 1.0 else w_TK
 
     def extra_repr(self) -> str:
