@@ -31,6 +31,8 @@ from rich.console import Console
 from rich.progress import Progress
 
 import moekit
+from moekit.experts.fused_function import fused_compute_dtype
+from moekit.utils import tune_cpu_allocator
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -61,28 +63,55 @@ class Row:
 
 # ----------------------------------------------------------------------------------------------- timing
 def timeit(fn, *, min_runs: int = 3, max_runs: int = 15, budget_s: float = 4.0) -> tuple[float, int]:
-    """Median wall time (ms) of ``fn()`` after one warm-up, with as many runs as fit in ``budget_s``."""
-    fn()
-    times = []
-    start = time.perf_counter()
-    while len(times) < max_runs and (len(times) < min_runs or time.perf_counter() - start < budget_s):
-        t0 = time.perf_counter()
+    """Median wall time (ms) of ``fn()`` after one warm-up, with as many runs as fit in ``budget_s`` (warm caches)."""
+    return timeit_many({"fn": fn}, min_rounds=min_runs, max_rounds=max_runs, budget_s=budget_s)["fn"]
+
+
+_FLUSH: torch.Tensor | None = None
+
+
+def flush_caches() -> None:
+    """Evict the CPU caches (read and write a buffer larger than the last-level cache), so every timed run starts
+    with its weights in DRAM, as in a real model whose layers together exceed the cache."""
+    global _FLUSH
+    if _FLUSH is None:
+        _FLUSH = torch.zeros(384 * 2**20, dtype=torch.uint8)
+    _FLUSH.add_(1)
+
+
+def timeit_many(fns: dict, *, min_rounds: int = 5, max_rounds: int = 21, budget_s: float = 6.0,
+                cold: bool = False) -> dict:
+    """Median wall time (ms) of each function, measured round-robin (one timed run of each per round) so that drifts
+    of a shared machine hit every candidate alike. Warm (default): each timed run directly follows an untimed run of
+    the same function. Cold: the caches are flushed (untimed) before every timed run. Returns ``{name: (ms, runs)}``."""
+    for fn in fns.values():
         fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3, len(times)
+    times: dict = {name: [] for name in fns}
+    start = time.perf_counter()
+    rounds = 0
+    while rounds < max_rounds and (rounds < min_rounds or time.perf_counter() - start < budget_s):
+        for name, fn in fns.items():
+            if cold:
+                flush_caches()
+            else:
+                fn()  # untimed: its own weights are in cache for the timed run, whatever ran before
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+        rounds += 1
+    return {name: (statistics.median(ts) * 1e3, len(ts)) for name, ts in times.items()}
 
 
-def peak_rss_delta_mb(fn) -> float | None:
-    """Peak extra resident memory of one call of ``fn`` (MiB), via the allocator-independent tracemalloc-free way:
-    torch's CPU profiler memory accounting. Returns None where unavailable."""
+def peak_alloc_mb(fn) -> float | None:
+    """Peak bytes held by PyTorch's CPU allocator during one call of ``fn`` (MiB), from the profiler's memory
+    events (allocations minus frees in time order): the CPU analogue of ``torch.cuda.max_memory_allocated``."""
     try:
         from torch.profiler import ProfilerActivity, profile
 
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             fn()
-        events = prof.events()
         live, peak = 0, 0
-        for e in sorted((ev for ev in events if ev.cpu_memory_usage), key=lambda ev: ev.time_range.start):
+        for e in sorted((ev for ev in prof.events() if ev.cpu_memory_usage), key=lambda ev: ev.time_range.start):
             live += e.cpu_memory_usage
             peak = max(peak, live)
         return peak / 2**20
@@ -139,6 +168,34 @@ class DenseFFN(torch.nn.Module):
         return self.down(F.silu(g) * u)
 
 
+class GemmFloor:
+    """Only the routed experts' GEMMs on pre-sorted rows (uniform routing): no router, gather, activation or
+    combine. Nothing built on the platform GEMM can beat this; it bounds every speed-up in the table."""
+
+    def __init__(self, shape: dict, tokens: int, dtype: torch.dtype):
+        E, K, D, Fh = shape["num_experts"], shape["top_k"], shape["d_model"], shape["d_ff"]
+        S = tokens * K
+        self.counts = [S // E + (1 if e < S % E else 0) for e in range(E)]
+        # the dtype the platform runs fastest (bf16 -> fp32 on CPUs without fast bf16, as moekit's fused backend)
+        dtype = fused_compute_dtype(torch.empty(0, D, dtype=dtype), torch.empty(0, dtype=dtype), self.counts)
+        self.x = torch.randn(S, D).to(dtype)
+        self.a = torch.randn(S, Fh).to(dtype)
+        self.w1 = torch.randn(E, 2 * Fh, D).to(dtype)
+        self.w2 = torch.randn(E, D, Fh).to(dtype)
+
+    def step(self, backward: bool) -> None:
+        start = 0
+        for e, n in enumerate(self.counts):
+            if not n:
+                continue
+            x, a = self.x[start:start + n], self.a[start:start + n]
+            h = x @ self.w1[e].T
+            y = a @ self.w2[e].T
+            if backward:
+                y @ self.w2[e], y.T @ a, h @ self.w1[e], h.T @ x  # dA, dW2, dX, dW1
+            start += n
+
+
 def expert_flops(shape: dict, tokens: int) -> float:
     """Forward FLOPs of the routed experts (2 per multiply-add): gate/up (2F x D) and down (D x F) per slot."""
     D, Fh, K = shape["d_model"], shape["d_ff"], shape["top_k"]
@@ -155,7 +212,7 @@ def distinct_expert_bytes(shape: dict, tokens: int, dtype: torch.dtype) -> float
 
 # ------------------------------------------------------------------------------------------------- runner
 def make_step(module, x, mode: str):
-    if mode == "fwd":
+    if mode.startswith("fwd") and "bwd" not in mode:
         def step():
             with torch.no_grad():
                 module(x)
@@ -170,9 +227,10 @@ def make_step(module, x, mode: str):
     return step
 
 
-def bench(shapes, tokens, dtypes, modes, impls) -> dict:
+def bench(shapes, tokens, dtypes, modes, impls, tune_allocator: bool = True) -> dict:
     torch.manual_seed(0)
-    meta = {
+    tuned = tune_cpu_allocator() if tune_allocator else False
+    meta = {"allocator_tuned": tuned,
         "torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
         "processor": _cpu_name(), "threads": torch.get_num_threads(), "moekit": moekit.__version__,
     }
@@ -184,8 +242,9 @@ def bench(shapes, tokens, dtypes, modes, impls) -> dict:
         meta["transformers"] = None
     roof = {str(dt).removeprefix("torch."): roofline(dt) for dt in dtypes}
     rows: list[Row] = []
-    jobs = [(s, dt, t, m) for s in shapes for dt in dtypes for t in tokens for m in modes]
-    with Progress(console=console, transient=False) as progress:
+    jobs = [(s, dt, t, m) for s in shapes for dt in dtypes for t in tokens for m in modes
+            if m != "fwd-cold" or t <= 16]
+    with Progress(console=console, transient=False, auto_refresh=False) as progress:  # no refresh thread while timing
         task = progress.add_task("benchmarking", total=len(jobs))
         for shape_name, dtype, T, mode in jobs:
             shape = SHAPES[shape_name]
@@ -195,30 +254,37 @@ def bench(shapes, tokens, dtypes, modes, impls) -> dict:
                 moekit.MoE(**{k: v for k, v in shape.items() if k != "family"}).to(dtype)
             dense = DenseFFN(shape["d_model"], shape["top_k"] * shape["d_ff"]).to(dtype)
             x = torch.randn(1, T, shape["d_model"]).to(dtype)
-            candidates = [("moekit", layer, "")]
+            candidates = {"moekit": layer}
             if block is not None:
                 for impl in impls:
-                    note = ""
                     if impl == "batched_mm":
                         need = T * shape["top_k"] * 3 * shape["d_model"] * shape["d_ff"] * dtype.itemsize
-                        if mode == "fwd+bwd":
-                            need *= 2
+                        need *= 2 if mode == "fwd+bwd" else 1
                         if need > BATCHED_MM_LIMIT_BYTES:
                             rows.append(Row(shape_name, _dt(dtype), T, mode, f"hf_{impl}", None, 0,
                                             note=f"skipped: needs {need / 2**30:.0f} GiB of copied weights"))
                             continue
-                    candidates.append((f"hf_{impl}", _HFImpl(block, impl), note))
-            candidates.append(("dense_equal_flops", dense, ""))
-            for name, module, note in candidates:
-                step = make_step(module, x, mode)
+                    candidates[f"hf_{impl}"] = _HFImpl(block, impl)
+            candidates["dense_equal_flops"] = dense
+            steps = {name: make_step(m, x, mode) for name, m in candidates.items()}
+            floor = GemmFloor(shape, T, dtype)
+            steps["gemm_floor"] = lambda: floor.step(backward=mode == "fwd+bwd")
+            for name, step in list(steps.items()):  # a peer that fails is reported, not fatal
                 try:
-                    ms, runs = timeit(step, budget_s=3.0 if T <= 1024 else 6.0)
-                    mem = peak_rss_delta_mb(step) if mode == "fwd+bwd" and T >= 1024 else None
-                    rows.append(Row(shape_name, _dt(dtype), T, mode, name, ms, runs, mem, note))
-                except Exception as e:  # noqa: BLE001 - a peer that fails is reported, not fatal
+                    step()
+                except Exception as e:  # noqa: BLE001
                     rows.append(Row(shape_name, _dt(dtype), T, mode, name, None, 0, note=f"error: {e!s:.120}"))
-                gc.collect()
+                    del steps[name]
+            timed = timeit_many(steps, budget_s=2.0 if T <= 128 else 8.0, min_rounds=5 if T <= 1024 else 3,
+                                cold=mode == "fwd-cold")
+            for name, (ms, runs) in timed.items():
+                mem = None
+                if mode == "fwd+bwd" and T >= 1024 and name in ("moekit", "hf_grouped_mm"):
+                    mem = peak_alloc_mb(steps[name])
+                rows.append(Row(shape_name, _dt(dtype), T, mode, name, ms, runs, mem))
+            gc.collect()
             progress.advance(task)
+            progress.refresh()
     return {"meta": meta, "roofline": roof, "shapes": {k: SHAPES[k] for k in shapes},
             "rows": [asdict(r) for r in rows]}
 
@@ -258,8 +324,8 @@ def summarise(result: dict) -> str:
         by_key.setdefault((r["shape"], r["dtype"], r["tokens"], r["mode"]), {})[r["impl"]] = r
     lines = [
         "| shape | dtype | T | pass | moekit ms | best HF (backend) ms | HF / moekit | dense ms | "
-        "% GEMM roofline | decode floor ms | peak MiB moekit / HF grouped_mm |",
-        "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+        "% GEMM roofline | expert-GEMM floor ms | decode floor ms | peak MiB moekit / HF grouped_mm |",
+        "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for (shape, dtype, T, mode), impls in by_key.items():
         mk = impls.get("moekit", {}).get("median_ms")
@@ -267,11 +333,12 @@ def summarise(result: dict) -> str:
               if name.startswith("hf_") and r["median_ms"] is not None]
         best = min(hf) if hf else None
         dense = impls.get("dense_equal_flops", {}).get("median_ms")
+        gemm_floor = impls.get("gemm_floor", {}).get("median_ms")
         flops = expert_flops(result["shapes"][shape], T) * (3 if mode == "fwd+bwd" else 1)
         roof = result["roofline"][dtype]
         frac = flops / (mk / 1e3) / 1e9 / roof["gemm_gflops"] if mk else None
         floor = None
-        if T <= 16 and mode == "fwd":
+        if T <= 16 and mode.startswith("fwd") and "bwd" not in mode:
             floor = distinct_expert_bytes(result["shapes"][shape], T, getattr(torch, dtype)) / (
                 roof["copy_gbps"] * 1e9) * 1e3
         mem_mk = impls.get("moekit", {}).get("peak_mem_mb")
@@ -281,10 +348,10 @@ def summarise(result: dict) -> str:
             f"| {shape} | {dtype} | {T} | {mode} | {_f(mk)} | "
             f"{_f(best[0]) + ' (' + best[1] + ')' if best else 'n/a'} | "
             f"{(best[0] / mk if best and mk else float('nan')):.2f}× | {_f(dense)} | "
-            f"{'' if frac is None else f'{100 * frac:.0f}%'} | {_f(floor)} | {mem} |")
+            f"{'' if frac is None else f'{100 * frac:.0f}%'} | {_f(gemm_floor)} | {_f(floor)} | {mem} |")
     m, rf = result["meta"], result["roofline"]
     head = (f"Measured on {m['processor']} ({m['threads']} threads), torch {m['torch']}, transformers "
-            f"{m['transformers']}. Roofline in the same run: " + ", ".join(
+            f"{m['transformers']}, glibc malloc tuned: {m.get('allocator_tuned')}. Roofline in the same run: " + ", ".join(
                 f"{dt} GEMM {v['gemm_gflops']:.0f} GFLOP/s" for dt, v in rf.items())
             + f"; copy {next(iter(rf.values()))['copy_gbps']:.1f} GB/s.")
     return head + "\n\n" + "\n".join(lines)
@@ -314,14 +381,19 @@ def main(argv=None) -> None:
     ap.add_argument("--shapes", nargs="*", default=list(SHAPES), choices=list(SHAPES))
     ap.add_argument("--tokens", nargs="*", type=int, default=list(TOKENS))
     ap.add_argument("--dtypes", nargs="*", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
-    ap.add_argument("--modes", nargs="*", default=["fwd", "fwd+bwd"], choices=["fwd", "fwd+bwd"])
+    ap.add_argument("--modes", nargs="*", default=["fwd", "fwd+bwd", "fwd-cold"],
+                    choices=["fwd", "fwd+bwd", "fwd-cold"],
+                    help="fwd-cold: forward with caches flushed before each run (decode sizes, T <= 16, only)")
     ap.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/layer_cpu.json)")
     ap.add_argument("--no-readme", action="store_true", help="do not rewrite the README table")
+    ap.add_argument("--no-tune-allocator", action="store_true",
+                    help="leave glibc's malloc as it is (by default moekit.utils.tune_cpu_allocator() is applied to "
+                         "the whole process, so every peer benefits alike)")
     args = ap.parse_args(argv)
     if args.quick:
-        args.tokens, args.dtypes, args.modes = [1, 128], ["float32"], ["fwd"]
+        args.tokens, args.dtypes, args.modes = [1, 128], ["float32"], ["fwd", "fwd-cold"]
     dtypes = [getattr(torch, d) for d in args.dtypes]
-    result = bench(args.shapes, args.tokens, dtypes, args.modes, HF_IMPLS)
+    result = bench(args.shapes, args.tokens, dtypes, args.modes, HF_IMPLS, tune_allocator=not args.no_tune_allocator)
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = args.out or RESULTS / ("layer_cpu_quick.json" if args.quick else "layer_cpu.json")
     out.write_text(json.dumps(result, indent=1))

@@ -14,12 +14,16 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from .balance import AttachAuxLoss, expert_load, load_balancing_loss, router_z_loss, sequence_balancing_loss, update_expert_bias
+from .balance import (AttachAuxLoss, expert_load, load_balancing_loss, router_z_loss, sequence_balancing_loss,
+                      update_expert_bias)
 from .config import MoEConfig
 from .dispatch.local import DispatchPlan, LocalDispatcher
 from .experts.fused import Experts, ModuleListExperts
 from .experts.shared import SharedExperts
 from .routing.base import ROUTERS, Router, RouterOutput, build_router
+
+#: Largest number of token slots (tokens x top_k) that takes the sort-free decode path in inference.
+DECODE_MAX_SLOTS = 16
 
 RoutingHook = Callable[["MoE", torch.Tensor, RouterOutput, DispatchPlan], None]
 
@@ -101,19 +105,32 @@ class MoE(nn.Module):
         shape, D = x.shape, self.config.d_model
         x_TD = x.reshape(-1, D)
         routed = self.router(x_TD)
-        plan = self.dispatcher.plan(routed)
-        y_TD = self.experts(x_TD, plan)
+        if self._decode_path(x_TD, routed):
+            plan = None
+            y_TD = self.experts.decode(x_TD, routed.topk_ids_TK, routed.topk_weights_TK)
+            counts_E, dropped = expert_load(routed.topk_ids_TK, self.config.num_experts).long(), None
+        else:
+            plan = self.dispatcher.plan(routed)
+            y_TD = self.experts(x_TD, plan)
+            counts_E, dropped = plan.counts_E, plan.num_dropped
         if self.shared_experts is not None:
             shared_TD = self.shared_experts(x_TD).float()
             y_TD = y_TD + (shared_TD if self.config.shared_scale == 1.0 else self.config.shared_scale * shared_TD)
         y = y_TD.to(x.dtype).view(shape)
 
-        loss = self._balance(routed, plan, seq_len=shape[-2] if x.dim() >= 3 else x_TD.shape[0])
+        loss = self._balance(routed, counts_E, dropped, seq_len=shape[-2] if x.dim() >= 3 else x_TD.shape[0])
         if loss is not None and torch.is_grad_enabled() and loss.requires_grad:
             y = AttachAuxLoss.apply(y, loss, float(self.aux_loss_scale))
         for hook in self._routing_hooks.values():
             hook(self, x_TD, routed, plan)
         return y
+
+    def _decode_path(self, x_TD: torch.Tensor, routed: RouterOutput) -> bool:
+        """Few tokens, no autograd, on CPU: skip the sort and run each chosen expert directly (see Experts.decode)."""
+        return (x_TD.shape[0] * self.config.top_k <= DECODE_MAX_SLOTS and x_TD.device.type == "cpu"
+                and not torch.is_grad_enabled() and not self._routing_hooks and not routed.may_have_empty
+                and self.config.capacity_factor is None and isinstance(self.experts, Experts)
+                and self.experts.backend in ("auto", "fused"))
 
     def _check_input(self, x: torch.Tensor) -> None:
         if not isinstance(x, torch.Tensor):
@@ -125,12 +142,19 @@ class MoE(nn.Module):
             raise ValueError(f"MoE input's last dimension must be d_model={self.config.d_model}, "
                              f"got shape {tuple(x.shape)}")
 
-    def _balance(self, routed: RouterOutput, plan: DispatchPlan, seq_len: int) -> torch.Tensor | None:
-        """Compute the configured balancing losses and statistics; update the selection bias if asked."""
+    def _balance(self, routed: RouterOutput, counts_E: torch.Tensor, dropped: torch.Tensor | None,
+                 seq_len: int) -> torch.Tensor | None:
+        """Compute the configured balancing losses and statistics; update the selection bias if asked.
+
+        Losses are skipped in pure inference (eval mode without autograd): nothing could use them."""
         cfg = self.config
-        stats = {"tokens_per_expert": plan.counts_E.detach(), "dropped": plan.num_dropped.detach()}
+        stats = {"tokens_per_expert": counts_E.detach(),
+                 "dropped": dropped.detach() if dropped is not None else counts_E.new_zeros(())}
         total = None
         losses = dict(routed.aux_losses)
+        if not (self.training or torch.is_grad_enabled()):
+            self.stats = stats
+            return None
         if cfg.aux_loss and cfg.aux_loss_coef > 0:
             if cfg.aux_loss == "seq":
                 aux = sequence_balancing_loss(routed.probs_TE, routed.topk_ids_TK, seq_len)

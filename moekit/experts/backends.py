@@ -6,7 +6,9 @@
 - ``grouped_mm``: expert-sorted rows, one PyTorch grouped GEMM per projection (``torch.nn.functional.grouped_mm``,
   or ``torch._grouped_mm`` on older releases), no host sync. Falls back to ``segment`` where the running torch
   or device has no grouped GEMM for the dtype.
-- ``auto``: ``grouped_mm`` where available, else ``segment``.
+- ``fused``: one custom autograd Function (gather, per-expert GEMMs, activation, weighted combine) that saves only
+  what backward needs; see :mod:`moekit.experts.fused_function`.
+- ``auto``: ``fused`` on CPU (eager), else ``grouped_mm`` where available, else ``segment``.
 
 Notation: ``T`` tokens, ``S`` sorted slots, ``D`` model dim, ``F`` expert hidden dim, ``E`` experts.
 """
@@ -221,14 +223,19 @@ def _sorted_backend(experts: "Experts", x_TD: torch.Tensor, plan: "DispatchPlan"
 
 
 def auto_backend(experts: "Experts", x_TD: torch.Tensor, plan: "DispatchPlan") -> torch.Tensor:
+    if x_TD.device.type == "cpu" and not torch.compiler.is_compiling():
+        return fused_backend(experts, x_TD, plan)  # host-side counts are free on CPU
     dtype = compute_dtype(x_TD, experts.w_in)
     if _use_grouped_mm(x_TD.device.type, dtype) and _aligned(experts, dtype):
         return grouped_mm_backend(experts, x_TD, plan)
     return segment_backend(experts, x_TD, plan)
 
 
+from .fused_function import fused_backend  # noqa: E402 - needs compute_dtype above
+
 BACKENDS: dict[str, Callable[["Experts", torch.Tensor, "DispatchPlan"], torch.Tensor]] = {
     "auto": auto_backend,
+    "fused": fused_backend,
     "loop": loop_backend,
     "segment": segment_backend,
     "grouped_mm": grouped_mm_backend,

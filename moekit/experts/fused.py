@@ -12,11 +12,12 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..dispatch.local import DispatchPlan
 from .activations import Activation, get_activation
-from .backends import BACKENDS
+from .backends import BACKENDS, compute_dtype
 
 
 class Experts(nn.Module):
@@ -86,6 +87,33 @@ class Experts(nn.Module):
     def forward(self, x_TD: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
         """fp32 ``y_TD = sum_k w_TK * expert_{id_TK}(x_TD)`` for the slots in ``plan``."""
         return BACKENDS[self._backend](self, x_TD, plan)
+
+    def decode(self, x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
+        """Inference for a few tokens: group the slots by expert on the host and run each chosen expert once on its
+        rows, with no sort, no permutation buffers and no autograd bookkeeping. fp32 ``y_TD``."""
+        dtype = compute_dtype(x_TD, self.w_in)
+        x_TD = x_TD.to(dtype)
+        rows: dict[int, list[tuple[int, int]]] = {}
+        for t, experts in enumerate(ids_TK.tolist()):
+            for k, e in enumerate(experts):
+                rows.setdefault(e, []).append((t, k))
+        y_TD = torch.zeros(x_TD.shape, dtype=torch.float32, device=x_TD.device)
+        b_in, b_out = self.b_in, self.b_out
+        for e, tk in rows.items():
+            if len(tk) == 1:
+                t, k = tk[0]
+                x_ND = x_TD[t:t + 1]
+            else:
+                tok = torch.tensor([t for t, _ in tk], device=x_TD.device)
+                x_ND = x_TD.index_select(0, tok)
+            h = F.linear(x_ND, self.w_in[e].to(dtype), None if b_in is None else b_in[e].to(dtype))
+            out = F.linear(self.activation(h), self.w_out[e].to(dtype), None if b_out is None else b_out[e].to(dtype))
+            if len(tk) == 1:
+                y_TD[t].add_(out[0].float() * weights_TK[t, k])
+            else:
+                slot = torch.tensor([k for _, k in tk], device=x_TD.device)
+                y_TD.index_add_(0, tok, out.float() * weights_TK[tok, slot, None].float())
+        return y_TD
 
     def extra_repr(self) -> str:
         return (f"num_experts={self.num_experts}, d_model={self.d_model}, d_ff={self.d_ff}, "

@@ -1,0 +1,34 @@
+"""Process-level helpers."""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import sys
+
+_TUNED = False
+
+
+def tune_cpu_allocator(mmap_threshold: int = 2**30, trim_threshold: int = 2**31 - 1) -> bool:
+    """Make glibc keep freed large blocks for reuse instead of returning them to the kernel.
+
+    PyTorch's CPU allocator hands big tensors straight to ``malloc``; glibc serves blocks above 32 MiB with a fresh
+    ``mmap``, so every training step page-faults its weight gradients and activations in again (on a VM that can
+    cost more than the math). Raising ``M_MMAP_THRESHOLD`` and ``M_TRIM_THRESHOLD`` keeps that memory in the heap.
+    The process's resident memory then stays near its peak. Returns True if applied (glibc on Linux only).
+    """
+    global _TUNED
+    if _TUNED:
+        return True
+    if not sys.platform.startswith("linux"):
+        return False
+    name = ctypes.util.find_library("c")
+    if not name:
+        return False
+    libc = ctypes.CDLL(name)
+    if not hasattr(libc, "mallopt"):
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    ok = libc.mallopt(M_MMAP_THRESHOLD, mmap_threshold) == 1 and libc.mallopt(M_TRIM_THRESHOLD, trim_threshold) == 1
+    _TUNED = ok
+    return ok
