@@ -104,15 +104,18 @@ def timeit_many(fns: dict, *, min_rounds: int = 5, max_rounds: int = 21, budget_
 
 def peak_alloc_mb(fn) -> float | None:
     """Peak bytes held by PyTorch's CPU allocator during one call of ``fn`` (MiB), from the profiler's memory
-    events (allocations minus frees in time order): the CPU analogue of ``torch.cuda.max_memory_allocated``."""
+    events (each op's own allocations minus frees, in time order): the CPU analogue of
+    ``torch.cuda.max_memory_allocated``, independent of what malloc does with freed memory."""
     try:
         from torch.profiler import ProfilerActivity, profile
 
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             fn()
         live, peak = 0, 0
-        for e in sorted((ev for ev in prof.events() if ev.cpu_memory_usage), key=lambda ev: ev.time_range.start):
-            live += e.cpu_memory_usage
+        # self (exclusive) bytes: an op's inclusive figure repeats its children's allocations
+        for e in sorted((ev for ev in prof.events() if ev.self_cpu_memory_usage),
+                        key=lambda ev: ev.time_range.start):
+            live += e.self_cpu_memory_usage
             peak = max(peak, live)
         return peak / 2**20
     except Exception:  # noqa: BLE001
@@ -275,7 +278,8 @@ def bench(shapes, tokens, dtypes, modes, impls, tune_allocator: bool = True) -> 
                 except Exception as e:  # noqa: BLE001
                     rows.append(Row(shape_name, _dt(dtype), T, mode, name, None, 0, note=f"error: {e!s:.120}"))
                     del steps[name]
-            timed = timeit_many(steps, budget_s=2.0 if T <= 128 else 8.0, min_rounds=5 if T <= 1024 else 3,
+            timed = timeit_many(steps, budget_s=3.0 if T <= 128 else 8.0, min_rounds=11 if T <= 128 else
+                                5 if T <= 1024 else 3,
                                 cold=mode == "fwd-cold")
             for name, (ms, runs) in timed.items():
                 mem = None
@@ -336,7 +340,8 @@ def summarise(result: dict) -> str:
         gemm_floor = impls.get("gemm_floor", {}).get("median_ms")
         flops = expert_flops(result["shapes"][shape], T) * (3 if mode == "fwd+bwd" else 1)
         roof = result["roofline"][dtype]
-        frac = flops / (mk / 1e3) / 1e9 / roof["gemm_gflops"] if mk else None
+        best_gemm = max(v["gemm_gflops"] for v in result["roofline"].values())  # the machine's fastest GEMM
+        frac = flops / (mk / 1e3) / 1e9 / best_gemm if mk else None
         floor = None
         if T <= 16 and mode.startswith("fwd") and "bwd" not in mode:
             floor = distinct_expert_bytes(result["shapes"][shape], T, getattr(torch, dtype)) / (

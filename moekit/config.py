@@ -45,6 +45,10 @@ class MoEConfig:
         z_loss_coef: weight of the router z-loss (0 = off).
         bias_update_rate: auxiliary-loss-free balancing step ``gamma`` (0 = off).
         bias_update: ``"auto"`` (after every training forward) or ``"manual"`` (call ``layer.update_bias()``).
+        causal: the layer sits in a causal (autoregressive) model; non-causal routers are then refused.
+        allow_non_causal: accept a non-causal router in a causal model anyway (it leaks future tokens).
+        on_expert_failure: ``"raise"``, or ``"skip"``: an expert that raises or returns non-finite values is
+            dropped for that call and its tokens' weights are renormalised over their surviving choices.
     """
 
     d_model: int
@@ -71,6 +75,9 @@ class MoEConfig:
     z_loss_coef: float = 0.0
     bias_update_rate: float = 0.0
     bias_update: str = "auto"
+    causal: bool = False
+    allow_non_causal: bool = False
+    on_expert_failure: str = "raise"
 
     def __post_init__(self) -> None:
         for name in ("d_model", "d_ff", "num_experts", "top_k"):
@@ -101,6 +108,8 @@ class MoEConfig:
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or v < 0:
                 raise ValueError(f"{name} must be a number >= 0, got {v!r}")
+        if self.on_expert_failure not in ("raise", "skip"):
+            raise ValueError(f"on_expert_failure must be 'raise' or 'skip', got {self.on_expert_failure!r}")
         if self.bias_update not in ("auto", "manual"):
             raise ValueError(f"bias_update must be 'auto' or 'manual', got {self.bias_update!r}")
 

@@ -8,6 +8,7 @@ Notation: ``T`` tokens (all leading dims flattened), ``D`` model dim, ``E`` expe
 
 from __future__ import annotations
 
+import logging
 from typing import Callable
 
 import torch
@@ -20,7 +21,9 @@ from .config import MoEConfig
 from .dispatch.local import DispatchPlan, LocalDispatcher
 from .experts.fused import Experts, ModuleListExperts
 from .experts.shared import SharedExperts
-from .routing.base import ROUTERS, Router, RouterOutput, build_router
+from .routing.base import ROUTERS, Router, RouterOutput, RoutingContext, SoftRouting, build_router
+
+log = logging.getLogger(__name__)
 
 #: Largest number of token slots (tokens x top_k) that takes the sort-free decode path in inference.
 DECODE_MAX_SLOTS = 16
@@ -76,7 +79,12 @@ class MoE(nn.Module):
             self.router = router
         else:
             self.router = build_router(cfg.router, cfg.d_model, cfg.num_experts, cfg.top_k, **cfg.router_kwargs)
+        if self.router.non_causal and cfg.causal and not cfg.allow_non_causal:
+            raise ValueError(f"router {cfg.router!r} is not causal: a token's routing depends on later tokens of its "
+                             "sequence, which a causal language model must not see. Use a tokens-choose router, or "
+                             "pass allow_non_causal=True if you accept the leak (e.g. for an encoder)")
         self.dispatcher = LocalDispatcher(cfg.num_experts, cfg.capacity_factor, cfg.drop_policy)
+        self._slot_dispatcher = LocalDispatcher(cfg.num_experts)
         if experts is not None:
             if len(experts) != cfg.num_experts:
                 raise ValueError(f"got {len(experts)} expert modules for num_experts={cfg.num_experts}")
@@ -91,6 +99,8 @@ class MoE(nn.Module):
                                              bias=cfg.shared_bias)
                                if cfg.shared_experts else None)
         self.register_buffer("load_accum", torch.zeros(cfg.num_experts))
+        self.register_buffer("failure_counts", torch.zeros(cfg.num_experts, dtype=torch.long), persistent=False)
+        self._warned_failures: set[int] = set()
         self.aux_loss_scale = 1.0
         self.stats: dict[str, torch.Tensor] = {}
         self._routing_hooks: dict[int, RoutingHook] = {}
@@ -100,30 +110,99 @@ class MoE(nn.Module):
         return cls(config=config)
 
     # ---------------------------------------------------------------------------------------------- forward
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._check_input(x)
+    def forward(self, x: torch.Tensor, token_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """``x [..., d_model]`` → same shape and dtype. ``token_ids [...]`` (same leading shape) feeds routers that
+        route by token id (``router.needs_token_ids``)."""
+        self._check_input(x, token_ids)
         shape, D = x.shape, self.config.d_model
         x_TD = x.reshape(-1, D)
-        routed = self.router(x_TD)
-        if self._decode_path(x_TD, routed):
-            plan = None
+        seq_len = shape[-2] if x.dim() >= 3 else x_TD.shape[0]
+        ctx = RoutingContext(seq_len, None if token_ids is None else token_ids.reshape(-1))
+        routed = self.router(x_TD, ctx)
+        plan = dropped = None
+        if routed.soft is not None:
+            y_TD, counts_E = self._soft_experts(x_TD, routed.soft)
+        elif self._decode_path(x_TD, routed):
             y_TD = self.experts.decode(x_TD, routed.topk_ids_TK, routed.topk_weights_TK)
-            counts_E, dropped = expert_load(routed.topk_ids_TK, self.config.num_experts).long(), None
+            counts_E = expert_load(routed.topk_ids_TK, self.config.num_experts).long()
         else:
             plan = self.dispatcher.plan(routed)
-            y_TD = self.experts(x_TD, plan)
+            if self.config.on_expert_failure == "skip":
+                y_TD = self._experts_skipping_failures(x_TD, plan)
+            else:
+                y_TD = self.experts(x_TD, plan)
             counts_E, dropped = plan.counts_E, plan.num_dropped
         if self.shared_experts is not None:
             shared_TD = self.shared_experts(x_TD).float()
             y_TD = y_TD + (shared_TD if self.config.shared_scale == 1.0 else self.config.shared_scale * shared_TD)
         y = y_TD.to(x.dtype).view(shape)
 
-        loss = self._balance(routed, counts_E, dropped, seq_len=shape[-2] if x.dim() >= 3 else x_TD.shape[0])
+        loss = self._balance(routed, counts_E, dropped, seq_len)
         if loss is not None and torch.is_grad_enabled() and loss.requires_grad:
             y = AttachAuxLoss.apply(y, loss, float(self.aux_loss_scale))
         for hook in self._routing_hooks.values():
             hook(self, x_TD, routed, plan)
         return y
+
+    def _soft_experts(self, x_TD: torch.Tensor, soft: SoftRouting) -> tuple[torch.Tensor, torch.Tensor]:
+        """Soft MoE: mix each sequence's tokens into slots, run every expert on its slots, mix the results back."""
+        B, L, X = soft.dispatch_BLX.shape
+        E = self.config.num_experts
+        # slots_BXD = sum_l dispatch_BLX * x_BLD
+        slots_BXD = torch.einsum("blx,bld->bxd", soft.dispatch_BLX, x_TD.float().view(B, L, -1)).to(x_TD.dtype)
+        expert_X = torch.arange(X, device=x_TD.device) // soft.slots
+        ids = expert_X.repeat(B)[:, None]
+        ones = torch.ones(ids.shape, device=x_TD.device)
+        plan = self._slot_dispatcher.plan(RouterOutput(ones, ones, ids, ones))
+        y_BXD = self.experts(slots_BXD.reshape(B * X, -1), plan).view(B, X, -1)
+        # y_BLD = sum_x combine_BLX * y_BXD
+        y_TD = torch.einsum("blx,bxd->bld", soft.combine_BLX, y_BXD).reshape(B * L, -1)
+        return y_TD, plan.counts_E
+
+    def _experts_skipping_failures(self, x_TD: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+        """``on_expert_failure="skip"``: run experts one by one; one that raises or returns non-finite values is
+        dropped for this call and its tokens' weights are renormalised over their surviving choices."""
+        ids_TK, w_TK = plan.ids_TK, plan.weights_TK.float()
+        outputs, failed = [], []
+        for e in range(self.config.num_experts):
+            tok_N, slot_N = torch.where(ids_TK == e)
+            if tok_N.numel() == 0:
+                continue
+            try:
+                out = self.experts.expert_forward(e, x_TD[tok_N]).float()
+                if not bool(torch.isfinite(out).all()):
+                    raise FloatingPointError("non-finite output")
+            except Exception as err:  # noqa: BLE001 - any failure of one expert is survivable in "skip" mode
+                failed.append(e)
+                self._report_failure(e, err)
+                continue
+            outputs.append((tok_N, slot_N, out))
+        valid_TK = ids_TK >= 0
+        alive_TK = valid_TK & ~torch.isin(ids_TK, torch.tensor(failed, device=ids_TK.device, dtype=ids_TK.dtype))
+        total_T = (w_TK * valid_TK).sum(-1)
+        alive_T = (w_TK * alive_TK).sum(-1)
+        scale_T = torch.where(alive_T > 0, total_T / alive_T.clamp_min(1e-30), 0.0)
+        y_TD = x_TD.new_zeros(x_TD.shape, dtype=torch.float32)
+        for tok_N, slot_N, out in outputs:
+            y_TD = y_TD.index_add(0, tok_N, out * (w_TK[tok_N, slot_N] * scale_T[tok_N])[:, None])
+        return y_TD
+
+    def _report_failure(self, expert: int, err: Exception) -> None:
+        with torch.no_grad():
+            self.failure_counts[expert] += 1
+        if expert not in self._warned_failures:
+            self._warned_failures.add(expert)
+            log.warning("MoE expert %d failed (%s: %s); skipping it for the calls where it fails "
+                        "(on_expert_failure='skip')", expert, type(err).__name__, err)
+
+    # ------------------------------------------------------------------------------------ robust routing
+    def disable_experts(self, ids) -> None:
+        """Routers never select these experts until :meth:`enable_experts`; tokens go to the best remaining ones."""
+        self.router.disable_experts(ids)
+
+    def enable_experts(self, ids=None) -> None:
+        """Re-enable experts (all if ``ids`` is None)."""
+        self.router.enable_experts(ids)
 
     def _decode_path(self, x_TD: torch.Tensor, routed: RouterOutput) -> bool:
         """Few tokens, no autograd, on CPU: skip the sort and run each chosen expert directly (see Experts.decode)."""
@@ -132,7 +211,7 @@ class MoE(nn.Module):
                 and self.config.capacity_factor is None and isinstance(self.experts, Experts)
                 and self.experts.backend in ("auto", "fused"))
 
-    def _check_input(self, x: torch.Tensor) -> None:
+    def _check_input(self, x: torch.Tensor, token_ids: torch.Tensor | None = None) -> None:
         if not isinstance(x, torch.Tensor):
             raise ValueError(f"MoE input must be a torch.Tensor, got {type(x).__name__}")
         if not x.is_floating_point():
@@ -141,6 +220,14 @@ class MoE(nn.Module):
         if x.dim() < 1 or x.shape[-1] != self.config.d_model:
             raise ValueError(f"MoE input's last dimension must be d_model={self.config.d_model}, "
                              f"got shape {tuple(x.shape)}")
+        if token_ids is None:
+            if self.router.needs_token_ids:
+                raise ValueError(f"router {type(self.router).__name__} routes by token id: call layer(x, token_ids=ids)"
+                                 " with ids shaped like x without its last dimension")
+        elif (not isinstance(token_ids, torch.Tensor) or token_ids.is_floating_point()
+              or token_ids.shape != x.shape[:-1]):
+            raise ValueError(f"token_ids must be an integer tensor of shape {tuple(x.shape[:-1])} (x without its "
+                             f"last dimension), got {getattr(token_ids, 'shape', type(token_ids).__name__)}")
 
     def _balance(self, routed: RouterOutput, counts_E: torch.Tensor, dropped: torch.Tensor | None,
                  seq_len: int) -> torch.Tensor | None:
@@ -150,19 +237,23 @@ class MoE(nn.Module):
         cfg = self.config
         stats = {"tokens_per_expert": counts_E.detach(),
                  "dropped": dropped.detach() if dropped is not None else counts_E.new_zeros(())}
+        if cfg.on_expert_failure == "skip":
+            stats["expert_failures"] = self.failure_counts.clone()  # cumulative, per expert
+        stats.update(routed.metrics)
         total = None
         losses = dict(routed.aux_losses)
         if not (self.training or torch.is_grad_enabled()):
             self.stats = stats
             return None
-        if cfg.aux_loss and cfg.aux_loss_coef > 0:
+        soft = routed.soft is not None  # Soft MoE is balanced by construction: no load or z-loss
+        if cfg.aux_loss and cfg.aux_loss_coef > 0 and not soft:
             if cfg.aux_loss == "seq":
                 aux = sequence_balancing_loss(routed.probs_TE, routed.topk_ids_TK, seq_len)
             else:
                 aux = load_balancing_loss(routed.probs_TE, routed.topk_ids_TK)
             stats["aux_loss"] = aux.detach()
             losses["aux_loss"] = cfg.aux_loss_coef * aux
-        if cfg.z_loss_coef > 0:
+        if cfg.z_loss_coef > 0 and not soft:
             z = router_z_loss(routed.logits_TE)
             stats["z_loss"] = z.detach()
             losses["z_loss"] = cfg.z_loss_coef * z

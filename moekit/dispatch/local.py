@@ -15,7 +15,7 @@ import torch
 
 from ..routing.base import RouterOutput
 
-DROP_POLICIES = ("probs", "position")
+DROP_POLICIES = ("probs", "position", "batch_priority")
 
 
 @dataclass
@@ -94,7 +94,8 @@ class LocalDispatcher:
         capacity_factor: ``None`` for dropless; else each expert keeps at most
             ``ceil(capacity_factor * T * K / E)`` slots (at least ``min_capacity``).
         drop_policy: which slots an over-full expert keeps: ``"probs"`` the highest router weights,
-            ``"position"`` the earliest tokens.
+            ``"position"`` the earliest tokens, ``"batch_priority"`` (Riquelme et al. 2021, V-MoE) all first
+            choices before any second choice, tokens ordered by their highest router weight.
     """
 
     def __init__(self, num_experts: int, capacity_factor: float | None = None, drop_policy: str = "probs",
@@ -141,6 +142,12 @@ def _capacity_keep(ids_TK: torch.Tensor, weights_TK: torch.Tensor, E: int, capac
     key_S = torch.where(ids_TK >= 0, ids_TK, E).reshape(-1)
     if policy == "probs":  # highest weight first; ties by position
         pre_S = torch.sort(-weights_TK.reshape(-1).float(), stable=True).indices
+    elif policy == "batch_priority":  # V-MoE BPR: every token's 1st choice before any 2nd; tokens by max weight
+        prio_S = -weights_TK.float().amax(dim=-1).repeat_interleave(K)
+        by_prio_S = torch.sort(prio_S, stable=True).indices
+        w_TK = weights_TK.float()
+        rank_k_S = torch.argsort(torch.argsort(-w_TK, dim=-1, stable=True), dim=-1).reshape(-1)  # 0 = best slot
+        pre_S = by_prio_S[torch.sort(rank_k_S[by_prio_S], stable=True).indices]
     else:  # "position": token order (flattened T*K order is token-major)
         pre_S = torch.arange(T * K, device=ids_TK.device)
     expert_S, sub_S = torch.sort(key_S[pre_S], stable=True)

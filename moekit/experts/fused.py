@@ -88,6 +88,14 @@ class Experts(nn.Module):
         """fp32 ``y_TD = sum_k w_TK * expert_{id_TK}(x_TD)`` for the slots in ``plan``."""
         return BACKENDS[self._backend](self, x_TD, plan)
 
+    def expert_forward(self, e: int, x_ND: torch.Tensor) -> torch.Tensor:
+        """Expert ``e`` on rows ``x_ND`` (autograd-friendly; used by the failure-tolerant path)."""
+        dtype = compute_dtype(x_ND, self.w_in)
+        x_ND = x_ND.to(dtype)
+        b_in, b_out = self.b_in, self.b_out
+        h = F.linear(x_ND, self.w_in[e].to(dtype), None if b_in is None else b_in[e].to(dtype))
+        return F.linear(self.activation(h), self.w_out[e].to(dtype), None if b_out is None else b_out[e].to(dtype))
+
     def decode(self, x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
         """Inference for a few tokens: group the slots by expert on the host and run each chosen expert once on its
         rows, with no sort, no permutation buffers and no autograd bookkeeping. fp32 ``y_TD``."""
@@ -129,6 +137,12 @@ class ModuleListExperts(nn.Module):
             raise ValueError("ModuleListExperts needs at least one expert module")
         self.experts = nn.ModuleList(experts)
         self.num_experts = len(self.experts)
+
+    def expert_forward(self, e: int, x_ND: torch.Tensor) -> torch.Tensor:
+        out = self.experts[e](x_ND)
+        if out.shape != x_ND.shape:
+            raise ValueError(f"expert {e} returned shape {tuple(out.shape)}; experts must map [N, D] to [N, D]")
+        return out
 
     def forward(self, x_TD: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
         y_TD = x_TD.new_zeros(x_TD.shape, dtype=torch.float32)

@@ -55,7 +55,7 @@ def _linear_segments(a_SI, w_EOI, b_EO, counts, out_SO, dtype):
 def fused_forward(x_TD, w_in, w_out, b_in, b_out, weights_TK, token_S, slot_S, counts, activation, dtype):
     """The forward math; returns ``(y_TD fp32, (h_SW, y_SD, w_S))``."""
     S = token_S.shape[0]
-    x_SD = x_TD.to(dtype).index_select(0, token_S)
+    x_SD = x_TD.index_select(0, token_S).to(dtype)
     h_SW = _linear_segments(x_SD, w_in, b_in, counts, x_SD.new_empty(S, w_in.shape[1]), dtype)
     a_SF = activation(h_SW)
     y_SD = _linear_segments(a_SF, w_out, b_out, counts, x_SD.new_empty(S, w_out.shape[1]), dtype)
@@ -73,7 +73,10 @@ class FusedExpertsFunction(torch.autograd.Function):
         with torch.autocast(x_TD.device.type, enabled=False):
             out_TD, (h_SW, y_SD, w_S) = fused_forward(x_TD, w_in, w_out, b_in, b_out, weights_TK, token_S,
                                                       slot_S, counts, activation, dtype)
-        ctx.save_for_backward(x_TD, w_in, w_out, h_SW, y_SD, w_S, token_S, slot_S)
+        # With bf16 inputs computed in fp32, keep the saved activations in bf16: half the memory, and no less
+        # precise than a bf16 computation would have been.
+        io = x_TD.dtype
+        ctx.save_for_backward(x_TD, w_in, w_out, h_SW.to(io), y_SD.to(io), w_S, token_S, slot_S)
         ctx.counts, ctx.activation, ctx.dtype = counts, activation, dtype
         ctx.weights_shape, ctx.weights_dtype = weights_TK.shape, weights_TK.dtype
         ctx.bias_dtypes = (None if b_in is None else b_in.dtype, None if b_out is None else b_out.dtype)
@@ -92,25 +95,27 @@ class FusedExpertsFunction(torch.autograd.Function):
                 dw_S = (g_SD.float() * y_SD.float()).sum(dim=-1)
                 d_weights = torch.zeros(ctx.weights_shape.numel(), dtype=torch.float32, device=dev)
                 d_weights = d_weights.index_copy_(0, slot_S, dw_S).view(ctx.weights_shape).to(ctx.weights_dtype)
+            del y_SD
             gy_SD = (g_SD.float() * w_S[:, None]).to(dtype)
+            del g_SD
+            h_SW = h_SW.to(dtype)
 
-            # recompute the activation (cheaper than saving it); its backward comes from autograd
-            with torch.enable_grad():
-                h = h_SW.detach().requires_grad_(True)
-                a_SF = act(h)
-            a_det = a_SF.detach()
-            da_SF = torch.empty_like(a_det)
+            # recompute the activation (cheaper than saving it), then back through the down projection
+            a_SF, act_backward = _activation_with_backward(act, h_SW)
+            da_SF = torch.empty_like(a_SF)
             d_wout = _expert_grad_buffer(w_out, counts) if need_wout else None
             d_bout = torch.zeros(w_out.shape[:2], dtype=ctx.bias_dtypes[1], device=dev) if need_bout else None
             for e, s, t in _segments(counts):
                 torch.mm(gy_SD[s:t], w_out[e].to(dtype), out=da_SF[s:t])
                 if need_wout:
-                    _mm_into(d_wout[e], gy_SD[s:t].T, a_det[s:t])
+                    _mm_into(d_wout[e], gy_SD[s:t].T, a_SF[s:t])
                 if need_bout:
                     d_bout[e] = gy_SD[s:t].sum(0)
-            (dh_SW,) = torch.autograd.grad(a_SF, h, da_SF)
+            del a_SF, gy_SD
+            dh_SW = act_backward(da_SF)
+            del da_SF, h_SW
 
-            x_SD = x_TD.to(dtype).index_select(0, token_S)
+            x_SD = x_TD.index_select(0, token_S).to(dtype)
             d_win = _expert_grad_buffer(w_in, counts) if need_win else None
             d_bin = torch.zeros(w_in.shape[:2], dtype=ctx.bias_dtypes[0], device=dev) if need_bin else None
             dx_SD = torch.empty_like(x_SD) if need_x else None
@@ -121,11 +126,37 @@ class FusedExpertsFunction(torch.autograd.Function):
                     torch.mm(dh_SW[s:t], w_in[e].to(dtype), out=dx_SD[s:t])
                 if need_bin:
                     d_bin[e] = dh_SW[s:t].sum(0)
+            del dh_SW, x_SD
             d_x = None
             if need_x:
                 d_x = torch.zeros(x_TD.shape, dtype=torch.float32, device=dev)
                 d_x = d_x.index_add_(0, token_S, dx_SD.float()).to(x_TD.dtype)
         return d_x, d_win, d_wout, d_bin, d_bout, d_weights, None, None, None, None, None
+
+
+def _activation_with_backward(act: Activation, h_SW: torch.Tensor):
+    """``(act(h), backward)`` where ``backward(da) = d act / d h * da``. SwiGLU is written out by hand (no autograd
+    graph to keep); every other activation gets its backward from autograd."""
+    if act.name == "swiglu":
+        gate, up = h_SW.chunk(2, dim=-1)
+        sig = torch.sigmoid(gate)
+        silu = gate * sig
+        a = silu * up
+
+        def backward(da: torch.Tensor) -> torch.Tensor:
+            d_up = da * silu
+            d_gate = da * up * (sig * (1 + gate * (1 - sig)))  # silu'(g) = s (1 + g (1 - s))
+            return torch.cat([d_gate, d_up], dim=-1)
+
+        return a, backward
+    with torch.enable_grad():
+        h = h_SW.detach().requires_grad_(True)
+        a = act(h)
+
+    def backward(da: torch.Tensor) -> torch.Tensor:
+        return torch.autograd.grad(a, h, da)[0]
+
+    return a.detach(), backward
 
 
 def _expert_grad_buffer(w_EOI: torch.Tensor, counts: list[int]) -> torch.Tensor:

@@ -20,6 +20,33 @@ from torch import nn
 
 
 @dataclass
+class RoutingContext:
+    """What a router may know besides the token vectors.
+
+    Attributes:
+        seq_len: tokens per sequence (the layer input's second-to-last dim; all tokens for 2-D input).
+        token_ids_T: the token ids of the ``T`` tokens, for routers that route by id (hash routing).
+    """
+
+    seq_len: int | None = None
+    token_ids_T: torch.Tensor | None = None
+
+
+@dataclass
+class SoftRouting:
+    """Soft MoE: each expert sees ``slots`` weighted mixtures of a sequence's tokens instead of tokens.
+
+    ``dispatch_BLX`` (softmax over the ``L`` tokens of a sequence) mixes tokens into the ``X = E * slots`` slots;
+    ``combine_BLX`` (softmax over slots) mixes the slot outputs back into each token. Slot ``x`` belongs to expert
+    ``x // slots``.
+    """
+
+    dispatch_BLX: torch.Tensor
+    combine_BLX: torch.Tensor
+    slots: int
+
+
+@dataclass
 class RouterOutput:
     """What a router decided for ``T`` tokens.
 
@@ -31,6 +58,7 @@ class RouterOutput:
         aux_losses: extra router-specific losses (already scaled by their coefficients).
         metrics: router-specific numbers for logging (detached tensors).
         may_have_empty: True if some ``topk_ids_TK`` may be ``-1`` (a static promise, so no host sync is needed).
+        soft: set by Soft-MoE-style routers instead of a token assignment (then the layer mixes slots).
     """
 
     logits_TE: torch.Tensor
@@ -40,6 +68,7 @@ class RouterOutput:
     aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)
     may_have_empty: bool = False
+    soft: SoftRouting | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -60,35 +89,71 @@ class Router(nn.Module):
         jitter: multiplicative input jitter ``x * U(1-eps, 1+eps)`` on the router input in training (Switch).
     """
 
-    #: True when a token's routing depends on other tokens of the batch (expert choice, Soft MoE, BASE).
+    #: True when a token's routing depends on other tokens of the batch (expert choice, Soft MoE, BASE), so the
+    #: router must not be used in a causal language model without the user's explicit consent.
     non_causal: bool = False
+    #: True for routers that need ``RoutingContext.token_ids_T`` (hash routing).
+    needs_token_ids: bool = False
 
-    def __init__(self, d_model: int, num_experts: int, top_k: int, *, bias: bool = False, jitter: float = 0.0):
+    def __init__(self, d_model: int, num_experts: int, top_k: int, *, bias: bool = False, jitter: float = 0.0,
+                 gate: bool = True):
         super().__init__()
         _check_sizes(d_model, num_experts, top_k)
         if jitter < 0:
             raise ValueError(f"jitter must be >= 0, got {jitter}")
         self.d_model, self.num_experts, self.top_k, self.jitter = d_model, num_experts, top_k, jitter
-        self.weight = nn.Parameter(torch.empty(num_experts, d_model))
+        self.weight = nn.Parameter(torch.empty(num_experts, d_model)) if gate else None
         self.bias = nn.Parameter(torch.zeros(num_experts)) if bias else None
         # Selection-only bias (DeepSeek-V3 "score correction", aux-loss-free balancing). Never gets gradients.
         self.register_buffer("expert_bias", torch.zeros(num_experts))
+        # Experts that may be chosen (see disable_experts); runtime state, not saved in checkpoints.
+        self.register_buffer("expert_enabled", torch.ones(num_experts, dtype=torch.bool), persistent=False)
+        self.disabled: frozenset[int] = frozenset()
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        nn.init.normal_(self.weight, std=self.d_model**-0.5)
+        if self.weight is not None:
+            nn.init.normal_(self.weight, std=self.d_model**-0.5)
         if self.bias is not None:
             nn.init.zeros_(self.bias)
 
+    # ------------------------------------------------------------------------------------- robust routing
+    def disable_experts(self, ids) -> None:
+        """Never route to these experts (until re-enabled); their logits are treated as ``-inf``."""
+        ids = _expert_ids(ids, self.num_experts)
+        if len(self.disabled | ids) >= self.num_experts:
+            raise ValueError(f"cannot disable experts {sorted(ids)}: that would leave none of the "
+                             f"{self.num_experts} experts enabled")
+        self.disabled = frozenset(self.disabled | ids)
+        self._sync_enabled()
+
+    def enable_experts(self, ids=None) -> None:
+        """Re-enable these experts (all of them if ``ids`` is None)."""
+        self.disabled = frozenset() if ids is None else frozenset(self.disabled - _expert_ids(ids, self.num_experts))
+        self._sync_enabled()
+
+    def _sync_enabled(self) -> None:
+        mask = torch.ones(self.num_experts, dtype=torch.bool)
+        mask[list(self.disabled)] = False
+        self.expert_enabled.copy_(mask)
+
+    def mask_disabled(self, scores_TE: torch.Tensor) -> torch.Tensor:
+        """``-inf`` for disabled experts (no-op, and no extra op, when all are enabled)."""
+        if not self.disabled:
+            return scores_TE
+        return scores_TE.masked_fill(~self.expert_enabled, float("-inf"))
+
+    # ------------------------------------------------------------------------------------------- routing
     def logits(self, x_TD: torch.Tensor) -> torch.Tensor:
-        """Router logits in fp32 (autocast is disabled here so routing never happens in bf16)."""
+        """Router logits in fp32 (autocast is disabled here so routing never happens in bf16); disabled experts
+        get ``-inf``."""
         if self.training and self.jitter > 0:
             x_TD = x_TD * torch.empty_like(x_TD).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
         with torch.autocast(x_TD.device.type, enabled=False):
             bias = None if self.bias is None else self.bias.float()
-            return F.linear(x_TD.float(), self.weight.float(), bias)
+            return self.mask_disabled(F.linear(x_TD.float(), self.weight.float(), bias))
 
-    def forward(self, x_TD: torch.Tensor) -> RouterOutput:
+    def forward(self, x_TD: torch.Tensor, ctx: RoutingContext | None = None) -> RouterOutput:
         return self.route(self.logits(x_TD))
 
     def route(self, logits_TE: torch.Tensor) -> RouterOutput:  # pragma: no cover - abstract
@@ -109,7 +174,7 @@ class TopKRouter(Router):
         raise NotImplementedError  # pragma: no cover - abstract
 
     def select(self, scores_TE: torch.Tensor) -> torch.Tensor:
-        choice_TE = scores_TE + self.expert_bias.to(scores_TE.dtype)
+        choice_TE = self.mask_disabled(scores_TE + self.expert_bias.to(scores_TE.dtype))
         return torch.topk(choice_TE, self.top_k, dim=-1).indices
 
     def combine_weights(self, scores_TE: torch.Tensor, ids_TK: torch.Tensor) -> torch.Tensor:
@@ -123,7 +188,19 @@ class TopKRouter(Router):
         scores_TE = self.scores(logits_TE)
         ids_TK = self.select(scores_TE)
         weights_TK = self.combine_weights(scores_TE, ids_TK)
-        return RouterOutput(logits_TE, self.balance_probs(logits_TE, scores_TE), ids_TK, weights_TK)
+        if self.disabled:  # a slot with no enabled expert left to take (too few remain) stays empty
+            ids_TK = torch.where(self.expert_enabled[ids_TK], ids_TK, -1)
+            weights_TK = torch.where(ids_TK >= 0, weights_TK, 0.0)
+        return RouterOutput(logits_TE, self.balance_probs(logits_TE, scores_TE), ids_TK, weights_TK,
+                            may_have_empty=bool(self.disabled))
+
+
+def _expert_ids(ids, num_experts: int) -> frozenset[int]:
+    ids = frozenset(int(i) for i in ([ids] if isinstance(ids, int) else ids))
+    bad = sorted(i for i in ids if not 0 <= i < num_experts)
+    if bad:
+        raise ValueError(f"expert ids {bad} are out of range for {num_experts} experts (0..{num_experts - 1})")
+    return ids
 
 
 def _check_sizes(d_model: int, num_experts: int, top_k: int) -> None:

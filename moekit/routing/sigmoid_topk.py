@@ -62,17 +62,24 @@ class GroupLimitedTopK(TopKRouter):
         return logits_TE.sigmoid() if self.score_func == "sigmoid" else torch.softmax(logits_TE, dim=-1)
 
     def select(self, scores_TE: torch.Tensor) -> torch.Tensor:
-        choice_TE = scores_TE + self.expert_bias.to(scores_TE.dtype)
+        choice_TE = self.mask_disabled(scores_TE + self.expert_bias.to(scores_TE.dtype))
         if self.n_group > 1:
             T, G = choice_TE.shape[0], self.n_group
             grouped_TGe = choice_TE.view(T, G, -1)
             if self.group_score == "max":
                 group_TG = grouped_TGe.amax(dim=-1)
             else:
-                group_TG = grouped_TGe.topk(min(2, grouped_TGe.shape[-1]), dim=-1).values.sum(dim=-1)
+                top_TG2 = grouped_TGe.topk(min(2, grouped_TGe.shape[-1]), dim=-1).values
+                if self.disabled:  # score a group by its enabled experts; a group with none can't win
+                    dead_TG2 = torch.isneginf(top_TG2)
+                    group_TG = torch.where(dead_TG2.all(-1), float("-inf"), top_TG2.masked_fill(dead_TG2, 0).sum(-1))
+                else:
+                    group_TG = top_TG2.sum(dim=-1)
             keep_TG = torch.zeros_like(group_TG, dtype=torch.bool)
             keep_TG.scatter_(1, group_TG.topk(self.topk_group, dim=-1, sorted=False).indices, True)
-            choice_TE = grouped_TGe.masked_fill(~keep_TG[..., None], self.group_fill).view(T, -1)
+            # with disabled experts (-inf), experts of dropped groups must still outrank them: best remaining
+            fill = min(self.group_fill, -1e30) if self.disabled else self.group_fill
+            choice_TE = grouped_TGe.masked_fill(~keep_TG[..., None], fill).view(T, -1)
         return torch.topk(choice_TE, self.top_k, dim=-1, sorted=False).indices
 
     def combine_weights(self, scores_TE: torch.Tensor, ids_TK: torch.Tensor) -> torch.Tensor:
