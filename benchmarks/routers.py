@@ -30,7 +30,7 @@ from moekit.routing import ROUTERS
 ROOT = Path(__file__).resolve().parents[1]
 console = Console(stderr=True)
 
-V, TASKS, L, D, E = 32, 8, 16, 64, 8
+V, TASKS, L, D, E = 128, 16, 16, 32, 8
 
 # name -> (top_k, router kwargs, extra layer options)
 SETUPS = {
@@ -83,7 +83,7 @@ class TinyMoEModel(torch.nn.Module):
         top_k, kwargs, extra = SETUPS[router]
         self.hash = router == "hash"
         self.emb, self.task_emb = torch.nn.Embedding(V, D), torch.nn.Embedding(TASKS, D)
-        self.moes = torch.nn.ModuleList([moekit.MoE(D, 64, E, top_k, router=router, router_kwargs=kwargs, **extra)
+        self.moes = torch.nn.ModuleList([moekit.MoE(D, 32, E, top_k, router=router, router_kwargs=kwargs, **extra)
                                          for _ in range(2)])
         self.norms = torch.nn.ModuleList([torch.nn.LayerNorm(D) for _ in range(2)])
         self.head = torch.nn.Linear(D, V)

@@ -9,6 +9,7 @@ Notation: ``T`` tokens (all leading dims flattened), ``D`` model dim, ``E`` expe
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from typing import Callable
 
 import torch
@@ -103,7 +104,7 @@ class MoE(nn.Module):
         self._warned_failures: set[int] = set()
         self.aux_loss_scale = 1.0
         self.stats: dict[str, torch.Tensor] = {}
-        self._routing_hooks: dict[int, RoutingHook] = {}
+        self._routing_hooks: OrderedDict[int, RoutingHook] = OrderedDict()
 
     @classmethod
     def from_config(cls, config: MoEConfig) -> "MoE":

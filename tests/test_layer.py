@@ -176,3 +176,14 @@ def test_decode_path_matches_loop(name, T):
     with torch.no_grad():
         y16 = make(name, "auto", torch.bfloat16)(x.bfloat16())
     assert max_err(y16, want) < 0.05 * want.abs().max().item()
+
+
+def test_routing_hook_sees_every_forward_and_can_be_removed():
+    layer = make("mixtral", "auto")
+    seen = []
+    handle = layer.register_routing_hook(lambda l, x, routed, plan: seen.append((x.shape[0], plan.counts_E.sum())))
+    layer(torch.randn(3, 16))
+    assert seen == [(3, 6)]
+    handle.remove()
+    layer(torch.randn(3, 16))
+    assert len(seen) == 1

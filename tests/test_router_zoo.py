@@ -159,7 +159,7 @@ def test_relu_router_uses_positive_gates_and_adapts_l1():
     r.train()
     before = r.l1_coef.item()
     r.route(logits)  # 2 active > target 1: penalty grows
-    assert r.l1_coef.item() == pytest.approx(before * 1.2)
+    assert r.l1_coef.item() == pytest.approx(before * 1.05)
     r.route(torch.tensor([[-1.0, -1.0, -1.0, -1.0]]))  # 0 active < 1: shrinks
     assert r.l1_coef.item() == pytest.approx(before)
 
