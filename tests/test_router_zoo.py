@@ -9,7 +9,8 @@ import torch
 import moekit
 from moekit.routing import (ROUTERS, BaseLayerRouter, ExpertChoice, GShardTop2, HashRouter, HierarchicalRouter,
                             NoisyTopK, ReLURouter, SinkhornRouter, SoftMoE, TopPRouter, build_router)
-from moekit.routing.balanced import balanced_assignment, sinkhorn
+from moekit.routing.base_layer import balanced_assignment
+from moekit.routing.sinkhorn import sinkhorn
 
 from .router_cases import CASES
 
