@@ -4,7 +4,7 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test bench clean
+.PHONY: install test bench demo clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(VPY) || $(PY) -m venv $(VENV)
@@ -21,6 +21,9 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(VPY) benchmarks/bench_layer.py
+
+demo: $(STAMP)
+	$(VENV)/bin/moekit compare --preset tiny
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info

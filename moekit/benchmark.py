@@ -1,0 +1,416 @@
+"""Layer benchmark: moekit's MoE layer against its peers on the same weights, in one process.
+
+Peers, per shape, dtype and token count ``T``:
+- the transformers sparse-MoE block with each ``experts_implementation`` (``eager``, ``grouped_mm``, ``batched_mm``);
+- a dense SwiGLU FFN with the same active FLOPs (hidden width ``K * F``);
+- the machine's roofline measured in the same run: a large GEMM (GFLOP/s) and a large copy (GB/s).
+
+Forward and forward+backward, fp32 and bf16; the median of repeated runs after warm-up.
+Writes ``benchmarks/results/layer_<device>.json`` and replaces the table between the markers in README.md.
+
+    moekit bench            (or python benchmarks/bench_layer.py)    full grid, ~15 minutes on 2 CPU cores
+    moekit bench --quick                                             T in {1, 128}, fp32 only, a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import platform
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from rich.progress import Progress
+
+import moekit
+from moekit.experts.fused_function import fused_compute_dtype
+from moekit.utils import tune_cpu_allocator
+
+ROOT = Path.cwd()  # run from the repository root: results and the README table are written there
+RESULTS = ROOT / "benchmarks" / "results"
+console = Console(stderr=True)
+
+# Shapes from DESIGN.md: Mixtral-like and fine-grained DeepSeek/Qwen3-like (same active width K*F ~ 2-3k).
+SHAPES = {
+    "mixtral": dict(family="mixtral", d_model=512, d_ff=1408, num_experts=8, top_k=2),
+    "fine_grained": dict(family="qwen3_moe", d_model=512, d_ff=256, num_experts=64, top_k=8),
+}
+TOKENS = (1, 16, 128, 1024, 8192)
+HF_IMPLS = ("eager", "grouped_mm", "batched_mm")
+BATCHED_MM_LIMIT_BYTES = 6 * 2**30  # batched_mm copies each slot's expert weights; skip where that cannot fit
+
+
+@dataclass
+class Row:
+    shape: str
+    dtype: str
+    tokens: int
+    mode: str  # "fwd" or "fwd+bwd"
+    impl: str
+    median_ms: float | None
+    runs: int
+    peak_mem_mb: float | None = None
+    note: str = ""
+
+
+# ----------------------------------------------------------------------------------------------- timing
+def timeit(fn, *, min_runs: int = 3, max_runs: int = 15, budget_s: float = 4.0) -> tuple[float, int]:
+    """Median wall time (ms) of ``fn()`` after one warm-up, with as many runs as fit in ``budget_s`` (warm caches)."""
+    return timeit_many({"fn": fn}, min_rounds=min_runs, max_rounds=max_runs, budget_s=budget_s)["fn"]
+
+
+_FLUSH: torch.Tensor | None = None
+
+
+def flush_caches() -> None:
+    """Evict the CPU caches (read and write a buffer larger than the last-level cache), so every timed run starts
+    with its weights in DRAM, as in a real model whose layers together exceed the cache."""
+    global _FLUSH
+    if _FLUSH is None:
+        _FLUSH = torch.zeros(384 * 2**20, dtype=torch.uint8)
+    _FLUSH.add_(1)
+
+
+def timeit_many(fns: dict, *, min_rounds: int = 5, max_rounds: int = 21, budget_s: float = 6.0,
+                cold: bool = False) -> dict:
+    """Median wall time (ms) of each function, measured round-robin (one timed run of each per round) so that drifts
+    of a shared machine hit every candidate alike. Warm (default): each timed run directly follows an untimed run of
+    the same function. Cold: the caches are flushed (untimed) before every timed run. Returns ``{name: (ms, runs)}``."""
+    for fn in fns.values():
+        fn()
+    times: dict = {name: [] for name in fns}
+    start = time.perf_counter()
+    rounds = 0
+    while rounds < max_rounds and (rounds < min_rounds or time.perf_counter() - start < budget_s):
+        for name, fn in fns.items():
+            if cold:
+                flush_caches()
+            else:
+                fn()  # untimed: its own weights are in cache for the timed run, whatever ran before
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+        rounds += 1
+    return {name: (statistics.median(ts) * 1e3, len(ts)) for name, ts in times.items()}
+
+
+def peak_alloc_mb(fn) -> float | None:
+    """Peak bytes held by PyTorch's CPU allocator during one call of ``fn`` (MiB), from the profiler's memory
+    events (each op's own allocations minus frees, in time order): the CPU analogue of
+    ``torch.cuda.max_memory_allocated``, independent of what malloc does with freed memory."""
+    try:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            fn()
+        live, peak = 0, 0
+        # self (exclusive) bytes: an op's inclusive figure repeats its children's allocations
+        for e in sorted((ev for ev in prof.events() if ev.self_cpu_memory_usage),
+                        key=lambda ev: ev.time_range.start):
+            live += e.self_cpu_memory_usage
+            peak = max(peak, live)
+        return peak / 2**20
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def roofline(dtype: torch.dtype) -> dict:
+    """Measured machine limits in this process: large-GEMM GFLOP/s and large-copy GB/s."""
+    n = 2048
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    ms, _ = timeit(lambda: a @ b, min_runs=5, budget_s=3.0)
+    gemm = 2 * n**3 / (ms / 1e3) / 1e9
+    src = torch.empty(64 * 2**20, dtype=torch.float32)
+    src.uniform_()
+    dst = torch.empty_like(src)
+    ms_c, _ = timeit(lambda: dst.copy_(src), min_runs=5, budget_s=2.0)
+    copy = 2 * src.numel() * 4 / (ms_c / 1e3) / 1e9  # read + write
+    return {"gemm_gflops": gemm, "copy_gbps": copy}
+
+
+# ------------------------------------------------------------------------------------------------ models
+def hf_block(shape: dict, dtype: torch.dtype):
+    from transformers import MixtralConfig, Qwen3MoeConfig
+    from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
+
+    if shape["family"] == "mixtral":
+        cfg = MixtralConfig(hidden_size=shape["d_model"], intermediate_size=shape["d_ff"],
+                            num_local_experts=shape["num_experts"], num_experts_per_tok=shape["top_k"])
+        block = MixtralSparseMoeBlock(cfg)
+    else:
+        cfg = Qwen3MoeConfig(hidden_size=shape["d_model"], moe_intermediate_size=shape["d_ff"],
+                             num_experts=shape["num_experts"], num_experts_per_tok=shape["top_k"],
+                             norm_topk_prob=True)
+        block = Qwen3MoeSparseMoeBlock(cfg)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in block.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * p.shape[-1] ** -0.5)
+    return block.to(dtype)
+
+
+class DenseFFN(torch.nn.Module):
+    """SwiGLU FFN of hidden width ``K * F``: the same active FLOPs as the MoE's routed experts."""
+
+    def __init__(self, d_model: int, d_hidden: int):
+        super().__init__()
+        self.gate_up = torch.nn.Linear(d_model, 2 * d_hidden, bias=False)
+        self.down = torch.nn.Linear(d_hidden, d_model, bias=False)
+
+    def forward(self, x):
+        g, u = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(g) * u)
+
+
+class GemmFloor:
+    """Only the routed experts' GEMMs on pre-sorted rows (uniform routing): no router, gather, activation or
+    combine. Nothing built on the platform GEMM can beat this; it bounds every speed-up in the table."""
+
+    def __init__(self, shape: dict, tokens: int, dtype: torch.dtype):
+        E, K, D, Fh = shape["num_experts"], shape["top_k"], shape["d_model"], shape["d_ff"]
+        S = tokens * K
+        self.counts = [S // E + (1 if e < S % E else 0) for e in range(E)]
+        # the dtype the platform runs fastest (bf16 -> fp32 on CPUs without fast bf16, as moekit's fused backend)
+        dtype = fused_compute_dtype(torch.empty(0, D, dtype=dtype), torch.empty(0, dtype=dtype), self.counts)
+        self.x = torch.randn(S, D).to(dtype)
+        self.a = torch.randn(S, Fh).to(dtype)
+        self.w1 = torch.randn(E, 2 * Fh, D).to(dtype)
+        self.w2 = torch.randn(E, D, Fh).to(dtype)
+
+    def step(self, backward: bool) -> None:
+        start = 0
+        for e, n in enumerate(self.counts):
+            if not n:
+                continue
+            x, a = self.x[start:start + n], self.a[start:start + n]
+            h = x @ self.w1[e].T
+            y = a @ self.w2[e].T
+            if backward:
+                y @ self.w2[e], y.T @ a, h @ self.w1[e], h.T @ x  # dA, dW2, dX, dW1
+            start += n
+
+
+def expert_flops(shape: dict, tokens: int) -> float:
+    """Forward FLOPs of the routed experts (2 per multiply-add): gate/up (2F x D) and down (D x F) per slot."""
+    D, Fh, K = shape["d_model"], shape["d_ff"], shape["top_k"]
+    return 2.0 * tokens * K * (D * 2 * Fh + Fh * D)
+
+
+def distinct_expert_bytes(shape: dict, tokens: int, dtype: torch.dtype) -> float:
+    """Expected bytes of the distinct experts a batch touches (uniform routing), the decode memory floor."""
+    E, K, D, Fh = shape["num_experts"], shape["top_k"], shape["d_model"], shape["d_ff"]
+    expected_touched = E * (1 - (1 - K / E) ** tokens)
+    per_expert = 3 * D * Fh * torch.empty((), dtype=dtype).element_size()
+    return expected_touched * per_expert
+
+
+# ------------------------------------------------------------------------------------------------- runner
+def make_step(module, x, mode: str):
+    if mode.startswith("fwd") and "bwd" not in mode:
+        def step():
+            with torch.no_grad():
+                module(x)
+    else:
+        def step():
+            for p in module.parameters():
+                p.grad = None
+            xi = x.detach().requires_grad_(True)
+            out = module(xi)
+            out = out[0] if isinstance(out, tuple) else out
+            out.backward(torch.ones_like(out))
+    return step
+
+
+def bench(shapes, tokens, dtypes, modes, impls, tune_allocator: bool = True) -> dict:
+    torch.manual_seed(0)
+    tuned = tune_cpu_allocator() if tune_allocator else False
+    meta = {"allocator_tuned": tuned,
+        "torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
+        "processor": _cpu_name(), "threads": torch.get_num_threads(), "moekit": moekit.__version__,
+    }
+    try:
+        import transformers
+
+        meta["transformers"] = transformers.__version__
+    except ImportError:
+        meta["transformers"] = None
+    roof = {str(dt).removeprefix("torch."): roofline(dt) for dt in dtypes}
+    rows: list[Row] = []
+    jobs = [(s, dt, t, m) for s in shapes for dt in dtypes for t in tokens for m in modes
+            if m != "fwd-cold" or t <= 16]
+    with Progress(console=console, transient=False, auto_refresh=False) as progress:  # no refresh thread while timing
+        task = progress.add_task("benchmarking", total=len(jobs))
+        for shape_name, dtype, T, mode in jobs:
+            shape = SHAPES[shape_name]
+            progress.update(task, description=f"{shape_name} {dtype} T={T} {mode}")
+            block = hf_block(shape, dtype) if meta["transformers"] else None
+            layer = moekit.from_hf(block).to(dtype) if block is not None else \
+                moekit.MoE(**{k: v for k, v in shape.items() if k != "family"}).to(dtype)
+            dense = DenseFFN(shape["d_model"], shape["top_k"] * shape["d_ff"]).to(dtype)
+            x = torch.randn(1, T, shape["d_model"]).to(dtype)
+            candidates = {"moekit": layer}
+            if block is not None:
+                for impl in impls:
+                    if impl == "batched_mm":
+                        need = T * shape["top_k"] * 3 * shape["d_model"] * shape["d_ff"] * dtype.itemsize
+                        need *= 2 if mode == "fwd+bwd" else 1
+                        if need > BATCHED_MM_LIMIT_BYTES:
+                            rows.append(Row(shape_name, _dt(dtype), T, mode, f"hf_{impl}", None, 0,
+                                            note=f"skipped: needs {need / 2**30:.0f} GiB of copied weights"))
+                            continue
+                    candidates[f"hf_{impl}"] = _HFImpl(block, impl)
+            candidates["dense_equal_flops"] = dense
+            steps = {name: make_step(m, x, mode) for name, m in candidates.items()}
+            floor = GemmFloor(shape, T, dtype)
+            steps["gemm_floor"] = lambda: floor.step(backward=mode == "fwd+bwd")
+            for name, step in list(steps.items()):  # a peer that fails is reported, not fatal
+                try:
+                    step()
+                except Exception as e:  # noqa: BLE001
+                    rows.append(Row(shape_name, _dt(dtype), T, mode, name, None, 0, note=f"error: {e!s:.120}"))
+                    del steps[name]
+            timed = timeit_many(steps, budget_s=3.0 if T <= 128 else 8.0, min_rounds=11 if T <= 128 else
+                                5 if T <= 1024 else 3,
+                                cold=mode == "fwd-cold")
+            for name, (ms, runs) in timed.items():
+                mem = None
+                if mode == "fwd+bwd" and T >= 1024 and name in ("moekit", "hf_grouped_mm"):
+                    mem = peak_alloc_mb(steps[name])
+                rows.append(Row(shape_name, _dt(dtype), T, mode, name, ms, runs, mem))
+            gc.collect()
+            progress.advance(task)
+            progress.refresh()
+    return {"meta": meta, "roofline": roof, "shapes": {k: SHAPES[k] for k in shapes},
+            "rows": [asdict(r) for r in rows]}
+
+
+class _HFImpl(torch.nn.Module):
+    """The transformers block run with one ``experts_implementation``."""
+
+    def __init__(self, block, impl: str):
+        super().__init__()
+        self.block, self.impl = block, impl
+
+    def forward(self, x):
+        self.block.experts.config._experts_implementation = self.impl
+        return self.block(x)
+
+
+def _dt(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+# ------------------------------------------------------------------------------------------------- report
+def summarise(result: dict) -> str:
+    """Markdown table: per (shape, dtype, T, mode) moekit's time, the best HF backend, ratios, roofline fraction."""
+    rows = result["rows"]
+    by_key: dict[tuple, dict[str, dict]] = {}
+    for r in rows:
+        by_key.setdefault((r["shape"], r["dtype"], r["tokens"], r["mode"]), {})[r["impl"]] = r
+    lines = [
+        "| shape | dtype | T | pass | moekit ms | best HF (backend) ms | HF / moekit | dense ms | "
+        "% GEMM roofline | expert-GEMM floor ms | decode floor ms | peak MiB moekit / HF grouped_mm |",
+        "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for (shape, dtype, T, mode), impls in by_key.items():
+        mk = impls.get("moekit", {}).get("median_ms")
+        hf = [(r["median_ms"], name.removeprefix("hf_")) for name, r in impls.items()
+              if name.startswith("hf_") and r["median_ms"] is not None]
+        best = min(hf) if hf else None
+        dense = impls.get("dense_equal_flops", {}).get("median_ms")
+        gemm_floor = impls.get("gemm_floor", {}).get("median_ms")
+        flops = expert_flops(result["shapes"][shape], T) * (3 if mode == "fwd+bwd" else 1)
+        roof = result["roofline"][dtype]
+        best_gemm = max(v["gemm_gflops"] for v in result["roofline"].values())  # the machine's fastest GEMM
+        frac = flops / (mk / 1e3) / 1e9 / best_gemm if mk else None
+        floor = None
+        if T <= 16 and mode.startswith("fwd") and "bwd" not in mode:
+            floor = distinct_expert_bytes(result["shapes"][shape], T, getattr(torch, dtype)) / (
+                roof["copy_gbps"] * 1e9) * 1e3
+        mem_mk = impls.get("moekit", {}).get("peak_mem_mb")
+        mem_hf = impls.get("hf_grouped_mm", {}).get("peak_mem_mb")
+        mem = f"{mem_mk:.0f} / {mem_hf:.0f}" if mem_mk is not None and mem_hf is not None else ""
+        lines.append(
+            f"| {shape} | {dtype} | {T} | {mode} | {_f(mk)} | "
+            f"{_f(best[0]) + ' (' + best[1] + ')' if best else 'n/a'} | "
+            f"{(best[0] / mk if best and mk else float('nan')):.2f}× | {_f(dense)} | "
+            f"{'' if frac is None else f'{100 * frac:.0f}%'} | {_f(gemm_floor)} | {_f(floor)} | {mem} |")
+    m, rf = result["meta"], result["roofline"]
+    head = (f"Measured on {m['processor']} ({m['threads']} threads), torch {m['torch']}, transformers "
+            f"{m['transformers']}, glibc malloc tuned: {m.get('allocator_tuned')}. Roofline in the same run: " + ", ".join(
+                f"{dt} GEMM {v['gemm_gflops']:.0f} GFLOP/s" for dt, v in rf.items())
+            + f"; copy {next(iter(rf.values()))['copy_gbps']:.1f} GB/s.")
+    return head + "\n\n" + "\n".join(lines)
+
+
+def _f(v) -> str:
+    if v is None:
+        return ""
+    return f"{v:.3f}" if v < 1 else f"{v:.2f}" if v < 100 else f"{v:.0f}"
+
+
+def write_readme_table(table: str, marker: str = "LAYER-BENCH") -> None:
+    readme = ROOT / "README.md"
+    if not readme.exists():
+        console.print(f"[yellow]no README.md in {ROOT}; table not written[/]")
+        return
+    text = readme.read_text()
+    start, end = f"<!-- {marker}:START -->", f"<!-- {marker}:END -->"
+    if start not in text or end not in text:
+        console.print(f"[yellow]README.md has no {start} ... {end} markers; table not written[/]")
+        return
+    before, rest = text.split(start, 1)
+    _, after = rest.split(end, 1)
+    readme.write_text(f"{before}{start}\n{table}\n{end}{after}")
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="small smoke grid: T in {1, 128}, fp32, forward only")
+    ap.add_argument("--shapes", nargs="*", default=list(SHAPES), choices=list(SHAPES))
+    ap.add_argument("--tokens", nargs="*", type=int, default=list(TOKENS))
+    ap.add_argument("--dtypes", nargs="*", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
+    ap.add_argument("--modes", nargs="*", default=["fwd", "fwd+bwd", "fwd-cold"],
+                    choices=["fwd", "fwd+bwd", "fwd-cold"],
+                    help="fwd-cold: forward with caches flushed before each run (decode sizes, T <= 16, only)")
+    ap.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/layer_cpu.json)")
+    ap.add_argument("--no-readme", action="store_true", help="do not rewrite the README table")
+    ap.add_argument("--no-tune-allocator", action="store_true",
+                    help="leave glibc's malloc as it is (by default moekit.utils.tune_cpu_allocator() is applied to "
+                         "the whole process, so every peer benefits alike)")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.tokens, args.dtypes, args.modes = [1, 128], ["float32"], ["fwd", "fwd-cold"]
+    dtypes = [getattr(torch, d) for d in args.dtypes]
+    result = bench(args.shapes, args.tokens, dtypes, args.modes, HF_IMPLS, tune_allocator=not args.no_tune_allocator)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = args.out or RESULTS / ("layer_cpu_quick.json" if args.quick else "layer_cpu.json")
+    out.write_text(json.dumps(result, indent=1))
+    table = summarise(result)
+    print(table)
+    if not (args.quick or args.no_readme):
+        write_readme_table(table)
+    console.print(f"results written to {out}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,216 @@
+"""The ``moekit`` command: train, compare, generate, bench."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from dataclasses import replace
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="moekit: train, compare, inspect and benchmark Mixture-of-Experts models.")
+console = Console()
+err = Console(stderr=True)
+
+
+def _fail(message: str) -> None:
+    err.print(f"[bold red]error:[/] {message}")
+    raise typer.Exit(code=2)
+
+
+def cache_root() -> Path:
+    base = os.environ.get("MOEKIT_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "moekit")
+    return Path(base)
+
+
+def load_corpus(data: Optional[Path]):
+    """Prepare (or reuse) the token cache of the default corpus or of ``data``."""
+    from .train.data import prepare_corpus
+
+    if data is None:
+        key = f"stdlib-py{sys.version_info.major}.{sys.version_info.minor}"
+    else:
+        key = "data-" + hashlib.sha1(str(Path(data).resolve()).encode()).hexdigest()[:16]
+    return prepare_corpus(data, cache_root() / "corpus" / key)
+
+
+def _configs(preset: str, steps: Optional[int], batch_size: Optional[int], lr: Optional[float], bf16: bool,
+             seed: Optional[int], router: Optional[str], num_experts: Optional[int], top_k: Optional[int]):
+    from .models import get_preset
+    from .train.trainer import TRAIN_PRESETS
+
+    model_cfg = get_preset(preset)
+    train_cfg = TRAIN_PRESETS[preset]
+    changes = {k: v for k, v in dict(steps=steps, batch_size=batch_size, lr=lr, seed=seed).items() if v is not None}
+    if bf16:
+        changes["bf16"] = True
+    train_cfg = replace(train_cfg, **changes)
+    model_changes = {k: v for k, v in dict(router=router, num_experts=num_experts, top_k=top_k).items()
+                     if v is not None}
+    if model_changes:
+        model_cfg = replace(model_cfg, **model_changes)
+    return model_cfg, train_cfg
+
+
+def _params_line(p: dict) -> str:
+    return f"{p['total'] / 1e6:.2f}M parameters, {p['active'] / 1e6:.2f}M active per token"
+
+
+PRESET_HELP = "Model and training preset: tiny (a few CPU minutes) or small."
+DATA_HELP = "UTF-8 text file or folder to train on (default: this Python's standard library source)."
+
+
+@app.command()
+def train(
+    preset: str = typer.Option("tiny", help=PRESET_HELP),
+    data: Optional[Path] = typer.Option(None, help=DATA_HELP),
+    out: Optional[Path] = typer.Option(None, help="Output folder for the checkpoint and metrics.jsonl "
+                                                  "(default runs/<preset>-moe or runs/<preset>-dense)."),
+    resume: bool = typer.Option(False, help="Continue the checkpoint in --out (bit-identical on CPU)."),
+    dense: bool = typer.Option(False, help="Train the dense baseline (same active parameters) instead of the MoE."),
+    steps: Optional[int] = typer.Option(None, help="Training steps (default: the preset's)."),
+    batch_size: Optional[int] = typer.Option(None, help="Sequences per step (default: the preset's)."),
+    lr: Optional[float] = typer.Option(None, help="Peak learning rate (default: the preset's)."),
+    bf16: bool = typer.Option(False, help="Run forward and backward under bf16 autocast."),
+    seed: Optional[int] = typer.Option(None, help="Seed for initialisation and data order."),
+    router: Optional[str] = typer.Option(None, help="Router of the MoE layers (e.g. softmax_topk, sigmoid_topk)."),
+    num_experts: Optional[int] = typer.Option(None, help="Experts per MoE layer."),
+    top_k: Optional[int] = typer.Option(None, help="Experts per token."),
+) -> None:
+    """Train a byte-level MoE language model (or its dense baseline)."""
+    from .train.checkpoint import CheckpointError
+    from .train.data import DataError
+    from .train.trainer import Trainer
+
+    try:
+        model_cfg, train_cfg = _configs(preset, steps, batch_size, lr, bf16, seed, router, num_experts, top_k)
+        if dense:
+            model_cfg = model_cfg.dense_baseline()
+        out = out or Path("runs") / f"{preset}-{'dense' if dense else 'moe'}"
+        corpus = load_corpus(data)
+        trainer = Trainer(model_cfg, train_cfg, corpus, out, resume=resume, label="dense" if dense else "moe")
+        err.print(f"model: {_params_line(trainer.model.num_parameters())}; data: "
+                  f"{corpus.num_tokens('train'):,} train / {corpus.num_tokens('val'):,} val bytes")
+        summary = trainer.run()
+    except (ValueError, CheckpointError, DataError) as e:
+        _fail(str(e))
+    console.print(f"done: {summary['steps']} steps, final validation loss {summary['final_val_loss']:.4f}")
+    console.print(f"checkpoint: {summary['checkpoint']}\nmetrics: {summary['metrics']}")
+
+
+@app.command()
+def compare(
+    preset: str = typer.Option("tiny", help=PRESET_HELP),
+    data: Optional[Path] = typer.Option(None, help=DATA_HELP),
+    out: Optional[Path] = typer.Option(None, help="Output folder (default runs/compare-<preset>)."),
+    steps: Optional[int] = typer.Option(None, help="Training steps for both models (default: the preset's)."),
+    bf16: bool = typer.Option(False, help="Train both under bf16 autocast."),
+    seed: Optional[int] = typer.Option(None, help="Seed for both runs."),
+) -> None:
+    """Train the MoE model and a dense model of equal active parameters; plot and tabulate the result."""
+    from .train.compare import compare as run_compare
+    from .train.data import DataError
+
+    try:
+        model_cfg, train_cfg = _configs(preset, steps, None, None, bf16, seed, None, None, None)
+        out = out or Path("runs") / f"compare-{preset}"
+        corpus = load_corpus(data)
+        summary = run_compare(model_cfg, train_cfg, corpus, out)
+    except (ValueError, DataError) as e:
+        _fail(str(e))
+    print_compare(summary, out)
+
+
+def print_compare(summary: dict, out: Path) -> None:
+    table = Table(title="MoE vs dense at equal active parameters and steps")
+    table.add_column("")
+    table.add_column("MoE", justify="right")
+    table.add_column("dense", justify="right")
+    m, d = summary["moe"], summary["dense"]
+    table.add_row("parameters (total)", f"{m['total'] / 1e6:.2f}M", f"{d['total'] / 1e6:.2f}M")
+    table.add_row("parameters (active per token)", f"{m['active'] / 1e6:.2f}M", f"{d['active'] / 1e6:.2f}M")
+    table.add_row("final validation loss", f"{m['final_val_loss']:.4f}", f"{d['final_val_loss']:.4f}")
+    table.add_row("training tokens / s", f"{m['tokens_per_s']:,.0f}", f"{d['tokens_per_s']:,.0f}")
+    reach = summary["moe_steps_to_dense_final_loss"]
+    reach_s = "not reached" if reach is None else f"{reach:.0f} of {summary['steps']} ({100 * reach / summary['steps']:.0f}%)"
+    table.add_row("steps for MoE to reach dense's final loss", reach_s, "")
+    console.print(table)
+    console.print(f"plot: {summary['plot']}\nresults: {out / 'compare.json'}\n"
+                  f"checkpoints: {out / 'moe' / 'checkpoint'}, {out / 'dense' / 'checkpoint'}")
+
+
+@app.command()
+def generate(
+    ckpt: Path = typer.Option(..., help="Checkpoint folder (or the run folder that contains checkpoint/)."),
+    prompt: str = typer.Option("def ", help="Text to continue."),
+    max_new_tokens: int = typer.Option(200, help="Bytes to generate."),
+    temperature: float = typer.Option(0.8, help="Sampling temperature (ignored with --greedy)."),
+    top_p: Optional[float] = typer.Option(0.95, help="Nucleus sampling: keep the smallest set of bytes with this "
+                                                     "total probability."),
+    greedy: bool = typer.Option(False, help="Always take the most likely byte."),
+    seed: int = typer.Option(0, help="Sampling seed."),
+) -> None:
+    """Continue a prompt with a trained checkpoint, streaming the text as it is generated."""
+    import torch
+
+    from .train.checkpoint import CheckpointError
+    from .train.data import decode, encode
+    from .train.trainer import load_lm
+
+    path = ckpt / "checkpoint" if (ckpt / "checkpoint").is_dir() else ckpt
+    try:
+        model, _ = load_lm(path)
+        ids = torch.tensor([encode(prompt)], dtype=torch.long)
+        if ids.shape[1] == 0:
+            _fail("--prompt must not be empty")
+        pending = bytearray()
+        console.print(prompt, end="", highlight=False, markup=False)
+
+        def stream(token: int) -> None:  # print whole UTF-8 characters as they complete
+            pending.append(token)
+            try:
+                text = pending.decode("utf-8")
+            except UnicodeDecodeError:
+                if len(pending) < 4:
+                    return
+                text = decode(list(pending))
+            pending.clear()
+            console.print(text, end="", highlight=False, markup=False, soft_wrap=True)
+
+        model.generate(ids, max_new_tokens, temperature=temperature, top_p=top_p, greedy=greedy,
+                       generator=torch.Generator().manual_seed(seed), stream=stream)
+        if pending:
+            console.print(decode(list(pending)), end="", highlight=False, markup=False)
+        console.print()
+    except (ValueError, CheckpointError) as e:
+        _fail(str(e))
+
+
+@app.command()
+def bench(
+    quick: bool = typer.Option(False, help="A small smoke grid (T in {1, 128}, fp32, forward) instead of the full one."),
+    out: Optional[Path] = typer.Option(None, help="JSON results file (default benchmarks/results/layer_cpu.json)."),
+) -> None:
+    """Benchmark the MoE layer against transformers' experts backends, a dense FFN and the measured roofline."""
+    from .benchmark import main as bench_main
+
+    args = ["--quick"] if quick else []
+    if out is not None:
+        args += ["--out", str(out)]
+    bench_main(args)
+
+
+def main() -> None:  # console-script entry point
+    app()
+
+
+if __name__ == "__main__":
+    main()
