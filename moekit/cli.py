@@ -208,6 +208,43 @@ def bench(
     bench_main(args)
 
 
+@app.command()
+def report(
+    ckpt: Path = typer.Option(..., help="Run folder written by `moekit train` (with checkpoint/ and metrics.jsonl) "
+                                        "or its checkpoint/ folder."),
+    data: Optional[Path] = typer.Option(None, help="Text file or folder to route (default: this Python's standard "
+                                                   "library source, the default training corpus); use the data "
+                                                   "the model was trained on."),
+    out: Optional[Path] = typer.Option(None, help="HTML file to write (default <run>/report/report.html); the JSON "
+                                                  "and the PNG plots are written beside it."),
+    labels: Optional[Path] = typer.Option(None, help="JSON file mapping file paths or glob patterns (relative to "
+                                                     "the data folder) to domain labels, e.g. "
+                                                     "'{\"email/*\": \"mail\"}' (default: each file's top-level "
+                                                     "package or folder)."),
+    split: str = typer.Option("val", help="Corpus split to analyse: val (held-out files) or train."),
+    tokens: int = typer.Option(65536, help="Bytes to route through the model (rounded up to whole windows)."),
+    seq_len: Optional[int] = typer.Option(None, help="Window length in bytes (default: the training seq_len)."),
+) -> None:
+    """Write a routing report: load, balance over training, specialisation, co-activation, a coloured text sample
+    (one self-contained HTML file, its JSON, and PNGs)."""
+    from .analysis.labels import LabelError
+    from .analysis.report import build_report
+    from .train.checkpoint import CheckpointError
+    from .train.data import DataError
+
+    try:
+        if split not in ("val", "train"):
+            raise ValueError(f"--split must be 'val' or 'train', got {split!r}")
+        result = build_report(ckpt, load_corpus(data), out, domain_labels=labels, split=split, tokens=tokens,
+                              seq_len=seq_len)
+    except (ValueError, CheckpointError, DataError, LabelError) as e:
+        _fail(str(e))
+    for line in result["summary"]:
+        console.print(f"- {line}", highlight=False, markup=False)
+    console.print(f"report: {result['html']}\njson: {result['json']}\nplots: "
+                  f"{', '.join(p.name for p in result['pngs'].values())}", highlight=False)
+
+
 def main() -> None:  # console-script entry point
     app()
 
