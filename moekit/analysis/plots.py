@@ -137,8 +137,8 @@ def coactivation(stats: RoutingStats):
         r_E = s.token_rate_E
         with np.errstate(invalid="ignore", divide="ignore"):
             ratio = s.coact_rate_EE / np.outer(r_E, r_E)
-        np.fill_diagonal(ratio, np.nan)
-        lg = np.log2(ratio)
+            np.fill_diagonal(ratio, np.nan)
+            lg = np.log2(ratio)
         im = ax.imshow(np.clip(np.nan_to_num(lg, nan=0.0, neginf=-3), -3, 3), cmap="RdBu_r", vmin=-2, vmax=2)
         _annotate(ax, 100 * np.where(np.eye(s.num_experts, dtype=bool), np.nan, s.coact_rate_EE), "{:.0f}", im,
                   max_cells=256)

@@ -1,8 +1,9 @@
 """Plain-language findings from :class:`RoutingStats`: balance, drops, confidence, specialists, co-activation.
 
 A *specialist* is an expert whose share of a class (or domain) is well above its share of all tokens:
-``lift = class_share[c, e] / token_rate[e] >= MIN_LIFT``, for classes holding at least ``MIN_SUPPORT`` of the
-labelled tokens. The lines name the strongest ones, at most one per class (or domain).
+``class_share[c, e] >= MIN_LIFT * token_rate[e]`` and ``class_share[c, e] - token_rate[e] >= MIN_EXCESS``, for
+classes holding at least ``MIN_SUPPORT`` of the labelled tokens. The lines name those with the largest excess
+``class_share - token_rate``, at most one per class (or domain).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ if TYPE_CHECKING:
 MIN_LIFT = 1.5      # share of the class at least 1.5x the expert's share of all tokens
 MIN_SUPPORT = 0.01  # the class (or domain) holds at least 1% of the labelled tokens...
 MIN_COUNT = 20      # ...and at least 20 of them
+MIN_EXCESS = 0.10   # the expert takes at least 10 points more of the class than of all tokens
+MIN_PAIR_RATE = 0.05  # co-activation: a pair chosen together by at least 5% of tokens
 
 
 def summary_lines(stats: "RoutingStats", max_specialists: int = 4) -> list[str]:
@@ -100,17 +103,18 @@ def _specialists(layers, names: list[str], kind: str, unit: str, limit: int) -> 
             for e in range(s.num_experts):
                 if rate_E[e] <= 0:
                     continue
-                lift = share[c, e] / rate_E[e]
-                if lift >= MIN_LIFT and (c not in best or lift > best[c][0]):
-                    best[c] = (lift, s, e, share[c, e], rate_E[e])
+                excess = share[c, e] - rate_E[e]
+                if (share[c, e] >= MIN_LIFT * rate_E[e] and excess >= MIN_EXCESS
+                        and (c not in best or excess > best[c][0])):
+                    best[c] = (excess, s, e, share[c, e], rate_E[e])
     out = []
-    for c, (lift, s, e, share, rate) in sorted(best.items(), key=lambda kv: -kv[1][0])[:limit]:
+    for c, (_, s, e, share, rate) in sorted(best.items(), key=lambda kv: -kv[1][0])[:limit]:
         what = f"{names[c]} {unit}" if kind == "class" else f"the {names[c]!r} domain's {unit}"
         out.append(f"{s.label} expert {e} takes {share:.0%} of {what} (but only {rate:.0%} of all {unit}).")
     labelled = [s.class_tokens_C if kind == "class" else s.domain_tokens_G for s in layers]
     if not out and any(t is not None and len(np.flatnonzero(t)) >= 2 for t in labelled):
-        out.append(f"No expert specialises by {kind}: no expert's share of any {kind} is {MIN_LIFT}x its share "
-                   f"of all {unit}.")
+        out.append(f"No expert specialises by {kind}: none takes a {kind}'s {unit} at {MIN_LIFT}x its share of "
+                   f"all {unit} (and {MIN_EXCESS:.0%} points more).")
     return out
 
 
@@ -135,7 +139,7 @@ def _coactivation_line(layers, unit: str) -> str:
         for i in range(s.num_experts):
             for j in range(i + 1, s.num_experts):
                 expected = r_E[i] * r_E[j]
-                if rate_EE[i, j] >= 0.01 and expected > 0:
+                if rate_EE[i, j] >= MIN_PAIR_RATE and expected > 0:
                     ratio = rate_EE[i, j] / expected
                     if best is None or ratio > best[0]:
                         best = (ratio, s, i, j, rate_EE[i, j])

@@ -1,0 +1,89 @@
+"""The HTML routing report in a real headless browser (Debian's ``chromium``): no console errors, every plot decoded.
+
+A copy of the report gets a small checker script at the top of ``<head>`` (the report itself has no script): it
+records ``error`` events (failed resources included) and ``console.error`` calls, and after ``load`` decodes every
+``<img>`` and writes the results into a ``<pre id="__check">`` that ``chromium --dump-dom`` prints. Chromium's own
+log (``--enable-logging=stderr``) is also searched for console messages. A control page with a broken image and a
+console error proves the harness catches both.
+
+Skipped, with the reason, when no chromium binary is installed (``make test`` installs it where it can).
+"""
+
+import html
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from .analysis_helpers import tiny_run
+
+CHECKER = """<script>
+window.__errors = [];
+window.addEventListener("error", e => window.__errors.push("error: " + (e.message ||
+  (e.target && (e.target.currentSrc || e.target.src || "")).slice(0, 60) || "resource")), true);
+const __consoleError = console.error;
+console.error = (...a) => { window.__errors.push("console.error: " + a.join(" ")); __consoleError.apply(console, a); };
+window.addEventListener("load", () => {
+  const imgs = [...document.images];
+  Promise.all(imgs.map(i => i.decode().then(() => i.naturalWidth > 0 ? null : i.alt, () => i.alt))).then(bad => {
+    const pre = document.createElement("pre");
+    pre.id = "__check";
+    pre.textContent = JSON.stringify({images: imgs.length, widths: imgs.map(i => i.naturalWidth),
+                                      undecoded: bad.filter(x => x), errors: window.__errors});
+    document.body.appendChild(pre);
+  });
+});
+</script>"""
+
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         "--enable-logging=stderr", "--v=0", "--virtual-time-budget=10000", "--dump-dom"]
+
+
+def find_chromium() -> str | None:
+    for cand in (shutil.which("chromium"), "/usr/bin/chromium", shutil.which("chromium-browser")):
+        if cand and os.access(cand, os.X_OK):
+            return cand
+    return None
+
+
+CHROMIUM = find_chromium()
+pytestmark = pytest.mark.skipif(
+    CHROMIUM is None, reason="no chromium binary (/usr/bin/chromium or on PATH): install Debian's `chromium` "
+                             "package (`make test` does it when run as root with apt-get) to check the HTML report "
+                             "in a headless browser")
+
+
+def open_in_browser(html_text: str, folder: Path) -> tuple[dict, list[str]]:
+    """Load the page with the checker; returns (checker results, chromium's console log lines)."""
+    page = folder / "page.html"
+    page.write_text(re.sub(r"<head>", "<head>" + CHECKER, html_text, count=1), encoding="utf-8")
+    proc = subprocess.run([CHROMIUM, *FLAGS, f"--user-data-dir={folder / 'profile'}", page.as_uri()],
+                          capture_output=True, text=True, timeout=120)
+    m = re.search(r'<pre id="__check">(.*?)</pre>', proc.stdout, re.S)
+    assert m, f"chromium produced no check result (exit {proc.returncode}); stderr:\n{proc.stderr[-2000:]}"
+    console = [ln for ln in proc.stderr.splitlines() if ":CONSOLE" in ln or "Uncaught" in ln]
+    return json.loads(html.unescape(m.group(1))), console
+
+
+def test_harness_catches_broken_images_and_console_errors(tmp_path):
+    good = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg=="
+    page = (f"<!DOCTYPE html><html><head><title>control</title></head><body><img alt='ok' "
+            f"src='data:image/png;base64,{good}'><img alt='broken' src='data:image/png;base64,AAAA'>"
+            "<script>console.error('boom')</script></body></html>")
+    result, console = open_in_browser(page, tmp_path)
+    assert result["images"] == 2 and result["widths"] == [1, 0] and result["undecoded"] == ["broken"]
+    assert "console.error: boom" in result["errors"] and any("boom" in ln for ln in console)
+
+
+def test_report_opens_offline_without_errors(tmp_path_factory, tmp_path):
+    report = tiny_run(tmp_path_factory)["report"]
+    html_text = report["html"].read_text(encoding="utf-8")
+    result, console = open_in_browser(html_text, tmp_path)
+    assert result["errors"] == [] and console == []
+    assert result["images"] == len(report["pngs"]) >= 7
+    assert result["undecoded"] == [] and all(w > 0 for w in result["widths"])
