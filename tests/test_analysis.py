@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 from typer.testing import CliRunner
 
 import moekit
@@ -123,6 +124,37 @@ def test_every_records_a_subset_and_hooks_exist_only_inside():
     assert len(layer._routing_hooks) == 0
     assert torch.equal(before, inside)  # recording does not change the output
     assert stats.layers[0].calls == 3 and stats.layers[0].demand_E.tolist() == [12, 9, 3, 3]
+
+
+class CountSyncs(TorchDispatchMode):
+    """Counts the ops that make a device wait for the host (reading a value, data-dependent shapes)."""
+
+    SYNCING = {"aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select"}
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func._schema.name in self.SYNCING
+        return func(*args, **(kwargs or {}))
+
+
+def test_recording_adds_no_host_sync():
+    model = TransformerLM(LMConfig(d_model=16, n_layers=2, n_heads=2, max_seq_len=32, num_experts=4, top_k=2,
+                                   d_ff_expert=16, d_ff=32, capacity_factor=1.0))
+    ids = torch.randint(0, 256, (2, 16))
+    with CountSyncs() as plain:
+        model(ids)
+    rec = RoutingRecorder(model, class_names=["a", "b"], domain_names=["x"])
+    with rec:
+        rec.set_labels(token_class=torch.randint(0, 2, (2, 16)), domain=torch.zeros(2, 16, dtype=torch.long))
+        with CountSyncs() as recorded:
+            model(ids)
+    assert recorded.count == plain.count  # the hooks only queue device work; statistics are read once, at exit
+    with CountSyncs() as control:  # the counter does see a host read
+        torch.ones(3).sum().item()
+    assert control.count == 1
 
 
 def test_soft_moe_records_dominant_expert_not_load():
