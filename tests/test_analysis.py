@@ -263,10 +263,11 @@ def test_recorder_errors():
     with pytest.raises(ValueError, match=r"must lie in \[-1, 2\)"):
         rec.set_labels(token_class=torch.tensor([0, 5]))
     with pytest.raises(ValueError, match="labels were set for 2 tokens but MoE layer"):
-        with rec:
+        with rec as stats:
             rec.set_labels(token_class=torch.tensor([0, 1]))
             layer(torch.randn(6, D))
     assert not layer._routing_hooks  # removed even after the error
+    assert stats.layers[0].calls == 0  # and nothing half-counted
 
 
 # ---------------------------------------------------------------------------------------------------- report

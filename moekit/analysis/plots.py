@@ -201,7 +201,8 @@ PLOTS = {"load": load_heatmap, "router": router_summary, "classes": class_heatma
          "coactivation": coactivation, "paths": layer_paths}
 
 
-def save_all(stats: RoutingStats, folder: str | Path, prefix: str, metrics: list[dict] | None = None) -> dict[str, Path]:
+def save_all(stats: RoutingStats, folder: str | Path, prefix: str,
+             metrics: list[dict] | None = None) -> dict[str, Path]:
     """Render every plot that has data; returns ``{name: png path}`` in display order."""
     folder = Path(folder)
     out = {}

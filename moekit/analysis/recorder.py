@@ -179,6 +179,15 @@ class RoutingRecorder:
         if T == 0:
             return
         dev = ids_TK.device
+        for kind in ("_class_T", "_domain_T"):  # check (and move) the labels before counting anything
+            labels = getattr(self, kind)
+            if labels is None:
+                continue
+            if labels.numel() != T:
+                raise ValueError(f"labels were set for {labels.numel()} tokens but MoE layer {self.names[i]!r} saw "
+                                 f"{T}; call set_labels(...) with each batch's labels (or set_labels() to clear)")
+            if labels.device != dev:  # moved once, then reused by the following layers
+                setattr(self, kind, labels.to(dev, non_blocking=True))
         acc = self._acc[i]
         if acc is None:
             acc = self._acc[i] = self._new_acc(E, dev)
@@ -206,11 +215,8 @@ class RoutingRecorder:
         self._last = (i, T, chosen_TE)
 
         has_choice_T = valid_TK.any(-1)
-        kept_TK = valid_TK if plan is None else plan.ids_TK >= 0
-        if plan is None:
-            kept_E = demand_E
-        else:
-            kept_E = plan.counts_E
+        kept_TK = valid_TK if plan is None else plan.ids_TK >= 0  # no plan: Soft MoE, nothing is dropped
+        kept_E = demand_E if plan is None else plan.counts_E
         acc.kept_E += kept_E
         acc.overflow_calls_E += (demand_E > kept_E).long()
         dropped_TK = valid_TK & ~kept_TK
@@ -221,18 +227,10 @@ class RoutingRecorder:
         acc.entropy_sum += (-torch.special.xlogy(p_TE, p_TE).sum(-1)).sum().double() / _LN2
         acc.top1_sum += p_TE.amax(-1).sum().double()
 
-        for kind, joint, totals in (("_class_T", acc.class_CE, acc.class_tokens_C),
-                                    ("_domain_T", acc.domain_GE, acc.domain_tokens_G)):
-            labels = getattr(self, kind)
-            if labels is None or joint is None:
-                continue
-            if labels.numel() != T:
-                raise ValueError(f"labels were set for {labels.numel()} tokens but MoE layer {self.names[i]!r} saw "
-                                 f"{T}; call set_labels(...) with each batch's labels (or set_labels() to clear)")
-            if labels.device != dev:  # moved once, then reused by the following layers
-                labels = labels.to(dev, non_blocking=True)
-                setattr(self, kind, labels)
-            self._add_joint(joint, totals, labels, key_S, K, E)
+        for labels, joint, totals in ((self._class_T, acc.class_CE, acc.class_tokens_C),
+                                      (self._domain_T, acc.domain_GE, acc.domain_tokens_G)):
+            if labels is not None and joint is not None:
+                self._add_joint(joint, totals, labels, key_S, K, E)
 
         if self.keep_assignments:
             w_TK = routed.topk_weights_TK.detach().float()

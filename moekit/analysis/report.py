@@ -26,7 +26,7 @@ from . import plots
 from .html import render_html
 from .labels import CLASS_NAMES, assign_domains, label_bytes, load_domain_labels
 from .recorder import RoutingRecorder
-from .stats import RoutingStats, jsonable
+from .stats import jsonable
 
 SAMPLE_BYTES = 768
 
