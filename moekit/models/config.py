@@ -16,6 +16,7 @@ from ..config import MoEConfig
 from ..routing import ROUTERS
 
 FFN_KINDS = ("moe", "dense")
+QK_NORMS = (None, "head", "full")
 
 
 def _positive_int(name: str, v: Any) -> None:
@@ -54,6 +55,16 @@ class LMConfig:
         tie_embeddings: the output head shares the token embedding matrix.
         init_std: standard deviation of the normal init of Linear and Embedding weights (the MoE layers keep
             their own init).
+        n_kv_heads: key/value heads of grouped-query attention (``None`` = ``n_heads``, plain multi-head); must
+            divide ``n_heads``.
+        head_dim_override: width of one attention head (``None`` = ``d_model / n_heads``); Qwen3-MoE uses wider
+            heads than ``d_model / n_heads``.
+        qk_norm: RMSNorm on queries and keys before RoPE: ``None``, ``"head"`` (over each head's dims, Qwen3) or
+            ``"full"`` (over all heads' dims at once, OLMoE).
+        qkv_bias, out_bias: biases on the query/key/value projection and on the attention output projection.
+        clip_qkv: clamp queries, keys and values to ``[-clip_qkv, clip_qkv]`` (OLMoE option; ``None`` = off).
+        shared_d_ff: hidden width of one shared expert (``None`` = ``d_ff_expert``).
+        shared_expert_gate: scale the shared experts' output by ``sigmoid(x @ w)`` (Qwen2-MoE).
     """
 
     vocab_size: int = 256
@@ -80,17 +91,40 @@ class LMConfig:
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
     init_std: float = 0.02
+    n_kv_heads: int | None = None
+    head_dim_override: int | None = None
+    qk_norm: str | None = None
+    qkv_bias: bool = False
+    out_bias: bool = False
+    clip_qkv: float | None = None
+    shared_d_ff: int | None = None
+    shared_expert_gate: bool = False
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len", "moe_every", "d_ff",
                      "num_experts", "top_k", "d_ff_expert"):
             _positive_int(name, getattr(self, name))
-        if self.d_model % self.n_heads:
+        for name in ("n_kv_heads", "head_dim_override", "shared_d_ff"):
+            if getattr(self, name) is not None:
+                _positive_int(name, getattr(self, name))
+        if self.head_dim_override is None and self.d_model % self.n_heads:
             raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}; "
-                             "choose n_heads that divides d_model")
+                             "choose n_heads that divides d_model (or set head_dim_override)")
         if self.head_dim % 2:
-            raise ValueError(f"head dim d_model / n_heads = {self.head_dim} is odd, but rotary embeddings rotate "
-                             "pairs of dimensions; choose d_model and n_heads with an even quotient")
+            raise ValueError(f"head dim {self.head_dim} is odd, but rotary embeddings rotate pairs of dimensions; "
+                             "choose d_model and n_heads with an even quotient (or an even head_dim_override)")
+        if self.n_heads % self.kv_heads:
+            raise ValueError(f"n_kv_heads={self.kv_heads} must divide n_heads={self.n_heads} "
+                             "(each key/value head serves n_heads / n_kv_heads query heads)")
+        if self.qk_norm not in QK_NORMS:
+            raise ValueError(f"qk_norm must be one of {QK_NORMS}, got {self.qk_norm!r}")
+        for name in ("qkv_bias", "out_bias", "shared_expert_gate"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if self.clip_qkv is not None:
+            _positive_number("clip_qkv", self.clip_qkv)
+        if self.shared_expert_gate and self.shared_experts == 0:
+            raise ValueError("shared_expert_gate=True needs shared_experts >= 1")
         if self.ffn not in FFN_KINDS:
             raise ValueError(f"ffn must be one of {FFN_KINDS}, got {self.ffn!r}")
         if self.moe_every > self.n_layers:
@@ -121,12 +155,16 @@ class LMConfig:
     # ----------------------------------------------------------------------------------------- derived sizes
     @property
     def head_dim(self) -> int:
-        return self.d_model // self.n_heads
+        return self.head_dim_override or self.d_model // self.n_heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
 
     @property
     def active_d_ff(self) -> int:
         """Hidden width of a dense SwiGLU FFN with the active compute of one MoE FFN (routed + shared experts)."""
-        return (self.top_k + self.shared_experts) * self.d_ff_expert
+        return self.top_k * self.d_ff_expert + self.shared_experts * (self.shared_d_ff or self.d_ff_expert)
 
     def _check_layer(self, i: int) -> None:
         if not isinstance(i, int) or not 0 <= i < self.n_layers:
@@ -152,7 +190,7 @@ class LMConfig:
         return MoEConfig(
             d_model=self.d_model, d_ff=self.d_ff_expert, num_experts=self.num_experts, top_k=self.top_k,
             router=self.router, router_kwargs=copy.deepcopy(self.router_kwargs), shared_experts=self.shared_experts,
-            capacity_factor=self.capacity_factor, backend=self.backend, aux_loss=self.aux_loss,
+            shared_d_ff=self.shared_d_ff, shared_expert_gate=self.shared_expert_gate, capacity_factor=self.capacity_factor, backend=self.backend, aux_loss=self.aux_loss,
             aux_loss_coef=self.aux_loss_coef, z_loss_coef=self.z_loss_coef, bias_update_rate=self.bias_update_rate,
             causal=True)
 

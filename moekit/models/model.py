@@ -2,10 +2,12 @@
 
     ids [B, L] ─► embed ─► n_layers × ( x + Attn(RMSNorm(x)),  x + FFN(RMSNorm(x)) ) ─► RMSNorm ─► head ─► logits
 
-Attention is causal multi-head attention with rotary positions through ``F.scaled_dot_product_attention``; the FFN
-of layer ``i`` is an MoE layer where ``LMConfig.is_moe_layer(i)`` and a SwiGLU MLP elsewhere. Read top to bottom.
+Attention is causal (grouped-query) attention with rotary positions through ``F.scaled_dot_product_attention``,
+with the optional q/k norms and biases of Qwen and OLMoE; the FFN of layer ``i`` is an MoE layer where
+``LMConfig.is_moe_layer(i)`` and a SwiGLU MLP elsewhere. Read top to bottom.
 
-Notation: ``B`` batch, ``L`` sequence length, ``D`` model dim, ``H`` heads, ``Hd`` head dim, ``V`` vocabulary.
+Notation: ``B`` batch, ``L`` sequence length, ``D`` model dim, ``H`` query heads, ``Hkv`` key/value heads, ``Hd`` head
+dim, ``V`` vocabulary.
 """
 
 from __future__ import annotations
@@ -38,10 +40,11 @@ def apply_rope(x_BHLd: torch.Tensor, cos_Lh: torch.Tensor, sin_Lh: torch.Tensor)
 
 # ------------------------------------------------------------------------------------------------- KV cache
 class KVCache:
-    """Keys and values of the tokens seen so far, per layer, preallocated to ``max_len`` positions."""
+    """Keys and values of the tokens seen so far, per layer, preallocated to ``max_len`` positions
+    (``n_kv_heads`` heads each: grouped-query attention caches only the shared key/value heads)."""
 
     def __init__(self, config: LMConfig, batch: int, max_len: int, dtype: torch.dtype, device: torch.device):
-        shape = (batch, config.n_heads, max_len, config.head_dim)
+        shape = (batch, config.kv_heads, max_len, config.head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layers)]
         self.length = 0  # positions filled (advanced by the model after all layers ran)
@@ -56,29 +59,50 @@ class KVCache:
 
 # ------------------------------------------------------------------------------------------------- modules
 class Attention(nn.Module):
+    """Causal self-attention: ``H`` query heads, ``Hkv`` key/value heads (grouped-query when ``Hkv < H``), one fused
+    ``qkv`` projection ``[q (H*Hd); k (Hkv*Hd); v (Hkv*Hd)]``, optional q/k RMSNorm, RoPE, SDPA."""
+
     def __init__(self, config: LMConfig):
         super().__init__()
-        self.n_heads, self.head_dim = config.n_heads, config.head_dim
-        self.qkv = nn.Linear(config.d_model, 3 * config.d_model, bias=False)
-        self.out = nn.Linear(config.d_model, config.d_model, bias=False)
+        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.kv_heads, config.head_dim
+        q_width, kv_width = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        self.widths = (q_width, kv_width, kv_width)
+        self.qkv = nn.Linear(config.d_model, q_width + 2 * kv_width, bias=config.qkv_bias)
+        self.out = nn.Linear(q_width, config.d_model, bias=config.out_bias)
+        self.qk_norm, self.clip_qkv = config.qk_norm, config.clip_qkv
+        if config.qk_norm is not None:  # "head": per head (Qwen3); "full": across all heads at once (OLMoE)
+            q_dim, k_dim = (self.head_dim, self.head_dim) if config.qk_norm == "head" else (q_width, kv_width)
+            self.q_norm = nn.RMSNorm(q_dim, eps=config.norm_eps)
+            self.k_norm = nn.RMSNorm(k_dim, eps=config.norm_eps)
 
     def forward(self, x_BLD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layer: int,
                 cache: KVCache | None) -> torch.Tensor:
-        B, L, D = x_BLD.shape
-        # q, k, v: [B, H, L, Hd]
-        q, k, v = self.qkv(x_BLD).view(B, L, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        B, L, _ = x_BLD.shape
+        q, k, v = self.qkv(x_BLD).split(self.widths, dim=-1)
+        if self.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.clip_qkv is not None:
+            q, k, v = (t.clamp(-self.clip_qkv, self.clip_qkv) for t in (q, k, v))
+        # q: [B, H, L, Hd]; k, v: [B, Hkv, L, Hd]
+        q = q.view(B, L, self.n_heads, self.head_dim)
+        k = k.view(B, L, self.n_kv_heads, self.head_dim)
+        if self.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
+        v = v.view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        gqa = self.n_kv_heads != self.n_heads
         if cache is None:
-            o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         else:
             past = cache.length
             k, v = cache.update(layer, k, v)
             if L == 1:  # one new token attends to everything cached
-                o = F.scaled_dot_product_attention(q, k, v)
+                o = F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
             else:  # a chunk: causal within the chunk, full over the past
                 mask = torch.ones(L, past + L, dtype=torch.bool, device=x_BLD.device).tril(diagonal=past)
-                o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return self.out(o.transpose(1, 2).reshape(B, L, D))
+                o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        return self.out(o.transpose(1, 2).reshape(B, L, -1))
 
 
 class DenseFFN(nn.Module):
@@ -149,6 +173,9 @@ class TransformerLM(nn.Module):
         for block in self.blocks:
             nn.init.normal_(block.attn.qkv.weight, std=std)
             nn.init.normal_(block.attn.out.weight, std=out_std)
+            for bias in (block.attn.qkv.bias, block.attn.out.bias):
+                if bias is not None:
+                    nn.init.zeros_(bias)
             if block.is_moe:
                 nn.init.normal_(block.ffn.experts.w_in, std=std)
                 nn.init.normal_(block.ffn.experts.w_out, std=out_std)

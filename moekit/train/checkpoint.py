@@ -65,18 +65,24 @@ def optimizer_state_dict(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
 def save_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
                     meta: dict[str, Any]) -> Path:
     """Write a checkpoint folder atomically (see module docstring). ``meta`` must be JSON-able."""
+    files = {"model.safetensors": _unique_state_dict(model)}
+    extra = {}
+    if optimizer is not None:
+        files["optimizer.safetensors"], extra["optimizer"] = optimizer_tensors(optimizer)
+    return write_checkpoint(path, files, {**meta, **extra})
+
+
+def write_checkpoint(path: str | Path, files: dict[str, dict[str, torch.Tensor]], meta: dict[str, Any]) -> Path:
+    """Atomically write a checkpoint folder: each ``files`` entry as a safetensors file, ``meta`` as trainer.json
+    (with the format marker). ``save_checkpoint`` uses it; converters that have tensors but no model do too."""
     path = Path(path)
     tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    save_file(_unique_state_dict(model), tmp / "model.safetensors", metadata={"format": FORMAT})
-    record = {"format": FORMAT, "version": VERSION, **meta}
-    if optimizer is not None:
-        tensors, opt_meta = optimizer_tensors(optimizer)
-        save_file(tensors, tmp / "optimizer.safetensors", metadata={"format": FORMAT})
-        record["optimizer"] = opt_meta
-    _write_json(tmp / "trainer.json", record)
+    for name, tensors in files.items():
+        save_file(tensors, tmp / name, metadata={"format": FORMAT})
+    _write_json(tmp / "trainer.json", {"format": FORMAT, "version": VERSION, **meta})
     _fsync_dir(tmp)
     if path.exists():
         if old.exists():
