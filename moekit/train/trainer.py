@@ -265,6 +265,9 @@ class Trainer:
                 if last_eval is not None:
                     info += f"  val {last_eval:.3f}"
                 progress.update(task, completed=self.step, info=info)
+                if not console.is_terminal and not self.quiet and "val_loss" in record:
+                    # no live bar in a log file or CI: one line per evaluation instead
+                    console.print(f"{self.label} step {self.step}/{cfg.steps}  {info}", highlight=False)
         self.save()
         return {"steps": self.step, "final_val_loss": last_eval, "checkpoint": str(self.ckpt_dir),
                 "metrics": str(self.metrics_file), "parameters": self.model.num_parameters()}
