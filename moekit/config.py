@@ -39,7 +39,8 @@ class MoEConfig:
             (``"position"``).
         activation, activation_kwargs: expert nonlinearity (``swiglu`` default; ``gelu``, ``relu``, ``gpt_oss``...).
         expert_bias: biases on the expert projections.
-        backend: experts backend: ``auto``, ``loop`` (reference), ``segment``, ``grouped_mm``.
+        backend: experts backend: ``auto``, ``loop`` (reference), ``segment``, ``grouped_mm``, ``fused``,
+            ``triton`` (CUDA; see ``moekit.experts.triton_backend``).
         aux_loss: ``"switch"`` (batch-level), ``"seq"`` (sequence-level) or ``None``.
         aux_loss_coef: weight of the auxiliary loss (0 switches it off).
         z_loss_coef: weight of the router z-loss (0 = off).

@@ -8,7 +8,10 @@
   or device has no grouped GEMM for the dtype.
 - ``fused``: one custom autograd Function (gather, per-expert GEMMs, activation, weighted combine) that saves only
   what backward needs; see :mod:`moekit.experts.fused_function`.
-- ``auto``: ``fused`` on CPU (eager), else ``grouped_mm`` where available, else ``segment``.
+- ``triton``: Triton kernels (gather fused into grouped GEMMs, SwiGLU epilogue, hand-written backward) for CUDA;
+  see :mod:`moekit.experts.triton_backend`. On CPU it runs only under ``TRITON_INTERPRET=1``, else falls back.
+- ``auto``: ``fused`` on CPU (eager), else ``triton`` where Triton imports (not under ``torch.compile``), else
+  ``grouped_mm`` where available, else ``segment``.
 
 Notation: ``T`` tokens, ``S`` sorted slots, ``D`` model dim, ``F`` expert hidden dim, ``E`` experts.
 """
@@ -226,12 +229,15 @@ def auto_backend(experts: "Experts", x_TD: torch.Tensor, plan: "DispatchPlan") -
     if x_TD.device.type == "cpu" and not torch.compiler.is_compiling():
         return fused_backend(experts, x_TD, plan)  # host-side counts are free on CPU
     dtype = compute_dtype(x_TD, experts.w_in)
+    if x_TD.device.type == "cuda" and triton_usable(x_TD.device, dtype) is None:
+        return triton_backend(experts, x_TD, plan)
     if _use_grouped_mm(x_TD.device.type, dtype) and _aligned(experts, dtype):
         return grouped_mm_backend(experts, x_TD, plan)
     return segment_backend(experts, x_TD, plan)
 
 
 from .fused_function import fused_backend  # noqa: E402 - needs compute_dtype above
+from .triton_backend import triton_backend, triton_usable  # noqa: E402 - imports Triton only when first used
 
 BACKENDS: dict[str, Callable[["Experts", torch.Tensor, "DispatchPlan"], torch.Tensor]] = {
     "auto": auto_backend,
@@ -239,4 +245,5 @@ BACKENDS: dict[str, Callable[["Experts", torch.Tensor, "DispatchPlan"], torch.Te
     "loop": loop_backend,
     "segment": segment_backend,
     "grouped_mm": grouped_mm_backend,
+    "triton": triton_backend,
 }

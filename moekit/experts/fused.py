@@ -28,7 +28,7 @@ class Experts(nn.Module):
         activation: a name from :data:`moekit.experts.activations.ACTIVATIONS` or an :class:`Activation`.
         activation_kwargs: options of the activation (``gpt_oss``: ``alpha``, ``limit``).
         bias: add per-expert biases to both projections (GPT-OSS).
-        backend: ``auto``, ``loop``, ``segment`` or ``grouped_mm``.
+        backend: ``auto``, ``loop``, ``segment``, ``grouped_mm``, ``fused`` or ``triton``.
     """
 
     def __init__(self, num_experts: int, d_model: int, d_ff: int, *, activation: str | Activation = "swiglu",

@@ -1,0 +1,271 @@
+"""The ``triton`` experts backend: fused gather + grouped GEMM kernels (ScatterMoE / vLLM ``fused_moe`` style) with a
+hand-written backward, for CUDA (and ROCm) devices. Kernels: :mod:`moekit.kernels.triton_moe`.
+
+Forward, in three kernels plus the combine:
+    h_SW / a_SF = x[token_S] @ w_in[e]^T (+ b_in)    gather inside the GEMM; SwiGLU fused in the epilogue
+    y_(T*K)D    = a_SF @ w_out[e]^T (+ b_out)        rows written straight to their slot position order_S[s]
+    y_TD        = sum_k w_TK * y_TKD                 fp32, fixed order (deterministic, no atomics)
+Backward (a custom autograd Function; saves ``x``, the pre-activation ``h_SW`` and, when the router weights need a
+gradient, the unweighted slot outputs):
+    dw_TK  = <g_T, y_TK>                                                   router-weight gradient
+    dA/dH  = (w_S * g[token_S]) @ w_out[e]  (+ SwiGLU backward epilogue, which also recomputes a_SF)
+    dW_out[e] = (w * g[token])_e^T @ a_e,   dW_in[e] = dH_e^T @ x[token]_e   (+ bias gradients, one kernel each)
+    dX     = sum_k (dH @ w_in[e])  scattered to slot order, summed like the forward combine
+No permuted copy of ``x`` or of the gradient is ever made, and no host sync (the tile schedule is built on the
+device from ``counts_E``). Other activations than SwiGLU run through torch between the two GEMMs.
+
+Where it runs: CUDA tensors when Triton imports; CPU tensors only under Triton's interpreter (``TRITON_INTERPRET=1``
+set before the first use, which is how the tests run it: slow, for correctness only). Anywhere else (CPU without
+the interpreter, no Triton, float64, or inside ``torch.compile``) the backend warns once and computes the same result
+with ``fused`` (CPU) or ``grouped_mm`` (other devices). fp32 GEMMs follow torch's TF32 switch
+(``torch.backends.cuda.matmul.allow_tf32``): exact (``ieee``) by default.
+
+Notation: ``T`` tokens, ``K`` slots per token, ``S = T*K`` slots, ``D`` model dim, ``F`` expert hidden dim, ``W``
+input-projection width, ``E`` experts.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from .activations import Activation
+
+if TYPE_CHECKING:
+    from ..dispatch.local import DispatchPlan
+    from .fused import Experts
+
+log = logging.getLogger(__name__)
+
+_AVAILABLE: bool | None = None
+
+
+def triton_available() -> bool:
+    """True if Triton imports here (checked once)."""
+    global _AVAILABLE
+    if _AVAILABLE is None:
+        if importlib.util.find_spec("triton") is None:
+            _AVAILABLE = False
+        else:
+            try:
+                import triton  # noqa: F401
+                _AVAILABLE = True
+            except Exception:  # noqa: BLE001 - a broken install counts as absent
+                _AVAILABLE = False
+    return _AVAILABLE
+
+
+def _kernels():
+    from ..kernels import triton_moe
+
+    return triton_moe
+
+
+def interpreting() -> bool:
+    """True if the Triton kernels run under the interpreter (decided when they are first imported)."""
+    if not triton_available():
+        return False
+    import sys
+
+    mod = sys.modules.get("moekit.kernels.triton_moe")
+    if mod is not None:
+        return mod.INTERPRET
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def triton_usable(device: torch.device, dtype: torch.dtype) -> str | None:
+    """``None`` if the Triton backend can run on this device and compute dtype, else the reason it cannot."""
+    if torch.compiler.is_compiling():
+        return "inside torch.compile"
+    if not triton_available():
+        return "Triton is not installed"
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return f"compute dtype {dtype} (supported: float32, bfloat16, float16)"
+    if device.type == "cuda":
+        return None
+    if device.type == "cpu" and interpreting():
+        return None
+    return f"{device.type} tensors need a GPU (or TRITON_INTERPRET=1 for the slow interpreter)"
+
+
+_WARNED: set[tuple] = set()
+
+
+def _fallback(experts: "Experts", x_TD: torch.Tensor, plan: "DispatchPlan", why: str) -> torch.Tensor:
+    from .backends import grouped_mm_backend
+    from .fused_function import fused_backend
+
+    name = "fused" if x_TD.device.type == "cpu" else "grouped_mm"
+    key = (x_TD.device.type, why)
+    if key not in _WARNED and not torch.compiler.is_compiling():
+        _WARNED.add(key)
+        log.warning("the 'triton' experts backend cannot run here (%s); using %r", why, name)
+    return (fused_backend if name == "fused" else grouped_mm_backend)(experts, x_TD, plan)
+
+
+# ------------------------------------------------------------------------------------------------- indices
+@dataclass
+class _Index:
+    """The plan's indices in the form the kernels read them (contiguous, per-expert segment bounds)."""
+
+    ids_TK: torch.Tensor  # int64 [T, K], -1 = empty slot
+    order_S: torch.Tensor  # sorted slot -> slot position t*K + k
+    token_S: torch.Tensor  # sorted slot -> token
+    seg_start_E: torch.Tensor  # int32 first sorted row of each expert
+    seg_end_E: torch.Tensor  # int32 one past its last row
+    num_experts: int
+
+    @classmethod
+    def from_plan(cls, plan: "DispatchPlan") -> "_Index":
+        end = plan.offsets_E.to(torch.int32).contiguous()
+        start = (end - plan.counts_E.to(torch.int32)).contiguous()
+        return cls(plan.ids_TK.contiguous(), plan.order_S.contiguous(), plan.token_S.contiguous(), start, end,
+                   plan.num_experts)
+
+    @property
+    def num_slots(self) -> int:
+        return self.ids_TK.numel()
+
+    @property
+    def rows_per_expert(self) -> float:
+        return self.num_slots / max(1, self.num_experts)
+
+    def schedule(self, block_m: int):
+        counts = self.seg_end_E - self.seg_start_E
+        return _kernels().tile_schedule(counts, self.seg_end_E, self.num_slots, block_m)
+
+
+def _gemm_pair_configs(K_, ix: _Index, n1: int, k1: int, n2: int, k2: int, dtype, two_acc: bool):
+    """Configs of two grouped GEMMs over the same rows: they share ``BLOCK_M``, hence one tile schedule."""
+    c1 = K_.gemm_config(ix.rows_per_expert, n1, k1, dtype, two_acc=two_acc)
+    c2 = K_.gemm_config(ix.rows_per_expert, n2, k2, dtype)
+    c2["BLOCK_M"] = c1["BLOCK_M"]
+    return c1, c2, ix.schedule(c1["BLOCK_M"])
+
+
+# ------------------------------------------------------------------------------------------------- forward
+def _forward(x_TD, w_in, w_out, b_in, b_out, weights_TK, ix: _Index, act: Activation, dtype, save_h: bool):
+    """Returns ``(y_TD fp32, h_SW or None, y_SD slot-major unweighted outputs)``."""
+    K_ = _kernels()
+    T, D = x_TD.shape
+    S, W, F = ix.num_slots, w_in.shape[1], w_out.shape[2]
+    out_TD = torch.empty(T, D, dtype=torch.float32, device=x_TD.device)
+    swiglu = act.name == "swiglu"
+    if S == 0:
+        return out_TD, (x_TD.new_empty(0, W, dtype=dtype) if save_h or not swiglu else None), \
+            x_TD.new_empty(0, D, dtype=dtype)
+    c1, c2, sched = _gemm_pair_configs(K_, ix, F if swiglu else W, D, D, F, dtype, two_acc=swiglu)
+    common = dict(sched=sched, seg_end=ix.seg_end_E, dtype=dtype, rows_per_expert=ix.rows_per_expert)
+    if swiglu:
+        a_SF = x_TD.new_empty(S, F, dtype=dtype)
+        h_SW = x_TD.new_empty(S, W, dtype=dtype) if save_h else None
+        K_.grouped_gemm(x_TD, w_in, a_SF, N=F, K=D, stride_bn=w_in.stride(1), stride_bk=w_in.stride(2),
+                        gather=ix.token_S, bias=b_in, epilogue=K_.EPI_SWIGLU, half=F, h=h_SW, cfg=c1, **common)
+    else:
+        h_SW = x_TD.new_empty(S, W, dtype=dtype)
+        K_.grouped_gemm(x_TD, w_in, h_SW, N=W, K=D, stride_bn=w_in.stride(1), stride_bk=w_in.stride(2),
+                        gather=ix.token_S, bias=b_in, cfg=c1, **common)
+        a_SF = act(h_SW)  # rows past the valid ones hold garbage; no kernel reads them
+        if not save_h:
+            h_SW = None
+    y_SD = x_TD.new_empty(S, D, dtype=dtype)  # slot-major: row t*K + k
+    K_.grouped_gemm(a_SF, w_out, y_SD, N=D, K=F, stride_bn=w_out.stride(1), stride_bk=w_out.stride(2),
+                    scatter=ix.order_S, bias=b_out, cfg=c2, **common)
+    K_.combine(y_SD, ix.ids_TK, out_TD, weights_TK.contiguous())
+    return out_TD, h_SW, y_SD
+
+
+class TritonExpertsFunction(torch.autograd.Function):
+    """``y_TD = sum_k w_TK * expert_{id_TK}(x_TD)`` in fp32 with Triton kernels forward and backward."""
+
+    @staticmethod
+    def forward(ctx, x_TD, w_in, w_out, b_in, b_out, weights_TK, ix: _Index, act: Activation, dtype):
+        out_TD, h_SW, y_SD = _forward(x_TD, w_in, w_out, b_in, b_out, weights_TK, ix, act, dtype, save_h=True)
+        need_w = ctx.needs_input_grad[5]
+        ctx.save_for_backward(x_TD, w_in, w_out, h_SW, y_SD if need_w else None, weights_TK)
+        ctx.ix, ctx.act, ctx.dtype = ix, act, dtype
+        ctx.bias_dtypes = (None if b_in is None else b_in.dtype, None if b_out is None else b_out.dtype)
+        return out_TD
+
+    @staticmethod
+    def backward(ctx, g_TD):
+        x_TD, w_in, w_out, h_SW, y_SD, weights_TK = ctx.saved_tensors
+        ix, act, dtype = ctx.ix, ctx.act, ctx.dtype
+        need_x, need_win, need_wout, need_bin, need_bout, need_w = ctx.needs_input_grad[:6]
+        K_ = _kernels()
+        T, D = x_TD.shape
+        S, W, F, E = ix.num_slots, w_in.shape[1], w_out.shape[2], ix.num_experts
+        dev = g_TD.device
+        d_x = d_win = d_wout = d_bin = d_bout = d_weights = None
+        if S == 0:
+            z = torch.zeros_like
+            return (z(x_TD) if need_x else None, z(w_in) if need_win else None, z(w_out) if need_wout else None,
+                    torch.zeros(E, W, dtype=ctx.bias_dtypes[0], device=dev) if need_bin else None,
+                    torch.zeros(E, D, dtype=ctx.bias_dtypes[1], device=dev) if need_bout else None,
+                    z(weights_TK) if need_w else None, None, None, None)
+        if need_w:
+            d_weights = K_.weights_grad(g_TD, y_SD, ix.ids_TK).to(weights_TK.dtype)
+        del y_SD
+        if not (need_x or need_win or need_wout or need_bin or need_bout):
+            return d_x, d_win, d_wout, d_bin, d_bout, d_weights, None, None, None
+
+        w_S = weights_TK.reshape(-1).index_select(0, ix.order_S).float()  # sorted router weights
+        swiglu = act.name == "swiglu"
+        c_da, c_dx, sched = _gemm_pair_configs(K_, ix, F, D, D, W, dtype, two_acc=False)
+        common = dict(sched=sched, seg_end=ix.seg_end_E, dtype=dtype, rows_per_expert=ix.rows_per_expert)
+        # dA = (w * g)[token_S] @ w_out[e]:  B[e][n=f, k=d] = w_out[e, d, f]
+        if swiglu:
+            dh_SW = x_TD.new_empty(S, W, dtype=dtype)
+            a_SF = x_TD.new_empty(S, F, dtype=dtype)
+            K_.grouped_gemm(g_TD, w_out, dh_SW, N=F, K=D, stride_bn=w_out.stride(2), stride_bk=w_out.stride(1),
+                            gather=ix.token_S, scale=w_S, epilogue=K_.EPI_SWIGLU_BWD, half=F, h=h_SW, act=a_SF,
+                            cfg=c_da, **common)
+        else:
+            from .fused_function import _activation_with_backward
+
+            da_SF = x_TD.new_empty(S, F, dtype=dtype)
+            K_.grouped_gemm(g_TD, w_out, da_SF, N=F, K=D, stride_bn=w_out.stride(2), stride_bk=w_out.stride(1),
+                            gather=ix.token_S, scale=w_S, cfg=c_da, **common)
+            a_SF, act_backward = _activation_with_backward(act, h_SW)
+            dh_SW = act_backward(da_SF)
+            del da_SF
+        del h_SW
+        seg = dict(seg_start=ix.seg_start_E, seg_end=ix.seg_end_E, dtype=dtype, rows_per_expert=ix.rows_per_expert)
+        if need_wout or need_bout:
+            d_wout = torch.empty_like(w_out)
+            d_bout = torch.empty(E, D, dtype=ctx.bias_dtypes[1], device=dev) if need_bout else None
+            K_.grouped_xty(g_TD, a_SF, d_wout, gather_l=ix.token_S, scale=w_S, dbias=d_bout, **seg)
+            d_wout = d_wout if need_wout else None
+        del a_SF
+        if need_win or need_bin:
+            d_win = torch.empty_like(w_in)
+            d_bin = torch.empty(E, W, dtype=ctx.bias_dtypes[0], device=dev) if need_bin else None
+            K_.grouped_xty(dh_SW, x_TD, d_win, gather_r=ix.token_S, dbias=d_bin, **seg)
+            d_win = d_win if need_win else None
+        if need_x:
+            # dX rows: dH @ w_in[e]  (B[e][n=d, k=w] = w_in[e, w, d]), scattered to slot order, then summed over k
+            dx_SD = x_TD.new_empty(S, D, dtype=dtype)
+            K_.grouped_gemm(dh_SW, w_in, dx_SD, N=D, K=W, stride_bn=w_in.stride(2), stride_bk=w_in.stride(1),
+                            scatter=ix.order_S, cfg=c_dx, **common)
+            d_x = K_.combine(dx_SD, ix.ids_TK, torch.empty(T, D, dtype=x_TD.dtype, device=dev))
+        return d_x, d_win, d_wout, d_bin, d_bout, d_weights, None, None, None
+
+
+def triton_backend(experts: "Experts", x_TD: torch.Tensor, plan: "DispatchPlan") -> torch.Tensor:
+    from .backends import compute_dtype
+
+    dtype = compute_dtype(x_TD, experts.w_in)
+    why = triton_usable(x_TD.device, dtype)
+    if why is not None:
+        return _fallback(experts, x_TD, plan, why)
+    ix = _Index.from_plan(plan)
+    args = (x_TD, experts.w_in, experts.w_out, experts.b_in, experts.b_out, plan.weights_TK)
+    with torch.autocast(x_TD.device.type, enabled=False):
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args):
+            return TritonExpertsFunction.apply(*args, ix, experts.activation, dtype)
+        return _forward(*args, ix, experts.activation, dtype, save_h=False)[0]

@@ -1,0 +1,433 @@
+"""Triton kernels for the ``triton`` experts backend: grouped GEMMs over expert-sorted slots, with the row gather,
+the SwiGLU epilogue and the scatter to slot order fused into the GEMMs (the ScatterMoE / vLLM ``fused_moe`` design).
+
+Notation: ``T`` tokens, ``K`` slots per token, ``S = T*K`` slots (sorted by expert: the plan's ``order_S``),
+``D`` model dim, ``F`` expert hidden dim, ``W`` input-projection width (``2F`` gated, ``F`` plain), ``E`` experts.
+
+Kernels (all accumulate in fp32 with ``tl.dot``; operands are cast to the compute dtype inside the kernel, so weights
+and inputs are never copied to cast or permute them):
+
+- :func:`_grouped_gemm_kernel` ``out[s] = (scale_s * A[gather_s]) @ B[e_s]^T (+ bias[e_s])`` for the sorted rows
+  of every expert segment. The tile schedule (``tile_expert``, ``tile_row``) is built once per call on the device
+  from ``counts_E`` (:func:`tile_schedule`): every tile holds rows of a single expert, tiles past the last used one
+  exit at once, so there is no host sync. Epilogues: none, SwiGLU forward (gate and up columns in one program,
+  writes ``silu(gate) * up`` and optionally the pre-activation), SwiGLU backward (``dH`` from ``dA`` and the saved
+  pre-activation, plus the recomputed activation for the weight gradient). Rows can be written in sorted order or
+  scattered to their slot position ``order_S[s]`` (the ``[T*K, D]`` slot-major layout).
+- :func:`_grouped_xty_kernel` ``out[e] = (scale * L[seg_e])^T @ R[seg_e]`` (the weight gradients: one program per
+  output tile of one expert, looping over that expert's rows; optional gathers of either operand and the bias
+  gradient ``sum(L[seg_e])``). Idle experts get zeros, written by the same kernel.
+- :func:`_combine_kernel` ``y[t] = sum_k w[t, k] * Y[t*K + k]`` in fp32 in a fixed order (deterministic, no atomics);
+  empty slots (``ids_TK == -1``) are skipped, so unwritten rows are never read.
+- :func:`_weights_grad_kernel` ``dw[t, k] = <g[t], Y[t*K + k]>`` (the router-weight gradient).
+
+The interpreter (``TRITON_INTERPRET=1`` set before this module is imported) runs the same kernels on CPU tensors.
+Two of its bf16 shortcomings (Triton 3.9) are worked around there only, so it computes what a GPU computes:
+``tl.dot`` multiplies bf16 operands as raw ``uint16``, so they are widened to fp32 first (``UPCAST``: the same
+products, bf16 x bf16 is exact in fp32, with fp32 accumulation); and fp32 -> bf16 casts truncate, so they round to
+nearest even by hand (``RTNE``).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+try:
+    INTERPRET: bool = bool(triton.knobs.runtime.interpret)
+except AttributeError:  # Triton < 3.4 has no knobs
+    INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+#: kernel launches since import (tests use it to prove the kernels, not a fallback, produced the result)
+LAUNCHES = {"count": 0}
+
+EPI_NONE, EPI_SWIGLU, EPI_SWIGLU_BWD = 0, 1, 2
+
+_TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+SUPPORTED_DTYPES = tuple(_TL_DTYPES)
+
+
+# ----------------------------------------------------------------------------------------------------- kernels
+@triton.jit
+def _dot(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=tl.float32)
+
+
+@triton.jit
+def _cast(x, dtype: tl.constexpr, RTNE: tl.constexpr):
+    """``x.to(dtype)``; with ``RTNE`` (interpreter only) fp32 -> bf16 rounds to nearest even by hand, as a GPU does
+    (the interpreter truncates)."""
+    if RTNE:
+        if dtype == tl.bfloat16:
+            u = x.to(tl.float32).to(tl.uint32, bitcast=True)
+            u = ((u + (0x7FFF + ((u >> 16) & 1))) >> 16) << 16
+            x = u.to(tl.float32, bitcast=True)
+    return x.to(dtype)
+
+
+@triton.jit
+def _grouped_gemm_kernel(
+    a_ptr, stride_am, stride_ak,
+    b_ptr, stride_be, stride_bn, stride_bk,
+    bias_ptr, stride_bias_e,
+    out_ptr, stride_om, stride_on,
+    h_ptr, stride_hm, stride_hn,
+    act_ptr, stride_actm, stride_actn,
+    gather_ptr, scatter_ptr, scale_ptr,
+    tile_expert_ptr, tile_row_ptr, seg_end_ptr,
+    N, K, HALF, num_tiles_m,
+    GATHER: tl.constexpr, SCATTER: tl.constexpr, SCALE: tl.constexpr, HAS_BIAS: tl.constexpr,
+    EPILOGUE: tl.constexpr, SAVE_H: tl.constexpr,
+    DTYPE: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, RTNE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    # program -> (row tile, column tile), grouped along rows so neighbouring programs share weight tiles in L2
+    pid = tl.program_id(0)
+    num_tiles_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * num_tiles_n
+    first_m = (pid // per_group) * GROUP_M
+    group_m = tl.minimum(num_tiles_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_m
+    pid_n = (pid % per_group) // group_m
+
+    e = tl.load(tile_expert_ptr + pid_m)
+    if e < 0:  # a tile past the last used one
+        return
+    e = e.to(tl.int64)
+    row0 = tl.load(tile_row_ptr + pid_m)
+    end = tl.load(seg_end_ptr + e)
+    rows = row0 + tl.arange(0, BLOCK_M)
+    row_ok = rows < end
+    rows64 = rows.to(tl.int64)
+    if GATHER:
+        a_rows = tl.load(gather_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+    else:
+        a_rows = rows64
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    ks = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + a_rows[:, None] * stride_am + ks[None, :] * stride_ak
+    b_ptrs = b_ptr + e * stride_be + cols[None, :].to(tl.int64) * stride_bn + ks[:, None] * stride_bk
+    b_up_off = HALF * stride_bn  # the up half of a [gate; up] weight (SwiGLU epilogue only)
+    if SCALE:
+        scale = tl.load(scale_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_ok = ks < K - k0
+        a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        if SCALE:
+            a = a.to(tl.float32) * scale[:, None]
+        a = _cast(a, DTYPE, RTNE)
+        b_mask = k_ok[:, None] & col_ok[None, :]
+        b = _cast(tl.load(b_ptrs, mask=b_mask, other=0.0), DTYPE, RTNE)
+        acc = _dot(a, b, acc, PRECISION, UPCAST)
+        if EPILOGUE == 1:
+            b_up = _cast(tl.load(b_ptrs + b_up_off, mask=b_mask, other=0.0), DTYPE, RTNE)
+            acc_up = _dot(a, b_up, acc_up, PRECISION, UPCAST)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+
+    if SCATTER:
+        out_rows = tl.load(scatter_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+    else:
+        out_rows = rows64
+    mask = row_ok[:, None] & col_ok[None, :]
+    o_ptrs = out_ptr + out_rows[:, None] * stride_om + cols[None, :] * stride_on
+    if EPILOGUE == 0:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + e * stride_bias_e + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        tl.store(o_ptrs, _cast(acc, out_ptr.dtype.element_ty, RTNE), mask=mask)
+    elif EPILOGUE == 1:
+        # SwiGLU forward: this program holds gate columns `cols` and up columns `cols + HALF` of the same rows
+        if HAS_BIAS:
+            bias_e = bias_ptr + e * stride_bias_e
+            acc += tl.load(bias_e + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+            acc_up += tl.load(bias_e + HALF + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        gate = _cast(acc, DTYPE, RTNE)  # round to the compute dtype as a GEMM in that dtype would
+        up = _cast(acc_up, DTYPE, RTNE)
+        if SAVE_H:
+            h_ptrs = h_ptr + out_rows[:, None] * stride_hm + cols[None, :] * stride_hn
+            tl.store(h_ptrs, gate, mask=mask)
+            tl.store(h_ptrs + HALF * stride_hn, up, mask=mask)
+        g32 = gate.to(tl.float32)
+        silu = _cast(g32 * tl.sigmoid(g32), DTYPE, RTNE).to(tl.float32)
+        tl.store(o_ptrs, _cast(silu * up.to(tl.float32), out_ptr.dtype.element_ty, RTNE), mask=mask)
+    else:
+        # SwiGLU backward: acc = dA for hidden columns `cols`; h holds [gate | up] of the same (sorted) rows
+        da = _cast(acc, DTYPE, RTNE).to(tl.float32)
+        h_ptrs = h_ptr + rows64[:, None] * stride_hm + cols[None, :] * stride_hn
+        gate = tl.load(h_ptrs, mask=mask, other=0.0).to(tl.float32)
+        up = tl.load(h_ptrs + HALF * stride_hn, mask=mask, other=0.0).to(tl.float32)
+        sig = tl.sigmoid(gate)
+        silu = gate * sig
+        d_up = da * silu
+        d_gate = da * up * (sig * (1.0 + gate * (1.0 - sig)))  # silu'(g) = s (1 + g (1 - s))
+        tl.store(o_ptrs, _cast(d_gate, out_ptr.dtype.element_ty, RTNE), mask=mask)
+        tl.store(o_ptrs + HALF * stride_on, _cast(d_up, out_ptr.dtype.element_ty, RTNE), mask=mask)
+        act_ptrs = act_ptr + rows64[:, None] * stride_actm + cols[None, :] * stride_actn
+        a = _cast(silu, DTYPE, RTNE).to(tl.float32) * up
+        tl.store(act_ptrs, _cast(a, act_ptr.dtype.element_ty, RTNE), mask=mask)
+
+
+@triton.jit
+def _grouped_xty_kernel(
+    l_ptr, stride_lm, stride_lk,
+    r_ptr, stride_rm, stride_rn,
+    out_ptr, stride_oe, stride_om, stride_on,
+    dbias_ptr, stride_dbias_e,
+    gather_l_ptr, gather_r_ptr, scale_ptr, seg_start_ptr, seg_end_ptr,
+    M, N,
+    GATHER_L: tl.constexpr, GATHER_R: tl.constexpr, SCALE: tl.constexpr, DBIAS: tl.constexpr,
+    DTYPE: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, RTNE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # out[e] (M x N) = sum over the rows s of expert e of  (scale_s * L[s, :])^T  R[s, :]
+    pid = tl.program_id(0)
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    e = pid // (tiles_m * tiles_n)
+    rem = pid % (tiles_m * tiles_n)
+    pid_m = rem // tiles_n
+    pid_n = rem % tiles_n
+    start = tl.load(seg_start_ptr + e)
+    end = tl.load(seg_end_ptr + e)
+    ms = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    ns = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = ms < M
+    n_ok = ns < N
+    ss = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    dbias = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for s0 in range(start, end, BLOCK_K):
+        rows = s0 + ss
+        ok = rows < end
+        if GATHER_L:
+            l_rows = tl.load(gather_l_ptr + rows, mask=ok, other=0).to(tl.int64)
+        else:
+            l_rows = rows.to(tl.int64)
+        if GATHER_R:
+            r_rows = tl.load(gather_r_ptr + rows, mask=ok, other=0).to(tl.int64)
+        else:
+            r_rows = rows.to(tl.int64)
+        lt = tl.load(l_ptr + l_rows[None, :] * stride_lm + ms[:, None] * stride_lk,
+                     mask=m_ok[:, None] & ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_K] = L^T tile
+        if SCALE:
+            lt = lt.to(tl.float32) * tl.load(scale_ptr + rows, mask=ok, other=0.0).to(tl.float32)[None, :]
+        lt = _cast(lt, DTYPE, RTNE)
+        r = _cast(tl.load(r_ptr + r_rows[:, None] * stride_rm + ns[None, :] * stride_rn,
+                          mask=ok[:, None] & n_ok[None, :], other=0.0), DTYPE, RTNE)
+        acc = _dot(lt, r, acc, PRECISION, UPCAST)
+        if DBIAS:
+            dbias += tl.sum(lt.to(tl.float32), axis=1)
+    e64 = e.to(tl.int64)
+    o_ptrs = out_ptr + e64 * stride_oe + ms[:, None] * stride_om + ns[None, :] * stride_on
+    tl.store(o_ptrs, _cast(acc, out_ptr.dtype.element_ty, RTNE), mask=m_ok[:, None] & n_ok[None, :])
+    if DBIAS:
+        if pid_n == 0:
+            tl.store(dbias_ptr + e64 * stride_dbias_e + ms, _cast(dbias, dbias_ptr.dtype.element_ty, RTNE), mask=m_ok)
+
+
+@triton.jit
+def _combine_kernel(
+    y_ptr, stride_ys, stride_yd, w_ptr, ids_ptr, out_ptr, stride_ot, stride_od, T, D, K,
+    HAS_W: tl.constexpr, RTNE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    # out[t] = sum_k w[t, k] * Y[t*K + k], in fp32, k in order; empty slots (ids < 0) are skipped
+    ts = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    ds = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    t_ok = ts < T
+    d_ok = ds < D
+    ts64 = ts.to(tl.int64)
+    acc = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
+    for k in range(0, K):
+        s = ts64 * K + k
+        valid = t_ok & (tl.load(ids_ptr + s, mask=t_ok, other=-1) >= 0)
+        y = tl.load(y_ptr + s[:, None] * stride_ys + ds[None, :] * stride_yd,
+                    mask=valid[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+        if HAS_W:
+            w = tl.load(w_ptr + s, mask=valid, other=0.0).to(tl.float32)
+            y = tl.where(valid[:, None], y * w[:, None], 0.0)
+        acc += y
+    tl.store(out_ptr + ts64[:, None] * stride_ot + ds[None, :] * stride_od, _cast(acc, out_ptr.dtype.element_ty, RTNE),
+             mask=t_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _weights_grad_kernel(
+    g_ptr, stride_gt, stride_gd, y_ptr, stride_ys, stride_yd, ids_ptr, out_ptr, S, D, K,
+    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    # dw[s] = <g[s // K], Y[s]> for valid slots, 0 for empty ones
+    ss = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
+    s_ok = ss < S
+    valid = s_ok & (tl.load(ids_ptr + ss, mask=s_ok, other=-1) >= 0)
+    ss64 = ss.to(tl.int64)
+    ts64 = ss64 // K
+    acc = tl.zeros((BLOCK_S,), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        ds = d0 + tl.arange(0, BLOCK_D)
+        m = valid[:, None] & (ds < D)[None, :]
+        g = tl.load(g_ptr + ts64[:, None] * stride_gt + ds[None, :] * stride_gd, mask=m, other=0.0).to(tl.float32)
+        y = tl.load(y_ptr + ss64[:, None] * stride_ys + ds[None, :] * stride_yd, mask=m, other=0.0).to(tl.float32)
+        acc += tl.sum(g * y, axis=1)
+    tl.store(out_ptr + ss, acc.to(out_ptr.dtype.element_ty), mask=s_ok)
+
+
+# ---------------------------------------------------------------------------------------------------- configs
+def _pow2(n: int, lo: int, hi: int) -> int:
+    return max(lo, min(hi, triton.next_power_of_2(max(int(n), 1))))
+
+
+def dot_precision(dtype: torch.dtype) -> tuple[str, bool]:
+    """``(input_precision, upcast)`` for ``tl.dot`` on ``dtype`` operands. fp32 follows torch's own switch
+    (``torch.backends.cuda.matmul.allow_tf32`` / ``torch.set_float32_matmul_precision``): exact ``ieee`` unless
+    TF32 is allowed. Under the interpreter bf16 operands are widened to fp32 (see the module docstring)."""
+    upcast = INTERPRET and dtype == torch.bfloat16
+    if dtype == torch.float32 or upcast:
+        tf32 = not INTERPRET and torch.backends.cuda.matmul.allow_tf32
+        return ("tf32" if tf32 else "ieee"), upcast
+    return "tf32", False  # the default; Triton ignores it for 16-bit operands
+
+
+def gemm_config(rows_per_expert: float, N: int, K: int, dtype: torch.dtype, two_acc: bool = False) -> dict:
+    """Tile sizes for :func:`_grouped_gemm_kernel` (a heuristic in the spirit of vLLM's default ``fused_moe``
+    configs; ``BLOCK_M`` also fixes the tile schedule). ``two_acc``: the SwiGLU forward holds two accumulators."""
+    if INTERPRET:  # few large programs are fastest for numpy
+        return dict(BLOCK_M=16, BLOCK_N=_pow2(N, 16, 64), BLOCK_K=_pow2(K, 16, 64), GROUP_M=1,
+                    num_warps=4, num_stages=1)
+    wide = dtype != torch.float32
+    bk = 64 if wide else 32
+    if rows_per_expert <= 16:
+        cfg = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=bk, num_warps=4, num_stages=4)
+    elif rows_per_expert <= 64:
+        cfg = dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=bk, num_warps=4, num_stages=4)
+    elif rows_per_expert <= 512:
+        cfg = dict(BLOCK_M=64, BLOCK_N=64 if two_acc else 128, BLOCK_K=bk, num_warps=4, num_stages=3)
+    else:
+        cfg = dict(BLOCK_M=128, BLOCK_N=64 if two_acc else 128, BLOCK_K=bk, num_warps=8, num_stages=3)
+    cfg["BLOCK_N"] = min(cfg["BLOCK_N"], _pow2(N, 16, 256))
+    cfg["BLOCK_K"] = min(cfg["BLOCK_K"], _pow2(K, 16, 256))
+    cfg["GROUP_M"] = 8
+    return cfg
+
+
+def xty_config(rows_per_expert: float, M: int, N: int, dtype: torch.dtype) -> dict:
+    """Tile sizes for :func:`_grouped_xty_kernel` (``BLOCK_K`` runs over an expert's rows)."""
+    if INTERPRET:
+        return dict(BLOCK_M=_pow2(M, 16, 64), BLOCK_N=_pow2(N, 16, 64), BLOCK_K=16, num_warps=4, num_stages=1)
+    wide = dtype != torch.float32
+    big = rows_per_expert > 1024
+    cfg = dict(BLOCK_M=128 if big else 64, BLOCK_N=128 if big else 64, BLOCK_K=64 if wide else 32,
+               num_warps=8 if big else 4, num_stages=3)
+    cfg["BLOCK_M"] = min(cfg["BLOCK_M"], _pow2(M, 16, 256))
+    cfg["BLOCK_N"] = min(cfg["BLOCK_N"], _pow2(N, 16, 256))
+    return cfg
+
+
+# ------------------------------------------------------------------------------------------------- schedule
+def tile_schedule(counts_E: torch.Tensor, offsets_E: torch.Tensor, num_slots: int, block_m: int):
+    """Per row tile: its expert (``-1`` past the last used tile) and first sorted row, on the device, no host sync.
+
+    Expert ``e`` owns rows ``[offsets_E[e] - counts_E[e], offsets_E[e])`` and ``ceil(counts_E[e] / BLOCK_M)``
+    tiles; the number of tiles is bounded on the host by ``min(S, ceil(S / BLOCK_M) + E)``."""
+    E = counts_E.shape[0]
+    num_tiles = min(num_slots, -(-num_slots // block_m) + E)
+    counts = counts_E.to(torch.int64)
+    tiles_E = (counts + block_m - 1) // block_m
+    tile_end_E = torch.cumsum(tiles_E, 0)
+    t = torch.arange(num_tiles, device=counts.device)
+    e_t = torch.searchsorted(tile_end_E, t, right=True)
+    e_c = e_t.clamp(max=E - 1)
+    seg_start_E = offsets_E.to(torch.int64) - counts
+    row_t = seg_start_E[e_c] + (t - (tile_end_E - tiles_E)[e_c]) * block_m
+    tile_expert = torch.where(e_t < E, e_c, -1).to(torch.int32)
+    return tile_expert, row_t.to(torch.int32), num_tiles
+
+
+# ------------------------------------------------------------------------------------------------- launchers
+def _launch(kernel, grid, *args, **kwargs) -> None:
+    if grid[0] == 0 or (len(grid) > 1 and grid[1] == 0):
+        return
+    LAUNCHES["count"] += 1
+    kernel[grid](*args, **kwargs)
+
+
+def grouped_gemm(a, b, out, *, sched, seg_end, N: int, K: int, stride_bn: int, stride_bk: int, dtype,
+                 rows_per_expert: float, gather=None, scatter=None, scale=None, bias=None,
+                 epilogue: int = EPI_NONE, half: int = 0, h=None, act=None, cfg: dict | None = None) -> None:
+    """Launch :func:`_grouped_gemm_kernel` (see there). ``b`` is ``[E, ...]`` read as ``B[e][n, k]`` through
+    ``stride_bn`` / ``stride_bk``; ``sched = (tile_expert, tile_row, num_tiles)`` from :func:`tile_schedule` with
+    the same ``BLOCK_M`` as ``cfg``."""
+    cfg = dict(cfg or gemm_config(rows_per_expert, N, K, dtype, two_acc=epilogue == EPI_SWIGLU))
+    tile_expert, tile_row, num_tiles = sched
+    prec, upcast = dot_precision(dtype)
+    dummy = out
+    h_ = h if h is not None else dummy
+    act_ = act if act is not None else dummy
+    grid = (num_tiles * triton.cdiv(N, cfg["BLOCK_N"]),)
+    _launch(_grouped_gemm_kernel, grid,
+            a, a.stride(0), a.stride(1),
+            b, b.stride(0), stride_bn, stride_bk,
+            bias if bias is not None else dummy, bias.stride(0) if bias is not None else 0,
+            out, out.stride(0), out.stride(1),
+            h_, h_.stride(0), h_.stride(1),
+            act_, act_.stride(0), act_.stride(1),
+            gather if gather is not None else tile_row, scatter if scatter is not None else tile_row,
+            scale if scale is not None else dummy,
+            tile_expert, tile_row, seg_end,
+            N, K, half, num_tiles,
+            GATHER=gather is not None, SCATTER=scatter is not None, SCALE=scale is not None,
+            HAS_BIAS=bias is not None, EPILOGUE=epilogue, SAVE_H=h is not None,
+            DTYPE=_TL_DTYPES[dtype], UPCAST=upcast, PRECISION=prec, RTNE=INTERPRET, **cfg)
+
+
+def grouped_xty(l_, r, out, *, seg_start, seg_end, dtype, rows_per_expert: float, gather_l=None, gather_r=None,
+                scale=None, dbias=None, cfg: dict | None = None) -> None:
+    """Launch :func:`_grouped_xty_kernel`: ``out[e] = (scale * L[seg_e])^T @ R[seg_e]`` (``out`` is ``[E, M, N]``)."""
+    E, M, N = out.shape
+    cfg = dict(cfg or xty_config(rows_per_expert, M, N, dtype))
+    prec, upcast = dot_precision(dtype)
+    grid = (E * triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
+    _launch(_grouped_xty_kernel, grid,
+            l_, l_.stride(0), l_.stride(1),
+            r, r.stride(0), r.stride(1),
+            out, out.stride(0), out.stride(1), out.stride(2),
+            dbias if dbias is not None else out, dbias.stride(0) if dbias is not None else 0,
+            gather_l if gather_l is not None else seg_start, gather_r if gather_r is not None else seg_start,
+            scale if scale is not None else out, seg_start, seg_end,
+            M, N,
+            GATHER_L=gather_l is not None, GATHER_R=gather_r is not None, SCALE=scale is not None,
+            DBIAS=dbias is not None, DTYPE=_TL_DTYPES[dtype], UPCAST=upcast, PRECISION=prec, RTNE=INTERPRET, **cfg)
+
+
+def combine(y_SD: torch.Tensor, ids_TK: torch.Tensor, out_TD: torch.Tensor, w_TK: torch.Tensor | None = None):
+    """``out[t] = sum_k w[t, k] * y[t*K + k]`` over the valid slots (``y_SD`` in slot-major order), in fp32."""
+    T, K = ids_TK.shape
+    D = out_TD.shape[1]
+    block_d = 32 if INTERPRET else _pow2(D, 16, 128)
+    block_t = 16 if INTERPRET else 32
+    grid = (triton.cdiv(T, block_t), triton.cdiv(D, block_d))
+    _launch(_combine_kernel, grid, y_SD, y_SD.stride(0), y_SD.stride(1),
+            w_TK if w_TK is not None else out_TD, ids_TK, out_TD, out_TD.stride(0), out_TD.stride(1), T, D, K,
+            HAS_W=w_TK is not None, RTNE=INTERPRET, BLOCK_T=block_t, BLOCK_D=block_d, num_warps=4)
+    return out_TD
+
+
+def weights_grad(g_TD: torch.Tensor, y_SD: torch.Tensor, ids_TK: torch.Tensor) -> torch.Tensor:
+    """fp32 ``dw[t, k] = <g[t], y[t*K + k]>`` (0 for empty slots)."""
+    T, K = ids_TK.shape
+    S, D = T * K, g_TD.shape[1]
+    out = torch.empty(S, dtype=torch.float32, device=g_TD.device)
+    block_s = 16 if INTERPRET else 64
+    block_d = 32 if INTERPRET else _pow2(D, 16, 128)
+    _launch(_weights_grad_kernel, (triton.cdiv(S, block_s),), g_TD, g_TD.stride(0), g_TD.stride(1),
+            y_SD, y_SD.stride(0), y_SD.stride(1), ids_TK, out, S, D, K,
+            BLOCK_S=block_s, BLOCK_D=block_d, num_warps=4)
+    return out.view(T, K)

@@ -1,0 +1,226 @@
+"""The ``triton`` experts backend against the ``loop`` reference, forward and backward (input, weight, bias and
+router-weight gradients), fp32 / bf16 / fp16, with empty experts, empty slots, T = 0, odd dims and biases.
+
+On CPU the kernels run under Triton's interpreter in a subprocess (``TRITON_INTERPRET=1`` must be set before the
+kernels are defined, and must not leak into the rest of the suite): one subprocess runs every case of
+``tests/triton_cases.py`` and each case is then asserted here as its own test. On a CUDA machine, ``TestCUDA`` runs
+the same cases (and larger ones) in-process on the GPU, plus checks that do not depend on speed. Without Triton these
+tests skip; the fallback tests run everywhere.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import moekit
+from moekit.dispatch.local import LocalDispatcher
+from moekit.experts import BACKENDS, Experts, backends
+from moekit.experts import triton_backend as tb
+from moekit.routing.base import RouterOutput
+
+from . import triton_cases as cases
+from .helpers import max_err, run_fwd_bwd
+
+ROOT = Path(__file__).resolve().parents[1]
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+needs_triton = pytest.mark.skipif(
+    not HAS_TRITON, reason="Triton is not installed (it comes with moekit[test] on Linux x86_64/aarch64)")
+HAS_CUDA = torch.cuda.is_available()
+
+
+# ------------------------------------------------------------------------------------------------ tolerances
+def check_case(name: str, res: dict) -> None:
+    """Assert one result of :func:`tests.triton_cases.run_case`."""
+    assert "exception" not in res, f"{name}: {res['exception']}\n{res.get('traceback', '')}"
+    if name != "zero_tokens":  # the kernels computed it, not a fallback
+        assert res["launches"] > 0, f"{name}: no Triton kernel was launched"
+    assert res["y_dtype"] == res["ref_y_dtype"]
+    exact = res["dtype"] == "float32" and "autocast" not in name
+    for key, err in res["errors"].items():
+        scale = res["scales"][key]
+        bound = 1e-5 * max(1.0, scale) if exact else 2e-2 * max(scale, 1e-3)
+        assert err <= bound, f"{name}: {key} differs from the loop by {err:.3g} > {bound:.3g} (|ref| <= {scale:.3g})"
+    # 16-bit: no less accurate than the loop computing in the same dtype (both measured against an fp32 loop)
+    for key, err in res.get("errors_vs_fp32", {}).items():
+        loop_err, scale = res["loop_errors_vs_fp32"][key], res["scales"][key]
+        bound = 1.5 * loop_err + 1e-3 * scale
+        assert err <= bound, (f"{name}: {key} is {err:.3g} from fp32, the {res['dtype']} loop {loop_err:.3g} "
+                              f"(bound {bound:.3g})")
+
+
+# --------------------------------------------------------------------------------------- interpreter (CPU)
+@pytest.fixture(scope="module")
+def interpreted(tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("triton") / "results.json"
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, "-m", "tests.triton_cases", "--device", "cpu", "--out", str(out)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    if proc.returncode != 0 or not out.exists():
+        pytest.fail(f"the interpreter run failed (exit {proc.returncode}):\n{proc.stderr[-6000:]}")
+    res = json.loads(out.read_text())
+    assert res["interpreting"], "TRITON_INTERPRET=1 did not switch the kernels to the interpreter"
+    return res["cases"]
+
+
+@needs_triton
+@pytest.mark.parametrize("name", cases.all_case_names("cpu"))
+def test_interpreter_matches_loop(interpreted, name):
+    check_case(name, interpreted[name])
+
+
+def test_check_case_rejects_wrong_results():
+    """The tolerance check itself can fail: a gradient off by 1e-3 in fp32, or a bf16 result worse than the loop."""
+    good = {"launches": 3, "dtype": "float32", "y_dtype": "torch.float32", "ref_y_dtype": "torch.float32",
+            "errors": {"y": 1e-7, "x": 1e-3}, "scales": {"y": 1.0, "x": 1.0}}
+    with pytest.raises(AssertionError, match="x differs"):
+        check_case("swiglu", good)
+    bf16 = {**good, "dtype": "bfloat16", "errors": {"y": 1e-3, "x": 1e-3},
+            "errors_vs_fp32": {"y": 1e-2, "x": 1e-3}, "loop_errors_vs_fp32": {"y": 2e-3, "x": 1e-3}}
+    with pytest.raises(AssertionError, match="y is"):
+        check_case("swiglu@bf16", bf16)
+    with pytest.raises(AssertionError, match="no Triton kernel"):
+        check_case("swiglu", {**good, "launches": 0})
+
+
+# ------------------------------------------------------------------------------------- selection / fallback
+def _layer(backend: str, **kw):
+    torch.manual_seed(1)
+    return moekit.MoE(16, 24, num_experts=4, top_k=2, backend=backend, **kw)
+
+
+def test_registered():
+    assert "triton" in BACKENDS
+    assert moekit.MoEConfig(16, 24, 4, 2, backend="triton").backend == "triton"
+
+
+def test_cpu_without_interpreter_falls_back_to_fused(monkeypatch, caplog):
+    if tb.interpreting():
+        pytest.skip("this process runs Triton under the interpreter, so the kernels run on CPU instead")
+    monkeypatch.setattr(tb, "_WARNED", set())
+    launches_before = cases._launches()
+    x = torch.randn(11, 16)
+    with caplog.at_level(logging.WARNING, logger=tb.__name__):
+        got = run_fwd_bwd(_layer("triton"), x)
+        run_fwd_bwd(_layer("triton"), x)
+    ref = run_fwd_bwd(_layer("fused"), x)
+    warnings = [r for r in caplog.records if "'triton' experts backend cannot run here" in r.getMessage()]
+    assert len(warnings) == 1 and "'fused'" in warnings[0].getMessage()  # once, naming the replacement
+    assert cases._launches() == launches_before
+    assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
+    for k in ref[2]:
+        assert torch.equal(got[2][k], ref[2][k]), k
+
+
+def test_without_triton_falls_back(monkeypatch, caplog):
+    monkeypatch.setattr(tb, "_AVAILABLE", False)
+    monkeypatch.setattr(tb, "_WARNED", set())
+    assert tb.triton_usable(torch.device("cuda"), torch.float32) == "Triton is not installed"
+    x = torch.randn(5, 16)
+    with caplog.at_level(logging.WARNING, logger=tb.__name__):
+        y = _layer("triton")(x)
+    assert "Triton is not installed" in caplog.text
+    assert max_err(y, _layer("loop")(x)) < 1e-5
+
+
+def test_usable_reasons():
+    if not HAS_TRITON:
+        pytest.skip("Triton is not installed")
+    assert "float64" in tb.triton_usable(torch.device("cuda"), torch.float64)
+    assert tb.triton_usable(torch.device("cuda"), torch.bfloat16) is None
+    if not tb.interpreting():
+        assert "TRITON_INTERPRET" in tb.triton_usable(torch.device("cpu"), torch.float32)
+
+
+def test_auto_on_cpu_stays_fused(monkeypatch):
+    def boom(*a, **k):
+        raise AssertionError("auto chose triton on CPU")
+
+    calls = []
+    real_fused = backends.fused_backend
+    monkeypatch.setattr(backends, "triton_backend", boom)
+    monkeypatch.setattr(backends, "fused_backend", lambda *a: calls.append(1) or real_fused(*a))
+    x = torch.randn(6, 16)
+    y = _layer("auto")(x)
+    assert calls and max_err(y, _layer("loop")(x)) < 1e-5
+
+
+@needs_triton
+@pytest.mark.parametrize("seed", range(6))
+def test_tile_schedule_covers_every_row_once(seed):
+    from moekit.kernels.triton_moe import tile_schedule
+
+    g = torch.Generator().manual_seed(seed)
+    E = int(torch.randint(1, 9, (), generator=g))
+    counts = torch.randint(0, 40, (E,), generator=g) * (torch.rand(E, generator=g) > 0.3)
+    S = int(counts.sum()) + int(torch.randint(0, 5, (), generator=g))  # plus some empty slots at the end
+    block_m = [16, 32, 64][seed % 3]
+    offsets = torch.cumsum(counts, 0).to(torch.int32)
+    tile_expert, tile_row, num_tiles = tile_schedule(counts, offsets, S, block_m)
+    assert tile_expert.shape == tile_row.shape == (num_tiles,)
+    seen = torch.zeros(S, dtype=torch.int64)
+    for e, r in zip(tile_expert.tolist(), tile_row.tolist()):
+        if e < 0:
+            continue
+        end = int(offsets[e])
+        start = end - int(counts[e])
+        assert start <= r < end, (e, r, start, end)  # a tile starts inside its expert's segment
+        seen[r:min(r + block_m, end)] += 1
+    assert torch.equal(seen[:int(counts.sum())], torch.ones(int(counts.sum()), dtype=torch.int64))
+    assert (tile_expert >= 0).sum() == ((counts + block_m - 1) // block_m).sum()
+
+
+# ---------------------------------------------------------------------------------------------------- CUDA
+@needs_triton
+@pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")
+class TestCUDA:
+    @pytest.mark.parametrize("name", cases.all_case_names("cuda"))
+    def test_matches_loop(self, name):
+        check_case(name, cases.run_case(name, "cuda"))
+
+    def test_auto_picks_triton(self):
+        x = torch.randn(7, 16, device="cuda")
+        before = cases._launches()
+        y = _layer("auto").cuda()(x)
+        assert cases._launches() > before
+        assert max_err(y, _layer("loop").cuda()(x)) < 1e-5
+
+    def test_deterministic(self):
+        x = torch.randn(64, 16, device="cuda")
+        a = run_fwd_bwd(_layer("triton").cuda(), x)
+        b = run_fwd_bwd(_layer("triton").cuda(), x)
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+        for k in a[2]:
+            assert torch.equal(a[2][k], b[2][k]), k
+
+    def test_no_host_sync(self):
+        spec = dict(E=8, K=2, T=33, D=32, F=48)
+        torch.manual_seed(0)
+        ex = Experts(8, 32, 48, backend="triton").cuda()
+        ids, weights, _ = cases._routing(spec, "cuda")
+        weights.requires_grad_(True)
+        logits = torch.zeros(33, 8, device="cuda")
+        plan = LocalDispatcher(8).plan(RouterOutput(logits, logits, ids, weights))
+        x = torch.randn(33, 32, device="cuda", requires_grad=True)
+        ex(x, plan)  # compile the kernels first
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            ex(x, plan).sum().backward()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    def test_tf32_follows_torch(self, monkeypatch):
+        from moekit.kernels import triton_moe
+
+        assert triton_moe.dot_precision(torch.float32) == ("ieee", False)
+        monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+        assert triton_moe.dot_precision(torch.float32) == ("tf32", False)

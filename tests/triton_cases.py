@@ -1,0 +1,226 @@
+"""Cases for the ``triton`` experts backend, each checked against the ``loop`` reference, forward and backward.
+
+Used by ``tests/test_triton.py`` in two ways: on CPU it runs this module in a subprocess with ``TRITON_INTERPRET=1``
+(the interpreter must be switched on before Triton's kernels are defined, and must stay off for the rest of the
+suite); on CUDA it calls :func:`run_case` in-process. :func:`run_case` returns numbers only (errors, scales, kernel
+launches); the tolerances live in the test, so a failure there names the case and the tensor.
+
+    TRITON_INTERPRET=1 python -m tests.triton_cases [--device cpu] [--out results.json] [case ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import torch
+
+import moekit
+from moekit.dispatch.local import LocalDispatcher
+from moekit.experts import Experts
+from moekit.routing.base import RouterOutput
+
+# Experts-level cases: hand-built routing (exact control of empty experts and empty slots), a differentiable
+# weights_TK so the router-weight gradient is checked directly. Shapes are tiny: the interpreter is slow.
+EXPERT_CASES: dict[str, dict] = {
+    "swiglu": dict(E=4, K=2, T=9, D=24, F=40),
+    "swiglu_bias_odd_dims": dict(E=5, K=2, T=11, D=19, F=23, bias=True),
+    "multi_tile": dict(E=2, K=1, T=45, D=70, F=66, bias=True),  # >1 row tile per expert, >1 K step, >1 N tile
+    "empty_experts": dict(E=8, K=2, T=7, D=16, F=24, only_experts=(1, 5)),
+    "empty_slots_dynamic_k": dict(E=4, K=3, T=10, D=16, F=20, empty_frac=0.4),
+    "capacity_drops": dict(E=4, K=2, T=12, D=16, F=24, capacity_factor=0.5),
+    "all_slots_empty": dict(E=4, K=2, T=5, D=16, F=24, empty_frac=1.0),
+    "zero_tokens": dict(E=4, K=2, T=0, D=16, F=24),
+    "gelu_bias": dict(E=4, K=2, T=9, D=20, F=28, activation="gelu", bias=True),
+    "gpt_oss_gated_bias": dict(E=4, K=2, T=9, D=16, F=24, activation="gpt_oss", bias=True),
+    "non_contiguous_x": dict(E=4, K=2, T=9, D=24, F=40, transposed_x=True),
+    "frozen_experts": dict(E=4, K=2, T=9, D=24, F=40, frozen=True),
+    "fp16": dict(E=4, K=2, T=9, D=24, F=40, dtype="float16"),
+    "autocast_bf16": dict(E=4, K=2, T=9, D=24, F=40, autocast=True),
+}
+# The same cases in bf16 (weights and input), compared with the bf16 loop and with an fp32 loop.
+BF16_CASES = ("swiglu", "swiglu_bias_odd_dims", "multi_tile", "empty_slots_dynamic_k", "gelu_bias")
+# Whole-layer cases (router, dispatcher and experts; the router weight's gradient includes the routing weights').
+LAYER_CASES: dict[str, dict] = {
+    "layer_top_p": dict(num_experts=6, top_k=3, router="top_p", router_kwargs=dict(p=0.5)),
+    "layer_switch_capacity": dict(num_experts=4, top_k=1, router="switch", capacity_factor=0.5, expert_bias=True),
+}
+# Larger shapes for a GPU only (they select the big-tile configurations), too slow for the interpreter.
+CUDA_ONLY_CASES: dict[str, dict] = {
+    "cuda_medium": dict(E=8, K=2, T=512, D=256, F=176, bias=True),
+    "cuda_large": dict(E=8, K=2, T=4096, D=512, F=352),
+    "cuda_fine_grained": dict(E=64, K=8, T=1024, D=128, F=96),
+}
+
+
+def all_case_names(device: str = "cpu") -> list[str]:
+    names = list(EXPERT_CASES) + [f"{n}@bf16" for n in BF16_CASES] + list(LAYER_CASES)
+    return names + list(CUDA_ONLY_CASES) if device == "cuda" else names
+
+
+def _err(a: torch.Tensor | None, b: torch.Tensor | None) -> float:
+    if a is None or b is None:
+        return float("nan") if (a is None) != (b is None) else 0.0
+    if a.shape != b.shape:
+        raise AssertionError(f"shape {tuple(a.shape)} != reference {tuple(b.shape)}")
+    return (a.float() - b.float()).abs().max().item() if a.numel() else 0.0
+
+
+def _scale(t: torch.Tensor | None) -> float:
+    return t.float().abs().max().item() if t is not None and t.numel() else 0.0
+
+
+def _launches() -> int:
+    mod = sys.modules.get("moekit.kernels.triton_moe")
+    return mod.LAUNCHES["count"] if mod is not None else 0
+
+
+# ------------------------------------------------------------------------------------------- experts cases
+def _routing(spec: dict, device) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    E, K, T = spec["E"], spec["K"], spec["T"]
+    g = torch.Generator().manual_seed(7)
+    pool = spec.get("only_experts", tuple(range(E)))
+    if len(pool) < K:
+        raise ValueError("only_experts must hold at least K experts")
+    ids = torch.stack([torch.tensor(pool)[torch.randperm(len(pool), generator=g)[:K]] for _ in range(T)]) \
+        if T else torch.zeros(0, K, dtype=torch.int64)
+    may_have_empty = False
+    if spec.get("empty_frac"):
+        drop = torch.rand(T, K, generator=g) < spec["empty_frac"]
+        if spec["empty_frac"] >= 1.0:
+            drop[:] = True
+        ids = torch.where(drop, -1, ids)
+        may_have_empty = True
+    weights = torch.rand(T, K, generator=g) + 0.1
+    return ids.to(device), weights.to(device), may_have_empty
+
+
+def _expert_pass(spec: dict, backend: str, dtype: torch.dtype, device: str):
+    torch.manual_seed(3)
+    D, F, E = spec["D"], spec["F"], spec["E"]
+    ex = Experts(E, D, F, activation=spec.get("activation", "swiglu"), bias=spec.get("bias", False),
+                 backend=backend)
+    with torch.no_grad():
+        for name, p in ex.named_parameters():
+            if "bias" in name:
+                p.uniform_(-0.2, 0.2)
+    wdtype = torch.float32 if spec.get("autocast") else dtype
+    ex = ex.to(device=device, dtype=wdtype)
+    if spec.get("frozen"):
+        ex.requires_grad_(False)
+    ids, weights, may_have_empty = _routing(spec, device)
+    weights = weights.to(wdtype).requires_grad_(True)
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(spec["T"], D, generator=g)
+    if spec.get("transposed_x"):
+        x = torch.randn(D, spec["T"], generator=g).T
+    x = x.to(device=device, dtype=wdtype).requires_grad_(True)
+    logits = torch.zeros(spec["T"], E, device=device)
+    routed = RouterOutput(logits, logits.softmax(-1), ids, weights, may_have_empty=may_have_empty)
+    plan = LocalDispatcher(E, capacity_factor=spec.get("capacity_factor")).plan(routed)
+    ctx = torch.autocast(device, dtype=torch.bfloat16) if spec.get("autocast") else torch.autocast(device,
+                                                                                                    enabled=False)
+    with ctx:
+        y = ex(x, plan)
+    upstream = torch.randn(y.shape, generator=torch.Generator().manual_seed(5)).to(device=device, dtype=y.dtype)
+    if y.requires_grad:  # the loop returns a constant when no slot reaches an expert
+        y.backward(upstream)
+    leaves = {n: p for n, p in ex.named_parameters() if p.requires_grad}
+    leaves.update(x=x, weights_TK=weights)
+    grads = {n: t.grad if t.grad is not None else torch.zeros_like(t) for n, t in leaves.items()}
+    return y.detach(), grads, plan
+
+
+def run_expert_case(name: str, device: str, dtype: torch.dtype | None = None) -> dict:
+    spec = EXPERT_CASES.get(name) or CUDA_ONLY_CASES[name]
+    dtype = dtype or getattr(torch, spec.get("dtype", "float32"))
+    ref_y, ref_g, plan = _expert_pass(spec, "loop", dtype, device)
+    before = _launches()
+    y, g, _ = _expert_pass(spec, "triton", dtype, device)
+    launches = _launches() - before
+    out = {"dtype": str(dtype).removeprefix("torch."), "launches": launches, "y_dtype": str(y.dtype),
+           "ref_y_dtype": str(ref_y.dtype), "errors": {"y": _err(y, ref_y)}, "scales": {"y": _scale(ref_y)},
+           "valid_slots": int(plan.counts_E.sum()), "idle_experts": int((plan.counts_E == 0).sum())}
+    if set(g) != set(ref_g):
+        raise AssertionError(f"gradients {sorted(g)} != reference {sorted(ref_g)}")
+    for k in ref_g:
+        out["errors"][k] = _err(g[k], ref_g[k])
+        out["scales"][k] = _scale(ref_g[k])
+    if dtype != torch.float32:  # the same case in fp32 (loop): how far each 16-bit result is from exact
+        ref32_y, ref32_g, _ = _expert_pass(spec, "loop", torch.float32, device)
+        out["errors_vs_fp32"] = {"y": _err(y, ref32_y), **{k: _err(g[k], ref32_g[k]) for k in ref32_g}}
+        out["loop_errors_vs_fp32"] = {"y": _err(ref_y, ref32_y), **{k: _err(ref_g[k], ref32_g[k]) for k in ref32_g}}
+    return out
+
+
+# --------------------------------------------------------------------------------------------- layer cases
+def _layer_pass(name: str, backend: str, device: str):
+    torch.manual_seed(1)
+    layer = moekit.MoE(16, 24, backend=backend, **LAYER_CASES[name]).to(device)
+    with torch.no_grad():
+        for n, p in layer.named_parameters():
+            if "bias" in n:
+                p.uniform_(-0.1, 0.1)
+    x = torch.randn(2, 9, 16, generator=torch.Generator().manual_seed(2)).to(device).requires_grad_(True)
+    y = layer(x)
+    y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(4)).to(device))
+    grads = {n: p.grad for n, p in layer.named_parameters() if p.grad is not None}
+    grads["x"] = x.grad
+    return y.detach(), grads
+
+
+def run_layer_case(name: str, device: str) -> dict:
+    ref_y, ref_g = _layer_pass(name, "loop", device)
+    before = _launches()
+    y, g = _layer_pass(name, "triton", device)
+    out = {"dtype": "float32", "launches": _launches() - before, "y_dtype": str(y.dtype),
+           "ref_y_dtype": str(ref_y.dtype), "errors": {"y": _err(y, ref_y)}, "scales": {"y": _scale(ref_y)}}
+    if set(g) != set(ref_g):
+        raise AssertionError(f"gradients {sorted(g)} != reference {sorted(ref_g)}")
+    for k in ref_g:
+        out["errors"][k] = _err(g[k], ref_g[k])
+        out["scales"][k] = _scale(ref_g[k])
+    return out
+
+
+def run_case(name: str, device: str = "cpu") -> dict:
+    t0 = time.perf_counter()
+    if name.endswith("@bf16"):
+        out = run_expert_case(name.removesuffix("@bf16"), device, torch.bfloat16)
+    elif name in LAYER_CASES:
+        out = run_layer_case(name, device)
+    else:
+        out = run_expert_case(name, device)
+    out["seconds"] = time.perf_counter() - t0
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("cases", nargs="*")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--out", default=None, help="write the results as JSON here (default: print them)")
+    args = ap.parse_args(argv)
+    from moekit.experts.triton_backend import interpreting
+
+    results = {"interpreting": interpreting(), "triton": __import__("triton").__version__, "cases": {}}
+    for name in args.cases or all_case_names(args.device):
+        try:
+            results["cases"][name] = run_case(name, args.device)
+        except Exception as e:  # noqa: BLE001 - reported per case, the test names it
+            import traceback
+
+            results["cases"][name] = {"exception": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
+    text = json.dumps(results, indent=1)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text)
+    else:
+        print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
