@@ -1,4 +1,4 @@
-"""The ``moekit`` command: train, compare, generate, bench."""
+"""The ``moekit`` command: train, compare, generate, convert, bench."""
 
 from __future__ import annotations
 
@@ -149,49 +149,119 @@ def print_compare(summary: dict, out: Path) -> None:
 
 @app.command()
 def generate(
-    ckpt: Path = typer.Option(..., help="Checkpoint folder (or the run folder that contains checkpoint/)."),
+    ckpt: Path = typer.Option(..., help="Checkpoint folder (or the run folder that contains checkpoint/); "
+                                        "moekit-trained or converted with `moekit convert --from-hf`."),
     prompt: str = typer.Option("def ", help="Text to continue."),
-    max_new_tokens: int = typer.Option(200, help="Bytes to generate."),
+    prompt_ids: Optional[str] = typer.Option(None, help="Comma-separated token ids to continue instead of --prompt "
+                                                        "(for converted models that came without a tokenizer)."),
+    max_new_tokens: int = typer.Option(200, help="Tokens (bytes, for byte-level models) to generate."),
     temperature: float = typer.Option(0.8, help="Sampling temperature (ignored with --greedy)."),
-    top_p: Optional[float] = typer.Option(0.95, help="Nucleus sampling: keep the smallest set of bytes with this "
+    top_p: Optional[float] = typer.Option(0.95, help="Nucleus sampling: keep the smallest set of tokens with this "
                                                      "total probability."),
-    greedy: bool = typer.Option(False, help="Always take the most likely byte."),
+    greedy: bool = typer.Option(False, help="Always take the most likely token."),
     seed: int = typer.Option(0, help="Sampling seed."),
+    stop_at_eos: bool = typer.Option(True, help="Stop at the model's end-of-sequence token, if it has one."),
 ) -> None:
-    """Continue a prompt with a trained checkpoint, streaming the text as it is generated."""
+    """Continue a prompt with a checkpoint (KV cache; greedy or temperature/top-p sampling), streaming the text as
+    it is generated."""
     import torch
 
+    from .interop.text import load_codec
     from .train.checkpoint import CheckpointError
-    from .train.data import decode, encode
     from .train.trainer import load_lm
 
     path = ckpt / "checkpoint" if (ckpt / "checkpoint").is_dir() else ckpt
     try:
-        model, _ = load_lm(path)
-        ids = torch.tensor([encode(prompt)], dtype=torch.long)
-        if ids.shape[1] == 0:
-            _fail("--prompt must not be empty")
-        pending = bytearray()
-        console.print(prompt, end="", highlight=False, markup=False)
-
-        def stream(token: int) -> None:  # print whole UTF-8 characters as they complete
-            pending.append(token)
+        model, meta = load_lm(path)
+        codec = load_codec(path, meta, model.config.vocab_size)
+        if prompt_ids is not None:
             try:
-                text = pending.decode("utf-8")
-            except UnicodeDecodeError:
-                if len(pending) < 4:
-                    return
-                text = decode(list(pending))
-            pending.clear()
-            console.print(text, end="", highlight=False, markup=False, soft_wrap=True)
+                tokens = [int(t) for t in prompt_ids.replace(" ", "").split(",") if t]
+            except ValueError:
+                _fail(f"--prompt-ids must be comma-separated integers, got {prompt_ids!r}")
+        elif codec is None:
+            _fail(f"{path} has no tokenizer (no tokenizer.json) and is not a byte-level model: pass --prompt-ids, "
+                  "or copy the tokenizer files of the original model into the checkpoint folder")
+        else:
+            tokens = codec.encode(prompt)
+        if not tokens:
+            _fail("the prompt must not be empty")
+        ids = torch.tensor([tokens], dtype=torch.long)
+        as_text = codec is not None and prompt_ids is None
+        console.print(codec.start(tokens) if as_text else " ".join(map(str, tokens)), end="", highlight=False,
+                      markup=False)
 
+        def stream(token: int) -> None:
+            text = codec.push(token) if as_text else f" {token}"
+            if text:
+                console.print(text, end="", highlight=False, markup=False, soft_wrap=True)
+
+        stop = codec.stop_ids if (codec is not None and stop_at_eos) else None
         model.generate(ids, max_new_tokens, temperature=temperature, top_p=top_p, greedy=greedy,
-                       generator=torch.Generator().manual_seed(seed), stream=stream)
-        if pending:
-            console.print(decode(list(pending)), end="", highlight=False, markup=False)
+                       generator=torch.Generator().manual_seed(seed), stream=stream, stop_ids=stop)
+        if as_text:
+            console.print(codec.flush(), end="", highlight=False, markup=False)
         console.print()
     except (ValueError, CheckpointError) as e:
         _fail(str(e))
+
+
+@app.command()
+def convert(
+    from_hf: Optional[Path] = typer.Option(None, "--from-hf", help="Hugging Face model folder to read (config.json "
+                                           "+ *.safetensors, one file or shards with an index)."),
+    to_hf: Optional[Path] = typer.Option(None, "--to-hf", help="moekit checkpoint folder to write as a Hugging Face "
+                                         "model folder (transformers from_pretrained loads it)."),
+    out: Path = typer.Option(..., help="Output folder: a moekit checkpoint (--from-hf) or a Hugging Face folder "
+                                       "(--to-hf)."),
+    layout: Optional[str] = typer.Option(None, help="--to-hf expert layout: per_expert (hub checkpoints) or fused "
+                                                    "(transformers v5). Default: the layout the model came in."),
+    model_type: Optional[str] = typer.Option(None, help="--to-hf of a moekit-trained model: the transformers family "
+                                                        "to write (mixtral, qwen2_moe, qwen3_moe, olmoe; default: "
+                                                        "the first that matches)."),
+    max_shard_size: Optional[str] = typer.Option(None, help="--to-hf: shard the weights, e.g. 5GB or 500MB."),
+    overwrite: bool = typer.Option(False, help="Replace --out if it exists."),
+) -> None:
+    """Convert Hugging Face MoE checkpoints (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE) to moekit's LM and back.
+
+    Reads safetensors only (never pickles); the round trip gives back every tensor bit for bit."""
+    from .interop.convert import from_hf_folder, to_hf_folder
+    from .interop.hf_files import HFCheckpointError
+    from .train.checkpoint import CheckpointError
+
+    if (from_hf is None) == (to_hf is None):
+        _fail("pass exactly one of --from-hf HF_FOLDER (to a moekit checkpoint) or --to-hf CHECKPOINT (to a Hugging "
+              "Face folder)")
+    try:
+        if from_hf is not None:
+            if layout or model_type or max_shard_size:
+                _fail("--layout, --model-type and --max-shard-size apply to --to-hf only")
+            summary = from_hf_folder(from_hf, out, overwrite=overwrite)
+        else:
+            ckpt = to_hf / "checkpoint" if (to_hf / "checkpoint").is_dir() else to_hf
+            summary = to_hf_folder(ckpt, out, model_type=model_type, layout=layout, overwrite=overwrite,
+                                   max_shard_bytes=_parse_size(max_shard_size) if max_shard_size else None)
+    except (HFCheckpointError, CheckpointError, ValueError) as e:
+        _fail(str(e))
+    table = Table(title=f"converted {'from' if from_hf else 'to'} Hugging Face")
+    table.add_column("")
+    table.add_column("", overflow="fold")
+    for key, value in summary.items():
+        table.add_row(key, ", ".join(map(str, value)) if isinstance(value, list) else f"{value:,}"
+                      if isinstance(value, int) else str(value))
+    console.print(table)
+
+
+def _parse_size(text: str) -> int:
+    """``"5GB"`` → bytes (decimal units, as transformers' max_shard_size)."""
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "B": 1}
+    t = text.strip().upper()
+    for unit, factor in units.items():
+        if t.endswith(unit) and t[:-len(unit)].strip().replace(".", "", 1).isdigit():
+            return int(float(t[:-len(unit)]) * factor)
+    if t.isdigit():
+        return int(t)
+    raise ValueError(f"--max-shard-size must look like 500MB or 5GB, got {text!r}")
 
 
 @app.command()

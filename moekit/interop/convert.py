@@ -26,7 +26,8 @@ import torch
 
 from ..models import LMConfig
 from ..train.checkpoint import load_checkpoint, write_checkpoint
-from .hf_files import FLOAT_DTYPES, SIDECARS, HFCheckpointError, SafetensorsFolder, read_config, write_folder
+from .hf_files import (FLOAT_DTYPES, SIDECARS, HFCheckpointError, SafetensorsFolder, check_out, new_folder,
+                       read_config, write_folder)
 
 #: Keys of old checkpoints that hold no weights (recomputed by every implementation); skipped when reading.
 IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
@@ -449,10 +450,12 @@ def _join(rule: Rule, src: SafetensorsFolder) -> torch.Tensor:
     return pieces[0].clone() if len(pieces) == 1 else torch.cat(pieces, dim=rule.dim)
 
 
-def from_hf_folder(folder: str | Path, out: str | Path) -> dict:
+def from_hf_folder(folder: str | Path, out: str | Path, *, overwrite: bool = False) -> dict:
     """Convert a Hugging Face checkpoint folder into a moekit checkpoint folder ``out`` (loadable with
-    :func:`moekit.train.trainer.load_lm` and ``moekit generate --ckpt``). Returns a summary."""
+    :func:`moekit.train.trainer.load_lm` and ``moekit generate --ckpt``); tokenizer files come along. Returns a
+    summary."""
     folder, out = Path(folder), Path(out)
+    check_out(out, overwrite)
     hf, cfg, layout, tensors = read_hf_folder(folder)
     dtypes = sorted({str(t.dtype).removeprefix("torch.") for n, t in tensors.items() if "load_accum" not in n
                      and "expert_bias" not in n})
@@ -477,13 +480,14 @@ def _copy_sidecars(src: Path, dst: Path) -> list[str]:
 
 # ------------------------------------------------------------------------------------------------- moekit → HF
 def to_hf_folder(ckpt: str | Path, out: str | Path, *, model_type: str | None = None, layout: str | None = None,
-                 max_shard_bytes: int | None = None) -> dict:
+                 max_shard_bytes: int | None = None, overwrite: bool = False) -> dict:
     """Write a moekit checkpoint as a Hugging Face folder that ``AutoModelForCausalLM.from_pretrained`` loads.
 
     A checkpoint converted from Hugging Face keeps its original ``config.json`` and expert layout (so the round trip
     is bit-identical); a native moekit model is written as the family ``model_type`` (default: the one its
     architecture matches). ``layout`` = ``"per_expert"`` (hub style) or ``"fused"`` overrides the expert layout."""
     ckpt, out = Path(ckpt), Path(out)
+    check_out(out, overwrite)
     meta, tensors, _ = load_checkpoint(ckpt)
     try:
         cfg = LMConfig.from_dict(meta["model_config"])
@@ -511,7 +515,7 @@ def to_hf_folder(ckpt: str | Path, out: str | Path, *, model_type: str | None = 
         lay = Layout(layout, arch.moe_prefixes[0] if layout == "fused" else lay.prefix)
     for name, t in tensors.items():
         if name.endswith("router.expert_bias") and bool(t.any()):
-            raise HFCheckpointError(f"{name} is nonzero (auxiliary-loss-free balancing moved it); {arch.model_type} "
+            raise HFCheckpointError(f"{name} is nonzero (auxiliary-loss-free balancing sets it); {arch.model_type} "
                                     "has no selection bias, so the model would route differently in transformers")
     rules, shapes = tensor_rules(cfg, arch, lay)
     hf_tensors = {}
@@ -519,8 +523,9 @@ def to_hf_folder(ckpt: str | Path, out: str | Path, *, model_type: str | None = 
         if rule.target not in tensors:
             raise HFCheckpointError(f"{ckpt} lacks tensor {rule.target}")
         hf_tensors.update(_split(rule, tensors[rule.target], shapes))
-    files = write_folder(out, hf, hf_tensors, max_shard_bytes)
-    copied = _copy_sidecars(ckpt, out)
+    with new_folder(out, overwrite) as tmp:
+        files = write_folder(tmp, hf, hf_tensors, max_shard_bytes)
+        copied = _copy_sidecars(ckpt, tmp)
     return {"out": str(out), "model_type": arch.model_type, "layout": lay.experts, "tensors": len(hf_tensors),
             "files": [f.name for f in files], "copied": copied}
 

@@ -10,7 +10,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -157,3 +161,31 @@ def write_folder(folder: str | Path, config: dict, tensors: dict[str, torch.Tens
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (folder / INDEX).write_text(json.dumps(index, indent=2) + "\n")
     return files
+
+
+def check_out(out: Path, overwrite: bool) -> None:
+    """Refuse to replace a non-empty output folder unless asked to."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise HFCheckpointError(f"{out} already exists and is not empty; choose another output folder or pass "
+                                "overwrite=True (--overwrite) to replace it")
+
+
+@contextmanager
+def new_folder(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """A fresh temporary folder beside ``out`` that replaces ``out`` only when the block completes."""
+    out = Path(out)
+    check_out(out, overwrite)
+    tmp, old = out.with_name(out.name + ".tmp"), out.with_name(out.name + ".old")
+    for leftover in (tmp, old):
+        if leftover.exists():
+            shutil.rmtree(leftover)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        os.replace(out, old)
+    os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)

@@ -13,7 +13,7 @@ dim, ``V`` vocabulary.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -242,12 +242,14 @@ class TransformerLM(nn.Module):
     @torch.no_grad()
     def generate(self, ids_BL: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0,
                  top_p: float | None = None, greedy: bool = False, generator: torch.Generator | None = None,
-                 stream: Callable[[int], None] | None = None) -> torch.Tensor:
+                 stream: Callable[[int], None] | None = None, stop_ids: Sequence[int] | None = None) -> torch.Tensor:
         """Continue ``ids_BL`` by ``max_new_tokens`` tokens with a KV cache; returns ``[B, L + new]``.
 
         ``greedy`` takes the argmax; otherwise samples from ``softmax(logits / temperature)``, restricted to the
         smallest set of tokens whose probability reaches ``top_p`` when given. ``stream(token)`` is called with each
-        new token of the first sequence as it is produced.
+        new token of the first sequence as it is produced. With ``stop_ids`` (e.g. end-of-sequence ids), a sequence
+        that produced one is finished: it repeats that token while the others go on, and generation ends early once
+        all are finished.
         """
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
@@ -263,12 +265,20 @@ class TransformerLM(nn.Module):
         self.eval()
         cache = KVCache(self.config, B, L + max_new_tokens, self.embed.weight.dtype, ids_BL.device)
         out = [ids_BL]
+        stop = torch.tensor(sorted(set(stop_ids)), device=ids_BL.device) if stop_ids else None
+        finished_B1 = torch.zeros(B, 1, dtype=torch.bool, device=ids_BL.device)
         logits, _ = self(ids_BL, cache=cache)
         for _ in range(max_new_tokens):
             next_B1 = sample_next(logits[:, -1].float(), temperature, top_p, greedy, generator)
+            if stop is not None:
+                next_B1 = torch.where(finished_B1, out[-1][:, -1:], next_B1)  # finished rows repeat their stop token
             out.append(next_B1)
-            if stream is not None:
+            if stream is not None and not finished_B1[0, 0]:
                 stream(int(next_B1[0, 0]))
+            if stop is not None:
+                finished_B1 = finished_B1 | torch.isin(next_B1, stop)
+                if bool(finished_B1.all()):
+                    break
             if cache.length < cache.max_len:
                 logits, _ = self(next_B1, cache=cache)
         self.train(was_training)
