@@ -55,10 +55,14 @@ dl dt{font-weight:600;margin-top:.6em} dl dd{margin-left:1.2em}
 """
 
 
+# tab20 without its greys (grey marks dropped bytes): the 9 strong colours first, then their 9 light partners
+_TAB20_ORDER = [0, 2, 4, 6, 8, 10, 12, 16, 18, 1, 3, 5, 7, 9, 11, 13, 17, 19]
+
+
 def expert_colours(n: int) -> list[str]:
-    """Light background colours, one per expert (tab20 blended with white; golden-ratio hues beyond 20)."""
-    if n <= 20:
-        base = [colormaps["tab20"](i if n > 10 else 2 * i) for i in range(n)]
+    """Light background colours, one per expert (tab20 blended with white; golden-ratio hues beyond 18)."""
+    if n <= len(_TAB20_ORDER):
+        base = [colormaps["tab20"](i) for i in _TAB20_ORDER[:n]]
         return [to_hex(tuple(0.45 * c + 0.55 for c in rgba[:3])) for rgba in base]
     return [to_hex(hsv_to_rgb(((i * 0.618034) % 1.0, 0.35, 0.97))) for i in range(n)]
 

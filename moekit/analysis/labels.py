@@ -19,7 +19,8 @@ Domains. By default a file's domain is the one ``meta.json`` records (its top-le
 
     {"email/*": "mail", "http/*": "web", "urllib/*": "web", "*.md": "docs"}
 
-The first key (in file order) that matches a path wins; unmatched files keep their default domain. A key that
+The first key (in file order) that matches a path wins (``*`` also matches ``/``); unmatched files keep their
+default domain. A key that
 matches no file of the corpus is an error (it is almost always a typo).
 """
 

@@ -132,7 +132,7 @@ def coactivation(stats: RoutingStats):
     if not layers:
         return None
     E = max(s.num_experts for s in layers)
-    fig, axes = _grid(len(layers), 0.4 * E + 2.2, 0.4 * E + 1.4)
+    fig, axes = _grid(len(layers), 0.4 * E + 2.2, 0.4 * E + 1.4, cols=4 if E <= 6 else 2)
     for ax, s in zip(axes, layers):
         r_E = s.token_rate_E
         with np.errstate(invalid="ignore", divide="ignore"):
@@ -157,7 +157,7 @@ def layer_paths(stats: RoutingStats):
     if not pairs:
         return None
     E = max(s.num_experts for s, _ in pairs)
-    fig, axes = _grid(len(pairs), 0.4 * E + 2.4, 0.4 * E + 1.5)
+    fig, axes = _grid(len(pairs), 0.4 * E + 2.4, 0.4 * E + 1.5, cols=4 if E <= 6 else 2)
     for ax, (s, t) in zip(axes, pairs):
         ov = s.next_overlap_EE
         im = ax.imshow(np.nan_to_num(ov), cmap="viridis", vmin=0, vmax=1)
