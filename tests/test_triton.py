@@ -224,3 +224,74 @@ class TestCUDA:
         assert triton_moe.dot_precision(torch.float32) == ("ieee", False)
         monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
         assert triton_moe.dot_precision(torch.float32) == ("tf32", False)
+
+
+# ------------------------------------------------------------------------------- GPU compile without a GPU
+_TT_TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int64: "i64",
+             torch.int32: "i32"}
+
+
+def _captured_launches(monkeypatch, dtype: torch.dtype, backward: bool) -> list:
+    """The exact kernel launches (kernel, args, kwargs) of one forward (+ backward) of the backend, recorded
+    instead of run: CPU tensors stand in for GPU ones, only their dtypes matter."""
+    from moekit.kernels import triton_moe
+
+    calls = []
+    monkeypatch.setattr(triton_moe, "_launch", lambda kernel, grid, *a, **k: calls.append((kernel, a, k)))
+    torch.manual_seed(0)
+    ex = Experts(8, 64, 96, bias=True).to(dtype)
+    ids, weights, _ = cases._routing(dict(E=8, K=2, T=40), "cpu")
+    weights.requires_grad_(backward)
+    logits = torch.zeros(40, 8)
+    plan = LocalDispatcher(8).plan(RouterOutput(logits, logits, ids, weights))
+    x = torch.randn(40, 64, dtype=dtype, requires_grad=backward)
+    args = (x, ex.w_in, ex.w_out, ex.b_in, ex.b_out, plan.weights_TK)
+    with torch.set_grad_enabled(backward):
+        y = tb.TritonExpertsFunction.apply(*args, tb._Index.from_plan(plan), ex.activation, dtype)
+        if backward:
+            y.sum().backward()
+    return calls
+
+
+@needs_triton
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:TRITON_DEFAULT_FP_FUSION")
+def test_kernels_compile_for_sm90(monkeypatch):
+    """Compile every kernel variant of a bf16 forward + backward and an fp32 forward for an H100 (sm_90) without a
+    GPU, through Triton's own compiler and the bundled ptxas: catches what the interpreter lets through (types,
+    shapes of tl.dot, shared-memory limits)."""
+    import triton
+
+    if tb.interpreting():
+        pytest.skip("the kernels are interpreted in this process")
+    try:
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+    except ImportError as e:
+        pytest.skip(f"this Triton has no ahead-of-time compile API ({e})")
+    seen, compiled = set(), 0
+    launches = _captured_launches(monkeypatch, torch.bfloat16, True) + \
+        _captured_launches(monkeypatch, torch.float32, False)
+    assert len(launches) >= 10
+    for kernel, args, kwargs in launches:
+        fn = kernel  # a JITFunction
+        names = fn.arg_names
+        options = {k: kwargs[k] for k in ("num_warps", "num_stages") if k in kwargs}
+        constexprs = {k: v for k, v in kwargs.items() if k not in options}
+        signature = {}
+        for name, value in zip(names, args):
+            if isinstance(value, torch.Tensor):
+                signature[name] = "*" + _TT_TYPES[value.dtype]
+            else:
+                signature[name] = "i64" if abs(int(value)) >= 2**31 else "i32"
+        signature.update({k: "constexpr" for k in constexprs})
+        assert set(signature) == set(names), f"{fn.__name__}: launch does not match the kernel's parameters"
+        key = (fn.__name__, tuple(sorted(signature.items())), tuple(sorted((k, str(v)) for k, v in kwargs.items())))
+        if key in seen:
+            continue
+        seen.add(key)
+        src = ASTSource(fn=fn, signature=signature, constexprs={(names.index(k),): v for k, v in constexprs.items()})
+        out = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+        assert out.metadata.shared <= 227 * 1024, f"{fn.__name__}: {out.metadata.shared} bytes of shared memory"
+        compiled += 1
+    assert compiled >= 8

@@ -1,0 +1,295 @@
+"""GPU layer benchmark: moekit's ``triton`` and ``grouped_mm`` experts backends against the transformers MoE block
+(each ``experts_implementation``: ``eager``, ``grouped_mm``, ``batched_mm``) on the same weights, in one process.
+
+Same shapes as the CPU benchmark (:mod:`moekit.benchmark`: Mixtral-like D=512 F=1408 E=8 K=2, fine-grained D=512
+F=256 E=64 K=8), T from 1 to 32768, fp32 and bf16, forward, forward+backward, and (T <= 16) forward with a cold L2.
+Also in the same run: a dense SwiGLU FFN of equal active FLOPs, the experts' GEMMs alone on pre-sorted rows
+(``torch._grouped_mm``, where it runs: the floor of any grouped-GEMM MoE), and the device's roofline, a large dense
+GEMM (TFLOP/s; fp32 with and without TF32, bf16) and a large copy (GB/s). Timing: CUDA events, candidates measured
+round-robin, median of the repeats after warm-up. Each moekit forward is also checked against the transformers
+``eager`` output (max abs difference, in the row's note). Results go to ``benchmarks/results/layer_cuda.json``
+(rewritten after every configuration, so an interrupted run keeps what it measured) and a markdown table is printed.
+
+On the device machine, from the repository root:
+    pip install --no-deps -e .
+    python benchmarks/bench_gpu.py                      # full grid (about 5-10 minutes on an H100)
+    python benchmarks/bench_gpu.py --quick              # T in {1, 1024}, bf16, a smoke run
+    python benchmarks/bench_gpu.py --out $OUT/layer_cuda.json --shapes mixtral --dtypes bfloat16
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import platform
+import statistics
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+import moekit
+from moekit.benchmark import (BATCHED_MM_LIMIT_BYTES, HF_IMPLS, SHAPES, DenseFFN, Row, _dt, _f, _HFImpl,
+                              distinct_expert_bytes, expert_flops, hf_block, make_step)
+
+TOKENS = (1, 16, 128, 1024, 8192, 32768)
+MOEKIT_BACKENDS = ("triton", "grouped_mm")
+RESULTS = Path.cwd() / "benchmarks" / "results"
+
+
+def require_cuda() -> torch.device:
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_gpu.py needs a CUDA GPU: torch.cuda.is_available() is False "
+                         f"(torch {torch.__version__}, built for CUDA {torch.version.cuda}). "
+                         "On CPU run `python benchmarks/bench_layer.py` (or `moekit bench`) instead.")
+    return torch.device("cuda")
+
+
+# ----------------------------------------------------------------------------------------------- timing
+_FLUSH: torch.Tensor | None = None
+
+
+def flush_l2() -> None:
+    """Overwrite a buffer larger than the L2 cache (so the next kernel reads its weights from HBM)."""
+    global _FLUSH
+    if _FLUSH is None:
+        _FLUSH = torch.empty(512 * 2**20, dtype=torch.uint8, device="cuda")
+    _FLUSH.zero_()
+
+
+def cuda_timeit_many(fns: dict, *, warmup: int = 3, min_reps: int = 10, max_reps: int = 100, budget_s: float = 2.0,
+                     cold: bool = False) -> dict:
+    """Median CUDA-event time (ms) of each function, measured round-robin after ``warmup`` untimed calls each
+    (which also compiles Triton kernels and fills the allocator cache). Returns ``{name: (ms, reps)}``."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    torch.cuda.synchronize()
+    times: dict = {name: [] for name in fns}
+    start = time.perf_counter()
+    reps = 0
+    while reps < max_reps and (reps < min_reps or time.perf_counter() - start < budget_s):
+        events = []
+        for name, fn in fns.items():
+            if cold:
+                flush_l2()
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            events.append((name, a, b))
+        torch.cuda.synchronize()
+        for name, a, b in events:
+            times[name].append(a.elapsed_time(b))
+        reps += 1
+    return {name: (statistics.median(ts), len(ts)) for name, ts in times.items()}
+
+
+def peak_mem_mb(fn) -> float:
+    """Peak CUDA memory allocated during one call of ``fn`` beyond what was allocated before it (MiB)."""
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def roofline() -> dict:
+    """Dense GEMM TFLOP/s (fp32 exact, fp32 with TF32, bf16) and copy GB/s, measured now on this device."""
+    n = 8192
+    out = {}
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    try:
+        for name, dtype, allow in (("float32", torch.float32, False), ("tf32", torch.float32, True),
+                                   ("bfloat16", torch.bfloat16, False)):
+            torch.backends.cuda.matmul.allow_tf32 = allow
+            a = torch.randn(n, n, device="cuda", dtype=dtype)
+            b = torch.randn(n, n, device="cuda", dtype=dtype)
+            ms, _ = cuda_timeit_many({"mm": lambda: a @ b}, min_reps=5, max_reps=20, budget_s=1.0)["mm"]
+            out[f"gemm_tflops_{name}"] = 2 * n**3 / (ms / 1e3) / 1e12
+            del a, b
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    src = torch.empty(2**28, dtype=torch.float32, device="cuda").uniform_()  # 1 GiB
+    dst = torch.empty_like(src)
+    ms, _ = cuda_timeit_many({"copy": lambda: dst.copy_(src)}, min_reps=5, max_reps=20, budget_s=1.0)["copy"]
+    out["copy_gbps"] = 2 * src.numel() * 4 / (ms / 1e3) / 1e9  # read + write
+    del src, dst
+    torch.cuda.empty_cache()
+    return out
+
+
+class GroupedGemmFloor:
+    """The routed experts' GEMMs alone on pre-sorted rows with uniform routing (``torch._grouped_mm``): no router,
+    gather, activation or combine."""
+
+    def __init__(self, shape: dict, tokens: int, dtype: torch.dtype):
+        from moekit.experts.backends import _GROUPED_MM
+
+        E, K, D, F = shape["num_experts"], shape["top_k"], shape["d_model"], shape["d_ff"]
+        S = tokens * K
+        counts = torch.tensor([S // E + (1 if e < S % E else 0) for e in range(E)])
+        self.offs = torch.cumsum(counts, 0).to(torch.int32).cuda()
+        self.x = torch.randn(S, D, device="cuda", dtype=dtype)
+        self.a = torch.randn(S, F, device="cuda", dtype=dtype)
+        self.w1 = torch.randn(E, D, 2 * F, device="cuda", dtype=dtype)
+        self.w2 = torch.randn(E, F, D, device="cuda", dtype=dtype)
+        self.mm = _GROUPED_MM
+
+    def step(self, backward: bool) -> None:
+        h = self.mm(self.x, self.w1, offs=self.offs)
+        y = self.mm(self.a, self.w2, offs=self.offs)
+        if backward:  # dA, dX: same shapes as forward, transposed weights; dW: per expert x_e^T g_e
+            self.mm(y, self.w2.transpose(-2, -1), offs=self.offs)
+            self.mm(h, self.w1.transpose(-2, -1), offs=self.offs)
+            self.mm(y.T, self.a, offs=self.offs)
+            self.mm(h.T, self.x, offs=self.offs)
+
+
+# ------------------------------------------------------------------------------------------------- runner
+def bench(shapes, tokens, dtypes, modes, out_path: Path, budget_s: float) -> dict:
+    dev = require_cuda()
+    torch.manual_seed(0)
+    meta = {"device": torch.cuda.get_device_name(), "capability": ".".join(map(str, torch.cuda.get_device_capability())),
+            "torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
+            "moekit": moekit.__version__, "allow_tf32": torch.backends.cuda.matmul.allow_tf32}
+    for mod in ("triton", "transformers"):
+        try:
+            meta[mod] = __import__(mod).__version__
+        except ImportError:
+            meta[mod] = None
+    result = {"meta": meta, "roofline": roofline(), "shapes": {k: SHAPES[k] for k in shapes}, "rows": []}
+    from moekit.experts.backends import grouped_mm_supported
+
+    jobs = [(s, dt, t, m) for s in shapes for dt in dtypes for t in tokens for m in modes
+            if m != "fwd-cold" or t <= 16]
+    for i, (shape_name, dtype, T, mode) in enumerate(jobs):
+        shape = SHAPES[shape_name]
+        print(f"[{i + 1}/{len(jobs)}] {shape_name} {_dt(dtype)} T={T} {mode}", file=sys.stderr, flush=True)
+        rows: list[Row] = []
+        x = torch.randn(1, T, shape["d_model"], device=dev).to(dtype)
+        block = hf_block(shape, dtype).to(dev) if meta["transformers"] else None
+        candidates: dict = {}
+        for backend in MOEKIT_BACKENDS:
+            if block is not None:
+                layer = moekit.from_hf(block, backend=backend).to(dev, dtype)
+            else:
+                layer = moekit.MoE(**{k: v for k, v in shape.items() if k != "family"}, backend=backend).to(dev, dtype)
+            candidates[f"moekit_{backend}"] = layer
+        if block is not None:
+            for impl in HF_IMPLS:
+                if impl == "batched_mm":
+                    need = T * shape["top_k"] * 3 * shape["d_model"] * shape["d_ff"] * dtype.itemsize
+                    need *= 2 if mode == "fwd+bwd" else 1
+                    if need > BATCHED_MM_LIMIT_BYTES:
+                        rows.append(Row(shape_name, _dt(dtype), T, mode, f"hf_{impl}", None, 0,
+                                        note=f"skipped: needs {need / 2**30:.0f} GiB of copied weights"))
+                        continue
+                candidates[f"hf_{impl}"] = _HFImpl(block, impl)
+        candidates["dense_equal_flops"] = DenseFFN(shape["d_model"], shape["top_k"] * shape["d_ff"]).to(dev, dtype)
+        notes: dict[str, str] = {}
+        if mode == "fwd" and block is not None:  # the same numbers as transformers, at this size
+            with torch.no_grad():
+                ref = _HFImpl(block, "eager")(x)
+                ref = (ref[0] if isinstance(ref, tuple) else ref).float()
+                for name in [n for n in candidates if n.startswith("moekit_")]:
+                    try:
+                        err = (candidates[name](x).float() - ref).abs().max().item()
+                        notes[name] = f"max|y - hf_eager| = {err:.2e} (|y| <= {ref.abs().max().item():.2e})"
+                    except Exception as e:  # noqa: BLE001 - reported below by the timing pass
+                        notes[name] = f"error: {e!s:.120}"
+        steps = {name: make_step(m, x, mode) for name, m in candidates.items()}
+        if grouped_mm_supported("cuda", dtype):
+            floor = GroupedGemmFloor(shape, T, dtype)
+            steps["gemm_floor"] = lambda: floor.step(backward=mode == "fwd+bwd")
+        for name, step in list(steps.items()):  # a candidate that fails is reported, not fatal
+            try:
+                step()
+            except Exception as e:  # noqa: BLE001
+                rows.append(Row(shape_name, _dt(dtype), T, mode, name, None, 0, note=f"error: {e!s:.160}"))
+                del steps[name]
+                torch.cuda.empty_cache()
+        timed = cuda_timeit_many(steps, budget_s=budget_s, cold=mode == "fwd-cold")
+        for name, (ms, reps) in timed.items():
+            mem = peak_mem_mb(steps[name]) if mode == "fwd+bwd" and T >= 1024 else None
+            rows.append(Row(shape_name, _dt(dtype), T, mode, name, ms, reps, mem, notes.get(name, "")))
+        result["rows"] += [asdict(r) for r in rows]
+        out_path.write_text(json.dumps(result, indent=1))
+        del candidates, steps, block, x
+        gc.collect()
+        torch.cuda.empty_cache()
+    return result
+
+
+# ------------------------------------------------------------------------------------------------- report
+def summarise(result: dict) -> str:
+    """Markdown: per (shape, dtype, T, pass) moekit triton / grouped_mm, the best transformers backend, ratios,
+    the fraction of the measured GEMM roofline, the grouped-GEMM floor and the decode memory floor."""
+    by_key: dict[tuple, dict[str, dict]] = {}
+    for r in result["rows"]:
+        by_key.setdefault((r["shape"], r["dtype"], r["tokens"], r["mode"]), {})[r["impl"]] = r
+    roof = result["roofline"]
+    lines = [
+        "| shape | dtype | T | pass | triton ms | grouped_mm ms | best HF (backend) ms | HF / triton | dense ms | "
+        "% GEMM roofline (triton) | GEMM floor ms | decode floor ms | peak MiB triton / HF grouped_mm |",
+        "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for (shape, dtype, T, mode), impls in by_key.items():
+        def ms(name):
+            return impls.get(name, {}).get("median_ms")
+
+        tr = ms("moekit_triton")
+        hf = [(r["median_ms"], n.removeprefix("hf_")) for n, r in impls.items()
+              if n.startswith("hf_") and r["median_ms"] is not None]
+        best = min(hf) if hf else None
+        flops = expert_flops(result["shapes"][shape], T) * (3 if mode == "fwd+bwd" else 1)
+        peak = roof[f"gemm_tflops_{dtype}"] * 1e12
+        frac = f"{100 * flops / (tr / 1e3) / peak:.0f}%" if tr else ""
+        decode = ""
+        if T <= 16 and mode != "fwd+bwd":
+            decode = _f(distinct_expert_bytes(result["shapes"][shape], T, getattr(torch, dtype))
+                        / (roof["copy_gbps"] * 1e9) * 1e3)
+        m_tr, m_hf = impls.get("moekit_triton", {}).get("peak_mem_mb"), impls.get("hf_grouped_mm", {}).get("peak_mem_mb")
+        mem = f"{m_tr:.0f} / {m_hf:.0f}" if m_tr is not None and m_hf is not None else ""
+        ratio = f"{best[0] / tr:.2f}×" if best and tr else ""
+        lines.append(f"| {shape} | {dtype} | {T} | {mode} | {_f(tr)} | {_f(ms('moekit_grouped_mm'))} | "
+                     f"{_f(best[0]) + ' (' + best[1] + ')' if best else 'n/a'} | {ratio} | "
+                     f"{_f(ms('dense_equal_flops'))} | {frac} | {_f(ms('gemm_floor'))} | {decode} | {mem} |")
+    m = result["meta"]
+    head = (f"Measured on {m['device']} (sm_{m['capability'].replace('.', '')}), torch {m['torch']} (CUDA {m['cuda']}), "
+            f"triton {m['triton']}, transformers {m['transformers']}. Roofline in the same run: GEMM "
+            f"{roof['gemm_tflops_float32']:.0f} TFLOP/s fp32, {roof['gemm_tflops_tf32']:.0f} tf32, "
+            f"{roof['gemm_tflops_bfloat16']:.0f} bf16; copy {roof['copy_gbps']:.0f} GB/s. fp32 GEMMs run without TF32 "
+            f"(torch's default), so fp32 rows are compared with the fp32 roofline.")
+    errors = [f"- {r['shape']} {r['dtype']} T={r['tokens']} {r['mode']} {r['impl']}: {r['note']}"
+              for r in result["rows"] if r["note"].startswith(("error", "max|"))]
+    return head + "\n\n" + "\n".join(lines) + ("\n\nChecks and errors:\n" + "\n".join(errors) if errors else "")
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="smoke run: T in {1, 1024}, bf16, fwd and fwd+bwd")
+    ap.add_argument("--shapes", nargs="*", default=list(SHAPES), choices=list(SHAPES))
+    ap.add_argument("--tokens", nargs="*", type=int, default=list(TOKENS))
+    ap.add_argument("--dtypes", nargs="*", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
+    ap.add_argument("--modes", nargs="*", default=["fwd", "fwd+bwd", "fwd-cold"], choices=["fwd", "fwd+bwd", "fwd-cold"],
+                    help="fwd-cold: forward with the L2 cache overwritten before each run (T <= 16 only)")
+    ap.add_argument("--budget-s", type=float, default=1.5, help="timing budget per configuration (after warm-up)")
+    ap.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/layer_cuda.json)")
+    args = ap.parse_args(argv)
+    require_cuda()
+    if args.quick:
+        args.tokens, args.dtypes, args.modes = [1, 1024], ["bfloat16"], ["fwd", "fwd+bwd"]
+    out = args.out or RESULTS / ("layer_cuda_quick.json" if args.quick else "layer_cuda.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    result = bench(args.shapes, args.tokens, [getattr(torch, d) for d in args.dtypes], args.modes, out, args.budget_s)
+    print(summarise(result))
+    print(f"results written to {out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
