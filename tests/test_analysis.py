@@ -69,6 +69,8 @@ def test_fixed_routing_statistics_match_hand_computation():
     coact[0, 1] = coact[1, 0] = 3  # tokens 0, 2, 4
     coact[0, 2] = coact[2, 0] = 1  # token 1
     assert s.coact_EE.tolist() == coact.tolist()
+    # random distinct pairs at rates r = (4, 3, 1, 1) / 6: r_0 r_1 (K-1) E / (K (E-1)) = (4/6)(3/6)(4/6)
+    assert s.coact_expected_EE[0, 1] == pytest.approx(4 / 6 * 3 / 6 * 4 / 6)
     # class a = tokens 0, 1, 4; class b = tokens 2, 3, 5 (token 5 has no slot)
     assert s.class_CE.tolist() == [[3, 2, 1, 0], [1, 1, 0, 1]] and s.class_tokens_C.tolist() == [3, 3]
     assert s.class_share_CE[0].tolist() == pytest.approx([1, 2 / 3, 1 / 3, 0])
@@ -352,4 +354,6 @@ def test_summary_names_specialists():
     # all bytes (below the 1.5x threshold), so they are not called specialists
     assert "MoE expert 2 takes 100% of comment bytes (but only 25% of all bytes)." in lines
     assert not any("of string literal bytes" in line for line in lines)
-    assert any("experts 2 and 3 are chosen together by 25% of bytes, 4.0x" in line for line in lines)
+    # random pairs of distinct experts at rates 1/4 each: .25 * .25 * (1 * 4) / (2 * 3) = 1/24, and 25% / (1/24) = 6
+    assert any("experts 2 and 3 are chosen together by 25% of bytes, 6.0x what random choices of 2" in line
+               for line in lines)

@@ -29,7 +29,7 @@ CAPTIONS = {
     "domains": "Like the token-class map, for the corpus domains (top-level packages or your labels), the "
                "largest domains first.",
     "coactivation": "For top-k > 1: the percentage of bytes that choose both experts; the colour compares it with "
-                    "what independent choices would give (red: pairs that work together, blue: pairs that avoid "
+                    "what random choices of distinct experts would give (red: pairs that work together, blue: pairs that avoid "
                     "each other).",
     "paths": "Consecutive MoE layers: cosine overlap of the sets of bytes two experts take (1 = exactly the same "
              "bytes). Bright cells are routing paths that persist from one layer to the next.",

@@ -127,16 +127,15 @@ def domain_heatmaps(stats: RoutingStats):
 
 
 def coactivation(stats: RoutingStats):
-    """Per layer E × E: how often a pair is chosen together, relative to independent choices (log2 colour)."""
+    """Per layer E × E: how often a pair is chosen together, relative to random choices (log2 colour)."""
     layers = [s for s in stats.layers if s.tokens and s.top_k > 1 and not s.soft]
     if not layers:
         return None
     E = max(s.num_experts for s in layers)
     fig, axes = _grid(len(layers), 0.4 * E + 2.2, 0.4 * E + 1.4, cols=4 if E <= 6 else 2)
     for ax, s in zip(axes, layers):
-        r_E = s.token_rate_E
         with np.errstate(invalid="ignore", divide="ignore"):
-            ratio = s.coact_rate_EE / np.outer(r_E, r_E)
+            ratio = s.coact_rate_EE / s.coact_expected_EE
             np.fill_diagonal(ratio, np.nan)
             lg = np.log2(ratio)
         im = ax.imshow(np.clip(np.nan_to_num(lg, nan=0.0, neginf=-3), -3, 3), cmap="RdBu_r", vmin=-2, vmax=2)
@@ -145,8 +144,8 @@ def coactivation(stats: RoutingStats):
         ax.set_xticks(range(s.num_experts))
         ax.set_yticks(range(s.num_experts))
         ax.set_title(s.label, fontsize=10)
-    fig.suptitle(f"Co-activation: % of {stats.unit} choosing both experts\n(colour: vs independent choices; red = "
-                 "together more often)", fontsize=10)
+    fig.suptitle(f"Co-activation: % of {stats.unit} choosing both experts\n(colour: vs random choices of distinct experts; "
+                 "red = together more often)", fontsize=10)
     fig.tight_layout()
     return fig
 

@@ -17,8 +17,10 @@ Definitions (per layer):
   ``overflow_calls_E``: forwards in which the expert was over capacity. ``empty_slots``: slots the router left
   empty; ``tokens_without_expert``: tokens with no expert chosen at all (e.g. Expert Choice).
 - ``coact_EE``: co-activation, ``coact_EE[i, j]`` = tokens that chose both ``i`` and ``j`` (``i != j``); the
-  diagonal is the tokens that chose ``i``. ``coact_EE / tokens`` is the rate; under independent choices the pair
-  rate would be ``rate_i * rate_j``.
+  diagonal is the tokens that chose ``i``. ``coact_rate_EE = coact_EE / tokens``. ``coact_expected_EE`` is the
+  pair rate if each token drew its ``K`` *distinct* experts at random with the observed per-expert rates ``r``:
+  ``r_i r_j (K - 1) E / (K (E - 1))`` (exact for uniform rates, where it is ``K (K - 1) / (E (E - 1))``; plain
+  ``r_i r_j`` would overstate it, since a token never picks the same expert twice).
 - Specialisation: ``class_CE[c, e]`` counts the slots of class-``c`` tokens routed to ``e`` (router choices);
   ``class_tokens_C[c]`` counts class-``c`` tokens. ``class_share_CE = class_CE / class_tokens_C`` is the fraction
   of class-``c`` tokens that expert ``e`` takes (a row sums to about ``K``). Same for domains (``domain_GE``).
@@ -182,6 +184,13 @@ class LayerStats:
     @property
     def coact_rate_EE(self) -> np.ndarray:
         return _ratio(self.coact_EE, max(self.tokens, 1))
+
+    @property
+    def coact_expected_EE(self) -> np.ndarray:
+        """Pair rate under random choices of ``K`` distinct experts with the observed rates (see module doc)."""
+        K, E = self.top_k, self.num_experts
+        r_E = self.token_rate_E
+        return np.outer(r_E, r_E) * ((K - 1) * E / (K * (E - 1)) if E > 1 else 0.0)
 
     # ----------------------------------------------------------------------------------- specialisation
     @property

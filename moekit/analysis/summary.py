@@ -135,10 +135,10 @@ def _coactivation_line(layers, unit: str) -> str:
     for s in layers:
         if s.top_k < 2 or s.soft:
             continue
-        rate_EE, r_E = s.coact_rate_EE, s.token_rate_E
+        rate_EE, expected_EE = s.coact_rate_EE, s.coact_expected_EE
         for i in range(s.num_experts):
             for j in range(i + 1, s.num_experts):
-                expected = r_E[i] * r_E[j]
+                expected = expected_EE[i, j]
                 if rate_EE[i, j] >= MIN_PAIR_RATE and expected > 0:
                     ratio = rate_EE[i, j] / expected
                     if best is None or ratio > best[0]:
@@ -147,7 +147,7 @@ def _coactivation_line(layers, unit: str) -> str:
         return ""
     ratio, s, i, j, rate = best
     return (f"Experts that pair up: in {s.label}, experts {i} and {j} are chosen together by {rate:.0%} of {unit}, "
-            f"{ratio:.1f}x what independent choices would give.")
+            f"{ratio:.1f}x what random choices of {s.top_k} distinct experts would give.")
 
 
 def _path_line(layers, unit: str) -> str:
