@@ -29,7 +29,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
@@ -119,6 +119,7 @@ class _Index:
     seg_start_E: torch.Tensor  # int32 first sorted row of each expert
     seg_end_E: torch.Tensor  # int32 one past its last row
     num_experts: int
+    schedules: dict = field(default_factory=dict)  # BLOCK_M -> tile schedule (forward and backward share it)
 
     @classmethod
     def from_plan(cls, plan: "DispatchPlan") -> "_Index":
@@ -136,8 +137,10 @@ class _Index:
         return self.num_slots / max(1, self.num_experts)
 
     def schedule(self, block_m: int):
-        counts = self.seg_end_E - self.seg_start_E
-        return _kernels().tile_schedule(counts, self.seg_end_E, self.num_slots, block_m)
+        if block_m not in self.schedules:
+            counts = self.seg_end_E - self.seg_start_E
+            self.schedules[block_m] = _kernels().tile_schedule(counts, self.seg_end_E, self.num_slots, block_m)
+        return self.schedules[block_m]
 
 
 def _gemm_pair_configs(K_, ix: _Index, n1: int, k1: int, n2: int, k2: int, dtype, two_acc: bool):
