@@ -1,8 +1,9 @@
 """The HTML routing report in a real headless browser (Debian's ``chromium``): no console errors, every plot decoded.
 
 A copy of the report gets a small checker script at the top of ``<head>`` (the report itself has no script): it
-records ``error`` events (failed resources included) and ``console.error`` calls, and after ``load`` decodes every
-``<img>`` and writes the results into a ``<pre id="__check">`` that ``chromium --dump-dom`` prints. Chromium's own
+records ``error`` events (failed resources included) and ``console.error`` calls, and on ``load`` (which waits for
+every image) writes each ``<img>``'s ``naturalWidth`` and the errors into a ``<pre id="__check">`` that
+``chromium --dump-dom`` prints; a full ``img.decode()`` of each is added when it finishes before the dump. Chromium's own
 log (``--enable-logging=stderr``) is also searched for console messages. A control page with a broken image and a
 console error proves the harness catches both.
 
@@ -27,15 +28,19 @@ window.addEventListener("error", e => window.__errors.push("error: " + (e.messag
   (e.target && (e.target.currentSrc || e.target.src || "")).slice(0, 60) || "resource")), true);
 const __consoleError = console.error;
 console.error = (...a) => { window.__errors.push("console.error: " + a.join(" ")); __consoleError.apply(console, a); };
-window.addEventListener("load", () => {
+function __write(id, value) {
+  const pre = document.createElement("pre");
+  pre.id = id;
+  pre.textContent = JSON.stringify(value);
+  document.body.appendChild(pre);
+}
+window.addEventListener("load", () => {  // "load" waits for every image, so naturalWidth is known here
   const imgs = [...document.images];
-  Promise.all(imgs.map(i => i.decode().then(() => i.naturalWidth > 0 ? null : i.alt, () => i.alt))).then(bad => {
-    const pre = document.createElement("pre");
-    pre.id = "__check";
-    pre.textContent = JSON.stringify({images: imgs.length, widths: imgs.map(i => i.naturalWidth),
-                                      undecoded: bad.filter(x => x), errors: window.__errors});
-    document.body.appendChild(pre);
-  });
+  __write("__check", {images: imgs.length, widths: imgs.map(i => i.naturalWidth),
+                      undecoded: imgs.filter(i => !(i.complete && i.naturalWidth > 0)).map(i => i.alt),
+                      errors: window.__errors});
+  Promise.all(imgs.map(i => i.decode().then(() => null, () => i.alt)))  // full decode: reported if done in time
+    .then(bad => __write("__decode", bad.filter(x => x)));
 });
 </script>"""
 
@@ -66,8 +71,12 @@ def open_in_browser(html_text: str, folder: Path) -> tuple[dict, list[str]]:
                           capture_output=True, text=True, timeout=120)
     m = re.search(r'<pre id="__check">(.*?)</pre>', proc.stdout, re.S)
     assert m, f"chromium produced no check result (exit {proc.returncode}); stderr:\n{proc.stderr[-2000:]}"
+    result = json.loads(html.unescape(m.group(1)))
+    decoded = re.search(r'<pre id="__decode">(.*?)</pre>', proc.stdout, re.S)  # absent if the dump came first
+    if decoded:
+        result["undecoded"] = sorted(set(result["undecoded"]) | set(json.loads(html.unescape(decoded.group(1)))))
     console = [ln for ln in proc.stderr.splitlines() if ":CONSOLE" in ln or "Uncaught" in ln]
-    return json.loads(html.unescape(m.group(1))), console
+    return result, console
 
 
 def test_harness_catches_broken_images_and_console_errors(tmp_path):
