@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from .stats import LayerStats, RoutingStats
 
 MIN_LIFT = 1.5      # share of the class at least 1.5x the expert's share of all tokens
-MIN_SUPPORT = 0.01  # the class (or domain) holds at least 1% of the labelled tokens...
+MIN_SUPPORT = 0.005  # the class (or domain) holds at least 0.5% of the labelled tokens...
 MIN_COUNT = 20      # ...and at least 20 of them
 MIN_EXCESS = 0.10   # the expert takes at least 10 points more of the class than of all tokens
 MIN_PAIR_RATE = 0.05  # co-activation: a pair chosen together by at least 5% of tokens
