@@ -3,6 +3,7 @@ err <= 1e-5) and greedy generation against transformers, bit-identical round tri
 the CLI, and every bad input as a clear error."""
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -36,6 +37,15 @@ EXTRA = {  # per family: its expert names and the options that exercise moekit's
     "olmoe": dict(num_experts=8, intermediate_size=24, clip_qkv=3.0, attention_bias=True),
 }
 RESULTS: dict[str, dict] = {}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _write_results():
+    """Write the measured numbers when MOEKIT_CONVERT_JSON is set (docs/huggingface.md quotes them)."""
+    yield
+    out = os.environ.get("MOEKIT_CONVERT_JSON")
+    if out and RESULTS:
+        Path(out).write_text(json.dumps(RESULTS, indent=1, sort_keys=True))
 
 
 def make_hf(model_type: str, **overrides):
@@ -338,12 +348,3 @@ def test_quantized_and_existing_output_are_refused(saved, tmp_path):
     with pytest.raises(HFCheckpointError, match="already exists and is not empty"):
         from_hf_folder(saved["olmoe"][0], tmp_path / "busy")
     assert (tmp_path / "busy" / "keep.txt").read_text() == "mine"
-
-
-def test_results_file(tmp_path_factory):
-    """Write the measured numbers when MOEKIT_CONVERT_JSON is set (docs/huggingface.md quotes them)."""
-    import os
-
-    out = os.environ.get("MOEKIT_CONVERT_JSON")
-    if out and RESULTS:
-        Path(out).write_text(json.dumps(RESULTS, indent=1, sort_keys=True))

@@ -5,9 +5,9 @@ Weights are *shared*, not copied, wherever the two layouts agree: the moekit lay
 objects of the transformers block (router, fused experts, shared experts, their gate) and the selection-bias
 buffer, so an optimizer built before or after patching trains the model's own weights, and ``unpatch_hf`` returns
 blocks that already hold the trained values. Where the layouts differ (GPT-OSS's transposed, interleaved experts;
-Aria's transposed experts; MiniMax-M3's fused shared ``gate_up`` Linear) the layer owns a copy, which
-``unpatch_hf`` writes back into the block. :attr:`PatchedBlock.shared` and :attr:`PatchedBlock.copied` list which
-is which.
+Aria's transposed experts; MiniMax-M3's fused shared ``gate_up`` Linear; ERNIE-4.5's ``[1, E]`` selection bias)
+the layer owns a copy, which ``unpatch_hf`` writes back into the block. :attr:`PatchedBlock.shared` and
+:attr:`PatchedBlock.copied` list which is which.
 
 While patched, ``model.state_dict()`` still uses the transformers names and layout (so ``save_pretrained`` writes a
 normal checkpoint), ``load_state_dict`` accepts them, and ``output_router_logits=True`` still collects each layer's
@@ -181,9 +181,11 @@ def _links(block: nn.Module) -> list[Link]:
         links.append(Link(parts.paths["router_bias"], ("router.bias",)))
     if parts.selection_bias is not None:
         shape = parts.selection_bias.shape
-        links.append(Link(parts.paths["selection_bias"], ("router.expert_bias",)) if len(shape) == 1 else
-                     Link(parts.paths["selection_bias"], ("router.expert_bias",), lambda t: (t.reshape(-1),),
-                          lambda t: t.reshape(shape)))
+        if len(shape) == 1:
+            links.append(Link(parts.paths["selection_bias"], ("router.expert_bias",)))
+        else:  # ERNIE-4.5 keeps it as [1, E]
+            links.append(Link(parts.paths["selection_bias"], ("router.expert_bias",), lambda t: (t.reshape(-1),),
+                              lambda t: t.reshape(shape)))
 
     def deinterleave(w):  # [g0, u0, g1, u1, ...] on dim 1 -> [g; u]
         return torch.cat([w[:, 0::2], w[:, 1::2]], dim=1)
@@ -202,13 +204,20 @@ def _links(block: nn.Module) -> list[Link]:
     def swap(w):
         return w.transpose(1, 2)
 
-    same_in = not transposed and not interleaved
-    links.append(Link(f"experts.{in_name}", (f"experts.{in_name}",), *(() if same_in else (in_to_moekit, in_to_hf))))
-    links.append(Link("experts.down_proj", ("experts.down_proj",),
-                      *((lambda w: (swap(w),), swap) if transposed else ())))
+    if transposed or interleaved:
+        links.append(Link(f"experts.{in_name}", (f"experts.{in_name}",), in_to_moekit, in_to_hf))
+    else:
+        links.append(Link(f"experts.{in_name}", (f"experts.{in_name}",)))
+    if transposed:
+        links.append(Link("experts.down_proj", ("experts.down_proj",), lambda w: (swap(w),), swap))
+    else:
+        links.append(Link("experts.down_proj", ("experts.down_proj",)))
     if getattr(ex, f"{in_name}_bias", None) is not None:
-        links.append(Link(f"experts.{in_name}_bias", (f"experts.{in_name}_bias",),
-                          *((lambda b: (deinterleave(b),), interleave) if interleaved else ())))
+        if interleaved:
+            links.append(Link(f"experts.{in_name}_bias", (f"experts.{in_name}_bias",),
+                              lambda b: (deinterleave(b),), interleave))
+        else:
+            links.append(Link(f"experts.{in_name}_bias", (f"experts.{in_name}_bias",)))
         links.append(Link("experts.down_proj_bias", ("experts.down_proj_bias",)))
     if parts.shared is not None:
         s = parts.paths["shared"]

@@ -190,9 +190,12 @@ class TransformerLM(nn.Module):
                 nn.init.normal_(block.ffn.down.weight, std=out_std)
 
     # ------------------------------------------------------------------------------------------------ forward
-    def forward(self, ids_BL: torch.Tensor, targets_BL: torch.Tensor | None = None,
-                cache: KVCache | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, ids_BL: torch.Tensor, targets_BL: torch.Tensor | None = None, cache: KVCache | None = None,
+                last_only: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``last_only``: compute the logits of the last position only (``[B, 1, V]``; generation needs no more)."""
         self._check_ids(ids_BL, cache)
+        if last_only and targets_BL is not None:
+            raise ValueError("last_only=True computes no loss; pass targets only without it")
         start = 0 if cache is None else cache.length
         L = ids_BL.shape[1]
         cos, sin = self.rope_cos[start:start + L], self.rope_sin[start:start + L]
@@ -201,6 +204,8 @@ class TransformerLM(nn.Module):
             x = block(x, cos, sin, i, cache, ids_BL)
         if cache is not None:
             cache.length += L
+        if last_only:
+            x = x[:, -1:]
         logits = self.head(self.norm(x))
         loss = None
         if targets_BL is not None:
@@ -267,7 +272,7 @@ class TransformerLM(nn.Module):
         out = [ids_BL]
         stop = torch.tensor(sorted(set(stop_ids)), device=ids_BL.device) if stop_ids else None
         finished_B1 = torch.zeros(B, 1, dtype=torch.bool, device=ids_BL.device)
-        logits, _ = self(ids_BL, cache=cache)
+        logits, _ = self(ids_BL, cache=cache, last_only=True)
         for _ in range(max_new_tokens):
             next_B1 = sample_next(logits[:, -1].float(), temperature, top_p, greedy, generator)
             if stop is not None:
