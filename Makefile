@@ -34,7 +34,7 @@ bench: $(STAMP)
 	$(VPY) benchmarks/bench_layer.py
 
 demo: $(STAMP)
-	$(VENV)/bin/moekit compare --preset tiny
+	$(VENV)/bin/moekit compare --preset tiny --overwrite
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info

@@ -114,6 +114,8 @@ def compare(
     steps: Optional[int] = typer.Option(None, help="Training steps for both models (default: the preset's)."),
     bf16: bool = typer.Option(False, help="Train both under bf16 autocast."),
     seed: Optional[int] = typer.Option(None, help="Seed for both runs."),
+    overwrite: bool = typer.Option(False, help="Replace an earlier comparison in --out (its moe/, dense/, "
+                                               "compare.json and plot) instead of refusing."),
 ) -> None:
     """Train the MoE model and a dense model of equal active parameters; plot and tabulate the result."""
     from .train.compare import compare as run_compare
@@ -123,7 +125,7 @@ def compare(
         model_cfg, train_cfg = _configs(preset, steps, None, None, bf16, seed, None, None, None)
         out = out or Path("runs") / f"compare-{preset}"
         corpus = load_corpus(data)
-        summary = run_compare(model_cfg, train_cfg, corpus, out)
+        summary = run_compare(model_cfg, train_cfg, corpus, out, overwrite=overwrite)
     except (ValueError, DataError) as e:
         _fail(str(e))
     print_compare(summary, out)

@@ -196,3 +196,25 @@ def test_cli_train_generate_and_errors(tmp_path, monkeypatch):
     for cmd in ("train", "compare", "generate", "bench"):
         r = runner.invoke(app, [cmd, "--help"])
         assert r.exit_code == 0 and "--" in r.output
+
+
+@pytest.mark.slow
+def test_cli_compare_writes_results_and_guards_earlier_runs(tmp_path, monkeypatch):
+    monkeypatch.setenv("MOEKIT_CACHE", str(tmp_path / "cache"))
+    data = tmp_path / "text.txt"
+    data.write_text(TEXT * 4)
+    out = tmp_path / "cmp"
+    args = ["compare", "--data", str(data), "--out", str(out), "--steps", "4"]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    summary = json.loads((out / "compare.json").read_text())
+    assert summary["steps"] == 4 and summary["moe"]["total"] > summary["moe"]["active"]
+    assert summary["moe"]["active"] - summary["dense"]["active"] < 0.02 * summary["dense"]["active"]  # routers only
+    assert (out / "loss_curves.png").stat().st_size > 0 and "MoE vs dense" in r.output
+    stamp = (out / "compare.json").stat().st_mtime_ns
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 2 and "--overwrite" in r.output
+    assert (out / "compare.json").stat().st_mtime_ns == stamp  # nothing was touched
+    r = CliRunner().invoke(app, args + ["--overwrite", "--seed", "1"])
+    assert r.exit_code == 0, r.output
+    assert json.loads((out / "compare.json").read_text())["moe"]["final_val_loss"] != summary["moe"]["final_val_loss"]

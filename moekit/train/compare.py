@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -88,12 +89,23 @@ def plot_curves(moe_metrics: list[dict], dense_metrics: list[dict], summary: dic
     return path
 
 
+OUTPUTS = ("moe", "dense", "compare.json", "loss_curves.png")
+
+
 def compare(model_config: LMConfig, train_config: TrainConfig, corpus: Corpus, out_dir: str | Path,
-            quiet: bool = False) -> dict[str, Any]:
-    """Train the MoE model and its dense baseline (same data, steps and seed); write compare.json and the plot."""
+            quiet: bool = False, overwrite: bool = False) -> dict[str, Any]:
+    """Train the MoE model and its dense baseline (same data, steps and seed); write compare.json and the plot.
+
+    An earlier comparison in ``out_dir`` is an error unless ``overwrite`` (then only its own outputs are removed)."""
     if model_config.ffn != "moe":
         raise ValueError("compare needs an MoE model config (ffn='moe'); the dense baseline is derived from it")
     out = Path(out_dir)
+    existing = [out / name for name in OUTPUTS if (out / name).exists()]
+    if existing and not overwrite:
+        raise ValueError(f"{out} already holds a comparison ({', '.join(p.name for p in existing)}); choose another "
+                         "--out or pass --overwrite to replace it (nothing was changed)")
+    for p in existing:
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
     runs = {}
     for name, cfg in (("moe", model_config), ("dense", model_config.dense_baseline())):
         trainer = Trainer(cfg, train_config, corpus, out / name, label=name, quiet=quiet)

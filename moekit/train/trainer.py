@@ -78,7 +78,7 @@ class TrainConfig:
 
 
 TRAIN_PRESETS: dict[str, TrainConfig] = {
-    "tiny": TrainConfig(steps=600, batch_size=16, seq_len=128, lr=3e-3, warmup=50, eval_every=25, ckpt_every=200),
+    "tiny": TrainConfig(steps=1200, batch_size=16, seq_len=128, lr=6e-3, warmup=100, eval_every=50, ckpt_every=400),
     "small": TrainConfig(steps=3000, batch_size=32, seq_len=256, lr=1.5e-3, warmup=200, eval_every=100,
                          ckpt_every=500),
 }
