@@ -218,3 +218,19 @@ def test_cli_compare_writes_results_and_guards_earlier_runs(tmp_path, monkeypatc
     r = CliRunner().invoke(app, args + ["--overwrite", "--seed", "1"])
     assert r.exit_code == 0, r.output
     assert json.loads((out / "compare.json").read_text())["moe"]["final_val_loss"] != summary["moe"]["final_val_loss"]
+
+
+def test_tiny_model_overfits_a_small_text(tmp_path):
+    text = ("def add(a, b):\n    return a + b\n\nclass Point:\n    def __init__(self, x, y):\n"
+            "        self.x, self.y = x, y\n\n") * 12
+    (tmp_path / "t.txt").write_text(text)
+    corpus = prepare_corpus(tmp_path / "t.txt", tmp_path / "cache")
+    cfg = TrainConfig(steps=150, batch_size=8, seq_len=48, lr=1e-2, warmup=10, eval_every=50, eval_batches=2,
+                      log_every=1)
+    trainer = Trainer(MODEL, cfg, corpus, tmp_path / "run", quiet=True)
+    summary = trainer.run()
+    first = read_metrics(tmp_path / "run" / "metrics.jsonl")[0]["loss"]
+    assert first > 4.0 and summary["final_val_loss"] < 0.2  # from ~ln(256) to memorised
+    prompt = torch.tensor([list(b"class Point:\n")])
+    out = trainer.model.generate(prompt, 24, greedy=True)
+    assert bytes(out[0].tolist()) == b"class Point:\n    def __init__(self, x, y):"[:37]
