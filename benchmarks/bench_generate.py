@@ -32,6 +32,7 @@ import torch
 import transformers
 
 import moekit
+from moekit.benchmark import write_marked_table
 from moekit.interop.convert import from_hf_folder
 from moekit.models.model import KVCache
 from moekit.train.trainer import load_lm
@@ -167,13 +168,9 @@ def table(result: dict) -> str:
 
 
 def write_doc_table(text: str, marker: str = "GENERATE-BENCH") -> None:
-    if not DOC.is_file():
-        return
-    doc = DOC.read_text()
-    start, end = f"<!-- {marker}:START -->", f"<!-- {marker}:END -->"
-    if start in doc and end in doc:
-        head, rest = doc.split(start, 1)
-        DOC.write_text(head + start + "\n" + text + "\n" + end + rest.split(end, 1)[1])
+    """The table goes to docs/huggingface.md and to the README."""
+    for path in (DOC, ROOT / "README.md"):
+        write_marked_table(path, text, marker)
 
 
 def _f(v: float | None) -> str:

@@ -368,19 +368,23 @@ def _f(v) -> str:
     return f"{v:.3f}" if v < 1 else f"{v:.2f}" if v < 100 else f"{v:.0f}"
 
 
-def write_readme_table(table: str, marker: str = "LAYER-BENCH") -> None:
-    readme = ROOT / "README.md"
-    if not readme.exists():
-        console.print(f"[yellow]no README.md in {ROOT}; table not written[/]")
+def write_marked_table(path: Path, table: str, marker: str) -> None:
+    """Replace the text between ``<!-- marker:START -->`` and ``<!-- marker:END -->`` in ``path`` with ``table``."""
+    if not path.exists():
+        console.print(f"[yellow]no {path}; table not written[/]")
         return
-    text = readme.read_text()
+    text = path.read_text()
     start, end = f"<!-- {marker}:START -->", f"<!-- {marker}:END -->"
     if start not in text or end not in text:
-        console.print(f"[yellow]README.md has no {start} ... {end} markers; table not written[/]")
+        console.print(f"[yellow]{path.name} has no {start} ... {end} markers; table not written[/]")
         return
     before, rest = text.split(start, 1)
     _, after = rest.split(end, 1)
-    readme.write_text(f"{before}{start}\n{table}\n{end}{after}")
+    path.write_text(f"{before}{start}\n{table}\n{end}{after}")
+
+
+def write_readme_table(table: str, marker: str = "LAYER-BENCH") -> None:
+    write_marked_table(ROOT / "README.md", table, marker)
 
 
 def main(argv=None) -> None:
