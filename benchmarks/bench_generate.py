@@ -32,7 +32,7 @@ import torch
 import transformers
 
 import moekit
-from moekit.benchmark import write_marked_table
+from moekit.benchmark import cpu_name, write_marked_table
 from moekit.interop.convert import from_hf_folder
 from moekit.models.model import KVCache
 from moekit.train.trainer import load_lm
@@ -140,7 +140,7 @@ def run(threads: int) -> dict:
     params = sum(p.numel() for p in model.parameters())
     return {"config": CONFIG, "parameters": params, "prompt_tokens": PROMPT, "new_tokens": NEW, "batch": 1,
             "repeats": REPEATS, "rows": rows,
-            "machine": {"cpu": _cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "machine": {"cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__,
                         "transformers": transformers.__version__, "python": platform.python_version()},
             "timing": "tok/s from process CPU time (time.process_time) on the threads above; *_wall keys: wall clock",
             "note": "2-core CPU shared with several other jobs during the run (load average ~6): wall-clock numbers "
@@ -175,16 +175,6 @@ def write_doc_table(text: str, marker: str = "GENERATE-BENCH") -> None:
 
 def _f(v: float | None) -> str:
     return "n/a" if v is None else f"{v:,.1f}"
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def main(argv=None) -> None:

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 import moekit
-from moekit.benchmark import (BATCHED_MM_LIMIT_BYTES, HF_IMPLS, SHAPES, DenseFFN, Row, _dt, _f, _HFImpl,
+from moekit.benchmark import (HF_IMPLS, SHAPES, DenseFFN, Row, _dt, _f, _HFImpl, hf_peers,
                               distinct_expert_bytes, expert_flops, hf_block, make_step)
 
 TOKENS = (1, 16, 128, 1024, 8192, 32768)
@@ -181,15 +181,7 @@ def bench(shapes, tokens, dtypes, modes, out_path: Path, budget_s: float) -> dic
                 layer = moekit.MoE(**{k: v for k, v in shape.items() if k != "family"}, backend=backend).to(dev, dtype)
             candidates[f"moekit_{backend}"] = layer
         if block is not None:
-            for impl in HF_IMPLS:
-                if impl == "batched_mm":
-                    need = T * shape["top_k"] * 3 * shape["d_model"] * shape["d_ff"] * dtype.itemsize
-                    need *= 2 if mode == "fwd+bwd" else 1
-                    if need > BATCHED_MM_LIMIT_BYTES:
-                        rows.append(Row(shape_name, _dt(dtype), T, mode, f"hf_{impl}", None, 0,
-                                        note=f"skipped: needs {need / 2**30:.0f} GiB of copied weights"))
-                        continue
-                candidates[f"hf_{impl}"] = _HFImpl(block, impl)
+            candidates.update(hf_peers(block, HF_IMPLS, shape_name, shape, dtype, T, mode, rows))
         candidates["dense_equal_flops"] = DenseFFN(shape["d_model"], shape["top_k"] * shape["d_ff"]).to(dev, dtype)
         notes: dict[str, str] = {}
         if mode == "fwd" and block is not None:  # the same numbers as transformers, at this size

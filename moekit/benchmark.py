@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import math
 import platform
 import statistics
 import sys
@@ -235,7 +234,7 @@ def bench(shapes, tokens, dtypes, modes, impls, tune_allocator: bool = True) -> 
     tuned = tune_cpu_allocator() if tune_allocator else False
     meta = {"allocator_tuned": tuned,
         "torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
-        "processor": _cpu_name(), "threads": torch.get_num_threads(), "moekit": moekit.__version__,
+        "processor": cpu_name(), "threads": torch.get_num_threads(), "moekit": moekit.__version__,
     }
     try:
         import transformers
@@ -259,15 +258,7 @@ def bench(shapes, tokens, dtypes, modes, impls, tune_allocator: bool = True) -> 
             x = torch.randn(1, T, shape["d_model"]).to(dtype)
             candidates = {"moekit": layer}
             if block is not None:
-                for impl in impls:
-                    if impl == "batched_mm":
-                        need = T * shape["top_k"] * 3 * shape["d_model"] * shape["d_ff"] * dtype.itemsize
-                        need *= 2 if mode == "fwd+bwd" else 1
-                        if need > BATCHED_MM_LIMIT_BYTES:
-                            rows.append(Row(shape_name, _dt(dtype), T, mode, f"hf_{impl}", None, 0,
-                                            note=f"skipped: needs {need / 2**30:.0f} GiB of copied weights"))
-                            continue
-                    candidates[f"hf_{impl}"] = _HFImpl(block, impl)
+                candidates.update(hf_peers(block, impls, shape_name, shape, dtype, T, mode, rows))
             candidates["dense_equal_flops"] = dense
             steps = {name: make_step(m, x, mode) for name, m in candidates.items()}
             floor = GemmFloor(shape, T, dtype)
@@ -305,11 +296,28 @@ class _HFImpl(torch.nn.Module):
         return self.block(x)
 
 
+def hf_peers(block, impls, shape_name: str, shape: dict, dtype: torch.dtype, T: int, mode: str,
+             rows: list[Row]) -> dict[str, torch.nn.Module]:
+    """The transformers block under each ``experts_implementation``; ``batched_mm`` is skipped (with a row saying
+    so) where its per-slot copies of the expert weights would not fit in memory."""
+    peers = {}
+    for impl in impls:
+        if impl == "batched_mm":
+            need = T * shape["top_k"] * 3 * shape["d_model"] * shape["d_ff"] * dtype.itemsize
+            need *= 2 if mode == "fwd+bwd" else 1
+            if need > BATCHED_MM_LIMIT_BYTES:
+                rows.append(Row(shape_name, _dt(dtype), T, mode, f"hf_{impl}", None, 0,
+                                note=f"skipped: needs {need / 2**30:.0f} GiB of copied weights"))
+                continue
+        peers[f"hf_{impl}"] = _HFImpl(block, impl)
+    return peers
+
+
 def _dt(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
