@@ -148,7 +148,6 @@ class MoE(nn.Module):
     def _soft_experts(self, x_TD: torch.Tensor, soft: SoftRouting) -> tuple[torch.Tensor, torch.Tensor]:
         """Soft MoE: mix each sequence's tokens into slots, run every expert on its slots, mix the results back."""
         B, L, X = soft.dispatch_BLX.shape
-        E = self.config.num_experts
         # slots_BXD = sum_l dispatch_BLX * x_BLD
         slots_BXD = torch.einsum("blx,bld->bxd", soft.dispatch_BLX, x_TD.float().view(B, L, -1)).to(x_TD.dtype)
         expert_X = torch.arange(X, device=x_TD.device) // soft.slots

@@ -10,7 +10,6 @@ from moekit.dispatch import LocalDispatcher
 from moekit.routing import RouterOutput
 
 from .router_cases import CASES
-from .test_dispatch import reference_keep
 
 
 @pytest.mark.parametrize("name", ["softmax_topk", "topk_softmax", "sigmoid_topk", "noisy_topk", "gshard_top2",

@@ -8,7 +8,7 @@ import torch
 
 import moekit
 from moekit.routing import (ROUTERS, BaseLayerRouter, ExpertChoice, GShardTop2, HashRouter, HierarchicalRouter,
-                            NoisyTopK, ReLURouter, SinkhornRouter, SoftMoE, TopPRouter, build_router)
+                            NoisyTopK, ReLURouter, SinkhornRouter, TopPRouter)
 from moekit.routing.base_layer import balanced_assignment
 from moekit.routing.sinkhorn import sinkhorn
 
