@@ -348,8 +348,11 @@ def summarise(result: dict) -> str:
         gemm_floor = impls.get("gemm_floor", {}).get("median_ms")
         flops = expert_flops(result["shapes"][shape], T) * (3 if mode == "fwd+bwd" else 1)
         roof = result["roofline"][dtype]
-        best_gemm = max(v["gemm_gflops"] for v in result["roofline"].values())  # the machine's fastest GEMM
-        frac = flops / (mk / 1e3) / 1e9 / best_gemm if mk else None
+        # The roofline of the layer's dtype; for bf16 the faster of bf16 and fp32, since on CPUs with slow bf16
+        # GEMMs the layer may compute bf16 in fp32 (see fused_compute_dtype).
+        rates = [roof["gemm_gflops"]] + ([result["roofline"]["float32"]["gemm_gflops"]]
+                                         if dtype == "bfloat16" and "float32" in result["roofline"] else [])
+        frac = flops / (mk / 1e3) / 1e9 / max(rates) if mk else None
         floor = None
         if T <= 16 and mode.startswith("fwd") and "bwd" not in mode:
             floor = distinct_expert_bytes(result["shapes"][shape], T, getattr(torch, dtype)) / (
