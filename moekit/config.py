@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .balance import AUX_LOSSES
 from .dispatch.local import DROP_POLICIES
 from .experts.activations import ACTIVATIONS
 from .experts.backends import BACKENDS
+from .utils import dataclass_from_dict
 
 
 def _positive_int(name: str, v: Any) -> None:
@@ -129,8 +130,5 @@ class MoEConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "MoEConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown MoEConfig fields {sorted(unknown)}; known fields: {sorted(known)}")
-        return cls(**d)
+        """Build from a dict such as ``to_dict()`` wrote; missing keys take their defaults, unknown keys fail."""
+        return dataclass_from_dict(cls, d)

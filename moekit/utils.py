@@ -32,3 +32,18 @@ def tune_cpu_allocator(mmap_threshold: int = 2**30, trim_threshold: int = 2**31 
     ok = libc.mallopt(M_MMAP_THRESHOLD, mmap_threshold) == 1 and libc.mallopt(M_TRIM_THRESHOLD, trim_threshold) == 1
     _TUNED = ok
     return ok
+
+
+def dataclass_from_dict(cls, d):
+    """``cls(**d)`` for a config dataclass, refusing a non-dict or unknown keys with an error that lists the known
+    ones (missing keys take their defaults; the dict is deep-copied, so the config never aliases it)."""
+    import copy
+    from dataclasses import fields
+
+    if not isinstance(d, dict):
+        raise ValueError(f"{cls.__name__}.from_dict needs a dict, got {type(d).__name__}")
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} fields {unknown}; known fields: {sorted(known)}")
+    return cls(**copy.deepcopy(d))

@@ -14,6 +14,7 @@ from typing import Any
 
 from ..config import MoEConfig
 from ..routing import ROUTERS
+from ..utils import dataclass_from_dict
 
 FFN_KINDS = ("moe", "dense")
 QK_NORMS = (None, "head", "full")
@@ -208,13 +209,7 @@ class LMConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "LMConfig":
         """Build from a dict such as ``to_dict()`` wrote; missing keys take their defaults, unknown keys fail."""
-        if not isinstance(d, dict):
-            raise ValueError(f"LMConfig.from_dict needs a dict, got {type(d).__name__}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown LMConfig fields {unknown}; known fields: {sorted(known)}")
-        return cls(**copy.deepcopy(d))
+        return dataclass_from_dict(cls, d)
 
 
 PRESETS: dict[str, LMConfig] = {

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -22,6 +22,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from ..models import LMConfig, TransformerLM
 from .checkpoint import (CheckpointError, load_checkpoint, load_model_state, optimizer_state_dict, save_checkpoint)
 from .data import Corpus, get_batch, iter_eval_batches
+from ..utils import dataclass_from_dict
 
 console = Console(stderr=True)
 
@@ -63,11 +64,8 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown TrainConfig fields {sorted(unknown)}")
-        return cls(**d)
+        """Build from a dict such as ``to_dict()`` wrote; missing keys take their defaults, unknown keys fail."""
+        return dataclass_from_dict(cls, d)
 
     def lr_at(self, step: int) -> float:
         """Linear warm-up to ``lr`` then cosine decay to ``lr * min_lr_ratio`` at ``steps``."""
