@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 import moekit
-from moekit.benchmark import (HF_IMPLS, SHAPES, DenseFFN, Row, _dt, _f, _HFImpl, hf_peers,
+from moekit.benchmark import (HF_IMPLS, SHAPES, DenseFFN, Row, _dt, _f, _HFImpl, drop_failing, hf_peers,
                               distinct_expert_bytes, expert_flops, hf_block, make_step)
 
 TOKENS = (1, 16, 128, 1024, 8192, 32768)
@@ -198,13 +198,9 @@ def bench(shapes, tokens, dtypes, modes, out_path: Path, budget_s: float) -> dic
         if grouped_mm_supported("cuda", dtype):
             floor = GroupedGemmFloor(shape, T, dtype)
             steps["gemm_floor"] = lambda: floor.step(backward=mode == "fwd+bwd")
-        for name, step in list(steps.items()):  # a candidate that fails is reported, not fatal
-            try:
-                step()
-            except Exception as e:  # noqa: BLE001
-                rows.append(Row(shape_name, _dt(dtype), T, mode, name, None, 0, note=f"error: {e!s:.160}"))
-                del steps[name]
-                torch.cuda.empty_cache()
+        drop_failing(steps, lambda name, e: rows.append(
+            Row(shape_name, _dt(dtype), T, mode, name, None, 0, note=f"error: {e!s:.160}")),
+            cleanup=torch.cuda.empty_cache)
         timed = cuda_timeit_many(steps, budget_s=budget_s, cold=mode == "fwd-cold")
         for name, (ms, reps) in timed.items():
             mem = peak_mem_mb(steps[name]) if mode == "fwd+bwd" and T >= 1024 else None

@@ -263,12 +263,8 @@ def bench(shapes, tokens, dtypes, modes, impls, tune_allocator: bool = True) -> 
             steps = {name: make_step(m, x, mode) for name, m in candidates.items()}
             floor = GemmFloor(shape, T, dtype)
             steps["gemm_floor"] = lambda: floor.step(backward=mode == "fwd+bwd")
-            for name, step in list(steps.items()):  # a peer that fails is reported, not fatal
-                try:
-                    step()
-                except Exception as e:  # noqa: BLE001
-                    rows.append(Row(shape_name, _dt(dtype), T, mode, name, None, 0, note=f"error: {e!s:.120}"))
-                    del steps[name]
+            drop_failing(steps, lambda name, e: rows.append(
+                Row(shape_name, _dt(dtype), T, mode, name, None, 0, note=f"error: {e!s:.120}")))
             timed = timeit_many(steps, budget_s=3.0 if T <= 128 else 8.0, min_rounds=11 if T <= 128 else
                                 5 if T <= 1024 else 3,
                                 cold=mode == "fwd-cold")
@@ -294,6 +290,19 @@ class _HFImpl(torch.nn.Module):
     def forward(self, x):
         self.block.experts.config._experts_implementation = self.impl
         return self.block(x)
+
+
+def drop_failing(steps: dict, on_failure, cleanup=None) -> None:
+    """Run every step once (a warm-up); a step that raises is removed and reported with ``on_failure(name, error)``,
+    then ``cleanup()`` (if given) runs, so one failing peer never stops the benchmark."""
+    for name, step in list(steps.items()):
+        try:
+            step()
+        except Exception as e:  # noqa: BLE001 - any failure of a peer is reported, not fatal
+            on_failure(name, e)
+            del steps[name]
+            if cleanup is not None:
+                cleanup()
 
 
 def hf_peers(block, impls, shape_name: str, shape: dict, dtype: torch.dtype, T: int, mode: str,
