@@ -67,9 +67,8 @@ def main(argv: list[str] | None = None) -> None:
     runs = []
     for seed in args.seeds:
         out = args.out / f"{args.preset}-seed{seed}"
-        if out.exists():
-            shutil.rmtree(out)
-        summary = compare(get_preset(args.preset), replace(TRAIN_PRESETS[args.preset], seed=seed), corpus, out)
+        summary = compare(get_preset(args.preset), replace(TRAIN_PRESETS[args.preset], seed=seed), corpus, out,
+                          overwrite=True)
         summary["seed"] = seed
         runs.append(summary)
         print(f"seed {seed}: MoE {summary['moe']['final_val_loss']:.4f}, dense {summary['dense']['final_val_loss']:.4f}, "

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import copy
 import ctypes
 import ctypes.util
 import sys
+from dataclasses import fields
 
 _TUNED = False
 
@@ -37,9 +39,6 @@ def tune_cpu_allocator(mmap_threshold: int = 2**30, trim_threshold: int = 2**31 
 def dataclass_from_dict(cls, d):
     """``cls(**d)`` for a config dataclass, refusing a non-dict or unknown keys with an error that lists the known
     ones (missing keys take their defaults; the dict is deep-copied, so the config never aliases it)."""
-    import copy
-    from dataclasses import fields
-
     if not isinstance(d, dict):
         raise ValueError(f"{cls.__name__}.from_dict needs a dict, got {type(d).__name__}")
     known = {f.name for f in fields(cls)}

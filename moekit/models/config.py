@@ -218,7 +218,7 @@ PRESETS: dict[str, LMConfig] = {
     # plus one shared expert beat 8 wide ones, top-1 and 32 experts; lr 6e-3 suits both MoE and dense.
     "tiny": LMConfig(d_model=64, n_layers=4, n_heads=4, max_seq_len=256, num_experts=16, top_k=2, d_ff_expert=128,
                      shared_experts=1, d_ff=384),
-    # Tens of CPU minutes; same recipe, wider.
+    # The same recipe, wider and longer (not swept: the sweep above ran at the tiny size only).
     "small": LMConfig(d_model=256, n_layers=6, n_heads=8, max_seq_len=256, num_experts=16, top_k=2,
                       d_ff_expert=256, shared_experts=1, d_ff=768),
 }

@@ -105,7 +105,10 @@ def compare(model_config: LMConfig, train_config: TrainConfig, corpus: Corpus, o
         raise ValueError(f"{out} already holds a comparison ({', '.join(p.name for p in existing)}); choose another "
                          "--out or pass --overwrite to replace it (nothing was changed)")
     for p in existing:
-        shutil.rmtree(p) if p.is_dir() else p.unlink()
+        if p.is_dir():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
     runs = {}
     for name, cfg in (("moe", model_config), ("dense", model_config.dense_baseline())):
         trainer = Trainer(cfg, train_config, corpus, out / name, label=name, quiet=quiet)

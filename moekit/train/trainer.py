@@ -20,9 +20,9 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from ..models import LMConfig, TransformerLM
+from ..utils import dataclass_from_dict
 from .checkpoint import (CheckpointError, load_checkpoint, load_model_state, optimizer_state_dict, save_checkpoint)
 from .data import Corpus, get_batch, iter_eval_batches
-from ..utils import dataclass_from_dict
 
 console = Console(stderr=True)
 
