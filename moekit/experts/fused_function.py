@@ -1,18 +1,24 @@
 """The ``fused`` experts backend: one autograd Function for gather → GEMM → activation → GEMM → weighted combine.
 
+Work is done expert by expert: each expert gathers its rows, runs its two projections with the fastest CPU GEMM of
+the machine (:mod:`moekit.experts.cpu_gemm`), applies the activation and adds its weighted output to the tokens,
+while its intermediates are still in cache.
+
 Why a custom Function: autograd on the composed ops saves every intermediate (gathered rows, both halves of the
-gate/up projection, the activation output, the weighted rows, the permuted copy) and its backward of a grouped GEMM
-fills zeros expert by expert. Here forward saves only the pre-activation ``h_SW`` and the unweighted expert output
-``y_SD`` (plus indices); backward re-gathers the input rows, recomputes the activation, and computes weight
-gradients only for experts that received tokens. Weights are cast to the compute dtype one active expert at a time,
-so no full-size cast copy is ever made. Without autograd (inference) the Function is skipped altogether.
+gate/up projection, the activation output, the weighted rows, the unweighted outputs) and its backward of a grouped
+GEMM fills zeros expert by expert. Here forward saves only the pre-activations (plus indices). Backward re-gathers
+the input rows, recomputes the activation, and gets the router-weight gradient without the expert outputs:
+``dL/dw_s = g_t · y_s = (g_t @ W_out) · a_s (+ g_t · b_out)``, and ``g_t @ W_out`` is needed for ``dA`` anyway.
+Weight gradients are written once, only idle experts are zeroed. Without autograd (inference) the Function is
+skipped altogether.
 
 Compute dtype: the autocast dtype if autocast is on, else the weights' dtype, except that on CPUs whose bf16 GEMM
-is slower than fp32 (no AMX: measured once per process), bf16 layers whose experts average at least
-``BF16_UPCAST_MIN_ROWS`` rows run their GEMMs in fp32 (more accurate, and faster there); outputs keep the input dtype.
+is slower than fp32 (neither AMX nor AVX512-BF16: measured once per process), bf16 layers whose experts average at
+least ``BF16_UPCAST_MIN_ROWS`` rows run their GEMMs in fp32 (more accurate, and faster there); outputs keep the input
+dtype. Expert weights are cast to the compute dtype one expert at a time, so no full-size cast copy is ever made.
 
 Notation: ``T`` tokens, ``S`` valid slots in expert order, ``D`` model dim, ``W`` input-projection width
-(``2F`` gated, ``F`` plain), ``F`` expert hidden dim, ``E`` experts.
+(``2F`` gated, ``F`` plain), ``F`` expert hidden dim, ``E`` experts, ``m`` rows of one expert.
 """
 
 from __future__ import annotations
@@ -22,8 +28,11 @@ import time
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 
 from .activations import Activation
+from ..kernels import cpu as kcpu
+from .cpu_gemm import linear, linear_into
 
 if TYPE_CHECKING:
     from ..dispatch.local import DispatchPlan
@@ -41,28 +50,33 @@ def _segments(counts: list[int]):
         start += n
 
 
-def _linear_segments(a_SI, w_EOI, b_EO, counts, out_SO, dtype):
-    """``out[seg_e] = a[seg_e] @ w[e].T (+ b[e])`` for every non-empty expert segment, weights cast per expert."""
-    for e, s, t in _segments(counts):
-        w = w_EOI[e].to(dtype)
-        if b_EO is not None:
-            torch.addmm(b_EO[e].to(dtype), a_SI[s:t], w.T, out=out_SO[s:t])
-        else:
-            torch.mm(a_SI[s:t], w.T, out=out_SO[s:t])
-    return out_SO
+def _row(b: torch.Tensor | None, e: int, dtype: torch.dtype, sl: slice = slice(None)) -> torch.Tensor | None:
+    return None if b is None else b[e, sl].to(dtype)
 
 
-def fused_forward(x_TD, w_in, w_out, b_in, b_out, weights_TK, token_S, slot_S, counts, activation, dtype):
-    """The forward math; returns ``(y_TD fp32, (h_SW, y_SD, w_S))``."""
-    S = token_S.shape[0]
-    x_SD = x_TD.index_select(0, token_S).to(dtype)
-    h_SW = _linear_segments(x_SD, w_in, b_in, counts, x_SD.new_empty(S, w_in.shape[1]), dtype)
-    a_SF = activation(h_SW)
-    y_SD = _linear_segments(a_SF, w_out, b_out, counts, x_SD.new_empty(S, w_out.shape[1]), dtype)
+def _activate(act: Activation, h: torch.Tensor) -> torch.Tensor:
+    return kcpu.swiglu(h) if act.name == "swiglu" else act(h)
+
+
+def fused_forward(x_TD, w_in, w_out, b_in, b_out, weights_TK, token_S, slot_S, counts, activation, dtype,
+                  save: bool = False):
+    """The forward math; returns ``(y_TD fp32, [pre-activation h of each active expert] or None)``.
+
+    Per expert: gather its rows, ``h = x @ W_in^T`` (gate and up in one GEMM), the activation on ``h`` while it is
+    in cache, ``y = a @ W_out^T``, then ``out[token] += w * y`` (one thread per row: the rows of one expert belong to
+    distinct tokens)."""
+    x_c = x_TD if x_TD.dtype == dtype else x_TD.to(dtype)
     w_S = weights_TK.reshape(-1).index_select(0, slot_S).float()
     out_TD = torch.zeros(x_TD.shape, dtype=torch.float32, device=x_TD.device)
-    out_TD.index_add_(0, token_S, y_SD.float() * w_S[:, None])
-    return out_TD, (h_SW, y_SD, w_S)
+    saved = [] if save else None
+    for e, s, t in _segments(counts):
+        tok = token_S[s:t]
+        h = linear(x_c.index_select(0, tok), w_in[e].to(dtype), _row(b_in, e, dtype))
+        y = linear(_activate(activation, h), w_out[e].to(dtype), _row(b_out, e, dtype))
+        kcpu.scatter_add_rows(out_TD, tok, y, w_S[s:t], check_index=False)
+        if save:
+            saved.append(h)
+    return out_TD, saved
 
 
 class FusedExpertsFunction(torch.autograd.Function):
@@ -71,86 +85,87 @@ class FusedExpertsFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_TD, w_in, w_out, b_in, b_out, weights_TK, token_S, slot_S, counts, activation, dtype):
         with torch.autocast(x_TD.device.type, enabled=False):
-            out_TD, (h_SW, y_SD, w_S) = fused_forward(x_TD, w_in, w_out, b_in, b_out, weights_TK, token_S,
-                                                      slot_S, counts, activation, dtype)
-        # With bf16 inputs computed in fp32, keep the saved activations in bf16: half the memory, and no less
-        # precise than a bf16 computation would have been.
-        io = x_TD.dtype
-        ctx.save_for_backward(x_TD, w_in, w_out, h_SW.to(io), y_SD.to(io), w_S, token_S, slot_S)
+            out_TD, saved = fused_forward(x_TD, w_in, w_out, b_in, b_out, weights_TK, token_S, slot_S, counts,
+                                          activation, dtype, save=True)
+        # Pre-activations of bf16 layers computed in fp32 are kept in bf16: half the memory, and no less precise
+        # than a bf16 computation would have been.
+        keep = x_TD.dtype if x_TD.dtype.itemsize < dtype.itemsize else dtype
+        ctx.pre = [h.to(keep) for h in saved]
+        ctx.save_for_backward(x_TD, w_in, w_out, b_out, weights_TK, token_S, slot_S)
         ctx.counts, ctx.activation, ctx.dtype = counts, activation, dtype
-        ctx.weights_shape, ctx.weights_dtype = weights_TK.shape, weights_TK.dtype
         ctx.bias_dtypes = (None if b_in is None else b_in.dtype, None if b_out is None else b_out.dtype)
         return out_TD
 
     @staticmethod
     def backward(ctx, g_TD):
-        x_TD, w_in, w_out, h_SW, y_SD, w_S, token_S, slot_S = ctx.saved_tensors
-        counts, act, dtype = ctx.counts, ctx.activation, ctx.dtype
+        x_TD, w_in, w_out, b_out, weights_TK, token_S, slot_S = ctx.saved_tensors
+        counts, act, dtype, pre = ctx.counts, ctx.activation, ctx.dtype, ctx.pre
+        ctx.pre = None
         need_x, need_win, need_wout, need_bin, need_bout, need_w = ctx.needs_input_grad[:6]
         dev = g_TD.device
         with torch.autocast(dev.type, enabled=False):
-            g_SD = g_TD.index_select(0, token_S)
+            x_c = x_TD if x_TD.dtype == dtype else x_TD.to(dtype)
+            g_TD = g_TD.float().contiguous()
+            w_S = weights_TK.reshape(-1).index_select(0, slot_S).float()
+            dw_S = torch.empty(w_S.shape, dtype=torch.float32, device=dev) if need_w else None
+            d_x = torch.zeros(x_TD.shape, dtype=torch.float32, device=dev) if need_x else None
+            d_win = _expert_grad_buffer(w_in, counts) if need_win else None
+            d_wout = _expert_grad_buffer(w_out, counts) if need_wout else None
+            d_bin = torch.zeros(w_in.shape[:2], dtype=ctx.bias_dtypes[0], device=dev) if need_bin else None
+            d_bout = torch.zeros(w_out.shape[:2], dtype=ctx.bias_dtypes[1], device=dev) if need_bout else None
+            for i, (e, s, t) in enumerate(_segments(counts)):
+                tok, w_m = token_S[s:t], w_S[s:t]
+                h, pre[i] = pre[i].to(dtype), None
+                g_m = kcpu.gather_rows(g_TD, tok, dtype, check_index=False)  # upstream gradient of the rows
+                # ga = g @ W_out (unweighted) gives dA = w * ga and the router-weight gradient ga . a
+                ga = linear(g_m, w_out[e].to(dtype).T)
+                dh, aw, dw = _activation_backward(act, h, ga, w_m, need_w, need_wout)
+                del ga
+                if need_w:
+                    if b_out is not None:  # y = a W_out^T + b_out, so dL/dw also has g . b_out
+                        dw += g_TD.index_select(0, tok) @ b_out[e].float()
+                    dw_S[s:t] = dw
+                if need_wout:
+                    linear_into(d_wout[e], g_m.T, aw.T)  # dW_out = g^T @ (w a)
+                if need_bout:
+                    d_bout[e] = w_m @ g_TD.index_select(0, tok)
+                del aw, g_m
+                x_m = x_c.index_select(0, tok)
+                if need_win:
+                    linear_into(d_win[e], dh.T, x_m.T)  # dW_in = dH^T @ x
+                if need_bin:
+                    d_bin[e] = dh.sum(0, dtype=torch.float32)
+                if need_x:
+                    kcpu.scatter_add_rows(d_x, tok, linear(dh, w_in[e].to(dtype).T), check_index=False)  # dH @ W_in
             d_weights = None
             if need_w:
-                dw_S = (g_SD.float() * y_SD.float()).sum(dim=-1)
-                d_weights = torch.zeros(ctx.weights_shape.numel(), dtype=torch.float32, device=dev)
-                d_weights = d_weights.index_copy_(0, slot_S, dw_S).view(ctx.weights_shape).to(ctx.weights_dtype)
-            del y_SD
-            gy_SD = (g_SD.float() * w_S[:, None]).to(dtype)
-            del g_SD
-            h_SW = h_SW.to(dtype)
-
-            # recompute the activation (cheaper than saving it), then back through the down projection
-            a_SF, act_backward = _activation_with_backward(act, h_SW)
-            da_SF = torch.empty_like(a_SF)
-            d_wout = _expert_grad_buffer(w_out, counts) if need_wout else None
-            d_bout = torch.zeros(w_out.shape[:2], dtype=ctx.bias_dtypes[1], device=dev) if need_bout else None
-            for e, s, t in _segments(counts):
-                torch.mm(gy_SD[s:t], w_out[e].to(dtype), out=da_SF[s:t])
-                if need_wout:
-                    _mm_into(d_wout[e], gy_SD[s:t].T, a_SF[s:t])
-                if need_bout:
-                    d_bout[e] = gy_SD[s:t].sum(0)
-            del a_SF, gy_SD
-            dh_SW = act_backward(da_SF)
-            del da_SF, h_SW
-
-            x_SD = x_TD.index_select(0, token_S).to(dtype)
-            d_win = _expert_grad_buffer(w_in, counts) if need_win else None
-            d_bin = torch.zeros(w_in.shape[:2], dtype=ctx.bias_dtypes[0], device=dev) if need_bin else None
-            dx_SD = torch.empty_like(x_SD) if need_x else None
-            for e, s, t in _segments(counts):
-                if need_win:
-                    _mm_into(d_win[e], dh_SW[s:t].T, x_SD[s:t])
-                if need_x:
-                    torch.mm(dh_SW[s:t], w_in[e].to(dtype), out=dx_SD[s:t])
-                if need_bin:
-                    d_bin[e] = dh_SW[s:t].sum(0)
-            del dh_SW, x_SD
-            d_x = None
+                d_weights = torch.zeros(weights_TK.numel(), dtype=torch.float32, device=dev)
+                d_weights = d_weights.index_copy_(0, slot_S, dw_S).view(weights_TK.shape).to(weights_TK.dtype)
             if need_x:
-                d_x = torch.zeros(x_TD.shape, dtype=torch.float32, device=dev)
-                d_x = d_x.index_add_(0, token_S, dx_SD.float()).to(x_TD.dtype)
+                d_x = d_x.to(x_TD.dtype)
         return d_x, d_win, d_wout, d_bin, d_bout, d_weights, None, None, None, None, None
 
 
-def _activation_with_backward(act: Activation, h_SW: torch.Tensor):
-    """``(act(h), backward)`` where ``backward(da) = d act / d h * da``. SwiGLU is written out by hand (no autograd
-    graph to keep); every other activation gets its backward from autograd."""
+def _activation_backward(act: Activation, h: torch.Tensor, ga: torch.Tensor, w_m: torch.Tensor, need_dw: bool,
+                         need_aw: bool):
+    """``(dH, w * a, dw)`` of one expert from its pre-activation ``h``, the unweighted gradient ``ga`` of its
+    activation output and its rows' router weights ``w_m``: ``dH = act'(h) * (w ga)``, ``dw = rowsum(ga * a)``.
+    SwiGLU runs in one fused pass (:func:`moekit.kernels.cpu.swiglu_backward`); every other activation is
+    recomputed and differentiated by autograd."""
     if act.name == "swiglu":
-        gate, up = h_SW.chunk(2, dim=-1)
-        sig = torch.sigmoid(gate)
-        silu = gate * sig
-        a = silu * up
+        return kcpu.swiglu_backward(h, ga, w_m, need_dw, need_aw)
+    a, act_backward = _activation_with_backward(act, h)
+    w_col = w_m[:, None]
+    dw = (ga.float() * a.float()).sum(-1) if need_dw else None
+    aw = (a * w_col).to(a.dtype) if need_aw else None
+    return act_backward((ga * w_col).to(ga.dtype)), aw, dw
 
-        def backward(da: torch.Tensor) -> torch.Tensor:
-            d_up = da * silu
-            d_gate = da * up * (sig * (1 + gate * (1 - sig)))  # silu'(g) = s (1 + g (1 - s))
-            return torch.cat([d_gate, d_up], dim=-1)
 
-        return a, backward
+def _activation_with_backward(act: Activation, h: torch.Tensor):
+    """``(act(h), backward)`` where ``backward(da) = d act / d h * da``, from autograd (the activations without a
+    hand-written backward; SwiGLU has :func:`moekit.kernels.cpu.swiglu_backward`)."""
     with torch.enable_grad():
-        h = h_SW.detach().requires_grad_(True)
+        h = h.detach().requires_grad_(True)
         a = act(h)
 
     def backward(da: torch.Tensor) -> torch.Tensor:
@@ -169,13 +184,6 @@ def _expert_grad_buffer(w_EOI: torch.Tensor, counts: list[int]) -> torch.Tensor:
     return buf
 
 
-def _mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    if out.dtype == a.dtype:
-        torch.mm(a, b, out=out)
-    else:
-        out.copy_(a @ b)
-
-
 # --------------------------------------------------------------------------------------- compute dtype
 _CPU_BF16_SLOW: bool | None = None
 
@@ -188,15 +196,15 @@ def cpu_bf16_gemm_is_slow() -> bool:
     if env in ("0", "1"):
         return env == "1"
     if _CPU_BF16_SLOW is None:
-        a, b = torch.randn(256, 512), torch.randn(512, 1024)
+        a, b = torch.randn(256, 512), torch.randn(1024, 512)
         rates = {}
         for dt in (torch.float32, torch.bfloat16):
             x, y = a.to(dt), b.to(dt)
-            x @ y
+            linear(x, y)
             best = float("inf")
             for _ in range(5):
                 t0 = time.perf_counter()
-                x @ y
+                linear(x, y)
                 best = min(best, time.perf_counter() - t0)
             rates[dt] = 1.0 / best
         _CPU_BF16_SLOW = rates[torch.float32] > 1.3 * rates[torch.bfloat16]

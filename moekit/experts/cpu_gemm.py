@@ -1,0 +1,80 @@
+"""CPU GEMMs for the experts: the fastest library GEMM this machine offers, per dtype.
+
+PyTorch ships two CPU GEMM libraries. ``torch.mm`` runs fp32 in MKL's sgemm, which on AMD Zen CPUs takes a code path
+that measures ~2.2x slower than oneDNN's AVX-512 kernels (also shipped with PyTorch, reachable as the operator
+``torch.ops.mkldnn._linear_pointwise`` that Inductor uses); bf16 runs in oneDNN either way. Which provider is faster
+is measured once per process and dtype (a 256 x 512 x 1024 GEMM; ``MOEKIT_CPU_GEMM=onednn`` or ``torch`` forces one),
+so the same code is fast on Intel and AMD CPUs alike. Both compute in the operands' dtype with fp32 accumulation:
+no reduced-precision mode is ever switched on.
+
+Operands may be strided views (``w[e].T``, ``a.T``); every function returns a new tensor in the operands' dtype.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+
+_LP = getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None)
+_PROVIDER: dict[torch.dtype, str] = {}
+
+
+def _onednn_works(dtype: torch.dtype) -> bool:
+    if _LP is None or not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        a, w = torch.randn(5, 16).to(dtype), torch.randn(24, 16).to(dtype)
+        ok = torch.allclose(_LP(a, w, None, "none", [], "").float(), (a.float() @ w.float().T), atol=0.1, rtol=0.02)
+        ok &= torch.allclose(_LP(a, w.T.contiguous().T, None, "none", [], "").float(), a.float() @ w.float().T,
+                             atol=0.1, rtol=0.02)
+        return bool(ok)
+    except Exception:  # noqa: BLE001 - any failure means "not usable here"
+        return False
+
+
+def _rate(fn) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return 1.0 / best
+
+
+def provider(dtype: torch.dtype) -> str:
+    """``"onednn"`` or ``"torch"``: the faster CPU GEMM for ``dtype`` here (measured once per process)."""
+    if dtype not in _PROVIDER:
+        forced = os.environ.get("MOEKIT_CPU_GEMM", "auto")
+        if forced not in ("auto", "onednn", "torch"):
+            raise ValueError(f"MOEKIT_CPU_GEMM must be auto, onednn or torch, got {forced!r}")
+        if dtype not in (torch.float32, torch.bfloat16) or forced == "torch" or not _onednn_works(dtype):
+            _PROVIDER[dtype] = "torch"
+        elif forced == "onednn":
+            _PROVIDER[dtype] = "onednn"
+        else:
+            a, w = torch.randn(256, 512).to(dtype), torch.randn(1024, 512).to(dtype)
+            onednn = _rate(lambda: _LP(a, w, None, "none", [], ""))
+            mm = _rate(lambda: torch.mm(a, w.T))
+            _PROVIDER[dtype] = "onednn" if onednn > 1.1 * mm else "torch"
+    return _PROVIDER[dtype]
+
+
+def linear(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``a @ w.T (+ bias)`` for 2-D ``a [M, K]`` and ``w [N, K]``."""
+    if a.device.type == "cpu" and provider(a.dtype) == "onednn":
+        return _LP(a, w, bias, "none", [], "")
+    return F.linear(a, w, bias)
+
+
+def linear_into(out: torch.Tensor, a: torch.Tensor, w: torch.Tensor) -> None:
+    """``out = a @ w.T`` for a preallocated (possibly strided) ``out``, in ``out``'s dtype."""
+    if a.device.type == "cpu" and provider(a.dtype) == "onednn":
+        out.copy_(_LP(a, w, None, "none", [], ""))
+    elif out.dtype == a.dtype:
+        torch.mm(a, w.T, out=out)
+    else:
+        out.copy_(a @ w.T)

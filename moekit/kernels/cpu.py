@@ -1,0 +1,261 @@
+"""moekit's CPU kernels (``csrc/moe_cpu.c``): gather, weighted scatter-add and SwiGLU forward/backward.
+
+The memory-bound steps between the library GEMMs. PyTorch runs them as several elementwise passes (and its
+``index_add_`` on one thread); here each is one pass over rows that are usually still in cache, on PyTorch's own
+OpenMP threads.
+
+The C file is compiled on first use with the system C compiler (``$CC``, else ``cc``/``gcc``/``clang``) with
+``-O3 -march=native -fopenmp``, cached under ``$MOEKIT_CACHE_DIR`` (default ``~/.cache/moekit``) by a hash of the
+source, the compiler, the flags and the CPU, and loaded with ctypes: no PyTorch headers, about a second of build.
+Where no compiler works, or with ``MOEKIT_CPU_KERNELS=0``, :func:`library` returns None and callers use PyTorch ops
+(same results up to rounding; slower). Every wrapper checks its tensors (device, dtype, layout, shapes) and raises
+``ValueError`` naming the problem; it never reads out of bounds.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).parent / "csrc" / "moe_cpu.c"
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-fPIC", "-shared", "-std=c11", "-Wall"]
+_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
+
+_LIB: ctypes.CDLL | None = None
+_TRIED = False
+_WHY_NOT: str | None = None
+
+
+def _compiler() -> str | None:
+    for cand in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if cand and shutil.which(cand.split()[0]):
+            return cand
+    return None
+
+
+def _cpu_id() -> str:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        return next((ln for ln in text.splitlines() if ln.startswith("flags")), "") + platform.processor()
+    except OSError:
+        return platform.machine() + platform.processor()
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("MOEKIT_CACHE_DIR", Path.home() / ".cache" / "moekit"))
+
+
+def _build(cc: str) -> Path:
+    version = subprocess.run([*cc.split(), "--version"], capture_output=True, text=True, timeout=60).stdout
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), cc, version, " ".join(FLAGS), _cpu_id()]).encode())
+    out = cache_dir() / f"moe_cpu-{key.hexdigest()[:16]}.so"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        tmp_so = Path(tmp) / out.name
+        proc = subprocess.run([*cc.split(), *FLAGS, "-o", str(tmp_so), str(SOURCE), "-lm"], capture_output=True,
+                              text=True, timeout=300)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{cc} failed: {proc.stderr.strip()[-2000:]}")
+        os.replace(tmp_so, out)  # atomic: a concurrent build of the same key writes the same file
+    return out
+
+
+def library() -> ctypes.CDLL | None:
+    """The compiled kernels, or None where they cannot be built here (see :func:`unavailable_reason`)."""
+    global _LIB, _TRIED, _WHY_NOT
+    if _TRIED:
+        return _LIB
+    _TRIED = True
+    if os.environ.get("MOEKIT_CPU_KERNELS", "1") == "0":
+        _WHY_NOT = "disabled by MOEKIT_CPU_KERNELS=0"
+        return None
+    cc = _compiler()
+    if cc is None:
+        _WHY_NOT = "no C compiler found (set $CC)"
+    else:
+        try:
+            lib = ctypes.CDLL(str(_build(cc)))
+            _declare(lib)
+            _LIB = lib
+        except Exception as e:  # noqa: BLE001 - any build or load failure means "use the PyTorch ops"
+            _WHY_NOT = f"could not build {SOURCE.name}: {e}"
+    if _WHY_NOT:
+        log.warning("moekit CPU kernels unavailable (%s); using PyTorch ops, which are slower", _WHY_NOT)
+    return _LIB
+
+
+def unavailable_reason() -> str | None:
+    library()
+    return _WHY_NOT
+
+
+def reset() -> None:
+    """Forget the loaded library (tests use it to switch the kernels off and on through the environment)."""
+    global _LIB, _TRIED, _WHY_NOT
+    _LIB, _TRIED, _WHY_NOT = None, False, None
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    P, I64, I = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    sigs = {
+        "moe_gather_rows": [P, I, I64, P, P, I64, I64, P, I, I64, I],
+        "moe_scatter_add_rows": [P, I64, P, I, I64, P, P, I64, I64, I],
+        "moe_swiglu_fwd": [P, I64, P, I64, I64, I64, I, I],
+        "moe_swiglu_bwd": [P, I64, P, I64, P, I64, I64, I, P, I64, P, I64, P, I],
+    }
+    for name, args in sigs.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = args, ctypes.c_int
+
+
+# ------------------------------------------------------------------------------------------------ checks
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _dt(t: torch.Tensor, name: str) -> int:
+    if t.dtype not in _DTYPES:
+        raise ValueError(f"{name} must be float32 or bfloat16, got {t.dtype}")
+    return _DTYPES[t.dtype]
+
+
+def _rows(t: torch.Tensor, name: str, shape: tuple[int, ...]) -> int:
+    """Check a CPU matrix of this shape whose rows are contiguous; return its row stride."""
+    if t.device.type != "cpu":
+        raise ValueError(f"{name} must be on the CPU, got {t.device}")
+    if tuple(t.shape) != shape:
+        raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
+    if t.dim() != 2 or (t.shape[1] > 1 and t.stride(1) != 1) or (t.shape[0] > 1 and t.stride(0) < t.shape[1]):
+        raise ValueError(f"{name} must be a matrix with contiguous, non-overlapping rows, got strides {t.stride()}")
+    return t.stride(0)
+
+
+def _vector(t: torch.Tensor | None, name: str, n: int, dtype: torch.dtype) -> None:
+    if t is None:
+        return
+    if t.device.type != "cpu" or t.dtype != dtype or tuple(t.shape) != (n,) or not t.is_contiguous():
+        raise ValueError(f"{name} must be a contiguous CPU {dtype} vector of length {n}, got "
+                         f"{t.dtype} {tuple(t.shape)} on {t.device}")
+
+
+def _index(idx: torch.Tensor, name: str, m: int, bound: int) -> None:
+    _vector(idx, name, m, torch.int64)
+    if m and (int(idx.min()) < 0 or int(idx.max()) >= bound):
+        raise ValueError(f"{name} has entries outside [0, {bound})")
+
+
+def _call(fn, *args) -> None:
+    rc = fn(*args)
+    if rc != 0:
+        raise RuntimeError(f"moekit CPU kernel {fn.__name__} returned {rc}: arguments the checks let through")
+
+
+def _threads() -> int:
+    return torch.get_num_threads()
+
+
+def _use_c(*tensors: torch.Tensor | None) -> bool:
+    """The C kernels take CPU float32/bfloat16 matrices with contiguous rows; anything else runs in PyTorch."""
+    for t in tensors:
+        if t is None:
+            continue
+        if t.device.type != "cpu" or t.dtype not in _DTYPES or t.dim() != 2 or (t.shape[1] > 1 and t.stride(1) != 1):
+            return False
+    return library() is not None
+
+
+# --------------------------------------------------------------------------------------------- wrappers
+# Each op runs the C kernel where it can and the equivalent PyTorch ops otherwise (same values up to rounding).
+# ``check_index=False`` skips the bounds check of index vectors that moekit's own dispatcher produced.
+
+def gather_rows(src: torch.Tensor, idx: torch.Tensor, dtype: torch.dtype, scale: torch.Tensor | None = None,
+                check_index: bool = True) -> torch.Tensor:
+    """``(scale[:, None] * src[idx]).to(dtype)`` in one pass; ``scale`` is an optional float32 vector."""
+    m, n = idx.shape[0], src.shape[1]
+    if not _use_c(src) or dtype not in _DTYPES or (scale is None and dtype == src.dtype):
+        out = src.index_select(0, idx)  # a plain gather: PyTorch's row memcpy is as fast
+        return (out if scale is None else out * scale[:, None]).to(dtype)
+    ld = _rows(src, "src", (src.shape[0], n))
+    if check_index:
+        _index(idx, "idx", m, src.shape[0])
+    _vector(scale, "scale", m, torch.float32)
+    out = torch.empty(m, n, dtype=dtype)
+    _call(library().moe_gather_rows, _ptr(src), _dt(src, "src"), ld, _ptr(idx), _ptr(scale), m, n, _ptr(out),
+          _dt(out, "dtype"), n, _threads())
+    return out
+
+
+def scatter_add_rows(out: torch.Tensor, idx: torch.Tensor, y: torch.Tensor, w: torch.Tensor | None = None,
+                     check_index: bool = True) -> None:
+    """``out[idx] += w[:, None] * y`` for float32 ``out`` and distinct ``idx`` (the rows of one expert)."""
+    m, n = y.shape
+    if out.dtype != torch.float32:
+        raise ValueError(f"out must be float32, got {out.dtype}")
+    if not _use_c(out, y):
+        y = y.float()
+        out.index_add_(0, idx, y if w is None else y * w[:, None])
+        return
+    ld_out = _rows(out, "out", (out.shape[0], n))
+    ld_y = _rows(y, "y", (m, n))
+    if check_index:
+        _index(idx, "idx", m, out.shape[0])
+    _vector(w, "w", m, torch.float32)
+    _call(library().moe_scatter_add_rows, _ptr(out), ld_out, _ptr(y), _dt(y, "y"), ld_y, _ptr(idx), _ptr(w), m, n,
+          _threads())
+
+
+def swiglu(h: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` for ``h = [gate | up]`` of shape ``[m, 2F]``, in ``h``'s dtype."""
+    m, W = h.shape
+    if W % 2:
+        raise ValueError(f"SwiGLU needs an even width [gate | up], got {W}")
+    if not _use_c(h):
+        gate, up = h.chunk(2, dim=-1)
+        return torch.nn.functional.silu(gate) * up
+    ld = _rows(h, "h", (m, W))
+    a = torch.empty(m, W // 2, dtype=h.dtype)
+    _call(library().moe_swiglu_fwd, _ptr(h), ld, _ptr(a), W // 2, m, W // 2, _dt(h, "h"), _threads())
+    return a
+
+
+def swiglu_backward(h: torch.Tensor, ga: torch.Tensor, w: torch.Tensor, need_dw: bool = True,
+                    need_aw: bool = True) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """SwiGLU backward of one expert's rows: ``(dh [m, 2F], aw = w * a [m, F], dw [m] float32)`` from the
+    pre-activation ``h = [gate | up]``, the unweighted gradient ``ga`` of the activation output and the float32
+    router weights ``w`` of the rows, where ``a = silu(gate) * up``, ``dw = rowsum(ga * a)`` and ``dh`` is the
+    gradient of ``[gate | up]`` given ``w * ga``."""
+    m, W = h.shape
+    F = W // 2
+    if ga.dtype != h.dtype or tuple(ga.shape) != (m, F):
+        raise ValueError(f"ga must be {h.dtype} of shape {(m, F)}, got {ga.dtype} {tuple(ga.shape)}")
+    _vector(w, "w", m, torch.float32)
+    if not _use_c(h, ga):
+        gate, up = h.chunk(2, dim=-1)
+        sig = torch.sigmoid(gate)
+        silu = gate * sig
+        a = silu * up
+        d = ga * w[:, None].to(ga.dtype)
+        dh = torch.cat([d * up * (sig + silu * (1 - sig)), d * silu], dim=-1)
+        return (dh, a * w[:, None].to(a.dtype) if need_aw else None,
+                (ga.float() * a.float()).sum(-1) if need_dw else None)
+    ld_h = _rows(h, "h", (m, W))
+    ld_ga = _rows(ga, "ga", (m, F))
+    dh = torch.empty(m, W, dtype=h.dtype)
+    aw = torch.empty(m, F, dtype=h.dtype) if need_aw else None
+    dw = torch.empty(m, dtype=torch.float32) if need_dw else None
+    _call(library().moe_swiglu_bwd, _ptr(h), ld_h, _ptr(ga), ld_ga, _ptr(w), m, F, _dt(h, "h"), _ptr(dh), W,
+          _ptr(aw), F, _ptr(dw), _threads())
+    return dh, aw, dw
