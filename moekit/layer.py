@@ -124,8 +124,9 @@ class MoE(nn.Module):
         if routed.soft is not None:
             y_TD, counts_E = self._soft_experts(x_TD, routed.soft)
         elif self._decode_path(x_TD, routed):
-            y_TD = self.experts.decode(x_TD, routed.topk_ids_TK, routed.topk_weights_TK)
-            counts_E = expert_load(routed.topk_ids_TK, self.config.num_experts).long()
+            y_TD, counts_E = self.experts.decode(x_TD, routed.topk_ids_TK, routed.topk_weights_TK)
+            if counts_E is None:
+                counts_E = expert_load(routed.topk_ids_TK, self.config.num_experts).long()
         else:
             plan = self.dispatcher.plan(routed)
             if self.config.on_expert_failure == "skip":

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..dispatch.local import DispatchPlan
+from ..kernels import cpu as kcpu
 from .activations import Activation, get_activation
 from .backends import BACKENDS, compute_dtype
 
@@ -96,11 +97,19 @@ class Experts(nn.Module):
         h = F.linear(x_ND, self.w_in[e].to(dtype), None if b_in is None else b_in[e].to(dtype))
         return F.linear(self.activation(h), self.w_out[e].to(dtype), None if b_out is None else b_out[e].to(dtype))
 
-    def decode(self, x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
-        """Inference for a few tokens: group the slots by expert on the host and run each chosen expert once on its
-        rows, with no sort, no permutation buffers and no autograd bookkeeping. fp32 ``y_TD``."""
+    def decode(self, x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Inference for a few tokens, with no sort, no permutation buffers and no autograd bookkeeping: SwiGLU
+        experts run in one small-M kernel call that groups the slots by expert itself
+        (:func:`moekit.kernels.cpu.small_experts_decode`); otherwise the slots are grouped on the host and each
+        chosen expert runs once on its rows. Returns fp32 ``y_TD`` and the slots per expert (int64 ``[E]``, or None
+        where not counted)."""
         dtype = compute_dtype(x_TD, self.w_in)
         x_TD = x_TD.to(dtype)
+        if self.activation.name == "swiglu" and x_TD.is_contiguous() and kcpu.small_gemm_usable(
+                x_TD, self.w_in, self.w_out, self.b_in, self.b_out):
+            return kcpu.small_experts_decode(x_TD, ids_TK.contiguous(), weights_TK.float().contiguous(), self.w_in,
+                                             self.b_in, self.w_out, self.b_out, check=False)
         rows: dict[int, list[tuple[int, int]]] = {}
         for t, experts in enumerate(ids_TK.tolist()):
             for k, e in enumerate(experts):
@@ -121,7 +130,7 @@ class Experts(nn.Module):
             else:
                 slot = torch.tensor([k for _, k in tk], device=x_TD.device)
                 y_TD.index_add_(0, tok, out.float() * weights_TK[tok, slot, None].float())
-        return y_TD
+        return y_TD, None
 
     def extra_repr(self) -> str:
         return (f"num_experts={self.num_experts}, d_model={self.d_model}, d_ff={self.d_ff}, "

@@ -40,6 +40,9 @@ if TYPE_CHECKING:
 
 #: bf16 layers whose active experts get at least this many rows on average compute in fp32 on slow-bf16 CPUs.
 BF16_UPCAST_MIN_ROWS = 64
+#: Experts with at most this many rows run in the small-M kernels rather than one library GEMM each (measured
+#: crossover on AVX-512 CPUs: the small kernels win up to ~16-24 rows; benchmarks/results/small_m.json).
+SMALL_M = 24
 
 
 def _segments(counts: list[int]):
@@ -62,21 +65,42 @@ def fused_forward(x_TD, w_in, w_out, b_in, b_out, weights_TK, token_S, slot_S, c
                   save: bool = False):
     """The forward math; returns ``(y_TD fp32, [pre-activation h of each active expert] or None)``.
 
-    Per expert: gather its rows, ``h = x @ W_in^T`` (gate and up in one GEMM), the activation on ``h`` while it is
-    in cache, ``y = a @ W_out^T``, then ``out[token] += w * y`` (one thread per row: the rows of one expert belong to
-    distinct tokens)."""
+    Experts with at most ``SMALL_M`` rows run together in the small-M kernels (two calls for the whole layer; see
+    :func:`moekit.kernels.cpu.small_experts_up`). Each other expert: gather its rows, ``h = x @ W_in^T`` (gate and
+    up in one GEMM), the activation on ``h`` while it is in cache, ``y = a @ W_out^T``, then ``out[token] += w * y``
+    (one thread per row: the rows of one expert belong to distinct tokens)."""
     x_c = x_TD if x_TD.dtype == dtype else x_TD.to(dtype)
     w_S = weights_TK.reshape(-1).index_select(0, slot_S).float()
     out_TD = torch.zeros(x_TD.shape, dtype=torch.float32, device=x_TD.device)
-    saved = [] if save else None
-    for e, s, t in _segments(counts):
+    segments = list(_segments(counts))
+    small = [n <= SMALL_M for _, s, t in segments for n in (t - s,)]
+    pre: dict[int, torch.Tensor] = {}
+    if any(small) and kcpu.small_gemm_usable(x_c, w_in, w_out, b_in, b_out) and w_in.dtype == dtype:
+        start = torch.tensor([s for _, s, _ in segments], dtype=torch.int64)
+        end = torch.tensor([t if sm else s for (_, s, t), sm in zip(segments, small)], dtype=torch.int64)
+        ids = torch.tensor([e for e, _, _ in segments], dtype=torch.int64)
+        E = w_in.shape[0]
+        start_E = torch.zeros(E, dtype=torch.int64).index_copy_(0, ids, start)
+        end_E = torch.zeros(E, dtype=torch.int64).index_copy_(0, ids, end)
+        swiglu = activation.name == "swiglu"
+        h, a = kcpu.small_experts_up(x_c, token_S, start_E, end_E, w_in, b_in, swiglu, save, check_index=False)
+        if not swiglu:
+            a = activation(h)
+        kcpu.small_experts_down(a, token_S, w_S, start_E, end_E, w_out, b_out, out_TD, check_index=False)
+        if save:
+            pre = {i: h[s:t] for i, ((_, s, t), sm) in enumerate(zip(segments, small)) if sm}
+    else:
+        small = [False] * len(segments)
+    for i, (e, s, t) in enumerate(segments):
+        if small[i]:
+            continue
         tok = token_S[s:t]
         h = linear(x_c.index_select(0, tok), w_in[e].to(dtype), _row(b_in, e, dtype))
         y = linear(_activate(activation, h), w_out[e].to(dtype), _row(b_out, e, dtype))
         kcpu.scatter_add_rows(out_TD, tok, y, w_S[s:t], check_index=False)
         if save:
-            saved.append(h)
-    return out_TD, saved
+            pre[i] = h
+    return out_TD, [pre[i] for i in range(len(segments))] if save else None
 
 
 class FusedExpertsFunction(torch.autograd.Function):

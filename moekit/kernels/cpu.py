@@ -115,6 +115,9 @@ def _declare(lib: ctypes.CDLL) -> None:
         "moe_scatter_add_rows": [P, I64, P, I, I64, P, P, I64, I64, I],
         "moe_swiglu_fwd": [P, I64, P, I64, I64, I64, I, I],
         "moe_swiglu_bwd": [P, I64, P, I64, P, I64, I64, I, P, I64, P, I64, P, I],
+        "moe_small_up": [P, I64, P, P, P, I64, P, P, I64, I64, I, I, P, P, I],
+        "moe_small_down": [P, I64, P, P, P, P, I64, P, P, I64, I64, I, P, I64, I],
+        "moe_small_decode": [P, I64, P, P, I64, I64, I64, P, P, P, P, I64, I64, I, P, I64, P, I],
     }
     for name, args in sigs.items():
         fn = getattr(lib, name)
@@ -259,3 +262,102 @@ def swiglu_backward(h: torch.Tensor, ga: torch.Tensor, w: torch.Tensor, need_dw:
     _call(library().moe_swiglu_bwd, _ptr(h), ld_h, _ptr(ga), ld_ga, _ptr(w), m, F, _dt(h, "h"), _ptr(dh), W,
           _ptr(aw), F, _ptr(dw), _threads())
     return dh, aw, dw
+
+
+# ------------------------------------------------------------------------------------ small-M expert GEMMs
+def _stacked(w: torch.Tensor | None, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> None:
+    if w is None:
+        return
+    if w.device.type != "cpu" or w.dtype != dtype or tuple(w.shape) != shape or not w.is_contiguous():
+        raise ValueError(f"{name} must be a contiguous CPU {dtype} tensor of shape {shape}, got {w.dtype} "
+                         f"{tuple(w.shape)} on {w.device} (contiguous: {w.is_contiguous()})")
+
+
+def small_gemm_usable(x: torch.Tensor, *weights: torch.Tensor | None) -> bool:
+    """Whether :func:`small_experts_up`/:func:`small_experts_down` can run: the library is built, ``x`` is a CPU
+    float32/bfloat16 matrix with contiguous rows and the stacked weights are contiguous in the same dtype."""
+    return _use_c(x) and all(w is None or (w.dtype == x.dtype and w.device.type == "cpu" and w.is_contiguous())
+                             for w in weights)
+
+
+def _segments_arg(start: torch.Tensor, end: torch.Tensor, E: int, S: int, check: bool) -> None:
+    _vector(start, "start", E, torch.int64)
+    _vector(end, "end", E, torch.int64)
+    if check and E and (bool((start < 0).any()) or bool((end < start).any()) or int(end.max()) > S):
+        raise ValueError(f"expert segments must satisfy 0 <= start <= end <= {S}")
+
+
+def small_experts_up(x: torch.Tensor, tok: torch.Tensor, start: torch.Tensor, end: torch.Tensor,
+                     w_in: torch.Tensor, b_in: torch.Tensor | None, swiglu: bool, keep_h: bool,
+                     check_index: bool = True) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Input projection of all experts in one call: for the sorted slots ``s`` of expert ``e``
+    (``start[e] <= s < end[e]``; other rows are left unwritten), ``h[s] = x[tok[s]] @ w_in[e].T + b_in[e]``.
+    Returns ``(h, a)``: with ``swiglu``, ``a = silu(h[:, :F]) * h[:, F:]`` and ``h`` only if ``keep_h``; else
+    ``(h, None)``."""
+    E, W, D = w_in.shape
+    S = tok.shape[0]
+    ld_x = _rows(x, "x", (x.shape[0], D))
+    _stacked(w_in, "w_in", (E, W, D), x.dtype)
+    _stacked(b_in, "b_in", (E, W), x.dtype)
+    _vector(tok, "tok", S, torch.int64)
+    _segments_arg(start, end, E, S, check_index)
+    if check_index:
+        _index(tok, "tok", S, x.shape[0])
+    if swiglu and W % 2:
+        raise ValueError(f"SwiGLU needs an even input-projection width, got {W}")
+    h = torch.empty(S, W, dtype=x.dtype) if (keep_h or not swiglu) else None
+    a = torch.empty(S, W // 2, dtype=x.dtype) if swiglu else None
+    _call(library().moe_small_up, _ptr(x), ld_x, _ptr(tok), _ptr(start), _ptr(end), E, _ptr(w_in), _ptr(b_in), W,
+          D, _dt(x, "x"), int(swiglu), _ptr(h), _ptr(a), _threads())
+    return h, a
+
+
+def small_experts_down(a: torch.Tensor, tok: torch.Tensor, w: torch.Tensor, start: torch.Tensor, end: torch.Tensor,
+                       w_out: torch.Tensor, b_out: torch.Tensor | None, out: torch.Tensor,
+                       check_index: bool = True) -> None:
+    """Output projection and weighted combine of all experts in one call:
+    ``out[tok[s]] += w[s] * (a[s] @ w_out[e].T + b_out[e])`` for the sorted slots ``s`` of expert ``e``
+    (``start[e] <= s < end[e]``), into float32 ``out``; each token's sum runs in expert order, whatever the thread
+    count."""
+    E, D, F = w_out.shape
+    S = tok.shape[0]
+    ld_a = _rows(a, "a", (S, F))
+    _stacked(w_out, "w_out", (E, D, F), a.dtype)
+    _stacked(b_out, "b_out", (E, D), a.dtype)
+    _vector(tok, "tok", S, torch.int64)
+    _vector(w, "w", S, torch.float32)
+    _segments_arg(start, end, E, S, check_index)
+    if out.dtype != torch.float32:
+        raise ValueError(f"out must be float32, got {out.dtype}")
+    ld_out = _rows(out, "out", (out.shape[0], D))
+    if check_index:
+        _index(tok, "tok", S, out.shape[0])
+    _call(library().moe_small_down, _ptr(a), ld_a, _ptr(tok), _ptr(w), _ptr(start), _ptr(end), E, _ptr(w_out),
+          _ptr(b_out), D, F, _dt(a, "a"), _ptr(out), ld_out, _threads())
+
+
+def small_experts_decode(x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, w_in: torch.Tensor,
+                         b_in: torch.Tensor | None, w_out: torch.Tensor, b_out: torch.Tensor | None,
+                         check: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """SwiGLU experts for a few tokens straight from the router's choices: float32
+    ``y[t] = sum_k w[t, k] * expert_{ids[t, k]}(x[t])`` (``ids < 0``: empty slot), with the slots grouped by expert
+    inside the kernel (no sort, no host round trip). Returns ``(y [T, D], slots per expert [E] int64)``.
+    ``check=False`` skips the argument checks (for callers that built the arguments themselves)."""
+    E, W, D = w_in.shape
+    F = W // 2
+    T, K = ids.shape
+    if check:
+        _rows(x, "x", (T, D))
+        _stacked(w_in, "w_in", (E, 2 * F, D), x.dtype)
+        _stacked(b_in, "b_in", (E, 2 * F), x.dtype)
+        _stacked(w_out, "w_out", (E, D, F), x.dtype)
+        _stacked(b_out, "b_out", (E, D), x.dtype)
+        if ids.dtype != torch.int64 or not ids.is_contiguous() or w.dtype != torch.float32 or w.shape != ids.shape \
+                or not w.is_contiguous():
+            raise ValueError(f"ids must be contiguous int64 and w contiguous float32, both [T, K]; got {ids.dtype} "
+                             f"{tuple(ids.shape)} and {w.dtype} {tuple(w.shape)}")
+    out = torch.zeros(T, D, dtype=torch.float32)
+    counts = torch.empty(E, dtype=torch.int64)
+    _call(library().moe_small_decode, _ptr(x), x.stride(0), _ptr(ids), _ptr(w), T, K, E, _ptr(w_in), _ptr(b_in),
+          _ptr(w_out), _ptr(b_out), D, F, _dt(x, "x"), _ptr(out), D, _ptr(counts), _threads())
+    return out, counts

@@ -14,6 +14,7 @@
 #include <math.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <stdlib.h>
 
 #define DT_F32 0
 #define DT_BF16 1
@@ -188,4 +189,257 @@ int moe_swiglu_bwd(const void *h, int64_t ld_h, const void *ga, int64_t ld_ga, c
         if (dw) dw[i] = acc;
     }
     return 0;
+}
+
+/* ================================================================================================================
+ * Small-M grouped expert GEMMs: all experts of a layer in one call, for the few rows per expert of decoding and
+ * small batches, where a library GEMM per expert costs more in call overhead and poor small-M blocking than the
+ * math. Every weight row is streamed from memory once and reused from L1 for all rows of its expert.
+ *
+ * The weights keep their Hugging Face layout ([E, N, K], K contiguous), so the inner product of a token row with a
+ * weight row is a dot product along K: a tile of up to 4 token rows x 4 weight rows keeps 16 vector accumulators,
+ * reduced horizontally once per tile. bfloat16 tiles use the AVX512-BF16 pair dot product (vdpbf16ps) where the
+ * CPU has it, else convert to float32; other CPUs run the plain loop.
+ * ================================================================================================================ */
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+#define TR 4 /* token rows per tile */
+#define TN 4 /* weight rows per tile */
+
+/* c[r * TN + n] = sum_k a[r][k] * b[n][k] for r < R, n < TN, rows of dtype dt. R and dt are compile-time constants
+ * at every call (see nt_tile), so the loops unroll and the R x TN accumulators stay in registers. */
+#define UNROLL _Pragma("GCC unroll 4")
+static inline __attribute__((always_inline)) void nt_tile_k(const void *const *a, const int R, const void *const *b,
+                                                            const void *const *pf, int64_t K, const int dt, float *c) {
+#if defined(__AVX512F__)
+    __m512 acc[TR][TN];
+    UNROLL for (int r = 0; r < R; r++) UNROLL for (int n = 0; n < TN; n++) acc[r][n] = _mm512_setzero_ps();
+    if (dt == DT_F32) {
+        for (int64_t k = 0; k < K; k += 16) {
+            __mmask16 mk = K - k >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (K - k)) - 1);
+            __m512 bv[TN];
+            UNROLL for (int n = 0; n < TN; n++) _mm_prefetch((const char *)((const float *)pf[n] + k), _MM_HINT_T0);
+            UNROLL for (int n = 0; n < TN; n++) bv[n] = _mm512_maskz_loadu_ps(mk, (const float *)b[n] + k);
+            UNROLL for (int r = 0; r < R; r++) {
+                __m512 av = _mm512_maskz_loadu_ps(mk, (const float *)a[r] + k);
+                UNROLL for (int n = 0; n < TN; n++) acc[r][n] = _mm512_fmadd_ps(av, bv[n], acc[r][n]);
+            }
+        }
+    } else {
+        for (int64_t k = 0; k < K; k += 32) {
+            __mmask32 mk = K - k >= 32 ? (__mmask32)0xffffffffu : (__mmask32)((1u << (K - k)) - 1);
+#if defined(__AVX512BF16__)
+            __m512i bv[TN];
+            UNROLL for (int n = 0; n < TN; n++) _mm_prefetch((const char *)((const bf16 *)pf[n] + k), _MM_HINT_T0);
+            UNROLL for (int n = 0; n < TN; n++) bv[n] = _mm512_maskz_loadu_epi16(mk, (const bf16 *)b[n] + k);
+            UNROLL for (int r = 0; r < R; r++) {
+                __m512i av = _mm512_maskz_loadu_epi16(mk, (const bf16 *)a[r] + k);
+                UNROLL for (int n = 0; n < TN; n++)
+                    acc[r][n] = _mm512_dpbf16_ps(acc[r][n], (__m512bh)av, (__m512bh)bv[n]);
+            }
+#else
+            /* no bf16 dot product: widen each half of the 32 values to float32 (bf16 is the top half of a float) */
+            UNROLL for (int n = 0; n < TN; n++) _mm_prefetch((const char *)((const bf16 *)pf[n] + k), _MM_HINT_T0);
+            UNROLL for (int half = 0; half < 2; half++) {
+                __mmask16 mh = (__mmask16)(mk >> (16 * half));
+                __m512 bv[TN];
+                UNROLL for (int n = 0; n < TN; n++) bv[n] = _mm512_castsi512_ps(_mm512_slli_epi32(
+                    _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mh, (const bf16 *)b[n] + k + 16 * half)), 16));
+                UNROLL for (int r = 0; r < R; r++) {
+                    __m512 av = _mm512_castsi512_ps(_mm512_slli_epi32(
+                        _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mh, (const bf16 *)a[r] + k + 16 * half)), 16));
+                    UNROLL for (int n = 0; n < TN; n++) acc[r][n] = _mm512_fmadd_ps(av, bv[n], acc[r][n]);
+                }
+            }
+#endif
+        }
+    }
+    UNROLL for (int r = 0; r < R; r++) UNROLL for (int n = 0; n < TN; n++) c[r * TN + n] = _mm512_reduce_add_ps(acc[r][n]);
+#else
+    for (int r = 0; r < R; r++)
+        for (int n = 0; n < TN; n++) {
+            float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+            for (int64_t k = 0; k < K; k++) s += ld(a[r], dt, k) * ld(b[n], dt, k);
+            c[r * TN + n] = s;
+        }
+#endif
+}
+
+/* The tile for 1 <= R <= TR token rows and TN weight rows (callers pad b with a repeated valid row). pf: the weight
+ * rows of the caller's next tile, prefetched line by line as this tile streams its own (or b again at the end). */
+static void nt_tile(const void *const *a, int R, const void *const *b, const void *const *pf, int64_t K, int dt,
+                    float *c) {
+#define NT_CASE(r) \
+    case r: \
+        if (dt == DT_F32) \
+            nt_tile_k(a, r, b, pf, K, DT_F32, c); \
+        else \
+            nt_tile_k(a, r, b, pf, K, DT_BF16, c); \
+        break;
+    switch (R) {
+        NT_CASE(1)
+        NT_CASE(2)
+        NT_CASE(3)
+        NT_CASE(4)
+    }
+#undef NT_CASE
+}
+
+/* Input projection of every expert's rows, plus SwiGLU:
+ *     h[s, n] = x[tok[s], :] . w_in[e, n, :] + b_in[e, n]     for the rows s of expert e: start[e] <= s < end[e]
+ *     act == 0: h is the output (h_out, [S, W]);   act == 1 (SwiGLU, W = 2F): a[s, j] = silu(h[s, j]) * h[s, F + j]
+ *     into a_out ([S, F]), and h also into h_out if it is not NULL (kept for backward).
+ * Work items are (expert, block of 16 output columns; gate and up columns together for SwiGLU), so each thread
+ * streams its own part of every expert's weights. */
+int moe_small_up(const void *x, int64_t ld_x, const int64_t *tok, const int64_t *start, const int64_t *end, int64_t E,
+                 const void *w_in,
+                 const void *b_in, int64_t W, int64_t D, int dt, int act, void *h_out, void *a_out, int nthreads) {
+    if (act != 0 && act != 1) return -1;
+    if (act == 1 && (W % 2 || a_out == NULL)) return -2;
+    if (act == 0 && h_out == NULL) return -3;
+    const int64_t F = act == 1 ? W / 2 : W;  /* columns of the activation output */
+    const int64_t JB = 16;                   /* output columns per work item */
+    const int64_t nj = (F + JB - 1) / JB;
+    int64_t rows = 0;
+    for (int64_t e = 0; e < E; e++) rows += end[e] - start[e];
+#pragma omp parallel for schedule(static) num_threads(threads_for(rows * W * D / 16, nthreads))
+    for (int64_t item = 0; item < E * nj; item++) {
+        const int64_t e = item / nj, j0 = (item % nj) * JB, j1 = j0 + JB < F ? j0 + JB : F;
+        const int64_t s0 = start[e], s1 = end[e];
+        if (s1 <= s0) continue;
+        const char *we = (const char *)w_in + (size_t)e * (size_t)W * (size_t)D * esize(dt);
+        /* weight rows of a tile: SwiGLU takes gate rows j, j+1 and up rows F+j, F+j+1 */
+        const int step = act == 1 ? TN / 2 : TN;
+        for (int64_t j = j0; j < j1; j += step) {
+            const void *b[TN];
+            int64_t nrow[TN];
+            int NB = 0;
+            for (int q = 0; q < step && j + q < j1; q++) nrow[NB++] = j + q;
+            int half = NB;
+            if (act == 1)
+                for (int q = 0; q < half; q++) nrow[NB++] = F + j + q;
+            for (int q = 0; q < NB; q++) b[q] = we + (size_t)nrow[q] * (size_t)D * esize(dt);
+            for (int q = NB; q < TN; q++) b[q] = b[0]; /* padding rows: computed, never stored */
+            const void *pf[TN]; /* the next tile's rows: `step` rows further in both the gate and the up block */
+            for (int q = 0; q < TN; q++) pf[q] = j + step < j1 ? (const char *)b[q] + (size_t)step * D * esize(dt) : b[q];
+            for (int64_t s = s0; s < s1; s += TR) {
+                const void *a[TR];
+                int R = s1 - s < TR ? (int)(s1 - s) : TR;
+                for (int r = 0; r < R; r++) a[r] = at(x, dt, ld_x, tok[s + r], 0);
+                float c[TR * TN];
+                nt_tile(a, R, b, s == s0 ? pf : b, D, dt, c);
+                for (int r = 0; r < R; r++) {
+                    float *cr = c + r * TN;
+                    if (b_in)
+                        for (int q = 0; q < NB; q++) cr[q] += ld(b_in, dt, e * W + nrow[q]);
+                    if (h_out)
+                        for (int q = 0; q < NB; q++) st(at(h_out, dt, W, s + r, 0), dt, nrow[q], cr[q]);
+                    if (act == 1)
+                        for (int q = 0; q < half; q++) {
+                            float g = cr[q];
+                            st(at(a_out, dt, F, s + r, 0), dt, j + q, g * sigmoid_f32(g) * cr[half + q]);
+                        }
+                }
+            }
+        }
+    }
+    return 0;
+}
+
+/* Output projection and weighted combine:
+ *     out[tok[s], d] += w[s] * (a[s, :] . w_out[e, d, :] + b_out[e, d])       for the rows s of expert e,
+ * out float32 [T, D]. Each thread owns a block of the D output columns for all experts, so a token that went to
+ * several experts is never written by two threads, and each token's sum runs in expert order (deterministic). */
+int moe_small_down(const void *a, int64_t ld_a, const int64_t *tok, const float *w, const int64_t *start,
+                   const int64_t *end, int64_t E,
+                   const void *w_out, const void *b_out, int64_t D, int64_t F, int dt, float *out, int64_t ld_out,
+                   int nthreads) {
+    const int64_t DB = 16;
+    const int64_t nd = (D + DB - 1) / DB;
+    int64_t rows = 0;
+    for (int64_t e = 0; e < E; e++) rows += end[e] - start[e];
+#pragma omp parallel for schedule(static) num_threads(threads_for(rows * D * F / 16, nthreads))
+    for (int64_t item = 0; item < nd; item++) {
+        const int64_t d0 = item * DB, d1 = d0 + DB < D ? d0 + DB : D;
+        for (int64_t e = 0; e < E; e++) {
+            const int64_t s0 = start[e], s1 = end[e];
+            if (s1 <= s0) continue;
+            const char *we = (const char *)w_out + (size_t)e * (size_t)D * (size_t)F * esize(dt);
+            for (int64_t d = d0; d < d1; d += TN) {
+                const void *b[TN];
+                int NB = d1 - d < TN ? (int)(d1 - d) : TN;
+                for (int q = 0; q < NB; q++) b[q] = we + (size_t)(d + q) * (size_t)F * esize(dt);
+                for (int q = NB; q < TN; q++) b[q] = b[0];
+                const void *pf[TN];
+                for (int q = 0; q < TN; q++) pf[q] = d + TN < d1 ? (const char *)b[q] + (size_t)TN * F * esize(dt) : b[q];
+                for (int64_t s = s0; s < s1; s += TR) {
+                    const void *ar[TR];
+                    int R = s1 - s < TR ? (int)(s1 - s) : TR;
+                    for (int r = 0; r < R; r++) ar[r] = at(a, dt, ld_a, s + r, 0);
+                    float c[TR * TN];
+                    nt_tile(ar, R, b, s == s0 ? pf : b, F, dt, c);
+                    for (int r = 0; r < R; r++) {
+                        float *o = out + (size_t)tok[s + r] * (size_t)ld_out + d;
+                        for (int q = 0; q < NB; q++) {
+                            float v = c[r * TN + q] + (b_out ? ld(b_out, dt, e * D + d + q) : 0.0f);
+                            o[q] = fmaf(w[s + r], v, o[q]);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    return 0;
+}
+
+/* Inference for a few tokens straight from the router's choices, with no sort on the host: the S = T*K slots are
+ * grouped by expert here (a counting sort; token order kept within an expert), then the SwiGLU experts run through
+ * moe_small_up and moe_small_down:  out[t] += sum_k w[t, k] * expert_{ids[t, k]}(x[t])   (ids < 0: empty slot).
+ * out is float32 [T, D] and must be zeroed by the caller; counts (int64 [E], may be NULL) receives the slots per
+ * expert. Returns -4 if an id is >= E, -5 if out of memory. */
+int moe_small_decode(const void *x, int64_t ld_x, const int64_t *ids, const float *w, int64_t T, int64_t K, int64_t E,
+                     const void *w_in, const void *b_in, const void *w_out, const void *b_out, int64_t D, int64_t F,
+                     int dt, float *out, int64_t ld_out, int64_t *counts, int nthreads) {
+    const int64_t S = T * K;
+    int64_t *start = calloc((size_t)(2 * E + 2 * S + 1), sizeof(int64_t));
+    float *ws = malloc((size_t)(S ? S : 1) * sizeof(float));
+    void *a = malloc((size_t)(S ? S : 1) * (size_t)F * esize(dt));
+    int rc = 0;
+    if (!start || !ws || !a) {
+        rc = -5;
+        goto done;
+    }
+    int64_t *end = start + E, *tok = end + E, *slot = tok + S;
+    for (int64_t i = 0; i < S; i++) {
+        if (ids[i] >= E) {
+            rc = -4;
+            goto done;
+        }
+        if (ids[i] >= 0) end[ids[i]]++; /* counts first */
+    }
+    int64_t n = 0;
+    for (int64_t e = 0; e < E; e++) {
+        if (counts) counts[e] = end[e];
+        start[e] = n;
+        n += end[e];
+        end[e] = start[e];
+    }
+    for (int64_t i = 0; i < S; i++) { /* stable: slots of an expert stay in token order */
+        int64_t e = ids[i];
+        if (e < 0) continue;
+        int64_t s = end[e]++;
+        tok[s] = i / K;
+        slot[s] = i;
+        ws[s] = w[i];
+    }
+    rc = moe_small_up(x, ld_x, tok, start, end, E, w_in, b_in, 2 * F, D, dt, 1, NULL, a, nthreads);
+    if (rc == 0) rc = moe_small_down(a, F, tok, ws, start, end, E, w_out, b_out, D, F, dt, out, ld_out, nthreads);
+done:
+    free(start);
+    free(ws);
+    free(a);
+    return rc;
 }
