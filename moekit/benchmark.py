@@ -30,6 +30,7 @@ from rich.console import Console
 from rich.progress import Progress
 
 import moekit
+from moekit.kernels import cpu_gemm
 from moekit.experts.fused_function import fused_compute_dtype
 from moekit.utils import tune_cpu_allocator
 
@@ -122,17 +123,21 @@ def peak_alloc_mb(fn) -> float | None:
 
 
 def roofline(dtype: torch.dtype) -> dict:
-    """Measured machine limits in this process: large-GEMM GFLOP/s and large-copy GB/s."""
+    """Measured machine limits in this process: the large-GEMM rate (GFLOP/s) of each CPU GEMM library PyTorch
+    ships (``torch.mm``, and oneDNN where it runs; the roofline is the faster) and the large-copy rate (GB/s)."""
     n = 2048
     a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
-    ms, _ = timeit(lambda: a @ b, min_runs=5, budget_s=3.0)
-    gemm = 2 * n**3 / (ms / 1e3) / 1e9
+    gemms = {"torch.mm": lambda: a @ b}
+    if cpu_gemm.provider(dtype) == "onednn" or cpu_gemm._onednn_works(dtype):
+        bt = b.T.contiguous()
+        gemms["onednn"] = lambda: cpu_gemm._LP(a, bt, None, "none", [], "")
+    rates = {name: 2 * n**3 / (timeit(fn, min_runs=5, budget_s=3.0)[0] / 1e3) / 1e9 for name, fn in gemms.items()}
     src = torch.empty(64 * 2**20, dtype=torch.float32)
     src.uniform_()
     dst = torch.empty_like(src)
     ms_c, _ = timeit(lambda: dst.copy_(src), min_runs=5, budget_s=2.0)
     copy = 2 * src.numel() * 4 / (ms_c / 1e3) / 1e9  # read + write
-    return {"gemm_gflops": gemm, "copy_gbps": copy}
+    return {"gemm_gflops": max(rates.values()), "gemm_by_library": rates, "copy_gbps": copy}
 
 
 # ------------------------------------------------------------------------------------------------ models
@@ -171,8 +176,9 @@ class DenseFFN(torch.nn.Module):
 
 
 class GemmFloor:
-    """Only the routed experts' GEMMs on pre-sorted rows (uniform routing): no router, gather, activation or
-    combine. Nothing built on the platform GEMM can beat this; it bounds every speed-up in the table."""
+    """Only the routed experts' GEMMs on pre-sorted rows (uniform routing), one library GEMM per expert and
+    projection with the fastest library of the machine (:mod:`moekit.kernels.cpu_gemm`): no router, gather,
+    activation or combine. What any MoE built on per-expert library GEMMs pays at least."""
 
     def __init__(self, shape: dict, tokens: int, dtype: torch.dtype):
         E, K, D, Fh = shape["num_experts"], shape["top_k"], shape["d_model"], shape["d_ff"]
@@ -187,14 +193,15 @@ class GemmFloor:
 
     def step(self, backward: bool) -> None:
         start = 0
+        lin = cpu_gemm.linear
         for e, n in enumerate(self.counts):
             if not n:
                 continue
             x, a = self.x[start:start + n], self.a[start:start + n]
-            h = x @ self.w1[e].T
-            y = a @ self.w2[e].T
+            h = lin(x, self.w1[e])
+            y = lin(a, self.w2[e])
             if backward:
-                y @ self.w2[e], y.T @ a, h @ self.w1[e], h.T @ x  # dA, dW2, dX, dW1
+                lin(y, self.w2[e].T), lin(y.T, a.T), lin(h, self.w1[e].T), lin(h.T, x.T)  # dA, dW2, dX, dW1
             start += n
 
 
@@ -210,6 +217,21 @@ def distinct_expert_bytes(shape: dict, tokens: int, dtype: torch.dtype) -> float
     expected_touched = E * (1 - (1 - K / E) ** tokens)
     per_expert = 3 * D * Fh * torch.empty((), dtype=dtype).element_size()
     return expected_touched * per_expert
+
+
+def machine_bound_ms(shape: dict, tokens: int, dtype: str, mode: str, roof: dict) -> float:
+    """A lower bound on the time of any implementation on this machine: the larger of the routed experts' FLOPs at
+    the measured large-GEMM rate (x3 for forward+backward) and the memory every implementation must move at the
+    measured copy rate: the distinct experts' weights (read once), plus for forward+backward the dense weight
+    gradient of every expert (written once)."""
+    flops = expert_flops(shape, tokens) * (3 if "bwd" in mode else 1)
+    rates = [roof[dtype]["gemm_gflops"]] + ([roof["float32"]["gemm_gflops"]]
+                                            if dtype == "bfloat16" and "float32" in roof else [])
+    dt = getattr(torch, dtype)
+    nbytes = distinct_expert_bytes(shape, tokens, dt)
+    if "bwd" in mode:
+        nbytes += 3 * shape["num_experts"] * shape["d_model"] * shape["d_ff"] * dt.itemsize
+    return max(flops / (max(rates) * 1e9), nbytes / (roof[dtype]["copy_gbps"] * 1e9)) * 1e3
 
 
 # ------------------------------------------------------------------------------------------------- runner
@@ -232,7 +254,10 @@ def make_step(module, x, mode: str):
 def bench(shapes, tokens, dtypes, modes, impls, tune_allocator: bool = True) -> dict:
     torch.manual_seed(0)
     tuned = tune_cpu_allocator() if tune_allocator else False
-    meta = {"allocator_tuned": tuned,
+    from moekit.kernels import cpu as kcpu
+
+    meta = {"allocator_tuned": tuned, "cpu_kernels": "built" if kcpu.library() is not None else
+            f"unavailable ({kcpu.unavailable_reason()})",
         "torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
         "processor": cpu_name(), "threads": torch.get_num_threads(), "moekit": moekit.__version__,
     }
@@ -270,7 +295,7 @@ def bench(shapes, tokens, dtypes, modes, impls, tune_allocator: bool = True) -> 
                                 cold=mode == "fwd-cold")
             for name, (ms, runs) in timed.items():
                 mem = None
-                if mode == "fwd+bwd" and T >= 1024 and name in ("moekit", "hf_grouped_mm"):
+                if mode == "fwd+bwd" and name in ("moekit", "hf_grouped_mm"):
                     mem = peak_alloc_mb(steps[name])
                 rows.append(Row(shape_name, _dt(dtype), T, mode, name, ms, runs, mem))
             gc.collect()
@@ -337,17 +362,24 @@ def cpu_name() -> str:
 
 
 # ------------------------------------------------------------------------------------------------- report
+#: Targets of the layer benchmark: HF / moekit, the GEMM-roofline fraction at T >= 1024, the decode-floor ratio at
+#: T <= 16 (forward), and the peak memory of forward+backward against transformers' grouped_mm backend.
+SPEEDUP_TARGET, ROOFLINE_TARGET, DECODE_TARGET = 1.5, 0.80, 1.5
+
+
 def summarise(result: dict) -> str:
-    """Markdown table: per (shape, dtype, T, mode) moekit's time, the best HF backend, ratios, roofline fraction."""
+    """Markdown table: per (shape, dtype, T, mode) moekit's time, the best HF backend, ratios, the machine bound and
+    the roofline fraction; then which targets each row meets, and where the bound proves a target impossible."""
     rows = result["rows"]
     by_key: dict[tuple, dict[str, dict]] = {}
     for r in rows:
         by_key.setdefault((r["shape"], r["dtype"], r["tokens"], r["mode"]), {})[r["impl"]] = r
     lines = [
-        "| shape | dtype | T | pass | moekit ms | best HF (backend) ms | HF / moekit | dense ms | "
-        "% GEMM roofline | expert-GEMM floor ms | decode floor ms | peak MiB moekit / HF grouped_mm |",
-        "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| shape | dtype | T | pass | moekit ms | best HF (backend) ms | HF / moekit | bound ms | HF / bound | "
+        "moekit / bound | % GEMM roofline | library-GEMM floor ms | dense ms | peak MiB moekit / HF grouped_mm |",
+        "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    checks = {"speed": [], "roofline": [], "decode": [], "memory": []}
     for (shape, dtype, T, mode), impls in by_key.items():
         mk = impls.get("moekit", {}).get("median_ms")
         hf = [(r["median_ms"], name.removeprefix("hf_")) for name, r in impls.items()
@@ -355,31 +387,69 @@ def summarise(result: dict) -> str:
         best = min(hf) if hf else None
         dense = impls.get("dense_equal_flops", {}).get("median_ms")
         gemm_floor = impls.get("gemm_floor", {}).get("median_ms")
-        flops = expert_flops(result["shapes"][shape], T) * (3 if mode == "fwd+bwd" else 1)
-        roof = result["roofline"][dtype]
+        sh = result["shapes"][shape]
+        flops = expert_flops(sh, T) * (3 if mode == "fwd+bwd" else 1)
         # The roofline of the layer's dtype; for bf16 the faster of bf16 and fp32, since on CPUs with slow bf16
         # GEMMs the layer may compute bf16 in fp32 (see fused_compute_dtype).
-        rates = [roof["gemm_gflops"]] + ([result["roofline"]["float32"]["gemm_gflops"]]
-                                         if dtype == "bfloat16" and "float32" in result["roofline"] else [])
+        rates = [result["roofline"][dtype]["gemm_gflops"]] + (
+            [result["roofline"]["float32"]["gemm_gflops"]] if dtype == "bfloat16" and "float32" in result["roofline"]
+            else [])
         frac = flops / (mk / 1e3) / 1e9 / max(rates) if mk else None
-        floor = None
-        if T <= 16 and mode.startswith("fwd") and "bwd" not in mode:
-            floor = distinct_expert_bytes(result["shapes"][shape], T, getattr(torch, dtype)) / (
-                roof["copy_gbps"] * 1e9) * 1e3
+        bound = machine_bound_ms(sh, T, dtype, mode, result["roofline"])
         mem_mk = impls.get("moekit", {}).get("peak_mem_mb")
         mem_hf = impls.get("hf_grouped_mm", {}).get("peak_mem_mb")
         mem = f"{mem_mk:.0f} / {mem_hf:.0f}" if mem_mk is not None and mem_hf is not None else ""
+        key = f"{shape} {dtype} T={T} {mode}"
+        if mk and best:
+            checks["speed"].append((key, best[0] / mk, best[0] / bound))
+        if mk and T >= 1024 and frac is not None:
+            checks["roofline"].append((key, frac))
+        if mk and T <= 16 and "bwd" not in mode:
+            checks["decode"].append((key, mk / bound))
+        if mem:
+            checks["memory"].append((key, mem_mk, mem_hf))
         lines.append(
             f"| {shape} | {dtype} | {T} | {mode} | {_f(mk)} | "
             f"{_f(best[0]) + ' (' + best[1] + ')' if best else 'n/a'} | "
-            f"{(best[0] / mk if best and mk else float('nan')):.2f}× | {_f(dense)} | "
-            f"{'' if frac is None else f'{100 * frac:.0f}%'} | {_f(gemm_floor)} | {_f(floor)} | {mem} |")
+            f"{(best[0] / mk if best and mk else float('nan')):.2f}× | {_f(bound)} | "
+            f"{(best[0] / bound if best else float('nan')):.2f}× | {(mk / bound if mk else float('nan')):.2f}× | "
+            f"{'' if frac is None else f'{100 * frac:.0f}%'} | {_f(gemm_floor)} | {_f(dense)} | {mem} |")
     m, rf = result["meta"], result["roofline"]
+    libs = lambda v: ", ".join(f"{k} {g:.0f}" for k, g in v.get("gemm_by_library", {}).items())  # noqa: E731
     head = (f"Measured on {m['processor']} ({m['threads']} threads), torch {m['torch']}, transformers "
-            f"{m['transformers']}, glibc malloc tuned: {m.get('allocator_tuned')}. Roofline in the same run: " + ", ".join(
-                f"{dt} GEMM {v['gemm_gflops']:.0f} GFLOP/s" for dt, v in rf.items())
+            f"{m['transformers']}, moekit CPU kernels: {m.get('cpu_kernels', 'n/a')}, glibc malloc tuned: "
+            f"{m.get('allocator_tuned')}. Roofline in the same run (the faster GEMM library): " + "; ".join(
+                f"{dt} GEMM {v['gemm_gflops']:.0f} GFLOP/s ({libs(v)})" for dt, v in rf.items())
             + f"; copy {next(iter(rf.values()))['copy_gbps']:.1f} GB/s.")
-    return head + "\n\n" + "\n".join(lines)
+    return head + "\n\n" + "\n".join(lines) + "\n\n" + targets_summary(checks)
+
+
+def targets_summary(checks: dict) -> str:
+    """Plain-language account of the targets: met, proven impossible by the machine bound, or missed."""
+    out = []
+    speed = checks["speed"]
+    met = [k for k, r, _ in speed if r >= SPEEDUP_TARGET]
+    impossible = [(k, r, hb) for k, r, hb in speed if r < SPEEDUP_TARGET and hb < SPEEDUP_TARGET]
+    missed = [(k, r, hb) for k, r, hb in speed if r < SPEEDUP_TARGET and hb >= SPEEDUP_TARGET]
+    out.append(f"- **≥ {SPEEDUP_TARGET}× faster than the best transformers backend**: {len(met)} of {len(speed)} rows. "
+               f"Impossible on this machine in {len(impossible)} rows, where transformers already runs within "
+               f"{SPEEDUP_TARGET}× of the machine bound (HF / bound < {SPEEDUP_TARGET}): "
+               + (", ".join(f"{k} ({r:.2f}×, bound allows {hb:.2f}×)" for k, r, hb in impossible) or "none") + ". "
+               "Missed although the bound allows it: "
+               + (", ".join(f"{k} ({r:.2f}×, bound allows {hb:.2f}×)" for k, r, hb in missed) or "none") + ".")
+    roof = checks["roofline"]
+    low = [(k, f) for k, f in roof if f < ROOFLINE_TARGET]
+    out.append(f"- **≥ {ROOFLINE_TARGET:.0%} of the GEMM roofline at T ≥ 1024**: {len(roof) - len(low)} of {len(roof)} "
+               "rows; below: " + (", ".join(f"{k} ({f:.0%})" for k, f in low) or "none") + ".")
+    dec = checks["decode"]
+    far = [(k, r) for k, r in dec if r > DECODE_TARGET]
+    out.append(f"- **within {DECODE_TARGET}× of the memory floor at T ≤ 16 (forward)**: {len(dec) - len(far)} of "
+               f"{len(dec)} rows; beyond: " + (", ".join(f"{k} ({r:.2f}×)" for k, r in far) or "none") + ".")
+    mem = checks["memory"]
+    over = [(k, a, b) for k, a, b in mem if a > b]
+    out.append(f"- **peak memory of forward+backward ≤ transformers grouped_mm**: {len(mem) - len(over)} of {len(mem)} "
+               "rows; above: " + (", ".join(f"{k} ({a:.0f} > {b:.0f} MiB)" for k, a, b in over) or "none") + ".")
+    return "\n".join(out)
 
 
 def _f(v) -> str:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import os
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -13,6 +12,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from .utils import cache_root
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="moekit: train, compare, inspect and benchmark Mixture-of-Experts models.")
 console = Console()
@@ -20,14 +21,8 @@ err = Console(stderr=True)
 
 
 def _fail(message: str) -> None:
-    err.print(f"[bold red]error:[/] {message}")
+    err.print(f"[bold red]error:[/] {message}", soft_wrap=True)  # no hard breaks inside paths
     raise typer.Exit(code=2)
-
-
-def cache_root() -> Path:
-    base = os.environ.get("MOEKIT_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "moekit")
-    return Path(base)
 
 
 def load_corpus(data: Optional[Path]):

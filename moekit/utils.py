@@ -5,10 +5,20 @@ from __future__ import annotations
 import copy
 import ctypes
 import ctypes.util
+import os
 import sys
 from dataclasses import fields
+from pathlib import Path
 
 _TUNED = False
+
+
+def cache_root() -> Path:
+    """Where moekit caches derived files (tokenised corpora, compiled CPU kernels): ``$MOEKIT_CACHE``, else
+    ``$XDG_CACHE_HOME/moekit``, else ``~/.cache/moekit``."""
+    base = os.environ.get("MOEKIT_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "moekit")
+    return Path(base)
 
 
 def tune_cpu_allocator(mmap_threshold: int = 2**30, trim_threshold: int = 2**31 - 1) -> bool:

@@ -1,7 +1,7 @@
 """The ``fused`` experts backend: one autograd Function for gather → GEMM → activation → GEMM → weighted combine.
 
 Work is done expert by expert: each expert gathers its rows, runs its two projections with the fastest CPU GEMM of
-the machine (:mod:`moekit.experts.cpu_gemm`), applies the activation and adds its weighted output to the tokens,
+the machine (:mod:`moekit.kernels.cpu_gemm`), applies the activation and adds its weighted output to the tokens,
 while its intermediates are still in cache.
 
 Why a custom Function: autograd on the composed ops saves every intermediate (gathered rows, both halves of the
@@ -25,14 +25,14 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 
 from .activations import Activation
 from ..kernels import cpu as kcpu
-from .cpu_gemm import linear, linear_into
+from ..kernels.cpu_gemm import linear, linear_into
 
 if TYPE_CHECKING:
     from ..dispatch.local import DispatchPlan
@@ -61,9 +61,38 @@ def _activate(act: Activation, h: torch.Tensor) -> torch.Tensor:
     return kcpu.swiglu(h) if act.name == "swiglu" else act(h)
 
 
+@dataclass
+class _Plan:
+    """Which experts run in the small-M kernels and which one at a time, plus what forward keeps for backward."""
+
+    segments: list[tuple[int, int, int]]  # (expert, first sorted row, end) of every active expert
+    small: list[bool]  # per segment: runs in the small-M kernels
+    start_E: torch.Tensor | None = None  # small experts' rows [start_E[e], end_E[e]) (empty for the others)
+    end_E: torch.Tensor | None = None
+    h_small: torch.Tensor | None = None  # [S, W] pre-activations of the small experts' rows (training)
+    pre: dict[int, torch.Tensor] = field(default_factory=dict)  # segment -> pre-activation of a large expert
+
+    @classmethod
+    def make(cls, counts, x_c, w_in, w_out, b_in, b_out, dtype) -> "_Plan":
+        segments = list(_segments(counts))
+        small = [t - s <= SMALL_M for _, s, t in segments]
+        if not (any(small) and w_in.dtype == dtype and kcpu.small_gemm_usable(x_c, w_in, w_out, b_in, b_out)):
+            return cls(segments, [False] * len(segments))
+        E = w_in.shape[0]
+        ids = torch.tensor([e for e, _, _ in segments], dtype=torch.int64)
+        start = torch.tensor([s for _, s, _ in segments], dtype=torch.int64)
+        end = torch.tensor([t if sm else s for (_, s, t), sm in zip(segments, small)], dtype=torch.int64)
+        return cls(segments, small, torch.zeros(E, dtype=torch.int64).index_copy_(0, ids, start),
+                   torch.zeros(E, dtype=torch.int64).index_copy_(0, ids, end))
+
+    @property
+    def all_small(self) -> bool:
+        return all(self.small)
+
+
 def fused_forward(x_TD, w_in, w_out, b_in, b_out, weights_TK, token_S, slot_S, counts, activation, dtype,
-                  save: bool = False):
-    """The forward math; returns ``(y_TD fp32, [pre-activation h of each active expert] or None)``.
+                  save: bool = False) -> tuple[torch.Tensor, _Plan]:
+    """The forward math; returns ``(y_TD fp32, plan)``, the plan holding the pre-activations if ``save``.
 
     Experts with at most ``SMALL_M`` rows run together in the small-M kernels (two calls for the whole layer; see
     :func:`moekit.kernels.cpu.small_experts_up`). Each other expert: gather its rows, ``h = x @ W_in^T`` (gate and
@@ -72,35 +101,37 @@ def fused_forward(x_TD, w_in, w_out, b_in, b_out, weights_TK, token_S, slot_S, c
     x_c = x_TD if x_TD.dtype == dtype else x_TD.to(dtype)
     w_S = weights_TK.reshape(-1).index_select(0, slot_S).float()
     out_TD = torch.zeros(x_TD.shape, dtype=torch.float32, device=x_TD.device)
-    segments = list(_segments(counts))
-    small = [n <= SMALL_M for _, s, t in segments for n in (t - s,)]
-    pre: dict[int, torch.Tensor] = {}
-    if any(small) and kcpu.small_gemm_usable(x_c, w_in, w_out, b_in, b_out) and w_in.dtype == dtype:
-        start = torch.tensor([s for _, s, _ in segments], dtype=torch.int64)
-        end = torch.tensor([t if sm else s for (_, s, t), sm in zip(segments, small)], dtype=torch.int64)
-        ids = torch.tensor([e for e, _, _ in segments], dtype=torch.int64)
-        E = w_in.shape[0]
-        start_E = torch.zeros(E, dtype=torch.int64).index_copy_(0, ids, start)
-        end_E = torch.zeros(E, dtype=torch.int64).index_copy_(0, ids, end)
+    plan = _Plan.make(counts, x_c, w_in, w_out, b_in, b_out, dtype)
+    if any(plan.small):
         swiglu = activation.name == "swiglu"
-        h, a = kcpu.small_experts_up(x_c, token_S, start_E, end_E, w_in, b_in, swiglu, save, check_index=False)
+        h, a = kcpu.small_experts_up(x_c, token_S, plan.start_E, plan.end_E, w_in, b_in, swiglu, save,
+                                     check_index=False)
         if not swiglu:
             a = activation(h)
-        kcpu.small_experts_down(a, token_S, w_S, start_E, end_E, w_out, b_out, out_TD, check_index=False)
-        if save:
-            pre = {i: h[s:t] for i, ((_, s, t), sm) in enumerate(zip(segments, small)) if sm}
-    else:
-        small = [False] * len(segments)
-    for i, (e, s, t) in enumerate(segments):
-        if small[i]:
+        kcpu.small_experts_down(a, token_S, w_S, plan.start_E, plan.end_E, w_out, b_out, out_TD, check_index=False)
+        plan.h_small = h if save else None
+    for i, (e, s, t) in enumerate(plan.segments):
+        if plan.small[i]:
             continue
         tok = token_S[s:t]
         h = linear(x_c.index_select(0, tok), w_in[e].to(dtype), _row(b_in, e, dtype))
         y = linear(_activate(activation, h), w_out[e].to(dtype), _row(b_out, e, dtype))
         kcpu.scatter_add_rows(out_TD, tok, y, w_S[s:t], check_index=False)
         if save:
-            pre[i] = h
-    return out_TD, [pre[i] for i in range(len(segments))] if save else None
+            plan.pre[i] = h
+    return out_TD, plan
+
+
+@dataclass
+class _Grads:
+    """Gradient buffers of one backward call (None where not needed)."""
+
+    x: torch.Tensor | None
+    w_in: torch.Tensor | None
+    w_out: torch.Tensor | None
+    b_in: torch.Tensor | None
+    b_out: torch.Tensor | None
+    w_S: torch.Tensor | None  # router-weight gradient per sorted slot
 
 
 class FusedExpertsFunction(torch.autograd.Function):
@@ -109,12 +140,13 @@ class FusedExpertsFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_TD, w_in, w_out, b_in, b_out, weights_TK, token_S, slot_S, counts, activation, dtype):
         with torch.autocast(x_TD.device.type, enabled=False):
-            out_TD, saved = fused_forward(x_TD, w_in, w_out, b_in, b_out, weights_TK, token_S, slot_S, counts,
-                                          activation, dtype, save=True)
+            out_TD, plan = fused_forward(x_TD, w_in, w_out, b_in, b_out, weights_TK, token_S, slot_S, counts,
+                                         activation, dtype, save=True)
         # Pre-activations of bf16 layers computed in fp32 are kept in bf16: half the memory, and no less precise
         # than a bf16 computation would have been.
         keep = x_TD.dtype if x_TD.dtype.itemsize < dtype.itemsize else dtype
-        ctx.pre = [h.to(keep) for h in saved]
+        plan.pre = {i: h.to(keep) for i, h in plan.pre.items()}
+        ctx.plan = plan
         ctx.save_for_backward(x_TD, w_in, w_out, b_out, weights_TK, token_S, slot_S)
         ctx.counts, ctx.activation, ctx.dtype = counts, activation, dtype
         ctx.bias_dtypes = (None if b_in is None else b_in.dtype, None if b_out is None else b_out.dtype)
@@ -123,51 +155,101 @@ class FusedExpertsFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_TD):
         x_TD, w_in, w_out, b_out, weights_TK, token_S, slot_S = ctx.saved_tensors
-        counts, act, dtype, pre = ctx.counts, ctx.activation, ctx.dtype, ctx.pre
-        ctx.pre = None
+        counts, act, dtype, plan = ctx.counts, ctx.activation, ctx.dtype, ctx.plan
+        ctx.plan = None
         need_x, need_win, need_wout, need_bin, need_bout, need_w = ctx.needs_input_grad[:6]
         dev = g_TD.device
         with torch.autocast(dev.type, enabled=False):
             x_c = x_TD if x_TD.dtype == dtype else x_TD.to(dtype)
             g_TD = g_TD.float().contiguous()
             w_S = weights_TK.reshape(-1).index_select(0, slot_S).float()
-            dw_S = torch.empty(w_S.shape, dtype=torch.float32, device=dev) if need_w else None
-            d_x = torch.zeros(x_TD.shape, dtype=torch.float32, device=dev) if need_x else None
-            d_win = _expert_grad_buffer(w_in, counts) if need_win else None
-            d_wout = _expert_grad_buffer(w_out, counts) if need_wout else None
-            d_bin = torch.zeros(w_in.shape[:2], dtype=ctx.bias_dtypes[0], device=dev) if need_bin else None
-            d_bout = torch.zeros(w_out.shape[:2], dtype=ctx.bias_dtypes[1], device=dev) if need_bout else None
-            for i, (e, s, t) in enumerate(_segments(counts)):
-                tok, w_m = token_S[s:t], w_S[s:t]
-                h, pre[i] = pre[i].to(dtype), None
-                g_m = kcpu.gather_rows(g_TD, tok, dtype, check_index=False)  # upstream gradient of the rows
-                # ga = g @ W_out (unweighted) gives dA = w * ga and the router-weight gradient ga . a
-                ga = linear(g_m, w_out[e].to(dtype).T)
-                dh, aw, dw = _activation_backward(act, h, ga, w_m, need_w, need_wout)
-                del ga
-                if need_w:
-                    if b_out is not None:  # y = a W_out^T + b_out, so dL/dw also has g . b_out
-                        dw += g_TD.index_select(0, tok) @ b_out[e].float()
-                    dw_S[s:t] = dw
-                if need_wout:
-                    linear_into(d_wout[e], g_m.T, aw.T)  # dW_out = g^T @ (w a)
-                if need_bout:
-                    d_bout[e] = w_m @ g_TD.index_select(0, tok)
-                del aw, g_m
-                x_m = x_c.index_select(0, tok)
-                if need_win:
-                    linear_into(d_win[e], dh.T, x_m.T)  # dW_in = dH^T @ x
-                if need_bin:
-                    d_bin[e] = dh.sum(0, dtype=torch.float32)
-                if need_x:
-                    kcpu.scatter_add_rows(d_x, tok, linear(dh, w_in[e].to(dtype).T), check_index=False)  # dH @ W_in
+            grads = _Grads(
+                torch.zeros(x_TD.shape, dtype=torch.float32, device=dev) if need_x else None,
+                _expert_grad_buffer(w_in, counts) if need_win else None,
+                _expert_grad_buffer(w_out, counts) if need_wout else None,
+                torch.zeros(w_in.shape[:2], dtype=ctx.bias_dtypes[0], device=dev) if need_bin else None,
+                torch.zeros(w_out.shape[:2], dtype=ctx.bias_dtypes[1], device=dev) if need_bout else None,
+                torch.empty(w_S.shape, dtype=torch.float32, device=dev) if need_w else None)
+            if any(plan.small):
+                _small_backward(plan, act, g_TD, x_c, w_in, w_out, b_out, token_S, w_S, dtype, grads)
+            for i, (e, s, t) in enumerate(plan.segments):
+                if not plan.small[i]:
+                    h, plan.pre[i] = plan.pre[i].to(dtype), None
+                    _expert_backward(e, token_S[s:t], w_S[s:t], h, act, g_TD, x_c, w_in, w_out, b_out, dtype,
+                                     grads, None if grads.w_S is None else grads.w_S[s:t])
             d_weights = None
             if need_w:
                 d_weights = torch.zeros(weights_TK.numel(), dtype=torch.float32, device=dev)
-                d_weights = d_weights.index_copy_(0, slot_S, dw_S).view(weights_TK.shape).to(weights_TK.dtype)
-            if need_x:
-                d_x = d_x.to(x_TD.dtype)
-        return d_x, d_win, d_wout, d_bin, d_bout, d_weights, None, None, None, None, None
+                d_weights = d_weights.index_copy_(0, slot_S, grads.w_S).view(weights_TK.shape).to(weights_TK.dtype)
+            d_x = grads.x.to(x_TD.dtype) if need_x else None
+        return d_x, grads.w_in, grads.w_out, grads.b_in, grads.b_out, d_weights, None, None, None, None, None
+
+
+def _expert_backward(e, tok, w_m, h, act, g_TD, x_c, w_in, w_out, b_out, dtype, grads: _Grads, dw_m):
+    """Backward of one expert with library GEMMs (its rows ``tok``, router weights ``w_m``, pre-activation ``h``)."""
+    g_m = kcpu.gather_rows(g_TD, tok, dtype, check_index=False)  # upstream gradient of the rows
+    # ga = g @ W_out (unweighted) gives dA = w * ga and the router-weight gradient ga . a
+    ga = linear(g_m, w_out[e].to(dtype).T)
+    dh, aw, dw = _activation_backward(act, h, ga, w_m, dw_m is not None, grads.w_out is not None)
+    del ga
+    if dw_m is not None:
+        if b_out is not None:  # y = a W_out^T + b_out, so dL/dw also has g . b_out
+            dw += g_TD.index_select(0, tok) @ b_out[e].float()
+        dw_m.copy_(dw)
+    if grads.w_out is not None:
+        linear_into(grads.w_out[e], g_m.T, aw.T)  # dW_out = g^T @ (w a)
+    if grads.b_out is not None:
+        grads.b_out[e] = w_m @ g_TD.index_select(0, tok)
+    del aw, g_m
+    x_m = x_c.index_select(0, tok)
+    if grads.w_in is not None:
+        linear_into(grads.w_in[e], dh.T, x_m.T)  # dW_in = dH^T @ x
+    if grads.b_in is not None:
+        grads.b_in[e] = dh.sum(0, dtype=torch.float32)
+    if grads.x is not None:
+        kcpu.scatter_add_rows(grads.x, tok, linear(dh, w_in[e].to(dtype).T), check_index=False)  # dx = dH @ W_in
+
+
+def _small_backward(plan: _Plan, act, g_TD, x_c, w_in, w_out, b_out, token_S, w_S, dtype, grads: _Grads):
+    """Backward of all small experts at once with the small-M kernels (same math as :func:`_expert_backward`)."""
+    h = plan.h_small
+    S, W = h.shape
+    start, end = plan.start_E, plan.end_E
+    ga = torch.empty(S, w_out.shape[2], dtype=dtype)
+    kcpu.small_experts_nn(g_TD, token_S, w_out, start, end, ga)  # ga = g @ W_out
+    small_segments = [(e, s, t) for (e, s, t), sm in zip(plan.segments, plan.small) if sm]
+    if act.name == "swiglu":
+        dh = torch.empty(S, W, dtype=dtype)
+        aw = torch.empty(S, W // 2, dtype=dtype) if grads.w_out is not None else None
+        rows = [(0, S)] if plan.all_small else [(s, t) for _, s, t in small_segments]
+        for s, t in rows:
+            kcpu.swiglu_backward(h[s:t], ga[s:t], w_S[s:t], out=(
+                dh[s:t], None if aw is None else aw[s:t], None if grads.w_S is None else grads.w_S[s:t]))
+    else:
+        dh = torch.empty(S, W, dtype=dtype)
+        aw = torch.empty(S, h.shape[1] // 2 if act.gated else W, dtype=dtype) if grads.w_out is not None else None
+        for _, s, t in small_segments:
+            dh_m, aw_m, dw_m = _activation_backward(act, h[s:t], ga[s:t], w_S[s:t], grads.w_S is not None,
+                                                    aw is not None)
+            dh[s:t] = dh_m
+            if aw is not None:
+                aw[s:t] = aw_m
+            if grads.w_S is not None:
+                grads.w_S[s:t] = dw_m
+    del ga
+    for e, s, t in small_segments:  # bias terms (GPT-OSS-style experts only)
+        if grads.w_S is not None and b_out is not None:
+            grads.w_S[s:t] += g_TD.index_select(0, token_S[s:t]) @ b_out[e].float()
+        if grads.b_out is not None:
+            grads.b_out[e] = w_S[s:t] @ g_TD.index_select(0, token_S[s:t])
+        if grads.b_in is not None:
+            grads.b_in[e] = dh[s:t].sum(0, dtype=torch.float32)
+    if grads.w_out is not None:
+        kcpu.small_experts_outer(g_TD, token_S, aw, None, start, end, grads.w_out)  # dW_out = g^T @ (w a)
+    if grads.w_in is not None:
+        kcpu.small_experts_outer(dh, None, x_c, token_S, start, end, grads.w_in)  # dW_in = dH^T @ x
+    if grads.x is not None:
+        kcpu.small_experts_nn(dh, None, w_in, start, end, grads.x, token_S)  # dx += dH @ W_in
 
 
 def _activation_backward(act: Activation, h: torch.Tensor, ga: torch.Tensor, w_m: torch.Tensor, need_dw: bool,
@@ -204,7 +286,7 @@ def _expert_grad_buffer(w_EOI: torch.Tensor, counts: list[int]) -> torch.Tensor:
     buf = torch.empty_like(w_EOI)
     for e, n in enumerate(counts):
         if not n:
-            buf[e].zero_()
+            kcpu.zero_(buf[e])
     return buf
 
 

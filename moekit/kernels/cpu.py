@@ -5,8 +5,8 @@ The memory-bound steps between the library GEMMs. PyTorch runs them as several e
 OpenMP threads.
 
 The C file is compiled on first use with the system C compiler (``$CC``, else ``cc``/``gcc``/``clang``) with
-``-O3 -march=native -fopenmp``, cached under ``$MOEKIT_CACHE_DIR`` (default ``~/.cache/moekit``) by a hash of the
-source, the compiler, the flags and the CPU, and loaded with ctypes: no PyTorch headers, about a second of build.
+``-O3 -march=native -fopenmp``, cached in ``kernels/`` of moekit's cache folder (``$MOEKIT_CACHE``, default
+``~/.cache/moekit``) by a hash of the source, the compiler, the flags and the CPU, and loaded with ctypes: no PyTorch headers, about a second of build.
 Where no compiler works, or with ``MOEKIT_CPU_KERNELS=0``, :func:`library` returns None and callers use PyTorch ops
 (same results up to rounding; slower). Every wrapper checks its tensors (device, dtype, layout, shapes) and raises
 ``ValueError`` naming the problem; it never reads out of bounds.
@@ -25,6 +25,8 @@ import tempfile
 from pathlib import Path
 
 import torch
+
+from ..utils import cache_root
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +55,7 @@ def _cpu_id() -> str:
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("MOEKIT_CACHE_DIR", Path.home() / ".cache" / "moekit"))
+    return cache_root() / "kernels"
 
 
 def _build(cc: str) -> Path:
@@ -118,6 +120,9 @@ def _declare(lib: ctypes.CDLL) -> None:
         "moe_small_up": [P, I64, P, P, P, I64, P, P, I64, I64, I, I, P, P, I],
         "moe_small_down": [P, I64, P, P, P, P, I64, P, P, I64, I64, I, P, I64, I],
         "moe_small_decode": [P, I64, P, P, I64, I64, I64, P, P, P, P, I64, I64, I, P, I64, P, I],
+        "moe_small_nn": [P, I, I64, P, P, I, I64, I64, P, P, I64, P, I, I64, P, I],
+        "moe_small_outer": [P, I, I64, P, P, I, I64, P, I64, I64, P, P, I64, P, I, I],
+        "moe_zero": [P, I64, I],
     }
     for name, args in sigs.items():
         fn = getattr(lib, name)
@@ -184,6 +189,14 @@ def _use_c(*tensors: torch.Tensor | None) -> bool:
 # Each op runs the C kernel where it can and the equivalent PyTorch ops otherwise (same values up to rounding).
 # ``check_index=False`` skips the bounds check of index vectors that moekit's own dispatcher produced.
 
+def zero_(t: torch.Tensor) -> torch.Tensor:
+    """``t.zero_()``, with all threads and streaming stores for a large contiguous CPU tensor."""
+    if t.device.type == "cpu" and t.is_contiguous() and t.numel() * t.element_size() >= 1 << 20 and \
+            library() is not None:
+        _call(library().moe_zero, t.data_ptr(), t.numel() * t.element_size(), _threads())
+        return t
+    return t.zero_()
+
 def gather_rows(src: torch.Tensor, idx: torch.Tensor, dtype: torch.dtype, scale: torch.Tensor | None = None,
                 check_index: bool = True) -> torch.Tensor:
     """``(scale[:, None] * src[idx]).to(dtype)`` in one pass; ``scale`` is an optional float32 vector."""
@@ -235,32 +248,42 @@ def swiglu(h: torch.Tensor) -> torch.Tensor:
 
 
 def swiglu_backward(h: torch.Tensor, ga: torch.Tensor, w: torch.Tensor, need_dw: bool = True,
-                    need_aw: bool = True) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+                    need_aw: bool = True, out: tuple | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """SwiGLU backward of one expert's rows: ``(dh [m, 2F], aw = w * a [m, F], dw [m] float32)`` from the
     pre-activation ``h = [gate | up]``, the unweighted gradient ``ga`` of the activation output and the float32
     router weights ``w`` of the rows, where ``a = silu(gate) * up``, ``dw = rowsum(ga * a)`` and ``dh`` is the
-    gradient of ``[gate | up]`` given ``w * ga``."""
+    gradient of ``[gate | up]`` given ``w * ga``. ``out``: optional ``(dh, aw, dw)`` tensors to write into."""
     m, W = h.shape
     F = W // 2
     if ga.dtype != h.dtype or tuple(ga.shape) != (m, F):
         raise ValueError(f"ga must be {h.dtype} of shape {(m, F)}, got {ga.dtype} {tuple(ga.shape)}")
     _vector(w, "w", m, torch.float32)
-    if not _use_c(h, ga):
+    if not _use_c(h, ga, *(out or ())):
         gate, up = h.chunk(2, dim=-1)
         sig = torch.sigmoid(gate)
         silu = gate * sig
         a = silu * up
         d = ga * w[:, None].to(ga.dtype)
-        dh = torch.cat([d * up * (sig + silu * (1 - sig)), d * silu], dim=-1)
-        return (dh, a * w[:, None].to(a.dtype) if need_aw else None,
-                (ga.float() * a.float()).sum(-1) if need_dw else None)
-    ld_h = _rows(h, "h", (m, W))
-    ld_ga = _rows(ga, "ga", (m, F))
-    dh = torch.empty(m, W, dtype=h.dtype)
-    aw = torch.empty(m, F, dtype=h.dtype) if need_aw else None
-    dw = torch.empty(m, dtype=torch.float32) if need_dw else None
-    _call(library().moe_swiglu_bwd, _ptr(h), ld_h, _ptr(ga), ld_ga, _ptr(w), m, F, _dt(h, "h"), _ptr(dh), W,
-          _ptr(aw), F, _ptr(dw), _threads())
+        res = (torch.cat([d * up * (sig + silu * (1 - sig)), d * silu], dim=-1),
+               a * w[:, None].to(a.dtype) if need_aw else None, (ga.float() * a.float()).sum(-1) if need_dw else None)
+        if out is None:
+            return res
+        for dst, src in zip(out, res):
+            if dst is not None and src is not None:
+                dst.copy_(src)
+        return out
+    dh, aw, dw = out if out is not None else (torch.empty(m, W, dtype=h.dtype),
+                                                torch.empty(m, F, dtype=h.dtype) if need_aw else None,
+                                                torch.empty(m, dtype=torch.float32) if need_dw else None)
+    ld_dh = _rows(dh, "dh", (m, W))
+    ld_aw = _rows(aw, "aw", (m, F)) if aw is not None else 0
+    if dw is not None:
+        _vector(dw, "dw", m, torch.float32)
+    if dh.dtype != h.dtype or (aw is not None and aw.dtype != h.dtype):
+        raise ValueError(f"dh and aw must have h's dtype {h.dtype}")
+    _call(library().moe_swiglu_bwd, _ptr(h), _rows(h, "h", (m, W)), _ptr(ga), _rows(ga, "ga", (m, F)), _ptr(w), m, F,
+          _dt(h, "h"), _ptr(dh), ld_dh, _ptr(aw), ld_aw, _ptr(dw), _threads())
     return dh, aw, dw
 
 
@@ -361,3 +384,38 @@ def small_experts_decode(x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, w_
     _call(library().moe_small_decode, _ptr(x), x.stride(0), _ptr(ids), _ptr(w), T, K, E, _ptr(w_in), _ptr(b_in),
           _ptr(w_out), _ptr(b_out), D, F, _dt(x, "x"), _ptr(out), D, _ptr(counts), _threads())
     return out, counts
+
+
+def small_experts_nn(a: torch.Tensor, a_idx: torch.Tensor | None, w: torch.Tensor, start: torch.Tensor,
+                     end: torch.Tensor, out: torch.Tensor, out_idx: torch.Tensor | None = None) -> None:
+    """``a[rows of e] @ w[e]`` for every expert at once, ``w`` stacked ``[E, K, N]`` (N contiguous): the data
+    gradients of backward (``g @ W_down``, ``dH @ W_up``). Row ``s`` of expert ``e`` (``start[e] <= s < end[e]``)
+    reads ``a[a_idx[s]]`` (or ``a[s]``). Without ``out_idx`` the result is written to ``out[s]`` (``out``'s dtype);
+    with it, added to float32 ``out[out_idx[s]]`` (distinct within an expert; race-free, in expert order)."""
+    E, Kd, N = w.shape
+    ld_a = _rows(a, "a", (a.shape[0], Kd))
+    _stacked(w, "w", (E, Kd, N), w.dtype)
+    _dt(w, "w")
+    _vector(start, "start", E, torch.int64)
+    _vector(end, "end", E, torch.int64)
+    if out_idx is not None and out.dtype != torch.float32:
+        raise ValueError(f"accumulating into out needs float32, got {out.dtype}")
+    ld_out = _rows(out, "out", (out.shape[0], N))
+    _call(library().moe_small_nn, _ptr(a), _dt(a, "a"), ld_a, _ptr(a_idx), _ptr(w), _dt(w, "w"), Kd, N, _ptr(start),
+          _ptr(end), E, _ptr(out), _dt(out, "out"), ld_out, _ptr(out_idx), _threads())
+
+
+def small_experts_outer(a: torch.Tensor, a_idx: torch.Tensor | None, b: torch.Tensor, b_idx: torch.Tensor | None,
+                        start: torch.Tensor, end: torch.Tensor, grad: torch.Tensor) -> None:
+    """Weight gradients of every expert at once: ``grad[e] = a[rows of e]^T @ b[rows of e]`` for ``grad`` stacked
+    ``[E, N, K]`` (contiguous, any of float32/bfloat16), row ``s`` reading ``a[a_idx[s]]`` and ``b[b_idx[s]]`` (or
+    row ``s``). Experts with no rows are left untouched."""
+    E, N, Kd = grad.shape
+    ld_a = _rows(a, "a", (a.shape[0], N))
+    ld_b = _rows(b, "b", (b.shape[0], Kd))
+    _stacked(grad, "grad", (E, N, Kd), grad.dtype)
+    _dt(grad, "grad")
+    _vector(start, "start", E, torch.int64)
+    _vector(end, "end", E, torch.int64)
+    _call(library().moe_small_outer, _ptr(a), _dt(a, "a"), ld_a, _ptr(a_idx), _ptr(b), _dt(b, "b"), ld_b, _ptr(b_idx),
+          N, Kd, _ptr(start), _ptr(end), E, _ptr(grad), _dt(grad, "grad"), _threads())

@@ -15,6 +15,7 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 #define DT_F32 0
 #define DT_BF16 1
@@ -314,7 +315,7 @@ int moe_small_up(const void *x, int64_t ld_x, const int64_t *tok, const int64_t 
         /* weight rows of a tile: SwiGLU takes gate rows j, j+1 and up rows F+j, F+j+1 */
         const int step = act == 1 ? TN / 2 : TN;
         for (int64_t j = j0; j < j1; j += step) {
-            const void *b[TN];
+            const void *b[TN] = {0};
             int64_t nrow[TN];
             int NB = 0;
             for (int q = 0; q < step && j + q < j1; q++) nrow[NB++] = j + q;
@@ -442,4 +443,236 @@ done:
     free(ws);
     free(a);
     return rc;
+}
+
+/* ---------------------------------------------------------------------------------------------------------------
+ * Small-M backward: the same grouping, for the two other GEMM shapes of backpropagation.
+ *   moe_small_nn:    C[s, :] = A[s, :] @ B_e       (dA = dY @ W: B_e = W[e] is [Kd, N], N contiguous)
+ *   moe_small_outer: G_e     = A_e^T @ B_e         (dW = dY^T @ X over the rows of expert e)
+ * Both vectorise along the contiguous output dimension and accumulate in float32; bfloat16 operands are widened
+ * on load (these shapes have no pair structure for vdpbf16ps to use).
+ * --------------------------------------------------------------------------------------------------------------- */
+#define NC 4 /* 16-wide column vectors per tile */
+
+#if defined(__AVX512F__)
+static inline __attribute__((always_inline)) __m512 ld16(const void *p, int dt, __mmask16 m) {
+    if (dt == DT_F32) return _mm512_maskz_loadu_ps(m, p);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+}
+
+/* 16 float32 -> bfloat16, round to nearest even, NaN kept quiet: f32_to_bf16 in vector form. */
+static inline __attribute__((always_inline)) __m256i cvt16_bf16(__m512 v) {
+    __m512i u = _mm512_castps_si512(v);
+    __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
+    __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)),
+                                            _mm512_set1_epi32(0x7f800000));
+    r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40)));
+    return _mm512_cvtepi32_epi16(r);
+}
+
+static inline __attribute__((always_inline)) void st16(void *p, int dt, __mmask16 m, __m512 v) {
+    if (dt == DT_F32)
+        _mm512_mask_storeu_ps(p, m, v);
+    else
+        _mm256_mask_storeu_epi16(p, m, cvt16_bf16(v));
+}
+
+/* Store for output written once and not read soon (weight gradients): a non-temporal store where the vector is
+ * whole and aligned (no read-for-ownership of the line), else a plain masked store. Callers end with _mm_sfence. */
+static inline __attribute__((always_inline)) void st16_stream(void *p, int dt, __mmask16 m, __m512 v) {
+    if (dt == DT_F32) {
+        if (m == 0xffff && ((uintptr_t)p & 63) == 0)
+            _mm512_stream_ps(p, v);
+        else
+            _mm512_mask_storeu_ps(p, m, v);
+    } else {
+        __m256i b = cvt16_bf16(v);
+        if (m == 0xffff && ((uintptr_t)p & 31) == 0)
+            _mm256_stream_si256(p, b);
+        else
+            _mm256_mask_storeu_epi16(p, m, b);
+    }
+}
+#endif
+
+static inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+
+/* acc[r][c] = sum_k a_r[k] * b[k * ldb + n0 + 16 c]  for R rows and the columns [n0, n0 + 16 NC) clipped to N. */
+static inline __attribute__((always_inline)) void nn_tile_k(const void *const *a, int adt, const int R, const char *b,
+                                                            const int bdt, int64_t ldb, int64_t Kd, int64_t n0,
+                                                            int64_t N, float *c /* R x 16 NC */) {
+#if defined(__AVX512F__)
+    __m512 acc[TR][NC];
+    __mmask16 mc[NC];
+    UNROLL for (int q = 0; q < NC; q++) {
+        int64_t left = N - n0 - 16 * q;
+        mc[q] = left >= 16 ? (__mmask16)0xffff : left <= 0 ? (__mmask16)0 : (__mmask16)((1u << left) - 1);
+    }
+    UNROLL for (int r = 0; r < R; r++) UNROLL for (int q = 0; q < NC; q++) acc[r][q] = _mm512_setzero_ps();
+    const size_t eb = esize(bdt);
+    for (int64_t k = 0; k < Kd; k++) {
+        const char *bk = b + ((size_t)k * (size_t)ldb + (size_t)n0) * eb;
+        _mm_prefetch(bk + 8 * (size_t)ldb * eb, _MM_HINT_T0);
+        __m512 bv[NC];
+        UNROLL for (int q = 0; q < NC; q++) bv[q] = ld16(bk + 16 * q * eb, bdt, mc[q]);
+        UNROLL for (int r = 0; r < R; r++) {
+            __m512 av = _mm512_set1_ps(ld(a[r], adt, k));
+            UNROLL for (int q = 0; q < NC; q++) acc[r][q] = _mm512_fmadd_ps(av, bv[q], acc[r][q]);
+        }
+    }
+    UNROLL for (int r = 0; r < R; r++) UNROLL for (int q = 0; q < NC; q++) _mm512_storeu_ps(c + (r * NC + q) * 16, acc[r][q]);
+#else
+    for (int r = 0; r < R; r++)
+        for (int64_t j = 0; j < 16 * NC; j++) c[r * 16 * NC + j] = 0.0f;
+    for (int64_t k = 0; k < Kd; k++) {
+        const char *bk = b + ((size_t)k * (size_t)ldb + (size_t)n0) * esize(bdt);
+        int64_t w = min64(16 * NC, N - n0);
+        for (int r = 0; r < R; r++) {
+            float av = ld(a[r], adt, k);
+            float *cr = c + r * 16 * NC;
+#pragma omp simd
+            for (int64_t j = 0; j < w; j++) cr[j] += av * ld(bk, bdt, j);
+        }
+    }
+#endif
+}
+
+static void nn_tile(const void *const *a, int adt, int R, const char *b, int bdt, int64_t ldb, int64_t Kd, int64_t n0,
+                    int64_t N, float *c) {
+#define NN_CASE(r)                                                                         \
+    case r:                                                                                \
+        if (bdt == DT_F32)                                                                 \
+            nn_tile_k(a, adt, r, b, DT_F32, ldb, Kd, n0, N, c);                            \
+        else                                                                               \
+            nn_tile_k(a, adt, r, b, DT_BF16, ldb, Kd, n0, N, c);                           \
+        break;
+    switch (R) {
+        NN_CASE(1)
+        NN_CASE(2)
+        NN_CASE(3)
+        NN_CASE(4)
+    }
+#undef NN_CASE
+}
+
+/* C[s, n] = sum_k A[ia(s), k] * B[e, k, n] for the rows s of expert e (start[e] <= s < end[e]), B [E, Kd, N]
+ * contiguous; ia(s) = a_idx ? a_idx[s] : s. c_idx NULL: C[s, n] is written in dtype cdt (row stride ldc);
+ * else float32 C[c_idx[s], n] += the result (the rows of one expert must have distinct c_idx). Each thread owns a
+ * block of columns for all experts, so accumulation is race-free and in expert order. */
+int moe_small_nn(const void *A, int adt, int64_t lda, const int64_t *a_idx, const void *B, int bdt, int64_t Kd,
+                 int64_t N, const int64_t *start, const int64_t *end, int64_t E, void *C, int cdt, int64_t ldc,
+                 const int64_t *c_idx, int nthreads) {
+    const int64_t NBLK = 16 * NC;
+    const int64_t nb = (N + NBLK - 1) / NBLK;
+    int64_t rows = 0;
+    for (int64_t e = 0; e < E; e++) rows += end[e] - start[e];
+#pragma omp parallel for schedule(static) num_threads(threads_for(rows * N * Kd / 16, nthreads))
+    for (int64_t item = 0; item < nb; item++) {
+        const int64_t n0 = item * NBLK, w = min64(NBLK, N - n0);
+        for (int64_t e = 0; e < E; e++) {
+            const char *be = (const char *)B + (size_t)e * (size_t)Kd * (size_t)N * esize(bdt);
+            for (int64_t s = start[e]; s < end[e]; s += TR) {
+                const void *a[TR];
+                int R = (int)min64(TR, end[e] - s);
+                for (int r = 0; r < R; r++) a[r] = at(A, adt, lda, a_idx ? a_idx[s + r] : s + r, 0);
+                float c[TR * 16 * NC] __attribute__((aligned(64)));
+                nn_tile(a, adt, R, be, bdt, N, Kd, n0, N, c);
+                for (int r = 0; r < R; r++) {
+                    const float *cr = c + r * 16 * NC;
+                    if (c_idx) {
+                        float *o = (float *)C + (size_t)c_idx[s + r] * (size_t)ldc + n0;
+#pragma omp simd
+                        for (int64_t j = 0; j < w; j++) o[j] += cr[j];
+                    } else {
+                        void *o = at(C, cdt, ldc, s + r, n0);
+                        if (cdt == DT_F32) {
+#pragma omp simd
+                            for (int64_t j = 0; j < w; j++) ((float *)o)[j] = cr[j];
+                        } else {
+#pragma omp simd
+                            for (int64_t j = 0; j < w; j++) ((bf16 *)o)[j] = f32_to_bf16(cr[j]);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    return 0;
+}
+
+/* G[e, n, k] = sum_{s in expert e} A[ia(s), n] * B[ib(s), k]   for experts with rows (others untouched), G [E, N, Kd]
+ * contiguous in dtype gdt; ia(s) = a_idx ? a_idx[s] : s, likewise ib. Work items are (expert, block of 4 rows of
+ * G), each written once. */
+int moe_small_outer(const void *A, int adt, int64_t lda, const int64_t *a_idx, const void *B, int bdt, int64_t ldb,
+                    const int64_t *b_idx, int64_t N, int64_t Kd, const int64_t *start, const int64_t *end, int64_t E,
+                    void *G, int gdt, int nthreads) {
+    const int64_t nb = (N + TN - 1) / TN;
+    int64_t work = 0;
+    for (int64_t e = 0; e < E; e++)
+        if (end[e] > start[e]) work += N * Kd;
+#pragma omp parallel num_threads(threads_for(work / 4, nthreads))
+    {
+#pragma omp for schedule(static)
+    for (int64_t item = 0; item < E * nb; item++) {
+        const int64_t e = item / nb, n0 = (item % nb) * TN, nn = min64(TN, N - n0);
+        const int64_t s0 = start[e], s1 = end[e];
+        if (s1 <= s0) continue;
+        char *ge = (char *)G + (size_t)e * (size_t)N * (size_t)Kd * esize(gdt);
+        for (int64_t k0 = 0; k0 < Kd; k0 += 16 * NC) {
+#if defined(__AVX512F__)
+            __m512 acc[TN][NC];
+            __mmask16 mc[NC];
+            UNROLL for (int q = 0; q < NC; q++) {
+                int64_t left = Kd - k0 - 16 * q;
+                mc[q] = left >= 16 ? (__mmask16)0xffff : left <= 0 ? (__mmask16)0 : (__mmask16)((1u << left) - 1);
+            }
+            UNROLL for (int i = 0; i < TN; i++) UNROLL for (int q = 0; q < NC; q++) acc[i][q] = _mm512_setzero_ps();
+            for (int64_t s = s0; s < s1; s++) {
+                const void *ar = at(A, adt, lda, a_idx ? a_idx[s] : s, 0);
+                const char *br = at(B, bdt, ldb, b_idx ? b_idx[s] : s, k0);
+                __m512 bv[NC];
+                if (bdt == DT_F32) {
+                    UNROLL for (int q = 0; q < NC; q++) bv[q] = ld16(br + 64 * q, DT_F32, mc[q]);
+                } else {
+                    UNROLL for (int q = 0; q < NC; q++) bv[q] = ld16(br + 32 * q, DT_BF16, mc[q]);
+                }
+                UNROLL for (int i = 0; i < TN; i++) {
+                    __m512 av = _mm512_set1_ps(n0 + i < N ? ld(ar, adt, n0 + i) : 0.0f);
+                    UNROLL for (int q = 0; q < NC; q++) acc[i][q] = _mm512_fmadd_ps(av, bv[q], acc[i][q]);
+                }
+            }
+            UNROLL for (int i = 0; i < TN; i++) UNROLL for (int q = 0; q < NC; q++) {
+                if (i < nn && mc[q]) st16_stream(at(ge, gdt, Kd, n0 + i, k0 + 16 * q), gdt, mc[q], acc[i][q]);
+            }
+#else
+            int64_t w = min64(16 * NC, Kd - k0);
+            for (int i = 0; i < nn; i++) {
+                float c[16 * NC];
+                for (int64_t j = 0; j < w; j++) c[j] = 0.0f;
+                for (int64_t s = s0; s < s1; s++) {
+                    float av = ld(at(A, adt, lda, a_idx ? a_idx[s] : s, 0), adt, n0 + i);
+                    const void *br = at(B, bdt, ldb, b_idx ? b_idx[s] : s, k0);
+#pragma omp simd
+                    for (int64_t j = 0; j < w; j++) c[j] += av * ld(br, bdt, j);
+                }
+                void *o = at(ge, gdt, Kd, n0 + i, k0);
+                for (int64_t j = 0; j < w; j++) st(o, gdt, j, c[j]);
+            }
+#endif
+        }
+    }
+#if defined(__AVX512F__)
+    _mm_sfence(); /* order this thread's non-temporal stores before the barrier */
+#endif
+    }
+    return 0;
+}
+
+/* Zero n bytes from p with all threads (glibc's memset streams large blocks past the caches). */
+int moe_zero(void *p, int64_t n, int nthreads) {
+    const int64_t chunk = 1 << 20;
+#pragma omp parallel for schedule(static) num_threads(threads_for(n / 4, nthreads))
+    for (int64_t i = 0; i < n; i += chunk) memset((char *)p + i, 0, (size_t)min64(chunk, n - i));
+    return 0;
 }

@@ -1,0 +1,367 @@
+"""moekit's CPU kernels (moekit/kernels/cpu.py + csrc/moe_cpu.c) and CPU GEMM provider, each against a float64
+PyTorch reference: odd sizes (tails of every vector width), empty experts, gathered and scattered rows, biases,
+float32 and bfloat16, NaN and infinity, thread-count independence, the PyTorch fallback, and bad arguments. The
+layer-level tests (tests/test_layer.py) then check the fused backend that uses them against the loop reference."""
+
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import moekit
+from moekit.kernels import cpu_gemm
+from moekit.experts import fused_function as ff
+from moekit.kernels import cpu as K
+
+from .helpers import max_err, run_fwd_bwd
+
+DTYPES = [torch.float32, torch.bfloat16]
+TOL = {torch.float32: 2e-6, torch.bfloat16: 1e-2}  # relative to the largest reference value
+
+
+def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    return (got.double() - want.double()).abs().max().item() / max(want.double().abs().max().item(), 1e-30)
+
+
+@pytest.fixture
+def kernels():
+    if K.library() is None:
+        pytest.skip(f"CPU kernels unavailable: {K.unavailable_reason()}")
+    return K
+
+
+@pytest.fixture
+def no_kernels(monkeypatch):
+    """Run with the PyTorch fallback, as on a machine without a C compiler."""
+    monkeypatch.setattr(K, "_LIB", None)
+    monkeypatch.setattr(K, "_TRIED", True)
+    monkeypatch.setattr(K, "_WHY_NOT", "disabled by the test")
+
+
+def segments(counts):
+    offs = torch.tensor([0] + list(counts)).cumsum(0)
+    return offs[:-1].contiguous(), offs[1:].contiguous()
+
+
+def test_library_builds_where_a_compiler_exists():
+    if not any(shutil.which(c) for c in ("cc", "gcc", "clang")):
+        pytest.skip("no C compiler on this machine")
+    assert K.library() is not None, K.unavailable_reason()
+
+
+def test_disabled_by_environment(monkeypatch):
+    monkeypatch.setenv("MOEKIT_CPU_KERNELS", "0")
+    K.reset()
+    try:
+        assert K.library() is None and "MOEKIT_CPU_KERNELS=0" in K.unavailable_reason()
+    finally:
+        monkeypatch.delenv("MOEKIT_CPU_KERNELS")
+        K.reset()
+
+
+def test_a_broken_compiler_falls_back_with_the_reason(monkeypatch, tmp_path):
+    monkeypatch.setenv("CC", "false")  # exists, always fails
+    monkeypatch.setenv("MOEKIT_CACHE", str(tmp_path))
+    K.reset()
+    try:
+        assert K.library() is None and "could not build" in K.unavailable_reason()
+        h = torch.randn(3, 8)
+        assert torch.equal(K.swiglu(h), F.silu(h[:, :4]) * h[:, 4:])  # still correct, through PyTorch
+    finally:
+        monkeypatch.delenv("CC")
+        K.reset()
+
+
+# ---------------------------------------------------------------------------------------- row kernels
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("F_", [1, 21, 256])
+def test_swiglu_forward_and_backward(kernels, dtype, F_):
+    h = (torch.randn(13, 2 * F_) * 3).to(dtype)
+    hd = h.double().requires_grad_(True)
+    a_ref = F.silu(hd[:, :F_]) * hd[:, F_:]
+    assert rel_err(K.swiglu(h), a_ref) < TOL[dtype]
+    ga, w = torch.randn(13, F_).to(dtype), torch.rand(13)
+    (dh_ref,) = torch.autograd.grad(a_ref, hd, ga.double() * w.double()[:, None])
+    dh, aw, dw = K.swiglu_backward(h, ga, w)
+    assert rel_err(dh, dh_ref) < 2 * TOL[dtype]
+    assert rel_err(aw, a_ref.detach() * w.double()[:, None]) < TOL[dtype]
+    assert rel_err(dw, (ga.double() * a_ref.detach()).sum(-1)) < TOL[dtype]
+
+
+def test_swiglu_propagates_nan_and_infinity_like_pytorch(kernels):
+    h = torch.tensor([[float("nan"), 1.0, float("inf"), -float("inf"), 2.0, float("nan"), 1.0, 1.0]])
+    want = F.silu(h[:, :4]) * h[:, 4:]
+    got = K.swiglu(h)
+    assert torch.equal(torch.isnan(got), torch.isnan(want))
+    assert torch.equal(got[~torch.isnan(got)], want[~torch.isnan(want)])
+
+
+@pytest.mark.parametrize("src_dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gather_rows_with_scale_and_cast(kernels, src_dtype, dtype):
+    src, idx, scale = torch.randn(9, 37).to(src_dtype), torch.tensor([4, 0, 8, 4]), torch.rand(4)
+    want = (src.float()[idx] * scale[:, None]).to(dtype)
+    assert torch.equal(K.gather_rows(src, idx, dtype, scale), want)
+    assert torch.equal(K.gather_rows(src, idx, dtype), src[idx].to(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_scatter_add_rows(kernels, dtype):
+    out = torch.randn(10, 37)
+    idx, y, w = torch.tensor([7, 2, 9]), torch.randn(3, 37).to(dtype), torch.rand(3)
+    want = out.clone().index_add_(0, idx, y.float() * w[:, None])
+    K.scatter_add_rows(out, idx, y, w)
+    assert max_err(out, want) < 1e-6
+
+
+def test_zero_large_tensor(kernels):
+    t = torch.ones(3, 1 << 19)
+    K.zero_(t[1])
+    assert t[1].abs().sum() == 0 and t[0].sum() == t[2].sum() == 1 << 19
+
+
+# ------------------------------------------------------------------------------- small-M expert GEMMs
+def _small_problem(E, D, F_, counts, dtype, bias):
+    g = torch.Generator().manual_seed(sum(counts) + E)
+    T = max(counts) + 3
+    S = sum(counts)
+    x = torch.randn(T, D, generator=g).to(dtype)
+    tok = torch.cat([torch.randperm(T, generator=g)[:c] for c in counts]) if S else torch.zeros(0, dtype=torch.long)
+    w_in = (torch.randn(E, 2 * F_, D, generator=g) / D**0.5).to(dtype)
+    w_out = (torch.randn(E, D, F_, generator=g) / F_**0.5).to(dtype)
+    b_in = (torch.randn(E, 2 * F_, generator=g) * 0.1).to(dtype) if bias else None
+    b_out = (torch.randn(E, D, generator=g) * 0.1).to(dtype) if bias else None
+    return x, tok, torch.rand(S, generator=g), w_in, w_out, b_in, b_out
+
+
+CASES = [  # (E, D, F, rows per expert)
+    (3, 37, 21, [2, 0, 5]),  # tails of every vector width, an idle expert
+    (4, 64, 32, [1, 4, 3, 9]),  # exact vector widths, more rows than one tile
+    (2, 130, 70, [24, 1]),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("E,D,F_,counts", CASES)
+@pytest.mark.parametrize("bias", [False, True])
+def test_small_experts_forward(kernels, dtype, E, D, F_, counts, bias):
+    x, tok, w, w_in, w_out, b_in, b_out = _small_problem(E, D, F_, counts, dtype, bias)
+    start, end = segments(counts)
+    h, a = K.small_experts_up(x, tok, start, end, w_in, b_in, swiglu=True, keep_h=True)
+    out = torch.zeros(x.shape[0], D)
+    K.small_experts_down(a, tok, w, start, end, w_out, b_out, out)
+    want_out = torch.zeros(x.shape[0], D, dtype=torch.float64)
+    for e in range(E):
+        s, t = start[e].item(), end[e].item()
+        if s == t:
+            continue
+        h_ref = x[tok[s:t]].double() @ w_in[e].double().T + (0 if b_in is None else b_in[e].double())
+        assert rel_err(h[s:t], h_ref) < TOL[dtype]
+        a_ref = F.silu(h_ref[:, :F_]) * h_ref[:, F_:]
+        assert rel_err(a[s:t], a_ref) < TOL[dtype]
+        y = a[s:t].double() @ w_out[e].double().T + (0 if b_out is None else b_out[e].double())
+        want_out.index_add_(0, tok[s:t], y * w[s:t, None].double())
+    assert rel_err(out, want_out) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("E,D,F_,counts", CASES)
+def test_small_experts_backward_gemms(kernels, dtype, E, D, F_, counts):
+    x, tok, w, w_in, w_out, _, _ = _small_problem(E, D, F_, counts, dtype, False)
+    start, end = segments(counts)
+    S, T = tok.shape[0], x.shape[0]
+    g = torch.randn(T, D)
+    # nn, stored: ga[s] = g[tok[s]] @ w_out[e]
+    ga = torch.empty(S, F_, dtype=dtype)
+    K.small_experts_nn(g, tok, w_out, start, end, ga)
+    # nn, accumulated: dx[tok[s]] += dh[s] @ w_in[e]
+    dh = torch.randn(S, 2 * F_).to(dtype)
+    dx = torch.ones(T, D)
+    K.small_experts_nn(dh, None, w_in, start, end, dx, tok)
+    # outer: dW_in[e] = dh[rows]^T @ x[tok[rows]]; idle experts untouched
+    dwin = torch.full(w_in.shape, 7.0).to(dtype)
+    K.small_experts_outer(dh, None, x, tok, start, end, dwin)
+    want_dx = torch.ones(T, D, dtype=torch.float64)
+    for e in range(E):
+        s, t = start[e].item(), end[e].item()
+        if s == t:
+            assert (dwin[e] == 7).all()
+            continue
+        assert rel_err(ga[s:t], g[tok[s:t]].double() @ w_out[e].double()) < TOL[dtype]
+        want_dx.index_add_(0, tok[s:t], dh[s:t].double() @ w_in[e].double())
+        assert rel_err(dwin[e], dh[s:t].double().T @ x[tok[s:t]].double()) < TOL[dtype]
+    assert rel_err(dx, want_dx) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_small_experts_decode_groups_slots_itself(kernels, dtype):
+    E, D, F_ = 5, 37, 21
+    x, _, _, w_in, w_out, b_in, b_out = _small_problem(E, D, F_, [3, 1, 0, 2, 2], dtype, True)
+    ids = torch.tensor([[3, 0], [0, -1], [4, 3], [0, 1]])
+    wts = torch.rand(4, 2)
+    y, counts = K.small_experts_decode(x[:4].contiguous(), ids, wts, w_in, b_in, w_out, b_out)
+    assert counts.tolist() == [3, 1, 0, 2, 1]
+    want = torch.zeros(4, D, dtype=torch.float64)
+    for t in range(4):
+        for k in range(2):
+            e = ids[t, k].item()
+            if e < 0:
+                continue
+            h = x[t].double() @ w_in[e].double().T + b_in[e].double()
+            a = (F.silu(h[:F_]) * h[F_:]).to(dtype).double()
+            want[t] += wts[t, k].double() * (a @ w_out[e].double().T + b_out[e].double())
+    assert rel_err(y, want) < TOL[dtype]
+    with pytest.raises(RuntimeError, match="moe_small_decode returned -4"):
+        K.small_experts_decode(x[:1].contiguous(), torch.tensor([[E]]), torch.ones(1, 1), w_in, b_in, w_out, b_out)
+
+
+def test_results_do_not_depend_on_the_thread_count(kernels):
+    x, tok, w, w_in, w_out, b_in, b_out = _small_problem(4, 64, 32, [1, 4, 3, 9], torch.float32, True)
+    start, end = segments([1, 4, 3, 9])
+
+    def run():
+        _, a = K.small_experts_up(x, tok, start, end, w_in, b_in, True, False)
+        out = torch.zeros(x.shape[0], 64)
+        K.small_experts_down(a, tok, w, start, end, w_out, b_out, out)
+        g = torch.zeros(w_in.shape)
+        K.small_experts_outer(torch.randn(17, 64, generator=torch.Generator().manual_seed(0)), None, x, tok,
+                              start, end, g)
+        return out, g
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = run()
+        torch.set_num_threads(max(2, threads))
+        many = run()
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(one, many))
+
+
+# ------------------------------------------------------------------------------------------ bad input
+def test_bad_arguments_are_refused_with_the_reason(kernels):
+    h = torch.randn(4, 8)
+    with pytest.raises(ValueError, match="even width"):
+        K.swiglu(torch.randn(4, 7))
+    with pytest.raises(ValueError, match="outside"):
+        K.gather_rows(h, torch.tensor([0, 4]), torch.float32, torch.ones(2))
+    with pytest.raises(ValueError, match="must be float32"):
+        K.scatter_add_rows(torch.zeros(4, 8, dtype=torch.float64), torch.tensor([0]), torch.randn(1, 8))
+    with pytest.raises(ValueError, match="ga must be"):
+        K.swiglu_backward(h, torch.randn(4, 3), torch.ones(4))
+    x, tok, w, w_in, w_out, b_in, b_out = _small_problem(3, 37, 21, [2, 0, 5], torch.float32, False)
+    start, end = segments([2, 0, 5])
+    with pytest.raises(ValueError, match="w_in must be a contiguous"):
+        K.small_experts_up(x, tok, start, end, w_in.bfloat16(), None, True, False)
+    with pytest.raises(ValueError, match="segments must satisfy"):
+        K.small_experts_up(x, tok, end, start, w_in, None, True, False)
+    with pytest.raises(ValueError, match="contiguous, non-overlapping rows"):
+        K.small_experts_up(x.T.contiguous().T, tok, start, end, w_in, None, True, False)
+
+
+# ---------------------------------------------------------------------------------- PyTorch fallback
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fallback_equals_kernels(kernels, monkeypatch, dtype):
+    h, ga, w = (torch.randn(6, 42) * 2).to(dtype), torch.randn(6, 21).to(dtype), torch.rand(6)
+    out, idx, y = torch.randn(8, 21), torch.tensor([5, 1, 7]), torch.randn(3, 21).to(dtype)
+    c = (K.swiglu(h), *K.swiglu_backward(h, ga, w), K.gather_rows(h, idx % 6, torch.float32, w[:3]))
+    out_c = out.clone()
+    K.scatter_add_rows(out_c, idx, y, w[:3])
+    monkeypatch.setattr(K, "_LIB", None)
+    monkeypatch.setattr(K, "_TRIED", True)
+    p = (K.swiglu(h), *K.swiglu_backward(h, ga, w), K.gather_rows(h, idx % 6, torch.float32, w[:3]))
+    out_p = out.clone()
+    K.scatter_add_rows(out_p, idx, y, w[:3])
+    for a, b in zip(c, p):
+        assert rel_err(a, b) < TOL[dtype]
+    assert max_err(out_c, out_p) < 1e-6
+
+
+# ------------------------------------------------------------------------------------ the fused layer
+def _layer(dtype, bias=False, **kw):
+    torch.manual_seed(3)
+    layer = moekit.MoE(48, 40, 6, 2, backend="fused", expert_bias=bias, **kw).to(dtype)
+    with torch.no_grad():
+        for n, p in layer.named_parameters():
+            if "bias" in n:
+                p.uniform_(-0.1, 0.1)
+    return layer
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T", [1, 5, 40, 300])  # all experts small ... all large, and mixed in between
+@pytest.mark.parametrize("activation", ["swiglu", "gelu"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_fused_backend_matches_loop(dtype, T, activation, bias):
+    x = torch.randn(T, 48).to(dtype)
+    got = run_fwd_bwd(_layer(dtype, bias, activation=activation), x)
+    ref_layer = _layer(dtype, bias, activation=activation)
+    ref_layer.experts.backend = "loop"
+    ref = run_fwd_bwd(ref_layer, x)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert rel_err(got[0], ref[0]) < tol and rel_err(got[1], ref[1]) < tol
+    for name in ref[2]:
+        assert rel_err(got[2][name], ref[2][name]) < (tol if dtype == torch.float32 else 4e-2), name
+
+
+@pytest.mark.parametrize("mode", ["never", "mixed", "always"])  # which experts take the small-M kernels
+def test_fused_paths_agree(monkeypatch, mode):
+    x = torch.randn(60, 48)
+    want = run_fwd_bwd(_layer(torch.float32), x)
+    counts = sorted(torch.bincount(_layer(torch.float32).router(x).topk_ids_TK.flatten(), minlength=6).tolist())
+    small_m = {"never": 0, "mixed": counts[len(counts) // 2], "always": 10_000}[mode]
+    assert mode != "mixed" or counts[0] <= small_m < counts[-1]
+    monkeypatch.setattr(ff, "SMALL_M", small_m)
+    got = run_fwd_bwd(_layer(torch.float32), x)
+    assert max_err(got[0], want[0]) < 1e-5 and max_err(got[1], want[1]) < 1e-5
+    for name in want[2]:
+        assert max_err(got[2][name], want[2][name]) < 1e-5, name
+
+
+def test_fused_backend_without_kernels_matches_loop(no_kernels):
+    x = torch.randn(40, 48)
+    got = run_fwd_bwd(_layer(torch.float32), x)
+    ref_layer = _layer(torch.float32)
+    ref_layer.experts.backend = "loop"
+    ref = run_fwd_bwd(ref_layer, x)
+    assert max_err(got[0], ref[0]) < 1e-5 and max_err(got[1], ref[1]) < 1e-5
+    with torch.no_grad():
+        assert max_err(_layer(torch.float32)(x[:2]), ref_layer(x[:2])) < 1e-5  # decode path too
+
+
+# ------------------------------------------------------------------------------------ GEMM provider
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cpu_gemm_is_exact_precision(dtype):
+    a, w, b = torch.randn(33, 70).to(dtype), torch.randn(45, 70).to(dtype), torch.randn(45).to(dtype)
+    want = a.double() @ w.double().T + b.double()
+    assert rel_err(cpu_gemm.linear(a, w, b), want) < (2e-6 if dtype == torch.float32 else 1e-2)
+    assert rel_err(cpu_gemm.linear(a, w.T.contiguous().T), a.double() @ w.double().T) < TOL[dtype]
+    assert cpu_gemm.linear(a[:0], w).shape == (0, 45)  # no rows (oneDNN refuses empty problems)
+    out = torch.empty(45, 33, dtype=dtype).T
+    cpu_gemm.linear_into(out, a, w)
+    assert rel_err(out, a.double() @ w.double().T) < TOL[dtype]
+
+
+def test_cpu_gemm_provider_choice(monkeypatch):
+    assert cpu_gemm.provider(torch.float32) in ("onednn", "torch")
+    assert cpu_gemm.provider(torch.float64) == "torch"
+    monkeypatch.setattr(cpu_gemm, "_PROVIDER", {})
+    monkeypatch.setenv("MOEKIT_CPU_GEMM", "fastest")
+    with pytest.raises(ValueError, match="MOEKIT_CPU_GEMM must be"):
+        cpu_gemm.provider(torch.float32)
+    monkeypatch.setenv("MOEKIT_CPU_GEMM", "torch")
+    assert cpu_gemm.provider(torch.float32) == "torch"
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_autograd_matches_pytorch(bias):
+    x = torch.randn(9, 13, requires_grad=True)
+    w = torch.randn(7, 13, requires_grad=True)
+    b = torch.randn(7, requires_grad=True) if bias else None
+    g = torch.randn(9, 7)
+    got = torch.autograd.grad(cpu_gemm.linear_autograd(x, w, b), [x, w] + ([b] if bias else []), g)
+    want = torch.autograd.grad(F.linear(x, w, b), [x, w] + ([b] if bias else []), g)
+    for a, c in zip(got, want):
+        assert max_err(a, c) < 1e-5
