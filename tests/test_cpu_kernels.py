@@ -306,14 +306,17 @@ def test_fused_backend_matches_loop(dtype, T, activation, bias):
         assert rel_err(got[2][name], ref[2][name]) < (tol if dtype == torch.float32 else 4e-2), name
 
 
-@pytest.mark.parametrize("mode", ["never", "mixed", "always"])  # which experts take the small-M kernels
+@pytest.mark.parametrize("mode", ["never", "mixed", "always", "forward_only"])  # experts in the small-M kernels
 def test_fused_paths_agree(monkeypatch, mode):
     x = torch.randn(60, 48)
-    want = run_fwd_bwd(_layer(torch.float32), x)
+    ref_layer = _layer(torch.float32)
+    ref_layer.experts.backend = "loop"
+    want = run_fwd_bwd(ref_layer, x)
     counts = sorted(torch.bincount(_layer(torch.float32).router(x).topk_ids_TK.flatten(), minlength=6).tolist())
-    small_m = {"never": 0, "mixed": counts[len(counts) // 2], "always": 10_000}[mode]
+    small_m = {"never": 0, "mixed": counts[len(counts) // 2], "always": 10_000, "forward_only": 10_000}[mode]
     assert mode != "mixed" or counts[0] <= small_m < counts[-1]
     monkeypatch.setattr(ff, "SMALL_M", small_m)
+    monkeypatch.setattr(ff, "SMALL_BWD_WORK", 0 if mode == "forward_only" else 10**12)
     got = run_fwd_bwd(_layer(torch.float32), x)
     assert max_err(got[0], want[0]) < 1e-5 and max_err(got[1], want[1]) < 1e-5
     for name in want[2]:

@@ -40,9 +40,13 @@ if TYPE_CHECKING:
 
 #: bf16 layers whose active experts get at least this many rows on average compute in fp32 on slow-bf16 CPUs.
 BF16_UPCAST_MIN_ROWS = 64
-#: Experts with at most this many rows run in the small-M kernels rather than one library GEMM each (measured
-#: crossover on AVX-512 CPUs: the small kernels win up to ~16-24 rows; benchmarks/results/small_m.json).
-SMALL_M = 24
+#: Experts with at most this many rows run their forward in the small-M kernels rather than one library GEMM each
+#: (measured crossover on an AVX-512 CPU, Mixtral-like and fine-grained experts alike: ~96-128 rows).
+SMALL_M = 96
+#: ...and their backward too while rows x d_model x d_ff stays below this (the per-expert library backward has a
+#: fixed cost of ~10 calls, which small experts cannot amortise: measured crossover ~16 rows of a 512 x 1408 expert,
+#: ~90 rows of a 512 x 256 one).
+SMALL_BWD_WORK = 12_000_000
 
 
 def _segments(counts: list[int]):
@@ -66,28 +70,31 @@ class _Plan:
     """Which experts run in the small-M kernels and which one at a time, plus what forward keeps for backward."""
 
     segments: list[tuple[int, int, int]]  # (expert, first sorted row, end) of every active expert
-    small: list[bool]  # per segment: runs in the small-M kernels
-    start_E: torch.Tensor | None = None  # small experts' rows [start_E[e], end_E[e]) (empty for the others)
+    small: list[bool]  # per segment: forward in the small-M kernels
+    small_bwd: list[bool]  # per segment: backward in the small-M kernels too
+    start_E: torch.Tensor | None = None  # rows [start_E[e], end_E[e]) of the small experts (empty for the others)
     end_E: torch.Tensor | None = None
+    end_bwd_E: torch.Tensor | None = None  # the same for the small-backward experts
     h_small: torch.Tensor | None = None  # [S, W] pre-activations of the small experts' rows (training)
-    pre: dict[int, torch.Tensor] = field(default_factory=dict)  # segment -> pre-activation of a large expert
+    pre: dict[int, torch.Tensor] = field(default_factory=dict)  # segment -> pre-activation, library backward
 
     @classmethod
     def make(cls, counts, x_c, w_in, w_out, b_in, b_out, dtype) -> "_Plan":
         segments = list(_segments(counts))
         small = [t - s <= SMALL_M for _, s, t in segments]
         if not (any(small) and w_in.dtype == dtype and kcpu.small_gemm_usable(x_c, w_in, w_out, b_in, b_out)):
-            return cls(segments, [False] * len(segments))
+            return cls(segments, [False] * len(segments), [False] * len(segments))
+        expert_size = w_out.shape[1] * w_out.shape[2]  # D x F
+        small_bwd = [sm and (t - s) * expert_size <= SMALL_BWD_WORK for (_, s, t), sm in zip(segments, small)]
         E = w_in.shape[0]
         ids = torch.tensor([e for e, _, _ in segments], dtype=torch.int64)
-        start = torch.tensor([s for _, s, _ in segments], dtype=torch.int64)
-        end = torch.tensor([t if sm else s for (_, s, t), sm in zip(segments, small)], dtype=torch.int64)
-        return cls(segments, small, torch.zeros(E, dtype=torch.int64).index_copy_(0, ids, start),
-                   torch.zeros(E, dtype=torch.int64).index_copy_(0, ids, end))
 
-    @property
-    def all_small(self) -> bool:
-        return all(self.small)
+        def per_expert(values):
+            return torch.zeros(E, dtype=torch.int64).index_copy_(0, ids, torch.tensor(values, dtype=torch.int64))
+
+        return cls(segments, small, small_bwd, per_expert([s for _, s, _ in segments]),
+                   per_expert([t if sm else s for (_, s, t), sm in zip(segments, small)]),
+                   per_expert([t if sm else s for (_, s, t), sm in zip(segments, small_bwd)]))
 
 
 def fused_forward(x_TD, w_in, w_out, b_in, b_out, weights_TK, token_S, slot_S, counts, activation, dtype,
@@ -95,7 +102,7 @@ def fused_forward(x_TD, w_in, w_out, b_in, b_out, weights_TK, token_S, slot_S, c
     """The forward math; returns ``(y_TD fp32, plan)``, the plan holding the pre-activations if ``save``.
 
     Experts with at most ``SMALL_M`` rows run together in the small-M kernels (two calls for the whole layer; see
-    :func:`moekit.kernels.cpu.small_experts_up`). Each other expert: gather its rows, ``h = x @ W_in^T`` (gate and
+    :func:`moekit.kernels.cpu.small_experts_up`); their backward too if also under ``SMALL_BWD_WORK``. Each other expert: gather its rows, ``h = x @ W_in^T`` (gate and
     up in one GEMM), the activation on ``h`` while it is in cache, ``y = a @ W_out^T``, then ``out[token] += w * y``
     (one thread per row: the rows of one expert belong to distinct tokens)."""
     x_c = x_TD if x_TD.dtype == dtype else x_TD.to(dtype)
@@ -109,7 +116,9 @@ def fused_forward(x_TD, w_in, w_out, b_in, b_out, weights_TK, token_S, slot_S, c
         if not swiglu:
             a = activation(h)
         kcpu.small_experts_down(a, token_S, w_S, plan.start_E, plan.end_E, w_out, b_out, out_TD, check_index=False)
-        plan.h_small = h if save else None
+        if save:
+            plan.h_small = h
+            plan.pre = {i: h[s:t] for i, (_, s, t) in enumerate(plan.segments) if plan.small[i] and not plan.small_bwd[i]}
     for i, (e, s, t) in enumerate(plan.segments):
         if plan.small[i]:
             continue
@@ -170,10 +179,10 @@ class FusedExpertsFunction(torch.autograd.Function):
                 torch.zeros(w_in.shape[:2], dtype=ctx.bias_dtypes[0], device=dev) if need_bin else None,
                 torch.zeros(w_out.shape[:2], dtype=ctx.bias_dtypes[1], device=dev) if need_bout else None,
                 torch.empty(w_S.shape, dtype=torch.float32, device=dev) if need_w else None)
-            if any(plan.small):
+            if any(plan.small_bwd):
                 _small_backward(plan, act, g_TD, x_c, w_in, w_out, b_out, token_S, w_S, dtype, grads)
             for i, (e, s, t) in enumerate(plan.segments):
-                if not plan.small[i]:
+                if not plan.small_bwd[i]:
                     h, plan.pre[i] = plan.pre[i].to(dtype), None
                     _expert_backward(e, token_S[s:t], w_S[s:t], h, act, g_TD, x_c, w_in, w_out, b_out, dtype,
                                      grads, None if grads.w_S is None else grads.w_S[s:t])
@@ -214,14 +223,14 @@ def _small_backward(plan: _Plan, act, g_TD, x_c, w_in, w_out, b_out, token_S, w_
     """Backward of all small experts at once with the small-M kernels (same math as :func:`_expert_backward`)."""
     h = plan.h_small
     S, W = h.shape
-    start, end = plan.start_E, plan.end_E
+    start, end = plan.start_E, plan.end_bwd_E
     ga = torch.empty(S, w_out.shape[2], dtype=dtype)
     kcpu.small_experts_nn(g_TD, token_S, w_out, start, end, ga)  # ga = g @ W_out
-    small_segments = [(e, s, t) for (e, s, t), sm in zip(plan.segments, plan.small) if sm]
+    small_segments = [(e, s, t) for (e, s, t), sm in zip(plan.segments, plan.small_bwd) if sm]
     if act.name == "swiglu":
         dh = torch.empty(S, W, dtype=dtype)
         aw = torch.empty(S, W // 2, dtype=dtype) if grads.w_out is not None else None
-        rows = [(0, S)] if plan.all_small else [(s, t) for _, s, t in small_segments]
+        rows = [(0, S)] if all(plan.small_bwd) else [(s, t) for _, s, t in small_segments]
         for s, t in rows:
             kcpu.swiglu_backward(h[s:t], ga[s:t], w_S[s:t], out=(
                 dh[s:t], None if aw is None else aw[s:t], None if grads.w_S is None else grads.w_S[s:t]))

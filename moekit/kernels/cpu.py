@@ -175,6 +175,14 @@ def _threads() -> int:
     return torch.get_num_threads()
 
 
+def _require() -> ctypes.CDLL:
+    lib = library()
+    if lib is None:
+        raise RuntimeError(f"moekit CPU kernels are unavailable ({_WHY_NOT}); this op has no PyTorch fallback, check "
+                           "small_gemm_usable() first")
+    return lib
+
+
 def _use_c(*tensors: torch.Tensor | None) -> bool:
     """The C kernels take CPU float32/bfloat16 matrices with contiguous rows; anything else runs in PyTorch."""
     for t in tensors:
@@ -330,7 +338,7 @@ def small_experts_up(x: torch.Tensor, tok: torch.Tensor, start: torch.Tensor, en
         raise ValueError(f"SwiGLU needs an even input-projection width, got {W}")
     h = torch.empty(S, W, dtype=x.dtype) if (keep_h or not swiglu) else None
     a = torch.empty(S, W // 2, dtype=x.dtype) if swiglu else None
-    _call(library().moe_small_up, _ptr(x), ld_x, _ptr(tok), _ptr(start), _ptr(end), E, _ptr(w_in), _ptr(b_in), W,
+    _call(_require().moe_small_up, _ptr(x), ld_x, _ptr(tok), _ptr(start), _ptr(end), E, _ptr(w_in), _ptr(b_in), W,
           D, _dt(x, "x"), int(swiglu), _ptr(h), _ptr(a), _threads())
     return h, a
 
@@ -355,7 +363,7 @@ def small_experts_down(a: torch.Tensor, tok: torch.Tensor, w: torch.Tensor, star
     ld_out = _rows(out, "out", (out.shape[0], D))
     if check_index:
         _index(tok, "tok", S, out.shape[0])
-    _call(library().moe_small_down, _ptr(a), ld_a, _ptr(tok), _ptr(w), _ptr(start), _ptr(end), E, _ptr(w_out),
+    _call(_require().moe_small_down, _ptr(a), ld_a, _ptr(tok), _ptr(w), _ptr(start), _ptr(end), E, _ptr(w_out),
           _ptr(b_out), D, F, _dt(a, "a"), _ptr(out), ld_out, _threads())
 
 
@@ -381,7 +389,7 @@ def small_experts_decode(x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, w_
                              f"{tuple(ids.shape)} and {w.dtype} {tuple(w.shape)}")
     out = torch.zeros(T, D, dtype=torch.float32)
     counts = torch.empty(E, dtype=torch.int64)
-    _call(library().moe_small_decode, _ptr(x), x.stride(0), _ptr(ids), _ptr(w), T, K, E, _ptr(w_in), _ptr(b_in),
+    _call(_require().moe_small_decode, _ptr(x), x.stride(0), _ptr(ids), _ptr(w), T, K, E, _ptr(w_in), _ptr(b_in),
           _ptr(w_out), _ptr(b_out), D, F, _dt(x, "x"), _ptr(out), D, _ptr(counts), _threads())
     return out, counts
 
@@ -401,7 +409,7 @@ def small_experts_nn(a: torch.Tensor, a_idx: torch.Tensor | None, w: torch.Tenso
     if out_idx is not None and out.dtype != torch.float32:
         raise ValueError(f"accumulating into out needs float32, got {out.dtype}")
     ld_out = _rows(out, "out", (out.shape[0], N))
-    _call(library().moe_small_nn, _ptr(a), _dt(a, "a"), ld_a, _ptr(a_idx), _ptr(w), _dt(w, "w"), Kd, N, _ptr(start),
+    _call(_require().moe_small_nn, _ptr(a), _dt(a, "a"), ld_a, _ptr(a_idx), _ptr(w), _dt(w, "w"), Kd, N, _ptr(start),
           _ptr(end), E, _ptr(out), _dt(out, "out"), ld_out, _ptr(out_idx), _threads())
 
 
@@ -417,5 +425,5 @@ def small_experts_outer(a: torch.Tensor, a_idx: torch.Tensor | None, b: torch.Te
     _dt(grad, "grad")
     _vector(start, "start", E, torch.int64)
     _vector(end, "end", E, torch.int64)
-    _call(library().moe_small_outer, _ptr(a), _dt(a, "a"), ld_a, _ptr(a_idx), _ptr(b), _dt(b, "b"), ld_b, _ptr(b_idx),
+    _call(_require().moe_small_outer, _ptr(a), _dt(a, "a"), ld_a, _ptr(a_idx), _ptr(b), _dt(b, "b"), ld_b, _ptr(b_idx),
           N, Kd, _ptr(start), _ptr(end), E, _ptr(grad), _dt(grad, "grad"), _threads())
