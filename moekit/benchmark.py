@@ -103,21 +103,27 @@ def timeit_many(fns: dict, *, min_rounds: int = 5, max_rounds: int = 21, budget_
 
 
 def peak_alloc_mb(fn) -> float | None:
-    """Peak bytes held by PyTorch's CPU allocator during one call of ``fn`` (MiB), from the profiler's memory
-    events (each op's own allocations minus frees, in time order): the CPU analogue of
-    ``torch.cuda.max_memory_allocated``, independent of what malloc does with freed memory."""
+    """Peak bytes held by PyTorch's CPU allocator during one call of ``fn`` (MiB), above what it held before: the CPU
+    analogue of ``torch.cuda.max_memory_allocated``. Read from the profiler's allocation events, each of which
+    carries the allocator's running total, so peaks inside a single large operator (a fused autograd Function, a
+    grouped GEMM) are seen too; independent of what malloc does with freed memory."""
     try:
+        import tempfile
+
         from torch.profiler import ProfilerActivity, profile
 
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             fn()
-        live, peak = 0, 0
-        # self (exclusive) bytes: an op's inclusive figure repeats its children's allocations
-        for e in sorted((ev for ev in prof.events() if ev.self_cpu_memory_usage),
-                        key=lambda ev: ev.time_range.start):
-            live += e.self_cpu_memory_usage
-            peak = max(peak, live)
-        return peak / 2**20
+        with tempfile.TemporaryDirectory() as tmp:
+            trace = Path(tmp) / "trace.json"
+            prof.export_chrome_trace(str(trace))
+            events = json.loads(trace.read_text())["traceEvents"]
+        mem = sorted((e for e in events if e.get("name") == "[memory]" and e.get("args", {}).get("Device Type") == 0),
+                     key=lambda e: e["ts"])
+        if not mem:
+            return 0.0
+        base = mem[0]["args"]["Total Allocated"] - mem[0]["args"]["Bytes"]
+        return max(0, max(e["args"]["Total Allocated"] for e in mem) - base) / 2**20
     except Exception:  # noqa: BLE001
         return None
 
@@ -242,12 +248,14 @@ def make_step(module, x, mode: str):
                 module(x)
     else:
         def step():
-            for p in module.parameters():
-                p.grad = None
             xi = x.detach().requires_grad_(True)
             out = module(xi)
             out = out[0] if isinstance(out, tuple) else out
             out.backward(torch.ones_like(out))
+            # freed at the end (as zero_grad(set_to_none=True) before the next step would), so every step, and the
+            # peak-memory measurement, starts with no gradients held
+            for p in module.parameters():
+                p.grad = None
     return step
 
 

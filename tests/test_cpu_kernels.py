@@ -368,3 +368,19 @@ def test_linear_autograd_matches_pytorch(bias):
     want = torch.autograd.grad(F.linear(x, w, b), [x, w] + ([b] if bias else []), g)
     for a, c in zip(got, want):
         assert max_err(a, c) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_layer_runs_on_the_kernels_not_the_fallbacks(kernels, monkeypatch, dtype):
+    """Small experts take the small-M kernels forward and backward, and the SwiGLU backward takes its kernel (a
+    silent fallback to PyTorch ops would still be correct, only slow, so only this test would notice)."""
+    called = []
+    real = K._call
+    monkeypatch.setattr(K, "_call", lambda fn, *args: called.append(fn.__name__) or real(fn, *args))
+    layer = _layer(dtype)
+    run_fwd_bwd(layer, torch.randn(12, 48).to(dtype))
+    assert {"moe_small_up", "moe_small_down", "moe_small_nn", "moe_small_outer", "moe_swiglu_bwd"} <= set(called)
+    called.clear()
+    with torch.no_grad():
+        layer(torch.randn(2, 48).to(dtype))
+    assert called == ["moe_small_decode"]

@@ -47,6 +47,9 @@ SMALL_M = 96
 #: fixed cost of ~10 calls, which small experts cannot amortise: measured crossover ~16 rows of a 512 x 1408 expert,
 #: ~90 rows of a 512 x 256 one).
 SMALL_BWD_WORK = 12_000_000
+#: Consecutive small experts run together in chunks of at most this many rows, which bounds the small-M kernels'
+#: buffers (pre-activations, and in backward their gradients) to a few MiB whatever the batch size.
+CHUNK_ROWS = 2048
 
 
 def _segments(counts: list[int]):
@@ -66,16 +69,27 @@ def _activate(act: Activation, h: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass
+class _Chunk:
+    """A run of consecutive small experts (in sorted order) handled by one call of each small-M kernel; its
+    buffers cover only its own rows, so temporaries stay bounded whatever the batch size."""
+
+    r0: int  # first sorted row
+    r1: int  # one past the last
+    segs: list[int]  # indices into _Plan.segments
+    start_E: torch.Tensor  # [E] rows of each expert relative to r0 (empty for experts outside the chunk)
+    end_E: torch.Tensor
+    end_bwd_E: torch.Tensor  # end_E for the experts whose backward also runs in the small-M kernels
+    h: torch.Tensor | None = None  # [r1 - r0, W] pre-activations, kept for backward
+
+
+@dataclass
 class _Plan:
     """Which experts run in the small-M kernels and which one at a time, plus what forward keeps for backward."""
 
     segments: list[tuple[int, int, int]]  # (expert, first sorted row, end) of every active expert
     small: list[bool]  # per segment: forward in the small-M kernels
     small_bwd: list[bool]  # per segment: backward in the small-M kernels too
-    start_E: torch.Tensor | None = None  # rows [start_E[e], end_E[e]) of the small experts (empty for the others)
-    end_E: torch.Tensor | None = None
-    end_bwd_E: torch.Tensor | None = None  # the same for the small-backward experts
-    h_small: torch.Tensor | None = None  # [S, W] pre-activations of the small experts' rows (training)
+    chunks: list[_Chunk] = field(default_factory=list)
     pre: dict[int, torch.Tensor] = field(default_factory=dict)  # segment -> pre-activation, library backward
 
     @classmethod
@@ -86,39 +100,54 @@ class _Plan:
             return cls(segments, [False] * len(segments), [False] * len(segments))
         expert_size = w_out.shape[1] * w_out.shape[2]  # D x F
         small_bwd = [sm and (t - s) * expert_size <= SMALL_BWD_WORK for (_, s, t), sm in zip(segments, small)]
-        E = w_in.shape[0]
-        ids = torch.tensor([e for e, _, _ in segments], dtype=torch.int64)
+        plan = cls(segments, small, small_bwd)
+        run: list[int] = []
+        for i, (_, s, t) in enumerate(segments + [(0, 0, 0)]):  # sentinel closes the last run
+            if run and (i == len(segments) or not small[i] or t - segments[run[0]][1] > CHUNK_ROWS):
+                plan.chunks.append(plan._chunk(run, w_in.shape[0]))
+                run = []
+            if i < len(segments) and small[i]:
+                run.append(i)
+        return plan
+
+    def _chunk(self, segs: list[int], E: int) -> _Chunk:
+        r0, r1 = self.segments[segs[0]][1], self.segments[segs[-1]][2]
+        ids = torch.tensor([self.segments[i][0] for i in segs], dtype=torch.int64)
 
         def per_expert(values):
             return torch.zeros(E, dtype=torch.int64).index_copy_(0, ids, torch.tensor(values, dtype=torch.int64))
 
-        return cls(segments, small, small_bwd, per_expert([s for _, s, _ in segments]),
-                   per_expert([t if sm else s for (_, s, t), sm in zip(segments, small)]),
-                   per_expert([t if sm else s for (_, s, t), sm in zip(segments, small_bwd)]))
+        rel = [(self.segments[i][1] - r0, self.segments[i][2] - r0) for i in segs]
+        return _Chunk(r0, r1, segs, per_expert([s for s, _ in rel]), per_expert([t for _, t in rel]),
+                      per_expert([t if self.small_bwd[i] else s for i, (s, t) in zip(segs, rel)]))
 
 
 def fused_forward(x_TD, w_in, w_out, b_in, b_out, weights_TK, token_S, slot_S, counts, activation, dtype,
                   save: bool = False) -> tuple[torch.Tensor, _Plan]:
     """The forward math; returns ``(y_TD fp32, plan)``, the plan holding the pre-activations if ``save``.
 
-    Experts with at most ``SMALL_M`` rows run together in the small-M kernels (two calls for the whole layer; see
-    :func:`moekit.kernels.cpu.small_experts_up`); their backward too if also under ``SMALL_BWD_WORK``. Each other expert: gather its rows, ``h = x @ W_in^T`` (gate and
-    up in one GEMM), the activation on ``h`` while it is in cache, ``y = a @ W_out^T``, then ``out[token] += w * y``
-    (one thread per row: the rows of one expert belong to distinct tokens)."""
+    Experts with at most ``SMALL_M`` rows run in the small-M kernels, consecutive ones together (one call of each
+    kernel per chunk of up to ``CHUNK_ROWS`` rows; see :func:`moekit.kernels.cpu.small_experts_up`); their backward
+    too if also under ``SMALL_BWD_WORK``. Each other expert: gather its rows, ``h = x @ W_in^T`` (gate and up in one
+    GEMM), the activation on ``h`` while it is in cache, ``y = a @ W_out^T``, then ``out[token] += w * y`` (one
+    thread per row: the rows of one expert belong to distinct tokens)."""
     x_c = x_TD if x_TD.dtype == dtype else x_TD.to(dtype)
     w_S = weights_TK.reshape(-1).index_select(0, slot_S).float()
     out_TD = torch.zeros(x_TD.shape, dtype=torch.float32, device=x_TD.device)
     plan = _Plan.make(counts, x_c, w_in, w_out, b_in, b_out, dtype)
-    if any(plan.small):
-        swiglu = activation.name == "swiglu"
-        h, a = kcpu.small_experts_up(x_c, token_S, plan.start_E, plan.end_E, w_in, b_in, swiglu, save,
-                                     check_index=False)
+    swiglu = activation.name == "swiglu"
+    for c in plan.chunks:
+        tok = token_S[c.r0:c.r1]
+        h, a = kcpu.small_experts_up(x_c, tok, c.start_E, c.end_E, w_in, b_in, swiglu, save, check_index=False)
         if not swiglu:
             a = activation(h)
-        kcpu.small_experts_down(a, token_S, w_S, plan.start_E, plan.end_E, w_out, b_out, out_TD, check_index=False)
+        kcpu.small_experts_down(a, tok, w_S[c.r0:c.r1], c.start_E, c.end_E, w_out, b_out, out_TD,
+                                check_index=False)
         if save:
-            plan.h_small = h
-            plan.pre = {i: h[s:t] for i, (_, s, t) in enumerate(plan.segments) if plan.small[i] and not plan.small_bwd[i]}
+            c.h = h
+            for i in c.segs:
+                if not plan.small_bwd[i]:
+                    plan.pre[i] = h[plan.segments[i][1] - c.r0:plan.segments[i][2] - c.r0]
     for i, (e, s, t) in enumerate(plan.segments):
         if plan.small[i]:
             continue
@@ -220,45 +249,55 @@ def _expert_backward(e, tok, w_m, h, act, g_TD, x_c, w_in, w_out, b_out, dtype, 
 
 
 def _small_backward(plan: _Plan, act, g_TD, x_c, w_in, w_out, b_out, token_S, w_S, dtype, grads: _Grads):
-    """Backward of all small experts at once with the small-M kernels (same math as :func:`_expert_backward`)."""
-    h = plan.h_small
-    S, W = h.shape
-    start, end = plan.start_E, plan.end_bwd_E
-    ga = torch.empty(S, w_out.shape[2], dtype=dtype)
-    kcpu.small_experts_nn(g_TD, token_S, w_out, start, end, ga)  # ga = g @ W_out
-    small_segments = [(e, s, t) for (e, s, t), sm in zip(plan.segments, plan.small_bwd) if sm]
-    if act.name == "swiglu":
-        dh = torch.empty(S, W, dtype=dtype)
-        aw = torch.empty(S, W // 2, dtype=dtype) if grads.w_out is not None else None
-        rows = [(0, S)] if all(plan.small_bwd) else [(s, t) for _, s, t in small_segments]
-        for s, t in rows:
-            kcpu.swiglu_backward(h[s:t], ga[s:t], w_S[s:t], out=(
-                dh[s:t], None if aw is None else aw[s:t], None if grads.w_S is None else grads.w_S[s:t]))
-    else:
-        dh = torch.empty(S, W, dtype=dtype)
-        aw = torch.empty(S, h.shape[1] // 2 if act.gated else W, dtype=dtype) if grads.w_out is not None else None
-        for _, s, t in small_segments:
-            dh_m, aw_m, dw_m = _activation_backward(act, h[s:t], ga[s:t], w_S[s:t], grads.w_S is not None,
-                                                    aw is not None)
-            dh[s:t] = dh_m
-            if aw is not None:
-                aw[s:t] = aw_m
-            if grads.w_S is not None:
-                grads.w_S[s:t] = dw_m
-    del ga
-    for e, s, t in small_segments:  # bias terms (GPT-OSS-style experts only)
-        if grads.w_S is not None and b_out is not None:
-            grads.w_S[s:t] += g_TD.index_select(0, token_S[s:t]) @ b_out[e].float()
-        if grads.b_out is not None:
-            grads.b_out[e] = w_S[s:t] @ g_TD.index_select(0, token_S[s:t])
-        if grads.b_in is not None:
-            grads.b_in[e] = dh[s:t].sum(0, dtype=torch.float32)
-    if grads.w_out is not None:
-        kcpu.small_experts_outer(g_TD, token_S, aw, None, start, end, grads.w_out)  # dW_out = g^T @ (w a)
-    if grads.w_in is not None:
-        kcpu.small_experts_outer(dh, None, x_c, token_S, start, end, grads.w_in)  # dW_in = dH^T @ x
-    if grads.x is not None:
-        kcpu.small_experts_nn(dh, None, w_in, start, end, grads.x, token_S)  # dx += dH @ W_in
+    """Backward of the small-backward experts with the small-M kernels, chunk by chunk (same math as
+    :func:`_expert_backward`)."""
+    for c in plan.chunks:
+        segs = [i for i in c.segs if plan.small_bwd[i]]
+        if not segs:
+            continue
+        h, c.h = c.h, None
+        n, W = h.shape  # rows of experts with a library backward stay untouched: plan.pre holds views of them
+        tok, w_c = token_S[c.r0:c.r1], w_S[c.r0:c.r1]
+        dw_c = None if grads.w_S is None else grads.w_S[c.r0:c.r1]
+        rows = [(plan.segments[i][1] - c.r0, plan.segments[i][2] - c.r0) for i in segs]
+        if len(segs) == len(c.segs):
+            rows = [(0, n)]  # the whole chunk: one call
+        ga = torch.empty(n, w_out.shape[2], dtype=dtype)
+        kcpu.small_experts_nn(g_TD, tok, w_out, c.start_E, c.end_bwd_E, ga)  # ga = g @ W_out
+        dh = h  # dH overwrites H row by row (each element is read before it is written), saving n x W
+        aw = None
+        if act.name == "swiglu":
+            aw = torch.empty(n, W // 2, dtype=dtype) if grads.w_out is not None else None
+            for s, t in rows:
+                kcpu.swiglu_backward(h[s:t], ga[s:t], w_c[s:t], out=(
+                    dh[s:t], None if aw is None else aw[s:t], None if dw_c is None else dw_c[s:t]))
+        else:
+            if grads.w_out is not None:
+                aw = torch.empty(n, W // 2 if act.gated else W, dtype=dtype)
+            for s, t in rows:
+                dh_m, aw_m, dw_m = _activation_backward(act, h[s:t], ga[s:t], w_c[s:t], dw_c is not None,
+                                                        aw is not None)
+                dh[s:t] = dh_m
+                if aw is not None:
+                    aw[s:t] = aw_m
+                if dw_c is not None:
+                    dw_c[s:t] = dw_m
+        del ga, h
+        for i in segs:  # bias terms (GPT-OSS-style experts only)
+            e, s, t = plan.segments[i]
+            if dw_c is not None and b_out is not None:
+                grads.w_S[s:t] += g_TD.index_select(0, token_S[s:t]) @ b_out[e].float()
+            if grads.b_out is not None:
+                grads.b_out[e] = w_S[s:t] @ g_TD.index_select(0, token_S[s:t])
+            if grads.b_in is not None:
+                grads.b_in[e] = dh[s - c.r0:t - c.r0].sum(0, dtype=torch.float32)
+        if grads.w_out is not None:
+            kcpu.small_experts_outer(g_TD, tok, aw, None, c.start_E, c.end_bwd_E, grads.w_out)  # g^T @ (w a)
+        del aw
+        if grads.w_in is not None:
+            kcpu.small_experts_outer(dh, None, x_c, tok, c.start_E, c.end_bwd_E, grads.w_in)  # dH^T @ x
+        if grads.x is not None:
+            kcpu.small_experts_nn(dh, None, w_in, c.start_E, c.end_bwd_E, grads.x, tok)  # dx += dH @ W_in
 
 
 def _activation_backward(act: Activation, h: torch.Tensor, ga: torch.Tensor, w_m: torch.Tensor, need_dw: bool,

@@ -267,7 +267,7 @@ def swiglu_backward(h: torch.Tensor, ga: torch.Tensor, w: torch.Tensor, need_dw:
     if ga.dtype != h.dtype or tuple(ga.shape) != (m, F):
         raise ValueError(f"ga must be {h.dtype} of shape {(m, F)}, got {ga.dtype} {tuple(ga.shape)}")
     _vector(w, "w", m, torch.float32)
-    if not _use_c(h, ga, *(out or ())):
+    if not _use_c(h, ga, *(out[:2] if out else ())):  # (dh, aw) matrices; dw is a vector
         gate, up = h.chunk(2, dim=-1)
         sig = torch.sigmoid(gate)
         silu = gate * sig
