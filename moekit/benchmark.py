@@ -71,19 +71,27 @@ _FLUSH: torch.Tensor | None = None
 
 
 def flush_caches() -> None:
-    """Evict the CPU caches (read and write a buffer larger than the last-level cache), so every timed run starts
-    with its weights in DRAM, as in a real model whose layers together exceed the cache."""
+    """Evict the CPU caches (read a buffer much larger than the last-level cache), so every timed run starts with
+    its weights in DRAM, as in a real model whose layers together exceed the cache. A read leaves the caches full of
+    clean lines; a write would leave dirty ones, whose write-back would then halve the bandwidth the timed run sees,
+    which no real decode step suffers."""
     global _FLUSH
     if _FLUSH is None:
-        _FLUSH = torch.zeros(384 * 2**20, dtype=torch.uint8)
-    _FLUSH.add_(1)
+        _FLUSH = torch.ones(96 * 2**20, dtype=torch.float32)  # 384 MiB
+    _FLUSH.sum()
 
 
 def timeit_many(fns: dict, *, min_rounds: int = 5, max_rounds: int = 21, budget_s: float = 6.0,
-                cold: bool = False) -> dict:
+                cold: dict | None = None) -> dict:
     """Median wall time (ms) of each function, measured round-robin (one timed run of each per round) so that drifts
-    of a shared machine hit every candidate alike. Warm (default): each timed run directly follows an untimed run of
-    the same function. Cold: the caches are flushed (untimed) before every timed run. Returns ``{name: (ms, runs)}``."""
+    of a shared machine hit every candidate alike. Each timed run directly follows an untimed run of the same
+    function (warm: its weights, code and buffers are in cache). With ``cold`` (name -> the tensors it reads, e.g.
+    its parameters), those tensors are then evicted from every cache level before the timed run: the weights come
+    from memory while everything else stays warm, as for one layer of a model whose layers together exceed the
+    caches (where eviction by address is not possible, all caches are flushed instead). Returns
+    ``{name: (ms, runs)}``."""
+    from moekit.kernels import cpu as kcpu
+
     for fn in fns.values():
         fn()
     times: dict = {name: [] for name in fns}
@@ -91,10 +99,9 @@ def timeit_many(fns: dict, *, min_rounds: int = 5, max_rounds: int = 21, budget_
     rounds = 0
     while rounds < max_rounds and (rounds < min_rounds or time.perf_counter() - start < budget_s):
         for name, fn in fns.items():
-            if cold:
+            fn()  # untimed
+            if cold is not None and not kcpu.flush_from_cache(cold.get(name, ())):
                 flush_caches()
-            else:
-                fn()  # untimed: its own weights are in cache for the timed run, whatever ran before
             t0 = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t0)
@@ -298,9 +305,12 @@ def bench(shapes, tokens, dtypes, modes, impls, tune_allocator: bool = True) -> 
             steps["gemm_floor"] = lambda: floor.step(backward=mode == "fwd+bwd")
             drop_failing(steps, lambda name, e: rows.append(
                 Row(shape_name, _dt(dtype), T, mode, name, None, 0, note=f"error: {e!s:.120}")))
+            cold = None
+            if mode == "fwd-cold":  # what each candidate reads from memory in a deep model: its weights
+                cold = {name: list(m.parameters()) for name, m in candidates.items()}
+                cold["gemm_floor"] = [floor.w1, floor.w2]
             timed = timeit_many(steps, budget_s=3.0 if T <= 128 else 8.0, min_rounds=11 if T <= 128 else
-                                5 if T <= 1024 else 3,
-                                cold=mode == "fwd-cold")
+                                5 if T <= 1024 else 3, cold=cold)
             for name, (ms, runs) in timed.items():
                 mem = None
                 if mode == "fwd+bwd" and name in ("moekit", "hf_grouped_mm"):
@@ -493,7 +503,8 @@ def main(argv=None) -> None:
     ap.add_argument("--dtypes", nargs="*", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
     ap.add_argument("--modes", nargs="*", default=["fwd", "fwd+bwd", "fwd-cold"],
                     choices=["fwd", "fwd+bwd", "fwd-cold"],
-                    help="fwd-cold: forward with caches flushed before each run (decode sizes, T <= 16, only)")
+                    help="fwd-cold: forward with the weights evicted from the caches before each run (decode "
+                         "sizes, T <= 16, only)")
     ap.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/layer_cpu.json)")
     ap.add_argument("--no-readme", action="store_true", help="do not rewrite the README table")
     ap.add_argument("--no-tune-allocator", action="store_true",

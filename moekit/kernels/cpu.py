@@ -123,6 +123,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         "moe_small_nn": [P, I, I64, P, P, I, I64, I64, P, P, I64, P, I, I64, P, I],
         "moe_small_outer": [P, I, I64, P, P, I, I64, P, I64, I64, P, P, I64, P, I, I],
         "moe_zero": [P, I64, I],
+        "moe_flush_cache": [P, I64],
     }
     for name, args in sigs.items():
         fn = getattr(lib, name)
@@ -196,6 +197,20 @@ def _use_c(*tensors: torch.Tensor | None) -> bool:
 # --------------------------------------------------------------------------------------------- wrappers
 # Each op runs the C kernel where it can and the equivalent PyTorch ops otherwise (same values up to rounding).
 # ``check_index=False`` skips the bounds check of index vectors that moekit's own dispatcher produced.
+
+def flush_from_cache(tensors) -> bool:
+    """Evict these CPU tensors' memory from every cache level (x86 ``clflush``); False where that cannot be done
+    here (no library, or not x86)."""
+    lib = library()
+    if lib is None:
+        return False
+    for t in tensors:
+        if t.device.type != "cpu" or not t.numel():
+            continue
+        if lib.moe_flush_cache(t.data_ptr(), t.numel() * t.element_size()) != 0:
+            return False
+    return True
+
 
 def zero_(t: torch.Tensor) -> torch.Tensor:
     """``t.zero_()``, with all threads and streaming stores for a large contiguous CPU tensor."""

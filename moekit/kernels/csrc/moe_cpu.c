@@ -210,6 +210,9 @@ int moe_swiglu_bwd(const void *h, int64_t ld_h, const void *ga, int64_t ld_ga, c
 
 #define TR 4 /* token rows per tile */
 #define TN 4 /* weight rows per tile */
+#ifndef PF_TILES
+#define PF_TILES 2 /* prefetch distance, in tiles, while streaming weights from memory */
+#endif
 
 #if defined(__AVX512F__)
 /* [sum(a), sum(b), sum(c), sum(d)]: four horizontal sums in 12 instructions instead of four reduction chains. */
@@ -323,13 +326,18 @@ int moe_small_up(const void *x, int64_t ld_x, const int64_t *tok, const int64_t 
     const int64_t nj = (F + JB - 1) / JB;
     const int step = act == 1 ? TN / 2 : TN; /* activation columns per tile: SwiGLU pairs gate j with up F + j */
     const size_t rowb = (size_t)D * esize(dt);
-    int64_t rows = 0;
-    for (int64_t e = 0; e < E; e++) rows += end[e] - start[e];
+    int64_t rows = 0, na = 0;
+    int64_t *active = malloc((size_t)(E ? E : 1) * sizeof(int64_t)); /* items over experts with rows only, so the */
+    if (!active) return -5;                                           /* threads share the work evenly */
+    for (int64_t e = 0; e < E; e++)
+        if (end[e] > start[e]) {
+            rows += end[e] - start[e];
+            active[na++] = e;
+        }
 #pragma omp parallel for schedule(static) num_threads(threads_for(rows * W * D / 16, nthreads))
-    for (int64_t item = 0; item < E * nj; item++) {
-        const int64_t e = item / nj, j0 = (item % nj) * JB, jw = min64(JB, F - j0);
+    for (int64_t item = 0; item < na * nj; item++) {
+        const int64_t e = active[item / nj], j0 = (item % nj) * JB, jw = min64(JB, F - j0);
         const int64_t s0 = start[e], s1 = end[e];
-        if (s1 <= s0) continue;
         const char *we = (const char *)w_in + (size_t)e * (size_t)W * rowb;
         for (int64_t s = s0; s < s1; s += TR) {
             const void *a[TR];
@@ -345,7 +353,7 @@ int moe_small_up(const void *x, int64_t ld_x, const int64_t *tok, const int64_t 
                     int64_t row = j0 + jj + qq + (act == 1 && q >= step ? F : 0);
                     b[q] = we + (size_t)row * rowb;
                     /* the first row block streams the weights from memory: prefetch the next tile's rows */
-                    pf[q] = jj + step < jw ? (const char *)b[q] + (size_t)step * rowb : b[q];
+                    pf[q] = (const char *)b[q] + (size_t)(PF_TILES * step) * rowb; /* a hint: may run past the end */
                 }
                 float c[TR * TN];
                 nt_tile(a, R, b, s == s0 ? pf : NULL, D, dt, c);
@@ -387,6 +395,7 @@ int moe_small_up(const void *x, int64_t ld_x, const int64_t *tok, const int64_t 
             }
         }
     }
+    free(active);
     return 0;
 }
 
@@ -415,7 +424,7 @@ int moe_small_down(const void *a, int64_t ld_a, const int64_t *tok, const float 
                 for (int q = 0; q < NB; q++) b[q] = we + (size_t)(d + q) * (size_t)F * esize(dt);
                 for (int q = NB; q < TN; q++) b[q] = b[0];
                 const void *pf[TN];
-                for (int q = 0; q < TN; q++) pf[q] = d + TN < d1 ? (const char *)b[q] + (size_t)TN * F * esize(dt) : b[q];
+                for (int q = 0; q < TN; q++) pf[q] = (const char *)b[q] + (size_t)(PF_TILES * TN) * F * esize(dt);
                 for (int64_t s = s0; s < s1; s += TR) {
                     const void *ar[TR];
                     int R = s1 - s < TR ? (int)(s1 - s) : TR;
@@ -708,16 +717,20 @@ int moe_small_outer(const void *A, int adt, int64_t lda, const int64_t *a_idx, c
                     const int64_t *b_idx, int64_t N, int64_t Kd, const int64_t *start, const int64_t *end, int64_t E,
                     void *G, int gdt, int nthreads) {
     const int64_t nb = (N + TN - 1) / TN;
-    int64_t work = 0;
+    int64_t work = 0, na = 0;
+    int64_t *active = malloc((size_t)(E ? E : 1) * sizeof(int64_t)); /* items over experts with rows only */
+    if (!active) return -5;
     for (int64_t e = 0; e < E; e++)
-        if (end[e] > start[e]) work += N * Kd;
+        if (end[e] > start[e]) {
+            work += N * Kd;
+            active[na++] = e;
+        }
 #pragma omp parallel num_threads(threads_for(work / 4, nthreads))
     {
 #pragma omp for schedule(static)
-    for (int64_t item = 0; item < E * nb; item++) {
-        const int64_t e = item / nb, n0 = (item % nb) * TN, nn = min64(TN, N - n0);
+    for (int64_t item = 0; item < na * nb; item++) {
+        const int64_t e = active[item / nb], n0 = (item % nb) * TN, nn = min64(TN, N - n0);
         const int64_t s0 = start[e], s1 = end[e];
-        if (s1 <= s0) continue;
         char *ge = (char *)G + (size_t)e * (size_t)N * (size_t)Kd * esize(gdt);
         for (int64_t k0 = 0; k0 < Kd; k0 += 16 * NC) {
 #if defined(__AVX512F__)
@@ -766,6 +779,7 @@ int moe_small_outer(const void *A, int adt, int64_t lda, const int64_t *a_idx, c
     _mm_sfence(); /* order this thread's non-temporal stores before the barrier */
 #endif
     }
+    free(active);
     return 0;
 }
 
@@ -775,4 +789,18 @@ int moe_zero(void *p, int64_t n, int nthreads) {
 #pragma omp parallel for schedule(static) num_threads(threads_for(n / 4, nthreads))
     for (int64_t i = 0; i < n; i += chunk) memset((char *)p + i, 0, (size_t)min64(chunk, n - i));
     return 0;
+}
+
+/* Write back and evict the n bytes at p from every cache level (benchmarks use it to time a layer whose weights are
+ * in memory while the rest of the process stays warm, as in a model whose layers together exceed the caches). */
+int moe_flush_cache(const void *p, int64_t n) {
+#if defined(__x86_64__)
+    for (int64_t i = 0; i < n; i += 64) __builtin_ia32_clflush((const char *)p + i);
+    __builtin_ia32_mfence();
+    return 0;
+#else
+    (void)p;
+    (void)n;
+    return -1;
+#endif
 }
