@@ -30,6 +30,7 @@ from rich.console import Console
 from rich.progress import Progress
 
 import moekit
+from moekit.interop.patch import share_hf
 from moekit.kernels import cpu_gemm
 from moekit.experts.fused_function import fused_compute_dtype
 from moekit.utils import tune_cpu_allocator
@@ -83,8 +84,8 @@ def flush_caches() -> None:
 
 def timeit_many(fns: dict, *, min_rounds: int = 5, max_rounds: int = 21, budget_s: float = 6.0,
                 cold: dict | None = None) -> dict:
-    """Median wall time (ms) of each function, measured round-robin (one timed run of each per round) so that drifts
-    of a shared machine hit every candidate alike. Each timed run directly follows an untimed run of the same
+    """Median wall time (ms) of each function, measured round-robin (one timed run of each per round, the order
+    rotated every round) so that drifts of a shared machine hit every candidate alike. Each timed run directly follows an untimed run of the same
     function (warm: its weights, code and buffers are in cache). With ``cold`` (name -> the tensors it reads, e.g.
     its parameters), those tensors are then evicted from every cache level before the timed run: the weights come
     from memory while everything else stays warm, as for one layer of a model whose layers together exceed the
@@ -95,10 +96,14 @@ def timeit_many(fns: dict, *, min_rounds: int = 5, max_rounds: int = 21, budget_
     for fn in fns.values():
         fn()
     times: dict = {name: [] for name in fns}
+    names = list(fns)
     start = time.perf_counter()
     rounds = 0
     while rounds < max_rounds and (rounds < min_rounds or time.perf_counter() - start < budget_s):
-        for name, fn in fns.items():
+        # rotate the order every round: what ran just before (a memory-heavy peer, a GEMM that lowered the clock)
+        # then affects every candidate alike
+        for name in names[rounds % len(names):] + names[:rounds % len(names)]:
+            fn = fns[name]
             fn()  # untimed
             if cold is not None and not kcpu.flush_from_cache(cold.get(name, ())):
                 flush_caches()
@@ -292,7 +297,8 @@ def bench(shapes, tokens, dtypes, modes, impls, tune_allocator: bool = True) -> 
             shape = SHAPES[shape_name]
             progress.update(task, description=f"{shape_name} {dtype} T={T} {mode}")
             block = hf_block(shape, dtype) if meta["transformers"] else None
-            layer = moekit.from_hf(block).to(dtype) if block is not None else \
+            # the layer shares the block's weight tensors: one copy in memory, as in a real model
+            layer = share_hf(block) if block is not None else \
                 moekit.MoE(**{k: v for k, v in shape.items() if k != "family"}).to(dtype)
             dense = DenseFFN(shape["d_model"], shape["top_k"] * shape["d_ff"]).to(dtype)
             x = torch.randn(1, T, shape["d_model"]).to(dtype)

@@ -132,7 +132,10 @@ class MoE(nn.Module):
             if self.config.on_expert_failure == "skip":
                 y_TD = self._experts_skipping_failures(x_TD, plan)
             else:
-                y_TD = self.experts(x_TD, plan)
+                if isinstance(self.experts, Experts):  # without shared experts to add in fp32: the input's dtype
+                    y_TD = self.experts(x_TD, plan, x.dtype if self.shared_experts is None else torch.float32)
+                else:
+                    y_TD = self.experts(x_TD, plan)
             counts_E, dropped = plan.counts_E, plan.num_dropped
         if self.shared_experts is not None:
             shared_TD = self.shared_experts(x_TD).float()

@@ -225,9 +225,14 @@ def _sorted_backend(experts: "Experts", x_TD: torch.Tensor, plan: "DispatchPlan"
     return plan.combine(y_SD)
 
 
-def auto_backend(experts: "Experts", x_TD: torch.Tensor, plan: "DispatchPlan") -> torch.Tensor:
+def auto_backend(experts: "Experts", x_TD: torch.Tensor, plan: "DispatchPlan",
+                 out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     if x_TD.device.type == "cpu" and not torch.compiler.is_compiling():
-        return fused_backend(experts, x_TD, plan)  # host-side counts are free on CPU
+        return fused_backend(experts, x_TD, plan, out_dtype)  # host-side counts are free on CPU
+    return _auto_device(experts, x_TD, plan).to(out_dtype)
+
+
+def _auto_device(experts: "Experts", x_TD: torch.Tensor, plan: "DispatchPlan") -> torch.Tensor:
     dtype = compute_dtype(x_TD, experts.w_in)
     if x_TD.device.type == "cuda" and triton_usable(x_TD.device, dtype) is None:
         return triton_backend(experts, x_TD, plan)

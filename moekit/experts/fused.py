@@ -85,9 +85,13 @@ class Experts(nn.Module):
             if b is not None:
                 nn.init.zeros_(b)
 
-    def forward(self, x_TD: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
-        """fp32 ``y_TD = sum_k w_TK * expert_{id_TK}(x_TD)`` for the slots in ``plan``."""
-        return BACKENDS[self._backend](self, x_TD, plan)
+    def forward(self, x_TD: torch.Tensor, plan: DispatchPlan, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """``y_TD = sum_k w_TK * expert_{id_TK}(x_TD)`` for the slots in ``plan``, summed in fp32 and returned in
+        ``out_dtype`` (the CPU backends round once at the end, and then keep the gradient in that dtype too)."""
+        backend = BACKENDS[self._backend]
+        if backend in (BACKENDS["fused"], BACKENDS["auto"]):
+            return backend(self, x_TD, plan, out_dtype)
+        return backend(self, x_TD, plan).to(out_dtype)
 
     def expert_forward(self, e: int, x_ND: torch.Tensor) -> torch.Tensor:
         """Expert ``e`` on rows ``x_ND`` (autograd-friendly; used by the failure-tolerant path)."""

@@ -26,7 +26,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
@@ -40,16 +40,20 @@ if TYPE_CHECKING:
 
 #: bf16 layers whose active experts get at least this many rows on average compute in fp32 on slow-bf16 CPUs.
 BF16_UPCAST_MIN_ROWS = 64
-#: Experts with at most this many rows run their forward in the small-M kernels rather than one library GEMM each
-#: (measured crossover on an AVX-512 CPU, Mixtral-like and fine-grained experts alike: ~96-128 rows).
+#: Experts with at most this many rows, or rows x d_model x d_ff at most SMALL_FWD_WORK, run their forward in the
+#: small-M kernels rather than one library GEMM each (measured crossover on an AVX-512 CPU: ~96-128 rows of a
+#: 512 x 1408 expert, ~190 rows of a 512 x 256 one, whose library GEMMs are too small to amortise their calls).
 SMALL_M = 96
+SMALL_FWD_WORK = 24_000_000
 #: ...and their backward too while rows x d_model x d_ff stays below this (the per-expert library backward has a
 #: fixed cost of ~10 calls, which small experts cannot amortise: measured crossover ~16 rows of a 512 x 1408 expert,
 #: ~90 rows of a 512 x 256 one).
 SMALL_BWD_WORK = 12_000_000
-#: Consecutive small experts run together in chunks of at most this many rows, which bounds the small-M kernels'
-#: buffers (pre-activations, and in backward their gradients) to a few MiB whatever the batch size.
+#: Consecutive small experts run together in chunks of at most CHUNK_ROWS rows and CHUNK_BYTES per [rows, d_ff]
+#: buffer, which bounds the small-M kernels' temporaries (activations; in backward, their gradients) to about a MiB
+#: whatever the batch size.
 CHUNK_ROWS = 2048
+CHUNK_BYTES = 1 << 20
 
 
 def _segments(counts: list[int]):
@@ -95,15 +99,16 @@ class _Plan:
     @classmethod
     def make(cls, counts, x_c, w_in, w_out, b_in, b_out, dtype) -> "_Plan":
         segments = list(_segments(counts))
-        small = [t - s <= SMALL_M for _, s, t in segments]
+        expert_size = w_out.shape[1] * w_out.shape[2]  # D x F
+        small = [t - s <= SMALL_M or (t - s) * expert_size <= SMALL_FWD_WORK for _, s, t in segments]
         if not (any(small) and w_in.dtype == dtype and kcpu.small_gemm_usable(x_c, w_in, w_out, b_in, b_out)):
             return cls(segments, [False] * len(segments), [False] * len(segments))
-        expert_size = w_out.shape[1] * w_out.shape[2]  # D x F
         small_bwd = [sm and (t - s) * expert_size <= SMALL_BWD_WORK for (_, s, t), sm in zip(segments, small)]
         plan = cls(segments, small, small_bwd)
+        max_rows = max(1, min(CHUNK_ROWS, CHUNK_BYTES // (w_out.shape[2] * w_in.element_size())))
         run: list[int] = []
         for i, (_, s, t) in enumerate(segments + [(0, 0, 0)]):  # sentinel closes the last run
-            if run and (i == len(segments) or not small[i] or t - segments[run[0]][1] > CHUNK_ROWS):
+            if run and (i == len(segments) or not small[i] or t - segments[run[0]][1] > max_rows):
                 plan.chunks.append(plan._chunk(run, w_in.shape[0]))
                 run = []
             if i < len(segments) and small[i]:
@@ -126,8 +131,8 @@ def fused_forward(x_TD, w_in, w_out, b_in, b_out, weights_TK, token_S, slot_S, c
                   save: bool = False) -> tuple[torch.Tensor, _Plan]:
     """The forward math; returns ``(y_TD fp32, plan)``, the plan holding the pre-activations if ``save``.
 
-    Experts with at most ``SMALL_M`` rows run in the small-M kernels, consecutive ones together (one call of each
-    kernel per chunk of up to ``CHUNK_ROWS`` rows; see :func:`moekit.kernels.cpu.small_experts_up`); their backward
+    Small experts (``SMALL_M``, ``SMALL_FWD_WORK``) run in the small-M kernels, consecutive ones together (one call of each
+    kernel per chunk of up to ``CHUNK_ROWS`` rows / ``CHUNK_BYTES``; see :func:`moekit.kernels.cpu.small_experts_up`); their backward
     too if also under ``SMALL_BWD_WORK``. Each other expert: gather its rows, ``h = x @ W_in^T`` (gate and up in one
     GEMM), the activation on ``h`` while it is in cache, ``y = a @ W_out^T``, then ``out[token] += w * y`` (one
     thread per row: the rows of one expert belong to distinct tokens)."""
@@ -162,21 +167,31 @@ def fused_forward(x_TD, w_in, w_out, b_in, b_out, weights_TK, token_S, slot_S, c
 
 @dataclass
 class _Grads:
-    """Gradient buffers of one backward call (None where not needed)."""
+    """Gradient buffers of one backward call (None where not needed). The input-projection weight gradient, the
+    largest, is allocated on first use (``w_in_buffer``), after the output-projection work has freed its temporaries,
+    which lowers the peak memory of backward."""
 
     x: torch.Tensor | None
-    w_in: torch.Tensor | None
+    w_in_needed: bool
     w_out: torch.Tensor | None
     b_in: torch.Tensor | None
     b_out: torch.Tensor | None
     w_S: torch.Tensor | None  # router-weight gradient per sorted slot
+    w_in_factory: Callable[[], torch.Tensor] | None = None
+    w_in: torch.Tensor | None = None
+
+    def w_in_buffer(self) -> torch.Tensor:
+        if self.w_in is None:
+            self.w_in = self.w_in_factory()
+        return self.w_in
 
 
 class FusedExpertsFunction(torch.autograd.Function):
     """``y_TD = sum_k w_TK * expert_{id_TK}(x_TD)`` in fp32, with a hand-written, memory-lean backward."""
 
     @staticmethod
-    def forward(ctx, x_TD, w_in, w_out, b_in, b_out, weights_TK, token_S, slot_S, counts, activation, dtype):
+    def forward(ctx, x_TD, w_in, w_out, b_in, b_out, weights_TK, token_S, slot_S, counts, activation, dtype,
+                out_dtype=torch.float32):
         with torch.autocast(x_TD.device.type, enabled=False):
             out_TD, plan = fused_forward(x_TD, w_in, w_out, b_in, b_out, weights_TK, token_S, slot_S, counts,
                                          activation, dtype, save=True)
@@ -188,7 +203,7 @@ class FusedExpertsFunction(torch.autograd.Function):
         ctx.save_for_backward(x_TD, w_in, w_out, b_out, weights_TK, token_S, slot_S)
         ctx.counts, ctx.activation, ctx.dtype = counts, activation, dtype
         ctx.bias_dtypes = (None if b_in is None else b_in.dtype, None if b_out is None else b_out.dtype)
-        return out_TD
+        return out_TD.to(out_dtype)  # summed in fp32; a bf16 output also makes its gradient arrive in bf16
 
     @staticmethod
     def backward(ctx, g_TD):
@@ -199,15 +214,16 @@ class FusedExpertsFunction(torch.autograd.Function):
         dev = g_TD.device
         with torch.autocast(dev.type, enabled=False):
             x_c = x_TD if x_TD.dtype == dtype else x_TD.to(dtype)
-            g_TD = g_TD.float().contiguous()
+            g_TD = g_TD.contiguous()  # fp32 or the output's dtype: the kernels read either
             w_S = weights_TK.reshape(-1).index_select(0, slot_S).float()
             grads = _Grads(
                 torch.zeros(x_TD.shape, dtype=torch.float32, device=dev) if need_x else None,
-                _expert_grad_buffer(w_in, counts) if need_win else None,
+                need_win,
                 _expert_grad_buffer(w_out, counts) if need_wout else None,
                 torch.zeros(w_in.shape[:2], dtype=ctx.bias_dtypes[0], device=dev) if need_bin else None,
                 torch.zeros(w_out.shape[:2], dtype=ctx.bias_dtypes[1], device=dev) if need_bout else None,
-                torch.empty(w_S.shape, dtype=torch.float32, device=dev) if need_w else None)
+                torch.empty(w_S.shape, dtype=torch.float32, device=dev) if need_w else None,
+                lambda: _expert_grad_buffer(w_in, counts))
             if any(plan.small_bwd):
                 _small_backward(plan, act, g_TD, x_c, w_in, w_out, b_out, token_S, w_S, dtype, grads)
             for i, (e, s, t) in enumerate(plan.segments):
@@ -220,7 +236,8 @@ class FusedExpertsFunction(torch.autograd.Function):
                 d_weights = torch.zeros(weights_TK.numel(), dtype=torch.float32, device=dev)
                 d_weights = d_weights.index_copy_(0, slot_S, grads.w_S).view(weights_TK.shape).to(weights_TK.dtype)
             d_x = grads.x.to(x_TD.dtype) if need_x else None
-        return d_x, grads.w_in, grads.w_out, grads.b_in, grads.b_out, d_weights, None, None, None, None, None
+        d_win = grads.w_in_buffer() if need_win else None  # (all experts idle: zeros)
+        return d_x, d_win, grads.w_out, grads.b_in, grads.b_out, d_weights, None, None, None, None, None, None
 
 
 def _expert_backward(e, tok, w_m, h, act, g_TD, x_c, w_in, w_out, b_out, dtype, grads: _Grads, dw_m):
@@ -232,16 +249,16 @@ def _expert_backward(e, tok, w_m, h, act, g_TD, x_c, w_in, w_out, b_out, dtype, 
     del ga
     if dw_m is not None:
         if b_out is not None:  # y = a W_out^T + b_out, so dL/dw also has g . b_out
-            dw += g_TD.index_select(0, tok) @ b_out[e].float()
+            dw += g_TD.index_select(0, tok).float() @ b_out[e].float()
         dw_m.copy_(dw)
     if grads.w_out is not None:
         linear_into(grads.w_out[e], g_m.T, aw.T)  # dW_out = g^T @ (w a)
     if grads.b_out is not None:
-        grads.b_out[e] = w_m @ g_TD.index_select(0, tok)
+        grads.b_out[e] = w_m @ g_TD.index_select(0, tok).float()
     del aw, g_m
     x_m = x_c.index_select(0, tok)
-    if grads.w_in is not None:
-        linear_into(grads.w_in[e], dh.T, x_m.T)  # dW_in = dH^T @ x
+    if grads.w_in_needed:
+        linear_into(grads.w_in_buffer()[e], dh.T, x_m.T)  # dW_in = dH^T @ x
     if grads.b_in is not None:
         grads.b_in[e] = dh.sum(0, dtype=torch.float32)
     if grads.x is not None:
@@ -286,16 +303,16 @@ def _small_backward(plan: _Plan, act, g_TD, x_c, w_in, w_out, b_out, token_S, w_
         for i in segs:  # bias terms (GPT-OSS-style experts only)
             e, s, t = plan.segments[i]
             if dw_c is not None and b_out is not None:
-                grads.w_S[s:t] += g_TD.index_select(0, token_S[s:t]) @ b_out[e].float()
+                grads.w_S[s:t] += g_TD.index_select(0, token_S[s:t]).float() @ b_out[e].float()
             if grads.b_out is not None:
-                grads.b_out[e] = w_S[s:t] @ g_TD.index_select(0, token_S[s:t])
+                grads.b_out[e] = w_S[s:t] @ g_TD.index_select(0, token_S[s:t]).float()
             if grads.b_in is not None:
                 grads.b_in[e] = dh[s - c.r0:t - c.r0].sum(0, dtype=torch.float32)
         if grads.w_out is not None:
             kcpu.small_experts_outer(g_TD, tok, aw, None, c.start_E, c.end_bwd_E, grads.w_out)  # g^T @ (w a)
         del aw
-        if grads.w_in is not None:
-            kcpu.small_experts_outer(dh, None, x_c, tok, c.start_E, c.end_bwd_E, grads.w_in)  # dH^T @ x
+        if grads.w_in_needed:
+            kcpu.small_experts_outer(dh, None, x_c, tok, c.start_E, c.end_bwd_E, grads.w_in_buffer())  # dH^T @ x
         if grads.x is not None:
             kcpu.small_experts_nn(dh, None, w_in, c.start_E, c.end_bwd_E, grads.x, tok)  # dx += dH @ W_in
 
@@ -376,7 +393,8 @@ def fused_compute_dtype(x_TD: torch.Tensor, weight: torch.Tensor, counts: list[i
     return dtype
 
 
-def fused_backend(experts: "Experts", x_TD: torch.Tensor, plan: "DispatchPlan") -> torch.Tensor:
+def fused_backend(experts: "Experts", x_TD: torch.Tensor, plan: "DispatchPlan",
+                  out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     counts = plan.counts_E.tolist()
     S = sum(counts)  # valid slots come first in expert order; empty/dropped slots sit at the end
     slot_S, token_S = plan.order_S[:S], plan.token_S[:S]
@@ -385,6 +403,6 @@ def fused_backend(experts: "Experts", x_TD: torch.Tensor, plan: "DispatchPlan") 
     args = (x_TD, experts.w_in, experts.w_out, experts.b_in, experts.b_out, plan.weights_TK, token_S, slot_S,
             counts, act, dtype)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:6]):
-        return FusedExpertsFunction.apply(*args)
+        return FusedExpertsFunction.apply(*args, out_dtype)
     with torch.autocast(x_TD.device.type, enabled=False):
-        return fused_forward(*args)[0]
+        return fused_forward(*args)[0].to(out_dtype)

@@ -152,6 +152,16 @@ def patch_hf(model: nn.Module, *, backend: str = "auto", **options) -> list[Patc
     return records
 
 
+def share_hf(block: nn.Module, *, backend: str = "auto", **options) -> MoE:
+    """:func:`moekit.from_hf` for one block, but the layer uses the block's own tensor objects wherever the layout
+    is the same (the Hugging Face v5 fused layout: all of them), so the two read one copy of the weights (the layer
+    benchmark compares them this way, neither evicting the other's weights from the caches)."""
+    layer = from_hf(block, backend=backend, **options)
+    record = PatchedBlock("", find_parts(block).model_type, block, layer, _links(block))
+    record.shared, record.copied = _share(record)
+    return layer
+
+
 def unpatch_hf(model: nn.Module) -> list[str]:
     """Put the original transformers blocks back (holding the current, possibly fine-tuned, weights); returns the
     names of the restored modules."""

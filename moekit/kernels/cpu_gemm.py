@@ -70,10 +70,17 @@ def linear(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -
     return F.linear(a, w, bias)
 
 
+#: oneDNN has no ``out=``: ``linear_into`` computes this many bytes of output at a time and copies them in, so its
+#: temporary stays small (a weight gradient is as large as the weight).
+INTO_CHUNK_BYTES = 1 << 18
+
+
 def linear_into(out: torch.Tensor, a: torch.Tensor, w: torch.Tensor) -> None:
     """``out = a @ w.T`` for a preallocated (possibly strided) ``out``, in ``out``'s dtype."""
     if a.device.type == "cpu" and a.numel() and w.numel() and provider(a.dtype) == "onednn":
-        out.copy_(_LP(a, w, None, "none", [], ""))
+        rows = max(1, INTO_CHUNK_BYTES // max(1, w.shape[0] * a.element_size()))
+        for r in range(0, a.shape[0], rows):
+            out[r:r + rows].copy_(_LP(a[r:r + rows], w, None, "none", [], ""))
     elif out.dtype == a.dtype:
         torch.mm(a, w.T, out=out)
     else:
@@ -81,27 +88,31 @@ def linear_into(out: torch.Tensor, a: torch.Tensor, w: torch.Tensor) -> None:
 
 
 class _Linear(torch.autograd.Function):
-    """``x @ w.T + b`` with the fast CPU GEMM in forward and backward (oneDNN has no autograd formula of its own)."""
+    """``x @ w.T + b`` computed in ``dtype`` with the fast CPU GEMM in forward and backward (oneDNN has no autograd
+    formula of its own). The inputs are saved as given and cast again in backward, so computing a bf16 layer's
+    router in fp32 keeps no fp32 copy of its input alive."""
 
     @staticmethod
-    def forward(ctx, x, w, b):
+    def forward(ctx, x, w, b, dtype):
         ctx.save_for_backward(x, w)
-        ctx.has_bias = b is not None
-        return linear(x, w, b)
+        ctx.has_bias, ctx.dtype = b is not None, dtype
+        return linear(x.to(dtype), w.to(dtype), None if b is None else b.to(dtype))
 
     @staticmethod
     def backward(ctx, g):
         x, w = ctx.saved_tensors
-        g = g.contiguous()
-        dx = linear(g, w.T) if ctx.needs_input_grad[0] else None  # g @ w
-        dw = linear(g.T, x.T) if ctx.needs_input_grad[1] else None  # g^T @ x
+        g = g.contiguous().to(ctx.dtype)
+        dx = linear(g, w.to(ctx.dtype).T).to(x.dtype) if ctx.needs_input_grad[0] else None  # g @ w
+        dw = linear(g.T, x.to(ctx.dtype).T).to(w.dtype) if ctx.needs_input_grad[1] else None  # g^T @ x
         db = g.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return dx, dw, db
+        return dx, dw, db, None
 
 
-def linear_autograd(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear(x, w, b)`` for 2-D ``x``, differentiable, with the faster CPU GEMM where it differs from PyTorch's."""
-    if x.device.type == "cpu" and x.dim() == 2 and x.dtype == w.dtype and provider(x.dtype) == "onednn" \
-            and not torch.compiler.is_compiling():
-        return _Linear.apply(x, w, b)
-    return F.linear(x, w, b)
+def linear_autograd(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None,
+                    dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``F.linear(x.to(dtype), w.to(dtype), b)`` for 2-D ``x``, differentiable, with the faster CPU GEMM where it
+    differs from PyTorch's (``dtype`` defaults to ``x``'s)."""
+    dtype = dtype or x.dtype
+    if x.device.type == "cpu" and x.dim() == 2 and provider(dtype) == "onednn" and not torch.compiler.is_compiling():
+        return _Linear.apply(x, w, b, dtype)
+    return F.linear(x.to(dtype), w.to(dtype), None if b is None else b.to(dtype))

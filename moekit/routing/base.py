@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..kernels.cpu_gemm import linear_autograd
@@ -153,7 +152,7 @@ class Router(nn.Module):
             x_TD = x_TD * torch.empty_like(x_TD).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
         with torch.autocast(x_TD.device.type, enabled=False):
             bias = None if self.bias is None else self.bias.float()
-            return self.mask_disabled(linear_autograd(x_TD.float(), self.weight.float(), bias))
+            return self.mask_disabled(linear_autograd(x_TD, self.weight, bias, torch.float32))
 
     def forward(self, x_TD: torch.Tensor, ctx: RoutingContext | None = None) -> RouterOutput:
         return self.route(self.logits(x_TD))

@@ -85,6 +85,14 @@ static inline float sigmoid_f32(float x) {
     return 1.0f / (1.0f + e);
 }
 
+/* Work of a grouped GEMM over `rows` rows and `experts` weight matrices of n x k, in threads_for's units: the
+ * multiply-adds (/16), or the weight elements streamed from memory, whichever is larger (a decode step with one row
+ * per expert is all streaming, and needs every thread's memory bandwidth). */
+static inline int64_t gemm_work(int64_t rows, int64_t experts, int64_t n, int64_t k) {
+    int64_t flops = rows * n * k / 16, bytes = experts * n * k;
+    return flops > bytes ? flops : bytes;
+}
+
 /* Threads for a job of `work` elements: one thread below ~64k elements (a fork/join costs more than it saves). */
 static inline int threads_for(int64_t work, int nthreads) {
     int64_t t = work / 65536;
@@ -334,7 +342,7 @@ int moe_small_up(const void *x, int64_t ld_x, const int64_t *tok, const int64_t 
             rows += end[e] - start[e];
             active[na++] = e;
         }
-#pragma omp parallel for schedule(static) num_threads(threads_for(rows * W * D / 16, nthreads))
+#pragma omp parallel for schedule(static) num_threads(threads_for(gemm_work(rows, na, W, D), nthreads))
     for (int64_t item = 0; item < na * nj; item++) {
         const int64_t e = active[item / nj], j0 = (item % nj) * JB, jw = min64(JB, F - j0);
         const int64_t s0 = start[e], s1 = end[e];
@@ -409,9 +417,12 @@ int moe_small_down(const void *a, int64_t ld_a, const int64_t *tok, const float 
                    int nthreads) {
     const int64_t DB = 16;
     const int64_t nd = (D + DB - 1) / DB;
-    int64_t rows = 0;
-    for (int64_t e = 0; e < E; e++) rows += end[e] - start[e];
-#pragma omp parallel for schedule(static) num_threads(threads_for(rows * D * F / 16, nthreads))
+    int64_t rows = 0, na = 0;
+    for (int64_t e = 0; e < E; e++) {
+        rows += end[e] - start[e];
+        na += end[e] > start[e];
+    }
+#pragma omp parallel for schedule(static) num_threads(threads_for(gemm_work(rows, na, D, F), nthreads))
     for (int64_t item = 0; item < nd; item++) {
         const int64_t d0 = item * DB, d1 = d0 + DB < D ? d0 + DB : D;
         for (int64_t e = 0; e < E; e++) {
@@ -674,9 +685,12 @@ int moe_small_nn(const void *A, int adt, int64_t lda, const int64_t *a_idx, cons
                  const int64_t *c_idx, int nthreads) {
     const int64_t NBLK = 16 * NNC;
     const int64_t nb = (N + NBLK - 1) / NBLK;
-    int64_t rows = 0;
-    for (int64_t e = 0; e < E; e++) rows += end[e] - start[e];
-#pragma omp parallel for schedule(static) num_threads(threads_for(rows * N * Kd / 16, nthreads))
+    int64_t rows = 0, na = 0;
+    for (int64_t e = 0; e < E; e++) {
+        rows += end[e] - start[e];
+        na += end[e] > start[e];
+    }
+#pragma omp parallel for schedule(static) num_threads(threads_for(gemm_work(rows, na, N, Kd), nthreads))
     for (int64_t item = 0; item < nb; item++) {
         const int64_t n0 = item * NBLK, w = min64(NBLK, N - n0);
         for (int64_t e = 0; e < E; e++) {
