@@ -384,3 +384,53 @@ def test_fused_layer_runs_on_the_kernels_not_the_fallbacks(kernels, monkeypatch,
     with torch.no_grad():
         layer(torch.randn(2, 48).to(dtype))
     assert called == ["moe_small_decode"]
+
+
+# ------------------------------------------------------------------------------------------------ router top-k
+@pytest.mark.parametrize("E,k", [(64, 8), (8, 2), (16, 16), (128, 1), (100, 64), (200, 10), (300, 64)])  # >128: scalar path
+def test_topk_indices_matches_torch(E, k):
+    torch.manual_seed(E + k)
+    T = K.TOPK_MIN_SCORES // E + 7  # over the threshold, so the kernel runs where it is built
+    scores = torch.randn(T, E).softmax(-1)
+    scores[3, :] = float("-inf")  # a fully masked row would tie: falls back as a whole...
+    scores[3, 5] = 0.0
+    if k == 1:  # ...but with one finite value and k = 1 there is no tie
+        assert torch.equal(K.topk_indices(scores, k), torch.topk(scores, k, dim=-1).indices)
+    scores[3] = torch.rand(E)
+    got = K.topk_indices(scores, k)
+    assert got.dtype == torch.int64 and got.shape == (T, k)
+    assert torch.equal(got, torch.topk(scores, k, dim=-1).indices)
+
+
+def test_topk_indices_ties_and_nan_resolve_like_torch(monkeypatch):
+    T, E = K.TOPK_MIN_SCORES // 64, 64
+    calls = []
+    real = torch.topk
+    monkeypatch.setattr(torch, "topk", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    scores = torch.randn(T, E)
+    if K.library() is not None:
+        K.topk_indices(scores, 8)
+        assert not calls  # no ties: the kernel answered
+    for bad in ("tie", "nan"):
+        s = scores.clone()
+        if bad == "tie":
+            s[T // 2, :3] = 10.0  # three equal values among the top 8: order is PyTorch's to decide
+        else:
+            s[T - 1, 7] = float("nan")
+        calls.clear()
+        assert torch.equal(K.topk_indices(s, 8), real(s, 8, dim=-1).indices)
+        assert calls  # the batch went to torch.topk
+    # a tie below the k + 1 largest does not matter
+    s = scores.clone()
+    s[0, :] = torch.arange(E, dtype=torch.float32)
+    s[0, :2] = -5.0
+    calls.clear()
+    assert torch.equal(K.topk_indices(s, 8), real(s, 8, dim=-1).indices)
+    assert bool(calls) == (K.library() is None)
+
+
+def test_topk_indices_small_or_other_dtypes_use_torch():
+    s = torch.randn(4, 8)
+    assert torch.equal(K.topk_indices(s, 3), torch.topk(s, 3, dim=-1).indices)
+    b = torch.randn(1024, 64, dtype=torch.bfloat16)
+    assert torch.equal(K.topk_indices(b, 4), torch.topk(b, 4, dim=-1).indices)

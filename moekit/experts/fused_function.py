@@ -49,6 +49,8 @@ SMALL_FWD_WORK = 24_000_000
 #: fixed cost of ~10 calls, which small experts cannot amortise: measured crossover ~16 rows of a 512 x 1408 expert,
 #: ~90 rows of a 512 x 256 one).
 SMALL_BWD_WORK = 12_000_000
+#: In bf16, small-backward experts with at least this many rows take their weight gradients from the library GEMM.
+OUTER_LIB_MIN_ROWS = 16
 #: Consecutive small experts run together in chunks of at most CHUNK_ROWS rows and CHUNK_BYTES per [rows, d_ff]
 #: buffer, which bounds the small-M kernels' temporaries (activations; in backward, their gradients) to about a MiB
 #: whatever the batch size.
@@ -309,12 +311,34 @@ def _small_backward(plan: _Plan, act, g_TD, x_c, w_in, w_out, b_out, token_S, w_
             if grads.b_in is not None:
                 grads.b_in[e] = dh[s - c.r0:t - c.r0].sum(0, dtype=torch.float32)
         if grads.w_out is not None:
-            kcpu.small_experts_outer(g_TD, tok, aw, None, c.start_E, c.end_bwd_E, grads.w_out)  # g^T @ (w a)
+            _outer(plan, c, segs, g_TD, tok, aw, None, grads.w_out)  # dW_out = g^T @ (w a)
         del aw
         if grads.w_in_needed:
-            kcpu.small_experts_outer(dh, None, x_c, tok, c.start_E, c.end_bwd_E, grads.w_in_buffer())  # dH^T @ x
+            _outer(plan, c, segs, dh, None, x_c, tok, grads.w_in_buffer())  # dW_in = dH^T @ x
         if grads.x is not None:
             kcpu.small_experts_nn(dh, None, w_in, c.start_E, c.end_bwd_E, grads.x, tok)  # dx += dH @ W_in
+
+
+def _outer(plan: _Plan, c: _Chunk, segs: list[int], a, a_idx, b, b_idx, grad: torch.Tensor) -> None:
+    """``grad[e] = a[rows of e]^T @ b[rows of e]`` for the chunk's small-backward experts ``segs`` (rows relative to
+    the chunk; ``a_idx``/``b_idx`` map them to rows of ``a``/``b``): the small-M outer-product kernel, except for
+    bf16 experts with at least ``OUTER_LIB_MIN_ROWS`` rows, whose weight gradients the library's bf16 GEMM computes
+    ~2x faster (it packs its operands into the pair layout of the bf16 dot product)."""
+    lib = []
+    if a.dtype == b.dtype == torch.bfloat16:
+        lib = [i for i in segs if plan.segments[i][2] - plan.segments[i][1] >= OUTER_LIB_MIN_ROWS]
+    end = c.end_bwd_E
+    if lib:
+        end = end.clone()
+        for i in lib:
+            e, s, t = plan.segments[i]
+            end[e] = c.start_E[e]
+            s, t = s - c.r0, t - c.r0
+            a_m = a[s:t] if a_idx is None else a.index_select(0, a_idx[s:t])
+            b_m = b[s:t] if b_idx is None else b.index_select(0, b_idx[s:t])
+            linear_into(grad[e], a_m.T, b_m.T)
+    if len(lib) < len(segs):
+        kcpu.small_experts_outer(a, a_idx, b, b_idx, c.start_E, end, grad)
 
 
 def _activation_backward(act: Activation, h: torch.Tensor, ga: torch.Tensor, w_m: torch.Tensor, need_dw: bool,

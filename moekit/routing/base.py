@@ -17,6 +17,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ..kernels import cpu as kcpu
 from ..kernels.cpu_gemm import linear_autograd
 
 
@@ -176,7 +177,7 @@ class TopKRouter(Router):
 
     def select(self, scores_TE: torch.Tensor) -> torch.Tensor:
         choice_TE = self.mask_disabled(scores_TE + self.expert_bias.to(scores_TE.dtype))
-        return torch.topk(choice_TE, self.top_k, dim=-1).indices
+        return kcpu.topk_indices(choice_TE.detach(), self.top_k)
 
     def combine_weights(self, scores_TE: torch.Tensor, ids_TK: torch.Tensor) -> torch.Tensor:
         return scores_TE.gather(-1, ids_TK)

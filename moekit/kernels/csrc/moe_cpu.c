@@ -100,6 +100,9 @@ static inline int threads_for(int64_t work, int nthreads) {
     return t < nthreads ? (int)t : nthreads;
 }
 
+/* An activation element (an exp, a division, a few FMAs) costs about as much as this many copied elements. */
+#define ACT_COST 8
+
 /* Dispatch a body specialised for the (constant) dtypes of its operands. */
 #define DISPATCH1(dt, call) ((dt) == DT_F32 ? call(DT_F32) : call(DT_BF16))
 
@@ -155,7 +158,7 @@ static inline void swiglu_row(const void *h, void *a, int dt, int64_t F) {
 }
 
 int moe_swiglu_fwd(const void *h, int64_t ld_h, void *a, int64_t ld_a, int64_t m, int64_t F, int dt, int nthreads) {
-#pragma omp parallel for schedule(static) num_threads(threads_for(m * F, nthreads))
+#pragma omp parallel for schedule(static) num_threads(threads_for(m * F * ACT_COST, nthreads))
     for (int64_t i = 0; i < m; i++) {
         const void *hr = at(h, dt, ld_h, i, 0);
         void *ar = at(a, dt, ld_a, i, 0);
@@ -189,7 +192,7 @@ static inline float swiglu_bwd_row(const void *h, const void *ga, float w, void 
 
 int moe_swiglu_bwd(const void *h, int64_t ld_h, const void *ga, int64_t ld_ga, const float *w, int64_t m, int64_t F,
                    int dt, void *dh, int64_t ld_dh, void *aw, int64_t ld_aw, float *dw, int nthreads) {
-#pragma omp parallel for schedule(static) num_threads(threads_for(m * F, nthreads))
+#pragma omp parallel for schedule(static) num_threads(threads_for(m * F * ACT_COST, nthreads))
     for (int64_t i = 0; i < m; i++) {
         const void *hr = at(h, dt, ld_h, i, 0), *gr = at(ga, dt, ld_ga, i, 0);
         void *dr = at(dh, dt, ld_dh, i, 0), *ar = aw ? at(aw, dt, ld_aw, i, 0) : NULL;
@@ -729,6 +732,46 @@ int moe_small_nn(const void *A, int adt, int64_t lda, const int64_t *a_idx, cons
 
 #define OTN 4 /* rows of G per tile of the outer-product kernel */
 
+#if defined(__AVX512BF16__)
+/* The bf16 x bf16 outer-product tile with the pair dot product: rows s and s + 1 of B are interleaved
+ * ([b_s[k], b_s+1[k]] in each 32-bit lane) and each A pair [a_s[n], a_s+1[n]] is broadcast, so one vdpbf16ps adds
+ * both rows' products for 16 columns k (an odd last row pairs with zeros). acc[i][q] += sum_s A[s, n0 + i] *
+ * B[s, k0 + 16 q + lane]. */
+static inline __attribute__((always_inline)) void outer_bf16_pairs(
+    const void *A, int64_t lda, const int64_t *a_idx, const void *B, int64_t ldb, const int64_t *b_idx, int64_t N,
+    int64_t Kd, int64_t n0, int64_t k0, int64_t s0, int64_t s1, __m512 acc[OTN][NC]) {
+    const __m512i lo = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7, 38, 6,
+                                        37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+    const __m512i hi = _mm512_add_epi16(lo, _mm512_set1_epi16(16));
+    __mmask32 mk[NC / 2];
+    UNROLL for (int q = 0; q < NC / 2; q++) {
+        int64_t left = Kd - k0 - 32 * q;
+        mk[q] = left >= 32 ? (__mmask32)0xffffffffu : left <= 0 ? (__mmask32)0 : (__mmask32)((1u << left) - 1);
+    }
+    for (int64_t s = s0; s < s1; s += 2) {
+        const int two = s + 1 < s1;
+        const uint16_t *a0 = (const uint16_t *)A + (size_t)(a_idx ? a_idx[s] : s) * (size_t)lda;
+        const uint16_t *a1 = two ? (const uint16_t *)A + (size_t)(a_idx ? a_idx[s + 1] : s + 1) * (size_t)lda : a0;
+        const bf16 *b0 = (const bf16 *)B + (size_t)(b_idx ? b_idx[s] : s) * (size_t)ldb + k0;
+        const bf16 *b1 = two ? (const bf16 *)B + (size_t)(b_idx ? b_idx[s + 1] : s + 1) * (size_t)ldb + k0 : b0;
+        __m512i bp[NC];
+        UNROLL for (int q = 0; q < NC / 2; q++) {
+            __m512i v0 = _mm512_maskz_loadu_epi16(mk[q], b0 + 32 * q);
+            __m512i v1 = two ? _mm512_maskz_loadu_epi16(mk[q], b1 + 32 * q) : _mm512_setzero_si512();
+            bp[2 * q] = _mm512_permutex2var_epi16(v0, lo, v1);
+            bp[2 * q + 1] = _mm512_permutex2var_epi16(v0, hi, v1);
+        }
+        UNROLL for (int i = 0; i < OTN; i++) {
+            uint32_t p = 0;
+            if (n0 + i < N) p = (uint32_t)a0[n0 + i] | (two ? (uint32_t)a1[n0 + i] << 16 : 0u);
+            __m512bh av = (__m512bh)_mm512_set1_epi32((int)p);
+            UNROLL for (int q = 0; q < NC; q++) acc[i][q] = _mm512_dpbf16_ps(acc[i][q], av, (__m512bh)bp[q]);
+        }
+    }
+}
+#endif
+
+
 /* G[e, n, k] = sum_{s in expert e} A[ia(s), n] * B[ib(s), k]   for experts with rows (others untouched), G [E, N, Kd]
  * contiguous in dtype gdt; ia(s) = a_idx ? a_idx[s] : s, likewise ib. Work items are (expert, block of 4 rows of
  * G), each written once. */
@@ -760,6 +803,12 @@ int moe_small_outer(const void *A, int adt, int64_t lda, const int64_t *a_idx, c
                 mc[q] = left >= 16 ? (__mmask16)0xffff : left <= 0 ? (__mmask16)0 : (__mmask16)((1u << left) - 1);
             }
             UNROLL for (int i = 0; i < OTN; i++) UNROLL for (int q = 0; q < NC; q++) acc[i][q] = _mm512_setzero_ps();
+#if defined(__AVX512BF16__)
+            if (adt == DT_BF16 && bdt == DT_BF16) {
+                outer_bf16_pairs(A, lda, a_idx, B, ldb, b_idx, N, Kd, n0, k0, s0, s1, acc);
+                goto store;
+            }
+#endif
             for (int64_t s = s0; s < s1; s++) {
                 const void *ar = at(A, adt, lda, a_idx ? a_idx[s] : s, 0);
                 const char *br = at(B, bdt, ldb, b_idx ? b_idx[s] : s, k0);
@@ -774,6 +823,9 @@ int moe_small_outer(const void *A, int adt, int64_t lda, const int64_t *a_idx, c
                     UNROLL for (int q = 0; q < NC; q++) acc[i][q] = _mm512_fmadd_ps(av, bv[q], acc[i][q]);
                 }
             }
+#if defined(__AVX512BF16__)
+        store:
+#endif
             UNROLL for (int i = 0; i < OTN; i++) UNROLL for (int q = 0; q < NC; q++) {
                 if (i < nn && mc[q]) st16_stream(at(ge, gdt, Kd, n0 + i, k0 + 16 * q), gdt, mc[q], acc[i][q]);
             }
@@ -822,4 +874,82 @@ int moe_flush_cache(const void *p, int64_t n) {
     (void)n;
     return -1;
 #endif
+}
+
+/* ---------------------------------------------------------------------------------------------------------------
+ * Router top-k: idx[t, :k] = the k largest of scores[t, :E], largest first. Returns the number of rows whose answer
+ * is ambiguous (a NaN, or equal values among the k + 1 largest, where the order or the set of the top k depends on
+ * tie-breaking); callers then use their reference top-k for the whole batch, so ties resolve exactly as it does.
+ * --------------------------------------------------------------------------------------------------------------- */
+#if defined(__AVX512F__)
+/* One row of at most 128 scores in registers: k rounds of (max, find it, knock it out), branch-free within a round.
+ * Returns 1 if the row is ambiguous. */
+static int topk_row_avx512(const float *row, int64_t E, int64_t k, int64_t *out) {
+    const __m512 ninf = _mm512_set1_ps(-__builtin_inff());
+    __m512 r[8];
+    const int nv = (int)((E + 15) / 16);
+    for (int i = 0; i < nv; i++) {
+        int64_t left = E - 16 * i;
+        __mmask16 m = left >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1);
+        r[i] = _mm512_mask_loadu_ps(ninf, m, row + 16 * i);
+        if (_mm512_cmp_ps_mask(r[i], r[i], _CMP_UNORD_Q)) return 1; /* NaN */
+    }
+    for (int64_t j = 0; j < k; j++) {
+        __m512 mx = r[0];
+        for (int i = 1; i < nv; i++) mx = _mm512_max_ps(mx, r[i]);
+        const __m512 best = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
+        int count = 0;
+        int64_t pos = -1;
+        for (int i = 0; i < nv; i++) {
+            __mmask16 m = _mm512_cmp_ps_mask(r[i], best, _CMP_EQ_OQ);
+            if (m) {
+                if (pos < 0) pos = 16 * i + __builtin_ctz(m);
+                count += __builtin_popcount(m);
+                r[i] = _mm512_mask_mov_ps(r[i], m, ninf);
+            }
+        }
+        /* a tie, or -inf chosen (it equals the padding): the order is the reference's to decide */
+        if (count != 1 || pos >= E) return 1;
+        out[j] = pos;
+    }
+    return 0;
+}
+#endif
+
+int moe_topk_rows(const float *scores, int64_t ld, int64_t T, int64_t E, int64_t k, int64_t *idx, int nthreads) {
+    if (k < 1 || k > 64 || k > E) return -1;
+    int64_t ambiguous = 0;
+    const int64_t m = k < E ? k + 1 : k; /* keep one more than asked, to see a tie at the boundary */
+#pragma omp parallel for schedule(static) reduction(+ : ambiguous) num_threads(threads_for(T * E * 4, nthreads))
+    for (int64_t t = 0; t < T; t++) {
+        const float *row = scores + (size_t)t * (size_t)ld;
+#if defined(__AVX512F__)
+        if (E <= 128) {
+            ambiguous += topk_row_avx512(row, E, k, idx + (size_t)t * (size_t)k);
+            continue;
+        }
+#endif
+        float v[65];
+        int64_t id[65];
+        int64_t n = 0;
+        int bad = 0;
+        for (int64_t e = 0; e < E; e++) {
+            float x = row[e];
+            if (x != x) { bad = 1; break; }
+            if (n == m && !(x > v[m - 1])) continue;
+            int64_t p = n < m ? n++ : m - 1; /* insert after every value >= x (stable) */
+            while (p > 0 && v[p - 1] < x) {
+                v[p] = v[p - 1];
+                id[p] = id[p - 1];
+                p--;
+            }
+            v[p] = x;
+            id[p] = e;
+        }
+        for (int64_t j = 1; j < n && !bad; j++) bad = v[j] == v[j - 1];
+        ambiguous += bad;
+        if (!bad)
+            for (int64_t j = 0; j < k; j++) idx[(size_t)t * (size_t)k + j] = id[j];
+    }
+    return (int)(ambiguous < 0x7fffffff ? ambiguous : 0x7fffffff);
 }
