@@ -162,14 +162,20 @@ def test_state_dict_roundtrip_and_names():
 
 
 @pytest.mark.parametrize("name", ["mixtral", "gpt_oss", "fine_grained_shared", "deepseek"])
-@pytest.mark.parametrize("T", [1, 3, 8])
+@pytest.mark.parametrize("T", [1, 3, 8, 40, 80])
 def test_decode_path_matches_loop(name, T):
     """Inference with few tokens skips the sort (Experts.decode); it must equal the reference."""
+    from moekit.layer import DECODE_KERNEL_MAX_SLOTS, DECODE_MAX_SLOTS
+
     layer, ref = make(name, "auto"), make(name, "loop")
     x = torch.randn(T, 16)
     assert layer._decode_path(x, layer.router(x)) is False  # grad enabled: regular path
+    slots = T * layer.config.top_k
+    kernel = layer.experts.decode_kernel_usable(x)
+    assert kernel == (layer.experts.activation.name == "swiglu" and moekit.kernels.cpu.library() is not None)
     with torch.no_grad():
-        assert layer._decode_path(x, layer.router(x)) == (T * layer.config.top_k <= 16)
+        assert layer._decode_path(x, layer.router(x)) == (
+            slots <= DECODE_MAX_SLOTS or (kernel and slots <= DECODE_KERNEL_MAX_SLOTS))
         y, want = layer(x), ref(x)
     assert max_err(y, want) < 1e-5
     assert layer.stats["tokens_per_expert"].sum().item() == T * layer.config.top_k

@@ -101,6 +101,14 @@ class Experts(nn.Module):
         h = F.linear(x_ND, self.w_in[e].to(dtype), None if b_in is None else b_in[e].to(dtype))
         return F.linear(self.activation(h), self.w_out[e].to(dtype), None if b_out is None else b_out[e].to(dtype))
 
+    def decode_kernel_usable(self, x_TD: torch.Tensor) -> bool:
+        """Whether :meth:`decode` runs these rows in the single small-M kernel call (SwiGLU experts, CPU kernels
+        built, contiguous rows, weights in the compute dtype) rather than one library call per chosen expert."""
+        if self.activation.name != "swiglu" or not x_TD.is_contiguous():
+            return False
+        x_c = x_TD[:0].to(compute_dtype(x_TD, self.w_in))
+        return kcpu.small_gemm_usable(x_c, self.w_in, self.w_out, self.b_in, self.b_out)
+
     def decode(self, x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Inference for a few tokens, with no sort, no permutation buffers and no autograd bookkeeping: SwiGLU
@@ -110,8 +118,7 @@ class Experts(nn.Module):
         where not counted)."""
         dtype = compute_dtype(x_TD, self.w_in)
         x_TD = x_TD.to(dtype)
-        if self.activation.name == "swiglu" and x_TD.is_contiguous() and kcpu.small_gemm_usable(
-                x_TD, self.w_in, self.w_out, self.b_in, self.b_out):
+        if self.decode_kernel_usable(x_TD):
             return kcpu.small_experts_decode(x_TD, ids_TK.contiguous(), weights_TK.float().contiguous(), self.w_in,
                                              self.b_in, self.w_out, self.b_out, check=False)
         rows: dict[int, list[tuple[int, int]]] = {}
