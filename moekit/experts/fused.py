@@ -104,10 +104,13 @@ class Experts(nn.Module):
     def decode_kernel_usable(self, x_TD: torch.Tensor) -> bool:
         """Whether :meth:`decode` runs these rows in the single small-M kernel call (SwiGLU experts, CPU kernels
         built, contiguous rows, weights in the compute dtype) rather than one library call per chosen expert."""
-        if self.activation.name != "swiglu" or not x_TD.is_contiguous():
+        if self.activation.name != "swiglu" or x_TD.device.type != "cpu" or x_TD.dim() != 2 or \
+                not x_TD.is_contiguous() or kcpu.library() is None:
             return False
-        x_c = x_TD[:0].to(compute_dtype(x_TD, self.w_in))
-        return kcpu.small_gemm_usable(x_c, self.w_in, self.w_out, self.b_in, self.b_out)
+        dtype = compute_dtype(x_TD, self.w_in)  # (cheap checks: this runs on every decode step)
+        return dtype in (torch.float32, torch.bfloat16) and all(
+            w is None or (w.dtype == dtype and w.device.type == "cpu" and w.is_contiguous())
+            for w in (self.w_in, self.w_out, self.b_in, self.b_out))
 
     def decode(self, x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor | None]:

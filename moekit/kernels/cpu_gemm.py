@@ -114,5 +114,7 @@ def linear_autograd(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = N
     differs from PyTorch's (``dtype`` defaults to ``x``'s)."""
     dtype = dtype or x.dtype
     if x.device.type == "cpu" and x.dim() == 2 and provider(dtype) == "onednn" and not torch.compiler.is_compiling():
+        if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w, b))):
+            return linear(x.to(dtype), w.to(dtype), None if b is None else b.to(dtype))  # no graph to record
         return _Linear.apply(x, w, b, dtype)
     return F.linear(x.to(dtype), w.to(dtype), None if b is None else b.to(dtype))
