@@ -45,6 +45,7 @@ SHAPES = {
     "fine_grained": dict(family="qwen3_moe", d_model=512, d_ff=256, num_experts=64, top_k=8),
 }
 TOKENS = (1, 16, 128, 1024, 8192)
+DECODE_TOKENS = 16  # batches up to this size are memory-bound (the decode target)
 HF_IMPLS = ("eager", "grouped_mm", "batched_mm")
 BATCHED_MM_LIMIT_BYTES = 6 * 2**30  # batched_mm copies each slot's expert weights; skip where that cannot fit
 
@@ -150,12 +151,16 @@ def roofline(dtype: torch.dtype) -> dict:
         bt = b.T.contiguous()
         gemms["onednn"] = lambda: cpu_gemm._LP(a, bt, None, "none", [], "")
     rates = {name: 2 * n**3 / (timeit(fn, min_runs=5, budget_s=3.0)[0] / 1e3) / 1e9 for name, fn in gemms.items()}
+    return {"gemm_gflops": max(rates.values()), "gemm_by_library": rates, "copy_gbps": copy_rate()}
+
+
+def copy_rate() -> float:
+    """The large-copy rate (GB/s, bytes read + written) of this machine right now: a 256 MiB float32 copy."""
     src = torch.empty(64 * 2**20, dtype=torch.float32)
     src.uniform_()
     dst = torch.empty_like(src)
     ms_c, _ = timeit(lambda: dst.copy_(src), min_runs=5, budget_s=2.0)
-    copy = 2 * src.numel() * 4 / (ms_c / 1e3) / 1e9  # read + write
-    return {"gemm_gflops": max(rates.values()), "gemm_by_library": rates, "copy_gbps": copy}
+    return 2 * src.numel() * 4 / (ms_c / 1e3) / 1e9
 
 
 # ------------------------------------------------------------------------------------------------ models
@@ -237,11 +242,12 @@ def distinct_expert_bytes(shape: dict, tokens: int, dtype: torch.dtype) -> float
     return expected_touched * per_expert
 
 
-def machine_bound_ms(shape: dict, tokens: int, dtype: str, mode: str, roof: dict) -> float:
+def machine_bound_ms(shape: dict, tokens: int, dtype: str, mode: str, roof: dict,
+                     copy_gbps: float | None = None) -> float:
     """A lower bound on the time of any implementation on this machine: the larger of the routed experts' FLOPs at
     the measured large-GEMM rate (x3 for forward+backward) and the memory every implementation must move at the
-    measured copy rate: the distinct experts' weights (read once), plus for forward+backward the dense weight
-    gradient of every expert (written once)."""
+    measured copy rate (``copy_gbps``, else the roofline's): the distinct experts' weights (read once), plus for
+    forward+backward the dense weight gradient of every expert (written once)."""
     flops = expert_flops(shape, tokens) * (3 if "bwd" in mode else 1)
     rates = [roof[dtype]["gemm_gflops"]] + ([roof["float32"]["gemm_gflops"]]
                                             if dtype == "bfloat16" and "float32" in roof else [])
@@ -249,7 +255,7 @@ def machine_bound_ms(shape: dict, tokens: int, dtype: str, mode: str, roof: dict
     nbytes = distinct_expert_bytes(shape, tokens, dt)
     if "bwd" in mode:
         nbytes += 3 * shape["num_experts"] * shape["d_model"] * shape["d_ff"] * dt.itemsize
-    return max(flops / (max(rates) * 1e9), nbytes / (roof[dtype]["copy_gbps"] * 1e9)) * 1e3
+    return max(flops / (max(rates) * 1e9), nbytes / ((copy_gbps or roof[dtype]["copy_gbps"]) * 1e9)) * 1e3
 
 
 # ------------------------------------------------------------------------------------------------- runner
@@ -288,14 +294,19 @@ def bench(shapes, tokens, dtypes, modes, impls, tune_allocator: bool = True) -> 
     except ImportError:
         meta["transformers"] = None
     roof = {str(dt).removeprefix("torch."): roofline(dt) for dt in dtypes}
+    # The memory-bound rows' bound uses the copy rate measured just before their group: a shared machine's memory
+    # bandwidth drifts over a run (41-70 GB/s seen here), and the rows then run at the rate of their own moment.
+    copy_at: dict[str, float] = {}
     rows: list[Row] = []
     jobs = [(s, dt, t, m) for s in shapes for dt in dtypes for t in tokens for m in modes
-            if m != "fwd-cold" or t <= 16]
+            if m != "fwd-cold" or t <= DECODE_TOKENS]
     with Progress(console=console, transient=False, auto_refresh=False) as progress:  # no refresh thread while timing
         task = progress.add_task("benchmarking", total=len(jobs))
         for shape_name, dtype, T, mode in jobs:
             shape = SHAPES[shape_name]
             progress.update(task, description=f"{shape_name} {dtype} T={T} {mode}")
+            if T <= DECODE_TOKENS and f"{shape_name}/{_dt(dtype)}/{T}" not in copy_at:
+                copy_at[f"{shape_name}/{_dt(dtype)}/{T}"] = copy_rate()
             block = hf_block(shape, dtype) if meta["transformers"] else None
             # the layer shares the block's weight tensors: one copy in memory, as in a real model
             layer = share_hf(block) if block is not None else \
@@ -325,7 +336,7 @@ def bench(shapes, tokens, dtypes, modes, impls, tune_allocator: bool = True) -> 
             gc.collect()
             progress.advance(task)
             progress.refresh()
-    return {"meta": meta, "roofline": roof, "shapes": {k: SHAPES[k] for k in shapes},
+    return {"meta": meta, "roofline": roof, "copy_gbps_at": copy_at, "shapes": {k: SHAPES[k] for k in shapes},
             "rows": [asdict(r) for r in rows]}
 
 
@@ -419,7 +430,8 @@ def summarise(result: dict) -> str:
             [result["roofline"]["float32"]["gemm_gflops"]] if dtype == "bfloat16" and "float32" in result["roofline"]
             else [])
         frac = flops / (mk / 1e3) / 1e9 / max(rates) if mk else None
-        bound = machine_bound_ms(sh, T, dtype, mode, result["roofline"])
+        bound = machine_bound_ms(sh, T, dtype, mode, result["roofline"],
+                                 result.get("copy_gbps_at", {}).get(f"{shape}/{dtype}/{T}"))
         mem_mk = impls.get("moekit", {}).get("peak_mem_mb")
         mem_hf = impls.get("hf_grouped_mm", {}).get("peak_mem_mb")
         mem = f"{mem_mk:.0f} / {mem_hf:.0f}" if mem_mk is not None and mem_hf is not None else ""
@@ -428,7 +440,7 @@ def summarise(result: dict) -> str:
             checks["speed"].append((key, best[0] / mk, best[0] / bound))
         if mk and T >= 1024 and frac is not None:
             checks["roofline"].append((key, frac))
-        if mk and T <= 16 and "bwd" not in mode:
+        if mk and T <= DECODE_TOKENS and "bwd" not in mode:
             checks["decode"].append((key, mk / bound))
         if mem:
             checks["memory"].append((key, mem_mk, mem_hf))
@@ -444,8 +456,16 @@ def summarise(result: dict) -> str:
             f"{m['transformers']}, moekit CPU kernels: {m.get('cpu_kernels', 'n/a')}, glibc malloc tuned: "
             f"{m.get('allocator_tuned')}. Roofline in the same run (the faster GEMM library): " + "; ".join(
                 f"{dt} GEMM {v['gemm_gflops']:.0f} GFLOP/s ({libs(v)})" for dt, v in rf.items())
-            + f"; copy {next(iter(rf.values()))['copy_gbps']:.1f} GB/s.")
+            + f"; copy {next(iter(rf.values()))['copy_gbps']:.1f} GB/s" + _copy_range(result) + ".")
     return head + "\n\n" + "\n".join(lines) + "\n\n" + targets_summary(checks)
+
+
+def _copy_range(result: dict) -> str:
+    at = list(result.get("copy_gbps_at", {}).values())
+    if not at:
+        return ""
+    return (f" (the memory-bound rows, T <= {DECODE_TOKENS}, use the copy rate measured just before their group: "
+            f"{min(at):.1f}-{max(at):.1f} GB/s)")
 
 
 def targets_summary(checks: dict) -> str:
