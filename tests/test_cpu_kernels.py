@@ -347,6 +347,47 @@ def test_cpu_gemm_is_exact_precision(dtype):
     assert rel_err(out, a.double() @ w.double().T) < TOL[dtype]
 
 
+@pytest.mark.parametrize("small_macs", [None, 0])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_linear_into_chunks_and_dtypes(dtype, small_macs, monkeypatch):
+    """Every route of ``linear_into``: torch.mm with ``out=``, oneDNN in row chunks (also when small problems would
+    go to torch.mm: ``small_macs=0``), and an fp32 product written into a bf16 output a few rows at a time."""
+    if small_macs is not None:
+        monkeypatch.setattr(cpu_gemm, "SMALL_GEMM_MACS", small_macs)
+    a, w = torch.randn(37, 70).to(dtype), torch.randn(45, 70).to(dtype)
+    want = a.double() @ w.double().T
+    for chunk in (cpu_gemm.INTO_CHUNK_BYTES, 45 * 4 * 5):  # one chunk; 5 rows at a time (the last one short)
+        out = torch.full((37, 45), float("nan"), dtype=dtype)
+        cpu_gemm.linear_into(out, a, w, chunk_bytes=chunk)
+        assert rel_err(out, want) < TOL[dtype]
+        mixed = torch.full((37, 45), float("nan"), dtype=torch.bfloat16)  # computed in fp32, stored in bf16
+        cpu_gemm.linear_into(mixed, a.float(), w.float(), chunk_bytes=chunk)
+        assert rel_err(mixed, want) < 1e-2
+
+
+def test_linear_autograd_bf16_weight_fp32_compute():
+    """A bf16 router computed in fp32: the weight gradient comes back in bf16, equal to the rounded fp32 product."""
+    x = torch.randn(300, 64).bfloat16().requires_grad_(True)
+    w = torch.randn(24, 64).bfloat16().requires_grad_(True)
+    g = torch.randn(300, 24)
+    out = cpu_gemm.linear_autograd(x, w, None, torch.float32)
+    assert out.dtype == torch.float32
+    dx, dw = torch.autograd.grad(out, [x, w], g)
+    assert dw.dtype == torch.bfloat16 and dx.dtype == torch.bfloat16
+    assert rel_err(dw, g.double().T @ x.double()) < 1e-2 and rel_err(dx, g.double() @ w.double()) < 1e-2
+
+
+def test_small_fp32_gemms_skip_onednn(monkeypatch):
+    """A tiny fp32 product (a router's logits for one token) goes to torch's GEMM, whose call costs a quarter of
+    oneDNN's; a large one to the provider."""
+    monkeypatch.setattr(cpu_gemm, "_PROVIDER", {torch.float32: "onednn", torch.bfloat16: "onednn"})
+    small, big = torch.randn(1, 512), torch.randn(256, 512)
+    w = torch.randn(64, 512)
+    assert not cpu_gemm._use_onednn(small, w)
+    assert cpu_gemm._use_onednn(big, torch.randn(1024, 512)) == (cpu_gemm._LP is not None)
+    assert cpu_gemm._use_onednn(small.bfloat16(), w.bfloat16()) == (cpu_gemm._LP is not None)  # bf16: always
+
+
 def test_cpu_gemm_provider_choice(monkeypatch):
     assert cpu_gemm.provider(torch.float32) in ("onednn", "torch")
     assert cpu_gemm.provider(torch.float64) == "torch"

@@ -63,28 +63,52 @@ def provider(dtype: torch.dtype) -> str:
     return _PROVIDER[dtype]
 
 
+#: An fp32 GEMM of at most this many multiply-adds goes to ``torch.mm``, whatever the provider: oneDNN's call costs
+#: ~10 us before any arithmetic (a router's 1 x 512 x 64 logits: 12 us in oneDNN, 3 us in MKL), which only pays
+#: off from ~2M multiply-adds (measured on AMD Zen 5; bf16 runs in oneDNN either way).
+SMALL_GEMM_MACS = 1 << 20
+
+
+def _use_onednn(a: torch.Tensor, w: torch.Tensor) -> bool:
+    return a.device.type == "cpu" and a.numel() > 0 and w.numel() > 0 and provider(a.dtype) == "onednn" and not (
+        a.dtype == torch.float32 and a.shape[0] * w.shape[0] * a.shape[1] <= SMALL_GEMM_MACS)
+
+
 def linear(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``a @ w.T (+ bias)`` for 2-D ``a [M, K]`` and ``w [N, K]``."""
-    if a.device.type == "cpu" and a.numel() and w.numel() and provider(a.dtype) == "onednn":
+    if _use_onednn(a, w):
         return _LP(a, w, bias, "none", [], "")
     return F.linear(a, w, bias)
 
 
-#: oneDNN has no ``out=``: ``linear_into`` computes this many bytes of output at a time and copies them in, so its
-#: temporary stays small (a weight gradient is as large as the weight).
+#: oneDNN's linear has no ``out=``: ``linear_into`` computes this many bytes of output at a time and copies them in,
+#: so its temporary stays small (a weight gradient is as large as the weight).
 INTO_CHUNK_BYTES = 1 << 18
+_MM_BF16_ONEDNN: list[bool] = []
 
 
-def linear_into(out: torch.Tensor, a: torch.Tensor, w: torch.Tensor) -> None:
-    """``out = a @ w.T`` for a preallocated (possibly strided) ``out``, in ``out``'s dtype."""
-    if a.device.type == "cpu" and a.numel() and w.numel() and provider(a.dtype) == "onednn":
-        rows = max(1, INTO_CHUNK_BYTES // max(1, w.shape[0] * a.element_size()))
-        for r in range(0, a.shape[0], rows):
-            out[r:r + rows].copy_(_LP(a[r:r + rows], w, None, "none", [], ""))
-    elif out.dtype == a.dtype:
-        torch.mm(a, w.T, out=out)
-    else:
-        out.copy_(a @ w.T)
+def _mm_bf16_in_onednn() -> bool:
+    """Whether ``torch.mm`` runs bf16 in oneDNN here (then with ``out=`` it writes straight into the output)."""
+    if not _MM_BF16_ONEDNN:
+        try:
+            _MM_BF16_ONEDNN.append(bool(torch.backends.mkldnn.is_available()
+                                        and torch.ops.mkldnn._is_mkldnn_bf16_supported()))
+        except (AttributeError, RuntimeError):
+            _MM_BF16_ONEDNN.append(False)
+    return _MM_BF16_ONEDNN[0]
+
+
+def linear_into(out: torch.Tensor, a: torch.Tensor, w: torch.Tensor, chunk_bytes: int = INTO_CHUNK_BYTES) -> None:
+    """``out = a @ w.T`` for a preallocated (possibly strided) ``out``, in ``out``'s dtype, with no temporary
+    larger than ``chunk_bytes``."""
+    if out.dtype == a.dtype and (not _use_onednn(a, w) or (a.dtype == torch.bfloat16 and a.device.type == "cpu"
+                                                          and _mm_bf16_in_onednn())):
+        torch.mm(a, w.T, out=out)  # (bf16: the same oneDNN kernels as the provider's, and no copy)
+        return
+    onednn = _use_onednn(a, w)
+    rows = max(1, chunk_bytes // max(1, w.shape[0] * a.element_size()))
+    for r in range(0, a.shape[0], rows):
+        out[r:r + rows].copy_(_LP(a[r:r + rows], w, None, "none", [], "") if onednn else a[r:r + rows] @ w.T)
 
 
 class _Linear(torch.autograd.Function):
@@ -103,7 +127,11 @@ class _Linear(torch.autograd.Function):
         x, w = ctx.saved_tensors
         g = g.contiguous().to(ctx.dtype)
         dx = linear(g, w.to(ctx.dtype).T).to(x.dtype) if ctx.needs_input_grad[0] else None  # g @ w
-        dw = linear(g.T, x.to(ctx.dtype).T).to(w.dtype) if ctx.needs_input_grad[1] else None  # g^T @ x
+        dw = None
+        if ctx.needs_input_grad[1]:  # g^T @ x, straight into the weight's dtype without a full-size temporary
+            dw = torch.empty_like(w, memory_format=torch.contiguous_format)
+            linear_into(dw, g.T, x.to(ctx.dtype).T,
+                        chunk_bytes=INTO_CHUNK_BYTES // 4 if w.dtype != ctx.dtype else INTO_CHUNK_BYTES)
         db = g.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return dx, dw, db, None
 

@@ -1,0 +1,38 @@
+"""The layer benchmark's measuring tools (moekit.benchmark): what they report must be what happened."""
+
+import torch
+
+from moekit import benchmark as B
+
+
+def test_peak_alloc_counts_transients_not_replaced_state():
+    """A step that briefly holds 4 MiB and replaces a 1 MiB tensor it keeps (as a layer keeps its statistics)
+    peaks at 4 MiB above what was held before it (5 MiB would charge it for the old state's copy too)."""
+    kept = {"state": torch.zeros(2**18)}  # 1 MiB of float32
+
+    def step():
+        kept["state"] = torch.zeros(2**18)  # the new state replaces the old: no net growth
+        tmp = torch.ones(2**20)  # 4 MiB, freed at the end of the step
+        tmp.add_(1)
+
+    mb = B.peak_alloc_mb(step)
+    assert mb is not None and abs(mb - 4.0) < 0.05, mb
+
+
+def test_peak_alloc_sees_peaks_inside_one_operator():
+    x = torch.randn(512, 512)
+    mb = B.peak_alloc_mb(lambda: (x @ x).sum())  # the 1 MiB product lives only inside the expression
+    assert mb is not None and 0.99 < mb < 1.5, mb
+
+
+def test_machine_bound_is_the_larger_of_flops_and_bytes():
+    shape = B.SHAPES["mixtral"]
+    roof = {"float32": {"gemm_gflops": 100.0, "copy_gbps": 10.0}}
+    flops_ms = B.expert_flops(shape, 1024) / 100e9 * 1e3
+    assert B.machine_bound_ms(shape, 1024, "float32", "fwd", roof) == flops_ms  # large T: FLOP-bound
+    bytes_ms = B.distinct_expert_bytes(shape, 1, torch.float32) / 10e9 * 1e3
+    assert B.machine_bound_ms(shape, 1, "float32", "fwd", roof) == bytes_ms  # one token: memory-bound
+    assert B.machine_bound_ms(shape, 1, "float32", "fwd", roof, copy_gbps=20.0) == bytes_ms / 2
+    # forward+backward also writes every expert's weight gradient once
+    grads = 3 * 8 * 512 * 1408 * 4 / 10e9 * 1e3
+    assert abs(B.machine_bound_ms(shape, 1, "float32", "fwd+bwd", roof) - (bytes_ms + grads)) < 1e-9
