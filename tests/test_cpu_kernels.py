@@ -119,6 +119,10 @@ def test_zero_large_tensor(kernels):
     t = torch.ones(3, 1 << 19)
     K.zero_(t[1])
     assert t[1].abs().sum() == 0 and t[0].sum() == t[2].sum() == 1 << 19
+    # streaming stores cover whole aligned 64-byte lines: an unaligned start and a ragged end are written plainly
+    u = torch.ones((1 << 20) + 100, dtype=torch.bfloat16)
+    K.zero_(u[13:13 + (1 << 20) + 5])
+    assert (u[13:13 + (1 << 20) + 5] == 0).all() and (u[:13] == 1).all() and (u[13 + (1 << 20) + 5:] == 1).all()
 
 
 # ------------------------------------------------------------------------------- small-M expert GEMMs

@@ -374,9 +374,16 @@ def _expert_grad_buffer(w_EOI: torch.Tensor, counts: list[int]) -> torch.Tensor:
     """Gradient buffer for stacked expert weights: uninitialised, with only the idle experts zeroed (the active
     ones are overwritten by their GEMM), so memory is written once."""
     buf = torch.empty_like(w_EOI)
-    for e, n in enumerate(counts):
-        if not n:
-            kcpu.zero_(buf[e])
+    e, E = 0, len(counts)
+    while e < E:  # each run of consecutive idle experts is one contiguous block: one (streaming) zero-fill
+        if counts[e]:
+            e += 1
+            continue
+        end = e + 1
+        while end < E and not counts[end]:
+            end += 1
+        kcpu.zero_(buf[e:end])
+        e = end
     return buf
 
 
