@@ -109,14 +109,14 @@ def roofline() -> dict:
             torch.backends.cuda.matmul.allow_tf32 = allow
             a = torch.randn(n, n, device="cuda", dtype=dtype)
             b = torch.randn(n, n, device="cuda", dtype=dtype)
-            ms, _ = cuda_timeit_many({"mm": lambda: a @ b}, min_reps=5, max_reps=20, budget_s=1.0)["mm"]
+            ms, _ = cuda_timeit_many({"mm": lambda a=a, b=b: a @ b}, min_reps=5, max_reps=20, budget_s=1.0)["mm"]
             out[f"gemm_tflops_{name}"] = 2 * n**3 / (ms / 1e3) / 1e12
             del a, b
     finally:
         torch.backends.cuda.matmul.allow_tf32 = tf32
     src = torch.empty(2**28, dtype=torch.float32, device="cuda").uniform_()  # 1 GiB
     dst = torch.empty_like(src)
-    ms, _ = cuda_timeit_many({"copy": lambda: dst.copy_(src)}, min_reps=5, max_reps=20, budget_s=1.0)["copy"]
+    ms, _ = cuda_timeit_many({"copy": lambda dst=dst, src=src: dst.copy_(src)}, min_reps=5, max_reps=20, budget_s=1.0)["copy"]
     out["copy_gbps"] = 2 * src.numel() * 4 / (ms / 1e3) / 1e9  # read + write
     del src, dst
     torch.cuda.empty_cache()

@@ -99,8 +99,9 @@ def _mm_bf16_in_onednn() -> bool:
 
 
 def linear_into(out: torch.Tensor, a: torch.Tensor, w: torch.Tensor, chunk_bytes: int = INTO_CHUNK_BYTES) -> None:
-    """``out = a @ w.T`` for a preallocated (possibly strided) ``out``, in ``out``'s dtype, with no temporary
-    larger than ``chunk_bytes``."""
+    """``out = a @ w.T`` for a preallocated (possibly strided) ``out``, in ``out``'s dtype, without an
+    output-sized temporary: ``torch.mm(out=)`` where it writes in place, else oneDNN (or a dtype conversion) in
+    chunks of at most ``chunk_bytes`` of output."""
     if out.dtype == a.dtype and (not _use_onednn(a, w) or (a.dtype == torch.bfloat16 and a.device.type == "cpu"
                                                           and _mm_bf16_in_onednn())):
         torch.mm(a, w.T, out=out)  # (bf16: the same oneDNN kernels as the provider's, and no copy)
