@@ -415,18 +415,25 @@ int moe_small_up(const void *x, int64_t ld_x, const int64_t *tok, const int64_t 
  *     out[tok[s], d] += w[s] * (a[s, :] . w_out[e, d, :] + b_out[e, d])       for the rows s of expert e,
  * out float32 [T, D]. Each thread owns a block of the D output columns for all experts, so a token that went to
  * several experts is never written by two threads, and each token's sum runs in expert order (deterministic). */
+#define DOWN_DB_MAX 128
 int moe_small_down(const void *a, int64_t ld_a, const int64_t *tok, const float *w, const int64_t *start,
                    const int64_t *end, int64_t E,
                    const void *w_out, const void *b_out, int64_t D, int64_t F, int dt, float *out, int64_t ld_out,
                    int nthreads) {
-    const int64_t DB = 16;
-    const int64_t nd = (D + DB - 1) / DB;
+    /* Columns per work item: as many as leaves two items per thread, up to DOWN_DB_MAX. Each item reads every row
+     * of a once, so wide items read a a few times instead of D / 16 times, and write each token's output in long
+     * runs (with a short d_ff, as in fine-grained experts, those passes cost as much as the arithmetic). */
     int64_t rows = 0, na = 0;
     for (int64_t e = 0; e < E; e++) {
         rows += end[e] - start[e];
         na += end[e] > start[e];
     }
-#pragma omp parallel for schedule(static) num_threads(threads_for(gemm_work(rows, na, D, F), nthreads))
+    const int nt = threads_for(gemm_work(rows, na, D, F), nthreads);
+    int64_t DB = (D + 2 * nt - 1) / (2 * nt);
+    DB = (DB + 15) / 16 * 16;
+    DB = DB < 16 ? 16 : DB > DOWN_DB_MAX ? DOWN_DB_MAX : DB;
+    const int64_t nd = (D + DB - 1) / DB;
+#pragma omp parallel for schedule(static) num_threads(nt)
     for (int64_t item = 0; item < nd; item++) {
         const int64_t d0 = item * DB, d1 = d0 + DB < D ? d0 + DB : D;
         for (int64_t e = 0; e < E; e++) {
@@ -437,14 +444,14 @@ int moe_small_down(const void *a, int64_t ld_a, const int64_t *tok, const float 
                 const void *ar[TR];
                 const int R = s1 - s < TR ? (int)(s1 - s) : TR;
                 for (int r = 0; r < R; r++) ar[r] = at(a, dt, ld_a, s + r, 0);
-                float cb[TR][16] __attribute__((aligned(64))); /* the block's outputs for these rows */
+                float cb[TR][DOWN_DB_MAX] __attribute__((aligned(64))); /* the block's outputs for these rows */
                 for (int64_t d = d0; d < d1; d += TN) {
                     const void *b[TN], *pf[TN];
                     for (int q = 0; q < TN; q++) { /* padding rows repeat row d0; their results land past d1 */
                         b[q] = we + (size_t)(d + q < d1 ? d + q : d0) * (size_t)F * esize(dt);
                         pf[q] = (const char *)b[q] + (size_t)(PF_TILES * TN) * F * esize(dt);
                     }
-                    nt_tile(ar, R, b, s == s0 ? pf : NULL, F, dt, &cb[0][d - d0], 16);
+                    nt_tile(ar, R, b, s == s0 ? pf : NULL, F, dt, &cb[0][d - d0], DOWN_DB_MAX);
                 }
                 const int64_t dw = d1 - d0;
                 for (int r = 0; r < R; r++) {
