@@ -143,6 +143,7 @@ CASES = [  # (E, D, F, rows per expert)
     (3, 37, 21, [2, 0, 5]),  # tails of every vector width, an idle expert
     (4, 64, 32, [1, 4, 3, 9]),  # exact vector widths, more rows than one tile
     (2, 130, 70, [24, 1]),
+    (2, 300, 150, [13, 7]),  # wide outputs: work items of several tiles, a ragged last item
 ]
 
 

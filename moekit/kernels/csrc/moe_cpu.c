@@ -693,41 +693,55 @@ static void nn_tile(const void *const *a, int adt, int R, const char *b, int bdt
  * contiguous; ia(s) = a_idx ? a_idx[s] : s. c_idx NULL: C[s, n] is written in dtype cdt (row stride ldc);
  * else float32 C[c_idx[s], n] += the result (the rows of one expert must have distinct c_idx). Each thread owns a
  * block of columns for all experts, so accumulation is race-free and in expert order. */
+#define NN_ITEM_MAX 128    /* columns per work item of the NN kernel, at most: bf16 weights (fp32: the same bytes) */
+#ifndef NN_ITEM_MAX_F32
+#define NN_ITEM_MAX_F32 64 /* (fp32 weights) */
+#endif
 int moe_small_nn(const void *A, int adt, int64_t lda, const int64_t *a_idx, const void *B, int bdt, int64_t Kd,
                  int64_t N, const int64_t *start, const int64_t *end, int64_t E, void *C, int cdt, int64_t ldc,
                  const int64_t *c_idx, int nthreads) {
     const int64_t NBLK = 16 * NNC;
-    const int64_t nb = (N + NBLK - 1) / NBLK;
     int64_t rows = 0, na = 0;
     for (int64_t e = 0; e < E; e++) {
         rows += end[e] - start[e];
         na += end[e] > start[e];
     }
-#pragma omp parallel for schedule(static) num_threads(threads_for(gemm_work(rows, na, N, Kd), nthreads))
+    /* Work items of several tiles' columns (two items per thread, at most NN_ITEM_MAX columns): a row block of A is
+     * then reused from cache by the item's tiles instead of being read again per NBLK columns. */
+    const int nt = threads_for(gemm_work(rows, na, N, Kd), nthreads);
+    int64_t IB = (N + 2 * nt - 1) / (2 * nt);
+    IB = (IB + NBLK - 1) / NBLK * NBLK;
+    const int64_t ib_max = bdt == DT_F32 ? NN_ITEM_MAX_F32 : NN_ITEM_MAX;
+    IB = IB < NBLK ? NBLK : IB > ib_max ? ib_max : IB;
+    const int64_t nb = (N + IB - 1) / IB;
+#pragma omp parallel for schedule(static) num_threads(nt)
     for (int64_t item = 0; item < nb; item++) {
-        const int64_t n0 = item * NBLK, w = min64(NBLK, N - n0);
+        const int64_t i0 = item * IB, i1 = min64(i0 + IB, N);
         for (int64_t e = 0; e < E; e++) {
             const char *be = (const char *)B + (size_t)e * (size_t)Kd * (size_t)N * esize(bdt);
             for (int64_t s = start[e]; s < end[e]; s += NR) {
                 const void *a[NR];
                 int R = (int)min64(NR, end[e] - s);
                 for (int r = 0; r < R; r++) a[r] = at(A, adt, lda, a_idx ? a_idx[s + r] : s + r, 0);
-                float c[NR * 16 * NNC] __attribute__((aligned(64)));
-                nn_tile(a, adt, R, be, bdt, N, Kd, n0, N, c);
-                for (int r = 0; r < R; r++) {
-                    const float *cr = c + r * 16 * NNC;
-                    if (c_idx) {
-                        float *o = (float *)C + (size_t)c_idx[s + r] * (size_t)ldc + n0;
+                for (int64_t n0 = i0; n0 < i1; n0 += NBLK) {
+                    const int64_t w = min64(NBLK, N - n0);
+                    float c[NR * 16 * NNC] __attribute__((aligned(64)));
+                    nn_tile(a, adt, R, be, bdt, N, Kd, n0, N, c);
+                    for (int r = 0; r < R; r++) {
+                        const float *cr = c + r * 16 * NNC;
+                        if (c_idx) {
+                            float *o = (float *)C + (size_t)c_idx[s + r] * (size_t)ldc + n0;
 #pragma omp simd
-                        for (int64_t j = 0; j < w; j++) o[j] += cr[j];
-                    } else {
-                        void *o = at(C, cdt, ldc, s + r, n0);
-                        if (cdt == DT_F32) {
-#pragma omp simd
-                            for (int64_t j = 0; j < w; j++) ((float *)o)[j] = cr[j];
+                            for (int64_t j = 0; j < w; j++) o[j] += cr[j];
                         } else {
+                            void *o = at(C, cdt, ldc, s + r, n0);
+                            if (cdt == DT_F32) {
 #pragma omp simd
-                            for (int64_t j = 0; j < w; j++) ((bf16 *)o)[j] = f32_to_bf16(cr[j]);
+                                for (int64_t j = 0; j < w; j++) ((float *)o)[j] = cr[j];
+                            } else {
+#pragma omp simd
+                                for (int64_t j = 0; j < w; j++) ((bf16 *)o)[j] = f32_to_bf16(cr[j]);
+                            }
                         }
                     }
                 }
