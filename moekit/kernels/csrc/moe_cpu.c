@@ -714,11 +714,27 @@ int moe_small_nn(const void *A, int adt, int64_t lda, const int64_t *a_idx, cons
     const int64_t ib_max = bdt == DT_F32 ? NN_ITEM_MAX_F32 : NN_ITEM_MAX;
     IB = IB < NBLK ? NBLK : IB > ib_max ? ib_max : IB;
     const int64_t nb = (N + IB - 1) / IB;
-#pragma omp parallel for schedule(static) num_threads(nt)
+    const size_t eb = esize(bdt);
+#pragma omp parallel num_threads(nt)
+    {
+        /* An expert with more than one row block first copies its item's columns of B into a contiguous block: B's
+         * rows are N apart, and with N a power of two (d_model) the tiles' column strips would all fall into the
+         * same few cache sets and be evicted between row blocks. */
+        char *pack = malloc((size_t)Kd * (size_t)IB * eb);
+#pragma omp for schedule(static)
     for (int64_t item = 0; item < nb; item++) {
-        const int64_t i0 = item * IB, i1 = min64(i0 + IB, N);
+        const int64_t i0 = item * IB, i1 = min64(i0 + IB, N), pw = i1 - i0;
         for (int64_t e = 0; e < E; e++) {
-            const char *be = (const char *)B + (size_t)e * (size_t)Kd * (size_t)N * esize(bdt);
+            if (end[e] <= start[e]) continue;
+            const char *be = (const char *)B + (size_t)e * (size_t)Kd * (size_t)N * eb;
+            const char *bb = be;
+            int64_t ldb = N, nbase = 0, nlim = N;
+            if (pack && end[e] - start[e] > NR) {
+                for (int64_t k = 0; k < Kd; k++)
+                    memcpy(pack + (size_t)k * (size_t)pw * eb, be + ((size_t)k * (size_t)N + (size_t)i0) * eb,
+                           (size_t)pw * eb);
+                bb = pack, ldb = pw, nbase = i0, nlim = pw;
+            }
             for (int64_t s = start[e]; s < end[e]; s += NR) {
                 const void *a[NR];
                 int R = (int)min64(NR, end[e] - s);
@@ -726,7 +742,7 @@ int moe_small_nn(const void *A, int adt, int64_t lda, const int64_t *a_idx, cons
                 for (int64_t n0 = i0; n0 < i1; n0 += NBLK) {
                     const int64_t w = min64(NBLK, N - n0);
                     float c[NR * 16 * NNC] __attribute__((aligned(64)));
-                    nn_tile(a, adt, R, be, bdt, N, Kd, n0, N, c);
+                    nn_tile(a, adt, R, bb, bdt, ldb, Kd, n0 - nbase, nlim, c);
                     for (int r = 0; r < R; r++) {
                         const float *cr = c + r * 16 * NNC;
                         if (c_idx) {
@@ -747,6 +763,8 @@ int moe_small_nn(const void *A, int adt, int64_t lda, const int64_t *a_idx, cons
                 }
             }
         }
+    }
+        free(pack);
     }
     return 0;
 }
