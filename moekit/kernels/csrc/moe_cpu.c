@@ -865,8 +865,18 @@ int moe_small_outer(const void *A, int adt, int64_t lda, const int64_t *a_idx, c
 #if defined(__AVX512BF16__)
         store:
 #endif
-            UNROLL for (int i = 0; i < OTN; i++) UNROLL for (int q = 0; q < NC; q++) {
-                if (i < nn && mc[q]) st16_stream(at(ge, gdt, Kd, n0 + i, k0 + 16 * q), gdt, mc[q], acc[i][q]);
+            UNROLL for (int i = 0; i < OTN; i++) UNROLL for (int q = 0; q < NC; q += 2) {
+                if (i >= nn) continue;
+                char *o = at(ge, gdt, Kd, n0 + i, k0 + 16 * q);
+                if (gdt == DT_BF16 && mc[q] == 0xffff && mc[q + 1] == 0xffff && ((uintptr_t)o & 63) == 0) {
+                    /* two bf16 vectors make one whole line: a single 64-byte streaming store */
+                    __m512i line = _mm512_inserti64x4(_mm512_castsi256_si512(cvt16_bf16(acc[i][q])),
+                                                      cvt16_bf16(acc[i][q + 1]), 1);
+                    _mm512_stream_si512((void *)o, line);
+                    continue;
+                }
+                if (mc[q]) st16_stream(o, gdt, mc[q], acc[i][q]);
+                if (mc[q + 1]) st16_stream(at(ge, gdt, Kd, n0 + i, k0 + 16 * (q + 1)), gdt, mc[q + 1], acc[i][q + 1]);
             }
 #else
             int64_t w = min64(16 * NC, Kd - k0);
