@@ -23,6 +23,7 @@ Notation: ``T`` tokens, ``S`` valid slots in expert order, ``D`` model dim, ``W`
 
 from __future__ import annotations
 
+import itertools
 import os
 import time
 from dataclasses import dataclass, field
@@ -374,16 +375,12 @@ def _expert_grad_buffer(w_EOI: torch.Tensor, counts: list[int]) -> torch.Tensor:
     """Gradient buffer for stacked expert weights: uninitialised, with only the idle experts zeroed (the active
     ones are overwritten by their GEMM), so memory is written once."""
     buf = torch.empty_like(w_EOI)
-    e, E = 0, len(counts)
-    while e < E:  # each run of consecutive idle experts is one contiguous block: one (streaming) zero-fill
-        if counts[e]:
-            e += 1
-            continue
-        end = e + 1
-        while end < E and not counts[end]:
-            end += 1
-        kcpu.zero_(buf[e:end])
-        e = end
+    e = 0
+    for idle, run in itertools.groupby(counts, key=lambda n: n == 0):
+        n = len(list(run))
+        if idle:  # a run of consecutive idle experts is one contiguous block: one (streaming) zero-fill
+            kcpu.zero_(buf[e:e + n])
+        e += n
     return buf
 
 

@@ -12,6 +12,7 @@ Operands may be strided views (``w[e].T``, ``a.T``); every function returns a ne
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 
@@ -84,29 +85,25 @@ def linear(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -
 #: oneDNN's linear has no ``out=``: ``linear_into`` computes this many bytes of output at a time and copies them in,
 #: so its temporary stays small (a weight gradient is as large as the weight).
 INTO_CHUNK_BYTES = 1 << 18
-_MM_BF16_ONEDNN: list[bool] = []
 
 
+@functools.cache
 def _mm_bf16_in_onednn() -> bool:
     """Whether ``torch.mm`` runs bf16 in oneDNN here (then with ``out=`` it writes straight into the output)."""
-    if not _MM_BF16_ONEDNN:
-        try:
-            _MM_BF16_ONEDNN.append(bool(torch.backends.mkldnn.is_available()
-                                        and torch.ops.mkldnn._is_mkldnn_bf16_supported()))
-        except (AttributeError, RuntimeError):
-            _MM_BF16_ONEDNN.append(False)
-    return _MM_BF16_ONEDNN[0]
+    try:
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def linear_into(out: torch.Tensor, a: torch.Tensor, w: torch.Tensor, chunk_bytes: int = INTO_CHUNK_BYTES) -> None:
     """``out = a @ w.T`` for a preallocated (possibly strided) ``out``, in ``out``'s dtype, without an
     output-sized temporary: ``torch.mm(out=)`` where it writes in place, else oneDNN (or a dtype conversion) in
     chunks of at most ``chunk_bytes`` of output."""
-    if out.dtype == a.dtype and (not _use_onednn(a, w) or (a.dtype == torch.bfloat16 and a.device.type == "cpu"
-                                                          and _mm_bf16_in_onednn())):
+    onednn = _use_onednn(a, w)
+    if out.dtype == a.dtype and (not onednn or (a.dtype == torch.bfloat16 and _mm_bf16_in_onednn())):
         torch.mm(a, w.T, out=out)  # (bf16: the same oneDNN kernels as the provider's, and no copy)
         return
-    onednn = _use_onednn(a, w)
     rows = max(1, chunk_bytes // max(1, w.shape[0] * a.element_size()))
     for r in range(0, a.shape[0], rows):
         out[r:r + rows].copy_(_LP(a[r:r + rows], w, None, "none", [], "") if onednn else a[r:r + rows] @ w.T)

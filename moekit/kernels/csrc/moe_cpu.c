@@ -100,6 +100,14 @@ static inline int threads_for(int64_t work, int nthreads) {
     return t < nthreads ? (int)t : nthreads;
 }
 
+/* Width of a work item that splits n output columns among nt threads: two items per thread (for balance), as wide
+ * as that allows so each item reads its inputs few times, rounded up to a multiple of unit, within [unit, max]. */
+static inline int64_t item_width(int64_t n, int nt, int64_t unit, int64_t max) {
+    int64_t w = (n + 2 * nt - 1) / (2 * nt);
+    w = (w + unit - 1) / unit * unit;
+    return w < unit ? unit : w > max ? max : w;
+}
+
 /* An activation element (an exp, a division, a few FMAs) costs about as much as this many copied elements. */
 #define ACT_COST 8
 
@@ -429,9 +437,7 @@ int moe_small_down(const void *a, int64_t ld_a, const int64_t *tok, const float 
         na += end[e] > start[e];
     }
     const int nt = threads_for(gemm_work(rows, na, D, F), nthreads);
-    int64_t DB = (D + 2 * nt - 1) / (2 * nt);
-    DB = (DB + 15) / 16 * 16;
-    DB = DB < 16 ? 16 : DB > DOWN_DB_MAX ? DOWN_DB_MAX : DB;
+    const int64_t DB = item_width(D, nt, 16, DOWN_DB_MAX);
     const int64_t nd = (D + DB - 1) / DB;
 #pragma omp parallel for schedule(static) num_threads(nt)
     for (int64_t item = 0; item < nd; item++) {
@@ -693,10 +699,7 @@ static void nn_tile(const void *const *a, int adt, int R, const char *b, int bdt
  * contiguous; ia(s) = a_idx ? a_idx[s] : s. c_idx NULL: C[s, n] is written in dtype cdt (row stride ldc);
  * else float32 C[c_idx[s], n] += the result (the rows of one expert must have distinct c_idx). Each thread owns a
  * block of columns for all experts, so accumulation is race-free and in expert order. */
-#define NN_ITEM_MAX 128    /* columns per work item of the NN kernel, at most: bf16 weights (fp32: the same bytes) */
-#ifndef NN_ITEM_MAX_F32
-#define NN_ITEM_MAX_F32 64 /* (fp32 weights) */
-#endif
+#define NN_ITEM_BYTES 256 /* bytes of each weight row per work item of the NN kernel, at most (128 bf16 columns) */
 int moe_small_nn(const void *A, int adt, int64_t lda, const int64_t *a_idx, const void *B, int bdt, int64_t Kd,
                  int64_t N, const int64_t *start, const int64_t *end, int64_t E, void *C, int cdt, int64_t ldc,
                  const int64_t *c_idx, int nthreads) {
@@ -706,15 +709,12 @@ int moe_small_nn(const void *A, int adt, int64_t lda, const int64_t *a_idx, cons
         rows += end[e] - start[e];
         na += end[e] > start[e];
     }
-    /* Work items of several tiles' columns (two items per thread, at most NN_ITEM_MAX columns): a row block of A is
-     * then reused from cache by the item's tiles instead of being read again per NBLK columns. */
+    /* Work items of several tiles' columns (at most NN_ITEM_BYTES of each weight row): a row block of A is then
+     * reused from cache by the item's tiles instead of being read again per NBLK columns. */
     const int nt = threads_for(gemm_work(rows, na, N, Kd), nthreads);
-    int64_t IB = (N + 2 * nt - 1) / (2 * nt);
-    IB = (IB + NBLK - 1) / NBLK * NBLK;
-    const int64_t ib_max = bdt == DT_F32 ? NN_ITEM_MAX_F32 : NN_ITEM_MAX;
-    IB = IB < NBLK ? NBLK : IB > ib_max ? ib_max : IB;
-    const int64_t nb = (N + IB - 1) / IB;
     const size_t eb = esize(bdt);
+    const int64_t IB = item_width(N, nt, NBLK, NN_ITEM_BYTES / (int64_t)eb);
+    const int64_t nb = (N + IB - 1) / IB;
 #pragma omp parallel num_threads(nt)
     {
         /* An expert with more than one row block first copies its item's columns of B into a contiguous block: B's
@@ -722,48 +722,48 @@ int moe_small_nn(const void *A, int adt, int64_t lda, const int64_t *a_idx, cons
          * same few cache sets and be evicted between row blocks. */
         char *pack = malloc((size_t)Kd * (size_t)IB * eb);
 #pragma omp for schedule(static)
-    for (int64_t item = 0; item < nb; item++) {
-        const int64_t i0 = item * IB, i1 = min64(i0 + IB, N), pw = i1 - i0;
-        for (int64_t e = 0; e < E; e++) {
-            if (end[e] <= start[e]) continue;
-            const char *be = (const char *)B + (size_t)e * (size_t)Kd * (size_t)N * eb;
-            const char *bb = be;
-            int64_t ldb = N, nbase = 0, nlim = N;
-            if (pack && end[e] - start[e] > NR) {
-                for (int64_t k = 0; k < Kd; k++)
-                    memcpy(pack + (size_t)k * (size_t)pw * eb, be + ((size_t)k * (size_t)N + (size_t)i0) * eb,
-                           (size_t)pw * eb);
-                bb = pack, ldb = pw, nbase = i0, nlim = pw;
-            }
-            for (int64_t s = start[e]; s < end[e]; s += NR) {
-                const void *a[NR];
-                int R = (int)min64(NR, end[e] - s);
-                for (int r = 0; r < R; r++) a[r] = at(A, adt, lda, a_idx ? a_idx[s + r] : s + r, 0);
-                for (int64_t n0 = i0; n0 < i1; n0 += NBLK) {
-                    const int64_t w = min64(NBLK, N - n0);
-                    float c[NR * 16 * NNC] __attribute__((aligned(64)));
-                    nn_tile(a, adt, R, bb, bdt, ldb, Kd, n0 - nbase, nlim, c);
-                    for (int r = 0; r < R; r++) {
-                        const float *cr = c + r * 16 * NNC;
-                        if (c_idx) {
-                            float *o = (float *)C + (size_t)c_idx[s + r] * (size_t)ldc + n0;
+        for (int64_t item = 0; item < nb; item++) {
+            const int64_t i0 = item * IB, i1 = min64(i0 + IB, N), pw = i1 - i0;
+            for (int64_t e = 0; e < E; e++) {
+                if (end[e] <= start[e]) continue;
+                const char *be = (const char *)B + (size_t)e * (size_t)Kd * (size_t)N * eb;
+                const char *bb = be;
+                int64_t ldb = N, nbase = 0, nlim = N;
+                if (pack && end[e] - start[e] > NR) {
+                    for (int64_t k = 0; k < Kd; k++)
+                        memcpy(pack + (size_t)k * (size_t)pw * eb, be + ((size_t)k * (size_t)N + (size_t)i0) * eb,
+                               (size_t)pw * eb);
+                    bb = pack, ldb = pw, nbase = i0, nlim = pw;
+                }
+                for (int64_t s = start[e]; s < end[e]; s += NR) {
+                    const void *a[NR];
+                    int R = (int)min64(NR, end[e] - s);
+                    for (int r = 0; r < R; r++) a[r] = at(A, adt, lda, a_idx ? a_idx[s + r] : s + r, 0);
+                    for (int64_t n0 = i0; n0 < i1; n0 += NBLK) {
+                        const int64_t w = min64(NBLK, N - n0);
+                        float c[NR * 16 * NNC] __attribute__((aligned(64)));
+                        nn_tile(a, adt, R, bb, bdt, ldb, Kd, n0 - nbase, nlim, c);
+                        for (int r = 0; r < R; r++) {
+                            const float *cr = c + r * 16 * NNC;
+                            if (c_idx) {
+                                float *o = (float *)C + (size_t)c_idx[s + r] * (size_t)ldc + n0;
 #pragma omp simd
-                            for (int64_t j = 0; j < w; j++) o[j] += cr[j];
-                        } else {
-                            void *o = at(C, cdt, ldc, s + r, n0);
-                            if (cdt == DT_F32) {
-#pragma omp simd
-                                for (int64_t j = 0; j < w; j++) ((float *)o)[j] = cr[j];
+                                for (int64_t j = 0; j < w; j++) o[j] += cr[j];
                             } else {
+                                void *o = at(C, cdt, ldc, s + r, n0);
+                                if (cdt == DT_F32) {
 #pragma omp simd
-                                for (int64_t j = 0; j < w; j++) ((bf16 *)o)[j] = f32_to_bf16(cr[j]);
+                                    for (int64_t j = 0; j < w; j++) ((float *)o)[j] = cr[j];
+                                } else {
+#pragma omp simd
+                                    for (int64_t j = 0; j < w; j++) ((bf16 *)o)[j] = f32_to_bf16(cr[j]);
+                                }
                             }
                         }
                     }
                 }
             }
         }
-    }
         free(pack);
     }
     return 0;
@@ -903,7 +903,6 @@ int moe_small_outer(const void *A, int adt, int64_t lda, const int64_t *a_idx, c
     return 0;
 }
 
-/* Zero n bytes from p with all threads (glibc's memset streams large blocks past the caches). */
 /* memset of n bytes with non-temporal stores: a buffer larger than the caches is then written once, with no
  * read-for-ownership of its lines (a plain store reads every line before writing it: half the bandwidth). */
 static void zero_stream(char *p, int64_t n) {
@@ -920,6 +919,7 @@ static void zero_stream(char *p, int64_t n) {
 #endif
 }
 
+/* Zero n bytes from p with all threads, 1 MiB per task, each streamed past the caches. */
 int moe_zero(void *p, int64_t n, int nthreads) {
     const int64_t chunk = 1 << 20;
 #pragma omp parallel for schedule(static) num_threads(threads_for(n / 4, nthreads))
