@@ -104,6 +104,20 @@ def test_gather_rows_with_scale_and_cast(kernels, src_dtype, dtype):
     want = (src.float()[idx] * scale[:, None]).to(dtype)
     assert torch.equal(K.gather_rows(src, idx, dtype, scale), want)
     assert torch.equal(K.gather_rows(src, idx, dtype), src[idx].to(dtype))
+    for scale_ in (scale, None):  # padded to 7 rows: the extra rows are zero, with and without the C kernel
+        padded = K.gather_rows(src, idx, dtype, scale_, rows=7)
+        assert padded.shape == (7, 37) and not padded[4:].any()
+        assert torch.equal(padded[:4], want if scale_ is not None else src[idx].to(dtype))
+    with pytest.raises(ValueError, match="rows=3 is fewer"):
+        K.gather_rows(src, idx, dtype, rows=3)
+
+
+def test_gather_rows_padded_without_kernels(no_kernels):
+    src, idx = torch.randn(9, 37), torch.tensor([4, 0, 8])
+    for dtype, scale in ((torch.float32, None), (torch.bfloat16, torch.rand(3))):
+        got = K.gather_rows(src, idx, dtype, scale, rows=8)
+        want = src[idx] if scale is None else src[idx] * scale[:, None]
+        assert got.shape == (8, 37) and not got[3:].any() and torch.equal(got[:3], want.to(dtype))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -326,6 +340,34 @@ def test_fused_paths_agree(monkeypatch, mode):
     assert max_err(got[0], want[0]) < 1e-5 and max_err(got[1], want[1]) < 1e-5
     for name in want[2]:
         assert max_err(got[2][name], want[2][name]) < 1e-5, name
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bias", [False, True])
+def test_library_experts_run_on_padded_rows(monkeypatch, dtype, bias):
+    """Experts on library GEMMs get their rows padded to a multiple of PAD_ROWS (oneDNN is slower on other row
+    counts); the padding rows change nothing, forward or backward, router weights and biases included."""
+    x = torch.randn(61, 48).to(dtype)
+    ref_layer = _layer(dtype, bias, activation="gelu")
+    ref_layer.experts.backend = "loop"
+    want = run_fwd_bwd(ref_layer, x)
+    monkeypatch.setattr(ff, "SMALL_M", 0)
+    monkeypatch.setattr(ff, "SMALL_FWD_WORK", 0)
+    rows = []
+
+    def linear(a, w, b=None):
+        rows.append(a.shape[0])
+        return cpu_gemm.linear(a, w, b)
+
+    monkeypatch.setattr(ff, "linear", linear)
+    got = run_fwd_bwd(_layer(dtype, bias, activation="gelu"), x)
+    assert rows and all(r % ff.PAD_ROWS == 0 for r in rows)
+    counts = torch.bincount(ref_layer.router(x).topk_ids_TK.flatten(), minlength=6)
+    assert any(c % ff.PAD_ROWS for c in counts.tolist())  # some expert really was padded
+    tol = 1e-5 if dtype == torch.float32 else 4e-2
+    assert rel_err(got[0], want[0]) < tol and rel_err(got[1], want[1]) < tol
+    for name in want[2]:
+        assert rel_err(got[2][name], want[2][name]) < tol, name
 
 
 def test_fused_backend_without_kernels_matches_loop(no_kernels):

@@ -243,17 +243,28 @@ def topk_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def gather_rows(src: torch.Tensor, idx: torch.Tensor, dtype: torch.dtype, scale: torch.Tensor | None = None,
-                check_index: bool = True) -> torch.Tensor:
-    """``(scale[:, None] * src[idx]).to(dtype)`` in one pass; ``scale`` is an optional float32 vector."""
+                check_index: bool = True, rows: int | None = None) -> torch.Tensor:
+    """``(scale[:, None] * src[idx]).to(dtype)`` in one pass; ``scale`` is an optional float32 vector. With ``rows``
+    (at least ``len(idx)``), the result has that many rows, the extra ones zero (padding for the library GEMMs)."""
     m, n = idx.shape[0], src.shape[1]
-    if not _use_c(src) or dtype not in _DTYPES or (scale is None and dtype == src.dtype):
-        out = src.index_select(0, idx)  # a plain gather: PyTorch's row memcpy is as fast
-        return (out if scale is None else out * scale[:, None]).to(dtype)
+    rows = m if rows is None else rows
+    if rows < m:
+        raise ValueError(f"rows={rows} is fewer than the {m} indices; pass rows >= len(idx)")
+    plain = scale is None and dtype == src.dtype  # a plain gather: PyTorch's row memcpy is as fast
+    if plain and rows == m:
+        return src.index_select(0, idx)
+    out = torch.empty(rows, n, dtype=dtype)
+    if rows > m:
+        out[m:].zero_()
+    if plain or not _use_c(src) or dtype not in _DTYPES:
+        g = torch.index_select(src, 0, idx, out=out[:m]) if plain else src.index_select(0, idx)
+        if not plain:
+            out[:m] = g if scale is None else g * scale[:, None]
+        return out
     ld = _rows(src, "src", (src.shape[0], n))
     if check_index:
         _index(idx, "idx", m, src.shape[0])
     _vector(scale, "scale", m, torch.float32)
-    out = torch.empty(m, n, dtype=dtype)
     _call(library().moe_gather_rows, _ptr(src), _dt(src, "src"), ld, _ptr(idx), _ptr(scale), m, n, _ptr(out),
           _dt(out, "dtype"), n, _threads())
     return out
