@@ -262,7 +262,7 @@ def _expert_backward(e, tok, w_m, h, act, g_TD, x_c, w_in, w_out, b_out, dtype, 
     # ga = g @ W_out (unweighted) gives dA = w * ga and the router-weight gradient ga . a
     ga = linear(g_m, w_out[e].to(dtype).T)
     w_p = w_m if rows == m else torch.cat([w_m, w_m.new_zeros(rows - m)])
-    dh, aw, dw = _activation_backward(act, h, ga, w_p, dw_m is not None, grads.w_out is not None)
+    dh, aw, dw = _activation_backward(act, h, ga, w_p, dw_m is not None, grads.w_out is not None, in_place=True)
     del ga
     if dw_m is not None:
         dw = dw[:m]
@@ -359,12 +359,17 @@ def _outer(plan: _Plan, c: _Chunk, segs: list[int], a, a_idx, b, b_idx, grad: to
 
 
 def _activation_backward(act: Activation, h: torch.Tensor, ga: torch.Tensor, w_m: torch.Tensor, need_dw: bool,
-                         need_aw: bool):
+                         need_aw: bool, in_place: bool = False):
     """``(dH, w * a, dw)`` of one expert from its pre-activation ``h``, the unweighted gradient ``ga`` of its
     activation output and its rows' router weights ``w_m``: ``dH = act'(h) * (w ga)``, ``dw = rowsum(ga * a)``.
     SwiGLU runs in one fused pass (:func:`moekit.kernels.cpu.swiglu_backward`); every other activation is
-    recomputed and differentiated by autograd."""
+    recomputed and differentiated by autograd. With ``in_place`` (SwiGLU), ``dH`` overwrites ``h`` and ``w * a``
+    overwrites ``ga`` (each element is read before it is written): no new memory to fault in and write-allocate,
+    which at ~1000-row experts made this pass 2-3x slower than the same pass on cached buffers."""
     if act.name == "swiglu":
+        if in_place:
+            dw = torch.empty(h.shape[0], dtype=torch.float32) if need_dw else None
+            return kcpu.swiglu_backward(h, ga, w_m, out=(h, ga if need_aw else None, dw))
         return kcpu.swiglu_backward(h, ga, w_m, need_dw, need_aw)
     a, act_backward = _activation_with_backward(act, h)
     w_col = w_m[:, None]

@@ -250,16 +250,12 @@ def gather_rows(src: torch.Tensor, idx: torch.Tensor, dtype: torch.dtype, scale:
     rows = m if rows is None else rows
     if rows < m:
         raise ValueError(f"rows={rows} is fewer than the {m} indices; pass rows >= len(idx)")
-    plain = scale is None and dtype == src.dtype  # a plain gather: PyTorch's row memcpy is as fast
-    if plain and rows == m:
-        return src.index_select(0, idx)
     out = torch.empty(rows, n, dtype=dtype)
     if rows > m:
         out[m:].zero_()
-    if plain or not _use_c(src) or dtype not in _DTYPES:
-        g = torch.index_select(src, 0, idx, out=out[:m]) if plain else src.index_select(0, idx)
-        if not plain:
-            out[:m] = g if scale is None else g * scale[:, None]
+    if not _use_c(src) or dtype not in _DTYPES:
+        g = src.index_select(0, idx)
+        out[:m] = g if scale is None else g * scale[:, None]
         return out
     ld = _rows(src, "src", (src.shape[0], n))
     if check_index:
