@@ -800,8 +800,10 @@ static inline __attribute__((always_inline)) void nn_tile_bf16_k(const void *con
         }
         UNROLL for (int r = 0; r < R; r++) {
             const bf16 *ar = (const bf16 *)a[r] + k;
-            uint32_t pair = (uint32_t)ar[0] | (tail ? 0u : (uint32_t)ar[1] << 16);
-            __m512i av = _mm512_set1_epi32((int)pair);
+            int32_t pair; /* (a[k], a[k+1]) is one 32-bit load, broadcast by the load port */
+            if (tail) pair = (int32_t)ar[0];
+            else memcpy(&pair, ar, sizeof pair);
+            __m512i av = _mm512_set1_epi32(pair);
             UNROLL for (int p = 0; p < NNC / 2; p++) {
                 acc[r][2 * p] = _mm512_dpbf16_ps(acc[r][2 * p], (__m512bh)av, (__m512bh)lo[p]);
                 acc[r][2 * p + 1] = _mm512_dpbf16_ps(acc[r][2 * p + 1], (__m512bh)av, (__m512bh)hi[p]);
