@@ -351,8 +351,8 @@ def _outer(plan: _Plan, c: _Chunk, segs: list[int], a, a_idx, b, b_idx, grad: to
             e, s, t = plan.segments[i]
             end[e] = c.start_E[e]
             s, t = s - c.r0, t - c.r0
-            a_m = a[s:t] if a_idx is None else a.index_select(0, a_idx[s:t])
-            b_m = b[s:t] if b_idx is None else b.index_select(0, b_idx[s:t])
+            a_m = a[s:t] if a_idx is None else kcpu.gather_rows(a, a_idx[s:t], a.dtype, check_index=False)
+            b_m = b[s:t] if b_idx is None else kcpu.gather_rows(b, b_idx[s:t], b.dtype, check_index=False)
             linear_into(grad[e], a_m.T, b_m.T)
     if len(lib) < len(segs):
         kcpu.small_experts_outer(a, a_idx, b, b_idx, c.start_E, end, grad)

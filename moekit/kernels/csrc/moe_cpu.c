@@ -355,6 +355,8 @@ int moe_small_up(const void *x, int64_t ld_x, const int64_t *tok, const int64_t 
             const void *a[TR];
             const int R = (int)min64(TR, s1 - s);
             for (int r = 0; r < R; r++) a[r] = at(x, dt, ld_x, tok[s + r], 0);
+            if (j0 == 0) /* the expert's first item reads its token rows from memory, at random: the next block's */
+                for (int64_t q = s + TR; q < min64(s + 2 * TR, s1); q++) prefetch_row(at(x, dt, ld_x, tok[q], 0), (int64_t)rowb);
             /* pre-activations of the item's columns for these rows: gate (and up) halves, JB each, written by the
              * tiles straight into place (padding rows repeat the item's first row; their results land past jw) */
             float hb[TR][2 * 16] __attribute__((aligned(64)));
@@ -436,6 +438,8 @@ int moe_small_down(const void *a, int64_t ld_a, const int64_t *tok, const float 
                 const void *ar[TR];
                 const int R = s1 - s < TR ? (int)(s1 - s) : TR;
                 for (int r = 0; r < R; r++) ar[r] = at(a, dt, ld_a, s + r, 0);
+                for (int64_t q = s + TR; q < min64(s + 2 * TR, s1); q++) /* the next block's output rows (random) */
+                    prefetch_row(out + (size_t)tok[q] * (size_t)ld_out + d0, (d1 - d0) * 4);
                 float cb[TR][DOWN_DB_MAX] __attribute__((aligned(64))); /* the block's outputs for these rows */
                 for (int64_t d = d0; d < d1; d += TN) {
                     const void *b[TN], *pf[TN];
@@ -853,6 +857,7 @@ static void nn_tile(const void *const *a, int adt, int R, const char *b, int bdt
  * contiguous; ia(s) = a_idx ? a_idx[s] : s. c_idx NULL: C[s, n] is written in dtype cdt (row stride ldc);
  * else float32 C[c_idx[s], n] += the result (the rows of one expert must have distinct c_idx). Each thread owns a
  * block of columns for all experts, so accumulation is race-free and in expert order. */
+#define PACK_PF 16 /* weight rows ahead that the NN kernel's packing prefetches */
 #define NN_ITEM_BYTES 256 /* bytes of each weight row per work item of the NN kernel, at most (128 bf16 columns) */
 int moe_small_nn(const void *A, int adt, int64_t lda, const int64_t *a_idx, const void *B, int bdt, int64_t Kd,
                  int64_t N, const int64_t *start, const int64_t *end, int64_t E, void *C, int cdt, int64_t ldc,
@@ -884,15 +889,22 @@ int moe_small_nn(const void *A, int adt, int64_t lda, const int64_t *a_idx, cons
                 const char *bb = be;
                 int64_t ldb = N, nbase = 0, nlim = N;
                 if (pack && end[e] - start[e] > NR) {
-                    for (int64_t k = 0; k < Kd; k++)
+                    for (int64_t k = 0; k < Kd; k++) { /* strided rows of a weight read from memory: prefetched */
+                        if (k + PACK_PF < Kd)
+                            prefetch_row(be + ((size_t)(k + PACK_PF) * (size_t)N + (size_t)i0) * eb, pw * (int64_t)eb);
                         memcpy(pack + (size_t)k * (size_t)pw * eb, be + ((size_t)k * (size_t)N + (size_t)i0) * eb,
                                (size_t)pw * eb);
+                    }
                     bb = pack, ldb = pw, nbase = i0, nlim = pw;
                 }
                 for (int64_t s = start[e]; s < end[e]; s += NR) {
                     const void *a[NR];
                     int R = (int)min64(NR, end[e] - s);
                     for (int r = 0; r < R; r++) a[r] = at(A, adt, lda, a_idx ? a_idx[s + r] : s + r, 0);
+                    for (int64_t q = s + NR; q < min64(s + 2 * NR, end[e]); q++) { /* the next row block */
+                        prefetch_row(at(A, adt, lda, a_idx ? a_idx[q] : q, 0), Kd * (int64_t)esize(adt));
+                        if (c_idx) prefetch_row((const float *)C + (size_t)c_idx[q] * (size_t)ldc + i0, pw * 4);
+                    }
                     for (int64_t n0 = i0; n0 < i1; n0 += NBLK) {
                         const int64_t w = min64(NBLK, N - n0);
                         float c[NR * 16 * NNC] __attribute__((aligned(64)));
