@@ -328,6 +328,7 @@ static void nt_tile(const void *const *a, int R, const void *const *b, const voi
  *     into a_out ([S, F]), and h also into h_out if it is not NULL (kept for backward).
  * Work items are (expert, block of 16 output columns; gate and up columns together for SwiGLU), so each thread
  * streams its own part of every expert's weights. */
+#define UP_RB 256 /* token rows per work item of the input projection (256 KiB of bf16 rows of 512) */
 int moe_small_up(const void *x, int64_t ld_x, const int64_t *tok, const int64_t *start, const int64_t *end, int64_t E,
                  const void *w_in, const void *b_in, int64_t W, int64_t D, int dt, int act, void *h_out, void *a_out,
                  int nthreads) {
@@ -338,24 +339,38 @@ int moe_small_up(const void *x, int64_t ld_x, const int64_t *tok, const int64_t 
     const int64_t JB = 16;                  /* activation columns per work item (a row block's epilogue vector) */
     const int64_t nj = (F + JB - 1) / JB;
     const size_t rowb = (size_t)D * esize(dt);
+    /* Work items: (expert, block of up to UP_RB rows, JB activation columns), over experts with rows only so the
+     * threads share the work evenly, column blocks innermost: a thread's consecutive items reuse one row block of
+     * token rows from L2 (an expert's rows all at once would not fit: each column block would stream them again
+     * from L3), and each item's weight rows stay in L1 for all of its row tiles. */
     int64_t rows = 0, na = 0;
-    int64_t *active = malloc((size_t)(E ? E : 1) * sizeof(int64_t)); /* items over experts with rows only, so the */
-    if (!active) return -5;                                           /* threads share the work evenly */
+    int64_t *active = malloc((size_t)(E ? E : 1) * 2 * sizeof(int64_t)), *first = active + (E ? E : 1);
+    if (!active) return -5;
+    int64_t nitems = 0;
     for (int64_t e = 0; e < E; e++)
         if (end[e] > start[e]) {
             rows += end[e] - start[e];
+            first[na] = nitems;
+            nitems += (end[e] - start[e] + UP_RB - 1) / UP_RB * nj;
             active[na++] = e;
         }
 #pragma omp parallel for schedule(static) num_threads(threads_for(gemm_work(rows, na, W, D), nthreads))
-    for (int64_t item = 0; item < na * nj; item++) {
-        const int64_t e = active[item / nj], j0 = (item % nj) * JB, jw = min64(JB, F - j0);
-        const int64_t s0 = start[e], s1 = end[e];
+    for (int64_t item = 0; item < nitems; item++) {
+        int64_t lo = 0, hi = na - 1; /* the expert of this item: the last with first[] <= item */
+        while (lo < hi) {
+            int64_t mid = (lo + hi + 1) / 2;
+            if (first[mid] <= item) lo = mid;
+            else hi = mid - 1;
+        }
+        const int64_t e = active[lo], local = item - first[lo];
+        const int64_t j0 = (local % nj) * JB, jw = min64(JB, F - j0);
+        const int64_t s0 = start[e] + (local / nj) * UP_RB, s1 = min64(s0 + UP_RB, end[e]);
         const char *we = (const char *)w_in + (size_t)e * (size_t)W * rowb;
         for (int64_t s = s0; s < s1; s += TR) {
             const void *a[TR];
             const int R = (int)min64(TR, s1 - s);
             for (int r = 0; r < R; r++) a[r] = at(x, dt, ld_x, tok[s + r], 0);
-            if (j0 == 0) /* the expert's first item reads its token rows from memory, at random: the next block's */
+            if (j0 == 0) /* a row block's first item reads its token rows from memory, at random: the next tile's */
                 for (int64_t q = s + TR; q < min64(s + 2 * TR, s1); q++) prefetch_row(at(x, dt, ld_x, tok[q], 0), (int64_t)rowb);
             /* pre-activations of the item's columns for these rows: gate (and up) halves, JB each, written by the
              * tiles straight into place (padding rows repeat the item's first row; their results land past jw) */
