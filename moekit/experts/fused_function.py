@@ -33,7 +33,7 @@ import torch
 
 from .activations import Activation
 from ..kernels import cpu as kcpu
-from ..kernels.cpu_gemm import linear, linear_into
+from ..kernels.cpu_gemm import INTO_CHUNK_BYTES, linear, linear_into
 
 if TYPE_CHECKING:
     from ..dispatch.local import DispatchPlan
@@ -273,10 +273,14 @@ def _expert_backward(e, tok, w_m, h, act, g_TD, x_c, w_in, w_out, b_out, dtype, 
         linear_into(grads.w_out[e], g_m.T, aw.T)  # dW_out = g^T @ (w a)
     if grads.b_out is not None:
         grads.b_out[e] = w_m @ g_TD.index_select(0, tok).float()
+    # dW_in may compute in chunks as large as what is freed here beyond x_m's size (fp32 weight gradients from
+    # oneDNN come in chunks: 2816 x 512 from 256 rows at ~250 GFLOP/s in 256 KiB chunks, ~340 in 1 MiB ones); the
+    # peak stays that of the dW_out step
+    freed = sum(t.numel() * t.element_size() for t in (aw, g_m) if t is not None) - rows * x_c.shape[1] * dtype.itemsize
     del aw, g_m
     if grads.w_in_needed:
         x_m = kcpu.gather_rows(x_c, tok, dtype, check_index=False, rows=rows)
-        linear_into(grads.w_in_buffer()[e], dh.T, x_m.T)  # dW_in = dH^T @ x
+        linear_into(grads.w_in_buffer()[e], dh.T, x_m.T, chunk_bytes=max(INTO_CHUNK_BYTES, freed))  # dW_in = dH^T x
         del x_m
     if grads.b_in is not None:
         grads.b_in[e] = dh.sum(0, dtype=torch.float32)
@@ -303,7 +307,7 @@ def _small_backward(plan: _Plan, act, g_TD, x_c, w_in, w_out, b_out, token_S, w_
         dh = h  # dH overwrites H row by row (each element is read before it is written), saving n x W
         aw = None
         if act.name == "swiglu":
-            aw = torch.empty(n, W // 2, dtype=dtype) if grads.w_out is not None else None
+            aw = ga if grads.w_out is not None else None  # w a overwrites ga the same way
             for s, t in rows:
                 kcpu.swiglu_backward(h[s:t], ga[s:t], w_c[s:t], out=(
                     dh[s:t], None if aw is None else aw[s:t], None if dw_c is None else dw_c[s:t]))
