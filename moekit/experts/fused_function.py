@@ -46,11 +46,11 @@ BF16_UPCAST_MIN_ROWS = 64
 #: 512 x 1408 expert, ~190 rows of a 512 x 256 one, whose library GEMMs are too small to amortise their calls).
 SMALL_M = 96
 SMALL_FWD_WORK = 24_000_000
-#: ...and their backward too while rows x d_model x d_ff stays below this (the per-expert library backward has a
-#: fixed cost of ~10 calls, which small experts cannot amortise; measured on Zen 5 with the kernels of this release:
-#: 128 rows of a 512 x 256 expert run their fp32 forward+backward 20% faster here, bf16 7%; 32 rows of a 512 x 1408
-#: expert 7% faster in fp32, 5% slower in bf16).
-SMALL_BWD_WORK = 24_000_000
+#: ...and their backward too while rows x d_model x d_ff stays at most this (None: always). The per-expert library
+#: backward has a fixed cost of ~10 calls, which small experts cannot amortise; measured on Zen 5 with the kernels of
+#: this release, every expert small enough for the forward kernels is also faster in the backward ones (Mixtral-like
+#: forward+backward, 80 rows per expert: fp32 38.6 -> 31.2 ms, bf16 17.7 -> 16.9 ms; 32 rows: fp32 17.9 -> 15.1 ms).
+SMALL_BWD_WORK: int | None = None
 #: In bf16, small-backward experts with at least this many rows take their weight gradients from the library GEMM.
 OUTER_LIB_MIN_ROWS = 16
 #: Consecutive small experts run together in chunks of at most CHUNK_ROWS rows and CHUNK_BYTES per [rows, d_ff]
@@ -115,7 +115,8 @@ class _Plan:
         small = [t - s <= SMALL_M or (t - s) * expert_size <= SMALL_FWD_WORK for _, s, t in segments]
         if not (any(small) and w_in.dtype == dtype and kcpu.small_gemm_usable(x_c, w_in, w_out, b_in, b_out)):
             return cls(segments, [False] * len(segments), [False] * len(segments))
-        small_bwd = [sm and (t - s) * expert_size <= SMALL_BWD_WORK for (_, s, t), sm in zip(segments, small)]
+        small_bwd = [sm and (SMALL_BWD_WORK is None or (t - s) * expert_size <= SMALL_BWD_WORK)
+                     for (_, s, t), sm in zip(segments, small)]
         plan = cls(segments, small, small_bwd)
         max_rows = max(1, min(CHUNK_ROWS, CHUNK_BYTES // (w_out.shape[2] * w_in.element_size())))
         run: list[int] = []
