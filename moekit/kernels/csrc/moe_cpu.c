@@ -895,9 +895,6 @@ int moe_small_nn(const void *A, int adt, int64_t lda, const int64_t *a_idx, cons
          * rows are N apart, and with N a power of two (d_model) the tiles' column strips would all fall into the
          * same few cache sets and be evicted between row blocks. */
         char *pack = malloc((size_t)Kd * (size_t)IB * eb);
-        /* (only where they would: rows of B a multiple of 512 bytes apart map to at most 8 of the 64 L1 sets; at
-         * other strides, e.g. d_ff = 1408 in bf16, reading B in place is faster than copying it) */
-        const int conflicts = ((int64_t)N * (int64_t)eb) % 512 == 0;
 #pragma omp for schedule(static)
         for (int64_t item = 0; item < nb; item++) {
             const int64_t i0 = item * IB, i1 = min64(i0 + IB, N), pw = i1 - i0;
@@ -906,7 +903,7 @@ int moe_small_nn(const void *A, int adt, int64_t lda, const int64_t *a_idx, cons
                 const char *be = (const char *)B + (size_t)e * (size_t)Kd * (size_t)N * eb;
                 const char *bb = be;
                 int64_t ldb = N, nbase = 0, nlim = N;
-                if (pack && end[e] - start[e] > NR && conflicts) {
+                if (pack && end[e] - start[e] > NR) {
                     for (int64_t k = 0; k < Kd; k++) { /* strided rows of a weight read from memory: prefetched */
                         if (k + PACK_PF < Kd)
                             prefetch_row(be + ((size_t)(k + PACK_PF) * (size_t)N + (size_t)i0) * eb, pw * (int64_t)eb);
