@@ -436,7 +436,10 @@ def summarise(result: dict) -> str:
         rates = [result["roofline"][dtype]["gemm_gflops"]] + (
             [result["roofline"]["float32"]["gemm_gflops"]] if dtype == "bfloat16" and "float32" in result["roofline"]
             else [])
-        frac = flops / (mk / 1e3) / 1e9 / max(rates) if mk else None
+        def roof_frac(ms):  # the experts' FLOP rate at this time, over the roofline rate
+            return flops / (ms / 1e3) / 1e9 / max(rates)
+
+        frac = roof_frac(mk) if mk else None
         bound = machine_bound_ms(sh, T, dtype, mode, result["roofline"],
                                  result.get("copy_gbps_at", {}).get(f"{shape}/{dtype}/{T}"))
         mem_mk = impls.get("moekit", {}).get("peak_mem_mb")
@@ -448,7 +451,7 @@ def summarise(result: dict) -> str:
             checks["speed"].append((key, best[0] / mk, best[0] / bound,
                                     best[0] / gemm_floor if gemm_floor and mk >= gemm_floor else None))
         if mk and T >= 1024 and frac is not None:
-            checks["roofline"].append((key, frac, flops / (gemm_floor / 1e3) / 1e9 / max(rates) if gemm_floor else None))
+            checks["roofline"].append((key, frac, roof_frac(gemm_floor) if gemm_floor else None))
         if mk and T <= DECODE_TOKENS and "bwd" not in mode:
             checks["decode"].append((key, mk / bound))
         if mem:

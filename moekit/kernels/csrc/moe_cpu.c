@@ -544,15 +544,19 @@ static inline __attribute__((always_inline)) __m512 ld16(const void *p, int dt, 
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
 }
 
-/* 16 float32 -> bfloat16, round to nearest even, NaN kept quiet: f32_to_bf16 in vector form. */
-static inline __attribute__((always_inline)) __m256i cvt16_bf16(__m512 v) {
+/* f32_to_bf16 in vector form, the bfloat16 left in the high half of each lane (low half garbage). */
+static inline __attribute__((always_inline)) __m512i round_bf16_hi(__m512 v) {
     __m512i u = _mm512_castps_si512(v);
     __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
+    __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
     __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)),
                                             _mm512_set1_epi32(0x7f800000));
-    r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40)));
-    return _mm512_cvtepi32_epi16(r);
+    return _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(u, _mm512_set1_epi32(0x00400000)));
+}
+
+/* 16 float32 -> bfloat16, round to nearest even, NaN kept quiet. */
+static inline __attribute__((always_inline)) __m256i cvt16_bf16(__m512 v) {
+    return _mm512_cvtepi32_epi16(_mm512_srli_epi32(round_bf16_hi(v), 16));
 }
 
 static inline __attribute__((always_inline)) void st16(void *p, int dt, __mmask16 m, __m512 v) {
@@ -626,16 +630,6 @@ static inline __attribute__((always_inline)) void ld32_bf16(const void *p, __mma
     *odd = _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32((int)0xffff0000u)));
 }
 
-/* f32_to_bf16 in vector form, the bfloat16 left in the high half of each lane (low half garbage). */
-static inline __attribute__((always_inline)) __m512i round_bf16_hi(__m512 v) {
-    __m512i u = _mm512_castps_si512(v);
-    __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-    __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
-    __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)),
-                                            _mm512_set1_epi32(0x7f800000));
-    return _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(u, _mm512_set1_epi32(0x00400000)));
-}
-
 static inline __attribute__((always_inline)) void st32_bf16(void *p, __mmask32 m, __m512 even, __m512 odd) {
     __m512i r = _mm512_or_si512(_mm512_srli_epi32(round_bf16_hi(even), 16),
                                 _mm512_and_si512(round_bf16_hi(odd), _mm512_set1_epi32((int)0xffff0000u)));
@@ -661,8 +655,7 @@ static inline __attribute__((always_inline)) void swiglu_row16(const void *h, vo
     const float *hf = (const float *)h;
     for (int64_t j = 0; j < F; j += 16) {
         __mmask16 m = tail16(F - j);
-        _mm512_mask_storeu_ps((float *)a + j, m,
-                              swiglu16(_mm512_maskz_loadu_ps(m, hf + j), _mm512_maskz_loadu_ps(m, hf + F + j)));
+        st16((float *)a + j, DT_F32, m, swiglu16(ld16(hf + j, DT_F32, m), ld16(hf + F + j, DT_F32, m)));
     }
 }
 
@@ -700,11 +693,11 @@ static inline __attribute__((always_inline)) float swiglu_bwd_row16(const void *
         float *df = (float *)dh;
         for (int64_t j = 0; j < F; j += 16) {
             __mmask16 m = tail16(F - j);
-            acc = _mm512_add_ps(acc, swiglu_bwd16(_mm512_maskz_loadu_ps(m, hf + j), _mm512_maskz_loadu_ps(m, hf + F + j),
-                                                  _mm512_maskz_loadu_ps(m, gf + j), wv, &a0, &dg0, &du0));
-            if (aw) _mm512_mask_storeu_ps((float *)aw + j, m, a0);
-            _mm512_mask_storeu_ps(df + j, m, dg0);
-            _mm512_mask_storeu_ps(df + F + j, m, du0);
+            acc = _mm512_add_ps(acc, swiglu_bwd16(ld16(hf + j, DT_F32, m), ld16(hf + F + j, DT_F32, m),
+                                                  ld16(gf + j, DT_F32, m), wv, &a0, &dg0, &du0));
+            if (aw) st16((float *)aw + j, DT_F32, m, a0);
+            st16(df + j, DT_F32, m, dg0);
+            st16(df + F + j, DT_F32, m, du0);
         }
     }
     return _mm512_reduce_add_ps(acc);
@@ -736,8 +729,10 @@ int moe_swiglu_bwd(const void *h, int64_t ld_h, const void *ga, int64_t ld_ga, c
         const void *hr = at(h, dt, ld_h, i, 0), *gr = at(ga, dt, ld_ga, i, 0);
         void *dr = at(dh, dt, ld_dh, i, 0), *ar = aw ? at(aw, dt, ld_aw, i, 0) : NULL;
         float acc;
-        if (i + ACT_PF < m) prefetch_row(at(h, dt, ld_h, i + ACT_PF, 0), 2 * F * esize(dt)),
-                            prefetch_row(at(ga, dt, ld_ga, i + ACT_PF, 0), F * esize(dt));
+        if (i + ACT_PF < m) {
+            prefetch_row(at(h, dt, ld_h, i + ACT_PF, 0), 2 * F * esize(dt));
+            prefetch_row(at(ga, dt, ld_ga, i + ACT_PF, 0), F * esize(dt));
+        }
 #define SWIGLU_BWD(d) (ar ? SWIGLU_BWD_ROW(hr, gr, w[i], dr, ar, d, F) : SWIGLU_BWD_ROW(hr, gr, w[i], dr, NULL, d, F))
         acc = DISPATCH1(dt, SWIGLU_BWD);
 #undef SWIGLU_BWD
