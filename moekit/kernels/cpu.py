@@ -32,6 +32,10 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "csrc" / "moe_cpu.c"
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-fPIC", "-shared", "-std=c11", "-Wall"]
+#: ``MOEKIT_CPU_ISA``: the vector code paths to build (default ``native``, the best this CPU has: AVX-512 with
+#: AVX512-BF16, AVX-512, AVX2 + FMA, or plain C). ``avx2`` or ``generic`` build a lesser path on a better CPU, which
+#: the tests use to check every path the machine can run.
+ISA_FLAGS = {"native": [], "avx2": ["-mno-avx512f"], "generic": ["-mno-avx512f", "-mno-avx2", "-mno-fma"]}
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 
 _LIB: ctypes.CDLL | None = None
@@ -58,16 +62,24 @@ def cache_dir() -> Path:
     return cache_root() / "kernels"
 
 
+def isa() -> str:
+    name = os.environ.get("MOEKIT_CPU_ISA", "native")
+    if name not in ISA_FLAGS:
+        raise ValueError(f"MOEKIT_CPU_ISA must be one of {', '.join(ISA_FLAGS)}, got {name!r}")
+    return name
+
+
 def _build(cc: str) -> Path:
     version = subprocess.run([*cc.split(), "--version"], capture_output=True, text=True, timeout=60).stdout
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), cc, version, " ".join(FLAGS), _cpu_id()]).encode())
+    flags = FLAGS + ISA_FLAGS[isa()]
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), cc, version, " ".join(flags), _cpu_id()]).encode())
     out = cache_dir() / f"moe_cpu-{key.hexdigest()[:16]}.so"
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         tmp_so = Path(tmp) / out.name
-        proc = subprocess.run([*cc.split(), *FLAGS, "-o", str(tmp_so), str(SOURCE), "-lm"], capture_output=True,
+        proc = subprocess.run([*cc.split(), *flags, "-o", str(tmp_so), str(SOURCE), "-lm"], capture_output=True,
                               text=True, timeout=300)
         if proc.returncode != 0:
             raise RuntimeError(f"{cc} failed: {proc.stderr.strip()[-2000:]}")

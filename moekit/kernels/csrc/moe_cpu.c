@@ -209,8 +209,13 @@ static inline float swiglu_bwd_row(const void *h, const void *ga, float w, void 
  * reduced horizontally once per tile. bfloat16 tiles use the AVX512-BF16 pair dot product (vdpbf16ps) where the
  * CPU has it, else convert to float32; other CPUs run the plain loop.
  * ================================================================================================================ */
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 #include <immintrin.h>
+#endif
+/* CPUs with AVX2 and FMA but not AVX-512 (AMD Zen 2/3, Intel before Skylake-SP) run 8-wide versions of the hot
+ * loops (V8 below); others the plain loops, vectorised by the compiler. */
+#if !defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__)
+#define V8 1
 #endif
 
 #ifndef TR
@@ -232,6 +237,60 @@ static inline __attribute__((always_inline)) __m128 reduce4(__m512 a, __m512 b, 
                              _mm512_shuffle_ps(ab, cd, _MM_SHUFFLE(3, 2, 3, 2))); /* per lane a b c d */
     __m256 h = _mm256_add_ps(_mm512_castps512_ps256(s), _mm512_extractf32x8_ps(s, 1));
     return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+}
+#endif
+
+#if defined(V8)
+/* 8 float32, or 8 bfloat16 widened to float32 (bf16 is the top half of a float). */
+static inline __attribute__((always_inline)) __m256 ld8(const void *p, int dt) {
+    if (dt == DT_F32) return _mm256_loadu_ps((const float *)p);
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+}
+
+/* [sum(a), sum(b), sum(c), sum(d)] */
+static inline __attribute__((always_inline)) __m128 reduce4_8(__m256 a, __m256 b, __m256 c, __m256 d) {
+    __m256 s = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d)); /* per 128-bit half: a b c d */
+    return _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+}
+
+#ifndef RG8
+#define RG8 3 /* token rows per pass of the 8-wide tile: 3 x TN accumulators + 3 rows + 1 weight vector = 16 ymm */
+#endif
+
+/* The first n <= 8 elements of a row (the rest zero): row tails. */
+static inline __m256 ld8_part(const void *p, int dt, int64_t n) {
+    float t[8] __attribute__((aligned(32))) = {0.0f};
+    for (int64_t j = 0; j < n; j++) t[j] = ld(p, dt, j);
+    return _mm256_load_ps(t);
+}
+
+/* 8 float32 -> bfloat16, round to nearest even, NaN kept quiet (f32_to_bf16, vectorised). */
+static inline __attribute__((always_inline)) __m128i cvt8_bf16(__m256 v) {
+    __m256i u = _mm256_castps_si256(v);
+    __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    __m256i r = _mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff)));
+    __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x7fffffff)), _mm256_set1_epi32(0x7f800000));
+    r = _mm256_srli_epi32(_mm256_blendv_epi8(r, _mm256_or_si256(u, _mm256_set1_epi32(0x00400000)), nan), 16);
+    return _mm256_castsi256_si128(_mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0xd8));
+}
+
+/* Store the first n <= 8 elements of v; whole aligned vectors of output written once (weight gradients) with a
+ * non-temporal store if stream (callers then end with _mm_sfence). */
+static inline __attribute__((always_inline)) void st8(void *p, int dt, __m256 v, int64_t n, int stream) {
+    if (n >= 8) {
+        if (dt == DT_F32) {
+            if (stream && ((uintptr_t)p & 31) == 0) _mm256_stream_ps((float *)p, v);
+            else _mm256_storeu_ps((float *)p, v);
+        } else {
+            __m128i b = cvt8_bf16(v);
+            if (stream && ((uintptr_t)p & 15) == 0) _mm_stream_si128((__m128i *)p, b);
+            else _mm_storeu_si128((__m128i *)p, b);
+        }
+        return;
+    }
+    float t[8] __attribute__((aligned(32)));
+    _mm256_store_ps(t, v);
+    for (int64_t j = 0; j < n; j++) st(p, dt, j, t[j]);
 }
 #endif
 
@@ -286,6 +345,42 @@ static inline __attribute__((always_inline)) void nt_tile_k(const void *const *a
     }
     UNROLL for (int r = 0; r < R; r++) UNROLL for (int n = 0; n < TN; n += 4)
         _mm_storeu_ps(c + r * ldc + n, reduce4(acc[r][n], acc[r][n + 1], acc[r][n + 2], acc[r][n + 3]));
+#elif defined(V8)
+    /* rows in passes of RG8 (the later passes read the weight rows from L1); k in steps of one cache line (16
+     * float32 or 32 bfloat16), then of 8, then one by one */
+    const size_t eb = esize(dt);
+    const int64_t L = 64 / (int64_t)eb, KL = K / L * L, K8 = K / 8 * 8;
+    UNROLL for (int r0 = 0; r0 < R; r0 += RG8) {
+        const int G = R - r0 < RG8 ? R - r0 : RG8;
+        __m256 acc[RG8][TN];
+        UNROLL for (int r = 0; r < G; r++) UNROLL for (int n = 0; n < TN; n++) acc[r][n] = _mm256_setzero_ps();
+        int64_t k = 0;
+#define NT8_STEP(kk)                                                                                               \
+    do {                                                                                                           \
+        __m256 av[RG8];                                                                                            \
+        UNROLL for (int r = 0; r < G; r++) av[r] = ld8((const char *)a[r0 + r] + (size_t)(kk) * eb, dt);           \
+        UNROLL for (int n = 0; n < TN; n++) {                                                                      \
+            __m256 bv = ld8((const char *)b[n] + (size_t)(kk) * eb, dt);                                           \
+            UNROLL for (int r = 0; r < G; r++) acc[r][n] = _mm256_fmadd_ps(av[r], bv, acc[r][n]);                  \
+        }                                                                                                          \
+    } while (0)
+        for (; k < KL; k += L) {
+            if (PF && r0 == 0) UNROLL for (int n = 0; n < TN; n++) _mm_prefetch((const char *)pf[n] + (size_t)k * eb, _MM_HINT_T0);
+            UNROLL for (int64_t v = 0; v < L; v += 8) NT8_STEP(k + v);
+        }
+        for (; k < K8; k += 8) NT8_STEP(k);
+#undef NT8_STEP
+        UNROLL for (int r = 0; r < G; r++) {
+            __m128 sum = reduce4_8(acc[r][0], acc[r][1], acc[r][2], acc[r][3]);
+            if (k < K) {
+                float t[TN] = {0.0f};
+                for (int n = 0; n < TN; n++)
+                    for (int64_t j = k; j < K; j++) t[n] += ld(a[r0 + r], dt, j) * ld(b[n], dt, j);
+                sum = _mm_add_ps(sum, _mm_loadu_ps(t));
+            }
+            _mm_storeu_ps(c + (r0 + r) * ldc, sum);
+        }
+    }
 #else
     for (int r = 0; r < R; r++)
         for (int n = 0; n < TN; n++) {
@@ -704,6 +799,133 @@ static inline __attribute__((always_inline)) float swiglu_bwd_row16(const void *
 }
 #define SWIGLU_ROW swiglu_row16
 #define SWIGLU_BWD_ROW swiglu_bwd_row16
+#elif defined(V8)
+/* The same in 8-wide AVX2: exp_f32 and sigmoid_f32 operation for operation; a vector of 16 bfloat16 is split into
+ * its even and odd elements (no lane shuffle), row tails run the scalar code. */
+static inline __attribute__((always_inline)) __m256 exp8(__m256 x) {
+    x = _mm256_min_ps(_mm256_set1_ps(88.3762626647949f), x); /* min/max return x where x is NaN: NaN passes */
+    x = _mm256_max_ps(_mm256_set1_ps(-87.3365447504019f), x);
+    __m256 n = _mm256_floor_ps(_mm256_add_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)), _mm256_set1_ps(0.5f)));
+    __m256 r = _mm256_fmadd_ps(n, _mm256_set1_ps(-0.693359375f), x);
+    r = _mm256_fmadd_ps(n, _mm256_set1_ps(2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_add_ps(_mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r), _mm256_set1_ps(1.0f));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+static inline __attribute__((always_inline)) __m256 sigmoid8(__m256 x) {
+    __m256 nx = _mm256_sub_ps(_mm256_setzero_ps(), x);
+    __m256 e = _mm256_blendv_ps(exp8(nx), _mm256_set1_ps(__builtin_inff()),
+                                _mm256_cmp_ps(nx, _mm256_set1_ps(88.3762626647949f), _CMP_GT_OQ));
+    return _mm256_div_ps(_mm256_set1_ps(1.0f), _mm256_add_ps(_mm256_set1_ps(1.0f), e));
+}
+
+/* f32_to_bf16 in vector form, the bfloat16 left in the high half of each lane (low half garbage). */
+static inline __attribute__((always_inline)) __m256i round_bf16_hi8(__m256 v) {
+    __m256i u = _mm256_castps_si256(v);
+    __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    __m256i r = _mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff)));
+    __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x7fffffff)), _mm256_set1_epi32(0x7f800000));
+    return _mm256_blendv_epi8(r, _mm256_or_si256(u, _mm256_set1_epi32(0x00400000)), nan);
+}
+
+static inline __attribute__((always_inline)) void ld16_bf16(const bf16 *p, __m256 *even, __m256 *odd) {
+    __m256i v = _mm256_loadu_si256((const __m256i *)p);
+    *even = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+    *odd = _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32((int)0xffff0000u)));
+}
+
+static inline __attribute__((always_inline)) void st16_bf16(bf16 *p, __m256 even, __m256 odd) {
+    __m256i r = _mm256_or_si256(_mm256_srli_epi32(round_bf16_hi8(even), 16),
+                                _mm256_and_si256(round_bf16_hi8(odd), _mm256_set1_epi32((int)0xffff0000u)));
+    _mm256_storeu_si256((__m256i *)p, r);
+}
+
+static inline __attribute__((always_inline)) __m256 swiglu8(__m256 g, __m256 u) {
+    return _mm256_mul_ps(_mm256_mul_ps(g, sigmoid8(g)), u);
+}
+
+static inline __attribute__((always_inline)) void swiglu_row8(const void *h, void *a, int dt, int64_t F) {
+    int64_t j = 0;
+    if (dt == DT_BF16) {
+        const bf16 *hb = (const bf16 *)h;
+        for (; j + 16 <= F; j += 16) {
+            __m256 g0, g1, u0, u1;
+            ld16_bf16(hb + j, &g0, &g1);
+            ld16_bf16(hb + F + j, &u0, &u1);
+            st16_bf16((bf16 *)a + j, swiglu8(g0, u0), swiglu8(g1, u1));
+        }
+    } else {
+        const float *hf = (const float *)h;
+        for (; j + 8 <= F; j += 8)
+            _mm256_storeu_ps((float *)a + j, swiglu8(_mm256_loadu_ps(hf + j), _mm256_loadu_ps(hf + F + j)));
+    }
+    for (; j < F; j++) {
+        float g = ld(h, dt, j);
+        st(a, dt, j, g * sigmoid_f32(g) * ld(h, dt, F + j));
+    }
+}
+
+static inline __attribute__((always_inline)) __m256 swiglu_bwd8(__m256 x, __m256 up, __m256 g, __m256 wv,
+                                                                __m256 *aw, __m256 *dgate, __m256 *dup) {
+    __m256 s = sigmoid8(x), silu = _mm256_mul_ps(x, s), av = _mm256_mul_ps(silu, up), d = _mm256_mul_ps(g, wv);
+    *aw = _mm256_mul_ps(av, wv);
+    *dgate = _mm256_mul_ps(_mm256_mul_ps(d, up), _mm256_fmadd_ps(silu, _mm256_sub_ps(_mm256_set1_ps(1.0f), s), s));
+    *dup = _mm256_mul_ps(d, silu);
+    return _mm256_mul_ps(g, av);
+}
+
+static inline __attribute__((always_inline)) float swiglu_bwd_row8(const void *h, const void *ga, float w, void *dh,
+                                                                   void *aw, int dt, int64_t F) {
+    const __m256 wv = _mm256_set1_ps(w);
+    __m256 acc = _mm256_setzero_ps(), a0, a1, dg0, dg1, du0, du1;
+    int64_t j = 0;
+    if (dt == DT_BF16) {
+        const bf16 *hb = (const bf16 *)h, *gb = (const bf16 *)ga;
+        bf16 *db = (bf16 *)dh;
+        for (; j + 16 <= F; j += 16) {
+            __m256 x0, x1, u0, u1, g0, g1;
+            ld16_bf16(hb + j, &x0, &x1);
+            ld16_bf16(hb + F + j, &u0, &u1);
+            ld16_bf16(gb + j, &g0, &g1);
+            acc = _mm256_add_ps(acc, swiglu_bwd8(x0, u0, g0, wv, &a0, &dg0, &du0));
+            acc = _mm256_add_ps(acc, swiglu_bwd8(x1, u1, g1, wv, &a1, &dg1, &du1));
+            if (aw) st16_bf16((bf16 *)aw + j, a0, a1);
+            st16_bf16(db + j, dg0, dg1);
+            st16_bf16(db + F + j, du0, du1);
+        }
+    } else {
+        const float *hf = (const float *)h, *gf = (const float *)ga;
+        float *df = (float *)dh;
+        for (; j + 8 <= F; j += 8) {
+            acc = _mm256_add_ps(acc, swiglu_bwd8(_mm256_loadu_ps(hf + j), _mm256_loadu_ps(hf + F + j),
+                                                 _mm256_loadu_ps(gf + j), wv, &a0, &dg0, &du0));
+            if (aw) _mm256_storeu_ps((float *)aw + j, a0);
+            _mm256_storeu_ps(df + j, dg0);
+            _mm256_storeu_ps(df + F + j, du0);
+        }
+    }
+    __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+    s4 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+    float sum = _mm_cvtss_f32(_mm_add_ss(s4, _mm_movehdup_ps(s4)));
+    for (; j < F; j++) { /* the row's tail: swiglu_bwd_row's loop body */
+        float x = ld(h, dt, j), up = ld(h, dt, F + j), g = ld(ga, dt, j);
+        float s = sigmoid_f32(x), silu = x * s, av = silu * up, d = g * w;
+        sum += g * av;
+        if (aw) st(aw, dt, j, av * w);
+        st(dh, dt, j, d * up * (s + silu * (1.0f - s)));
+        st(dh, dt, F + j, d * silu);
+    }
+    return sum;
+}
+#define SWIGLU_ROW swiglu_row8
+#define SWIGLU_BWD_ROW swiglu_bwd_row8
 #else
 #define SWIGLU_ROW swiglu_row
 #define SWIGLU_BWD_ROW swiglu_bwd_row
@@ -768,6 +990,39 @@ static inline __attribute__((always_inline)) void nn_tile_k(const void *const *a
         }
     }
     UNROLL for (int r = 0; r < R; r++) UNROLL for (int q = 0; q < NNC; q++) _mm512_storeu_ps(c + (r * NNC + q) * 16, acc[r][q]);
+#elif defined(V8)
+    /* 16 columns (two vectors) x 4 rows per pass: 8 accumulators; the later passes read b from L1/L2 */
+    const size_t eb = esize(bdt);
+    for (int64_t c0 = n0; c0 < n0 + 16 * NNC && c0 < N; c0 += 16) {
+        const int64_t left = N - c0;
+        UNROLL for (int r0 = 0; r0 < R; r0 += 4) {
+            const int G = R - r0 < 4 ? R - r0 : 4;
+            __m256 acc[4][2];
+            UNROLL for (int r = 0; r < G; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+            for (int64_t k = 0; k < Kd; k++) {
+                const char *bk = b + ((size_t)k * (size_t)ldb + (size_t)c0) * eb;
+                if (r0 == 0) _mm_prefetch(bk + 8 * (size_t)ldb * eb, _MM_HINT_T0);
+                __m256 b0, b1;
+                if (left >= 16) {
+                    b0 = ld8(bk, bdt);
+                    b1 = ld8(bk + 8 * eb, bdt);
+                } else {
+                    b0 = ld8_part(bk, bdt, min64(8, left));
+                    b1 = left > 8 ? ld8_part(bk + 8 * eb, bdt, left - 8) : _mm256_setzero_ps();
+                }
+                UNROLL for (int r = 0; r < G; r++) {
+                    __m256 av = _mm256_set1_ps(ld(a[r0 + r], adt, k));
+                    acc[r][0] = _mm256_fmadd_ps(av, b0, acc[r][0]);
+                    acc[r][1] = _mm256_fmadd_ps(av, b1, acc[r][1]);
+                }
+            }
+            UNROLL for (int r = 0; r < G; r++) {
+                float *cr = c + (r0 + r) * 16 * NNC + (c0 - n0);
+                _mm256_storeu_ps(cr, acc[r][0]);
+                _mm256_storeu_ps(cr + 8, acc[r][1]);
+            }
+        }
+    }
 #else
     for (int r = 0; r < R; r++)
         for (int64_t j = 0; j < 16 * NNC; j++) c[r * 16 * NNC + j] = 0.0f;
@@ -1054,6 +1309,35 @@ int moe_small_outer(const void *A, int adt, int64_t lda, const int64_t *a_idx, c
                 if (mc[q]) st16_stream(o, gdt, mc[q], acc[i][q]);
                 if (mc[q + 1]) st16_stream(at(ge, gdt, Kd, n0 + i, k0 + 16 * (q + 1)), gdt, mc[q + 1], acc[i][q + 1]);
             }
+#elif defined(V8)
+            /* 16 columns (two vectors) x OTN rows of G per pass over the expert's rows: 8 accumulators */
+            for (int64_t c0 = k0; c0 < k0 + 16 * NC && c0 < Kd; c0 += 16) {
+                const int64_t left = Kd - c0;
+                __m256 acc[OTN][2];
+                UNROLL for (int i = 0; i < OTN; i++) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+                for (int64_t s = s0; s < s1; s++) {
+                    const void *ar = at(A, adt, lda, a_idx ? a_idx[s] : s, 0);
+                    const char *br = at(B, bdt, ldb, b_idx ? b_idx[s] : s, c0);
+                    __m256 b0, b1;
+                    if (left >= 16) {
+                        b0 = ld8(br, bdt);
+                        b1 = ld8(br + 8 * esize(bdt), bdt);
+                    } else {
+                        b0 = ld8_part(br, bdt, min64(8, left));
+                        b1 = left > 8 ? ld8_part(br + 8 * esize(bdt), bdt, left - 8) : _mm256_setzero_ps();
+                    }
+                    UNROLL for (int i = 0; i < OTN; i++) {
+                        __m256 av = _mm256_set1_ps(n0 + i < N ? ld(ar, adt, n0 + i) : 0.0f);
+                        acc[i][0] = _mm256_fmadd_ps(av, b0, acc[i][0]);
+                        acc[i][1] = _mm256_fmadd_ps(av, b1, acc[i][1]);
+                    }
+                }
+                UNROLL for (int i = 0; i < OTN; i++) {
+                    if (i >= nn) continue;
+                    st8(at(ge, gdt, Kd, n0 + i, c0), gdt, acc[i][0], min64(8, left), 1);
+                    if (left > 8) st8(at(ge, gdt, Kd, n0 + i, c0 + 8), gdt, acc[i][1], left - 8, 1);
+                }
+            }
 #else
             int64_t w = min64(16 * NC, Kd - k0);
             for (int i = 0; i < nn; i++) {
@@ -1071,7 +1355,7 @@ int moe_small_outer(const void *A, int adt, int64_t lda, const int64_t *a_idx, c
 #endif
         }
     }
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(V8)
     _mm_sfence(); /* order this thread's non-temporal stores before the barrier */
 #endif
     }
@@ -1088,6 +1372,14 @@ static void zero_stream(char *p, int64_t n) {
     const __m512i z = _mm512_setzero_si512();
     int64_t i = head;
     for (; i + 64 <= n; i += 64) _mm512_stream_si512((void *)(p + i), z);
+    memset(p + i, 0, (size_t)(n - i));
+    _mm_sfence();
+#elif defined(V8)
+    const int64_t head = min64(n, (int64_t)((32 - ((uintptr_t)p & 31)) & 31));
+    memset(p, 0, (size_t)head);
+    const __m256i z = _mm256_setzero_si256();
+    int64_t i = head;
+    for (; i + 32 <= n; i += 32) _mm256_stream_si256((__m256i *)(p + i), z);
     memset(p + i, 0, (size_t)(n - i));
     _mm_sfence();
 #else
