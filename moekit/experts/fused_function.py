@@ -348,9 +348,9 @@ def _outer(plan: _Plan, c: _Chunk, segs: list[int], a, a_idx, b, b_idx, grad: to
     """``grad[e] = a[rows of e]^T @ b[rows of e]`` for the chunk's small-backward experts ``segs`` (rows relative to
     the chunk; ``a_idx``/``b_idx`` map them to rows of ``a``/``b``): the small-M outer-product kernel, except for
     bf16 experts with at least ``OUTER_LIB_MIN_ROWS`` rows, whose weight gradients the library's bf16 GEMM computes
-    ~2x faster (it packs its operands into the pair layout of the bf16 dot product)."""
+    ~2x faster (it packs its operands into the pair layout of the bf16 dot product) where the CPU has one."""
     lib = []
-    if a.dtype == b.dtype == torch.bfloat16:
+    if a.dtype == b.dtype == torch.bfloat16 and not cpu_bf16_gemm_is_slow():
         lib = [i for i in segs if plan.segments[i][2] - plan.segments[i][1] >= OUTER_LIB_MIN_ROWS]
     end = c.end_bwd_E
     if lib:

@@ -963,11 +963,17 @@ int moe_swiglu_bwd(const void *h, int64_t ld_h, const void *ga, int64_t ld_ga, c
     return 0;
 }
 
+#if defined(V8)
+#ifndef NR
+#define NR 6 /* token rows per tile of the NN kernel: 6 rows x 2 vectors = 12 of AVX2's 16 registers accumulate */
+#endif
+#else
 #define NR 8  /* token rows per tile of the NN kernel */
+#endif
 #define NNC 2 /* 16-wide column vectors per tile of the NN kernel */
 
 /* acc[r][c] = sum_k a_r[k] * b[k * ldb + n0 + 16 c]  for R rows and the columns [n0, n0 + 16 NNC) clipped to N. */
-static inline __attribute__((always_inline)) void nn_tile_k(const void *const *a, int adt, const int R, const char *b,
+static inline __attribute__((always_inline)) void nn_tile_k(const void *const *a, const int adt, const int R, const char *b,
                                                             const int bdt, int64_t ldb, int64_t Kd, int64_t n0,
                                                             int64_t N, float *c /* R x 16 NNC */) {
 #if defined(__AVX512F__)
@@ -991,13 +997,13 @@ static inline __attribute__((always_inline)) void nn_tile_k(const void *const *a
     }
     UNROLL for (int r = 0; r < R; r++) UNROLL for (int q = 0; q < NNC; q++) _mm512_storeu_ps(c + (r * NNC + q) * 16, acc[r][q]);
 #elif defined(V8)
-    /* 16 columns (two vectors) x 4 rows per pass: 8 accumulators; the later passes read b from L1/L2 */
+    /* 16 columns (two vectors) x R rows per pass, the second pass reading b from L1/L2 */
     const size_t eb = esize(bdt);
     for (int64_t c0 = n0; c0 < n0 + 16 * NNC && c0 < N; c0 += 16) {
         const int64_t left = N - c0;
-        UNROLL for (int r0 = 0; r0 < R; r0 += 4) {
-            const int G = R - r0 < 4 ? R - r0 : 4;
-            __m256 acc[4][2];
+        UNROLL for (int r0 = 0; r0 < R; r0 += NR) {
+            const int G = R - r0 < NR ? R - r0 : NR;
+            __m256 acc[NR][2];
             UNROLL for (int r = 0; r < G; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
             for (int64_t k = 0; k < Kd; k++) {
                 const char *bk = b + ((size_t)k * (size_t)ldb + (size_t)c0) * eb;
@@ -1100,10 +1106,14 @@ static void nn_tile(const void *const *a, int adt, int R, const char *b, int bdt
 #define NN_CASE(r)                                                                         \
     case r:                                                                                \
         NN_BF16(r)                                                                         \
-        if (bdt == DT_F32)                                                                 \
-            nn_tile_k(a, adt, r, b, DT_F32, ldb, Kd, n0, N, c);                            \
+        if (adt == DT_F32 && bdt == DT_F32)                                                \
+            nn_tile_k(a, DT_F32, r, b, DT_F32, ldb, Kd, n0, N, c);                         \
+        else if (adt == DT_F32)                                                            \
+            nn_tile_k(a, DT_F32, r, b, DT_BF16, ldb, Kd, n0, N, c);                        \
+        else if (bdt == DT_F32)                                                            \
+            nn_tile_k(a, DT_BF16, r, b, DT_F32, ldb, Kd, n0, N, c);                        \
         else                                                                               \
-            nn_tile_k(a, adt, r, b, DT_BF16, ldb, Kd, n0, N, c);                           \
+            nn_tile_k(a, DT_BF16, r, b, DT_BF16, ldb, Kd, n0, N, c);                       \
         break;
     switch (R) {
         NN_CASE(1)
@@ -1200,7 +1210,13 @@ int moe_small_nn(const void *A, int adt, int64_t lda, const int64_t *a_idx, cons
     return 0;
 }
 
+#ifndef OTN
+#if defined(V8)
+#define OTN 6 /* rows of G per tile of the outer-product kernel (V8: 6 rows x 2 vectors, 12 accumulators) */
+#else
 #define OTN 4 /* rows of G per tile of the outer-product kernel */
+#endif
+#endif
 
 #if defined(__AVX512BF16__)
 /* The bf16 x bf16 outer-product tile with the pair dot product: rows s and s + 1 of B are interleaved
@@ -1241,6 +1257,36 @@ static inline __attribute__((always_inline)) void outer_bf16_pairs(
 }
 #endif
 
+
+#if defined(V8)
+/* acc[i][q] += sum_s A[ia(s), n0 + i] * B[ib(s), c0 + 8 q + lane] for a whole tile (OTN rows of G, 16 columns),
+ * dtypes constant at each call (outer8_full). */
+static inline __attribute__((always_inline)) void outer8_tile(const void *A, const int adt, int64_t lda,
+                                                              const int64_t *a_idx, const void *B, const int bdt,
+                                                              int64_t ldb, const int64_t *b_idx, int64_t n0,
+                                                              int64_t c0, int64_t s0, int64_t s1, __m256 acc[OTN][2]) {
+    for (int64_t s = s0; s < s1; s++) {
+        const char *ar = at(A, adt, lda, a_idx ? a_idx[s] : s, n0);
+        const char *br = at(B, bdt, ldb, b_idx ? b_idx[s] : s, c0);
+        const __m256 b0 = ld8(br, bdt), b1 = ld8(br + 8 * esize(bdt), bdt);
+        UNROLL for (int i = 0; i < OTN; i++) {
+            const __m256 av = _mm256_set1_ps(ld(ar, adt, i));
+            acc[i][0] = _mm256_fmadd_ps(av, b0, acc[i][0]);
+            acc[i][1] = _mm256_fmadd_ps(av, b1, acc[i][1]);
+        }
+    }
+}
+
+static void outer8_full(const void *A, int adt, int64_t lda, const int64_t *a_idx, const void *B, int bdt, int64_t ldb,
+                        const int64_t *b_idx, int64_t n0, int64_t c0, int64_t s0, int64_t s1, __m256 acc[OTN][2]) {
+#define OUTER8(ad, bd) outer8_tile(A, ad, lda, a_idx, B, bd, ldb, b_idx, n0, c0, s0, s1, acc)
+    if (adt == DT_F32 && bdt == DT_F32) OUTER8(DT_F32, DT_F32);
+    else if (adt == DT_F32) OUTER8(DT_F32, DT_BF16);
+    else if (bdt == DT_F32) OUTER8(DT_BF16, DT_F32);
+    else OUTER8(DT_BF16, DT_BF16);
+#undef OUTER8
+}
+#endif
 
 /* G[e, n, k] = sum_{s in expert e} A[ia(s), n] * B[ib(s), k]   for experts with rows (others untouched), G [E, N, Kd]
  * contiguous in dtype gdt; ia(s) = a_idx ? a_idx[s] : s, likewise ib. Work items are (expert, block of 4 rows of
@@ -1315,7 +1361,8 @@ int moe_small_outer(const void *A, int adt, int64_t lda, const int64_t *a_idx, c
                 const int64_t left = Kd - c0;
                 __m256 acc[OTN][2];
                 UNROLL for (int i = 0; i < OTN; i++) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
-                for (int64_t s = s0; s < s1; s++) {
+                if (nn == OTN && left >= 16) outer8_full(A, adt, lda, a_idx, B, bdt, ldb, b_idx, n0, c0, s0, s1, acc);
+                else for (int64_t s = s0; s < s1; s++) { /* a tile at the edge of G */
                     const void *ar = at(A, adt, lda, a_idx ? a_idx[s] : s, 0);
                     const char *br = at(B, bdt, ldb, b_idx ? b_idx[s] : s, c0);
                     __m256 b0, b1;
