@@ -350,22 +350,26 @@ static inline __attribute__((always_inline)) void nt_tile_k(const void *const *a
      * float32 or 32 bfloat16), then of 8, then one by one */
     const size_t eb = esize(dt);
     const int64_t L = 64 / (int64_t)eb, KL = K / L * L, K8 = K / 8 * 8;
+    const char *bp[TN], *pp[TN]; /* row pointers in locals, so they stay in registers */
+    UNROLL for (int n = 0; n < TN; n++) bp[n] = (const char *)b[n], pp[n] = (const char *)pf[n];
     UNROLL for (int r0 = 0; r0 < R; r0 += RG8) {
         const int G = R - r0 < RG8 ? R - r0 : RG8;
+        const char *ap[RG8];
+        UNROLL for (int r = 0; r < G; r++) ap[r] = (const char *)a[r0 + r];
         __m256 acc[RG8][TN];
         UNROLL for (int r = 0; r < G; r++) UNROLL for (int n = 0; n < TN; n++) acc[r][n] = _mm256_setzero_ps();
         int64_t k = 0;
 #define NT8_STEP(kk)                                                                                               \
     do {                                                                                                           \
         __m256 av[RG8];                                                                                            \
-        UNROLL for (int r = 0; r < G; r++) av[r] = ld8((const char *)a[r0 + r] + (size_t)(kk) * eb, dt);           \
+        UNROLL for (int r = 0; r < G; r++) av[r] = ld8(ap[r] + (size_t)(kk) * eb, dt);                             \
         UNROLL for (int n = 0; n < TN; n++) {                                                                      \
-            __m256 bv = ld8((const char *)b[n] + (size_t)(kk) * eb, dt);                                           \
+            __m256 bv = ld8(bp[n] + (size_t)(kk) * eb, dt);                                                        \
             UNROLL for (int r = 0; r < G; r++) acc[r][n] = _mm256_fmadd_ps(av[r], bv, acc[r][n]);                  \
         }                                                                                                          \
     } while (0)
         for (; k < KL; k += L) {
-            if (PF && r0 == 0) UNROLL for (int n = 0; n < TN; n++) _mm_prefetch((const char *)pf[n] + (size_t)k * eb, _MM_HINT_T0);
+            if (PF && r0 == 0) UNROLL for (int n = 0; n < TN; n++) _mm_prefetch(pp[n] + (size_t)k * eb, _MM_HINT_T0);
             UNROLL for (int64_t v = 0; v < L; v += 8) NT8_STEP(k + v);
         }
         for (; k < K8; k += 8) NT8_STEP(k);
@@ -997,36 +1001,42 @@ static inline __attribute__((always_inline)) void nn_tile_k(const void *const *a
     }
     UNROLL for (int r = 0; r < R; r++) UNROLL for (int q = 0; q < NNC; q++) _mm512_storeu_ps(c + (r * NNC + q) * 16, acc[r][q]);
 #elif defined(V8)
-    /* 16 columns (two vectors) x R rows per pass, the second pass reading b from L1/L2 */
-    const size_t eb = esize(bdt);
+    /* R <= NR = 6 rows x 16 columns (two vectors) per pass: 12 accumulators; the second pass reads b from L1/L2.
+     * Row pointers are copied to locals so they stay in registers (each k then costs 2 loads of b, R broadcasts
+     * and 2R FMAs). */
+    const size_t eb = esize(bdt), ea = esize(adt), bstep = (size_t)ldb * eb;
+    const char *ap[NR];
+    UNROLL for (int r = 0; r < R; r++) ap[r] = (const char *)a[r];
     for (int64_t c0 = n0; c0 < n0 + 16 * NNC && c0 < N; c0 += 16) {
         const int64_t left = N - c0;
-        UNROLL for (int r0 = 0; r0 < R; r0 += NR) {
-            const int G = R - r0 < NR ? R - r0 : NR;
-            __m256 acc[NR][2];
-            UNROLL for (int r = 0; r < G; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
-            for (int64_t k = 0; k < Kd; k++) {
-                const char *bk = b + ((size_t)k * (size_t)ldb + (size_t)c0) * eb;
-                if (r0 == 0) _mm_prefetch(bk + 8 * (size_t)ldb * eb, _MM_HINT_T0);
-                __m256 b0, b1;
-                if (left >= 16) {
-                    b0 = ld8(bk, bdt);
-                    b1 = ld8(bk + 8 * eb, bdt);
-                } else {
-                    b0 = ld8_part(bk, bdt, min64(8, left));
-                    b1 = left > 8 ? ld8_part(bk + 8 * eb, bdt, left - 8) : _mm256_setzero_ps();
-                }
-                UNROLL for (int r = 0; r < G; r++) {
-                    __m256 av = _mm256_set1_ps(ld(a[r0 + r], adt, k));
-                    acc[r][0] = _mm256_fmadd_ps(av, b0, acc[r][0]);
-                    acc[r][1] = _mm256_fmadd_ps(av, b1, acc[r][1]);
-                }
+        __m256 acc[NR][2];
+        UNROLL for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+        const char *bk = b + (size_t)c0 * eb;
+#define NN8_ROWS(k)                                                                                                \
+    UNROLL for (int r = 0; r < R; r++) {                                                                           \
+        const __m256 av = adt == DT_F32 ? _mm256_broadcast_ss((const float *)(ap[r] + (size_t)(k) * ea))           \
+                                        : _mm256_set1_ps(bf16_to_f32(*(const bf16 *)(ap[r] + (size_t)(k) * ea))); \
+        acc[r][0] = _mm256_fmadd_ps(av, b0, acc[r][0]);                                                            \
+        acc[r][1] = _mm256_fmadd_ps(av, b1, acc[r][1]);                                                            \
+    }
+        if (left >= 16) {
+            for (int64_t k = 0; k < Kd; k++, bk += bstep) {
+                _mm_prefetch(bk + 8 * bstep, _MM_HINT_T0);
+                const __m256 b0 = ld8(bk, bdt), b1 = ld8(bk + 8 * eb, bdt);
+                NN8_ROWS(k)
             }
-            UNROLL for (int r = 0; r < G; r++) {
-                float *cr = c + (r0 + r) * 16 * NNC + (c0 - n0);
-                _mm256_storeu_ps(cr, acc[r][0]);
-                _mm256_storeu_ps(cr + 8, acc[r][1]);
+        } else {
+            for (int64_t k = 0; k < Kd; k++, bk += bstep) {
+                const __m256 b0 = ld8_part(bk, bdt, min64(8, left));
+                const __m256 b1 = left > 8 ? ld8_part(bk + 8 * eb, bdt, left - 8) : _mm256_setzero_ps();
+                NN8_ROWS(k)
             }
+        }
+#undef NN8_ROWS
+        UNROLL for (int r = 0; r < R; r++) {
+            float *cr = c + r * 16 * NNC + (c0 - n0);
+            _mm256_storeu_ps(cr, acc[r][0]);
+            _mm256_storeu_ps(cr + 8, acc[r][1]);
         }
     }
 #else
@@ -1122,8 +1132,10 @@ static void nn_tile(const void *const *a, int adt, int R, const char *b, int bdt
         NN_CASE(4)
         NN_CASE(5)
         NN_CASE(6)
+#if NR > 6
         NN_CASE(7)
         NN_CASE(8)
+#endif
     }
 #undef NN_CASE
 }
