@@ -543,6 +543,25 @@ def write_readme_table(table: str, marker: str = "LAYER-BENCH") -> None:
     write_marked_table(ROOT / "README.md", table, marker)
 
 
+def vector_isa() -> str:
+    """``"avx512"``, ``"avx2"`` or ``"other"``: the vector instructions of this CPU, which decide which of moekit's
+    kernel paths run (and so which of the README's tables a run of this machine belongs to)."""
+    try:
+        flags = next((ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")), "")
+    except OSError:
+        return "other"
+    flags = set(flags.split())
+    return "avx512" if "avx512f" in flags else "avx2" if {"avx2", "fma"} <= flags else "other"
+
+
+def result_names(quick: bool = False) -> tuple[str, str]:
+    """(JSON file name, README marker) of this machine's results: AVX-512 machines write ``layer_cpu.json`` and the
+    main table, others ``layer_cpu_<isa>.json`` and the table marked ``LAYER-BENCH-<ISA>``."""
+    isa = vector_isa()
+    suffix = "" if isa == "avx512" else f"_{isa}"
+    return f"layer_cpu{'_quick' if quick else ''}{suffix}.json", "LAYER-BENCH" + suffix.replace("_", "-").upper()
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small smoke grid: T in {1, 128}, fp32, forward only")
@@ -553,7 +572,9 @@ def main(argv=None) -> None:
                     choices=["fwd", "fwd+bwd", "fwd-cold"],
                     help="fwd-cold: forward with the weights evicted from the caches before each run (decode "
                          "sizes, T <= 16, only)")
-    ap.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/layer_cpu.json)")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="JSON path (default benchmarks/results/layer_cpu.json on AVX-512 CPUs, else "
+                         "layer_cpu_avx2.json / layer_cpu_other.json, each with its own README table)")
     ap.add_argument("--no-readme", action="store_true", help="do not rewrite the README table")
     ap.add_argument("--no-tune-allocator", action="store_true",
                     help="leave glibc's malloc as it is (by default moekit.utils.tune_cpu_allocator() is applied to "
@@ -564,12 +585,13 @@ def main(argv=None) -> None:
     dtypes = [getattr(torch, d) for d in args.dtypes]
     result = bench(args.shapes, args.tokens, dtypes, args.modes, HF_IMPLS, tune_allocator=not args.no_tune_allocator)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    out = args.out or RESULTS / ("layer_cpu_quick.json" if args.quick else "layer_cpu.json")
+    name, marker = result_names(args.quick)
+    out = args.out or RESULTS / name
     out.write_text(json.dumps(result, indent=1))
     table = summarise(result)
     print(table)
     if not (args.quick or args.no_readme):
-        write_readme_table(table)
+        write_readme_table(table, marker)
     console.print(f"results written to {out}")
 
 

@@ -36,3 +36,14 @@ def test_machine_bound_is_the_larger_of_flops_and_bytes():
     # forward+backward also writes every expert's weight gradient once
     grads = 3 * 8 * 512 * 1408 * 4 / 10e9 * 1e3
     assert abs(B.machine_bound_ms(shape, 1, "float32", "fwd+bwd", roof) - (bytes_ms + grads)) < 1e-9
+
+
+def test_each_kind_of_cpu_writes_its_own_results_and_table(monkeypatch):
+    monkeypatch.setattr(B, "vector_isa", lambda: "avx512")
+    assert B.result_names() == ("layer_cpu.json", "LAYER-BENCH")
+    assert B.result_names(quick=True) == ("layer_cpu_quick.json", "LAYER-BENCH")
+    monkeypatch.setattr(B, "vector_isa", lambda: "avx2")
+    assert B.result_names() == ("layer_cpu_avx2.json", "LAYER-BENCH-AVX2")
+    readme = (B.ROOT / "README.md").read_text()
+    for marker in ("LAYER-BENCH", "LAYER-BENCH-AVX2"):  # the README has a table for each
+        assert f"<!-- {marker}:START -->" in readme and f"<!-- {marker}:END -->" in readme
