@@ -253,8 +253,17 @@ static inline __attribute__((always_inline)) __m128 reduce4_8(__m256 a, __m256 b
     return _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
 }
 
+/* Make the compiler hold v in a register: otherwise it may fold a load into every FMA that uses it (one load per
+ * row of a tile instead of one, which makes the tile bound by loads rather than FMAs). */
+#ifndef NO_KEEP
+#define KEEP_IN_REG(v) __asm__("" : "+x"(v))
+#else
+#define KEEP_IN_REG(v) (void)0
+#endif
+
 #ifndef RG8
-#define RG8 3 /* token rows per pass of the 8-wide tile: 3 x TN accumulators + 3 rows + 1 weight vector = 16 ymm */
+#define RG8 2 /* token rows per pass of the 8-wide tile: 2 x TN accumulators, 2 row vectors and 1 weight vector (3 rows
+                     * would need all 16 ymm registers and spill: 62 against 80 GFLOP/s on one Zen 3 core in L1) */
 #endif
 
 /* The first n <= 8 elements of a row (the rest zero): row tails. */
@@ -362,9 +371,13 @@ static inline __attribute__((always_inline)) void nt_tile_k(const void *const *a
 #define NT8_STEP(kk)                                                                                               \
     do {                                                                                                           \
         __m256 av[RG8];                                                                                            \
-        UNROLL for (int r = 0; r < G; r++) av[r] = ld8(ap[r] + (size_t)(kk) * eb, dt);                             \
+        UNROLL for (int r = 0; r < G; r++) {                                                                       \
+            av[r] = ld8(ap[r] + (size_t)(kk) * eb, dt);                                                            \
+            KEEP_IN_REG(av[r]);                                                                                    \
+        }                                                                                                          \
         UNROLL for (int n = 0; n < TN; n++) {                                                                      \
             __m256 bv = ld8(bp[n] + (size_t)(kk) * eb, dt);                                                        \
+            KEEP_IN_REG(bv);                                                                                       \
             UNROLL for (int r = 0; r < G; r++) acc[r][n] = _mm256_fmadd_ps(av[r], bv, acc[r][n]);                  \
         }                                                                                                          \
     } while (0)
