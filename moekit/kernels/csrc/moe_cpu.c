@@ -59,19 +59,31 @@ static inline char *at(const void *base, int dt, int64_t ld, int64_t i, int64_t 
 }
 
 /* e^x for float32, vectorisable (Cephes-style: 2^round(x/ln2) times a degree-6 polynomial, ~1 ulp). The clamps use
- * comparisons, so NaN passes through unchanged. */
+ * comparisons, so NaN passes through unchanged. The constants serve the vector versions (exp16, exp8) too, which
+ * repeat these operations one for one. */
+#define EXP_HI 88.3762626647949f
+#define EXP_LO (-87.3365447504019f)
+#define EXP_LOG2E 1.44269504088896341f
+#define EXP_LN2_HI (-0.693359375f) /* -ln 2 in two parts */
+#define EXP_LN2_LO 2.12194440e-4f
+#define EXP_P0 1.9875691500e-4f
+#define EXP_P1 1.3981999507e-3f
+#define EXP_P2 8.3334519073e-3f
+#define EXP_P3 4.1665795894e-2f
+#define EXP_P4 1.6666665459e-1f
+#define EXP_P5 5.0000001201e-1f
 static inline float exp_f32(float x) {
-    x = x > 88.3762626647949f ? 88.3762626647949f : x;
-    x = x < -87.3365447504019f ? -87.3365447504019f : x;
-    float n = floorf(x * 1.44269504088896341f + 0.5f);
-    float r = fmaf(n, -0.693359375f, x);
-    r = fmaf(n, 2.12194440e-4f, r);
-    float p = 1.9875691500e-4f;
-    p = fmaf(p, r, 1.3981999507e-3f);
-    p = fmaf(p, r, 8.3334519073e-3f);
-    p = fmaf(p, r, 4.1665795894e-2f);
-    p = fmaf(p, r, 1.6666665459e-1f);
-    p = fmaf(p, r, 5.0000001201e-1f);
+    x = x > EXP_HI ? EXP_HI : x;
+    x = x < EXP_LO ? EXP_LO : x;
+    float n = floorf(x * EXP_LOG2E + 0.5f);
+    float r = fmaf(n, EXP_LN2_HI, x);
+    r = fmaf(n, EXP_LN2_LO, r);
+    float p = EXP_P0;
+    p = fmaf(p, r, EXP_P1);
+    p = fmaf(p, r, EXP_P2);
+    p = fmaf(p, r, EXP_P3);
+    p = fmaf(p, r, EXP_P4);
+    p = fmaf(p, r, EXP_P5);
     p = fmaf(p, r * r, r) + 1.0f;
     union { uint32_t u; float f; } s;
     s.u = (uint32_t)((int32_t)n + 127) << 23;
@@ -81,7 +93,7 @@ static inline float exp_f32(float x) {
 /* 1 / (1 + e^-x); like PyTorch's, it is 0 at x = -inf (so silu(-inf) = -inf * 0 = NaN, as in PyTorch). */
 static inline float sigmoid_f32(float x) {
     float e = exp_f32(-x);
-    e = -x > 88.3762626647949f ? __builtin_inff() : e;
+    e = -x > EXP_HI ? __builtin_inff() : e;
     return 1.0f / (1.0f + e);
 }
 
@@ -273,13 +285,18 @@ static inline __m256 ld8_part(const void *p, int dt, int64_t n) {
     return _mm256_load_ps(t);
 }
 
-/* 8 float32 -> bfloat16, round to nearest even, NaN kept quiet (f32_to_bf16, vectorised). */
-static inline __attribute__((always_inline)) __m128i cvt8_bf16(__m256 v) {
+/* f32_to_bf16 in vector form, the bfloat16 left in the high half of each lane (low half garbage). */
+static inline __attribute__((always_inline)) __m256i round_bf16_hi8(__m256 v) {
     __m256i u = _mm256_castps_si256(v);
     __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
     __m256i r = _mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff)));
     __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x7fffffff)), _mm256_set1_epi32(0x7f800000));
-    r = _mm256_srli_epi32(_mm256_blendv_epi8(r, _mm256_or_si256(u, _mm256_set1_epi32(0x00400000)), nan), 16);
+    return _mm256_blendv_epi8(r, _mm256_or_si256(u, _mm256_set1_epi32(0x00400000)), nan);
+}
+
+/* 8 float32 -> bfloat16, round to nearest even, NaN kept quiet (f32_to_bf16, vectorised). */
+static inline __attribute__((always_inline)) __m128i cvt8_bf16(__m256 v) {
+    __m256i r = _mm256_srli_epi32(round_bf16_hi8(v), 16);
     return _mm256_castsi256_si128(_mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0xd8));
 }
 
@@ -700,18 +717,18 @@ static inline __attribute__((always_inline)) void st16_stream(void *p, int dt, _
 /* exp_f32, sigmoid_f32 and the SwiGLU rows in explicit AVX-512, operation for operation the scalar code (so the
  * results are the same bits); bfloat16 rows are widened on load and rounded to nearest even on store. */
 static inline __attribute__((always_inline)) __m512 exp16(__m512 x) {
-    x = _mm512_min_ps(_mm512_set1_ps(88.3762626647949f), x); /* min/max return x where x is NaN: NaN passes */
-    x = _mm512_max_ps(_mm512_set1_ps(-87.3365447504019f), x);
-    __m512 n = _mm512_roundscale_ps(_mm512_add_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+    x = _mm512_min_ps(_mm512_set1_ps(EXP_HI), x); /* min/max return x where x is NaN: NaN passes */
+    x = _mm512_max_ps(_mm512_set1_ps(EXP_LO), x);
+    __m512 n = _mm512_roundscale_ps(_mm512_add_ps(_mm512_mul_ps(x, _mm512_set1_ps(EXP_LOG2E)),
                                                   _mm512_set1_ps(0.5f)), _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fmadd_ps(n, _mm512_set1_ps(-0.693359375f), x);
-    r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f), r);
-    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    __m512 r = _mm512_fmadd_ps(n, _mm512_set1_ps(EXP_LN2_HI), x);
+    r = _mm512_fmadd_ps(n, _mm512_set1_ps(EXP_LN2_LO), r);
+    __m512 p = _mm512_set1_ps(EXP_P0);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(EXP_P1));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(EXP_P2));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(EXP_P3));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(EXP_P4));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(EXP_P5));
     p = _mm512_add_ps(_mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r), _mm512_set1_ps(1.0f));
     __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
     return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
@@ -720,7 +737,7 @@ static inline __attribute__((always_inline)) __m512 exp16(__m512 x) {
 static inline __attribute__((always_inline)) __m512 sigmoid16(__m512 x) {
     __m512 nx = _mm512_sub_ps(_mm512_setzero_ps(), x);
     __m512 e = exp16(nx);
-    e = _mm512_mask_mov_ps(e, _mm512_cmp_ps_mask(nx, _mm512_set1_ps(88.3762626647949f), _CMP_GT_OQ),
+    e = _mm512_mask_mov_ps(e, _mm512_cmp_ps_mask(nx, _mm512_set1_ps(EXP_HI), _CMP_GT_OQ),
                            _mm512_set1_ps(__builtin_inff()));
     return _mm512_div_ps(_mm512_set1_ps(1.0f), _mm512_add_ps(_mm512_set1_ps(1.0f), e));
 }
@@ -820,17 +837,17 @@ static inline __attribute__((always_inline)) float swiglu_bwd_row16(const void *
 /* The same in 8-wide AVX2: exp_f32 and sigmoid_f32 operation for operation; a vector of 16 bfloat16 is split into
  * its even and odd elements (no lane shuffle), row tails run the scalar code. */
 static inline __attribute__((always_inline)) __m256 exp8(__m256 x) {
-    x = _mm256_min_ps(_mm256_set1_ps(88.3762626647949f), x); /* min/max return x where x is NaN: NaN passes */
-    x = _mm256_max_ps(_mm256_set1_ps(-87.3365447504019f), x);
-    __m256 n = _mm256_floor_ps(_mm256_add_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)), _mm256_set1_ps(0.5f)));
-    __m256 r = _mm256_fmadd_ps(n, _mm256_set1_ps(-0.693359375f), x);
-    r = _mm256_fmadd_ps(n, _mm256_set1_ps(2.12194440e-4f), r);
-    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    x = _mm256_min_ps(_mm256_set1_ps(EXP_HI), x); /* min/max return x where x is NaN: NaN passes */
+    x = _mm256_max_ps(_mm256_set1_ps(EXP_LO), x);
+    __m256 n = _mm256_floor_ps(_mm256_add_ps(_mm256_mul_ps(x, _mm256_set1_ps(EXP_LOG2E)), _mm256_set1_ps(0.5f)));
+    __m256 r = _mm256_fmadd_ps(n, _mm256_set1_ps(EXP_LN2_HI), x);
+    r = _mm256_fmadd_ps(n, _mm256_set1_ps(EXP_LN2_LO), r);
+    __m256 p = _mm256_set1_ps(EXP_P0);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(EXP_P1));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(EXP_P2));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(EXP_P3));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(EXP_P4));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(EXP_P5));
     p = _mm256_add_ps(_mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r), _mm256_set1_ps(1.0f));
     __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
     return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
@@ -839,17 +856,8 @@ static inline __attribute__((always_inline)) __m256 exp8(__m256 x) {
 static inline __attribute__((always_inline)) __m256 sigmoid8(__m256 x) {
     __m256 nx = _mm256_sub_ps(_mm256_setzero_ps(), x);
     __m256 e = _mm256_blendv_ps(exp8(nx), _mm256_set1_ps(__builtin_inff()),
-                                _mm256_cmp_ps(nx, _mm256_set1_ps(88.3762626647949f), _CMP_GT_OQ));
+                                _mm256_cmp_ps(nx, _mm256_set1_ps(EXP_HI), _CMP_GT_OQ));
     return _mm256_div_ps(_mm256_set1_ps(1.0f), _mm256_add_ps(_mm256_set1_ps(1.0f), e));
-}
-
-/* f32_to_bf16 in vector form, the bfloat16 left in the high half of each lane (low half garbage). */
-static inline __attribute__((always_inline)) __m256i round_bf16_hi8(__m256 v) {
-    __m256i u = _mm256_castps_si256(v);
-    __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
-    __m256i r = _mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff)));
-    __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x7fffffff)), _mm256_set1_epi32(0x7f800000));
-    return _mm256_blendv_epi8(r, _mm256_or_si256(u, _mm256_set1_epi32(0x00400000)), nan);
 }
 
 static inline __attribute__((always_inline)) void ld16_bf16(const bf16 *p, __m256 *even, __m256 *odd) {
