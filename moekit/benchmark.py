@@ -543,21 +543,13 @@ def write_readme_table(table: str, marker: str = "LAYER-BENCH") -> None:
     write_marked_table(ROOT / "README.md", table, marker)
 
 
-def vector_isa() -> str:
-    """``"avx512"``, ``"avx2"`` or ``"other"``: the vector instructions of this CPU, which decide which of moekit's
-    kernel paths run (and so which of the README's tables a run of this machine belongs to)."""
-    try:
-        flags = next((ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")), "")
-    except OSError:
-        return "other"
-    flags = set(flags.split())
-    return "avx512" if "avx512f" in flags else "avx2" if {"avx2", "fma"} <= flags else "other"
-
-
 def result_names(quick: bool = False) -> tuple[str, str]:
-    """(JSON file name, README marker) of this machine's results: AVX-512 machines write ``layer_cpu.json`` and the
-    main table, others ``layer_cpu_<isa>.json`` and the table marked ``LAYER-BENCH-<ISA>``."""
-    isa = vector_isa()
+    """(JSON file name, README marker) of this machine's results, by the kernel path its CPU runs
+    (:func:`moekit.kernels.cpu.vector_isa`): AVX-512 machines write ``layer_cpu.json`` and the main table, others
+    ``layer_cpu_<isa>.json`` and the table marked ``LAYER-BENCH-<ISA>``."""
+    from moekit.kernels import cpu as kcpu
+
+    isa = kcpu.vector_isa()
     suffix = "" if isa == "avx512" else f"_{isa}"
     return f"layer_cpu{'_quick' if quick else ''}{suffix}.json", "LAYER-BENCH" + suffix.replace("_", "-").upper()
 

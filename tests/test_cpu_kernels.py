@@ -24,22 +24,14 @@ def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
     return (got.double() - want.double()).abs().max().item() / max(want.double().abs().max().item(), 1e-30)
 
 
-def _cpu_flags() -> set[str]:
-    try:
-        text = open("/proc/cpuinfo").read()
-    except OSError:
-        return set()
-    return set(next((ln for ln in text.splitlines() if ln.startswith("flags")), "").split())
-
-
 @pytest.fixture(params=list(K.ISA_FLAGS))
 def kernels(request, monkeypatch):
     """The kernels built for each vector code path this CPU can run (MOEKIT_CPU_ISA): the best one (native), and
     the AVX2 and plain-C paths where they differ from it, so every path is checked on a machine that has it."""
-    isa, flags = request.param, _cpu_flags()
-    if isa == "avx2" and not ({"avx2", "fma"} <= flags and "avx512f" in flags):
+    isa, native = request.param, K.vector_isa()
+    if isa == "avx2" and native != "avx512":
         pytest.skip("the AVX2 path is the native one here, or this CPU has no AVX2")
-    if isa == "generic" and not ({"avx2", "fma"} & flags or "avx512f" in flags):
+    if isa == "generic" and native == "other":
         pytest.skip("the plain-C path is the native one here")
     if isa != "native":
         monkeypatch.setenv("MOEKIT_CPU_ISA", isa)

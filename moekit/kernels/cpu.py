@@ -50,12 +50,24 @@ def _compiler() -> str | None:
     return None
 
 
-def _cpu_id() -> str:
+def _flags_line() -> str | None:
+    """The ``flags`` line of /proc/cpuinfo, or None where there is none to read."""
     try:
         text = Path("/proc/cpuinfo").read_text()
-        return next((ln for ln in text.splitlines() if ln.startswith("flags")), "") + platform.processor()
     except OSError:
-        return platform.machine() + platform.processor()
+        return None
+    return next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
+
+
+def _cpu_id() -> str:
+    line = _flags_line()
+    return (platform.machine() if line is None else line) + platform.processor()
+
+
+def vector_isa() -> str:
+    """``"avx512"``, ``"avx2"`` (with FMA) or ``"other"``: which vector code path of the kernels this CPU runs."""
+    flags = set((_flags_line() or "").split())
+    return "avx512" if "avx512f" in flags else "avx2" if {"avx2", "fma"} <= flags else "other"
 
 
 def cache_dir() -> Path:
