@@ -169,6 +169,7 @@ CASES = [  # (E, D, F, rows per expert)
     (4, 64, 32, [1, 4, 3, 9]),  # exact vector widths, more rows than one tile
     (2, 130, 70, [24, 1]),
     (2, 300, 150, [13, 7]),  # wide outputs: work items of several tiles, a ragged last item
+    (2, 530, 280, [8, 14]),  # reductions of several passes of the NN kernel (NN_KC rows each), a ragged last pass
 ]
 
 
