@@ -226,6 +226,22 @@ def test_small_experts_backward_gemms(kernels, dtype, E, D, F_, counts):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_small_outer_with_rows_too_many_to_pack(kernels, dtype):
+    # an expert whose rows of b exceed the outer-product kernel's packing buffer (OUTER_PACK_MAX, 4 MiB of fp32)
+    # is read in place; a small one next to it is packed
+    counts, N, Kd = [300, 5], 7, 3500
+    start, end = segments(counts)
+    a = torch.randn(sum(counts), N).to(dtype)
+    b = torch.randn(sum(counts), Kd).to(dtype)
+    b_idx = torch.randperm(sum(counts))
+    grad = torch.empty(2, N, Kd, dtype=dtype)
+    K.small_experts_outer(a, None, b, b_idx, start, end, grad)
+    for e in range(2):
+        s, t = start[e].item(), end[e].item()
+        assert rel_err(grad[e], a[s:t].double().T @ b[b_idx[s:t]].double()) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_small_experts_decode_groups_slots_itself(kernels, dtype):
     E, D, F_ = 5, 37, 21
     x, _, _, w_in, w_out, b_in, b_out = _small_problem(E, D, F_, [3, 1, 0, 2, 2], dtype, True)

@@ -1349,6 +1349,7 @@ static void outer8_full(const void *A, int adt, int64_t lda, const int64_t *a_id
 }
 #endif
 
+#define OUTER_PACK_MAX (4 << 20) /* bytes of an expert's packed rows of B, at most (else read in place) */
 /* G[e, n, k] = sum_{s in expert e} A[ia(s), n] * B[ib(s), k]   for experts with rows (others untouched), G [E, N, Kd]
  * contiguous in dtype gdt; ia(s) = a_idx ? a_idx[s] : s, likewise ib. Work items are (expert, block of 4 rows of
  * G), each written once. */
@@ -1366,11 +1367,69 @@ int moe_small_outer(const void *A, int adt, int64_t lda, const int64_t *a_idx, c
         }
 #pragma omp parallel num_threads(threads_for(work / 4, nthreads))
     {
+#if defined(V8)
+    /* the expert's rows of B in fp32 column strips ([Kd / 16][rows][16], zero-padded) and the item's columns of A
+     * ([rows][OTN]): the tile then reads both in order, with no row indices or dtype conversion per row */
+    float *bp = NULL, *ap = NULL;
+    int64_t bp_e = -1, cap = 0;
+    const int64_t K16 = (Kd + 15) / 16 * 16;
+#endif
 #pragma omp for schedule(static)
     for (int64_t item = 0; item < na * nb; item++) {
         const int64_t e = active[item / nb], n0 = (item % nb) * OTN, nn = min64(OTN, N - n0);
         const int64_t s0 = start[e], s1 = end[e];
         char *ge = (char *)G + (size_t)e * (size_t)N * (size_t)Kd * esize(gdt);
+#if defined(V8)
+        const int64_t Se = s1 - s0;
+        if ((size_t)Se * (size_t)K16 * 4 <= OUTER_PACK_MAX) {
+            if (Se > cap) {
+                free(bp);
+                free(ap);
+                bp = malloc((size_t)Se * (size_t)K16 * 4);
+                ap = malloc((size_t)Se * OTN * 4);
+                cap = bp && ap ? Se : 0;
+                bp_e = -1;
+            }
+        }
+        if (cap >= Se && (size_t)Se * (size_t)K16 * 4 <= OUTER_PACK_MAX) {
+            if (bp_e != e) {
+                for (int64_t s = 0; s < Se; s++) {
+                    const char *br = at(B, bdt, ldb, b_idx ? b_idx[s0 + s] : s0 + s, 0);
+                    for (int64_t c0 = 0; c0 < K16; c0 += 8) {
+                        float *o = bp + (size_t)(c0 / 16) * (size_t)Se * 16 + (size_t)s * 16 + (c0 & 15);
+                        _mm256_storeu_ps(o, c0 + 8 <= Kd ? ld8(br + (size_t)c0 * esize(bdt), bdt)
+                                          : c0 < Kd ? ld8_part(br + (size_t)c0 * esize(bdt), bdt, Kd - c0)
+                                                    : _mm256_setzero_ps());
+                    }
+                }
+                bp_e = e;
+            }
+            for (int64_t s = 0; s < Se; s++) {
+                const char *ar = at(A, adt, lda, a_idx ? a_idx[s0 + s] : s0 + s, 0);
+                UNROLL for (int i = 0; i < OTN; i++) ap[s * OTN + i] = i < nn ? ld(ar, adt, n0 + i) : 0.0f;
+            }
+            for (int64_t c0 = 0; c0 < Kd; c0 += 16) {
+                const int64_t left = Kd - c0;
+                const float *b = bp + (size_t)(c0 / 16) * (size_t)Se * 16, *a = ap;
+                __m256 acc[OTN][2];
+                UNROLL for (int i = 0; i < OTN; i++) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+                for (int64_t s = 0; s < Se; s++, b += 16, a += OTN) {
+                    const __m256 b0 = _mm256_loadu_ps(b), b1 = _mm256_loadu_ps(b + 8);
+                    UNROLL for (int i = 0; i < OTN; i++) {
+                        const __m256 av = _mm256_broadcast_ss(a + i);
+                        acc[i][0] = _mm256_fmadd_ps(av, b0, acc[i][0]);
+                        acc[i][1] = _mm256_fmadd_ps(av, b1, acc[i][1]);
+                    }
+                }
+                UNROLL for (int i = 0; i < OTN; i++) {
+                    if (i >= nn) continue;
+                    st8(at(ge, gdt, Kd, n0 + i, c0), gdt, acc[i][0], min64(8, left), 1);
+                    if (left > 8) st8(at(ge, gdt, Kd, n0 + i, c0 + 8), gdt, acc[i][1], left - 8, 1);
+                }
+            }
+            continue;
+        }
+#endif
         for (int64_t k0 = 0; k0 < Kd; k0 += 16 * NC) {
 #if defined(__AVX512F__)
             __m512 acc[OTN][NC];
@@ -1465,6 +1524,10 @@ int moe_small_outer(const void *A, int adt, int64_t lda, const int64_t *a_idx, c
     }
 #if defined(__AVX512F__) || defined(V8)
     _mm_sfence(); /* order this thread's non-temporal stores before the barrier */
+#endif
+#if defined(V8)
+    free(bp);
+    free(ap);
 #endif
     }
     free(active);
