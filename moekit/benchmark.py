@@ -148,17 +148,34 @@ def peak_alloc_mb(fn) -> float | None:
         return None
 
 
-def roofline(dtype: torch.dtype) -> dict:
-    """Measured machine limits in this process: the large-GEMM rate (GFLOP/s) of each CPU GEMM library PyTorch
-    ships (``torch.mm``, and oneDNN where it runs; the roofline is the faster) and the large-copy rate (GB/s)."""
+def gemm_rates(dtype: torch.dtype) -> dict[str, float]:
+    """The large-GEMM rate (GFLOP/s, a 2048-cube) of each CPU GEMM library PyTorch ships: ``torch.mm``, and oneDNN
+    where it runs."""
     n = 2048
     a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
     gemms = {"torch.mm": lambda: a @ b}
     if cpu_gemm.provider(dtype) == "onednn" or cpu_gemm._onednn_works(dtype):
         bt = b.T.contiguous()
         gemms["onednn"] = lambda: cpu_gemm._LP(a, bt, None, "none", [], "")
-    rates = {name: 2 * n**3 / (timeit(fn, min_runs=5, budget_s=3.0)[0] / 1e3) / 1e9 for name, fn in gemms.items()}
+    return {name: 2 * n**3 / (timeit(fn, min_runs=5, budget_s=3.0)[0] / 1e3) / 1e9 for name, fn in gemms.items()}
+
+
+def roofline(dtype: torch.dtype) -> dict:
+    """Measured machine limits in this process: the large-GEMM rate of each library (the roofline is the faster)
+    and the large-copy rate (GB/s)."""
+    rates = gemm_rates(dtype)
     return {"gemm_gflops": max(rates.values()), "gemm_by_library": rates, "copy_gbps": copy_rate()}
+
+
+def bound_dtypes(dtype: str) -> list[str]:
+    """The dtypes whose GEMM rate bounds a layer of this dtype: its own, and for bf16 fp32 too, since on CPUs with
+    slow bf16 GEMMs the layer may compute bf16 in fp32 (see fused_compute_dtype); the faster one bounds."""
+    return [dtype, "float32"] if dtype == "bfloat16" else [dtype]
+
+
+def roof_gflops(roof: dict, dtype: str) -> float:
+    """The GEMM rate bounding a layer of ``dtype`` under the roofline ``roof`` (dtype name -> :func:`roofline`)."""
+    return max(roof[d]["gemm_gflops"] for d in bound_dtypes(dtype) if d in roof)
 
 
 def copy_rate() -> float:
@@ -250,19 +267,19 @@ def distinct_expert_bytes(shape: dict, tokens: int, dtype: torch.dtype) -> float
 
 
 def machine_bound_ms(shape: dict, tokens: int, dtype: str, mode: str, roof: dict,
-                     copy_gbps: float | None = None) -> float:
+                     copy_gbps: float | None = None, gemm_gflops: float | None = None) -> float:
     """A lower bound on the time of any implementation on this machine: the larger of the routed experts' FLOPs at
-    the measured large-GEMM rate (x3 for forward+backward) and the memory every implementation must move at the
-    measured copy rate (``copy_gbps``, else the roofline's): the distinct experts' weights (read once), plus for
-    forward+backward the dense weight gradient of every expert (written once)."""
+    the measured large-GEMM rate (``gemm_gflops``, else the roofline's; x3 for forward+backward) and the memory
+    every implementation must move at the measured copy rate (``copy_gbps``, else the roofline's): the distinct
+    experts' weights (read once), plus for forward+backward the dense weight gradient of every expert (written
+    once)."""
     flops = expert_flops(shape, tokens) * (3 if "bwd" in mode else 1)
-    rates = [roof[dtype]["gemm_gflops"]] + ([roof["float32"]["gemm_gflops"]]
-                                            if dtype == "bfloat16" and "float32" in roof else [])
     dt = getattr(torch, dtype)
     nbytes = distinct_expert_bytes(shape, tokens, dt)
     if "bwd" in mode:
         nbytes += 3 * shape["num_experts"] * shape["d_model"] * shape["d_ff"] * dt.itemsize
-    return max(flops / (max(rates) * 1e9), nbytes / ((copy_gbps or roof[dtype]["copy_gbps"]) * 1e9)) * 1e3
+    return max(flops / ((gemm_gflops or roof_gflops(roof, dtype)) * 1e9),
+               nbytes / ((copy_gbps or roof[dtype]["copy_gbps"]) * 1e9)) * 1e3
 
 
 # ------------------------------------------------------------------------------------------------- runner
@@ -304,6 +321,9 @@ def bench(shapes, tokens, dtypes, modes, impls, tune_allocator: bool = True) -> 
     # The memory-bound rows' bound uses the copy rate measured just before their group: a shared machine's memory
     # bandwidth drifts over a run (41-70 GB/s seen here), and the rows then run at the rate of their own moment.
     copy_at: dict[str, float] = {}
+    # Likewise the FLOP-bound rows (T > DECODE_TOKENS) use the GEMM rate measured just before their group: one
+    # measured at the start can come from a faster or slower moment than the rows (129-173 GFLOP/s seen on one VM).
+    gemm_at: dict[str, float] = {}
     rows: list[Row] = []
     jobs = [(s, dt, t, m) for s in shapes for dt in dtypes for t in tokens for m in modes
             if m != "fwd-cold" or t <= DECODE_TOKENS]
@@ -312,8 +332,11 @@ def bench(shapes, tokens, dtypes, modes, impls, tune_allocator: bool = True) -> 
         for shape_name, dtype, T, mode in jobs:
             shape = SHAPES[shape_name]
             progress.update(task, description=f"{shape_name} {dtype} T={T} {mode}")
-            if T <= DECODE_TOKENS and f"{shape_name}/{_dt(dtype)}/{T}" not in copy_at:
-                copy_at[f"{shape_name}/{_dt(dtype)}/{T}"] = copy_rate()
+            group = f"{shape_name}/{_dt(dtype)}/{T}"
+            if T <= DECODE_TOKENS and group not in copy_at:
+                copy_at[group] = copy_rate()
+            if T > DECODE_TOKENS and group not in gemm_at:
+                gemm_at[group] = max(max(gemm_rates(getattr(torch, d)).values()) for d in bound_dtypes(_dt(dtype)))
             block = hf_block(shape, dtype) if meta["transformers"] else None
             # the layer shares the block's weight tensors: one copy in memory, as in a real model
             layer = share_hf(block) if block is not None else \
@@ -343,7 +366,8 @@ def bench(shapes, tokens, dtypes, modes, impls, tune_allocator: bool = True) -> 
             gc.collect()
             progress.advance(task)
             progress.refresh()
-    return {"meta": meta, "roofline": roof, "copy_gbps_at": copy_at, "shapes": {k: SHAPES[k] for k in shapes},
+    return {"meta": meta, "roofline": roof, "copy_gbps_at": copy_at, "gemm_gflops_at": gemm_at,
+            "shapes": {k: SHAPES[k] for k in shapes},
             "rows": [asdict(r) for r in rows]}
 
 
@@ -431,17 +455,15 @@ def summarise(result: dict) -> str:
         gemm_floor = impls.get("gemm_floor", {}).get("median_ms")
         sh = result["shapes"][shape]
         flops = expert_flops(sh, T) * (3 if mode == "fwd+bwd" else 1)
-        # The roofline of the layer's dtype; for bf16 the faster of bf16 and fp32, since on CPUs with slow bf16
-        # GEMMs the layer may compute bf16 in fp32 (see fused_compute_dtype).
-        rates = [result["roofline"][dtype]["gemm_gflops"]] + (
-            [result["roofline"]["float32"]["gemm_gflops"]] if dtype == "bfloat16" and "float32" in result["roofline"]
-            else [])
+        # the GEMM rate measured just before the row's group where the run did that, else the run's roofline
+        rate = result.get("gemm_gflops_at", {}).get(f"{shape}/{dtype}/{T}") or roof_gflops(result["roofline"], dtype)
+
         def roof_frac(ms):  # the experts' FLOP rate at this time, over the roofline rate
-            return flops / (ms / 1e3) / 1e9 / max(rates)
+            return flops / (ms / 1e3) / 1e9 / rate
 
         frac = roof_frac(mk) if mk else None
         bound = machine_bound_ms(sh, T, dtype, mode, result["roofline"],
-                                 result.get("copy_gbps_at", {}).get(f"{shape}/{dtype}/{T}"))
+                                 result.get("copy_gbps_at", {}).get(f"{shape}/{dtype}/{T}"), rate)
         mem_mk = impls.get("moekit", {}).get("peak_mem_mb")
         mem_hf = impls.get("hf_grouped_mm", {}).get("peak_mem_mb")
         mem = f"{mem_mk:.0f} / {mem_hf:.0f}" if mem_mk is not None and mem_hf is not None else ""
@@ -468,8 +490,17 @@ def summarise(result: dict) -> str:
             f"{m['transformers']}, moekit CPU kernels: {m.get('cpu_kernels', 'n/a')}, glibc malloc tuned: "
             f"{m.get('allocator_tuned')}. Roofline in the same run (the faster GEMM library): " + "; ".join(
                 f"{dt} GEMM {v['gemm_gflops']:.0f} GFLOP/s ({libs(v)})" for dt, v in rf.items())
-            + f"; copy {next(iter(rf.values()))['copy_gbps']:.1f} GB/s" + _copy_range(result) + ".")
+            + _gemm_range(result) + f"; copy {next(iter(rf.values()))['copy_gbps']:.1f} GB/s" + _copy_range(result)
+            + ".")
     return head + "\n\n" + "\n".join(lines) + "\n\n" + targets_summary(checks)
+
+
+def _gemm_range(result: dict) -> str:
+    at = list(result.get("gemm_gflops_at", {}).values())
+    if not at:
+        return ""
+    return (f" (the FLOP-bound rows, T > {DECODE_TOKENS}, use the rate measured just before their group: "
+            f"{min(at):.0f}-{max(at):.0f} GFLOP/s)")
 
 
 def _copy_range(result: dict) -> str:

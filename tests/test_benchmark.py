@@ -31,6 +31,11 @@ def test_machine_bound_is_the_larger_of_flops_and_bytes():
     roof = {"float32": {"gemm_gflops": 100.0, "copy_gbps": 10.0}}
     flops_ms = B.expert_flops(shape, 1024) / 100e9 * 1e3
     assert B.machine_bound_ms(shape, 1024, "float32", "fwd", roof) == flops_ms  # large T: FLOP-bound
+    # the GEMM rate measured just before the row's group, where given
+    assert B.machine_bound_ms(shape, 1024, "float32", "fwd", roof, gemm_gflops=200.0) == flops_ms / 2
+    # bf16 layers are bounded by the faster of the bf16 and fp32 GEMMs (a slow-bf16 CPU computes them in fp32)
+    roof2 = {**roof, "bfloat16": {"gemm_gflops": 25.0, "copy_gbps": 10.0}}
+    assert B.roof_gflops(roof2, "bfloat16") == 100.0 and B.roof_gflops(roof2, "float32") == 100.0
     bytes_ms = B.distinct_expert_bytes(shape, 1, torch.float32) / 10e9 * 1e3
     assert B.machine_bound_ms(shape, 1, "float32", "fwd", roof) == bytes_ms  # one token: memory-bound
     assert B.machine_bound_ms(shape, 1, "float32", "fwd", roof, copy_gbps=20.0) == bytes_ms / 2
