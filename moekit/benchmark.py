@@ -284,7 +284,12 @@ def machine_bound_ms(shape: dict, tokens: int, dtype: str, mode: str, roof: dict
 
 # ------------------------------------------------------------------------------------------------- runner
 def make_step(module, x, mode: str):
-    if mode.startswith("fwd") and "bwd" not in mode:
+    """One timed step of ``module`` on ``x``: forward-only modes run inference (eval mode, no autograd), as a model
+    serving tokens does (a layer in training mode would also compute its balancing losses, which nothing can use
+    there); ``fwd+bwd`` trains (training mode, backward of a sum, gradients freed)."""
+    forward_only = mode.startswith("fwd") and "bwd" not in mode
+    module.train(not forward_only)
+    if forward_only:
         def step():
             with torch.no_grad():
                 module(x)
