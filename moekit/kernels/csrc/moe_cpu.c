@@ -1350,6 +1350,9 @@ static void outer8_full(const void *A, int adt, int64_t lda, const int64_t *a_id
 #endif
 
 #define OUTER_PACK_MAX (4 << 20) /* bytes of an expert's packed rows of B, at most (else read in place) */
+#ifndef OUTER_FEW
+#define OUTER_FEW 2 /* rows per expert up to which the outer-product kernel writes G row by row */
+#endif
 /* G[e, n, k] = sum_{s in expert e} A[ia(s), n] * B[ib(s), k]   for experts with rows (others untouched), G [E, N, Kd]
  * contiguous in dtype gdt; ia(s) = a_idx ? a_idx[s] : s, likewise ib. Work items are (expert, block of 4 rows of
  * G), each written once. */
@@ -1407,6 +1410,22 @@ int moe_small_outer(const void *A, int adt, int64_t lda, const int64_t *a_idx, c
             for (int64_t s = 0; s < Se; s++) {
                 const char *ar = at(A, adt, lda, a_idx ? a_idx[s0 + s] : s0 + s, 0);
                 UNROLL for (int i = 0; i < OTN; i++) ap[s * OTN + i] = i < nn ? ld(ar, adt, n0 + i) : 0.0f;
+            }
+            if (Se <= OUTER_FEW) { /* a row or two: all the work is writing G; each row of G written in order */
+                for (int i = 0; i < nn; i++)
+                    for (int64_t c0 = 0; c0 < Kd; c0 += 16) {
+                        const int64_t left = Kd - c0;
+                        const float *b = bp + (size_t)(c0 / 16) * (size_t)Se * 16;
+                        __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+                        for (int64_t s = 0; s < Se; s++) {
+                            const __m256 av = _mm256_broadcast_ss(ap + s * OTN + i);
+                            acc0 = _mm256_fmadd_ps(av, _mm256_loadu_ps(b + 16 * s), acc0);
+                            acc1 = _mm256_fmadd_ps(av, _mm256_loadu_ps(b + 16 * s + 8), acc1);
+                        }
+                        st8(at(ge, gdt, Kd, n0 + i, c0), gdt, acc0, min64(8, left), 1);
+                        if (left > 8) st8(at(ge, gdt, Kd, n0 + i, c0 + 8), gdt, acc1, left - 8, 1);
+                    }
+                continue;
             }
             for (int64_t c0 = 0; c0 < Kd; c0 += 16) {
                 const int64_t left = Kd - c0;
