@@ -460,15 +460,16 @@ def summarise(result: dict) -> str:
         gemm_floor = impls.get("gemm_floor", {}).get("median_ms")
         sh = result["shapes"][shape]
         flops = expert_flops(sh, T) * (3 if mode == "fwd+bwd" else 1)
-        # the GEMM rate measured just before the row's group where the run did that, else the run's roofline
-        rate = result.get("gemm_gflops_at", {}).get(f"{shape}/{dtype}/{T}") or roof_gflops(result["roofline"], dtype)
+        # the rates measured just before the row's group where the run did that, else the run's roofline
+        group = f"{shape}/{dtype}/{T}"
+        rate = result.get("gemm_gflops_at", {}).get(group) or roof_gflops(result["roofline"], dtype)
 
         def roof_frac(ms):  # the experts' FLOP rate at this time, over the roofline rate
             return flops / (ms / 1e3) / 1e9 / rate
 
         frac = roof_frac(mk) if mk else None
-        bound = machine_bound_ms(sh, T, dtype, mode, result["roofline"],
-                                 result.get("copy_gbps_at", {}).get(f"{shape}/{dtype}/{T}"), rate)
+        bound = machine_bound_ms(sh, T, dtype, mode, result["roofline"], result.get("copy_gbps_at", {}).get(group),
+                                 rate)
         mem_mk = impls.get("moekit", {}).get("peak_mem_mb")
         mem_hf = impls.get("hf_grouped_mm", {}).get("peak_mem_mb")
         mem = f"{mem_mk:.0f} / {mem_hf:.0f}" if mem_mk is not None and mem_hf is not None else ""
@@ -495,25 +496,20 @@ def summarise(result: dict) -> str:
             f"{m['transformers']}, moekit CPU kernels: {m.get('cpu_kernels', 'n/a')}, glibc malloc tuned: "
             f"{m.get('allocator_tuned')}. Roofline in the same run (the faster GEMM library): " + "; ".join(
                 f"{dt} GEMM {v['gemm_gflops']:.0f} GFLOP/s ({libs(v)})" for dt, v in rf.items())
-            + _gemm_range(result) + f"; copy {next(iter(rf.values()))['copy_gbps']:.1f} GB/s" + _copy_range(result)
-            + ".")
+            + _measured_range(result, "gemm_gflops_at", f"the FLOP-bound rows, T > {DECODE_TOKENS}, use the rate",
+                              "{:.0f}", "GFLOP/s")
+            + f"; copy {next(iter(rf.values()))['copy_gbps']:.1f} GB/s"
+            + _measured_range(result, "copy_gbps_at", f"the memory-bound rows, T <= {DECODE_TOKENS}, use the copy "
+                              "rate", "{:.1f}", "GB/s") + ".")
     return head + "\n\n" + "\n".join(lines) + "\n\n" + targets_summary(checks)
 
 
-def _gemm_range(result: dict) -> str:
-    at = list(result.get("gemm_gflops_at", {}).values())
+def _measured_range(result: dict, key: str, rows: str, fmt: str, unit: str) -> str:
+    """`` (<rows> measured just before their group: lo-hi unit)`` for the per-group rates under ``key``, if any."""
+    at = list(result.get(key, {}).values())
     if not at:
         return ""
-    return (f" (the FLOP-bound rows, T > {DECODE_TOKENS}, use the rate measured just before their group: "
-            f"{min(at):.0f}-{max(at):.0f} GFLOP/s)")
-
-
-def _copy_range(result: dict) -> str:
-    at = list(result.get("copy_gbps_at", {}).values())
-    if not at:
-        return ""
-    return (f" (the memory-bound rows, T <= {DECODE_TOKENS}, use the copy rate measured just before their group: "
-            f"{min(at):.1f}-{max(at):.1f} GB/s)")
+    return f" ({rows} measured just before their group: {fmt.format(min(at))}-{fmt.format(max(at))} {unit})"
 
 
 def targets_summary(checks: dict) -> str:

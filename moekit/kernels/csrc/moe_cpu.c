@@ -1384,17 +1384,16 @@ int moe_small_outer(const void *A, int adt, int64_t lda, const int64_t *a_idx, c
         char *ge = (char *)G + (size_t)e * (size_t)N * (size_t)Kd * esize(gdt);
 #if defined(V8)
         const int64_t Se = s1 - s0;
-        if ((size_t)Se * (size_t)K16 * 4 <= OUTER_PACK_MAX) {
-            if (Se > cap) {
-                free(bp);
-                free(ap);
-                bp = malloc((size_t)Se * (size_t)K16 * 4);
-                ap = malloc((size_t)Se * OTN * 4);
-                cap = bp && ap ? Se : 0;
-                bp_e = -1;
-            }
+        const int fits = (size_t)Se * (size_t)K16 * 4 <= OUTER_PACK_MAX;
+        if (fits && Se > cap) {
+            free(bp);
+            free(ap);
+            bp = malloc((size_t)Se * (size_t)K16 * 4);
+            ap = malloc((size_t)Se * OTN * 4);
+            cap = bp && ap ? Se : 0;
+            bp_e = -1;
         }
-        if (cap >= Se && (size_t)Se * (size_t)K16 * 4 <= OUTER_PACK_MAX) {
+        if (fits && cap >= Se) {
             if (bp_e != e) {
                 for (int64_t s = 0; s < Se; s++) {
                     const char *br = at(B, bdt, ldb, b_idx ? b_idx[s0 + s] : s0 + s, 0);
