@@ -226,6 +226,35 @@ def test_small_experts_backward_gemms(kernels, dtype, E, D, F_, counts):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_small_nn_few_rows_streams_weights_across_threads(kernels, dtype, threads):
+    # every expert with at most NN_FEW (8) rows: the NN kernel splits all weight rows into one range per thread
+    # (ranges that end inside an expert, an idle expert, Kd not a multiple of the 4-row step) and sums the threads'
+    # partial rows afterwards; tokens shared by experts accumulate into the same rows of out
+    counts, Kd, N = [3, 8, 0, 1, 6], 301, 203
+    start, end = segments(counts)
+    S, T = sum(counts), 9
+    g = torch.Generator().manual_seed(5)
+    tok = torch.cat([torch.randperm(T, generator=g)[:c] for c in counts])
+    a = torch.randn(T, Kd, generator=g).to(dtype)
+    w = torch.randn(len(counts), Kd, N, generator=g).to(dtype)
+    want = torch.stack([a[tok[s]].double() @ w[e].double() for e, c in enumerate(counts) for s in
+                        range(start[e].item(), end[e].item())])
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = torch.full((S, N), 7.0).to(dtype)
+        K.small_experts_nn(a, tok, w, start, end, out)  # written
+        acc = torch.ones(T, N)
+        K.small_experts_nn(a[tok], None, w, start, end, acc, tok)  # accumulated at the rows' tokens
+    finally:
+        torch.set_num_threads(before)
+    assert rel_err(out, want) < TOL[dtype]
+    want_acc = torch.ones(T, N, dtype=torch.float64).index_add_(0, tok, want)
+    assert rel_err(acc, want_acc) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_small_outer_with_rows_too_many_to_pack(kernels, dtype):
     # an expert whose rows of b exceed the outer-product kernel's packing buffer (OUTER_PACK_MAX, 4 MiB of fp32)
     # is read in place; a small one next to it is packed

@@ -1178,13 +1178,133 @@ static void nn_tile(const void *const *a, int adt, int R, const char *b, int bdt
 /* C[s, n] = sum_k A[ia(s), k] * B[e, k, n] for the rows s of expert e (start[e] <= s < end[e]), B [E, Kd, N]
  * contiguous; ia(s) = a_idx ? a_idx[s] : s. c_idx NULL: C[s, n] is written in dtype cdt (row stride ldc);
  * else float32 C[c_idx[s], n] += the result (the rows of one expert must have distinct c_idx). Each thread owns a
- * block of columns for all experts, so accumulation is race-free and in expert order. */
+ * block of columns for all experts, so accumulation is race-free and in expert order (where no expert has more than
+ * NN_FEW rows, nn_stream instead reads whole weight rows, and sums by column blocks in the same order). */
 #define PACK_PF 16 /* weight rows ahead that the NN kernel's packing prefetches */
 #define NN_ITEM_BYTES 256 /* bytes of each weight row per work item of the NN kernel, at most (128 bf16 columns) */
 #ifndef NN_KC
 #define NN_KC 256 /* reduction rows per pass of the NN kernel where it can sum passes in fp32 (a 32-column strip of
                    * B is then 32 KiB of fp32, and stays in L1 while the expert's row blocks run over it) */
 #endif
+#ifndef NN_FEW
+#define NN_FEW 8 /* rows per expert up to which the NN kernel streams whole weight rows (nn_stream) */
+#endif
+#define NN_STREAM_STEP 4 /* weight rows per step of nn_stream */
+
+/* acc[r][:N] += sum_{k < kn} a_r[k] * b[k][:N] for R rows (a_r float32, kn <= NN_STREAM_STEP consecutive rows of b,
+ * ldb apart, dtype bdt): one pass over the rows of b, which stay in L1 while each row's accumulator takes them. */
+static inline __attribute__((always_inline)) void nn_stream_step(const char *b, const int bdt, size_t ldb, int64_t N,
+                                                                 int kn, const float a[][NN_STREAM_STEP], int R,
+                                                                 float *acc) {
+    const char *b0 = b, *b1 = b + ldb, *b2 = b + 2 * ldb, *b3 = b + 3 * ldb;
+    for (int r = 0; r < R; r++, acc += N) {
+        const float a0 = a[r][0], a1 = a[r][1], a2 = a[r][2], a3 = a[r][3];
+        if (kn == 4) {
+#pragma omp simd
+            for (int64_t j = 0; j < N; j++)
+                acc[j] += a0 * ld(b0, bdt, j) + a1 * ld(b1, bdt, j) + a2 * ld(b2, bdt, j) + a3 * ld(b3, bdt, j);
+        } else {
+            for (int q = 0; q < kn; q++) {
+                const char *bq = b + (size_t)q * ldb;
+                const float aq = a[r][q];
+#pragma omp simd
+                for (int64_t j = 0; j < N; j++) acc[j] += aq * ld(bq, bdt, j);
+            }
+        }
+    }
+}
+
+/* moe_small_nn where every active expert has at most NN_FEW rows, as in decode and its backward: the work is
+ * reading the weights. The experts' weight rows, all of them in order, are split into one contiguous range per
+ * thread, which streams whole rows (N elements) into per-thread fp32 partial sums of the rows of A it touches; the
+ * partials are then summed into C by column blocks (each C element by one thread, experts in order: race-free). The
+ * general kernel would read the weights in column blocks, a few hundred bytes of every row per pass, at about half
+ * the memory rate. */
+static int nn_stream(const void *A, int adt, int64_t lda, const int64_t *a_idx, const void *B, int bdt, int64_t Kd,
+                     int64_t N, const int64_t *start, const int64_t *end, const int64_t *active, int64_t na, void *C,
+                     int cdt, int64_t ldc, const int64_t *c_idx, int nt) {
+    int64_t rows_end = 0; /* partial sums are indexed by row s: rows [0, rows_end) */
+    for (int64_t i = 0; i < na; i++) rows_end = end[active[i]] > rows_end ? end[active[i]] : rows_end;
+    const int64_t units = na * Kd, per = (units + nt - 1) / nt;
+    float *part = malloc((size_t)nt * (size_t)rows_end * (size_t)N * sizeof(float));
+    int64_t *span = malloc((size_t)nt * 2 * sizeof(int64_t)); /* first and last active expert of each range */
+    if (!part || !span) {
+        free(part);
+        free(span);
+        return -5;
+    }
+    const size_t eb = esize(bdt), ldb = (size_t)N * eb;
+    const int64_t CB = 64; /* columns per block of the summing pass */
+#pragma omp parallel num_threads(nt)
+    {
+#pragma omp for schedule(static)
+        for (int t = 0; t < nt; t++) {
+            const int64_t u0 = min64(units, t * per), u1 = min64(units, u0 + per);
+            float *pt = part + (size_t)t * (size_t)rows_end * (size_t)N;
+            span[2 * t] = u0 / Kd;
+            span[2 * t + 1] = u1 > u0 ? (u1 - 1) / Kd : u0 / Kd - 1; /* empty range: no expert */
+            float *wf = bdt == DT_F32 ? NULL : malloc((size_t)NN_STREAM_STEP * (size_t)N * sizeof(float));
+            for (int64_t u = u0; u < u1;) {
+                const int64_t i = u / Kd, e = active[i], k0 = u % Kd, k1 = min64(Kd, k0 + (u1 - u));
+                const int64_t s0 = start[e], R = end[e] - s0;
+                float *acc = pt + (size_t)s0 * (size_t)N;
+                memset(acc, 0, (size_t)R * (size_t)N * sizeof(float));
+                const char *be = (const char *)B + (size_t)e * (size_t)Kd * ldb;
+                const void *ar[NN_FEW];
+                for (int r = 0; r < R; r++) ar[r] = at(A, adt, lda, a_idx ? a_idx[s0 + r] : s0 + r, 0);
+                for (int64_t k = k0; k < k1; k += NN_STREAM_STEP) {
+                    const int kn = (int)min64(NN_STREAM_STEP, k1 - k);
+                    float a[NN_FEW][NN_STREAM_STEP] = {{0.0f}};
+                    for (int r = 0; r < R; r++)
+                        for (int q = 0; q < kn; q++) a[r][q] = ld(ar[r], adt, k + q);
+                    const char *b = be + (size_t)k * ldb;
+                    if (bdt == DT_F32 || !wf) {
+                        if (bdt == DT_F32) nn_stream_step(b, DT_F32, ldb, N, kn, a, (int)R, acc);
+                        else nn_stream_step(b, DT_BF16, ldb, N, kn, a, (int)R, acc);
+                    } else { /* bf16 rows converted once, not once per row of A */
+                        for (int q = 0; q < kn; q++) {
+                            const bf16 *bq = (const bf16 *)(b + (size_t)q * ldb);
+                            float *o = wf + (size_t)q * (size_t)N;
+#pragma omp simd
+                            for (int64_t j = 0; j < N; j++) o[j] = bf16_to_f32(bq[j]);
+                        }
+                        nn_stream_step((const char *)wf, DT_F32, (size_t)N * 4, N, kn, a, (int)R, acc);
+                    }
+                }
+                u += k1 - k0;
+            }
+            free(wf);
+        }
+#pragma omp for schedule(static)
+        for (int64_t j0 = 0; j0 < N; j0 += CB) {
+            const int64_t w = min64(CB, N - j0);
+            for (int64_t i = 0; i < na; i++) {
+                const int64_t e = active[i];
+                for (int64_t s = start[e]; s < end[e]; s++) {
+                    float sum[64] = {0.0f};
+                    for (int t = 0; t < nt; t++) {
+                        if (i < span[2 * t] || i > span[2 * t + 1]) continue;
+                        const float *p = part + ((size_t)t * (size_t)rows_end + (size_t)s) * (size_t)N + j0;
+#pragma omp simd
+                        for (int64_t j = 0; j < w; j++) sum[j] += p[j];
+                    }
+                    if (c_idx) {
+                        float *o = (float *)C + (size_t)c_idx[s] * (size_t)ldc + j0;
+#pragma omp simd
+                        for (int64_t j = 0; j < w; j++) o[j] += sum[j];
+                    } else {
+                        void *o = at(C, cdt, ldc, s, j0);
+                        for (int64_t j = 0; j < w; j++) st(o, cdt, j, sum[j]);
+                    }
+                }
+            }
+        }
+    }
+    free(part);
+    free(span);
+    return 0;
+}
+
 int moe_small_nn(const void *A, int adt, int64_t lda, const int64_t *a_idx, const void *B, int bdt, int64_t Kd,
                  int64_t N, const int64_t *start, const int64_t *end, int64_t E, void *C, int cdt, int64_t ldc,
                  const int64_t *c_idx, int nthreads) {
@@ -1197,6 +1317,17 @@ int moe_small_nn(const void *A, int adt, int64_t lda, const int64_t *a_idx, cons
     /* Work items of several tiles' columns (at most NN_ITEM_BYTES of each weight row): a row block of A is then
      * reused from cache by the item's tiles instead of being read again per NBLK columns. */
     const int nt = threads_for(gemm_work(rows, na, N, Kd), nthreads);
+    int64_t most = 0;
+    for (int64_t e = 0; e < E; e++) most = end[e] - start[e] > most ? end[e] - start[e] : most;
+    if (na && most <= NN_FEW) {
+        int64_t *active = malloc((size_t)na * sizeof(int64_t));
+        if (!active) return -5;
+        for (int64_t e = 0, i = 0; e < E; e++)
+            if (end[e] > start[e]) active[i++] = e;
+        const int rc = nn_stream(A, adt, lda, a_idx, B, bdt, Kd, N, start, end, active, na, C, cdt, ldc, c_idx, nt);
+        free(active);
+        return rc;
+    }
     const size_t eb = esize(bdt);
     const int64_t IB = item_width(N, nt, NBLK, NN_ITEM_BYTES / (int64_t)eb);
     const int64_t nb = (N + IB - 1) / IB;
