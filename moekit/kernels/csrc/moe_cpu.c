@@ -112,10 +112,10 @@ static inline int threads_for(int64_t work, int nthreads) {
     return t < nthreads ? (int)t : nthreads;
 }
 
-/* Width of a work item that splits n output columns among nt threads: two items per thread (for balance), as wide
- * as that allows so each item reads its inputs few times, rounded up to a multiple of unit, within [unit, max]. */
-static inline int64_t item_width(int64_t n, int nt, int64_t unit, int64_t max) {
-    int64_t w = (n + 2 * nt - 1) / (2 * nt);
+/* Width of a work item that splits n output columns among nt threads: `per` items per thread (two for balance), as
+ * wide as that allows so each item reads its inputs few times, rounded up to a multiple of unit, within [unit, max]. */
+static inline int64_t item_width(int64_t n, int nt, int per, int64_t unit, int64_t max) {
+    int64_t w = (n + per * nt - 1) / (per * nt);
     w = (w + unit - 1) / unit * unit;
     return w < unit ? unit : w > max ? max : w;
 }
@@ -577,7 +577,7 @@ int moe_small_down(const void *a, int64_t ld_a, const int64_t *tok, const float 
         na += end[e] > start[e];
     }
     const int nt = threads_for(gemm_work(rows, na, D, F), nthreads);
-    const int64_t DB = item_width(D, nt, 16, DOWN_DB_MAX);
+    const int64_t DB = item_width(D, nt, 2, 16, DOWN_DB_MAX);
     const int64_t nd = (D + DB - 1) / DB;
 #pragma omp parallel for schedule(static) num_threads(nt)
     for (int64_t item = 0; item < nd; item++) {
@@ -1181,8 +1181,17 @@ static void nn_tile(const void *const *a, int adt, int R, const char *b, int bdt
  * block of columns for all experts, so accumulation is race-free and in expert order (where no expert has more than
  * NN_FEW rows, nn_stream instead reads whole weight rows, and sums by column blocks in the same order). */
 #define PACK_PF 16 /* weight rows ahead that the NN kernel's packing prefetches */
+#if defined(V8)
+/* AVX2: one item per thread, as wide as 4 KiB of each weight row, in passes of 128 reduction rows: the packing then
+ * reads the weights in long runs of whole lines (a few hundred bytes of every row per item left the packing waiting
+ * on memory: Zen 3, fp32, dH @ W_in of Mixtral-like experts with 32 rows 9.8 -> 8.9 ms, fine-grained with 16 rows
+ * 12.1 -> 10.2 ms, 128 rows 53.7 -> 45.6 ms; g @ W_out the same or faster) */
+#define NN_ITEMS_PER_THREAD 1
+#define NN_ITEM_BYTES 4096
+#define NN_KC 128
+#else
+#define NN_ITEMS_PER_THREAD 2 /* work items per thread of the NN kernel */
 #define NN_ITEM_BYTES 256 /* bytes of each weight row per work item of the NN kernel, at most (128 bf16 columns) */
-#ifndef NN_KC
 #define NN_KC 256 /* reduction rows per pass of the NN kernel where it can sum passes in fp32 (a 32-column strip of
                    * B is then 32 KiB of fp32, and stays in L1 while the expert's row blocks run over it) */
 #endif
@@ -1329,7 +1338,7 @@ int moe_small_nn(const void *A, int adt, int64_t lda, const int64_t *a_idx, cons
         return rc;
     }
     const size_t eb = esize(bdt);
-    const int64_t IB = item_width(N, nt, NBLK, NN_ITEM_BYTES / (int64_t)eb);
+    const int64_t IB = item_width(N, nt, NN_ITEMS_PER_THREAD, NBLK, NN_ITEM_BYTES / (int64_t)eb);
     const int64_t nb = (N + IB - 1) / IB;
     /* Passes over at most NN_KC reduction rows where their results can be summed in fp32 (C accumulated, or
      * written in fp32); a bf16 C is written once, from one pass over all of Kd. */
