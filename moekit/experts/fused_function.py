@@ -133,14 +133,12 @@ class _Plan:
 
     def _chunk(self, segs: list[int], E: int) -> _Chunk:
         r0, r1 = self.segments[segs[0]][1], self.segments[segs[-1]][2]
-        ids = torch.tensor([self.segments[i][0] for i in segs], dtype=torch.int64)
-
-        def per_expert(values):
-            return torch.zeros(E, dtype=torch.int64).index_copy_(0, ids, torch.tensor(values, dtype=torch.int64))
-
-        rel = [(self.segments[i][1] - r0, self.segments[i][2] - r0) for i in segs]
-        return _Chunk(r0, r1, segs, per_expert([s for s, _ in rel]), per_expert([t for _, t in rel]),
-                      per_expert([t if self.small_bwd[i] else s for i, (s, t) in zip(segs, rel)]))
+        rows = [[0] * E for _ in range(3)]  # start, end, end for the backward kernels; 0 outside the chunk
+        for i in segs:
+            e, s, t = self.segments[i]
+            rows[0][e], rows[1][e], rows[2][e] = s - r0, t - r0, t - r0 if self.small_bwd[i] else s - r0
+        start_E, end_E, end_bwd_E = torch.tensor(rows, dtype=torch.int64)  # one tensor: rows are contiguous views
+        return _Chunk(r0, r1, segs, start_E, end_E, end_bwd_E)
 
 
 def fused_forward(x_TD, w_in, w_out, b_in, b_out, weights_TK, token_S, slot_S, counts, activation, dtype,
