@@ -579,3 +579,21 @@ def test_topk_indices_small_or_other_dtypes_use_torch():
     assert torch.equal(K.topk_indices(s, 3), torch.topk(s, 3, dim=-1).indices)
     b = torch.randn(1024, 64, dtype=torch.bfloat16)
     assert torch.equal(K.topk_indices(b, 4), torch.topk(b, 4, dim=-1).indices)
+
+
+def test_linear_autograd_with_a_cast_keeps_no_cast_copy_for_backward():
+    # a bf16 router computed in fp32: backward needs the weight, and gets the bf16 tensor itself (cast again there),
+    # not an fp32 copy held from forward to backward
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(5, 16, generator=g).bfloat16().requires_grad_(True)
+    w = torch.randn(4, 16, generator=g).bfloat16().requires_grad_(True)
+    y = cpu_gemm.linear_autograd(x, w, None, torch.float32)
+    assert y.dtype == torch.float32
+    assert all(t.dtype == torch.bfloat16 for t in y.grad_fn.saved_tensors)
+    gy = torch.randn(5, 4, generator=g)
+    y.backward(gy)
+    xr, wr = x.detach().float().requires_grad_(True), w.detach().float().requires_grad_(True)
+    torch.nn.functional.linear(xr, wr).backward(gy)
+    assert torch.allclose(y.detach(), xr.detach() @ wr.detach().T, rtol=1e-5, atol=1e-5)
+    assert x.grad.dtype == w.grad.dtype == torch.bfloat16
+    assert rel_err(x.grad, xr.grad) < 1e-2 and rel_err(w.grad, wr.grad) < 1e-2

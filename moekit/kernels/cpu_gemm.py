@@ -139,7 +139,11 @@ def linear_autograd(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = N
     """``F.linear(x.to(dtype), w.to(dtype), b)`` for 2-D ``x``, differentiable, with the faster CPU GEMM where it
     differs from PyTorch's (``dtype`` defaults to ``x``'s)."""
     dtype = dtype or x.dtype
-    if x.device.type == "cpu" and x.dim() == 2 and provider(dtype) == "onednn" and not torch.compiler.is_compiling():
+    # _Linear also wherever a cast is involved: autograd on F.linear(w.to(dtype)) would keep the cast copy of the
+    # weight alive until backward (a bf16 router computed in fp32: an fp32 copy of its weight per layer)
+    cast = x.dtype != dtype or w.dtype != dtype
+    if x.device.type == "cpu" and x.dim() == 2 and (provider(dtype) == "onednn" or cast) and \
+            not torch.compiler.is_compiling():
         if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w, b))):
             return linear(x.to(dtype), w.to(dtype), None if b is None else b.to(dtype))  # no graph to record
         return _Linear.apply(x, w, b, dtype)
