@@ -491,11 +491,11 @@ def summarise(result: dict) -> str:
             f"{(best[0] / bound if best else float('nan')):.2f}× | {(mk / bound if mk else float('nan')):.2f}× | "
             f"{'' if frac is None else f'{100 * frac:.0f}%'} | {_f(gemm_floor)} | {_f(dense)} | {mem} |")
     m, rf = result["meta"], result["roofline"]
-    libs = lambda v: ", ".join(f"{k} {g:.0f}" for k, g in v.get("gemm_by_library", {}).items())  # noqa: E731
+    libs = lambda v: ", ".join(f"{k} {_f(g)}" for k, g in v.get("gemm_by_library", {}).items())  # noqa: E731
     head = (f"Measured on {m['processor']} ({m['threads']} threads), torch {m['torch']}, transformers "
             f"{m['transformers']}, moekit CPU kernels: {m.get('cpu_kernels', 'n/a')}, glibc malloc tuned: "
             f"{m.get('allocator_tuned')}. Roofline in the same run (the faster GEMM library): " + "; ".join(
-                f"{dt} GEMM {v['gemm_gflops']:.0f} GFLOP/s ({libs(v)})" for dt, v in rf.items())
+                f"{dt} GEMM {_f(v['gemm_gflops'])} GFLOP/s ({libs(v)})" for dt, v in rf.items())
             + _measured_range(result, "gemm_gflops_at", f"the FLOP-bound rows, T > {DECODE_TOKENS}, use the rate",
                               "{:.0f}", "GFLOP/s")
             + f"; copy {next(iter(rf.values()))['copy_gbps']:.1f} GB/s"
