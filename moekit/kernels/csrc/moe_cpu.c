@@ -1332,16 +1332,15 @@ int moe_small_nn(const void *A, int adt, int64_t lda, const int64_t *a_idx, cons
                  int64_t N, const int64_t *start, const int64_t *end, int64_t E, void *C, int cdt, int64_t ldc,
                  const int64_t *c_idx, int nthreads) {
     const int64_t NBLK = 16 * NNC;
-    int64_t rows = 0, na = 0;
+    int64_t rows = 0, na = 0, most = 0; /* most: the rows of the largest expert */
     for (int64_t e = 0; e < E; e++) {
         rows += end[e] - start[e];
         na += end[e] > start[e];
+        most = end[e] - start[e] > most ? end[e] - start[e] : most;
     }
     /* Work items of several tiles' columns (at most NN_ITEM_BYTES of each weight row): a row block of A is then
      * reused from cache by the item's tiles instead of being read again per NBLK columns. */
     const int nt = threads_for(gemm_work(rows, na, N, Kd), nthreads);
-    int64_t most = 0;
-    for (int64_t e = 0; e < E; e++) most = end[e] - start[e] > most ? end[e] - start[e] : most;
     if (na && most <= NN_FEW) {
         int64_t *active = malloc((size_t)na * sizeof(int64_t));
         if (!active) return -5;
@@ -1492,6 +1491,17 @@ static inline __attribute__((always_inline)) void outer8_tile(const void *A, con
     }
 }
 
+/* Store an outer-product tile: rows n0 .. n0 + nn of G (nn <= OTN), columns c0 .. c0 + min(16, left), written once
+ * with streaming stores. */
+static inline __attribute__((always_inline)) void outer8_store(char *ge, int gdt, int64_t Kd, int64_t n0, int64_t nn,
+                                                               int64_t c0, int64_t left, __m256 acc[OTN][2]) {
+    UNROLL for (int i = 0; i < OTN; i++) {
+        if (i >= nn) continue;
+        st8(at(ge, gdt, Kd, n0 + i, c0), gdt, acc[i][0], min64(8, left), 1);
+        if (left > 8) st8(at(ge, gdt, Kd, n0 + i, c0 + 8), gdt, acc[i][1], left - 8, 1);
+    }
+}
+
 static void outer8_full(const void *A, int adt, int64_t lda, const int64_t *a_idx, const void *B, int bdt, int64_t ldb,
                         const int64_t *b_idx, int64_t n0, int64_t c0, int64_t s0, int64_t s1, __m256 acc[OTN][2]) {
 #define OUTER8(ad, bd) outer8_tile(A, ad, lda, a_idx, B, bd, ldb, b_idx, n0, c0, s0, s1, acc)
@@ -1593,11 +1603,7 @@ int moe_small_outer(const void *A, int adt, int64_t lda, const int64_t *a_idx, c
                         acc[i][1] = _mm256_fmadd_ps(av, b1, acc[i][1]);
                     }
                 }
-                UNROLL for (int i = 0; i < OTN; i++) {
-                    if (i >= nn) continue;
-                    st8(at(ge, gdt, Kd, n0 + i, c0), gdt, acc[i][0], min64(8, left), 1);
-                    if (left > 8) st8(at(ge, gdt, Kd, n0 + i, c0 + 8), gdt, acc[i][1], left - 8, 1);
-                }
+                outer8_store(ge, gdt, Kd, n0, nn, c0, left, acc);
             }
             continue;
         }
@@ -1671,11 +1677,7 @@ int moe_small_outer(const void *A, int adt, int64_t lda, const int64_t *a_idx, c
                         acc[i][1] = _mm256_fmadd_ps(av, b1, acc[i][1]);
                     }
                 }
-                UNROLL for (int i = 0; i < OTN; i++) {
-                    if (i >= nn) continue;
-                    st8(at(ge, gdt, Kd, n0 + i, c0), gdt, acc[i][0], min64(8, left), 1);
-                    if (left > 8) st8(at(ge, gdt, Kd, n0 + i, c0 + 8), gdt, acc[i][1], left - 8, 1);
-                }
+                outer8_store(ge, gdt, Kd, n0, nn, c0, left, acc);
             }
 #else
             int64_t w = min64(16 * NC, Kd - k0);
