@@ -292,6 +292,47 @@ def test_small_experts_decode_groups_slots_itself(kernels, dtype):
         K.small_experts_decode(x[:1].contiguous(), torch.tensor([[E]]), torch.ones(1, 1), w_in, b_in, w_out, b_out)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("renorm,renorm_min,scale", [(True, 0.0, 1.0), (False, 0.0, 2.5), (True, 0.9, 1.0)])
+def test_route_decode_routes_like_pytorch_then_runs_the_experts(kernels, dtype, renorm, renorm_min, scale):
+    """Softmax top-k routing in the kernel (router bias, selection bias, renormalisation and its clamp, scale),
+    against the same math in float64 PyTorch; then the experts as small_experts_decode runs them."""
+    torch.manual_seed(3)
+    E, D, F_, T, k = 7, 37, 21, 9, 3
+    x, _, _, w_in, w_out, b_in, b_out = _small_problem(E, D, F_, [2] * E, dtype, True)
+    x = x[:T].contiguous()
+    w_r, b_r, sel = torch.randn(E, D).to(dtype), torch.randn(E) * 0.1, torch.randn(E) * 0.05
+    got = K.route_decode(x, w_r, b_r, sel, k, renorm, renorm_min, scale, w_in, b_in, w_out, b_out)
+    assert got is not None
+    y, counts, ids, wts = got
+    p = torch.softmax(x.double() @ w_r.double().T + b_r.double(), -1)
+    want_ids = torch.topk(p + sel.double(), k, dim=-1).indices
+    assert torch.equal(ids, want_ids)
+    want_w = p.gather(-1, want_ids)
+    if renorm:
+        want_w = want_w / want_w.sum(-1, keepdim=True).clamp_min(renorm_min)
+    assert rel_err(wts, want_w * scale) < 1e-6
+    assert counts.tolist() == torch.bincount(ids.flatten(), minlength=E).tolist()
+    y_ref, _ = K.small_experts_decode(x, ids, wts, w_in, b_in, w_out, b_out)
+    assert torch.equal(y, y_ref)
+
+
+def test_route_decode_declines_ties_and_nan(kernels):
+    """A tie among a token's k + 1 largest choices, or a NaN, is left to PyTorch (None), with nothing computed."""
+    E, D, F_ = 4, 8, 6
+    x, _, _, w_in, w_out, _, _ = _small_problem(E, D, F_, [1] * E, torch.float32, False)
+    x = x[:2].contiguous()
+    args = (2, True, 0.0, 1.0, w_in, None, w_out, None)
+    assert K.route_decode(x, torch.zeros(E, D), None, None, *args) is None  # every probability equal
+    tie_at_k = torch.zeros(E, D)
+    tie_at_k[0] = 1.0  # one clear winner, then three equal: the second choice is a tie
+    assert K.route_decode(x.abs(), tie_at_k, None, None, *args) is None
+    nan_x = x.clone()
+    nan_x[1, 3] = float("nan")
+    assert K.route_decode(nan_x, torch.randn(E, D), None, None, *args) is None
+    assert K.route_decode(x, torch.randn(E, D), None, None, *args) is not None
+
+
 def test_results_do_not_depend_on_the_thread_count(kernels):
     x, tok, w, w_in, w_out, b_in, b_out = _small_problem(4, 64, 32, [1, 4, 3, 9], torch.float32, True)
     start, end = segments([1, 4, 3, 9])

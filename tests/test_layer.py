@@ -184,6 +184,108 @@ def test_decode_path_matches_loop(name, T):
     assert max_err(y16, want) < 0.05 * want.abs().max().item()
 
 
+FUSED_DECODE = {
+    "mixtral": dict(num_experts=8, top_k=2),
+    "qwen_no_renorm_scaled": dict(num_experts=16, top_k=4, router_kwargs=dict(renormalize=False, scale=1.5)),
+    "ernie_renorm_min": dict(num_experts=8, top_k=2, router_kwargs=dict(renorm_min=0.9)),
+    "router_bias_shared": dict(num_experts=8, top_k=2, router_kwargs=dict(bias=True), shared_experts=1),
+    "switch": dict(num_experts=4, top_k=1, router="switch"),
+}
+
+
+@pytest.mark.parametrize("name", list(FUSED_DECODE))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("T", [1, 6, 64])
+def test_fused_decode_matches_the_regular_path(name, dtype, T, monkeypatch):
+    """Inference of a few tokens with a softmax top-k router runs routing and experts in one kernel call; it must
+    give what routing in PyTorch and then the experts give (and the loop reference), and the same statistics."""
+    if moekit.kernels.cpu.library() is None:
+        pytest.skip("no CPU kernels")
+    torch.manual_seed(2)
+    layer = moekit.MoE(16, 32, **FUSED_DECODE[name]).to(dtype).eval()
+    with torch.no_grad():
+        for p in layer.parameters():
+            if p.dim() == 1:
+                p.uniform_(-0.1, 0.1)
+        layer.router.expert_bias.uniform_(-0.05, 0.05)  # the selection bias too
+    x = torch.randn(2, T, 16).to(dtype)
+    fused_calls = []
+    real = moekit.kernels.cpu.route_decode
+    monkeypatch.setattr(moekit.kernels.cpu, "route_decode", lambda *a: fused_calls.append(1) or real(*a))
+    with torch.no_grad():
+        y = layer(x)
+        counts = layer.stats["tokens_per_expert"].clone()
+        assert len(fused_calls) == (2 * T * layer.config.top_k <= moekit.layer.DECODE_KERNEL_MAX_SLOTS)
+        monkeypatch.setattr(layer, "_fused_decode", lambda x_TD: None)
+        want = layer(x)
+        loop = moekit.MoE(config=layer.config).to(dtype).eval()
+        loop.load_state_dict(layer.state_dict())
+        loop.experts.backend = "loop"
+        ref = loop(x.float() if dtype == torch.float32 else x)
+    assert y.dtype == dtype and y.shape == x.shape
+    tol = 1e-6 if dtype == torch.float32 else 1e-2 * want.float().abs().max().item()
+    assert max_err(y, want) <= tol
+    assert max_err(y, ref) <= max(tol, 1e-5)
+    assert torch.equal(counts, layer.stats["tokens_per_expert"])
+    assert layer.stats["dropped"].item() == 0
+
+
+def test_fused_decode_only_where_it_computes_the_same_thing():
+    """Training, autograd, hooks, disabled experts, capacity, autocast, other activations, a router subclass
+    that changes a step: the fused decode declines (None) and the regular path runs."""
+    if moekit.kernels.cpu.library() is None:
+        pytest.skip("no CPU kernels")
+    from moekit.routing.softmax_topk import SoftmaxTopK
+
+    x = torch.randn(2, 16)
+
+    def fused(layer):
+        with torch.no_grad():
+            return layer._fused_decode(x)
+
+    base = moekit.MoE(16, 32, 8, 2).eval()
+    assert fused(base) is not None
+    assert fused(moekit.MoE(16, 32, 8, 2)) is None  # training mode
+    with_hook = moekit.MoE(16, 32, 8, 2).eval()
+    with_hook.register_routing_hook(lambda *a: None)
+    assert fused(with_hook) is None
+    disabled = moekit.MoE(16, 32, 8, 2).eval()
+    disabled.disable_experts([3])
+    assert fused(disabled) is None
+    assert fused(moekit.MoE(16, 32, 8, 2, capacity_factor=1.0).eval()) is None
+    assert fused(moekit.MoE(16, 32, 8, 2, activation="gelu").eval()) is None
+    assert fused(moekit.MoE(16, 32, 8, 2, router="sigmoid_topk").eval()) is None
+    assert fused(moekit.MoE(16, 32, 8, 2, backend="loop").eval()) is None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert fused(base) is None
+
+    class Sharpened(SoftmaxTopK):
+        def scores(self, logits_TE):
+            return torch.softmax(2 * logits_TE, dim=-1)
+
+    sharp = moekit.MoE(16, 32, 8, 2, router=Sharpened(16, 8, 2)).eval()
+    assert fused(sharp) is None
+    with torch.no_grad():  # ...and its own routing is what runs
+        y = sharp(x)
+    ids = torch.topk(torch.softmax(2 * sharp.router.logits(x), -1), 2).indices
+    assert sharp.stats["tokens_per_expert"].tolist() == torch.bincount(ids.flatten(), minlength=8).tolist()
+    assert torch.isfinite(y).all()
+
+
+def test_fused_decode_leaves_ties_to_pytorch():
+    """All router logits equal: every choice is a tie, which torch.topk breaks; the fused kernel declines and the
+    layer's result is the regular path's."""
+    layer = moekit.MoE(16, 32, 8, 2).eval()
+    with torch.no_grad():
+        layer.router.weight.zero_()
+        x = torch.randn(3, 16)
+        assert layer._fused_decode(x) is None
+        y = layer(x)
+    ids = torch.topk(torch.full((3, 8), 1 / 8), 2, dim=-1).indices  # torch.topk's own tie-break
+    assert layer.stats["tokens_per_expert"].tolist() == torch.bincount(ids.flatten(), minlength=8).tolist()
+    assert torch.isfinite(y).all()
+
+
 def test_routing_hook_sees_every_forward_and_can_be_removed():
     layer = make("mixtral", "auto")
     seen = []

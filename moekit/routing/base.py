@@ -163,6 +163,11 @@ class Router(nn.Module):
     def route(self, logits_TE: torch.Tensor) -> RouterOutput:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def decode_routing(self) -> tuple[bool, float, float] | None:
+        """``(renormalize, renorm_min, scale)`` if this router's inference is plain softmax top-k, which a fused
+        decode kernel may run in its place; None (the default) otherwise."""
+        return None
+
     def extra_repr(self) -> str:
         return f"d_model={self.d_model}, num_experts={self.num_experts}, top_k={self.top_k}"
 

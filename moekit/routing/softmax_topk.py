@@ -7,6 +7,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .base import TopKRouter, register_router
@@ -40,8 +42,25 @@ class SoftmaxTopK(TopKRouter):
             w_TK = w_TK / (total.clamp_min(self.renorm_min) if self.renorm_min > 0 else total)
         return w_TK * self.scale if self.scale != 1.0 else w_TK
 
+    def decode_routing(self) -> tuple[bool, float, float] | None:
+        """``(renormalize, renorm_min, scale)`` where this router's inference is exactly the softmax top-k above,
+        which a fused decode kernel may then run (:func:`moekit.kernels.cpu.route_decode`); None for a subclass
+        that changes a step, with disabled experts, or in training mode (input jitter)."""
+        if self.training or self.disabled or self.weight is None or not _plain_steps(type(self)):
+            return None
+        return self.renormalize, float(self.renorm_min), float(self.scale)
+
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, renormalize={self.renormalize}, scale={self.scale}"
+
+
+_STEPS = ("forward", "logits", "route", "scores", "select", "combine_weights", "mask_disabled", "decode_routing")
+
+
+@functools.cache
+def _plain_steps(cls: type) -> bool:
+    """Whether router class ``cls`` routes with SoftmaxTopK's own steps (a subclass may change any of them)."""
+    return all(getattr(cls, name) is getattr(SoftmaxTopK, name) for name in _STEPS)
 
 
 @register_router("switch")

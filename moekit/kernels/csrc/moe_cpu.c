@@ -1794,40 +1794,100 @@ static int topk_row_avx512(const float *row, int64_t E, int64_t k, int64_t *out)
 }
 #endif
 
+/* The indices of the k largest of row[0..E) into out (largest first); nonzero, with out unwritten, if the row has
+ * a NaN or a tie among its k + 1 largest values (where the answer depends on tie-breaking). */
+static int topk_row(const float *row, int64_t E, int64_t k, int64_t *out) {
+#if defined(__AVX512F__)
+    if (E <= 128) return topk_row_avx512(row, E, k, out);
+#endif
+    float v[65];
+    int64_t id[65];
+    int64_t n = 0;
+    const int64_t m = k < E ? k + 1 : k; /* keep one more than asked, to see a tie at the boundary */
+    for (int64_t e = 0; e < E; e++) {
+        float x = row[e];
+        if (x != x) return 1;
+        if (n == m && !(x > v[m - 1])) continue;
+        int64_t p = n < m ? n++ : m - 1; /* insert after every value >= x (stable) */
+        while (p > 0 && v[p - 1] < x) {
+            v[p] = v[p - 1];
+            id[p] = id[p - 1];
+            p--;
+        }
+        v[p] = x;
+        id[p] = e;
+    }
+    for (int64_t j = 1; j < n; j++)
+        if (v[j] == v[j - 1]) return 1;
+    for (int64_t j = 0; j < k; j++) out[j] = id[j];
+    return 0;
+}
+
 int moe_topk_rows(const float *scores, int64_t ld, int64_t T, int64_t E, int64_t k, int64_t *idx, int nthreads) {
     if (k < 1 || k > 64 || k > E) return -1;
     int64_t ambiguous = 0;
-    const int64_t m = k < E ? k + 1 : k; /* keep one more than asked, to see a tie at the boundary */
 #pragma omp parallel for schedule(static) reduction(+ : ambiguous) num_threads(threads_for(T * E * 4, nthreads))
+    for (int64_t t = 0; t < T; t++)
+        ambiguous += topk_row(scores + (size_t)t * (size_t)ld, E, k, idx + (size_t)t * (size_t)k);
+    return (int)(ambiguous < 0x7fffffff ? ambiguous : 0x7fffffff);
+}
+
+/* Softmax top-k routing of a few tokens, then their SwiGLU experts (moe_small_decode), in one call: one step of
+ * decoding without the ~20 small PyTorch ops of routing on the host.
+ *     logits[t, e] = x[t, :] . w_r[e, :] + b_r[e]             in float32 (b_r float32, may be NULL)
+ *     p[t, :] = softmax(logits[t, :]);   ids[t, :] = indices of the K largest p[t, e] + sel[e] (sel may be NULL)
+ *     wts[t, k] = p[t, ids[t, k]] / (renorm ? max(sum_k p[t, ids[t, k]], renorm_min) : 1) * scale
+ * x is [T, D] of dtype dt (the experts' dtype), w_r [E, D] of dtype dt_r; ids int64 and wts float32 [T, K] are
+ * written. Returns 1, with out untouched, where a row has a NaN or a tie among its K + 1 largest choice values
+ * (the caller then routes in PyTorch, which breaks ties its own way); else as moe_small_decode. */
+int moe_route_decode(const void *x, int64_t ld_x, const void *w_r, int dt_r, const float *b_r, const float *sel,
+                     int64_t T, int64_t K, int64_t E, int renorm, float renorm_min, float scale, int64_t *ids,
+                     float *wts, const void *w_in, const void *b_in, const void *w_out, const void *b_out, int64_t D,
+                     int64_t F, int dt, float *out, int64_t ld_out, int64_t *counts, int nthreads) {
+    if (K < 1 || K > 64 || K > E) return -1;
+    float *p = malloc((size_t)(T * E * 2 + 1) * sizeof(float));
+    if (!p) return -5;
+    float *c = p + T * E;
+    int64_t ambiguous = 0;
+#pragma omp parallel for schedule(static) reduction(+ : ambiguous) num_threads(threads_for(T * E * D, nthreads))
     for (int64_t t = 0; t < T; t++) {
-        const float *row = scores + (size_t)t * (size_t)ld;
-#if defined(__AVX512F__)
-        if (E <= 128) {
-            ambiguous += topk_row_avx512(row, E, k, idx + (size_t)t * (size_t)k);
+        float *pt = p + t * E, *ct = c + t * E, mx = -__builtin_inff();
+        const void *xt = at(x, dt, ld_x, t, 0);
+        for (int64_t e = 0; e < E; e++) {
+            const void *we = at(w_r, dt_r, D, e, 0);
+            float s = 0.0f;
+            if (dt == DT_F32 && dt_r == DT_F32) {
+#pragma omp simd reduction(+ : s)
+                for (int64_t d = 0; d < D; d++) s += ((const float *)xt)[d] * ((const float *)we)[d];
+            } else {
+#pragma omp simd reduction(+ : s)
+                for (int64_t d = 0; d < D; d++) s += ld(xt, dt, d) * ld(we, dt_r, d);
+            }
+            pt[e] = b_r ? s + b_r[e] : s;
+            mx = pt[e] > mx ? pt[e] : mx;
+        }
+        float sum = 0.0f;
+        for (int64_t e = 0; e < E; e++) {
+            pt[e] = exp_f32(pt[e] - mx);
+            sum += pt[e];
+        }
+        const float inv = 1.0f / sum;
+        for (int64_t e = 0; e < E; e++) {
+            pt[e] *= inv;
+            ct[e] = sel ? pt[e] + sel[e] : pt[e];
+        }
+        int64_t *it = ids + t * K;
+        if (topk_row(ct, E, K, it)) { /* NaN (in x or the weights) or a tie */
+            ambiguous++;
             continue;
         }
-#endif
-        float v[65];
-        int64_t id[65];
-        int64_t n = 0;
-        int bad = 0;
-        for (int64_t e = 0; e < E; e++) {
-            float x = row[e];
-            if (x != x) { bad = 1; break; }
-            if (n == m && !(x > v[m - 1])) continue;
-            int64_t p = n < m ? n++ : m - 1; /* insert after every value >= x (stable) */
-            while (p > 0 && v[p - 1] < x) {
-                v[p] = v[p - 1];
-                id[p] = id[p - 1];
-                p--;
-            }
-            v[p] = x;
-            id[p] = e;
-        }
-        for (int64_t j = 1; j < n && !bad; j++) bad = v[j] == v[j - 1];
-        ambiguous += bad;
-        if (!bad)
-            for (int64_t j = 0; j < k; j++) idx[(size_t)t * (size_t)k + j] = id[j];
+        float tot = 0.0f;
+        for (int64_t k = 0; k < K; k++) tot += pt[it[k]];
+        if (renorm_min > 0.0f && tot < renorm_min) tot = renorm_min;
+        for (int64_t k = 0; k < K; k++) wts[t * K + k] = (renorm ? pt[it[k]] / tot : pt[it[k]]) * scale;
     }
-    return (int)(ambiguous < 0x7fffffff ? ambiguous : 0x7fffffff);
+    free(p);
+    if (ambiguous) return 1;
+    return moe_small_decode(x, ld_x, ids, wts, T, K, E, w_in, b_in, w_out, b_out, D, F, dt, out, ld_out, counts,
+                            nthreads);
 }
