@@ -148,16 +148,34 @@ def peak_alloc_mb(fn) -> float | None:
         return None
 
 
-def gemm_rates(dtype: torch.dtype) -> dict[str, float]:
-    """The large-GEMM rate (GFLOP/s, a 2048-cube) of each CPU GEMM library PyTorch ships: ``torch.mm``, and oneDNN
-    where it runs."""
-    n = 2048
+def _gemms(dtype: torch.dtype, n: int) -> dict:
+    """An n-cube GEMM with each CPU GEMM library PyTorch ships: ``torch.mm``, and oneDNN where it runs."""
     a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
     gemms = {"torch.mm": lambda: a @ b}
     if cpu_gemm.provider(dtype) == "onednn" or cpu_gemm._onednn_works(dtype):
         bt = b.T.contiguous()
         gemms["onednn"] = lambda: cpu_gemm._LP(a, bt, None, "none", [], "")
-    return {name: 2 * n**3 / (timeit(fn, min_runs=5, budget_s=3.0)[0] / 1e3) / 1e9 for name, fn in gemms.items()}
+    return gemms
+
+
+#: Side of the cube that measures the large-GEMM rate; a library that would take over GEMM_MAX_RUN_S seconds on it
+#: runs a cube sized for GEMM_SLOW_RUN_S instead (see gemm_rates).
+GEMM_N, GEMM_MAX_RUN_S, GEMM_SLOW_RUN_S = 2048, 1.0, 0.25
+
+
+def gemm_rates(dtype: torch.dtype) -> dict[str, float]:
+    """The large-GEMM rate (GFLOP/s, a GEMM_N-cube) of each CPU GEMM library PyTorch ships (see _gemms). A library
+    so slow that one such GEMM would take over GEMM_MAX_RUN_S (PyTorch's bf16 GEMM on a CPU without bf16
+    arithmetic: 0.3 GFLOP/s, a minute a run, twice per timed run) runs a smaller cube, sized for GEMM_SLOW_RUN_S a
+    run: its rate is then far below the bound (the fastest library of every dtype the layer may compute in) and
+    needs no more precision."""
+    rates = {}
+    for name, fn in _gemms(dtype, 256).items():
+        probe = 2 * 256**3 / (timeit(fn, min_runs=1, max_runs=3, budget_s=0.1)[0] / 1e3)  # FLOP/s
+        n = GEMM_N if 2 * GEMM_N**3 < probe * GEMM_MAX_RUN_S else \
+            max(256, round((probe * GEMM_SLOW_RUN_S / 2) ** (1 / 3) / 64) * 64)
+        rates[name] = 2 * n**3 / (timeit(_gemms(dtype, n)[name], min_runs=5, budget_s=3.0)[0] / 1e3) / 1e9
+    return rates
 
 
 def roofline(dtype: torch.dtype) -> dict:

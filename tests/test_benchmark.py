@@ -53,3 +53,23 @@ def test_each_kind_of_cpu_writes_its_own_results_and_table(monkeypatch):
     readme = (B.ROOT / "README.md").read_text()
     for marker in ("LAYER-BENCH", "LAYER-BENCH-AVX2"):  # the README has a table for each
         assert f"<!-- {marker}:START -->" in readme and f"<!-- {marker}:END -->" in readme
+
+
+def test_gemm_rates_measure_a_very_slow_library_on_a_smaller_cube(monkeypatch):
+    """A GEMM library that would take over GEMM_MAX_RUN_S on the full cube runs one sized for GEMM_SLOW_RUN_S; a
+    fast one runs the full cube. Both rates come out as the fake libraries' own (sleeps of n^3 FLOPs' time)."""
+    import time
+
+    monkeypatch.setattr(B, "GEMM_N", 512)
+    monkeypatch.setattr(B, "GEMM_MAX_RUN_S", 0.01)
+    monkeypatch.setattr(B, "GEMM_SLOW_RUN_S", 0.005)
+    sizes = []
+
+    def fake(dtype, n):  # "fast" at 200 GFLOP/s (2.7e8 FLOPs: 1.3 ms), "slow" at 4 GFLOP/s (67 ms on the full cube)
+        sizes.append(n)
+        return {"fast": lambda: time.sleep(2 * n**3 / 200e9), "slow": lambda: time.sleep(2 * n**3 / 4e9)}
+
+    monkeypatch.setattr(B, "_gemms", fake)
+    rates = B.gemm_rates(torch.float32)
+    assert sizes[0] == 256 and sizes[1:] == [512, 256]  # slow: (4e9 * 0.005 / 2)^(1/3) = 215 -> the minimum, 256
+    assert 100 < rates["fast"] <= 200 and 2 < rates["slow"] <= 4
