@@ -73,3 +73,32 @@ def test_gemm_rates_measure_a_very_slow_library_on_a_smaller_cube(monkeypatch):
     rates = B.gemm_rates(torch.float32)
     assert sizes[0] == 256 and sizes[1:] == [512, 256]  # slow: (4e9 * 0.005 / 2)^(1/3) = 215 -> the minimum, 256
     assert 100 < rates["fast"] <= 200 and 2 < rates["slow"] <= 4
+
+
+def test_decode_rows_time_the_weight_read_floor_and_the_summary_uses_it(monkeypatch):
+    """A small end-to-end run: decode-size forward rows also time one read of the touched experts' weights (the
+    bytes every implementation of the step must read); the summary calls a decode miss impossible only where that
+    read alone exceeds the target, and a plain miss otherwise."""
+    if K.library() is None:
+        import pytest
+
+        pytest.skip("no CPU kernels")
+    tiny = dict(family="mixtral", d_model=64, d_ff=96, num_experts=8, top_k=2)
+    monkeypatch.setattr(B, "SHAPES", {"mixtral": tiny})
+    monkeypatch.setattr(B, "GEMM_N", 256)
+    monkeypatch.setattr(B, "copy_rate", lambda: 10.0)
+    result = B.bench(["mixtral"], [1], [torch.float32], ["fwd", "fwd+bwd", "fwd-cold"], ["grouped_mm"],
+                     tune_allocator=False)
+    reads = {r["mode"]: r for r in result["rows"] if r["impl"] == "weight_read"}
+    assert set(reads) == {"fwd", "fwd-cold"} and all(r["median_ms"] > 0 for r in reads.values())
+    table = B.summarise(result)
+    assert "weight-read floor ms" in table
+    row = next(line for line in table.splitlines() if line.startswith("| mixtral | float32 | 1 | fwd-cold |"))
+    assert row.split("|")[13].strip() == B._f(reads["fwd-cold"]["median_ms"])
+
+    checks = {"speed": [], "roofline": [], "memory": [],
+              "decode": [("a", 1.2, 0.9), ("b", 2.0, 1.7), ("c", 1.8, 1.1), ("d", 1.9, None)]}
+    text = B.targets_summary(checks)
+    assert "1 of 4 rows. Impossible on this machine in 1 rows" in text
+    assert "b (2.00×, the read alone 1.70×)" in text
+    assert "Missed: c (1.80×, the read alone 1.10×), d (1.90×)." in text

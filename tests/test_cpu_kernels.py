@@ -638,3 +638,23 @@ def test_linear_autograd_with_a_cast_keeps_no_cast_copy_for_backward():
     assert torch.allclose(y.detach(), xr.detach() @ wr.detach().T, rtol=1e-5, atol=1e-5)
     assert x.grad.dtype == w.grad.dtype == torch.bfloat16
     assert rel_err(x.grad, xr.grad) < 1e-2 and rel_err(w.grad, wr.grad) < 1e-2
+
+
+def test_read_tensors_reads_every_word_of_every_tensor(kernels):
+    """The weight-read floor's kernel: its checksum is the sum of all float32 words of the given tensors (so no
+    read is skipped), however the threads split them; bad tensors get a clear error."""
+    w = torch.randn(9, 331, 171)  # 3 x 56601 + 5 words: two threads' halves meet inside a tensor
+    parts = [w[2], w[3], w[7], torch.randn(5)]
+    want = sum(p.double().sum().item() for p in parts)
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            assert abs(K.read_tensors(parts) - want) < 1e-2
+    finally:
+        torch.set_num_threads(before)
+    assert K.read_tensors([]) == 0.0
+    b = torch.randn(64, 10).bfloat16()  # read as the float32 words its bytes make
+    assert abs(K.read_tensors([b]) - b.view(torch.float32).double().sum().item()) < 1e-3
+    with pytest.raises(ValueError, match="contiguous CPU float32/bfloat16"):
+        K.read_tensors([w[:, 0]])

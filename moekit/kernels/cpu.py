@@ -148,6 +148,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         "moe_small_outer": [P, I, I64, P, P, I, I64, P, I64, I64, P, P, I64, P, I, I],
         "moe_zero": [P, I64, I],
         "moe_flush_cache": [P, I64],
+        "moe_read_ranges": [P, P, I64, P, I],
         "moe_topk_rows": [P, I64, I64, I64, I64, P, I],
         "moe_route_decode": [P, I64, P, I, P, P, I64, I64, I64, I, ctypes.c_float, ctypes.c_float, P, P, P, P, P, P,
                              I64, I64, I, P, I64, P, I],
@@ -237,6 +238,23 @@ def flush_from_cache(tensors) -> bool:
         if lib.moe_flush_cache(t.data_ptr(), t.numel() * t.element_size()) != 0:
             return False
     return True
+
+
+def read_tensors(tensors) -> float:
+    """Read every byte of these contiguous CPU float32/bfloat16 tensors once, the work split evenly among
+    PyTorch's threads, and return the sum of their float32 words (a checksum, nothing more: it only ensures every
+    read happens). Benchmarks time it as the floor of a step that must stream these bytes."""
+    lib = _require()
+    for t in tensors:
+        if t.device.type != "cpu" or not t.is_contiguous() or t.dtype not in _DTYPES or t.numel() * t.element_size() % 4:
+            raise ValueError(f"read_tensors takes contiguous CPU float32/bfloat16 tensors of whole 4-byte words, got "
+                             f"{t.dtype} {tuple(t.shape)} on {t.device}")
+    n = len(tensors)
+    ptrs = (ctypes.c_void_p * max(n, 1))(*[t.data_ptr() for t in tensors])
+    sizes = (ctypes.c_int64 * max(n, 1))(*[t.numel() * t.element_size() for t in tensors])
+    total = ctypes.c_double()
+    _call(lib.moe_read_ranges, ptrs, sizes, n, ctypes.byref(total), _threads())
+    return total.value
 
 
 def zero_(t: torch.Tensor) -> torch.Tensor:

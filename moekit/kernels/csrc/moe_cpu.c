@@ -16,6 +16,12 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#else
+static inline int omp_get_thread_num(void) { return 0; }
+static inline int omp_get_num_threads(void) { return 1; }
+#endif
 
 #define DT_F32 0
 #define DT_BF16 1
@@ -1752,6 +1758,37 @@ int moe_flush_cache(const void *p, int64_t n) {
     (void)n;
     return -1;
 #endif
+}
+
+/* Read every float32 word of n byte ranges (each a multiple of 4 bytes) and store their sum in *sum, so that no
+ * read can be left out: the time to stream exactly these bytes, and nothing else, from wherever they are (the
+ * benchmarks' weight-read floor of a decode step). The concatenated ranges are split evenly among the threads. */
+int moe_read_ranges(const void *const *ptr, const int64_t *nbytes, int64_t n, double *sum, int nthreads) {
+    int64_t total = 0;
+    for (int64_t i = 0; i < n; i++) {
+        if (nbytes[i] < 0 || nbytes[i] % 4) return -1;
+        total += nbytes[i] / 4;
+    }
+    const int nt = threads_for(total, nthreads);
+    double s = 0.0;
+#pragma omp parallel num_threads(nt) reduction(+ : s)
+    {
+        const int th = omp_get_thread_num(), nth = omp_get_num_threads();
+        const int64_t lo = total * th / nth, hi = total * (th + 1) / nth; /* this thread's words */
+        float acc[32] = {0.0f}; /* 32 independent sums: several vector accumulators, not one latency chain */
+        int64_t base = 0;
+        for (int64_t i = 0; i < n && base < hi; base += nbytes[i] / 4, i++) {
+            const int64_t a = lo > base ? lo - base : 0, b = min64(hi - base, nbytes[i] / 4);
+            const float *f = (const float *)ptr[i];
+            int64_t j = a;
+            for (; j + 32 <= b; j += 32)
+                for (int q = 0; q < 32; q++) acc[q] += f[j + q];
+            for (; j < b; j++) acc[0] += f[j];
+        }
+        for (int q = 0; q < 32; q++) s += acc[q];
+    }
+    *sum = s;
+    return 0;
 }
 
 /* ---------------------------------------------------------------------------------------------------------------
