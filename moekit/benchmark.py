@@ -348,7 +348,8 @@ def bench(shapes, tokens, dtypes, modes, impls, tune_allocator: bool = True) -> 
         meta["transformers"] = transformers.__version__
     except ImportError:
         meta["transformers"] = None
-    roof = {str(dt).removeprefix("torch."): roofline(dt) for dt in dtypes}
+    # every dtype whose GEMM may bound a requested one (bf16 rows: fp32 too), so a bf16-only run has its bound
+    roof = {d: roofline(getattr(torch, d)) for d in dict.fromkeys(b for dt in dtypes for b in bound_dtypes(_dt(dt)))}
     # The memory-bound rows' bound uses the copy rate measured just before their group: a shared machine's memory
     # bandwidth drifts over a run (41-70 GB/s seen here), and the rows then run at the rate of their own moment.
     copy_at: dict[str, float] = {}

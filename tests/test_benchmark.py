@@ -89,6 +89,7 @@ def test_decode_rows_time_the_weight_read_floor_and_the_summary_uses_it(monkeypa
     monkeypatch.setattr(B, "copy_rate", lambda: 10.0)
     result = B.bench(["mixtral"], [1], [torch.float32], ["fwd", "fwd+bwd", "fwd-cold"], ["grouped_mm"],
                      tune_allocator=False)
+    assert set(result["roofline"]) == {"float32"}
     reads = {r["mode"]: r for r in result["rows"] if r["impl"] == "weight_read"}
     assert set(reads) == {"fwd", "fwd-cold"} and all(r["median_ms"] > 0 for r in reads.values())
     table = B.summarise(result)
@@ -102,3 +103,20 @@ def test_decode_rows_time_the_weight_read_floor_and_the_summary_uses_it(monkeypa
     assert "1 of 4 rows. Impossible on this machine in 1 rows" in text
     assert "b (2.00×, the read alone 1.70×)" in text
     assert "Missed: c (1.80×, the read alone 1.10×), d (1.90×)." in text
+
+
+def test_a_bf16_only_run_measures_the_fp32_roofline_that_bounds_it(monkeypatch):
+    """bf16 rows are bounded by the faster of the bf16 and fp32 GEMMs (a CPU without fast bf16 computes them in
+    fp32), so a run of bf16 rows alone measures both rooflines; else its decode rows got a bound from PyTorch's
+    0.3 GFLOP/s bf16 GEMM."""
+    tiny = dict(family="mixtral", d_model=64, d_ff=96, num_experts=8, top_k=2)
+    monkeypatch.setattr(B, "SHAPES", {"mixtral": tiny})
+    measured = []
+    monkeypatch.setattr(B, "roofline", lambda dt: measured.append(dt) or
+                        {"gemm_gflops": 1.0 if dt == torch.bfloat16 else 100.0, "copy_gbps": 10.0})
+    monkeypatch.setattr(B, "copy_rate", lambda: 10.0)
+    result = B.bench(["mixtral"], [1], [torch.bfloat16], ["fwd"], [], tune_allocator=False)
+    assert measured == [torch.bfloat16, torch.float32] and set(result["roofline"]) == {"bfloat16", "float32"}
+    bytes_ms = B.distinct_expert_bytes(tiny, 1, torch.bfloat16) / 10e9 * 1e3
+    flops_ms = B.expert_flops(tiny, 1) / 100e9 * 1e3
+    assert B.machine_bound_ms(tiny, 1, "bfloat16", "fwd", result["roofline"], 10.0) == max(bytes_ms, flops_ms)
