@@ -402,10 +402,26 @@ static inline __attribute__((always_inline)) void nt_tile_k(const void *const *a
             UNROLL for (int r = 0; r < R; r++) UNROLL for (int q = 0; q < 4; q++) s[r][q] = _mm256_setzero_ps();
             for (int64_t k = 0; k < K; k += 32) {
                 if (PF) UNROLL for (int64_t o = 0; o < 32 * (int64_t)eb; o += 64) _mm_prefetch(pp[n] + k * eb + o, PF_HINT);
-                UNROLL for (int q = 0; q < 4; q++) {
-                    const __m256 bv = ld8(bp[n] + (size_t)(k + 8 * q) * eb, dt);
-                    UNROLL for (int r = 0; r < R; r++)
-                        s[r][q] = _mm256_fmadd_ps(ld8((const char *)a[r] + (size_t)(k + 8 * q) * eb, dt), bv, s[r][q]);
+                if (dt == DT_F32) {
+                    UNROLL for (int q = 0; q < 4; q++) {
+                        const __m256 bv = ld8(bp[n] + (size_t)(k + 8 * q) * eb, dt);
+                        UNROLL for (int r = 0; r < R; r++)
+                            s[r][q] = _mm256_fmadd_ps(ld8((const char *)a[r] + (size_t)(k + 8 * q) * eb, dt), bv, s[r][q]);
+                    }
+                } else { /* bf16: the even and odd elements of 16 as two float32 vectors each (a dot product does not
+                          * care about the order), one shift or mask per 8 values instead of a widening shuffle */
+                    const __m256i hi = _mm256_set1_epi32((int)0xffff0000u);
+                    UNROLL for (int h = 0; h < 2; h++) {
+                        const __m256i bv = _mm256_loadu_si256((const __m256i *)(bp[n] + (size_t)(k + 16 * h) * 2));
+                        const __m256 be = _mm256_castsi256_ps(_mm256_slli_epi32(bv, 16));
+                        const __m256 bo = _mm256_castsi256_ps(_mm256_and_si256(bv, hi));
+                        UNROLL for (int r = 0; r < R; r++) {
+                            const __m256i av = _mm256_loadu_si256((const __m256i *)((const char *)a[r] + (size_t)(k + 16 * h) * 2));
+                            s[r][2 * h] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(av, 16)), be, s[r][2 * h]);
+                            s[r][2 * h + 1] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(av, hi)), bo,
+                                                              s[r][2 * h + 1]);
+                        }
+                    }
                 }
             }
             UNROLL for (int r = 0; r < R; r++) {
