@@ -511,16 +511,26 @@ def test_linear_into_chunks_and_dtypes(dtype, small_macs, monkeypatch):
         assert rel_err(mixed, want) < 1e-2
 
 
-def test_linear_autograd_bf16_weight_fp32_compute():
-    """A bf16 router computed in fp32: the weight gradient comes back in bf16, equal to the rounded fp32 product."""
-    x = torch.randn(300, 64).bfloat16().requires_grad_(True)
+@pytest.mark.parametrize("tokens", [300, 5, 1])
+@pytest.mark.parametrize("x_dtype", DTYPES)
+def test_linear_autograd_bf16_weight_fp32_compute(tokens, x_dtype, monkeypatch):
+    """A bf16 router computed in fp32: the gradients come back in the operands' dtypes, equal to the rounded fp32
+    products. With fewer tokens than experts (decode-size training) backward runs the C kernels, which read the
+    bf16 weight as it is: no fp32 copy of the weight or of the weight gradient (they would make the step's peak
+    memory exceed a bf16 model's)."""
+    x = torch.randn(tokens, 64).to(x_dtype).requires_grad_(True)
     w = torch.randn(24, 64).bfloat16().requires_grad_(True)
-    g = torch.randn(300, 24)
+    g = torch.randn(tokens, 24)
     out = cpu_gemm.linear_autograd(x, w, None, torch.float32)
     assert out.dtype == torch.float32
+    called = []
+    real = K._call
+    monkeypatch.setattr(K, "_call", lambda fn, *args: called.append(fn.__name__) or real(fn, *args))
     dx, dw = torch.autograd.grad(out, [x, w], g)
-    assert dw.dtype == torch.bfloat16 and dx.dtype == torch.bfloat16
+    assert dw.dtype == torch.bfloat16 and dx.dtype == x_dtype
     assert rel_err(dw, g.double().T @ x.double()) < 1e-2 and rel_err(dx, g.double() @ w.double()) < 1e-2
+    kernels = K.library() is not None and tokens < 24
+    assert ({"moe_small_nn", "moe_small_outer"} <= set(called)) == kernels
 
 
 def test_small_fp32_gemms_skip_onednn(monkeypatch):

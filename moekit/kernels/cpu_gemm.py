@@ -124,14 +124,46 @@ class _Linear(torch.autograd.Function):
     def backward(ctx, g):
         x, w = ctx.saved_tensors
         g = g.contiguous().to(ctx.dtype)
-        dx = linear(g, w.to(ctx.dtype).T).to(x.dtype) if ctx.needs_input_grad[0] else None  # g @ w
+        dx = _grad_input(g, w, x, ctx.dtype) if ctx.needs_input_grad[0] else None  # g @ w
         dw = None
         if ctx.needs_input_grad[1]:  # g^T @ x, straight into the weight's dtype without a full-size temporary
             dw = torch.empty_like(w, memory_format=torch.contiguous_format)
-            linear_into(dw, g.T, x.to(ctx.dtype).T,
-                        chunk_bytes=INTO_CHUNK_BYTES // 4 if w.dtype != ctx.dtype else INTO_CHUNK_BYTES)
+            if _few_rows_cast(g, w, x, ctx.dtype):  # (no fp32 copy of x, no fp32 product: see _grad_input)
+                from . import cpu as kcpu
+
+                T = g.shape[0]
+                kcpu.small_experts_outer(g, None, x.contiguous(), None, torch.zeros(1, dtype=torch.int64),
+                                         torch.full((1,), T, dtype=torch.int64), dw.unsqueeze(0))
+            else:
+                linear_into(dw, g.T, x.to(ctx.dtype).T,
+                            chunk_bytes=INTO_CHUNK_BYTES // 4 if w.dtype != ctx.dtype else INTO_CHUNK_BYTES)
         db = g.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return dx, dw, db, None
+
+
+def _few_rows_cast(g: torch.Tensor, w: torch.Tensor, x: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether _Linear's backward runs the C kernels: a cast (a bf16 router computed in fp32) and fewer rows of ``g``
+    than of ``w`` (a decode-size batch), where the library GEMMs' fp32 copies of ``w`` or of the product would be
+    the largest temporaries of the step, more than a bf16 model's own backward holds."""
+    from . import cpu as kcpu  # (imports this module)
+
+    return (w.dtype != dtype and g.shape[0] < w.shape[0] and g.dtype == torch.float32 and x.dim() == 2
+            and x.dtype in (torch.float32, torch.bfloat16) and w.dtype in (torch.float32, torch.bfloat16)
+            and w.device.type == x.device.type == "cpu" and kcpu.library() is not None)
+
+
+def _grad_input(g: torch.Tensor, w: torch.Tensor, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``(g @ w.to(dtype)).to(x.dtype)``; where _few_rows_cast, the C kernel reads ``w`` in its own dtype and
+    writes ``x``'s dtype directly."""
+    if _few_rows_cast(g, w, x, dtype):
+        from . import cpu as kcpu
+
+        T = g.shape[0]
+        out = torch.empty(T, w.shape[1], dtype=x.dtype)
+        kcpu.small_experts_nn(g, None, w.contiguous().unsqueeze(0), torch.zeros(1, dtype=torch.int64),
+                              torch.full((1,), T, dtype=torch.int64), out)
+        return out
+    return linear(g, w.to(dtype).T).to(x.dtype)
 
 
 def linear_autograd(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None,
