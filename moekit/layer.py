@@ -226,6 +226,7 @@ class MoE(nn.Module):
         cfg, experts, router = self.config, self.experts, self.router
         if self.training or self._routing_hooks or cfg.capacity_factor is not None \
                 or cfg.on_expert_failure == "skip" or x_TD.shape[0] * cfg.top_k > DECODE_KERNEL_MAX_SLOTS \
+                or cfg.top_k > kcpu.ROUTE_DECODE_MAX_K \
                 or not isinstance(experts, Experts) or experts.backend not in ("auto", "fused"):
             return None
         spec = router.decode_routing()

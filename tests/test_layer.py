@@ -256,6 +256,11 @@ def test_fused_decode_only_where_it_computes_the_same_thing():
     assert fused(moekit.MoE(16, 32, 8, 2, activation="gelu").eval()) is None
     assert fused(moekit.MoE(16, 32, 8, 2, router="sigmoid_topk").eval()) is None
     assert fused(moekit.MoE(16, 32, 8, 2, backend="loop").eval()) is None
+    # more choices per token than the kernel's selection keeps: declined, and the regular decode path serves it
+    many = moekit.MoE(16, 32, 80, 70).eval()
+    assert fused(many) is None
+    with torch.no_grad():
+        assert many(x).shape == x.shape and many.stats["tokens_per_expert"].sum().item() == 2 * 70
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert fused(base) is None
 

@@ -482,6 +482,10 @@ def small_experts_decode(x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, w_
     return out, counts
 
 
+#: Largest top-k that route_decode takes (its per-token selection keeps k + 1 candidates on the stack).
+ROUTE_DECODE_MAX_K = 64
+
+
 def route_decode(x: torch.Tensor, router_w: torch.Tensor, router_b: torch.Tensor | None,
                  selection_bias: torch.Tensor | None, k: int, renormalize: bool, renorm_min: float, scale: float,
                  w_in: torch.Tensor, b_in: torch.Tensor | None, w_out: torch.Tensor, b_out: torch.Tensor | None
@@ -492,7 +496,8 @@ def route_decode(x: torch.Tensor, router_w: torch.Tensor, router_b: torch.Tensor
     :func:`small_experts_decode`. Returns ``(y [T, D] float32, slots per expert [E], ids [T, k], weights [T, k])``,
     or None where a token's choice is ambiguous (a NaN, or a tie among its ``k + 1`` largest values): the caller
     then routes in PyTorch, which resolves ties its own way. The caller checks the arguments (shapes, dtypes,
-    contiguity: ``x`` and the experts' weights one dtype, ``router_w`` float32 or bfloat16, the biases float32)."""
+    contiguity: ``x`` and the experts' weights one dtype, ``router_w`` float32 or bfloat16, the biases float32;
+    ``1 <= k <= min(ROUTE_DECODE_MAX_K, E)``)."""
     E, W, D = w_in.shape
     T = x.shape[0]
     out = torch.zeros(T, D, dtype=torch.float32)
