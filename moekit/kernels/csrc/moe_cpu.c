@@ -396,7 +396,7 @@ static inline __attribute__((always_inline)) void nt_tile_k(const void *const *a
          * after another, each read start to end, so the tile is one sequential stream instead of TN interleaved
          * ones (Zen 3, one-token decode from memory: 1.07-1.38x faster, within 1.0-1.25x of a plain read of the
          * same bytes). */
-        float out[2][TN];
+        __m256 row[2][TN]; /* each weight row's sums, reduced four at a time at the end */
         UNROLL for (int n = 0; n < TN; n++) {
             __m256 s[2][4];
             UNROLL for (int r = 0; r < R; r++) UNROLL for (int q = 0; q < 4; q++) s[r][q] = _mm256_setzero_ps();
@@ -424,14 +424,11 @@ static inline __attribute__((always_inline)) void nt_tile_k(const void *const *a
                     }
                 }
             }
-            UNROLL for (int r = 0; r < R; r++) {
-                __m256 v = _mm256_add_ps(_mm256_add_ps(s[r][0], s[r][1]), _mm256_add_ps(s[r][2], s[r][3]));
-                __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-                h = _mm_hadd_ps(h, h);
-                out[r][n] = _mm_cvtss_f32(_mm_hadd_ps(h, h));
-            }
+            UNROLL for (int r = 0; r < R; r++)
+                row[r][n] = _mm256_add_ps(_mm256_add_ps(s[r][0], s[r][1]), _mm256_add_ps(s[r][2], s[r][3]));
         }
-        UNROLL for (int r = 0; r < R; r++) UNROLL for (int n = 0; n < TN; n++) c[r * ldc + n] = out[r][n];
+        UNROLL for (int r = 0; r < R; r++)
+            _mm_storeu_ps(c + r * ldc, reduce4_8(row[r][0], row[r][1], row[r][2], row[r][3]));
         return;
     }
     UNROLL for (int r0 = 0; r0 < R; r0 += RG8) {
