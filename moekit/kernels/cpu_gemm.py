@@ -124,17 +124,14 @@ class _Linear(torch.autograd.Function):
     def backward(ctx, g):
         x, w = ctx.saved_tensors
         g = g.contiguous().to(ctx.dtype)
-        dx = _grad_input(g, w, x, ctx.dtype) if ctx.needs_input_grad[0] else None  # g @ w
-        dw = None
-        if ctx.needs_input_grad[1]:  # g^T @ x, straight into the weight's dtype without a full-size temporary
-            dw = torch.empty_like(w, memory_format=torch.contiguous_format)
-            if _few_rows_cast(g, w, x, ctx.dtype):  # (no fp32 copy of x, no fp32 product: see _grad_input)
-                from . import cpu as kcpu
-
-                T = g.shape[0]
-                kcpu.small_experts_outer(g, None, x.contiguous(), None, torch.zeros(1, dtype=torch.int64),
-                                         torch.full((1,), T, dtype=torch.int64), dw.unsqueeze(0))
-            else:
+        need_dx, need_dw = ctx.needs_input_grad[:2]
+        if _few_rows_cast(g, w, x, ctx.dtype):
+            dx, dw = _few_rows_backward(g, w, x, need_dx, need_dw)
+        else:
+            dx = linear(g, w.to(ctx.dtype).T).to(x.dtype) if need_dx else None  # g @ w
+            dw = None
+            if need_dw:  # g^T @ x, straight into the weight's dtype without a full-size temporary
+                dw = torch.empty_like(w, memory_format=torch.contiguous_format)
                 linear_into(dw, g.T, x.to(ctx.dtype).T,
                             chunk_bytes=INTO_CHUNK_BYTES // 4 if w.dtype != ctx.dtype else INTO_CHUNK_BYTES)
         db = g.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
@@ -142,9 +139,9 @@ class _Linear(torch.autograd.Function):
 
 
 def _few_rows_cast(g: torch.Tensor, w: torch.Tensor, x: torch.Tensor, dtype: torch.dtype) -> bool:
-    """Whether _Linear's backward runs the C kernels: a cast (a bf16 router computed in fp32) and fewer rows of ``g``
-    than of ``w`` (a decode-size batch), where the library GEMMs' fp32 copies of ``w`` or of the product would be
-    the largest temporaries of the step, more than a bf16 model's own backward holds."""
+    """Whether _Linear's backward runs the C kernels (_few_rows_backward): a cast (a bf16 router computed in fp32)
+    and fewer rows of ``g`` than of ``w`` (a decode-size batch), where the library GEMMs' fp32 copies of ``w`` or of
+    the product would be the largest temporaries of the step, more than a bf16 model's own backward holds."""
     from . import cpu as kcpu  # (imports this module)
 
     return (w.dtype != dtype and g.shape[0] < w.shape[0] and g.dtype == torch.float32 and x.dim() == 2
@@ -152,18 +149,22 @@ def _few_rows_cast(g: torch.Tensor, w: torch.Tensor, x: torch.Tensor, dtype: tor
             and w.device.type == x.device.type == "cpu" and kcpu.library() is not None)
 
 
-def _grad_input(g: torch.Tensor, w: torch.Tensor, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``(g @ w.to(dtype)).to(x.dtype)``; where _few_rows_cast, the C kernel reads ``w`` in its own dtype and
-    writes ``x``'s dtype directly."""
-    if _few_rows_cast(g, w, x, dtype):
-        from . import cpu as kcpu
+def _few_rows_backward(g: torch.Tensor, w: torch.Tensor, x: torch.Tensor, need_dx: bool, need_dw: bool
+                       ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``dx = g @ w`` in ``x``'s dtype and ``dw = g^T @ x`` in ``w``'s, each a single-"expert" call of the small-M
+    kernels, which read bf16 operands as they are: no fp32 copy of ``w``, of ``x`` or of either product."""
+    from . import cpu as kcpu
 
-        T = g.shape[0]
-        out = torch.empty(T, w.shape[1], dtype=x.dtype)
-        kcpu.small_experts_nn(g, None, w.contiguous().unsqueeze(0), torch.zeros(1, dtype=torch.int64),
-                              torch.full((1,), T, dtype=torch.int64), out)
-        return out
-    return linear(g, w.to(dtype).T).to(x.dtype)
+    T = g.shape[0]
+    start, end = torch.zeros(1, dtype=torch.int64), torch.full((1,), T, dtype=torch.int64)  # rows 0..T, one segment
+    dx = dw = None
+    if need_dx:
+        dx = torch.empty(T, w.shape[1], dtype=x.dtype)
+        kcpu.small_experts_nn(g, None, w.contiguous().unsqueeze(0), start, end, dx)
+    if need_dw:
+        dw = torch.empty_like(w, memory_format=torch.contiguous_format)
+        kcpu.small_experts_outer(g, None, x.contiguous(), None, start, end, dw.unsqueeze(0))
+    return dx, dw
 
 
 def linear_autograd(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None,
