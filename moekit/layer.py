@@ -224,10 +224,8 @@ class MoE(nn.Module):
         (~0.25 ms of a one-token step). Returns ``(y_TD fp32, tokens per expert)``, or None where it does not
         apply (or a token's choice is a tie, which PyTorch's top-k then breaks as on the regular path)."""
         cfg, experts, router = self.config, self.experts, self.router
-        if self.training or self._routing_hooks or cfg.capacity_factor is not None \
-                or cfg.on_expert_failure == "skip" or x_TD.shape[0] * cfg.top_k > DECODE_KERNEL_MAX_SLOTS \
-                or cfg.top_k > kcpu.ROUTE_DECODE_MAX_K \
-                or not isinstance(experts, Experts) or experts.backend not in ("auto", "fused"):
+        if self.training or not self._sort_free_decode_allowed(x_TD) or cfg.on_expert_failure == "skip" \
+                or x_TD.shape[0] * cfg.top_k > DECODE_KERNEL_MAX_SLOTS or cfg.top_k > kcpu.ROUTE_DECODE_MAX_K:
             return None
         spec = router.decode_routing()
         if spec is None or torch.is_autocast_enabled("cpu") or x_TD.dtype != experts.w_in.dtype \
@@ -241,11 +239,16 @@ class MoE(nn.Module):
                                   experts.b_in, experts.w_out, experts.b_out)
         return None if fused is None else fused[:2]
 
+    def _sort_free_decode_allowed(self, x_TD: torch.Tensor) -> bool:
+        """What both sort-free inference paths (_fused_decode, _decode_path) need besides a few tokens: CPU input, no
+        autograd, no routing hook (it is given a dispatch plan), dropless dispatch, fused experts."""
+        return (x_TD.device.type == "cpu" and not torch.is_grad_enabled() and not self._routing_hooks
+                and self.config.capacity_factor is None and isinstance(self.experts, Experts)
+                and self.experts.backend in ("auto", "fused"))
+
     def _decode_path(self, x_TD: torch.Tensor, routed: RouterOutput) -> bool:
         """Few tokens, no autograd, on CPU: skip the sort and run each chosen expert directly (see Experts.decode)."""
-        if not (x_TD.device.type == "cpu" and not torch.is_grad_enabled() and not self._routing_hooks
-                and not routed.may_have_empty and self.config.capacity_factor is None
-                and isinstance(self.experts, Experts) and self.experts.backend in ("auto", "fused")):
+        if routed.may_have_empty or not self._sort_free_decode_allowed(x_TD):
             return False
         slots = x_TD.shape[0] * self.config.top_k
         return slots <= DECODE_MAX_SLOTS or (slots <= DECODE_KERNEL_MAX_SLOTS
