@@ -451,6 +451,34 @@ static inline __attribute__((always_inline)) void nt_tile_k(const void *const *a
             UNROLL for (int r = 0; r < G; r++) acc[r][n] = _mm256_fmadd_ps(av[r], bv, acc[r][n]);                  \
         }                                                                                                          \
     } while (0)
+        if (dt == DT_BF16) {
+            /* bf16: 16 values at a time as their even and odd elements, two float32 vectors each (one shift or
+             * mask per 8 values instead of a widening shuffle and a shift), for the token rows and the weights */
+            const __m256i hi = _mm256_set1_epi32((int)0xffff0000u);
+            for (; k < KL; k += L) {
+                if (PF) UNROLL for (int n = 0; n < TN; n++)
+                    if (n % NPF == r0 / RG8 % NPF) _mm_prefetch(pp[n] + (size_t)k * eb, PF_HINT);
+                UNROLL for (int64_t v = 0; v < L; v += 16) {
+                    __m256 ae[RG8], ao[RG8];
+                    UNROLL for (int r = 0; r < G; r++) {
+                        const __m256i av = _mm256_loadu_si256((const __m256i *)(ap[r] + (size_t)(k + v) * 2));
+                        ae[r] = _mm256_castsi256_ps(_mm256_slli_epi32(av, 16));
+                        ao[r] = _mm256_castsi256_ps(_mm256_and_si256(av, hi));
+                        KEEP_IN_REG(ae[r]);
+                        KEEP_IN_REG(ao[r]);
+                    }
+                    UNROLL for (int n = 0; n < TN; n++) {
+                        const __m256i bv = _mm256_loadu_si256((const __m256i *)(bp[n] + (size_t)(k + v) * 2));
+                        __m256 be = _mm256_castsi256_ps(_mm256_slli_epi32(bv, 16));
+                        __m256 bo = _mm256_castsi256_ps(_mm256_and_si256(bv, hi));
+                        UNROLL for (int r = 0; r < G; r++) {
+                            acc[r][n] = _mm256_fmadd_ps(ae[r], be, acc[r][n]);
+                            acc[r][n] = _mm256_fmadd_ps(ao[r], bo, acc[r][n]);
+                        }
+                    }
+                }
+            }
+        } else
         for (; k < KL; k += L) {
             if (PF) UNROLL for (int n = 0; n < TN; n++)
                 if (n % NPF == r0 / RG8 % NPF) _mm_prefetch(pp[n] + (size_t)k * eb, PF_HINT);
