@@ -122,13 +122,16 @@ class MoE(nn.Module):
         self._check_input(x, token_ids)
         shape, D = x.shape, self.config.d_model
         x_TD = x.reshape(-1, D)
+        fused = None if torch.is_grad_enabled() else self._fused_decode(x_TD)
+        if fused is not None:  # (y in x's dtype, or fp32 where shared experts are added below)
+            y_TD, counts_E = fused
+            # (inference, where _balance would only record these)
+            self.stats = {"tokens_per_expert": counts_E, "dropped": counts_E.new_zeros(())}
+            return self._add_shared(x_TD, y_TD).to(x.dtype).view(shape)
         seq_len = shape[-2] if x.dim() >= 3 else x_TD.shape[0]
         ctx = RoutingContext(seq_len, None if token_ids is None else token_ids.reshape(-1))
-        plan = dropped = routed = None
-        fused = None if torch.is_grad_enabled() else self._fused_decode(x_TD)
-        if fused is not None:
-            y_TD, counts_E = fused
-        elif (routed := self.router(x_TD, ctx)).soft is not None:
+        plan = dropped = None
+        if (routed := self.router(x_TD, ctx)).soft is not None:
             y_TD, counts_E = self._soft_experts(x_TD, routed.soft)
         elif self._decode_path(x_TD, routed):
             y_TD, counts_E = self.experts.decode(x_TD, routed.topk_ids_TK, routed.topk_weights_TK)
@@ -144,20 +147,20 @@ class MoE(nn.Module):
                 else:
                     y_TD = self.experts(x_TD, plan)
             counts_E, dropped = plan.counts_E, plan.num_dropped
-        if self.shared_experts is not None:
-            shared_TD = self.shared_experts(x_TD).float()
-            y_TD = y_TD + (shared_TD if self.config.shared_scale == 1.0 else self.config.shared_scale * shared_TD)
-        y = y_TD.to(x.dtype).view(shape)
-        if routed is None:  # (fused decode: inference, where _balance would only record these)
-            self.stats = {"tokens_per_expert": counts_E, "dropped": counts_E.new_zeros(())}
-            return y
-
+        y = self._add_shared(x_TD, y_TD).to(x.dtype).view(shape)
         loss = self._balance(routed, counts_E, dropped, seq_len)
         if loss is not None and torch.is_grad_enabled() and loss.requires_grad:
             y = AttachAuxLoss.apply(y, loss, float(self.aux_loss_scale))
         for hook in self._routing_hooks.values():
             hook(self, x_TD, routed, plan)
         return y
+
+    def _add_shared(self, x_TD: torch.Tensor, y_TD: torch.Tensor) -> torch.Tensor:
+        """The routed experts' output plus the shared experts' (in fp32), if any."""
+        if self.shared_experts is None:
+            return y_TD
+        shared_TD = self.shared_experts(x_TD).float()
+        return y_TD + (shared_TD if self.config.shared_scale == 1.0 else self.config.shared_scale * shared_TD)
 
     def _soft_experts(self, x_TD: torch.Tensor, soft: SoftRouting) -> tuple[torch.Tensor, torch.Tensor]:
         """Soft MoE: mix each sequence's tokens into slots, run every expert on its slots, mix the results back."""
@@ -221,7 +224,8 @@ class MoE(nn.Module):
     def _fused_decode(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Inference of a few tokens with a plain softmax top-k router and SwiGLU experts on CPU: routing and experts
         in one kernel call (:func:`moekit.kernels.cpu.route_decode`), without the ~20 small host ops of routing
-        (~0.25 ms of a one-token step). Returns ``(y_TD fp32, tokens per expert)``, or None where it does not
+        (~0.25 ms of a one-token step). Returns ``(y_TD, tokens per expert)``, ``y_TD`` in ``x_TD``'s dtype (fp32
+        where shared experts are to be added), or None where it does not
         apply (or a token's choice is a tie, which PyTorch's top-k then breaks as on the regular path)."""
         cfg, experts, router = self.config, self.experts, self.router
         if self.training or not self._sort_free_decode_allowed(x_TD) or cfg.on_expert_failure == "skip" \
@@ -236,7 +240,8 @@ class MoE(nn.Module):
             return None
         fused = kcpu.route_decode(x_TD, w_r, None if b_r is None else b_r.float().contiguous(),
                                   router.expert_bias.float().contiguous(), cfg.top_k, *spec, experts.w_in,
-                                  experts.b_in, experts.w_out, experts.b_out)
+                                  experts.b_in, experts.w_out, experts.b_out,
+                                  x_TD.dtype if self.shared_experts is None else torch.float32)
         return None if fused is None else fused[:2]
 
     def _sort_free_decode_allowed(self, x_TD: torch.Tensor) -> bool:

@@ -316,6 +316,9 @@ def test_route_decode_routes_like_pytorch_then_runs_the_experts(kernels, dtype, 
     assert counts.tolist() == torch.bincount(ids.flatten(), minlength=E).tolist()
     y_ref, _ = K.small_experts_decode(x, ids, wts, w_in, b_in, w_out, b_out)
     assert torch.equal(y, y_ref)
+    # the output in the input's dtype: the same float32 sums, rounded once
+    y_x = K.route_decode(x, w_r, b_r, sel, k, renorm, renorm_min, scale, w_in, b_in, w_out, b_out, dtype)[0]
+    assert y_x.dtype == dtype and torch.equal(y_x, y_ref.to(dtype))
 
 
 def test_route_decode_declines_ties_and_nan(kernels):

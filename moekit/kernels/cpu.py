@@ -151,7 +151,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         "moe_read_ranges": [P, P, I64, P, I],
         "moe_topk_rows": [P, I64, I64, I64, I64, P, I],
         "moe_route_decode": [P, I64, P, I, P, P, I64, I64, I64, I, ctypes.c_float, ctypes.c_float, P, P, P, P, P, P,
-                             I64, I64, I, P, I64, P, I],
+                             I64, I64, I, P, I, I64, P, I],
     }
     for name, args in sigs.items():
         fn = getattr(lib, name)
@@ -488,26 +488,28 @@ ROUTE_DECODE_MAX_K = 64
 
 def route_decode(x: torch.Tensor, router_w: torch.Tensor, router_b: torch.Tensor | None,
                  selection_bias: torch.Tensor | None, k: int, renormalize: bool, renorm_min: float, scale: float,
-                 w_in: torch.Tensor, b_in: torch.Tensor | None, w_out: torch.Tensor, b_out: torch.Tensor | None
+                 w_in: torch.Tensor, b_in: torch.Tensor | None, w_out: torch.Tensor, b_out: torch.Tensor | None,
+                 out_dtype: torch.dtype = torch.float32
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """Softmax top-k routing and the SwiGLU experts of a few tokens in one kernel call (inference):
     ``p = softmax(x @ router_w.T + router_b)`` in float32, the ``k`` largest ``p + selection_bias`` chosen, their
     ``p`` (divided by ``max(sum, renorm_min)`` if ``renormalize``, times ``scale``) as weights, then
-    :func:`small_experts_decode`. Returns ``(y [T, D] float32, slots per expert [E], ids [T, k], weights [T, k])``,
+    :func:`small_experts_decode`. Returns ``(y [T, D], slots per expert [E], ids [T, k], weights [T, k])``, ``y``
+    summed in float32 and returned in ``out_dtype`` (float32 or bfloat16: rounded once, in the kernel),
     or None where a token's choice is ambiguous (a NaN, or a tie among its ``k + 1`` largest values): the caller
     then routes in PyTorch, which resolves ties its own way. The caller checks the arguments (shapes, dtypes,
     contiguity: ``x`` and the experts' weights one dtype, ``router_w`` float32 or bfloat16, the biases float32;
     ``1 <= k <= min(ROUTE_DECODE_MAX_K, E)``)."""
     E, W, D = w_in.shape
     T = x.shape[0]
-    out = torch.zeros(T, D, dtype=torch.float32)
+    out = torch.empty(T, D, dtype=out_dtype)  # (zeroed by the kernel)
     counts = torch.empty(E, dtype=torch.int64)
     ids = torch.empty(T, k, dtype=torch.int64)
     wts = torch.empty(T, k, dtype=torch.float32)
     rc = _require().moe_route_decode(
         _ptr(x), x.stride(0), _ptr(router_w), _DTYPES[router_w.dtype], _ptr(router_b), _ptr(selection_bias), T, k, E,
         int(renormalize), renorm_min, scale, _ptr(ids), _ptr(wts), _ptr(w_in), _ptr(b_in), _ptr(w_out), _ptr(b_out),
-        D, W // 2, _DTYPES[x.dtype], _ptr(out), D, _ptr(counts), _threads())
+        D, W // 2, _DTYPES[x.dtype], _ptr(out), _DTYPES[out_dtype], D, _ptr(counts), _threads())
     if rc == 1:
         return None
     if rc != 0:

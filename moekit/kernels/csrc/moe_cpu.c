@@ -1948,7 +1948,7 @@ int moe_topk_rows(const float *scores, int64_t ld, int64_t T, int64_t E, int64_t
 int moe_route_decode(const void *x, int64_t ld_x, const void *w_r, int dt_r, const float *b_r, const float *sel,
                      int64_t T, int64_t K, int64_t E, int renorm, float renorm_min, float scale, int64_t *ids,
                      float *wts, const void *w_in, const void *b_in, const void *w_out, const void *b_out, int64_t D,
-                     int64_t F, int dt, float *out, int64_t ld_out, int64_t *counts, int nthreads) {
+                     int64_t F, int dt, void *out, int out_dt, int64_t ld_out, int64_t *counts, int nthreads) {
     if (K < 1 || K > 64 || K > E) return -1;
     float *p = malloc((size_t)(T * E * 2 + 1) * sizeof(float));
     if (!p) return -5;
@@ -1993,6 +1993,17 @@ int moe_route_decode(const void *x, int64_t ld_x, const void *w_r, int dt_r, con
     }
     free(p);
     if (ambiguous) return 1;
-    return moe_small_decode(x, ld_x, ids, wts, T, K, E, w_in, b_in, w_out, b_out, D, F, dt, out, ld_out, counts,
-                            nthreads);
+    /* the experts accumulate in float32: into out itself, or into a scratch block then rounded once into out */
+    float *acc = out_dt == DT_F32 ? (float *)out : malloc((size_t)(T * D ? T * D : 1) * sizeof(float));
+    if (!acc) return -5;
+    const int64_t ld_acc = out_dt == DT_F32 ? ld_out : D;
+    for (int64_t t = 0; t < T; t++) memset(acc + t * ld_acc, 0, (size_t)D * sizeof(float));
+    int rc = moe_small_decode(x, ld_x, ids, wts, T, K, E, w_in, b_in, w_out, b_out, D, F, dt, acc, ld_acc, counts,
+                              nthreads);
+    if (out_dt != DT_F32) {
+        for (int64_t t = 0; rc == 0 && t < T; t++)
+            for (int64_t d = 0; d < D; d++) st(at(out, out_dt, ld_out, t, 0), out_dt, d, acc[t * D + d]);
+        free(acc);
+    }
+    return rc;
 }
