@@ -514,6 +514,57 @@ def test_linear_into_chunks_and_dtypes(dtype, small_macs, monkeypatch):
         assert rel_err(mixed, want) < 1e-2
 
 
+@pytest.mark.parametrize("chunk", [None, 100, 1])
+def test_matmul_cast_converts_the_weight_in_blocks(chunk, monkeypatch):
+    """a @ w with a bf16 w computed in fp32, its rows converted a block at a time (blocks of 5, 1, or all 37
+    rows): the fp32 product of the bf16 values; with w already fp32, the plain product."""
+    a, w = torch.randn(9, 37), torch.randn(37, 5).bfloat16()
+    cpu_gemm.provider(torch.float32)  # (measured once, with conversions of its own)
+    converted = []
+    real = torch.Tensor.to
+    monkeypatch.setattr(torch.Tensor, "to", lambda t, *args, **kw: (t.dtype == torch.bfloat16 and converted.append(
+        t.shape[0])) or real(t, *args, **kw))
+    got = cpu_gemm.matmul_cast(a, w, torch.float32, chunk)
+    monkeypatch.undo()
+    assert got.dtype == torch.float32 and rel_err(got, a.double() @ w.double()) < 1e-6
+    assert max(converted) == {None: 37, 100: 5, 1: 1}[chunk] and sum(converted) == 37
+    w32 = w.float()
+    assert torch.equal(cpu_gemm.matmul_cast(a, w32, torch.float32, 1), a @ w32)
+
+
+@pytest.mark.parametrize("upcast", ["0", "1"])
+def test_bf16_layer_computed_in_fp32_matches_loop_and_holds_no_fp32_weights(upcast, monkeypatch):
+    """A bf16 layer whose experts compute in fp32 (MOEKIT_CPU_BF16_UPCAST=1; CPUs with a slow bf16 GEMM) or in
+    bf16: forward and backward match the loop reference. Computed in fp32, backward converts the weights a block at
+    a time and keeps each expert's dH in bf16 for the input projection's weight gradient, which comes last: its
+    peak memory then holds no fp32 copy of a whole expert weight (blocks are made small here, so every conversion
+    takes several)."""
+    monkeypatch.setenv("MOEKIT_CPU_BF16_UPCAST", upcast)
+    monkeypatch.setattr(cpu_gemm, "CAST_CHUNK_BYTES", 1024)
+    x = torch.randn(400, 48).bfloat16()
+    layer = _layer(torch.bfloat16, True)
+    assert ff.fused_compute_dtype(x, layer.experts.w_in, [133] * 6) == (torch.float32 if upcast == "1" else torch.bfloat16)
+    got = run_fwd_bwd(layer, x)
+    ref_layer = _layer(torch.bfloat16, True)
+    ref_layer.experts.backend = "loop"
+    ref = run_fwd_bwd(ref_layer, x)
+    assert rel_err(got[0], ref[0]) < 2e-2 and rel_err(got[1], ref[1]) < 2e-2
+    for name in ref[2]:
+        assert rel_err(got[2][name], ref[2][name]) < 4e-2, name
+    # backward converts no whole expert weight (shapes [80, 48] and [48, 40]) to fp32, only blocks of its rows
+    converted = []
+    real = torch.Tensor.to
+    monkeypatch.setattr(torch.Tensor, "to", lambda t, *args, **kw: converted.append(tuple(t.shape)) or real(
+        t, *args, **kw))
+    out = layer(x.requires_grad_(True))
+    converted.clear()
+    out.float().sum().backward()
+    monkeypatch.undo()
+    if upcast == "1":
+        blocks = [s for s in converted if s[1:] in ((48,), (40,)) and s[0] < 80]
+        assert blocks and (80, 48) not in converted and (48, 40) not in converted
+
+
 @pytest.mark.parametrize("tokens", [300, 5, 1])
 @pytest.mark.parametrize("x_dtype", DTYPES)
 def test_linear_autograd_bf16_weight_fp32_compute(tokens, x_dtype, monkeypatch):

@@ -82,6 +82,25 @@ def linear(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -
     return F.linear(a, w, bias)
 
 
+#: The largest converted copy of a weight that :func:`matmul_cast` holds at once.
+CAST_CHUNK_BYTES = 1 << 20
+
+
+def matmul_cast(a: torch.Tensor, w: torch.Tensor, dtype: torch.dtype, chunk_bytes: int | None = None) -> torch.Tensor:
+    """``a @ w`` for ``a [M, K]`` in ``dtype`` and a contiguous ``w [K, N]``, computed in ``dtype``. A ``w`` of
+    another dtype (a bf16 expert computed in fp32) is converted a block of its K rows at a time, at most
+    ``chunk_bytes`` (default ``CAST_CHUNK_BYTES``) each, the blocks' products summed into the result in place: no
+    converted copy of the whole weight (5.5 MiB for one fp32 Mixtral-like input projection) adds to the peak memory
+    of backward."""
+    rows = max(1, (chunk_bytes or CAST_CHUNK_BYTES) // max(1, w.shape[1] * dtype.itemsize))
+    if w.dtype == dtype or rows >= w.shape[0]:
+        return linear(a, w.to(dtype).T)
+    out = torch.mm(a[:, :rows], w[:rows].to(dtype))
+    for k in range(rows, w.shape[0], rows):
+        out.addmm_(a[:, k:k + rows], w[k:k + rows].to(dtype))
+    return out
+
+
 #: oneDNN's linear has no ``out=``: ``linear_into`` computes this many bytes of output at a time and copies them in,
 #: so its temporary stays small (a weight gradient is as large as the weight).
 INTO_CHUNK_BYTES = 1 << 18
