@@ -258,15 +258,18 @@ class FusedExpertsFunction(torch.autograd.Function):
                     if grads.w_in_needed:
                         deferred.append((e, token_S[s:t], dh.to(keep)))
                     del dh
-            while deferred:
-                e, tok, dh = deferred.pop(0)
-                _w_in_grad(grads.w_in_buffer()[e], dh, x_c, tok, dtype)
-                del dh
+            # the input's and router weights' gradients are complete: cast to their dtypes before dW_in (a bf16 dx
+            # holds half the memory of its fp32 sums while the largest buffer is filled)
+            d_x = grads.x.to(x_TD.dtype) if need_x else None
+            grads.x = None
             d_weights = None
             if need_w:
                 d_weights = torch.zeros(weights_TK.numel(), dtype=torch.float32, device=dev)
                 d_weights = d_weights.index_copy_(0, slot_S, grads.w_S).view(weights_TK.shape).to(weights_TK.dtype)
-            d_x = grads.x.to(x_TD.dtype) if need_x else None
+            while deferred:
+                e, tok, dh = deferred.pop(0)
+                _w_in_grad(grads.w_in_buffer()[e], dh, x_c, tok, dtype)
+                del dh
         d_win = grads.w_in_buffer() if need_win else None  # (all experts idle: zeros)
         return d_x, d_win, grads.w_out, grads.b_in, grads.b_out, d_weights, None, None, None, None, None, None
 
