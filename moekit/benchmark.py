@@ -495,16 +495,18 @@ def summarise(result: dict) -> str:
         read_floor = impls.get("weight_read", {}).get("median_ms")
         sh = result["shapes"][shape]
         flops = expert_flops(sh, T) * (3 if mode == "fwd+bwd" else 1)
-        # the rates measured just before the row's group where the run did that, else the run's roofline
+        # the rates measured just before the row's group where the run did that, else the run's roofline; a result
+        # merged from runs of one pass each keeps each pass's rate under "<group>/<pass>"
         group = f"{shape}/{dtype}/{T}"
-        rate = result.get("gemm_gflops_at", {}).get(group) or roof_gflops(result["roofline"], dtype)
+        gemm_at, copy_at = result.get("gemm_gflops_at", {}), result.get("copy_gbps_at", {})
+        rate = gemm_at.get(f"{group}/{mode}") or gemm_at.get(group) or roof_gflops(result["roofline"], dtype)
 
         def roof_frac(ms):  # the experts' FLOP rate at this time, over the roofline rate
             return flops / (ms / 1e3) / 1e9 / rate
 
         frac = roof_frac(mk) if mk else None
-        bound = machine_bound_ms(sh, T, dtype, mode, result["roofline"], result.get("copy_gbps_at", {}).get(group),
-                                 rate)
+        bound = machine_bound_ms(sh, T, dtype, mode, result["roofline"],
+                                 copy_at.get(f"{group}/{mode}") or copy_at.get(group), rate)
         mem_mk = impls.get("moekit", {}).get("peak_mem_mb")
         mem_hf = impls.get("hf_grouped_mm", {}).get("peak_mem_mb")
         mem = f"{mem_mk:.0f} / {mem_hf:.0f}" if mem_mk is not None and mem_hf is not None else ""

@@ -120,3 +120,22 @@ def test_a_bf16_only_run_measures_the_fp32_roofline_that_bounds_it(monkeypatch):
     bytes_ms = B.distinct_expert_bytes(tiny, 1, torch.bfloat16) / 10e9 * 1e3
     flops_ms = B.expert_flops(tiny, 1) / 100e9 * 1e3
     assert B.machine_bound_ms(tiny, 1, "bfloat16", "fwd", result["roofline"], 10.0) == max(bytes_ms, flops_ms)
+
+
+def test_merged_results_keep_each_pass_rate():
+    """A result merged from runs of one pass each keeps each pass's GEMM rate under "<group>/<pass>": the roofline
+    column of each row then uses its own run's rate, and a row without one the group's."""
+    shape = dict(family="mixtral", d_model=64, d_ff=96, num_experts=8, top_k=2)
+    flops = B.expert_flops(shape, 128)
+    rows = [dict(shape="mixtral", dtype="float32", tokens=128, mode=mode, impl="moekit", median_ms=ms, runs=3,
+                 peak_mem_mb=None, note="") for mode, ms in (("fwd", 1.0), ("fwd+bwd", 3.0))]
+    result = {"meta": {"processor": "cpu", "threads": 2, "torch": "x", "transformers": "y", "cpu_kernels": "built",
+                       "allocator_tuned": True},
+              "roofline": {"float32": {"gemm_gflops": 1.0, "gemm_by_library": {"torch.mm": 1.0}, "copy_gbps": 1.0}},
+              "shapes": {"mixtral": shape}, "rows": rows, "copy_gbps_at": {},
+              "gemm_gflops_at": {"mixtral/float32/128": flops / 1e9 / 1e-3 / 0.5,  # the fwd row: 50%
+                                 "mixtral/float32/128/fwd+bwd": 3 * flops / 1e9 / 3e-3 / 0.25}}  # 25%
+    table = B.summarise(result)
+    cols = {line.split("|")[4].strip(): line.split("|")[11].strip() for line in table.splitlines()
+            if line.startswith("| mixtral |")}
+    assert cols == {"fwd": "50%", "fwd+bwd": "25%"}
