@@ -268,6 +268,14 @@ static inline __attribute__((always_inline)) __m256 ld8(const void *p, int dt) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
 }
 
+/* 16 bfloat16 as two float32 vectors: the even elements (shifted into the high half of each lane) and the odd ones
+ * (masked): one integer operation per 8 values. A dot product or an elementwise op does not care about the order. */
+static inline __attribute__((always_inline)) void ld16_bf16(const bf16 *p, __m256 *even, __m256 *odd) {
+    __m256i v = _mm256_loadu_si256((const __m256i *)p);
+    *even = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+    *odd = _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32((int)0xffff0000u)));
+}
+
 /* [sum(a), sum(b), sum(c), sum(d)] */
 static inline __attribute__((always_inline)) __m128 reduce4_8(__m256 a, __m256 b, __m256 c, __m256 d) {
     __m256 s = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d)); /* per 128-bit half: a b c d */
@@ -410,16 +418,14 @@ static inline __attribute__((always_inline)) void nt_tile_k(const void *const *a
                     }
                 } else { /* bf16: the even and odd elements of 16 as two float32 vectors each (a dot product does not
                           * care about the order), one shift or mask per 8 values instead of a widening shuffle */
-                    const __m256i hi = _mm256_set1_epi32((int)0xffff0000u);
                     UNROLL for (int h = 0; h < 2; h++) {
-                        const __m256i bv = _mm256_loadu_si256((const __m256i *)(bp[n] + (size_t)(k + 16 * h) * 2));
-                        const __m256 be = _mm256_castsi256_ps(_mm256_slli_epi32(bv, 16));
-                        const __m256 bo = _mm256_castsi256_ps(_mm256_and_si256(bv, hi));
+                        __m256 be, bo;
+                        ld16_bf16((const bf16 *)bp[n] + k + 16 * h, &be, &bo);
                         UNROLL for (int r = 0; r < R; r++) {
-                            const __m256i av = _mm256_loadu_si256((const __m256i *)((const char *)a[r] + (size_t)(k + 16 * h) * 2));
-                            s[r][2 * h] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(av, 16)), be, s[r][2 * h]);
-                            s[r][2 * h + 1] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(av, hi)), bo,
-                                                              s[r][2 * h + 1]);
+                            __m256 ae, ao;
+                            ld16_bf16((const bf16 *)a[r] + k + 16 * h, &ae, &ao);
+                            s[r][2 * h] = _mm256_fmadd_ps(ae, be, s[r][2 * h]);
+                            s[r][2 * h + 1] = _mm256_fmadd_ps(ao, bo, s[r][2 * h + 1]);
                         }
                     }
                 }
@@ -452,25 +458,21 @@ static inline __attribute__((always_inline)) void nt_tile_k(const void *const *a
         }                                                                                                          \
     } while (0)
         if (dt == DT_BF16) {
-            /* bf16: 16 values at a time as their even and odd elements, two float32 vectors each (one shift or
-             * mask per 8 values instead of a widening shuffle and a shift), for the token rows and the weights */
-            const __m256i hi = _mm256_set1_epi32((int)0xffff0000u);
+            /* bf16: 16 values at a time as their even and odd elements (ld16_bf16: one shift or mask per 8 values
+             * instead of a widening shuffle and a shift), for the token rows and the weights */
             for (; k < KL; k += L) {
                 if (PF) UNROLL for (int n = 0; n < TN; n++)
                     if (n % NPF == r0 / RG8 % NPF) _mm_prefetch(pp[n] + (size_t)k * eb, PF_HINT);
                 UNROLL for (int64_t v = 0; v < L; v += 16) {
                     __m256 ae[RG8], ao[RG8];
                     UNROLL for (int r = 0; r < G; r++) {
-                        const __m256i av = _mm256_loadu_si256((const __m256i *)(ap[r] + (size_t)(k + v) * 2));
-                        ae[r] = _mm256_castsi256_ps(_mm256_slli_epi32(av, 16));
-                        ao[r] = _mm256_castsi256_ps(_mm256_and_si256(av, hi));
+                        ld16_bf16((const bf16 *)ap[r] + k + v, &ae[r], &ao[r]);
                         KEEP_IN_REG(ae[r]);
                         KEEP_IN_REG(ao[r]);
                     }
                     UNROLL for (int n = 0; n < TN; n++) {
-                        const __m256i bv = _mm256_loadu_si256((const __m256i *)(bp[n] + (size_t)(k + v) * 2));
-                        __m256 be = _mm256_castsi256_ps(_mm256_slli_epi32(bv, 16));
-                        __m256 bo = _mm256_castsi256_ps(_mm256_and_si256(bv, hi));
+                        __m256 be, bo;
+                        ld16_bf16((const bf16 *)bp[n] + k + v, &be, &bo);
                         UNROLL for (int r = 0; r < G; r++) {
                             acc[r][n] = _mm256_fmadd_ps(ae[r], be, acc[r][n]);
                             acc[r][n] = _mm256_fmadd_ps(ao[r], bo, acc[r][n]);
@@ -954,12 +956,6 @@ static inline __attribute__((always_inline)) __m256 sigmoid8(__m256 x) {
     __m256 e = _mm256_blendv_ps(exp8(nx), _mm256_set1_ps(__builtin_inff()),
                                 _mm256_cmp_ps(nx, _mm256_set1_ps(EXP_HI), _CMP_GT_OQ));
     return _mm256_div_ps(_mm256_set1_ps(1.0f), _mm256_add_ps(_mm256_set1_ps(1.0f), e));
-}
-
-static inline __attribute__((always_inline)) void ld16_bf16(const bf16 *p, __m256 *even, __m256 *odd) {
-    __m256i v = _mm256_loadu_si256((const __m256i *)p);
-    *even = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
-    *odd = _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32((int)0xffff0000u)));
 }
 
 static inline __attribute__((always_inline)) void st16_bf16(bf16 *p, __m256 even, __m256 odd) {
@@ -1994,15 +1990,14 @@ int moe_route_decode(const void *x, int64_t ld_x, const void *w_r, int dt_r, con
     free(p);
     if (ambiguous) return 1;
     /* the experts accumulate in float32: into out itself, or into a scratch block then rounded once into out */
-    float *acc = out_dt == DT_F32 ? (float *)out : malloc((size_t)(T * D ? T * D : 1) * sizeof(float));
+    float *acc = out_dt == DT_F32 ? (float *)out : malloc((size_t)(T * D > 0 ? T * D : 1) * sizeof(float));
     if (!acc) return -5;
     const int64_t ld_acc = out_dt == DT_F32 ? ld_out : D;
     for (int64_t t = 0; t < T; t++) memset(acc + t * ld_acc, 0, (size_t)D * sizeof(float));
     int rc = moe_small_decode(x, ld_x, ids, wts, T, K, E, w_in, b_in, w_out, b_out, D, F, dt, acc, ld_acc, counts,
                               nthreads);
     if (out_dt != DT_F32) {
-        for (int64_t t = 0; rc == 0 && t < T; t++)
-            for (int64_t d = 0; d < D; d++) st(at(out, out_dt, ld_out, t, 0), out_dt, d, acc[t * D + d]);
+        for (int64_t t = 0; rc == 0 && t < T; t++) gather_row(acc + t * D, DT_F32, at(out, out_dt, ld_out, t, 0), out_dt, D, 1.0f);
         free(acc);
     }
     return rc;
