@@ -20,6 +20,7 @@ On the device machine, from the repository root:
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
 import json
 import platform
@@ -150,8 +151,27 @@ class GroupedGemmFloor:
             self.mm(h.T, self.x, offs=self.offs)
 
 
+def graph_step(module, x, mode: str):
+    """:func:`moekit.benchmark.make_step` on a CUDA graph of ``module`` (:func:`moekit.cuda_graphed`), captured at
+    the first call (so a module that cannot be captured fails in the benchmark's warm-up pass and is reported)."""
+    state: dict = {}
+    forward_only = "bwd" not in mode
+
+    def step():
+        if "run" not in state:
+            module.train(not forward_only)
+            if forward_only:
+                graph = moekit.cuda_graphed(module, x)
+                state["run"] = lambda: graph(x)
+            else:
+                moekit.cuda_graphed(module, x.detach().requires_grad_(True), backward=True)
+                state["run"] = make_step(module, x, mode)
+        state["run"]()
+    return step
+
+
 # ------------------------------------------------------------------------------------------------- runner
-def bench(shapes, tokens, dtypes, modes, out_path: Path, budget_s: float) -> dict:
+def bench(shapes, tokens, dtypes, modes, out_path: Path, budget_s: float, graphs: bool = True) -> dict:
     dev = require_cuda()
     torch.manual_seed(0)
     meta = {"device": torch.cuda.get_device_name(), "capability": ".".join(map(str, torch.cuda.get_device_capability())),
@@ -183,6 +203,13 @@ def bench(shapes, tokens, dtypes, modes, out_path: Path, budget_s: float) -> dic
         if block is not None:
             candidates.update(hf_peers(block, HF_IMPLS, shape_name, shape, dtype, T, mode, rows))
         candidates["dense_equal_flops"] = DenseFFN(shape["d_model"], shape["top_k"] * shape["d_ff"]).to(dev, dtype)
+        graphed: dict = {}
+        if graphs:  # the same computations replayed as CUDA graphs (fresh modules: capture changes them)
+            graphed["moekit_triton_graph"] = moekit.from_hf(block, backend="triton").to(dev, dtype) \
+                if block is not None else copy.deepcopy(candidates["moekit_triton"])
+            graphed.update({f"{n}_graph": _HFImpl(block, n.removeprefix("hf_")) for n in candidates
+                            if n.startswith("hf_")})
+            graphed["dense_equal_flops_graph"] = copy.deepcopy(candidates["dense_equal_flops"])
         notes: dict[str, str] = {}
         if mode == "fwd" and block is not None:  # the same numbers as transformers, at this size
             with torch.no_grad():
@@ -195,6 +222,7 @@ def bench(shapes, tokens, dtypes, modes, out_path: Path, budget_s: float) -> dic
                     except Exception as e:  # noqa: BLE001 - reported below by the timing pass
                         notes[name] = f"error: {e!s:.120}"
         steps = {name: make_step(m, x, mode) for name, m in candidates.items()}
+        steps.update({name: graph_step(m, x, mode) for name, m in graphed.items()})
         if grouped_mm_supported("cuda", dtype):
             floor = GroupedGemmFloor(shape, T, dtype)
             steps["gemm_floor"] = lambda: floor.step(backward=mode == "fwd+bwd")
@@ -203,11 +231,12 @@ def bench(shapes, tokens, dtypes, modes, out_path: Path, budget_s: float) -> dic
             cleanup=torch.cuda.empty_cache)
         timed = cuda_timeit_many(steps, budget_s=budget_s, cold=mode == "fwd-cold")
         for name, (ms, reps) in timed.items():
-            mem = peak_mem_mb(steps[name]) if mode == "fwd+bwd" and T >= 1024 else None
+            # (a graph's memory is taken at capture, not while it replays: no peak measured for it)
+            mem = peak_mem_mb(steps[name]) if mode == "fwd+bwd" and T >= 1024 and name not in graphed else None
             rows.append(Row(shape_name, _dt(dtype), T, mode, name, ms, reps, mem, notes.get(name, "")))
         result["rows"] += [asdict(r) for r in rows]
         out_path.write_text(json.dumps(result, indent=1))
-        del candidates, steps, block, x
+        del candidates, graphed, steps, block, x
         gc.collect()
         torch.cuda.empty_cache()
     return result
@@ -215,38 +244,52 @@ def bench(shapes, tokens, dtypes, modes, out_path: Path, budget_s: float) -> dic
 
 # ------------------------------------------------------------------------------------------------- report
 def summarise(result: dict) -> str:
-    """Markdown: per (shape, dtype, T, pass) moekit triton / grouped_mm, the best transformers backend, ratios,
-    the fraction of the measured GEMM roofline, the grouped-GEMM floor and the decode memory floor."""
+    """Markdown: per (shape, dtype, T, pass) moekit's triton backend run eagerly and as a CUDA graph, its grouped_mm
+    backend, the best transformers backend run eagerly and the best one captured as a CUDA graph (where it can be),
+    the ratio of the best transformers time to the best moekit time, the fraction of the measured GEMM roofline,
+    the grouped-GEMM floor, the decode memory floor and the fwd+bwd peak memory."""
     by_key: dict[tuple, dict[str, dict]] = {}
     for r in result["rows"]:
         by_key.setdefault((r["shape"], r["dtype"], r["tokens"], r["mode"]), {})[r["impl"]] = r
     roof = result["roofline"]
     lines = [
-        "| shape | dtype | T | pass | triton ms | grouped_mm ms | best HF (backend) ms | HF / triton | dense ms | "
-        "% GEMM roofline (triton) | GEMM floor ms | decode floor ms | peak MiB triton / HF grouped_mm |",
-        "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| shape | dtype | T | pass | triton ms | triton graph ms | grouped_mm ms | best HF eager ms | "
+        "best HF graph ms | HF / moekit | dense (graph) ms | % GEMM roofline | GEMM floor ms | decode floor ms | "
+        "peak MiB triton / HF grouped_mm |",
+        "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
+
+    def best(impls: dict, graph: bool):
+        found = [(r["median_ms"], n.removeprefix("hf_").removesuffix("_graph")) for n, r in impls.items()
+                 if n.startswith("hf_") and n.endswith("_graph") == graph and r["median_ms"] is not None]
+        return min(found) if found else None
+
     for (shape, dtype, T, mode), impls in by_key.items():
         def ms(name):
             return impls.get(name, {}).get("median_ms")
 
-        tr = ms("moekit_triton")
-        hf = [(r["median_ms"], n.removeprefix("hf_")) for n, r in impls.items()
-              if n.startswith("hf_") and r["median_ms"] is not None]
-        best = min(hf) if hf else None
+        ours = [t for t in (ms("moekit_triton"), ms("moekit_triton_graph"), ms("moekit_grouped_mm")) if t]
+        mk = min(ours) if ours else None
+        hf_e, hf_g = best(impls, False), best(impls, True)
+        hf = min(b for b in (hf_e, hf_g) if b) if (hf_e or hf_g) else None
         flops = expert_flops(result["shapes"][shape], T) * (3 if mode == "fwd+bwd" else 1)
         peak = roof[f"gemm_tflops_{dtype}"] * 1e12
-        frac = f"{100 * flops / (tr / 1e3) / peak:.0f}%" if tr else ""
+        frac = f"{100 * flops / (mk / 1e3) / peak:.0f}%" if mk else ""
         decode = ""
         if T <= 16 and mode != "fwd+bwd":
             decode = _f(distinct_expert_bytes(result["shapes"][shape], T, getattr(torch, dtype))
                         / (roof["copy_gbps"] * 1e9) * 1e3)
         m_tr, m_hf = impls.get("moekit_triton", {}).get("peak_mem_mb"), impls.get("hf_grouped_mm", {}).get("peak_mem_mb")
         mem = f"{m_tr:.0f} / {m_hf:.0f}" if m_tr is not None and m_hf is not None else ""
-        ratio = f"{best[0] / tr:.2f}×" if best and tr else ""
-        lines.append(f"| {shape} | {dtype} | {T} | {mode} | {_f(tr)} | {_f(ms('moekit_grouped_mm'))} | "
-                     f"{_f(best[0]) + ' (' + best[1] + ')' if best else 'n/a'} | {ratio} | "
-                     f"{_f(ms('dense_equal_flops'))} | {frac} | {_f(ms('gemm_floor'))} | {decode} | {mem} |")
+        ratio = f"{hf[0] / mk:.2f}×" if hf and mk else ""
+        dense = ms("dense_equal_flops_graph") or ms("dense_equal_flops")
+
+        def cell(b):
+            return f"{_f(b[0])} ({b[1]})" if b else "n/a"
+
+        lines.append(f"| {shape} | {dtype} | {T} | {mode} | {_f(ms('moekit_triton'))} | "
+                     f"{_f(ms('moekit_triton_graph'))} | {_f(ms('moekit_grouped_mm'))} | {cell(hf_e)} | {cell(hf_g)} | "
+                     f"{ratio} | {_f(dense)} | {frac} | {_f(ms('gemm_floor'))} | {decode} | {mem} |")
     m = result["meta"]
     head = (f"Measured on {m['device']} (sm_{m['capability'].replace('.', '')}), torch {m['torch']} (CUDA {m['cuda']}), "
             f"triton {m['triton']}, transformers {m['transformers']}. Roofline in the same run: GEMM "
@@ -254,7 +297,7 @@ def summarise(result: dict) -> str:
             f"{roof['gemm_tflops_bfloat16']:.0f} bf16; copy {roof['copy_gbps']:.0f} GB/s. fp32 GEMMs run without TF32 "
             f"(torch's default), so fp32 rows are compared with the fp32 roofline.")
     errors = [f"- {r['shape']} {r['dtype']} T={r['tokens']} {r['mode']} {r['impl']}: {r['note']}"
-              for r in result["rows"] if r["note"].startswith(("error", "max|"))]
+              for r in result["rows"] if r["note"].startswith(("error", "max|", "skipped"))]
     return head + "\n\n" + "\n".join(lines) + ("\n\nChecks and errors:\n" + "\n".join(errors) if errors else "")
 
 
@@ -267,6 +310,7 @@ def main(argv=None) -> None:
     ap.add_argument("--modes", nargs="*", default=["fwd", "fwd+bwd", "fwd-cold"], choices=["fwd", "fwd+bwd", "fwd-cold"],
                     help="fwd-cold: forward with the L2 cache overwritten before each run (T <= 16 only)")
     ap.add_argument("--budget-s", type=float, default=1.5, help="timing budget per configuration (after warm-up)")
+    ap.add_argument("--no-graphs", action="store_true", help="skip the CUDA-graph replays of each candidate")
     ap.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/layer_cuda.json)")
     args = ap.parse_args(argv)
     require_cuda()
@@ -274,7 +318,8 @@ def main(argv=None) -> None:
         args.tokens, args.dtypes, args.modes = [1, 1024], ["bfloat16"], ["fwd", "fwd+bwd"]
     out = args.out or RESULTS / ("layer_cuda_quick.json" if args.quick else "layer_cuda.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    result = bench(args.shapes, args.tokens, [getattr(torch, d) for d in args.dtypes], args.modes, out, args.budget_s)
+    result = bench(args.shapes, args.tokens, [getattr(torch, d) for d in args.dtypes], args.modes, out, args.budget_s,
+                   graphs=not args.no_graphs)
     print(summarise(result))
     print(f"results written to {out}", file=sys.stderr)
 

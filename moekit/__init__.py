@@ -4,6 +4,7 @@ from .balance import load_balancing_loss, router_z_loss, sequence_balancing_loss
 from .config import MoEConfig
 from .dispatch import DispatchPlan, LocalDispatcher
 from .experts import Experts, SharedExperts
+from .graphs import CUDAGraphed, cuda_graphed
 from .layer import MoE
 from .routing import Router, RouterOutput, build_router, register_router
 
@@ -12,7 +13,7 @@ __version__ = "0.1.0"
 __all__ = [
     "MoE", "MoEConfig", "Router", "RouterOutput", "build_router", "register_router", "DispatchPlan",
     "LocalDispatcher", "Experts", "SharedExperts", "load_balancing_loss", "sequence_balancing_loss",
-    "router_z_loss", "from_hf", "patch_hf", "unpatch_hf", "__version__",
+    "router_z_loss", "cuda_graphed", "CUDAGraphed", "from_hf", "patch_hf", "unpatch_hf", "__version__",
 ]
 
 

@@ -13,7 +13,7 @@ def run_fwd_bwd(layer, x, seed: int = 0):
     layer.zero_grad(set_to_none=True)
     x = x.detach().clone().requires_grad_(True)
     y = layer(x)
-    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed)).to(y.dtype)
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed)).to(y.device, y.dtype)
     y.backward(g)
     return y.detach(), x.grad.detach(), grads(layer)
 
