@@ -122,7 +122,7 @@ class MoE(nn.Module):
         self._check_input(x, token_ids)
         shape, D = x.shape, self.config.d_model
         x_TD = x.reshape(-1, D)
-        fused = None if torch.is_grad_enabled() else self._fused_decode(x_TD)
+        fused = None if torch.is_grad_enabled() else self._fused_decode(x_TD) or self._planless_inference(x_TD)
         if fused is not None:  # (y in x's dtype, or fp32 where shared experts are added below)
             y_TD, counts_E = fused
             # (inference, where _balance would only record these)
@@ -137,6 +137,9 @@ class MoE(nn.Module):
             y_TD, counts_E = self.experts.decode(x_TD, routed.topk_ids_TK, routed.topk_weights_TK)
             if counts_E is None:
                 counts_E = expert_load(routed.topk_ids_TK, self.config.num_experts).long()
+        elif self._planless_path(x_TD, routed):
+            y_TD, counts_E = self.experts.planless(x_TD, routed.topk_ids_TK, routed.topk_weights_TK,
+                                                   x.dtype if self.shared_experts is None else torch.float32)
         else:
             plan = self.dispatcher.plan(routed)
             if self.config.on_expert_failure == "skip":
@@ -244,6 +247,26 @@ class MoE(nn.Module):
                                   x_TD.dtype if self.shared_experts is None else torch.float32)
         return None if fused is None else fused[:2]
 
+    def _planless_inference(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Inference with a plain softmax top-k router into experts that index their slots themselves (Triton, on a
+        GPU): the router's logits, one top-k kernel (:func:`moekit.kernels.triton_moe.topk_softmax`) and the
+        experts' plan-free path, about 7 launches in all. Returns ``(y_TD, tokens per expert)`` or None where it
+        does not apply."""
+        cfg, router = self.config, self.router
+        if self.training or self._routing_hooks or cfg.capacity_factor is not None \
+                or cfg.on_expert_failure == "skip" or type(self.dispatcher) is not LocalDispatcher \
+                or not isinstance(self.experts, Experts) or x_TD.shape[0] == 0:
+            return None
+        spec = router.decode_routing()
+        if spec is None or not self.experts.planless_usable(x_TD, x_TD.shape[0] * cfg.top_k):
+            return None
+        from .kernels import triton_moe
+
+        ids_TK, weights_TK = triton_moe.topk_softmax(router.logits(x_TD).contiguous(), router.expert_bias, cfg.top_k,
+                                                     *spec)
+        return self.experts.planless(x_TD, ids_TK, weights_TK,
+                                     x_TD.dtype if self.shared_experts is None else torch.float32)
+
     def _sort_free_decode_allowed(self, x_TD: torch.Tensor) -> bool:
         """What both sort-free inference paths (_fused_decode, _decode_path) need besides a few tokens: CPU input, no
         autograd, no routing hook (it is given a dispatch plan), dropless dispatch, fused experts."""
@@ -258,6 +281,15 @@ class MoE(nn.Module):
         slots = x_TD.shape[0] * self.config.top_k
         return slots <= DECODE_MAX_SLOTS or (slots <= DECODE_KERNEL_MAX_SLOTS
                                              and self.experts.decode_kernel_usable(x_TD))
+
+    def _planless_path(self, x_TD: torch.Tensor, routed: RouterOutput) -> bool:
+        """Dropless top-k routing into fused experts whose backend indexes the slots itself (Triton, on a GPU): no
+        dispatch plan, so none of the dispatcher's small ops (see Experts.planless). Routing hooks are given a plan,
+        so they keep the regular path."""
+        return (type(self.dispatcher) is LocalDispatcher and not self._routing_hooks
+                and self.config.capacity_factor is None and not routed.may_have_empty
+                and self.config.on_expert_failure != "skip" and isinstance(self.experts, Experts)
+                and self.experts.planless_usable(x_TD, routed.topk_ids_TK.numel()))
 
     def _check_input(self, x: torch.Tensor, token_ids: torch.Tensor | None = None) -> None:
         if not isinstance(x, torch.Tensor):

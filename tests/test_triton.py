@@ -43,6 +43,12 @@ def check_case(name: str, res: dict) -> None:
     assert "exception" not in res, f"{name}: {res['exception']}\n{res.get('traceback', '')}"
     if name != "zero_tokens":  # the kernels computed it, not a fallback
         assert res["launches"] > 0, f"{name}: no Triton kernel was launched"
+    if "planless" in name:  # training and inference took the plan-free path (one align kernel per forward),
+        # inference with one top-k routing kernel
+        assert res["align_launches"] == 2, f"{name}: {res['align_launches']} align launches, expected 2"
+        assert res["topk_launches"] == 1, f"{name}: {res['topk_launches']} top-k routing launches, expected 1"
+    elif "align_launches" in res:  # dropping or empty slots: the dispatcher's plan
+        assert res["align_launches"] == 0, f"{name}: the plan-free path ran where slots can be empty or dropped"
     assert res["y_dtype"] == res["ref_y_dtype"]
     exact = res["dtype"] == "float32" and "autocast" not in name
     for key, err in res["errors"].items():
@@ -253,6 +259,20 @@ def _captured_launches(monkeypatch, dtype: torch.dtype, backward: bool) -> list:
     return calls
 
 
+def _captured_layer_inference_launches(monkeypatch) -> list:
+    """The launches of one bf16 inference forward of a softmax top-k layer on the plan-free path (top-k routing
+    and align kernels, then the experts'), recorded instead of run."""
+    from moekit.kernels import triton_moe
+
+    calls = []
+    monkeypatch.setattr(triton_moe, "_launch", lambda kernel, grid, *a, **k: calls.append((kernel, a, k)))
+    monkeypatch.setattr(tb, "triton_usable", lambda device, dtype: None)
+    layer = moekit.MoE(64, 96, num_experts=8, top_k=2, backend="triton").to(torch.bfloat16).eval()
+    with torch.no_grad():
+        layer(torch.randn(40, 64, dtype=torch.bfloat16))
+    return calls
+
+
 @needs_triton
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:TRITON_DEFAULT_FP_FUSION")
@@ -271,8 +291,9 @@ def test_kernels_compile_for_sm90(monkeypatch):
         pytest.skip(f"this Triton has no ahead-of-time compile API ({e})")
     seen, compiled = set(), 0
     launches = _captured_launches(monkeypatch, torch.bfloat16, True) + \
-        _captured_launches(monkeypatch, torch.float32, False)
-    assert len(launches) >= 10
+        _captured_launches(monkeypatch, torch.float32, False) + _captured_layer_inference_launches(monkeypatch)
+    assert len(launches) >= 15
+    assert {"_topk_softmax_kernel", "_align_kernel"} <= {kernel.__name__ for kernel, _, _ in launches}
     for kernel, args, kwargs in launches:
         fn = kernel  # a JITFunction
         names = fn.arg_names
@@ -282,6 +303,8 @@ def test_kernels_compile_for_sm90(monkeypatch):
         for name, value in zip(names, args):
             if isinstance(value, torch.Tensor):
                 signature[name] = "*" + _TT_TYPES[value.dtype]
+            elif isinstance(value, float):
+                signature[name] = "fp32"
             else:
                 signature[name] = "i64" if abs(int(value)) >= 2**31 else "i32"
         signature.update({k: "constexpr" for k in constexprs})
@@ -294,4 +317,4 @@ def test_kernels_compile_for_sm90(monkeypatch):
         out = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
         assert out.metadata.shared <= 227 * 1024, f"{fn.__name__}: {out.metadata.shared} bytes of shared memory"
         compiled += 1
-    assert compiled >= 8
+    assert compiled >= 10

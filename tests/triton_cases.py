@@ -44,6 +44,9 @@ EXPERT_CASES: dict[str, dict] = {
 BF16_CASES = ("swiglu", "swiglu_bias_odd_dims", "multi_tile", "empty_slots_dynamic_k", "gelu_bias")
 # Whole-layer cases (router, dispatcher and experts; the router weight's gradient includes the routing weights').
 LAYER_CASES: dict[str, dict] = {
+    # dropless top-k: the experts index the slots themselves (one align kernel, no dispatch plan)
+    "layer_planless_softmax_topk": dict(num_experts=6, top_k=2),
+    "layer_planless_shared_bias": dict(num_experts=5, top_k=3, shared_experts=1, router_kwargs=dict(bias=True)),
     "layer_top_p": dict(num_experts=6, top_k=3, router="top_p", router_kwargs=dict(p=0.5)),
     "layer_switch_capacity": dict(num_experts=4, top_k=1, router="switch", capacity_factor=0.5, expert_bias=True),
 }
@@ -72,9 +75,10 @@ def _scale(t: torch.Tensor | None) -> float:
     return t.float().abs().max().item() if t is not None and t.numel() else 0.0
 
 
-def _launches() -> int:
+def _launches(kernel: str = "count") -> int:
+    """Triton kernel launches so far (all of them, or of one kernel by name)."""
     mod = sys.modules.get("moekit.kernels.triton_moe")
-    return mod.LAUNCHES["count"] if mod is not None else 0
+    return mod.LAUNCHES.get(kernel, 0) if mod is not None else 0
 
 
 # ------------------------------------------------------------------------------------------- experts cases
@@ -168,14 +172,19 @@ def _layer_pass(name: str, backend: str, device: str):
     y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(4)).to(device))
     grads = {n: p.grad for n, p in layer.named_parameters() if p.grad is not None}
     grads["x"] = x.grad
+    layer.eval()  # inference: where the router is plain softmax top-k, routing runs in one Triton kernel too
+    with torch.no_grad():
+        grads["inference_y"] = layer(x.detach()[:, :7])
     return y.detach(), grads
 
 
 def run_layer_case(name: str, device: str) -> dict:
     ref_y, ref_g = _layer_pass(name, "loop", device)
-    before = _launches()
+    before, align, topk = _launches(), _launches("_align_kernel"), _launches("_topk_softmax_kernel")
     y, g = _layer_pass(name, "triton", device)
-    out = {"dtype": "float32", "launches": _launches() - before, "y_dtype": str(y.dtype),
+    out = {"dtype": "float32", "launches": _launches() - before, "align_launches": _launches("_align_kernel") - align,
+           "topk_launches": _launches("_topk_softmax_kernel") - topk,
+           "y_dtype": str(y.dtype),
            "ref_y_dtype": str(ref_y.dtype), "errors": {"y": _err(y, ref_y)}, "scales": {"y": _scale(ref_y)}}
     if set(g) != set(ref_g):
         raise AssertionError(f"gradients {sorted(g)} != reference {sorted(ref_g)}")

@@ -101,6 +101,23 @@ class Experts(nn.Module):
         h = F.linear(x_ND, self.w_in[e].to(dtype), None if b_in is None else b_in[e].to(dtype))
         return F.linear(self.activation(h), self.w_out[e].to(dtype), None if b_out is None else b_out[e].to(dtype))
 
+    def planless_usable(self, x_TD: torch.Tensor, num_slots: int) -> bool:
+        """Whether :meth:`planless` runs ``num_slots`` dropless slots of these rows (the Triton backend on a GPU)."""
+        if self._backend not in ("triton", "auto") or x_TD.device.type == "cpu" and self._backend == "auto":
+            return False
+        from .triton_backend import routed_usable
+
+        return routed_usable(self, x_TD, num_slots)
+
+    def planless(self, x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor,
+                 out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """``y_TD`` (in ``out_dtype``) and the slots per expert for a dropless top-k routing, with no dispatch plan:
+        the Triton backend sorts the slots and schedules its tiles in one kernel (see
+        :func:`moekit.experts.triton_backend.routed_forward`). Differentiable like :meth:`forward`."""
+        from .triton_backend import routed_forward
+
+        return routed_forward(self, x_TD, ids_TK, weights_TK, out_dtype)
+
     def decode_kernel_usable(self, x_TD: torch.Tensor) -> bool:
         """Whether :meth:`decode` runs these rows in the single small-M kernel call (SwiGLU experts, CPU kernels
         built, contiguous rows, weights in the compute dtype) rather than one library call per chosen expert."""

@@ -128,6 +128,13 @@ class _Index:
         return cls(plan.ids_TK.contiguous(), plan.order_S.contiguous(), plan.token_S.contiguous(), start, end,
                    plan.num_experts)
 
+    @classmethod
+    def from_ids(cls, ids_TK: torch.Tensor, num_experts: int, block_m: int) -> tuple["_Index", torch.Tensor]:
+        """The index of a dropless routing built in one kernel launch (:func:`moekit.kernels.triton_moe.align`),
+        with its tile schedule for ``block_m``, and the slots per expert (int64)."""
+        order, token, counts, start, end, sched = _kernels().align(ids_TK, num_experts, block_m)
+        return cls(ids_TK, order, token, start, end, num_experts, {block_m: sched}), counts
+
     @property
     def num_slots(self) -> int:
         return self.ids_TK.numel()
@@ -152,15 +159,17 @@ def _gemm_pair_configs(K_, ix: _Index, n1: int, k1: int, n2: int, k2: int, dtype
 
 
 # ------------------------------------------------------------------------------------------------- forward
-def _forward(x_TD, w_in, w_out, b_in, b_out, weights_TK, ix: _Index, act: Activation, dtype, save_h: bool):
-    """Returns ``(y_TD fp32, h_SW or None, y_SD slot-major unweighted outputs)``."""
+def _forward(x_TD, w_in, w_out, b_in, b_out, weights_TK, ix: _Index, act: Activation, dtype, save_h: bool,
+             out_dtype: torch.dtype = torch.float32):
+    """Returns ``(y_TD, h_SW or None, y_SD slot-major unweighted outputs)``; ``y_TD`` summed in fp32, stored in
+    ``out_dtype``."""
     K_ = _kernels()
     T, D = x_TD.shape
     S, W, F = ix.num_slots, w_in.shape[1], w_out.shape[2]
-    out_TD = torch.empty(T, D, dtype=torch.float32, device=x_TD.device)
+    out_TD = torch.empty(T, D, dtype=out_dtype, device=x_TD.device)
     swiglu = act.name == "swiglu"
     if S == 0:
-        return out_TD, (x_TD.new_empty(0, W, dtype=dtype) if save_h or not swiglu else None), \
+        return out_TD.zero_(), (x_TD.new_empty(0, W, dtype=dtype) if save_h or not swiglu else None), \
             x_TD.new_empty(0, D, dtype=dtype)
     c1, c2, sched = _gemm_pair_configs(K_, ix, F if swiglu else W, D, D, F, dtype, two_acc=swiglu)
     common = dict(sched=sched, seg_end=ix.seg_end_E, dtype=dtype, rows_per_expert=ix.rows_per_expert)
@@ -184,11 +193,14 @@ def _forward(x_TD, w_in, w_out, b_in, b_out, weights_TK, ix: _Index, act: Activa
 
 
 class TritonExpertsFunction(torch.autograd.Function):
-    """``y_TD = sum_k w_TK * expert_{id_TK}(x_TD)`` in fp32 with Triton kernels forward and backward."""
+    """``y_TD = sum_k w_TK * expert_{id_TK}(x_TD)`` (summed in fp32, returned in ``out_dtype``) with Triton kernels
+    forward and backward."""
 
     @staticmethod
-    def forward(ctx, x_TD, w_in, w_out, b_in, b_out, weights_TK, ix: _Index, act: Activation, dtype):
-        out_TD, h_SW, y_SD = _forward(x_TD, w_in, w_out, b_in, b_out, weights_TK, ix, act, dtype, save_h=True)
+    def forward(ctx, x_TD, w_in, w_out, b_in, b_out, weights_TK, ix: _Index, act: Activation, dtype,
+                out_dtype=torch.float32):
+        out_TD, h_SW, y_SD = _forward(x_TD, w_in, w_out, b_in, b_out, weights_TK, ix, act, dtype, save_h=True,
+                                      out_dtype=out_dtype)
         need_w = ctx.needs_input_grad[5]
         ctx.save_for_backward(x_TD, w_in, w_out, h_SW, y_SD if need_w else None, weights_TK)
         ctx.ix, ctx.act, ctx.dtype = ix, act, dtype
@@ -210,12 +222,12 @@ class TritonExpertsFunction(torch.autograd.Function):
             return (z(x_TD) if need_x else None, z(w_in) if need_win else None, z(w_out) if need_wout else None,
                     torch.zeros(E, W, dtype=ctx.bias_dtypes[0], device=dev) if need_bin else None,
                     torch.zeros(E, D, dtype=ctx.bias_dtypes[1], device=dev) if need_bout else None,
-                    z(weights_TK) if need_w else None, None, None, None)
+                    z(weights_TK) if need_w else None, None, None, None, None)
         if need_w:
             d_weights = K_.weights_grad(g_TD, y_SD, ix.ids_TK).to(weights_TK.dtype)
         del y_SD
         if not (need_x or need_win or need_wout or need_bin or need_bout):
-            return d_x, d_win, d_wout, d_bin, d_bout, d_weights, None, None, None
+            return d_x, d_win, d_wout, d_bin, d_bout, d_weights, None, None, None, None
 
         w_S = weights_TK.reshape(-1).index_select(0, ix.order_S).float()  # sorted router weights
         swiglu = act.name == "swiglu"
@@ -256,7 +268,7 @@ class TritonExpertsFunction(torch.autograd.Function):
             K_.grouped_gemm(dh_SW, w_in, dx_SD, N=D, K=W, stride_bn=w_in.stride(2), stride_bk=w_in.stride(1),
                             scatter=ix.order_S, cfg=c_dx, **common)
             d_x = K_.combine(dx_SD, ix.ids_TK, torch.empty(T, D, dtype=x_TD.dtype, device=dev))
-        return d_x, d_win, d_wout, d_bin, d_bout, d_weights, None, None, None
+        return d_x, d_win, d_wout, d_bin, d_bout, d_weights, None, None, None, None
 
 
 def triton_backend(experts: "Experts", x_TD: torch.Tensor, plan: "DispatchPlan") -> torch.Tensor:
@@ -272,3 +284,34 @@ def triton_backend(experts: "Experts", x_TD: torch.Tensor, plan: "DispatchPlan")
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args):
             return TritonExpertsFunction.apply(*args, ix, experts.activation, dtype)
         return _forward(*args, ix, experts.activation, dtype, save_h=False)[0]
+
+
+def routed_usable(experts: "Experts", x_TD: torch.Tensor, num_slots: int) -> bool:
+    """Whether :func:`routed_forward` runs these rows: the ``triton`` backend (or ``auto`` on a GPU) usable here, and
+    few enough slots and experts for the one-program index (:func:`moekit.kernels.triton_moe.align_usable`)."""
+    from .backends import compute_dtype
+
+    if experts.backend != "triton" and not (experts.backend == "auto" and x_TD.device.type == "cuda"):
+        return False
+    if triton_usable(x_TD.device, compute_dtype(x_TD, experts.w_in)) is not None:
+        return False
+    K_ = _kernels()
+    return K_.align_usable(num_slots, experts.num_experts, K_.block_m_for(num_slots / experts.num_experts))
+
+
+def routed_forward(experts: "Experts", x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor,
+                   out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The experts on a dropless top-k routing without a dispatch plan: the index (sorted slots, segments, tile
+    schedule) comes from one kernel instead of the dispatcher's sort, counts and cumsum and the schedule's ~20 small
+    ops, which is most of a small batch's launches. Returns ``(y_TD in out_dtype, slots per expert int64 [E])``;
+    forward and backward are :class:`TritonExpertsFunction`'s. Check :func:`routed_usable` first."""
+    from .backends import compute_dtype
+
+    dtype = compute_dtype(x_TD, experts.w_in)
+    E = experts.num_experts
+    ix, counts_E = _Index.from_ids(ids_TK.contiguous(), E, _kernels().block_m_for(ids_TK.numel() / E))
+    args = (x_TD, experts.w_in, experts.w_out, experts.b_in, experts.b_out, weights_TK)
+    with torch.autocast(x_TD.device.type, enabled=False):
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args):
+            return TritonExpertsFunction.apply(*args, ix, experts.activation, dtype, out_dtype), counts_E
+        return _forward(*args, ix, experts.activation, dtype, save_h=False, out_dtype=out_dtype)[0], counts_E

@@ -280,6 +280,79 @@ def _weights_grad_kernel(
     tl.store(out_ptr + ss, acc.to(out_ptr.dtype.element_ty), mask=s_ok)
 
 
+@triton.jit
+def _align_kernel(
+    ids_ptr, order_ptr, token_ptr, counts_ptr, start_ptr, end_ptr, tile_expert_ptr, tile_row_ptr,
+    S, E, K, num_tiles,
+    BLOCK_S: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    # One program: the slots sorted by expert (stable), tokens per expert, segments and the tile schedule
+    s = tl.arange(0, BLOCK_S)
+    e_s = tl.load(ids_ptr + s, mask=s < S, other=E).to(tl.int32)  # padding lanes sort last, into bin E
+    key = tl.sort(e_s * BLOCK_S + s)  # expert-major, slot-minor: a stable sort by expert
+    slot = key % BLOCK_S
+    tl.store(order_ptr + s, slot, mask=s < S)
+    tl.store(token_ptr + s, slot // K, mask=s < S)
+    es = tl.arange(0, BLOCK_E)
+    e_ok = es < E
+    counts = tl.where(e_ok, tl.histogram(e_s, BLOCK_E), 0)
+    end = tl.cumsum(counts, 0)
+    start = end - counts
+    tl.store(counts_ptr + es, counts.to(tl.int64), mask=e_ok)
+    tl.store(start_ptr + es, start, mask=e_ok)
+    tl.store(end_ptr + es, end, mask=e_ok)
+    # tile t belongs to the expert whose tiles span it: #experts whose tiles end at or before t
+    tiles = (counts + BLOCK_M - 1) // BLOCK_M
+    tile_end = tl.cumsum(tiles, 0)
+    t = tl.arange(0, BLOCK_T)
+    e_t = tl.sum((tile_end[None, :] <= t[:, None]).to(tl.int32), axis=1)
+    first_row = start - (tile_end - tiles) * BLOCK_M  # row of tile t = first_row[e] + t * BLOCK_M
+    row_t = tl.sum(tl.where(e_t[:, None] == es[None, :], first_row[None, :], 0), axis=1) + t * BLOCK_M
+    used = e_t < E
+    tl.store(tile_expert_ptr + t, tl.where(used, e_t, -1), mask=t < num_tiles)
+    tl.store(tile_row_ptr + t, tl.where(used, row_t, 0), mask=t < num_tiles)
+
+
+@triton.jit
+def _topk_softmax_kernel(
+    logits_ptr, stride_lt, bias_ptr, ids_ptr, w_ptr, T, E, renorm_min, scale,
+    K: tl.constexpr, RENORM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
+):
+    # p = softmax(logits); ids = the K largest p + bias (ties: lowest expert first); w = p[ids] (/ max(sum, min)) * scale
+    ts = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    es = tl.arange(0, BLOCK_E)
+    t_ok = ts < T
+    e_ok = es < E
+    logit = tl.load(logits_ptr + ts[:, None].to(tl.int64) * stride_lt + es[None, :], mask=t_ok[:, None] & e_ok[None, :],
+                    other=0.0).to(tl.float32)
+    logit = tl.where(e_ok[None, :], logit, -float("inf"))  # (rows past T stay finite: no NaN from -inf - -inf)
+    m = tl.max(logit, axis=1)
+    p = tl.exp(logit - m[:, None])
+    p = p / tl.sum(p, axis=1)[:, None]
+    choice = tl.where(e_ok[None, :], p + tl.load(bias_ptr + es, mask=e_ok, other=0.0).to(tl.float32)[None, :],
+                      -float("inf"))
+    total = tl.zeros((BLOCK_T,), dtype=tl.float32)
+    left = choice
+    for _ in tl.static_range(K):  # the sum of the chosen p (the renormaliser), in choice order
+        pick = es[None, :] == tl.argmax(left, axis=1)[:, None]
+        total += tl.sum(tl.where(pick, p, 0.0), axis=1)
+        left = tl.where(pick, -float("inf"), left)
+    if RENORM:
+        denom = tl.maximum(total, renorm_min)
+    else:
+        denom = tl.full((BLOCK_T,), 1.0, tl.float32)
+    left = choice
+    for k in tl.static_range(K):
+        idx = tl.argmax(left, axis=1)
+        pick = es[None, :] == idx[:, None]
+        w = tl.sum(tl.where(pick, p, 0.0), axis=1)
+        if RENORM:
+            w = w / denom
+        tl.store(ids_ptr + ts * K + k, idx.to(tl.int64), mask=t_ok)
+        tl.store(w_ptr + ts * K + k, w * scale, mask=t_ok)
+        left = tl.where(pick, -float("inf"), left)
+
+
 # ---------------------------------------------------------------------------------------------------- configs
 def _pow2(n: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, triton.next_power_of_2(max(int(n), 1))))
@@ -294,6 +367,13 @@ def dot_precision(dtype: torch.dtype) -> tuple[str, bool]:
         tf32 = not INTERPRET and torch.backends.cuda.matmul.allow_tf32
         return ("tf32" if tf32 else "ieee"), upcast
     return "tf32", False  # the default; Triton ignores it for 16-bit operands
+
+
+def block_m_for(rows_per_expert: float) -> int:
+    """``BLOCK_M`` of :func:`gemm_config` (it fixes the tile schedule, so it depends on the rows alone)."""
+    if INTERPRET:
+        return 16
+    return 16 if rows_per_expert <= 16 else 32 if rows_per_expert <= 64 else 64 if rows_per_expert <= 512 else 128
 
 
 def gemm_config(rows_per_expert: float, N: int, K: int, dtype: torch.dtype, two_acc: bool = False) -> dict:
@@ -315,6 +395,7 @@ def gemm_config(rows_per_expert: float, N: int, K: int, dtype: torch.dtype, two_
     cfg["BLOCK_N"] = min(cfg["BLOCK_N"], _pow2(N, 16, 256))
     cfg["BLOCK_K"] = min(cfg["BLOCK_K"], _pow2(K, 16, 256))
     cfg["GROUP_M"] = 8
+    assert cfg["BLOCK_M"] == block_m_for(rows_per_expert)
     return cfg
 
 
@@ -351,11 +432,60 @@ def tile_schedule(counts_E: torch.Tensor, offsets_E: torch.Tensor, num_slots: in
     return tile_expert, row_t.to(torch.int32), num_tiles
 
 
+#: the most slots :func:`align` sorts in its one program (beyond, the dispatcher's sort runs instead)
+ALIGN_MAX_SLOTS = 4096
+
+
+def align_usable(num_slots: int, num_experts: int, block_m: int) -> bool:
+    """Whether :func:`align` handles this many slots and experts (its registers hold all of them)."""
+    tiles = min(num_slots, -(-num_slots // block_m) + num_experts)
+    return 0 < num_slots <= ALIGN_MAX_SLOTS and _pow2(tiles, 1, 2**20) * _pow2(num_experts + 1, 1, 2**20) <= 2**16
+
+
+def align(ids_TK: torch.Tensor, num_experts: int, block_m: int):
+    """Everything the grouped GEMMs need to know about a dropless routing ``ids_TK`` (int64 ``[T, K]``, every slot
+    in ``[0, E)``), in one launch of :func:`_align_kernel`: ``(order_S, token_S, counts_E, seg_start_E, seg_end_E,
+    (tile_expert, tile_row, num_tiles))``, int32 except ``counts_E`` (int64). The same values as a stable sort of
+    the slots by expert (:meth:`moekit.LocalDispatcher.plan`) followed by :func:`tile_schedule`."""
+    T, K = ids_TK.shape
+    S, E = T * K, num_experts
+    num_tiles = min(S, -(-S // block_m) + E)
+    dev = ids_TK.device
+    order, token, start, end, tile_expert, tile_row = torch.empty(
+        2 * S + 2 * E + 2 * num_tiles, dtype=torch.int32, device=dev).split([S, S, E, E, num_tiles, num_tiles])
+    counts = torch.empty(E, dtype=torch.int64, device=dev)
+    block_s = _pow2(S, 16, ALIGN_MAX_SLOTS)
+    _launch(_align_kernel, (1,), ids_TK, order, token, counts, start, end, tile_expert, tile_row, S, E, K, num_tiles,
+            BLOCK_S=block_s, BLOCK_E=_pow2(E + 1, 16, 2**20), BLOCK_T=_pow2(num_tiles, 16, 2**20), BLOCK_M=block_m,
+            num_warps=4 if block_s <= 1024 else 8)
+    return order, token, counts, start, end, (tile_expert, tile_row, num_tiles)
+
+
+def topk_softmax(logits_TE: torch.Tensor, bias_E: torch.Tensor, k: int, renormalize: bool, renorm_min: float,
+                 scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax top-k routing of fp32 ``logits_TE`` in one launch (:func:`_topk_softmax_kernel`): int64 ``ids_TK``
+    (the ``k`` largest ``softmax + bias_E``, in descending order) and fp32 ``weights_TK`` (their probabilities,
+    divided by ``max(sum, renorm_min)`` if ``renormalize``, times ``scale``): what
+    :class:`moekit.routing.SoftmaxTopK` computes, up to rounding of the softmax (so near-ties within an ulp may
+    choose differently) and ties broken towards the lower expert index."""
+    T, E = logits_TE.shape
+    ids = torch.empty(T, k, dtype=torch.int64, device=logits_TE.device)
+    weights = torch.empty(T, k, dtype=torch.float32, device=logits_TE.device)
+    block_e = _pow2(E, 16, 2**16)
+    block_t = max(1, min(16 if INTERPRET else 64, 4096 // block_e))
+    _launch(_topk_softmax_kernel, (triton.cdiv(T, block_t),), logits_TE, logits_TE.stride(0), bias_E, ids, weights,
+            T, E, float(renorm_min), float(scale), K=k, RENORM=bool(renormalize), BLOCK_T=block_t, BLOCK_E=block_e,
+            num_warps=4)
+    return ids, weights
+
+
 # ------------------------------------------------------------------------------------------------- launchers
 def _launch(kernel, grid, *args, **kwargs) -> None:
     if grid[0] == 0 or (len(grid) > 1 and grid[1] == 0):
         return
     LAUNCHES["count"] += 1
+    name = getattr(kernel, "__name__", "kernel")
+    LAUNCHES[name] = LAUNCHES.get(name, 0) + 1
     kernel[grid](*args, **kwargs)
 
 
