@@ -318,3 +318,13 @@ def test_kernels_compile_for_sm90(monkeypatch):
         assert out.metadata.shared <= 227 * 1024, f"{fn.__name__}: {out.metadata.shared} bytes of shared memory"
         compiled += 1
     assert compiled >= 10
+
+
+def test_auto_leaves_triton_for_fp32_only_with_many_rows_per_expert():
+    """``auto`` on a GPU: Triton for 16-bit at any load and for fp32 below the measured crossover, the library's
+    exact fp32 GEMMs above it."""
+    from moekit.experts.backends import AUTO_FP32_TRITON_MAX_ROWS, auto_prefers_triton
+
+    assert auto_prefers_triton(torch.bfloat16, 10 * AUTO_FP32_TRITON_MAX_ROWS)
+    assert auto_prefers_triton(torch.float32, AUTO_FP32_TRITON_MAX_ROWS / 4)
+    assert not auto_prefers_triton(torch.float32, AUTO_FP32_TRITON_MAX_ROWS)

@@ -10,8 +10,9 @@
   what backward needs; see :mod:`moekit.experts.fused_function`.
 - ``triton``: Triton kernels (gather fused into grouped GEMMs, SwiGLU epilogue, hand-written backward) for CUDA;
   see :mod:`moekit.experts.triton_backend`. On CPU it runs only under ``TRITON_INTERPRET=1``, else falls back.
-- ``auto``: ``fused`` on CPU (eager), else ``triton`` where Triton imports (not under ``torch.compile``), else
-  ``grouped_mm`` where available, else ``segment``.
+- ``auto``: ``fused`` on CPU (eager), else ``triton`` where Triton imports (not under ``torch.compile``) except
+  for fp32 with many rows per expert (where cuBLAS's exact fp32 GEMMs beat Triton's, see
+  :func:`auto_prefers_triton`), else ``grouped_mm`` where available, else ``segment``.
 
 Notation: ``T`` tokens, ``S`` sorted slots, ``D`` model dim, ``F`` expert hidden dim, ``E`` experts.
 """
@@ -232,9 +233,22 @@ def auto_backend(experts: "Experts", x_TD: torch.Tensor, plan: "DispatchPlan",
     return _auto_device(experts, x_TD, plan).to(out_dtype)
 
 
+#: fp32 rows per expert from which ``auto`` leaves Triton for the library GEMMs on a GPU. Triton's exact fp32
+#: ``tl.dot`` (no TF32, as torch's default) runs on the FMA units at a fraction of cuBLAS's fp32 rate; on an H200
+#: (benchmarks/results/layer_cuda.json, Mixtral-like shape) Triton took 1.50 ms against grouped_mm's 1.56 at 256 rows
+#: per expert, and 6.91 ms against 2.61 at 2048.
+AUTO_FP32_TRITON_MAX_ROWS = 1024
+
+
+def auto_prefers_triton(dtype: torch.dtype, rows_per_expert: float) -> bool:
+    """Whether ``auto`` runs the Triton backend (where usable) for this compute dtype and load."""
+    return dtype != torch.float32 or rows_per_expert < AUTO_FP32_TRITON_MAX_ROWS
+
+
 def _auto_device(experts: "Experts", x_TD: torch.Tensor, plan: "DispatchPlan") -> torch.Tensor:
     dtype = compute_dtype(x_TD, experts.w_in)
-    if x_TD.device.type == "cuda" and triton_usable(x_TD.device, dtype) is None:
+    if x_TD.device.type == "cuda" and triton_usable(x_TD.device, dtype) is None \
+            and auto_prefers_triton(dtype, plan.ids_TK.numel() / max(1, experts.num_experts)):
         return triton_backend(experts, x_TD, plan)
     if _use_grouped_mm(x_TD.device.type, dtype) and _aligned(experts, dtype):
         return grouped_mm_backend(experts, x_TD, plan)

@@ -289,14 +289,16 @@ def triton_backend(experts: "Experts", x_TD: torch.Tensor, plan: "DispatchPlan")
 def routed_usable(experts: "Experts", x_TD: torch.Tensor, num_slots: int) -> bool:
     """Whether :func:`routed_forward` runs these rows: the ``triton`` backend (or ``auto`` on a GPU) usable here, and
     few enough slots and experts for the one-program index (:func:`moekit.kernels.triton_moe.align_usable`)."""
-    from .backends import compute_dtype
+    from .backends import auto_prefers_triton, compute_dtype
 
     if experts.backend != "triton" and not (experts.backend == "auto" and x_TD.device.type == "cuda"):
         return False
-    if triton_usable(x_TD.device, compute_dtype(x_TD, experts.w_in)) is not None:
+    dtype, rows = compute_dtype(x_TD, experts.w_in), num_slots / experts.num_experts
+    if triton_usable(x_TD.device, dtype) is not None or (experts.backend == "auto"
+                                                          and not auto_prefers_triton(dtype, rows)):
         return False
     K_ = _kernels()
-    return K_.align_usable(num_slots, experts.num_experts, K_.block_m_for(num_slots / experts.num_experts))
+    return K_.align_usable(num_slots, experts.num_experts, K_.block_m_for(rows))
 
 
 def routed_forward(experts: "Experts", x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor,
