@@ -3,7 +3,8 @@
 
 Same shapes as the CPU benchmark (:mod:`moekit.benchmark`: Mixtral-like D=512 F=1408 E=8 K=2, fine-grained D=512
 F=256 E=64 K=8), T from 1 to 32768, fp32 and bf16, forward, forward+backward, and (T <= 16) forward with a cold L2.
-Also in the same run: a dense SwiGLU FFN of equal active FLOPs, the experts' GEMMs alone on pre-sorted rows
+Every candidate is also timed replayed as a CUDA graph (:func:`moekit.cuda_graphed`; ``--no-graphs`` to skip), since at
+these sizes a layer's launches cost the host more than its kernels cost the GPU. Also in the same run: a dense SwiGLU FFN of equal active FLOPs, the experts' GEMMs alone on pre-sorted rows
 (``torch._grouped_mm``, where it runs: the floor of any grouped-GEMM MoE), and the device's roofline, a large dense
 GEMM (TFLOP/s; fp32 with and without TF32, bf16) and a large copy (GB/s). Timing: CUDA events, candidates measured
 round-robin, median of the repeats after warm-up. Each moekit forward is also checked against the transformers
