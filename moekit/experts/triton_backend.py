@@ -201,15 +201,19 @@ class TritonExpertsFunction(torch.autograd.Function):
                 out_dtype=torch.float32):
         out_TD, h_SW, y_SD = _forward(x_TD, w_in, w_out, b_in, b_out, weights_TK, ix, act, dtype, save_h=True,
                                       out_dtype=out_dtype)
-        need_w = ctx.needs_input_grad[5]
-        ctx.save_for_backward(x_TD, w_in, w_out, h_SW, y_SD if need_w else None, weights_TK)
+        ctx.save_for_backward(x_TD, w_in, w_out, weights_TK)
+        # intermediates ride on ctx, not in save_for_backward, so that backward can drop each once it is used: saved
+        # tensors live until backward returns (h_SW is the largest buffer, S x 2F)
+        ctx.h_SW, ctx.y_SD = h_SW, y_SD if ctx.needs_input_grad[5] else None
         ctx.ix, ctx.act, ctx.dtype = ix, act, dtype
         ctx.bias_dtypes = (None if b_in is None else b_in.dtype, None if b_out is None else b_out.dtype)
         return out_TD
 
     @staticmethod
     def backward(ctx, g_TD):
-        x_TD, w_in, w_out, h_SW, y_SD, weights_TK = ctx.saved_tensors
+        x_TD, w_in, w_out, weights_TK = ctx.saved_tensors
+        h_SW, y_SD = ctx.h_SW, ctx.y_SD
+        ctx.h_SW = ctx.y_SD = None
         ix, act, dtype = ctx.ix, ctx.act, ctx.dtype
         need_x, need_win, need_wout, need_bin, need_bout, need_w = ctx.needs_input_grad[:6]
         K_ = _kernels()
@@ -257,17 +261,18 @@ class TritonExpertsFunction(torch.autograd.Function):
             K_.grouped_xty(g_TD, a_SF, d_wout, gather_l=ix.token_S, scale=w_S, dbias=d_bout, **seg)
             d_wout = d_wout if need_wout else None
         del a_SF
-        if need_win or need_bin:
-            d_win = torch.empty_like(w_in)
-            d_bin = torch.empty(E, W, dtype=ctx.bias_dtypes[0], device=dev) if need_bin else None
-            K_.grouped_xty(dh_SW, x_TD, d_win, gather_r=ix.token_S, dbias=d_bin, **seg)
-            d_win = d_win if need_win else None
-        if need_x:
+        if need_x:  # (before the input projection's weight gradient: its slot rows are gone by then)
             # dX rows: dH @ w_in[e]  (B[e][n=d, k=w] = w_in[e, w, d]), scattered to slot order, then summed over k
             dx_SD = x_TD.new_empty(S, D, dtype=dtype)
             K_.grouped_gemm(dh_SW, w_in, dx_SD, N=D, K=W, stride_bn=w_in.stride(2), stride_bk=w_in.stride(1),
                             scatter=ix.order_S, cfg=c_dx, **common)
             d_x = K_.combine(dx_SD, ix.ids_TK, torch.empty(T, D, dtype=x_TD.dtype, device=dev))
+            del dx_SD
+        if need_win or need_bin:
+            d_win = torch.empty_like(w_in)
+            d_bin = torch.empty(E, W, dtype=ctx.bias_dtypes[0], device=dev) if need_bin else None
+            K_.grouped_xty(dh_SW, x_TD, d_win, gather_r=ix.token_S, dbias=d_bin, **seg)
+            d_win = d_win if need_win else None
         return d_x, d_win, d_wout, d_bin, d_bout, d_weights, None, None, None, None
 
 
