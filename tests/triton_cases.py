@@ -50,6 +50,13 @@ LAYER_CASES: dict[str, dict] = {
     "layer_top_p": dict(num_experts=6, top_k=3, router="top_p", router_kwargs=dict(p=0.5)),
     "layer_switch_capacity": dict(num_experts=4, top_k=1, router="switch", capacity_factor=0.5, expert_bias=True),
 }
+# The plan-free index (moekit.kernels.triton_moe.align) against the dispatcher's sort and the tile schedule: one
+# program, and blocks of a few slots standing in for the three-launch path of large batches.
+ALIGN_CASES: dict[str, dict] = {
+    "align_one_program": dict(T=33, K=8, E=64, block_m=16),
+    "align_blocks": dict(T=150, K=8, E=64, block_m=16, block_slots=32),
+    "align_blocks_ragged": dict(T=37, K=3, E=5, block_m=32, block_slots=16),
+}
 # Larger shapes for a GPU only (they select the big-tile configurations), too slow for the interpreter.
 CUDA_ONLY_CASES: dict[str, dict] = {
     "cuda_medium": dict(E=8, K=2, T=512, D=256, F=176, bias=True),
@@ -59,7 +66,7 @@ CUDA_ONLY_CASES: dict[str, dict] = {
 
 
 def all_case_names(device: str = "cpu") -> list[str]:
-    names = list(EXPERT_CASES) + [f"{n}@bf16" for n in BF16_CASES] + list(LAYER_CASES)
+    names = list(EXPERT_CASES) + [f"{n}@bf16" for n in BF16_CASES] + list(LAYER_CASES) + list(ALIGN_CASES)
     return names + list(CUDA_ONLY_CASES) if device == "cuda" else names
 
 
@@ -194,12 +201,41 @@ def run_layer_case(name: str, device: str) -> dict:
     return out
 
 
+def run_align_case(name: str, device: str) -> dict:
+    """Mismatching entries of each align output against LocalDispatcher.plan + tile_schedule (0 = identical)."""
+    from moekit.kernels import triton_moe
+
+    spec = ALIGN_CASES[name]
+    T, K, E, block_m = spec["T"], spec["K"], spec["E"], spec["block_m"]
+    g = torch.Generator().manual_seed(3)
+    ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)]).to(device)
+    before = _launches()
+    order, token, counts, start, end, (tile_e, tile_r, n) = triton_moe.align(ids, E, block_m, spec.get("block_slots"))
+    launches = _launches() - before
+    w = torch.ones(T, K, device=device)
+    plan = LocalDispatcher(E).plan(RouterOutput(w, w, ids, w))
+    ref_e, ref_r, ref_n = triton_moe.tile_schedule(plan.counts_E, plan.offsets_E, T * K, block_m)
+    if n != ref_n:
+        raise AssertionError(f"{n} tiles, the schedule has {ref_n}")
+    used = ref_e >= 0
+    got = {"order_S": order.long(), "token_S": token.long(), "counts_E": counts, "seg_end_E": end.long(),
+           "seg_start_E": start.long(), "tile_expert": tile_e.long(), "tile_row": tile_r.long()[used]}
+    ref = {"order_S": plan.order_S, "token_S": plan.token_S, "counts_E": plan.counts_E,
+           "seg_end_E": plan.offsets_E.long(), "seg_start_E": (plan.offsets_E - plan.counts_E).long(),
+           "tile_expert": ref_e.long(), "tile_row": ref_r.long()[used]}
+    return {"dtype": "float32", "launches": launches, "y_dtype": "index", "ref_y_dtype": "index",
+            "errors": {k: float((got[k] != ref[k].to(got[k].device)).sum()) for k in ref},
+            "scales": {k: 1.0 for k in ref}}
+
+
 def run_case(name: str, device: str = "cpu") -> dict:
     t0 = time.perf_counter()
     if name.endswith("@bf16"):
         out = run_expert_case(name.removesuffix("@bf16"), device, torch.bfloat16)
     elif name in LAYER_CASES:
         out = run_layer_case(name, device)
+    elif name in ALIGN_CASES:
+        out = run_align_case(name, device)
     else:
         out = run_expert_case(name, device)
     out["seconds"] = time.perf_counter() - t0

@@ -281,10 +281,35 @@ def _weights_grad_kernel(
 
 
 @triton.jit
+def _segments_and_tiles(counts, es, E, counts_ptr, start_ptr, end_ptr, tile_expert_ptr, tile_row_ptr, num_tiles,
+                        CHUNK_T: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Store the slots per expert (``counts``, int32 ``[BLOCK_E]``, 0 past ``E``), their segments and the tile
+    schedule; returns the segment starts."""
+    e_ok = es < E
+    end = tl.cumsum(counts, 0)
+    start = end - counts
+    tl.store(counts_ptr + es, counts.to(tl.int64), mask=e_ok)
+    tl.store(start_ptr + es, start, mask=e_ok)
+    tl.store(end_ptr + es, end, mask=e_ok)
+    # tile t belongs to the expert whose tiles span it: #experts whose tiles end at or before t
+    tiles = (counts + BLOCK_M - 1) // BLOCK_M
+    tile_end = tl.cumsum(tiles, 0)
+    first_row = start - (tile_end - tiles) * BLOCK_M  # row of tile t = first_row[e] + t * BLOCK_M
+    for t0 in range(0, num_tiles, CHUNK_T):
+        t = t0 + tl.arange(0, CHUNK_T)
+        e_t = tl.sum((tile_end[None, :] <= t[:, None]).to(tl.int32), axis=1)
+        row_t = tl.sum(tl.where(e_t[:, None] == es[None, :], first_row[None, :], 0), axis=1) + t * BLOCK_M
+        used = e_t < E
+        tl.store(tile_expert_ptr + t, tl.where(used, e_t, -1), mask=t < num_tiles)
+        tl.store(tile_row_ptr + t, tl.where(used, row_t, 0), mask=t < num_tiles)
+    return start
+
+
+@triton.jit
 def _align_kernel(
     ids_ptr, order_ptr, token_ptr, counts_ptr, start_ptr, end_ptr, tile_expert_ptr, tile_row_ptr,
     S, E, K, num_tiles,
-    BLOCK_S: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_E: tl.constexpr, CHUNK_T: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     # One program: the slots sorted by expert (stable), tokens per expert, segments and the tile schedule
     s = tl.arange(0, BLOCK_S)
@@ -294,23 +319,53 @@ def _align_kernel(
     tl.store(order_ptr + s, slot, mask=s < S)
     tl.store(token_ptr + s, slot // K, mask=s < S)
     es = tl.arange(0, BLOCK_E)
-    e_ok = es < E
-    counts = tl.where(e_ok, tl.histogram(e_s, BLOCK_E), 0)
-    end = tl.cumsum(counts, 0)
-    start = end - counts
-    tl.store(counts_ptr + es, counts.to(tl.int64), mask=e_ok)
-    tl.store(start_ptr + es, start, mask=e_ok)
-    tl.store(end_ptr + es, end, mask=e_ok)
-    # tile t belongs to the expert whose tiles span it: #experts whose tiles end at or before t
-    tiles = (counts + BLOCK_M - 1) // BLOCK_M
-    tile_end = tl.cumsum(tiles, 0)
-    t = tl.arange(0, BLOCK_T)
-    e_t = tl.sum((tile_end[None, :] <= t[:, None]).to(tl.int32), axis=1)
-    first_row = start - (tile_end - tiles) * BLOCK_M  # row of tile t = first_row[e] + t * BLOCK_M
-    row_t = tl.sum(tl.where(e_t[:, None] == es[None, :], first_row[None, :], 0), axis=1) + t * BLOCK_M
-    used = e_t < E
-    tl.store(tile_expert_ptr + t, tl.where(used, e_t, -1), mask=t < num_tiles)
-    tl.store(tile_row_ptr + t, tl.where(used, row_t, 0), mask=t < num_tiles)
+    counts = tl.where(es < E, tl.histogram(e_s, BLOCK_E), 0)
+    _segments_and_tiles(counts, es, E, counts_ptr, start_ptr, end_ptr, tile_expert_ptr, tile_row_ptr, num_tiles,
+                        CHUNK_T, BLOCK_M)
+
+
+# Many slots: three launches. Each block of BLOCK_S slots counts its experts; one program turns the counts into
+# segments, the tile schedule and each (block, expert)'s first sorted position; each block then sorts its own slots
+# and writes them there. The result is the same stable sort by expert.
+@triton.jit
+def _align_count_kernel(ids_ptr, hist_ptr, S, E, BLOCK_S: tl.constexpr, BLOCK_E: tl.constexpr):
+    b = tl.program_id(0)
+    s = b * BLOCK_S + tl.arange(0, BLOCK_S)
+    e_s = tl.load(ids_ptr + s, mask=s < S, other=E).to(tl.int32)
+    tl.store(hist_ptr + b * BLOCK_E + tl.arange(0, BLOCK_E), tl.histogram(e_s, BLOCK_E))
+
+
+@triton.jit
+def _align_scan_kernel(
+    hist_ptr, base_ptr, counts_ptr, start_ptr, end_ptr, tile_expert_ptr, tile_row_ptr, E, num_blocks, num_tiles,
+    BLOCK_B: tl.constexpr, BLOCK_E: tl.constexpr, CHUNK_T: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    bs = tl.arange(0, BLOCK_B)
+    es = tl.arange(0, BLOCK_E)
+    b_ok = bs < num_blocks
+    h = tl.load(hist_ptr + bs[:, None] * BLOCK_E + es[None, :], mask=b_ok[:, None] & (es < E)[None, :], other=0)
+    start = _segments_and_tiles(tl.sum(h, axis=0), es, E, counts_ptr, start_ptr, end_ptr, tile_expert_ptr,
+                                tile_row_ptr, num_tiles, CHUNK_T, BLOCK_M)
+    in_earlier_blocks = tl.cumsum(h, 0) - h  # slots of expert e in blocks before b
+    lower_in_block = tl.cumsum(h, 1) - h  # slots of block b with a lower expert: where e starts in its sorted block
+    # sorted lane i of block b (expert e) goes to start[e] + in_earlier_blocks[b, e] + (i - lower_in_block[b, e])
+    tl.store(base_ptr + bs[:, None] * BLOCK_E + es[None, :], start[None, :] + in_earlier_blocks - lower_in_block,
+             mask=b_ok[:, None])
+
+
+@triton.jit
+def _align_place_kernel(ids_ptr, base_ptr, order_ptr, token_ptr, S, E, K,
+                        BLOCK_S: tl.constexpr, BLOCK_E: tl.constexpr):
+    b = tl.program_id(0)
+    i = tl.arange(0, BLOCK_S)
+    e_s = tl.load(ids_ptr + b * BLOCK_S + i, mask=b * BLOCK_S + i < S, other=E).to(tl.int32)
+    key = tl.sort(e_s * BLOCK_S + i)
+    e = key // BLOCK_S
+    slot = b * BLOCK_S + key % BLOCK_S
+    ok = e < E  # (padding lanes sort last)
+    pos = tl.load(base_ptr + b * BLOCK_E + e, mask=ok, other=0) + i
+    tl.store(order_ptr + pos, slot, mask=ok)
+    tl.store(token_ptr + pos, slot // K, mask=ok)
 
 
 @triton.jit
@@ -432,33 +487,49 @@ def tile_schedule(counts_E: torch.Tensor, offsets_E: torch.Tensor, num_slots: in
     return tile_expert, row_t.to(torch.int32), num_tiles
 
 
-#: the most slots :func:`align` sorts in its one program (beyond, the dispatcher's sort runs instead)
+#: the most slots :func:`align` sorts in one program; beyond, blocks of ALIGN_BLOCK_SLOTS sort themselves
 ALIGN_MAX_SLOTS = 4096
+ALIGN_BLOCK_SLOTS = 1024
+_ALIGN_REGS = 2**16  # the largest [rows, experts] tile a program of the align kernels holds
 
 
-def align_usable(num_slots: int, num_experts: int, block_m: int) -> bool:
-    """Whether :func:`align` handles this many slots and experts (its registers hold all of them)."""
-    tiles = min(num_slots, -(-num_slots // block_m) + num_experts)
-    return 0 < num_slots <= ALIGN_MAX_SLOTS and _pow2(tiles, 1, 2**20) * _pow2(num_experts + 1, 1, 2**20) <= 2**16
+def align_usable(num_slots: int, num_experts: int, block_m: int = 16) -> bool:
+    """Whether :func:`align` handles this many slots and experts (its scan holds a block x expert tile)."""
+    blocks = 1 if num_slots <= ALIGN_MAX_SLOTS else -(-num_slots // ALIGN_BLOCK_SLOTS)
+    return num_slots > 0 and _pow2(blocks, 1, 2**30) * _pow2(num_experts + 1, 16, 2**30) <= _ALIGN_REGS
 
 
-def align(ids_TK: torch.Tensor, num_experts: int, block_m: int):
+def align(ids_TK: torch.Tensor, num_experts: int, block_m: int, block_slots: int | None = None):
     """Everything the grouped GEMMs need to know about a dropless routing ``ids_TK`` (int64 ``[T, K]``, every slot
-    in ``[0, E)``), in one launch of :func:`_align_kernel`: ``(order_S, token_S, counts_E, seg_start_E, seg_end_E,
-    (tile_expert, tile_row, num_tiles))``, int32 except ``counts_E`` (int64). The same values as a stable sort of
-    the slots by expert (:meth:`moekit.LocalDispatcher.plan`) followed by :func:`tile_schedule`."""
+    in ``[0, E)``): ``(order_S, token_S, counts_E, seg_start_E, seg_end_E, (tile_expert, tile_row, num_tiles))``,
+    int32 except ``counts_E`` (int64); the same values as a stable sort of the slots by expert
+    (:meth:`moekit.LocalDispatcher.plan`) followed by :func:`tile_schedule`. Up to ``ALIGN_MAX_SLOTS`` slots in one
+    launch of :func:`_align_kernel`, more in three (``block_slots`` forces the three-launch path, for tests)."""
     T, K = ids_TK.shape
     S, E = T * K, num_experts
     num_tiles = min(S, -(-S // block_m) + E)
     dev = ids_TK.device
+    block_e = _pow2(E + 1, 16, 2**30)
+    chunk_t = max(16, min(_pow2(num_tiles, 16, 2**30), _ALIGN_REGS // block_e))
     order, token, start, end, tile_expert, tile_row = torch.empty(
         2 * S + 2 * E + 2 * num_tiles, dtype=torch.int32, device=dev).split([S, S, E, E, num_tiles, num_tiles])
     counts = torch.empty(E, dtype=torch.int64, device=dev)
-    block_s = _pow2(S, 16, ALIGN_MAX_SLOTS)
-    _launch(_align_kernel, (1,), ids_TK, order, token, counts, start, end, tile_expert, tile_row, S, E, K, num_tiles,
-            BLOCK_S=block_s, BLOCK_E=_pow2(E + 1, 16, 2**20), BLOCK_T=_pow2(num_tiles, 16, 2**20), BLOCK_M=block_m,
-            num_warps=4 if block_s <= 1024 else 8)
-    return order, token, counts, start, end, (tile_expert, tile_row, num_tiles)
+    out = order, token, counts, start, end, (tile_expert, tile_row, num_tiles)
+    if block_slots is None and S <= ALIGN_MAX_SLOTS:
+        block_s = _pow2(S, 16, ALIGN_MAX_SLOTS)
+        _launch(_align_kernel, (1,), ids_TK, order, token, counts, start, end, tile_expert, tile_row, S, E, K,
+                num_tiles, BLOCK_S=block_s, BLOCK_E=block_e, CHUNK_T=chunk_t, BLOCK_M=block_m,
+                num_warps=4 if block_s <= 1024 else 8)
+        return out
+    block_s = block_slots or ALIGN_BLOCK_SLOTS
+    blocks = triton.cdiv(S, block_s)
+    hist, base = torch.empty(2, blocks, block_e, dtype=torch.int32, device=dev)
+    _launch(_align_count_kernel, (blocks,), ids_TK, hist, S, E, BLOCK_S=block_s, BLOCK_E=block_e, num_warps=4)
+    _launch(_align_scan_kernel, (1,), hist, base, counts, start, end, tile_expert, tile_row, E, blocks, num_tiles,
+            BLOCK_B=_pow2(blocks, 1, 2**30), BLOCK_E=block_e, CHUNK_T=chunk_t, BLOCK_M=block_m, num_warps=8)
+    _launch(_align_place_kernel, (blocks,), ids_TK, base, order, token, S, E, K, BLOCK_S=block_s, BLOCK_E=block_e,
+            num_warps=4)
+    return out
 
 
 def topk_softmax(logits_TE: torch.Tensor, bias_E: torch.Tensor, k: int, renormalize: bool, renorm_min: float,
