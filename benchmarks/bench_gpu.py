@@ -286,6 +286,9 @@ def summarise(result: dict) -> str:
         return min(found) if found else None
 
     for (shape, dtype, T, mode), impls in by_key.items():
+        if mode == "-":  # (a group's process failed: listed under errors)
+            continue
+
         def ms(name):
             return impls.get(name, {}).get("median_ms")
 
@@ -294,12 +297,12 @@ def summarise(result: dict) -> str:
         hf_e, hf_g = best(impls, False), best(impls, True)
         hf = min(b for b in (hf_e, hf_g) if b) if (hf_e or hf_g) else None
         flops = expert_flops(result["shapes"][shape], T) * (3 if mode == "fwd+bwd" else 1)
-        peak = roof[f"gemm_tflops_{dtype}"] * 1e12
+        peak = result.get("rooflines", {}).get(f"{shape}/{dtype}", roof)[f"gemm_tflops_{dtype}"] * 1e12
         frac = f"{100 * flops / (mk / 1e3) / peak:.0f}%" if mk else ""
         decode = ""
         if T <= 16 and mode != "fwd+bwd":
-            decode = _f(distinct_expert_bytes(result["shapes"][shape], T, getattr(torch, dtype))
-                        / (roof["copy_gbps"] * 1e9) * 1e3)
+            copy = result.get("rooflines", {}).get(f"{shape}/{dtype}", roof)["copy_gbps"]
+            decode = _f(distinct_expert_bytes(result["shapes"][shape], T, getattr(torch, dtype)) / (copy * 1e9) * 1e3)
         m_tr, m_hf = impls.get("moekit_triton", {}).get("peak_mem_mb"), impls.get("hf_grouped_mm", {}).get("peak_mem_mb")
         mem = f"{m_tr:.0f} / {m_hf:.0f}" if m_tr is not None and m_hf is not None else ""
         ratio = f"{hf[0] / mk:.2f}×" if hf and mk else ""
@@ -322,6 +325,48 @@ def summarise(result: dict) -> str:
     return head + "\n\n" + "\n".join(lines) + ("\n\nChecks and errors:\n" + "\n".join(errors) if errors else "")
 
 
+def child_args(argv: list[str]) -> list[str]:
+    """``argv`` without ``--out``, ``--shapes`` and ``--dtypes`` (and their values): what each group's process shares."""
+    rest, skip = [], False
+    for a in argv:
+        name = a.split("=", 1)[0]
+        if name in ("--out", "--shapes", "--dtypes"):
+            skip = "=" not in a  # the values follow, up to the next option
+            continue
+        if skip and not a.startswith("--"):
+            continue
+        skip = False
+        rest.append(a)
+    return rest
+
+
+def run_isolated(groups: list[tuple[str, str]], argv: list[str], out: Path) -> dict:
+    """Each (shape, dtype) in its own process, merged into ``out`` after each: CUDA-graph memory pools of one group
+    (transformers' batched_mm keeps its weight copies in them) cannot then fill the card for the next, and a group
+    that fails leaves the others' rows. Each group keeps the roofline measured in its own process."""
+    import subprocess
+
+    rest = child_args(argv)
+    merged: dict = {}
+    for shape, dtype in groups:
+        part = out.with_name(f"{out.stem}.{shape}.{dtype}.json")
+        cmd = [sys.executable, __file__, *rest, "--in-process", "--shapes", shape, "--dtypes", dtype, "--out", str(part)]
+        rc = subprocess.run(cmd).returncode
+        if not part.exists():
+            print(f"{shape} {dtype}: no results (exit {rc})", file=sys.stderr)
+            continue
+        res = json.loads(part.read_text())
+        part.unlink()
+        if not merged:
+            merged = {**res, "rooflines": {}, "rows": []}
+        merged["shapes"].update(res["shapes"])
+        merged["rooflines"][f"{shape}/{dtype}"] = res["roofline"]
+        merged["rows"] += res["rows"] + ([] if rc == 0 else [asdict(Row(shape, dtype, 0, "-", "process", None, 0,
+                                                                          note=f"error: the group's process exit {rc}"))])
+        out.write_text(json.dumps(merged, indent=1))
+    return merged
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="smoke run: T in {1, 1024}, bf16, fwd and fwd+bwd")
@@ -333,14 +378,20 @@ def main(argv=None) -> None:
     ap.add_argument("--budget-s", type=float, default=1.5, help="timing budget per configuration (after warm-up)")
     ap.add_argument("--no-graphs", action="store_true", help="skip the CUDA-graph replays of each candidate")
     ap.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/layer_cuda.json)")
+    ap.add_argument("--in-process", action="store_true",
+                    help="run every shape and dtype in this process (default: one process each, see run_isolated)")
     args = ap.parse_args(argv)
     require_cuda()
     if args.quick:
         args.tokens, args.dtypes, args.modes = [1, 1024], ["bfloat16"], ["fwd", "fwd+bwd"]
     out = args.out or RESULTS / ("layer_cuda_quick.json" if args.quick else "layer_cuda.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    result = bench(args.shapes, args.tokens, [getattr(torch, d) for d in args.dtypes], args.modes, out, args.budget_s,
-                   graphs=not args.no_graphs)
+    groups = [(sh, dt) for sh in args.shapes for dt in args.dtypes]
+    if len(groups) > 1 and not args.in_process:
+        result = run_isolated(groups, argv if argv is not None else sys.argv[1:], out)
+    else:
+        result = bench(args.shapes, args.tokens, [getattr(torch, d) for d in args.dtypes], args.modes, out,
+                       args.budget_s, graphs=not args.no_graphs)
     print(summarise(result))
     print(f"results written to {out}", file=sys.stderr)
 
