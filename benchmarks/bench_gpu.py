@@ -16,6 +16,7 @@ On the device machine, from the repository root:
     python benchmarks/bench_gpu.py                      # full grid (about 5-10 minutes on an H100)
     python benchmarks/bench_gpu.py --quick              # T in {1, 1024}, bf16, a smoke run
     python benchmarks/bench_gpu.py --out $OUT/layer_cuda.json --shapes mixtral --dtypes bfloat16
+    bash benchmarks/gpu_check.sh $OUT                   # CUDA tests, profile and benchmark, each time-limited
 """
 
 from __future__ import annotations

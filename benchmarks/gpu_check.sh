@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# The GPU checks in one go, for a machine with a CUDA device (run from the repository root):
+#   bash benchmarks/gpu_check.sh [OUT_DIR]
+# 1. the CUDA tests (Triton backend against the loop reference, CUDA graphs, no host sync),
+# 2. where a step's time goes (benchmarks/profile_gpu.py, one-token and 8192-token bf16 forwards),
+# 3. the layer benchmark (benchmarks/bench_gpu.py, one process per shape and dtype).
+# Each step has a time limit (seconds, environment: TESTS_S, PROFILE_S, BENCH_S) so the whole fits a short lease.
+set -u
+out=${1:-benchmarks/results}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1 PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD
+timeout "${TESTS_S:-120}" python3 -m pytest -q -p no:cacheprovider tests/test_graphs.py tests/test_triton.py -k TestCUDA \
+    > "$out/gpu_tests.log" 2>&1
+echo "tests: exit $? ($(tail -1 "$out/gpu_tests.log"))"
+timeout "${PROFILE_S:-60}" python3 benchmarks/profile_gpu.py --tokens 1 8192 > "$out/gpu_profile.txt" 2>&1
+grep '^## ' "$out/gpu_profile.txt"
+timeout "${BENCH_S:-420}" python3 benchmarks/bench_gpu.py --tokens 1 16 128 1024 8192 --budget-s "${BUDGET_S:-0.5}" \
+    --out "$out/layer_cuda.json" > "$out/gpu_bench.log" 2>&1
+echo "bench: exit $?"
+grep -v '^\[' "$out/gpu_bench.log" | grep -v 'max|' | tail -70
