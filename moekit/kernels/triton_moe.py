@@ -557,6 +557,11 @@ def _launch(kernel, grid, *args, **kwargs) -> None:
     LAUNCHES["count"] += 1
     name = getattr(kernel, "__name__", "kernel")
     LAUNCHES[name] = LAUNCHES.get(name, 0) + 1
+    dev = args[0].device  # (every kernel's first argument is a tensor)
+    if dev.type == "cuda" and dev.index is not None and dev.index != torch.cuda.current_device():
+        with torch.cuda.device(dev):  # Triton launches on the current device, not the tensors'
+            kernel[grid](*args, **kwargs)
+        return
     kernel[grid](*args, **kwargs)
 
 
