@@ -57,6 +57,14 @@ ALIGN_CASES: dict[str, dict] = {
     "align_blocks": dict(T=150, K=8, E=64, block_m=16, block_slots=32),
     "align_blocks_ragged": dict(T=37, K=3, E=5, block_m=32, block_slots=16),
 }
+# Softmax top-k routing in one kernel (and its backward kernel) against the router's PyTorch steps: weights and
+# balancing probabilities both used by the loss, with the selection bias, renorm_min clamping and a scale.
+ROUTER_CASES: dict[str, dict] = {
+    "router_softmax_topk": dict(T=21, E=6, K=2, bias=True),
+    "router_fine_grained": dict(T=9, E=64, K=8),
+    "router_switch": dict(T=13, E=5, K=1, renormalize=False),
+    "router_renorm_min_scale": dict(T=11, E=7, K=3, renorm_min=0.9, scale=2.5),  # 7 of 11 rows clamped
+}
 # Larger shapes for a GPU only (they select the big-tile configurations), too slow for the interpreter.
 CUDA_ONLY_CASES: dict[str, dict] = {
     "cuda_medium": dict(E=8, K=2, T=512, D=256, F=176, bias=True),
@@ -66,7 +74,7 @@ CUDA_ONLY_CASES: dict[str, dict] = {
 
 
 def all_case_names(device: str = "cpu") -> list[str]:
-    names = list(EXPERT_CASES) + [f"{n}@bf16" for n in BF16_CASES] + list(LAYER_CASES) + list(ALIGN_CASES)
+    names = list(EXPERT_CASES) + [f"{n}@bf16" for n in BF16_CASES] + list(LAYER_CASES) + list(ALIGN_CASES) + list(ROUTER_CASES)
     return names + list(CUDA_ONLY_CASES) if device == "cuda" else names
 
 
@@ -228,6 +236,40 @@ def run_align_case(name: str, device: str) -> dict:
             "scales": {k: 1.0 for k in ref}}
 
 
+def run_router_case(name: str, device: str) -> dict:
+    """The router's kernel route against its PyTorch steps (TopKRouter.route), forward and backward."""
+    from moekit.routing.base import TopKRouter
+    from moekit.routing.softmax_topk import SoftmaxTopK
+
+    spec = ROUTER_CASES[name]
+    torch.manual_seed(5)
+    router = SoftmaxTopK(8, spec["E"], spec["K"], renormalize=spec.get("renormalize", True),
+                         renorm_min=spec.get("renorm_min", 0.0), scale=spec.get("scale", 1.0)).to(device)
+    if spec.get("bias"):
+        router.expert_bias.uniform_(-0.1, 0.1)
+    logits = (2 * torch.randn(spec["T"], spec["E"])).to(device)
+    g_w = torch.randn(spec["T"], spec["K"]).to(device)
+    g_p = torch.randn(spec["T"], spec["E"]).to(device)
+
+    def run(route):
+        x = logits.clone().requires_grad_(True)
+        out = route(x)
+        ((out.topk_weights_TK * g_w).sum() + (out.probs_TE * g_p).sum()).backward()
+        return out, x.grad
+
+    before = _launches("_topk_softmax_kernel")
+    got, d_got = run(router.route)
+    launches = _launches("_topk_softmax_kernel") - before
+    ref, d_ref = run(lambda x: TopKRouter.route(router, x))
+    if not torch.equal(got.topk_ids_TK, ref.topk_ids_TK):
+        raise AssertionError(f"ids {got.topk_ids_TK.tolist()} != {ref.topk_ids_TK.tolist()}")
+    return {"dtype": "float32", "launches": launches, "y_dtype": str(got.topk_weights_TK.dtype),
+            "ref_y_dtype": str(ref.topk_weights_TK.dtype),
+            "errors": {"y": _err(got.topk_weights_TK, ref.topk_weights_TK), "probs": _err(got.probs_TE, ref.probs_TE),
+                       "logits": _err(d_got, d_ref)},
+            "scales": {"y": _scale(ref.topk_weights_TK), "probs": 1.0, "logits": _scale(d_ref)}}
+
+
 def run_case(name: str, device: str = "cpu") -> dict:
     t0 = time.perf_counter()
     if name.endswith("@bf16"):
@@ -236,6 +278,8 @@ def run_case(name: str, device: str = "cpu") -> dict:
         out = run_layer_case(name, device)
     elif name in ALIGN_CASES:
         out = run_align_case(name, device)
+    elif name in ROUTER_CASES:
+        out = run_router_case(name, device)
     else:
         out = run_expert_case(name, device)
     out["seconds"] = time.perf_counter() - t0

@@ -370,8 +370,8 @@ def _align_place_kernel(ids_ptr, base_ptr, order_ptr, token_ptr, S, E, K,
 
 @triton.jit
 def _topk_softmax_kernel(
-    logits_ptr, stride_lt, bias_ptr, ids_ptr, w_ptr, T, E, renorm_min, scale,
-    K: tl.constexpr, RENORM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
+    logits_ptr, stride_lt, bias_ptr, ids_ptr, w_ptr, p_ptr, T, E, renorm_min, scale,
+    K: tl.constexpr, RENORM: tl.constexpr, SAVE_P: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
     # p = softmax(logits); ids = the K largest p + bias (ties: lowest expert first); w = p[ids] (/ max(sum, min)) * scale
     ts = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -384,6 +384,8 @@ def _topk_softmax_kernel(
     m = tl.max(logit, axis=1)
     p = tl.exp(logit - m[:, None])
     p = p / tl.sum(p, axis=1)[:, None]
+    if SAVE_P:
+        tl.store(p_ptr + ts[:, None].to(tl.int64) * E + es[None, :], p, mask=t_ok[:, None] & e_ok[None, :])
     choice = tl.where(e_ok[None, :], p + tl.load(bias_ptr + es, mask=e_ok, other=0.0).to(tl.float32)[None, :],
                       -float("inf"))
     total = tl.zeros((BLOCK_T,), dtype=tl.float32)
@@ -393,7 +395,7 @@ def _topk_softmax_kernel(
         total += tl.sum(tl.where(pick, p, 0.0), axis=1)
         left = tl.where(pick, -float("inf"), left)
     if RENORM:
-        denom = tl.maximum(total, renorm_min)
+        denom = tl.where(t_ok, tl.maximum(total, renorm_min), 1.0)  # (rows past T: no 0 / 0)
     else:
         denom = tl.full((BLOCK_T,), 1.0, tl.float32)
     left = choice
@@ -406,6 +408,43 @@ def _topk_softmax_kernel(
         tl.store(ids_ptr + ts * K + k, idx.to(tl.int64), mask=t_ok)
         tl.store(w_ptr + ts * K + k, w * scale, mask=t_ok)
         left = tl.where(pick, -float("inf"), left)
+
+
+@triton.jit
+def _topk_softmax_bwd_kernel(
+    p_ptr, ids_ptr, dw_ptr, dp_ptr, out_ptr, T, E, renorm_min, scale,
+    K: tl.constexpr, RENORM: tl.constexpr, HAS_DP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
+):
+    # d logits of w = scale * p[ids] / max(sum_k p[ids], min) (and of p itself, if it was used): through the
+    # renormaliser (unless clamped), then the softmax: d_logit = p * (dp - sum(p * dp))
+    ts = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    es = tl.arange(0, BLOCK_E)
+    t_ok = ts < T
+    mask = t_ok[:, None] & (es < E)[None, :]
+    offs = ts[:, None].to(tl.int64) * E + es[None, :]
+    p = tl.load(p_ptr + offs, mask=mask, other=0.0)
+    direct = tl.zeros((BLOCK_T, BLOCK_E), dtype=tl.float32)
+    chosen = tl.zeros((BLOCK_T, BLOCK_E), dtype=tl.float32)
+    total = tl.zeros((BLOCK_T,), dtype=tl.float32)
+    w_dot = tl.zeros((BLOCK_T,), dtype=tl.float32)
+    for k in tl.static_range(K):
+        idx = tl.load(ids_ptr + ts * K + k, mask=t_ok, other=-1)
+        dw = tl.load(dw_ptr + ts * K + k, mask=t_ok, other=0.0).to(tl.float32)
+        pick = es[None, :] == idx[:, None]
+        p_k = tl.sum(tl.where(pick, p, 0.0), axis=1)
+        total += p_k
+        w_dot += dw * p_k
+        direct = tl.where(pick, dw[:, None], direct)
+        chosen = tl.where(pick, 1.0, chosen)
+    if RENORM:
+        denom = tl.where(t_ok, tl.maximum(total, renorm_min), 1.0)
+        through = tl.where(total >= renorm_min, w_dot * scale / (denom * denom), 0.0)
+        dp = direct * (scale / denom)[:, None] - chosen * through[:, None]
+    else:
+        dp = direct * scale
+    if HAS_DP:
+        dp += tl.load(dp_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + offs, p * (dp - tl.sum(p * dp, axis=1)[:, None]), mask=mask)
 
 
 # ---------------------------------------------------------------------------------------------------- configs
@@ -532,22 +571,43 @@ def align(ids_TK: torch.Tensor, num_experts: int, block_m: int, block_slots: int
     return out
 
 
+def _route_blocks(E: int) -> tuple[int, int]:
+    block_e = _pow2(E, 16, 2**16)
+    return max(1, min(16 if INTERPRET else 64, 4096 // block_e)), block_e
+
+
 def topk_softmax(logits_TE: torch.Tensor, bias_E: torch.Tensor, k: int, renormalize: bool, renorm_min: float,
-                 scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+                 scale: float, save_p: bool = False):
     """Softmax top-k routing of fp32 ``logits_TE`` in one launch (:func:`_topk_softmax_kernel`): int64 ``ids_TK``
     (the ``k`` largest ``softmax + bias_E``, in descending order) and fp32 ``weights_TK`` (their probabilities,
     divided by ``max(sum, renorm_min)`` if ``renormalize``, times ``scale``): what
     :class:`moekit.routing.SoftmaxTopK` computes, up to rounding of the softmax (so near-ties within an ulp may
-    choose differently) and ties broken towards the lower expert index."""
+    choose differently) and ties broken towards the lower expert index. ``save_p``: also return the probabilities
+    (fp32 ``[T, E]``), which :func:`topk_softmax_backward` needs."""
     T, E = logits_TE.shape
     ids = torch.empty(T, k, dtype=torch.int64, device=logits_TE.device)
     weights = torch.empty(T, k, dtype=torch.float32, device=logits_TE.device)
-    block_e = _pow2(E, 16, 2**16)
-    block_t = max(1, min(16 if INTERPRET else 64, 4096 // block_e))
-    _launch(_topk_softmax_kernel, (triton.cdiv(T, block_t),), logits_TE, logits_TE.stride(0), bias_E, ids, weights,
-            T, E, float(renorm_min), float(scale), K=k, RENORM=bool(renormalize), BLOCK_T=block_t, BLOCK_E=block_e,
+    p = torch.empty(T, E, dtype=torch.float32, device=logits_TE.device) if save_p else weights
+    block_t, block_e = _route_blocks(E)
+    _launch(_topk_softmax_kernel, (triton.cdiv(T, block_t),), logits_TE, logits_TE.stride(0), bias_E, ids, weights, p,
+            T, E, float(renorm_min), float(scale), K=k, RENORM=bool(renormalize), SAVE_P=save_p, BLOCK_T=block_t,
+            BLOCK_E=block_e, num_warps=4)
+    return (ids, weights, p) if save_p else (ids, weights)
+
+
+def topk_softmax_backward(p_TE: torch.Tensor, ids_TK: torch.Tensor, d_weights_TK: torch.Tensor,
+                          d_probs_TE: torch.Tensor | None, renormalize: bool, renorm_min: float,
+                          scale: float) -> torch.Tensor:
+    """fp32 gradient of the logits of :func:`topk_softmax` from those of its weights (and probabilities, if used)."""
+    T, E = p_TE.shape
+    K = ids_TK.shape[1]
+    out = torch.empty_like(p_TE)
+    block_t, block_e = _route_blocks(E)
+    _launch(_topk_softmax_bwd_kernel, (triton.cdiv(T, block_t),), p_TE, ids_TK, d_weights_TK.contiguous(),
+            d_probs_TE.contiguous() if d_probs_TE is not None else p_TE, out, T, E, float(renorm_min), float(scale),
+            K=K, RENORM=bool(renormalize), HAS_DP=d_probs_TE is not None, BLOCK_T=block_t, BLOCK_E=block_e,
             num_warps=4)
-    return ids, weights
+    return out
 
 
 # ------------------------------------------------------------------------------------------------- launchers

@@ -11,7 +11,7 @@ import functools
 
 import torch
 
-from .base import TopKRouter, register_router
+from .base import RouterOutput, TopKRouter, register_router
 
 
 @register_router("softmax_topk")
@@ -42,6 +42,21 @@ class SoftmaxTopK(TopKRouter):
             w_TK = w_TK / (total.clamp_min(self.renorm_min) if self.renorm_min > 0 else total)
         return w_TK * self.scale if self.scale != 1.0 else w_TK
 
+    def route(self, logits_TE: torch.Tensor) -> RouterOutput:
+        if self._kernel_route_ok(logits_TE):  # softmax, top-k and weights in one Triton kernel (one more backward)
+            ids_TK, weights_TK, probs_TE = TopKSoftmaxFunction.apply(
+                logits_TE.contiguous(), self.expert_bias, self.top_k, self.renormalize, self.renorm_min, self.scale)
+            return RouterOutput(logits_TE, probs_TE, ids_TK, weights_TK)
+        return super().route(logits_TE)
+
+    def _kernel_route_ok(self, logits_TE: torch.Tensor) -> bool:
+        """On a GPU with Triton (or under its interpreter): these exact steps, no disabled experts, fp32 logits."""
+        if logits_TE.device.type == "cpu" and not _interpreting() or self.disabled or logits_TE.dtype != torch.float32:
+            return False
+        from ..experts.triton_backend import triton_usable
+
+        return _plain_steps(type(self)) and triton_usable(logits_TE.device, torch.float32) is None
+
     def decode_routing(self) -> tuple[bool, float, float] | None:
         """``(renormalize, renorm_min, scale)`` where this router's inference is exactly the softmax top-k above,
         which a fused decode kernel may then run (:func:`moekit.kernels.cpu.route_decode`); None for a subclass
@@ -52,6 +67,39 @@ class SoftmaxTopK(TopKRouter):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, renormalize={self.renormalize}, scale={self.scale}"
+
+
+def _interpreting() -> bool:
+    from ..experts.triton_backend import interpreting
+
+    return interpreting()
+
+
+class TopKSoftmaxFunction(torch.autograd.Function):
+    """``(ids_TK, weights_TK, probs_TE)`` of softmax top-k routing by :func:`moekit.kernels.triton_moe.topk_softmax`,
+    differentiable in the logits through the weights and the probabilities (the balancing losses' input)."""
+
+    @staticmethod
+    def forward(ctx, logits_TE, bias_E, k: int, renormalize: bool, renorm_min: float, scale: float):
+        from ..kernels import triton_moe
+
+        ids_TK, weights_TK, probs_TE = triton_moe.topk_softmax(logits_TE, bias_E, k, renormalize, renorm_min, scale,
+                                                              save_p=True)
+        ctx.save_for_backward(probs_TE, ids_TK)
+        ctx.spec = (renormalize, renorm_min, scale)
+        ctx.mark_non_differentiable(ids_TK)
+        ctx.set_materialize_grads(False)  # unused probabilities (no balancing loss) reach backward as None
+        return ids_TK, weights_TK, probs_TE
+
+    @staticmethod
+    def backward(ctx, d_ids, d_weights_TK, d_probs_TE):
+        from ..kernels import triton_moe
+
+        probs_TE, ids_TK = ctx.saved_tensors
+        if d_weights_TK is None:
+            d_weights_TK = torch.zeros(ids_TK.shape, dtype=torch.float32, device=ids_TK.device)
+        d_logits = triton_moe.topk_softmax_backward(probs_TE, ids_TK, d_weights_TK, d_probs_TE, *ctx.spec)
+        return d_logits, None, None, None, None, None
 
 
 _STEPS = ("forward", "logits", "route", "scores", "select", "combine_weights", "mask_disabled", "decode_routing")
