@@ -125,8 +125,10 @@ class MoE(nn.Module):
         fused = None if torch.is_grad_enabled() else self._fused_decode(x_TD) or self._planless_inference(x_TD)
         if fused is not None:  # (y in x's dtype, or fp32 where shared experts are added below)
             y_TD, counts_E = fused
-            # (inference, where _balance would only record these)
-            self.stats = {"tokens_per_expert": counts_E, "dropped": counts_E.new_zeros(())}
+            # (inference, where _balance would only record these; a plain attribute, set without Module.__setattr__)
+            self.__dict__["stats"] = {"tokens_per_expert": counts_E, "dropped": counts_E.new_zeros(())}
+            if self.shared_experts is None and y_TD.dtype == x.dtype:
+                return y_TD.view(shape)
             return self._add_shared(x_TD, y_TD).to(x.dtype).view(shape)
         seq_len = shape[-2] if x.dim() >= 3 else x_TD.shape[0]
         ctx = RoutingContext(seq_len, None if token_ids is None else token_ids.reshape(-1))
@@ -230,22 +232,55 @@ class MoE(nn.Module):
         (~0.25 ms of a one-token step). Returns ``(y_TD, tokens per expert)``, ``y_TD`` in ``x_TD``'s dtype (fp32
         where shared experts are to be added), or None where it does not
         apply (or a token's choice is a tie, which PyTorch's top-k then breaks as on the regular path)."""
+        if x_TD.device.type != "cpu" or self._routing_hooks or torch.is_autocast_enabled("cpu"):
+            return None
+        prep = self._decode_prepared()  # (the checks and arguments that depend on the module only, cached)
+        if prep is None or x_TD.dtype != prep[0] or x_TD.shape[0] * prep[1] > DECODE_KERNEL_MAX_SLOTS \
+                or not x_TD.is_contiguous():
+            return None
+        fused = kcpu.route_decode(x_TD, *prep[2])
+        return None if fused is None else fused[:2]
+
+    def _decode_prepared(self) -> tuple | None:
+        """``(dtype, top_k, route_decode's arguments after x)`` where this module can run the fused CPU decode, or
+        None; rebuilt whenever :meth:`_decode_key` changes (mode, hooks, backend, disabled experts, any parameter
+        or the selection bias replaced, moved, cast or updated), so a one-token step pays for none of the ~20
+        checks it stands for."""
+        key = self._decode_key()
+        cached = self.__dict__.get("_decode_cache")
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        prep = self._prepare_decode()
+        self.__dict__["_decode_cache"] = (key, prep)
+        return prep
+
+    def _decode_key(self) -> tuple:
+        ex, router = self._modules["experts"], self._modules["router"]
+        key = [self.training, id(ex), id(router), id(self._modules.get("shared_experts")), router.training,
+               router.disabled, getattr(ex, "_backend", None), id(kcpu.library())]
+        for mod in (ex, router):
+            for t in (*mod._parameters.values(), *mod._buffers.values()):
+                key.append(None if t is None else (id(t), t.data_ptr(), t.dtype, t.is_contiguous(), t._version))
+        return tuple(key)
+
+    def _prepare_decode(self) -> tuple | None:
         cfg, experts, router = self.config, self.experts, self.router
-        if self.training or not self._sort_free_decode_allowed(x_TD) or cfg.on_expert_failure == "skip" \
-                or x_TD.shape[0] * cfg.top_k > DECODE_KERNEL_MAX_SLOTS or cfg.top_k > kcpu.ROUTE_DECODE_MAX_K:
+        if self.training or cfg.capacity_factor is not None or not isinstance(experts, Experts) \
+                or experts.backend not in ("auto", "fused") or cfg.on_expert_failure == "skip" \
+                or cfg.top_k > kcpu.ROUTE_DECODE_MAX_K or router.needs_token_ids:
             return None
         spec = router.decode_routing()
-        if spec is None or torch.is_autocast_enabled("cpu") or x_TD.dtype != experts.w_in.dtype \
-                or not experts.decode_kernel_usable(x_TD):
+        dtype = experts.w_in.dtype
+        probe = torch.empty(1, cfg.d_model, dtype=dtype)
+        if spec is None or not experts.decode_kernel_usable(probe):
             return None
         w_r, b_r = router.weight, router.bias
         if w_r.dtype not in (torch.float32, torch.bfloat16) or w_r.device.type != "cpu" or not w_r.is_contiguous():
             return None
-        fused = kcpu.route_decode(x_TD, w_r, None if b_r is None else b_r.float().contiguous(),
-                                  router.expert_bias.float().contiguous(), cfg.top_k, *spec, experts.w_in,
-                                  experts.b_in, experts.w_out, experts.b_out,
-                                  x_TD.dtype if self.shared_experts is None else torch.float32)
-        return None if fused is None else fused[:2]
+        args = (w_r, None if b_r is None else b_r.float().contiguous(), router.expert_bias.float().contiguous(),
+                cfg.top_k, *spec, experts.w_in, experts.b_in, experts.w_out, experts.b_out,
+                dtype if self.shared_experts is None else torch.float32)
+        return dtype, cfg.top_k, args
 
     def _planless_inference(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Inference with a plain softmax top-k router into experts that index their slots themselves (Triton, on a

@@ -230,6 +230,52 @@ def test_fused_decode_matches_the_regular_path(name, dtype, T, monkeypatch):
     assert layer.stats["dropped"].item() == 0
 
 
+def test_fused_decode_follows_changes_to_the_module(monkeypatch):
+    """The fused decode prepares its checks and arguments once per module state: weights updated in place, a
+    replaced parameter, a cast, a new selection bias, disabled experts and another backend are all seen."""
+    if moekit.kernels.cpu.library() is None:
+        pytest.skip("no CPU kernels")
+    torch.manual_seed(3)
+    layer = moekit.MoE(16, 32, num_experts=8, top_k=2).to(torch.bfloat16).eval()
+    x = torch.randn(3, 16).bfloat16()
+    calls = []
+    real = moekit.kernels.cpu.route_decode
+    monkeypatch.setattr(moekit.kernels.cpu, "route_decode", lambda *a: calls.append(1) or real(*a))
+
+    def check(fused: bool):
+        calls.clear()
+        with torch.no_grad():
+            y = layer(x)
+            assert len(calls) == int(fused)
+            layer.__dict__["_fused_decode"] = lambda x_TD: None  # the regular path on the same module
+            want = layer(x)
+            del layer.__dict__["_fused_decode"]
+        assert y.dtype == x.dtype and max_err(y, want) <= 1e-2 * want.float().abs().max().item()
+        return y
+
+    first = check(True)
+    with torch.no_grad():
+        layer.router.weight.mul_(-1)  # in place: same tensor, new routing
+    assert not torch.equal(check(True), first)
+    with torch.no_grad():  # the selection bias, held as an fp32 copy for a bf16 layer: a new copy is made
+        layer.router.expert_bias.copy_(torch.where(torch.arange(8) < 2, 10.0, 0.0))
+    check(True)
+    with torch.no_grad():
+        layer(x)  # (fused) every token now chooses experts 0 and 1
+    assert layer.stats["tokens_per_expert"].nonzero().flatten().tolist() == [0, 1]
+    layer.experts.down_proj = torch.nn.Parameter(torch.randn_like(layer.experts.down_proj))  # replaced
+    check(True)
+    layer.float()
+    x = x.float()
+    check(True)
+    layer.disable_experts([3])  # the fused kernel has no disabled experts: the regular path runs
+    check(False)
+    layer.enable_experts()
+    check(True)
+    layer.experts.backend = "loop"
+    check(False)
+
+
 def test_fused_decode_only_where_it_computes_the_same_thing():
     """Training, autograd, hooks, disabled experts, capacity, autocast, other activations, a router subclass
     that changes a step: the fused decode declines (None) and the regular path runs."""
