@@ -124,9 +124,10 @@ class MoE(nn.Module):
         x_TD = x.reshape(-1, D)
         fused = None if torch.is_grad_enabled() else self._fused_decode(x_TD) or self._planless_inference(x_TD)
         if fused is not None:  # (y in x's dtype, or fp32 where shared experts are added below)
-            y_TD, counts_E = fused
+            y_TD, counts_E = fused[:2]
             # (inference, where _balance would only record these; a plain attribute, set without Module.__setattr__)
-            self.__dict__["stats"] = {"tokens_per_expert": counts_E, "dropped": counts_E.new_zeros(())}
+            self.__dict__["stats"] = {"tokens_per_expert": counts_E,
+                                      "dropped": fused[2] if len(fused) > 2 else counts_E.new_zeros(())}
             if self.shared_experts is None and y_TD.dtype == x.dtype:
                 return y_TD.view(shape)
             return self._add_shared(x_TD, y_TD).to(x.dtype).view(shape)
@@ -140,8 +141,8 @@ class MoE(nn.Module):
             if counts_E is None:
                 counts_E = expert_load(routed.topk_ids_TK, self.config.num_experts).long()
         elif self._planless_path(x_TD, routed):
-            y_TD, counts_E = self.experts.planless(x_TD, routed.topk_ids_TK, routed.topk_weights_TK,
-                                                   x.dtype if self.shared_experts is None else torch.float32)
+            y_TD, counts_E, dropped = self.experts.planless(x_TD, routed.topk_ids_TK, routed.topk_weights_TK,
+                                                            x.dtype if self.shared_experts is None else torch.float32)
         else:
             plan = self.dispatcher.plan(routed)
             if self.config.on_expert_failure == "skip":
@@ -282,11 +283,11 @@ class MoE(nn.Module):
                 dtype if self.shared_experts is None else torch.float32)
         return dtype, cfg.top_k, args
 
-    def _planless_inference(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def _planless_inference(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
         """Inference with a plain softmax top-k router into experts that index their slots themselves (Triton, on a
         GPU): the router's logits, one top-k kernel (:func:`moekit.kernels.triton_moe.topk_softmax`) and the
-        experts' plan-free path, about 7 launches in all. Returns ``(y_TD, tokens per expert)`` or None where it
-        does not apply."""
+        experts' plan-free path, about 7 launches in all. Returns ``(y_TD, tokens per expert, dropped)`` or None
+        where it does not apply."""
         cfg, router = self.config, self.router
         if self.training or self._routing_hooks or cfg.capacity_factor is not None \
                 or cfg.on_expert_failure == "skip" or type(self.dispatcher) is not LocalDispatcher \

@@ -226,7 +226,9 @@ def run_align_case(name: str, device: str) -> dict:
     if n != ref_n:
         raise AssertionError(f"{n} tiles, the schedule has {ref_n}")
     used = ref_e >= 0
-    got = {"order_S": order.long(), "token_S": token.long(), "counts_E": counts, "seg_end_E": end.long(),
+    if counts.shape != (E + 1,) or counts[E].item() != 0:
+        raise AssertionError(f"counts {counts.tolist()}: expected E + 1 entries, the last 0 (nothing dropped)")
+    got = {"order_S": order.long(), "token_S": token.long(), "counts_E": counts[:E], "seg_end_E": end.long(),
            "seg_start_E": start.long(), "tile_expert": tile_e.long(), "tile_row": tile_r.long()[used]}
     ref = {"order_S": plan.order_S, "token_S": plan.token_S, "counts_E": plan.counts_E,
            "seg_end_E": plan.offsets_E.long(), "seg_start_E": (plan.offsets_E - plan.counts_E).long(),

@@ -110,8 +110,9 @@ class Experts(nn.Module):
         return routed_usable(self, x_TD, num_slots)
 
     def planless(self, x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor,
-                 out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """``y_TD`` (in ``out_dtype``) and the slots per expert for a dropless top-k routing, with no dispatch plan:
+                 out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``y_TD`` (in ``out_dtype``), the slots per expert and the dropped slots (a 0-dim 0) for a dropless top-k
+        routing, with no dispatch plan:
         the Triton backend sorts the slots and schedules its tiles in one kernel (see
         :func:`moekit.experts.triton_backend.routed_forward`). Differentiable like :meth:`forward`."""
         from .triton_backend import routed_forward

@@ -130,8 +130,8 @@ class _Index:
 
     @classmethod
     def from_ids(cls, ids_TK: torch.Tensor, num_experts: int, block_m: int) -> tuple["_Index", torch.Tensor]:
-        """The index of a dropless routing built in one kernel launch (:func:`moekit.kernels.triton_moe.align`),
-        with its tile schedule for ``block_m``, and the slots per expert (int64)."""
+        """The index of a dropless routing built by :func:`moekit.kernels.triton_moe.align`, with its tile schedule
+        for ``block_m``, and the slots per expert (int64 ``[E + 1]``, the last 0)."""
         order, token, counts, start, end, sched = _kernels().align(ids_TK, num_experts, block_m)
         return cls(ids_TK, order, token, start, end, num_experts, {block_m: sched}), counts
 
@@ -307,18 +307,21 @@ def routed_usable(experts: "Experts", x_TD: torch.Tensor, num_slots: int) -> boo
 
 
 def routed_forward(experts: "Experts", x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor,
-                   out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+                   out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The experts on a dropless top-k routing without a dispatch plan: the index (sorted slots, segments, tile
     schedule) comes from one kernel instead of the dispatcher's sort, counts and cumsum and the schedule's ~20 small
-    ops, which is most of a small batch's launches. Returns ``(y_TD in out_dtype, slots per expert int64 [E])``;
+    ops, which is most of a small batch's launches. Returns ``(y_TD in out_dtype, slots per expert int64 [E],
+    dropped slots: a 0-dim 0)``;
     forward and backward are :class:`TritonExpertsFunction`'s. Check :func:`routed_usable` first."""
     from .backends import compute_dtype
 
     dtype = compute_dtype(x_TD, experts.w_in)
     E = experts.num_experts
-    ix, counts_E = _Index.from_ids(ids_TK.contiguous(), E, _kernels().block_m_for(ids_TK.numel() / E))
+    ix, counts = _Index.from_ids(ids_TK.contiguous(), E, _kernels().block_m_for(ids_TK.numel() / E))
     args = (x_TD, experts.w_in, experts.w_out, experts.b_in, experts.b_out, weights_TK)
     with torch.autocast(x_TD.device.type, enabled=False):
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args):
-            return TritonExpertsFunction.apply(*args, ix, experts.activation, dtype, out_dtype), counts_E
-        return _forward(*args, ix, experts.activation, dtype, save_h=False, out_dtype=out_dtype)[0], counts_E
+            y_TD = TritonExpertsFunction.apply(*args, ix, experts.activation, dtype, out_dtype)
+        else:
+            y_TD = _forward(*args, ix, experts.activation, dtype, save_h=False, out_dtype=out_dtype)[0]
+    return y_TD, counts[:E], counts[E]

@@ -288,7 +288,7 @@ def _segments_and_tiles(counts, es, E, counts_ptr, start_ptr, end_ptr, tile_expe
     e_ok = es < E
     end = tl.cumsum(counts, 0)
     start = end - counts
-    tl.store(counts_ptr + es, counts.to(tl.int64), mask=e_ok)
+    tl.store(counts_ptr + es, counts.to(tl.int64), mask=es <= E)  # (and a 0 after them: the dropped slots)
     tl.store(start_ptr + es, start, mask=e_ok)
     tl.store(end_ptr + es, end, mask=e_ok)
     # tile t belongs to the expert whose tiles span it: #experts whose tiles end at or before t
@@ -541,7 +541,8 @@ def align_usable(num_slots: int, num_experts: int, block_m: int = 16) -> bool:
 def align(ids_TK: torch.Tensor, num_experts: int, block_m: int, block_slots: int | None = None):
     """Everything the grouped GEMMs need to know about a dropless routing ``ids_TK`` (int64 ``[T, K]``, every slot
     in ``[0, E)``): ``(order_S, token_S, counts_E, seg_start_E, seg_end_E, (tile_expert, tile_row, num_tiles))``,
-    int32 except ``counts_E`` (int64); the same values as a stable sort of the slots by expert
+    int32 except ``counts_E`` (int64, ``E + 1`` long: the last is 0, a dropped-slot count that needs no launch of its
+    own); the same values as a stable sort of the slots by expert
     (:meth:`moekit.LocalDispatcher.plan`) followed by :func:`tile_schedule`. Up to ``ALIGN_MAX_SLOTS`` slots in one
     launch of :func:`_align_kernel`, more in three (``block_slots`` forces the three-launch path, for tests)."""
     T, K = ids_TK.shape
@@ -552,7 +553,7 @@ def align(ids_TK: torch.Tensor, num_experts: int, block_m: int, block_slots: int
     chunk_t = max(16, min(_pow2(num_tiles, 16, 2**30), _ALIGN_REGS // block_e))
     order, token, start, end, tile_expert, tile_row = torch.empty(
         2 * S + 2 * E + 2 * num_tiles, dtype=torch.int32, device=dev).split([S, S, E, E, num_tiles, num_tiles])
-    counts = torch.empty(E, dtype=torch.int64, device=dev)
+    counts = torch.empty(E + 1, dtype=torch.int64, device=dev)  # (the kernel writes a 0 at [E]: nothing dropped)
     out = order, token, counts, start, end, (tile_expert, tile_row, num_tiles)
     if block_slots is None and S <= ALIGN_MAX_SLOTS:
         block_s = _pow2(S, 16, ALIGN_MAX_SLOTS)
