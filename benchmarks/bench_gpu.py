@@ -349,22 +349,30 @@ def run_isolated(groups: list[tuple[str, str]], argv: list[str], out: Path) -> d
 
     rest = child_args(argv)
     merged: dict = {}
+    failed: list[dict] = []
     for shape, dtype in groups:
         part = out.with_name(f"{out.stem}.{shape}.{dtype}.json")
         cmd = [sys.executable, __file__, *rest, "--in-process", "--shapes", shape, "--dtypes", dtype, "--out", str(part)]
         rc = subprocess.run(cmd).returncode
-        if not part.exists():
-            print(f"{shape} {dtype}: no results (exit {rc})", file=sys.stderr)
-            continue
-        res = json.loads(part.read_text())
-        part.unlink()
-        if not merged:
-            merged = {**res, "rooflines": {}, "rows": []}
-        merged["shapes"].update(res["shapes"])
-        merged["rooflines"][f"{shape}/{dtype}"] = res["roofline"]
-        merged["rows"] += res["rows"] + ([] if rc == 0 else [asdict(Row(shape, dtype, 0, "-", "process", None, 0,
-                                                                          note=f"error: the group's process exit {rc}"))])
-        out.write_text(json.dumps(merged, indent=1))
+        res = json.loads(part.read_text()) if part.exists() else None
+        if res is not None:
+            part.unlink()
+        if rc != 0:
+            print(f"{shape} {dtype}: the process exited with {rc}", file=sys.stderr)
+            failed.append(asdict(Row(shape, dtype, 0, "-", "process", None, 0,
+                                     note=f"error: this group's process exited with {rc}"
+                                          + ("" if res else ", before any result"))))
+        if res is not None:
+            if not merged:
+                merged = {**res, "rooflines": {}, "rows": []}
+            merged["shapes"].update(res["shapes"])
+            merged["rooflines"][f"{shape}/{dtype}"] = res["roofline"]
+            merged["rows"] += res["rows"]
+        if merged:
+            out.write_text(json.dumps({**merged, "rows": merged["rows"] + failed}, indent=1))
+    if not merged:
+        raise SystemExit("no shape and dtype produced results: see the errors above")
+    merged["rows"] += failed
     return merged
 
 

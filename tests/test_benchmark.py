@@ -139,3 +139,54 @@ def test_merged_results_keep_each_pass_rate():
     cols = {line.split("|")[4].strip(): line.split("|")[11].strip() for line in table.splitlines()
             if line.startswith("| mixtral |")}
     assert cols == {"fwd": "50%", "fwd+bwd": "25%"}
+
+
+def _bench_gpu():
+    """benchmarks/bench_gpu.py as a module (it runs only on a GPU; its bookkeeping is tested here)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_gpu.py"
+    spec = importlib.util.spec_from_file_location("bench_gpu", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_gpu_benchmark_runs_each_group_in_its_own_process_and_merges_them(monkeypatch, tmp_path):
+    import json
+    import subprocess
+    from dataclasses import asdict
+    from pathlib import Path
+
+    G = _bench_gpu()
+    argv = ["--shapes", "mixtral", "fine_grained", "--tokens", "1", "--dtypes", "bfloat16", "--out=x.json",
+            "--budget-s", "0.5"]
+    assert G.child_args(argv) == ["--tokens", "1", "--budget-s", "0.5"]
+    rates = {"mixtral": 800.0, "fine_grained": 400.0}
+    ran = []
+
+    def fake_run(cmd):  # a child: one group's rows and its own roofline, or a crash for fine_grained
+        shape, out = cmd[cmd.index("--shapes") + 1], cmd[cmd.index("--out") + 1]
+        ran.append((shape, cmd[cmd.index("--dtypes") + 1]))
+        if shape == "fine_grained":
+            return subprocess.CompletedProcess(cmd, 1)
+        row = G.Row(shape, "bfloat16", 1024, "fwd", "moekit_triton", 1.0, 10)
+        roof = {"gemm_tflops_float32": 50.0, "gemm_tflops_tf32": 400.0, "gemm_tflops_bfloat16": rates[shape],
+                "copy_gbps": 4000.0}
+        Path(out).write_text(json.dumps({"meta": {"device": "gpu", "capability": "9.0", "torch": "t", "cuda": "c",
+                                                  "triton": "3", "transformers": "5"},
+                                         "roofline": roof, "shapes": {shape: G.SHAPES[shape]}, "rows": [asdict(row)]}))
+        return subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    out = tmp_path / "layer_cuda.json"
+    merged = G.run_isolated([("mixtral", "bfloat16"), ("fine_grained", "bfloat16")], argv, out)
+    assert ran == [("mixtral", "bfloat16"), ("fine_grained", "bfloat16")]
+    assert json.loads(out.read_text()) == merged and not list(tmp_path.glob("layer_cuda.*.json"))
+    assert merged["rooflines"] == {"mixtral/bfloat16": merged["roofline"]}
+    assert [r["impl"] for r in merged["rows"]] == ["moekit_triton", "process"]  # the crashed group: an error row
+    assert merged["rows"][1]["shape"] == "fine_grained" and "exited with 1, before any result" in merged["rows"][1]["note"]
+    table = G.summarise(merged)
+    flops = B.expert_flops(G.SHAPES["mixtral"], 1024)
+    assert f"| {100 * flops / 1e-3 / 800e12:.0f}% |" in table  # against the group's own roofline
