@@ -35,8 +35,8 @@ from pathlib import Path
 import torch
 
 import moekit
-from moekit.benchmark import (HF_IMPLS, SHAPES, DenseFFN, Row, _dt, _f, _HFImpl, drop_failing, hf_peers,
-                              distinct_expert_bytes, expert_flops, hf_block, make_step)
+from moekit.benchmark import (HF_IMPLS, SHAPES, DenseFFN, Row, _dt, _f, _HFImpl, batched_mm_copy_bytes,
+                              distinct_expert_bytes, drop_failing, expert_flops, hf_block, hf_peers, make_step)
 
 TOKENS = (1, 16, 128, 1024, 8192, 32768)
 MOEKIT_BACKENDS = ("triton", "grouped_mm")
@@ -163,7 +163,7 @@ def graph_skip_reason(name: str, shape: dict, dtype: torch.dtype, T: int, mode: 
     if name == "hf_eager":  # (every capture of it failed with cudaErrorStreamCaptureInvalidated on an H200)
         return "not capturable: its per-expert loop synchronises with the host (torch.where on the routing)"
     if name == "hf_batched_mm":
-        need = T * shape["top_k"] * 3 * shape["d_model"] * shape["d_ff"] * dtype.itemsize * (2 if "bwd" in mode else 1)
+        need = batched_mm_copy_bytes(shape, dtype, T, mode)
         if need > GRAPH_BATCHED_MM_LIMIT_BYTES:
             return f"its graph would hold {need / 2**30:.1f} GiB of copied weights"
     return ""

@@ -434,6 +434,12 @@ def drop_failing(steps: dict, on_failure, cleanup=None) -> None:
                 cleanup()
 
 
+def batched_mm_copy_bytes(shape: dict, dtype: torch.dtype, T: int, mode: str) -> int:
+    """The expert weights transformers' ``batched_mm`` copies, one per slot (twice with backward)."""
+    need = T * shape["top_k"] * 3 * shape["d_model"] * shape["d_ff"] * dtype.itemsize
+    return need * (2 if "bwd" in mode else 1)
+
+
 def hf_peers(block, impls, shape_name: str, shape: dict, dtype: torch.dtype, T: int, mode: str,
              rows: list[Row]) -> dict[str, torch.nn.Module]:
     """The transformers block under each ``experts_implementation``; ``batched_mm`` is skipped (with a row saying
@@ -441,8 +447,7 @@ def hf_peers(block, impls, shape_name: str, shape: dict, dtype: torch.dtype, T: 
     peers = {}
     for impl in impls:
         if impl == "batched_mm":
-            need = T * shape["top_k"] * 3 * shape["d_model"] * shape["d_ff"] * dtype.itemsize
-            need *= 2 if mode == "fwd+bwd" else 1
+            need = batched_mm_copy_bytes(shape, dtype, T, mode)
             if need > BATCHED_MM_LIMIT_BYTES:
                 rows.append(Row(shape_name, _dt(dtype), T, mode, f"hf_{impl}", None, 0,
                                 note=f"skipped: needs {need / 2**30:.0f} GiB of copied weights"))

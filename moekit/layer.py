@@ -124,10 +124,9 @@ class MoE(nn.Module):
         x_TD = x.reshape(-1, D)
         fused = None if torch.is_grad_enabled() else self._fused_decode(x_TD) or self._planless_inference(x_TD)
         if fused is not None:  # (y in x's dtype, or fp32 where shared experts are added below)
-            y_TD, counts_E = fused[:2]
+            y_TD, counts_E, dropped = fused
             # (inference, where _balance would only record these; a plain attribute, set without Module.__setattr__)
-            self.__dict__["stats"] = {"tokens_per_expert": counts_E,
-                                      "dropped": fused[2] if len(fused) > 2 else counts_E.new_zeros(())}
+            self.__dict__["stats"] = {"tokens_per_expert": counts_E, "dropped": dropped}
             if self.shared_experts is None and y_TD.dtype == x.dtype:
                 return y_TD.view(shape)
             return self._add_shared(x_TD, y_TD).to(x.dtype).view(shape)
@@ -227,11 +226,11 @@ class MoE(nn.Module):
         """Re-enable experts (all if ``ids`` is None)."""
         self.router.enable_experts(ids)
 
-    def _fused_decode(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def _fused_decode(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
         """Inference of a few tokens with a plain softmax top-k router and SwiGLU experts on CPU: routing and experts
         in one kernel call (:func:`moekit.kernels.cpu.route_decode`), without the ~20 small host ops of routing
-        (~0.25 ms of a one-token step). Returns ``(y_TD, tokens per expert)``, ``y_TD`` in ``x_TD``'s dtype (fp32
-        where shared experts are to be added), or None where it does not
+        (~0.25 ms of a one-token step). Returns ``(y_TD, tokens per expert, dropped slots: 0)``, ``y_TD`` in
+        ``x_TD``'s dtype (fp32 where shared experts are to be added), or None where it does not
         apply (or a token's choice is a tie, which PyTorch's top-k then breaks as on the regular path)."""
         if x_TD.device.type != "cpu" or self._routing_hooks or torch.is_autocast_enabled("cpu"):
             return None
@@ -240,7 +239,7 @@ class MoE(nn.Module):
                 or not x_TD.is_contiguous():
             return None
         fused = kcpu.route_decode(x_TD, *prep[2])
-        return None if fused is None else fused[:2]
+        return None if fused is None else (fused[0], fused[1], fused[1].new_zeros(()))
 
     def _decode_prepared(self) -> tuple | None:
         """``(dtype, top_k, route_decode's arguments after x)`` where this module can run the fused CPU decode, or
@@ -289,9 +288,7 @@ class MoE(nn.Module):
         experts' plan-free path, about 7 launches in all. Returns ``(y_TD, tokens per expert, dropped)`` or None
         where it does not apply."""
         cfg, router = self.config, self.router
-        if self.training or self._routing_hooks or cfg.capacity_factor is not None \
-                or cfg.on_expert_failure == "skip" or type(self.dispatcher) is not LocalDispatcher \
-                or not isinstance(self.experts, Experts) or x_TD.shape[0] == 0:
+        if self.training or x_TD.shape[0] == 0 or not self._planless_allowed():
             return None
         spec = router.decode_routing()
         if spec is None or not self.experts.planless_usable(x_TD, x_TD.shape[0] * cfg.top_k):
@@ -303,16 +300,11 @@ class MoE(nn.Module):
         return self.experts.planless(x_TD, ids_TK, weights_TK,
                                      x_TD.dtype if self.shared_experts is None else torch.float32)
 
-    def _sort_free_decode_allowed(self, x_TD: torch.Tensor) -> bool:
-        """What both sort-free inference paths (_fused_decode, _decode_path) need besides a few tokens: CPU input, no
-        autograd, no routing hook (it is given a dispatch plan), dropless dispatch, fused experts."""
-        return (x_TD.device.type == "cpu" and not torch.is_grad_enabled() and not self._routing_hooks
-                and self.config.capacity_factor is None and isinstance(self.experts, Experts)
-                and self.experts.backend in ("auto", "fused"))
-
     def _decode_path(self, x_TD: torch.Tensor, routed: RouterOutput) -> bool:
         """Few tokens, no autograd, on CPU: skip the sort and run each chosen expert directly (see Experts.decode)."""
-        if routed.may_have_empty or not self._sort_free_decode_allowed(x_TD):
+        if not (x_TD.device.type == "cpu" and not torch.is_grad_enabled() and not self._routing_hooks
+                and not routed.may_have_empty and self.config.capacity_factor is None
+                and isinstance(self.experts, Experts) and self.experts.backend in ("auto", "fused")):
             return False
         slots = x_TD.shape[0] * self.config.top_k
         return slots <= DECODE_MAX_SLOTS or (slots <= DECODE_KERNEL_MAX_SLOTS
@@ -320,12 +312,16 @@ class MoE(nn.Module):
 
     def _planless_path(self, x_TD: torch.Tensor, routed: RouterOutput) -> bool:
         """Dropless top-k routing into fused experts whose backend indexes the slots itself (Triton, on a GPU): no
-        dispatch plan, so none of the dispatcher's small ops (see Experts.planless). Routing hooks are given a plan,
-        so they keep the regular path."""
-        return (type(self.dispatcher) is LocalDispatcher and not self._routing_hooks
-                and self.config.capacity_factor is None and not routed.may_have_empty
-                and self.config.on_expert_failure != "skip" and isinstance(self.experts, Experts)
+        dispatch plan, so none of the dispatcher's small ops (see Experts.planless)."""
+        return (not routed.may_have_empty and self._planless_allowed()
                 and self.experts.planless_usable(x_TD, routed.topk_ids_TK.numel()))
+
+    def _planless_allowed(self) -> bool:
+        """What the plan-free paths need of the layer: the local dropless dispatcher, fused experts that stop on a
+        failure, and no routing hook (hooks are given a plan, so they keep the regular path)."""
+        return (type(self.dispatcher) is LocalDispatcher and not self._routing_hooks
+                and self.config.capacity_factor is None and self.config.on_expert_failure != "skip"
+                and isinstance(self.experts, Experts))
 
     def _check_input(self, x: torch.Tensor, token_ids: torch.Tensor | None = None) -> None:
         if not isinstance(x, torch.Tensor):

@@ -103,8 +103,6 @@ class Experts(nn.Module):
 
     def planless_usable(self, x_TD: torch.Tensor, num_slots: int) -> bool:
         """Whether :meth:`planless` runs ``num_slots`` dropless slots of these rows (the Triton backend on a GPU)."""
-        if self._backend not in ("triton", "auto") or x_TD.device.type == "cpu" and self._backend == "auto":
-            return False
         from .triton_backend import routed_usable
 
         return routed_usable(self, x_TD, num_slots)

@@ -283,12 +283,17 @@ def triton_backend(experts: "Experts", x_TD: torch.Tensor, plan: "DispatchPlan")
     why = triton_usable(x_TD.device, dtype)
     if why is not None:
         return _fallback(experts, x_TD, plan, why)
-    ix = _Index.from_plan(plan)
-    args = (x_TD, experts.w_in, experts.w_out, experts.b_in, experts.b_out, plan.weights_TK)
+    return _run(experts, x_TD, plan.weights_TK, _Index.from_plan(plan), dtype, torch.float32)
+
+
+def _run(experts: "Experts", x_TD, weights_TK, ix: _Index, dtype, out_dtype) -> torch.Tensor:
+    """The experts over index ``ix``: through :class:`TritonExpertsFunction` where a gradient is wanted, else the
+    forward alone (no pre-activations kept)."""
+    args = (x_TD, experts.w_in, experts.w_out, experts.b_in, experts.b_out, weights_TK)
     with torch.autocast(x_TD.device.type, enabled=False):
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args):
-            return TritonExpertsFunction.apply(*args, ix, experts.activation, dtype)
-        return _forward(*args, ix, experts.activation, dtype, save_h=False)[0]
+            return TritonExpertsFunction.apply(*args, ix, experts.activation, dtype, out_dtype)
+        return _forward(*args, ix, experts.activation, dtype, save_h=False, out_dtype=out_dtype)[0]
 
 
 def routed_usable(experts: "Experts", x_TD: torch.Tensor, num_slots: int) -> bool:
@@ -315,13 +320,6 @@ def routed_forward(experts: "Experts", x_TD: torch.Tensor, ids_TK: torch.Tensor,
     forward and backward are :class:`TritonExpertsFunction`'s. Check :func:`routed_usable` first."""
     from .backends import compute_dtype
 
-    dtype = compute_dtype(x_TD, experts.w_in)
     E = experts.num_experts
     ix, counts = _Index.from_ids(ids_TK.contiguous(), E, _kernels().block_m_for(ids_TK.numel() / E))
-    args = (x_TD, experts.w_in, experts.w_out, experts.b_in, experts.b_out, weights_TK)
-    with torch.autocast(x_TD.device.type, enabled=False):
-        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args):
-            y_TD = TritonExpertsFunction.apply(*args, ix, experts.activation, dtype, out_dtype)
-        else:
-            y_TD = _forward(*args, ix, experts.activation, dtype, save_h=False, out_dtype=out_dtype)[0]
-    return y_TD, counts[:E], counts[E]
+    return _run(experts, x_TD, weights_TK, ix, compute_dtype(x_TD, experts.w_in), out_dtype), counts[:E], counts[E]

@@ -51,11 +51,11 @@ class SoftmaxTopK(TopKRouter):
 
     def _kernel_route_ok(self, logits_TE: torch.Tensor) -> bool:
         """On a GPU with Triton (or under its interpreter): these exact steps, no disabled experts, fp32 logits."""
-        if logits_TE.device.type == "cpu" and not _interpreting() or self.disabled or logits_TE.dtype != torch.float32:
+        if self.disabled or logits_TE.dtype != torch.float32 or not _plain_steps(type(self)):
             return False
         from ..experts.triton_backend import triton_usable
 
-        return _plain_steps(type(self)) and triton_usable(logits_TE.device, torch.float32) is None
+        return triton_usable(logits_TE.device, torch.float32) is None
 
     def decode_routing(self) -> tuple[bool, float, float] | None:
         """``(renormalize, renorm_min, scale)`` where this router's inference is exactly the softmax top-k above,
@@ -67,12 +67,6 @@ class SoftmaxTopK(TopKRouter):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, renormalize={self.renormalize}, scale={self.scale}"
-
-
-def _interpreting() -> bool:
-    from ..experts.triton_backend import interpreting
-
-    return interpreting()
 
 
 class TopKSoftmaxFunction(torch.autograd.Function):
