@@ -32,7 +32,7 @@ from rich.progress import Progress
 import moekit
 from moekit.interop.patch import share_hf
 from moekit.kernels import cpu_gemm
-from moekit.experts.fused_function import fused_compute_dtype
+from moekit.experts.fused_function import cpu_bf16_gemm_is_slow
 from moekit.utils import tune_cpu_allocator
 
 ROOT = Path.cwd()  # run from the repository root: results and the README table are written there
@@ -250,7 +250,8 @@ class GemmFloor:
         S = tokens * K
         self.counts = [S // E + (1 if e < S % E else 0) for e in range(E)]
         # the dtype the platform runs fastest (bf16 -> fp32 on CPUs without fast bf16, as moekit's fused backend)
-        dtype = fused_compute_dtype(torch.empty(0, D, dtype=dtype), torch.empty(0, dtype=dtype), self.counts)
+        if dtype == torch.bfloat16 and cpu_bf16_gemm_is_slow():
+            dtype = torch.float32
         self.x = torch.randn(S, D).to(dtype)
         self.a = torch.randn(S, Fh).to(dtype)
         self.w1 = torch.randn(E, 2 * Fh, D).to(dtype)

@@ -427,16 +427,22 @@ def test_fused_backend_matches_loop(dtype, T, activation, bias):
         assert rel_err(got[2][name], ref[2][name]) < (tol if dtype == torch.float32 else 4e-2), name
 
 
-@pytest.mark.parametrize("mode", ["never", "mixed", "always", "forward_only"])  # experts in the small-M kernels
+@pytest.mark.parametrize("mode", ["never", "mixed", "always", "forward_only", "packed"])  # experts in the small-M kernels
 def test_fused_paths_agree(monkeypatch, mode):
+    """Forward and backward the same whichever experts run in the small-M kernels (packed: every forward in the
+    packed tiles, where the build has them, and every backward with the library)."""
     x = torch.randn(60, 48)
     ref_layer = _layer(torch.float32)
     ref_layer.experts.backend = "loop"
     want = run_fwd_bwd(ref_layer, x)
     counts = sorted(torch.bincount(_layer(torch.float32).router(x).topk_ids_TK.flatten(), minlength=6).tolist())
-    small_m = {"never": 0, "mixed": counts[len(counts) // 2], "always": 10_000, "forward_only": 10_000}[mode]
+    small_m = {"never": 0, "mixed": counts[len(counts) // 2], "always": 10_000, "forward_only": 10_000,
+               "packed": 0}[mode]
     assert mode != "mixed" or counts[0] <= small_m < counts[-1]
     monkeypatch.setattr(ff, "SMALL_M", small_m)
+    monkeypatch.setattr(ff, "SMALL_FWD_WORK", 0)
+    monkeypatch.setattr(ff, "PACKED_MAX_ROWS", 10_000 if mode == "packed" else 0)
+    monkeypatch.setattr(K, "PACKED_MIN_ROWS", 1)
     monkeypatch.setattr(ff, "SMALL_BWD_WORK", 0 if mode == "forward_only" else 10**12)
     got = run_fwd_bwd(_layer(torch.float32), x)
     assert max_err(got[0], want[0]) < 1e-5 and max_err(got[1], want[1]) < 1e-5
@@ -455,6 +461,7 @@ def test_library_experts_run_on_padded_rows(monkeypatch, dtype, bias):
     want = run_fwd_bwd(ref_layer, x)
     monkeypatch.setattr(ff, "SMALL_M", 0)
     monkeypatch.setattr(ff, "SMALL_FWD_WORK", 0)
+    monkeypatch.setattr(ff, "PACKED_MAX_ROWS", 0)
     rows = []
 
     def linear(a, w, b=None):
@@ -723,3 +730,56 @@ def test_read_tensors_reads_every_word_of_every_tensor(kernels):
     assert abs(K.read_tensors([b]) - b.view(torch.float32).double().sum().item()) < 1e-3
     with pytest.raises(ValueError, match="contiguous CPU float32/bfloat16"):
         K.read_tensors([w[:, 0]])
+
+
+PACKED_CASES = [  # (E, D, F, rows per expert): the packed tiles' edges
+    (3, 37, 21, [7, 0, 13]),  # tails of every width: k not a multiple of 8, a last panel of 5 columns, tiles of 1 row
+    (2, 530, 70, [30, 6]),  # k in three blocks of 256 (the last ragged), output columns in 3 full panels and a tail
+    (2, 2100, 20, [130, 1]),  # more rows than one block of widened rows (a bf16 expert's 1 MiB buffer: 120 rows)
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("E,D,F_,counts", PACKED_CASES)
+@pytest.mark.parametrize("swiglu", [True, False])
+def test_packed_tiles_match_the_reference(kernels, dtype, E, D, F_, counts, swiglu):
+    """Every expert through the packed tiles (packed_min_rows=1), forward of both projections, with biases."""
+    if not K.packed_tiles():
+        pytest.skip("this build has no packed tiles (they are the AVX2 code path)")
+    x, tok, w, w_in, w_out, b_in, b_out = _small_problem(E, D, F_, counts, dtype, True)
+    tol = TOL[dtype] * max(1.0, D / 512)  # fp32 sums of 2100 products round further than those of 530
+    start, end = segments(counts)
+    h, a = K.small_experts_up(x, tok, start, end, w_in, b_in, swiglu=swiglu, keep_h=True, packed_min_rows=1)
+    act = a if swiglu else h  # the plain path projects to 2F columns, which w_out then takes as [D, F] below
+    w_o = w_out if swiglu else torch.cat([w_out, w_out], 2).contiguous()
+    out = torch.zeros(x.shape[0], D)
+    K.small_experts_down(act, tok, w, start, end, w_o, b_out, out, packed_min_rows=1)
+    want_out = torch.zeros(x.shape[0], D, dtype=torch.float64)
+    for e in range(E):
+        s, t = start[e].item(), end[e].item()
+        if s == t:
+            continue
+        h_ref = x[tok[s:t]].double() @ w_in[e].double().T + b_in[e].double()
+        assert rel_err(h[s:t], h_ref) < tol
+        if swiglu:
+            assert rel_err(a[s:t], F.silu(h_ref[:, :F_]) * h_ref[:, F_:]) < tol
+        y = act[s:t].double() @ w_o[e].double().T + b_out[e].double()
+        want_out.index_add_(0, tok[s:t], y * w[s:t, None].double())
+    assert rel_err(out, want_out) < tol
+
+
+def test_packed_and_dot_product_tiles_agree_in_one_call(kernels):
+    """Experts split between the two kinds of tile by their rows give what either kind alone gives."""
+    if not K.packed_tiles():
+        pytest.skip("this build has no packed tiles (they are the AVX2 code path)")
+    x, tok, w, w_in, w_out, b_in, b_out = _small_problem(4, 64, 40, [3, 40, 0, 25], torch.float32, False)
+    start, end = segments([3, 40, 0, 25])
+    outs = []
+    for packed_min in (0, 24, 1):
+        _, a = K.small_experts_up(x, tok, start, end, w_in, None, True, False, packed_min_rows=packed_min)
+        out = torch.zeros(x.shape[0], 64)
+        K.small_experts_down(a, tok, w, start, end, w_out, None, out, packed_min_rows=packed_min)
+        outs.append((a, out))
+    for a, out in outs[1:]:
+        torch.testing.assert_close(a, outs[0][0], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(out, outs[0][1], rtol=1e-5, atol=1e-6)

@@ -57,6 +57,12 @@ SMALL_BWD_WORK: int | None = None
 #: outer-product kernel, 32 +- 6 rows 9% faster; Mixtral-like experts of 32 +- 8 rows the same either way; 128 rows
 #: 8% faster with the library).
 OUTER_LIB_MIN_ROWS = 32
+#: Where the kernels have packed tiles (AVX2 builds, :data:`moekit.kernels.cpu.PACKED_MIN_ROWS`), experts of up to
+#: this many rows run their forward in the small-M kernels too, whatever their size (their backward stays with the
+#: library unless they are small by the rules above). Measured on Zen 3 (2 threads), forward against the library
+#: GEMMs: Mixtral-like fp32 with 256 rows per expert 117 -> 70 ms, 2048 rows 638 -> 539 ms; fine-grained with 1024
+#: rows 489 against 500 ms (within this machine's noise): no size where the library wins clearly, so no limit.
+PACKED_MAX_ROWS = 1 << 62
 #: Consecutive small experts run together in chunks of at most CHUNK_ROWS rows and CHUNK_BYTES per [rows, d_ff]
 #: buffer, which bounds the small-M kernels' temporaries (activations; in backward, their gradients) to about a MiB
 #: whatever the batch size.
@@ -116,11 +122,12 @@ class _Plan:
     def make(cls, counts, x_c, w_in, w_out, b_in, b_out, dtype) -> "_Plan":
         segments = list(_segments(counts))
         expert_size = w_out.shape[1] * w_out.shape[2]  # D x F
-        small = [t - s <= SMALL_M or (t - s) * expert_size <= SMALL_FWD_WORK for _, s, t in segments]
+        packed = kcpu.library() is not None and kcpu.packed_tiles()
+        small = [t - s <= SMALL_M or (t - s) * expert_size <= SMALL_FWD_WORK or (packed and t - s <= PACKED_MAX_ROWS)
+                 for _, s, t in segments]
         if not (any(small) and w_in.dtype == dtype and kcpu.small_gemm_usable(x_c, w_in, w_out, b_in, b_out)):
             return cls(segments, [False] * len(segments), [False] * len(segments))
-        small_bwd = [sm and (SMALL_BWD_WORK is None or (t - s) * expert_size <= SMALL_BWD_WORK)
-                     for (_, s, t), sm in zip(segments, small)]
+        small_bwd = [sm and _dot_small(t - s, expert_size) for (_, s, t), sm in zip(segments, small)]
         plan = cls(segments, small, small_bwd)
         max_rows = max(1, min(CHUNK_ROWS, CHUNK_BYTES // (w_out.shape[2] * w_in.element_size())))
         run: list[int] = []
@@ -466,13 +473,37 @@ def cpu_bf16_gemm_is_slow() -> bool:
     return _CPU_BF16_SLOW
 
 
-def fused_compute_dtype(x_TD: torch.Tensor, weight: torch.Tensor, counts: list[int]) -> torch.dtype:
+def _dot_small(rows: int, expert_size: int) -> bool:
+    """Whether an expert of ``rows`` rows runs its forward in the dot-product tiles of the small-M kernels, and its
+    backward in theirs too (``expert_size``: ``d_model * d_ff``)."""
+    return (rows <= SMALL_M or rows * expert_size <= SMALL_FWD_WORK) and (
+        SMALL_BWD_WORK is None or rows * expert_size <= SMALL_BWD_WORK)
+
+
+def _kernels_run_bf16(weight: torch.Tensor, counts: list[int], expert_size: int, training: bool) -> bool:
+    """Whether the CPU kernels compute every expert of this call in bf16 (widening as they load), so that no bf16
+    library GEMM runs: the packed tiles take any forward; a backward stays in the kernels if every expert is small
+    enough for their backward. ``MOEKIT_CPU_BF16_UPCAST=1`` says no."""
+    if os.environ.get("MOEKIT_CPU_BF16_UPCAST") == "1" or not weight.is_contiguous():
+        return False
+    if kcpu.library() is None or not kcpu.packed_tiles():
+        return False
+    return not training or all(_dot_small(n, expert_size) for n in counts if n)
+
+
+def fused_compute_dtype(x_TD: torch.Tensor, weight: torch.Tensor, counts: list[int], expert_size: int = 0,
+                        training: bool = True) -> torch.dtype:
+    """The dtype the fused backend computes in (see the module's docstring): a bf16 layer on a CPU whose bf16 GEMM
+    is slow computes in fp32 where its experts average at least ``BF16_UPCAST_MIN_ROWS`` rows, unless the CPU
+    kernels run all of it in bf16 (:func:`_kernels_run_bf16`; ``expert_size`` ``d_model * d_ff``, ``training``
+    whether a backward follows)."""
     from .backends import compute_dtype
 
     dtype = compute_dtype(x_TD, weight)
     if dtype == torch.bfloat16 and x_TD.device.type == "cpu" and not torch.compiler.is_compiling():
         active = sum(1 for n in counts if n)
-        if active and sum(counts) >= BF16_UPCAST_MIN_ROWS * active and cpu_bf16_gemm_is_slow():
+        if active and sum(counts) >= BF16_UPCAST_MIN_ROWS * active and cpu_bf16_gemm_is_slow() and \
+                not _kernels_run_bf16(weight, counts, expert_size, training):
             return torch.float32
     return dtype
 
@@ -483,10 +514,14 @@ def fused_backend(experts: "Experts", x_TD: torch.Tensor, plan: "DispatchPlan",
     S = sum(counts)  # valid slots come first in expert order; empty/dropped slots sit at the end
     slot_S, token_S = plan.order_S[:S], plan.token_S[:S]
     act: Activation = experts.activation
-    dtype = fused_compute_dtype(x_TD, experts.w_in, counts)
+    training = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x_TD, experts.w_in, experts.w_out, experts.b_in, experts.b_out,
+                                                    plan.weights_TK))
+    dtype = fused_compute_dtype(x_TD, experts.w_in, counts, experts.w_out.shape[1] * experts.w_out.shape[2],
+                                training)
     args = (x_TD, experts.w_in, experts.w_out, experts.b_in, experts.b_out, plan.weights_TK, token_S, slot_S,
             counts, act, dtype)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:6]):
+    if training:
         return FusedExpertsFunction.apply(*args, out_dtype)
     with torch.autocast(x_TD.device.type, enabled=False):
         return fused_forward(*args)[0].to(out_dtype)
