@@ -197,20 +197,30 @@ def test_small_experts_forward(kernels, dtype, E, D, F_, counts, bias):
     assert rel_err(out, want_out) < TOL[dtype]
 
 
+PACKED_CASES = [  # (E, D, F, rows per expert): the packed tiles' edges
+    (3, 37, 21, [7, 0, 13]),  # tails of every width: k not a multiple of 8, a last panel of 5 columns, tiles of 1 row
+    (2, 530, 70, [30, 6]),  # k in three blocks of 256 (the last ragged), output columns in 3 full panels and a tail
+    (2, 2100, 20, [130, 1]),  # more rows than one block of widened rows (a bf16 expert's 1 MiB buffer: 120 rows)
+]
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("E,D,F_,counts", CASES)
-def test_small_experts_backward_gemms(kernels, dtype, E, D, F_, counts):
+@pytest.mark.parametrize("E,D,F_,counts,packed_min", [(*c, None) for c in CASES] + [(*c, 1) for c in PACKED_CASES])
+def test_small_experts_backward_gemms(kernels, dtype, E, D, F_, counts, packed_min):
+    """The data gradients (dot-product tiles, or with packed_min=1 every expert in the packed tiles where the build
+    has them, ``g`` fp32 against bf16 weights included) and the weight gradients."""
     x, tok, w, w_in, w_out, _, _ = _small_problem(E, D, F_, counts, dtype, False)
+    tol = TOL[dtype] * max(1.0, D / 512)
     start, end = segments(counts)
     S, T = tok.shape[0], x.shape[0]
     g = torch.randn(T, D)
     # nn, stored: ga[s] = g[tok[s]] @ w_out[e]
     ga = torch.empty(S, F_, dtype=dtype)
-    K.small_experts_nn(g, tok, w_out, start, end, ga)
+    K.small_experts_nn(g, tok, w_out, start, end, ga, packed_min_rows=packed_min)
     # nn, accumulated: dx[tok[s]] += dh[s] @ w_in[e]
     dh = torch.randn(S, 2 * F_).to(dtype)
     dx = torch.ones(T, D)
-    K.small_experts_nn(dh, None, w_in, start, end, dx, tok)
+    K.small_experts_nn(dh, None, w_in, start, end, dx, tok, packed_min_rows=packed_min)
     # outer: dW_in[e] = dh[rows]^T @ x[tok[rows]]; idle experts untouched
     dwin = torch.full(w_in.shape, 7.0).to(dtype)
     K.small_experts_outer(dh, None, x, tok, start, end, dwin)
@@ -220,10 +230,10 @@ def test_small_experts_backward_gemms(kernels, dtype, E, D, F_, counts):
         if s == t:
             assert (dwin[e] == 7).all()
             continue
-        assert rel_err(ga[s:t], g[tok[s:t]].double() @ w_out[e].double()) < TOL[dtype]
+        assert rel_err(ga[s:t], g[tok[s:t]].double() @ w_out[e].double()) < tol
         want_dx.index_add_(0, tok[s:t], dh[s:t].double() @ w_in[e].double())
-        assert rel_err(dwin[e], dh[s:t].double().T @ x[tok[s:t]].double()) < TOL[dtype]
-    assert rel_err(dx, want_dx) < TOL[dtype]
+        assert rel_err(dwin[e], dh[s:t].double().T @ x[tok[s:t]].double()) < tol
+    assert rel_err(dx, want_dx) < tol
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -427,21 +437,23 @@ def test_fused_backend_matches_loop(dtype, T, activation, bias):
         assert rel_err(got[2][name], ref[2][name]) < (tol if dtype == torch.float32 else 4e-2), name
 
 
-@pytest.mark.parametrize("mode", ["never", "mixed", "always", "forward_only", "packed"])  # experts in the small-M kernels
+@pytest.mark.parametrize("mode", ["never", "mixed", "always", "forward_only", "packed", "packed_bwd"])
 def test_fused_paths_agree(monkeypatch, mode):
     """Forward and backward the same whichever experts run in the small-M kernels (packed: every forward in the
-    packed tiles, where the build has them, and every backward with the library)."""
+    packed tiles, where the build has them, and every backward with the library; packed_bwd: backward in the
+    kernels too)."""
     x = torch.randn(60, 48)
     ref_layer = _layer(torch.float32)
     ref_layer.experts.backend = "loop"
     want = run_fwd_bwd(ref_layer, x)
     counts = sorted(torch.bincount(_layer(torch.float32).router(x).topk_ids_TK.flatten(), minlength=6).tolist())
     small_m = {"never": 0, "mixed": counts[len(counts) // 2], "always": 10_000, "forward_only": 10_000,
-               "packed": 0}[mode]
+               "packed": 0, "packed_bwd": 0}[mode]
     assert mode != "mixed" or counts[0] <= small_m < counts[-1]
     monkeypatch.setattr(ff, "SMALL_M", small_m)
     monkeypatch.setattr(ff, "SMALL_FWD_WORK", 0)
-    monkeypatch.setattr(ff, "PACKED_MAX_ROWS", 10_000 if mode == "packed" else 0)
+    monkeypatch.setattr(ff, "PACKED_MAX_ROWS", 10_000 if mode.startswith("packed") else 0)
+    monkeypatch.setattr(ff, "PACKED_BWD_MAX_ROWS", 10_000 if mode == "packed_bwd" else 0)
     monkeypatch.setattr(K, "PACKED_MIN_ROWS", 1)
     monkeypatch.setattr(ff, "SMALL_BWD_WORK", 0 if mode == "forward_only" else 10**12)
     got = run_fwd_bwd(_layer(torch.float32), x)
@@ -732,11 +744,6 @@ def test_read_tensors_reads_every_word_of_every_tensor(kernels):
         K.read_tensors([w[:, 0]])
 
 
-PACKED_CASES = [  # (E, D, F, rows per expert): the packed tiles' edges
-    (3, 37, 21, [7, 0, 13]),  # tails of every width: k not a multiple of 8, a last panel of 5 columns, tiles of 1 row
-    (2, 530, 70, [30, 6]),  # k in three blocks of 256 (the last ragged), output columns in 3 full panels and a tail
-    (2, 2100, 20, [130, 1]),  # more rows than one block of widened rows (a bf16 expert's 1 MiB buffer: 120 rows)
-]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

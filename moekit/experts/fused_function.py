@@ -63,6 +63,11 @@ OUTER_LIB_MIN_ROWS = 32
 #: GEMMs: Mixtral-like fp32 with 256 rows per expert 117 -> 70 ms, 2048 rows 638 -> 539 ms; fine-grained with 1024
 #: rows 489 against 500 ms (within this machine's noise): no size where the library wins clearly, so no limit.
 PACKED_MAX_ROWS = 1 << 62
+#: ...and experts of up to this many rows their backward too (its data gradients in the packed tiles, its weight
+#: gradients in the outer-product kernel). Measured on Zen 3 (2 threads), forward+backward against the library
+#: backward: Mixtral-like with 256 rows per expert fp32 250 -> 211 ms, bf16 277 -> 221 ms (instead of computing in
+#: fp32); 512 rows 439 against 428 ms, fine-grained 664 -> 794 ms (worse); 2048 rows 2.1 -> 4.8 s.
+PACKED_BWD_MAX_ROWS = 320
 #: Consecutive small experts run together in chunks of at most CHUNK_ROWS rows and CHUNK_BYTES per [rows, d_ff]
 #: buffer, which bounds the small-M kernels' temporaries (activations; in backward, their gradients) to about a MiB
 #: whatever the batch size.
@@ -127,7 +132,7 @@ class _Plan:
                  for _, s, t in segments]
         if not (any(small) and w_in.dtype == dtype and kcpu.small_gemm_usable(x_c, w_in, w_out, b_in, b_out)):
             return cls(segments, [False] * len(segments), [False] * len(segments))
-        small_bwd = [sm and _dot_small(t - s, expert_size) for (_, s, t), sm in zip(segments, small)]
+        small_bwd = [sm and _small_bwd(t - s, expert_size, packed) for (_, s, t), sm in zip(segments, small)]
         plan = cls(segments, small, small_bwd)
         max_rows = max(1, min(CHUNK_ROWS, CHUNK_BYTES // (w_out.shape[2] * w_in.element_size())))
         run: list[int] = []
@@ -473,10 +478,11 @@ def cpu_bf16_gemm_is_slow() -> bool:
     return _CPU_BF16_SLOW
 
 
-def _dot_small(rows: int, expert_size: int) -> bool:
-    """Whether an expert of ``rows`` rows runs its forward in the dot-product tiles of the small-M kernels, and its
-    backward in theirs too (``expert_size``: ``d_model * d_ff``)."""
-    return (rows <= SMALL_M or rows * expert_size <= SMALL_FWD_WORK) and (
+def _small_bwd(rows: int, expert_size: int, packed: bool) -> bool:
+    """Whether an expert of ``rows`` rows (``expert_size``: ``d_model * d_ff``) runs its backward in the small-M
+    kernels: if small by ``SMALL_M``/``SMALL_FWD_WORK``, or, where the kernels have packed tiles (``packed``), of
+    at most ``PACKED_BWD_MAX_ROWS`` rows; and within ``SMALL_BWD_WORK``."""
+    return (rows <= SMALL_M or rows * expert_size <= SMALL_FWD_WORK or (packed and rows <= PACKED_BWD_MAX_ROWS)) and (
         SMALL_BWD_WORK is None or rows * expert_size <= SMALL_BWD_WORK)
 
 
@@ -488,7 +494,7 @@ def _kernels_run_bf16(weight: torch.Tensor, counts: list[int], expert_size: int,
         return False
     if kcpu.library() is None or not kcpu.packed_tiles():
         return False
-    return not training or all(_dot_small(n, expert_size) for n in counts if n)
+    return not training or all(_small_bwd(n, expert_size, True) for n in counts if n)
 
 
 def fused_compute_dtype(x_TD: torch.Tensor, weight: torch.Tensor, counts: list[int], expert_size: int = 0,

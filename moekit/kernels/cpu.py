@@ -145,7 +145,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         "moe_small_down": [P, I64, P, P, P, P, I64, P, P, I64, I64, I, P, I64, I64, I],
         "moe_packed_tiles": [],
         "moe_small_decode": [P, I64, P, P, I64, I64, I64, P, P, P, P, I64, I64, I, P, I64, P, I],
-        "moe_small_nn": [P, I, I64, P, P, I, I64, I64, P, P, I64, P, I, I64, P, I],
+        "moe_small_nn": [P, I, I64, P, P, I, I64, I64, P, P, I64, P, I, I64, P, I64, I],
         "moe_small_outer": [P, I, I64, P, P, I, I64, P, I64, I64, P, P, I64, P, I, I],
         "moe_zero": [P, I64, I],
         "moe_flush_cache": [P, I64],
@@ -393,11 +393,13 @@ def _stacked(w: torch.Tensor | None, name: str, shape: tuple[int, ...], dtype: t
                          f"{tuple(w.shape)} on {w.device} (contiguous: {w.is_contiguous()})")
 
 
-#: Experts with at least this many rows run both projections in the packed 6 x 16 tiles where the kernels have them
-#: (AVX2 builds: a 16-column block of weight rows transposed once, then 12 FMAs per 8 loads), the others in the
-#: dot-product tiles. Measured on Zen 3, 2 threads: 16 rows per expert the same either way (fine-grained up 8.4 /
-#: 9.0 ms fp32, 7.0 / 6.9 ms bf16), 32 rows 1.2-1.4x faster packed, 64-128 rows 1.3-1.6x (fine-grained fp32 input
-#: projection 57 -> 37 ms at 128 rows).
+#: Experts with at least this many rows run both projections, and the data gradients of backward, in the packed
+#: 6 x 16 tiles where the kernels have them (AVX2 builds: a 16-column block of weights packed once as float32, then
+#: 12 FMAs per 8 loads), the others in the dot-product tiles. Measured on Zen 3, 2 threads: 16 rows per expert the
+#: same either way (fine-grained up 8.4 / 9.0 ms fp32, 7.0 / 6.9 ms bf16), 32 rows 1.2-1.4x faster packed, 64-128
+#: rows 1.3-1.6x (fine-grained fp32 input projection 57 -> 37 ms at 128 rows); dH @ W_in at 128 rows 1.1-1.2x in
+#: fp32, 1.6-1.7x in bf16 (74-88 -> 130-141 GFLOP/s). (The weight gradients keep their outer-product kernel, whose
+#: 6 x 16 tiles read both operands packed already: 120-139 GFLOP/s, where a packed-tile version measured 70-116.)
 PACKED_MIN_ROWS = 24
 
 
@@ -540,11 +542,13 @@ def route_decode(x: torch.Tensor, router_w: torch.Tensor, router_b: torch.Tensor
 
 
 def small_experts_nn(a: torch.Tensor, a_idx: torch.Tensor | None, w: torch.Tensor, start: torch.Tensor,
-                     end: torch.Tensor, out: torch.Tensor, out_idx: torch.Tensor | None = None) -> None:
+                     end: torch.Tensor, out: torch.Tensor, out_idx: torch.Tensor | None = None,
+                     packed_min_rows: int | None = None) -> None:
     """``a[rows of e] @ w[e]`` for every expert at once, ``w`` stacked ``[E, K, N]`` (N contiguous): the data
     gradients of backward (``g @ W_down``, ``dH @ W_up``). Row ``s`` of expert ``e`` (``start[e] <= s < end[e]``)
     reads ``a[a_idx[s]]`` (or ``a[s]``). Without ``out_idx`` the result is written to ``out[s]`` (``out``'s dtype);
-    with it, added to float32 ``out[out_idx[s]]`` (distinct within an expert; race-free, in expert order)."""
+    with it, added to float32 ``out[out_idx[s]]`` (distinct within an expert; race-free; its packed experts' terms
+    first, as in :func:`small_experts_down`). ``packed_min_rows``: as in :func:`small_experts_up`."""
     E, Kd, N = w.shape
     ld_a = _rows(a, "a", (a.shape[0], Kd))
     _stacked(w, "w", (E, Kd, N), w.dtype)
@@ -555,7 +559,7 @@ def small_experts_nn(a: torch.Tensor, a_idx: torch.Tensor | None, w: torch.Tenso
         raise ValueError(f"accumulating into out needs float32, got {out.dtype}")
     ld_out = _rows(out, "out", (out.shape[0], N))
     _call(_require().moe_small_nn, _ptr(a), _dt(a, "a"), ld_a, _ptr(a_idx), _ptr(w), _dt(w, "w"), Kd, N, _ptr(start),
-          _ptr(end), E, _ptr(out), _dt(out, "out"), ld_out, _ptr(out_idx), _threads())
+          _ptr(end), E, _ptr(out), _dt(out, "out"), ld_out, _ptr(out_idx), _packed_min(packed_min_rows), _threads())
 
 
 def small_experts_outer(a: torch.Tensor, a_idx: torch.Tensor | None, b: torch.Tensor, b_idx: torch.Tensor | None,
