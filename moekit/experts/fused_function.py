@@ -1,8 +1,10 @@
 """The ``fused`` experts backend: one autograd Function for gather → GEMM → activation → GEMM → weighted combine.
 
-Work is done expert by expert: each expert gathers its rows, runs its two projections with the fastest CPU GEMM of
-the machine (:mod:`moekit.kernels.cpu_gemm`), applies the activation and adds its weighted output to the tokens,
-while its intermediates are still in cache.
+Small experts (and, where the C kernels are built for AVX2, all but the largest in backward) run together in the C
+kernels' grouped tiles (:func:`moekit.kernels.cpu.small_experts_up` and its siblings: gather, both projections,
+activation and weighted combine in two calls per chunk of experts). The others go expert by expert: each gathers its
+rows, runs its two projections with the fastest CPU GEMM of the machine (:mod:`moekit.kernels.cpu_gemm`), applies
+the activation and adds its weighted output to the tokens, while its intermediates are still in cache.
 
 Why a custom Function: autograd on the composed ops saves every intermediate (gathered rows, both halves of the
 gate/up projection, the activation output, the weighted rows, the unweighted outputs) and its backward of a grouped
@@ -14,8 +16,9 @@ skipped altogether.
 
 Compute dtype: the autocast dtype if autocast is on, else the weights' dtype, except that on CPUs whose bf16 GEMM
 is slower than fp32 (neither AMX nor AVX512-BF16: measured once per process), bf16 layers whose experts average at
-least ``BF16_UPCAST_MIN_ROWS`` rows run their GEMMs in fp32 (more accurate, and faster there); outputs keep the input
-dtype. Expert weights are cast to the compute dtype one expert at a time, so no full-size cast copy is ever made.
+least ``BF16_UPCAST_MIN_ROWS`` rows run their GEMMs in fp32 (more accurate, and faster there), unless the CPU kernels
+compute all of the call in bf16 (their packed tiles widen bf16 as they pack it: no slow bf16 GEMM runs); outputs keep
+the input dtype. Expert weights are cast to the compute dtype one expert at a time, so no full-size cast copy is ever made.
 
 Notation: ``T`` tokens, ``S`` valid slots in expert order, ``D`` model dim, ``W`` input-projection width
 (``2F`` gated, ``F`` plain), ``F`` expert hidden dim, ``E`` experts, ``m`` rows of one expert.
