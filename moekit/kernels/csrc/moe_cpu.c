@@ -1098,25 +1098,24 @@ static void gk_pack(const void *const *rows, int dt, int64_t k0, int64_t kc, flo
         for (int j = 0; j < GK_NR; j++) bp[k * GK_NR + j] = rows[j] ? ld(rows[j], dt, k0 + k) : 0.0f;
 }
 
-/* The 16 columns of a panel, as rows over k: NT (rows != NULL): 16 weight rows, k along each (rows[j] NULL: a zero
- * column); else columns n0 .. n0 + nw of row-major rows over k (row k of `base`, or row idx[k]; stride ld). */
+/* The 16 columns of a panel, as rows over k: NT (nt): 16 weight rows, k along each (row[j] NULL: a zero column);
+ * else columns n0 .. n0 + nw of the row-major rows of `base` (stride ld). */
 typedef struct {
-    const void *const *rows;
+    int nt;
+    const void *row[GK_NR];
     const char *base;
-    const int64_t *idx;
     int64_t ld, n0, nw;
 } gk_src;
 
 /* bp[k][j] = column j of src at k0 + k, as float32 (zero past nw) */
 static void gk_pack_src(const gk_src *src, int dt, int64_t k0, int64_t kc, float *bp) {
-    if (src->rows) {
-        gk_pack(src->rows, dt, k0, kc, bp);
+    if (src->nt) {
+        gk_pack(src->row, dt, k0, kc, bp);
         return;
     }
     const size_t eb = esize(dt);
     for (int64_t k = 0; k < kc; k++) {
-        const int64_t row = src->idx ? src->idx[k0 + k] : k0 + k;
-        const char *p = src->base + ((size_t)row * (size_t)src->ld + (size_t)src->n0) * eb;
+        const char *p = src->base + ((size_t)(k0 + k) * (size_t)src->ld + (size_t)src->n0) * eb;
         float *o = bp + k * GK_NR;
         if (src->nw == GK_NR) {
             _mm256_store_ps(o, ld8(p, dt));
@@ -1167,12 +1166,11 @@ static void gk_tile(int R, const float *const *a, const float *bp, int64_t kc, f
 #undef GK_CASE
 }
 
-/* c[i][0..16] (+ c[i] if add) = sum_k a[i][k] * src[k][0..16] for the m float32 rows a[i] of length K, K in blocks of
- * GK_KC packed into bp. next: the caller's next panel (NULL: none; NT panels only), whose first block (or this
- * panel's next) is prefetched into L2 a share per tile while this block computes: the weights stream from memory
- * under the arithmetic. */
+/* c[i][0..16] = sum_k a[i][k] * src[k][0..16] for the m float32 rows a[i] of length K, K in blocks of GK_KC packed
+ * into bp. next: the caller's next panel (NULL: none), whose first block (or this panel's next) is prefetched into L2
+ * a share per tile while this block computes: the weights stream from memory under the arithmetic. */
 static void gk_panel(const float *const *a, int64_t m, const gk_src *src, const gk_src *next, int dt, int64_t K,
-                     float *bp, float *c, int add) {
+                     float *bp, float *c) {
     const size_t eb = esize(dt);
     const int64_t ntiles = (m + GK_MR - 1) / GK_MR;
     for (int64_t k0 = 0; k0 < K; k0 += GK_KC) {
@@ -1182,23 +1180,21 @@ static void gk_panel(const float *const *a, int64_t m, const gk_src *src, const 
         const int64_t pk0 = k0 + GK_KC < K ? k0 + GK_KC : 0, pkc = min64(GK_KC, K - pk0);
         /* lines to prefetch: NT, each of the 16 rows' run over the block; else the block's rows' 16 columns */
         const int64_t lpr = ((int64_t)(pkc * eb) + 63) / 64;
-        const int64_t lines = !ps ? 0 : ps->rows ? GK_NR * lpr : pkc, per = (lines + ntiles - 1) / ntiles;
+        const int64_t lines = !ps ? 0 : ps->nt ? GK_NR * lpr : pkc, per = (lines + ntiles - 1) / ntiles;
         int64_t pq = 0, pl = 0; /* prefetch cursor: NT, row of the panel and line of the row; else row over k */
         const float *ak[GK_MR];
         for (int64_t i = 0; i < m; i += GK_MR) {
-            if (ps && ps->rows)
+            if (ps && ps->nt)
                 for (int64_t n = 0; n < per && pq < GK_NR; n++) {
-                    if (ps->rows[pq]) _mm_prefetch((const char *)ps->rows[pq] + (size_t)pk0 * eb + 64 * pl, _MM_HINT_T1);
+                    if (ps->row[pq]) _mm_prefetch((const char *)ps->row[pq] + (size_t)pk0 * eb + 64 * pl, _MM_HINT_T1);
                     if (++pl == lpr) pl = 0, pq++;
                 }
             else if (ps)
-                for (int64_t n = 0; n < per && pq < pkc; n++, pq++) {
-                    const int64_t row = ps->idx ? ps->idx[pk0 + pq] : pk0 + pq;
-                    _mm_prefetch(ps->base + ((size_t)row * (size_t)ps->ld + (size_t)ps->n0) * eb, _MM_HINT_T1);
-                }
+                for (int64_t n = 0; n < per && pq < pkc; n++, pq++)
+                    _mm_prefetch(ps->base + ((size_t)(pk0 + pq) * (size_t)ps->ld + (size_t)ps->n0) * eb, _MM_HINT_T1);
             const int R = (int)min64(GK_MR, m - i);
             for (int r = 0; r < R; r++) ak[r] = a[i + r] + k0;
-            gk_tile(R, ak, bp, kc, c + 16 * i, k0 > 0 || add);
+            gk_tile(R, ak, bp, kc, c + 16 * i, k0 > 0);
         }
     }
 }
@@ -1229,237 +1225,236 @@ static void gk_rows(const void *src, int dt, int64_t ld_src, const int64_t *idx,
     }
 }
 
-/* A thread's buffers: the packed block, the panel's results for a block of rows, widened token rows, row pointers. */
-typedef struct {
-    float *bp, *c, *buf;
-    const float **a;
-} gk_bufs;
+/* One packed-tile GEMM over every expert's rows: for each expert e, each block of its rows (a[i]: row a_idx[s] of A,
+ * or row s, K long) and each of the thread's panels p (threads split the panels, as output columns: no two write
+ * the same output element, and each token's sums run in expert order), c = rows x panel, then the kernel's
+ * epilogue on c while it is in L1. */
+typedef struct gk_job {
+    const void *A;
+    int adt;
+    int64_t lda;
+    const int64_t *a_idx;
+    int bdt;                  /* the panels' dtype */
+    int64_t K, width, np;     /* reduction length, output columns (for the thread count), panels */
+    void (*source)(const struct gk_job *j, int64_t e, int64_t p, gk_src *src);                  /* panel p of e */
+    void (*epilogue)(const struct gk_job *j, int64_t e, int64_t p, int64_t s0, int64_t mb, float *c); /* rows s0.. */
+    const void *args;         /* the kernel's own arguments, for source and epilogue */
+} gk_job;
 
-static int gk_alloc(gk_bufs *b, int64_t mb_max, int64_t K, int dt) {
-    b->bp = aligned_alloc(64, (size_t)GK_KC * GK_NR * sizeof(float));
-    b->c = aligned_alloc(64, (size_t)(mb_max + GK_MR) * GK_NR * sizeof(float));
-    b->buf = dt == DT_F32 ? NULL : malloc((size_t)mb_max * (size_t)K * sizeof(float) + 64);
-    b->a = malloc((size_t)(mb_max + 1) * sizeof(float *));
-    return b->bp && b->c && b->a && (dt == DT_F32 || b->buf);
-}
-
-static void gk_free(gk_bufs *b) {
-    free(b->bp), free(b->c), free(b->buf), free(b->a);
-}
-
-/* Rows of the largest expert and rows in all. */
-static int64_t gk_rows_max(const int64_t *start, const int64_t *end, int64_t E, int64_t *rows, int64_t *active) {
-    int64_t mmax = 0;
-    *rows = *active = 0;
+static int gk_run(const gk_job *j, const int64_t *start, const int64_t *end, int64_t E, int nthreads) {
+    const int64_t RB = gk_rows_block(j->K, j->adt);
+    int64_t rows = 0, na = 0, mmax = 0;
     for (int64_t e = 0; e < E; e++)
         if (end[e] > start[e]) {
-            *rows += end[e] - start[e], (*active)++;
+            rows += end[e] - start[e], na++;
             if (end[e] - start[e] > mmax) mmax = end[e] - start[e];
         }
-    return mmax;
+    if (j->np == 0 || rows == 0) return 0;
+    const int64_t mb_max = mmax < RB ? mmax : RB;
+    int nt = threads_for(gemm_work(rows, na, j->width, j->K), nthreads);
+    if (nt > j->np) nt = (int)j->np;
+    int err = 0;
+#pragma omp parallel num_threads(nt)
+    {
+        const int t = omp_get_thread_num(), n = omp_get_num_threads();
+        const int64_t p0 = j->np * t / n, p1 = j->np * (t + 1) / n;
+        /* the packed block, the panel's results for a block of rows, widened token rows, row pointers */
+        float *bp = aligned_alloc(64, (size_t)GK_KC * GK_NR * sizeof(float));
+        float *c = aligned_alloc(64, (size_t)(mb_max + GK_MR) * GK_NR * sizeof(float));
+        float *buf = j->adt == DT_F32 ? NULL : malloc((size_t)mb_max * (size_t)j->K * sizeof(float) + 64);
+        const float **a = malloc((size_t)(mb_max + 1) * sizeof(float *));
+        if (!bp || !c || !a || (j->adt != DT_F32 && !buf)) {
+#pragma omp atomic write
+            err = -5;
+        } else
+            for (int64_t e = 0; e < E && p0 < p1; e++)
+                for (int64_t s0 = start[e]; s0 < end[e]; s0 += RB) {
+                    const int64_t mb = min64(RB, end[e] - s0);
+                    gk_rows(j->A, j->adt, j->lda, j->a_idx, s0, mb, j->K, buf, a);
+                    gk_src src[2];
+                    j->source(j, e, p0, &src[p0 & 1]);
+                    for (int64_t p = p0; p < p1; p++) {
+                        if (p + 1 < p1) j->source(j, e, p + 1, &src[(p + 1) & 1]);
+                        gk_panel(a, mb, &src[p & 1], p + 1 < p1 ? &src[(p + 1) & 1] : NULL, j->bdt, j->K, bp, c);
+                        j->epilogue(j, e, p, s0, mb, c);
+                    }
+                }
+        free(bp), free(c), free(buf), free(a);
+    }
+    return err;
 }
 
-/* The weight rows of panel p of the input projection: SwiGLU (PW = 8) takes 8 gate rows, then their 8 up rows. */
-static void up_rows(const char *we, size_t rowb, int64_t p, int64_t PW, int64_t F, const void **wr) {
-    const int64_t j0 = p * PW, jw = min64(PW, F - j0);
+/* The input projection (moe_small_up's contract): panel p is activation columns j0 = 8p .. 8p + 8 for SwiGLU (its
+ * 8 gate rows of w_in[e], then their 8 up rows), else output columns 16p .. 16p + 16. */
+typedef struct {
+    const void *w_in, *b_in;
+    int64_t W, F, PW;
+    int act;
+    void *h_out, *a_out;
+} gk_up_args;
+
+static void up_source(const gk_job *j, int64_t e, int64_t p, gk_src *src) {
+    const gk_up_args *u = j->args;
+    const size_t rowb = (size_t)j->K * esize(j->bdt);
+    const char *we = (const char *)u->w_in + (size_t)e * (size_t)u->W * rowb;
+    const int64_t j0 = p * u->PW, jw = min64(u->PW, u->F - j0);
+    src->nt = 1;
     for (int q = 0; q < GK_NR; q++) {
-        const int64_t j = q < PW ? q : q - PW;
-        wr[q] = j < jw ? we + (size_t)(j0 + j + (q < PW ? 0 : F)) * rowb : NULL;
+        const int64_t i = q < u->PW ? q : q - u->PW;
+        src->row[q] = i < jw ? we + (size_t)(j0 + i + (q < u->PW ? 0 : u->F)) * rowb : NULL;
     }
 }
 
-/* moe_small_up's contract, in packed tiles */
+/* bias, keep h, SwiGLU */
+static void up_epilogue(const gk_job *j, int64_t e, int64_t p, int64_t s0, int64_t mb, float *c) {
+    const gk_up_args *u = j->args;
+    const int dt = j->bdt;
+    const int64_t W = u->W, F = u->F, PW = u->PW, j0 = p * PW, jw = min64(PW, F - j0);
+    float bias[GK_NR] __attribute__((aligned(32))) = {0.0f}; /* gate (and up) biases */
+    if (u->b_in)
+        for (int64_t i = 0; i < jw; i++) {
+            bias[i] = ld(u->b_in, dt, e * W + j0 + i);
+            if (u->act == 1) bias[PW + i] = ld(u->b_in, dt, e * W + F + j0 + i);
+        }
+    const __m256 b0 = _mm256_load_ps(bias), b1 = _mm256_load_ps(bias + 8);
+    for (int64_t i = 0; i < mb; i++) {
+        float *g = c + 16 * i, *up = g + PW;
+        _mm256_store_ps(g, _mm256_add_ps(_mm256_load_ps(g), b0));
+        _mm256_store_ps(g + 8, _mm256_add_ps(_mm256_load_ps(g + 8), b1));
+        if (u->h_out) {
+            st8(at(u->h_out, dt, W, s0 + i, j0), dt, _mm256_load_ps(g), jw < 8 ? jw : 8, 0);
+            if (u->act == 1) st8(at(u->h_out, dt, W, s0 + i, F + j0), dt, _mm256_load_ps(up), jw, 0);
+            else if (jw > 8) st8(at(u->h_out, dt, W, s0 + i, j0 + 8), dt, _mm256_load_ps(g + 8), jw - 8, 0);
+        }
+        if (u->act == 1) {
+            const __m256 gv = _mm256_load_ps(g);
+            st8(at(u->a_out, dt, F, s0 + i, j0), dt, _mm256_mul_ps(_mm256_mul_ps(gv, sigmoid8(gv)), _mm256_load_ps(up)),
+                jw, 0);
+        }
+    }
+}
+
 static int packed_up(const void *x, int64_t ld_x, const int64_t *tok, const int64_t *start, const int64_t *end,
                      int64_t E, const void *w_in, const void *b_in, int64_t W, int64_t D, int dt, int act, void *h_out,
                      void *a_out, int nthreads) {
     const int64_t F = act == 1 ? W / 2 : W, PW = act == 1 ? 8 : 16; /* output (activation) columns per panel */
-    const int64_t np = (F + PW - 1) / PW, RB = gk_rows_block(D, dt);
-    const size_t rowb = (size_t)D * esize(dt);
-    int64_t rows, na;
-    const int64_t mmax = gk_rows_max(start, end, E, &rows, &na), mb_max = mmax < RB ? mmax : RB;
-    if (np == 0 || rows == 0) return 0;
-    int nt = threads_for(gemm_work(rows, na, W, D), nthreads);
-    if (nt > np) nt = (int)np;
-    int err = 0;
-#pragma omp parallel num_threads(nt)
-    {
-        const int t = omp_get_thread_num(), n = omp_get_num_threads();
-        const int64_t p0 = np * t / n, p1 = np * (t + 1) / n;
-        gk_bufs B;
-        if (!gk_alloc(&B, mb_max, D, dt)) {
-#pragma omp atomic write
-            err = -5;
+    const gk_up_args u = {w_in, b_in, W, F, PW, act, h_out, a_out};
+    const gk_job j = {x, dt, ld_x, tok, dt, D, W, (F + PW - 1) / PW, up_source, up_epilogue, &u};
+    return gk_run(&j, start, end, E, nthreads);
+}
+
+/* The output projection and weighted combine (moe_small_down's contract): panel p is output columns 16p .. 16p + 16
+ * (16 rows of w_out[e]), added with the slot's weight into out at the slot's token. */
+typedef struct {
+    const void *w_out, *b_out;
+    int64_t D;
+    const int64_t *tok;
+    const float *w;
+    float *out;
+    int64_t ld_out;
+} gk_down_args;
+
+static void down_source(const gk_job *j, int64_t e, int64_t p, gk_src *src) {
+    const gk_down_args *d = j->args;
+    const size_t rowb = (size_t)j->K * esize(j->bdt);
+    const char *we = (const char *)d->w_out + (size_t)e * (size_t)d->D * rowb;
+    const int64_t d0 = p * GK_NR, n = min64(GK_NR, d->D - d0);
+    src->nt = 1;
+    for (int q = 0; q < GK_NR; q++) src->row[q] = q < n ? we + (size_t)(d0 + q) * rowb : NULL;
+}
+
+static void down_epilogue(const gk_job *j, int64_t e, int64_t p, int64_t s0, int64_t mb, float *c) {
+    const gk_down_args *d = j->args;
+    const int64_t d0 = p * GK_NR, dw = min64(GK_NR, d->D - d0);
+    float bias[GK_NR] __attribute__((aligned(32))) = {0.0f};
+    if (d->b_out)
+        for (int64_t q = 0; q < dw; q++) bias[q] = ld(d->b_out, j->bdt, e * d->D + d0 + q);
+    const __m256 b0 = _mm256_load_ps(bias), b1 = _mm256_load_ps(bias + 8);
+    for (int64_t i = 0; i < mb; i++) {
+        const int64_t s = s0 + i;
+        float *o = d->out + d->tok[s] * d->ld_out + d0;
+        const float *r = c + 16 * i;
+        const __m256 ws = _mm256_set1_ps(d->w[s]);
+        if (dw == GK_NR) {
+            _mm256_storeu_ps(o, _mm256_fmadd_ps(ws, _mm256_add_ps(_mm256_load_ps(r), b0), _mm256_loadu_ps(o)));
+            _mm256_storeu_ps(o + 8, _mm256_fmadd_ps(ws, _mm256_add_ps(_mm256_load_ps(r + 8), b1), _mm256_loadu_ps(o + 8)));
         } else
-            for (int64_t e = 0; e < E && p0 < p1; e++)
-                for (int64_t s0 = start[e]; s0 < end[e]; s0 += RB) {
-                    const int64_t mb = min64(RB, end[e] - s0);
-                    gk_rows(x, dt, ld_x, tok, s0, mb, D, B.buf, B.a);
-                    const char *we = (const char *)w_in + (size_t)e * (size_t)W * rowb;
-                    const void *wr[2][GK_NR];
-                    gk_src src[2] = {{wr[0], NULL, NULL, 0, 0, 0}, {wr[1], NULL, NULL, 0, 0, 0}};
-                    up_rows(we, rowb, p0, PW, F, wr[p0 & 1]);
-                    for (int64_t p = p0; p < p1; p++) {
-                        const int64_t j0 = p * PW, jw = min64(PW, F - j0);
-                        if (p + 1 < p1) up_rows(we, rowb, p + 1, PW, F, wr[(p + 1) & 1]);
-                        gk_panel(B.a, mb, &src[p & 1], p + 1 < p1 ? &src[(p + 1) & 1] : NULL, dt, D, B.bp, B.c, 0);
-                        float bias[GK_NR] __attribute__((aligned(32))) = {0.0f}; /* gate (and up) biases */
-                        if (b_in)
-                            for (int64_t j = 0; j < jw; j++) {
-                                bias[j] = ld(b_in, dt, e * W + j0 + j);
-                                if (act == 1) bias[PW + j] = ld(b_in, dt, e * W + F + j0 + j);
-                            }
-                        const __m256 b0 = _mm256_load_ps(bias), b1 = _mm256_load_ps(bias + 8);
-                        for (int64_t i = 0; i < mb; i++) {
-                            float *g = B.c + 16 * i, *u = g + PW;
-                            _mm256_store_ps(g, _mm256_add_ps(_mm256_load_ps(g), b0));
-                            _mm256_store_ps(g + 8, _mm256_add_ps(_mm256_load_ps(g + 8), b1));
-                            if (h_out) {
-                                st8(at(h_out, dt, W, s0 + i, j0), dt, _mm256_load_ps(g), jw < 8 ? jw : 8, 0);
-                                if (act == 1) st8(at(h_out, dt, W, s0 + i, F + j0), dt, _mm256_load_ps(u), jw, 0);
-                                else if (jw > 8) st8(at(h_out, dt, W, s0 + i, j0 + 8), dt, _mm256_load_ps(g + 8), jw - 8, 0);
-                            }
-                            if (act == 1) {
-                                const __m256 gv = _mm256_load_ps(g);
-                                st8(at(a_out, dt, F, s0 + i, j0), dt, _mm256_mul_ps(_mm256_mul_ps(gv, sigmoid8(gv)),
-                                                                                   _mm256_load_ps(u)), jw, 0);
-                            }
-                        }
-                    }
-                }
-        gk_free(&B);
+            for (int64_t q = 0; q < dw; q++) o[q] += d->w[s] * (r[q] + bias[q]);
     }
-    return err;
 }
 
-static void down_rows(const char *we, size_t rowb, int64_t p, int64_t D, const void **wr) {
-    const int64_t d0 = p * GK_NR, n = min64(GK_NR, D - d0);
-    for (int q = 0; q < GK_NR; q++) wr[q] = q < n ? we + (size_t)(d0 + q) * rowb : NULL;
-}
-
-/* moe_small_down's contract, in packed tiles; each thread owns a block of the output's columns for all experts,
- * so each token's sum still runs in expert order. */
 static int packed_down(const void *a_in, int64_t ld_a, const int64_t *tok, const float *w, const int64_t *start,
                        const int64_t *end, int64_t E, const void *w_out, const void *b_out, int64_t D, int64_t F,
                        int dt, float *out, int64_t ld_out, int nthreads) {
-    const int64_t np = (D + GK_NR - 1) / GK_NR, RB = gk_rows_block(F, dt);
-    const size_t rowb = (size_t)F * esize(dt);
-    int64_t rows, na;
-    const int64_t mmax = gk_rows_max(start, end, E, &rows, &na), mb_max = mmax < RB ? mmax : RB;
-    if (np == 0 || rows == 0) return 0;
-    int nt = threads_for(gemm_work(rows, na, D, F), nthreads);
-    if (nt > np) nt = (int)np;
-    int err = 0;
-#pragma omp parallel num_threads(nt)
-    {
-        const int t = omp_get_thread_num(), n = omp_get_num_threads();
-        const int64_t p0 = np * t / n, p1 = np * (t + 1) / n;
-        gk_bufs B;
-        if (!gk_alloc(&B, mb_max, F, dt)) {
-#pragma omp atomic write
-            err = -5;
-        } else
-            for (int64_t e = 0; e < E && p0 < p1; e++)
-                for (int64_t s0 = start[e]; s0 < end[e]; s0 += RB) {
-                    const int64_t mb = min64(RB, end[e] - s0);
-                    gk_rows(a_in, dt, ld_a, NULL, s0, mb, F, B.buf, B.a);
-                    const char *we = (const char *)w_out + (size_t)e * (size_t)D * rowb;
-                    const void *wr[2][GK_NR];
-                    gk_src src[2] = {{wr[0], NULL, NULL, 0, 0, 0}, {wr[1], NULL, NULL, 0, 0, 0}};
-                    down_rows(we, rowb, p0, D, wr[p0 & 1]);
-                    for (int64_t p = p0; p < p1; p++) {
-                        const int64_t d0 = p * GK_NR, dw = min64(GK_NR, D - d0);
-                        if (p + 1 < p1) down_rows(we, rowb, p + 1, D, wr[(p + 1) & 1]);
-                        gk_panel(B.a, mb, &src[p & 1], p + 1 < p1 ? &src[(p + 1) & 1] : NULL, dt, F, B.bp, B.c, 0);
-                        float bias[GK_NR] __attribute__((aligned(32))) = {0.0f};
-                        if (b_out)
-                            for (int64_t q = 0; q < dw; q++) bias[q] = ld(b_out, dt, e * D + d0 + q);
-                        const __m256 b0 = _mm256_load_ps(bias), b1 = _mm256_load_ps(bias + 8);
-                        for (int64_t i = 0; i < mb; i++) {
-                            const int64_t s = s0 + i;
-                            float *o = out + tok[s] * ld_out + d0;
-                            const float *c = B.c + 16 * i;
-                            const __m256 ws = _mm256_set1_ps(w[s]);
-                            if (dw == GK_NR) {
-                                _mm256_storeu_ps(o, _mm256_fmadd_ps(ws, _mm256_add_ps(_mm256_load_ps(c), b0),
-                                                                    _mm256_loadu_ps(o)));
-                                _mm256_storeu_ps(o + 8, _mm256_fmadd_ps(ws, _mm256_add_ps(_mm256_load_ps(c + 8), b1),
-                                                                        _mm256_loadu_ps(o + 8)));
-                            } else
-                                for (int64_t q = 0; q < dw; q++) o[q] += w[s] * (c[q] + bias[q]);
-                        }
-                    }
-                }
-        gk_free(&B);
-    }
-    return err;
+    const gk_down_args d = {w_out, b_out, D, tok, w, out, ld_out};
+    const gk_job j = {a_in, dt, ld_a, NULL, dt, F, D, (D + GK_NR - 1) / GK_NR, down_source, down_epilogue, &d};
+    return gk_run(&j, start, end, E, nthreads);
 }
 
-/* moe_small_nn's contract, in packed tiles: the panels are 16 columns of w[e] ([Kd, N], rows over k, a plain copy
- * per block); threads split the columns, so accumulating into out[c_idx[s]] stays race-free and in expert order. */
+/* The data gradients (moe_small_nn's contract): panel p is columns 16p .. 16p + 16 of w[e] ([Kd, N], copied a block
+ * of rows at a time), written to C[s] or accumulated into float32 C[c_idx[s]]. */
+typedef struct {
+    const void *B;
+    int64_t N;
+    void *C;
+    int cdt;
+    int64_t ldc;
+    const int64_t *c_idx;
+} gk_nn_args;
+
+static void nn_source(const gk_job *j, int64_t e, int64_t p, gk_src *src) {
+    const gk_nn_args *m = j->args;
+    src->nt = 0;
+    src->base = (const char *)m->B + (size_t)e * (size_t)j->K * (size_t)m->N * esize(j->bdt);
+    src->ld = m->N, src->n0 = p * GK_NR, src->nw = min64(GK_NR, m->N - src->n0);
+}
+
+static void nn_epilogue(const gk_job *j, int64_t e, int64_t p, int64_t s0, int64_t mb, float *c) {
+    const gk_nn_args *m = j->args;
+    const int64_t n0 = p * GK_NR, nw = min64(GK_NR, m->N - n0);
+    (void)e;
+    for (int64_t i = 0; i < mb; i++) {
+        const float *r = c + 16 * i;
+        if (m->c_idx) {
+            float *o = (float *)m->C + m->c_idx[s0 + i] * m->ldc + n0;
+            if (nw == GK_NR) {
+                _mm256_storeu_ps(o, _mm256_add_ps(_mm256_loadu_ps(o), _mm256_load_ps(r)));
+                _mm256_storeu_ps(o + 8, _mm256_add_ps(_mm256_loadu_ps(o + 8), _mm256_load_ps(r + 8)));
+            } else
+                for (int64_t q = 0; q < nw; q++) o[q] += r[q];
+        } else {
+            st8(at(m->C, m->cdt, m->ldc, s0 + i, n0), m->cdt, _mm256_load_ps(r), nw < 8 ? nw : 8, 0);
+            if (nw > 8) st8(at(m->C, m->cdt, m->ldc, s0 + i, n0 + 8), m->cdt, _mm256_load_ps(r + 8), nw - 8, 0);
+        }
+    }
+}
+
 static int packed_nn(const void *A, int adt, int64_t lda, const int64_t *a_idx, const void *Bw, int bdt, int64_t Kd,
                      int64_t N, const int64_t *start, const int64_t *end, int64_t E, void *C, int cdt, int64_t ldc,
                      const int64_t *c_idx, int nthreads) {
-    const int64_t np = (N + GK_NR - 1) / GK_NR, RB = gk_rows_block(Kd, adt);
-    int64_t rows, na;
-    const int64_t mmax = gk_rows_max(start, end, E, &rows, &na), mb_max = mmax < RB ? mmax : RB;
-    if (np == 0 || rows == 0) return 0;
-    int nt = threads_for(gemm_work(rows, na, N, Kd), nthreads);
-    if (nt > np) nt = (int)np;
-    int err = 0;
-#pragma omp parallel num_threads(nt)
-    {
-        const int t = omp_get_thread_num(), n = omp_get_num_threads();
-        const int64_t p0 = np * t / n, p1 = np * (t + 1) / n;
-        gk_bufs B;
-        if (!gk_alloc(&B, mb_max, Kd, adt)) {
-#pragma omp atomic write
-            err = -5;
-        } else
-            for (int64_t e = 0; e < E && p0 < p1; e++)
-                for (int64_t s0 = start[e]; s0 < end[e]; s0 += RB) {
-                    const int64_t mb = min64(RB, end[e] - s0);
-                    gk_rows(A, adt, lda, a_idx, s0, mb, Kd, B.buf, B.a);
-                    const char *be = (const char *)Bw + (size_t)e * (size_t)Kd * (size_t)N * esize(bdt);
-                    for (int64_t p = p0; p < p1; p++) {
-                        const int64_t n0 = p * GK_NR, nw = min64(GK_NR, N - n0);
-                        const gk_src src = {NULL, be, NULL, N, n0, nw}, nx = {NULL, be, NULL, N, n0 + GK_NR, GK_NR};
-                        gk_panel(B.a, mb, &src, p + 1 < p1 ? &nx : NULL, bdt, Kd, B.bp, B.c, 0);
-                        for (int64_t i = 0; i < mb; i++) {
-                            const float *c = B.c + 16 * i;
-                            if (c_idx) {
-                                float *o = (float *)C + c_idx[s0 + i] * ldc + n0;
-                                if (nw == GK_NR) {
-                                    _mm256_storeu_ps(o, _mm256_add_ps(_mm256_loadu_ps(o), _mm256_load_ps(c)));
-                                    _mm256_storeu_ps(o + 8, _mm256_add_ps(_mm256_loadu_ps(o + 8), _mm256_load_ps(c + 8)));
-                                } else
-                                    for (int64_t j = 0; j < nw; j++) o[j] += c[j];
-                            } else {
-                                void *o = at(C, cdt, ldc, s0 + i, n0);
-                                st8(o, cdt, _mm256_load_ps(c), nw < 8 ? nw : 8, 0);
-                                if (nw > 8) st8(at(C, cdt, ldc, s0 + i, n0 + 8), cdt, _mm256_load_ps(c + 8), nw - 8, 0);
-                            }
-                        }
-                    }
-                }
-        gk_free(&B);
-    }
-    return err;
+    const gk_nn_args m = {Bw, N, C, cdt, ldc, c_idx};
+    const gk_job j = {A, adt, lda, a_idx, bdt, Kd, N, (N + GK_NR - 1) / GK_NR, nn_source, nn_epilogue, &m};
+    return gk_run(&j, start, end, E, nthreads);
 }
 
-/* Experts with at least packed_min rows (0: none) take the packed tiles where this build has them (AVX2); the
- * others the dot-product tiles. Writes the two sets' segments into seg ([4][E]: small start, end; packed start,
- * end) and returns how many experts are packed. */
-static int64_t split_experts(const int64_t *start, const int64_t *end, int64_t E, int64_t packed_min, int64_t *seg) {
-    int64_t n = 0;
+/* Experts with at least packed_min rows take the packed tiles; the others the dot-product tiles. Returns NULL where
+ * none does (or packed_min is 0), else the two sets' segments ([4][E]: dot-product start, end; packed start, end;
+ * the caller frees it) with *n the packed experts; *n < 0: out of memory. */
+static int64_t *split_experts(const int64_t *start, const int64_t *end, int64_t E, int64_t packed_min, int64_t *n) {
+    *n = 0;
+    for (int64_t e = 0; e < E; e++) *n += packed_min > 0 && end[e] - start[e] >= packed_min;
+    if (*n == 0) return NULL;
+    int64_t *seg = malloc((size_t)E * 4 * sizeof(int64_t));
+    if (!seg) {
+        *n = -1;
+        return NULL;
+    }
     for (int64_t e = 0; e < E; e++) {
-        const int packed = packed_min > 0 && end[e] - start[e] >= packed_min;
         seg[e] = seg[E + e] = seg[2 * E + e] = seg[3 * E + e] = start[e];
-        seg[(packed ? 3 : 1) * E + e] = end[e];
-        n += packed;
+        seg[(end[e] - start[e] >= packed_min ? 3 : 1) * E + e] = end[e];
     }
-    return n;
+    return seg;
 }
-
 #endif
 
 int moe_packed_tiles(void) {
@@ -1477,14 +1472,12 @@ int moe_small_up(const void *x, int64_t ld_x, const int64_t *tok, const int64_t 
     if (act == 1 && (W % 2 || a_out == NULL)) return -2;
     if (act == 0 && h_out == NULL) return -3;
 #if defined(V8)
-    if (packed_min > 0 && E > 0) {
-        int64_t *seg = malloc((size_t)E * 4 * sizeof(int64_t));
-        if (!seg) return -5;
-        int rc = 0;
-        const int64_t n = split_experts(start, end, E, packed_min, seg);
-        if (n) rc = packed_up(x, ld_x, tok, seg + 2 * E, seg + 3 * E, E, w_in, b_in, W, D, dt, act, h_out, a_out, nthreads);
-        if (rc == 0 && n < E)
-            rc = small_up(x, ld_x, tok, seg, seg + E, E, w_in, b_in, W, D, dt, act, h_out, a_out, nthreads);
+    int64_t n;
+    int64_t *seg = split_experts(start, end, E, packed_min, &n);
+    if (n < 0) return -5;
+    if (seg) {
+        int rc = packed_up(x, ld_x, tok, seg + 2 * E, seg + 3 * E, E, w_in, b_in, W, D, dt, act, h_out, a_out, nthreads);
+        if (rc == 0 && n < E) rc = small_up(x, ld_x, tok, seg, seg + E, E, w_in, b_in, W, D, dt, act, h_out, a_out, nthreads);
         free(seg);
         return rc;
     }
@@ -1497,14 +1490,12 @@ int moe_small_down(const void *a, int64_t ld_a, const int64_t *tok, const float 
                    const int64_t *end, int64_t E, const void *w_out, const void *b_out, int64_t D, int64_t F, int dt,
                    float *out, int64_t ld_out, int64_t packed_min, int nthreads) {
 #if defined(V8)
-    if (packed_min > 0 && E > 0) {
-        int64_t *seg = malloc((size_t)E * 4 * sizeof(int64_t));
-        if (!seg) return -5;
-        int rc = 0;
-        const int64_t n = split_experts(start, end, E, packed_min, seg);
-        if (n) rc = packed_down(a, ld_a, tok, w, seg + 2 * E, seg + 3 * E, E, w_out, b_out, D, F, dt, out, ld_out, nthreads);
-        if (rc == 0 && n < E)
-            rc = small_down(a, ld_a, tok, w, seg, seg + E, E, w_out, b_out, D, F, dt, out, ld_out, nthreads);
+    int64_t n;
+    int64_t *seg = split_experts(start, end, E, packed_min, &n);
+    if (n < 0) return -5;
+    if (seg) {
+        int rc = packed_down(a, ld_a, tok, w, seg + 2 * E, seg + 3 * E, E, w_out, b_out, D, F, dt, out, ld_out, nthreads);
+        if (rc == 0 && n < E) rc = small_down(a, ld_a, tok, w, seg, seg + E, E, w_out, b_out, D, F, dt, out, ld_out, nthreads);
         free(seg);
         return rc;
     }
@@ -1963,14 +1954,12 @@ int moe_small_nn(const void *A, int adt, int64_t lda, const int64_t *a_idx, cons
                  int64_t N, const int64_t *start, const int64_t *end, int64_t E, void *C, int cdt, int64_t ldc,
                  const int64_t *c_idx, int64_t packed_min, int nthreads) {
 #if defined(V8)
-    if (packed_min > 0 && E > 0) {
-        int64_t *seg = malloc((size_t)E * 4 * sizeof(int64_t));
-        if (!seg) return -5;
-        int rc = 0;
-        const int64_t n = split_experts(start, end, E, packed_min, seg);
-        if (n) rc = packed_nn(A, adt, lda, a_idx, B, bdt, Kd, N, seg + 2 * E, seg + 3 * E, E, C, cdt, ldc, c_idx, nthreads);
-        if (rc == 0 && n < E)
-            rc = small_nn(A, adt, lda, a_idx, B, bdt, Kd, N, seg, seg + E, E, C, cdt, ldc, c_idx, nthreads);
+    int64_t n;
+    int64_t *seg = split_experts(start, end, E, packed_min, &n);
+    if (n < 0) return -5;
+    if (seg) {
+        int rc = packed_nn(A, adt, lda, a_idx, B, bdt, Kd, N, seg + 2 * E, seg + 3 * E, E, C, cdt, ldc, c_idx, nthreads);
+        if (rc == 0 && n < E) rc = small_nn(A, adt, lda, a_idx, B, bdt, Kd, N, seg, seg + E, E, C, cdt, ldc, c_idx, nthreads);
         free(seg);
         return rc;
     }
