@@ -130,7 +130,7 @@ class _Plan:
     def make(cls, counts, x_c, w_in, w_out, b_in, b_out, dtype) -> "_Plan":
         segments = list(_segments(counts))
         expert_size = w_out.shape[1] * w_out.shape[2]  # D x F
-        packed = kcpu.library() is not None and kcpu.packed_tiles()
+        packed = kcpu.packed_tiles()
         small = [t - s <= SMALL_M or (t - s) * expert_size <= SMALL_FWD_WORK or (packed and t - s <= PACKED_MAX_ROWS)
                  for _, s, t in segments]
         if not (any(small) and w_in.dtype == dtype and kcpu.small_gemm_usable(x_c, w_in, w_out, b_in, b_out)):
@@ -495,7 +495,7 @@ def _kernels_run_bf16(weight: torch.Tensor, counts: list[int], expert_size: int,
     enough for their backward. ``MOEKIT_CPU_BF16_UPCAST=1`` says no."""
     if os.environ.get("MOEKIT_CPU_BF16_UPCAST") == "1" or not weight.is_contiguous():
         return False
-    if kcpu.library() is None or not kcpu.packed_tiles():
+    if not kcpu.packed_tiles():
         return False
     return not training or all(_small_bwd(n, expert_size, True) for n in counts if n)
 
