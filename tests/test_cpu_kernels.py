@@ -282,6 +282,33 @@ def test_small_outer_with_rows_too_many_to_pack(kernels, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_single_matrix_calls_without_bounds(kernels, dtype):
+    # start = end = None: one expert owning every row (of a, or of a_idx), as a plain matrix product; the same
+    # results as explicit one-segment bounds
+    g = torch.Generator().manual_seed(3)
+    T, Kd, N = 5, 40, 33
+    a = torch.randn(T, Kd, generator=g).to(dtype)
+    w = torch.randn(1, Kd, N, generator=g).to(dtype)
+    b = torch.randn(T, N, generator=g).to(dtype)
+    out = torch.empty(T, N, dtype=dtype)
+    K.small_experts_nn(a, None, w, None, None, out)
+    assert rel_err(out, a.double() @ w[0].double()) < TOL[dtype]
+    idx = torch.tensor([4, 0, 2])
+    acc = torch.zeros(T, N)
+    K.small_experts_nn(a, idx, w, None, None, acc, idx)  # rows of a_idx: 3 rows added at their own rows
+    want = torch.zeros(T, N, dtype=torch.float64)
+    want[idx] = a[idx].double() @ w[0].double()
+    assert rel_err(acc, want) < TOL[dtype]
+    grad = torch.empty(1, Kd, N, dtype=dtype)
+    K.small_experts_outer(a, None, b, None, None, None, grad)
+    assert rel_err(grad[0], a.double().T @ b.double()) < TOL[dtype]
+    with pytest.raises(ValueError, match="single expert"):
+        K.small_experts_outer(a, None, b, None, None, None, torch.empty(2, Kd, N, dtype=dtype))
+    with pytest.raises(ValueError, match="both start and end"):
+        K.small_experts_nn(a, None, w, torch.zeros(1, dtype=torch.int64), None, out)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_small_experts_decode_groups_slots_itself(kernels, dtype):
     E, D, F_ = 5, 37, 21
     x, _, _, w_in, w_out, b_in, b_out = _small_problem(E, D, F_, [3, 1, 0, 2, 2], dtype, True)

@@ -541,38 +541,57 @@ def route_decode(x: torch.Tensor, router_w: torch.Tensor, router_b: torch.Tensor
     return out, counts, ids, wts
 
 
-def small_experts_nn(a: torch.Tensor, a_idx: torch.Tensor | None, w: torch.Tensor, start: torch.Tensor,
-                     end: torch.Tensor, out: torch.Tensor, out_idx: torch.Tensor | None = None,
+def _bounds(start: torch.Tensor | None, end: torch.Tensor | None, E: int, rows: int):
+    """The ``start``/``end`` pointers of a grouped call; both None: one expert (``E == 1``) owning all ``rows`` rows,
+    passed from a ctypes array rather than two tensors (a single-matrix call allocates nothing for them). Returns
+    ``(start_ptr, end_ptr, keep)``: ``keep`` must stay referenced until the call returns."""
+    if start is None and end is None:
+        if E != 1:
+            raise ValueError(f"start and end may be omitted only for a single expert, got {E} experts")
+        keep = (ctypes.c_int64 * 2)(0, rows)
+        base = ctypes.addressof(keep)
+        return base, base + 8, keep
+    if start is None or end is None:
+        raise ValueError("give both start and end, or neither (one expert owning every row)")
+    _vector(start, "start", E, torch.int64)
+    _vector(end, "end", E, torch.int64)
+    return _ptr(start), _ptr(end), None
+
+
+def small_experts_nn(a: torch.Tensor, a_idx: torch.Tensor | None, w: torch.Tensor, start: torch.Tensor | None,
+                     end: torch.Tensor | None, out: torch.Tensor, out_idx: torch.Tensor | None = None,
                      packed_min_rows: int | None = None) -> None:
     """``a[rows of e] @ w[e]`` for every expert at once, ``w`` stacked ``[E, K, N]`` (N contiguous): the data
-    gradients of backward (``g @ W_down``, ``dH @ W_up``). Row ``s`` of expert ``e`` (``start[e] <= s < end[e]``)
-    reads ``a[a_idx[s]]`` (or ``a[s]``). Without ``out_idx`` the result is written to ``out[s]`` (``out``'s dtype);
-    with it, added to float32 ``out[out_idx[s]]`` (distinct within an expert; race-free; its packed experts' terms
-    first, as in :func:`small_experts_down`). ``packed_min_rows``: as in :func:`small_experts_up`."""
+    gradients of backward (``g @ W_down``, ``dH @ W_up``). Row ``s`` of expert ``e`` (``start[e] <= s < end[e]``;
+    both None: a single expert owning every row of ``a``, or of ``a_idx``) reads ``a[a_idx[s]]`` (or ``a[s]``).
+    Without ``out_idx`` the result is written to ``out[s]`` (``out``'s dtype); with it, added to float32
+    ``out[out_idx[s]]`` (distinct within an expert; race-free; its packed experts' terms first, as in
+    :func:`small_experts_down`). ``packed_min_rows``: as in :func:`small_experts_up`."""
     E, Kd, N = w.shape
     ld_a = _rows(a, "a", (a.shape[0], Kd))
     _stacked(w, "w", (E, Kd, N), w.dtype)
     _dt(w, "w")
-    _vector(start, "start", E, torch.int64)
-    _vector(end, "end", E, torch.int64)
+    p_start, p_end, keep = _bounds(start, end, E, a.shape[0] if a_idx is None else a_idx.shape[0])
     if out_idx is not None and out.dtype != torch.float32:
         raise ValueError(f"accumulating into out needs float32, got {out.dtype}")
     ld_out = _rows(out, "out", (out.shape[0], N))
-    _call(_require().moe_small_nn, _ptr(a), _dt(a, "a"), ld_a, _ptr(a_idx), _ptr(w), _dt(w, "w"), Kd, N, _ptr(start),
-          _ptr(end), E, _ptr(out), _dt(out, "out"), ld_out, _ptr(out_idx), _packed_min(packed_min_rows), _threads())
+    _call(_require().moe_small_nn, _ptr(a), _dt(a, "a"), ld_a, _ptr(a_idx), _ptr(w), _dt(w, "w"), Kd, N, p_start,
+          p_end, E, _ptr(out), _dt(out, "out"), ld_out, _ptr(out_idx), _packed_min(packed_min_rows), _threads())
+    del keep
 
 
 def small_experts_outer(a: torch.Tensor, a_idx: torch.Tensor | None, b: torch.Tensor, b_idx: torch.Tensor | None,
-                        start: torch.Tensor, end: torch.Tensor, grad: torch.Tensor) -> None:
+                        start: torch.Tensor | None, end: torch.Tensor | None, grad: torch.Tensor) -> None:
     """Weight gradients of every expert at once: ``grad[e] = a[rows of e]^T @ b[rows of e]`` for ``grad`` stacked
     ``[E, N, K]`` (contiguous, any of float32/bfloat16), row ``s`` reading ``a[a_idx[s]]`` and ``b[b_idx[s]]`` (or
-    row ``s``). Experts with no rows are left untouched."""
+    row ``s``); ``start``/``end`` both None: a single expert owning every row of ``a`` (or of ``a_idx``). Experts
+    with no rows are left untouched."""
     E, N, Kd = grad.shape
     ld_a = _rows(a, "a", (a.shape[0], N))
     ld_b = _rows(b, "b", (b.shape[0], Kd))
     _stacked(grad, "grad", (E, N, Kd), grad.dtype)
     _dt(grad, "grad")
-    _vector(start, "start", E, torch.int64)
-    _vector(end, "end", E, torch.int64)
+    p_start, p_end, keep = _bounds(start, end, E, a.shape[0] if a_idx is None else a_idx.shape[0])
     _call(_require().moe_small_outer, _ptr(a), _dt(a, "a"), ld_a, _ptr(a_idx), _ptr(b), _dt(b, "b"), ld_b, _ptr(b_idx),
-          N, Kd, _ptr(start), _ptr(end), E, _ptr(grad), _dt(grad, "grad"), _threads())
+          N, Kd, p_start, p_end, E, _ptr(grad), _dt(grad, "grad"), _threads())
+    del keep

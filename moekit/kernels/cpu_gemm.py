@@ -175,14 +175,13 @@ def _few_rows_backward(g: torch.Tensor, w: torch.Tensor, x: torch.Tensor, need_d
     from . import cpu as kcpu
 
     T = g.shape[0]
-    start, end = torch.zeros(1, dtype=torch.int64), torch.full((1,), T, dtype=torch.int64)  # rows 0..T, one segment
     dx = dw = None
-    if need_dx:
+    if need_dx:  # (one "expert" owning all T rows: no start/end tensors)
         dx = torch.empty(T, w.shape[1], dtype=x.dtype)
-        kcpu.small_experts_nn(g, None, w.contiguous().unsqueeze(0), start, end, dx)
+        kcpu.small_experts_nn(g, None, w.contiguous().unsqueeze(0), None, None, dx)
     if need_dw:
         dw = torch.empty_like(w, memory_format=torch.contiguous_format)
-        kcpu.small_experts_outer(g, None, x.contiguous(), None, start, end, dw.unsqueeze(0))
+        kcpu.small_experts_outer(g, None, x.contiguous(), None, None, None, dw.unsqueeze(0))
     return dx, dw
 
 
