@@ -482,6 +482,7 @@ def test_fused_paths_agree(monkeypatch, mode):
     monkeypatch.setattr(ff, "PACKED_MAX_ROWS", 10_000 if mode.startswith("packed") else 0)
     monkeypatch.setattr(ff, "PACKED_BWD_MAX_ROWS", 10_000 if mode == "packed_bwd" else 0)
     monkeypatch.setattr(K, "PACKED_MIN_ROWS", 1)
+    monkeypatch.setattr(K, "PACKED_NN_MIN_ROWS", 1)
     monkeypatch.setattr(ff, "SMALL_BWD_WORK", 0 if mode == "forward_only" else 10**12)
     got = run_fwd_bwd(_layer(torch.float32), x)
     assert max_err(got[0], want[0]) < 1e-5 and max_err(got[1], want[1]) < 1e-5

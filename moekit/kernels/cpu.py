@@ -401,6 +401,12 @@ def _stacked(w: torch.Tensor | None, name: str, shape: tuple[int, ...], dtype: t
 #: fp32, 1.6-1.7x in bf16 (74-88 -> 130-141 GFLOP/s). (The weight gradients keep their outer-product kernel, whose
 #: 6 x 16 tiles read both operands packed already: 120-139 GFLOP/s, where a packed-tile version measured 70-116.)
 PACKED_MIN_ROWS = 24
+#: ...except in the data-gradient kernel (:func:`small_experts_nn`), whose dot-product tiles read the weights across
+#: their rows (``w[e]`` is ``[K, N]``): there the packed tiles win from fewer rows. Measured on Zen 3, 2 threads, the
+#: kernel alone: ``g @ W_out`` of Mixtral-like experts of 16-24 rows 52-55 -> 66-74 GFLOP/s; in the layer, fine-
+#: grained forward+backward at T = 128 (8-25 rows per expert) fp32 37.7 -> 35.5 ms and 45.8 -> 43.1 ms (two runs),
+#: bf16 46.8 -> 42.3 and 50.4 -> 47.5 ms with 12 rather than 24; 4 rows was slower at T = 16 (2-4 rows per expert).
+PACKED_NN_MIN_ROWS = 12
 
 
 def packed_tiles() -> bool:
@@ -409,8 +415,10 @@ def packed_tiles() -> bool:
     return lib is not None and bool(lib.moe_packed_tiles())
 
 
-def _packed_min(packed_min_rows: int | None) -> int:
-    return (PACKED_MIN_ROWS if packed_tiles() else 0) if packed_min_rows is None else max(0, packed_min_rows)
+def _packed_min(packed_min_rows: int | None, default: int | None = None) -> int:
+    if packed_min_rows is not None:
+        return max(0, packed_min_rows)
+    return (PACKED_MIN_ROWS if default is None else default) if packed_tiles() else 0
 
 
 def small_gemm_usable(x: torch.Tensor, *weights: torch.Tensor | None) -> bool:
@@ -566,7 +574,8 @@ def small_experts_nn(a: torch.Tensor, a_idx: torch.Tensor | None, w: torch.Tenso
     both None: a single expert owning every row of ``a``, or of ``a_idx``) reads ``a[a_idx[s]]`` (or ``a[s]``).
     Without ``out_idx`` the result is written to ``out[s]`` (``out``'s dtype); with it, added to float32
     ``out[out_idx[s]]`` (distinct within an expert; race-free; its packed experts' terms first, as in
-    :func:`small_experts_down`). ``packed_min_rows``: as in :func:`small_experts_up`."""
+    :func:`small_experts_down`). ``packed_min_rows``: as in :func:`small_experts_up`, its default
+    :data:`PACKED_NN_MIN_ROWS`."""
     E, Kd, N = w.shape
     ld_a = _rows(a, "a", (a.shape[0], Kd))
     _stacked(w, "w", (E, Kd, N), w.dtype)
@@ -576,7 +585,8 @@ def small_experts_nn(a: torch.Tensor, a_idx: torch.Tensor | None, w: torch.Tenso
         raise ValueError(f"accumulating into out needs float32, got {out.dtype}")
     ld_out = _rows(out, "out", (out.shape[0], N))
     _call(_require().moe_small_nn, _ptr(a), _dt(a, "a"), ld_a, _ptr(a_idx), _ptr(w), _dt(w, "w"), Kd, N, p_start,
-          p_end, E, _ptr(out), _dt(out, "out"), ld_out, _ptr(out_idx), _packed_min(packed_min_rows), _threads())
+          p_end, E, _ptr(out), _dt(out, "out"), ld_out, _ptr(out_idx), _packed_min(packed_min_rows, PACKED_NN_MIN_ROWS),
+          _threads())
     del keep
 
 
