@@ -490,6 +490,40 @@ def test_fused_paths_agree(monkeypatch, mode):
         assert max_err(got[2][name], want[2][name]) < 1e-5, name
 
 
+@pytest.mark.parametrize("train_rows, infer_rows", [(10_000, 10_000), (70, 10_000), (10_000, 70), (1, 1)])
+def test_chunks_agree(monkeypatch, train_rows, infer_rows):
+    """Small experts run in chunks of at most CHUNK_ROWS rows when a backward follows, INFER_CHUNK_ROWS in inference
+    (an expert larger than the limit makes a chunk alone): forward, inference and backward the same however the
+    experts are split."""
+    x = torch.randn(150, 48)  # 300 rows over 6 experts (inference of more than 256 rows: not the decode path)
+    ref_layer = _layer(torch.float32)
+    ref_layer.experts.backend = "loop"
+    want = run_fwd_bwd(ref_layer, x)
+    monkeypatch.setattr(ff, "SMALL_M", 10_000)
+    monkeypatch.setattr(ff, "CHUNK_ROWS", train_rows)
+    monkeypatch.setattr(ff, "INFER_CHUNK_ROWS", infer_rows)
+    chunks = []
+    make = ff._Plan.make.__func__
+
+    def counting_make(cls, *args, **kw):
+        plan = make(cls, *args, **kw)
+        chunks.append(plan.chunks)
+        return plan
+
+    monkeypatch.setattr(ff._Plan, "make", classmethod(counting_make))
+    layer = _layer(torch.float32)
+    got = run_fwd_bwd(layer, x)
+    layer.eval()
+    with torch.no_grad():
+        inferred = layer(x)
+    assert [len(c) == 1 for c in chunks] == [train_rows >= 300, infer_rows >= 300]
+    for cs, limit in zip(chunks, (train_rows, infer_rows)):
+        assert all(c.r1 - c.r0 <= limit or len(c.segs) == 1 for c in cs)
+    assert max_err(got[0], want[0]) < 1e-5 and max_err(inferred, want[0]) < 1e-5 and max_err(got[1], want[1]) < 1e-5
+    for name in want[2]:
+        assert max_err(got[2][name], want[2][name]) < 1e-5, name
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("bias", [False, True])
 def test_library_experts_run_on_padded_rows(monkeypatch, dtype, bias):
