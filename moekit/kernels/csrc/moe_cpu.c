@@ -2431,13 +2431,17 @@ int moe_route_decode(const void *x, int64_t ld_x, const void *w_r, int dt_r, con
         for (int64_t e = 0; e < E; e++) {
             const void *we = at(w_r, dt_r, D, e, 0);
             float s = 0.0f;
-            if (dt == DT_F32 && dt_r == DT_F32) {
-#pragma omp simd reduction(+ : s)
-                for (int64_t d = 0; d < D; d++) s += ((const float *)xt)[d] * ((const float *)we)[d];
-            } else {
-#pragma omp simd reduction(+ : s)
-                for (int64_t d = 0; d < D; d++) s += ld(xt, dt, d) * ld(we, dt_r, d);
-            }
+            /* (each dtype pair its own loop: with the dtypes constant the widening vectorises; a bf16 model's
+             * one-token routing 0.06 ms -> a few us) */
+#define ROUTE_DOT(DX, DW)                                                                                          \
+    do {                                                                                                           \
+        _Pragma("omp simd reduction(+ : s)") for (int64_t d = 0; d < D; d++) s += ld(xt, DX, d) * ld(we, DW, d);   \
+    } while (0)
+            if (dt == DT_F32 && dt_r == DT_F32) ROUTE_DOT(DT_F32, DT_F32);
+            else if (dt == DT_BF16 && dt_r == DT_BF16) ROUTE_DOT(DT_BF16, DT_BF16);
+            else if (dt == DT_BF16) ROUTE_DOT(DT_BF16, DT_F32);
+            else ROUTE_DOT(DT_F32, DT_BF16);
+#undef ROUTE_DOT
             pt[e] = b_r ? s + b_r[e] : s;
             mx = pt[e] > mx ? pt[e] : mx;
         }
