@@ -77,8 +77,9 @@ PACKED_BWD_MAX_ROWS = 320
 CHUNK_ROWS = 2048
 CHUNK_BYTES = 1 << 20
 #: Inference (no backward) takes larger chunks: each chunk is two kernel calls, and each call costs ~0.3 ms of fixed
-#: time on a 2-core VM (its second thread wakes late, and the static split of the work then waits for it), while
-#: the temporaries of a forward without autograd are its only memory besides the output. Measured on Zen 3,
+#: time on a 2-core VM (outside the kernel's own loop, whose time and thread start, within ~20 us, were the same for
+#: one call as for eight; the rest is not pinned down), while the temporaries of a forward without autograd are its
+#: only memory besides the output. Measured on Zen 3,
 #: fine-grained fp32 forward, 8 MiB against 1 MiB chunks: T = 1024 65.3 -> 57.0 and 51.1 -> 47.1 ms (two runs),
 #: T = 8192 438 -> 409 ms. (In training, 8 MiB chunks raised the peak of backward by 1-1.4 MiB, which holds each
 #: chunk's pre-activations until the whole chunk is done, for 3-4% on forward+backward.)
