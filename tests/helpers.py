@@ -20,3 +20,11 @@ def run_fwd_bwd(layer, x, seed: int = 0):
 
 def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.float() - b.float()).abs().max().item() if a.numel() else 0.0
+
+
+def assert_fwd_bwd_close(got, want, tol: float, grad_tol: float | None = None, err=max_err) -> None:
+    """``got`` and ``want`` (both from :func:`run_fwd_bwd`) agree: output and input gradient within ``tol``, every
+    parameter's gradient within ``grad_tol`` (default ``tol``), measured by ``err``."""
+    assert err(got[0], want[0]) < tol and err(got[1], want[1]) < tol
+    for name in want[2]:
+        assert err(got[2][name], want[2][name]) < (tol if grad_tol is None else grad_tol), name

@@ -14,7 +14,7 @@ from moekit.kernels import cpu_gemm
 from moekit.experts import fused_function as ff
 from moekit.kernels import cpu as K
 
-from .helpers import max_err, run_fwd_bwd
+from .helpers import assert_fwd_bwd_close, max_err, run_fwd_bwd
 
 DTYPES = [torch.float32, torch.bfloat16]
 TOL = {torch.float32: 2e-6, torch.bfloat16: 1e-2}  # relative to the largest reference value
@@ -459,9 +459,7 @@ def test_fused_backend_matches_loop(dtype, T, activation, bias):
     ref_layer.experts.backend = "loop"
     ref = run_fwd_bwd(ref_layer, x)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
-    assert rel_err(got[0], ref[0]) < tol and rel_err(got[1], ref[1]) < tol
-    for name in ref[2]:
-        assert rel_err(got[2][name], ref[2][name]) < (tol if dtype == torch.float32 else 4e-2), name
+    assert_fwd_bwd_close(got, ref, tol, tol if dtype == torch.float32 else 4e-2, err=rel_err)
 
 
 @pytest.mark.parametrize("mode", ["never", "mixed", "always", "forward_only", "packed", "packed_bwd"])
@@ -485,9 +483,7 @@ def test_fused_paths_agree(monkeypatch, mode):
     monkeypatch.setattr(K, "PACKED_NN_MIN_ROWS", 1)
     monkeypatch.setattr(ff, "SMALL_BWD_WORK", 0 if mode == "forward_only" else 10**12)
     got = run_fwd_bwd(_layer(torch.float32), x)
-    assert max_err(got[0], want[0]) < 1e-5 and max_err(got[1], want[1]) < 1e-5
-    for name in want[2]:
-        assert max_err(got[2][name], want[2][name]) < 1e-5, name
+    assert_fwd_bwd_close(got, want, 1e-5)
 
 
 @pytest.mark.parametrize("train_rows, infer_rows", [(10_000, 10_000), (70, 10_000), (10_000, 70), (1, 1)])
@@ -519,9 +515,8 @@ def test_chunks_agree(monkeypatch, train_rows, infer_rows):
     assert [len(c) == 1 for c in chunks] == [train_rows >= 300, infer_rows >= 300]
     for cs, limit in zip(chunks, (train_rows, infer_rows)):
         assert all(c.r1 - c.r0 <= limit or len(c.segs) == 1 for c in cs)
-    assert max_err(got[0], want[0]) < 1e-5 and max_err(inferred, want[0]) < 1e-5 and max_err(got[1], want[1]) < 1e-5
-    for name in want[2]:
-        assert max_err(got[2][name], want[2][name]) < 1e-5, name
+    assert max_err(inferred, want[0]) < 1e-5
+    assert_fwd_bwd_close(got, want, 1e-5)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -547,10 +542,7 @@ def test_library_experts_run_on_padded_rows(monkeypatch, dtype, bias):
     assert rows and all(r % ff.PAD_ROWS == 0 for r in rows)
     counts = torch.bincount(ref_layer.router(x).topk_ids_TK.flatten(), minlength=6)
     assert any(c % ff.PAD_ROWS for c in counts.tolist())  # some expert really was padded
-    tol = 1e-5 if dtype == torch.float32 else 4e-2
-    assert rel_err(got[0], want[0]) < tol and rel_err(got[1], want[1]) < tol
-    for name in want[2]:
-        assert rel_err(got[2][name], want[2][name]) < tol, name
+    assert_fwd_bwd_close(got, want, 1e-5 if dtype == torch.float32 else 4e-2, err=rel_err)
 
 
 def test_fused_backend_without_kernels_matches_loop(no_kernels):
@@ -629,9 +621,7 @@ def test_bf16_layer_computed_in_fp32_matches_loop_and_holds_no_fp32_weights(upca
     ref_layer = _layer(torch.bfloat16, True)
     ref_layer.experts.backend = "loop"
     ref = run_fwd_bwd(ref_layer, x)
-    assert rel_err(got[0], ref[0]) < 2e-2 and rel_err(got[1], ref[1]) < 2e-2
-    for name in ref[2]:
-        assert rel_err(got[2][name], ref[2][name]) < 4e-2, name
+    assert_fwd_bwd_close(got, ref, 2e-2, 4e-2, err=rel_err)
     # backward converts no whole expert weight (shapes [80, 48] and [48, 40]) to fp32, only blocks of its rows
     converted = []
     real = torch.Tensor.to
