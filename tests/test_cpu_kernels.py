@@ -486,18 +486,16 @@ def test_fused_paths_agree(monkeypatch, mode):
     assert_fwd_bwd_close(got, want, 1e-5)
 
 
-@pytest.mark.parametrize("train_rows, infer_rows", [(10_000, 10_000), (70, 10_000), (10_000, 70), (1, 1)])
-def test_chunks_agree(monkeypatch, train_rows, infer_rows):
-    """Small experts run in chunks of at most CHUNK_ROWS rows when a backward follows, INFER_CHUNK_ROWS in inference
-    (an expert larger than the limit makes a chunk alone): forward, inference and backward the same however the
-    experts are split."""
+@pytest.mark.parametrize("rows", [10_000, 70, 1])
+def test_chunks_agree(monkeypatch, rows):
+    """Small experts run in chunks of at most CHUNK_ROWS rows (an expert larger than the limit makes a chunk alone):
+    forward, inference and backward the same however the experts are split."""
     x = torch.randn(150, 48)  # 300 rows over 6 experts (inference of more than 256 rows: not the decode path)
     ref_layer = _layer(torch.float32)
     ref_layer.experts.backend = "loop"
     want = run_fwd_bwd(ref_layer, x)
     monkeypatch.setattr(ff, "SMALL_M", 10_000)
-    monkeypatch.setattr(ff, "CHUNK_ROWS", train_rows)
-    monkeypatch.setattr(ff, "INFER_CHUNK_ROWS", infer_rows)
+    monkeypatch.setattr(ff, "CHUNK_ROWS", rows)
     chunks = []
     make = ff._Plan.make.__func__
 
@@ -512,11 +510,34 @@ def test_chunks_agree(monkeypatch, train_rows, infer_rows):
     layer.eval()
     with torch.no_grad():
         inferred = layer(x)
-    assert [len(c) == 1 for c in chunks] == [train_rows >= 300, infer_rows >= 300]
-    for cs, limit in zip(chunks, (train_rows, infer_rows)):
-        assert all(c.r1 - c.r0 <= limit or len(c.segs) == 1 for c in cs)
+    assert [len(c) == 1 for c in chunks] == [rows >= 300] * 2
+    assert all(c.r1 - c.r0 <= rows or len(c.segs) == 1 for cs in chunks for c in cs)
     assert max_err(inferred, want[0]) < 1e-5
     assert_fwd_bwd_close(got, want, 1e-5)
+
+
+def test_chunks_do_not_raise_the_peak(monkeypatch):
+    """Backward frees each chunk's pre-activation gradient before the next chunk's temporaries: a step split into a
+    chunk per expert holds no more memory at its peak than one with every expert in one chunk (it held one more
+    chunk's [rows, d_ff] buffer when the last reference lived until the next chunk)."""
+    from moekit.benchmark import peak_alloc_mb
+
+    torch.manual_seed(0)
+    layer = moekit.MoE(64, 96, 8, 2)
+    x = torch.randn(512, 64)
+    monkeypatch.setattr(ff, "SMALL_M", 10_000)
+
+    def step():
+        xx = x.clone().requires_grad_()
+        layer(xx).sum().backward()
+        layer.zero_grad(set_to_none=True)
+
+    peaks = {}
+    for rows in (10_000, 1):
+        monkeypatch.setattr(ff, "CHUNK_ROWS", rows)
+        peaks[rows] = peak_alloc_mb(step)
+    # (allowing 16 KiB for the chunks' own row bounds: one chunk's [rows, d_ff] buffer is ~96 KiB here)
+    assert peaks[1] is not None and peaks[1] <= peaks[10_000] + 16 / 1024, peaks
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -72,19 +72,16 @@ PACKED_MAX_ROWS = 1 << 62
 #: fp32); 512 rows 439 against 428 ms, fine-grained 664 -> 794 ms (worse); 2048 rows 2.1 -> 4.8 s.
 PACKED_BWD_MAX_ROWS = 320
 #: Consecutive small experts run together in chunks of at most CHUNK_ROWS rows and CHUNK_BYTES per [rows, d_ff]
-#: buffer, which bounds the small-M kernels' temporaries (activations; in backward, their gradients) to about a MiB
-#: whatever the batch size: in backward they coincide with the weight gradients, the peak of a training step.
-CHUNK_ROWS = 2048
-CHUNK_BYTES = 1 << 20
-#: Inference (no backward) takes larger chunks: each chunk is two kernel calls, and each call costs ~0.3 ms of fixed
-#: time on a 2-core VM (outside the kernel's own loop, whose time and thread start, within ~20 us, were the same for
-#: one call as for eight; the rest is not pinned down), while the temporaries of a forward without autograd are its
-#: only memory besides the output. Measured on Zen 3,
-#: fine-grained fp32 forward, 8 MiB against 1 MiB chunks: T = 1024 65.3 -> 57.0 and 51.1 -> 47.1 ms (two runs),
-#: T = 8192 438 -> 409 ms. (In training, 8 MiB chunks raised the peak of backward by 1-1.4 MiB, which holds each
-#: chunk's pre-activations until the whole chunk is done, for 3-4% on forward+backward.)
-INFER_CHUNK_ROWS = 8192
-INFER_CHUNK_BYTES = 8 << 20
+#: buffer: each chunk is two kernel calls forward and five backward, and each call costs ~0.3 ms of fixed time on a
+#: 2-core VM (outside the kernel's own loop, whose time and thread start, within ~20 us, were the same for one call as
+#: for eight; the rest is not pinned down), while a chunk's temporaries (its activations; in backward, their
+#: gradients) stay far below the weight gradients, the peak of a training step, which holds every chunk's
+#: pre-activations anyway (backward frees each chunk's before the next one's temporaries, so the peak does not
+#: depend on the chunk size). Measured on Zen 3, 8 MiB against 1 MiB chunks: fine-grained fp32 forward T = 1024
+#: 65.3 -> 57.0 and 51.1 -> 47.1 ms (two runs), T = 8192 438 -> 409 ms; forward+backward T = 8192 1407 -> 1349 ms,
+#: Mixtral-like fp32 T = 1024 217 -> 206 ms, T = 8192 1723 -> 1558 ms, bf16 T = 1024 253 -> 241 ms.
+CHUNK_ROWS = 8192
+CHUNK_BYTES = 8 << 20
 #: Experts on library GEMMs run with their rows padded by zero rows to a multiple of this: oneDNN's GEMMs lose
 #: 5-20% on row counts that are not (bf16 256 x 512 x 2816: 631 -> 752 GFLOP/s with 1-40 extra rows of 256 padded
 #: to 8, measured on Zen 5); the padded rows cost at most 7 rows of work and their results are dropped.
@@ -136,9 +133,8 @@ class _Plan:
     pre: dict[int, torch.Tensor] = field(default_factory=dict)  # segment -> pre-activation, library backward
 
     @classmethod
-    def make(cls, counts, x_c, w_in, w_out, b_in, b_out, dtype, save: bool = True) -> "_Plan":
-        """The plan of one call; ``save``: a backward follows (smaller chunks: ``CHUNK_BYTES``, else
-        ``INFER_CHUNK_BYTES``)."""
+    def make(cls, counts, x_c, w_in, w_out, b_in, b_out, dtype) -> "_Plan":
+        """The plan of one call."""
         segments = list(_segments(counts))
         expert_size = w_out.shape[1] * w_out.shape[2]  # D x F
         packed = kcpu.packed_tiles()
@@ -148,8 +144,7 @@ class _Plan:
             return cls(segments, [False] * len(segments), [False] * len(segments))
         small_bwd = [sm and _small_bwd(t - s, expert_size, packed) for (_, s, t), sm in zip(segments, small)]
         plan = cls(segments, small, small_bwd)
-        chunk_rows, chunk_bytes = (CHUNK_ROWS, CHUNK_BYTES) if save else (INFER_CHUNK_ROWS, INFER_CHUNK_BYTES)
-        max_rows = max(1, min(chunk_rows, chunk_bytes // (w_out.shape[2] * w_in.element_size())))
+        max_rows = max(1, min(CHUNK_ROWS, CHUNK_BYTES // (w_out.shape[2] * w_in.element_size())))
         run: list[int] = []
         for i, (_, s, t) in enumerate(segments + [(0, 0, 0)]):  # sentinel closes the last run
             if run and (i == len(segments) or not small[i] or t - segments[run[0]][1] > max_rows):
@@ -174,7 +169,7 @@ def fused_forward(x_TD, w_in, w_out, b_in, b_out, weights_TK, token_S, slot_S, c
     """The forward math; returns ``(y_TD fp32, plan)``, the plan holding the pre-activations if ``save``.
 
     Small experts (``SMALL_M``, ``SMALL_FWD_WORK``) run in the small-M kernels, consecutive ones together (one call of each
-    kernel per chunk of up to ``CHUNK_ROWS`` rows / ``CHUNK_BYTES``, ``INFER_CHUNK_*`` without ``save``; see
+    kernel per chunk of up to ``CHUNK_ROWS`` rows / ``CHUNK_BYTES``; see
     :func:`moekit.kernels.cpu.small_experts_up`); their backward
     too if also under ``SMALL_BWD_WORK``. Each other expert: gather its rows, ``h = x @ W_in^T`` (gate and up in one
     GEMM), the activation on ``h`` while it is in cache, ``y = a @ W_out^T``, then ``out[token] += w * y`` (one
@@ -182,7 +177,7 @@ def fused_forward(x_TD, w_in, w_out, b_in, b_out, weights_TK, token_S, slot_S, c
     x_c = x_TD if x_TD.dtype == dtype else x_TD.to(dtype)
     w_S = weights_TK.reshape(-1).index_select(0, slot_S).float()
     out_TD = torch.zeros(x_TD.shape, dtype=torch.float32, device=x_TD.device)
-    plan = _Plan.make(counts, x_c, w_in, w_out, b_in, b_out, dtype, save)
+    plan = _Plan.make(counts, x_c, w_in, w_out, b_in, b_out, dtype)
     swiglu = activation.name == "swiglu"
     for c in plan.chunks:
         tok = token_S[c.r0:c.r1]
@@ -397,6 +392,7 @@ def _small_backward(plan: _Plan, act, g_TD, x_c, w_in, w_out, b_out, token_S, w_
             _outer(plan, c, segs, dh, None, x_c, tok, grads.w_in_buffer())  # dW_in = dH^T @ x
         if grads.x is not None:
             kcpu.small_experts_nn(dh, None, w_in, c.start_E, c.end_bwd_E, grads.x, tok)  # dx += dH @ W_in
+        del dh  # before the next chunk's temporaries
 
 
 def _outer(plan: _Plan, c: _Chunk, segs: list[int], a, a_idx, b, b_idx, grad: torch.Tensor) -> None:
