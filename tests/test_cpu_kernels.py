@@ -823,6 +823,28 @@ def test_read_tensors_reads_every_word_of_every_tensor(kernels):
         K.read_tensors([w[:, 0]])
 
 
+def test_flush_from_cache_keeps_the_data(kernels):
+    """The cold benchmarks' eviction (clflush on every thread) writes back and keeps every byte, for any number of
+    threads and ranges that start and end inside a cache line."""
+    import platform
+
+    if platform.machine() not in ("x86_64", "AMD64"):
+        assert K.flush_from_cache([torch.ones(4)]) is False
+        return
+    base = torch.randn(70_001)
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            t = base.clone()
+            t[3:-5].mul_(2.0)  # dirty lines, to be written back
+            want = t.clone()
+            assert K.flush_from_cache([t[3:-5], t[:1], torch.empty(0)]) is True
+            assert torch.equal(t, want)
+    finally:
+        torch.set_num_threads(before)
+
+
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -148,7 +148,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         "moe_small_nn": [P, I, I64, P, P, I, I64, I64, P, P, I64, P, I, I64, P, I64, I],
         "moe_small_outer": [P, I, I64, P, P, I, I64, P, I64, I64, P, P, I64, P, I, I],
         "moe_zero": [P, I64, I],
-        "moe_flush_cache": [P, I64],
+        "moe_flush_cache": [P, I64, I],
         "moe_read_ranges": [P, P, I64, P, I],
         "moe_topk_rows": [P, I64, I64, I64, I64, P, I],
         "moe_route_decode": [P, I64, P, I, P, P, I64, I64, I64, I, ctypes.c_float, ctypes.c_float, P, P, P, P, P, P,
@@ -228,15 +228,15 @@ def _use_c(*tensors: torch.Tensor | None) -> bool:
 # ``check_index=False`` skips the bounds check of index vectors that moekit's own dispatcher produced.
 
 def flush_from_cache(tensors) -> bool:
-    """Evict these CPU tensors' memory from every cache level (x86 ``clflush``); False where that cannot be done
-    here (no library, or not x86)."""
+    """Evict these CPU tensors' memory from every cache level (x86 ``clflush``, on all of PyTorch's threads); False
+    where that cannot be done here (no library, or not x86)."""
     lib = library()
     if lib is None:
         return False
     for t in tensors:
         if t.device.type != "cpu" or not t.numel():
             continue
-        if lib.moe_flush_cache(t.data_ptr(), t.numel() * t.element_size()) != 0:
+        if lib.moe_flush_cache(t.data_ptr(), t.numel() * t.element_size(), _threads()) != 0:
             return False
     return True
 
