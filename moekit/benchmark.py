@@ -196,13 +196,32 @@ def roof_gflops(roof: dict, dtype: str) -> float:
     return max(roof[d]["gemm_gflops"] for d in bound_dtypes(dtype) if d in roof)
 
 
-def copy_rate() -> float:
-    """The large-copy rate (GB/s, bytes read + written) of this machine right now: a 256 MiB float32 copy."""
-    src = torch.empty(64 * 2**20, dtype=torch.float32)
+#: Bytes of the copy that measures the memory bandwidth (far beyond any last-level cache).
+COPY_BYTES = 256 * 2**20
+
+
+def copy_step() -> tuple:
+    """``(copy, bytes)``: a COPY_BYTES float32 copy and the bytes it moves (read + written)."""
+    src = torch.empty(COPY_BYTES // 4, dtype=torch.float32)
     src.uniform_()
     dst = torch.empty_like(src)
-    ms_c, _ = timeit(lambda: dst.copy_(src), min_runs=5, budget_s=2.0)
-    return 2 * src.numel() * 4 / (ms_c / 1e3) / 1e9
+    return (lambda: dst.copy_(src)), 2 * src.numel() * 4
+
+
+def copy_rate() -> float:
+    """The large-copy rate (GB/s, bytes read + written) of this machine right now: a COPY_BYTES float32 copy."""
+    copy, nbytes = copy_step()
+    ms_c, _ = timeit(copy, min_runs=5, budget_s=2.0)
+    return nbytes / (ms_c / 1e3) / 1e9
+
+
+def best_gemm_step(dtype: str) -> tuple:
+    """``(rate, gemm, flops)``: the large-GEMM rate (GFLOP/s) bounding a layer of ``dtype`` (the fastest library of
+    :func:`bound_dtypes`, measured now), that library's GEMM cube, and its FLOPs."""
+    rate, d, lib = max((r, d, lib) for d in bound_dtypes(dtype) for lib, r in gemm_rates(getattr(torch, d)).items())
+    n = GEMM_N if 2 * GEMM_N**3 < rate * 1e9 * GEMM_MAX_RUN_S else \
+        max(256, round((rate * 1e9 * GEMM_SLOW_RUN_S / 2) ** (1 / 3) / 64) * 64)
+    return rate, _gemms(getattr(torch, d), n)[lib], 2 * n**3
 
 
 # ------------------------------------------------------------------------------------------------ models
@@ -351,12 +370,15 @@ def bench(shapes, tokens, dtypes, modes, impls, tune_allocator: bool = True) -> 
         meta["transformers"] = None
     # every dtype whose GEMM may bound a requested one (bf16 rows: fp32 too), so a bf16-only run has its bound
     roof = {d: roofline(getattr(torch, d)) for d in dict.fromkeys(b for dt in dtypes for b in bound_dtypes(_dt(dt)))}
-    # The memory-bound rows' bound uses the copy rate measured just before their group: a shared machine's memory
-    # bandwidth drifts over a run (41-70 GB/s seen here), and the rows then run at the rate of their own moment.
+    # The memory-bound rows' bound uses the copy rate of their own pass: the copy is timed in the same round-robin
+    # as the candidates, so at the same moments (a shared machine's memory bandwidth drifts over a run: 41-70 GB/s
+    # seen on one VM, 19-27 on another). Likewise the FLOP-bound rows (T > DECODE_TOKENS) use the rate of the
+    # fastest large GEMM timed in their pass (one measured at the start, or just before the group, can come from
+    # a faster or slower moment than the rows: 122-173 GFLOP/s seen). Under "<group>/<pass>"; "<group>": the rate
+    # measured just before the group (which also picks the GEMM library).
     copy_at: dict[str, float] = {}
-    # Likewise the FLOP-bound rows (T > DECODE_TOKENS) use the GEMM rate measured just before their group: one
-    # measured at the start can come from a faster or slower moment than the rows (129-173 GFLOP/s seen on one VM).
     gemm_at: dict[str, float] = {}
+    roof_steps: dict[str, tuple] = {}
     rows: list[Row] = []
     jobs = [(s, dt, t, m) for s in shapes for dt in dtypes for t in tokens for m in modes
             if m != "fwd-cold" or t <= DECODE_TOKENS]
@@ -366,10 +388,13 @@ def bench(shapes, tokens, dtypes, modes, impls, tune_allocator: bool = True) -> 
             shape = SHAPES[shape_name]
             progress.update(task, description=f"{shape_name} {dtype} T={T} {mode}")
             group = f"{shape_name}/{_dt(dtype)}/{T}"
-            if T <= DECODE_TOKENS and group not in copy_at:
-                copy_at[group] = copy_rate()
-            if T > DECODE_TOKENS and group not in gemm_at:
-                gemm_at[group] = max(max(gemm_rates(getattr(torch, d)).values()) for d in bound_dtypes(_dt(dtype)))
+            if group not in roof_steps:
+                roof_steps.clear()  # (one group's buffers at a time: the copy's are 2 x COPY_BYTES)
+                if T <= DECODE_TOKENS:
+                    copy_at[group] = copy_rate()
+                    roof_steps[group] = copy_step()
+                else:
+                    gemm_at[group], *roof_steps[group] = best_gemm_step(_dt(dtype))
             block = hf_block(shape, dtype) if meta["transformers"] else None
             # the layer shares the block's weight tensors: one copy in memory, as in a real model
             layer = share_hf(block) if block is not None else \
@@ -395,8 +420,12 @@ def bench(shapes, tokens, dtypes, modes, impls, tune_allocator: bool = True) -> 
                 cold["gemm_floor"] = [floor.w1, floor.w2]
                 if touched is not None:
                     cold["weight_read"] = touched
+            steps["roofline"] = roof_steps[group][0]  # the machine's limit, timed at the same moments
             timed = timeit_many(steps, budget_s=3.0 if T <= 128 else 8.0, min_rounds=11 if T <= 128 else
                                 5 if T <= 1024 else 3, cold=cold)
+            roof_ms, _ = timed.pop("roofline")
+            rate_now = roof_steps[group][1] / (roof_ms / 1e3) / 1e9  # GB/s or GFLOP/s
+            (copy_at if T <= DECODE_TOKENS else gemm_at)[f"{group}/{mode}"] = rate_now
             for name, (ms, runs) in timed.items():
                 mem = None
                 if mode == "fwd+bwd" and name in ("moekit", "hf_grouped_mm"):
@@ -501,8 +530,8 @@ def summarise(result: dict) -> str:
         read_floor = impls.get("weight_read", {}).get("median_ms")
         sh = result["shapes"][shape]
         flops = expert_flops(sh, T) * (3 if mode == "fwd+bwd" else 1)
-        # the rates measured just before the row's group where the run did that, else the run's roofline; a result
-        # merged from runs of one pass each keeps each pass's rate under "<group>/<pass>"
+        # the rates timed in the row's own pass ("<group>/<pass>"), else those measured just before its group (older
+        # results), else the run's roofline
         group = f"{shape}/{dtype}/{T}"
         gemm_at, copy_at = result.get("gemm_gflops_at", {}), result.get("copy_gbps_at", {})
         rate = gemm_at.get(f"{group}/{mode}") or gemm_at.get(group) or roof_gflops(result["roofline"], dtype)
@@ -549,10 +578,16 @@ def summarise(result: dict) -> str:
 
 
 def _measured_range(result: dict, key: str, rows: str, fmt: str, unit: str) -> str:
-    """`` (<rows> measured just before their group: lo-hi unit)`` for the per-group rates under ``key``, if any."""
-    at = list(result.get(key, {}).values())
+    """`` (<rows> measured ...: lo-hi unit)`` for the per-pass rates under ``key`` (``<group>/<pass>``), else the
+    per-group ones (older results), if any."""
+    at = result.get(key, {})
+    per_pass = [v for k, v in at.items() if k.count("/") == 3]
+    if per_pass:
+        return (f" ({rows} timed in their own pass, round-robin with the candidates: "
+                f"{fmt.format(min(per_pass))}-{fmt.format(max(per_pass))} {unit})")
     if not at:
         return ""
+    at = list(at.values())
     return f" ({rows} measured just before their group: {fmt.format(min(at))}-{fmt.format(max(at))} {unit})"
 
 
