@@ -196,23 +196,13 @@ def roof_gflops(roof: dict, dtype: str) -> float:
     return max(roof[d]["gemm_gflops"] for d in bound_dtypes(dtype) if d in roof)
 
 
-#: Bytes of the copy that measures the memory bandwidth (far beyond any last-level cache).
-COPY_BYTES = 256 * 2**20
-
-
-def copy_step() -> tuple:
-    """``(copy, bytes)``: a COPY_BYTES float32 copy and the bytes it moves (read + written)."""
-    src = torch.empty(COPY_BYTES // 4, dtype=torch.float32)
+def copy_rate() -> float:
+    """The large-copy rate (GB/s, bytes read + written) of this machine right now: a 256 MiB float32 copy."""
+    src = torch.empty(64 * 2**20, dtype=torch.float32)
     src.uniform_()
     dst = torch.empty_like(src)
-    return (lambda: dst.copy_(src)), 2 * src.numel() * 4
-
-
-def copy_rate() -> float:
-    """The large-copy rate (GB/s, bytes read + written) of this machine right now: a COPY_BYTES float32 copy."""
-    copy, nbytes = copy_step()
-    ms_c, _ = timeit(copy, min_runs=5, budget_s=2.0)
-    return nbytes / (ms_c / 1e3) / 1e9
+    ms_c, _ = timeit(lambda: dst.copy_(src), min_runs=5, budget_s=2.0)
+    return 2 * src.numel() * 4 / (ms_c / 1e3) / 1e9
 
 
 def best_gemm_step(dtype: str) -> tuple:
@@ -370,15 +360,16 @@ def bench(shapes, tokens, dtypes, modes, impls, tune_allocator: bool = True) -> 
         meta["transformers"] = None
     # every dtype whose GEMM may bound a requested one (bf16 rows: fp32 too), so a bf16-only run has its bound
     roof = {d: roofline(getattr(torch, d)) for d in dict.fromkeys(b for dt in dtypes for b in bound_dtypes(_dt(dt)))}
-    # The memory-bound rows' bound uses the copy rate of their own pass: the copy is timed in the same round-robin
-    # as the candidates, so at the same moments (a shared machine's memory bandwidth drifts over a run: 41-70 GB/s
-    # seen on one VM, 19-27 on another). Likewise the FLOP-bound rows (T > DECODE_TOKENS) use the rate of the
-    # fastest large GEMM timed in their pass (one measured at the start, or just before the group, can come from
-    # a faster or slower moment than the rows: 122-173 GFLOP/s seen). Under "<group>/<pass>"; "<group>": the rate
-    # measured just before the group (which also picks the GEMM library).
+    # The FLOP-bound rows (T > DECODE_TOKENS) are bounded by the rate of the fastest large GEMM timed in their own
+    # pass, round-robin with the candidates, so at the same moments (one measured at the start, or just before the
+    # group, can come from a faster or slower moment of a shared machine than the rows: 122-173 GFLOP/s seen). The
+    # memory-bound rows use the copy rate measured just before their pass (their memory bandwidth drifts too: 41-70
+    # GB/s seen on one VM, 19-27 on another); not in the round-robin, where the 256 MiB copy slowed the warm
+    # decode steps after it by 1.3-2x. Under "<group>/<pass>"; under "<group>", the GEMM rate measured just before
+    # the group, which picks the library.
     copy_at: dict[str, float] = {}
     gemm_at: dict[str, float] = {}
-    roof_steps: dict[str, tuple] = {}
+    roof_gemm: dict[str, tuple] = {}
     rows: list[Row] = []
     jobs = [(s, dt, t, m) for s in shapes for dt in dtypes for t in tokens for m in modes
             if m != "fwd-cold" or t <= DECODE_TOKENS]
@@ -388,13 +379,11 @@ def bench(shapes, tokens, dtypes, modes, impls, tune_allocator: bool = True) -> 
             shape = SHAPES[shape_name]
             progress.update(task, description=f"{shape_name} {dtype} T={T} {mode}")
             group = f"{shape_name}/{_dt(dtype)}/{T}"
-            if group not in roof_steps:
-                roof_steps.clear()  # (one group's buffers at a time: the copy's are 2 x COPY_BYTES)
-                if T <= DECODE_TOKENS:
-                    copy_at[group] = copy_rate()
-                    roof_steps[group] = copy_step()
-                else:
-                    gemm_at[group], *roof_steps[group] = best_gemm_step(_dt(dtype))
+            if T <= DECODE_TOKENS:
+                copy_at[f"{group}/{mode}"] = copy_rate()
+            elif group not in roof_gemm:
+                roof_gemm.clear()  # (one group's operands at a time)
+                gemm_at[group], *roof_gemm[group] = best_gemm_step(_dt(dtype))
             block = hf_block(shape, dtype) if meta["transformers"] else None
             # the layer shares the block's weight tensors: one copy in memory, as in a real model
             layer = share_hf(block) if block is not None else \
@@ -420,12 +409,12 @@ def bench(shapes, tokens, dtypes, modes, impls, tune_allocator: bool = True) -> 
                 cold["gemm_floor"] = [floor.w1, floor.w2]
                 if touched is not None:
                     cold["weight_read"] = touched
-            steps["roofline"] = roof_steps[group][0]  # the machine's limit, timed at the same moments
+            if T > DECODE_TOKENS:
+                steps["roofline"] = roof_gemm[group][0]  # the machine's limit, timed at the same moments
             timed = timeit_many(steps, budget_s=3.0 if T <= 128 else 8.0, min_rounds=11 if T <= 128 else
                                 5 if T <= 1024 else 3, cold=cold)
-            roof_ms, _ = timed.pop("roofline")
-            rate_now = roof_steps[group][1] / (roof_ms / 1e3) / 1e9  # GB/s or GFLOP/s
-            (copy_at if T <= DECODE_TOKENS else gemm_at)[f"{group}/{mode}"] = rate_now
+            if T > DECODE_TOKENS:
+                gemm_at[f"{group}/{mode}"] = roof_gemm[group][1] / (timed.pop("roofline")[0] / 1e3) / 1e9
             for name, (ms, runs) in timed.items():
                 mem = None
                 if mode == "fwd+bwd" and name in ("moekit", "hf_grouped_mm"):
@@ -570,25 +559,23 @@ def summarise(result: dict) -> str:
             f"{m.get('allocator_tuned')}. Roofline in the same run (the faster GEMM library): " + "; ".join(
                 f"{dt} GEMM {_f(v['gemm_gflops'])} GFLOP/s ({libs(v)})" for dt, v in rf.items())
             + _measured_range(result, "gemm_gflops_at", f"the FLOP-bound rows, T > {DECODE_TOKENS}, use the rate",
-                              "{:.0f}", "GFLOP/s")
+                              "{:.0f}", "GFLOP/s", "timed in their own pass, round-robin with the candidates")
             + f"; copy {next(iter(rf.values()))['copy_gbps']:.1f} GB/s"
             + _measured_range(result, "copy_gbps_at", f"the memory-bound rows, T <= {DECODE_TOKENS}, use the copy "
-                              "rate", "{:.1f}", "GB/s") + ".")
+                              "rate", "{:.1f}", "GB/s", "measured just before their pass") + ".")
     return head + "\n\n" + "\n".join(lines) + "\n\n" + targets_summary(checks)
 
 
-def _measured_range(result: dict, key: str, rows: str, fmt: str, unit: str) -> str:
-    """`` (<rows> measured ...: lo-hi unit)`` for the per-pass rates under ``key`` (``<group>/<pass>``), else the
-    per-group ones (older results), if any."""
+def _measured_range(result: dict, key: str, rows: str, fmt: str, unit: str, how: str) -> str:
+    """`` (<rows> <how>: lo-hi unit)`` for the per-pass rates under ``key`` (``<group>/<pass>``), else ``(...
+    measured just before their group ...)`` for per-group ones (older results), if any."""
     at = result.get(key, {})
     per_pass = [v for k, v in at.items() if k.count("/") == 3]
-    if per_pass:
-        return (f" ({rows} timed in their own pass, round-robin with the candidates: "
-                f"{fmt.format(min(per_pass))}-{fmt.format(max(per_pass))} {unit})")
-    if not at:
+    if not per_pass:
+        how, per_pass = "measured just before their group", list(at.values())
+    if not per_pass:
         return ""
-    at = list(at.values())
-    return f" ({rows} measured just before their group: {fmt.format(min(at))}-{fmt.format(max(at))} {unit})"
+    return f" ({rows} {how}: {fmt.format(min(per_pass))}-{fmt.format(max(per_pass))} {unit})"
 
 
 def targets_summary(checks: dict) -> str:

@@ -87,13 +87,11 @@ def test_decode_rows_time_the_weight_read_floor_and_the_summary_uses_it(monkeypa
     monkeypatch.setattr(B, "SHAPES", {"mixtral": tiny})
     monkeypatch.setattr(B, "GEMM_N", 256)
     monkeypatch.setattr(B, "copy_rate", lambda: 10.0)
-    monkeypatch.setattr(B, "COPY_BYTES", 1 << 20)
     result = B.bench(["mixtral"], [1, 32], [torch.float32], ["fwd", "fwd+bwd", "fwd-cold"], ["grouped_mm"],
                      tune_allocator=False)
     assert set(result["roofline"]) == {"float32"}
-    # each pass's bound comes from the copy (T <= 16) or the GEMM (T > 16) timed in its own round-robin
-    assert set(result["copy_gbps_at"]) == {"mixtral/float32/1", *(f"mixtral/float32/1/{m}" for m in
-                                                                    ("fwd", "fwd+bwd", "fwd-cold"))}
+    # each pass's bound: the copy rate measured just before it (T <= 16), the GEMM timed in its round-robin (T > 16)
+    assert set(result["copy_gbps_at"]) == {f"mixtral/float32/1/{m}" for m in ("fwd", "fwd+bwd", "fwd-cold")}
     assert set(result["gemm_gflops_at"]) == {"mixtral/float32/32", "mixtral/float32/32/fwd",
                                              "mixtral/float32/32/fwd+bwd"}
     assert all(v > 0 for v in (*result["copy_gbps_at"].values(), *result["gemm_gflops_at"].values()))
@@ -103,6 +101,7 @@ def test_decode_rows_time_the_weight_read_floor_and_the_summary_uses_it(monkeypa
     table = B.summarise(result)
     assert "weight-read floor ms" in table
     assert "use the rate timed in their own pass, round-robin with the candidates" in table
+    assert "use the copy rate measured just before their pass" in table
     row = next(line for line in table.splitlines() if line.startswith("| mixtral | float32 | 1 | fwd-cold |"))
     assert row.split("|")[13].strip() == B._f(reads["fwd-cold"]["median_ms"])
 
@@ -124,7 +123,6 @@ def test_a_bf16_only_run_measures_the_fp32_roofline_that_bounds_it(monkeypatch):
     monkeypatch.setattr(B, "roofline", lambda dt: measured.append(dt) or
                         {"gemm_gflops": 1.0 if dt == torch.bfloat16 else 100.0, "copy_gbps": 10.0})
     monkeypatch.setattr(B, "copy_rate", lambda: 10.0)
-    monkeypatch.setattr(B, "COPY_BYTES", 1 << 20)
     result = B.bench(["mixtral"], [1], [torch.bfloat16], ["fwd"], [], tune_allocator=False)
     assert measured == [torch.bfloat16, torch.float32] and set(result["roofline"]) == {"bfloat16", "float32"}
     bytes_ms = B.distinct_expert_bytes(tiny, 1, torch.bfloat16) / 10e9 * 1e3
