@@ -171,11 +171,17 @@ def gemm_rates(dtype: torch.dtype) -> dict[str, float]:
     needs no more precision."""
     rates = {}
     for name, fn in _gemms(dtype, 256).items():
-        probe = 2 * 256**3 / (timeit(fn, min_runs=1, max_runs=3, budget_s=0.1)[0] / 1e3)  # FLOP/s
-        n = GEMM_N if 2 * GEMM_N**3 < probe * GEMM_MAX_RUN_S else \
-            max(256, round((probe * GEMM_SLOW_RUN_S / 2) ** (1 / 3) / 64) * 64)
+        n = _cube_side(2 * 256**3 / (timeit(fn, min_runs=1, max_runs=3, budget_s=0.1)[0] / 1e3))
         rates[name] = 2 * n**3 / (timeit(_gemms(dtype, n)[name], min_runs=5, budget_s=3.0)[0] / 1e3) / 1e9
     return rates
+
+
+def _cube_side(flops_per_s: float) -> int:
+    """GEMM_N, or for a library too slow to run that cube within GEMM_MAX_RUN_S, the side of a cube that takes about
+    GEMM_SLOW_RUN_S at this rate."""
+    if 2 * GEMM_N**3 < flops_per_s * GEMM_MAX_RUN_S:
+        return GEMM_N
+    return max(256, round((flops_per_s * GEMM_SLOW_RUN_S / 2) ** (1 / 3) / 64) * 64)
 
 
 def roofline(dtype: torch.dtype) -> dict:
@@ -209,8 +215,7 @@ def best_gemm_step(dtype: str) -> tuple:
     """``(rate, gemm, flops)``: the large-GEMM rate (GFLOP/s) bounding a layer of ``dtype`` (the fastest library of
     :func:`bound_dtypes`, measured now), that library's GEMM cube, and its FLOPs."""
     rate, d, lib = max((r, d, lib) for d in bound_dtypes(dtype) for lib, r in gemm_rates(getattr(torch, d)).items())
-    n = GEMM_N if 2 * GEMM_N**3 < rate * 1e9 * GEMM_MAX_RUN_S else \
-        max(256, round((rate * 1e9 * GEMM_SLOW_RUN_S / 2) ** (1 / 3) / 64) * 64)
+    n = _cube_side(rate * 1e9)
     return rate, _gemms(getattr(torch, d), n)[lib], 2 * n**3
 
 

@@ -560,6 +560,12 @@ static void nt_tile(const void *const *a, int R, const void *const *b, const voi
 #define UP_RB 256 /* token rows per work item of the input projection (256 KiB of bf16 rows of 512) */
 #define UP_MEM_ROWS_F32 12 /* token rows whose arithmetic takes about as long as reading the weight rows they use */
 #define UP_MEM_ROWS_BF16 4 /* (bf16: half the bytes, and widening them costs arithmetic) */
+/* The cost of a row block of the input projection (rows left from its first row, of which it takes up to UP_RB):
+ * its nj items, each max(its rows, mem_rows). */
+static inline int64_t up_block_cost(int64_t rows_left, int64_t nj, int64_t mem_rows) {
+    const int64_t rb = min64(UP_RB, rows_left);
+    return nj * (rb > mem_rows ? rb : mem_rows);
+}
 static int small_up(const void *x, int64_t ld_x, const int64_t *tok, const int64_t *start, const int64_t *end, int64_t E,
                  const void *w_in, const void *b_in, int64_t W, int64_t D, int dt, int act, void *h_out, void *a_out,
                  int nthreads) {
@@ -578,31 +584,28 @@ static int small_up(const void *x, int64_t ld_x, const int64_t *tok, const int64
     const int64_t E1 = E ? E : 1;
     int64_t *active = malloc((size_t)(2 * E1 + nthreads + 1) * sizeof(int64_t)), *first = active + E1;
     if (!active) return -5;
-    int64_t *bound = first + E1, nitems = 0;
+    /* Each thread takes a contiguous run of items of about equal cost (so it streams its weights in order), an item
+     * costing max(its rows, UP_MEM_ROWS): the arithmetic where that dominates, else the read of its weight rows. An
+     * equal count of items would give one thread far more rows where experts have few and uneven rows (16
+     * Mixtral-like tokens: 11 against 21 rows for the two threads). */
+    const int64_t mem_rows = dt == DT_F32 ? UP_MEM_ROWS_F32 : UP_MEM_ROWS_BF16;
+    int64_t *bound = first + E1, nitems = 0, total = 0;
     for (int64_t e = 0; e < E; e++)
         if (end[e] > start[e]) {
             rows += end[e] - start[e];
             first[na] = nitems;
             nitems += (end[e] - start[e] + UP_RB - 1) / UP_RB * nj;
             active[na++] = e;
+            for (int64_t r0 = start[e]; r0 < end[e]; r0 += UP_RB) total += up_block_cost(end[e] - r0, nj, mem_rows);
         }
-    /* Each thread takes a contiguous run of items of about equal cost (so it streams its weights in order), an item
-     * costing max(its rows, UP_MEM_ROWS): the arithmetic where that dominates, else the read of its weight rows. An
-     * equal count of items would give one thread far more rows where experts have few and uneven rows (16
-     * Mixtral-like tokens: 11 against 21 rows for the two threads). */
     const int nt = threads_for(gemm_work(rows, na, W, D), nthreads);
-    int64_t cost = 0, total = 0;
     bound[0] = 0;
-    const int64_t mem_rows = dt == DT_F32 ? UP_MEM_ROWS_F32 : UP_MEM_ROWS_BF16;
-    for (int pass = 0, t = 1; pass < 2; pass++)
-        for (int64_t i = 0, item = 0; i < na; i++)
-            for (int64_t r0 = start[active[i]]; r0 < end[active[i]]; r0 += UP_RB, item += nj) {
-                const int64_t rb = min64(UP_RB, end[active[i]] - r0), c = nj * (rb > mem_rows ? rb : mem_rows);
-                if (pass == 0) total += c;
-                else /* each item of the block costs c / nj: the thread boundaries that fall in this block */
-                    for (cost += c; t < nt && cost * nt >= total * t; t++)
-                        bound[t] = item + (nj * (total * t - (cost - c) * nt) + c * nt - 1) / (c * nt);
-            }
+    for (int64_t i = 0, item = 0, cost = 0, t = 1; i < na; i++)
+        for (int64_t r0 = start[active[i]]; r0 < end[active[i]]; r0 += UP_RB, item += nj) {
+            const int64_t c = up_block_cost(end[active[i]] - r0, nj, mem_rows); /* its nj items: c / nj each */
+            for (cost += c; t < nt && cost * nt >= total * t; t++) /* the thread boundaries in this row block */
+                bound[t] = item + (nj * (total * t - (cost - c) * nt) + c * nt - 1) / (c * nt);
+        }
     bound[nt] = nitems;
 #pragma omp parallel num_threads(nt)
     for (int t = omp_get_thread_num(); t < nt; t += omp_get_num_threads()) /* (fewer threads than asked: all runs) */
