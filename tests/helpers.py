@@ -1,5 +1,7 @@
 """Shared test utilities."""
 
+import contextlib
+
 import torch
 
 
@@ -28,3 +30,14 @@ def assert_fwd_bwd_close(got, want, tol: float, grad_tol: float | None = None, e
     assert err(got[0], want[0]) < tol and err(got[1], want[1]) < tol
     for name in want[2]:
         assert err(got[2][name], want[2][name]) < (tol if grad_tol is None else grad_tol), name
+
+
+@contextlib.contextmanager
+def num_threads(n: int):
+    """PyTorch's thread count (which the CPU kernels use) set to ``n`` inside the block, restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

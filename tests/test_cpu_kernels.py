@@ -14,7 +14,7 @@ from moekit.kernels import cpu_gemm
 from moekit.experts import fused_function as ff
 from moekit.kernels import cpu as K
 
-from .helpers import assert_fwd_bwd_close, max_err, run_fwd_bwd
+from .helpers import assert_fwd_bwd_close, max_err, num_threads, run_fwd_bwd
 
 DTYPES = [torch.float32, torch.bfloat16]
 TOL = {torch.float32: 2e-6, torch.bfloat16: 1e-2}  # relative to the largest reference value
@@ -251,15 +251,11 @@ def test_small_nn_few_rows_streams_weights_across_threads(kernels, dtype, thread
     w = torch.randn(len(counts), Kd, N, generator=g).to(dtype)
     want = torch.stack([a[tok[s]].double() @ w[e].double() for e, c in enumerate(counts) for s in
                         range(start[e].item(), end[e].item())])
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with num_threads(threads):
         out = torch.full((S, N), 7.0).to(dtype)
         K.small_experts_nn(a, tok, w, start, end, out)  # written
         acc = torch.ones(T, N)
         K.small_experts_nn(a[tok], None, w, start, end, acc, tok)  # accumulated at the rows' tokens
-    finally:
-        torch.set_num_threads(before)
     assert rel_err(out, want) < TOL[dtype]
     want_acc = torch.ones(T, N, dtype=torch.float64).index_add_(0, tok, want)
     assert rel_err(acc, want_acc) < TOL[dtype]
@@ -392,14 +388,10 @@ def test_results_do_not_depend_on_the_thread_count(kernels, dtype):
                               start, end, g)
         return a, out, g
 
-    threads = torch.get_num_threads()
-    try:
-        results = []
-        for n in (1, 2, 3):
-            torch.set_num_threads(n)
+    results = []
+    for n in (1, 2, 3):
+        with num_threads(n):
             results.append(run())
-    finally:
-        torch.set_num_threads(threads)
     for other in results[1:]:
         assert all(torch.equal(a, b) for a, b in zip(results[0], other))
 
@@ -809,13 +801,9 @@ def test_read_tensors_reads_every_word_of_every_tensor(kernels):
     w = torch.randn(9, 331, 171)  # 3 x 56601 + 5 words: two threads' halves meet inside a tensor
     parts = [w[2], w[3], w[7], torch.randn(5)]
     want = sum(p.double().sum().item() for p in parts)
-    before = torch.get_num_threads()
-    try:
-        for threads in (1, 2, 3):
-            torch.set_num_threads(threads)
+    for threads in (1, 2, 3):
+        with num_threads(threads):
             assert abs(K.read_tensors(parts) - want) < 1e-2
-    finally:
-        torch.set_num_threads(before)
     assert K.read_tensors([]) == 0.0
     b = torch.randn(64, 10).bfloat16()  # read as the float32 words its bytes make
     assert abs(K.read_tensors([b]) - b.view(torch.float32).double().sum().item()) < 1e-3
@@ -832,17 +820,13 @@ def test_flush_from_cache_keeps_the_data(kernels):
         assert K.flush_from_cache([torch.ones(4)]) is False
         return
     base = torch.randn(70_001)
-    before = torch.get_num_threads()
-    try:
-        for threads in (1, 2, 3):
-            torch.set_num_threads(threads)
+    for threads in (1, 2, 3):
+        with num_threads(threads):
             t = base.clone()
             t[3:-5].mul_(2.0)  # dirty lines, to be written back
             want = t.clone()
             assert K.flush_from_cache([t[3:-5], t[:1], torch.empty(0)]) is True
             assert torch.equal(t, want)
-    finally:
-        torch.set_num_threads(before)
 
 
 
