@@ -31,7 +31,7 @@ BLOCKS = {
     "mistral4": "Mistral4MoE", "mistral_large4_text": "MistralLarge4TextMoE",
     "minimax_m2": "MiniMaxM2SparseMoeBlock", "minimax_m3_vl_text": "MiniMaxM3VLSparseMoeBlock", "hy_v3": "HYV3MoE",
     "laguna": "LagunaSparseMoeBlock", "lfm2_moe": "Lfm2MoeSparseMoeBlock", "afmoe": "AfmoeSparseMoeBlock",
-    "flint": "FlintSparseMoeBlock",
+    "flint": "FlintSparseMoeBlock", "step3p5": "Step3p7SparseMoeBlock",
 }
 
 # One superset of size options; every config picks the names it knows.
@@ -63,6 +63,9 @@ OVERRIDES = {
     "granitemoehybrid": dict(mamba_n_heads=4),
     "dots3_note_text": dict(num_key_value_heads=4),
     "glm5_next_text": dict(swiglu_limit=0.5, num_key_value_heads=4),
+    "bailing_hybrid": dict(swiglu_limits=[0.5, 0.5], swiglu_limits_shared=[0.5, 0.5]),
+    "step3p5": dict(swiglu_limits=[0.5, 0.5], swiglu_limits_shared=[0.5, 0.5], moe_router_scaling_factor=2.5,
+                    share_expert_dim=40),
 }
 
 

@@ -19,6 +19,7 @@ WHOLE = dict(vocab_size=VOCAB, pad_token_id=0, bos_token_id=1, eos_token_id=2, m
 _MLA = dict(head_dim=4, num_key_value_heads=4)
 WHOLE_OVERRIDES = {
     "beam": dict(mlp_layer_types=["dense", "sparse"]), "flint": dict(mlp_only_layers=[0]),
+    "step3p5": dict(mlp_layer_types=["dense", "sparse"], sliding_window=16),
     "lfm2_moe": dict(num_dense_layers=1, layer_types=["conv", "full_attention"]),
     "glm4v_moe_text": dict(rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 0],
                                             "partial_rotary_factor": 0.5}),
@@ -27,7 +28,7 @@ WHOLE_OVERRIDES = {
 }
 # Families without a text-only CausalLM class: their decoder model is built instead.
 MODEL_CLASSES = {"qwen3_omni_moe_text": "Qwen3OmniMoeThinkerTextModel", "deepseek_ocr2_text": "DeepseekOcr2TextModel",
-                 "unlimited_ocr_text": "UnlimitedOcrTextModel"}
+                 "unlimited_ocr_text": "UnlimitedOcrTextModel", "step3p5": "Step3p7TextModel"}
 # Families left out of whole-model tests (their blocks are covered by test_hf_parity), with the reason.
 NOT_WHOLE = {
     "glm5_next_text": "its tiny config builds no MoE layer and the DSA attention needs a large config",

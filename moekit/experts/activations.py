@@ -43,6 +43,14 @@ def _swiglu_clamped(limit: float) -> Callable[[torch.Tensor, torch.Tensor], torc
     return glu
 
 
+def _swiglu_clipped(limit: float) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    def glu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        # SwiGLU clipped after the activation (Step-3.5/3.7, Ling): min(silu(gate), limit) * clamp(up, -limit, limit)
+        return F.silu(gate).clamp(max=limit) * up.clamp(min=-limit, max=limit)
+
+    return glu
+
+
 def _relu2(h: torch.Tensor) -> torch.Tensor:
     return torch.square(F.relu(h))
 
@@ -67,13 +75,15 @@ _PLAIN: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 _PARAMETRIC: dict[str, tuple[dict, Callable[..., Callable]]] = {
     "gpt_oss": ({"alpha": 1.702, "limit": 7.0}, _gpt_oss),
     "swiglu_clamped": ({"limit": 7.0}, _swiglu_clamped),
+    "swiglu_clipped": ({"limit": 7.0}, _swiglu_clipped),
 }
 ACTIVATIONS = tuple(_GATED) + tuple(_PLAIN) + tuple(_PARAMETRIC)
 
 
 def get_activation(name: str | Activation, **kwargs) -> Activation:
     """Look up an activation by name. ``gpt_oss`` takes ``alpha`` (1.702) and ``limit`` (7.0);
-    ``swiglu_clamped`` takes ``limit`` (7.0)."""
+    ``swiglu_clamped`` (gate clamped before the SiLU) and ``swiglu_clipped`` (SiLU output clipped) take ``limit``
+    (7.0)."""
     if isinstance(name, Activation):
         return name
     if name in _PARAMETRIC:

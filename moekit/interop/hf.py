@@ -34,16 +34,17 @@ class Family:
     Attributes:
         router: moekit router name.
         router_kwargs: its options, read from the transformers config (and the block, for per-layer values).
-        activation: override of the experts' activation ``(name, kwargs)`` (families that ignore ``hidden_act``).
-        shared_activation: override of the shared experts' activation.
+        activation: override of the experts' activation: ``(config, experts module) -> (name, kwargs)`` (families
+            that ignore ``hidden_act`` or set the activation per layer).
+        shared_activation: override of the shared experts' activation: ``(config, shared module) -> (name, kwargs)``.
         shared_scale: constant on the shared output.
         check: returns why a given config cannot be expressed (or None), for options moekit does not cover.
     """
 
     router: str
     router_kwargs: Callable[[Any, nn.Module], dict] = field(default=lambda cfg, block: {})
-    activation: Callable[[Any], tuple[str, dict]] | None = None
-    shared_activation: Callable[[Any], tuple[str, dict]] | None = None
+    activation: Callable[[Any, nn.Module], tuple[str, dict]] | None = None
+    shared_activation: Callable[[Any, nn.Module], tuple[str, dict]] | None = None
     shared_scale: Callable[[Any], float] = field(default=lambda cfg: 1.0)
     check: Callable[[Any, nn.Module], str | None] = field(default=lambda cfg, block: None)
 
@@ -126,19 +127,29 @@ def _needs(attr: str, value, why: str):
     return check
 
 
-def _clamp(cfg) -> tuple[str, dict]:
+def _clamp(cfg, module) -> tuple[str, dict]:
     return "swiglu_clamped", {"limit": float(cfg.swiglu_limit)}
 
 
-def _gpt_oss_act(cfg) -> tuple[str, dict]:
+def _gpt_oss_act(cfg, module) -> tuple[str, dict]:
     return "gpt_oss", {"alpha": float(cfg.swiglu_alpha), "limit": float(cfg.swiglu_limit)}
 
 
-def _nemotron_act(cfg) -> tuple[str, dict]:
+def _clipped_after(cfg, module) -> tuple[str, dict]:
+    """SwiGLU whose SiLU output and up half are clipped to ``module.limit`` (a per-layer bound; none: plain SwiGLU),
+    as Step-3.5/3.7 and Ling's hybrid models do, for routed and shared experts alike."""
+    if cfg.hidden_act not in ("silu", "swish"):
+        raise ValueError(f"{type(module).__name__}: clipped activation {cfg.hidden_act!r} has no moekit equivalent; "
+                         "known: silu")
+    limit = getattr(module, "limit", None)
+    return ("swiglu_clipped", {"limit": float(limit)}) if limit else ("swiglu", {})
+
+
+def _nemotron_act(cfg, module) -> tuple[str, dict]:
     return _PLAIN_ACTS[cfg.mlp_hidden_act], {}
 
 
-_SILU = lambda cfg: ("swiglu", {})  # noqa: E731 - families whose experts hard-code SiLU
+_SILU = lambda cfg, module: ("swiglu", {})  # noqa: E731 - families whose experts hard-code SiLU
 
 FAMILIES: dict[str, Family] = {
     # softmax → top-k (R1)
@@ -154,7 +165,7 @@ FAMILIES: dict[str, Family] = {
     "granitemoe": Family("topk_softmax"), "granitemoe_swa": Family("topk_softmax"),
     "granitemoeshared": Family("topk_softmax"), "granitemoehybrid": Family("topk_softmax"),
     "aria_text": Family("topk_softmax", activation=_SILU,
-                        shared_activation=lambda cfg: (_GATED_ACTS[cfg.hidden_act], {})),
+                        shared_activation=lambda cfg, module: (_GATED_ACTS[cfg.hidden_act], {})),
     "gpt_oss": Family("topk_softmax", lambda cfg, block: {"bias": True}, activation=_gpt_oss_act),
     "cohere2_moe": Family("topk_softmax", _cohere2, shared_scale=_cohere2_shared_scale),
     "kolibri1": Family("topk_softmax", lambda cfg, block: {
@@ -162,13 +173,16 @@ FAMILIES: dict[str, Family] = {
     # DeepSeek-V3: sigmoid, group-limited, correction bias, routed scaling (R3)
     **{name: _deepseek_v3() for name in (
         "deepseek_v3", "deepseek_v32", "glm4_moe", "glm4_moe_lite", "glm4v_moe_text", "glm_moe_dsa", "dots1",
-        "dots3_note_text", "exaone_moe", "kimi_linear", "bailing_hybrid", "solar_open", "mimo_v2_flash")},
+        "dots3_note_text", "exaone_moe", "kimi_linear", "solar_open", "mimo_v2_flash")},
+    # Ling hybrid: DeepSeek-V3 routing, SwiGLU clipped after the activation on some layers (experts and shared)
+    "bailing_hybrid": Family("sigmoid_topk", _deepseek_v3().router_kwargs, activation=_clipped_after,
+                             shared_activation=_clipped_after),
     # Beam: the scaling is applied to the summed output (the same thing) and the SwiGLU runs in fp32
     "beam": Family("sigmoid_topk", _deepseek_v3().router_kwargs,
-                   activation=lambda cfg: (_GATED_ACTS[cfg.hidden_act], {})),
+                   activation=lambda cfg, module: (_GATED_ACTS[cfg.hidden_act], {})),
     "axk2": _deepseek_v3(group_fill=0.0),
     "hy_v4": Family("sigmoid_topk", _deepseek_v3().router_kwargs, activation=_clamp,
-                    shared_activation=lambda cfg: ("swiglu", {})),
+                    shared_activation=lambda cfg, module: ("swiglu", {})),
     "glm5_next_text": Family("sigmoid_topk", _deepseek_v3().router_kwargs, activation=_clamp),
     "nemotron_h": Family("sigmoid_topk", _deepseek_v3().router_kwargs, activation=_nemotron_act,
                          check=_needs("moe_latent_size", None, "moe_latent_size is set (latent projections around "
@@ -187,6 +201,9 @@ FAMILIES: dict[str, Family] = {
     "lfm2_moe": Family("sigmoid_topk", _sigmoid(None, eps=1e-6, scale_attr=("routed_scaling_factor",)).router_kwargs,
                        activation=_SILU),
     "afmoe": _sigmoid(scale_attr=("route_scale",)),
+    # Step-3.5/3.7 text: sigmoid + selection bias, renormalised, scaled; SwiGLU clipped after the activation
+    "step3p5": Family("sigmoid_topk", _sigmoid(eps=0.0, scale_attr=("moe_router_scaling_factor",)).router_kwargs,
+                      activation=_clipped_after, shared_activation=_clipped_after),
     "flint": _sigmoid(None, eps=0.0),
 }
 
@@ -352,7 +369,7 @@ def from_hf(block: nn.Module, *, backend: str = "auto", **options) -> MoE:
     w_out = hf_out_weight(experts)
     E, _, D = w_in.shape
     d_ff = w_out.shape[2]
-    activation, act_kwargs = family.activation(cfg) if family.activation else _expert_activation(experts, cfg)
+    activation, act_kwargs = family.activation(cfg, experts) if family.activation else _expert_activation(experts, cfg)
     top_k = int(_get(block, "top_k", default=None) or _get(getattr(block, "gate", None), "top_k", default=None)
                 or _get(getattr(block, "router", None), "top_k", default=None)
                 or _get(cfg, "num_experts_per_tok", "moe_topk", "moe_k", "num_experts_per_token"))
@@ -364,7 +381,7 @@ def from_hf(block: nn.Module, *, backend: str = "auto", **options) -> MoE:
                   activation_kwargs=act_kwargs, expert_bias=b_in is not None, backend=backend, aux_loss=None)
     shared = _shared_weights(parts.shared) if parts.shared is not None else None
     if shared is not None:
-        shared_act, shared_act_kwargs = (family.shared_activation(cfg) if family.shared_activation
+        shared_act, shared_act_kwargs = (family.shared_activation(cfg, parts.shared) if family.shared_activation
                                          else (activation, act_kwargs))
         if ("gate_proj.weight" in shared) != get_activation(shared_act, **shared_act_kwargs).gated:
             raise ValueError(f"{parts.model_type}: shared experts do not match activation {shared_act!r}")
