@@ -236,6 +236,109 @@ def test_small_experts_backward_gemms(kernels, dtype, E, D, F_, counts, packed_m
     assert rel_err(dx, want_dx) < tol
 
 
+needs_amx = pytest.mark.skipif(not K.amx(), reason="needs AMX tiles (Intel Sapphire Rapids or later), the kernels "
+                               "built for them and the OS's permission")
+AMX_CASES = [  # (E, D, F, rows per expert): 16-row blocks and their pairs, ragged and whole, idle and one-row experts
+    (4, 64, 48, [4, 17, 0, 33]),
+    (3, 96, 32, [16, 32, 1]),
+    (2, 128, 64, [40, 5]),
+]
+
+
+@needs_amx
+@pytest.mark.parametrize("E,D,F_,counts", AMX_CASES)
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("swiglu", [False, True])
+def test_amx_projections_match_the_avx512_tiles_and_the_reference(kernels, E, D, F_, counts, bias, swiglu):
+    """bf16 on the AMX tiles (every expert of at least one row) against the AVX-512 tiles (packed_min_rows=0) and
+    a float64 reference: h and the activation to one bf16 rounding, the combined output to fp32 sum order."""
+    x, tok, w, w_in, w_out, b_in, b_out = _small_problem(E, D, F_, counts, torch.bfloat16, bias)
+    if not swiglu:
+        w_in, b_in = w_in[:, :F_].contiguous(), None if b_in is None else b_in[:, :F_].contiguous()
+    start, end = segments(counts)
+    got, old = [K.small_experts_up(x, tok, start, end, w_in, b_in, swiglu=swiglu, keep_h=True, packed_min_rows=pm)
+                for pm in (1, 0)]
+    for e in range(E):
+        s, t = start[e].item(), end[e].item()
+        if s == t:
+            continue
+        h_ref = x[tok[s:t]].double() @ w_in[e].double().T + (0 if b_in is None else b_in[e].double())
+        assert rel_err(got[0][s:t], h_ref) < TOL[torch.bfloat16]
+        assert rel_err(got[0][s:t], old[0][s:t]) < TOL[torch.bfloat16]
+        if swiglu:
+            assert rel_err(got[1][s:t], F.silu(h_ref[:, :F_]) * h_ref[:, F_:]) < TOL[torch.bfloat16]
+    if not swiglu:
+        return
+    a = got[1]
+    outs = []
+    for pm in (1, 0):
+        out = torch.ones(x.shape[0], D)
+        K.small_experts_down(a, tok, w, start, end, w_out, b_out, out, packed_min_rows=pm)
+        outs.append(out)
+    want = torch.ones(x.shape[0], D, dtype=torch.float64)
+    for e in range(E):
+        s, t = start[e].item(), end[e].item()
+        if s == t:
+            continue
+        y = a[s:t].double() @ w_out[e].double().T + (0 if b_out is None else b_out[e].double())
+        want.index_add_(0, tok[s:t], y * w[s:t, None].double())
+    assert rel_err(outs[0], want) < 1e-5
+    assert torch.allclose(outs[0], outs[1], rtol=1e-5, atol=1e-5)
+
+
+@needs_amx
+@pytest.mark.parametrize("E,D,F_,counts", AMX_CASES)
+def test_amx_data_gradients(kernels, E, D, F_, counts):
+    """small_experts_nn on the tiles: written (bf16 and fp32) and added into gathered fp32 rows."""
+    x, tok, w, w_in, w_out, _, _ = _small_problem(E, D, F_, counts, torch.bfloat16, False)
+    start, end = segments(counts)
+    S, T = tok.shape[0], x.shape[0]
+    g = torch.randn(T, D).bfloat16()
+    dh = torch.randn(S, 2 * F_).bfloat16()
+    for out_dtype in (torch.bfloat16, torch.float32):
+        ga = torch.empty(S, F_, dtype=out_dtype)
+        K.small_experts_nn(g, tok, w_out, start, end, ga, packed_min_rows=1)
+        for e in range(E):
+            s, t = start[e].item(), end[e].item()
+        if s == t:
+            continue
+            assert rel_err(ga[s:t], g[tok[s:t]].double() @ w_out[e].double()) < TOL[out_dtype]
+    dx = torch.ones(T, D)
+    K.small_experts_nn(dh, None, w_in, start, end, dx, tok, packed_min_rows=1)
+    want = torch.ones(T, D, dtype=torch.float64)
+    for e in range(E):
+        s, t = start[e].item(), end[e].item()
+        if s == t:
+            continue
+        want.index_add_(0, tok[s:t], dh[s:t].double() @ w_in[e].double())
+    assert rel_err(dx, want) < 1e-5
+
+
+@needs_amx
+def test_library_amx_gemms_still_right_after_the_kernels_tiles(kernels):
+    """oneDNN runs its own bf16 GEMMs on the tiles, in the same threads: after moekit's kernels configured and
+    released them, its results are unchanged."""
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(64, 256, generator=g).bfloat16(), torch.randn(256, 96, generator=g).bfloat16()
+    want = a @ b
+    x, tok, w, w_in, w_out, _, _ = _small_problem(2, 64, 32, [20, 17], torch.bfloat16, False)
+    start, end = segments([20, 17])
+    for _ in range(3):
+        K.small_experts_up(x, tok, start, end, w_in, None, swiglu=True, keep_h=False, packed_min_rows=1)
+        assert torch.equal(a @ b, want)
+        assert rel_err(a @ b, a.double() @ b.double()) < TOL[torch.bfloat16]
+
+
+def test_amx_can_be_switched_off(monkeypatch):
+    monkeypatch.setenv("MOEKIT_CPU_AMX", "0")
+    K.reset()
+    try:
+        assert not K.amx()
+    finally:
+        monkeypatch.delenv("MOEKIT_CPU_AMX")
+        K.reset()
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_small_nn_few_rows_streams_weights_across_threads(kernels, dtype, threads):

@@ -65,12 +65,19 @@ OUTER_LIB_MIN_ROWS = 32
 #: library unless they are small by the rules above). Measured on Zen 3 (2 threads), forward against the library
 #: GEMMs: Mixtral-like fp32 with 256 rows per expert 117 -> 70 ms, 2048 rows 638 -> 539 ms; fine-grained with 1024
 #: rows 489 against 500 ms (within this machine's noise): no size where the library wins clearly, so no limit.
+#: Likewise bf16 experts on AMX CPUs (:func:`moekit.kernels.cpu.amx`), whose projections run on the tiles.
 PACKED_MAX_ROWS = 1 << 62
 #: ...and experts of up to this many rows their backward too (its data gradients in the packed tiles, its weight
 #: gradients in the outer-product kernel). Measured on Zen 3 (2 threads), forward+backward against the library
 #: backward: Mixtral-like with 256 rows per expert fp32 250 -> 211 ms, bf16 277 -> 221 ms (instead of computing in
 #: fp32); 512 rows 439 against 428 ms, fine-grained 664 -> 794 ms (worse); 2048 rows 2.1 -> 4.8 s.
 PACKED_BWD_MAX_ROWS = 320
+#: bf16 experts on AMX CPUs run their backward in the kernels at any size: the data gradients on the tiles, the
+#: weight gradients of 32 rows and more (OUTER_LIB_MIN_ROWS) in the library GEMM (also on the tiles there).
+#: Measured on 2 Sapphire Rapids cores, forward+backward against the library backward above SMALL_M rows:
+#: fine-grained T = 1024 (128 rows per expert) 90.6 -> 72.3 ms, T = 8192 406 -> 397 ms; Mixtral-like T = 1024
+#: 68.4 / 68.5 ms, T = 8192 230 / 229 ms.
+AMX_BWD_MAX_ROWS = 1 << 62
 #: Consecutive small experts run together in chunks of at most CHUNK_ROWS rows and CHUNK_BYTES per [rows, d_ff]
 #: buffer: each chunk is two kernel calls forward and five backward, and each call costs ~0.3 ms of fixed time on a
 #: 2-core VM (outside the kernel's own loop, whose time and thread start, within ~20 us, were the same for one call as
@@ -138,11 +145,13 @@ class _Plan:
         segments = list(_segments(counts))
         expert_size = w_out.shape[1] * w_out.shape[2]  # D x F
         packed = kcpu.packed_tiles()
-        small = [t - s <= SMALL_M or (t - s) * expert_size <= SMALL_FWD_WORK or (packed and t - s <= PACKED_MAX_ROWS)
+        any_rows = packed or (dtype == torch.bfloat16 and kcpu.amx())  # forward tiles that win at any size
+        small = [t - s <= SMALL_M or (t - s) * expert_size <= SMALL_FWD_WORK or (any_rows and t - s <= PACKED_MAX_ROWS)
                  for _, s, t in segments]
         if not (any(small) and w_in.dtype == dtype and kcpu.small_gemm_usable(x_c, w_in, w_out, b_in, b_out)):
             return cls(segments, [False] * len(segments), [False] * len(segments))
-        small_bwd = [sm and _small_bwd(t - s, expert_size, packed) for (_, s, t), sm in zip(segments, small)]
+        bwd_max = PACKED_BWD_MAX_ROWS if packed else AMX_BWD_MAX_ROWS if any_rows else 0
+        small_bwd = [sm and _small_bwd(t - s, expert_size, bwd_max) for (_, s, t), sm in zip(segments, small)]
         plan = cls(segments, small, small_bwd)
         max_rows = max(1, min(CHUNK_ROWS, CHUNK_BYTES // (w_out.shape[2] * w_in.element_size())))
         run: list[int] = []
@@ -490,11 +499,12 @@ def cpu_bf16_gemm_is_slow() -> bool:
     return _CPU_BF16_SLOW
 
 
-def _small_bwd(rows: int, expert_size: int, packed: bool) -> bool:
+def _small_bwd(rows: int, expert_size: int, max_rows: int) -> bool:
     """Whether an expert of ``rows`` rows (``expert_size``: ``d_model * d_ff``) runs its backward in the small-M
-    kernels: if small by ``SMALL_M``/``SMALL_FWD_WORK``, or, where the kernels have packed tiles (``packed``), of
-    at most ``PACKED_BWD_MAX_ROWS`` rows; and within ``SMALL_BWD_WORK``."""
-    return (rows <= SMALL_M or rows * expert_size <= SMALL_FWD_WORK or (packed and rows <= PACKED_BWD_MAX_ROWS)) and (
+    kernels: if small by ``SMALL_M``/``SMALL_FWD_WORK``, or of at most ``max_rows`` rows (where the kernels have
+    packed tiles, ``PACKED_BWD_MAX_ROWS``; bf16 on AMX tiles, ``AMX_BWD_MAX_ROWS``; else 0); and within
+    ``SMALL_BWD_WORK``."""
+    return (rows <= SMALL_M or rows * expert_size <= SMALL_FWD_WORK or rows <= max_rows) and (
         SMALL_BWD_WORK is None or rows * expert_size <= SMALL_BWD_WORK)
 
 
@@ -506,7 +516,7 @@ def _kernels_run_bf16(weight: torch.Tensor, counts: list[int], expert_size: int,
         return False
     if not kcpu.packed_tiles():
         return False
-    return not training or all(_small_bwd(n, expert_size, True) for n in counts if n)
+    return not training or all(_small_bwd(n, expert_size, PACKED_BWD_MAX_ROWS) for n in counts if n)
 
 
 def fused_compute_dtype(x_TD: torch.Tensor, weight: torch.Tensor, counts: list[int], expert_size: int = 0,
