@@ -352,8 +352,8 @@ def bench(shapes, tokens, dtypes, modes, impls, tune_allocator: bool = True) -> 
     tuned = tune_cpu_allocator() if tune_allocator else False
     from moekit.kernels import cpu as kcpu
 
-    meta = {"allocator_tuned": tuned, "cpu_kernels": "built" if kcpu.library() is not None else
-            f"unavailable ({kcpu.unavailable_reason()})",
+    meta = {"allocator_tuned": tuned, "cpu_kernels": ("built, bf16 on AMX tiles" if kcpu.amx() else "built")
+            if kcpu.library() is not None else f"unavailable ({kcpu.unavailable_reason()})",
         "torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
         "processor": cpu_name(), "threads": torch.get_num_threads(), "moekit": moekit.__version__,
     }
@@ -655,12 +655,13 @@ def write_readme_table(table: str, marker: str = "LAYER-BENCH") -> None:
 
 def result_names(quick: bool = False) -> tuple[str, str]:
     """(JSON file name, README marker) of this machine's results, by the kernel path its CPU runs
-    (:func:`moekit.kernels.cpu.vector_isa`): AVX-512 machines write ``layer_cpu.json`` and the main table, others
-    ``layer_cpu_<isa>.json`` and the table marked ``LAYER-BENCH-<ISA>``."""
+    (:func:`moekit.kernels.cpu.vector_isa`): AVX-512 machines write ``layer_cpu.json`` and the main table, those
+    whose bf16 runs on AMX tiles (:func:`moekit.kernels.cpu.amx`) ``layer_cpu_amx.json``, others
+    ``layer_cpu_<isa>.json``, each with the table marked ``LAYER-BENCH-<NAME>``."""
     from moekit.kernels import cpu as kcpu
 
     isa = kcpu.vector_isa()
-    suffix = "" if isa == "avx512" else f"_{isa}"
+    suffix = "_amx" if kcpu.amx() else "" if isa == "avx512" else f"_{isa}"
     return f"layer_cpu{'_quick' if quick else ''}{suffix}.json", "LAYER-BENCH" + suffix.replace("_", "-").upper()
 
 
@@ -675,8 +676,9 @@ def main(argv=None) -> None:
                     help="fwd-cold: forward with the weights evicted from the caches before each run (decode "
                          "sizes, T <= 16, only)")
     ap.add_argument("--out", type=Path, default=None,
-                    help="JSON path (default benchmarks/results/layer_cpu.json on AVX-512 CPUs, else "
-                         "layer_cpu_avx2.json / layer_cpu_other.json, each with its own README table)")
+                    help="JSON path (default benchmarks/results/layer_cpu.json on AVX-512 CPUs, "
+                         "layer_cpu_amx.json where bf16 runs on AMX tiles, else layer_cpu_avx2.json / "
+                         "layer_cpu_other.json, each with its own README table)")
     ap.add_argument("--no-readme", action="store_true", help="do not rewrite the README table")
     ap.add_argument("--no-tune-allocator", action="store_true",
                     help="leave glibc's malloc as it is (by default moekit.utils.tune_cpu_allocator() is applied to "

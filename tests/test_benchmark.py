@@ -45,13 +45,17 @@ def test_machine_bound_is_the_larger_of_flops_and_bytes():
 
 
 def test_each_kind_of_cpu_writes_its_own_results_and_table(monkeypatch):
+    monkeypatch.setattr(K, "amx", lambda: False)
     monkeypatch.setattr(K, "vector_isa", lambda: "avx512")
     assert B.result_names() == ("layer_cpu.json", "LAYER-BENCH")
     assert B.result_names(quick=True) == ("layer_cpu_quick.json", "LAYER-BENCH")
     monkeypatch.setattr(K, "vector_isa", lambda: "avx2")
     assert B.result_names() == ("layer_cpu_avx2.json", "LAYER-BENCH-AVX2")
+    monkeypatch.setattr(K, "vector_isa", lambda: "avx512")
+    monkeypatch.setattr(K, "amx", lambda: True)
+    assert B.result_names() == ("layer_cpu_amx.json", "LAYER-BENCH-AMX")
     readme = (B.ROOT / "README.md").read_text()
-    for marker in ("LAYER-BENCH", "LAYER-BENCH-AVX2"):  # the README has a table for each
+    for marker in ("LAYER-BENCH", "LAYER-BENCH-AVX2", "LAYER-BENCH-AMX"):  # the README has a table for each
         assert f"<!-- {marker}:START -->" in readme and f"<!-- {marker}:END -->" in readme
 
 
