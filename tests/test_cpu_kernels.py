@@ -288,8 +288,10 @@ def test_amx_projections_match_the_avx512_tiles_and_the_reference(kernels, E, D,
 
 @needs_amx
 @pytest.mark.parametrize("E,D,F_,counts", AMX_CASES)
-def test_amx_data_gradients(kernels, E, D, F_, counts):
-    """small_experts_nn on the tiles: written (bf16 and fp32) and added into gathered fp32 rows."""
+def test_amx_data_and_weight_gradients(kernels, E, D, F_, counts):
+    """small_experts_nn on the tiles: written (bf16 and fp32) and added into gathered fp32 rows; small_experts_outer
+    on the tiles: every expert's rows in one reduction (several 32-row chunks, zero-padded), written as bf16 or
+    fp32, idle experts untouched."""
     x, tok, w, w_in, w_out, _, _ = _small_problem(E, D, F_, counts, torch.bfloat16, False)
     start, end = segments(counts)
     S, T = tok.shape[0], x.shape[0]
@@ -312,6 +314,15 @@ def test_amx_data_gradients(kernels, E, D, F_, counts):
             continue
         want.index_add_(0, tok[s:t], dh[s:t].double() @ w_in[e].double())
     assert rel_err(dx, want) < 1e-5
+    for g_dtype in (torch.bfloat16, torch.float32):
+        dw = torch.full(w_in.shape, 7.0, dtype=g_dtype)
+        K.small_experts_outer(dh, None, x, tok, start, end, dw)
+        for e in range(E):
+            s, t = start[e].item(), end[e].item()
+            if s == t:
+                assert (dw[e] == 7).all()
+                continue
+            assert rel_err(dw[e], dh[s:t].double().T @ x[tok[s:t]].double()) < TOL[g_dtype] + 1e-5
 
 
 @needs_amx

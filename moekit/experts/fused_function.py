@@ -60,6 +60,13 @@ SMALL_BWD_WORK: int | None = None
 #: outer-product kernel, 32 +- 6 rows 9% faster; Mixtral-like experts of 32 +- 8 rows the same either way; 128 rows
 #: 8% faster with the library).
 OUTER_LIB_MIN_ROWS = 32
+#: ...except on AMX CPUs, where the kernel computes them on the tiles (both operands packed per expert, as many
+#: bytes as its rows of both: at most 27 MB for Mixtral-like experts) for experts of up to this many rows; larger
+#: ones go to the library. Measured on 2 Sapphire Rapids cores, forward+backward against the library for every
+#: expert: Mixtral-like T = 128 26.1 -> 19.2 ms, T = 1024 76.3 -> 66.5, T = 8192 521 -> 499; fine-grained T = 128
+#: 38.6 -> 21.9, T = 1024 117 -> 73.9, T = 8192 442 -> 396 (the kernel alone, 8 experts of 256 rows, dW_in:
+#: 581 against 423 GFLOP/s).
+AMX_OUTER_MAX_ROWS = 4096
 #: Where the kernels have packed tiles (AVX2 builds, :data:`moekit.kernels.cpu.PACKED_MIN_ROWS`), experts of up to
 #: this many rows run their forward in the small-M kernels too, whatever their size (their backward stays with the
 #: library unless they are small by the rules above). Measured on Zen 3 (2 threads), forward against the library
@@ -73,7 +80,7 @@ PACKED_MAX_ROWS = 1 << 62
 #: fp32); 512 rows 439 against 428 ms, fine-grained 664 -> 794 ms (worse); 2048 rows 2.1 -> 4.8 s.
 PACKED_BWD_MAX_ROWS = 320
 #: bf16 experts on AMX CPUs run their backward in the kernels at any size: the data gradients on the tiles, the
-#: weight gradients of 32 rows and more (OUTER_LIB_MIN_ROWS) in the library GEMM (also on the tiles there).
+#: weight gradients too up to AMX_OUTER_MAX_ROWS rows (beyond, in the library GEMM, also on the tiles there).
 #: Measured on 2 Sapphire Rapids cores, forward+backward against the library backward above SMALL_M rows:
 #: fine-grained T = 1024 (128 rows per expert) 90.6 -> 72.3 ms, T = 8192 406 -> 397 ms; Mixtral-like T = 1024
 #: 68.4 / 68.5 ms, T = 8192 230 / 229 ms.
@@ -411,7 +418,8 @@ def _outer(plan: _Plan, c: _Chunk, segs: list[int], a, a_idx, b, b_idx, grad: to
     ~2x faster (it packs its operands into the pair layout of the bf16 dot product) where the CPU has one."""
     lib = []
     if a.dtype == b.dtype == torch.bfloat16 and not cpu_bf16_gemm_is_slow():
-        lib = [i for i in segs if plan.segments[i][2] - plan.segments[i][1] >= OUTER_LIB_MIN_ROWS]
+        lo = AMX_OUTER_MAX_ROWS + 1 if kcpu.amx() else OUTER_LIB_MIN_ROWS
+        lib = [i for i in segs if plan.segments[i][2] - plan.segments[i][1] >= lo]
     end = c.end_bwd_E
     if lib:
         end = end.clone()

@@ -2526,6 +2526,95 @@ static void outer8_full(const void *A, int adt, int64_t lda, const int64_t *a_id
 }
 #endif
 
+#if defined(MOE_AMX)
+/* The weight-gradient kernel (moe_small_outer) on the tiles, bf16 A and B, N and Kd multiples of 32, an expert at a
+ * time: its rows of A transposed into an [N, Mp] matrix (Mp: its rows padded to a multiple of 32 with zeros; each
+ * 32 x 16 block of A made of pair-interleaved rows, then a 16 x 16 transpose of 32-bit pairs), its rows of B into
+ * pair-interleaved blocks [Kd / 16][Mp / 32][16 pairs][16][2]; then G[e] tile by tile, 2 x 2 tiles of 16 x 16 at a
+ * time over all of its rows, written once (non-temporal stores). */
+static int amx_outer(const bf16 *A, int64_t lda, const int64_t *a_idx, const bf16 *B, int64_t ldb, const int64_t *b_idx,
+                     int64_t N, int64_t Kd, const int64_t *start, const int64_t *end, int64_t E, void *G, int gdt,
+                     int nthreads) {
+    int64_t mp_max = 0, work = 0;
+    for (int64_t e = 0; e < E; e++)
+        if (end[e] > start[e]) {
+            mp_max = (end[e] - start[e] + 31) / 32 * 32 > mp_max ? (end[e] - start[e] + 31) / 32 * 32 : mp_max;
+            work += N * Kd;
+        }
+    if (!mp_max) return 0;
+    bf16 *at = aligned_alloc(64, (size_t)mp_max * (size_t)N * sizeof(bf16));
+    bf16 *bv = aligned_alloc(64, (size_t)mp_max * (size_t)Kd * sizeof(bf16));
+    if (!at || !bv) {
+        free(at);
+        free(bv);
+        return -5;
+    }
+    const __m512i ix = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8,
+                                        39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+    const int64_t nn = N / 16, nk = Kd / 16;
+#pragma omp parallel num_threads(threads_for(work / 4, nthreads))
+    {
+        amx_config();
+        for (int64_t e = 0; e < E; e++) {
+            const int64_t s0 = start[e], R = end[e] - s0, Mp = (R + 31) / 32 * 32, nm = Mp / 32;
+            if (R <= 0) continue;
+            /* pack: one item per (32-row chunk, 16-column block) of A and of B */
+#pragma omp for schedule(static)
+            for (int64_t item = 0; item < nm * (nn + nk); item++) {
+                const int64_t mc = item / (nn + nk), blk = item % (nn + nk);
+                const int isa = blk < nn;
+                const bf16 *src = isa ? A : B;
+                const int64_t ld = isa ? lda : ldb, c0 = 16 * (isa ? blk : blk - nn);
+                const int64_t *idx = isa ? a_idx : b_idx;
+                __m512i v[16];
+                for (int p = 0; p < 16; p++) {
+                    const int64_t r0 = 32 * mc + 2 * p, r1 = r0 + 1;
+                    __m512i x0 = _mm512_setzero_si512(), x1 = _mm512_setzero_si512();
+                    if (r0 < R)
+                        x0 = _mm512_castsi256_si512(_mm256_loadu_si256(
+                            (const __m256i *)(src + (size_t)(idx ? idx[s0 + r0] : s0 + r0) * (size_t)ld + c0)));
+                    if (r1 < R)
+                        x1 = _mm512_castsi256_si512(_mm256_loadu_si256(
+                            (const __m256i *)(src + (size_t)(idx ? idx[s0 + r1] : s0 + r1) * (size_t)ld + c0)));
+                    v[p] = _mm512_permutex2var_epi16(x0, ix, x1); /* [(src[r0][c], src[r1][c]) for 16 c] */
+                }
+                if (isa) { /* rows c0..c0+15 of the [N, Mp] transpose, columns 32 mc.. */
+                    tr16x16(v);
+                    for (int n = 0; n < 16; n++)
+                        _mm512_store_si512(at + (size_t)(c0 + n) * (size_t)Mp + (size_t)(32 * mc), v[n]);
+                } else {
+                    bf16 *dst = bv + ((size_t)(c0 / 16) * (size_t)nm + (size_t)mc) * 512;
+                    for (int p = 0; p < 16; p++) _mm512_store_si512(dst + 32 * p, v[p]);
+                }
+            }
+            char *ge = (char *)G + (size_t)e * (size_t)N * (size_t)Kd * esize(gdt);
+#pragma omp for schedule(static)
+            for (int64_t item = 0; item < ((nn + 1) / 2) * ((nk + 1) / 2); item++) {
+                const int64_t n0 = 32 * (item / ((nk + 1) / 2)), k0 = 32 * (item % ((nk + 1) / 2));
+                const int two_n = n0 + 16 < N, two_k = k0 + 16 < Kd;
+                float c[4][256] __attribute__((aligned(64)));
+                const bf16 *p0 = bv + (size_t)(k0 / 16) * (size_t)nm * 512;
+                amx_tiles(at + (size_t)n0 * (size_t)Mp, two_n ? at + (size_t)(n0 + 16) * (size_t)Mp : NULL, Mp, p0,
+                          two_k ? p0 + (size_t)nm * 512 : NULL, Mp, c);
+                /* row by row, both column tiles of a row together: a bf16 row's 32 columns are one whole line
+                 * for the non-temporal stores (half lines, written apart, cost a read of the line each) */
+                for (int qn = 0; qn < (two_n ? 4 : 2); qn += 2)
+                    for (int r = 0; r < 16; r++) {
+                        char *o = ge + ((size_t)(n0 + (qn ? 16 : 0) + r) * (size_t)Kd + (size_t)k0) * esize(gdt);
+                        st16_stream(o, gdt, 0xffff, _mm512_load_ps(c[qn] + 16 * r));
+                        if (two_k) st16_stream(o + 16 * esize(gdt), gdt, 0xffff, _mm512_load_ps(c[qn + 1] + 16 * r));
+                    }
+            }
+        }
+        _mm_sfence();
+        _tile_release();
+    }
+    free(at);
+    free(bv);
+    return 0;
+}
+#endif
+
 #define OUTER_PACK_MAX (4 << 20) /* bytes of an expert's packed rows of B, at most (else read in place) */
 #ifndef OUTER_FEW
 #define OUTER_FEW 2 /* rows per expert up to which the outer-product kernel writes G row by row */
@@ -2536,6 +2625,10 @@ static void outer8_full(const void *A, int adt, int64_t lda, const int64_t *a_id
 int moe_small_outer(const void *A, int adt, int64_t lda, const int64_t *a_idx, const void *B, int bdt, int64_t ldb,
                     const int64_t *b_idx, int64_t N, int64_t Kd, const int64_t *start, const int64_t *end, int64_t E,
                     void *G, int gdt, int nthreads) {
+#if defined(MOE_AMX)
+    if (adt == DT_BF16 && bdt == DT_BF16 && N % 16 == 0 && Kd % 16 == 0 && amx_ready())
+        return amx_outer(A, lda, a_idx, B, ldb, b_idx, N, Kd, start, end, E, G, gdt, nthreads);
+#endif
     const int64_t nb = (N + OTN - 1) / OTN;
     int64_t work = 0, na = 0;
     int64_t *active = malloc((size_t)(E ? E : 1) * sizeof(int64_t)); /* items over experts with rows only */
