@@ -1651,9 +1651,17 @@ static inline __attribute__((always_inline)) void amx_rows(const float *c, const
     for (int i = 0; i < 16; i++) t[i] = _mm512_castsi512_ps(r[i]);
 }
 
+/* 16-row blocks per run of packed token rows (K elements each) that stays in L2 while every column block of an
+ * expert reads it: about AMX_RUN_BYTES, an even count (the tiles take two blocks at a time). */
+#define AMX_RUN_BYTES (256 << 10)
+static inline int64_t amx_row_blocks(int64_t K) {
+    const int64_t r = AMX_RUN_BYTES / (16 * K * (int64_t)sizeof(bf16)) / 2 * 2;
+    return r < 2 ? 2 : r;
+}
+
 /* The input projection (and SwiGLU) of moe_small_up on the tiles, bf16, K = D and F multiples of 32 (act 1) or
- * W a multiple of 16 (act 0). Work items: (expert, 16 activation columns), the threads taking contiguous runs of
- * equal rows; an item runs its gate and up weight rows (32 x D, in L1/L2) over all of the expert's row blocks. */
+ * W a multiple of 16 (act 0). An item runs its 16 gate and 16 up weight rows (32 x D, in L1/L2) over a run of the
+ * expert's packed row blocks (in L2). */
 static int amx_up(const bf16 *x, int64_t ld_x, const int64_t *tok, const int64_t *start, const int64_t *end, int64_t E,
                   const bf16 *w_in, const bf16 *b_in, int64_t W, int64_t D, int act, bf16 *h_out, bf16 *a_out,
                   int nthreads) {
@@ -1670,31 +1678,37 @@ static int amx_up(const bf16 *x, int64_t ld_x, const int64_t *tok, const int64_t
         rows += end[e] - start[e];
         na += end[e] > start[e];
     }
-    const int64_t nitems = E * nj;
     const int nt = threads_for(gemm_work(rows, na, W, D), nthreads);
+    const int64_t rbb = amx_row_blocks(D);
 #pragma omp parallel num_threads(nt)
     {
         amx_config();
-        /* contiguous runs of items of about equal cost (16-row blocks, at least one per item) */
+        /* Items: (expert, run of rbb 16-row blocks, 16 activation columns), columns innermost, so consecutive items
+         * reuse one run of packed rows from L2 (an expert's rows all at once overflow it: Mixtral-like experts of
+         * 2048 rows streamed 2 MiB of them from L3 per item); each thread takes a contiguous run of items of about
+         * equal cost (their row blocks, plus one). */
         const int t = omp_get_thread_num(), n = omp_get_num_threads();
         int64_t total = 0;
-        for (int64_t e = 0; e < E; e++) total += (blk[e + 1] - blk[e] + (end[e] > start[e])) * nj;
-        int64_t cost = 0, lo_cost = total * t / n, hi_cost = total * (t + 1) / n;
-        for (int64_t item = 0; item < nitems; item++) {
-            const int64_t e = item / nj, j0 = (item % nj) * 16;
+        for (int64_t e = 0; e < E; e++) {
             const int64_t nb = blk[e + 1] - blk[e];
-            if (!nb) continue;
-            const int64_t mid = cost + (nb + 1) / 2; /* an item belongs to the thread whose range holds its middle */
-            cost += nb + 1;
+            total += (nb + (nb + rbb - 1) / rbb) * nj;
+        }
+        int64_t cost = 0, lo_cost = total * t / n, hi_cost = total * (t + 1) / n;
+        for (int64_t e = 0; e < E; e++)
+        for (int64_t r0 = 0; r0 < blk[e + 1] - blk[e]; r0 += rbb)
+        for (int64_t j0 = 0; j0 < F; j0 += 16) {
+            const int64_t r1 = min64(r0 + rbb, blk[e + 1] - blk[e]);
+            const int64_t mid = cost + (r1 - r0 + 1) / 2; /* an item belongs to the thread whose range holds its middle */
+            cost += r1 - r0 + 1;
             if (mid < lo_cost || mid >= hi_cost) continue;
             const bf16 *wg = w_in + ((size_t)e * (size_t)W + (size_t)j0) * (size_t)D;
             const bf16 *wu = act == 1 ? wg + (size_t)F * (size_t)D : NULL;
-            for (int64_t b = 0; b < nb; b += 2) {
+            for (int64_t b = r0; b < r1; b += 2) {
                 float c[4][256] __attribute__((aligned(64)));
                 const bf16 *p0 = xp + (size_t)(blk[e] + b) * (size_t)D * 16;
-                const bf16 *p1 = b + 1 < nb ? p0 + (size_t)D * 16 : NULL;
+                const bf16 *p1 = b + 1 < r1 ? p0 + (size_t)D * 16 : NULL;
                 amx_tiles(wg, wu, D, p0, p1, D, c);
-                for (int q = 0; q < 2 && b + q < nb; q++) {
+                for (int q = 0; q < 2 && b + q < r1; q++) {
                     const int64_t s = start[e] + (b + q) * 16, R = min64(16, end[e] - s);
                     __m512 g[16], u[16];
                     amx_rows(c[q], b_in ? b_in + (size_t)e * (size_t)W + (size_t)j0 : NULL, g);
@@ -1722,7 +1736,7 @@ static int amx_up(const bf16 *x, int64_t ld_x, const int64_t *tok, const int64_t
 
 /* The output projection and weighted combine of moe_small_down on the tiles, bf16 a and w_out, D and F multiples
  * of 32: each thread owns blocks of 32 output columns for all experts (race-free, each token's sum in expert
- * order), the block's 32 weight rows of an expert running over all of its 16-row blocks. */
+ * order), a block's 32 weight rows of an expert running over a run of its packed 16-row blocks. */
 static int amx_down(const bf16 *a, int64_t ld_a, const int64_t *tok, const float *w, const int64_t *start,
                     const int64_t *end, int64_t E, const bf16 *w_out, const bf16 *b_out, int64_t D, int64_t F,
                     float *out, int64_t ld_out, int nthreads) {
@@ -1739,20 +1753,25 @@ static int amx_down(const bf16 *a, int64_t ld_a, const int64_t *tok, const float
         na += end[e] > start[e];
     }
     const int nt = threads_for(gemm_work(rows, na, D, F), nthreads);
+    const int64_t rbb = amx_row_blocks(F);
 #pragma omp parallel num_threads(nt)
     {
         amx_config(); /* (the tile configuration is per thread) */
-#pragma omp for schedule(static)
-    for (int64_t d0 = 0; d0 < D; d0 += 32) {
-        for (int64_t e = 0; e < E; e++) {
-            const int64_t nb = blk[e + 1] - blk[e];
+        /* each thread owns a contiguous range of 32-column blocks; for each expert it runs every one of them over a
+         * run of packed row blocks (in L2) before the next run */
+        const int t = omp_get_thread_num(), n = omp_get_num_threads();
+        const int64_t dlo = 32 * (D / 32 * t / n), dhi = 32 * (D / 32 * (t + 1) / n);
+        for (int64_t e = 0; e < E; e++)
+        for (int64_t r0 = 0; r0 < blk[e + 1] - blk[e]; r0 += rbb)
+        for (int64_t d0 = dlo; d0 < dhi; d0 += 32) {
+            const int64_t r1 = min64(r0 + rbb, blk[e + 1] - blk[e]);
             const bf16 *we = w_out + ((size_t)e * (size_t)D + (size_t)d0) * (size_t)F;
-            for (int64_t b = 0; b < nb; b += 2) {
+            for (int64_t b = r0; b < r1; b += 2) {
                 float c[4][256] __attribute__((aligned(64)));
                 const bf16 *p0 = ap + (size_t)(blk[e] + b) * (size_t)F * 16;
-                const bf16 *p1 = b + 1 < nb ? p0 + (size_t)F * 16 : NULL;
+                const bf16 *p1 = b + 1 < r1 ? p0 + (size_t)F * 16 : NULL;
                 amx_tiles(we, we + (size_t)16 * (size_t)F, F, p0, p1, F, c);
-                for (int q = 0; q < 2 && b + q < nb; q++) {
+                for (int q = 0; q < 2 && b + q < r1; q++) {
                     const int64_t s = start[e] + (b + q) * 16, R = min64(16, end[e] - s);
                     __m512 y0[16], y1[16];
                     amx_rows(c[q], b_out ? b_out + (size_t)e * (size_t)D + (size_t)d0 : NULL, y0);
@@ -1766,7 +1785,6 @@ static int amx_down(const bf16 *a, int64_t ld_a, const int64_t *tok, const float
                 }
             }
         }
-    }
         _tile_release();
     }
     free(ap);
