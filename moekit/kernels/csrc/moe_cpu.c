@@ -1703,13 +1703,20 @@ static int amx_up(const bf16 *x, int64_t ld_x, const int64_t *tok, const int64_t
             if (mid < lo_cost || mid >= hi_cost) continue;
             const bf16 *wg = w_in + ((size_t)e * (size_t)W + (size_t)j0) * (size_t)D;
             const bf16 *wu = act == 1 ? wg + (size_t)F * (size_t)D : NULL;
-            for (int64_t b = r0; b < r1; b += 2) {
-                float c[4][256] __attribute__((aligned(64)));
-                const bf16 *p0 = xp + (size_t)(blk[e] + b) * (size_t)D * 16;
-                const bf16 *p1 = b + 1 < r1 ? p0 + (size_t)D * 16 : NULL;
-                amx_tiles(wg, wu, D, p0, p1, D, c);
-                for (int q = 0; q < 2 && b + q < r1; q++) {
-                    const int64_t s = start[e] + (b + q) * 16, R = min64(16, end[e] - s);
+            /* software-pipelined: the tiles of a pair of row blocks are issued before the epilogue of the pair
+             * before, so the core runs that epilogue while the tile unit multiplies (the epilogue alone took 30-45%
+             * of the time when it ran after its own tiles) */
+            float cb[2][4][256] __attribute__((aligned(64)));
+            for (int64_t b = r0, prev = -1; prev < r1; prev = b, b += 2) {
+                if (b < r1) {
+                    const bf16 *p0 = xp + (size_t)(blk[e] + b) * (size_t)D * 16;
+                    const bf16 *p1 = b + 1 < r1 ? p0 + (size_t)D * 16 : NULL;
+                    amx_tiles(wg, wu, D, p0, p1, D, cb[((b - r0) / 2) & 1]);
+                }
+                if (prev < 0) continue;
+                float (*c)[256] = cb[((prev - r0) / 2) & 1];
+                for (int q = 0; q < 2 && prev + q < r1; q++) {
+                    const int64_t s = start[e] + (prev + q) * 16, R = min64(16, end[e] - s);
                     __m512 g[16], u[16];
                     amx_rows(c[q], b_in ? b_in + (size_t)e * (size_t)W + (size_t)j0 : NULL, g);
                     if (act == 1) amx_rows(c[2 + q], b_in ? b_in + (size_t)e * (size_t)W + (size_t)(F + j0) : NULL, u);
@@ -1766,13 +1773,17 @@ static int amx_down(const bf16 *a, int64_t ld_a, const int64_t *tok, const float
         for (int64_t d0 = dlo; d0 < dhi; d0 += 32) {
             const int64_t r1 = min64(r0 + rbb, blk[e + 1] - blk[e]);
             const bf16 *we = w_out + ((size_t)e * (size_t)D + (size_t)d0) * (size_t)F;
-            for (int64_t b = r0; b < r1; b += 2) {
-                float c[4][256] __attribute__((aligned(64)));
-                const bf16 *p0 = ap + (size_t)(blk[e] + b) * (size_t)F * 16;
-                const bf16 *p1 = b + 1 < r1 ? p0 + (size_t)F * 16 : NULL;
-                amx_tiles(we, we + (size_t)16 * (size_t)F, F, p0, p1, F, c);
-                for (int q = 0; q < 2 && b + q < r1; q++) {
-                    const int64_t s = start[e] + (b + q) * 16, R = min64(16, end[e] - s);
+            float cb[2][4][256] __attribute__((aligned(64)));
+            for (int64_t b = r0, prev = -1; prev < r1; prev = b, b += 2) { /* pipelined as in amx_up */
+                if (b < r1) {
+                    const bf16 *p0 = ap + (size_t)(blk[e] + b) * (size_t)F * 16;
+                    const bf16 *p1 = b + 1 < r1 ? p0 + (size_t)F * 16 : NULL;
+                    amx_tiles(we, we + (size_t)16 * (size_t)F, F, p0, p1, F, cb[((b - r0) / 2) & 1]);
+                }
+                if (prev < 0) continue;
+                float (*c)[256] = cb[((prev - r0) / 2) & 1];
+                for (int q = 0; q < 2 && prev + q < r1; q++) {
+                    const int64_t s = start[e] + (prev + q) * 16, R = min64(16, end[e] - s);
                     __m512 y0[16], y1[16];
                     amx_rows(c[q], b_out ? b_out + (size_t)e * (size_t)D + (size_t)d0 : NULL, y0);
                     amx_rows(c[2 + q], b_out ? b_out + (size_t)e * (size_t)D + (size_t)(d0 + 16) : NULL, y1);
