@@ -574,6 +574,29 @@ def test_fused_backend_matches_loop(dtype, T, activation, bias):
     assert_fwd_bwd_close(got, ref, tol, tol if dtype == torch.float32 else 4e-2, err=rel_err)
 
 
+@needs_amx
+@pytest.mark.parametrize("T", [3, 40, 300])  # the AVX-512 tiles (< 4 rows per expert), mixed, all on the tiles
+@pytest.mark.parametrize("bias", [False, True])
+def test_fused_backend_on_amx_tiles_matches_loop(T, bias):
+    """A bf16 layer whose shapes the AMX kernels take (d_model and d_ff multiples of 32): forward, input and every
+    weight gradient against the loop backend; in eval mode too (the decode kernel, tiles from 4 rows per expert)."""
+    def make():
+        torch.manual_seed(5)
+        layer = moekit.MoE(64, 96, 6, 2, backend="fused", expert_bias=bias).to(torch.bfloat16)
+        with torch.no_grad():
+            for n, p in layer.named_parameters():
+                if "bias" in n:
+                    p.uniform_(-0.1, 0.1)
+        return layer
+    x = torch.randn(T, 64).bfloat16()
+    ref_layer = make()
+    ref_layer.experts.backend = "loop"
+    assert_fwd_bwd_close(run_fwd_bwd(make(), x), run_fwd_bwd(ref_layer, x), 2e-2, 4e-2, err=rel_err)
+    with torch.no_grad():
+        got, want = make().eval()(x), ref_layer.eval()(x)
+    assert rel_err(got, want) < 2e-2
+
+
 @pytest.mark.parametrize("mode", ["never", "mixed", "always", "forward_only", "packed", "packed_bwd"])
 def test_fused_paths_agree(monkeypatch, mode):
     """Forward and backward the same whichever experts run in the small-M kernels (packed: every forward in the
