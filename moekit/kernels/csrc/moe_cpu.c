@@ -2386,6 +2386,8 @@ static int amx_nn(const bf16 *A, int64_t lda, const int64_t *a_idx, const bf16 *
     }
     const int nt = threads_for(gemm_work(rows, na, N, Kd), nthreads);
     const int64_t nblk = N / 16;
+    int64_t a_rows = 0; /* (without a_idx) rows of A the segments cover: A has at least these */
+    for (int64_t e = 0; e < E; e++) a_rows = end[e] > a_rows ? end[e] : a_rows;
     int err = 0;
 #pragma omp parallel num_threads(nt) reduction(| : err)
     {
@@ -2401,16 +2403,26 @@ static int amx_nn(const bf16 *A, int64_t lda, const int64_t *a_idx, const bf16 *
                 amx_pack_vnni(B + (size_t)e * (size_t)Kd * (size_t)N, N, Kd, n0, nw, bp);
                 for (int64_t s0 = start[e]; s0 < end[e]; s0 += 32) {
                     const int64_t R = min64(32, end[e] - s0);
-                    for (int64_t r = 0; r < 32; r++) {
-                        bf16 *dst = ap + (size_t)r * (size_t)Kd;
-                        if (r < R) memcpy(dst, A + (size_t)(a_idx ? a_idx[s0 + r] : s0 + r) * (size_t)lda, (size_t)Kd * 2);
-                        else memset(dst, 0, (size_t)Kd * 2);
+                    /* rows read in place where they are A's own consecutive rows and all 32 lie within the rows
+                     * the segments cover (a row of the sums depends only on its own row of A, so rows past the
+                     * expert's end only fill sums that are dropped); else copied, zero rows padding */
+                    const bf16 *arows = ap;
+                    int64_t ldr = Kd;
+                    if (!a_idx && s0 + 32 <= a_rows) {
+                        arows = A + (size_t)s0 * (size_t)lda;
+                        ldr = lda;
+                    } else {
+                        for (int64_t r = 0; r < 32; r++) {
+                            bf16 *dst = ap + (size_t)r * (size_t)Kd;
+                            if (r < R) memcpy(dst, A + (size_t)(a_idx ? a_idx[s0 + r] : s0 + r) * (size_t)lda, (size_t)Kd * 2);
+                            else memset(dst, 0, (size_t)Kd * 2);
+                        }
                     }
                     for (int64_t jb = 0; jb < nw / 16; jb += 2) {
                         float c[4][256] __attribute__((aligned(64)));
                         const bf16 *p0 = bp + (size_t)jb * (size_t)Kd * 16;
                         const bf16 *p1 = jb + 1 < nw / 16 ? p0 + (size_t)Kd * 16 : NULL;
-                        amx_tiles(ap, R > 16 ? ap + (size_t)16 * (size_t)Kd : NULL, Kd, p0, p1, Kd, c);
+                        amx_tiles(arows, R > 16 ? arows + (size_t)16 * (size_t)ldr : NULL, ldr, p0, p1, Kd, c);
                         /* c[0]: rows 0-15 x block jb, c[1]: rows 0-15 x jb + 1, c[2], c[3]: rows 16-31 */
                         for (int64_t r = 0; r < R; r++)
                             for (int q = 0; q < 2 && jb + q < nw / 16; q++) {
