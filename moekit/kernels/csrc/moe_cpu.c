@@ -2568,41 +2568,68 @@ static void outer8_full(const void *A, int adt, int64_t lda, const int64_t *a_id
 #endif
 
 #if defined(MOE_AMX)
-/* The weight-gradient kernel (moe_small_outer) on the tiles, bf16 A and B, N and Kd multiples of 32, an expert at a
- * time: its rows of A transposed into an [N, Mp] matrix (Mp: its rows padded to a multiple of 32 with zeros; each
+#define AMX_OUTER_GROUP_BYTES (16 << 20) /* packed operands of the experts that run in one phase, at most */
+/* The weight-gradient kernel (moe_small_outer) on the tiles, bf16 A and B, N and Kd multiples of 16, per expert:
+ * its rows of A transposed into an [N, Mp] matrix (Mp: its rows padded to a multiple of 32 with zeros; each
  * 32 x 16 block of A made of pair-interleaved rows, then a 16 x 16 transpose of 32-bit pairs), its rows of B into
  * pair-interleaved blocks [Kd / 16][Mp / 32][16 pairs][16][2]; then G[e] tile by tile, 2 x 2 tiles of 16 x 16 at a
  * time over all of its rows, written once (non-temporal stores). */
 static int amx_outer(const bf16 *A, int64_t lda, const int64_t *a_idx, const bf16 *B, int64_t ldb, const int64_t *b_idx,
                      int64_t N, int64_t Kd, const int64_t *start, const int64_t *end, int64_t E, void *G, int gdt,
                      int nthreads) {
-    int64_t mp_max = 0, work = 0;
-    for (int64_t e = 0; e < E; e++)
-        if (end[e] > start[e]) {
-            mp_max = (end[e] - start[e] + 31) / 32 * 32 > mp_max ? (end[e] - start[e] + 31) / 32 * 32 : mp_max;
-            work += N * Kd;
-        }
-    if (!mp_max) return 0;
-    bf16 *at = aligned_alloc(64, (size_t)mp_max * (size_t)N * sizeof(bf16));
-    bf16 *bv = aligned_alloc(64, (size_t)mp_max * (size_t)Kd * sizeof(bf16));
-    if (!at || !bv) {
-        free(at);
-        free(bv);
+    const int64_t nn = N / 16, nk = Kd / 16, per = ((nn + 1) / 2) * ((nk + 1) / 2); /* tile items per expert */
+    /* per expert (cumulative, [E + 1]): packed elements, pack items, tile items; and the groups of consecutive
+     * experts packed together (up to AMX_OUTER_GROUP_BYTES, at least one expert): one pack phase and one tile
+     * phase per group, not per expert (a fork's barriers cost more than 64 fine-grained experts' few rows) */
+    int64_t *cum = malloc((size_t)(4 * (E + 1)) * sizeof(int64_t));
+    if (!cum) return -5;
+    int64_t *el = cum, *pk = cum + (E + 1), *ck = cum + 2 * (E + 1), *grp = cum + 3 * (E + 1), ng = 0, work = 0;
+    el[0] = pk[0] = ck[0] = 0;
+    for (int64_t e = 0; e < E; e++) {
+        const int64_t R = end[e] - start[e], Mp = R > 0 ? (R + 31) / 32 * 32 : 0;
+        el[e + 1] = el[e] + Mp * (N + Kd);
+        pk[e + 1] = pk[e] + Mp / 32 * (nn + nk);
+        ck[e + 1] = ck[e] + (R > 0 ? per : 0);
+        work += R > 0 ? N * Kd : 0;
+    }
+    int64_t buf_max = 0;
+    for (int64_t g0 = 0; g0 < E;) {
+        int64_t g1 = g0 + 1;
+        while (g1 < E && (el[g1 + 1] - el[g0]) * (int64_t)sizeof(bf16) <= AMX_OUTER_GROUP_BYTES) g1++;
+        grp[ng++] = g0;
+        buf_max = el[g1] - el[g0] > buf_max ? el[g1] - el[g0] : buf_max;
+        g0 = g1;
+    }
+    grp[ng] = E;
+    if (!work) {
+        free(cum);
+        return 0;
+    }
+    bf16 *buf = aligned_alloc(64, (size_t)buf_max * sizeof(bf16));
+    if (!buf) {
+        free(cum);
         return -5;
     }
     const __m512i ix = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8,
                                         39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
-    const int64_t nn = N / 16, nk = Kd / 16;
 #pragma omp parallel num_threads(threads_for(work / 4, nthreads))
     {
         amx_config();
-        for (int64_t e = 0; e < E; e++) {
-            const int64_t s0 = start[e], R = end[e] - s0, Mp = (R + 31) / 32 * 32, nm = Mp / 32;
-            if (R <= 0) continue;
-            /* pack: one item per (32-row chunk, 16-column block) of A and of B */
+        for (int64_t g = 0; g < ng; g++) {
+            const int64_t g0 = grp[g], g1 = grp[g + 1];
+            /* pack: one item per (expert, 32-row chunk, 16-column block) of A and of B; an expert's buffer holds
+             * A's rows transposed ([N, Mp]) and then B's pair-interleaved blocks ([Kd / 16][Mp / 32][512]) */
 #pragma omp for schedule(static)
-            for (int64_t item = 0; item < nm * (nn + nk); item++) {
-                const int64_t mc = item / (nn + nk), blk = item % (nn + nk);
+            for (int64_t item = pk[g0]; item < pk[g1]; item++) {
+                int64_t lo = g0, hi = g1 - 1; /* the expert: the first with pk[e + 1] > item */
+                while (lo < hi) {
+                    const int64_t mid = (lo + hi) / 2;
+                    if (pk[mid + 1] > item) hi = mid;
+                    else lo = mid + 1;
+                }
+                const int64_t e = lo, s0 = start[e], R = end[e] - s0, Mp = (R + 31) / 32 * 32, nm = Mp / 32;
+                bf16 *at = buf + (el[e] - el[g0]), *bv = at + (size_t)N * (size_t)Mp;
+                const int64_t local = item - pk[e], mc = local / (nn + nk), blk = local % (nn + nk);
                 const int isa = blk < nn;
                 const bf16 *src = isa ? A : B;
                 const int64_t ld = isa ? lda : ldb, c0 = 16 * (isa ? blk : blk - nn);
@@ -2628,10 +2655,18 @@ static int amx_outer(const bf16 *A, int64_t lda, const int64_t *a_idx, const bf1
                     for (int p = 0; p < 16; p++) _mm512_store_si512(dst + 32 * p, v[p]);
                 }
             }
-            char *ge = (char *)G + (size_t)e * (size_t)N * (size_t)Kd * esize(gdt);
 #pragma omp for schedule(static)
-            for (int64_t item = 0; item < ((nn + 1) / 2) * ((nk + 1) / 2); item++) {
-                const int64_t n0 = 32 * (item / ((nk + 1) / 2)), k0 = 32 * (item % ((nk + 1) / 2));
+            for (int64_t item = ck[g0]; item < ck[g1]; item++) {
+                int64_t lo = g0, hi = g1 - 1; /* the expert: the first with ck[e + 1] > item */
+                while (lo < hi) {
+                    const int64_t mid = (lo + hi) / 2;
+                    if (ck[mid + 1] > item) hi = mid;
+                    else lo = mid + 1;
+                }
+                const int64_t e = lo, Mp = (end[e] - start[e] + 31) / 32 * 32, nm = Mp / 32, local = item - ck[e];
+                const bf16 *at = buf + (el[e] - el[g0]), *bv = at + (size_t)N * (size_t)Mp;
+                char *ge = (char *)G + (size_t)e * (size_t)N * (size_t)Kd * esize(gdt);
+                const int64_t n0 = 32 * (local / ((nk + 1) / 2)), k0 = 32 * (local % ((nk + 1) / 2));
                 const int two_n = n0 + 16 < N, two_k = k0 + 16 < Kd;
                 float c[4][256] __attribute__((aligned(64)));
                 const bf16 *p0 = bv + (size_t)(k0 / 16) * (size_t)nm * 512;
@@ -2650,8 +2685,8 @@ static int amx_outer(const bf16 *A, int64_t lda, const int64_t *a_idx, const bf1
         _mm_sfence();
         _tile_release();
     }
-    free(at);
-    free(bv);
+    free(buf);
+    free(cum);
     return 0;
 }
 #endif
