@@ -118,6 +118,17 @@ static inline int threads_for(int64_t work, int nthreads) {
     return t < nthreads ? (int)t : nthreads;
 }
 
+/* Threads for a grouped GEMM over the expert segments [start[e], end[e]) with weight matrices of n x k. */
+static inline int gemm_threads(const int64_t *start, const int64_t *end, int64_t E, int64_t n, int64_t k,
+                               int nthreads) {
+    int64_t rows = 0, na = 0;
+    for (int64_t e = 0; e < E; e++) {
+        rows += end[e] - start[e];
+        na += end[e] > start[e];
+    }
+    return threads_for(gemm_work(rows, na, n, k), nthreads);
+}
+
 /* Width of a work item that splits n output columns among nt threads: `per` items per thread (two for balance), as
  * wide as that allows so each item reads its inputs few times, rounded up to a multiple of unit, within [unit, max]. */
 static inline int64_t item_width(int64_t n, int nt, int per, int64_t unit, int64_t max) {
@@ -697,12 +708,7 @@ static int small_down(const void *a, int64_t ld_a, const int64_t *tok, const flo
     /* Columns per work item: as many as leaves two items per thread, up to DOWN_DB_MAX. Each item reads every row
      * of a once, so wide items read a a few times instead of D / 16 times, and write each token's output in long
      * runs (with a short d_ff, as in fine-grained experts, those passes cost as much as the arithmetic). */
-    int64_t rows = 0, na = 0;
-    for (int64_t e = 0; e < E; e++) {
-        rows += end[e] - start[e];
-        na += end[e] > start[e];
-    }
-    const int nt = threads_for(gemm_work(rows, na, D, F), nthreads);
+    const int nt = gemm_threads(start, end, E, D, F, nthreads);
     const int64_t DB = item_width(D, nt, 2, 16, DOWN_DB_MAX);
     const int64_t nd = (D + DB - 1) / DB;
     int64_t DG = DOWN_GROUP_BYTES / (F * (int64_t)esize(dt)) / TN * TN;
@@ -1581,10 +1587,13 @@ static void amx_pack16(const bf16 *src, int64_t ld, const int64_t *idx, int64_t 
     }
 }
 
-/* Packed token rows of every active expert: blk[e] = the first 16-row block of expert e (block b at
- * buf + b * K * 16). Returns the buffer (64-byte aligned; free()), NULL if out of memory. */
+/* Packed token rows of every active expert: *blk_out[e] = the first 16-row block of expert e (block b at
+ * buf + b * K * 16), [E + 1]. Returns the buffer (64-byte aligned); the caller frees both. NULL if out of memory
+ * (nothing to free then). */
 static bf16 *amx_pack(const bf16 *src, int64_t ld, const int64_t *idx, const int64_t *start, const int64_t *end,
-                      int64_t E, int64_t K, int64_t *blk, int nthreads) {
+                      int64_t E, int64_t K, int64_t **blk_out, int nthreads) {
+    int64_t *blk = *blk_out = malloc((size_t)(E + 1) * sizeof(int64_t));
+    if (!blk) return NULL;
     int64_t nb = 0;
     for (int64_t e = 0; e < E; e++) {
         blk[e] = nb;
@@ -1592,7 +1601,10 @@ static bf16 *amx_pack(const bf16 *src, int64_t ld, const int64_t *idx, const int
     }
     blk[E] = nb;
     bf16 *buf = aligned_alloc(64, (size_t)(nb ? nb : 1) * (size_t)K * 16 * sizeof(bf16));
-    if (!buf) return NULL;
+    if (!buf) {
+        free(blk);
+        return NULL;
+    }
 #pragma omp parallel for schedule(static) num_threads(threads_for(nb * K * 16, nthreads))
     for (int64_t b = 0; b < nb; b++) {
         int64_t lo = 0, hi = E - 1; /* the expert of block b: the last with blk[] <= b */
@@ -1666,19 +1678,10 @@ static int amx_up(const bf16 *x, int64_t ld_x, const int64_t *tok, const int64_t
                   const bf16 *w_in, const bf16 *b_in, int64_t W, int64_t D, int act, bf16 *h_out, bf16 *a_out,
                   int nthreads) {
     const int64_t F = act == 1 ? W / 2 : W, nj = F / 16;
-    int64_t *blk = malloc((size_t)(E + 1) * sizeof(int64_t));
-    if (!blk) return -5;
-    bf16 *xp = amx_pack(x, ld_x, tok, start, end, E, D, blk, nthreads);
-    if (!xp) {
-        free(blk);
-        return -5;
-    }
-    int64_t rows = 0, na = 0;
-    for (int64_t e = 0; e < E; e++) {
-        rows += end[e] - start[e];
-        na += end[e] > start[e];
-    }
-    const int nt = threads_for(gemm_work(rows, na, W, D), nthreads);
+    int64_t *blk;
+    bf16 *xp = amx_pack(x, ld_x, tok, start, end, E, D, &blk, nthreads);
+    if (!xp) return -5;
+    const int nt = gemm_threads(start, end, E, W, D, nthreads);
     const int64_t rbb = amx_row_blocks(D);
 #pragma omp parallel num_threads(nt)
     {
@@ -1747,19 +1750,10 @@ static int amx_up(const bf16 *x, int64_t ld_x, const int64_t *tok, const int64_t
 static int amx_down(const bf16 *a, int64_t ld_a, const int64_t *tok, const float *w, const int64_t *start,
                     const int64_t *end, int64_t E, const bf16 *w_out, const bf16 *b_out, int64_t D, int64_t F,
                     float *out, int64_t ld_out, int nthreads) {
-    int64_t *blk = malloc((size_t)(E + 1) * sizeof(int64_t));
-    if (!blk) return -5;
-    bf16 *ap = amx_pack(a, ld_a, NULL, start, end, E, F, blk, nthreads);
-    if (!ap) {
-        free(blk);
-        return -5;
-    }
-    int64_t rows = 0, na = 0;
-    for (int64_t e = 0; e < E; e++) {
-        rows += end[e] - start[e];
-        na += end[e] > start[e];
-    }
-    const int nt = threads_for(gemm_work(rows, na, D, F), nthreads);
+    int64_t *blk;
+    bf16 *ap = amx_pack(a, ld_a, NULL, start, end, E, F, &blk, nthreads);
+    if (!ap) return -5;
+    const int nt = gemm_threads(start, end, E, D, F, nthreads);
     const int64_t rbb = amx_row_blocks(F);
 #pragma omp parallel num_threads(nt)
     {
@@ -1816,9 +1810,8 @@ int moe_amx(int allow) {
 #endif
 }
 
-#if defined(V8) || defined(MOE_AMX)
-/* Experts with at least packed_min rows take the packed tiles (AVX2) or the AMX tiles (bf16); the others the dot-product tiles. Returns NULL where
- * none does (or packed_min is 0), else the two sets' segments ([4][E]: dot-product start, end; packed start, end;
+/* Experts with at least packed_min rows take the packed tiles (AVX2) or the AMX tiles (bf16); the others the
+ * dot-product tiles. Returns NULL where none does (or packed_min is 0), else the two sets' segments ([4][E]: dot-product start, end; packed start, end;
  * the caller frees it) with *n the packed experts; *n < 0: out of memory. */
 static int64_t *split_experts(const int64_t *start, const int64_t *end, int64_t E, int64_t packed_min, int64_t *n) {
     *n = 0;
@@ -1835,7 +1828,6 @@ static int64_t *split_experts(const int64_t *start, const int64_t *end, int64_t 
     }
     return seg;
 }
-#endif
 
 int moe_packed_tiles(void) {
 #if defined(V8)
@@ -1851,63 +1843,53 @@ int moe_small_up(const void *x, int64_t ld_x, const int64_t *tok, const int64_t 
     if (act != 0 && act != 1) return -1;
     if (act == 1 && (W % 2 || a_out == NULL)) return -2;
     if (act == 0 && h_out == NULL) return -3;
+    /* experts of at least packed_min rows on the AMX tiles (bf16, whole 32-element steps) or the packed tiles
+     * (AVX2 builds), the others on the dot-product tiles */
+    int fast = 0;
 #if defined(MOE_AMX)
-    if (dt == DT_BF16 && packed_min > 0 && D % 32 == 0 && W % (act == 1 ? 32 : 16) == 0 && amx_ready()) {
-        int64_t n;
-        int64_t *seg = split_experts(start, end, E, packed_min, &n);
-        if (n < 0) return -5;
-        if (seg) {
-            int rc = amx_up(x, ld_x, tok, seg + 2 * E, seg + 3 * E, E, w_in, b_in, W, D, act, h_out, a_out, nthreads);
-            if (rc == 0 && n < E) rc = small_up(x, ld_x, tok, seg, seg + E, E, w_in, b_in, W, D, dt, act, h_out, a_out, nthreads);
-            free(seg);
-            return rc;
-        }
-    }
+    fast = dt == DT_BF16 && D % 32 == 0 && W % (act == 1 ? 32 : 16) == 0 && amx_ready();
+#elif defined(V8)
+    fast = 1;
 #endif
-#if defined(V8)
-    int64_t n;
-    int64_t *seg = split_experts(start, end, E, packed_min, &n);
+    int64_t n = 0;
+    int64_t *seg = fast ? split_experts(start, end, E, packed_min, &n) : NULL;
     if (n < 0) return -5;
-    if (seg) {
-        int rc = packed_up(x, ld_x, tok, seg + 2 * E, seg + 3 * E, E, w_in, b_in, W, D, dt, act, h_out, a_out, nthreads);
-        if (rc == 0 && n < E) rc = small_up(x, ld_x, tok, seg, seg + E, E, w_in, b_in, W, D, dt, act, h_out, a_out, nthreads);
-        free(seg);
-        return rc;
-    }
+    if (!seg) return small_up(x, ld_x, tok, start, end, E, w_in, b_in, W, D, dt, act, h_out, a_out, nthreads);
+    int rc = -1;
+#if defined(MOE_AMX)
+    rc = amx_up(x, ld_x, tok, seg + 2 * E, seg + 3 * E, E, w_in, b_in, W, D, act, h_out, a_out, nthreads);
+#elif defined(V8)
+    rc = packed_up(x, ld_x, tok, seg + 2 * E, seg + 3 * E, E, w_in, b_in, W, D, dt, act, h_out, a_out, nthreads);
 #endif
-    (void)packed_min;
-    return small_up(x, ld_x, tok, start, end, E, w_in, b_in, W, D, dt, act, h_out, a_out, nthreads);
+    if (rc == 0 && n < E) rc = small_up(x, ld_x, tok, seg, seg + E, E, w_in, b_in, W, D, dt, act, h_out, a_out, nthreads);
+    free(seg);
+    return rc;
 }
 
 int moe_small_down(const void *a, int64_t ld_a, const int64_t *tok, const float *w, const int64_t *start,
                    const int64_t *end, int64_t E, const void *w_out, const void *b_out, int64_t D, int64_t F, int dt,
                    float *out, int64_t ld_out, int64_t packed_min, int nthreads) {
+    /* experts of at least packed_min rows on the AMX tiles (bf16, whole 32-element steps) or the packed tiles
+     * (AVX2 builds), the others on the dot-product tiles */
+    int fast = 0;
 #if defined(MOE_AMX)
-    if (dt == DT_BF16 && packed_min > 0 && D % 32 == 0 && F % 32 == 0 && amx_ready()) {
-        int64_t n;
-        int64_t *seg = split_experts(start, end, E, packed_min, &n);
-        if (n < 0) return -5;
-        if (seg) {
-            int rc = amx_down(a, ld_a, tok, w, seg + 2 * E, seg + 3 * E, E, w_out, b_out, D, F, out, ld_out, nthreads);
-            if (rc == 0 && n < E) rc = small_down(a, ld_a, tok, w, seg, seg + E, E, w_out, b_out, D, F, dt, out, ld_out, nthreads);
-            free(seg);
-            return rc;
-        }
-    }
+    fast = dt == DT_BF16 && D % 32 == 0 && F % 32 == 0 && amx_ready();
+#elif defined(V8)
+    fast = 1;
 #endif
-#if defined(V8)
-    int64_t n;
-    int64_t *seg = split_experts(start, end, E, packed_min, &n);
+    int64_t n = 0;
+    int64_t *seg = fast ? split_experts(start, end, E, packed_min, &n) : NULL;
     if (n < 0) return -5;
-    if (seg) {
-        int rc = packed_down(a, ld_a, tok, w, seg + 2 * E, seg + 3 * E, E, w_out, b_out, D, F, dt, out, ld_out, nthreads);
-        if (rc == 0 && n < E) rc = small_down(a, ld_a, tok, w, seg, seg + E, E, w_out, b_out, D, F, dt, out, ld_out, nthreads);
-        free(seg);
-        return rc;
-    }
+    if (!seg) return small_down(a, ld_a, tok, w, start, end, E, w_out, b_out, D, F, dt, out, ld_out, nthreads);
+    int rc = -1;
+#if defined(MOE_AMX)
+    rc = amx_down(a, ld_a, tok, w, seg + 2 * E, seg + 3 * E, E, w_out, b_out, D, F, out, ld_out, nthreads);
+#elif defined(V8)
+    rc = packed_down(a, ld_a, tok, w, seg + 2 * E, seg + 3 * E, E, w_out, b_out, D, F, dt, out, ld_out, nthreads);
 #endif
-    (void)packed_min;
-    return small_down(a, ld_a, tok, w, start, end, E, w_out, b_out, D, F, dt, out, ld_out, nthreads);
+    if (rc == 0 && n < E) rc = small_down(a, ld_a, tok, w, seg, seg + E, E, w_out, b_out, D, F, dt, out, ld_out, nthreads);
+    free(seg);
+    return rc;
 }
 
 int moe_swiglu_fwd(const void *h, int64_t ld_h, void *a, int64_t ld_a, int64_t m, int64_t F, int dt, int nthreads) {
@@ -2379,12 +2361,7 @@ static void amx_pack_vnni(const bf16 *b, int64_t N, int64_t K, int64_t n0, int64
 static int amx_nn(const bf16 *A, int64_t lda, const int64_t *a_idx, const bf16 *B, int64_t Kd, int64_t N,
                   const int64_t *start, const int64_t *end, int64_t E, void *C, int cdt, int64_t ldc,
                   const int64_t *c_idx, int nthreads) {
-    int64_t rows = 0, na = 0;
-    for (int64_t e = 0; e < E; e++) {
-        rows += end[e] - start[e];
-        na += end[e] > start[e];
-    }
-    const int nt = threads_for(gemm_work(rows, na, N, Kd), nthreads);
+    const int nt = gemm_threads(start, end, E, N, Kd, nthreads);
     const int64_t nblk = N / 16;
     int64_t a_rows = 0; /* (without a_idx) rows of A the segments cover: A has at least these */
     for (int64_t e = 0; e < E; e++) a_rows = end[e] > a_rows ? end[e] : a_rows;
@@ -2450,32 +2427,27 @@ static int amx_nn(const bf16 *A, int64_t lda, const int64_t *a_idx, const bf16 *
 int moe_small_nn(const void *A, int adt, int64_t lda, const int64_t *a_idx, const void *B, int bdt, int64_t Kd,
                  int64_t N, const int64_t *start, const int64_t *end, int64_t E, void *C, int cdt, int64_t ldc,
                  const int64_t *c_idx, int64_t packed_min, int nthreads) {
+    /* experts of at least packed_min rows on the AMX tiles (bf16, whole 32-element steps) or the packed tiles
+     * (AVX2 builds), the others on the dot-product tiles */
+    int fast = 0;
 #if defined(MOE_AMX)
-    if (adt == DT_BF16 && bdt == DT_BF16 && packed_min > 0 && Kd % 32 == 0 && N % 16 == 0 && amx_ready()) {
-        int64_t n;
-        int64_t *seg = split_experts(start, end, E, packed_min, &n);
-        if (n < 0) return -5;
-        if (seg) {
-            int rc = amx_nn(A, lda, a_idx, B, Kd, N, seg + 2 * E, seg + 3 * E, E, C, cdt, ldc, c_idx, nthreads);
-            if (rc == 0 && n < E) rc = small_nn(A, adt, lda, a_idx, B, bdt, Kd, N, seg, seg + E, E, C, cdt, ldc, c_idx, nthreads);
-            free(seg);
-            return rc;
-        }
-    }
+    fast = adt == DT_BF16 && bdt == DT_BF16 && Kd % 32 == 0 && N % 16 == 0 && amx_ready();
+#elif defined(V8)
+    fast = 1;
 #endif
-#if defined(V8)
-    int64_t n;
-    int64_t *seg = split_experts(start, end, E, packed_min, &n);
+    int64_t n = 0;
+    int64_t *seg = fast ? split_experts(start, end, E, packed_min, &n) : NULL;
     if (n < 0) return -5;
-    if (seg) {
-        int rc = packed_nn(A, adt, lda, a_idx, B, bdt, Kd, N, seg + 2 * E, seg + 3 * E, E, C, cdt, ldc, c_idx, nthreads);
-        if (rc == 0 && n < E) rc = small_nn(A, adt, lda, a_idx, B, bdt, Kd, N, seg, seg + E, E, C, cdt, ldc, c_idx, nthreads);
-        free(seg);
-        return rc;
-    }
+    if (!seg) return small_nn(A, adt, lda, a_idx, B, bdt, Kd, N, start, end, E, C, cdt, ldc, c_idx, nthreads);
+    int rc = -1;
+#if defined(MOE_AMX)
+    rc = amx_nn(A, lda, a_idx, B, Kd, N, seg + 2 * E, seg + 3 * E, E, C, cdt, ldc, c_idx, nthreads);
+#elif defined(V8)
+    rc = packed_nn(A, adt, lda, a_idx, B, bdt, Kd, N, seg + 2 * E, seg + 3 * E, E, C, cdt, ldc, c_idx, nthreads);
 #endif
-    (void)packed_min;
-    return small_nn(A, adt, lda, a_idx, B, bdt, Kd, N, start, end, E, C, cdt, ldc, c_idx, nthreads);
+    if (rc == 0 && n < E) rc = small_nn(A, adt, lda, a_idx, B, bdt, Kd, N, seg, seg + E, E, C, cdt, ldc, c_idx, nthreads);
+    free(seg);
+    return rc;
 }
 
 #ifndef OTN
