@@ -484,6 +484,125 @@ def test_route_decode_declines_ties_and_nan(kernels):
     assert K.route_decode(x, torch.randn(E, D), None, None, *args) is not None
 
 
+# ------------------------------------------------------------------------------------------ router kernels
+@pytest.mark.parametrize("T,E,D", [(1, 8, 512), (13, 8, 37), (1030, 8, 512), (66, 16, 64), (9, 5, 48),
+                                   (70, 64, 96), (3, 64, 512)])
+@pytest.mark.parametrize("w_dtype", DTYPES)
+@pytest.mark.parametrize("bias", [False, True])
+def test_router_logits_match_float64(kernels, T, E, D, w_dtype, bias):
+    """A bf16 input's float32 logits without its float32 copy (the dot-product kernel's 4 x 4 blocks and their
+    tails, D not a multiple of 16; on AMX CPUs, bf16 weights with a multiple of 16 experts on the tiles), against
+    the same products in float64."""
+    torch.manual_seed(T + E + D)
+    x, w = torch.randn(T, D).bfloat16(), torch.randn(E, D).to(w_dtype)
+    b = torch.randn(E) if bias else None
+    got = K.router_logits(x, w, b)
+    want = x.double() @ w.double().T + (b.double() if bias else 0.0)
+    if got is None:  # only more experts than the dot-product kernel takes, and not for the tiles
+        tiles = w_dtype == torch.bfloat16 and K.amx() and E % 16 == 0 and D % 32 == 0 and T >= K.AMX_NN_MIN_ROWS
+        assert E > K.ROUTER_LOGITS_MAX_EXPERTS and not tiles
+        return
+    assert got.dtype == torch.float32 and got.shape == (T, E)
+    assert max_err(got, want) < 1e-5 * D ** 0.5
+    strided = torch.randn(T, D + 3).bfloat16()[:, :D]  # rows with a stride
+    strided.copy_(x)
+    assert torch.equal(K.router_logits(strided, w, b), got)
+
+
+def test_router_logits_decline_what_they_do_not_cover(kernels):
+    x = torch.randn(5, 32)
+    assert K.router_logits(x, torch.randn(8, 32)) is None  # float32 input: nothing to save
+    assert K.router_logits(x.bfloat16(), torch.randn(8, 16)) is None  # shapes disagree
+    assert K.router_logits(x.bfloat16(), torch.randn(8, 32), torch.randn(8).bfloat16()) is None  # bias dtype
+    assert K.router_logits(x.bfloat16(), torch.randn(8, 32).double()) is None
+
+
+def test_bf16_router_logits_take_the_kernel_forward_and_backward(kernels):
+    """A bf16 router computed in fp32 (its default) gets the kernel's logits, and the same gradients as F.linear on
+    the float32 copies."""
+    torch.manual_seed(0)
+    x = torch.randn(40, 64).bfloat16().requires_grad_()
+    w = torch.randn(8, 64).bfloat16().requires_grad_()
+    b = torch.randn(8, requires_grad=True)
+    out = cpu_gemm.linear_autograd(x, w, b, torch.float32)
+    assert torch.equal(out.detach(), K.router_logits(x.detach(), w.detach(), b.detach()))
+    g = torch.randn(40, 8)
+    got = torch.autograd.grad(out, [x, w, b], g)
+    want = torch.autograd.grad(F.linear(x.float(), w.float(), b), [x, w, b], g)
+    for a, c in zip(got, want):
+        assert a.dtype == c.dtype and max_err(a, c) < 1e-2
+
+
+@pytest.mark.parametrize("E,k", [(8, 2), (64, 8), (60, 6), (16, 16), (5, 1)])
+@pytest.mark.parametrize("renorm,renorm_min,scale", [(True, 0.0, 1.0), (False, 0.0, 2.5), (True, 0.9, 1.0)])
+def test_softmax_topk_kernel_matches_pytorch(kernels, E, k, renorm, renorm_min, scale):
+    torch.manual_seed(E * k)
+    T = K.ROUTE_MIN_SCORES // E + 5
+    logits, sel = torch.randn(T, E) * 3, torch.randn(E) * 0.05
+    ids, wts, probs = K.softmax_topk(logits, sel, k, renorm, renorm_min, scale)
+    p = torch.softmax(logits.double(), -1)
+    assert max_err(probs, p) < 1e-6
+    assert torch.equal(ids, torch.topk(p + sel.double(), k, dim=-1).indices)
+    want = p.gather(-1, ids)
+    if renorm:
+        want = want / want.sum(-1, keepdim=True).clamp_min(renorm_min)
+    assert max_err(wts, want * scale) < 1e-6 * max(scale, 1.0)
+    assert K.softmax_topk(logits[:3], sel, k, renorm, renorm_min, scale) is None  # too few scores: PyTorch's
+
+
+def test_softmax_topk_kernel_leaves_ties_and_nan_to_pytorch(kernels):
+    T, E = K.ROUTE_MIN_SCORES // 8 + 1, 8
+    logits = torch.randn(T, E)
+    assert K.softmax_topk(logits, None, 2, True, 0.0, 1.0) is not None
+    for bad in ("tie", "nan"):
+        s = logits.clone()
+        if bad == "tie":
+            s[T // 2, :3] = 5.0  # three equal largest: the top 2 depend on tie-breaking
+        else:
+            s[T - 1, 40 % E] = float("nan")
+        assert K.softmax_topk(s, None, 2, True, 0.0, 1.0) is None
+
+
+@pytest.mark.parametrize("renorm,renorm_min,scale", [(True, 0.0, 1.0), (False, 0.0, 2.5), (True, 0.6, 1.5)])
+@pytest.mark.parametrize("aux", [False, True])
+def test_softmax_topk_router_on_the_kernel_routes_and_differentiates_like_pytorch(kernels, renorm, renorm_min, scale,
+                                                                                 aux):
+    """SoftmaxTopK.route on the C kernel against its PyTorch steps: the same choices, weights and probabilities,
+    and the same logits' gradient through the weights (the renormalisation, its clamp for some rows, the scale)
+    and through the probabilities (a balancing loss)."""
+    torch.manual_seed(7)
+    E, k = 16, 4
+    router = moekit.routing.SoftmaxTopK(32, E, k, renormalize=renorm, renorm_min=renorm_min, scale=scale)
+    T = K.ROUTE_MIN_SCORES // E + 3
+    logits = (torch.randn(T, E) * 2).requires_grad_()
+    got = router.route(logits)
+    want = moekit.routing.base.TopKRouter.route(router, logits)
+    assert torch.equal(got.topk_ids_TK, want.topk_ids_TK)
+    assert max_err(got.topk_weights_TK, want.topk_weights_TK) < 1e-6
+    assert max_err(got.probs_TE, want.probs_TE) < 1e-6
+    gw, gp = torch.randn(T, k), torch.randn(T, E)
+
+    def loss(r):
+        return (r.topk_weights_TK * gw).sum() + ((r.probs_TE * gp).sum() if aux else 0.0)
+
+    (d_got,) = torch.autograd.grad(loss(got), logits)
+    (d_want,) = torch.autograd.grad(loss(want), logits)
+    assert max_err(d_got, d_want) < 1e-6
+
+
+@pytest.mark.parametrize("S,bins,k", [(0, 3, 1), (1, 1, 1), (5000, 9, 2), (65536, 65, 8)])
+def test_sort_keys_is_torchs_stable_sort(kernels, S, bins, k):
+    torch.manual_seed(S)
+    key = torch.randint(0, bins, (S,))
+    srt, order, tok, counts = K.sort_keys(key, bins, k)
+    want = torch.sort(key, stable=True)
+    assert torch.equal(srt, want.values) and torch.equal(order, want.indices)
+    assert torch.equal(tok, want.indices // k)
+    assert torch.equal(counts, torch.bincount(key, minlength=bins))
+    with pytest.raises(ValueError, match="outside"):
+        K.sort_keys(torch.tensor([0, bins]), bins, k)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_results_do_not_depend_on_the_thread_count(kernels, dtype):
     """Bit for bit the same on 1, 2 or 3 threads, with experts of very uneven rows (the input projection splits its
@@ -861,7 +980,7 @@ def test_fused_layer_runs_on_the_kernels_not_the_fallbacks(kernels, monkeypatch,
     called.clear()
     with torch.no_grad():
         layer(torch.randn(2, 48).to(dtype))
-    assert called == ["moe_small_decode"]
+    assert [c for c in called if c != "moe_router_logits"] == ["moe_small_decode"]  # (a bf16 router: its kernel)
 
 
 # ------------------------------------------------------------------------------------------------ router top-k

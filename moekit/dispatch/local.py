@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..kernels import cpu as kcpu
 from ..routing.base import RouterOutput
 
 DROP_POLICIES = ("probs", "position", "batch_priority")
@@ -125,13 +126,20 @@ class LocalDispatcher:
                 num_dropped = (~keep_TK & (ids_TK >= 0)).sum()
                 ids_TK = torch.where(keep_TK, ids_TK, -1)
                 may_have_empty = True
-            key_S = torch.where(ids_TK >= 0, ids_TK, E).reshape(-1)
-            expert_S, order_S = torch.sort(key_S, stable=True)
-            counts_E = torch.zeros(E + 1, dtype=torch.int64, device=ids_TK.device)
-            counts_E.scatter_add_(0, key_S, torch.ones_like(key_S))
+            # (every slot valid: the ids are the keys; the C sort refuses any out of range)
+            valid = not may_have_empty and ids_TK.device.type == "cpu"
+            key_S = (ids_TK if valid else torch.where(ids_TK >= 0, ids_TK, E)).reshape(-1)
+            counted = kcpu.sort_keys(key_S.contiguous(), E + 1, K)  # (a counting sort, on CPU)
+            if counted is not None:
+                expert_S, order_S, token_S, counts_E = counted
+            else:
+                expert_S, order_S = torch.sort(key_S, stable=True)
+                token_S = order_S // K
+                counts_E = torch.zeros(E + 1, dtype=torch.int64, device=ids_TK.device)
+                counts_E.scatter_add_(0, key_S, torch.ones_like(key_S))
             counts_E = counts_E[:E]
             offsets_E = torch.cumsum(counts_E, 0).to(torch.int32)
-        return DispatchPlan(ids_TK, weights_TK, order_S, order_S // K, expert_S, counts_E, offsets_E,
+        return DispatchPlan(ids_TK, weights_TK, order_S, token_S, expert_S, counts_E, offsets_E,
                             num_dropped, capacity, may_have_empty)
 
 

@@ -137,7 +137,7 @@ class _Linear(torch.autograd.Function):
     def forward(ctx, x, w, b, dtype):
         ctx.save_for_backward(x, w)
         ctx.has_bias, ctx.dtype = b is not None, dtype
-        return linear(x.to(dtype), w.to(dtype), None if b is None else b.to(dtype))
+        return _linear_cast(x, w, b, dtype)
 
     @staticmethod
     def backward(ctx, g):
@@ -185,6 +185,18 @@ def _few_rows_backward(g: torch.Tensor, w: torch.Tensor, x: torch.Tensor, need_d
     return dx, dw
 
 
+def _linear_cast(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """``linear(x.to(dtype), w.to(dtype), b)``; a bf16 ``x`` computed in fp32 (a bf16 layer's router) in the C
+    kernel where it applies (:func:`moekit.kernels.cpu.router_logits`: no fp32 copy of ``x``)."""
+    if dtype == torch.float32 and x.dtype == torch.bfloat16:
+        from . import cpu as kcpu  # (imports this module)
+
+        out = kcpu.router_logits(x, w, None if b is None else b.float())
+        if out is not None:
+            return out
+    return linear(x.to(dtype), w.to(dtype), None if b is None else b.to(dtype))
+
+
 def linear_autograd(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None,
                     dtype: torch.dtype | None = None) -> torch.Tensor:
     """``F.linear(x.to(dtype), w.to(dtype), b)`` for 2-D ``x``, differentiable, with the faster CPU GEMM where it
@@ -196,6 +208,6 @@ def linear_autograd(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = N
     if x.device.type == "cpu" and x.dim() == 2 and (provider(dtype) == "onednn" or cast) and \
             not torch.compiler.is_compiling():
         if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w, b))):
-            return linear(x.to(dtype), w.to(dtype), None if b is None else b.to(dtype))  # no graph to record
+            return _linear_cast(x, w, b, dtype)  # no graph to record
         return _Linear.apply(x, w, b, dtype)
     return F.linear(x.to(dtype), w.to(dtype), None if b is None else b.to(dtype))

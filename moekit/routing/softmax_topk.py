@@ -11,6 +11,7 @@ import functools
 
 import torch
 
+from ..kernels import cpu as kcpu
 from .base import RouterOutput, TopKRouter, register_router
 
 
@@ -47,7 +48,21 @@ class SoftmaxTopK(TopKRouter):
             ids_TK, weights_TK, probs_TE = TopKSoftmaxFunction.apply(
                 logits_TE.contiguous(), self.expert_bias, self.top_k, self.renormalize, self.renorm_min, self.scale)
             return RouterOutput(logits_TE, probs_TE, ids_TK, weights_TK)
+        if self._cpu_route_ok(logits_TE):  # ... or one C kernel call (None: a tie or NaN, routed below instead)
+            spec = (self.renormalize, float(self.renorm_min), float(self.scale))
+            routed = kcpu.softmax_topk(logits_TE.detach(), self.expert_bias.float(), self.top_k, *spec)
+            if routed is not None:
+                ids_TK, weights_TK, probs_TE = routed
+                if logits_TE.requires_grad and torch.is_grad_enabled():
+                    weights_TK, probs_TE = CPUTopKSoftmaxFunction.apply(logits_TE, ids_TK, weights_TK, probs_TE, spec)
+                return RouterOutput(logits_TE, probs_TE, ids_TK, weights_TK)
         return super().route(logits_TE)
+
+    def _cpu_route_ok(self, logits_TE: torch.Tensor) -> bool:
+        """On CPU with the C kernels: these exact steps, no disabled experts, fp32 logits (the kernel itself declines
+        small batches, :data:`moekit.kernels.cpu.ROUTE_MIN_SCORES`)."""
+        return (logits_TE.device.type == "cpu" and logits_TE.dtype == torch.float32 and not self.disabled
+                and _plain_steps(type(self)))
 
     def _kernel_route_ok(self, logits_TE: torch.Tensor) -> bool:
         """On a GPU with Triton (or under its interpreter): these exact steps, no disabled experts, fp32 logits."""
@@ -94,6 +109,40 @@ class TopKSoftmaxFunction(torch.autograd.Function):
             d_weights_TK = torch.zeros(ids_TK.shape, dtype=torch.float32, device=ids_TK.device)
         d_logits = triton_moe.topk_softmax_backward(probs_TE, ids_TK, d_weights_TK, d_probs_TE, *ctx.spec)
         return d_logits, None, None, None, None, None
+
+
+class CPUTopKSoftmaxFunction(torch.autograd.Function):
+    """The gradient path of a softmax top-k routing the C kernel computed (:func:`moekit.kernels.cpu.softmax_topk`):
+    forward passes its weights and probabilities through; backward is the softmax top-k's own, in PyTorch ops, from
+    the saved probabilities (``d_logits = p * (d_p - sum(d_p * p))``, ``d_p`` collecting the weights' gradient
+    through the gather, the renormalisation and the scale, and the probabilities' own, from the balancing loss)."""
+
+    @staticmethod
+    def forward(ctx, logits_TE, ids_TK, weights_TK, probs_TE, spec):
+        ctx.save_for_backward(probs_TE, ids_TK)
+        ctx.spec = spec
+        ctx.set_materialize_grads(False)
+        return weights_TK.clone(), probs_TE.clone()
+
+    @staticmethod
+    def backward(ctx, d_weights_TK, d_probs_TE):
+        probs_TE, ids_TK = ctx.saved_tensors
+        renormalize, renorm_min, scale = ctx.spec
+        d_p = torch.zeros_like(probs_TE) if d_probs_TE is None else d_probs_TE.float().clone()
+        if d_weights_TK is not None:
+            dw = d_weights_TK.float() * scale
+            p_k = probs_TE.gather(-1, ids_TK)
+            if renormalize:
+                total = p_k.sum(-1, keepdim=True)
+                clamped = total < renorm_min if renorm_min > 0 else torch.zeros_like(total, dtype=torch.bool)
+                denom = torch.where(clamped, renorm_min, total)
+                # w_k = p_k / denom: d p_j += dw_j / denom - [not clamped] sum_k dw_k p_k / denom^2
+                d_pk = dw / denom - torch.where(clamped, 0.0, (dw * p_k).sum(-1, keepdim=True) / denom ** 2)
+            else:
+                d_pk = dw
+            d_p.scatter_add_(-1, ids_TK, d_pk)
+        d_logits = probs_TE * (d_p - (d_p * probs_TE).sum(-1, keepdim=True))
+        return d_logits, None, None, None, None
 
 
 _STEPS = ("forward", "logits", "route", "scores", "select", "combine_weights", "mask_disabled", "decode_routing")

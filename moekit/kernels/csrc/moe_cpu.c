@@ -3028,6 +3028,188 @@ int moe_topk_rows(const float *scores, int64_t ld, int64_t T, int64_t E, int64_t
     return (int)(ambiguous < 0x7fffffff ? ambiguous : 0x7fffffff);
 }
 
+/* Router logits: out[t, e] = x[t, :] . w[e, :] (+ b[e]) in float32, x and w float32 or bfloat16 (widened exactly),
+ * b float32 or NULL. A bf16 layer routes in float32 without a float32 copy of its input (which took longer than
+ * the product: 2 ms of a Mixtral-like layer's 8192 tokens). Each output is one dot product, in blocks of 4 tokens x
+ * 4 experts whose 16 sums stay in AVX-512 registers over d (each row loaded once per block). */
+#if defined(__AVX512F__)
+/* s[i][j] = x[i, :] . w[j, :] for NT tokens and NE experts (compile-time constants where inlined: the sums stay
+ * in registers), dx and dw the dtypes (likewise constant). */
+static inline __attribute__((always_inline)) void logits_block(const void *x, const int dx, int64_t ld_x,
+                                                               const void *w, const int dw, int64_t D, const int NT,
+                                                               const int NE, float s[4][4]) {
+    __m512 acc[4][4];
+    for (int i = 0; i < NT; i++)
+        for (int j = 0; j < NE; j++) acc[i][j] = _mm512_setzero_ps();
+    for (int64_t d = 0; d < D; d += 16) {
+        const __mmask16 m = tail16(D - d);
+        __m512 xv[4], wv[4];
+        for (int i = 0; i < NT; i++) xv[i] = ld16(at(x, dx, ld_x, i, d), dx, m);
+        for (int j = 0; j < NE; j++) wv[j] = ld16(at(w, dw, D, j, d), dw, m);
+        for (int i = 0; i < NT; i++)
+            for (int j = 0; j < NE; j++) acc[i][j] = _mm512_fmadd_ps(xv[i], wv[j], acc[i][j]);
+    }
+    for (int i = 0; i < NT; i++)
+        for (int j = 0; j < NE; j++) s[i][j] = _mm512_reduce_add_ps(acc[i][j]);
+}
+
+static inline __attribute__((always_inline)) void logits_dt(const void *x, const int dx, int64_t ld_x,
+                                                            const void *w, const int dw, int64_t D, int64_t nt,
+                                                            int64_t ne, float s[4][4]) {
+    if (nt == 4 && ne == 4)
+        logits_block(x, dx, ld_x, w, dw, D, 4, 4, s);
+    else
+        for (int64_t i = 0; i < nt; i++)
+            for (int64_t j = 0; j < ne; j++) {
+                float one[4][4];
+                logits_block(at(x, dx, ld_x, i, 0), dx, ld_x, at(w, dw, D, j, 0), dw, D, 1, 1, one);
+                s[i][j] = one[0][0];
+            }
+}
+#endif
+
+static void router_logits(const void *x, int dx, int64_t ld_x, const void *w, int dw, const float *b, int64_t T,
+                          int64_t E, int64_t D, float *out, int64_t ld_out, int nthreads) {
+#pragma omp parallel for schedule(static) num_threads(threads_for(T * E * D / 16, nthreads))
+    for (int64_t t0 = 0; t0 < T; t0 += 4) {
+        const int64_t nt = T - t0 < 4 ? T - t0 : 4;
+        const void *xt = at(x, dx, ld_x, t0, 0);
+        for (int64_t e0 = 0; e0 < E; e0 += 4) {
+            const int64_t ne = E - e0 < 4 ? E - e0 : 4;
+            const void *we = at(w, dw, D, e0, 0);
+            float s[4][4];
+#if defined(__AVX512F__)
+            /* (the dtypes constant in each call, so the loads specialise) */
+            if (dx == DT_F32 && dw == DT_F32) logits_dt(xt, DT_F32, ld_x, we, DT_F32, D, nt, ne, s);
+            else if (dx == DT_BF16 && dw == DT_BF16) logits_dt(xt, DT_BF16, ld_x, we, DT_BF16, D, nt, ne, s);
+            else if (dx == DT_BF16) logits_dt(xt, DT_BF16, ld_x, we, DT_F32, D, nt, ne, s);
+            else logits_dt(xt, DT_F32, ld_x, we, DT_BF16, D, nt, ne, s);
+#else
+            for (int64_t i = 0; i < nt; i++)
+                for (int64_t j = 0; j < ne; j++) {
+                    const void *xr = at(xt, dx, ld_x, i, 0), *wr = at(we, dw, D, j, 0);
+                    float acc = 0.0f;
+#define LOGIT_DOT(DX, DW)                                                                                          \
+    do {                                                                                                           \
+        _Pragma("omp simd reduction(+ : acc)") for (int64_t d = 0; d < D; d++) acc += ld(xr, DX, d) * ld(wr, DW, d); \
+    } while (0)
+                    if (dx == DT_F32 && dw == DT_F32) LOGIT_DOT(DT_F32, DT_F32);
+                    else if (dx == DT_BF16 && dw == DT_BF16) LOGIT_DOT(DT_BF16, DT_BF16);
+                    else if (dx == DT_BF16) LOGIT_DOT(DT_BF16, DT_F32);
+                    else LOGIT_DOT(DT_F32, DT_BF16);
+#undef LOGIT_DOT
+                    s[i][j] = acc;
+                }
+#endif
+            for (int64_t i = 0; i < nt; i++)
+                for (int64_t j = 0; j < ne; j++)
+                    out[(t0 + i) * ld_out + e0 + j] = b ? s[i][j] + b[e0 + j] : s[i][j];
+        }
+    }
+}
+
+int moe_router_logits(const void *x, int dx, int64_t ld_x, const void *w, int dw, const float *b, int64_t T,
+                      int64_t E, int64_t D, float *out, int nthreads) {
+    if (T < 0 || E < 1 || D < 1) return -1;
+    router_logits(x, dx, ld_x, w, dw, b, T, E, D, out, E, nthreads);
+    return 0;
+}
+
+/* Softmax top-k of one token: p holds its E logits on entry and their softmax on return (c is scratch for the
+ * choice values p + sel); writes the K chosen experts (largest choice first) and their weights
+ *     wts[k] = p[ids[k]] / (renorm ? max(sum_k p[ids[k]], renorm_min) : 1) * scale.
+ * Returns 1, with ids and wts unwritten, on a NaN or a tie among the K + 1 largest choice values. */
+static int route_row(float *p, float *c, int64_t E, int64_t K, const float *sel, int renorm, float renorm_min,
+                     float scale, int64_t *ids, float *wts) {
+#if defined(__AVX512F__)
+    __m512 vmx = _mm512_set1_ps(-__builtin_inff()), vsum = _mm512_setzero_ps();
+    for (int64_t e = 0; e < E; e += 16) /* (a NaN logit makes its p, hence the sum and every p, NaN: ambiguous) */
+        vmx = _mm512_max_ps(vmx, _mm512_mask_loadu_ps(vmx, tail16(E - e), p + e));
+    const __m512 mx = _mm512_set1_ps(_mm512_reduce_max_ps(vmx));
+    for (int64_t e = 0; e < E; e += 16) {
+        const __mmask16 m = tail16(E - e);
+        const __m512 v = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, p + e), mx));
+        _mm512_mask_storeu_ps(p + e, m, v);
+        vsum = _mm512_add_ps(vsum, _mm512_maskz_mov_ps(m, v));
+    }
+    const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(vsum));
+    for (int64_t e = 0; e < E; e += 16) {
+        const __mmask16 m = tail16(E - e);
+        const __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, p + e), inv);
+        _mm512_mask_storeu_ps(p + e, m, v);
+        _mm512_mask_storeu_ps(c + e, m, sel ? _mm512_add_ps(v, _mm512_maskz_loadu_ps(m, sel + e)) : v);
+    }
+#else
+    float mx = -__builtin_inff(), sum = 0.0f;
+    for (int64_t e = 0; e < E; e++) mx = p[e] > mx ? p[e] : mx;
+    for (int64_t e = 0; e < E; e++) {
+        p[e] = exp_f32(p[e] - mx);
+        sum += p[e];
+    }
+    const float inv = 1.0f / sum;
+    for (int64_t e = 0; e < E; e++) {
+        p[e] *= inv;
+        c[e] = sel ? p[e] + sel[e] : p[e];
+    }
+#endif
+    if (topk_row(c, E, K, ids)) return 1;
+    float tot = 0.0f;
+    for (int64_t k = 0; k < K; k++) tot += p[ids[k]];
+    if (renorm_min > 0.0f && tot < renorm_min) tot = renorm_min;
+    for (int64_t k = 0; k < K; k++) wts[k] = (renorm ? p[ids[k]] / tot : p[ids[k]]) * scale;
+    return 0;
+}
+
+/* Softmax top-k routing of T tokens from their float32 logits [T, E] (row stride ld): probs [T, E] (may alias
+ * logits when ld == E), ids int64 and wts float32 [T, K], as route_row. Returns the number of rows with a NaN or a
+ * tie (their ids and wts unwritten: the caller then routes the batch in PyTorch, which breaks ties its own way). */
+int moe_softmax_topk(const float *logits, int64_t ld, int64_t T, int64_t E, int64_t K, const float *sel, int renorm,
+                     float renorm_min, float scale, float *probs, int64_t *ids, float *wts, int nthreads) {
+    if (K < 1 || K > 64 || K > E) return -1;
+    int64_t ambiguous = 0;
+#pragma omp parallel num_threads(threads_for(T * E * 8, nthreads))
+    {
+        float *c = malloc((size_t)E * sizeof(float));
+#pragma omp for schedule(static) reduction(+ : ambiguous)
+        for (int64_t t = 0; t < T; t++) {
+            float *p = probs + t * E;
+            if (p != logits + t * ld) memcpy(p, logits + t * ld, (size_t)E * sizeof(float));
+            ambiguous += c ? route_row(p, c, E, K, sel, renorm, renorm_min, scale, ids + t * K, wts + t * K) : 1;
+        }
+        free(c);
+    }
+    return (int)(ambiguous < 0x7fffffff ? ambiguous : 0x7fffffff);
+}
+
+/* Stable counting sort of S keys in [0, nb): sorted[i] the i-th smallest key, order[i] its position in key,
+ * tok[i] = order[i] / K, counts[b] the keys equal to b. Returns -1 (nothing written) if a key is out of range. */
+int moe_sort_keys(const int64_t *key, int64_t S, int64_t nb, int64_t K, int64_t *sorted, int64_t *order,
+                  int64_t *tok, int64_t *counts) {
+    if (nb < 1 || K < 1) return -1;
+    int64_t *next = calloc((size_t)nb, sizeof(int64_t));
+    if (!next) return -5;
+    for (int64_t i = 0; i < S; i++) {
+        if (key[i] < 0 || key[i] >= nb) {
+            free(next);
+            return -1;
+        }
+        next[key[i]]++;
+    }
+    for (int64_t b = 0, s = 0; b < nb; b++) {
+        counts[b] = next[b];
+        next[b] = s;
+        s += counts[b];
+    }
+    for (int64_t i = 0; i < S; i++) {
+        const int64_t j = next[key[i]]++;
+        sorted[j] = key[i];
+        order[j] = i;
+        tok[j] = i / K;
+    }
+    free(next);
+    return 0;
+}
+
 /* Softmax top-k routing of a few tokens, then their SwiGLU experts (moe_small_decode), in one call: one step of
  * decoding without the ~20 small PyTorch ops of routing on the host.
  *     logits[t, e] = x[t, :] . w_r[e, :] + b_r[e]             in float32 (b_r float32, may be NULL)
@@ -3044,48 +3226,10 @@ int moe_route_decode(const void *x, int64_t ld_x, const void *w_r, int dt_r, con
     float *p = malloc((size_t)(T * E * 2 + 1) * sizeof(float));
     if (!p) return -5;
     float *c = p + T * E;
+    router_logits(x, dt, ld_x, w_r, dt_r, b_r, T, E, D, p, E, nthreads);
     int64_t ambiguous = 0;
-#pragma omp parallel for schedule(static) reduction(+ : ambiguous) num_threads(threads_for(T * E * D, nthreads))
-    for (int64_t t = 0; t < T; t++) {
-        float *pt = p + t * E, *ct = c + t * E, mx = -__builtin_inff();
-        const void *xt = at(x, dt, ld_x, t, 0);
-        for (int64_t e = 0; e < E; e++) {
-            const void *we = at(w_r, dt_r, D, e, 0);
-            float s = 0.0f;
-            /* (each dtype pair its own loop: with the dtypes constant the widening vectorises; a bf16 model's
-             * one-token routing 0.06 ms -> a few us) */
-#define ROUTE_DOT(DX, DW)                                                                                          \
-    do {                                                                                                           \
-        _Pragma("omp simd reduction(+ : s)") for (int64_t d = 0; d < D; d++) s += ld(xt, DX, d) * ld(we, DW, d);   \
-    } while (0)
-            if (dt == DT_F32 && dt_r == DT_F32) ROUTE_DOT(DT_F32, DT_F32);
-            else if (dt == DT_BF16 && dt_r == DT_BF16) ROUTE_DOT(DT_BF16, DT_BF16);
-            else if (dt == DT_BF16) ROUTE_DOT(DT_BF16, DT_F32);
-            else ROUTE_DOT(DT_F32, DT_BF16);
-#undef ROUTE_DOT
-            pt[e] = b_r ? s + b_r[e] : s;
-            mx = pt[e] > mx ? pt[e] : mx;
-        }
-        float sum = 0.0f;
-        for (int64_t e = 0; e < E; e++) {
-            pt[e] = exp_f32(pt[e] - mx);
-            sum += pt[e];
-        }
-        const float inv = 1.0f / sum;
-        for (int64_t e = 0; e < E; e++) {
-            pt[e] *= inv;
-            ct[e] = sel ? pt[e] + sel[e] : pt[e];
-        }
-        int64_t *it = ids + t * K;
-        if (topk_row(ct, E, K, it)) { /* NaN (in x or the weights) or a tie */
-            ambiguous++;
-            continue;
-        }
-        float tot = 0.0f;
-        for (int64_t k = 0; k < K; k++) tot += pt[it[k]];
-        if (renorm_min > 0.0f && tot < renorm_min) tot = renorm_min;
-        for (int64_t k = 0; k < K; k++) wts[t * K + k] = (renorm ? pt[it[k]] / tot : pt[it[k]]) * scale;
-    }
+    for (int64_t t = 0; t < T; t++) /* (a NaN in x or the weights, or a tie: routed in PyTorch instead) */
+        ambiguous += route_row(p + t * E, c + t * E, E, K, sel, renorm, renorm_min, scale, ids + t * K, wts + t * K);
     free(p);
     if (ambiguous) return 1;
     /* the experts accumulate in float32: into out itself, or into a scratch block then rounded once into out */
