@@ -2168,6 +2168,57 @@ static inline __attribute__((always_inline)) void nn_stream_step(const char *b, 
  * partials are then summed into C by column blocks (each C element by one thread, experts in order: race-free). The
  * general kernel would read the weights in column blocks, a few hundred bytes of every row per pass, at about half
  * the memory rate. */
+#if defined(__AVX512F__)
+#define NN_KCHUNK 16 /* weight rows per chunk of nn_stream_regs (in L1/L2 while every column block reads them) */
+/* acc[r][:N] += sum_{k < kn} a[r][k] * b[k][:N] for R (a constant, <= NN_FEW) rows: each 32 columns' sums of all
+ * R rows in registers over the kn rows of b (bf16 widened once per load, not once per row of A), added to acc once;
+ * pf: the next chunk of b (pf_bytes, may be 0), prefetched into L2 a share with each column block. */
+static inline __attribute__((always_inline)) void nn_stream_regs(const char *b, const int bdt, size_t ldb, int64_t N,
+                                                                 int kn, const float a[][NN_KCHUNK], const int R,
+                                                                 float *acc, const char *pf, size_t pf_bytes) {
+    const size_t eb = esize(bdt);
+    const int64_t nblk = (N + 31) / 32;
+    for (int64_t j0 = 0, blk = 0; j0 < N; j0 += 32, blk++) {
+        const __mmask16 m0 = tail16(N - j0), m1 = tail16(N - j0 - 16 > 0 ? N - j0 - 16 : 0);
+        if (pf_bytes) /* this block's share of the next chunk's lines */
+            for (size_t o = pf_bytes * (size_t)blk / (size_t)nblk & ~(size_t)63;
+                 o < pf_bytes * (size_t)(blk + 1) / (size_t)nblk; o += 64)
+                _mm_prefetch(pf + o, _MM_HINT_T1);
+        __m512 lo[NN_FEW], hi[NN_FEW];
+        for (int r = 0; r < R; r++) lo[r] = hi[r] = _mm512_setzero_ps();
+        const char *bk = b + (size_t)j0 * eb;
+        for (int q = 0; q < kn; q++, bk += ldb) {
+            const __m512 w0 = ld16(bk, bdt, m0), w1 = ld16(bk + 16 * eb, bdt, m1);
+            for (int r = 0; r < R; r++) {
+                const __m512 av = _mm512_set1_ps(a[r][q]);
+                lo[r] = _mm512_fmadd_ps(av, w0, lo[r]);
+                hi[r] = _mm512_fmadd_ps(av, w1, hi[r]);
+            }
+        }
+        for (int r = 0; r < R; r++) {
+            float *o = acc + (size_t)r * (size_t)N + j0;
+            _mm512_mask_storeu_ps(o, m0, _mm512_add_ps(_mm512_maskz_loadu_ps(m0, o), lo[r]));
+            _mm512_mask_storeu_ps(o + 16, m1, _mm512_add_ps(_mm512_maskz_loadu_ps(m1, o + 16), hi[r]));
+        }
+    }
+}
+
+static inline __attribute__((always_inline)) void nn_stream_dt(const char *b, const int bdt, size_t ldb, int64_t N,
+                                                               int kn, const float a[][NN_KCHUNK], int R, float *acc,
+                                                               const char *pf, size_t pf_bytes) {
+    switch (R) { /* (R constant in each: the sums stay in registers) */
+    case 1: nn_stream_regs(b, bdt, ldb, N, kn, a, 1, acc, pf, pf_bytes); break;
+    case 2: nn_stream_regs(b, bdt, ldb, N, kn, a, 2, acc, pf, pf_bytes); break;
+    case 3: nn_stream_regs(b, bdt, ldb, N, kn, a, 3, acc, pf, pf_bytes); break;
+    case 4: nn_stream_regs(b, bdt, ldb, N, kn, a, 4, acc, pf, pf_bytes); break;
+    case 5: nn_stream_regs(b, bdt, ldb, N, kn, a, 5, acc, pf, pf_bytes); break;
+    case 6: nn_stream_regs(b, bdt, ldb, N, kn, a, 6, acc, pf, pf_bytes); break;
+    case 7: nn_stream_regs(b, bdt, ldb, N, kn, a, 7, acc, pf, pf_bytes); break;
+    default: nn_stream_regs(b, bdt, ldb, N, kn, a, 8, acc, pf, pf_bytes); break;
+    }
+}
+#endif
+
 static int nn_stream(const void *A, int adt, int64_t lda, const int64_t *a_idx, const void *B, int bdt, int64_t Kd,
                      int64_t N, const int64_t *start, const int64_t *end, const int64_t *active, int64_t na, void *C,
                      int cdt, int64_t ldc, const int64_t *c_idx, int nt) {
@@ -2200,6 +2251,27 @@ static int nn_stream(const void *A, int adt, int64_t lda, const int64_t *a_idx, 
                 const char *be = (const char *)B + (size_t)e * (size_t)Kd * ldb;
                 const void *ar[NN_FEW];
                 for (int r = 0; r < R; r++) ar[r] = at(A, adt, lda, a_idx ? a_idx[s0 + r] : s0 + r, 0);
+#if defined(__AVX512F__)
+                /* chunks of NN_KCHUNK weight rows (contiguous: read once, in order, the next chunk prefetched),
+                 * each column block's sums of all R rows in registers over the chunk. Measured on 2 Sapphire
+                 * Rapids cores, Mixtral-like experts (weights in L3), against the steps below: bf16, 4 rows per
+                 * expert g @ W_out 0.85 -> 0.42 ms, dH @ W_in 1.41 -> 0.81 ms; 7 rows 1.17 -> 0.54, 2.08 -> 1.03;
+                 * fp32 4 rows 1.04 -> 0.64, 1.82 -> 1.60; fp32 single rows ~15% slower: they keep the steps */
+                for (int64_t k = k0; k < k1 && (bdt == DT_BF16 || R >= 2); k += NN_KCHUNK) {
+                    const int kn = (int)min64(NN_KCHUNK, k1 - k);
+                    float a[NN_FEW][NN_KCHUNK];
+                    for (int r = 0; r < R; r++)
+                        for (int q = 0; q < kn; q++) a[r][q] = ld(ar[r], adt, k + q);
+                    const char *b = be + (size_t)k * ldb;
+                    const size_t next = k + kn < k1 ? (size_t)min64(NN_KCHUNK, k1 - k - kn) * ldb : 0;
+                    if (bdt == DT_F32) nn_stream_dt(b, DT_F32, ldb, N, kn, a, (int)R, acc, b + (size_t)kn * ldb, next);
+                    else nn_stream_dt(b, DT_BF16, ldb, N, kn, a, (int)R, acc, b + (size_t)kn * ldb, next);
+                }
+                if (bdt == DT_BF16 || R >= 2) {
+                    u += k1 - k0;
+                    continue;
+                }
+#endif
                 for (int64_t k = k0; k < k1; k += NN_STREAM_STEP) {
                     const int kn = (int)min64(NN_STREAM_STEP, k1 - k);
                     float a[NN_FEW][NN_STREAM_STEP] = {{0.0f}};
