@@ -376,6 +376,33 @@ def test_small_nn_few_rows_streams_weights_across_threads(kernels, dtype, thread
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("counts", [[3, 0, 1, 4], [8, 5, 0, 2], [1, 1]])
+@pytest.mark.parametrize("N,Kd", [(37, 45), (64, 512)])
+def test_small_outer_few_rows_per_expert(kernels, dtype, counts, N, Kd):
+    """Weight gradients where every expert has a few rows (decode-size training; AVX-512 builds write them from
+    registers, 4 rows of G at a time): rows of G in a last partial group of 4, columns in a partial 32-column step,
+    both operands gathered by index, an idle expert left untouched."""
+    g = torch.Generator().manual_seed(sum(counts) + N)
+    start, end = segments(counts)
+    S, T = sum(counts), 11
+    tok = torch.cat([torch.randperm(T, generator=g)[:c] for c in counts])
+    a = torch.randn(T, N, generator=g).to(dtype)
+    b = torch.randn(S, Kd, generator=g).to(dtype)
+    grad = torch.full((len(counts), N, Kd), 7.0).to(dtype)
+    K.small_experts_outer(a, tok, b, None, start, end, grad)
+    grad2 = torch.full((len(counts), Kd, N), 7.0).to(dtype)
+    K.small_experts_outer(b, None, a, tok, start, end, grad2)
+    for e, c in enumerate(counts):
+        s, t = start[e].item(), end[e].item()
+        if c == 0:
+            assert (grad[e] == 7).all() and (grad2[e] == 7).all()
+            continue
+        want = a[tok[s:t]].double().T @ b[s:t].double()
+        assert rel_err(grad[e], want) < TOL[dtype]
+        assert rel_err(grad2[e], want.T) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_small_outer_with_rows_too_many_to_pack(kernels, dtype):
     # an expert whose rows of b exceed the outer-product kernel's packing buffer (OUTER_PACK_MAX, 4 MiB of fp32)
     # is read in place; a small one next to it is packed
