@@ -118,6 +118,17 @@ static inline int threads_for(int64_t work, int nthreads) {
     return t < nthreads ? (int)t : nthreads;
 }
 
+/* The last i in [lo, hi] with cum[i] <= x (cum nondecreasing, cum[lo] <= x): the segment of a prefix-summed
+ * list that holds item x, its empty segments (cum[i] == cum[i + 1]) never chosen. */
+static inline int64_t seg_find(const int64_t *cum, int64_t lo, int64_t hi, int64_t x) {
+    while (lo < hi) {
+        const int64_t mid = (lo + hi + 1) / 2;
+        if (cum[mid] <= x) lo = mid;
+        else hi = mid - 1;
+    }
+    return lo;
+}
+
 /* Threads for a grouped GEMM over the expert segments [start[e], end[e]) with weight matrices of n x k. */
 static inline int gemm_threads(const int64_t *start, const int64_t *end, int64_t E, int64_t n, int64_t k,
                                int nthreads) {
@@ -621,12 +632,7 @@ static int small_up(const void *x, int64_t ld_x, const int64_t *tok, const int64
 #pragma omp parallel num_threads(nt)
     for (int t = omp_get_thread_num(); t < nt; t += omp_get_num_threads()) /* (fewer threads than asked: all runs) */
     for (int64_t item = bound[t]; item < bound[t + 1]; item++) {
-        int64_t lo = 0, hi = na - 1; /* the expert of this item: the last with first[] <= item */
-        while (lo < hi) {
-            int64_t mid = (lo + hi + 1) / 2;
-            if (first[mid] <= item) lo = mid;
-            else hi = mid - 1;
-        }
+        const int64_t lo = seg_find(first, 0, na - 1, item); /* the expert of this item */
         const int64_t e = active[lo], local = item - first[lo];
         const int64_t j0 = (local % nj) * JB, jw = min64(JB, F - j0);
         const int64_t s0 = start[e] + (local / nj) * UP_RB, s1 = min64(s0 + UP_RB, end[e]);
@@ -1607,12 +1613,7 @@ static bf16 *amx_pack(const bf16 *src, int64_t ld, const int64_t *idx, const int
     }
 #pragma omp parallel for schedule(static) num_threads(threads_for(nb * K * 16, nthreads))
     for (int64_t b = 0; b < nb; b++) {
-        int64_t lo = 0, hi = E - 1; /* the expert of block b: the last with blk[] <= b */
-        while (lo < hi) {
-            int64_t mid = (lo + hi + 1) / 2;
-            if (blk[mid] <= b) lo = mid;
-            else hi = mid - 1;
-        }
+        const int64_t lo = seg_find(blk, 0, E - 1, b); /* the expert of block b */
         const int64_t s0 = start[lo] + (b - blk[lo]) * 16;
         amx_pack16(src, ld, idx, s0, min64(16, end[lo] - s0), K, buf + (size_t)b * (size_t)K * 16);
     }
@@ -2242,7 +2243,11 @@ static int nn_stream(const void *A, int adt, int64_t lda, const int64_t *a_idx, 
             float *pt = part + (size_t)t * (size_t)rows_end * (size_t)N;
             span[2 * t] = u0 / Kd;
             span[2 * t + 1] = u1 > u0 ? (u1 - 1) / Kd : u0 / Kd - 1; /* empty range: no expert */
+#if defined(__AVX512F__)
+            float *wf = NULL; /* (bf16 rows: nn_stream_regs widens them itself) */
+#else
             float *wf = bdt == DT_F32 ? NULL : malloc((size_t)NN_STREAM_STEP * (size_t)N * sizeof(float));
+#endif
             for (int64_t u = u0; u < u1;) {
                 const int64_t i = u / Kd, e = active[i], k0 = u % Kd, k1 = min64(Kd, k0 + (u1 - u));
                 const int64_t s0 = start[e], R = end[e] - s0;
@@ -2676,13 +2681,8 @@ static int amx_outer(const bf16 *A, int64_t lda, const int64_t *a_idx, const bf1
              * A's rows transposed ([N, Mp]) and then B's pair-interleaved blocks ([Kd / 16][Mp / 32][512]) */
 #pragma omp for schedule(static)
             for (int64_t item = pk[g0]; item < pk[g1]; item++) {
-                int64_t lo = g0, hi = g1 - 1; /* the expert: the first with pk[e + 1] > item */
-                while (lo < hi) {
-                    const int64_t mid = (lo + hi) / 2;
-                    if (pk[mid + 1] > item) hi = mid;
-                    else lo = mid + 1;
-                }
-                const int64_t e = lo, s0 = start[e], R = end[e] - s0, Mp = (R + 31) / 32 * 32, nm = Mp / 32;
+                const int64_t e = seg_find(pk, g0, g1 - 1, item); /* the expert */
+                const int64_t s0 = start[e], R = end[e] - s0, Mp = (R + 31) / 32 * 32, nm = Mp / 32;
                 bf16 *at = buf + (el[e] - el[g0]), *bv = at + (size_t)N * (size_t)Mp;
                 const int64_t local = item - pk[e], mc = local / (nn + nk), blk = local % (nn + nk);
                 const int isa = blk < nn;
@@ -2712,13 +2712,8 @@ static int amx_outer(const bf16 *A, int64_t lda, const int64_t *a_idx, const bf1
             }
 #pragma omp for schedule(static)
             for (int64_t item = ck[g0]; item < ck[g1]; item++) {
-                int64_t lo = g0, hi = g1 - 1; /* the expert: the first with ck[e + 1] > item */
-                while (lo < hi) {
-                    const int64_t mid = (lo + hi) / 2;
-                    if (ck[mid + 1] > item) hi = mid;
-                    else lo = mid + 1;
-                }
-                const int64_t e = lo, Mp = (end[e] - start[e] + 31) / 32 * 32, nm = Mp / 32, local = item - ck[e];
+                const int64_t e = seg_find(ck, g0, g1 - 1, item); /* the expert */
+                const int64_t Mp = (end[e] - start[e] + 31) / 32 * 32, nm = Mp / 32, local = item - ck[e];
                 const bf16 *at = buf + (el[e] - el[g0]), *bv = at + (size_t)N * (size_t)Mp;
                 char *ge = (char *)G + (size_t)e * (size_t)N * (size_t)Kd * esize(gdt);
                 const int64_t n0 = 32 * (local / ((nk + 1) / 2)), k0 = 32 * (local % ((nk + 1) / 2));
