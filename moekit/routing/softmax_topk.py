@@ -58,15 +58,18 @@ class SoftmaxTopK(TopKRouter):
                 return RouterOutput(logits_TE, probs_TE, ids_TK, weights_TK)
         return super().route(logits_TE)
 
+    def _fused_steps_ok(self, logits_TE: torch.Tensor) -> bool:
+        """What a fused routing kernel needs: these exact steps, no disabled experts, fp32 logits."""
+        return not self.disabled and logits_TE.dtype == torch.float32 and _plain_steps(type(self))
+
     def _cpu_route_ok(self, logits_TE: torch.Tensor) -> bool:
-        """On CPU with the C kernels: these exact steps, no disabled experts, fp32 logits (the kernel itself declines
-        small batches, :data:`moekit.kernels.cpu.ROUTE_MIN_SCORES`)."""
-        return (logits_TE.device.type == "cpu" and logits_TE.dtype == torch.float32 and not self.disabled
-                and _plain_steps(type(self)))
+        """On CPU with the C kernels (the kernel itself declines small batches,
+        :data:`moekit.kernels.cpu.ROUTE_MIN_SCORES`)."""
+        return logits_TE.device.type == "cpu" and self._fused_steps_ok(logits_TE)
 
     def _kernel_route_ok(self, logits_TE: torch.Tensor) -> bool:
-        """On a GPU with Triton (or under its interpreter): these exact steps, no disabled experts, fp32 logits."""
-        if self.disabled or logits_TE.dtype != torch.float32 or not _plain_steps(type(self)):
+        """On a GPU with Triton (or under its interpreter)."""
+        if not self._fused_steps_ok(logits_TE):
             return False
         from ..experts.triton_backend import triton_usable
 
