@@ -288,6 +288,15 @@ static inline size_t pf_ahead(size_t rowb) {
 }
 
 #if defined(__AVX512F__)
+/* masks of the first min(left, 16) (32) lanes */
+static inline __attribute__((always_inline)) __mmask16 tail16(int64_t left) {
+    return left >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1u);
+}
+
+static inline __attribute__((always_inline)) __mmask32 tail32(int64_t left) {
+    return left >= 32 ? (__mmask32)0xffffffffu : (__mmask32)((1u << left) - 1u);
+}
+
 /* [sum(a), sum(b), sum(c), sum(d)]: four horizontal sums in 12 instructions instead of four reduction chains. */
 static inline __attribute__((always_inline)) __m128 reduce4(__m512 a, __m512 b, __m512 c, __m512 d) {
     __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b)); /* per lane a02 b02 a13 b13 */
@@ -382,33 +391,56 @@ static inline __attribute__((always_inline)) void nt_tile_k(const void *const *a
                                                             const void *const *pf, int64_t K, const int dt, float *c,
                                                             const int64_t ldc, const int PF) {
 #if defined(__AVX512F__)
+    /* Whole vectors of k with plain loads, then one masked step for the tail: a mask computed at every step (and
+     * masked loads, which do not fold into the multiply-adds) cost a quarter of the tile's rate (fp32, 6 x 4
+     * tile, K = 512 in L1: 72-80 -> 103-108 GFLOP/s on one Xeon core) */
     __m512 acc[TR][TN];
     UNROLL for (int r = 0; r < R; r++) UNROLL for (int n = 0; n < TN; n++) acc[r][n] = _mm512_setzero_ps();
     if (dt == DT_F32) {
-        for (int64_t k = 0; k < K; k += 16) {
-            __mmask16 mk = K - k >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (K - k)) - 1);
-            __m512 bv[TN];
-            if (PF) UNROLL for (int n = 0; n < TN; n++) _mm_prefetch((const char *)((const float *)pf[n] + k), _MM_HINT_T0);
-            UNROLL for (int n = 0; n < TN; n++) bv[n] = _mm512_maskz_loadu_ps(mk, (const float *)b[n] + k);
-            UNROLL for (int r = 0; r < R; r++) {
-                __m512 av = _mm512_maskz_loadu_ps(mk, (const float *)a[r] + k);
-                UNROLL for (int n = 0; n < TN; n++) acc[r][n] = _mm512_fmadd_ps(av, bv[n], acc[r][n]);
-            }
+#define NT_F32_STEP(LOAD)                                                                                          \
+    do {                                                                                                           \
+        __m512 bv[TN];                                                                                             \
+        if (PF) UNROLL for (int n = 0; n < TN; n++) _mm_prefetch((const char *)((const float *)pf[n] + k), PF_HINT); \
+        UNROLL for (int n = 0; n < TN; n++) bv[n] = LOAD((const float *)b[n] + k);                                  \
+        UNROLL for (int r = 0; r < R; r++) {                                                                       \
+            const __m512 av = LOAD((const float *)a[r] + k);                                                       \
+            UNROLL for (int n = 0; n < TN; n++) acc[r][n] = _mm512_fmadd_ps(av, bv[n], acc[r][n]);                 \
+        }                                                                                                          \
+    } while (0)
+        int64_t k = 0;
+        for (; k + 16 <= K; k += 16) NT_F32_STEP(_mm512_loadu_ps);
+        if (k < K) {
+            const __mmask16 mk = tail16(K - k);
+#define NT_LD_TAIL(p) _mm512_maskz_loadu_ps(mk, p)
+            NT_F32_STEP(NT_LD_TAIL);
+#undef NT_LD_TAIL
         }
+#undef NT_F32_STEP
     } else {
-        for (int64_t k = 0; k < K; k += 32) {
-            __mmask32 mk = K - k >= 32 ? (__mmask32)0xffffffffu : (__mmask32)((1u << (K - k)) - 1);
 #if defined(__AVX512BF16__)
-            __m512i bv[TN];
-            if (PF) UNROLL for (int n = 0; n < TN; n++) _mm_prefetch((const char *)((const bf16 *)pf[n] + k), _MM_HINT_T0);
-            UNROLL for (int n = 0; n < TN; n++) bv[n] = _mm512_maskz_loadu_epi16(mk, (const bf16 *)b[n] + k);
-            UNROLL for (int r = 0; r < R; r++) {
-                __m512i av = _mm512_maskz_loadu_epi16(mk, (const bf16 *)a[r] + k);
-                UNROLL for (int n = 0; n < TN; n++)
-                    acc[r][n] = _mm512_dpbf16_ps(acc[r][n], (__m512bh)av, (__m512bh)bv[n]);
-            }
+#define NT_BF16_STEP(LOAD)                                                                                         \
+    do {                                                                                                           \
+        __m512i bv[TN];                                                                                            \
+        if (PF) UNROLL for (int n = 0; n < TN; n++) _mm_prefetch((const char *)((const bf16 *)pf[n] + k), PF_HINT); \
+        UNROLL for (int n = 0; n < TN; n++) bv[n] = LOAD((const bf16 *)b[n] + k);                                   \
+        UNROLL for (int r = 0; r < R; r++) {                                                                       \
+            const __m512i av = LOAD((const bf16 *)a[r] + k);                                                       \
+            UNROLL for (int n = 0; n < TN; n++) acc[r][n] = _mm512_dpbf16_ps(acc[r][n], (__m512bh)av, (__m512bh)bv[n]); \
+        }                                                                                                          \
+    } while (0)
+        int64_t k = 0;
+        for (; k + 32 <= K; k += 32) NT_BF16_STEP(_mm512_loadu_si512);
+        if (k < K) {
+            const __mmask32 mk = tail32(K - k);
+#define NT_LD_TAIL(p) _mm512_maskz_loadu_epi16(mk, p)
+            NT_BF16_STEP(NT_LD_TAIL);
+#undef NT_LD_TAIL
+        }
+#undef NT_BF16_STEP
 #else
-            /* no bf16 dot product: widen each half of the 32 values to float32 (bf16 is the top half of a float) */
+        /* no bf16 dot product: widen each half of the 32 values to float32 (bf16 is the top half of a float) */
+        for (int64_t k = 0; k < K; k += 32) {
+            const __mmask32 mk = tail32(K - k);
             if (PF) UNROLL for (int n = 0; n < TN; n++) _mm_prefetch((const char *)((const bf16 *)pf[n] + k), _MM_HINT_T0);
             UNROLL for (int half = 0; half < 2; half++) {
                 __mmask16 mh = (__mmask16)(mk >> (16 * half));
@@ -421,8 +453,8 @@ static inline __attribute__((always_inline)) void nt_tile_k(const void *const *a
                     UNROLL for (int n = 0; n < TN; n++) acc[r][n] = _mm512_fmadd_ps(av, bv[n], acc[r][n]);
                 }
             }
-#endif
         }
+#endif
     }
     UNROLL for (int r = 0; r < R; r++) UNROLL for (int n = 0; n < TN; n += 4)
         _mm_storeu_ps(c + r * ldc + n, reduce4(acc[r][n], acc[r][n + 1], acc[r][n + 2], acc[r][n + 3]));
@@ -911,14 +943,6 @@ static inline __attribute__((always_inline)) __m512 sigmoid16(__m512 x) {
     e = _mm512_mask_mov_ps(e, _mm512_cmp_ps_mask(nx, _mm512_set1_ps(EXP_HI), _CMP_GT_OQ),
                            _mm512_set1_ps(__builtin_inff()));
     return _mm512_div_ps(_mm512_set1_ps(1.0f), _mm512_add_ps(_mm512_set1_ps(1.0f), e));
-}
-
-static inline __attribute__((always_inline)) __mmask16 tail16(int64_t left) {
-    return left >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1u);
-}
-
-static inline __attribute__((always_inline)) __mmask32 tail32(int64_t left) {
-    return left >= 32 ? (__mmask32)0xffffffffu : (__mmask32)((1u << left) - 1u);
 }
 
 /* 32 bfloat16 as two float32 vectors without any lane shuffle: the even elements (shifted up into the high half of
