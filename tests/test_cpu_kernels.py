@@ -353,12 +353,13 @@ def test_amx_can_be_switched_off(monkeypatch):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_small_nn_few_rows_streams_weights_across_threads(kernels, dtype, threads):
-    # every expert with at most NN_FEW (8) rows: the NN kernel splits all weight rows into one range per thread
-    # (ranges that end inside an expert, an idle expert, Kd not a multiple of the 4-row step) and sums the threads'
-    # partial rows afterwards; tokens shared by experts accumulate into the same rows of out
-    counts, Kd, N = [3, 8, 0, 1, 6], 301, 203
+    # every expert with few rows (bf16 at most 8; fp32 on AVX-512 builds at most 96): the NN kernel splits all
+    # weight rows into one range per thread (ranges that end inside an expert, an idle expert, Kd not a multiple of
+    # the 4-row step) and sums the threads' partial rows afterwards; tokens shared by experts accumulate into the
+    # same rows of out. fp32 adds an expert of 17 rows: register groups of 8, 8 and 1 rows over each weight chunk
+    counts, Kd, N = [3, 8, 0, 1, 6] + ([17] if dtype == torch.float32 else []), 301, 203
     start, end = segments(counts)
-    S, T = sum(counts), 9
+    S, T = sum(counts), 19
     g = torch.Generator().manual_seed(5)
     tok = torch.cat([torch.randperm(T, generator=g)[:c] for c in counts])
     a = torch.randn(T, Kd, generator=g).to(dtype)
@@ -376,15 +377,15 @@ def test_small_nn_few_rows_streams_weights_across_threads(kernels, dtype, thread
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("counts", [[3, 0, 1, 4], [8, 5, 0, 2], [1, 1]])
+@pytest.mark.parametrize("counts", [[3, 0, 1, 4], [8, 5, 0, 2], [1, 1], [17, 0, 40]])
 @pytest.mark.parametrize("N,Kd", [(37, 45), (64, 512)])
 def test_small_outer_few_rows_per_expert(kernels, dtype, counts, N, Kd):
-    """Weight gradients where every expert has a few rows (decode-size training; AVX-512 builds write them from
-    registers, 4 rows of G at a time): rows of G in a last partial group of 4, columns in a partial 32-column step,
-    both operands gathered by index, an idle expert left untouched."""
+    """Weight gradients where every expert has few rows (AVX-512 builds write them from registers, 4 rows of G at
+    a time: fp32 up to 256 rows per expert, bf16 on AMX up to 4): rows of G in a last partial group of 4, columns in
+    a partial 32-column step, both operands gathered by index, an idle expert left untouched."""
     g = torch.Generator().manual_seed(sum(counts) + N)
     start, end = segments(counts)
-    S, T = sum(counts), 11
+    S, T = sum(counts), max(11, *counts)
     tok = torch.cat([torch.randperm(T, generator=g)[:c] for c in counts])
     a = torch.randn(T, N, generator=g).to(dtype)
     b = torch.randn(S, Kd, generator=g).to(dtype)
