@@ -388,8 +388,8 @@ static inline __attribute__((always_inline)) void st8(void *p, int dt, __m256 v,
  * at every call (see nt_tile), so the loops unroll and the R x TN accumulators stay in registers. */
 #define UNROLL _Pragma("GCC unroll 8")
 static inline __attribute__((always_inline)) void nt_tile_k(const void *const *a, const int R, const void *const *b,
-                                                            const void *const *pf, int64_t K, const int dt, float *c,
-                                                            const int64_t ldc, const int PF) {
+                                                            const void *const *pf, const char *pn, int64_t K,
+                                                            const int dt, float *c, const int64_t ldc, const int PF) {
 #if defined(__AVX512F__)
     /* Whole vectors of k with plain loads, then one masked step for the tail: a mask computed at every step (and
      * masked loads, which do not fold into the multiply-adds) cost a quarter of the tile's rate (fp32, 6 x 4
@@ -400,6 +400,7 @@ static inline __attribute__((always_inline)) void nt_tile_k(const void *const *a
 #define NT_F32_STEP(LOAD)                                                                                          \
     do {                                                                                                           \
         __m512 bv[TN];                                                                                             \
+        if (pn) _mm_prefetch(pn + (size_t)k * 4, _MM_HINT_T1);                                                     \
         if (PF) UNROLL for (int n = 0; n < TN; n++) _mm_prefetch((const char *)((const float *)pf[n] + k), PF_HINT); \
         UNROLL for (int n = 0; n < TN; n++) bv[n] = LOAD((const float *)b[n] + k);                                  \
         UNROLL for (int r = 0; r < R; r++) {                                                                       \
@@ -421,6 +422,7 @@ static inline __attribute__((always_inline)) void nt_tile_k(const void *const *a
 #define NT_BF16_STEP(LOAD)                                                                                         \
     do {                                                                                                           \
         __m512i bv[TN];                                                                                            \
+        if (pn) _mm_prefetch(pn + (size_t)k * 2, _MM_HINT_T1);                                                     \
         if (PF) UNROLL for (int n = 0; n < TN; n++) _mm_prefetch((const char *)((const bf16 *)pf[n] + k), PF_HINT); \
         UNROLL for (int n = 0; n < TN; n++) bv[n] = LOAD((const bf16 *)b[n] + k);                                   \
         UNROLL for (int r = 0; r < R; r++) {                                                                       \
@@ -582,15 +584,18 @@ static inline __attribute__((always_inline)) void nt_tile_k(const void *const *a
 
 /* The tile for 1 <= R <= TR token rows and TN weight rows (callers pad b with a repeated valid row). pf: the weight
  * rows of the caller's next tile, prefetched line by line as this tile streams its own from memory; NULL when b is
- * already in cache. */
-static void nt_tile(const void *const *a, int R, const void *const *b, const void *const *pf, int64_t K, int dt,
-                    float *c, int64_t ldc) {
+ * already in cache. pn (AVX-512 builds; NULL: none): K elements of dtype dt (one weight row) that the caller needs
+ * later, prefetched into L2 one line per step of k. */
+static void nt_tile(const void *const *a, int R, const void *const *b, const void *const *pf, const char *pn,
+                    int64_t K, int dt, float *c, int64_t ldc) {
 #define NT_CASE(r)                                                                                                 \
     case r:                                                                                                        \
         if (pf)                                                                                                    \
-            dt == DT_F32 ? nt_tile_k(a, r, b, pf, K, DT_F32, c, ldc, 1) : nt_tile_k(a, r, b, pf, K, DT_BF16, c, ldc, 1); \
+            dt == DT_F32 ? nt_tile_k(a, r, b, pf, pn, K, DT_F32, c, ldc, 1)                                        \
+                         : nt_tile_k(a, r, b, pf, pn, K, DT_BF16, c, ldc, 1);                                      \
         else                                                                                                       \
-            dt == DT_F32 ? nt_tile_k(a, r, b, b, K, DT_F32, c, ldc, 0) : nt_tile_k(a, r, b, b, K, DT_BF16, c, ldc, 0);   \
+            dt == DT_F32 ? nt_tile_k(a, r, b, b, pn, K, DT_F32, c, ldc, 0)                                         \
+                         : nt_tile_k(a, r, b, b, pn, K, DT_BF16, c, ldc, 0);                                       \
         break;
     switch (R) {
         NT_CASE(1)
@@ -669,6 +674,20 @@ static int small_up(const void *x, int64_t ld_x, const int64_t *tok, const int64
         const int64_t j0 = (local % nj) * JB, jw = min64(JB, F - j0);
         const int64_t s0 = start[e] + (local / nj) * UP_RB, s1 = min64(s0 + UP_RB, end[e]);
         const char *we = (const char *)w_in + (size_t)e * (size_t)W * rowb;
+        /* the thread's next item's weight rows (gate, then up), one prefetched into L2 by each tile of this item: the
+         * weights then stream from memory during every pass over the item's rows, not only during its first, whose
+         * tiles would otherwise wait on memory while the later passes leave it idle (AVX-512 builds) */
+        const char *nx[2] = {NULL, NULL};
+        int64_t nx_rows = 0, nx_q = 0;
+        if (item + 1 < bound[t + 1]) {
+            const int64_t lo2 = seg_find(first, 0, na - 1, item + 1), local2 = item + 1 - first[lo2];
+            const int64_t j2 = (local2 % nj) * JB;
+            if (active[lo2] != e || j2 != j0) {
+                const char *w2 = (const char *)w_in + (size_t)active[lo2] * (size_t)W * rowb;
+                nx[0] = w2 + (size_t)j2 * rowb, nx[1] = w2 + (size_t)(F + j2) * rowb;
+                nx_rows = min64(JB, F - j2);
+            }
+        }
         for (int64_t s = s0; s < s1; s += TR) {
             const void *a[TR];
             const int R = (int)min64(TR, s1 - s);
@@ -687,7 +706,12 @@ static int small_up(const void *x, int64_t ld_x, const int64_t *tok, const int64
                         /* the first row block streams the weights from memory: prefetch the rows of a later tile */
                         pf[q] = (const char *)b[q] + pf_ahead(rowb); /* a hint: may run past the end */
                     }
-                    nt_tile(a, R, b, s == s0 ? pf : NULL, D, dt, &hb[0][16 * half + jj], 2 * 16);
+                    const char *pn = NULL;
+                    if (nx_q < (act == 1 ? 2 : 1) * nx_rows) {
+                        pn = nx[nx_q / nx_rows] + (size_t)(nx_q % nx_rows) * rowb;
+                        nx_q++;
+                    }
+                    nt_tile(a, R, b, s == s0 ? pf : NULL, pn, D, dt, &hb[0][16 * half + jj], 2 * 16);
                 }
             /* vectorised epilogue over the item's columns: bias, keep h, activation */
             for (int r = 0; r < R; r++) {
@@ -758,6 +782,10 @@ static int small_down(const void *a, int64_t ld_a, const int64_t *tok, const flo
             const int64_t s0 = start[e], s1 = end[e];
             if (s1 <= s0) continue;
             const char *we = (const char *)w_out + (size_t)e * (size_t)D * (size_t)F * esize(dt);
+            /* the next expert's rows d0 .. d1, one prefetched into L2 by each tile (as in small_up) */
+            int64_t e2 = e + 1, nx_q = d0;
+            while (e2 < E && end[e2] <= start[e2]) e2++;
+            const char *nx = e2 < E ? (const char *)w_out + (size_t)e2 * (size_t)D * (size_t)F * esize(dt) : NULL;
             for (int64_t g0 = d0; g0 < d1; g0 += DG) { /* a group of weight rows that stays in L2 */
                 const int64_t g1 = min64(g0 + DG, d1);
                 for (int64_t s = s0; s < s1; s += TR) {
@@ -773,7 +801,8 @@ static int small_down(const void *a, int64_t ld_a, const int64_t *tok, const flo
                             b[q] = we + (size_t)(d + q < g1 ? d + q : g0) * (size_t)F * esize(dt);
                             pf[q] = (const char *)b[q] + pf_ahead((size_t)F * esize(dt));
                         }
-                        nt_tile(ar, R, b, s == s0 ? pf : NULL, F, dt, &cb[0][d - g0], DOWN_DB_MAX);
+                        const char *pn = nx && nx_q < d1 ? nx + (size_t)(nx_q++) * (size_t)F * esize(dt) : NULL;
+                        nt_tile(ar, R, b, s == s0 ? pf : NULL, pn, F, dt, &cb[0][d - g0], DOWN_DB_MAX);
                     }
                     const int64_t dw = g1 - g0;
                     for (int r = 0; r < R; r++) {
