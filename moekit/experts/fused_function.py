@@ -46,10 +46,15 @@ if TYPE_CHECKING:
 #: bf16 layers whose active experts get at least this many rows on average compute in fp32 on slow-bf16 CPUs.
 BF16_UPCAST_MIN_ROWS = 64
 #: Experts with at most this many rows, or rows x d_model x d_ff at most SMALL_FWD_WORK, run their forward in the
-#: small-M kernels rather than one library GEMM each (measured crossover on an AVX-512 CPU: ~96-128 rows of a
-#: 512 x 1408 expert, ~190 rows of a 512 x 256 one, whose library GEMMs are too small to amortise their calls).
+#: small-M kernels rather than one library GEMM each (measured crossover on 2 Xeon cores, fp32: ~128 rows of a
+#: 512 x 1408 expert, ~400-500 rows of a 512 x 256 one, whose library GEMMs are too small to amortise their calls).
 SMALL_M = 96
-SMALL_FWD_WORK = 24_000_000
+SMALL_FWD_WORK = 48_000_000
+#: Their backward runs in the kernels where the rows are at most SMALL_M, or rows x d_model x d_ff at most this: the
+#: forward kernels' dot-product tiles win over the library to more rows than the backward's (measured on 2 Xeon
+#: cores, fp32, against the library: fine-grained experts of 256 rows, forward 99.6 -> 85.3 ms at T = 2048, 512 rows
+#: even; forward+backward at 256 rows 304 ms with the library backward against 343 ms all in the kernels).
+SMALL_BWD_MIN_WORK = 24_000_000
 #: ...and their backward too while rows x d_model x d_ff stays at most this (None: always). The per-expert library
 #: backward has a fixed cost of ~10 calls, which small experts cannot amortise; measured on Zen 5 with the kernels of
 #: this release, every expert small enough for the forward kernels is also faster in the backward ones (Mixtral-like
@@ -509,10 +514,10 @@ def cpu_bf16_gemm_is_slow() -> bool:
 
 def _small_bwd(rows: int, expert_size: int, max_rows: int) -> bool:
     """Whether an expert of ``rows`` rows (``expert_size``: ``d_model * d_ff``) runs its backward in the small-M
-    kernels: if small by ``SMALL_M``/``SMALL_FWD_WORK``, or of at most ``max_rows`` rows (where the kernels have
+    kernels: if small by ``SMALL_M``/``SMALL_BWD_MIN_WORK`` (and ``SMALL_FWD_WORK``), or of at most ``max_rows`` rows (where the kernels have
     packed tiles, ``PACKED_BWD_MAX_ROWS``; bf16 on AMX tiles, ``AMX_BWD_MAX_ROWS``; else 0); and within
     ``SMALL_BWD_WORK``."""
-    return (rows <= SMALL_M or rows * expert_size <= SMALL_FWD_WORK or rows <= max_rows) and (
+    return (rows <= SMALL_M or rows * expert_size <= min(SMALL_FWD_WORK, SMALL_BWD_MIN_WORK) or rows <= max_rows) and (
         SMALL_BWD_WORK is None or rows * expert_size <= SMALL_BWD_WORK)
 
 
