@@ -79,6 +79,13 @@ AMX_OUTER_MAX_ROWS = 4096
 #: rows 489 against 500 ms (within this machine's noise): no size where the library wins clearly, so no limit.
 #: Likewise bf16 experts on AMX CPUs (:func:`moekit.kernels.cpu.amx`), whose projections run on the tiles.
 PACKED_MAX_ROWS = 1 << 62
+#: ...bf16 on AMX tiles up to rows x d_model x d_ff of this: the library's bf16 GEMM (oneDNN, on the same tiles) packs
+#: its operands for reuse across many rows and overtakes the kernels' tiles at a few thousand rows of a large expert.
+#: Measured on 2 Sapphire Rapids cores (whose tile unit runs at one of two speeds, changing within seconds; same
+#: process, round-robin), Mixtral-like forward against the library: 512 rows per expert 16 / 22 ms, 1024 rows 30 / 37
+#: (slow phases 57 / 60), 2048 rows 63-84 / 52-62 (slow phases 112-119 / 105-117); forward+backward at 2048 rows
+#: 195-220 / 195-220 ms. Fine-grained experts of 1024 rows (134 M) stay far faster on the kernels (58.7 / 92.4 ms).
+AMX_MAX_WORK = 1_100_000_000
 #: ...and experts of up to this many rows their backward too (its data gradients in the packed tiles, its weight
 #: gradients in the outer-product kernel). Measured on Zen 3 (2 threads), forward+backward against the library
 #: backward: Mixtral-like with 256 rows per expert fp32 250 -> 211 ms, bf16 277 -> 221 ms (instead of computing in
@@ -158,7 +165,9 @@ class _Plan:
         expert_size = w_out.shape[1] * w_out.shape[2]  # D x F
         packed = kcpu.packed_tiles()
         any_rows = packed or (dtype == torch.bfloat16 and kcpu.amx())  # forward tiles that win at any size
-        small = [t - s <= SMALL_M or (t - s) * expert_size <= SMALL_FWD_WORK or (any_rows and t - s <= PACKED_MAX_ROWS)
+        amx = not packed and any_rows
+        small = [t - s <= SMALL_M or (t - s) * expert_size <= SMALL_FWD_WORK or (
+                 any_rows and t - s <= PACKED_MAX_ROWS and (not amx or (t - s) * expert_size <= AMX_MAX_WORK))
                  for _, s, t in segments]
         if not (any(small) and w_in.dtype == dtype and kcpu.small_gemm_usable(x_c, w_in, w_out, b_in, b_out)):
             return cls(segments, [False] * len(segments), [False] * len(segments))
