@@ -393,57 +393,48 @@ static inline __attribute__((always_inline)) void nt_tile_k(const void *const *a
 #if defined(__AVX512F__)
     /* Whole vectors of k with plain loads, then one masked step for the tail: a mask computed at every step (and
      * masked loads, which do not fold into the multiply-adds) cost a quarter of the tile's rate (fp32, 6 x 4
-     * tile, K = 512 in L1: 72-80 -> 103-108 GFLOP/s on one Xeon core) */
+     * tile, K = 512 in L1: 72-85 -> 103-118 GFLOP/s on one Xeon core) */
     __m512 acc[TR][TN];
     UNROLL for (int r = 0; r < R; r++) UNROLL for (int n = 0; n < TN; n++) acc[r][n] = _mm512_setzero_ps();
-    if (dt == DT_F32) {
-#define NT_F32_STEP(LOAD)                                                                                          \
+    /* one step of k: the tile's weight vectors, then each token row's against them; ET the element type */
+#define NT_STEP(VT, ET, LOAD, MAC)                                                                                 \
     do {                                                                                                           \
-        __m512 bv[TN];                                                                                             \
-        if (pn) _mm_prefetch(pn + (size_t)k * 4, _MM_HINT_T1);                                                     \
-        if (PF) UNROLL for (int n = 0; n < TN; n++) _mm_prefetch((const char *)((const float *)pf[n] + k), PF_HINT); \
-        UNROLL for (int n = 0; n < TN; n++) bv[n] = LOAD((const float *)b[n] + k);                                  \
+        VT bv[TN];                                                                                                 \
+        if (pn) _mm_prefetch(pn + (size_t)k * sizeof(ET), _MM_HINT_T1);                                            \
+        if (PF) UNROLL for (int n = 0; n < TN; n++) _mm_prefetch((const char *)((const ET *)pf[n] + k), PF_HINT);  \
+        UNROLL for (int n = 0; n < TN; n++) bv[n] = LOAD((const ET *)b[n] + k);                                     \
         UNROLL for (int r = 0; r < R; r++) {                                                                       \
-            const __m512 av = LOAD((const float *)a[r] + k);                                                       \
-            UNROLL for (int n = 0; n < TN; n++) acc[r][n] = _mm512_fmadd_ps(av, bv[n], acc[r][n]);                 \
+            const VT av = LOAD((const ET *)a[r] + k);                                                              \
+            UNROLL for (int n = 0; n < TN; n++) acc[r][n] = MAC(acc[r][n], av, bv[n]);                             \
         }                                                                                                          \
     } while (0)
+#define NT_MAC_F32(c, x, y) _mm512_fmadd_ps(x, y, c)
+    if (dt == DT_F32) {
         int64_t k = 0;
-        for (; k + 16 <= K; k += 16) NT_F32_STEP(_mm512_loadu_ps);
+        for (; k + 16 <= K; k += 16) NT_STEP(__m512, float, _mm512_loadu_ps, NT_MAC_F32);
         if (k < K) {
             const __mmask16 mk = tail16(K - k);
 #define NT_LD_TAIL(p) _mm512_maskz_loadu_ps(mk, p)
-            NT_F32_STEP(NT_LD_TAIL);
+            NT_STEP(__m512, float, NT_LD_TAIL, NT_MAC_F32);
 #undef NT_LD_TAIL
         }
-#undef NT_F32_STEP
     } else {
 #if defined(__AVX512BF16__)
-#define NT_BF16_STEP(LOAD)                                                                                         \
-    do {                                                                                                           \
-        __m512i bv[TN];                                                                                            \
-        if (pn) _mm_prefetch(pn + (size_t)k * 2, _MM_HINT_T1);                                                     \
-        if (PF) UNROLL for (int n = 0; n < TN; n++) _mm_prefetch((const char *)((const bf16 *)pf[n] + k), PF_HINT); \
-        UNROLL for (int n = 0; n < TN; n++) bv[n] = LOAD((const bf16 *)b[n] + k);                                   \
-        UNROLL for (int r = 0; r < R; r++) {                                                                       \
-            const __m512i av = LOAD((const bf16 *)a[r] + k);                                                       \
-            UNROLL for (int n = 0; n < TN; n++) acc[r][n] = _mm512_dpbf16_ps(acc[r][n], (__m512bh)av, (__m512bh)bv[n]); \
-        }                                                                                                          \
-    } while (0)
+#define NT_MAC_BF16(c, x, y) _mm512_dpbf16_ps(c, (__m512bh)(x), (__m512bh)(y))
         int64_t k = 0;
-        for (; k + 32 <= K; k += 32) NT_BF16_STEP(_mm512_loadu_si512);
+        for (; k + 32 <= K; k += 32) NT_STEP(__m512i, bf16, _mm512_loadu_si512, NT_MAC_BF16);
         if (k < K) {
             const __mmask32 mk = tail32(K - k);
 #define NT_LD_TAIL(p) _mm512_maskz_loadu_epi16(mk, p)
-            NT_BF16_STEP(NT_LD_TAIL);
+            NT_STEP(__m512i, bf16, NT_LD_TAIL, NT_MAC_BF16);
 #undef NT_LD_TAIL
         }
-#undef NT_BF16_STEP
+#undef NT_MAC_BF16
 #else
         /* no bf16 dot product: widen each half of the 32 values to float32 (bf16 is the top half of a float) */
         for (int64_t k = 0; k < K; k += 32) {
             const __mmask32 mk = tail32(K - k);
-            if (PF) UNROLL for (int n = 0; n < TN; n++) _mm_prefetch((const char *)((const bf16 *)pf[n] + k), _MM_HINT_T0);
+            if (PF) UNROLL for (int n = 0; n < TN; n++) _mm_prefetch((const char *)((const bf16 *)pf[n] + k), PF_HINT);
             UNROLL for (int half = 0; half < 2; half++) {
                 __mmask16 mh = (__mmask16)(mk >> (16 * half));
                 __m512 bv[TN];
@@ -458,6 +449,8 @@ static inline __attribute__((always_inline)) void nt_tile_k(const void *const *a
         }
 #endif
     }
+#undef NT_MAC_F32
+#undef NT_STEP
     UNROLL for (int r = 0; r < R; r++) UNROLL for (int n = 0; n < TN; n += 4)
         _mm_storeu_ps(c + r * ldc + n, reduce4(acc[r][n], acc[r][n + 1], acc[r][n + 2], acc[r][n + 3]));
 #elif defined(V8)
@@ -584,8 +577,8 @@ static inline __attribute__((always_inline)) void nt_tile_k(const void *const *a
 
 /* The tile for 1 <= R <= TR token rows and TN weight rows (callers pad b with a repeated valid row). pf: the weight
  * rows of the caller's next tile, prefetched line by line as this tile streams its own from memory; NULL when b is
- * already in cache. pn (AVX-512 builds; NULL: none): K elements of dtype dt (one weight row) that the caller needs
- * later, prefetched into L2 one line per step of k. */
+ * already in cache. pn (NULL: none): K elements of dtype dt (one weight row) that the caller needs later, prefetched
+ * into L2 one line per step of k (AVX-512 builds: fp32 rows, and bf16 ones where the CPU has the bf16 dot product). */
 static void nt_tile(const void *const *a, int R, const void *const *b, const void *const *pf, const char *pn,
                     int64_t K, int dt, float *c, int64_t ldc) {
 #define NT_CASE(r)                                                                                                 \
@@ -2892,20 +2885,15 @@ static inline __attribute__((always_inline)) void outer_regs_block(const float *
 
 static int outer_regs(const void *A, int adt, int64_t lda, const int64_t *a_idx, const void *B, int bdt, int64_t ldb,
                       const int64_t *b_idx, int64_t N, int64_t Kd, const int64_t *start, const int64_t *end,
-                      int64_t E, void *G, int gdt, int nthreads) {
+                      int64_t E, int64_t most, void *G, int gdt, int nthreads) {
+    /* most: the rows of the largest expert, at most OUTER_REG_ROWS */
+    if (most > OUTER_REG_ROWS) return -1;
     const int64_t nb = (N + 3) / 4, K16 = (Kd + 63) / 64 * 64;
-    int64_t na = 0, most = 0;
+    int64_t na = 0;
     int64_t *active = malloc((size_t)(E ? E : 1) * sizeof(int64_t));
     if (!active) return -5;
     for (int64_t e = 0; e < E; e++)
-        if (end[e] > start[e]) {
-            active[na++] = e;
-            most = end[e] - start[e] > most ? end[e] - start[e] : most;
-        }
-    if (most > OUTER_REG_ROWS) {
-        free(active);
-        return -1;
-    }
+        if (end[e] > start[e]) active[na++] = e;
     int err = 0;
 #pragma omp parallel num_threads(threads_for(na * N * Kd / 4, nthreads)) reduction(| : err)
     {
@@ -2965,7 +2953,7 @@ int moe_small_outer(const void *A, int adt, int64_t lda, const int64_t *a_idx, c
 #if defined(MOE_AMX)
     regs |= adt == DT_BF16 && bdt == DT_BF16 && most <= OUTER_REG_ROWS_BF16 && amx_ready();
 #endif
-    if (regs) return outer_regs(A, adt, lda, a_idx, B, bdt, ldb, b_idx, N, Kd, start, end, E, G, gdt, nthreads);
+    if (regs) return outer_regs(A, adt, lda, a_idx, B, bdt, ldb, b_idx, N, Kd, start, end, E, most, G, gdt, nthreads);
 #endif
 #if defined(MOE_AMX)
     if (adt == DT_BF16 && bdt == DT_BF16 && N % 16 == 0 && Kd % 16 == 0 && amx_ready())
