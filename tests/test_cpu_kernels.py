@@ -242,6 +242,7 @@ AMX_CASES = [  # (E, D, F, rows per expert): 16-row blocks and their pairs, ragg
     (4, 64, 48, [4, 17, 0, 33]),
     (3, 96, 32, [16, 32, 1]),
     (2, 128, 64, [40, 5]),
+    (3, 512, 64, [300, 0, 45]),  # both threads; two runs of packed blocks; the epilogue carried across experts
 ]
 
 

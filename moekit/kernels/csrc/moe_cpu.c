@@ -1666,17 +1666,93 @@ static bf16 *amx_pack(const bf16 *src, int64_t ld, const int64_t *idx, const int
     return buf;
 }
 
+/* c (16 weight rows x 16 token rows, fp32) plus a per-weight-row bias -> t[token row] = 16 weight rows' values. */
+static inline __attribute__((always_inline)) void amx_rows(const float *c, const bf16 *bias, __m512 *t) {
+    __m512i r[16];
+    for (int i = 0; i < 16; i++) {
+        __m512 v = _mm512_load_ps(c + 16 * i);
+        if (bias) v = _mm512_add_ps(v, _mm512_set1_ps(bf16_to_f32(bias[i])));
+        r[i] = _mm512_castps_si512(v);
+    }
+    tr16x16(r);
+    for (int i = 0; i < 16; i++) t[i] = _mm512_castsi512_ps(r[i]);
+}
+
+/* The epilogue of one pair of 16-row blocks of amx_up or amx_down, cut into units that the tile loop of the next
+ * pair runs between its K steps, so the core's vector work (transposes, SwiGLU, rounding, the weighted combine)
+ * overlaps the tile unit's multiplies instead of following them: run after its own tiles, the epilogue took ~40%
+ * of amx_up's time, and issued after the next pair's tiles (one window of the out-of-order core) it hid little of
+ * that. Units of block q: transpose its first tile (weight rows 0-15), its second (the up rows, or output columns
+ * 16-31) where there is one, then one unit per token row. */
+typedef struct {
+    const float (*c)[256]; /* the pair's sums: c[q] (and c[2 + q]) for block q */
+    const bf16 *bias[2];   /* of the first and second tile's 16 weight rows, or NULL */
+    int two;               /* a second tile per block */
+    int n0, nu;            /* units of block 0, of both */
+    int64_t s;             /* sorted row of block 0's first token row */
+    /* amx_up: h (or NULL) and a rows, their columns j0 (up rows at F + j0 of h), act as in amx_up */
+    bf16 *h, *a;
+    int64_t W, F, j0;
+    int act;
+    /* amx_down: out[tok[row]] columns d0..d0 + 31 += w[row] * y */
+    float *out;
+    int64_t ld_out, d0;
+    const int64_t *tok;
+    const float *w;
+    float t[4][256] __attribute__((aligned(64))); /* transposed: t[2 l + q] + 16 r = token row r's 16 values */
+} amx_epi;
+
+/* Set st up for the pair whose sums are c: block rows R0, R1 (0 without a second block). */
+static inline void amx_epi_set(amx_epi *st, const float (*c)[256], int64_t s, int64_t R0, int64_t R1) {
+    st->c = c;
+    st->s = s;
+    st->n0 = R0 ? (int)(1 + st->two + R0) : 0;
+    st->nu = st->n0 + (R1 ? (int)(1 + st->two + R1) : 0);
+}
+
+static inline __attribute__((always_inline)) void amx_epi_unit(amx_epi *st, int u, int down) {
+    const int q = u >= st->n0, l = u - (q ? st->n0 : 0);
+    if (l <= st->two) {
+        __m512 t[16];
+        amx_rows(st->c[2 * l + q], st->bias[l], t);
+        for (int i = 0; i < 16; i++) _mm512_store_ps(st->t[2 * l + q] + 16 * i, t[i]);
+        return;
+    }
+    const int r = l - 1 - st->two;
+    const int64_t row = st->s + 16 * q + r;
+    const __m512 g = _mm512_load_ps(st->t[q] + 16 * r);
+    if (down) {
+        float *o = st->out + (size_t)st->tok[row] * (size_t)st->ld_out + st->d0;
+        const __m512 ws = _mm512_set1_ps(st->w[row]);
+        _mm512_storeu_ps(o, _mm512_fmadd_ps(ws, g, _mm512_loadu_ps(o)));
+        _mm512_storeu_ps(o + 16, _mm512_fmadd_ps(ws, _mm512_load_ps(st->t[2 + q] + 16 * r), _mm512_loadu_ps(o + 16)));
+        return;
+    }
+    const __m512 up = st->act == 1 ? _mm512_load_ps(st->t[2 + q] + 16 * r) : g;
+    if (st->h) {
+        bf16 *h = st->h + (size_t)row * (size_t)st->W + (size_t)st->j0;
+        _mm256_storeu_si256((__m256i *)h, cvt16_bf16(g));
+        if (st->act == 1) _mm256_storeu_si256((__m256i *)(h + st->F), cvt16_bf16(up));
+    }
+    if (st->act == 1)
+        _mm256_storeu_si256((__m256i *)(st->a + (size_t)row * (size_t)st->F + (size_t)st->j0), cvt16_bf16(swiglu16(g, up)));
+}
+
 /* sums of 16 weight rows (w, row stride ldw bf16) against one or two packed blocks (p0, p1 or NULL) over K:
- * c[0] (and c[1]) = [weight row][token row], and with a second 16 weight rows (w2 or NULL) c[2] (and c[3]). */
-static inline __attribute__((always_inline)) void amx_tiles(const bf16 *w, const bf16 *w2, int64_t ldw,
-                                                            const bf16 *p0, const bf16 *p1, int64_t K,
-                                                            float c[4][256]) {
+ * c[0] (and c[1]) = [weight row][token row], and with a second 16 weight rows (w2 or NULL) c[2] (and c[3]). With
+ * st, the units of st's epilogue run spread over the K steps (all of them by the last). */
+static inline __attribute__((always_inline)) void amx_tiles_epi(const bf16 *w, const bf16 *w2, int64_t ldw,
+                                                                const bf16 *p0, const bf16 *p1, int64_t K,
+                                                                float c[4][256], amx_epi *st, int down) {
     _tile_zero(0);
     _tile_zero(1);
     _tile_zero(2);
     _tile_zero(3);
     const size_t ldb = (size_t)ldw * sizeof(bf16);
-    for (int64_t kb = 0; kb < K / 32; kb++) {
+    const int64_t nk = K / 32;
+    const int nu = st ? st->nu : 0;
+    int u = 0;
+    for (int64_t kb = 0; kb < nk; kb++) {
         _tile_loadd(4, w + 32 * kb, ldb);
         _tile_loadd(6, p0 + (size_t)kb * 512, 64);
         _tile_dpbf16ps(0, 4, 6);
@@ -1689,6 +1765,7 @@ static inline __attribute__((always_inline)) void amx_tiles(const bf16 *w, const
             _tile_dpbf16ps(2, 5, 6);
             if (p1) _tile_dpbf16ps(3, 5, 7);
         }
+        for (const int ue = (int)((kb + 1) * nu / nk); u < ue; u++) amx_epi_unit(st, u, down);
     }
     _tile_stored(0, c[0], 64);
     if (p1) _tile_stored(1, c[1], 64);
@@ -1698,16 +1775,10 @@ static inline __attribute__((always_inline)) void amx_tiles(const bf16 *w, const
     }
 }
 
-/* c (16 weight rows x 16 token rows, fp32) plus a per-weight-row bias -> t[token row] = 16 weight rows' values. */
-static inline __attribute__((always_inline)) void amx_rows(const float *c, const bf16 *bias, __m512 *t) {
-    __m512i r[16];
-    for (int i = 0; i < 16; i++) {
-        __m512 v = _mm512_load_ps(c + 16 * i);
-        if (bias) v = _mm512_add_ps(v, _mm512_set1_ps(bf16_to_f32(bias[i])));
-        r[i] = _mm512_castps_si512(v);
-    }
-    tr16x16(r);
-    for (int i = 0; i < 16; i++) t[i] = _mm512_castsi512_ps(r[i]);
+static inline __attribute__((always_inline)) void amx_tiles(const bf16 *w, const bf16 *w2, int64_t ldw,
+                                                            const bf16 *p0, const bf16 *p1, int64_t K,
+                                                            float c[4][256]) {
+    amx_tiles_epi(w, w2, ldw, p0, p1, K, c, NULL, 0);
 }
 
 /* 16-row blocks per run of packed token rows (K elements each) that stays in L2 while every column block of an
@@ -1744,6 +1815,9 @@ static int amx_up(const bf16 *x, int64_t ld_x, const int64_t *tok, const int64_t
             total += (nb + (nb + rbb - 1) / rbb) * nj;
         }
         int64_t cost = 0, lo_cost = total * t / n, hi_cost = total * (t + 1) / n;
+        float cb[2][4][256] __attribute__((aligned(64)));
+        amx_epi epi = {.two = act == 1, .h = h_out, .a = a_out, .W = W, .F = F, .act = act}, *st = &epi;
+        int cur = 0;
         for (int64_t e = 0; e < E; e++)
         for (int64_t r0 = 0; r0 < blk[e + 1] - blk[e]; r0 += rbb)
         for (int64_t j0 = 0; j0 < F; j0 += 16) {
@@ -1753,48 +1827,32 @@ static int amx_up(const bf16 *x, int64_t ld_x, const int64_t *tok, const int64_t
             if (mid < lo_cost || mid >= hi_cost) continue;
             const bf16 *wg = w_in + ((size_t)e * (size_t)W + (size_t)j0) * (size_t)D;
             const bf16 *wu = act == 1 ? wg + (size_t)F * (size_t)D : NULL;
-            /* software-pipelined: the tiles of a pair of row blocks are issued before the epilogue of the pair
-             * before, so the core runs that epilogue while the tile unit multiplies (the epilogue alone took 30-45%
-             * of the time when it ran after its own tiles) */
-            float cb[2][4][256] __attribute__((aligned(64)));
-            for (int64_t b = r0, prev = -1; prev < r1; prev = b, b += 2) {
-                if (b < r1) {
-                    const bf16 *p0 = xp + (size_t)(blk[e] + b) * (size_t)D * 16;
-                    const bf16 *p1 = b + 1 < r1 ? p0 + (size_t)D * 16 : NULL;
-                    /* the next column block's weight rows (the next item's, usually: it would find them in L3 or
-                     * memory, where a strided tile load stalls), a share with each pair: +4-7% on Mixtral-like
-                     * experts of 256 rows; the same for amx_down's weights lost 10% (they stay in L2 anyway) */
-                    const int64_t np = (r1 - r0 + 1) / 2, q = (b - r0) / 2;
-                    const size_t panel = (size_t)16 * (size_t)D * sizeof(bf16), lo = panel * q / np,
-                                 hi = panel * (q + 1) / np;
-                    if (j0 + 16 < F)
-                        for (size_t o = lo & ~(size_t)63; o < hi; o += 64) {
-                            _mm_prefetch((const char *)(wg + (size_t)16 * (size_t)D) + o, _MM_HINT_T1);
-                            if (wu) _mm_prefetch((const char *)(wu + (size_t)16 * (size_t)D) + o, _MM_HINT_T1);
-                        }
-                    amx_tiles(wg, wu, D, p0, p1, D, cb[((b - r0) / 2) & 1]);
-                }
-                if (prev < 0) continue;
-                float (*c)[256] = cb[((prev - r0) / 2) & 1];
-                for (int q = 0; q < 2 && prev + q < r1; q++) {
-                    const int64_t s = start[e] + (prev + q) * 16, R = min64(16, end[e] - s);
-                    __m512 g[16], u[16];
-                    amx_rows(c[q], b_in ? b_in + (size_t)e * (size_t)W + (size_t)j0 : NULL, g);
-                    if (act == 1) amx_rows(c[2 + q], b_in ? b_in + (size_t)e * (size_t)W + (size_t)(F + j0) : NULL, u);
-                    for (int64_t r = 0; r < R; r++) {
-                        if (h_out) {
-                            _mm256_storeu_si256((__m256i *)(h_out + (size_t)(s + r) * (size_t)W + (size_t)j0), cvt16_bf16(g[r]));
-                            if (act == 1)
-                                _mm256_storeu_si256((__m256i *)(h_out + (size_t)(s + r) * (size_t)W + (size_t)(F + j0)),
-                                                    cvt16_bf16(u[r]));
-                        }
-                        if (act == 1)
-                            _mm256_storeu_si256((__m256i *)(a_out + (size_t)(s + r) * (size_t)F + (size_t)j0),
-                                                cvt16_bf16(swiglu16(g[r], u[r])));
+            for (int64_t b = r0; b < r1; b += 2) {
+                const bf16 *p0 = xp + (size_t)(blk[e] + b) * (size_t)D * 16;
+                const bf16 *p1 = b + 1 < r1 ? p0 + (size_t)D * 16 : NULL;
+                /* the next column block's weight rows (the next item's, usually: it would find them in L3 or
+                 * memory, where a strided tile load stalls), a share with each pair: +4-7% on Mixtral-like experts
+                 * of 256 rows; the same for amx_down's weights lost 10% (they stay in L2 anyway) */
+                const int64_t np = (r1 - r0 + 1) / 2, q = (b - r0) / 2;
+                const size_t panel = (size_t)16 * (size_t)D * sizeof(bf16), lo = panel * q / np,
+                             hi = panel * (q + 1) / np;
+                if (j0 + 16 < F)
+                    for (size_t o = lo & ~(size_t)63; o < hi; o += 64) {
+                        _mm_prefetch((const char *)(wg + (size_t)16 * (size_t)D) + o, _MM_HINT_T1);
+                        if (wu) _mm_prefetch((const char *)(wu + (size_t)16 * (size_t)D) + o, _MM_HINT_T1);
                     }
-                }
+                /* software-pipelined: this pair's tiles run the epilogue of the pair before (of this item or the
+                 * thread's previous one) between their K steps */
+                amx_tiles_epi(wg, wu, D, p0, p1, D, cb[cur], st, 0);
+                const int64_t s = start[e] + b * 16;
+                st->bias[0] = b_in ? b_in + (size_t)e * (size_t)W + (size_t)j0 : NULL;
+                st->bias[1] = b_in && act == 1 ? b_in + (size_t)e * (size_t)W + (size_t)(F + j0) : NULL;
+                st->j0 = j0;
+                amx_epi_set(st, (const float (*)[256])cb[cur], s, min64(16, end[e] - s), p1 ? min64(16, end[e] - s - 16) : 0);
+                cur ^= 1;
             }
         }
+        for (int u = 0; u < st->nu; u++) amx_epi_unit(st, u, 0); /* the thread's last pair */
         _tile_release();
     }
     free(xp);
@@ -1820,34 +1878,27 @@ static int amx_down(const bf16 *a, int64_t ld_a, const int64_t *tok, const float
          * run of packed row blocks (in L2) before the next run */
         const int t = omp_get_thread_num(), n = omp_get_num_threads();
         const int64_t dlo = 32 * (D / 32 * t / n), dhi = 32 * (D / 32 * (t + 1) / n);
+        float cb[2][4][256] __attribute__((aligned(64)));
+        amx_epi epi = {.two = 1, .out = out, .ld_out = ld_out, .tok = tok, .w = w}, *st = &epi;
+        int cur = 0;
         for (int64_t e = 0; e < E; e++)
         for (int64_t r0 = 0; r0 < blk[e + 1] - blk[e]; r0 += rbb)
         for (int64_t d0 = dlo; d0 < dhi; d0 += 32) {
             const int64_t r1 = min64(r0 + rbb, blk[e + 1] - blk[e]);
             const bf16 *we = w_out + ((size_t)e * (size_t)D + (size_t)d0) * (size_t)F;
-            float cb[2][4][256] __attribute__((aligned(64)));
-            for (int64_t b = r0, prev = -1; prev < r1; prev = b, b += 2) { /* pipelined as in amx_up */
-                if (b < r1) {
-                    const bf16 *p0 = ap + (size_t)(blk[e] + b) * (size_t)F * 16;
-                    const bf16 *p1 = b + 1 < r1 ? p0 + (size_t)F * 16 : NULL;
-                    amx_tiles(we, we + (size_t)16 * (size_t)F, F, p0, p1, F, cb[((b - r0) / 2) & 1]);
-                }
-                if (prev < 0) continue;
-                float (*c)[256] = cb[((prev - r0) / 2) & 1];
-                for (int q = 0; q < 2 && prev + q < r1; q++) {
-                    const int64_t s = start[e] + (prev + q) * 16, R = min64(16, end[e] - s);
-                    __m512 y0[16], y1[16];
-                    amx_rows(c[q], b_out ? b_out + (size_t)e * (size_t)D + (size_t)d0 : NULL, y0);
-                    amx_rows(c[2 + q], b_out ? b_out + (size_t)e * (size_t)D + (size_t)(d0 + 16) : NULL, y1);
-                    for (int64_t r = 0; r < R; r++) {
-                        float *o = out + (size_t)tok[s + r] * (size_t)ld_out + d0;
-                        const __m512 ws = _mm512_set1_ps(w[s + r]);
-                        _mm512_storeu_ps(o, _mm512_fmadd_ps(ws, y0[r], _mm512_loadu_ps(o)));
-                        _mm512_storeu_ps(o + 16, _mm512_fmadd_ps(ws, y1[r], _mm512_loadu_ps(o + 16)));
-                    }
-                }
+            for (int64_t b = r0; b < r1; b += 2) { /* pipelined as in amx_up */
+                const bf16 *p0 = ap + (size_t)(blk[e] + b) * (size_t)F * 16;
+                const bf16 *p1 = b + 1 < r1 ? p0 + (size_t)F * 16 : NULL;
+                amx_tiles_epi(we, we + (size_t)16 * (size_t)F, F, p0, p1, F, cb[cur], st, 1);
+                const int64_t s = start[e] + b * 16;
+                st->bias[0] = b_out ? b_out + (size_t)e * (size_t)D + (size_t)d0 : NULL;
+                st->bias[1] = b_out ? b_out + (size_t)e * (size_t)D + (size_t)(d0 + 16) : NULL;
+                st->d0 = d0;
+                amx_epi_set(st, (const float (*)[256])cb[cur], s, min64(16, end[e] - s), p1 ? min64(16, end[e] - s - 16) : 0);
+                cur ^= 1;
             }
         }
+        for (int u = 0; u < st->nu; u++) amx_epi_unit(st, u, 1);
         _tile_release();
     }
     free(ap);
