@@ -1699,6 +1699,10 @@ typedef struct {
     int64_t ld_out, d0;
     const int64_t *tok;
     const float *w;
+    /* amx_outer: rows gn0.. of G's [N, Kd] block at ge (nu of them), columns k0.. (two_k: 32 of them, else 16) */
+    char *ge;
+    int gdt, two_k;
+    int64_t gn0, k0, Kd;
     float t[4][256] __attribute__((aligned(64))); /* transposed: t[2 l + q] + 16 r = token row r's 16 values */
 } amx_epi;
 
@@ -1710,7 +1714,17 @@ static inline void amx_epi_set(amx_epi *st, const float (*c)[256], int64_t s, in
     st->nu = st->n0 + (R1 ? (int)(1 + st->two + R1) : 0);
 }
 
-static inline __attribute__((always_inline)) void amx_epi_unit(amx_epi *st, int u, int down) {
+/* kind: 0 amx_up, 1 amx_down, 3 amx_outer (one unit per row of the gradient block: its sums are rows already) */
+static inline __attribute__((always_inline)) void amx_epi_unit(amx_epi *st, int u, int kind) {
+    if (kind == 3) { /* both column tiles of a row together: a bf16 row's 32 columns are one whole line for the
+                      * non-temporal stores (half lines, written apart, cost a read of the line each) */
+        const int qn = u >= 16 ? 2 : 0, r = u % 16;
+        char *o = st->ge + ((size_t)(st->gn0 + (qn ? 16 : 0) + r) * (size_t)st->Kd + (size_t)st->k0) * esize(st->gdt);
+        st16_stream(o, st->gdt, 0xffff, _mm512_load_ps(st->c[qn] + 16 * r));
+        if (st->two_k) st16_stream(o + 16 * esize(st->gdt), st->gdt, 0xffff, _mm512_load_ps(st->c[qn + 1] + 16 * r));
+        return;
+    }
+    const int down = kind == 1;
     const int q = u >= st->n0, l = u - (q ? st->n0 : 0);
     if (l <= st->two) {
         __m512 t[16];
@@ -1743,7 +1757,7 @@ static inline __attribute__((always_inline)) void amx_epi_unit(amx_epi *st, int 
  * st, the units of st's epilogue run spread over the K steps (all of them by the last). */
 static inline __attribute__((always_inline)) void amx_tiles_epi(const bf16 *w, const bf16 *w2, int64_t ldw,
                                                                 const bf16 *p0, const bf16 *p1, int64_t K,
-                                                                float c[4][256], amx_epi *st, int down) {
+                                                                float c[4][256], amx_epi *st, int kind) {
     _tile_zero(0);
     _tile_zero(1);
     _tile_zero(2);
@@ -1765,7 +1779,7 @@ static inline __attribute__((always_inline)) void amx_tiles_epi(const bf16 *w, c
             _tile_dpbf16ps(2, 5, 6);
             if (p1) _tile_dpbf16ps(3, 5, 7);
         }
-        for (const int ue = (int)((kb + 1) * nu / nk); u < ue; u++) amx_epi_unit(st, u, down);
+        for (const int ue = (int)((kb + 1) * nu / nk); u < ue; u++) amx_epi_unit(st, u, kind);
     }
     _tile_stored(0, c[0], 64);
     if (p1) _tile_stored(1, c[1], 64);
@@ -2815,6 +2829,10 @@ static int amx_outer(const bf16 *A, int64_t lda, const int64_t *a_idx, const bf1
 #pragma omp parallel num_threads(threads_for(work / 4, nthreads))
     {
         amx_config();
+        /* each item's rows are stored while the thread's next item's tiles run, as in amx_up */
+        float cb[2][4][256] __attribute__((aligned(64)));
+        amx_epi epi = {.gdt = gdt, .Kd = Kd}, *st = &epi;
+        int cur = 0;
         for (int64_t g = 0; g < ng; g++) {
             const int64_t g0 = grp[g], g1 = grp[g + 1];
             /* pack: one item per (expert, 32-row chunk, 16-column block) of A and of B; an expert's buffer holds
@@ -2858,19 +2876,19 @@ static int amx_outer(const bf16 *A, int64_t lda, const int64_t *a_idx, const bf1
                 char *ge = (char *)G + (size_t)e * (size_t)N * (size_t)Kd * esize(gdt);
                 const int64_t n0 = 32 * (local / ((nk + 1) / 2)), k0 = 32 * (local % ((nk + 1) / 2));
                 const int two_n = n0 + 16 < N, two_k = k0 + 16 < Kd;
-                float c[4][256] __attribute__((aligned(64)));
                 const bf16 *p0 = bv + (size_t)(k0 / 16) * (size_t)nm * 512;
-                amx_tiles(at + (size_t)n0 * (size_t)Mp, two_n ? at + (size_t)(n0 + 16) * (size_t)Mp : NULL, Mp, p0,
-                          two_k ? p0 + (size_t)nm * 512 : NULL, Mp, c);
-                /* row by row, both column tiles of a row together: a bf16 row's 32 columns are one whole line
-                 * for the non-temporal stores (half lines, written apart, cost a read of the line each) */
-                for (int qn = 0; qn < (two_n ? 4 : 2); qn += 2)
-                    for (int r = 0; r < 16; r++) {
-                        char *o = ge + ((size_t)(n0 + (qn ? 16 : 0) + r) * (size_t)Kd + (size_t)k0) * esize(gdt);
-                        st16_stream(o, gdt, 0xffff, _mm512_load_ps(c[qn] + 16 * r));
-                        if (two_k) st16_stream(o + 16 * esize(gdt), gdt, 0xffff, _mm512_load_ps(c[qn + 1] + 16 * r));
-                    }
+                amx_tiles_epi(at + (size_t)n0 * (size_t)Mp, two_n ? at + (size_t)(n0 + 16) * (size_t)Mp : NULL, Mp,
+                              p0, two_k ? p0 + (size_t)nm * 512 : NULL, Mp, cb[cur], st, 3);
+                st->c = (const float (*)[256])cb[cur];
+                st->ge = ge;
+                st->gn0 = n0;
+                st->k0 = k0;
+                st->two_k = two_k;
+                st->nu = two_n ? 32 : 16;
+                cur ^= 1;
             }
+            for (int u = 0; u < st->nu; u++) amx_epi_unit(st, u, 3); /* (before the next group's packing) */
+            st->nu = 0;
         }
         _mm_sfence();
         _tile_release();
