@@ -1160,3 +1160,18 @@ def test_packed_and_dot_product_tiles_agree_in_one_call(kernels):
     for a, out in outs[1:]:
         torch.testing.assert_close(a, outs[0][0], rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(out, outs[0][1], rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_rounding_of_denormal_and_special_results(kernels):
+    """bf16 results round as PyTorch rounds, denormals included (the hardware conversion flushes them to zero, so
+    vectors holding one take the integer rounding): gate 100 makes silu exactly 100 in both, so silu * up is the
+    same float32 product; up spans denormal, normal, zero, infinite and NaN values."""
+    up = torch.tensor([1e-40, -7e-41, 5e-41, 1.1e-40, 0.0, 2.5, float("inf"), float("nan")] * 8)
+    up[::3] *= 0.37  # more mantissas
+    h = torch.cat([torch.full_like(up, 100.0), up])[None].repeat(5, 1).bfloat16()
+    h[1:, 64:] = h[1:, 64:] * 1e30  # rows of normal results only beside them
+    got = K.swiglu(h)
+    want = (F.silu(h[:, :64].float()) * h[:, 64:].float()).bfloat16()
+    denormal = (want.float().abs() < torch.finfo(torch.float32).tiny) & (want.float() != 0)
+    assert denormal[0].sum() >= 16  # (the case the hardware conversion would flush)
+    assert torch.equal(got.view(torch.int16), want.view(torch.int16))
