@@ -1720,17 +1720,21 @@ typedef struct {
     float t[4][256] __attribute__((aligned(64))); /* transposed: t[2 l + q] + 16 r = token row r's 16 values */
 } amx_epi;
 
-/* Set st up for the pair whose sums are c: block rows R0, R1 (0 without a second block). */
-static inline void amx_epi_set(amx_epi *st, const float (*c)[256], int64_t s, int64_t R0, int64_t R1) {
+/* Set st up for the pair of amx_up or amx_down whose sums are c: its first token row is sorted row s, its
+ * expert's rows end before `end`, and a second block follows where `two_blocks`. */
+static inline void amx_epi_set(amx_epi *st, const float (*c)[256], int64_t s, int64_t end, int two_blocks) {
+    const int64_t R0 = min64(16, end - s), R1 = two_blocks ? min64(16, end - s - 16) : 0;
     st->c = c;
     st->s = s;
     st->n0 = R0 ? (int)(1 + st->two + R0) : 0;
     st->nu = st->n0 + (R1 ? (int)(1 + st->two + R1) : 0);
 }
 
-/* kind: 0 amx_up, 1 amx_down, 3 amx_outer (one unit per row of the gradient block: its sums are rows already) */
+enum { AMX_EPI_UP, AMX_EPI_DOWN, AMX_EPI_OUTER }; /* the kernel whose epilogue a unit belongs to */
+
+/* AMX_EPI_OUTER: one unit per row of the gradient block (its sums are rows already) */
 static inline __attribute__((always_inline)) void amx_epi_unit(amx_epi *st, int u, int kind) {
-    if (kind == 3) { /* both column tiles of a row together: a bf16 row's 32 columns are one whole line for the
+    if (kind == AMX_EPI_OUTER) { /* both column tiles of a row together: a bf16 row's 32 columns are one whole line for the
                       * non-temporal stores (half lines, written apart, cost a read of the line each) */
         const int qn = u >= 16 ? 2 : 0, r = u % 16;
         char *o = st->ge + ((size_t)(st->gn0 + (qn ? 16 : 0) + r) * (size_t)st->Kd + (size_t)st->k0) * esize(st->gdt);
@@ -1738,7 +1742,6 @@ static inline __attribute__((always_inline)) void amx_epi_unit(amx_epi *st, int 
         if (st->two_k) st16_stream(o + 16 * esize(st->gdt), st->gdt, 0xffff, _mm512_load_ps(st->c[qn + 1] + 16 * r));
         return;
     }
-    const int down = kind == 1;
     const int q = u >= st->n0, l = u - (q ? st->n0 : 0);
     if (l <= st->two) {
         __m512 t[16];
@@ -1749,7 +1752,7 @@ static inline __attribute__((always_inline)) void amx_epi_unit(amx_epi *st, int 
     const int r = l - 1 - st->two;
     const int64_t row = st->s + 16 * q + r;
     const __m512 g = _mm512_load_ps(st->t[q] + 16 * r);
-    if (down) {
+    if (kind == AMX_EPI_DOWN) {
         float *o = st->out + (size_t)st->tok[row] * (size_t)st->ld_out + st->d0;
         const __m512 ws = _mm512_set1_ps(st->w[row]);
         _mm512_storeu_ps(o, _mm512_fmadd_ps(ws, g, _mm512_loadu_ps(o)));
@@ -1764,6 +1767,12 @@ static inline __attribute__((always_inline)) void amx_epi_unit(amx_epi *st, int 
     }
     if (st->act == 1)
         _mm256_storeu_si256((__m256i *)(st->a + (size_t)row * (size_t)st->F + (size_t)st->j0), cvt16_bf16(swiglu16(g, up)));
+}
+
+/* The units of st's epilogue not yet run (a thread's last pair or item), all at once. */
+static inline __attribute__((always_inline)) void amx_epi_drain(amx_epi *st, int kind) {
+    for (int u = 0; u < st->nu; u++) amx_epi_unit(st, u, kind);
+    st->nu = 0;
 }
 
 /* sums of 16 weight rows (w, row stride ldw bf16) against one or two packed blocks (p0, p1 or NULL) over K:
@@ -1813,7 +1822,7 @@ static inline __attribute__((always_inline)) void amx_tiles_epi(const bf16 *w, c
 static inline __attribute__((always_inline)) void amx_tiles(const bf16 *w, const bf16 *w2, int64_t ldw,
                                                             const bf16 *p0, const bf16 *p1, int64_t K,
                                                             float c[4][256]) {
-    amx_tiles_epi(w, w2, ldw, p0, p1, K, c, NULL, 0, NULL, NULL, 0);
+    amx_tiles_epi(w, w2, ldw, p0, p1, K, c, NULL, AMX_EPI_UP, NULL, NULL, 0);
 }
 
 /* 16-row blocks per run of packed token rows (K elements each) that stays in L2 while every column block of an
@@ -1876,18 +1885,18 @@ static int amx_up(const bf16 *x, int64_t ld_x, const int64_t *tok, const int64_t
                 const int pf = j0 + 16 < F;
                 /* software-pipelined: this pair's tiles run the epilogue of the pair before (of this item or the
                  * thread's previous one) between their K steps */
-                amx_tiles_epi(wg, wu, D, p0, p1, D, cb[cur], st, 0,
+                amx_tiles_epi(wg, wu, D, p0, p1, D, cb[cur], st, AMX_EPI_UP,
                               pf ? (const char *)(wg + (size_t)16 * (size_t)D) + lo : NULL,
                               pf && wu ? (const char *)(wu + (size_t)16 * (size_t)D) + lo : NULL, hi - lo);
                 const int64_t s = start[e] + b * 16;
                 st->bias[0] = b_in ? b_in + (size_t)e * (size_t)W + (size_t)j0 : NULL;
                 st->bias[1] = b_in && act == 1 ? b_in + (size_t)e * (size_t)W + (size_t)(F + j0) : NULL;
                 st->j0 = j0;
-                amx_epi_set(st, (const float (*)[256])cb[cur], s, min64(16, end[e] - s), p1 ? min64(16, end[e] - s - 16) : 0);
+                amx_epi_set(st, (const float (*)[256])cb[cur], s, end[e], p1 != NULL);
                 cur ^= 1;
             }
         }
-        for (int u = 0; u < st->nu; u++) amx_epi_unit(st, u, 0); /* the thread's last pair */
+        amx_epi_drain(st, AMX_EPI_UP);
         _tile_release();
     }
     free(xp);
@@ -1933,15 +1942,15 @@ static int amx_down(const bf16 *a, int64_t ld_a, const int64_t *tok, const float
                     _mm_prefetch(o, _MM_HINT_T0);
                     _mm_prefetch(o + 64, _MM_HINT_T0);
                 }
-                amx_tiles_epi(we, we + (size_t)16 * (size_t)F, F, p0, p1, F, cb[cur], st, 1, NULL, NULL, 0);
+                amx_tiles_epi(we, we + (size_t)16 * (size_t)F, F, p0, p1, F, cb[cur], st, AMX_EPI_DOWN, NULL, NULL, 0);
                 st->bias[0] = b_out ? b_out + (size_t)e * (size_t)D + (size_t)d0 : NULL;
                 st->bias[1] = b_out ? b_out + (size_t)e * (size_t)D + (size_t)(d0 + 16) : NULL;
                 st->d0 = d0;
-                amx_epi_set(st, (const float (*)[256])cb[cur], s, min64(16, end[e] - s), p1 ? min64(16, end[e] - s - 16) : 0);
+                amx_epi_set(st, (const float (*)[256])cb[cur], s, end[e], p1 != NULL);
                 cur ^= 1;
             }
         }
-        for (int u = 0; u < st->nu; u++) amx_epi_unit(st, u, 1);
+        amx_epi_drain(st, AMX_EPI_DOWN);
         _tile_release();
     }
     free(ap);
@@ -2907,7 +2916,7 @@ static int amx_outer(const bf16 *A, int64_t lda, const int64_t *a_idx, const bf1
                 const int two_n = n0 + 16 < N, two_k = k0 + 16 < Kd;
                 const bf16 *p0 = bv + (size_t)(k0 / 16) * (size_t)nm * 512;
                 amx_tiles_epi(at + (size_t)n0 * (size_t)Mp, two_n ? at + (size_t)(n0 + 16) * (size_t)Mp : NULL, Mp,
-                              p0, two_k ? p0 + (size_t)nm * 512 : NULL, Mp, cb[cur], st, 3, NULL, NULL, 0);
+                              p0, two_k ? p0 + (size_t)nm * 512 : NULL, Mp, cb[cur], st, AMX_EPI_OUTER, NULL, NULL, 0);
                 st->c = (const float (*)[256])cb[cur];
                 st->ge = ge;
                 st->gn0 = n0;
@@ -2916,8 +2925,7 @@ static int amx_outer(const bf16 *A, int64_t lda, const int64_t *a_idx, const bf1
                 st->nu = two_n ? 32 : 16;
                 cur ^= 1;
             }
-            for (int u = 0; u < st->nu; u++) amx_epi_unit(st, u, 3); /* (before the next group's packing) */
-            st->nu = 0;
+            amx_epi_drain(st, AMX_EPI_OUTER); /* (before the next group's packing) */
         }
         _mm_sfence();
         _tile_release();
