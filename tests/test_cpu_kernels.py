@@ -891,6 +891,38 @@ def test_library_experts_run_on_padded_rows(monkeypatch, dtype, bias):
     assert_fwd_bwd_close(got, want, 1e-5 if dtype == torch.float32 else 4e-2, err=rel_err)
 
 
+@pytest.mark.parametrize("outer_max_rows", [4096, 8])
+def test_library_backward_takes_bf16_weight_gradients_from_the_outer_kernel_on_amx(monkeypatch, outer_max_rows):
+    """Experts on library GEMMs (forward and backward) take their bf16 weight gradients from the outer-product
+    kernel where it runs on AMX tiles and they have at most AMX_OUTER_MAX_ROWS rows (reading the input's rows in
+    place), from the library beyond (or without AMX): the loop reference's forward and gradients either way."""
+    torch.manual_seed(5)
+    layer = moekit.MoE(64, 96, 4, 2, backend="fused").bfloat16()
+    ref_layer = moekit.MoE(64, 96, 4, 2, backend="loop").bfloat16()
+    ref_layer.load_state_dict(layer.state_dict())
+    x = torch.randn(50, 64).bfloat16()
+    want = run_fwd_bwd(ref_layer, x)
+    for name, value in (("SMALL_M", 0), ("SMALL_FWD_WORK", 0), ("PACKED_MAX_ROWS", 0), ("AMX_MAX_WORK", 0),
+                        ("AMX_OUTER_MAX_ROWS", outer_max_rows)):
+        monkeypatch.setattr(ff, name, value)
+    calls = []
+    outer = K.small_experts_outer
+
+    def spy(a, a_idx, b, b_idx, start, end, grad):
+        calls.append((a.shape[0], b_idx is not None))
+        return outer(a, a_idx, b, b_idx, start, end, grad)
+
+    monkeypatch.setattr(K, "small_experts_outer", spy)
+    got = run_fwd_bwd(layer, x)
+    counts = torch.bincount(ref_layer.router(x).topk_ids_TK.flatten(), minlength=4).tolist()
+    assert all(8 < c <= 4096 for c in counts)
+    if K.amx() and outer_max_rows == 4096:  # dW_out from the gathered rows, dW_in reading x's rows in place
+        assert sorted(calls) == sorted([(c, False) for c in counts] + [(c, True) for c in counts])
+    else:
+        assert calls == []
+    assert_fwd_bwd_close(got, want, 2e-2, 4e-2, err=rel_err)
+
+
 def test_fused_backend_without_kernels_matches_loop(no_kernels):
     x = torch.randn(40, 48)
     got = run_fwd_bwd(_layer(torch.float32), x)

@@ -71,6 +71,10 @@ OUTER_LIB_MIN_ROWS = 32
 #: expert: Mixtral-like T = 128 26.1 -> 19.2 ms, T = 1024 76.3 -> 66.5, T = 8192 521 -> 499; fine-grained T = 128
 #: 38.6 -> 21.9, T = 1024 117 -> 73.9, T = 8192 442 -> 396 (the kernel alone, 8 experts of 256 rows, dW_in:
 #: 581 against 423 GFLOP/s).
+#: Experts whose forward is too large for the tiles (AMX_MAX_WORK), and so runs its backward in the library GEMMs,
+#: take their weight gradients from this kernel too (the library computes these transposed-operand products at
+#: about half its forward rate): Mixtral-like T = 8192 (2048 rows per expert) forward+backward 191 -> 185 ms
+#: (median of 21 round-robin steps; per-round ratio 0.97) on 2 Emerald Rapids cores.
 AMX_OUTER_MAX_ROWS = 4096
 #: Where the kernels have packed tiles (AVX2 builds, :data:`moekit.kernels.cpu.PACKED_MIN_ROWS`), experts of up to
 #: this many rows run their forward in the small-M kernels too, whatever their size (their backward stays with the
@@ -344,8 +348,11 @@ def _expert_backward(e, tok, w_m, h, act, g_TD, w_in, w_out, b_out, dtype, grads
         if b_out is not None:  # y = a W_out^T + b_out, so dL/dw also has g . b_out
             dw += g_TD.index_select(0, tok).float() @ b_out[e].float()
         dw_m.copy_(dw)
-    if grads.w_out is not None:
-        linear_into(grads.w_out[e], g_m.T, aw.T)  # dW_out = g^T @ (w a)
+    if grads.w_out is not None:  # dW_out = g^T @ (w a)
+        if _amx_outer(aw, m):
+            kcpu.small_experts_outer(g_m[:m], None, aw[:m], None, None, None, grads.w_out[e].unsqueeze(0))
+        else:
+            linear_into(grads.w_out[e], g_m.T, aw.T)
     if grads.b_out is not None:
         grads.b_out[e] = w_m @ g_TD.index_select(0, tok).float()
     del aw, g_m
@@ -362,6 +369,9 @@ def _w_in_grad(out: torch.Tensor, dh: torch.Tensor, x: torch.Tensor, tok: torch.
     at a time, the block and its rows of ``out`` in ``dtype`` together at most ``CAST_CHUNK_BYTES`` (1 MiB: a
     Mixtral-like expert of 280 rows then takes 331 columns at a time, within 3% of one conversion of all of dH, where
     blocks of 128 columns were 35% slower)."""
+    if dh.dtype == dtype == x.dtype and _amx_outer(dh, tok.shape[0]):  # (reads the rows of x in place)
+        kcpu.small_experts_outer(dh[:tok.shape[0]], None, x, tok, None, None, out.unsqueeze(0))
+        return
     x_m = kcpu.gather_rows(x, tok, dtype, check_index=False, rows=dh.shape[0])
     if dh.dtype == dtype:  # (oneDNN writes fp32 weight gradients faster in 1 MiB chunks than in 256 KiB ones)
         linear_into(out, dh.T, x_m.T, chunk_bytes=4 * INTO_CHUNK_BYTES)
@@ -370,6 +380,12 @@ def _w_in_grad(out: torch.Tensor, dh: torch.Tensor, x: torch.Tensor, tok: torch.
     for c in range(0, dh.shape[1], cols):
         linear_into(out[c:c + cols], dh[:, c:c + cols].to(dtype).T, x_m.T,
                     chunk_bytes=cols * out.shape[1] * dtype.itemsize)
+
+
+def _amx_outer(a: torch.Tensor, rows: int) -> bool:
+    """Whether an expert of ``rows`` rows whose backward runs in the library GEMMs takes its weight gradients (``a``
+    their left operand) from the outer-product kernel instead: bf16 on AMX tiles, up to AMX_OUTER_MAX_ROWS rows."""
+    return a.dtype == torch.bfloat16 and rows <= AMX_OUTER_MAX_ROWS and kcpu.amx()
 
 
 def _small_backward(plan: _Plan, act, g_TD, x_c, w_in, w_out, b_out, token_S, w_S, dtype, grads: _Grads):
