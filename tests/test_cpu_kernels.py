@@ -619,48 +619,6 @@ def test_softmax_topk_router_on_the_kernel_routes_and_differentiates_like_pytorc
     assert max_err(d_got, d_want) < 1e-6
 
 
-@pytest.mark.parametrize("T", [1, 5, K.ROUTE_MIN_SCORES // 8 + 3])  # PyTorch's steps inside (a tie), the C kernel
-@pytest.mark.parametrize("dtype,bias,renorm,renorm_min,scale", [
-    (torch.float32, False, True, 0.0, 1.0), (torch.bfloat16, True, True, 0.6, 1.5),
-    (torch.float32, True, False, 0.0, 2.5), (torch.bfloat16, False, True, 0.0, 1.0)])
-def test_softmax_topk_router_in_training_is_one_node_with_the_steps_gradients(T, dtype, bias, renorm, renorm_min,
-                                                                            scale):
-    """A SoftmaxTopK router recording a graph on CPU is one autograd node (CPURouterFunction): the same logits,
-    choices, weights and probabilities as its recorded steps (router GEMM, softmax, top-k, gather, renormalisation),
-    and the same gradients of the input, the weight and the bias through the weights, the probabilities (a
-    balancing loss) and the logits (a z-loss) together or alone; a tie among the choices (routed by PyTorch's
-    top-k inside the node, as the steps route it) too."""
-    from moekit.routing.softmax_topk import CPURouterFunction, SoftmaxTopK
-
-    torch.manual_seed(T)
-    E, k, D = 8, 2, 24
-    router = SoftmaxTopK(D, E, k, renormalize=renorm, renorm_min=renorm_min, scale=scale, bias=bias).to(dtype)
-    x = (torch.randn(T, D) * 2).to(dtype)
-    if T == 5:
-        x[1] = 0  # equal logits (+ bias): a tie
-    gw, gp, gz = torch.randn(T, k), torch.randn(T, E), torch.randn(T, E)
-    params = [p for p in router.parameters()]
-
-    def run(one_node: bool, terms):
-        xi = x.clone().requires_grad_()
-        r = router(xi) if one_node else router.route(router.logits(xi))
-        assert (r.topk_weights_TK.grad_fn.name() == "CPURouterFunctionBackward") == one_node
-        parts = {"w": (r.topk_weights_TK * gw).sum(), "p": (r.probs_TE * gp).sum(), "z": (r.logits_TE * gz).sum()}
-        grads = torch.autograd.grad(sum(parts[t] for t in terms), [xi] + params)
-        return r, grads
-
-    assert issubclass(CPURouterFunction, torch.autograd.Function)
-    for terms in ("wpz", "w", "p", "z"):
-        got, g_got = run(True, terms)
-        want, g_want = run(False, terms)
-        assert torch.equal(got.topk_ids_TK, want.topk_ids_TK)
-        assert torch.equal(got.logits_TE, want.logits_TE)
-        assert max_err(got.topk_weights_TK, want.topk_weights_TK) < 1e-6
-        assert max_err(got.probs_TE, want.probs_TE) < 1e-6
-        for a, b in zip(g_got, g_want):
-            assert a.dtype == b.dtype and max_err(a, b) <= 1e-5 * (1 + b.float().abs().max()), terms
-
-
 @pytest.mark.parametrize("S,bins,k", [(0, 3, 1), (1, 1, 1), (5000, 9, 2), (65536, 65, 8)])
 def test_sort_keys_is_torchs_stable_sort(kernels, S, bins, k):
     torch.manual_seed(S)

@@ -142,25 +142,19 @@ class _Linear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         x, w = ctx.saved_tensors
-        need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
-        return (*linear_backward(g, x, w, ctx.dtype, need_dx, need_dw, ctx.has_bias and need_db), None)
-
-
-def linear_backward(g: torch.Tensor, x: torch.Tensor, w: torch.Tensor, dtype: torch.dtype, need_dx: bool,
-                    need_dw: bool, need_db: bool) -> tuple[torch.Tensor | None, ...]:
-    """``(dx, dw, db)`` of ``y = x @ w.T + b`` computed in ``dtype`` (each None where not needed): ``dx = g @ w`` in
-    ``x``'s dtype, ``dw = g^T @ x`` in ``w``'s, ``db = sum(g)`` in ``g``'s."""
-    g = g.contiguous().to(dtype)
-    if _few_rows_cast(g, w, x, dtype):
-        dx, dw = _few_rows_backward(g, w, x, need_dx, need_dw)
-    else:
-        dx = linear(g, w.to(dtype).T).to(x.dtype) if need_dx else None  # g @ w
-        dw = None
-        if need_dw:  # g^T @ x, straight into the weight's dtype without a full-size temporary
-            dw = torch.empty_like(w, memory_format=torch.contiguous_format)
-            linear_into(dw, g.T, x.to(dtype).T,
-                        chunk_bytes=INTO_CHUNK_BYTES // 4 if w.dtype != dtype else INTO_CHUNK_BYTES)
-    return dx, dw, g.sum(0) if need_db else None
+        g = g.contiguous().to(ctx.dtype)
+        need_dx, need_dw = ctx.needs_input_grad[:2]
+        if _few_rows_cast(g, w, x, ctx.dtype):
+            dx, dw = _few_rows_backward(g, w, x, need_dx, need_dw)
+        else:
+            dx = linear(g, w.to(ctx.dtype).T).to(x.dtype) if need_dx else None  # g @ w
+            dw = None
+            if need_dw:  # g^T @ x, straight into the weight's dtype without a full-size temporary
+                dw = torch.empty_like(w, memory_format=torch.contiguous_format)
+                linear_into(dw, g.T, x.to(ctx.dtype).T,
+                            chunk_bytes=INTO_CHUNK_BYTES // 4 if w.dtype != ctx.dtype else INTO_CHUNK_BYTES)
+        db = g.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return dx, dw, db, None
 
 
 def _few_rows_cast(g: torch.Tensor, w: torch.Tensor, x: torch.Tensor, dtype: torch.dtype) -> bool:
