@@ -365,10 +365,11 @@ def _expert_backward(e, tok, w_m, h, act, g_TD, w_in, w_out, b_out, dtype, grads
 
 def _w_in_grad(out: torch.Tensor, dh: torch.Tensor, x: torch.Tensor, tok: torch.Tensor, dtype: torch.dtype) -> None:
     """``out = dH^T @ x[tok]`` in ``dtype`` (one expert's input-projection weight gradient; ``dh`` may have padding
-    rows, whose zero gradient adds nothing). A ``dh`` kept in a narrower dtype is converted a block of its columns
-    at a time, the block and its rows of ``out`` in ``dtype`` together at most ``CAST_CHUNK_BYTES`` (1 MiB: a
-    Mixtral-like expert of 280 rows then takes 331 columns at a time, within 3% of one conversion of all of dH, where
-    blocks of 128 columns were 35% slower)."""
+    rows, whose zero gradient adds nothing). bf16 on AMX tiles up to AMX_OUTER_MAX_ROWS rows: the outer-product
+    kernel, reading the rows of ``x`` in place (see :func:`_amx_outer`); else the library GEMM, where a ``dh`` kept
+    in a narrower dtype is converted a block of its columns at a time, the block and its rows of ``out`` in ``dtype``
+    together at most ``CAST_CHUNK_BYTES`` (1 MiB: a Mixtral-like expert of 280 rows then takes 331 columns at a
+    time, within 3% of one conversion of all of dH, where blocks of 128 columns were 35% slower)."""
     if dh.dtype == dtype == x.dtype and _amx_outer(dh, tok.shape[0]):  # (reads the rows of x in place)
         kcpu.small_experts_outer(dh[:tok.shape[0]], None, x, tok, None, None, out.unsqueeze(0))
         return
