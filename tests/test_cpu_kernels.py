@@ -303,8 +303,8 @@ def test_amx_data_and_weight_gradients(kernels, E, D, F_, counts):
         K.small_experts_nn(g, tok, w_out, start, end, ga, packed_min_rows=1)
         for e in range(E):
             s, t = start[e].item(), end[e].item()
-        if s == t:
-            continue
+            if s == t:
+                continue
             assert rel_err(ga[s:t], g[tok[s:t]].double() @ w_out[e].double()) < TOL[out_dtype]
     dx = torch.ones(T, D)
     K.small_experts_nn(dh, None, w_in, start, end, dx, tok, packed_min_rows=1)
@@ -324,6 +324,30 @@ def test_amx_data_and_weight_gradients(kernels, E, D, F_, counts):
                 assert (dw[e] == 7).all()
                 continue
             assert rel_err(dw[e], dh[s:t].double().T @ x[tok[s:t]].double()) < TOL[g_dtype] + 1e-5
+
+
+@needs_amx
+@pytest.mark.parametrize("Kd", [16, 48, 80, 112, 528])
+@pytest.mark.parametrize("counts", [[1, 0, 7], [32, 33, 64]])
+def test_amx_outer_every_count_of_column_blocks(kernels, Kd, counts):
+    """small_experts_outer on the tiles writes each row block of G with up to four 16-column tiles at a time: Kd of
+    1-4 column blocks (and a last item of 1, 2 or 3 blocks after whole ones), rows of one or several 32-row chunks,
+    both G dtypes, an idle expert untouched."""
+    g = torch.Generator().manual_seed(Kd + sum(counts))
+    start, end = segments(counts)
+    S, N = sum(counts), 48
+    a = torch.randn(S, N, generator=g).bfloat16()
+    b = torch.randn(S + 5, Kd, generator=g).bfloat16()
+    b_idx = torch.randperm(S + 5, generator=g)[:S]
+    for g_dtype in (torch.bfloat16, torch.float32):
+        grad = torch.full((len(counts), N, Kd), 7.0, dtype=g_dtype)
+        K.small_experts_outer(a, None, b, b_idx, start, end, grad)
+        for e, c in enumerate(counts):
+            s, t = start[e].item(), end[e].item()
+            if c == 0:
+                assert (grad[e] == 7).all()
+                continue
+            assert rel_err(grad[e], a[s:t].double().T @ b[b_idx[s:t]].double()) < TOL[g_dtype] + 1e-5
 
 
 @needs_amx

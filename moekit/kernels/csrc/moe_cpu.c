@@ -1713,9 +1713,10 @@ typedef struct {
     int64_t ld_out, d0;
     const int64_t *tok;
     const float *w;
-    /* amx_outer: rows gn0.. of G's [N, Kd] block at ge (nu of them), columns k0.. (two_k: 32 of them, else 16) */
+    /* amx_outer: rows gn0.. of G's [N, Kd] block at ge (nu of them: 16 or 32), columns k0.. (16 nq of them: up to 4
+     * with 16 rows, up to 2 with 32) */
     char *ge;
-    int gdt, two_k;
+    int gdt, nq;
     int64_t gn0, k0, Kd;
     float t[4][256] __attribute__((aligned(64))); /* transposed: t[2 l + q] + 16 r = token row r's 16 values */
 } amx_epi;
@@ -1734,12 +1735,17 @@ enum { AMX_EPI_UP, AMX_EPI_DOWN, AMX_EPI_OUTER }; /* the kernel whose epilogue a
 
 /* AMX_EPI_OUTER: one unit per row of the gradient block (its sums are rows already) */
 static inline __attribute__((always_inline)) void amx_epi_unit(amx_epi *st, int u, int kind) {
-    if (kind == AMX_EPI_OUTER) { /* both column tiles of a row together: a bf16 row's 32 columns are one whole line for the
-                      * non-temporal stores (half lines, written apart, cost a read of the line each) */
-        const int qn = u >= 16 ? 2 : 0, r = u % 16;
-        char *o = st->ge + ((size_t)(st->gn0 + (qn ? 16 : 0) + r) * (size_t)st->Kd + (size_t)st->k0) * esize(st->gdt);
-        st16_stream(o, st->gdt, 0xffff, _mm512_load_ps(st->c[qn] + 16 * r));
-        if (st->two_k) st16_stream(o + 16 * esize(st->gdt), st->gdt, 0xffff, _mm512_load_ps(st->c[qn + 1] + 16 * r));
+    if (kind == AMX_EPI_OUTER) { /* all column tiles of row u together: a bf16 row's 64 columns are two whole lines
+                      * for the non-temporal stores (half lines, written apart, cost a read of the line each) */
+        const float *c = st->c[2 * (u / 16)] + 16 * (u % 16); /* row u's column tiles: c, c + 256, ... */
+        char *o = st->ge + ((size_t)(st->gn0 + u) * (size_t)st->Kd + (size_t)st->k0) * esize(st->gdt);
+        int q = 0;
+        if (st->gdt == DT_BF16 && ((uintptr_t)o & 63) == 0)
+            for (; q + 1 < st->nq; q += 2)
+                _mm512_stream_si512((void *)(o + 32 * q), _mm512_inserti64x4(
+                    _mm512_castsi256_si512(cvt16_bf16(_mm512_load_ps(c + 256 * q))),
+                    cvt16_bf16(_mm512_load_ps(c + 256 * (q + 1))), 1));
+        for (; q < st->nq; q++) st16_stream(o + 16 * q * esize(st->gdt), st->gdt, 0xffff, _mm512_load_ps(c + 256 * q));
         return;
     }
     const int q = u >= st->n0, l = u - (q ? st->n0 : 0);
@@ -1823,6 +1829,46 @@ static inline __attribute__((always_inline)) void amx_tiles(const bf16 *w, const
                                                             const bf16 *p0, const bf16 *p1, int64_t K,
                                                             float c[4][256]) {
     amx_tiles_epi(w, w2, ldw, p0, p1, K, c, NULL, AMX_EPI_UP, NULL, NULL, 0);
+}
+
+/* The outer-product kernel's tiles: sums of 16 rows of A^T (w, row stride ldw bf16) against nq (1-4) packed
+ * column blocks p[q] over K, c[q] = [row][column], the units of st's epilogue spread over the K steps. One row
+ * block by up to four column blocks (not two by two): each row of G then gets 64 columns (bf16: two whole lines)
+ * per visit, and the non-temporal stores of 32 rows x one line each (a 32 x 32 block) reached ~22 GB/s where
+ * 16 rows x two lines reached ~37 (23 MiB of bf16 on 2 Xeon cores). */
+static inline __attribute__((always_inline)) void amx_tiles_outer(const bf16 *w, int64_t ldw, const bf16 *const p[4],
+                                                                  int nq, int64_t K, float c[4][256], amx_epi *st) {
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    const size_t ldb = (size_t)ldw * sizeof(bf16);
+    const int64_t nk = K / 32;
+    const int nu = st->nu;
+    int u = 0;
+    for (int64_t kb = 0; kb < nk; kb++) {
+        const size_t o = (size_t)kb * 512;
+        _tile_loadd(4, w + 32 * kb, ldb);
+        _tile_loadd(5, p[0] + o, 64);
+        _tile_dpbf16ps(0, 4, 5);
+        if (nq > 1) {
+            _tile_loadd(6, p[1] + o, 64);
+            _tile_dpbf16ps(1, 4, 6);
+        }
+        if (nq > 2) {
+            _tile_loadd(7, p[2] + o, 64);
+            _tile_dpbf16ps(2, 4, 7);
+        }
+        if (nq > 3) {
+            _tile_loadd(5, p[3] + o, 64);
+            _tile_dpbf16ps(3, 4, 5);
+        }
+        for (const int ue = (int)((kb + 1) * nu / nk); u < ue; u++) amx_epi_unit(st, u, AMX_EPI_OUTER);
+    }
+    _tile_stored(0, c[0], 64);
+    if (nq > 1) _tile_stored(1, c[1], 64);
+    if (nq > 2) _tile_stored(2, c[2], 64);
+    if (nq > 3) _tile_stored(3, c[3], 64);
 }
 
 /* 16-row blocks per run of packed token rows (K elements each) that stays in L2 while every column block of an
@@ -2821,15 +2867,22 @@ static void outer8_full(const void *A, int adt, int64_t lda, const int64_t *a_id
 
 #if defined(MOE_AMX)
 #define AMX_OUTER_GROUP_BYTES (16 << 20) /* packed operands of the experts that run in one phase, at most */
+#ifndef AMX_OUTER_WIDE_ROWS
+#define AMX_OUTER_WIDE_ROWS 64 /* rows per expert (padded to 32) up to which amx_outer's tiles are 1 x 4, see there */
+#endif
 /* The weight-gradient kernel (moe_small_outer) on the tiles, bf16 A and B, N and Kd multiples of 16, per expert:
  * its rows of A transposed into an [N, Mp] matrix (Mp: its rows padded to a multiple of 32 with zeros; each
  * 32 x 16 block of A made of pair-interleaved rows, then a 16 x 16 transpose of 32-bit pairs), its rows of B into
  * pair-interleaved blocks [Kd / 16][Mp / 32][16 pairs][16][2]; then G[e] tile by tile, 2 x 2 tiles of 16 x 16 at a
- * time over all of its rows, written once (non-temporal stores). */
+ * time (1 x 4 for experts of at most AMX_OUTER_WIDE_ROWS rows) over all of its rows, written once (non-temporal
+ * stores). */
 static int amx_outer(const bf16 *A, int64_t lda, const int64_t *a_idx, const bf16 *B, int64_t ldb, const int64_t *b_idx,
                      int64_t N, int64_t Kd, const int64_t *start, const int64_t *end, int64_t E, void *G, int gdt,
                      int nthreads) {
-    const int64_t nn = N / 16, nk = Kd / 16, per = ((nn + 1) / 2) * ((nk + 1) / 2); /* tile items per expert */
+    /* tile items per expert: wide (1 x 4 tiles, see amx_tiles_outer) for experts of at most AMX_OUTER_WIDE_ROWS
+     * rows, else 2 x 2 (fewer tile loads per multiply, where the K steps outweigh the stores) */
+    const int64_t nn = N / 16, nk = Kd / 16, nq4 = (nk + 3) / 4, per_wide = nn * nq4,
+                  per = ((nn + 1) / 2) * ((nk + 1) / 2);
     /* per expert (cumulative, [E + 1]): packed elements, pack items, tile items; and the groups of consecutive
      * experts packed together (up to AMX_OUTER_GROUP_BYTES, at least one expert): one pack phase and one tile
      * phase per group, not per expert (a fork's barriers cost more than 64 fine-grained experts' few rows) */
@@ -2841,7 +2894,7 @@ static int amx_outer(const bf16 *A, int64_t lda, const int64_t *a_idx, const bf1
         const int64_t R = end[e] - start[e], Mp = R > 0 ? (R + 31) / 32 * 32 : 0;
         el[e + 1] = el[e] + Mp * (N + Kd);
         pk[e + 1] = pk[e] + Mp / 32 * (nn + nk);
-        ck[e + 1] = ck[e] + (R > 0 ? per : 0);
+        ck[e + 1] = ck[e] + (R > 0 ? (Mp <= AMX_OUTER_WIDE_ROWS ? per_wide : per) : 0);
         work += R > 0 ? N * Kd : 0;
     }
     int64_t buf_max = 0;
@@ -2912,17 +2965,27 @@ static int amx_outer(const bf16 *A, int64_t lda, const int64_t *a_idx, const bf1
                 const int64_t Mp = (end[e] - start[e] + 31) / 32 * 32, nm = Mp / 32, local = item - ck[e];
                 const bf16 *at = buf + (el[e] - el[g0]), *bv = at + (size_t)N * (size_t)Mp;
                 char *ge = (char *)G + (size_t)e * (size_t)N * (size_t)Kd * esize(gdt);
-                const int64_t n0 = 32 * (local / ((nk + 1) / 2)), k0 = 32 * (local % ((nk + 1) / 2));
-                const int two_n = n0 + 16 < N, two_k = k0 + 16 < Kd;
-                const bf16 *p0 = bv + (size_t)(k0 / 16) * (size_t)nm * 512;
-                amx_tiles_epi(at + (size_t)n0 * (size_t)Mp, two_n ? at + (size_t)(n0 + 16) * (size_t)Mp : NULL, Mp,
-                              p0, two_k ? p0 + (size_t)nm * 512 : NULL, Mp, cb[cur], st, AMX_EPI_OUTER, NULL, NULL, 0);
+                int64_t n0, k0;
+                int nq, nu;
+                if (Mp <= AMX_OUTER_WIDE_ROWS) {
+                    n0 = 16 * (local / nq4), k0 = 64 * (local % nq4), nq = (int)min64(4, nk - k0 / 16), nu = 16;
+                    const bf16 *p[4];
+                    for (int q = 0; q < 4; q++) p[q] = bv + (size_t)(k0 / 16 + (q < nq ? q : 0)) * (size_t)nm * 512;
+                    amx_tiles_outer(at + (size_t)n0 * (size_t)Mp, Mp, p, nq, Mp, cb[cur], st);
+                } else {
+                    n0 = 32 * (local / ((nk + 1) / 2)), k0 = 32 * (local % ((nk + 1) / 2));
+                    nq = k0 + 16 < Kd ? 2 : 1, nu = n0 + 16 < N ? 32 : 16;
+                    const bf16 *p0 = bv + (size_t)(k0 / 16) * (size_t)nm * 512;
+                    amx_tiles_epi(at + (size_t)n0 * (size_t)Mp, nu == 32 ? at + (size_t)(n0 + 16) * (size_t)Mp : NULL,
+                                  Mp, p0, nq == 2 ? p0 + (size_t)nm * 512 : NULL, Mp, cb[cur], st, AMX_EPI_OUTER,
+                                  NULL, NULL, 0);
+                }
                 st->c = (const float (*)[256])cb[cur];
                 st->ge = ge;
                 st->gn0 = n0;
                 st->k0 = k0;
-                st->two_k = two_k;
-                st->nu = two_n ? 32 : 16;
+                st->nq = nq;
+                st->nu = nu;
                 cur ^= 1;
             }
             amx_epi_drain(st, AMX_EPI_OUTER); /* (before the next group's packing) */
