@@ -502,13 +502,13 @@ def _expert_grad_buffer(w_EOI: torch.Tensor, counts: list[int]) -> torch.Tensor:
     """Gradient buffer for stacked expert weights: uninitialised, with only the idle experts zeroed (the active
     ones are overwritten by their GEMM), so memory is written once."""
     buf = torch.empty_like(w_EOI)
-    e = 0
+    runs, e = [], 0
     for idle, run in itertools.groupby(counts, key=lambda n: n == 0):
         n = len(list(run))
-        if idle:  # a run of consecutive idle experts is one contiguous block: one (streaming) zero-fill
-            kcpu.zero_(buf[e:e + n])
+        if idle:  # a run of consecutive idle experts is one contiguous block
+            runs.append((e, n))
         e += n
-    return buf
+    return kcpu.zero_rows(buf, runs)  # every run in one streaming zero-fill
 
 
 # --------------------------------------------------------------------------------------- compute dtype

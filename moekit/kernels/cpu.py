@@ -151,6 +151,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         "moe_small_nn": [P, I, I64, P, P, I, I64, I64, P, P, I64, P, I, I64, P, I64, I],
         "moe_small_outer": [P, I, I64, P, P, I, I64, P, I64, I64, P, P, I64, P, I, I],
         "moe_zero": [P, I64, I],
+        "moe_zero_ranges": [P, P, P, I64, I],
         "moe_flush_cache": [P, I64, I],
         "moe_read_ranges": [P, P, I64, P, I],
         "moe_topk_rows": [P, I64, I64, I64, I64, P, I],
@@ -271,6 +272,30 @@ def zero_(t: torch.Tensor) -> torch.Tensor:
         _call(library().moe_zero, t.data_ptr(), t.numel() * t.element_size(), _threads())
         return t
     return t.zero_()
+
+def zero_rows(t: torch.Tensor, runs: list[tuple[int, int]]) -> torch.Tensor:
+    """``t[s:s + n].zero_()`` for each ``(s, n)`` in ``runs`` (along dim 0 of a contiguous CPU tensor): all runs in
+    one call of every thread, each an equal share of their bytes, with streaming stores (the idle experts'
+    gradient blocks of a step)."""
+    if not t.is_contiguous() or t.device.type != "cpu":
+        raise ValueError(f"zero_rows needs a contiguous CPU tensor, got strides {t.stride()} on {t.device}")
+    rows = t.shape[0] if t.dim() else 1
+    if any(n < 0 or s < 0 or s + n > rows for s, n in runs):
+        raise ValueError(f"zero_rows: runs {runs} reach outside the {rows} rows of the tensor")
+    runs = [(s, n) for s, n in runs if n]
+    if not runs:
+        return t
+    if library() is None:
+        for s, n in runs:
+            t[s:s + n].zero_()
+        return t
+    row = t[0].numel() * t.element_size() if t.dim() else t.element_size()
+    off = (ctypes.c_int64 * len(runs))(*(s * row for s, _ in runs))
+    size = (ctypes.c_int64 * len(runs))(*(n * row for _, n in runs))
+    _call(library().moe_zero_ranges, t.data_ptr(), ctypes.addressof(off), ctypes.addressof(size), len(runs),
+          _threads())
+    return t
+
 
 #: Below this many scores PyTorch's own top-k is as fast (its per-call cost is small; the C kernel's edge is per row).
 TOPK_MIN_SCORES = 1 << 15

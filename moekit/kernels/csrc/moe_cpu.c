@@ -3337,12 +3337,29 @@ static void zero_stream(char *p, int64_t n) {
 #endif
 }
 
-/* Zero n bytes from p with all threads, 1 MiB per task, each streamed past the caches. */
-int moe_zero(void *p, int64_t n, int nthreads) {
-    const int64_t chunk = 1 << 20;
-#pragma omp parallel for schedule(static) num_threads(threads_for(n / 4, nthreads))
-    for (int64_t i = 0; i < n; i += chunk) zero_stream((char *)p + i, min64(chunk, n - i));
+/* Zero the n byte ranges [p + off[r], p + off[r] + len[r]) with all threads in one parallel region, each thread an
+ * equal share of their bytes taken in order (cut at whole lines of that order), streamed past the caches: the idle
+ * experts' gradients of a few-token step are several runs of a few MiB (one task of 1 MiB per thread at a time
+ * left the last task of an odd count to one thread: 2.75 MiB in 0.117 against 0.079 ms, 2 Xeon cores). */
+int moe_zero_ranges(void *p, const int64_t *off, const int64_t *len, int64_t n, int nthreads) {
+    int64_t total = 0;
+    for (int64_t r = 0; r < n; r++) total += len[r];
+#pragma omp parallel num_threads(threads_for(total / 4, nthreads))
+    {
+        const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+        const int64_t lines = (total + 63) / 64, b = min64(total, 64 * (lines * t / nt)),
+                      e = min64(total, 64 * (lines * (t + 1) / nt));
+        for (int64_t r = 0, pos = 0; r < n && pos < e; pos += len[r], r++) { /* range r: [pos, pos + len[r]) */
+            const int64_t lo = pos > b ? pos : b, hi = pos + len[r] < e ? pos + len[r] : e;
+            if (lo < hi) zero_stream((char *)p + off[r] + (lo - pos), hi - lo);
+        }
+    }
     return 0;
+}
+
+int moe_zero(void *p, int64_t n, int nthreads) {
+    const int64_t off = 0;
+    return moe_zero_ranges(p, &off, &n, 1, nthreads);
 }
 
 /* Write back and evict the n bytes at p from every cache level (benchmarks use it to time a layer whose weights are
