@@ -428,7 +428,8 @@ def test_small_nn_few_rows_streams_weights_across_threads(kernels, dtype, thread
 def test_small_outer_few_rows_per_expert(kernels, dtype, counts, N, Kd):
     """Weight gradients where every expert has few rows (AVX-512 builds write them from registers, 4 rows of G at
     a time: fp32 up to 256 rows per expert, bf16 on AMX up to 4): rows of G in a last partial group of 4, columns in
-    a partial 32-column step, both operands gathered by index, an idle expert left untouched."""
+    a partial 32- or 64-column step, both operands gathered by index, fp32 sums rounded into a bf16 G, an idle
+    expert left untouched."""
     g = torch.Generator().manual_seed(sum(counts) + N)
     start, end = segments(counts)
     S, T = sum(counts), max(11, *counts)
@@ -439,14 +440,17 @@ def test_small_outer_few_rows_per_expert(kernels, dtype, counts, N, Kd):
     K.small_experts_outer(a, tok, b, None, start, end, grad)
     grad2 = torch.full((len(counts), Kd, N), 7.0).to(dtype)
     K.small_experts_outer(b, None, a, tok, start, end, grad2)
+    grad3 = torch.full((len(counts), N, Kd), 7.0, dtype=torch.bfloat16)
+    K.small_experts_outer(a, tok, b, None, start, end, grad3)
     for e, c in enumerate(counts):
         s, t = start[e].item(), end[e].item()
         if c == 0:
-            assert (grad[e] == 7).all() and (grad2[e] == 7).all()
+            assert (grad[e] == 7).all() and (grad2[e] == 7).all() and (grad3[e] == 7).all()
             continue
         want = a[tok[s:t]].double().T @ b[s:t].double()
         assert rel_err(grad[e], want) < TOL[dtype]
         assert rel_err(grad2[e], want.T) < TOL[dtype]
+        assert rel_err(grad3[e], want) < TOL[torch.bfloat16]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
