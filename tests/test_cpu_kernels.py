@@ -165,6 +165,9 @@ def test_zero_rows_zeroes_every_run_and_nothing_else(kernels, dtype):
     tiny = torch.ones(5, 3).to(dtype)
     K.zero_rows(tiny, [(1, 1), (4, 1)])
     assert tiny.sum(1).tolist() == [3, 0, 3, 3, 0]
+    flat = torch.ones(3 << 18).to(dtype)  # one dimension: runs of elements
+    K.zero_rows(flat, [(5, 1 << 18)])
+    assert (flat[5:5 + (1 << 18)] == 0).all() and flat[:5].eq(1).all() and flat[5 + (1 << 18):].eq(1).all()
     with pytest.raises(ValueError, match="reach outside"):
         K.zero_rows(tiny, [(4, 2)])
     with pytest.raises(ValueError, match="contiguous"):

@@ -289,7 +289,7 @@ def zero_rows(t: torch.Tensor, runs: list[tuple[int, int]]) -> torch.Tensor:
         for s, n in runs:
             t[s:s + n].zero_()
         return t
-    row = t[0].numel() * t.element_size() if t.dim() else t.element_size()
+    row = t.numel() // rows * t.element_size() if rows else 0  # bytes per index of dim 0
     off = (ctypes.c_int64 * len(runs))(*(s * row for s, _ in runs))
     size = (ctypes.c_int64 * len(runs))(*(n * row for _, n in runs))
     _call(library().moe_zero_ranges, t.data_ptr(), ctypes.addressof(off), ctypes.addressof(size), len(runs),
