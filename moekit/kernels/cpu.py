@@ -150,7 +150,6 @@ def _declare(lib: ctypes.CDLL) -> None:
         "moe_small_decode": [P, I64, P, P, I64, I64, I64, P, P, P, P, I64, I64, I, P, I64, P, I],
         "moe_small_nn": [P, I, I64, P, P, I, I64, I64, P, P, I64, P, I, I64, P, I64, I],
         "moe_small_outer": [P, I, I64, P, P, I, I64, P, I64, I64, P, P, I64, P, I, I],
-        "moe_zero": [P, I64, I],
         "moe_zero_ranges": [P, P, P, I64, I],
         "moe_flush_cache": [P, I64, I],
         "moe_read_ranges": [P, P, I64, P, I],
@@ -269,9 +268,10 @@ def zero_(t: torch.Tensor) -> torch.Tensor:
     """``t.zero_()``, with all threads and streaming stores for a large contiguous CPU tensor."""
     if t.device.type == "cpu" and t.is_contiguous() and t.numel() * t.element_size() >= 1 << 20 and \
             library() is not None:
-        _call(library().moe_zero, t.data_ptr(), t.numel() * t.element_size(), _threads())
+        zero_rows(t.view(-1), [(0, t.numel())])
         return t
     return t.zero_()
+
 
 def zero_rows(t: torch.Tensor, runs: list[tuple[int, int]]) -> torch.Tensor:
     """``t[s:s + n].zero_()`` for each ``(s, n)`` in ``runs`` (along dim 0 of a contiguous CPU tensor): all runs in
@@ -289,7 +289,7 @@ def zero_rows(t: torch.Tensor, runs: list[tuple[int, int]]) -> torch.Tensor:
         for s, n in runs:
             t[s:s + n].zero_()
         return t
-    row = t.numel() // rows * t.element_size() if rows else 0  # bytes per index of dim 0
+    row = t.numel() // rows * t.element_size()  # bytes per index of dim 0 (rows > 0: a run is left)
     off = (ctypes.c_int64 * len(runs))(*(s * row for s, _ in runs))
     size = (ctypes.c_int64 * len(runs))(*(n * row for _, n in runs))
     _call(library().moe_zero_ranges, t.data_ptr(), ctypes.addressof(off), ctypes.addressof(size), len(runs),

@@ -1781,6 +1781,14 @@ static inline __attribute__((always_inline)) void amx_epi_drain(amx_epi *st, int
     st->nu = 0;
 }
 
+/* Zero the four sum tiles (0-3) the tile loops accumulate into. */
+static inline __attribute__((always_inline)) void amx_zero_sums(void) {
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+}
+
 /* sums of 16 weight rows (w, row stride ldw bf16) against one or two packed blocks (p0, p1 or NULL) over K:
  * c[0] (and c[1]) = [weight row][token row], and with a second 16 weight rows (w2 or NULL) c[2] (and c[3]). With
  * st, the units of st's epilogue run spread over the K steps (all of them by the last); with pf0 (and pf1), so do
@@ -1789,10 +1797,7 @@ static inline __attribute__((always_inline)) void amx_tiles_epi(const bf16 *w, c
                                                                 const bf16 *p0, const bf16 *p1, int64_t K,
                                                                 float c[4][256], amx_epi *st, int kind,
                                                                 const char *pf0, const char *pf1, size_t pfn) {
-    _tile_zero(0);
-    _tile_zero(1);
-    _tile_zero(2);
-    _tile_zero(3);
+    amx_zero_sums();
     const size_t ldb = (size_t)ldw * sizeof(bf16);
     const int64_t nk = K / 32;
     const int nu = st ? st->nu : 0;
@@ -1838,10 +1843,7 @@ static inline __attribute__((always_inline)) void amx_tiles(const bf16 *w, const
  * 16 rows x two lines reached ~37 (23 MiB of bf16 on 2 Xeon cores). */
 static inline __attribute__((always_inline)) void amx_tiles_outer(const bf16 *w, int64_t ldw, const bf16 *const p[4],
                                                                   int nq, int64_t K, float c[4][256], amx_epi *st) {
-    _tile_zero(0);
-    _tile_zero(1);
-    _tile_zero(2);
-    _tile_zero(3);
+    amx_zero_sums();
     const size_t ldb = (size_t)ldw * sizeof(bf16);
     const int64_t nk = K / 32;
     const int nu = st->nu;
@@ -3355,11 +3357,6 @@ int moe_zero_ranges(void *p, const int64_t *off, const int64_t *len, int64_t n, 
         }
     }
     return 0;
-}
-
-int moe_zero(void *p, int64_t n, int nthreads) {
-    const int64_t off = 0;
-    return moe_zero_ranges(p, &off, &n, 1, nthreads);
 }
 
 /* Write back and evict the n bytes at p from every cache level (benchmarks use it to time a layer whose weights are
