@@ -814,8 +814,10 @@ def test_fused_paths_agree(monkeypatch, mode):
     monkeypatch.setattr(ff, "SMALL_FWD_WORK", 0)
     monkeypatch.setattr(ff, "PACKED_MAX_ROWS", 10_000 if mode.startswith("packed") else 0)
     monkeypatch.setattr(ff, "PACKED_BWD_MAX_ROWS", 10_000 if mode == "packed_bwd" else 0)
-    monkeypatch.setattr(K, "PACKED_MIN_ROWS", 1)
-    monkeypatch.setattr(K, "PACKED_NN_MIN_ROWS", 1)
+    monkeypatch.setattr(ff, "PACKED_AVX512_BWD_MAX_ROWS", 10_000 if mode == "packed_bwd" else 0)
+    monkeypatch.setattr(ff, "PACKED_AVX512_MAX_WORK", 10**12)
+    for name in ("PACKED_MIN_ROWS", "PACKED_NN_MIN_ROWS", "PACKED_MIN_ROWS_AVX512", "PACKED_NN_MIN_ROWS_AVX512"):
+        monkeypatch.setattr(K, name, 1)
     monkeypatch.setattr(ff, "SMALL_BWD_WORK", 0 if mode == "forward_only" else 10**12)
     got = run_fwd_bwd(_layer(torch.float32), x)
     assert_fwd_bwd_close(got, want, 1e-5)
@@ -1205,8 +1207,8 @@ def test_flush_from_cache_keeps_the_data(kernels):
 @pytest.mark.parametrize("swiglu", [True, False])
 def test_packed_tiles_match_the_reference(kernels, dtype, E, D, F_, counts, swiglu):
     """Every expert through the packed tiles (packed_min_rows=1), forward of both projections, with biases."""
-    if not K.packed_tiles():
-        pytest.skip("this build has no packed tiles (they are the AVX2 code path)")
+    if not K.packed_tiles(dtype):
+        pytest.skip("this build has no packed tiles for these operands (AVX2: float32 and bf16; AVX-512: float32)")
     x, tok, w, w_in, w_out, b_in, b_out = _small_problem(E, D, F_, counts, dtype, True)
     tol = TOL[dtype] * max(1.0, D / 512)  # fp32 sums of 2100 products round further than those of 530
     start, end = segments(counts)
@@ -1231,8 +1233,8 @@ def test_packed_tiles_match_the_reference(kernels, dtype, E, D, F_, counts, swig
 
 def test_packed_and_dot_product_tiles_agree_in_one_call(kernels):
     """Experts split between the two kinds of tile by their rows give what either kind alone gives."""
-    if not K.packed_tiles():
-        pytest.skip("this build has no packed tiles (they are the AVX2 code path)")
+    if not K.packed_tiles(torch.float32):
+        pytest.skip("this build has no packed tiles for these operands (AVX2: float32 and bf16; AVX-512: float32)")
     x, tok, w, w_in, w_out, b_in, b_out = _small_problem(4, 64, 40, [3, 40, 0, 25], torch.float32, False)
     start, end = segments([3, 40, 0, 25])
     outs = []

@@ -76,9 +76,9 @@ OUTER_LIB_MIN_ROWS = 32
 #: about half its forward rate): Mixtral-like T = 8192 (2048 rows per expert) forward+backward 191 -> 185 ms
 #: (median of 21 round-robin steps; per-round ratio 0.97) on 2 Emerald Rapids cores.
 AMX_OUTER_MAX_ROWS = 4096
-#: Where the kernels have packed tiles (AVX2 builds, :data:`moekit.kernels.cpu.PACKED_MIN_ROWS`), experts of up to
-#: this many rows run their forward in the small-M kernels too, whatever their size (their backward stays with the
-#: library unless they are small by the rules above). Measured on Zen 3 (2 threads), forward against the library
+#: Where the kernels have packed tiles (AVX2 builds, :data:`moekit.kernels.cpu.PACKED_MIN_ROWS`; float32 on AVX-512
+#: builds up to PACKED_AVX512_MAX_WORK), experts of up to this many rows run their forward in the small-M kernels
+#: too, whatever their size (their backward stays with the library unless they are small by the rules above). Measured on Zen 3 (2 threads), forward against the library
 #: GEMMs: Mixtral-like fp32 with 256 rows per expert 117 -> 70 ms, 2048 rows 638 -> 539 ms; fine-grained with 1024
 #: rows 489 against 500 ms (within this machine's noise): no size where the library wins clearly, so no limit.
 #: Likewise bf16 experts on AMX CPUs (:func:`moekit.kernels.cpu.amx`), whose projections run on the tiles.
@@ -90,6 +90,13 @@ PACKED_MAX_ROWS = 1 << 62
 #: (slow phases 57 / 60), 2048 rows 63-84 / 52-62 (slow phases 112-119 / 105-117); forward+backward at 2048 rows
 #: 195-220 / 195-220 ms. Fine-grained experts of 1024 rows (134 M) stay far faster on the kernels (58.7 / 92.4 ms).
 AMX_MAX_WORK = 1_100_000_000
+#: ...and float32 experts on AVX-512 builds' packed tiles (12 x 32) up to rows x d_model x d_ff of this: MKL's fp32
+#: GEMM, a little faster per FLOP than the tiles (~250-300 against 220-250 GFLOP/s on 2 Emerald Rapids cores), wins
+#: once its per-expert calls, gather and scatter are amortised. Measured there, forward against the library
+#: (paired round-robin medians): Mixtral-like 256 rows per expert (184 M) 0.905x, 512 rows (369 M) 0.96-0.99x,
+#: 1024 rows (738 M) 0.99-1.03x, 2048 rows (1.48 G) 1.09-1.13x; fine-grained 128 rows (17 M, where the
+#: dot-product tiles ran before) 0.90-0.92x, 1024 rows (134 M) 0.91-0.94x.
+PACKED_AVX512_MAX_WORK = 400_000_000
 #: ...and experts of up to this many rows their backward too (its data gradients in the packed tiles, its weight
 #: gradients in the outer-product kernel). Measured on Zen 3 (2 threads), forward+backward against the library
 #: backward: Mixtral-like with 256 rows per expert fp32 250 -> 211 ms, bf16 277 -> 221 ms (instead of computing in
@@ -101,6 +108,11 @@ PACKED_BWD_MAX_ROWS = 320
 #: fine-grained T = 1024 (128 rows per expert) 90.6 -> 72.3 ms, T = 8192 406 -> 397 ms; Mixtral-like T = 1024
 #: 68.4 / 68.5 ms, T = 8192 230 / 229 ms.
 AMX_BWD_MAX_ROWS = 1 << 62
+#: ...and float32 experts on AVX-512 builds' packed tiles none beyond the small ones (SMALL_M, SMALL_BWD_MIN_WORK):
+#: Mixtral-like forward+backward at 256 rows per expert 0.96x with the library backward, 1.03x with the kernels'
+#: (the data gradients' dot-product tiles and the outer-product kernel; 2 Emerald Rapids cores, against the
+#: library for both passes).
+PACKED_AVX512_BWD_MAX_ROWS = 0
 #: Consecutive small experts run together in chunks of at most CHUNK_ROWS rows and CHUNK_BYTES per [rows, d_ff]
 #: buffer: each chunk is two kernel calls forward and five backward, and each call costs ~0.3 ms of fixed time on a
 #: 2-core VM (outside the kernel's own loop, whose time and thread start, within ~20 us, were the same for one call as
@@ -167,15 +179,18 @@ class _Plan:
         """The plan of one call."""
         segments = list(_segments(counts))
         expert_size = w_out.shape[1] * w_out.shape[2]  # D x F
-        packed = kcpu.packed_tiles()
+        width = kcpu.packed_width(dtype)
+        packed = width > 0
         any_rows = packed or (dtype == torch.bfloat16 and kcpu.amx())  # forward tiles that win at any size
         amx = not packed and any_rows
+        max_work = AMX_MAX_WORK if amx else PACKED_AVX512_MAX_WORK if width == 32 else None
         small = [t - s <= SMALL_M or (t - s) * expert_size <= SMALL_FWD_WORK or (
-                 any_rows and t - s <= PACKED_MAX_ROWS and (not amx or (t - s) * expert_size <= AMX_MAX_WORK))
+                 any_rows and t - s <= PACKED_MAX_ROWS and (max_work is None or (t - s) * expert_size <= max_work))
                  for _, s, t in segments]
         if not (any(small) and w_in.dtype == dtype and kcpu.small_gemm_usable(x_c, w_in, w_out, b_in, b_out)):
             return cls(segments, [False] * len(segments), [False] * len(segments))
-        bwd_max = PACKED_BWD_MAX_ROWS if packed else AMX_BWD_MAX_ROWS if any_rows else 0
+        bwd_max = (PACKED_BWD_MAX_ROWS if width == 16 else PACKED_AVX512_BWD_MAX_ROWS) if packed else \
+            AMX_BWD_MAX_ROWS if any_rows else 0
         small_bwd = [sm and _small_bwd(t - s, expert_size, bwd_max) for (_, s, t), sm in zip(segments, small)]
         plan = cls(segments, small, small_bwd)
         max_rows = max(1, min(CHUNK_ROWS, CHUNK_BYTES // (w_out.shape[2] * w_in.element_size())))
@@ -553,7 +568,7 @@ def _kernels_run_bf16(weight: torch.Tensor, counts: list[int], expert_size: int,
     enough for their backward. ``MOEKIT_CPU_BF16_UPCAST=1`` says no."""
     if os.environ.get("MOEKIT_CPU_BF16_UPCAST") == "1" or not weight.is_contiguous():
         return False
-    if not kcpu.packed_tiles():
+    if not kcpu.packed_tiles(torch.bfloat16):
         return False
     return not training or all(_small_bwd(n, expert_size, PACKED_BWD_MAX_ROWS) for n in counts if n)
 

@@ -145,7 +145,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         "moe_swiglu_bwd": [P, I64, P, I64, P, I64, I64, I, P, I64, P, I64, P, I],
         "moe_small_up": [P, I64, P, P, P, I64, P, P, I64, I64, I, I, P, P, I64, I],
         "moe_small_down": [P, I64, P, P, P, P, I64, P, P, I64, I64, I, P, I64, I64, I],
-        "moe_packed_tiles": [],
+        "moe_packed_tiles": [I],
         "moe_amx": [I],
         "moe_small_decode": [P, I64, P, P, I64, I64, I64, P, P, P, P, I64, I64, I, P, I64, P, I],
         "moe_small_nn": [P, I, I64, P, P, I, I64, I64, P, P, I64, P, I, I64, P, I64, I],
@@ -518,12 +518,32 @@ PACKED_MIN_ROWS = 24
 #: grained forward+backward at T = 128 (8-25 rows per expert) fp32 37.7 -> 35.5 ms and 45.8 -> 43.1 ms (two runs),
 #: bf16 46.8 -> 42.3 and 50.4 -> 47.5 ms with 12 rather than 24; 4 rows was slower at T = 16 (2-4 rows per expert).
 PACKED_NN_MIN_ROWS = 12
+#: AVX-512 builds run float32 experts of at least this many rows on their packed tiles (12 token rows x 32 columns,
+#: 24 accumulators; their dot-product tiles are 6 x 4 weight rows of 16 lanes and reduce across lanes at the end, so
+#: they keep more of their rate on few rows, and transposing the weights into panels costs the packed tiles ~8 / rows
+#: of their time). Measured on 2 Emerald Rapids cores, fp32, the kernels alone (packed / dot-product, paired
+#: round-robin): input and output projection at 16 rows per expert 1.31 / 1.22 (slower), 32 rows 1.06 / 1.00, 48
+#: rows 1.00 / 0.95 Mixtral-like and 1.08 / 1.17 fine-grained, 64 rows 0.97 / 0.95 and 1.04 / 0.99, 96 rows 0.92 /
+#: 0.90 and 0.94 / 0.95, 128 rows 0.78-0.90 / 0.84-0.87 and 0.86 / 0.87 (up to 251 GFLOP/s, the output projection).
+PACKED_MIN_ROWS_AVX512 = 64
+#: ...and their data gradients none (0): the dot-product tiles' column strips keep up there (Mixtral-like ``dH @
+#: W_in`` 1.29x slower packed at 32 rows, 1.02x at 128; ``g @ W_out`` 1.01-1.02x; fine-grained 0.91-1.10x).
+PACKED_NN_MIN_ROWS_AVX512 = 0
 
 
-def packed_tiles() -> bool:
-    """Whether the kernels built here have the packed tiles (the AVX2 code path)."""
+def packed_width(dtype: torch.dtype | None = None) -> int:
+    """The packed tiles' panel width for operands of ``dtype`` (None: of every dtype) in the kernels built here: 16
+    on AVX2 builds (float32 and bfloat16), 32 on AVX-512 builds (float32: their bfloat16 has the pair dot product,
+    or AMX tiles); 0 where there are none."""
     lib = library()
-    return lib is not None and bool(lib.moe_packed_tiles())
+    if lib is None or (dtype is not None and dtype not in _DTYPES):
+        return 0
+    return int(lib.moe_packed_tiles(-1 if dtype is None else _DTYPES[dtype]))
+
+
+def packed_tiles(dtype: torch.dtype | None = None) -> bool:
+    """Whether the kernels built here run operands of ``dtype`` (None: of every dtype) on packed tiles."""
+    return packed_width(dtype) > 0
 
 
 #: bf16 experts with at least this many rows run their forward projections (:func:`small_experts_up`,
@@ -550,13 +570,19 @@ def amx() -> bool:
 AMX_NN_MIN_ROWS = 8
 
 
-def _packed_min(packed_min_rows: int | None, default: int | None = None, dtype: torch.dtype | None = None,
-                amx_default: int = AMX_MIN_ROWS) -> int:
+def _packed_min(packed_min_rows: int | None, dtype: torch.dtype | None, nn: bool = False) -> int:
+    """The rows from which an expert takes the packed (or AMX) tiles: ``packed_min_rows`` if given, else the
+    threshold of this build for the operands' dtype (None: mixed) and kernel (``nn``: the data gradients)."""
     if packed_min_rows is not None:
         return max(0, packed_min_rows)
-    if packed_tiles():
-        return PACKED_MIN_ROWS if default is None else default
-    return amx_default if dtype == torch.bfloat16 and amx() else 0  # (with AMX: the bf16 experts of so many rows)
+    width = packed_width(dtype)
+    if width == 32:  # AVX-512 builds (float32)
+        return PACKED_NN_MIN_ROWS_AVX512 if nn else PACKED_MIN_ROWS_AVX512
+    if width:
+        return PACKED_NN_MIN_ROWS if nn else PACKED_MIN_ROWS
+    if dtype == torch.bfloat16 and amx():  # the bf16 experts of so many rows on AMX tiles
+        return AMX_NN_MIN_ROWS if nn else AMX_MIN_ROWS
+    return 0
 
 
 def small_gemm_usable(x: torch.Tensor, *weights: torch.Tensor | None) -> bool:
@@ -580,8 +606,9 @@ def small_experts_up(x: torch.Tensor, tok: torch.Tensor, start: torch.Tensor, en
     """Input projection of all experts in one call: for the sorted slots ``s`` of expert ``e``
     (``start[e] <= s < end[e]``; other rows are left unwritten), ``h[s] = x[tok[s]] @ w_in[e].T + b_in[e]``.
     Returns ``(h, a)``: with ``swiglu``, ``a = silu(h[:, :F]) * h[:, F:]`` and ``h`` only if ``keep_h``; else
-    ``(h, None)``. Experts with at least ``packed_min_rows`` rows (default :data:`PACKED_MIN_ROWS` where the
-    kernels have packed tiles, else none; 0: none) run in the packed tiles."""
+    ``(h, None)``. Experts with at least ``packed_min_rows`` rows (default :data:`PACKED_MIN_ROWS` on AVX2 builds,
+    :data:`PACKED_MIN_ROWS_AVX512` for float32 on AVX-512 ones, :data:`AMX_MIN_ROWS` for bf16 on AMX tiles, else
+    none; 0: none) run in the packed (or AMX) tiles."""
     E, W, D = w_in.shape
     S = tok.shape[0]
     ld_x = _rows(x, "x", (x.shape[0], D))
@@ -596,7 +623,7 @@ def small_experts_up(x: torch.Tensor, tok: torch.Tensor, start: torch.Tensor, en
     h = torch.empty(S, W, dtype=x.dtype) if (keep_h or not swiglu) else None
     a = torch.empty(S, W // 2, dtype=x.dtype) if swiglu else None
     _call(_require().moe_small_up, _ptr(x), ld_x, _ptr(tok), _ptr(start), _ptr(end), E, _ptr(w_in), _ptr(b_in), W,
-          D, _dt(x, "x"), int(swiglu), _ptr(h), _ptr(a), _packed_min(packed_min_rows, dtype=x.dtype), _threads())
+          D, _dt(x, "x"), int(swiglu), _ptr(h), _ptr(a), _packed_min(packed_min_rows, x.dtype), _threads())
     return h, a
 
 
@@ -622,7 +649,7 @@ def small_experts_down(a: torch.Tensor, tok: torch.Tensor, w: torch.Tensor, star
     if check_index:
         _index(tok, "tok", S, out.shape[0])
     _call(_require().moe_small_down, _ptr(a), ld_a, _ptr(tok), _ptr(w), _ptr(start), _ptr(end), E, _ptr(w_out),
-          _ptr(b_out), D, F, _dt(a, "a"), _ptr(out), ld_out, _packed_min(packed_min_rows, dtype=a.dtype), _threads())
+          _ptr(b_out), D, F, _dt(a, "a"), _ptr(out), ld_out, _packed_min(packed_min_rows, a.dtype), _threads())
 
 
 def small_experts_decode(x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, w_in: torch.Tensor,
@@ -712,8 +739,8 @@ def small_experts_nn(a: torch.Tensor, a_idx: torch.Tensor | None, w: torch.Tenso
     both None: a single expert owning every row of ``a``, or of ``a_idx``) reads ``a[a_idx[s]]`` (or ``a[s]``).
     Without ``out_idx`` the result is written to ``out[s]`` (``out``'s dtype); with it, added to float32
     ``out[out_idx[s]]`` (distinct within an expert; race-free; its packed experts' terms first, as in
-    :func:`small_experts_down`). ``packed_min_rows``: as in :func:`small_experts_up`, its default
-    :data:`PACKED_NN_MIN_ROWS`."""
+    :func:`small_experts_down`). ``packed_min_rows``: as in :func:`small_experts_up`, its defaults
+    :data:`PACKED_NN_MIN_ROWS`, :data:`PACKED_NN_MIN_ROWS_AVX512` and :data:`AMX_NN_MIN_ROWS`."""
     E, Kd, N = w.shape
     ld_a = _rows(a, "a", (a.shape[0], Kd))
     _stacked(w, "w", (E, Kd, N), w.dtype)
@@ -724,7 +751,7 @@ def small_experts_nn(a: torch.Tensor, a_idx: torch.Tensor | None, w: torch.Tenso
     ld_out = _rows(out, "out", (out.shape[0], N))
     _call(_require().moe_small_nn, _ptr(a), _dt(a, "a"), ld_a, _ptr(a_idx), _ptr(w), _dt(w, "w"), Kd, N, p_start,
           p_end, E, _ptr(out), _dt(out, "out"), ld_out, _ptr(out_idx),
-          _packed_min(packed_min_rows, PACKED_NN_MIN_ROWS, a.dtype if w.dtype == a.dtype else None, AMX_NN_MIN_ROWS),
+          _packed_min(packed_min_rows, a.dtype if w.dtype == a.dtype else None, nn=True),
           _threads())
     del keep
 

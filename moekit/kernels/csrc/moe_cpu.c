@@ -1182,24 +1182,58 @@ static inline __attribute__((always_inline)) float swiglu_bwd_row8(const void *h
 #endif
 
 /* ================================================================================================================
- * Packed tiles (AVX2): the two projections of experts with tens to hundreds of rows.
+ * Packed tiles: the two projections and the data gradients of experts with tens to hundreds of rows (AVX2 builds:
+ * float32 and bfloat16; AVX-512 builds: float32, whose bfloat16 runs on AMX or the vdpbf16ps tiles).
  *
- * The dot-product tiles above reduce along K and keep at most 2 x 4 accumulators on AVX2 (16 vector registers); an
- * expert with many rows is better served by the GEMM libraries' scheme, which this reproduces for the MoE layout:
- * 16 weight rows (one panel) are transposed into a packed block [GK_KC][16] (float32; bf16 weights widened once
- * there), and each tile of 6 token rows accumulates 6 x 16 outputs in 12 registers by broadcasting one token value
- * against two vectors of the block per k: 12 FMAs per 8 loads, 93% of one Zen 3 core's FMA peak in cache (95 of
- * 102 GFLOP/s). Token rows are read in place through their row pointers (the gather costs nothing) where they are
- * float32, or widened a block of rows at a time. The epilogues run on each panel's 6 x 16 results while they are
- * in L1: bias, SwiGLU, keeping h; the weighted scatter-add of the output projection.
- * Threads split the output columns (panels), so each reads its own part of every expert's weights and no two
- * threads write the same output element.
+ * The dot-product tiles above reduce along K: each group of weight rows reads the expert's token rows again (from
+ * L2), and the sums need a reduction across lanes at the end. An expert with many rows is better served by the GEMM
+ * libraries' scheme, which this reproduces for the MoE layout: GK_NR weight rows (one panel: 16 on AVX2, 32 on
+ * AVX-512) are transposed into a packed block [GK_KC][GK_NR] (float32; bf16 weights widened once there), and each
+ * tile of GK_MR token rows (6; 12) accumulates GK_MR x GK_NR outputs in 2 GK_MR registers by broadcasting one token
+ * value against the block's two vectors per k: 2 GK_MR FMAs per 2 loads and GK_MR broadcasts (AVX2: 93% of one
+ * Zen 3 core's FMA peak in cache, 95 of 102 GFLOP/s). Token rows are read in place through their row pointers (the
+ * gather costs nothing) where they are float32, or widened a block of rows at a time. The epilogues run on each
+ * panel's results while they are in L1: bias, SwiGLU, keeping h; the weighted scatter-add of the output
+ * projection. Threads split the output columns (panels), so each reads its own part of every expert's weights and
+ * no two threads write the same output element.
  * ================================================================================================================ */
+#if defined(V8) || defined(__AVX512F__)
+#define MOE_GK 1
 #if defined(V8)
-#define GK_MR 6
-#define GK_NR 16
-#define GK_KC 256 /* k per packed block: 16 KiB of float32, half of L1 */
+#define GK_VL 8 /* lanes per vector */
+#define GK_MR 6 /* token rows per tile: 12 accumulators of 16 ymm registers */
+typedef __m256 gk_v;
+#define GK_LOAD _mm256_load_ps
+#define GK_LOADU _mm256_loadu_ps
+#define GK_STORE _mm256_store_ps
+#define GK_STOREU _mm256_storeu_ps
+#define GK_SET1 _mm256_set1_ps
+#define GK_FMA _mm256_fmadd_ps
+#define GK_ADD _mm256_add_ps
+#define GK_MUL _mm256_mul_ps
+#define GK_ZERO _mm256_setzero_ps
+#define GK_SIGMOID sigmoid8
+#else
+#define GK_VL 16
+#define GK_MR 12 /* 24 accumulators of 32 zmm registers (6-8 rows measured slower) */
+typedef __m512 gk_v;
+#define GK_LOAD _mm512_load_ps
+#define GK_LOADU _mm512_loadu_ps
+#define GK_STORE _mm512_store_ps
+#define GK_STOREU _mm512_storeu_ps
+#define GK_SET1 _mm512_set1_ps
+#define GK_FMA _mm512_fmadd_ps
+#define GK_ADD _mm512_add_ps
+#define GK_MUL _mm512_mul_ps
+#define GK_ZERO _mm512_setzero_ps
+#define GK_SIGMOID sigmoid16
+#endif
+#define GK_NR (2 * GK_VL) /* columns per panel: two vectors */
+#ifndef GK_KC
+#define GK_KC 256 /* k per packed block: 16 KiB (AVX2) or 32 KiB (AVX-512) of float32 */
+#endif
 
+#if defined(V8)
 static inline __attribute__((always_inline)) void tr8x8(__m256 *r) {
     __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
     __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
@@ -1214,25 +1248,61 @@ static inline __attribute__((always_inline)) void tr8x8(__m256 *r) {
     r[4] = _mm256_permute2f128_ps(u0, u4, 0x31), r[5] = _mm256_permute2f128_ps(u1, u5, 0x31);
     r[6] = _mm256_permute2f128_ps(u2, u6, 0x31), r[7] = _mm256_permute2f128_ps(u3, u7, 0x31);
 }
+#define GK_TRANSPOSE tr8x8
 
-/* bp[k][j] = rows[j][k0 + k] as float32, k < kc, j < 16 (rows[j] NULL: zeros) */
+/* the first n elements of a row as float32 (the rest zero; n <= 0: zeros) */
+static inline __attribute__((always_inline)) gk_v gk_ld(const void *p, int dt, int64_t n) {
+    return n >= 8 ? ld8(p, dt) : n > 0 ? ld8_part(p, dt, n) : _mm256_setzero_ps();
+}
+
+/* store the first n <= GK_VL elements of v */
+static inline __attribute__((always_inline)) void gk_st(void *p, int dt, gk_v v, int64_t n) { st8(p, dt, v, n, 0); }
+#else
+/* 16 x 16 transpose: pairs, then quads within 128-bit lanes, then the lanes (r[i][j] becomes r[j][i]) */
+static inline __attribute__((always_inline)) void tr16x16_ps(__m512 *r) {
+    __m512 t[16];
+    for (int i = 0; i < 16; i += 2) t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]), t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+    for (int i = 0; i < 16; i += 4) {
+        r[i] = _mm512_shuffle_ps(t[i], t[i + 2], 0x44), r[i + 1] = _mm512_shuffle_ps(t[i], t[i + 2], 0xEE);
+        r[i + 2] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0x44), r[i + 3] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+    }
+    for (int i = 0; i < 16; i += 8)
+        for (int j = 0; j < 4; j++)
+            t[i + j] = _mm512_shuffle_f32x4(r[i + j], r[i + j + 4], 0x88),
+                  t[i + j + 4] = _mm512_shuffle_f32x4(r[i + j], r[i + j + 4], 0xDD);
+    for (int j = 0; j < 8; j++)
+        r[j] = _mm512_shuffle_f32x4(t[j], t[j + 8], 0x88), r[j + 8] = _mm512_shuffle_f32x4(t[j], t[j + 8], 0xDD);
+}
+#define GK_TRANSPOSE tr16x16_ps
+
+static inline __attribute__((always_inline)) gk_v gk_ld(const void *p, int dt, int64_t n) {
+    return ld16(p, dt, tail16(n > 0 ? n : 0));
+}
+
+static inline __attribute__((always_inline)) void gk_st(void *p, int dt, gk_v v, int64_t n) {
+    st16(p, dt, tail16(n > 0 ? n : 0), v);
+}
+#endif
+
+/* bp[k][j] = rows[j][k0 + k] as float32, k < kc, j < GK_NR (rows[j] NULL: zeros) */
 static void gk_pack(const void *const *rows, int dt, int64_t k0, int64_t kc, float *bp) {
     const size_t eb = esize(dt);
     int64_t k = 0;
-    for (; k + 8 <= kc; k += 8)
+    for (; k + GK_VL <= kc; k += GK_VL)
         for (int h = 0; h < 2; h++) {
-            __m256 r[8];
-            for (int j = 0; j < 8; j++)
-                r[j] = rows[8 * h + j] ? ld8((const char *)rows[8 * h + j] + (size_t)(k0 + k) * eb, dt) : _mm256_setzero_ps();
-            tr8x8(r);
-            for (int i = 0; i < 8; i++) _mm256_store_ps(bp + (k + i) * GK_NR + 8 * h, r[i]);
+            gk_v r[GK_VL];
+            for (int j = 0; j < GK_VL; j++)
+                r[j] = rows[GK_VL * h + j] ? gk_ld((const char *)rows[GK_VL * h + j] + (size_t)(k0 + k) * eb, dt, GK_VL)
+                                           : GK_ZERO();
+            GK_TRANSPOSE(r);
+            for (int i = 0; i < GK_VL; i++) GK_STORE(bp + (k + i) * GK_NR + GK_VL * h, r[i]);
         }
     for (; k < kc; k++)
         for (int j = 0; j < GK_NR; j++) bp[k * GK_NR + j] = rows[j] ? ld(rows[j], dt, k0 + k) : 0.0f;
 }
 
-/* The 16 columns of a panel, as rows over k: NT (nt): 16 weight rows, k along each (row[j] NULL: a zero column);
- * else columns n0 .. n0 + nw of the row-major rows of `base` (stride ld). */
+/* The GK_NR columns of a panel, as rows over k: NT (nt): GK_NR weight rows, k along each (row[j] NULL: a zero
+ * column); else columns n0 .. n0 + nw of the row-major rows of `base` (stride ld). */
 typedef struct {
     int nt;
     const void *row[GK_NR];
@@ -1250,36 +1320,37 @@ static void gk_pack_src(const gk_src *src, int dt, int64_t k0, int64_t kc, float
     for (int64_t k = 0; k < kc; k++) {
         const char *p = src->base + ((size_t)(k0 + k) * (size_t)src->ld + (size_t)src->n0) * eb;
         float *o = bp + k * GK_NR;
-        if (src->nw == GK_NR) {
-            _mm256_store_ps(o, ld8(p, dt));
-            _mm256_store_ps(o + 8, ld8(p + 8 * eb, dt));
-        } else
-            for (int j = 0; j < GK_NR; j++) o[j] = j < src->nw ? ld(p, dt, j) : 0.0f;
+        GK_STORE(o, gk_ld(p, dt, src->nw));
+        GK_STORE(o + GK_VL, gk_ld(p + GK_VL * eb, dt, src->nw - GK_VL));
     }
 }
 
-/* c[r][0..16] (+)= sum_k a[r][k] * bp[k][0..16] for r < R (a compile-time constant at every call); c rows of 16 */
+/* c[r][0..GK_NR] (+)= sum_k a[r][k] * bp[k][0..GK_NR] for r < R (a compile-time constant at every call) */
 static inline __attribute__((always_inline)) void gk_tile_k(const int R, const float *const *a, const float *bp,
                                                             int64_t kc, float *c, const int add) {
-    __m256 c0[GK_MR], c1[GK_MR];
+    gk_v c0[GK_MR], c1[GK_MR];
     const float *ap[GK_MR];
     for (int r = 0; r < R; r++) {
         ap[r] = a[r];
-        c0[r] = add ? _mm256_load_ps(c + 16 * r) : _mm256_setzero_ps();
-        c1[r] = add ? _mm256_load_ps(c + 16 * r + 8) : _mm256_setzero_ps();
+        c0[r] = add ? GK_LOAD(c + GK_NR * r) : GK_ZERO();
+        c1[r] = add ? GK_LOAD(c + GK_NR * r + GK_VL) : GK_ZERO();
     }
+#if defined(V8)
 #pragma GCC unroll 4
+#else
+#pragma GCC unroll 2
+#endif
     for (int64_t k = 0; k < kc; k++) {
-        const __m256 b0 = _mm256_load_ps(bp + 16 * k), b1 = _mm256_load_ps(bp + 16 * k + 8);
+        const gk_v b0 = GK_LOAD(bp + GK_NR * k), b1 = GK_LOAD(bp + GK_NR * k + GK_VL);
         for (int r = 0; r < R; r++) {
-            const __m256 av = _mm256_broadcast_ss(ap[r] + k);
-            c0[r] = _mm256_fmadd_ps(av, b0, c0[r]);
-            c1[r] = _mm256_fmadd_ps(av, b1, c1[r]);
+            const gk_v av = GK_SET1(ap[r][k]);
+            c0[r] = GK_FMA(av, b0, c0[r]);
+            c1[r] = GK_FMA(av, b1, c1[r]);
         }
     }
     for (int r = 0; r < R; r++) {
-        _mm256_store_ps(c + 16 * r, c0[r]);
-        _mm256_store_ps(c + 16 * r + 8, c1[r]);
+        GK_STORE(c + GK_NR * r, c0[r]);
+        GK_STORE(c + GK_NR * r + GK_VL, c1[r]);
     }
 }
 
@@ -1295,11 +1366,19 @@ static void gk_tile(int R, const float *const *a, const float *bp, int64_t kc, f
         GK_CASE(4)
         GK_CASE(5)
         GK_CASE(6)
+#if GK_MR > 6
+        GK_CASE(7)
+        GK_CASE(8)
+        GK_CASE(9)
+        GK_CASE(10)
+        GK_CASE(11)
+        GK_CASE(12)
+#endif
     }
 #undef GK_CASE
 }
 
-/* c[i][0..16] = sum_k a[i][k] * src[k][0..16] for the m float32 rows a[i] of length K, K in blocks of GK_KC packed
+/* c[i][0..GK_NR] = sum_k a[i][k] * src[k][0..GK_NR] for the m float32 rows a[i] of length K, K in blocks of GK_KC packed
  * into bp. next: the caller's next panel (NULL: none), whose first block (or this panel's next) is prefetched into L2
  * a share per tile while this block computes: the weights stream from memory under the arithmetic. */
 static void gk_panel(const float *const *a, int64_t m, const gk_src *src, const gk_src *next, int dt, int64_t K,
@@ -1311,7 +1390,7 @@ static void gk_panel(const float *const *a, int64_t m, const gk_src *src, const 
         gk_pack_src(src, dt, k0, kc, bp); /* (float32 columns read in place at their row stride: 10-20% slower) */
         const gk_src *ps = k0 + GK_KC < K ? src : next;
         const int64_t pk0 = k0 + GK_KC < K ? k0 + GK_KC : 0, pkc = min64(GK_KC, K - pk0);
-        /* lines to prefetch: NT, each of the 16 rows' run over the block; else the block's rows' 16 columns */
+        /* lines to prefetch: NT, each of the GK_NR rows' run over the block; else the block's rows' GK_NR columns */
         const int64_t lpr = ((int64_t)(pkc * eb) + 63) / 64;
         const int64_t lines = !ps ? 0 : ps->nt ? GK_NR * lpr : pkc, per = (lines + ntiles - 1) / ntiles;
         int64_t pq = 0, pl = 0; /* prefetch cursor: NT, row of the panel and line of the row; else row over k */
@@ -1327,15 +1406,25 @@ static void gk_panel(const float *const *a, int64_t m, const gk_src *src, const 
                     _mm_prefetch(ps->base + ((size_t)(pk0 + pq) * (size_t)ps->ld + (size_t)ps->n0) * eb, _MM_HINT_T1);
             const int R = (int)min64(GK_MR, m - i);
             for (int r = 0; r < R; r++) ak[r] = a[i + r] + k0;
-            gk_tile(R, ak, bp, kc, c + 16 * i, k0 > 0);
+            gk_tile(R, ak, bp, kc, c + GK_NR * i, k0 > 0);
         }
     }
 }
 
-/* Token rows per block of an expert's rows: their float32 copy (bf16 rows) at most ~1 MiB. */
+/* Token rows per block of an expert's rows: ~1 MiB of float32, so that every panel reads them from L2. bf16 rows
+ * are widened into such a block; float32 rows, read in place, are blocked alike on AVX-512 (Mixtral-like
+ * experts of 2048 rows, forward: 0.88x the time of one block of all the rows; 256 KiB and 512 KiB blocks the
+ * same within noise) and not on AVX2 (not measured there: its fp32 thresholds were set without blocks). */
+#ifndef GK_ROWS_BYTES
+#define GK_ROWS_BYTES (1 << 20)
+#endif
 static inline int64_t gk_rows_block(int64_t K, int dt) {
-    if (dt == DT_F32) return INT64_MAX / 2; /* read in place: no copy to bound */
-    int64_t rb = ((int64_t)1 << 20) / (4 * (K > 0 ? K : 1)) / GK_MR * GK_MR;
+#if defined(V8)
+    if (dt == DT_F32) return INT64_MAX / 2;
+#else
+    (void)dt;
+#endif
+    int64_t rb = ((int64_t)GK_ROWS_BYTES) / (4 * (K > 0 ? K : 1)) / GK_MR * GK_MR;
     return rb < 48 ? 48 : rb;
 }
 
@@ -1352,7 +1441,7 @@ static void gk_rows(const void *src, int dt, int64_t ld_src, const int64_t *idx,
         const bf16 *p = (const bf16 *)src + row * ld_src;
         float *q = buf + i * K;
         int64_t k = 0;
-        for (; k + 8 <= K; k += 8) _mm256_storeu_ps(q + k, ld8(p + k, DT_BF16));
+        for (; k + GK_VL <= K; k += GK_VL) GK_STOREU(q + k, gk_ld(p + k, DT_BF16, GK_VL));
         for (; k < K; k++) q[k] = bf16_to_f32(p[k]);
         a[i] = q;
     }
@@ -1383,7 +1472,7 @@ static int gk_run(const gk_job *j, const int64_t *start, const int64_t *end, int
             if (end[e] - start[e] > mmax) mmax = end[e] - start[e];
         }
     if (j->np == 0 || rows == 0) return 0;
-    const int64_t mb_max = mmax < RB ? mmax : RB;
+    const int64_t mb_max = mmax < RB ? mmax : RB + GK_MR; /* (blocks of equal size, rounded up to whole tiles) */
     int nt = threads_for(gemm_work(rows, na, j->width, j->K), nthreads);
     if (nt > j->np) nt = (int)j->np;
     int err = 0;
@@ -1400,9 +1489,13 @@ static int gk_run(const gk_job *j, const int64_t *start, const int64_t *end, int
 #pragma omp atomic write
             err = -5;
         } else
-            for (int64_t e = 0; e < E && p0 < p1; e++)
-                for (int64_t s0 = start[e]; s0 < end[e]; s0 += RB) {
-                    const int64_t mb = min64(RB, end[e] - s0);
+            for (int64_t e = 0; e < E && p0 < p1; e++) {
+                /* the expert's rows in blocks of at most RB, as equal as whole tiles allow (a short last block
+                 * would pack every panel again for a few rows) */
+                const int64_t m = end[e] - start[e], nb = (m + RB - 1) / RB;
+                const int64_t rb = m <= RB ? m : ((m + nb - 1) / nb + GK_MR - 1) / GK_MR * GK_MR;
+                for (int64_t s0 = start[e]; s0 < end[e]; s0 += rb) {
+                    const int64_t mb = min64(rb, end[e] - s0);
                     gk_rows(j->A, j->adt, j->lda, j->a_idx, s0, mb, j->K, buf, a);
                     gk_src src[2];
                     j->source(j, e, p0, &src[p0 & 1]);
@@ -1412,13 +1505,14 @@ static int gk_run(const gk_job *j, const int64_t *start, const int64_t *end, int
                         j->epilogue(j, e, p, s0, mb, c);
                     }
                 }
+            }
         free(bp), free(c), free(buf), free(a);
     }
     return err;
 }
 
-/* The input projection (moe_small_up's contract): panel p is activation columns j0 = 8p .. 8p + 8 for SwiGLU (its
- * 8 gate rows of w_in[e], then their 8 up rows), else output columns 16p .. 16p + 16. */
+/* The input projection (moe_small_up's contract): panel p is activation columns j0 = GK_VL p .. GK_VL (p + 1) for
+ * SwiGLU (its GK_VL gate rows of w_in[e], then their GK_VL up rows), else output columns GK_NR p .. GK_NR (p + 1). */
 typedef struct {
     const void *w_in, *b_in;
     int64_t W, F, PW;
@@ -1443,41 +1537,36 @@ static void up_epilogue(const gk_job *j, int64_t e, int64_t p, int64_t s0, int64
     const gk_up_args *u = j->args;
     const int dt = j->bdt;
     const int64_t W = u->W, F = u->F, PW = u->PW, j0 = p * PW, jw = min64(PW, F - j0);
-    float bias[GK_NR] __attribute__((aligned(32))) = {0.0f}; /* gate (and up) biases */
+    float bias[GK_NR] __attribute__((aligned(64))) = {0.0f}; /* gate (and up) biases */
     if (u->b_in)
         for (int64_t i = 0; i < jw; i++) {
             bias[i] = ld(u->b_in, dt, e * W + j0 + i);
             if (u->act == 1) bias[PW + i] = ld(u->b_in, dt, e * W + F + j0 + i);
         }
-    const __m256 b0 = _mm256_load_ps(bias), b1 = _mm256_load_ps(bias + 8);
+    const gk_v b0 = GK_LOAD(bias), b1 = GK_LOAD(bias + GK_VL);
     for (int64_t i = 0; i < mb; i++) {
-        float *g = c + 16 * i, *up = g + PW;
-        _mm256_store_ps(g, _mm256_add_ps(_mm256_load_ps(g), b0));
-        _mm256_store_ps(g + 8, _mm256_add_ps(_mm256_load_ps(g + 8), b1));
+        const float *r = c + GK_NR * i;
+        const gk_v g = GK_ADD(GK_LOAD(r), b0), g2 = GK_ADD(GK_LOAD(r + GK_VL), b1); /* g2: up (SwiGLU) */
         if (u->h_out) {
-            st8(at(u->h_out, dt, W, s0 + i, j0), dt, _mm256_load_ps(g), jw < 8 ? jw : 8, 0);
-            if (u->act == 1) st8(at(u->h_out, dt, W, s0 + i, F + j0), dt, _mm256_load_ps(up), jw, 0);
-            else if (jw > 8) st8(at(u->h_out, dt, W, s0 + i, j0 + 8), dt, _mm256_load_ps(g + 8), jw - 8, 0);
+            gk_st(at(u->h_out, dt, W, s0 + i, j0), dt, g, jw);
+            if (u->act == 1) gk_st(at(u->h_out, dt, W, s0 + i, F + j0), dt, g2, jw);
+            else if (jw > GK_VL) gk_st(at(u->h_out, dt, W, s0 + i, j0 + GK_VL), dt, g2, jw - GK_VL);
         }
-        if (u->act == 1) {
-            const __m256 gv = _mm256_load_ps(g);
-            st8(at(u->a_out, dt, F, s0 + i, j0), dt, _mm256_mul_ps(_mm256_mul_ps(gv, sigmoid8(gv)), _mm256_load_ps(up)),
-                jw, 0);
-        }
+        if (u->act == 1) gk_st(at(u->a_out, dt, F, s0 + i, j0), dt, GK_MUL(GK_MUL(g, GK_SIGMOID(g)), g2), jw);
     }
 }
 
 static int packed_up(const void *x, int64_t ld_x, const int64_t *tok, const int64_t *start, const int64_t *end,
                      int64_t E, const void *w_in, const void *b_in, int64_t W, int64_t D, int dt, int act, void *h_out,
                      void *a_out, int nthreads) {
-    const int64_t F = act == 1 ? W / 2 : W, PW = act == 1 ? 8 : 16; /* output (activation) columns per panel */
+    const int64_t F = act == 1 ? W / 2 : W, PW = act == 1 ? GK_VL : GK_NR; /* output (activation) columns per panel */
     const gk_up_args u = {w_in, b_in, W, F, PW, act, h_out, a_out};
     const gk_job j = {x, dt, ld_x, tok, dt, D, W, (F + PW - 1) / PW, up_source, up_epilogue, &u};
     return gk_run(&j, start, end, E, nthreads);
 }
 
-/* The output projection and weighted combine (moe_small_down's contract): panel p is output columns 16p .. 16p + 16
- * (16 rows of w_out[e]), added with the slot's weight into out at the slot's token. */
+/* The output projection and weighted combine (moe_small_down's contract): panel p is output columns GK_NR p ..
+ * GK_NR (p + 1) (GK_NR rows of w_out[e]), added with the slot's weight into out at the slot's token. */
 typedef struct {
     const void *w_out, *b_out;
     int64_t D;
@@ -1499,18 +1588,18 @@ static void down_source(const gk_job *j, int64_t e, int64_t p, gk_src *src) {
 static void down_epilogue(const gk_job *j, int64_t e, int64_t p, int64_t s0, int64_t mb, float *c) {
     const gk_down_args *d = j->args;
     const int64_t d0 = p * GK_NR, dw = min64(GK_NR, d->D - d0);
-    float bias[GK_NR] __attribute__((aligned(32))) = {0.0f};
+    float bias[GK_NR] __attribute__((aligned(64))) = {0.0f};
     if (d->b_out)
         for (int64_t q = 0; q < dw; q++) bias[q] = ld(d->b_out, j->bdt, e * d->D + d0 + q);
-    const __m256 b0 = _mm256_load_ps(bias), b1 = _mm256_load_ps(bias + 8);
+    const gk_v b0 = GK_LOAD(bias), b1 = GK_LOAD(bias + GK_VL);
     for (int64_t i = 0; i < mb; i++) {
         const int64_t s = s0 + i;
         float *o = d->out + d->tok[s] * d->ld_out + d0;
-        const float *r = c + 16 * i;
-        const __m256 ws = _mm256_set1_ps(d->w[s]);
+        const float *r = c + GK_NR * i;
+        const gk_v ws = GK_SET1(d->w[s]);
         if (dw == GK_NR) {
-            _mm256_storeu_ps(o, _mm256_fmadd_ps(ws, _mm256_add_ps(_mm256_load_ps(r), b0), _mm256_loadu_ps(o)));
-            _mm256_storeu_ps(o + 8, _mm256_fmadd_ps(ws, _mm256_add_ps(_mm256_load_ps(r + 8), b1), _mm256_loadu_ps(o + 8)));
+            GK_STOREU(o, GK_FMA(ws, GK_ADD(GK_LOAD(r), b0), GK_LOADU(o)));
+            GK_STOREU(o + GK_VL, GK_FMA(ws, GK_ADD(GK_LOAD(r + GK_VL), b1), GK_LOADU(o + GK_VL)));
         } else
             for (int64_t q = 0; q < dw; q++) o[q] += d->w[s] * (r[q] + bias[q]);
     }
@@ -1524,8 +1613,8 @@ static int packed_down(const void *a_in, int64_t ld_a, const int64_t *tok, const
     return gk_run(&j, start, end, E, nthreads);
 }
 
-/* The data gradients (moe_small_nn's contract): panel p is columns 16p .. 16p + 16 of w[e] ([Kd, N], copied a block
- * of rows at a time), written to C[s] or accumulated into float32 C[c_idx[s]]. */
+/* The data gradients (moe_small_nn's contract): panel p is columns GK_NR p .. GK_NR (p + 1) of w[e] ([Kd, N],
+ * copied a block of rows at a time), written to C[s] or accumulated into float32 C[c_idx[s]]. */
 typedef struct {
     const void *B;
     int64_t N;
@@ -1547,17 +1636,17 @@ static void nn_epilogue(const gk_job *j, int64_t e, int64_t p, int64_t s0, int64
     const int64_t n0 = p * GK_NR, nw = min64(GK_NR, m->N - n0);
     (void)e;
     for (int64_t i = 0; i < mb; i++) {
-        const float *r = c + 16 * i;
+        const float *r = c + GK_NR * i;
         if (m->c_idx) {
             float *o = (float *)m->C + m->c_idx[s0 + i] * m->ldc + n0;
             if (nw == GK_NR) {
-                _mm256_storeu_ps(o, _mm256_add_ps(_mm256_loadu_ps(o), _mm256_load_ps(r)));
-                _mm256_storeu_ps(o + 8, _mm256_add_ps(_mm256_loadu_ps(o + 8), _mm256_load_ps(r + 8)));
+                GK_STOREU(o, GK_ADD(GK_LOADU(o), GK_LOAD(r)));
+                GK_STOREU(o + GK_VL, GK_ADD(GK_LOADU(o + GK_VL), GK_LOAD(r + GK_VL)));
             } else
                 for (int64_t q = 0; q < nw; q++) o[q] += r[q];
         } else {
-            st8(at(m->C, m->cdt, m->ldc, s0 + i, n0), m->cdt, _mm256_load_ps(r), nw < 8 ? nw : 8, 0);
-            if (nw > 8) st8(at(m->C, m->cdt, m->ldc, s0 + i, n0 + 8), m->cdt, _mm256_load_ps(r + 8), nw - 8, 0);
+            gk_st(at(m->C, m->cdt, m->ldc, s0 + i, n0), m->cdt, GK_LOAD(r), nw);
+            if (nw > GK_VL) gk_st(at(m->C, m->cdt, m->ldc, s0 + i, n0 + GK_VL), m->cdt, GK_LOAD(r + GK_VL), nw - GK_VL);
         }
     }
 }
@@ -1570,6 +1659,16 @@ static int packed_nn(const void *A, int adt, int64_t lda, const int64_t *a_idx, 
     return gk_run(&j, start, end, E, nthreads);
 }
 
+/* Whether the packed tiles serve operands of this dtype: AVX2 builds both; AVX-512 builds float32 (bf16 has the
+ * pair dot product, vdpbf16ps, in the dot-product tiles, or AMX). */
+static inline int gk_serves(int dt) {
+#if defined(V8)
+    (void)dt;
+    return 1;
+#else
+    return dt == DT_F32;
+#endif
+}
 #endif
 
 /* ================================================================================================================
@@ -2038,10 +2137,13 @@ static int64_t *split_experts(const int64_t *start, const int64_t *end, int64_t 
     return seg;
 }
 
-int moe_packed_tiles(void) {
-#if defined(V8)
-    return 1;
+/* The packed tiles' panel width (16: AVX2, 32: AVX-512) where they serve operands of dtype dt (-1: of every
+ * dtype), else 0. */
+int moe_packed_tiles(int dt) {
+#if defined(MOE_GK)
+    return gk_serves(dt) ? GK_NR : 0;
 #else
+    (void)dt;
     return 0;
 #endif
 }
@@ -2053,12 +2155,13 @@ int moe_small_up(const void *x, int64_t ld_x, const int64_t *tok, const int64_t 
     if (act == 1 && (W % 2 || a_out == NULL)) return -2;
     if (act == 0 && h_out == NULL) return -3;
     /* experts of at least packed_min rows on the AMX tiles (bf16, whole 32-element steps) or the packed tiles
-     * (AVX2 builds), the others on the dot-product tiles */
-    int fast = 0;
+     * (AVX2 builds; float32 on AVX-512), the others on the dot-product tiles */
+    int fast = 0; /* 1: AMX tiles, 2: packed tiles */
 #if defined(MOE_AMX)
     fast = dt == DT_BF16 && D % 32 == 0 && W % (act == 1 ? 32 : 16) == 0 && amx_ready();
-#elif defined(V8)
-    fast = 1;
+#endif
+#if defined(MOE_GK)
+    if (!fast && gk_serves(dt)) fast = 2;
 #endif
     int64_t n = 0;
     int64_t *seg = fast ? split_experts(start, end, E, packed_min, &n) : NULL;
@@ -2066,9 +2169,10 @@ int moe_small_up(const void *x, int64_t ld_x, const int64_t *tok, const int64_t 
     if (!seg) return small_up(x, ld_x, tok, start, end, E, w_in, b_in, W, D, dt, act, h_out, a_out, nthreads);
     int rc = -1;
 #if defined(MOE_AMX)
-    rc = amx_up(x, ld_x, tok, seg + 2 * E, seg + 3 * E, E, w_in, b_in, W, D, act, h_out, a_out, nthreads);
-#elif defined(V8)
-    rc = packed_up(x, ld_x, tok, seg + 2 * E, seg + 3 * E, E, w_in, b_in, W, D, dt, act, h_out, a_out, nthreads);
+    if (fast == 1) rc = amx_up(x, ld_x, tok, seg + 2 * E, seg + 3 * E, E, w_in, b_in, W, D, act, h_out, a_out, nthreads);
+#endif
+#if defined(MOE_GK)
+    if (fast == 2) rc = packed_up(x, ld_x, tok, seg + 2 * E, seg + 3 * E, E, w_in, b_in, W, D, dt, act, h_out, a_out, nthreads);
 #endif
     if (rc == 0 && n < E) rc = small_up(x, ld_x, tok, seg, seg + E, E, w_in, b_in, W, D, dt, act, h_out, a_out, nthreads);
     free(seg);
@@ -2079,12 +2183,13 @@ int moe_small_down(const void *a, int64_t ld_a, const int64_t *tok, const float 
                    const int64_t *end, int64_t E, const void *w_out, const void *b_out, int64_t D, int64_t F, int dt,
                    float *out, int64_t ld_out, int64_t packed_min, int nthreads) {
     /* experts of at least packed_min rows on the AMX tiles (bf16, whole 32-element steps) or the packed tiles
-     * (AVX2 builds), the others on the dot-product tiles */
-    int fast = 0;
+     * (AVX2 builds; float32 on AVX-512), the others on the dot-product tiles */
+    int fast = 0; /* 1: AMX tiles, 2: packed tiles */
 #if defined(MOE_AMX)
     fast = dt == DT_BF16 && D % 32 == 0 && F % 32 == 0 && amx_ready();
-#elif defined(V8)
-    fast = 1;
+#endif
+#if defined(MOE_GK)
+    if (!fast && gk_serves(dt)) fast = 2;
 #endif
     int64_t n = 0;
     int64_t *seg = fast ? split_experts(start, end, E, packed_min, &n) : NULL;
@@ -2092,9 +2197,10 @@ int moe_small_down(const void *a, int64_t ld_a, const int64_t *tok, const float 
     if (!seg) return small_down(a, ld_a, tok, w, start, end, E, w_out, b_out, D, F, dt, out, ld_out, nthreads);
     int rc = -1;
 #if defined(MOE_AMX)
-    rc = amx_down(a, ld_a, tok, w, seg + 2 * E, seg + 3 * E, E, w_out, b_out, D, F, out, ld_out, nthreads);
-#elif defined(V8)
-    rc = packed_down(a, ld_a, tok, w, seg + 2 * E, seg + 3 * E, E, w_out, b_out, D, F, dt, out, ld_out, nthreads);
+    if (fast == 1) rc = amx_down(a, ld_a, tok, w, seg + 2 * E, seg + 3 * E, E, w_out, b_out, D, F, out, ld_out, nthreads);
+#endif
+#if defined(MOE_GK)
+    if (fast == 2) rc = packed_down(a, ld_a, tok, w, seg + 2 * E, seg + 3 * E, E, w_out, b_out, D, F, dt, out, ld_out, nthreads);
 #endif
     if (rc == 0 && n < E) rc = small_down(a, ld_a, tok, w, seg, seg + E, E, w_out, b_out, D, F, dt, out, ld_out, nthreads);
     free(seg);
@@ -2756,12 +2862,13 @@ int moe_small_nn(const void *A, int adt, int64_t lda, const int64_t *a_idx, cons
                  int64_t N, const int64_t *start, const int64_t *end, int64_t E, void *C, int cdt, int64_t ldc,
                  const int64_t *c_idx, int64_t packed_min, int nthreads) {
     /* experts of at least packed_min rows on the AMX tiles (bf16, whole 32-element steps) or the packed tiles
-     * (AVX2 builds), the others on the dot-product tiles */
-    int fast = 0;
+     * (AVX2 builds; float32 on AVX-512), the others on the dot-product tiles */
+    int fast = 0; /* 1: AMX tiles, 2: packed tiles */
 #if defined(MOE_AMX)
     fast = adt == DT_BF16 && bdt == DT_BF16 && Kd % 32 == 0 && N % 16 == 0 && amx_ready();
-#elif defined(V8)
-    fast = 1;
+#endif
+#if defined(MOE_GK)
+    if (!fast && gk_serves(adt) && gk_serves(bdt)) fast = 2;
 #endif
     int64_t n = 0;
     int64_t *seg = fast ? split_experts(start, end, E, packed_min, &n) : NULL;
@@ -2769,9 +2876,10 @@ int moe_small_nn(const void *A, int adt, int64_t lda, const int64_t *a_idx, cons
     if (!seg) return small_nn(A, adt, lda, a_idx, B, bdt, Kd, N, start, end, E, C, cdt, ldc, c_idx, nthreads);
     int rc = -1;
 #if defined(MOE_AMX)
-    rc = amx_nn(A, lda, a_idx, B, Kd, N, seg + 2 * E, seg + 3 * E, E, C, cdt, ldc, c_idx, nthreads);
-#elif defined(V8)
-    rc = packed_nn(A, adt, lda, a_idx, B, bdt, Kd, N, seg + 2 * E, seg + 3 * E, E, C, cdt, ldc, c_idx, nthreads);
+    if (fast == 1) rc = amx_nn(A, lda, a_idx, B, Kd, N, seg + 2 * E, seg + 3 * E, E, C, cdt, ldc, c_idx, nthreads);
+#endif
+#if defined(MOE_GK)
+    if (fast == 2) rc = packed_nn(A, adt, lda, a_idx, B, bdt, Kd, N, seg + 2 * E, seg + 3 * E, E, C, cdt, ldc, c_idx, nthreads);
 #endif
     if (rc == 0 && n < E) rc = small_nn(A, adt, lda, a_idx, B, bdt, Kd, N, seg, seg + E, E, C, cdt, ldc, c_idx, nthreads);
     free(seg);
