@@ -1592,10 +1592,18 @@ static void down_epilogue(const gk_job *j, int64_t e, int64_t p, int64_t s0, int
     if (d->b_out)
         for (int64_t q = 0; q < dw; q++) bias[q] = ld(d->b_out, j->bdt, e * d->D + d0 + q);
     const gk_v b0 = GK_LOAD(bias), b1 = GK_LOAD(bias + GK_VL);
+#ifndef GK_OUT_PF
+#define GK_OUT_PF 8
+#endif
     for (int64_t i = 0; i < mb; i++) {
         const int64_t s = s0 + i;
         float *o = d->out + d->tok[s] * d->ld_out + d0;
         const float *r = c + GK_NR * i;
+        if (GK_OUT_PF && i + GK_OUT_PF < mb) { /* the output rows are scattered: fetch them a few rows ahead */
+            const char *po = (const char *)(d->out + d->tok[s + GK_OUT_PF] * d->ld_out + d0);
+            _mm_prefetch(po, _MM_HINT_T0);
+            _mm_prefetch(po + 4 * GK_NR - 1, _MM_HINT_T0);
+        }
         const gk_v ws = GK_SET1(d->w[s]);
         if (dw == GK_NR) {
             GK_STOREU(o, GK_FMA(ws, GK_ADD(GK_LOAD(r), b0), GK_LOADU(o)));
