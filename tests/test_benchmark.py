@@ -202,3 +202,29 @@ def test_gpu_benchmark_runs_each_group_in_its_own_process_and_merges_them(monkey
     table = G.summarise(merged)
     flops = B.expert_flops(G.SHAPES["mixtral"], 1024)
     assert f"| {100 * flops / 1e-3 / 800e12:.0f}% |" in table  # against the group's own roofline
+
+
+def test_tile_benchmark_times_every_path_of_each_kernel(tmp_path):
+    """benchmarks/bench_tiles.py on a tiny grid: both kernels, each candidate timed (packed where the build has a
+    packed or AMX path for the dtype), the path the thresholds take named, and a table with a row per measurement."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_tiles.py"
+    spec = importlib.util.spec_from_file_location("bench_tiles", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    if K.library() is None:
+        import pytest
+
+        pytest.skip(f"CPU kernels unavailable: {K.unavailable_reason()}")
+    result = mod.bench(["fine_grained"], [2, 70], [torch.float32], rounds=2)
+    assert [(r["rows"], r["kernel"]) for r in result["rows"]] == [(2, "up"), (2, "down"), (70, "up"), (70, "down")]
+    for r in result["rows"]:
+        assert {"dot", "default", "library"} <= set(r) and (("packed" in r) == K.packed_tiles(torch.float32))
+        assert all(r[k]["median_ms"] > 0 for k in mod.CANDIDATES if k in r)
+        assert r["dot"]["paired_vs_dot"] == 1.0
+        assert r["default_path"] == ("packed" if K.packed_tiles(torch.float32) and r["rows"] >= K._packed_min(
+            None, torch.float32) else "dot")
+    table = mod.summarise(result)
+    assert table.count("\n| fine_grained | float32 |") == 4
