@@ -16,7 +16,7 @@ projection (with the weighted combine) are timed on:
 Candidates run round-robin in one process (median of the rounds, and the median of each round's ratio to ``dot``).
 Writes ``benchmarks/results/tiles_cpu[_amx|_avx2].json`` and the table in docs/performance.md.
 
-    python benchmarks/bench_tiles.py            # about 3 minutes on 2 CPU cores
+    python benchmarks/bench_tiles.py            # under a minute on 2 CPU cores
 """
 
 from __future__ import annotations
