@@ -31,7 +31,7 @@ import torch
 from rich.console import Console
 from rich.progress import Progress
 
-from moekit.benchmark import SHAPES, cpu_name, write_marked_table
+from moekit.benchmark import SHAPES, cpu_kind_suffix, cpu_name, write_marked_table
 from moekit.kernels import cpu as kcpu
 from moekit.kernels.cpu_gemm import linear
 from moekit.utils import tune_cpu_allocator
@@ -145,7 +145,7 @@ def summarise(result: dict) -> str:
 
 
 def names() -> tuple[str, str]:
-    suffix = "_amx" if kcpu.amx() else "" if kcpu.vector_isa() == "avx512" else f"_{kcpu.vector_isa()}"
+    suffix = cpu_kind_suffix()
     return f"tiles_cpu{suffix}.json", "TILES-BENCH" + suffix.replace("_", "-").upper()
 
 

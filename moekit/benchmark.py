@@ -660,11 +660,17 @@ def result_names(quick: bool = False) -> tuple[str, str]:
     (:func:`moekit.kernels.cpu.vector_isa`): AVX-512 machines write ``layer_cpu.json`` and the main table, those
     whose bf16 runs on AMX tiles (:func:`moekit.kernels.cpu.amx`) ``layer_cpu_amx.json``, others
     ``layer_cpu_<isa>.json``, each with the table marked ``LAYER-BENCH-<NAME>``."""
+    suffix = cpu_kind_suffix()
+    return f"layer_cpu{'_quick' if quick else ''}{suffix}.json", "LAYER-BENCH" + suffix.replace("_", "-").upper()
+
+
+def cpu_kind_suffix() -> str:
+    """The suffix of this kind of CPU's result files and README/docs markers: ``""`` on AVX-512, ``"_amx"`` where
+    bf16 runs on AMX tiles, else ``"_<isa>"`` (:func:`moekit.kernels.cpu.vector_isa`)."""
     from moekit.kernels import cpu as kcpu
 
     isa = kcpu.vector_isa()
-    suffix = "_amx" if kcpu.amx() else "" if isa == "avx512" else f"_{isa}"
-    return f"layer_cpu{'_quick' if quick else ''}{suffix}.json", "LAYER-BENCH" + suffix.replace("_", "-").upper()
+    return "_amx" if kcpu.amx() else "" if isa == "avx512" else f"_{isa}"
 
 
 def main(argv=None) -> None:

@@ -78,9 +78,10 @@ OUTER_LIB_MIN_ROWS = 32
 AMX_OUTER_MAX_ROWS = 4096
 #: Where the kernels have packed tiles (AVX2 builds, :data:`moekit.kernels.cpu.PACKED_MIN_ROWS`; float32 on AVX-512
 #: builds up to PACKED_AVX512_MAX_WORK), experts of up to this many rows run their forward in the small-M kernels
-#: too, whatever their size (their backward stays with the library unless they are small by the rules above). Measured on Zen 3 (2 threads), forward against the library
-#: GEMMs: Mixtral-like fp32 with 256 rows per expert 117 -> 70 ms, 2048 rows 638 -> 539 ms; fine-grained with 1024
-#: rows 489 against 500 ms (within this machine's noise): no size where the library wins clearly, so no limit.
+#: too, whatever their size (their backward stays with the library unless they are small by the rules above).
+#: Measured on Zen 3 (2 threads), forward against the library GEMMs: Mixtral-like fp32 with 256 rows per expert
+#: 117 -> 70 ms, 2048 rows 638 -> 539 ms; fine-grained with 1024 rows 489 against 500 ms (within this machine's
+#: noise): no size where the library wins clearly, so no limit.
 #: Likewise bf16 experts on AMX CPUs (:func:`moekit.kernels.cpu.amx`), whose projections run on the tiles.
 PACKED_MAX_ROWS = 1 << 62
 #: ...bf16 on AMX tiles up to rows x d_model x d_ff of this: the library's bf16 GEMM (oneDNN, on the same tiles) packs
@@ -179,18 +180,23 @@ class _Plan:
         """The plan of one call."""
         segments = list(_segments(counts))
         expert_size = w_out.shape[1] * w_out.shape[2]  # D x F
+        # forward tiles that win at larger sizes (any_rows), up to max_work rows x D x F (None: no limit), and the
+        # rows up to which their backward stays in the kernels too (bwd_max): AVX2's packed tiles, AVX-512's (fp32),
+        # the AMX tiles (bf16), or none
         width = kcpu.packed_width(dtype)
-        packed = width > 0
-        any_rows = packed or (dtype == torch.bfloat16 and kcpu.amx())  # forward tiles that win at any size
-        amx = not packed and any_rows
-        max_work = AMX_MAX_WORK if amx else PACKED_AVX512_MAX_WORK if width == 32 else None
+        if width == 16:
+            any_rows, max_work, bwd_max = True, None, PACKED_BWD_MAX_ROWS
+        elif width == 32:
+            any_rows, max_work, bwd_max = True, PACKED_AVX512_MAX_WORK, PACKED_AVX512_BWD_MAX_ROWS
+        elif dtype == torch.bfloat16 and kcpu.amx():
+            any_rows, max_work, bwd_max = True, AMX_MAX_WORK, AMX_BWD_MAX_ROWS
+        else:
+            any_rows, max_work, bwd_max = False, None, 0
         small = [t - s <= SMALL_M or (t - s) * expert_size <= SMALL_FWD_WORK or (
                  any_rows and t - s <= PACKED_MAX_ROWS and (max_work is None or (t - s) * expert_size <= max_work))
                  for _, s, t in segments]
         if not (any(small) and w_in.dtype == dtype and kcpu.small_gemm_usable(x_c, w_in, w_out, b_in, b_out)):
             return cls(segments, [False] * len(segments), [False] * len(segments))
-        bwd_max = (PACKED_BWD_MAX_ROWS if width == 16 else PACKED_AVX512_BWD_MAX_ROWS) if packed else \
-            AMX_BWD_MAX_ROWS if any_rows else 0
         small_bwd = [sm and _small_bwd(t - s, expert_size, bwd_max) for (_, s, t), sm in zip(segments, small)]
         plan = cls(segments, small, small_bwd)
         max_rows = max(1, min(CHUNK_ROWS, CHUNK_BYTES // (w_out.shape[2] * w_in.element_size())))

@@ -1229,6 +1229,9 @@ typedef __m512 gk_v;
 #define GK_SIGMOID sigmoid16
 #endif
 #define GK_NR (2 * GK_VL) /* columns per panel: two vectors */
+#ifndef GK_OUT_PF
+#define GK_OUT_PF 8 /* rows ahead whose output rows the output projection's epilogue prefetches */
+#endif
 #ifndef GK_KC
 #define GK_KC 256 /* k per packed block: 16 KiB (AVX2), 32 KiB (AVX-512: 128 and 512 within 4%) of float32 */
 #endif
@@ -1261,7 +1264,8 @@ static inline __attribute__((always_inline)) void gk_st(void *p, int dt, gk_v v,
 /* 16 x 16 transpose: pairs, then quads within 128-bit lanes, then the lanes (r[i][j] becomes r[j][i]) */
 static inline __attribute__((always_inline)) void tr16x16_ps(__m512 *r) {
     __m512 t[16];
-    for (int i = 0; i < 16; i += 2) t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]), t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+    for (int i = 0; i < 16; i += 2)
+        t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]), t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
     for (int i = 0; i < 16; i += 4) {
         r[i] = _mm512_shuffle_ps(t[i], t[i + 2], 0x44), r[i + 1] = _mm512_shuffle_ps(t[i], t[i + 2], 0xEE);
         r[i + 2] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0x44), r[i + 3] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
@@ -1378,9 +1382,10 @@ static void gk_tile(int R, const float *const *a, const float *bp, int64_t kc, f
 #undef GK_CASE
 }
 
-/* c[i][0..GK_NR] = sum_k a[i][k] * src[k][0..GK_NR] for the m float32 rows a[i] of length K, K in blocks of GK_KC packed
- * into bp. next: the caller's next panel (NULL: none), whose first block (or this panel's next) is prefetched into L2
- * a share per tile while this block computes: the weights stream from memory under the arithmetic. */
+/* c[i][0..GK_NR] = sum_k a[i][k] * src[k][0..GK_NR] for the m float32 rows a[i] of length K, K in blocks of GK_KC
+ * packed into bp. next: the caller's next panel (NULL: none), whose first block (or this panel's next) is
+ * prefetched into L2 a share per tile while this block computes: the weights stream from memory under the
+ * arithmetic. */
 static void gk_panel(const float *const *a, int64_t m, const gk_src *src, const gk_src *next, int dt, int64_t K,
                      float *bp, float *c) {
     const size_t eb = esize(dt);
@@ -1592,9 +1597,6 @@ static void down_epilogue(const gk_job *j, int64_t e, int64_t p, int64_t s0, int
     if (d->b_out)
         for (int64_t q = 0; q < dw; q++) bias[q] = ld(d->b_out, j->bdt, e * d->D + d0 + q);
     const gk_v b0 = GK_LOAD(bias), b1 = GK_LOAD(bias + GK_VL);
-#ifndef GK_OUT_PF
-#define GK_OUT_PF 8
-#endif
     for (int64_t i = 0; i < mb; i++) {
         const int64_t s = s0 + i;
         float *o = d->out + d->tok[s] * d->ld_out + d0;
@@ -2177,10 +2179,12 @@ int moe_small_up(const void *x, int64_t ld_x, const int64_t *tok, const int64_t 
     if (!seg) return small_up(x, ld_x, tok, start, end, E, w_in, b_in, W, D, dt, act, h_out, a_out, nthreads);
     int rc = -1;
 #if defined(MOE_AMX)
-    if (fast == 1) rc = amx_up(x, ld_x, tok, seg + 2 * E, seg + 3 * E, E, w_in, b_in, W, D, act, h_out, a_out, nthreads);
+    if (fast == 1)
+        rc = amx_up(x, ld_x, tok, seg + 2 * E, seg + 3 * E, E, w_in, b_in, W, D, act, h_out, a_out, nthreads);
 #endif
 #if defined(MOE_GK)
-    if (fast == 2) rc = packed_up(x, ld_x, tok, seg + 2 * E, seg + 3 * E, E, w_in, b_in, W, D, dt, act, h_out, a_out, nthreads);
+    if (fast == 2)
+        rc = packed_up(x, ld_x, tok, seg + 2 * E, seg + 3 * E, E, w_in, b_in, W, D, dt, act, h_out, a_out, nthreads);
 #endif
     if (rc == 0 && n < E) rc = small_up(x, ld_x, tok, seg, seg + E, E, w_in, b_in, W, D, dt, act, h_out, a_out, nthreads);
     free(seg);
@@ -2205,10 +2209,13 @@ int moe_small_down(const void *a, int64_t ld_a, const int64_t *tok, const float 
     if (!seg) return small_down(a, ld_a, tok, w, start, end, E, w_out, b_out, D, F, dt, out, ld_out, nthreads);
     int rc = -1;
 #if defined(MOE_AMX)
-    if (fast == 1) rc = amx_down(a, ld_a, tok, w, seg + 2 * E, seg + 3 * E, E, w_out, b_out, D, F, out, ld_out, nthreads);
+    if (fast == 1)
+        rc = amx_down(a, ld_a, tok, w, seg + 2 * E, seg + 3 * E, E, w_out, b_out, D, F, out, ld_out, nthreads);
 #endif
 #if defined(MOE_GK)
-    if (fast == 2) rc = packed_down(a, ld_a, tok, w, seg + 2 * E, seg + 3 * E, E, w_out, b_out, D, F, dt, out, ld_out, nthreads);
+    if (fast == 2)
+        rc = packed_down(a, ld_a, tok, w, seg + 2 * E, seg + 3 * E, E, w_out, b_out, D, F, dt, out, ld_out,
+                         nthreads);
 #endif
     if (rc == 0 && n < E) rc = small_down(a, ld_a, tok, w, seg, seg + E, E, w_out, b_out, D, F, dt, out, ld_out, nthreads);
     free(seg);
@@ -2887,7 +2894,8 @@ int moe_small_nn(const void *A, int adt, int64_t lda, const int64_t *a_idx, cons
     if (fast == 1) rc = amx_nn(A, lda, a_idx, B, Kd, N, seg + 2 * E, seg + 3 * E, E, C, cdt, ldc, c_idx, nthreads);
 #endif
 #if defined(MOE_GK)
-    if (fast == 2) rc = packed_nn(A, adt, lda, a_idx, B, bdt, Kd, N, seg + 2 * E, seg + 3 * E, E, C, cdt, ldc, c_idx, nthreads);
+    if (fast == 2)
+        rc = packed_nn(A, adt, lda, a_idx, B, bdt, Kd, N, seg + 2 * E, seg + 3 * E, E, C, cdt, ldc, c_idx, nthreads);
 #endif
     if (rc == 0 && n < E) rc = small_nn(A, adt, lda, a_idx, B, bdt, Kd, N, seg, seg + E, E, C, cdt, ldc, c_idx, nthreads);
     free(seg);
