@@ -935,6 +935,43 @@ def test_library_backward_takes_bf16_weight_gradients_from_the_outer_kernel_on_a
     assert_fwd_bwd_close(got, want, 2e-2, 4e-2, err=rel_err)
 
 
+@pytest.mark.parametrize("up_max_d", [1024, 0])
+@pytest.mark.parametrize("d_ff,bias", [(96, False), (80, True)])  # whole 64-byte lines of a and h, and half lines
+def test_library_experts_input_projection_on_amx_tiles(monkeypatch, up_max_d, d_ff, bias):
+    """bf16 SwiGLU experts too large for the tiles' forward (AMX_MAX_WORK) run their input projection and SwiGLU on
+    them (one call per expert) where d_model is at most AMX_UP_MAX_D, their output projection in the library:
+    forward (training and inference) and gradients as the loop reference's either way."""
+    def make():
+        torch.manual_seed(5)
+        layer = moekit.MoE(64, d_ff, 4, 2, backend="fused", expert_bias=bias).bfloat16()
+        with torch.no_grad():
+            for n, p in layer.named_parameters():
+                if "bias" in n:
+                    p.uniform_(-0.1, 0.1)
+        return layer
+    ref_layer = make()
+    ref_layer.experts.backend = "loop"
+    x = torch.randn(150, 64).bfloat16()  # 300 rows: inference too runs the full path, not the decode kernel
+    want = run_fwd_bwd(ref_layer, x)
+    for name, value in (("SMALL_M", 0), ("SMALL_FWD_WORK", 0), ("AMX_MAX_WORK", 0), ("AMX_UP_MAX_D", up_max_d)):
+        monkeypatch.setattr(ff, name, value)
+    calls = []
+    up = K.small_experts_up
+
+    def spy(x, tok, start, end, *args, **kwargs):
+        calls.append((int((end - start).sum()), int((end > start).sum())))
+        return up(x, tok, start, end, *args, **kwargs)
+
+    monkeypatch.setattr(K, "small_experts_up", spy)
+    got = run_fwd_bwd(make(), x)
+    counts = torch.bincount(ref_layer.router(x).topk_ids_TK.flatten(), minlength=4).tolist()
+    assert any(c % 16 for c in counts)  # a ragged last block of 16 rows
+    assert sorted(calls) == (sorted((c, 1) for c in counts if c) if K.amx() and up_max_d else [])
+    assert_fwd_bwd_close(got, want, 2e-2, 4e-2, err=rel_err)
+    with torch.no_grad():
+        assert rel_err(make().eval()(x), ref_layer.eval()(x)) < 2e-2
+
+
 def test_fused_backend_without_kernels_matches_loop(no_kernels):
     x = torch.randn(40, 48)
     got = run_fwd_bwd(_layer(torch.float32), x)

@@ -129,6 +129,13 @@ CHUNK_BYTES = 8 << 20
 #: 5-20% on row counts that are not (bf16 256 x 512 x 2816: 631 -> 752 GFLOP/s with 1-40 extra rows of 256 padded
 #: to 8, measured on Zen 5); the padded rows cost at most 7 rows of work and their results are dropped.
 PAD_ROWS = 8
+#: On AMX CPUs, bf16 SwiGLU experts too large for the tiles' forward (AMX_MAX_WORK) still run their input
+#: projection and SwiGLU there (one call per expert; the output projection in the library) where d_model is at most
+#: this: the tiles' SwiGLU and stores overlap their multiplies, where the library path runs the SwiGLU as a pass of its
+#: own. Each run of 256 KiB of packed token rows reads the expert's weights again, so larger d_model loses. Measured
+#: on 2 Emerald Rapids cores, one expert of 2048 rows (F = 1408) against oneDNN + SwiGLU: d_model 512 0.89x,
+#: 1024 0.94x, 2048 1.05x; Mixtral-like forward T = 8192 0.92x, forward+backward 1.00x.
+AMX_UP_MAX_D = 1024
 
 
 def _padded(m: int) -> int:
@@ -234,6 +241,12 @@ def fused_forward(x_TD, w_in, w_out, b_in, b_out, weights_TK, token_S, slot_S, c
     out_TD = torch.zeros(x_TD.shape, dtype=torch.float32, device=x_TD.device)
     plan = _Plan.make(counts, x_c, w_in, w_out, b_in, b_out, dtype)
     swiglu = activation.name == "swiglu"
+    # library-path experts' input projection and SwiGLU on the AMX tiles (one expert per call: rows [0, t - s))
+    up_rows = None
+    D, W = w_in.shape[2], w_in.shape[1]
+    if (swiglu and dtype == torch.bfloat16 and D <= AMX_UP_MAX_D and D % 32 == 0 and W % 32 == 0  # (the tiles' steps)
+            and not all(plan.small) and kcpu.amx() and kcpu.small_gemm_usable(x_c, w_in, w_out, b_in, b_out)):
+        up_rows = torch.zeros(2, w_in.shape[0], dtype=torch.int64)
     for c in plan.chunks:
         tok = token_S[c.r0:c.r1]
         h, a = kcpu.small_experts_up(x_c, tok, c.start_E, c.end_E, w_in, b_in, swiglu, save, check_index=False)
@@ -250,9 +263,14 @@ def fused_forward(x_TD, w_in, w_out, b_in, b_out, weights_TK, token_S, slot_S, c
         if plan.small[i]:
             continue
         tok = token_S[s:t]
-        x_m = kcpu.gather_rows(x_c, tok, dtype, check_index=False, rows=_padded(t - s))
-        h = linear(x_m, w_in[e].to(dtype), _row(b_in, e, dtype))
-        y = linear(_activate(activation, h), w_out[e].to(dtype), _row(b_out, e, dtype))
+        if up_rows is not None:
+            up_rows[1].zero_()[e] = t - s
+            h, a = kcpu.small_experts_up(x_c, tok, up_rows[0], up_rows[1], w_in, b_in, True, save, check_index=False)
+        else:
+            x_m = kcpu.gather_rows(x_c, tok, dtype, check_index=False, rows=_padded(t - s))
+            h = linear(x_m, w_in[e].to(dtype), _row(b_in, e, dtype))
+            a = _activate(activation, h)
+        y = linear(a, w_out[e].to(dtype), _row(b_out, e, dtype))
         kcpu.scatter_add_rows(out_TD, tok, y[:t - s], w_S[s:t], check_index=False)
         if save:
             plan.pre[i] = h  # with its padding rows
