@@ -271,6 +271,33 @@ AMX_CASES = [  # (E, D, F, rows per expert): 16-row blocks and their pairs, ragg
 
 
 @needs_amx
+@pytest.mark.parametrize("E,D,F_,counts", [c for c in AMX_CASES if c[2] % 32 == 0] + [(3, 64, 96, [70, 0, 2])])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("keep_h", [False, True])
+def test_amx_packed_activation_gives_the_same_bits(kernels, E, D, F_, counts, bias, keep_h):
+    """The input projection writing the activation in the output projection's packed layout (every expert on the
+    tiles, 1-3 rows too) and the output projection reading it: the same h and the same combined output, bit for
+    bit, as the two kernels with row-major activations on the tiles."""
+    x, tok, w, w_in, w_out, b_in, b_out = _small_problem(E, D, F_, counts, torch.bfloat16, bias)
+    start, end = segments(counts)
+    if not K.amx():  # (the AVX2 and plain-C builds)
+        assert not K.amx_packed_usable(x, w_in, w_out, b_in, b_out)
+        pytest.skip("this build has no AMX tiles")
+    assert K.amx_packed_usable(x, w_in, w_out, b_in, b_out)
+    h_want, a = K.small_experts_up(x, tok, start, end, w_in, b_in, swiglu=True, keep_h=True, packed_min_rows=1)
+    want = torch.ones(x.shape[0], D)
+    K.small_experts_down(a, tok, w, start, end, w_out, b_out, want, packed_min_rows=1)
+    h, a_pk = K.amx_up_packed(x, tok, start, end, w_in, b_in, keep_h=keep_h)
+    assert a_pk.shape == (sum(-(-c // 16) * 16 for c in counts), F_)
+    assert (h is None) != keep_h and (h is None or torch.equal(h, h_want))
+    got = torch.ones(x.shape[0], D)
+    K.amx_down_packed(a_pk, tok, w, start, end, w_out, b_out, got)
+    assert torch.equal(got, want)
+    with pytest.raises(ValueError, match="a_pk must be"):
+        K.amx_down_packed(a_pk[16:], tok, w, start, end, w_out, b_out, got)
+
+
+@needs_amx
 @pytest.mark.parametrize("E,D,F_,counts", AMX_CASES)
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("swiglu", [False, True])
@@ -935,11 +962,11 @@ def test_library_backward_takes_bf16_weight_gradients_from_the_outer_kernel_on_a
     assert_fwd_bwd_close(got, want, 2e-2, 4e-2, err=rel_err)
 
 
-@pytest.mark.parametrize("up_max_d", [1024, 0])
-@pytest.mark.parametrize("d_ff,bias", [(96, False), (80, True)])  # whole 64-byte lines of a and h, and half lines
-def test_library_experts_input_projection_on_amx_tiles(monkeypatch, up_max_d, d_ff, bias):
-    """bf16 SwiGLU experts too large for the tiles' forward (AMX_MAX_WORK) run their input projection and SwiGLU on
-    them (one call per expert) where d_model is at most AMX_UP_MAX_D, their output projection in the library:
+@pytest.mark.parametrize("fwd_max_d", [1024, 0])
+@pytest.mark.parametrize("d_ff,bias", [(96, False), (64, True)])
+def test_large_bf16_experts_forward_on_amx_tiles_backward_in_the_library(monkeypatch, fwd_max_d, d_ff, bias):
+    """bf16 SwiGLU experts too large for the tiles' backward (AMX_MAX_WORK) run their forward there all the same
+    where d_model is at most AMX_FWD_MAX_D (the activation handed over packed), their backward in the library:
     forward (training and inference) and gradients as the loop reference's either way."""
     def make():
         torch.manual_seed(5)
@@ -953,20 +980,27 @@ def test_library_experts_input_projection_on_amx_tiles(monkeypatch, up_max_d, d_
     ref_layer.experts.backend = "loop"
     x = torch.randn(150, 64).bfloat16()  # 300 rows: inference too runs the full path, not the decode kernel
     want = run_fwd_bwd(ref_layer, x)
-    for name, value in (("SMALL_M", 0), ("SMALL_FWD_WORK", 0), ("AMX_MAX_WORK", 0), ("AMX_UP_MAX_D", up_max_d)):
+    for name, value in (("SMALL_M", 0), ("SMALL_FWD_WORK", 0), ("AMX_MAX_WORK", 0), ("AMX_FWD_MAX_D", fwd_max_d)):
         monkeypatch.setattr(ff, name, value)
-    calls = []
-    up = K.small_experts_up
+    calls = {"up": [], "outer": []}
+    up, outer = K.amx_up_packed, K.small_experts_outer
 
-    def spy(x, tok, start, end, *args, **kwargs):
-        calls.append((int((end - start).sum()), int((end > start).sum())))
+    def spy_up(x, tok, start, end, *args, **kwargs):
+        calls["up"].append(sorted((end - start).tolist()))
         return up(x, tok, start, end, *args, **kwargs)
 
-    monkeypatch.setattr(K, "small_experts_up", spy)
+    def spy_outer(*args):  # the library path's weight gradients (on the tiles' outer-product kernel)
+        calls["outer"].append(args[0].shape[0])
+        return outer(*args)
+
+    monkeypatch.setattr(K, "amx_up_packed", spy_up)
+    monkeypatch.setattr(K, "small_experts_outer", spy_outer)
     got = run_fwd_bwd(make(), x)
     counts = torch.bincount(ref_layer.router(x).topk_ids_TK.flatten(), minlength=4).tolist()
     assert any(c % 16 for c in counts)  # a ragged last block of 16 rows
-    assert sorted(calls) == (sorted((c, 1) for c in counts if c) if K.amx() and up_max_d else [])
+    if K.amx():
+        assert sorted(r for rows in calls["up"] for r in rows if r) == (sorted(counts) if fwd_max_d else [])
+        assert len(calls["outer"]) == 2 * sum(c > 0 for c in counts)  # every expert's backward in the library path
     assert_fwd_bwd_close(got, want, 2e-2, 4e-2, err=rel_err)
     with torch.no_grad():
         assert rel_err(make().eval()(x), ref_layer.eval()(x)) < 2e-2

@@ -91,6 +91,15 @@ PACKED_MAX_ROWS = 1 << 62
 #: (slow phases 57 / 60), 2048 rows 63-84 / 52-62 (slow phases 112-119 / 105-117); forward+backward at 2048 rows
 #: 195-220 / 195-220 ms. Fine-grained experts of 1024 rows (134 M) stay far faster on the kernels (58.7 / 92.4 ms).
 AMX_MAX_WORK = 1_100_000_000
+#: ...but SwiGLU experts whose d_model is at most this run their forward on the tiles at any size (their backward
+#: still in the library beyond AMX_MAX_WORK), with the activation handed from one projection to the other in the
+#: output projection's packed layout (:func:`moekit.kernels.cpu.amx_up_packed`): the tiles' SwiGLU overlaps their
+#: multiplies, where the library path runs it as a pass of its own, and the output projection packs nothing. Each run
+#: of 256 KiB of packed token rows reads the expert's weights again, so larger d_model loses. Measured on 2 Emerald
+#: Rapids cores, one expert of 2048 rows (F = 1408), input projection and SwiGLU against oneDNN's GEMM + SwiGLU:
+#: d_model 512 0.89x, 1024 0.94x, 2048 1.05x; Mixtral-like forward at T = 8192 (2048 rows per expert) against the
+#: library for both projections 0.89x (the input projection alone on the tiles: 0.92x).
+AMX_FWD_MAX_D = 1024
 #: ...and float32 experts on AVX-512 builds' packed tiles (12 x 32) up to rows x d_model x d_ff of this: MKL's fp32
 #: GEMM, a little faster per FLOP than the tiles (~250-300 against 220-250 GFLOP/s on 2 Emerald Rapids cores), wins
 #: once its per-expert calls, gather and scatter are amortised. Measured there, forward against the library
@@ -129,13 +138,6 @@ CHUNK_BYTES = 8 << 20
 #: 5-20% on row counts that are not (bf16 256 x 512 x 2816: 631 -> 752 GFLOP/s with 1-40 extra rows of 256 padded
 #: to 8, measured on Zen 5); the padded rows cost at most 7 rows of work and their results are dropped.
 PAD_ROWS = 8
-#: On AMX CPUs, bf16 SwiGLU experts too large for the tiles' forward (AMX_MAX_WORK) still run their input
-#: projection and SwiGLU there (one call per expert; the output projection in the library) where d_model is at most
-#: this: the tiles' SwiGLU and stores overlap their multiplies, where the library path runs the SwiGLU as a pass of its
-#: own. Each run of 256 KiB of packed token rows reads the expert's weights again, so larger d_model loses. Measured
-#: on 2 Emerald Rapids cores, one expert of 2048 rows (F = 1408) against oneDNN + SwiGLU: d_model 512 0.89x,
-#: 1024 0.94x, 2048 1.05x; Mixtral-like forward T = 8192 0.92x, forward+backward 1.00x.
-AMX_UP_MAX_D = 1024
 
 
 def _padded(m: int) -> int:
@@ -183,20 +185,23 @@ class _Plan:
     pre: dict[int, torch.Tensor] = field(default_factory=dict)  # segment -> pre-activation, library backward
 
     @classmethod
-    def make(cls, counts, x_c, w_in, w_out, b_in, b_out, dtype) -> "_Plan":
-        """The plan of one call."""
+    def make(cls, counts, x_c, w_in, w_out, b_in, b_out, dtype, swiglu: bool = False) -> "_Plan":
+        """The plan of one call (``swiglu``: the experts' activation)."""
         segments = list(_segments(counts))
         expert_size = w_out.shape[1] * w_out.shape[2]  # D x F
         # forward tiles that win at larger sizes (any_rows), up to max_work rows x D x F (None: no limit), and the
         # rows up to which their backward stays in the kernels too (bwd_max): AVX2's packed tiles, AVX-512's (fp32),
         # the AMX tiles (bf16), or none
         width = kcpu.packed_width(dtype)
+        bwd_max_work = None  # (a backward limit of rows x D x F below the forward's)
         if width == 16:
             any_rows, max_work, bwd_max = True, None, PACKED_BWD_MAX_ROWS
         elif width == 32:
             any_rows, max_work, bwd_max = True, PACKED_AVX512_MAX_WORK, PACKED_AVX512_BWD_MAX_ROWS
         elif dtype == torch.bfloat16 and kcpu.amx():
             any_rows, max_work, bwd_max = True, AMX_MAX_WORK, AMX_BWD_MAX_ROWS
+            if swiglu and w_in.shape[2] <= AMX_FWD_MAX_D and kcpu.amx_packed_usable(x_c, w_in, w_out, b_in, b_out):
+                max_work, bwd_max_work = None, AMX_MAX_WORK
         else:
             any_rows, max_work, bwd_max = False, None, 0
         small = [t - s <= SMALL_M or (t - s) * expert_size <= SMALL_FWD_WORK or (
@@ -204,7 +209,8 @@ class _Plan:
                  for _, s, t in segments]
         if not (any(small) and w_in.dtype == dtype and kcpu.small_gemm_usable(x_c, w_in, w_out, b_in, b_out)):
             return cls(segments, [False] * len(segments), [False] * len(segments))
-        small_bwd = [sm and _small_bwd(t - s, expert_size, bwd_max) for (_, s, t), sm in zip(segments, small)]
+        small_bwd = [sm and _small_bwd(t - s, expert_size, bwd_max) and (
+                     bwd_max_work is None or (t - s) * expert_size <= bwd_max_work) for (_, s, t), sm in zip(segments, small)]
         plan = cls(segments, small, small_bwd)
         max_rows = max(1, min(CHUNK_ROWS, CHUNK_BYTES // (w_out.shape[2] * w_in.element_size())))
         run: list[int] = []
@@ -239,21 +245,22 @@ def fused_forward(x_TD, w_in, w_out, b_in, b_out, weights_TK, token_S, slot_S, c
     x_c = x_TD if x_TD.dtype == dtype else x_TD.to(dtype)
     w_S = weights_TK.reshape(-1).index_select(0, slot_S).float()
     out_TD = torch.zeros(x_TD.shape, dtype=torch.float32, device=x_TD.device)
-    plan = _Plan.make(counts, x_c, w_in, w_out, b_in, b_out, dtype)
     swiglu = activation.name == "swiglu"
-    # library-path experts' input projection and SwiGLU on the AMX tiles (one expert per call: rows [0, t - s))
-    up_rows = None
-    D, W = w_in.shape[2], w_in.shape[1]
-    if (swiglu and dtype == torch.bfloat16 and D <= AMX_UP_MAX_D and D % 32 == 0 and W % 32 == 0  # (the tiles' steps)
-            and not all(plan.small) and kcpu.amx() and kcpu.small_gemm_usable(x_c, w_in, w_out, b_in, b_out)):
-        up_rows = torch.zeros(2, w_in.shape[0], dtype=torch.int64)
+    plan = _Plan.make(counts, x_c, w_in, w_out, b_in, b_out, dtype, swiglu)
+    packed = swiglu and any(plan.small) and kcpu.amx_packed_usable(x_c, w_in, w_out, b_in, b_out)
     for c in plan.chunks:
         tok = token_S[c.r0:c.r1]
-        h, a = kcpu.small_experts_up(x_c, tok, c.start_E, c.end_E, w_in, b_in, swiglu, save, check_index=False)
-        if not swiglu:
-            a = activation(h)
-        kcpu.small_experts_down(a, tok, w_S[c.r0:c.r1], c.start_E, c.end_E, w_out, b_out, out_TD,
-                                check_index=False)
+        if packed and min(plan.segments[i][2] - plan.segments[i][1] for i in c.segs) >= kcpu.AMX_MIN_ROWS:
+            # bf16 on AMX tiles: the activation handed over in the output projection's packed layout
+            h, a = kcpu.amx_up_packed(x_c, tok, c.start_E, c.end_E, w_in, b_in, save, check_index=False)
+            kcpu.amx_down_packed(a, tok, w_S[c.r0:c.r1], c.start_E, c.end_E, w_out, b_out, out_TD,
+                                 check_index=False)
+        else:
+            h, a = kcpu.small_experts_up(x_c, tok, c.start_E, c.end_E, w_in, b_in, swiglu, save, check_index=False)
+            if not swiglu:
+                a = activation(h)
+            kcpu.small_experts_down(a, tok, w_S[c.r0:c.r1], c.start_E, c.end_E, w_out, b_out, out_TD,
+                                    check_index=False)
         if save:
             c.h = h
             for i in c.segs:
@@ -263,14 +270,9 @@ def fused_forward(x_TD, w_in, w_out, b_in, b_out, weights_TK, token_S, slot_S, c
         if plan.small[i]:
             continue
         tok = token_S[s:t]
-        if up_rows is not None:
-            up_rows[1].zero_()[e] = t - s
-            h, a = kcpu.small_experts_up(x_c, tok, up_rows[0], up_rows[1], w_in, b_in, True, save, check_index=False)
-        else:
-            x_m = kcpu.gather_rows(x_c, tok, dtype, check_index=False, rows=_padded(t - s))
-            h = linear(x_m, w_in[e].to(dtype), _row(b_in, e, dtype))
-            a = _activate(activation, h)
-        y = linear(a, w_out[e].to(dtype), _row(b_out, e, dtype))
+        x_m = kcpu.gather_rows(x_c, tok, dtype, check_index=False, rows=_padded(t - s))
+        h = linear(x_m, w_in[e].to(dtype), _row(b_in, e, dtype))
+        y = linear(_activate(activation, h), w_out[e].to(dtype), _row(b_out, e, dtype))
         kcpu.scatter_add_rows(out_TD, tok, y[:t - s], w_S[s:t], check_index=False)
         if save:
             plan.pre[i] = h  # with its padding rows

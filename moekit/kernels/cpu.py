@@ -147,6 +147,8 @@ def _declare(lib: ctypes.CDLL) -> None:
         "moe_small_down": [P, I64, P, P, P, P, I64, P, P, I64, I64, I, P, I64, I64, I],
         "moe_packed_tiles": [I],
         "moe_amx": [I],
+        "moe_amx_up_packed": [P, I64, P, P, P, I64, P, P, I64, I64, P, P, I],
+        "moe_amx_down_packed": [P, P, P, P, P, I64, P, P, I64, I64, P, I64, I],
         "moe_small_decode": [P, I64, P, P, I64, I64, I64, P, P, P, P, I64, I64, I, P, I64, P, I],
         "moe_small_nn": [P, I, I64, P, P, I, I64, I64, P, P, I64, P, I, I64, P, I64, I],
         "moe_small_outer": [P, I, I64, P, P, I, I64, P, I64, I64, P, P, I64, P, I, I],
@@ -650,6 +652,67 @@ def small_experts_down(a: torch.Tensor, tok: torch.Tensor, w: torch.Tensor, star
         _index(tok, "tok", S, out.shape[0])
     _call(_require().moe_small_down, _ptr(a), ld_a, _ptr(tok), _ptr(w), _ptr(start), _ptr(end), E, _ptr(w_out),
           _ptr(b_out), D, F, _dt(a, "a"), _ptr(out), ld_out, _packed_min(packed_min_rows, a.dtype), _threads())
+
+
+def amx_packed_usable(x: torch.Tensor, w_in: torch.Tensor, *weights: torch.Tensor | None) -> bool:
+    """Whether :func:`amx_up_packed` and :func:`amx_down_packed` can run: bf16 on AMX tiles, d_model and d_ff
+    multiples of 32, the operands as :func:`small_gemm_usable` wants them."""
+    return (x.dtype == torch.bfloat16 and amx() and w_in.shape[2] % 32 == 0 and w_in.shape[1] % 64 == 0
+            and small_gemm_usable(x, w_in, *weights))
+
+
+def _packed_rows(start: torch.Tensor, end: torch.Tensor) -> int:
+    return int(((end - start + 15) // 16).sum()) * 16
+
+
+def amx_up_packed(x: torch.Tensor, tok: torch.Tensor, start: torch.Tensor, end: torch.Tensor, w_in: torch.Tensor,
+                  b_in: torch.Tensor | None, keep_h: bool, check_index: bool = True
+                  ) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """:func:`small_experts_up` with SwiGLU for bf16 experts on the AMX tiles (every expert with rows, however
+    few), the activation written in the output projection's packed layout (see :func:`amx_packed_usable`): returns
+    ``(h or None, a_pk)``, where ``a_pk`` is opaque (``[rows of every expert rounded up to 16, d_ff]`` bf16), for
+    :func:`amx_down_packed` with the same ``tok``, ``start`` and ``end``. No pass packs the activation for the
+    output projection's tiles, and the input projection's sums need no transpose for it."""
+    E, W, D = w_in.shape
+    S = tok.shape[0]
+    ld_x = _rows(x, "x", (x.shape[0], D))
+    _stacked(w_in, "w_in", (E, W, D), torch.bfloat16)
+    _stacked(b_in, "b_in", (E, W), torch.bfloat16)
+    _vector(tok, "tok", S, torch.int64)
+    _segments_arg(start, end, E, S, check_index)
+    if check_index:
+        _index(tok, "tok", S, x.shape[0])
+    if x.dtype != torch.bfloat16:
+        raise ValueError(f"x must be bfloat16, got {x.dtype}")
+    h = torch.empty(S, W, dtype=x.dtype) if keep_h else None
+    a_pk = torch.empty(_packed_rows(start, end), W // 2, dtype=x.dtype)
+    _call(_require().moe_amx_up_packed, _ptr(x), ld_x, _ptr(tok), _ptr(start), _ptr(end), E, _ptr(w_in), _ptr(b_in),
+          D, W // 2, _ptr(h), _ptr(a_pk), _threads())
+    return h, a_pk
+
+
+def amx_down_packed(a_pk: torch.Tensor, tok: torch.Tensor, w: torch.Tensor, start: torch.Tensor, end: torch.Tensor,
+                    w_out: torch.Tensor, b_out: torch.Tensor | None, out: torch.Tensor,
+                    check_index: bool = True) -> None:
+    """:func:`small_experts_down` reading the activation ``a_pk`` that :func:`amx_up_packed` wrote for the same
+    ``tok``, ``start`` and ``end``."""
+    E, D, F = w_out.shape
+    S = tok.shape[0]
+    _stacked(w_out, "w_out", (E, D, F), torch.bfloat16)
+    _stacked(b_out, "b_out", (E, D), torch.bfloat16)
+    _vector(tok, "tok", S, torch.int64)
+    _vector(w, "w", S, torch.float32)
+    _segments_arg(start, end, E, S, check_index)
+    if a_pk.dtype != torch.bfloat16 or tuple(a_pk.shape) != (_packed_rows(start, end), F) or not a_pk.is_contiguous():
+        raise ValueError(f"a_pk must be the contiguous bf16 [{_packed_rows(start, end)}, {F}] tensor amx_up_packed "
+                         f"returned for these segments, got {a_pk.dtype} {tuple(a_pk.shape)}")
+    if out.dtype != torch.float32:
+        raise ValueError(f"out must be float32, got {out.dtype}")
+    ld_out = _rows(out, "out", (out.shape[0], D))
+    if check_index:
+        _index(tok, "tok", S, out.shape[0])
+    _call(_require().moe_amx_down_packed, _ptr(a_pk), _ptr(tok), _ptr(w), _ptr(start), _ptr(end), E, _ptr(w_out),
+          _ptr(b_out), D, F, _ptr(out), ld_out, _threads())
 
 
 def small_experts_decode(x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, w_in: torch.Tensor,

@@ -1762,12 +1762,9 @@ static void amx_pack16(const bf16 *src, int64_t ld, const int64_t *idx, int64_t 
     }
 }
 
-/* Packed token rows of every active expert: *blk_out[e] = the first 16-row block of expert e (block b at
- * buf + b * K * 16), [E + 1]. Returns the buffer (64-byte aligned); the caller frees both. NULL if out of memory
- * (nothing to free then). */
-static bf16 *amx_pack(const bf16 *src, int64_t ld, const int64_t *idx, const int64_t *start, const int64_t *end,
-                      int64_t E, int64_t K, int64_t **blk_out, int nthreads) {
-    int64_t *blk = *blk_out = malloc((size_t)(E + 1) * sizeof(int64_t));
+/* The first 16-row block of each expert's packed rows, [E + 1] (blk[E]: all blocks); NULL if out of memory. */
+static int64_t *amx_blocks(const int64_t *start, const int64_t *end, int64_t E) {
+    int64_t *blk = malloc((size_t)(E + 1) * sizeof(int64_t));
     if (!blk) return NULL;
     int64_t nb = 0;
     for (int64_t e = 0; e < E; e++) {
@@ -1775,9 +1772,20 @@ static bf16 *amx_pack(const bf16 *src, int64_t ld, const int64_t *idx, const int
         nb += end[e] > start[e] ? (end[e] - start[e] + 15) / 16 : 0;
     }
     blk[E] = nb;
+    return blk;
+}
+
+/* Packed token rows of every active expert: *blk_out = amx_blocks (block b at buf + b * K * 16). Returns the
+ * buffer (64-byte aligned); the caller frees both. NULL if out of memory (nothing to free then). */
+static bf16 *amx_pack(const bf16 *src, int64_t ld, const int64_t *idx, const int64_t *start, const int64_t *end,
+                      int64_t E, int64_t K, int64_t **blk_out, int nthreads) {
+    int64_t *blk = *blk_out = amx_blocks(start, end, E);
+    if (!blk) return NULL;
+    const int64_t nb = blk[E];
     bf16 *buf = aligned_alloc(64, (size_t)(nb ? nb : 1) * (size_t)K * 16 * sizeof(bf16));
     if (!buf) {
         free(blk);
+        *blk_out = NULL;
         return NULL;
     }
 #pragma omp parallel for schedule(static) num_threads(threads_for(nb * K * 16, nthreads))
@@ -1818,6 +1826,9 @@ typedef struct {
      * h up, at row - run0) for the odd one's, and both go out as whole lines */
     bf16 *h, *a, *stage;
     int64_t W, F, j0, run0, stage_rows;
+    /* ...or with apk, a goes out packed as amx_down's operand (its block of the pair's first 16 rows; see
+     * amx_up): no transposes for it, 8 whole lines per block, after the h units if any */
+    bf16 *apk;
     int act;
     /* amx_down: out[tok[row]] columns d0..d0 + 31 += w[row] * y */
     float *out;
@@ -1838,6 +1849,11 @@ static inline void amx_epi_set(amx_epi *st, const float (*c)[256], int64_t s, in
     const int64_t R0 = min64(16, end - s), R1 = two_blocks ? min64(16, end - s - 16) : 0;
     st->c = c;
     st->s = s;
+    if (st->apk) { /* (amx_up, SwiGLU: two tiles per block) h's transposes and rows, then a's 8 lines */
+        st->n0 = R0 ? (int)(st->h ? 2 + R0 : 0) + 8 : 0;
+        st->nu = st->n0 + (R1 ? (int)(st->h ? 2 + R1 : 0) + 8 : 0);
+        return;
+    }
     st->n0 = R0 ? (int)(1 + st->two + R0) : 0;
     st->nu = st->n0 + (R1 ? (int)(1 + st->two + R1) : 0);
 }
@@ -1860,6 +1876,26 @@ static inline __attribute__((always_inline)) void amx_epi_unit(amx_epi *st, int 
         return;
     }
     const int q = u >= st->n0, l = u - (q ? st->n0 : 0);
+    if (st->apk) {
+        const int nh = (q ? st->nu - st->n0 : st->n0) - 8; /* the block's h units */
+        if (l >= nh) { /* line p of the block's 8: activation columns j0 + 2p and j0 + 2p + 1 of its 16 rows */
+            const int p = l - nh;
+            const float *cg = st->c[q] + 32 * p, *cu = st->c[2 + q] + 32 * p; /* [weight row][token row] */
+            const bf16 *bg = st->bias[0], *bu = st->bias[1];
+            const __m512 a0 = swiglu16(_mm512_add_ps(_mm512_load_ps(cg), _mm512_set1_ps(bg ? bf16_to_f32(bg[2 * p]) : 0.0f)),
+                                       _mm512_add_ps(_mm512_load_ps(cu), _mm512_set1_ps(bu ? bf16_to_f32(bu[2 * p]) : 0.0f)));
+            const __m512 a1 = swiglu16(
+                _mm512_add_ps(_mm512_load_ps(cg + 16), _mm512_set1_ps(bg ? bf16_to_f32(bg[2 * p + 1]) : 0.0f)),
+                _mm512_add_ps(_mm512_load_ps(cu + 16), _mm512_set1_ps(bu ? bf16_to_f32(bu[2 * p + 1]) : 0.0f)));
+            const __m512i ix = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8,
+                                                39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+            bf16 *o = st->apk + (size_t)q * (size_t)st->F * 16 + (size_t)(st->j0 / 32) * 512 +
+                      (size_t)((st->j0 % 32) / 2 + p) * 32;
+            _mm512_stream_si512((void *)o, _mm512_permutex2var_epi16(_mm512_castsi256_si512(cvt16_bf16(a0)), ix,
+                                                                     _mm512_castsi256_si512(cvt16_bf16(a1))));
+            return;
+        }
+    }
     if (l <= st->two) {
         __m512 t[16];
         amx_rows(st->c[2 * l + q], st->bias[l], t);
@@ -1877,9 +1913,10 @@ static inline __attribute__((always_inline)) void amx_epi_unit(amx_epi *st, int 
         return;
     }
     const __m512 up = st->act == 1 ? _mm512_load_ps(st->t[2 + q] + 16 * r) : g;
+    const int need_a = st->act == 1 && !st->apk;
     if (st->stage) { /* whole lines, written by the odd half only: no read-for-ownership of a or h */
         bf16 *sa = st->stage + (size_t)(row - st->run0) * 16, *sg = sa + st->stage_rows * 16, *su = sg + st->stage_rows * 16;
-        const __m256i av = st->act == 1 ? cvt16_bf16(swiglu16(g, up)) : _mm256_setzero_si256();
+        const __m256i av = need_a ? cvt16_bf16(swiglu16(g, up)) : _mm256_setzero_si256();
         if (!(st->j0 & 16)) {
             _mm256_store_si256((__m256i *)sa, av);
             if (st->h) {
@@ -1889,7 +1926,7 @@ static inline __attribute__((always_inline)) void amx_epi_unit(amx_epi *st, int 
             return;
         }
         const int64_t j = st->j0 - 16;
-        if (st->act == 1)
+        if (need_a)
             _mm512_stream_si512((void *)(st->a + (size_t)row * (size_t)st->F + (size_t)j),
                                 _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_load_si256((__m256i *)sa)), av, 1));
         if (st->h) {
@@ -1907,7 +1944,7 @@ static inline __attribute__((always_inline)) void amx_epi_unit(amx_epi *st, int 
         _mm256_storeu_si256((__m256i *)h, cvt16_bf16(g));
         if (st->act == 1) _mm256_storeu_si256((__m256i *)(h + st->F), cvt16_bf16(up));
     }
-    if (st->act == 1)
+    if (need_a)
         _mm256_storeu_si256((__m256i *)(st->a + (size_t)row * (size_t)st->F + (size_t)st->j0), cvt16_bf16(swiglu16(g, up)));
 }
 
@@ -2022,7 +2059,7 @@ static inline int64_t amx_row_blocks(int64_t K) {
  * expert's packed row blocks (in L2). */
 static int amx_up(const bf16 *x, int64_t ld_x, const int64_t *tok, const int64_t *start, const int64_t *end, int64_t E,
                   const bf16 *w_in, const bf16 *b_in, int64_t W, int64_t D, int act, bf16 *h_out, bf16 *a_out,
-                  int nthreads) {
+                  bf16 *a_pk, int nthreads) {
     const int64_t F = act == 1 ? W / 2 : W;
     /* full-line mode: each item runs two 16-column halves, the first one's results of a row (and of h) waiting in
      * a per-thread buffer for the second's, then written as whole 64-byte lines with non-temporal stores. Half
@@ -2092,6 +2129,7 @@ static int amx_up(const bf16 *x, int64_t ld_x, const int64_t *tok, const int64_t
                 st->bias[1] = b_in && act == 1 ? b_in + (size_t)e * (size_t)W + (size_t)(F + j0) : NULL;
                 st->j0 = j0;
                 st->run0 = start[e] + r0 * 16;
+                st->apk = a_pk ? a_pk + (size_t)(blk[e] + b) * (size_t)F * 16 : NULL;
                 amx_epi_set(st, (const float (*)[256])cb[cur], s, end[e], p1 != NULL);
                 cur ^= 1;
             }
@@ -2112,10 +2150,13 @@ static int amx_up(const bf16 *x, int64_t ld_x, const int64_t *tok, const int64_t
  * order), a block's 32 weight rows of an expert running over a run of its packed 16-row blocks. */
 static int amx_down(const bf16 *a, int64_t ld_a, const int64_t *tok, const float *w, const int64_t *start,
                     const int64_t *end, int64_t E, const bf16 *w_out, const bf16 *b_out, int64_t D, int64_t F,
-                    float *out, int64_t ld_out, int nthreads) {
-    int64_t *blk;
-    bf16 *ap = amx_pack(a, ld_a, NULL, start, end, E, F, &blk, nthreads);
-    if (!ap) return -5;
+                    float *out, int64_t ld_out, const bf16 *a_pk, int nthreads) {
+    int64_t *blk = a_pk ? amx_blocks(start, end, E) : NULL;
+    const bf16 *ap = a_pk ? a_pk : amx_pack(a, ld_a, NULL, start, end, E, F, &blk, nthreads);
+    if (!ap || !blk) {
+        free(blk);
+        return -5;
+    }
     const int nt = gemm_threads(start, end, E, D, F, nthreads);
     const int64_t rbb = amx_row_blocks(F);
 #pragma omp parallel num_threads(nt)
@@ -2156,7 +2197,7 @@ static int amx_down(const bf16 *a, int64_t ld_a, const int64_t *tok, const float
         amx_epi_drain(st, AMX_EPI_DOWN);
         _tile_release();
     }
-    free(ap);
+    if (!a_pk) free((void *)ap);
     free(blk);
     return 0;
 }
@@ -2226,7 +2267,7 @@ int moe_small_up(const void *x, int64_t ld_x, const int64_t *tok, const int64_t 
     int rc = -1;
 #if defined(MOE_AMX)
     if (fast == 1)
-        rc = amx_up(x, ld_x, tok, seg + 2 * E, seg + 3 * E, E, w_in, b_in, W, D, act, h_out, a_out, nthreads);
+        rc = amx_up(x, ld_x, tok, seg + 2 * E, seg + 3 * E, E, w_in, b_in, W, D, act, h_out, a_out, NULL, nthreads);
 #endif
 #if defined(MOE_GK)
     if (fast == 2)
@@ -2256,7 +2297,7 @@ int moe_small_down(const void *a, int64_t ld_a, const int64_t *tok, const float 
     int rc = -1;
 #if defined(MOE_AMX)
     if (fast == 1)
-        rc = amx_down(a, ld_a, tok, w, seg + 2 * E, seg + 3 * E, E, w_out, b_out, D, F, out, ld_out, nthreads);
+        rc = amx_down(a, ld_a, tok, w, seg + 2 * E, seg + 3 * E, E, w_out, b_out, D, F, out, ld_out, NULL, nthreads);
 #endif
 #if defined(MOE_GK)
     if (fast == 2)
@@ -2266,6 +2307,37 @@ int moe_small_down(const void *a, int64_t ld_a, const int64_t *tok, const float 
     if (rc == 0 && n < E) rc = small_down(a, ld_a, tok, w, seg, seg + E, E, w_out, b_out, D, F, dt, out, ld_out, nthreads);
     free(seg);
     return rc;
+}
+
+/* bf16 SwiGLU experts on the AMX tiles with the activation handed from one projection to the other in the output
+ * projection's packed layout: moe_amx_up_packed is moe_small_up (act 1, h_out optional) writing a_pk instead of a,
+ * 16 x F bf16 per 16-row block of each expert with rows (the blocks amx_pack makes: pair-interleaved [F / 32][16]
+ * [16 rows][2], padding rows of a last block unspecified), and moe_amx_down_packed is moe_small_down reading them.
+ * Every expert with rows runs on the tiles (no packed_min). Saves amx_down's pack pass and amx_up's transposes
+ * for a (its sums are [activation column][token row] already: two columns of 16 rows make one line of a_pk).
+ * Returns -6 where the tiles cannot take them (no AMX, or D or F not a multiple of 32). */
+int moe_amx_up_packed(const void *x, int64_t ld_x, const int64_t *tok, const int64_t *start, const int64_t *end,
+                      int64_t E, const void *w_in, const void *b_in, int64_t D, int64_t F, void *h_out, void *a_pk,
+                      int nthreads) {
+#if defined(MOE_AMX)
+    if (D % 32 == 0 && F % 32 == 0 && amx_ready())
+        return amx_up(x, ld_x, tok, start, end, E, w_in, b_in, 2 * F, D, 1, h_out, NULL, a_pk, nthreads);
+#endif
+    (void)x, (void)ld_x, (void)tok, (void)start, (void)end, (void)E, (void)w_in, (void)b_in, (void)D, (void)F;
+    (void)h_out, (void)a_pk, (void)nthreads;
+    return -6;
+}
+
+int moe_amx_down_packed(const void *a_pk, const int64_t *tok, const float *w, const int64_t *start,
+                        const int64_t *end, int64_t E, const void *w_out, const void *b_out, int64_t D, int64_t F,
+                        float *out, int64_t ld_out, int nthreads) {
+#if defined(MOE_AMX)
+    if (D % 32 == 0 && F % 32 == 0 && amx_ready())
+        return amx_down(NULL, F, tok, w, start, end, E, w_out, b_out, D, F, out, ld_out, a_pk, nthreads);
+#endif
+    (void)a_pk, (void)tok, (void)w, (void)start, (void)end, (void)E, (void)w_out, (void)b_out, (void)D, (void)F;
+    (void)out, (void)ld_out, (void)nthreads;
+    return -6;
 }
 
 int moe_swiglu_fwd(const void *h, int64_t ld_h, void *a, int64_t ld_a, int64_t m, int64_t F, int dt, int nthreads) {
