@@ -91,14 +91,15 @@ PACKED_MAX_ROWS = 1 << 62
 #: (slow phases 57 / 60), 2048 rows 63-84 / 52-62 (slow phases 112-119 / 105-117); forward+backward at 2048 rows
 #: 195-220 / 195-220 ms. Fine-grained experts of 1024 rows (134 M) stay far faster on the kernels (58.7 / 92.4 ms).
 AMX_MAX_WORK = 1_100_000_000
-#: ...but SwiGLU experts whose d_model is at most this run their forward on the tiles at any size (their backward
-#: still in the library beyond AMX_MAX_WORK), with the activation handed from one projection to the other in the
-#: output projection's packed layout (:func:`moekit.kernels.cpu.amx_up_packed`): the tiles' SwiGLU overlaps their
-#: multiplies, where the library path runs it as a pass of its own, and the output projection packs nothing. Each run
-#: of 256 KiB of packed token rows reads the expert's weights again, so larger d_model loses. Measured on 2 Emerald
-#: Rapids cores, one expert of 2048 rows (F = 1408), input projection and SwiGLU against oneDNN's GEMM + SwiGLU:
-#: d_model 512 0.89x, 1024 0.94x, 2048 1.05x; Mixtral-like forward at T = 8192 (2048 rows per expert) against the
-#: library for both projections 0.89x (the input projection alone on the tiles: 0.92x).
+#: ...but in inference SwiGLU experts whose d_model is at most this run on the tiles at any size, with the
+#: activation handed from one projection to the other in the output projection's packed layout
+#: (:func:`moekit.kernels.cpu.amx_up_packed`): the tiles' SwiGLU overlaps their multiplies, where the library path
+#: runs it as a pass of its own, and the output projection packs nothing. Each run of 256 KiB of packed token rows
+#: reads the expert's weights again, so larger d_model loses. Measured on 2 Emerald Rapids cores, one expert of 2048
+#: rows (F = 1408), input projection and SwiGLU against oneDNN's GEMM + SwiGLU: d_model 512 0.89x, 1024 0.94x, 2048
+#: 1.05x; Mixtral-like forward at T = 8192 (2048 rows per expert) against the library 0.85x (41.8 against 49.3 ms).
+#: Training keeps the limit above: the tiles' forward also transposes and stores the pre-activations there (the
+#: same forward+backward 0.97x with the library's forward).
 AMX_FWD_MAX_D = 1024
 #: ...and float32 experts on AVX-512 builds' packed tiles (12 x 32) up to rows x d_model x d_ff of this: MKL's fp32
 #: GEMM, a little faster per FLOP than the tiles (~250-300 against 220-250 GFLOP/s on 2 Emerald Rapids cores), wins
@@ -185,23 +186,24 @@ class _Plan:
     pre: dict[int, torch.Tensor] = field(default_factory=dict)  # segment -> pre-activation, library backward
 
     @classmethod
-    def make(cls, counts, x_c, w_in, w_out, b_in, b_out, dtype, swiglu: bool = False) -> "_Plan":
-        """The plan of one call (``swiglu``: the experts' activation)."""
+    def make(cls, counts, x_c, w_in, w_out, b_in, b_out, dtype, swiglu: bool = False,
+             training: bool = True) -> "_Plan":
+        """The plan of one call (``swiglu``: the experts' activation; ``training``: a backward follows)."""
         segments = list(_segments(counts))
         expert_size = w_out.shape[1] * w_out.shape[2]  # D x F
         # forward tiles that win at larger sizes (any_rows), up to max_work rows x D x F (None: no limit), and the
         # rows up to which their backward stays in the kernels too (bwd_max): AVX2's packed tiles, AVX-512's (fp32),
         # the AMX tiles (bf16), or none
         width = kcpu.packed_width(dtype)
-        bwd_max_work = None  # (a backward limit of rows x D x F below the forward's)
         if width == 16:
             any_rows, max_work, bwd_max = True, None, PACKED_BWD_MAX_ROWS
         elif width == 32:
             any_rows, max_work, bwd_max = True, PACKED_AVX512_MAX_WORK, PACKED_AVX512_BWD_MAX_ROWS
         elif dtype == torch.bfloat16 and kcpu.amx():
             any_rows, max_work, bwd_max = True, AMX_MAX_WORK, AMX_BWD_MAX_ROWS
-            if swiglu and w_in.shape[2] <= AMX_FWD_MAX_D and kcpu.amx_packed_usable(x_c, w_in, w_out, b_in, b_out):
-                max_work, bwd_max_work = None, AMX_MAX_WORK
+            if (not training and swiglu and w_in.shape[2] <= AMX_FWD_MAX_D
+                    and kcpu.amx_packed_usable(x_c, w_in, w_out, b_in, b_out)):
+                max_work = None
         else:
             any_rows, max_work, bwd_max = False, None, 0
         small = [t - s <= SMALL_M or (t - s) * expert_size <= SMALL_FWD_WORK or (
@@ -209,8 +211,7 @@ class _Plan:
                  for _, s, t in segments]
         if not (any(small) and w_in.dtype == dtype and kcpu.small_gemm_usable(x_c, w_in, w_out, b_in, b_out)):
             return cls(segments, [False] * len(segments), [False] * len(segments))
-        small_bwd = [sm and _small_bwd(t - s, expert_size, bwd_max) and (
-                     bwd_max_work is None or (t - s) * expert_size <= bwd_max_work) for (_, s, t), sm in zip(segments, small)]
+        small_bwd = [sm and _small_bwd(t - s, expert_size, bwd_max) for (_, s, t), sm in zip(segments, small)]
         plan = cls(segments, small, small_bwd)
         max_rows = max(1, min(CHUNK_ROWS, CHUNK_BYTES // (w_out.shape[2] * w_in.element_size())))
         run: list[int] = []
@@ -246,7 +247,7 @@ def fused_forward(x_TD, w_in, w_out, b_in, b_out, weights_TK, token_S, slot_S, c
     w_S = weights_TK.reshape(-1).index_select(0, slot_S).float()
     out_TD = torch.zeros(x_TD.shape, dtype=torch.float32, device=x_TD.device)
     swiglu = activation.name == "swiglu"
-    plan = _Plan.make(counts, x_c, w_in, w_out, b_in, b_out, dtype, swiglu)
+    plan = _Plan.make(counts, x_c, w_in, w_out, b_in, b_out, dtype, swiglu, training=save)
     packed = swiglu and any(plan.small) and kcpu.amx_packed_usable(x_c, w_in, w_out, b_in, b_out)
     for c in plan.chunks:
         tok = token_S[c.r0:c.r1]
