@@ -65,13 +65,17 @@ static inline char *at(const void *base, int dt, int64_t ld, int64_t i, int64_t 
 }
 
 /* e^x for float32, vectorisable (Cephes-style: 2^round(x/ln2) times a degree-6 polynomial, ~1 ulp). The clamps use
- * comparisons, so NaN passes through unchanged. The constants serve the vector versions (exp16, exp8) too, which
- * repeat these operations one for one. */
+ * comparisons, so NaN passes through unchanged. round(x/ln2) is taken by adding 1.5 * 2^23 (EXP_MAGIC: the sum's
+ * low mantissa bits are then the integer, rounded to nearest even), which also gives 2^n from the sum's bits with
+ * one integer add and shift (no rounding or conversion instructions, which the vector units run on one port only).
+ * The constants serve the vector versions (exp16, exp8) too, which repeat these operations one for one. */
 #define EXP_HI 88.3762626647949f
 #define EXP_LO (-87.3365447504019f)
 #define EXP_LOG2E 1.44269504088896341f
 #define EXP_LN2_HI (-0.693359375f) /* -ln 2 in two parts */
 #define EXP_LN2_LO 2.12194440e-4f
+#define EXP_MAGIC 12582912.0f /* 1.5 * 2^23 */
+#define EXP_BIAS ((int32_t)(127 - 0x4B400000)) /* 127 - the bits of EXP_MAGIC: bits(x + EXP_MAGIC) + this = n + 127 */
 #define EXP_P0 1.9875691500e-4f
 #define EXP_P1 1.3981999507e-3f
 #define EXP_P2 8.3334519073e-3f
@@ -81,7 +85,8 @@ static inline char *at(const void *base, int dt, int64_t ld, int64_t i, int64_t 
 static inline float exp_f32(float x) {
     x = x > EXP_HI ? EXP_HI : x;
     x = x < EXP_LO ? EXP_LO : x;
-    float n = floorf(x * EXP_LOG2E + 0.5f);
+    union { float f; uint32_t u; } t = {fmaf(x, EXP_LOG2E, EXP_MAGIC)};
+    float n = t.f - EXP_MAGIC;
     float r = fmaf(n, EXP_LN2_HI, x);
     r = fmaf(n, EXP_LN2_LO, r);
     float p = EXP_P0;
@@ -92,7 +97,7 @@ static inline float exp_f32(float x) {
     p = fmaf(p, r, EXP_P5);
     p = fmaf(p, r * r, r) + 1.0f;
     union { uint32_t u; float f; } s;
-    s.u = (uint32_t)((int32_t)n + 127) << 23;
+    s.u = (t.u + (uint32_t)EXP_BIAS) << 23;
     return p * s.f;
 }
 
@@ -950,8 +955,8 @@ static inline __attribute__((always_inline)) void st16_stream(void *p, int dt, _
 static inline __attribute__((always_inline)) __m512 exp16(__m512 x) {
     x = _mm512_min_ps(_mm512_set1_ps(EXP_HI), x); /* min/max return x where x is NaN: NaN passes */
     x = _mm512_max_ps(_mm512_set1_ps(EXP_LO), x);
-    __m512 n = _mm512_roundscale_ps(_mm512_add_ps(_mm512_mul_ps(x, _mm512_set1_ps(EXP_LOG2E)),
-                                                  _mm512_set1_ps(0.5f)), _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    const __m512 t = _mm512_fmadd_ps(x, _mm512_set1_ps(EXP_LOG2E), _mm512_set1_ps(EXP_MAGIC));
+    __m512 n = _mm512_sub_ps(t, _mm512_set1_ps(EXP_MAGIC));
     __m512 r = _mm512_fmadd_ps(n, _mm512_set1_ps(EXP_LN2_HI), x);
     r = _mm512_fmadd_ps(n, _mm512_set1_ps(EXP_LN2_LO), r);
     __m512 p = _mm512_set1_ps(EXP_P0);
@@ -961,7 +966,7 @@ static inline __attribute__((always_inline)) __m512 exp16(__m512 x) {
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(EXP_P4));
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(EXP_P5));
     p = _mm512_add_ps(_mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r), _mm512_set1_ps(1.0f));
-    __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+    __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_castps_si512(t), _mm512_set1_epi32(EXP_BIAS)), 23);
     return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
 }
 
@@ -1070,7 +1075,8 @@ static inline __attribute__((always_inline)) float swiglu_bwd_row16(const void *
 static inline __attribute__((always_inline)) __m256 exp8(__m256 x) {
     x = _mm256_min_ps(_mm256_set1_ps(EXP_HI), x); /* min/max return x where x is NaN: NaN passes */
     x = _mm256_max_ps(_mm256_set1_ps(EXP_LO), x);
-    __m256 n = _mm256_floor_ps(_mm256_add_ps(_mm256_mul_ps(x, _mm256_set1_ps(EXP_LOG2E)), _mm256_set1_ps(0.5f)));
+    const __m256 t = _mm256_fmadd_ps(x, _mm256_set1_ps(EXP_LOG2E), _mm256_set1_ps(EXP_MAGIC));
+    __m256 n = _mm256_sub_ps(t, _mm256_set1_ps(EXP_MAGIC));
     __m256 r = _mm256_fmadd_ps(n, _mm256_set1_ps(EXP_LN2_HI), x);
     r = _mm256_fmadd_ps(n, _mm256_set1_ps(EXP_LN2_LO), r);
     __m256 p = _mm256_set1_ps(EXP_P0);
@@ -1080,7 +1086,7 @@ static inline __attribute__((always_inline)) __m256 exp8(__m256 x) {
     p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(EXP_P4));
     p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(EXP_P5));
     p = _mm256_add_ps(_mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r), _mm256_set1_ps(1.0f));
-    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_castps_si256(t), _mm256_set1_epi32(EXP_BIAS)), 23);
     return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
 }
 
