@@ -824,6 +824,9 @@ static int small_down(const void *a, int64_t ld_a, const int64_t *tok, const flo
 /* Rows from which a decoding expert runs on the AMX tiles (below, one 16-row tile is mostly padding: measured on
  * 2 Sapphire Rapids cores, 1-2 rows per expert as fast or slower than the AVX-512 tiles, 4 rows 1.4x faster). */
 #define AMX_DECODE_MIN_ROWS 4
+/* ...and float32 ones on the packed tiles (which AVX-512 builds have for float32) from this many: the Python side's
+ * PACKED_MIN_ROWS_AVX512 (fewer rows run faster on the dot-product tiles: 16 rows 1.3x, 32 rows 1.06x slower). */
+#define F32_DECODE_MIN_ROWS 64
 int moe_small_up(const void *x, int64_t ld_x, const int64_t *tok, const int64_t *start, const int64_t *end, int64_t E,
                  const void *w_in, const void *b_in, int64_t W, int64_t D, int dt, int act, void *h_out, void *a_out,
                  int64_t packed_min, int nthreads);
@@ -873,10 +876,10 @@ int moe_small_decode(const void *x, int64_t ld_x, const int64_t *ids, const floa
         ws[s] = w[i];
     }
 #if defined(MOE_AMX) /* bf16 experts of AMX_DECODE_MIN_ROWS rows or more on the tiles (fewer: no faster there) */
-    rc = moe_small_up(x, ld_x, tok, start, end, E, w_in, b_in, 2 * F, D, dt, 1, NULL, a, AMX_DECODE_MIN_ROWS, nthreads);
+    const int64_t pmin = dt == DT_BF16 ? AMX_DECODE_MIN_ROWS : F32_DECODE_MIN_ROWS;
+    rc = moe_small_up(x, ld_x, tok, start, end, E, w_in, b_in, 2 * F, D, dt, 1, NULL, a, pmin, nthreads);
     if (rc == 0)
-        rc = moe_small_down(a, F, tok, ws, start, end, E, w_out, b_out, D, F, dt, out, ld_out, AMX_DECODE_MIN_ROWS,
-                            nthreads);
+        rc = moe_small_down(a, F, tok, ws, start, end, E, w_out, b_out, D, F, dt, out, ld_out, pmin, nthreads);
 #else
     rc = small_up(x, ld_x, tok, start, end, E, w_in, b_in, 2 * F, D, dt, 1, NULL, a, nthreads);
     if (rc == 0) rc = small_down(a, F, tok, ws, start, end, E, w_out, b_out, D, F, dt, out, ld_out, nthreads);
