@@ -402,6 +402,26 @@ def test_amx_outer_every_count_of_column_blocks(kernels, Kd, counts):
 
 
 @needs_amx
+@pytest.mark.parametrize("Kd", [2096, 1024])  # B's packed rows over 2 MiB (in chunks, the last one partial) or not
+def test_amx_outer_large_operands_in_chunks(kernels, Kd):
+    """small_experts_outer on the tiles' 2 x 2 items for experts of many rows, where B's packed rows exceed what
+    stays in L2 and the items go chunk of column pairs by chunk (a last pair of one column block, a last chunk of
+    fewer pairs); an expert that fits runs as before: G against a float64 reference."""
+    g = torch.Generator().manual_seed(Kd)
+    counts = [0, 500, 37]
+    start, end = segments(counts)
+    S, N = sum(counts), 48
+    a = torch.randn(S, N, generator=g).bfloat16()
+    b = torch.randn(S, Kd, generator=g).bfloat16()
+    grad = torch.full((len(counts), N, Kd), 7.0)
+    K.small_experts_outer(a, None, b, None, start, end, grad)
+    assert (grad[0] == 7).all()
+    for e in (1, 2):
+        s, t = start[e].item(), end[e].item()
+        assert rel_err(grad[e], a[s:t].double().T @ b[s:t].double()) < TOL[torch.float32] + 1e-5
+
+
+@needs_amx
 def test_library_amx_gemms_still_right_after_the_kernels_tiles(kernels):
     """oneDNN runs its own bf16 GEMMs on the tiles, in the same threads: after moekit's kernels configured and
     released them, its results are unchanged."""
