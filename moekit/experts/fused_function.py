@@ -184,6 +184,10 @@ class _Plan:
     small_bwd: list[bool]  # per segment: backward in the small-M kernels too
     chunks: list[_Chunk] = field(default_factory=list)
     pre: dict[int, torch.Tensor] = field(default_factory=dict)  # segment -> pre-activation, library backward
+    # bf16 SwiGLU on AMX tiles in inference: chunks hand the activation over in the output projection's packed
+    # layout (kept pre-activations need the row-major transposes anyway, and training steps measured slower with
+    # it: Mixtral-like bf16 T = 1024 forward+backward 1.06x, fine-grained 1.02x)
+    handover: bool = False
 
     @classmethod
     def make(cls, counts, x_c, w_in, w_out, b_in, b_out, dtype, swiglu: bool = False,
@@ -195,14 +199,14 @@ class _Plan:
         # rows up to which their backward stays in the kernels too (bwd_max): AVX2's packed tiles, AVX-512's (fp32),
         # the AMX tiles (bf16), or none
         width = kcpu.packed_width(dtype)
+        handover = not training and swiglu and kcpu.amx_packed_usable(x_c, w_in, w_out, b_in, b_out)
         if width == 16:
             any_rows, max_work, bwd_max = True, None, PACKED_BWD_MAX_ROWS
         elif width == 32:
             any_rows, max_work, bwd_max = True, PACKED_AVX512_MAX_WORK, PACKED_AVX512_BWD_MAX_ROWS
         elif dtype == torch.bfloat16 and kcpu.amx():
             any_rows, max_work, bwd_max = True, AMX_MAX_WORK, AMX_BWD_MAX_ROWS
-            if (not training and swiglu and w_in.shape[2] <= AMX_FWD_MAX_D
-                    and kcpu.amx_packed_usable(x_c, w_in, w_out, b_in, b_out)):
+            if handover and w_in.shape[2] <= AMX_FWD_MAX_D:
                 max_work = None
         else:
             any_rows, max_work, bwd_max = False, None, 0
@@ -212,7 +216,7 @@ class _Plan:
         if not (any(small) and w_in.dtype == dtype and kcpu.small_gemm_usable(x_c, w_in, w_out, b_in, b_out)):
             return cls(segments, [False] * len(segments), [False] * len(segments))
         small_bwd = [sm and _small_bwd(t - s, expert_size, bwd_max) for (_, s, t), sm in zip(segments, small)]
-        plan = cls(segments, small, small_bwd)
+        plan = cls(segments, small, small_bwd, handover=handover)
         max_rows = max(1, min(CHUNK_ROWS, CHUNK_BYTES // (w_out.shape[2] * w_in.element_size())))
         run: list[int] = []
         for i, (_, s, t) in enumerate(segments + [(0, 0, 0)]):  # sentinel closes the last run
@@ -248,12 +252,9 @@ def fused_forward(x_TD, w_in, w_out, b_in, b_out, weights_TK, token_S, slot_S, c
     out_TD = torch.zeros(x_TD.shape, dtype=torch.float32, device=x_TD.device)
     swiglu = activation.name == "swiglu"
     plan = _Plan.make(counts, x_c, w_in, w_out, b_in, b_out, dtype, swiglu, training=save)
-    # inference only: kept pre-activations need the row-major transposes anyway, and training steps measured slower
-    # with the packed hand-over (Mixtral-like bf16 T = 1024 forward+backward 1.06x, fine-grained 1.02x)
-    packed = not save and swiglu and any(plan.small) and kcpu.amx_packed_usable(x_c, w_in, w_out, b_in, b_out)
     for c in plan.chunks:
         tok = token_S[c.r0:c.r1]
-        if packed and min(plan.segments[i][2] - plan.segments[i][1] for i in c.segs) >= kcpu.AMX_MIN_ROWS:
+        if plan.handover and min(plan.segments[i][2] - plan.segments[i][1] for i in c.segs) >= kcpu.AMX_MIN_ROWS:
             # bf16 on AMX tiles: the activation handed over in the output projection's packed layout
             h, a = kcpu.amx_up_packed(x_c, tok, c.start_E, c.end_E, w_in, b_in, save, check_index=False)
             kcpu.amx_down_packed(a, tok, w_S[c.r0:c.r1], c.start_E, c.end_E, w_out, b_out, out_TD,

@@ -601,6 +601,38 @@ def _segments_arg(start: torch.Tensor, end: torch.Tensor, E: int, S: int, check:
         raise ValueError(f"expert segments must satisfy 0 <= start <= end <= {S}")
 
 
+def _up_args(x, tok, start, end, w_in, b_in, check_index, dtype) -> tuple[int, int, int, int, int]:
+    """Check the arguments of an input-projection kernel (weights in ``dtype``); ``(E, W, D, S, ld_x)``."""
+    E, W, D = w_in.shape
+    S = tok.shape[0]
+    ld_x = _rows(x, "x", (x.shape[0], D))
+    _stacked(w_in, "w_in", (E, W, D), dtype)
+    _stacked(b_in, "b_in", (E, W), dtype)
+    _vector(tok, "tok", S, torch.int64)
+    _segments_arg(start, end, E, S, check_index)
+    if check_index:
+        _index(tok, "tok", S, x.shape[0])
+    return E, W, D, S, ld_x
+
+
+def _down_args(tok, w, start, end, w_out, b_out, out, check_index, dtype) -> tuple[int, int, int, int, int]:
+    """Check the arguments of an output-projection kernel (weights in ``dtype``) but its activation;
+    ``(E, D, F, S, ld_out)``."""
+    E, D, F = w_out.shape
+    S = tok.shape[0]
+    _stacked(w_out, "w_out", (E, D, F), dtype)
+    _stacked(b_out, "b_out", (E, D), dtype)
+    _vector(tok, "tok", S, torch.int64)
+    _vector(w, "w", S, torch.float32)
+    _segments_arg(start, end, E, S, check_index)
+    if out.dtype != torch.float32:
+        raise ValueError(f"out must be float32, got {out.dtype}")
+    ld_out = _rows(out, "out", (out.shape[0], D))
+    if check_index:
+        _index(tok, "tok", S, out.shape[0])
+    return E, D, F, S, ld_out
+
+
 def small_experts_up(x: torch.Tensor, tok: torch.Tensor, start: torch.Tensor, end: torch.Tensor,
                      w_in: torch.Tensor, b_in: torch.Tensor | None, swiglu: bool, keep_h: bool,
                      check_index: bool = True, packed_min_rows: int | None = None
@@ -611,15 +643,7 @@ def small_experts_up(x: torch.Tensor, tok: torch.Tensor, start: torch.Tensor, en
     ``(h, None)``. Experts with at least ``packed_min_rows`` rows (default :data:`PACKED_MIN_ROWS` on AVX2 builds,
     :data:`PACKED_MIN_ROWS_AVX512` for float32 on AVX-512 ones, :data:`AMX_MIN_ROWS` for bf16 on AMX tiles, else
     none; 0: none) run in the packed (or AMX) tiles."""
-    E, W, D = w_in.shape
-    S = tok.shape[0]
-    ld_x = _rows(x, "x", (x.shape[0], D))
-    _stacked(w_in, "w_in", (E, W, D), x.dtype)
-    _stacked(b_in, "b_in", (E, W), x.dtype)
-    _vector(tok, "tok", S, torch.int64)
-    _segments_arg(start, end, E, S, check_index)
-    if check_index:
-        _index(tok, "tok", S, x.shape[0])
+    E, W, D, S, ld_x = _up_args(x, tok, start, end, w_in, b_in, check_index, x.dtype)
     if swiglu and W % 2:
         raise ValueError(f"SwiGLU needs an even input-projection width, got {W}")
     h = torch.empty(S, W, dtype=x.dtype) if (keep_h or not swiglu) else None
@@ -637,19 +661,8 @@ def small_experts_down(a: torch.Tensor, tok: torch.Tensor, w: torch.Tensor, star
     (``start[e] <= s < end[e]``), into float32 ``out``. Each token's sum runs in a fixed order whatever the thread
     count: its packed experts' terms (``packed_min_rows`` as in :func:`small_experts_up`), then the others', each in
     expert order."""
-    E, D, F = w_out.shape
-    S = tok.shape[0]
-    ld_a = _rows(a, "a", (S, F))
-    _stacked(w_out, "w_out", (E, D, F), a.dtype)
-    _stacked(b_out, "b_out", (E, D), a.dtype)
-    _vector(tok, "tok", S, torch.int64)
-    _vector(w, "w", S, torch.float32)
-    _segments_arg(start, end, E, S, check_index)
-    if out.dtype != torch.float32:
-        raise ValueError(f"out must be float32, got {out.dtype}")
-    ld_out = _rows(out, "out", (out.shape[0], D))
-    if check_index:
-        _index(tok, "tok", S, out.shape[0])
+    ld_a = _rows(a, "a", (tok.shape[0], w_out.shape[2]))
+    E, D, F, _, ld_out = _down_args(tok, w, start, end, w_out, b_out, out, check_index, a.dtype)
     _call(_require().moe_small_down, _ptr(a), ld_a, _ptr(tok), _ptr(w), _ptr(start), _ptr(end), E, _ptr(w_out),
           _ptr(b_out), D, F, _dt(a, "a"), _ptr(out), ld_out, _packed_min(packed_min_rows, a.dtype), _threads())
 
@@ -673,15 +686,7 @@ def amx_up_packed(x: torch.Tensor, tok: torch.Tensor, start: torch.Tensor, end: 
     ``(h or None, a_pk)``, where ``a_pk`` is opaque (``[rows of every expert rounded up to 16, d_ff]`` bf16), for
     :func:`amx_down_packed` with the same ``tok``, ``start`` and ``end``. No pass packs the activation for the
     output projection's tiles, and the input projection's sums need no transpose for it."""
-    E, W, D = w_in.shape
-    S = tok.shape[0]
-    ld_x = _rows(x, "x", (x.shape[0], D))
-    _stacked(w_in, "w_in", (E, W, D), torch.bfloat16)
-    _stacked(b_in, "b_in", (E, W), torch.bfloat16)
-    _vector(tok, "tok", S, torch.int64)
-    _segments_arg(start, end, E, S, check_index)
-    if check_index:
-        _index(tok, "tok", S, x.shape[0])
+    E, W, D, S, ld_x = _up_args(x, tok, start, end, w_in, b_in, check_index, torch.bfloat16)
     if x.dtype != torch.bfloat16:
         raise ValueError(f"x must be bfloat16, got {x.dtype}")
     h = torch.empty(S, W, dtype=x.dtype) if keep_h else None
@@ -696,21 +701,10 @@ def amx_down_packed(a_pk: torch.Tensor, tok: torch.Tensor, w: torch.Tensor, star
                     check_index: bool = True) -> None:
     """:func:`small_experts_down` reading the activation ``a_pk`` that :func:`amx_up_packed` wrote for the same
     ``tok``, ``start`` and ``end``."""
-    E, D, F = w_out.shape
-    S = tok.shape[0]
-    _stacked(w_out, "w_out", (E, D, F), torch.bfloat16)
-    _stacked(b_out, "b_out", (E, D), torch.bfloat16)
-    _vector(tok, "tok", S, torch.int64)
-    _vector(w, "w", S, torch.float32)
-    _segments_arg(start, end, E, S, check_index)
+    E, D, F, _, ld_out = _down_args(tok, w, start, end, w_out, b_out, out, check_index, torch.bfloat16)
     if a_pk.dtype != torch.bfloat16 or tuple(a_pk.shape) != (_packed_rows(start, end), F) or not a_pk.is_contiguous():
         raise ValueError(f"a_pk must be the contiguous bf16 [{_packed_rows(start, end)}, {F}] tensor amx_up_packed "
                          f"returned for these segments, got {a_pk.dtype} {tuple(a_pk.shape)}")
-    if out.dtype != torch.float32:
-        raise ValueError(f"out must be float32, got {out.dtype}")
-    ld_out = _rows(out, "out", (out.shape[0], D))
-    if check_index:
-        _index(tok, "tok", S, out.shape[0])
     _call(_require().moe_amx_down_packed, _ptr(a_pk), _ptr(tok), _ptr(w), _ptr(start), _ptr(end), E, _ptr(w_out),
           _ptr(b_out), D, F, _ptr(out), ld_out, _threads())
 
