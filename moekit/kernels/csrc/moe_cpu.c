@@ -1928,7 +1928,7 @@ static inline __attribute__((always_inline)) void amx_epi_unit(amx_epi *st, int 
         bf16 *sa = st->stage + (size_t)(row - st->run0) * 16, *sg = sa + st->stage_rows * 16, *su = sg + st->stage_rows * 16;
         const __m256i av = need_a ? cvt16_bf16(swiglu16(g, up)) : _mm256_setzero_si256();
         if (!(st->j0 & 16)) {
-            _mm256_store_si256((__m256i *)sa, av);
+            if (need_a) _mm256_store_si256((__m256i *)sa, av);
             if (st->h) {
                 _mm256_store_si256((__m256i *)sg, cvt16_bf16(g));
                 if (st->act == 1) _mm256_store_si256((__m256i *)su, cvt16_bf16(up));
