@@ -22,6 +22,7 @@ from .config import MoEConfig
 from .dispatch.local import DispatchPlan, LocalDispatcher
 from .experts.fused import Experts, ModuleListExperts
 from .experts.shared import SharedExperts
+from .experts.train_step import AmbiguousRouting, RoutedExpertsStep
 from .kernels import cpu as kcpu
 from .routing.base import ROUTERS, Router, RouterOutput, RoutingContext, SoftRouting, build_router
 
@@ -33,6 +34,9 @@ log = logging.getLogger(__name__)
 #: per chosen expert).
 DECODE_MAX_SLOTS = 16
 DECODE_KERNEL_MAX_SLOTS = 256
+#: Largest number of token slots that takes the few-token training step (routing and experts in one kernel call
+#: each way, see moekit.experts.train_step) where autograd is on.
+TRAIN_STEP_MAX_SLOTS = 64
 
 RoutingHook = Callable[["MoE", torch.Tensor, RouterOutput, DispatchPlan], None]
 
@@ -133,7 +137,10 @@ class MoE(nn.Module):
         seq_len = shape[-2] if x.dim() >= 3 else x_TD.shape[0]
         ctx = RoutingContext(seq_len, None if token_ids is None else token_ids.reshape(-1))
         plan = dropped = None
-        if (routed := self.router(x_TD, ctx)).soft is not None:
+        if (step := self._fused_train_step(x_TD) if torch.is_grad_enabled() else None) is not None:
+            y_TD, counts_E, routed = step
+            dropped = counts_E.new_zeros(())
+        elif (routed := self.router(x_TD, ctx)).soft is not None:
             y_TD, counts_E = self._soft_experts(x_TD, routed.soft)
         elif self._decode_path(x_TD, routed):
             y_TD, counts_E = self.experts.decode(x_TD, routed.topk_ids_TK, routed.topk_weights_TK)
@@ -243,24 +250,34 @@ class MoE(nn.Module):
 
     def _decode_prepared(self) -> tuple | None:
         """``(dtype, top_k, route_decode's arguments after x)`` where this module can run the fused CPU decode, or
-        None; rebuilt whenever :meth:`_decode_key` changes (mode, hooks, backend, disabled experts, any parameter
+        None; rebuilt whenever :meth:`_prep_key` changes (mode, hooks, backend, disabled experts, any parameter
         or the selection bias replaced, moved, cast or updated), so a one-token step pays for none of the ~20
         checks it stands for."""
-        key = self._decode_key()
-        cached = self.__dict__.get("_decode_cache")
+        return self._cached_prep("_decode_cache", True, self._prepare_decode)
+
+    def _train_step_prepared(self) -> tuple | None:
+        """``(dtype, top_k, RoutedExpertsStep's arguments after x)`` where this module can run the few-token training
+        step, or None; cached as :meth:`_decode_prepared` is, but kept while the parameters are updated in place (its
+        arguments are the parameters themselves, not copies)."""
+        return self._cached_prep("_train_cache", False, self._prepare_train_step)
+
+    def _cached_prep(self, name: str, versions: bool, prepare: Callable[[], tuple | None]) -> tuple | None:
+        key = self._prep_key(versions)
+        cached = self.__dict__.get(name)
         if cached is not None and cached[0] == key:
             return cached[1]
-        prep = self._prepare_decode()
-        self.__dict__["_decode_cache"] = (key, prep)
+        prep = prepare()
+        self.__dict__[name] = (key, prep)
         return prep
 
-    def _decode_key(self) -> tuple:
+    def _prep_key(self, versions: bool) -> tuple:
         ex, router = self._modules["experts"], self._modules["router"]
         key = [self.training, id(ex), id(router), id(self._modules.get("shared_experts")), router.training,
                router.disabled, getattr(ex, "_backend", None), id(kcpu.library())]
         for mod in (ex, router):
             for t in (*mod._parameters.values(), *mod._buffers.values()):
-                key.append(None if t is None else (id(t), t.data_ptr(), t.dtype, t.is_contiguous(), t._version))
+                key.append(None if t is None else (id(t), t.data_ptr(), t.dtype, t.is_contiguous(),
+                                                   t._version if versions else None))
         return tuple(key)
 
     def _prepare_decode(self) -> tuple | None:
@@ -279,6 +296,46 @@ class MoE(nn.Module):
             return None
         args = (w_r, None if b_r is None else b_r.float().contiguous(), router.expert_bias.float().contiguous(),
                 cfg.top_k, *spec, experts.w_in, experts.b_in, experts.w_out, experts.b_out,
+                dtype if self.shared_experts is None else torch.float32)
+        return dtype, cfg.top_k, args
+
+    def _fused_train_step(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, RouterOutput] | None:
+        """A few tokens with autograd on, a plain softmax top-k router and SwiGLU experts on CPU: routing and experts
+        forward in one kernel call, and backward in another (:class:`moekit.experts.train_step.RoutedExpertsStep`).
+        Returns ``(y_TD, tokens per expert, the routing)``, ``y_TD`` as :meth:`_fused_decode` has it, or None where
+        it does not apply (or a token's choice is a tie)."""
+        if x_TD.device.type != "cpu" or self._routing_hooks or torch.is_autocast_enabled("cpu") or \
+                torch.compiler.is_compiling():
+            return None
+        prep = self._train_step_prepared()
+        if prep is None or x_TD.dtype != prep[0] or not 0 < x_TD.shape[0] * prep[1] <= TRAIN_STEP_MAX_SLOTS \
+                or not x_TD.is_contiguous():
+            return None
+        try:
+            y_TD, counts_E, probs_TE, ids_TK, weights_TK = RoutedExpertsStep.apply(x_TD, *prep[2])
+        except AmbiguousRouting:
+            return None
+        # (no logits: the z-loss, their only user here, keeps the regular path)
+        return y_TD, counts_E, RouterOutput(None, probs_TE, ids_TK, weights_TK)
+
+    def _prepare_train_step(self) -> tuple | None:
+        cfg, experts, router = self.config, self.experts, self.router
+        if cfg.capacity_factor is not None or not isinstance(experts, Experts) \
+                or experts.backend not in ("auto", "fused") or cfg.on_expert_failure == "skip" \
+                or cfg.top_k > kcpu.ROUTE_DECODE_MAX_K or router.needs_token_ids:
+            return None
+        if cfg.z_loss_coef > 0:  # (the logits are not kept: the balancing loss and bias update use the rest)
+            return None
+        spec = router.decode_routing()
+        dtype = experts.w_in.dtype
+        probe = torch.empty(1, cfg.d_model, dtype=dtype)
+        if spec is None or experts.b_in is not None or experts.b_out is not None or \
+                not experts.decode_kernel_usable(probe):
+            return None
+        w_r, b_r, sel = router.weight, router.bias, router.expert_bias
+        if w_r.dtype not in (torch.float32, torch.bfloat16) or w_r.device.type != "cpu" or not w_r.is_contiguous():
+            return None
+        args = (w_r, b_r, experts.w_in, experts.w_out, sel, (cfg.top_k, *spec),
                 dtype if self.shared_experts is None else torch.float32)
         return dtype, cfg.top_k, args
 

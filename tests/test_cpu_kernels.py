@@ -1178,12 +1178,22 @@ def test_linear_autograd_matches_pytorch(bias):
 def test_fused_layer_runs_on_the_kernels_not_the_fallbacks(kernels, monkeypatch, dtype):
     """Small experts take the small-M kernels forward and backward, and the SwiGLU backward takes its kernel (a
     silent fallback to PyTorch ops would still be correct, only slow, so only this test would notice)."""
+    import moekit.layer
+
     called = []
     real = K._call
     monkeypatch.setattr(K, "_call", lambda fn, *args: called.append(fn.__name__) or real(fn, *args))
     layer = _layer(dtype)
+    monkeypatch.setattr(moekit.layer, "TRAIN_STEP_MAX_SLOTS", 0)  # the regular path, not the few-token step
     run_fwd_bwd(layer, torch.randn(12, 48).to(dtype))
     assert {"moe_small_up", "moe_small_down", "moe_small_nn", "moe_small_outer", "moe_swiglu_bwd"} <= set(called)
+    monkeypatch.undo()
+    steps = []
+    for name in ("route_train_forward", "route_train_backward"):
+        monkeypatch.setattr(K, name, lambda *a, _real=getattr(K, name), _n=name: steps.append(_n) or _real(*a))
+    run_fwd_bwd(layer, torch.randn(12, 48).to(dtype))  # (few tokens: the step's two kernel calls)
+    assert steps == ["route_train_forward", "route_train_backward"]
+    monkeypatch.setattr(K, "_call", lambda fn, *args: called.append(fn.__name__) or real(fn, *args))
     called.clear()
     with torch.no_grad():
         layer(torch.randn(2, 48).to(dtype))

@@ -33,9 +33,18 @@ def make(name, backend, dtype=torch.float32, **extra):
     return layer
 
 
+@pytest.fixture(params=["few_token_step", "regular"])
+def train_path(request, monkeypatch):
+    """Training steps of few tokens with a softmax top-k router run routing and experts in one kernel call each
+    way (moekit.experts.train_step); "regular" turns that off, so that the experts' backends run them."""
+    if request.param == "regular":
+        monkeypatch.setattr(moekit.layer, "TRAIN_STEP_MAX_SLOTS", 0)
+    return request.param
+
+
 @pytest.mark.parametrize("name", list(CONFIGS))
 @pytest.mark.parametrize("backend", FAST)
-def test_backend_matches_loop_fp32(name, backend):
+def test_backend_matches_loop_fp32(name, backend, train_path):
     x = torch.randn(3, 7, 16)
     ref = run_fwd_bwd(make(name, "loop"), x)
     got = run_fwd_bwd(make(name, backend), x)
@@ -48,7 +57,7 @@ def test_backend_matches_loop_fp32(name, backend):
 
 @pytest.mark.parametrize("name", ["mixtral", "deepseek", "gpt_oss", "switch_capacity"])
 @pytest.mark.parametrize("backend", FAST)
-def test_backend_matches_loop_bf16(name, backend):
+def test_backend_matches_loop_bf16(name, backend, train_path):
     x = torch.randn(4, 9, 16).bfloat16()
     ref = run_fwd_bwd(make(name, "loop", torch.bfloat16), x)
     got = run_fwd_bwd(make(name, backend, torch.bfloat16), x)
@@ -335,6 +344,150 @@ def test_fused_decode_leaves_ties_to_pytorch():
     ids = torch.topk(torch.full((3, 8), 1 / 8), 2, dim=-1).indices  # torch.topk's own tie-break
     assert layer.stats["tokens_per_expert"].tolist() == torch.bincount(ids.flatten(), minlength=8).tolist()
     assert torch.isfinite(y).all()
+
+
+TRAIN_STEP = {
+    **FUSED_DECODE,
+    "mixtral_no_aux_loss": dict(num_experts=8, top_k=2, aux_loss=None),
+    "seq_aux_loss": dict(num_experts=16, top_k=4, aux_loss="seq", aux_loss_coef=0.1),
+    "bias_update": dict(num_experts=8, top_k=2, bias_update_rate=0.01),
+}
+
+
+def _train(layer, x, fused: bool, monkeypatch):
+    """``(y, x.grad, parameter grads, stats, load_accum)`` of one training step (the few-token step or not)."""
+    monkeypatch.setattr(moekit.layer, "TRAIN_STEP_MAX_SLOTS", 64 if fused else 0)
+    layer.zero_grad(set_to_none=True)
+    xi = x.detach().requires_grad_(True)
+    y = layer(xi)
+    (y.float() * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+    monkeypatch.undo()
+    return (y.detach(), xi.grad, {n: p.grad for n, p in layer.named_parameters() if p.grad is not None},
+            dict(layer.stats), layer.load_accum.clone())
+
+
+@pytest.mark.parametrize("name", list(TRAIN_STEP))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("T", [1, 5, 16])
+def test_few_token_training_step_matches_the_regular_path(name, dtype, T, monkeypatch):
+    """A training step of a few tokens with a softmax top-k router runs routing and experts in one kernel call
+    forward and one backward; output, every gradient (input, router weight and bias, experts), the balancing loss
+    and the statistics must be the regular path's, which the loop reference checks in turn."""
+    if moekit.kernels.cpu.library() is None:
+        pytest.skip("no CPU kernels")
+    torch.manual_seed(4)
+    layer = moekit.MoE(32, 64, **TRAIN_STEP[name]).to(dtype)
+    with torch.no_grad():
+        for p in layer.parameters():
+            if p.dim() == 1:
+                p.uniform_(-0.1, 0.1)
+        layer.router.expert_bias.uniform_(-0.05, 0.05)  # the selection bias too
+    x = torch.randn(T, 32).to(dtype)
+    calls = []
+    real = moekit.kernels.cpu.route_train_forward
+    monkeypatch.setattr(moekit.kernels.cpu, "route_train_forward", lambda *a: calls.append(1) or real(*a))
+    state = {k: v.clone() for k, v in layer.state_dict().items()}  # (a bias update changes the selection bias)
+    got = _train(layer, x, True, monkeypatch)
+    assert calls == [1]
+    layer.load_state_dict(state)
+    want = _train(layer, x, False, monkeypatch)
+    rel = 1e-5 if dtype == torch.float32 else 2e-2  # (bf16: the router's term of dx summed in fp32, not in bf16)
+    assert got[0].dtype == dtype and max_err(got[0], want[0]) <= rel * want[0].float().abs().max().item()
+    assert max_err(got[1], want[1]) <= rel * want[1].float().abs().max().item()
+    assert got[2].keys() == want[2].keys() == {n for n, _ in layer.named_parameters()}
+    for n in want[2]:
+        assert got[2][n].dtype == want[2][n].dtype
+        assert max_err(got[2][n], want[2][n]) <= rel * want[2][n].float().abs().max().item() + 1e-12, n
+    assert got[3].keys() == want[3].keys()
+    assert torch.equal(got[3]["tokens_per_expert"], want[3]["tokens_per_expert"])
+    if "aux_loss" in want[3]:
+        assert max_err(got[3]["aux_loss"], want[3]["aux_loss"]) <= 1e-5
+    assert torch.allclose(got[4], want[4])  # (selection-bias load counts, where the bias is updated)
+
+
+def test_few_token_training_step_gradients_match_the_loop_reference():
+    """fp32 against the loop backend (a plain expert-by-expert forward that autograd differentiates)."""
+    torch.manual_seed(5)
+    layer = moekit.MoE(16, 32, num_experts=8, top_k=2, router_kwargs=dict(bias=True), shared_experts=1)
+    loop = moekit.MoE(config=layer.config)
+    loop.load_state_dict(layer.state_dict())
+    loop.experts.backend = "loop"
+    x = torch.randn(2, 3, 16)
+    got, want = run_fwd_bwd(layer, x), run_fwd_bwd(loop, x)
+    assert max_err(got[0], want[0]) < 1e-5 and max_err(got[1], want[1]) < 1e-5
+    for k in want[2]:
+        assert max_err(got[2][k], want[2][k]) < 1e-5, k
+
+
+def test_few_token_training_step_with_frozen_parts(monkeypatch):
+    """Only some inputs need gradients (a frozen router, frozen experts, an input without grad): the others are
+    still exact, the frozen ones get none."""
+    torch.manual_seed(6)
+    x = torch.randn(4, 16)
+    for frozen in (["router.weight"], ["experts.gate_up_proj", "experts.down_proj"], []):
+        layer = moekit.MoE(16, 32, num_experts=8, top_k=2)
+        for n, p in layer.named_parameters():
+            p.requires_grad_(n not in frozen)
+        for needs_x in (True, False):
+            grads = []
+            for fused in (True, False):
+                monkeypatch.setattr(moekit.layer, "TRAIN_STEP_MAX_SLOTS", 64 if fused else 0)
+                layer.zero_grad(set_to_none=True)
+                xi = x.clone().requires_grad_(needs_x)
+                (layer(xi) * torch.arange(16.0)).sum().backward()
+                grads.append([xi.grad] + [p.grad for p in layer.parameters()])
+            for a, b in zip(*grads):
+                assert (a is None) == (b is None)
+                assert a is None or max_err(a, b) < 1e-5
+            assert [p.grad is None for p in layer.parameters()] == [not p.requires_grad for p in layer.parameters()]
+
+
+def test_few_token_training_step_only_where_it_computes_the_same_thing():
+    """The z-loss (which needs the logits), hooks, disabled experts, capacity, other activations or routers, expert
+    biases, the loop backend, input jitter, autocast, too many slots: the step declines and the regular path runs."""
+    if moekit.kernels.cpu.library() is None:
+        pytest.skip("no CPU kernels")
+    x = torch.randn(3, 16)
+    assert moekit.MoE(16, 32, 8, 2)._fused_train_step(x) is not None
+    assert moekit.MoE(16, 32, 8, 2).eval()._fused_train_step(x) is not None  # (eval mode with autograd: same)
+    hooked = moekit.MoE(16, 32, 8, 2)
+    hooked.register_routing_hook(lambda *a: None)
+    disabled = moekit.MoE(16, 32, 8, 2)
+    disabled.disable_experts([1])
+    for layer in (moekit.MoE(16, 32, 8, 2, z_loss_coef=1e-3), hooked, disabled,
+                  moekit.MoE(16, 32, 8, 2, capacity_factor=1.0), moekit.MoE(16, 32, 8, 2, activation="gelu"),
+                  moekit.MoE(16, 32, 8, 2, router="sigmoid_topk"), moekit.MoE(16, 32, 8, 2, expert_bias=True),
+                  moekit.MoE(16, 32, 8, 2, backend="loop"), moekit.MoE(16, 32, 8, 2, router_kwargs=dict(jitter=0.1))):
+        assert layer._fused_train_step(x) is None
+        y = layer(x)  # ...and the regular path serves it
+        assert y.shape == x.shape and torch.isfinite(y).all()
+    base = moekit.MoE(16, 32, 8, 2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert base._fused_train_step(x) is None
+    assert base._fused_train_step(torch.randn(33, 16)) is None  # 66 slots > TRAIN_STEP_MAX_SLOTS
+    assert base._fused_train_step(torch.randn(16, 6)[:, :3].T.contiguous().T) is None  # (not contiguous)
+
+
+def test_few_token_training_step_leaves_ties_to_pytorch():
+    """All router logits equal: every choice is a tie, which torch.topk breaks; the step declines before recording
+    anything and the regular path's result is what the layer returns."""
+    layer = moekit.MoE(16, 32, 8, 2)
+    with torch.no_grad():
+        layer.router.weight.zero_()
+    x = torch.randn(3, 16, requires_grad=True)
+    assert layer._fused_train_step(x) is None
+    layer(x).sum().backward()
+    ids = torch.topk(torch.full((3, 8), 1 / 8), 2, dim=-1).indices
+    assert layer.stats["tokens_per_expert"].tolist() == torch.bincount(ids.flatten(), minlength=8).tolist()
+    assert torch.isfinite(x.grad).all() and layer.router.weight.grad is not None
+
+
+def test_few_token_training_step_twice_backward_is_a_clear_error():
+    layer = moekit.MoE(16, 32, 8, 2)
+    y = layer(torch.randn(2, 16)).sum()
+    y.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="retain_graph=True is not supported"):
+        y.backward()
 
 
 def test_routing_hook_sees_every_forward_and_can_be_removed():

@@ -112,6 +112,7 @@ def test_cpu_without_interpreter_falls_back_to_fused(monkeypatch, caplog):
     if tb.interpreting():
         pytest.skip("this process runs Triton under the interpreter, so the kernels run on CPU instead")
     monkeypatch.setattr(tb, "_WARNED", set())
+    monkeypatch.setattr(moekit.layer, "TRAIN_STEP_MAX_SLOTS", 0)  # the fused backend's path, not the few-token step
     launches_before = cases._launches()
     x = torch.randn(11, 16)
     with caplog.at_level(logging.WARNING, logger=tb.__name__):
@@ -154,6 +155,7 @@ def test_auto_on_cpu_stays_fused(monkeypatch):
     real_fused = backends.fused_backend
     monkeypatch.setattr(backends, "triton_backend", boom)
     monkeypatch.setattr(backends, "fused_backend", lambda *a: calls.append(1) or real_fused(*a))
+    monkeypatch.setattr(moekit.layer, "TRAIN_STEP_MAX_SLOTS", 0)  # the backends' path, not the few-token step
     x = torch.randn(6, 16)
     y = _layer("auto")(x)
     assert calls and max_err(y, _layer("loop")(x)) < 1e-5

@@ -104,7 +104,11 @@ class MoEBlockPatch(nn.Module):
         routed, self._routed = self._routed, None
         collected = _active_collector()
         if collected is not None and "router_logits" in collected:
-            collected["router_logits"].append(routed.logits_TE.to(hidden_states.dtype))
+            # (the layer's fused few-token paths route inside one kernel call, without calling the router module:
+            # its logits again then, differentiable as the router's own, for transformers' balancing loss)
+            logits = routed.logits_TE if routed is not None else self.moe.router.logits(
+                hidden_states.reshape(-1, hidden_states.shape[-1]))
+            collected["router_logits"].append(logits.to(hidden_states.dtype))
         if self.returns_scores:
             return y, routed.topk_weights_TK.to(hidden_states.dtype)
         return y

@@ -22,6 +22,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -161,6 +162,10 @@ def _declare(lib: ctypes.CDLL) -> None:
         "moe_sort_keys": [P, I64, I64, I64, P, P, P, P],
         "moe_route_decode": [P, I64, P, I, P, P, I64, I64, I64, I, ctypes.c_float, ctypes.c_float, P, P, P, P, P, P,
                              I64, I64, I, P, I, I64, P, I],
+        "moe_route_train_fwd": [P, I64, P, I, P, P, I64, I64, I64, I, ctypes.c_float, ctypes.c_float, P, P, P, P, P,
+                                I64, I64, I, P, P, P, P, I64, P, I64, I64, I],
+        "moe_route_train_bwd": [P, I, I64, P, I64, P, I, P, P, I64, I64, I64, I, ctypes.c_float, ctypes.c_float, P, P,
+                                P, P, P, I64, I64, I, P, P, P, P, P, P, I64, I64, I],
     }
     for name, args in sigs.items():
         fn = getattr(lib, name)
@@ -769,6 +774,86 @@ def route_decode(x: torch.Tensor, router_w: torch.Tensor, router_b: torch.Tensor
     if rc != 0:
         raise RuntimeError(f"moekit CPU kernel moe_route_decode returned {rc}: arguments the checks let through")
     return out, counts, ids, wts
+
+
+@dataclass
+class TrainStepSaved:
+    """What :func:`route_train_forward` keeps for :func:`route_train_backward`: the routing (``ids [T, k]``,
+    ``probs [T, E]``: the softmax), the slots grouped by expert (``seg``: start ``[E]``, end ``[E]``, token ``[S]``,
+    slot ``[S]``; ``ws [S]`` their weights) and the pre-activations ``h [S, 2F]`` in that order (overwritten by
+    backward)."""
+
+    ids: torch.Tensor
+    probs: torch.Tensor
+    seg: torch.Tensor
+    ws: torch.Tensor
+    h: torch.Tensor | None
+
+
+def route_train_forward(x: torch.Tensor, router_w: torch.Tensor, router_b: torch.Tensor | None,
+                        selection_bias: torch.Tensor | None, k: int, renormalize: bool, renorm_min: float,
+                        scale: float, w_in: torch.Tensor, w_out: torch.Tensor
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, TrainStepSaved] | None:
+    """The forward of a few-token training step in one kernel call: :func:`route_decode`'s softmax top-k routing
+    and SwiGLU experts (no expert biases), keeping what :func:`route_train_backward` needs. Returns
+    ``(y [T, D] float32, slots per expert [E], weights [T, k] float32, saved)``, or None where a token's choice is
+    ambiguous (a NaN, or a tie among its ``k + 1`` largest values: route in PyTorch instead). The caller checks the
+    arguments as for :func:`route_decode` (``x`` contiguous in the experts' dtype)."""
+    E, W, D = w_in.shape
+    T, F = x.shape[0], W // 2
+    S = T * k
+    out = torch.empty(T, D, dtype=torch.float32)  # (zeroed by the kernel)
+    counts = torch.empty(E, dtype=torch.int64)
+    ids = torch.empty(T, k, dtype=torch.int64)
+    wts = torch.empty(T, k, dtype=torch.float32)
+    probs = torch.empty(T, E, dtype=torch.float32)
+    seg = torch.empty(2 * E + 2 * S, dtype=torch.int64)
+    ws = torch.empty(S, dtype=torch.float32)
+    h = torch.empty(S, W, dtype=x.dtype)
+    rc = _require().moe_route_train_fwd(
+        _ptr(x), x.stride(0), _ptr(router_w), _DTYPES[router_w.dtype], _ptr(router_b), _ptr(selection_bias), T, k, E,
+        int(renormalize), renorm_min, scale, _ptr(ids), _ptr(wts), _ptr(probs), _ptr(w_in), _ptr(w_out), D, F,
+        _DTYPES[x.dtype], _ptr(seg), _ptr(ws), _ptr(h), _ptr(out), D, _ptr(counts), _packed_min(None, x.dtype),
+        _packed_min(None, x.dtype), _threads())
+    if rc == 1:
+        return None
+    if rc != 0:
+        raise RuntimeError(f"moekit CPU kernel moe_route_train_fwd returned {rc}: arguments the checks let through")
+    return out, counts, wts, TrainStepSaved(ids, probs, seg, ws, h)
+
+
+def route_train_backward(g: torch.Tensor, d_probs: torch.Tensor | None, x: torch.Tensor, router_w: torch.Tensor,
+                         saved: TrainStepSaved, renormalize: bool, renorm_min: float, scale: float, w_in: torch.Tensor,
+                         w_out: torch.Tensor, need_x: bool, need_w_in: bool, need_w_out: bool, need_logits: bool,
+                         need_router_w: bool) -> tuple[torch.Tensor | None, ...]:
+    """The backward of :func:`route_train_forward` in one kernel call, from the gradient ``g [T, D]`` (float32 or
+    the experts' dtype, contiguous) of its output and ``d_probs`` (float32 ``[T, E]`` or None) of the saved
+    probabilities (a balancing loss's): ``(dx float32, dW_in, dW_out, d_logits [T, E] float32, dW_router)``, each
+    None where not asked for (dx includes the router's term ``d_logits @ router_w``, for which ``need_x`` computes
+    ``d_logits`` whatever ``need_logits`` says). Consumes ``saved.h``."""
+    E, W, D = w_in.shape
+    T, k = saved.ids.shape
+    h, saved.h = saved.h, None
+    if h is None:
+        raise RuntimeError("this few-token training step was already backpropagated (its pre-activations are "
+                           "overwritten by the first backward): retain_graph=True is not supported by it")
+    dx = torch.empty(T, D, dtype=torch.float32) if need_x else None
+    d_win = torch.empty_like(w_in) if need_w_in else None
+    d_wout = torch.empty_like(w_out) if need_w_out else None
+    d_logits = torch.empty(T, E, dtype=torch.float32) if need_logits or need_x or need_router_w else None
+    d_wr = torch.empty_like(router_w) if need_router_w else None
+    if d_probs is not None and (d_probs.dtype != torch.float32 or tuple(d_probs.shape) != (T, E)):
+        raise ValueError(f"d_probs must be float32 of shape {(T, E)}, got {d_probs.dtype} {tuple(d_probs.shape)}")
+    d_probs = None if d_probs is None else d_probs.contiguous()
+    rc = _require().moe_route_train_bwd(
+        _ptr(g), _dt(g, "g"), g.stride(0), _ptr(x), x.stride(0), _ptr(router_w), _DTYPES[router_w.dtype],
+        _ptr(saved.ids), _ptr(saved.probs), T, k, E, int(renormalize), renorm_min, scale, _ptr(saved.seg),
+        _ptr(saved.ws), _ptr(h), _ptr(w_in), _ptr(w_out), D, W // 2, _DTYPES[x.dtype], _ptr(dx), _ptr(d_win),
+        _ptr(d_wout), _ptr(d_probs), _ptr(d_logits), _ptr(d_wr), _packed_min(None, g.dtype if g.dtype == x.dtype else None, nn=True),
+        _packed_min(None, x.dtype, nn=True), _threads())
+    if rc != 0:
+        raise RuntimeError(f"moekit CPU kernel moe_route_train_bwd returned {rc}: arguments the checks let through")
+    return dx, d_win, d_wout, d_logits, d_wr
 
 
 def _bounds(start: torch.Tensor | None, end: torch.Tensor | None, E: int, rows: int):

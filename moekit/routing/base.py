@@ -164,8 +164,8 @@ class Router(nn.Module):
         raise NotImplementedError
 
     def decode_routing(self) -> tuple[bool, float, float] | None:
-        """``(renormalize, renorm_min, scale)`` if this router's inference is plain softmax top-k, which a fused
-        decode kernel may run in its place; None (the default) otherwise."""
+        """``(renormalize, renorm_min, scale)`` if this router's routing is plain softmax top-k, which a fused
+        kernel may run in its place; None (the default) otherwise."""
         return None
 
     def extra_repr(self) -> str:

@@ -76,10 +76,12 @@ class SoftmaxTopK(TopKRouter):
         return triton_usable(logits_TE.device, torch.float32) is None
 
     def decode_routing(self) -> tuple[bool, float, float] | None:
-        """``(renormalize, renorm_min, scale)`` where this router's inference is exactly the softmax top-k above,
-        which a fused decode kernel may then run (:func:`moekit.kernels.cpu.route_decode`); None for a subclass
-        that changes a step, with disabled experts, or in training mode (input jitter)."""
-        if self.training or self.disabled or self.weight is None or not _plain_steps(type(self)):
+        """``(renormalize, renorm_min, scale)`` where this router's routing is exactly the softmax top-k above,
+        which a fused kernel may then run (:func:`moekit.kernels.cpu.route_decode` in inference,
+        :func:`moekit.kernels.cpu.route_train_forward` in a few-token training step); None for a subclass that
+        changes a step, with disabled experts, or with input jitter in training mode."""
+        if (self.training and self.jitter > 0) or self.disabled or self.weight is None or \
+                not _plain_steps(type(self)):
             return None
         return self.renormalize, float(self.renorm_min), float(self.scale)
 

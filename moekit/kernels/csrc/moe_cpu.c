@@ -836,6 +836,35 @@ int moe_small_down(const void *a, int64_t ld_a, const int64_t *tok, const float 
                    float *out, int64_t ld_out, int64_t packed_min, int nthreads);
 #endif
 
+/* The S = T*K slots of ids [T, K] (ids < 0: empty) grouped by expert, a stable counting sort: expert e's slots are
+ * start[e] <= s < end[e], each from token tok[s] = slot[s] / K with weight ws[s] = w[slot[s]]; counts[e] (may be
+ * NULL) their number. start, end, tok, slot and ws are written (tok, slot and ws for the valid slots only, which
+ * come first). Returns the valid slots, or -1 (nothing grouped) if an id is >= E. */
+static int64_t group_slots(const int64_t *ids, const float *w, int64_t S, int64_t K, int64_t E, int64_t *start,
+                           int64_t *end, int64_t *tok, int64_t *slot, float *ws, int64_t *counts) {
+    for (int64_t e = 0; e < E; e++) end[e] = 0;
+    for (int64_t i = 0; i < S; i++) {
+        if (ids[i] >= E) return -1;
+        if (ids[i] >= 0) end[ids[i]]++; /* counts first */
+    }
+    int64_t n = 0;
+    for (int64_t e = 0; e < E; e++) {
+        if (counts) counts[e] = end[e];
+        start[e] = n;
+        n += end[e];
+        end[e] = start[e];
+    }
+    for (int64_t i = 0; i < S; i++) { /* stable: slots of an expert stay in token order */
+        const int64_t e = ids[i];
+        if (e < 0) continue;
+        const int64_t s = end[e]++;
+        tok[s] = i / K;
+        slot[s] = i;
+        ws[s] = w[i];
+    }
+    return n;
+}
+
 /* Inference for a few tokens straight from the router's choices, with no sort on the host: the S = T*K slots are
  * grouped by expert here (a counting sort; token order kept within an expert), then the SwiGLU experts run through
  * moe_small_up and moe_small_down:  out[t] += sum_k w[t, k] * expert_{ids[t, k]}(x[t])   (ids < 0: empty slot).
@@ -854,27 +883,9 @@ int moe_small_decode(const void *x, int64_t ld_x, const int64_t *ids, const floa
         goto done;
     }
     int64_t *end = start + E, *tok = end + E, *slot = tok + S;
-    for (int64_t i = 0; i < S; i++) {
-        if (ids[i] >= E) {
-            rc = -4;
-            goto done;
-        }
-        if (ids[i] >= 0) end[ids[i]]++; /* counts first */
-    }
-    int64_t n = 0;
-    for (int64_t e = 0; e < E; e++) {
-        if (counts) counts[e] = end[e];
-        start[e] = n;
-        n += end[e];
-        end[e] = start[e];
-    }
-    for (int64_t i = 0; i < S; i++) { /* stable: slots of an expert stay in token order */
-        int64_t e = ids[i];
-        if (e < 0) continue;
-        int64_t s = end[e]++;
-        tok[s] = i / K;
-        slot[s] = i;
-        ws[s] = w[i];
+    if (group_slots(ids, w, S, K, E, start, end, tok, slot, ws, counts) < 0) {
+        rc = -4;
+        goto done;
     }
 #if defined(MOE_AMX) /* bf16 experts of AMX_DECODE_MIN_ROWS rows or more on the tiles (fewer: no faster there) */
     const int64_t pmin = dt == DT_BF16 ? AMX_DECODE_MIN_ROWS : F32_DECODE_MIN_ROWS;
@@ -3603,11 +3614,11 @@ static void zero_stream(char *p, int64_t n) {
 #endif
 }
 
-/* Zero the n byte ranges [p + off[r], p + off[r] + len[r]) with all threads in one parallel region, each thread an
+/* Zero the n byte ranges [ptr[r], ptr[r] + len[r]) (moe_zero_ranges: [p + off[r], p + off[r] + len[r])) with all threads in one parallel region, each thread an
  * equal share of their bytes taken in order (cut at whole lines of that order), streamed past the caches: the idle
  * experts' gradients of a few-token step are several runs of a few MiB (one task of 1 MiB per thread at a time
  * left the last task of an odd count to one thread: 2.75 MiB in 0.117 against 0.079 ms, 2 Xeon cores). */
-int moe_zero_ranges(void *p, const int64_t *off, const int64_t *len, int64_t n, int nthreads) {
+static void zero_ranges(char *const *ptr, const int64_t *len, int64_t n, int nthreads) {
     int64_t total = 0;
     for (int64_t r = 0; r < n; r++) total += len[r];
 #pragma omp parallel num_threads(threads_for(total / 4, nthreads))
@@ -3617,9 +3628,17 @@ int moe_zero_ranges(void *p, const int64_t *off, const int64_t *len, int64_t n, 
                       e = min64(total, 64 * (lines * (t + 1) / nt));
         for (int64_t r = 0, pos = 0; r < n && pos < e; pos += len[r], r++) { /* range r: [pos, pos + len[r]) */
             const int64_t lo = pos > b ? pos : b, hi = pos + len[r] < e ? pos + len[r] : e;
-            if (lo < hi) zero_stream((char *)p + off[r] + (lo - pos), hi - lo);
+            if (lo < hi) zero_stream(ptr[r] + (lo - pos), hi - lo);
         }
     }
+}
+
+int moe_zero_ranges(void *p, const int64_t *off, const int64_t *len, int64_t n, int nthreads) {
+    char **ptr = malloc((size_t)(n > 0 ? n : 1) * sizeof(char *));
+    if (!ptr) return -5;
+    for (int64_t r = 0; r < n; r++) ptr[r] = (char *)p + off[r];
+    zero_ranges(ptr, len, n, nthreads);
+    free(ptr);
     return 0;
 }
 
@@ -3972,5 +3991,134 @@ int moe_route_decode(const void *x, int64_t ld_x, const void *w_r, int dt_r, con
         for (int64_t t = 0; rc == 0 && t < T; t++) gather_row(acc + t * D, DT_F32, at(out, out_dt, ld_out, t, 0), out_dt, D, 1.0f);
         free(acc);
     }
+    return rc;
+}
+
+/* ---------------------------------------------------------------------------------------------------------------
+ * A training step of a few tokens (softmax top-k router, SwiGLU experts without biases): routing, both projections
+ * and, in backward, every gradient in one call each, so that a step pays for two calls rather than for the ~40
+ * host ops of routing, dispatch and the expert kernels one by one.
+ *
+ * Forward: moe_route_decode's routing and experts (ids, wts as there), keeping what backward needs: probs [T, E]
+ * (the softmax), the slots grouped by expert (seg: start [E], end [E], tok [S], slot [S] as group_slots writes
+ * them; ws [S] their weights) and the pre-activations h [S, 2F] in that order. out (float32 [T, D], row stride
+ * ld_out) is zeroed here. up_min / down_min: the rows from which an expert takes the packed or AMX tiles (as the
+ * packed_min of moe_small_up / moe_small_down). Returns 1 (nothing but probs written) where a token's choice is
+ * ambiguous (a NaN, or a tie among its K + 1 largest choice values), else as moe_small_decode. */
+int moe_route_train_fwd(const void *x, int64_t ld_x, const void *w_r, int dt_r, const float *b_r, const float *sel,
+                        int64_t T, int64_t K, int64_t E, int renorm, float renorm_min, float scale, int64_t *ids,
+                        float *wts, float *probs, const void *w_in, const void *w_out, int64_t D, int64_t F, int dt,
+                        int64_t *seg, float *ws, void *h, float *out, int64_t ld_out, int64_t *counts,
+                        int64_t up_min, int64_t down_min, int nthreads) {
+    if (K < 1 || K > 64 || K > E) return -1;
+    float *c = malloc((size_t)E * sizeof(float));
+    if (!c) return -5;
+    router_logits(x, dt, ld_x, w_r, dt_r, b_r, T, E, D, probs, E, nthreads);
+    int64_t ambiguous = 0;
+    for (int64_t t = 0; t < T; t++)
+        ambiguous += route_row(probs + t * E, c, E, K, sel, renorm, renorm_min, scale, ids + t * K, wts + t * K);
+    free(c);
+    if (ambiguous) return 1;
+    const int64_t S = T * K;
+    int64_t *start = seg, *end = seg + E, *tok = end + E, *slot = tok + S;
+    if (group_slots(ids, wts, S, K, E, start, end, tok, slot, ws, counts) < 0) return -4;
+    void *a = malloc((size_t)(S ? S : 1) * (size_t)F * esize(dt));
+    if (!a) return -5;
+    for (int64_t t = 0; t < T; t++) memset(out + t * ld_out, 0, (size_t)D * sizeof(float));
+    int rc = moe_small_up(x, ld_x, tok, start, end, E, w_in, NULL, 2 * F, D, dt, 1, h, a, up_min, nthreads);
+    if (rc == 0) rc = moe_small_down(a, F, tok, ws, start, end, E, w_out, NULL, D, F, dt, out, ld_out, down_min, nthreads);
+    free(a);
+    return rc;
+}
+
+/* Backward of moe_route_train_fwd from the gradient g [T, D] (dtype g_dt, row stride ld_g) of its output, with
+ * the same x, weights and the ids, probs, seg, ws and h it kept (h is overwritten with dH). Writes, where not NULL:
+ *   dx       float32 [T, D]        dH @ W_in over each token's slots, plus d_logits @ w_r
+ *   dw_in    [E, 2F, D] (dt)       dH^T @ x[tok] per expert, zero for experts without slots
+ *   dw_out   [E, D, F] (dt)        g[tok]^T @ (w a) per expert, likewise
+ *   dlogits  float32 [T, E]        the router logits' gradient: softmax top-k's, from the weights' gradients
+ *                                  ga . a and d_probs (float32 [T, E], the probabilities' own gradient, from a
+ *                                  balancing loss; may be NULL); then dw_r [E, D] (dtype dt_r) = dlogits^T @ x
+ * (the same kernels as the step's separate calls: moe_small_nn, moe_swiglu_bwd, moe_small_outer, the streaming
+ * zero-fill). nn_min_g, nn_min_h: the packed_min of moe_small_nn for g @ W_out and dH @ W_in. */
+int moe_route_train_bwd(const void *g, int g_dt, int64_t ld_g, const void *x, int64_t ld_x, const void *w_r, int dt_r,
+                        const int64_t *ids, const float *probs, int64_t T, int64_t K, int64_t E, int renorm,
+                        float renorm_min, float scale, const int64_t *seg, const float *ws, void *h,
+                        const void *w_in, const void *w_out, int64_t D, int64_t F, int dt, float *dx, void *dw_in,
+                        void *dw_out, const float *d_probs, float *dlogits, void *dw_r, int64_t nn_min_g,
+                        int64_t nn_min_h, int nthreads) {
+    const int64_t S = T * K, W = 2 * F;
+    const int64_t *start = seg, *end = seg + E, *tok = end + E, *slot = tok + S;
+    void *ga = malloc((size_t)(S ? S : 1) * (size_t)F * esize(dt));
+    float *dws = malloc((size_t)(S ? S : 1) * sizeof(float));
+    float *dw_tk = malloc((size_t)(S ? S : 1) * sizeof(float));
+    int64_t *iota = malloc((size_t)(T ? T : 1) * sizeof(int64_t));
+    char **zp = malloc((size_t)(2 * E + 1) * sizeof(char *));
+    int64_t *zn = malloc((size_t)(2 * E + 1) * sizeof(int64_t));
+    int rc = 0;
+    if (!ga || !dws || !dw_tk || !iota || !zp || !zn) {
+        rc = -5;
+        goto done;
+    }
+    /* ga = g @ W_out (unweighted); then dH (over h), w a (over ga) and the router weights' gradients ga . a */
+    rc = moe_small_nn(g, g_dt, ld_g, tok, w_out, dt, D, F, start, end, E, ga, dt, F, NULL, nn_min_g, nthreads);
+    if (rc == 0) rc = moe_swiglu_bwd(h, W, ga, F, ws, S, F, dt, h, W, dw_out ? ga : NULL, F, dws, nthreads);
+    if (rc == 0 && dw_out) rc = moe_small_outer(g, g_dt, ld_g, tok, ga, dt, F, NULL, D, F, start, end, E, dw_out, dt,
+                                                nthreads);
+    if (rc == 0 && dw_in) rc = moe_small_outer(h, dt, W, NULL, x, dt, ld_x, tok, W, D, start, end, E, dw_in, dt,
+                                               nthreads);
+    if (rc != 0) goto done;
+    int64_t nz = 0; /* the idle experts' gradient blocks, all in one streaming zero-fill */
+    for (int64_t e = 0; e < E; e++) {
+        if (end[e] > start[e]) continue;
+        const size_t blk = (size_t)D * (size_t)F * esize(dt);
+        if (dw_out) {
+            zp[nz] = (char *)dw_out + (size_t)e * blk;
+            zn[nz++] = (int64_t)blk;
+        }
+        if (dw_in) {
+            zp[nz] = (char *)dw_in + (size_t)e * 2 * blk;
+            zn[nz++] = (int64_t)(2 * blk);
+        }
+    }
+    if (nz) zero_ranges(zp, zn, nz, nthreads);
+    if (dx) {
+        for (int64_t t = 0; t < T; t++) memset(dx + t * D, 0, (size_t)D * sizeof(float));
+        rc = moe_small_nn(h, dt, W, NULL, w_in, dt, W, D, start, end, E, dx, DT_F32, D, tok, nn_min_h, nthreads);
+        if (rc != 0) goto done;
+    }
+    if (!dlogits) goto done;
+    for (int64_t s = 0; s < S; s++) dw_tk[slot[s]] = dws[s];
+    for (int64_t t = 0; t < T; t++) { /* softmax top-k backward, as CPUTopKSoftmaxFunction's */
+        const float *p = probs + t * E;
+        float *dp = dlogits + t * E, *dw = dw_tk + t * K;
+        const int64_t *id = ids + t * K;
+        for (int64_t e = 0; e < E; e++) dp[e] = d_probs ? d_probs[t * E + e] : 0.0f;
+        float tot = 0.0f, dot = 0.0f;
+        for (int64_t k = 0; k < K; k++) {
+            dw[k] *= scale;
+            tot += p[id[k]];
+            dot += dw[k] * p[id[k]];
+        }
+        const int clamped = renorm && renorm_min > 0.0f && tot < renorm_min;
+        const float den = clamped ? renorm_min : tot;
+        for (int64_t k = 0; k < K; k++) /* w_k = p_k / den: d p_j += dw_j / den - [not clamped] sum_k dw_k p_k / den^2 */
+            dp[id[k]] += renorm ? dw[k] / den - (clamped ? 0.0f : dot / (den * den)) : dw[k];
+        float sum = 0.0f;
+        for (int64_t e = 0; e < E; e++) sum += dp[e] * p[e];
+        for (int64_t e = 0; e < E; e++) dp[e] = p[e] * (dp[e] - sum);
+    }
+    const int64_t zero = 0;
+    for (int64_t t = 0; t < T; t++) iota[t] = t;
+    if (dw_r) rc = moe_small_outer(dlogits, DT_F32, E, NULL, x, dt, ld_x, NULL, E, D, &zero, &T, 1, dw_r, dt_r, nthreads);
+    if (rc == 0 && dx)
+        rc = moe_small_nn(dlogits, DT_F32, E, NULL, w_r, dt_r, E, D, &zero, &T, 1, dx, DT_F32, D, iota, 0, nthreads);
+done:
+    free(ga);
+    free(dws);
+    free(dw_tk);
+    free(iota);
+    free(zp);
+    free(zn);
     return rc;
 }
