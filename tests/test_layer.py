@@ -356,7 +356,7 @@ TRAIN_STEP = {
 
 def _train(layer, x, fused: bool, monkeypatch):
     """``(y, x.grad, parameter grads, stats, load_accum)`` of one training step (the few-token step or not)."""
-    monkeypatch.setattr(moekit.layer, "TRAIN_STEP_MAX_SLOTS", 64 if fused else 0)
+    monkeypatch.setattr(moekit.layer, "TRAIN_STEP_MAX_SLOTS", 256 if fused else 0)
     layer.zero_grad(set_to_none=True)
     xi = x.detach().requires_grad_(True)
     y = layer(xi)
@@ -431,7 +431,7 @@ def test_few_token_training_step_with_frozen_parts(monkeypatch):
         for needs_x in (True, False):
             grads = []
             for fused in (True, False):
-                monkeypatch.setattr(moekit.layer, "TRAIN_STEP_MAX_SLOTS", 64 if fused else 0)
+                monkeypatch.setattr(moekit.layer, "TRAIN_STEP_MAX_SLOTS", 256 if fused else 0)
                 layer.zero_grad(set_to_none=True)
                 xi = x.clone().requires_grad_(needs_x)
                 (layer(xi) * torch.arange(16.0)).sum().backward()
@@ -464,7 +464,8 @@ def test_few_token_training_step_only_where_it_computes_the_same_thing():
     base = moekit.MoE(16, 32, 8, 2)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert base._fused_train_step(x) is None
-    assert base._fused_train_step(torch.randn(33, 16)) is None  # 66 slots > TRAIN_STEP_MAX_SLOTS
+    too_many = moekit.layer.TRAIN_STEP_MAX_SLOTS // 2 + 1
+    assert base._fused_train_step(torch.randn(too_many, 16)) is None  # more slots than TRAIN_STEP_MAX_SLOTS
     assert base._fused_train_step(torch.randn(16, 6)[:, :3].T.contiguous().T) is None  # (not contiguous)
 
 
