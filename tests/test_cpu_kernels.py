@@ -24,6 +24,14 @@ def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
     return (got.double() - want.double()).abs().max().item() / max(want.double().abs().max().item(), 1e-30)
 
 
+@pytest.fixture(autouse=True)
+def _regular_training_path(monkeypatch):
+    """The layers here check the fused backend's kernels on its own path: training steps of few tokens would
+    otherwise take the few-token step (moekit.experts.train_step, checked in test_layer.py), unless a test turns it
+    back on."""
+    monkeypatch.setattr(moekit.layer, "TRAIN_STEP_MAX_SLOTS", 0)
+
+
 @pytest.fixture(params=list(K.ISA_FLAGS))
 def kernels(request, monkeypatch):
     """The kernels built for each vector code path this CPU can run (MOEKIT_CPU_ISA): the best one (native), and
@@ -1177,23 +1185,23 @@ def test_linear_autograd_matches_pytorch(bias):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_fused_layer_runs_on_the_kernels_not_the_fallbacks(kernels, monkeypatch, dtype):
     """Small experts take the small-M kernels forward and backward, and the SwiGLU backward takes its kernel (a
-    silent fallback to PyTorch ops would still be correct, only slow, so only this test would notice)."""
-    import moekit.layer
-
+    silent fallback to PyTorch ops would still be correct, only slow, so only this test would notice); the
+    few-token training step takes its two kernel calls on this code path too, with the regular path's result."""
     called = []
     real = K._call
     monkeypatch.setattr(K, "_call", lambda fn, *args: called.append(fn.__name__) or real(fn, *args))
     layer = _layer(dtype)
-    monkeypatch.setattr(moekit.layer, "TRAIN_STEP_MAX_SLOTS", 0)  # the regular path, not the few-token step
-    run_fwd_bwd(layer, torch.randn(12, 48).to(dtype))
+    x = torch.randn(12, 48).to(dtype)
+    want = run_fwd_bwd(layer, x)  # (the regular path: see _regular_training_path)
     assert {"moe_small_up", "moe_small_down", "moe_small_nn", "moe_small_outer", "moe_swiglu_bwd"} <= set(called)
-    monkeypatch.undo()
     steps = []
     for name in ("route_train_forward", "route_train_backward"):
         monkeypatch.setattr(K, name, lambda *a, _real=getattr(K, name), _n=name: steps.append(_n) or _real(*a))
-    run_fwd_bwd(layer, torch.randn(12, 48).to(dtype))  # (few tokens: the step's two kernel calls)
+    monkeypatch.setattr(moekit.layer, "TRAIN_STEP_MAX_SLOTS", 256)
+    got = run_fwd_bwd(layer, x)
     assert steps == ["route_train_forward", "route_train_backward"]
-    monkeypatch.setattr(K, "_call", lambda fn, *args: called.append(fn.__name__) or real(fn, *args))
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert_fwd_bwd_close(got, want, tol, err=rel_err)
     called.clear()
     with torch.no_grad():
         layer(torch.randn(2, 48).to(dtype))

@@ -164,8 +164,9 @@ def _declare(lib: ctypes.CDLL) -> None:
                              I64, I64, I, P, I, I64, P, I],
         "moe_route_train_fwd": [P, I64, P, I, P, P, I64, I64, I64, I, ctypes.c_float, ctypes.c_float, P, P, P, P, P,
                                 I64, I64, I, P, P, P, P, I64, P, I64, I64, I],
-        "moe_route_train_bwd": [P, I, I64, P, I64, P, I, P, P, I64, I64, I64, I, ctypes.c_float, ctypes.c_float, P, P,
-                                P, P, P, I64, I64, I, P, P, P, P, P, P, I64, I64, I],
+        "moe_route_train_bwd": [P, I, I64, P, I, P, P, I64, I64, I64, I, ctypes.c_float, ctypes.c_float, P, P, P, P, P,
+                                P, I64, I64, I, P, P, P, P, I64, I64, I],
+        "moe_route_train_bwd_in": [P, P, I64, P, I64, I64, I64, I, P, I],
     }
     for name, args in sigs.items():
         fn = getattr(lib, name)
@@ -826,33 +827,46 @@ def route_train_backward(g: torch.Tensor, d_probs: torch.Tensor | None, x: torch
                          saved: TrainStepSaved, renormalize: bool, renorm_min: float, scale: float, w_in: torch.Tensor,
                          w_out: torch.Tensor, need_x: bool, need_w_in: bool, need_w_out: bool, need_logits: bool,
                          need_router_w: bool) -> tuple[torch.Tensor | None, ...]:
-    """The backward of :func:`route_train_forward` in one kernel call, from the gradient ``g [T, D]`` (float32 or
-    the experts' dtype, contiguous) of its output and ``d_probs`` (float32 ``[T, E]`` or None) of the saved
-    probabilities (a balancing loss's): ``(dx float32, dW_in, dW_out, d_logits [T, E] float32, dW_router)``, each
-    None where not asked for (dx includes the router's term ``d_logits @ router_w``, for which ``need_x`` computes
-    ``d_logits`` whatever ``need_logits`` says). Consumes ``saved.h``."""
+    """The backward of :func:`route_train_forward` from the gradient ``g [T, D]`` (float32 or the experts' dtype,
+    contiguous) of its output and ``d_probs`` (float32 ``[T, E]`` or None) of the saved probabilities (a balancing
+    loss's): ``(dx float32, dW_in, dW_out, d_logits [T, E] float32, dW_router)``, each None where not asked for (dx
+    includes the router's term ``d_logits @ router_w``). Consumes ``saved.h``. One kernel call for all but the
+    input projection's weight gradient, a second for that, whose buffer (the largest) is allocated once the first
+    call's scratch is freed, and the router's weight gradient last, once the pre-activations are: the peak holds the
+    experts' gradients and what the step keeps, as the regular path's does."""
     E, W, D = w_in.shape
     T, k = saved.ids.shape
     h, saved.h = saved.h, None
     if h is None:
         raise RuntimeError("this few-token training step was already backpropagated (its pre-activations are "
                            "overwritten by the first backward): retain_graph=True is not supported by it")
-    dx = torch.empty(T, D, dtype=torch.float32) if need_x else None
-    d_win = torch.empty_like(w_in) if need_w_in else None
-    d_wout = torch.empty_like(w_out) if need_w_out else None
-    d_logits = torch.empty(T, E, dtype=torch.float32) if need_logits or need_x or need_router_w else None
-    d_wr = torch.empty_like(router_w) if need_router_w else None
     if d_probs is not None and (d_probs.dtype != torch.float32 or tuple(d_probs.shape) != (T, E)):
         raise ValueError(f"d_probs must be float32 of shape {(T, E)}, got {d_probs.dtype} {tuple(d_probs.shape)}")
     d_probs = None if d_probs is None else d_probs.contiguous()
-    rc = _require().moe_route_train_bwd(
-        _ptr(g), _dt(g, "g"), g.stride(0), _ptr(x), x.stride(0), _ptr(router_w), _DTYPES[router_w.dtype],
-        _ptr(saved.ids), _ptr(saved.probs), T, k, E, int(renormalize), renorm_min, scale, _ptr(saved.seg),
-        _ptr(saved.ws), _ptr(h), _ptr(w_in), _ptr(w_out), D, W // 2, _DTYPES[x.dtype], _ptr(dx), _ptr(d_win),
-        _ptr(d_wout), _ptr(d_probs), _ptr(d_logits), _ptr(d_wr), _packed_min(None, g.dtype if g.dtype == x.dtype else None, nn=True),
+    lib = _require()
+    dx = torch.empty(T, D, dtype=torch.float32) if need_x else None
+    d_wout = torch.empty_like(w_out) if need_w_out else None
+    d_logits = torch.empty(T, E, dtype=torch.float32) if need_logits or need_x or need_router_w else None
+    ga = torch.empty(T * k, W // 2, dtype=x.dtype)  # (scratch: g @ W_out, then w a)
+    rc = lib.moe_route_train_bwd(
+        _ptr(g), _dt(g, "g"), g.stride(0), _ptr(router_w), _DTYPES[router_w.dtype], _ptr(saved.ids),
+        _ptr(saved.probs), T, k, E, int(renormalize), renorm_min, scale, _ptr(saved.seg), _ptr(saved.ws), _ptr(h),
+        _ptr(ga), _ptr(w_in), _ptr(w_out), D, W // 2, _DTYPES[x.dtype], _ptr(dx), _ptr(d_wout), _ptr(d_probs),
+        _ptr(d_logits), _packed_min(None, g.dtype if g.dtype == x.dtype else None, nn=True),
         _packed_min(None, x.dtype, nn=True), _threads())
     if rc != 0:
         raise RuntimeError(f"moekit CPU kernel moe_route_train_bwd returned {rc}: arguments the checks let through")
+    del ga
+    d_win = None
+    if need_w_in:
+        d_win = torch.empty_like(w_in)
+        _call(lib.moe_route_train_bwd_in, _ptr(h), _ptr(x), x.stride(0), _ptr(saved.seg), E, D, W // 2,
+              _DTYPES[x.dtype], _ptr(d_win), _threads())
+    del h
+    d_wr = None
+    if need_router_w:
+        d_wr = torch.empty_like(router_w)
+        small_experts_outer(d_logits, None, x, None, None, None, d_wr.unsqueeze(0))
     return dx, d_win, d_wout, d_logits, d_wr
 
 

@@ -4031,63 +4031,69 @@ int moe_route_train_fwd(const void *x, int64_t ld_x, const void *w_r, int dt_r, 
     return rc;
 }
 
+/* The idle experts' blocks (blk bytes each, from base) of a gradient buffer, zeroed in one streaming fill. */
+static int zero_idle_experts(const int64_t *start, const int64_t *end, int64_t E, void *base, size_t blk,
+                             int nthreads) {
+    char **zp = malloc((size_t)(E ? E : 1) * sizeof(char *));
+    int64_t *zn = malloc((size_t)(E ? E : 1) * sizeof(int64_t));
+    if (!zp || !zn) {
+        free(zp);
+        free(zn);
+        return -5;
+    }
+    int64_t nz = 0;
+    for (int64_t e = 0; e < E; e++)
+        if (end[e] == start[e]) {
+            zp[nz] = (char *)base + (size_t)e * blk;
+            zn[nz++] = (int64_t)blk;
+        }
+    if (nz) zero_ranges(zp, zn, nz, nthreads);
+    free(zp);
+    free(zn);
+    return 0;
+}
+
 /* Backward of moe_route_train_fwd from the gradient g [T, D] (dtype g_dt, row stride ld_g) of its output, with
- * the same x, weights and the ids, probs, seg, ws and h it kept (h is overwritten with dH). Writes, where not NULL:
- *   dx       float32 [T, D]        dH @ W_in over each token's slots, plus d_logits @ w_r
- *   dw_in    [E, 2F, D] (dt)       dH^T @ x[tok] per expert, zero for experts without slots
- *   dw_out   [E, D, F] (dt)        g[tok]^T @ (w a) per expert, likewise
+ * the same x, weights and the ids, probs, seg, ws and h it kept, all but the input projection's weight gradient
+ * (moe_route_train_bwd_in, from the dH this call leaves in h, in a buffer the caller allocates once this call's
+ * scratch ga [S, F] (dtype dt) is freed: the step's peak memory then holds one of the two at a time, as the regular
+ * path's does). Writes, where not NULL:
+ *   dw_out   [E, D, F] (dt)        g[tok]^T @ (w a) per expert, zero for experts without slots
+ *   dx       float32 [T, D]        dH @ W_in over each token's slots, plus the router's term dlogits @ w_r
  *   dlogits  float32 [T, E]        the router logits' gradient: softmax top-k's, from the weights' gradients
  *                                  ga . a and d_probs (float32 [T, E], the probabilities' own gradient, from a
- *                                  balancing loss; may be NULL); then dw_r [E, D] (dtype dt_r) = dlogits^T @ x
- * (the same kernels as the step's separate calls: moe_small_nn, moe_swiglu_bwd, moe_small_outer, the streaming
- * zero-fill). nn_min_g, nn_min_h: the packed_min of moe_small_nn for g @ W_out and dH @ W_in. */
-int moe_route_train_bwd(const void *g, int g_dt, int64_t ld_g, const void *x, int64_t ld_x, const void *w_r, int dt_r,
-                        const int64_t *ids, const float *probs, int64_t T, int64_t K, int64_t E, int renorm,
-                        float renorm_min, float scale, const int64_t *seg, const float *ws, void *h,
-                        const void *w_in, const void *w_out, int64_t D, int64_t F, int dt, float *dx, void *dw_in,
-                        void *dw_out, const float *d_probs, float *dlogits, void *dw_r, int64_t nn_min_g,
-                        int64_t nn_min_h, int nthreads) {
+ *                                  balancing loss; may be NULL); needed for dx (the router's weight gradient,
+ *                                  dlogits^T @ x, is the caller's)
+ * (the same kernels as the regular path's separate calls: moe_small_nn, moe_swiglu_bwd, moe_small_outer, the
+ * streaming zero-fill). nn_min_g, nn_min_h: the packed_min of moe_small_nn for g @ W_out and dH @ W_in. */
+int moe_route_train_bwd(const void *g, int g_dt, int64_t ld_g, const void *w_r, int dt_r, const int64_t *ids,
+                        const float *probs, int64_t T, int64_t K, int64_t E, int renorm, float renorm_min,
+                        float scale, const int64_t *seg, const float *ws, void *h, void *ga, const void *w_in,
+                        const void *w_out, int64_t D, int64_t F, int dt, float *dx, void *dw_out,
+                        const float *d_probs, float *dlogits, int64_t nn_min_g, int64_t nn_min_h, int nthreads) {
     const int64_t S = T * K, W = 2 * F;
     const int64_t *start = seg, *end = seg + E, *tok = end + E, *slot = tok + S;
-    void *ga = malloc((size_t)(S ? S : 1) * (size_t)F * esize(dt));
+    if (dx && !dlogits) return -1;
     float *dws = malloc((size_t)(S ? S : 1) * sizeof(float));
     float *dw_tk = malloc((size_t)(S ? S : 1) * sizeof(float));
     int64_t *iota = malloc((size_t)(T ? T : 1) * sizeof(int64_t));
-    char **zp = malloc((size_t)(2 * E + 1) * sizeof(char *));
-    int64_t *zn = malloc((size_t)(2 * E + 1) * sizeof(int64_t));
     int rc = 0;
-    if (!ga || !dws || !dw_tk || !iota || !zp || !zn) {
+    if (!dws || !dw_tk || !iota) {
         rc = -5;
         goto done;
     }
     /* ga = g @ W_out (unweighted); then dH (over h), w a (over ga) and the router weights' gradients ga . a */
     rc = moe_small_nn(g, g_dt, ld_g, tok, w_out, dt, D, F, start, end, E, ga, dt, F, NULL, nn_min_g, nthreads);
     if (rc == 0) rc = moe_swiglu_bwd(h, W, ga, F, ws, S, F, dt, h, W, dw_out ? ga : NULL, F, dws, nthreads);
-    if (rc == 0 && dw_out) rc = moe_small_outer(g, g_dt, ld_g, tok, ga, dt, F, NULL, D, F, start, end, E, dw_out, dt,
-                                                nthreads);
-    if (rc == 0 && dw_in) rc = moe_small_outer(h, dt, W, NULL, x, dt, ld_x, tok, W, D, start, end, E, dw_in, dt,
-                                               nthreads);
-    if (rc != 0) goto done;
-    int64_t nz = 0; /* the idle experts' gradient blocks, all in one streaming zero-fill */
-    for (int64_t e = 0; e < E; e++) {
-        if (end[e] > start[e]) continue;
-        const size_t blk = (size_t)D * (size_t)F * esize(dt);
-        if (dw_out) {
-            zp[nz] = (char *)dw_out + (size_t)e * blk;
-            zn[nz++] = (int64_t)blk;
-        }
-        if (dw_in) {
-            zp[nz] = (char *)dw_in + (size_t)e * 2 * blk;
-            zn[nz++] = (int64_t)(2 * blk);
-        }
+    if (rc == 0 && dw_out) {
+        rc = moe_small_outer(g, g_dt, ld_g, tok, ga, dt, F, NULL, D, F, start, end, E, dw_out, dt, nthreads);
+        if (rc == 0) rc = zero_idle_experts(start, end, E, dw_out, (size_t)D * (size_t)F * esize(dt), nthreads);
     }
-    if (nz) zero_ranges(zp, zn, nz, nthreads);
-    if (dx) {
+    if (rc == 0 && dx) {
         for (int64_t t = 0; t < T; t++) memset(dx + t * D, 0, (size_t)D * sizeof(float));
         rc = moe_small_nn(h, dt, W, NULL, w_in, dt, W, D, start, end, E, dx, DT_F32, D, tok, nn_min_h, nthreads);
-        if (rc != 0) goto done;
     }
-    if (!dlogits) goto done;
+    if (rc != 0 || !dlogits) goto done;
     for (int64_t s = 0; s < S; s++) dw_tk[slot[s]] = dws[s];
     for (int64_t t = 0; t < T; t++) { /* softmax top-k backward, as CPUTopKSoftmaxFunction's */
         const float *p = probs + t * E;
@@ -4110,15 +4116,20 @@ int moe_route_train_bwd(const void *g, int g_dt, int64_t ld_g, const void *x, in
     }
     const int64_t zero = 0;
     for (int64_t t = 0; t < T; t++) iota[t] = t;
-    if (dw_r) rc = moe_small_outer(dlogits, DT_F32, E, NULL, x, dt, ld_x, NULL, E, D, &zero, &T, 1, dw_r, dt_r, nthreads);
-    if (rc == 0 && dx)
-        rc = moe_small_nn(dlogits, DT_F32, E, NULL, w_r, dt_r, E, D, &zero, &T, 1, dx, DT_F32, D, iota, 0, nthreads);
+    if (dx) rc = moe_small_nn(dlogits, DT_F32, E, NULL, w_r, dt_r, E, D, &zero, &T, 1, dx, DT_F32, D, iota, 0, nthreads);
 done:
-    free(ga);
     free(dws);
     free(dw_tk);
     free(iota);
-    free(zp);
-    free(zn);
+    return rc;
+}
+
+/* The input projection's weight gradient of the few-token step, dw_in [E, 2F, D] (dt) = dH[rows of e]^T @ x[tok]
+ * per expert from the dH moe_route_train_bwd left in h, zero for experts without slots. */
+int moe_route_train_bwd_in(const void *h, const void *x, int64_t ld_x, const int64_t *seg, int64_t E, int64_t D,
+                           int64_t F, int dt, void *dw_in, int nthreads) {
+    const int64_t *start = seg, *end = seg + E, *tok = end + E;
+    int rc = moe_small_outer(h, dt, 2 * F, NULL, x, dt, ld_x, tok, 2 * F, D, start, end, E, dw_in, dt, nthreads);
+    if (rc == 0) rc = zero_idle_experts(start, end, E, dw_in, (size_t)2 * (size_t)D * (size_t)F * esize(dt), nthreads);
     return rc;
 }
