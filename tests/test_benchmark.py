@@ -1,5 +1,6 @@
 """The layer benchmark's measuring tools (moekit.benchmark): what they report must be what happened."""
 
+import pytest
 import torch
 
 from moekit import benchmark as B
@@ -80,12 +81,11 @@ def test_gemm_rates_measure_a_very_slow_library_on_a_smaller_cube(monkeypatch):
 
 
 def test_decode_rows_time_the_weight_read_floor_and_the_summary_uses_it(monkeypatch):
-    """A small end-to-end run: decode-size forward rows also time one read of the touched experts' weights (the
-    bytes every implementation of the step must read); the summary calls a decode miss impossible only where that
-    read alone exceeds the target, and a plain miss otherwise."""
+    """A small end-to-end run: decode-size rows also time one read of the touched experts' weights (the bytes every
+    implementation of the step must read; forward+backward rows: plus one write of every weight gradient); the
+    summary calls a decode miss impossible only where that read alone exceeds the target, and a plain miss
+    otherwise, and holds a speed-up at T <= 16 to the lower of the bound and that floor."""
     if K.library() is None:
-        import pytest
-
         pytest.skip("no CPU kernels")
     tiny = dict(family="mixtral", d_model=64, d_ff=96, num_experts=8, top_k=2)
     monkeypatch.setattr(B, "SHAPES", {"mixtral": tiny})
@@ -101,8 +101,19 @@ def test_decode_rows_time_the_weight_read_floor_and_the_summary_uses_it(monkeypa
     assert all(v > 0 for v in (*result["copy_gbps_at"].values(), *result["gemm_gflops_at"].values()))
     assert not any(r["impl"] == "roofline" for r in result["rows"])
     reads = {r["mode"]: r for r in result["rows"] if r["impl"] == "weight_read"}
-    assert set(reads) == {"fwd", "fwd-cold"} and all(r["median_ms"] > 0 for r in reads.values())
+    assert set(reads) == {"fwd", "fwd+bwd", "fwd-cold"} and all(r["median_ms"] > 0 for r in reads.values())
+    captured = []
+    real_summary = B.targets_summary
+    monkeypatch.setattr(B, "targets_summary", lambda checks: captured.append(checks) or real_summary(checks))
     table = B.summarise(result)
+    speed = {k: hb for k, _, hb, _ in captured[0]["speed"]}
+    for mode in ("fwd", "fwd+bwd"):
+        rows = {r["impl"]: r["median_ms"] for r in result["rows"] if r["tokens"] == 1 and r["mode"] == mode}
+        bound = B.machine_bound_ms(tiny, 1, "float32", mode, result["roofline"],
+                                   result["copy_gbps_at"][f"mixtral/float32/1/{mode}"],
+                                   B.roof_gflops(result["roofline"], "float32"))
+        assert speed[f"mixtral float32 T=1 {mode}"] == pytest.approx(
+            rows["hf_grouped_mm"] / min(bound, rows["weight_read"]))
     assert "weight-read floor ms" in table
     assert "use the rate timed in their own pass, round-robin with the candidates" in table
     assert "use the copy rate measured just before their pass" in table
@@ -215,8 +226,6 @@ def test_tile_benchmark_times_every_path_of_each_kernel(tmp_path):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     if K.library() is None:
-        import pytest
-
         pytest.skip(f"CPU kernels unavailable: {K.unavailable_reason()}")
     result = mod.bench(["fine_grained"], [2, 70], [torch.float32], rounds=2)
     assert [(r["rows"], r["kernel"]) for r in result["rows"]] == [(2, "up"), (2, "down"), (70, "up"), (70, "down")]
