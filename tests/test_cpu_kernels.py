@@ -303,6 +303,32 @@ def test_amx_packed_activation_gives_the_same_bits(kernels, E, D, F_, counts, bi
     assert torch.equal(got, want)
     with pytest.raises(ValueError, match="a_pk must be"):
         K.amx_down_packed(a_pk[16:], tok, w, start, end, w_out, b_out, got)
+    # each token's first row storing, its last rounding the finished sum into a bf16 output: the same bits as
+    # summing into zeros and casting after (tokens without rows are left alone)
+    first = {int(t): s for s, t in reversed(list(enumerate(tok.tolist())))}
+    last = {int(t): s for s, t in enumerate(tok.tolist())}
+    flags = torch.zeros(tok.shape[0], dtype=torch.uint8)
+    for t in first:
+        flags[first[t]] += 1
+        flags[last[t]] += 2
+    want16 = torch.zeros(x.shape[0], D)
+    K.small_experts_down(a, tok, w, start, end, w_out, b_out, want16, packed_min_rows=1)
+    out16 = torch.full((x.shape[0], D), 7.0, dtype=torch.bfloat16)
+    K.amx_down_packed(a_pk, tok, w, start, end, w_out, b_out, torch.full((x.shape[0], D), float("nan")),
+                      flags=flags, out16=out16)
+    rows = sorted(first)
+    assert torch.equal(out16[rows], want16.bfloat16()[rows])
+    assert (out16[[t for t in range(x.shape[0]) if t not in first]] == 7).all()
+    with pytest.raises(ValueError, match="give both flags and out16"):
+        K.amx_down_packed(a_pk, tok, w, start, end, w_out, b_out, got, flags=flags)
+
+
+def test_row_flags_mark_each_tokens_first_and_last_row():
+    if K.library() is None:
+        pytest.skip("no CPU kernels")
+    tok = torch.tensor([2, 0, 1, 2, 0, 2])  # token 2: rows 0, 3, 5; token 0: rows 1, 4; token 1: row 2 only
+    assert K.row_flags(tok, 3).tolist() == [1, 1, 3, 0, 2, 2]
+    assert K.row_flags(tok, 4) is None  # token 3 has no row
 
 
 @needs_amx

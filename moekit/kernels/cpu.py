@@ -149,7 +149,8 @@ def _declare(lib: ctypes.CDLL) -> None:
         "moe_packed_tiles": [I],
         "moe_amx": [I],
         "moe_amx_up_packed": [P, I64, P, P, P, I64, P, P, I64, I64, P, P, I],
-        "moe_amx_down_packed": [P, P, P, P, P, I64, P, P, I64, I64, P, I64, I],
+        "moe_amx_down_packed": [P, P, P, P, P, I64, P, P, I64, I64, P, I64, P, P, I64, I],
+        "moe_row_flags": [P, I64, I64, P],
         "moe_small_decode": [P, I64, P, P, I64, I64, I64, P, P, P, P, I64, I64, I, P, I64, P, I],
         "moe_small_nn": [P, I, I64, P, P, I, I64, I64, P, P, I64, P, I, I64, P, I64, I],
         "moe_small_outer": [P, I, I64, P, P, I, I64, P, I64, I64, P, P, I64, P, I, I],
@@ -170,7 +171,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     }
     for name, args in sigs.items():
         fn = getattr(lib, name)
-        fn.argtypes, fn.restype = args, ctypes.c_int
+        fn.argtypes, fn.restype = args, ctypes.c_int64 if name == "moe_row_flags" else ctypes.c_int
 
 
 # ------------------------------------------------------------------------------------------------ checks
@@ -704,15 +705,41 @@ def amx_up_packed(x: torch.Tensor, tok: torch.Tensor, start: torch.Tensor, end: 
 
 def amx_down_packed(a_pk: torch.Tensor, tok: torch.Tensor, w: torch.Tensor, start: torch.Tensor, end: torch.Tensor,
                     w_out: torch.Tensor, b_out: torch.Tensor | None, out: torch.Tensor,
-                    check_index: bool = True) -> None:
+                    check_index: bool = True, flags: torch.Tensor | None = None,
+                    out16: torch.Tensor | None = None) -> None:
     """:func:`small_experts_down` reading the activation ``a_pk`` that :func:`amx_up_packed` wrote for the same
-    ``tok``, ``start`` and ``end``."""
+    ``tok``, ``start`` and ``end``. With ``flags`` (:func:`row_flags` of these rows, or of all the rows of which
+    these are a run, called in expert order) and ``out16`` (bf16 ``[T, D]``, 64-byte aligned rows): a token's
+    first row stores into ``out`` instead of adding (``out`` need not be zeroed), and its last writes the finished
+    sum, rounded once, to ``out16`` instead (``out`` then holds no finished row): no zero-fill of ``out`` and no
+    cast pass after."""
     E, D, F, _, ld_out = _down_args(tok, w, start, end, w_out, b_out, out, check_index, torch.bfloat16)
     if a_pk.dtype != torch.bfloat16 or tuple(a_pk.shape) != (_packed_rows(start, end), F) or not a_pk.is_contiguous():
         raise ValueError(f"a_pk must be the contiguous bf16 [{_packed_rows(start, end)}, {F}] tensor amx_up_packed "
                          f"returned for these segments, got {a_pk.dtype} {tuple(a_pk.shape)}")
+    ld16 = 0
+    if (flags is None) != (out16 is None):
+        raise ValueError("give both flags and out16, or neither")
+    if flags is not None:
+        _vector(flags, "flags", tok.shape[0], torch.uint8)
+        ld16 = _rows(out16, "out16", (out.shape[0], D))
+        if out16.dtype != torch.bfloat16 or out16.data_ptr() % 64 or ld16 % 32:
+            raise ValueError(f"out16 must be bf16 with 64-byte aligned rows, got {out16.dtype} at "
+                             f"{out16.data_ptr() % 64} past a line, row stride {ld16}")
     _call(_require().moe_amx_down_packed, _ptr(a_pk), _ptr(tok), _ptr(w), _ptr(start), _ptr(end), E, _ptr(w_out),
-          _ptr(b_out), D, F, _ptr(out), ld_out, _threads())
+          _ptr(b_out), D, F, _ptr(out), ld_out, _ptr(flags), _ptr(out16), ld16, _threads())
+
+
+def row_flags(tok: torch.Tensor, tokens: int) -> torch.Tensor | None:
+    """Per sorted row ``s`` (token ``tok[s] < tokens``) a uint8: bit 0 where ``s`` is its token's first row, bit 1
+    where its last (see :func:`amx_down_packed`); None where some token has no row (its output would never be
+    written)."""
+    _vector(tok, "tok", tok.shape[0], torch.int64)
+    fl = torch.empty(tok.shape[0], dtype=torch.uint8)
+    none = _require().moe_row_flags(_ptr(tok), tok.shape[0], tokens, _ptr(fl))
+    if none < 0:
+        raise RuntimeError(f"moekit CPU kernel moe_row_flags returned {none}")
+    return None if none else fl
 
 
 def small_experts_decode(x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, w_in: torch.Tensor,

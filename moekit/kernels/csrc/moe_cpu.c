@@ -1851,11 +1851,16 @@ typedef struct {
      * amx_up): no transposes for it, 8 whole lines per block, after the h units if any */
     bf16 *apk;
     int act;
-    /* amx_down: out[tok[row]] columns d0..d0 + 31 += w[row] * y */
+    /* amx_down: out[tok[row]] columns d0..d0 + 31 += w[row] * y; with fl (moe_row_flags' per sorted row), a
+     * token's first row stores instead (out need not be zeroed) and its last writes the token's finished sum,
+     * rounded, to out16 (ld_out16) instead of out */
     float *out;
     int64_t ld_out, d0;
     const int64_t *tok;
     const float *w;
+    const uint8_t *fl;
+    bf16 *out16;
+    int64_t ld_out16;
     /* amx_outer: rows gn0.. of G's [N, Kd] block at ge (nu of them: 16 or 32), columns k0.. (16 nq of them: up to 4
      * with 16 rows, up to 2 with 32) */
     char *ge;
@@ -1928,9 +1933,18 @@ static inline __attribute__((always_inline)) void amx_epi_unit(amx_epi *st, int 
     const __m512 g = _mm512_load_ps(st->t[q] + 16 * r);
     if (kind == AMX_EPI_DOWN) {
         float *o = st->out + (size_t)st->tok[row] * (size_t)st->ld_out + st->d0;
-        const __m512 ws = _mm512_set1_ps(st->w[row]);
-        _mm512_storeu_ps(o, _mm512_fmadd_ps(ws, g, _mm512_loadu_ps(o)));
-        _mm512_storeu_ps(o + 16, _mm512_fmadd_ps(ws, _mm512_load_ps(st->t[2 + q] + 16 * r), _mm512_loadu_ps(o + 16)));
+        const __m512 ws = _mm512_set1_ps(st->w[row]), g1 = _mm512_load_ps(st->t[2 + q] + 16 * r);
+        const int f = st->fl ? st->fl[row] : 0;
+        const __m512 y0 = f & 1 ? _mm512_mul_ps(ws, g) : _mm512_fmadd_ps(ws, g, _mm512_loadu_ps(o)),
+                     y1 = f & 1 ? _mm512_mul_ps(ws, g1) : _mm512_fmadd_ps(ws, g1, _mm512_loadu_ps(o + 16));
+        if (f & 2) { /* the token's sum is complete: one whole line of bf16 (d0 a multiple of 32, out16 aligned;
+                      * cached stores: streamed, the layer's forward at 8192 tokens gained nothing, ~2% this way) */
+            _mm512_storeu_si512((void *)(st->out16 + (size_t)st->tok[row] * (size_t)st->ld_out16 + st->d0),
+                                _mm512_inserti64x4(_mm512_castsi256_si512(cvt16_bf16(y0)), cvt16_bf16(y1), 1));
+            return;
+        }
+        _mm512_storeu_ps(o, y0);
+        _mm512_storeu_ps(o + 16, y1);
         return;
     }
     const __m512 up = st->act == 1 ? _mm512_load_ps(st->t[2 + q] + 16 * r) : g;
@@ -2171,7 +2185,8 @@ static int amx_up(const bf16 *x, int64_t ld_x, const int64_t *tok, const int64_t
  * order), a block's 32 weight rows of an expert running over a run of its packed 16-row blocks. */
 static int amx_down(const bf16 *a, int64_t ld_a, const int64_t *tok, const float *w, const int64_t *start,
                     const int64_t *end, int64_t E, const bf16 *w_out, const bf16 *b_out, int64_t D, int64_t F,
-                    float *out, int64_t ld_out, const bf16 *a_pk, int nthreads) {
+                    float *out, int64_t ld_out, const bf16 *a_pk, const uint8_t *fl, bf16 *out16, int64_t ld_out16,
+                    int nthreads) {
     int64_t *blk = a_pk ? amx_blocks(start, end, E) : NULL;
     const bf16 *ap = a_pk ? a_pk : amx_pack(a, ld_a, NULL, start, end, E, F, &blk, nthreads);
     if (!ap || !blk) {
@@ -2188,7 +2203,8 @@ static int amx_down(const bf16 *a, int64_t ld_a, const int64_t *tok, const float
         const int t = omp_get_thread_num(), n = omp_get_num_threads();
         const int64_t dlo = 32 * (D / 32 * t / n), dhi = 32 * (D / 32 * (t + 1) / n);
         float cb[2][4][256] __attribute__((aligned(64)));
-        amx_epi epi = {.two = 1, .out = out, .ld_out = ld_out, .tok = tok, .w = w}, *st = &epi;
+        amx_epi epi = {.two = 1, .out = out, .ld_out = ld_out, .tok = tok, .w = w, .fl = fl, .out16 = out16,
+                       .ld_out16 = ld_out16}, *st = &epi;
         int cur = 0;
         for (int64_t e = 0; e < E; e++)
         for (int64_t r0 = 0; r0 < blk[e + 1] - blk[e]; r0 += rbb)
@@ -2318,7 +2334,8 @@ int moe_small_down(const void *a, int64_t ld_a, const int64_t *tok, const float 
     int rc = -1;
 #if defined(MOE_AMX)
     if (fast == 1)
-        rc = amx_down(a, ld_a, tok, w, seg + 2 * E, seg + 3 * E, E, w_out, b_out, D, F, out, ld_out, NULL, nthreads);
+        rc = amx_down(a, ld_a, tok, w, seg + 2 * E, seg + 3 * E, E, w_out, b_out, D, F, out, ld_out, NULL, NULL,
+                      NULL, 0, nthreads);
 #endif
 #if defined(MOE_GK)
     if (fast == 2)
@@ -2351,14 +2368,36 @@ int moe_amx_up_packed(const void *x, int64_t ld_x, const int64_t *tok, const int
 
 int moe_amx_down_packed(const void *a_pk, const int64_t *tok, const float *w, const int64_t *start,
                         const int64_t *end, int64_t E, const void *w_out, const void *b_out, int64_t D, int64_t F,
-                        float *out, int64_t ld_out, int nthreads) {
+                        float *out, int64_t ld_out, const uint8_t *fl, void *out16, int64_t ld_out16, int nthreads) {
 #if defined(MOE_AMX)
+    if ((fl != NULL) != (out16 != NULL) || (out16 && (((uintptr_t)out16 & 63) || ld_out16 % 32))) return -1;
     if (D % 32 == 0 && F % 32 == 0 && amx_ready())
-        return amx_down(NULL, F, tok, w, start, end, E, w_out, b_out, D, F, out, ld_out, a_pk, nthreads);
+        return amx_down(NULL, F, tok, w, start, end, E, w_out, b_out, D, F, out, ld_out, a_pk, fl, out16, ld_out16,
+                        nthreads);
 #endif
     (void)a_pk, (void)tok, (void)w, (void)start, (void)end, (void)E, (void)w_out, (void)b_out, (void)D, (void)F;
-    (void)out, (void)ld_out, (void)nthreads;
+    (void)out, (void)ld_out, (void)fl, (void)out16, (void)ld_out16, (void)nthreads;
     return -6;
+}
+
+/* Per sorted row s of S (token tok[s]): bit 0 of fl[s] where s is its token's first row, bit 1 where its last (a
+ * token's rows in sorted order are its choices in expert order: the output projection's sums reach the token in
+ * that order). Returns the number of the T tokens with no row. */
+int64_t moe_row_flags(const int64_t *tok, int64_t S, int64_t T, uint8_t *fl) {
+    int64_t *last = malloc((size_t)(T ? T : 1) * sizeof(int64_t));
+    if (!last) return -5;
+    for (int64_t t = 0; t < T; t++) last[t] = -1;
+    for (int64_t s = 0; s < S; s++) {
+        fl[s] = last[tok[s]] < 0;
+        last[tok[s]] = s;
+    }
+    int64_t none = 0;
+    for (int64_t t = 0; t < T; t++) {
+        if (last[t] < 0) none++;
+        else fl[last[t]] |= 2;
+    }
+    free(last);
+    return none;
 }
 
 int moe_swiglu_fwd(const void *h, int64_t ld_h, void *a, int64_t ld_a, int64_t m, int64_t F, int dt, int nthreads) {
