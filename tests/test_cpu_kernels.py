@@ -648,13 +648,13 @@ def test_route_decode_declines_ties_and_nan(kernels):
 
 # ------------------------------------------------------------------------------------------ router kernels
 @pytest.mark.parametrize("T,E,D", [(1, 8, 512), (13, 8, 37), (1030, 8, 512), (66, 16, 64), (9, 5, 48),
-                                   (70, 64, 96), (3, 64, 512)])
+                                   (70, 64, 96), (3, 64, 512), (1100, 12, 64)])
 @pytest.mark.parametrize("w_dtype", DTYPES)
 @pytest.mark.parametrize("bias", [False, True])
 def test_router_logits_match_float64(kernels, T, E, D, w_dtype, bias):
     """A bf16 input's float32 logits without its float32 copy (the dot-product kernel's 4 x 4 blocks and their
-    tails, D not a multiple of 16; on AMX CPUs, bf16 weights with a multiple of 16 experts on the tiles), against
-    the same products in float64."""
+    tails, D not a multiple of 16; on AMX CPUs, bf16 weights with a multiple of 16 experts on the tiles, and 8-15
+    experts of 1024 tokens or more padded to 16), against the same products in float64."""
     torch.manual_seed(T + E + D)
     x, w = torch.randn(T, D).bfloat16(), torch.randn(E, D).to(w_dtype)
     b = torch.randn(E) if bias else None
@@ -695,7 +695,7 @@ def test_bf16_router_logits_take_the_kernel_forward_and_backward(kernels):
         assert a.dtype == c.dtype and max_err(a, c) < 1e-2
 
 
-@pytest.mark.parametrize("E,k", [(8, 2), (64, 8), (60, 6), (16, 16), (5, 1)])
+@pytest.mark.parametrize("E,k", [(8, 2), (64, 8), (60, 6), (16, 16), (5, 1), (12, 3)])  # (E <= 16: a row per lane)
 @pytest.mark.parametrize("renorm,renorm_min,scale", [(True, 0.0, 1.0), (False, 0.0, 2.5), (True, 0.9, 1.0)])
 def test_softmax_topk_kernel_matches_pytorch(kernels, E, k, renorm, renorm_min, scale):
     torch.manual_seed(E * k)
@@ -712,17 +712,20 @@ def test_softmax_topk_kernel_matches_pytorch(kernels, E, k, renorm, renorm_min, 
     assert K.softmax_topk(logits[:3], sel, k, renorm, renorm_min, scale) is None  # too few scores: PyTorch's
 
 
-def test_softmax_topk_kernel_leaves_ties_and_nan_to_pytorch(kernels):
-    T, E = K.ROUTE_MIN_SCORES // 8 + 1, 8
+@pytest.mark.parametrize("E", [8, 16, 40])
+def test_softmax_topk_kernel_leaves_ties_and_nan_to_pytorch(kernels, E):
+    T = K.ROUTE_MIN_SCORES // E + 1
     logits = torch.randn(T, E)
     assert K.softmax_topk(logits, None, 2, True, 0.0, 1.0) is not None
-    for bad in ("tie", "nan"):
+    for bad in ("tie", "tie_at_k", "nan"):
         s = logits.clone()
         if bad == "tie":
             s[T // 2, :3] = 5.0  # three equal largest: the top 2 depend on tie-breaking
+        elif bad == "tie_at_k":
+            s[T // 3, :3] = torch.tensor([6.0, 5.0, 5.0])  # the second choice ties with the third
         else:
             s[T - 1, 40 % E] = float("nan")
-        assert K.softmax_topk(s, None, 2, True, 0.0, 1.0) is None
+        assert K.softmax_topk(s, None, 2, True, 0.0, 1.0) is None, bad
 
 
 @pytest.mark.parametrize("renorm,renorm_min,scale", [(True, 0.0, 1.0), (False, 0.0, 2.5), (True, 0.6, 1.5)])

@@ -3906,6 +3906,17 @@ int moe_router_logits(const void *x, int dx, int64_t ld_x, const void *w, int dw
     return 0;
 }
 
+#if defined(__AVX512F__)
+/* The sum of v's 16 lanes in a fixed order, halves first (lane i + 8 onto i, then i + 4, i + 2, i + 1): route_row's,
+ * which route_rows16 repeats lane-wise so that both give the same bits. */
+static inline float sum16_tree(__m512 v) {
+    const __m256 h = _mm256_add_ps(_mm512_extractf32x8_ps(v, 1), _mm512_castps512_ps256(v));
+    const __m128 q = _mm_add_ps(_mm256_extractf128_ps(h, 1), _mm256_castps256_ps128(h));
+    const __m128 r = _mm_add_ps(q, _mm_movehl_ps(q, q));
+    return _mm_cvtss_f32(_mm_add_ss(r, _mm_movehdup_ps(r)));
+}
+#endif
+
 /* Softmax top-k of one token: p holds its E logits on entry and their softmax on return (c is scratch for the
  * choice values p + sel); writes the K chosen experts (largest choice first) and their weights
  *     wts[k] = p[ids[k]] / (renorm ? max(sum_k p[ids[k]], renorm_min) : 1) * scale.
@@ -3923,7 +3934,7 @@ static int route_row(float *p, float *c, int64_t E, int64_t K, const float *sel,
         _mm512_mask_storeu_ps(p + e, m, v);
         vsum = _mm512_add_ps(vsum, _mm512_maskz_mov_ps(m, v));
     }
-    const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(vsum));
+    const __m512 inv = _mm512_set1_ps(1.0f / sum16_tree(vsum));
     for (int64_t e = 0; e < E; e += 16) {
         const __mmask16 m = tail16(E - e);
         const __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, p + e), inv);
@@ -3951,6 +3962,75 @@ static int route_row(float *p, float *c, int64_t E, int64_t K, const float *sel,
     return 0;
 }
 
+#if defined(__AVX512F__)
+/* route_row for the n <= 16 rows of logits from row t0 (E <= 16 experts), a row per lane: each expert's values of
+ * the 16 rows in one vector, so that the softmax's maximum and sum and every round of the top-k are vector
+ * operations across experts rather than reductions across lanes (route_row's per-row chains of reductions took
+ * ~58 ns a row for 8 experts). The same bits as route_row: the same exp16, the sum in sum16_tree's order, the same
+ * divisions. Returns the number of the n rows with a NaN or a tie (their ids and wts unspecified). */
+static int64_t route_rows16(const float *logits, int64_t ld, int64_t t0, int64_t n, int64_t E, int64_t K,
+                            const float *sel, int renorm, float renorm_min, float scale, float *probs, int64_t *ids,
+                            float *wts) {
+    const __mmask16 rows = (__mmask16)(n >= 16 ? 0xffff : (1u << n) - 1);
+    const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    const __m512i at_ld = _mm512_mullo_epi32(lane, _mm512_set1_epi32((int)ld)),
+                  at_e = _mm512_mullo_epi32(lane, _mm512_set1_epi32((int)E));
+    const __m512 ninf = _mm512_set1_ps(-__builtin_inff()), zero = _mm512_setzero_ps();
+    __m512 v[16], pv[16];
+    __m512 mx = ninf;
+    for (int64_t e = 0; e < E; e++) {
+        v[e] = _mm512_mask_i32gather_ps(zero, rows, at_ld, logits + t0 * ld + e, 4);
+        mx = _mm512_max_ps(mx, v[e]);
+    }
+    for (int64_t e = 0; e < E; e++) v[e] = exp16(_mm512_sub_ps(v[e], mx));
+    for (int64_t e = E; e < 16; e++) v[e] = zero;
+    __m512 h[8];
+    for (int i = 0; i < 8; i++) h[i] = _mm512_add_ps(v[i + 8], v[i]);
+    for (int i = 0; i < 4; i++) h[i] = _mm512_add_ps(h[i + 4], h[i]);
+    const __m512 sum = _mm512_add_ps(_mm512_add_ps(h[0], h[2]), _mm512_add_ps(h[1], h[3]));
+    const __m512 inv = _mm512_div_ps(_mm512_set1_ps(1.0f), sum);
+    __mmask16 bad = 0;
+    for (int64_t e = 0; e < E; e++) {
+        pv[e] = _mm512_mul_ps(v[e], inv);
+        _mm512_mask_i32scatter_ps(probs + t0 * E + e, rows, at_e, pv[e], 4);
+        v[e] = sel ? _mm512_add_ps(pv[e], _mm512_set1_ps(sel[e])) : pv[e]; /* the choice values */
+        bad |= _mm512_cmp_ps_mask(v[e], v[e], _CMP_UNORD_Q);
+    }
+    int32_t pos[64][16] __attribute__((aligned(64)));
+    __m512 tot = zero, pk[64];
+    for (int64_t j = 0; j < K; j++) {
+        __m512 best = v[0];
+        for (int64_t e = 1; e < E; e++) best = _mm512_max_ps(best, v[e]);
+        __m512i cnt = _mm512_setzero_si512(), at = _mm512_set1_epi32((int)E);
+        pk[j] = zero;
+        for (int64_t e = E - 1; e >= 0; e--) { /* (down to the first expert holding the maximum, as route_row) */
+            const __mmask16 eq = _mm512_cmp_ps_mask(v[e], best, _CMP_EQ_OQ);
+            cnt = _mm512_mask_add_epi32(cnt, eq, cnt, _mm512_set1_epi32(1));
+            at = _mm512_mask_mov_epi32(at, eq, _mm512_set1_epi32((int)e));
+            pk[j] = _mm512_mask_mov_ps(pk[j], eq, pv[e]);
+            v[e] = _mm512_mask_mov_ps(v[e], eq, ninf);
+        }
+        if (E < 16) /* route_row's padding lanes hold -inf: a chosen -inf ties with them */
+            cnt = _mm512_mask_add_epi32(cnt, _mm512_cmp_ps_mask(best, ninf, _CMP_EQ_OQ), cnt,
+                                        _mm512_set1_epi32((int)(16 - E)));
+        bad |= _mm512_cmpneq_epi32_mask(cnt, _mm512_set1_epi32(1));
+        _mm512_store_si512((void *)pos[j], at);
+        tot = _mm512_add_ps(tot, pk[j]);
+    }
+    if (renorm_min > 0.0f) tot = _mm512_mask_mov_ps(tot, _mm512_cmp_ps_mask(tot, _mm512_set1_ps(renorm_min), _CMP_LT_OQ),
+                                                   _mm512_set1_ps(renorm_min));
+    float w[64][16] __attribute__((aligned(64)));
+    for (int64_t j = 0; j < K; j++)
+        _mm512_store_ps(w[j], _mm512_mul_ps(renorm ? _mm512_div_ps(pk[j], tot) : pk[j], _mm512_set1_ps(scale)));
+    for (int64_t r = 0; r < n; r++)
+        for (int64_t j = 0; j < K; j++) {
+            ids[(t0 + r) * K + j] = pos[j][r];
+            wts[(t0 + r) * K + j] = w[j][r];
+        }
+    return __builtin_popcount((unsigned)(bad & rows));
+}
+#endif
+
 /* Softmax top-k routing of T tokens from their float32 logits [T, E] (row stride ld): probs [T, E] (may alias
  * logits when ld == E), ids int64 and wts float32 [T, K], as route_row. Returns the number of rows with a NaN or a
  * tie (their ids and wts unwritten: the caller then routes the batch in PyTorch, which breaks ties its own way). */
@@ -3958,6 +4038,15 @@ int moe_softmax_topk(const float *logits, int64_t ld, int64_t T, int64_t E, int6
                      float renorm_min, float scale, float *probs, int64_t *ids, float *wts, int nthreads) {
     if (K < 1 || K > 64 || K > E) return -1;
     int64_t ambiguous = 0;
+#if defined(__AVX512F__)
+    if (E <= 16 && ld < (1 << 26)) { /* 16 rows at a time, a row per lane (8192 x 8: 0.47 -> 0.05 ms, 2 cores) */
+#pragma omp parallel for schedule(static) num_threads(threads_for(T * E * 8, nthreads)) reduction(+ : ambiguous)
+        for (int64_t t0 = 0; t0 < T; t0 += 16)
+            ambiguous += route_rows16(logits, ld, t0, T - t0 < 16 ? T - t0 : 16, E, K, sel, renorm, renorm_min, scale,
+                                      probs, ids, wts);
+        return (int)(ambiguous < 0x7fffffff ? ambiguous : 0x7fffffff);
+    }
+#endif
 #pragma omp parallel num_threads(threads_for(T * E * 8, nthreads))
     {
         float *c = malloc((size_t)E * sizeof(float));
