@@ -679,6 +679,23 @@ def test_router_logits_decline_what_they_do_not_cover(kernels):
     assert K.router_logits(x.bfloat16(), torch.randn(8, 32).double()) is None
 
 
+@pytest.mark.parametrize("E", [8, 40])  # dx from the small-M kernel (<= CAST_NN_MAX_OUT outputs), or by blocks
+def test_cast_linear_backward_by_blocks_matches_float64(kernels, monkeypatch, E):
+    """A bf16 router computed in fp32 with many rows: its backward sums dw over blocks of x's rows converted one at
+    a time (several blocks here) and writes dx in x's dtype; both as the float64 products give them."""
+    monkeypatch.setattr(cpu_gemm, "CAST_BLOCK_BYTES", 64 * 4 * 48)  # 48 rows of 64 columns per block
+    torch.manual_seed(E)
+    x = torch.randn(130, 64).bfloat16().requires_grad_()
+    w = torch.randn(E, 64).bfloat16().requires_grad_()
+    out = cpu_gemm.linear_autograd(x, w, None, torch.float32)
+    g = torch.randn(130, E)
+    dx, dw = torch.autograd.grad(out, [x, w], g)
+    assert dx.dtype == dw.dtype == torch.bfloat16
+    want_dx, want_dw = g.double() @ w.double(), g.double().T @ x.double()
+    assert max_err(dx, want_dx) <= 8e-3 * want_dx.abs().max().item()  # (one rounding to bf16)
+    assert max_err(dw, want_dw) <= 8e-3 * want_dw.abs().max().item()
+
+
 def test_bf16_router_logits_take_the_kernel_forward_and_backward(kernels):
     """A bf16 router computed in fp32 (its default) gets the kernel's logits, and the same gradients as F.linear on
     the float32 copies."""

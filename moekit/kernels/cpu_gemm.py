@@ -146,6 +146,8 @@ class _Linear(torch.autograd.Function):
         need_dx, need_dw = ctx.needs_input_grad[:2]
         if _few_rows_cast(g, w, x, ctx.dtype):
             dx, dw = _few_rows_backward(g, w, x, need_dx, need_dw)
+        elif (w.dtype != ctx.dtype or x.dtype != ctx.dtype) and x.dim() == 2 and x.device.type == "cpu":
+            dx, dw = _cast_backward(g, w, x, need_dx, need_dw)
         else:
             dx = linear(g, w.to(ctx.dtype).T).to(x.dtype) if need_dx else None  # g @ w
             dw = None
@@ -182,6 +184,43 @@ def _few_rows_backward(g: torch.Tensor, w: torch.Tensor, x: torch.Tensor, need_d
     if need_dw:
         dw = torch.empty_like(w, memory_format=torch.contiguous_format)
         kcpu.small_experts_outer(g, None, x.contiguous(), None, None, None, dw.unsqueeze(0))
+    return dx, dw
+
+
+#: Rows of x (converted) per block of :func:`_cast_backward`, in bytes of the converted block.
+CAST_BLOCK_BYTES = 1 << 20
+#: Up to this many outputs (experts) :func:`_cast_backward` computes ``dx`` in the small-M kernel.
+CAST_NN_MAX_OUT = 16
+
+
+def _cast_backward(g: torch.Tensor, w: torch.Tensor, x: torch.Tensor, need_dx: bool, need_dw: bool
+                   ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """_Linear's backward where a cast is involved (a bf16 router computed in fp32) and rows are many: ``dw = g^T @
+    x`` summed in ``g``'s dtype over blocks of ``x``'s rows converted one at a time (a block of ``CAST_BLOCK_BYTES``
+    stays in cache; the converted copy of all of ``x`` and the GEMM reading it back from memory took 2.7 ms of a
+    Mixtral-like bf16 step at T = 8192), ``dx = g @ w`` in ``x``'s dtype straight from the small-M kernel up to
+    ``CAST_NN_MAX_OUT`` outputs (no fp32 product to cast after), else by blocks of rows as ``dw``. Caches flushed,
+    2 Emerald Rapids cores, 8192 tokens: 8 experts dw 1.35 -> 1.06 ms, dx 1.07 -> 0.64 ms; 64 experts dw 3.0 -> 2.2
+    ms, dx 2.15 -> 1.8 ms."""
+    from . import cpu as kcpu  # (imports this module)
+
+    T, (E, D) = g.shape[0], w.shape
+    rows = max(1, CAST_BLOCK_BYTES // max(1, D * g.element_size()))
+    dx = dw = None
+    if need_dx:
+        dx = torch.empty(T, D, dtype=x.dtype)
+        if E <= CAST_NN_MAX_OUT and kcpu.library() is not None and g.dtype in (torch.float32, torch.bfloat16) \
+                and x.dtype in (torch.float32, torch.bfloat16) and w.dtype in (torch.float32, torch.bfloat16):
+            kcpu.small_experts_nn(g, None, w.contiguous().unsqueeze(0), None, None, dx)
+        else:
+            w_g = w.to(g.dtype)
+            for r in range(0, T, rows):
+                dx[r:r + rows] = g[r:r + rows] @ w_g
+    if need_dw:
+        acc = torch.zeros(E, D, dtype=g.dtype)
+        for r in range(0, T, rows):
+            acc.addmm_(g[r:r + rows].T, x[r:r + rows].to(g.dtype))
+        dw = acc.to(w.dtype)
     return dx, dw
 
 
