@@ -305,7 +305,8 @@ class MoE(nn.Module):
 
     def _fused_train_step(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, RouterOutput] | None:
         """A few tokens with autograd on, a plain softmax top-k router and SwiGLU experts on CPU: routing and experts
-        forward in one kernel call, and backward in another (:class:`moekit.experts.train_step.RoutedExpertsStep`).
+        forward in one kernel call, and backward in another (:class:`moekit.experts.train_step.RoutedExpertsStep`;
+        the balancing losses, z-loss and selection-bias update run on the routing it returns).
         Returns ``(y_TD, tokens per expert, the routing)``, ``y_TD`` as :meth:`_fused_decode` has it, or None where
         it does not apply (or a token's choice is a tie)."""
         if x_TD.device.type != "cpu" or self._routing_hooks or torch.is_autocast_enabled("cpu") or \
@@ -316,19 +317,16 @@ class MoE(nn.Module):
                 or not x_TD.is_contiguous():
             return None
         try:
-            y_TD, counts_E, probs_TE, ids_TK, weights_TK = RoutedExpertsStep.apply(x_TD, *prep[2])
+            y_TD, counts_E, probs_TE, ids_TK, weights_TK, logits_TE = RoutedExpertsStep.apply(x_TD, *prep[2])
         except AmbiguousRouting:
             return None
-        # (no logits: the z-loss, their only user here, keeps the regular path)
-        return y_TD, counts_E, RouterOutput(None, probs_TE, ids_TK, weights_TK)
+        return y_TD, counts_E, RouterOutput(logits_TE, probs_TE, ids_TK, weights_TK)
 
     def _prepare_train_step(self) -> tuple | None:
         cfg, experts, router = self.config, self.experts, self.router
         if cfg.capacity_factor is not None or not isinstance(experts, Experts) \
                 or experts.backend not in ("auto", "fused") or cfg.on_expert_failure == "skip" \
                 or cfg.top_k > kcpu.ROUTE_DECODE_MAX_K or router.needs_token_ids:
-            return None
-        if cfg.z_loss_coef > 0:  # (the logits are not kept: the balancing loss and bias update use the rest)
             return None
         spec = router.decode_routing()
         dtype = experts.w_in.dtype

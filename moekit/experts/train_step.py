@@ -24,12 +24,12 @@ class AmbiguousRouting(Exception):
 
 
 class RoutedExpertsStep(torch.autograd.Function):
-    """``(y_TD, tokens per expert, probs_TE, ids_TK, weights_TK)`` of a softmax top-k router (``router_w``,
+    """``(y_TD, tokens per expert, probs_TE, ids_TK, weights_TK, logits_TE)`` of a softmax top-k router (``router_w``,
     ``router_b``, the selection-only ``selection_bias``; ``spec = (k, renormalize, renorm_min, scale)``) into SwiGLU
     experts (``w_in [E, 2F, D]``, ``w_out [E, D, F]``, no biases), ``y`` in ``out_dtype`` (summed in float32).
-    ``y`` and the softmax ``probs_TE`` (a balancing loss's input) are differentiable in ``x_TD``, the router's weight
-    and bias and (``y``) the experts' weights. Raises :class:`AmbiguousRouting` (before recording anything) where the
-    kernels' routing would not match PyTorch's."""
+    ``y``, the softmax ``probs_TE`` (a balancing loss's input) and the router's ``logits_TE`` (a z-loss's) are
+    differentiable in ``x_TD``, the router's weight and bias and (``y``) the experts' weights. Raises
+    :class:`AmbiguousRouting` (before recording anything) where the kernels' routing would not match PyTorch's."""
 
     @staticmethod
     def forward(ctx, x_TD, router_w, router_b, w_in, w_out, selection_bias, spec, out_dtype):
@@ -39,16 +39,16 @@ class RoutedExpertsStep(torch.autograd.Function):
                                        w_out)
         if res is None:
             raise AmbiguousRouting
-        y, counts, weights, saved = res
+        y, counts, weights, logits, saved = res
         ctx.save_for_backward(x_TD, router_w, w_in, w_out, saved.probs)
         ctx.saved, ctx.spec = saved, spec
         ctx.bias_dtype = None if router_b is None else router_b.dtype
         ctx.mark_non_differentiable(counts, saved.ids, weights)
-        ctx.set_materialize_grads(False)  # (unused probabilities, no balancing loss: None)
-        return y.to(out_dtype), counts, saved.probs, saved.ids, weights
+        ctx.set_materialize_grads(False)  # (unused probabilities or logits, no balancing loss or z-loss: None)
+        return y.to(out_dtype), counts, saved.probs, saved.ids, weights, logits
 
     @staticmethod
-    def backward(ctx, g_TD, _counts, d_probs, _ids, _weights):
+    def backward(ctx, g_TD, _counts, d_probs, _ids, _weights, d_logits):
         x_TD, router_w, w_in, w_out, _ = ctx.saved_tensors
         need_x, need_wr, need_br, need_win, need_wout = ctx.needs_input_grad[:5]
         _, renormalize, renorm_min, scale = ctx.spec
@@ -56,10 +56,11 @@ class RoutedExpertsStep(torch.autograd.Function):
         if saved is None:
             raise RuntimeError("this few-token training step was already backpropagated (its backward overwrites "
                                "what it kept): retain_graph=True is not supported on it")
-        if g_TD is None:  # (only the probabilities were used)
+        if g_TD is None:  # (only the probabilities or logits were used)
             g_TD = torch.zeros(x_TD.shape, dtype=torch.float32)
         dx, d_win, d_wout, d_logits, d_wr = kcpu.route_train_backward(
             g_TD.contiguous(), None if d_probs is None else d_probs.float(), x_TD, router_w, saved, renormalize,
-            renorm_min, scale, w_in, w_out, need_x, need_win, need_wout, need_br, need_wr)
+            renorm_min, scale, w_in, w_out, need_x, need_win, need_wout, need_br, need_wr,
+            None if d_logits is None else d_logits.float())
         d_br = d_logits.sum(0).to(ctx.bias_dtype) if need_br else None
         return None if dx is None else dx.to(x_TD.dtype), d_wr, d_br, d_win, d_wout, None, None, None

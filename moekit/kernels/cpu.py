@@ -163,10 +163,10 @@ def _declare(lib: ctypes.CDLL) -> None:
         "moe_sort_keys": [P, I64, I64, I64, P, P, P, P],
         "moe_route_decode": [P, I64, P, I, P, P, I64, I64, I64, I, ctypes.c_float, ctypes.c_float, P, P, P, P, P, P,
                              I64, I64, I, P, I, I64, P, I],
-        "moe_route_train_fwd": [P, I64, P, I, P, P, I64, I64, I64, I, ctypes.c_float, ctypes.c_float, P, P, P, P, P,
+        "moe_route_train_fwd": [P, I64, P, I, P, P, I64, I64, I64, I, ctypes.c_float, ctypes.c_float, P, P, P, P, P, P,
                                 I64, I64, I, P, P, P, P, I64, P, I64, I64, I],
         "moe_route_train_bwd": [P, I, I64, P, I, P, P, I64, I64, I64, I, ctypes.c_float, ctypes.c_float, P, P, P, P, P,
-                                P, I64, I64, I, P, P, P, P, I64, I64, I],
+                                P, I64, I64, I, P, P, P, P, P, I64, I64, I],
         "moe_route_train_bwd_in": [P, P, I64, P, I64, I64, I64, I, P, I],
     }
     for name, args in sigs.items():
@@ -834,10 +834,11 @@ class TrainStepSaved:
 def route_train_forward(x: torch.Tensor, router_w: torch.Tensor, router_b: torch.Tensor | None,
                         selection_bias: torch.Tensor | None, k: int, renormalize: bool, renorm_min: float,
                         scale: float, w_in: torch.Tensor, w_out: torch.Tensor
-                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, TrainStepSaved] | None:
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, TrainStepSaved] | None:
     """The forward of a few-token training step in one kernel call: :func:`route_decode`'s softmax top-k routing
     and SwiGLU experts (no expert biases), keeping what :func:`route_train_backward` needs. Returns
-    ``(y [T, D] float32, slots per expert [E], weights [T, k] float32, saved)``, or None where a token's choice is
+    ``(y [T, D] float32, slots per expert [E], weights [T, k] float32, logits [T, E] float32, saved)``, or None
+    where a token's choice is
     ambiguous (a NaN, or a tie among its ``k + 1`` largest values: route in PyTorch instead). The caller checks the
     arguments as for :func:`route_decode` (``x`` contiguous in the experts' dtype)."""
     E, W, D = w_in.shape
@@ -848,28 +849,31 @@ def route_train_forward(x: torch.Tensor, router_w: torch.Tensor, router_b: torch
     ids = torch.empty(T, k, dtype=torch.int64)
     wts = torch.empty(T, k, dtype=torch.float32)
     probs = torch.empty(T, E, dtype=torch.float32)
+    logits = torch.empty(T, E, dtype=torch.float32)
     seg = torch.empty(2 * E + 2 * S, dtype=torch.int64)
     ws = torch.empty(S, dtype=torch.float32)
     h = torch.empty(S, W, dtype=x.dtype)
     rc = _require().moe_route_train_fwd(
         _ptr(x), x.stride(0), _ptr(router_w), _DTYPES[router_w.dtype], _ptr(router_b), _ptr(selection_bias), T, k, E,
-        int(renormalize), renorm_min, scale, _ptr(ids), _ptr(wts), _ptr(probs), _ptr(w_in), _ptr(w_out), D, F,
-        _DTYPES[x.dtype], _ptr(seg), _ptr(ws), _ptr(h), _ptr(out), D, _ptr(counts), _packed_min(None, x.dtype),
+        int(renormalize), renorm_min, scale, _ptr(ids), _ptr(wts), _ptr(probs), _ptr(logits), _ptr(w_in),
+        _ptr(w_out), D, F, _DTYPES[x.dtype], _ptr(seg), _ptr(ws), _ptr(h), _ptr(out), D, _ptr(counts), _packed_min(None, x.dtype),
         _packed_min(None, x.dtype), _threads())
     if rc == 1:
         return None
     if rc != 0:
         raise RuntimeError(f"moekit CPU kernel moe_route_train_fwd returned {rc}: arguments the checks let through")
-    return out, counts, wts, TrainStepSaved(ids, probs, seg, ws, h)
+    return out, counts, wts, logits, TrainStepSaved(ids, probs, seg, ws, h)
 
 
 def route_train_backward(g: torch.Tensor, d_probs: torch.Tensor | None, x: torch.Tensor, router_w: torch.Tensor,
                          saved: TrainStepSaved, renormalize: bool, renorm_min: float, scale: float, w_in: torch.Tensor,
                          w_out: torch.Tensor, need_x: bool, need_w_in: bool, need_w_out: bool, need_logits: bool,
-                         need_router_w: bool) -> tuple[torch.Tensor | None, ...]:
+                         need_router_w: bool, d_logits_in: torch.Tensor | None = None
+                         ) -> tuple[torch.Tensor | None, ...]:
     """The backward of :func:`route_train_forward` from the gradient ``g [T, D]`` (float32 or the experts' dtype,
-    contiguous) of its output and ``d_probs`` (float32 ``[T, E]`` or None) of the saved probabilities (a balancing
-    loss's): ``(dx float32, dW_in, dW_out, d_logits [T, E] float32, dW_router)``, each None where not asked for (dx
+    contiguous) of its output, ``d_probs`` (float32 ``[T, E]`` or None) of the saved probabilities (a balancing
+    loss's) and ``d_logits_in`` (the same, or None) of its logits (a z-loss's): ``(dx float32, dW_in, dW_out,
+    d_logits [T, E] float32, dW_router)``, each None where not asked for (dx
     includes the router's term ``d_logits @ router_w``). Consumes ``saved.h``. One kernel call for all but the
     input projection's weight gradient, a second for that, whose buffer (the largest) is allocated once the first
     call's scratch is freed, and the router's weight gradient last, once the pre-activations are: the peak holds the
@@ -880,9 +884,11 @@ def route_train_backward(g: torch.Tensor, d_probs: torch.Tensor | None, x: torch
     if h is None:
         raise RuntimeError("this few-token training step was already backpropagated (its pre-activations are "
                            "overwritten by the first backward): retain_graph=True is not supported by it")
-    if d_probs is not None and (d_probs.dtype != torch.float32 or tuple(d_probs.shape) != (T, E)):
-        raise ValueError(f"d_probs must be float32 of shape {(T, E)}, got {d_probs.dtype} {tuple(d_probs.shape)}")
+    for name, t in (("d_probs", d_probs), ("d_logits_in", d_logits_in)):
+        if t is not None and (t.dtype != torch.float32 or tuple(t.shape) != (T, E)):
+            raise ValueError(f"{name} must be float32 of shape {(T, E)}, got {t.dtype} {tuple(t.shape)}")
     d_probs = None if d_probs is None else d_probs.contiguous()
+    d_logits_in = None if d_logits_in is None else d_logits_in.contiguous()
     lib = _require()
     dx = torch.empty(T, D, dtype=torch.float32) if need_x else None
     d_wout = torch.empty_like(w_out) if need_w_out else None
@@ -892,7 +898,7 @@ def route_train_backward(g: torch.Tensor, d_probs: torch.Tensor | None, x: torch
         _ptr(g), _dt(g, "g"), g.stride(0), _ptr(router_w), _DTYPES[router_w.dtype], _ptr(saved.ids),
         _ptr(saved.probs), T, k, E, int(renormalize), renorm_min, scale, _ptr(saved.seg), _ptr(saved.ws), _ptr(h),
         _ptr(ga), _ptr(w_in), _ptr(w_out), D, W // 2, _DTYPES[x.dtype], _ptr(dx), _ptr(d_wout), _ptr(d_probs),
-        _ptr(d_logits), _packed_min(None, g.dtype if g.dtype == x.dtype else None, nn=True),
+        _ptr(d_logits_in), _ptr(d_logits), _packed_min(None, g.dtype if g.dtype == x.dtype else None, nn=True),
         _packed_min(None, x.dtype, nn=True), _threads())
     if rc != 0:
         raise RuntimeError(f"moekit CPU kernel moe_route_train_bwd returned {rc}: arguments the checks let through")

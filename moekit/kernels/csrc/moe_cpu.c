@@ -4132,20 +4132,21 @@ int moe_route_decode(const void *x, int64_t ld_x, const void *w_r, int dt_r, con
  * host ops of routing, dispatch and the expert kernels one by one.
  *
  * Forward: moe_route_decode's routing and experts (ids, wts as there), keeping what backward needs: probs [T, E]
- * (the softmax), the slots grouped by expert (seg: start [E], end [E], tok [S], slot [S] as group_slots writes
+ * (the softmax; logits, if not NULL, gets the router's logits before it), the slots grouped by expert (seg: start [E], end [E], tok [S], slot [S] as group_slots writes
  * them; ws [S] their weights) and the pre-activations h [S, 2F] in that order. out (float32 [T, D], row stride
  * ld_out) is zeroed here. up_min / down_min: the rows from which an expert takes the packed or AMX tiles (as the
  * packed_min of moe_small_up / moe_small_down). Returns 1 (nothing but probs written) where a token's choice is
  * ambiguous (a NaN, or a tie among its K + 1 largest choice values), else as moe_small_decode. */
 int moe_route_train_fwd(const void *x, int64_t ld_x, const void *w_r, int dt_r, const float *b_r, const float *sel,
                         int64_t T, int64_t K, int64_t E, int renorm, float renorm_min, float scale, int64_t *ids,
-                        float *wts, float *probs, const void *w_in, const void *w_out, int64_t D, int64_t F, int dt,
-                        int64_t *seg, float *ws, void *h, float *out, int64_t ld_out, int64_t *counts,
-                        int64_t up_min, int64_t down_min, int nthreads) {
+                        float *wts, float *probs, float *logits, const void *w_in, const void *w_out, int64_t D,
+                        int64_t F, int dt, int64_t *seg, float *ws, void *h, float *out, int64_t ld_out,
+                        int64_t *counts, int64_t up_min, int64_t down_min, int nthreads) {
     if (K < 1 || K > 64 || K > E) return -1;
     float *c = malloc((size_t)E * sizeof(float));
     if (!c) return -5;
     router_logits(x, dt, ld_x, w_r, dt_r, b_r, T, E, D, probs, E, nthreads);
+    if (logits) memcpy(logits, probs, (size_t)(T * E) * sizeof(float)); /* (the softmax overwrites probs' copy) */
     int64_t ambiguous = 0;
     for (int64_t t = 0; t < T; t++)
         ambiguous += route_row(probs + t * E, c, E, K, sel, renorm, renorm_min, scale, ids + t * K, wts + t * K);
@@ -4194,15 +4195,17 @@ static int zero_idle_experts(const int64_t *start, const int64_t *end, int64_t E
  *   dx       float32 [T, D]        dH @ W_in over each token's slots, plus the router's term dlogits @ w_r
  *   dlogits  float32 [T, E]        the router logits' gradient: softmax top-k's, from the weights' gradients
  *                                  ga . a and d_probs (float32 [T, E], the probabilities' own gradient, from a
- *                                  balancing loss; may be NULL); needed for dx (the router's weight gradient,
- *                                  dlogits^T @ x, is the caller's)
+ *                                  balancing loss; may be NULL), plus d_logits (the logits' own, from a z-loss; may
+ *                                  be NULL); needed for dx (the router's weight gradient, dlogits^T @ x, is the
+ *                                  caller's)
  * (the same kernels as the regular path's separate calls: moe_small_nn, moe_swiglu_bwd, moe_small_outer, the
  * streaming zero-fill). nn_min_g, nn_min_h: the packed_min of moe_small_nn for g @ W_out and dH @ W_in. */
 int moe_route_train_bwd(const void *g, int g_dt, int64_t ld_g, const void *w_r, int dt_r, const int64_t *ids,
                         const float *probs, int64_t T, int64_t K, int64_t E, int renorm, float renorm_min,
                         float scale, const int64_t *seg, const float *ws, void *h, void *ga, const void *w_in,
                         const void *w_out, int64_t D, int64_t F, int dt, float *dx, void *dw_out,
-                        const float *d_probs, float *dlogits, int64_t nn_min_g, int64_t nn_min_h, int nthreads) {
+                        const float *d_probs, const float *d_logits, float *dlogits, int64_t nn_min_g,
+                        int64_t nn_min_h, int nthreads) {
     const int64_t S = T * K, W = 2 * F;
     const int64_t *start = seg, *end = seg + E, *tok = end + E, *slot = tok + S;
     if (dx && !dlogits) return -1;
@@ -4244,7 +4247,7 @@ int moe_route_train_bwd(const void *g, int g_dt, int64_t ld_g, const void *w_r, 
             dp[id[k]] += renorm ? dw[k] / den - (clamped ? 0.0f : dot / (den * den)) : dw[k];
         float sum = 0.0f;
         for (int64_t e = 0; e < E; e++) sum += dp[e] * p[e];
-        for (int64_t e = 0; e < E; e++) dp[e] = p[e] * (dp[e] - sum);
+        for (int64_t e = 0; e < E; e++) dp[e] = p[e] * (dp[e] - sum) + (d_logits ? d_logits[t * E + e] : 0.0f);
     }
     const int64_t zero = 0;
     for (int64_t t = 0; t < T; t++) iota[t] = t;
