@@ -284,23 +284,34 @@ class MoE(nn.Module):
                                                    t._version if versions else None))
         return tuple(key)
 
-    def _prepare_decode(self) -> tuple | None:
+    def _fused_routing(self) -> tuple[bool, float, float] | None:
+        """The router's ``decode_routing()`` spec where routing and experts can run in one fused CPU kernel call
+        (the fused decode, the few-token training step): plain softmax top-k into SwiGLU experts of the fused
+        backend, no capacity, no token ids, no expert-failure skipping, a router weight the kernels read as it is;
+        else None."""
         cfg, experts, router = self.config, self.experts, self.router
-        if self.training or cfg.capacity_factor is not None or not isinstance(experts, Experts) \
+        if cfg.capacity_factor is not None or not isinstance(experts, Experts) \
                 or experts.backend not in ("auto", "fused") or cfg.on_expert_failure == "skip" \
                 or cfg.top_k > kcpu.ROUTE_DECODE_MAX_K or router.needs_token_ids:
             return None
         spec = router.decode_routing()
-        dtype = experts.w_in.dtype
-        probe = torch.empty(1, cfg.d_model, dtype=dtype)
+        probe = torch.empty(1, cfg.d_model, dtype=experts.w_in.dtype)
         if spec is None or not experts.decode_kernel_usable(probe):
             return None
-        w_r, b_r = router.weight, router.bias
+        w_r = router.weight
         if w_r.dtype not in (torch.float32, torch.bfloat16) or w_r.device.type != "cpu" or not w_r.is_contiguous():
             return None
-        args = (w_r, None if b_r is None else b_r.float().contiguous(), router.expert_bias.float().contiguous(),
-                cfg.top_k, *spec, experts.w_in, experts.b_in, experts.w_out, experts.b_out,
-                dtype if self.shared_experts is None else torch.float32)
+        return spec
+
+    def _prepare_decode(self) -> tuple | None:
+        cfg, experts, router = self.config, self.experts, self.router
+        spec = None if self.training else self._fused_routing()
+        if spec is None:
+            return None
+        dtype, b_r = experts.w_in.dtype, router.bias
+        args = (router.weight, None if b_r is None else b_r.float().contiguous(),
+                router.expert_bias.float().contiguous(), cfg.top_k, *spec, experts.w_in, experts.b_in, experts.w_out,
+                experts.b_out, dtype if self.shared_experts is None else torch.float32)
         return dtype, cfg.top_k, args
 
     def _fused_train_step(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, RouterOutput] | None:
@@ -324,20 +335,11 @@ class MoE(nn.Module):
 
     def _prepare_train_step(self) -> tuple | None:
         cfg, experts, router = self.config, self.experts, self.router
-        if cfg.capacity_factor is not None or not isinstance(experts, Experts) \
-                or experts.backend not in ("auto", "fused") or cfg.on_expert_failure == "skip" \
-                or cfg.top_k > kcpu.ROUTE_DECODE_MAX_K or router.needs_token_ids:
+        spec = self._fused_routing()
+        if spec is None or experts.b_in is not None or experts.b_out is not None:
             return None
-        spec = router.decode_routing()
         dtype = experts.w_in.dtype
-        probe = torch.empty(1, cfg.d_model, dtype=dtype)
-        if spec is None or experts.b_in is not None or experts.b_out is not None or \
-                not experts.decode_kernel_usable(probe):
-            return None
-        w_r, b_r, sel = router.weight, router.bias, router.expert_bias
-        if w_r.dtype not in (torch.float32, torch.bfloat16) or w_r.device.type != "cpu" or not w_r.is_contiguous():
-            return None
-        args = (w_r, b_r, experts.w_in, experts.w_out, sel, (cfg.top_k, *spec),
+        args = (router.weight, router.bias, experts.w_in, experts.w_out, router.expert_bias, (cfg.top_k, *spec),
                 dtype if self.shared_experts is None else torch.float32)
         return dtype, cfg.top_k, args
 
