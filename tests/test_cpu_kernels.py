@@ -199,7 +199,7 @@ def _small_problem(E, D, F_, counts, dtype, bias):
 CASES = [  # (E, D, F, rows per expert)
     (3, 37, 21, [2, 0, 5]),  # tails of every vector width, an idle expert
     (4, 64, 32, [1, 4, 3, 9]),  # exact vector widths, more rows than one tile
-    (3, 96, 64, [2, 1, 8]),  # the one- and two-row tiles of decode (rows of whole cache lines), also as a last tile
+    (3, 96, 64, [2, 1, 8]),  # the one- and two-row tiles of decode (rows of whole cache lines); 8 rows: 4 + 4
     (2, 130, 70, [24, 1]),
     (2, 300, 150, [13, 7]),  # wide outputs: work items of several tiles, a ragged last item
     (2, 530, 280, [8, 14]),  # reductions of several passes of the NN kernel (NN_KC rows each), a ragged last pass
