@@ -3348,22 +3348,27 @@ static int amx_outer(const bf16 *A, int64_t lda, const int64_t *a_idx, const bf1
 #define OUTER_REG_BYTES (3 << 19)
 #define OUTER_REG_ROWS_BF16 4
 /* G[e] = A[rows of e]^T B[rows of e] where no expert has more rows than above: each element of G is a short sum,
- * and the work is mostly writing G. An item is 4 rows of one expert's G; its expert's rows of B are widened into a
- * per-thread buffer once, and each 16 NV columns of the 4 rows are summed over the R rows in registers and written
- * with non-temporal stores (a bf16 row's 32 columns: one whole line). NV = 2 up to 8 rows, else 4: 16 independent
- * sums instead of 8 keep both FMA pipes busy over the longer sums (fine-grained g^T a at 128 rows per expert 17.8 ->
- * 16.4 ms, Mixtral-like at 128 rows 12.8 -> 11.6 ms; at 1-16 rows NV = 2 is 4-12% faster). */
+ * and the work is mostly writing G. An item is OUTER_G_ROWS rows of one expert's G; its expert's rows of B are
+ * widened into a per-thread buffer once, and each 32 columns of the item's rows are summed over the R rows in
+ * registers (16 sums) and written with non-temporal stores (a bf16 row's 32 columns: one whole line). Every item
+ * streams the whole buffer from L2, so 8 rows of G by 2 vectors read half the buffer per multiply-add that 4 rows
+ * by 4 vectors did: fp32 at 32 rows per expert 0.93x (Mixtral-like g^T a and dh^T x), 16 rows 0.94-0.95x
+ * (fine-grained), Mixtral-like g^T a at 128 rows 0.92x; 2-4 rows and 256 rows unchanged; the layer's fp32
+ * forward+backward at T = 128 0.973x (Mixtral-like) and 0.982x (fine-grained); 2 Emerald Rapids cores, same
+ * process. */
+#define OUTER_G_ROWS 8
 static inline __attribute__((always_inline)) void outer_regs_block(const float *bw, int64_t K16, const float *av,
-                                                                   const int R, const int NV, int64_t Kd, int nr,
-                                                                   char *g, int gdt, int64_t ldg) {
+                                                                   const int R, int64_t Kd, int nr, char *g, int gdt,
+                                                                   int64_t ldg) {
+    enum { NV = 2 };
     for (int64_t k0 = 0; k0 < Kd; k0 += 16 * NV) {
-        __m512 acc[4][4];
-        for (int i = 0; i < 4; i++) UNROLL for (int v = 0; v < NV; v++) acc[i][v] = _mm512_setzero_ps();
+        __m512 acc[OUTER_G_ROWS][NV];
+        UNROLL for (int i = 0; i < OUTER_G_ROWS; i++) UNROLL for (int v = 0; v < NV; v++) acc[i][v] = _mm512_setzero_ps();
         for (int r = 0; r < R; r++) {
-            __m512 b[4];
+            __m512 b[NV];
             UNROLL for (int v = 0; v < NV; v++) b[v] = _mm512_load_ps(bw + (size_t)r * (size_t)K16 + k0 + 16 * v);
-            for (int i = 0; i < 4; i++) {
-                const __m512 a = _mm512_set1_ps(av[r * 4 + i]);
+            UNROLL for (int i = 0; i < OUTER_G_ROWS; i++) {
+                const __m512 a = _mm512_set1_ps(av[r * OUTER_G_ROWS + i]);
                 UNROLL for (int v = 0; v < NV; v++) acc[i][v] = _mm512_fmadd_ps(a, b[v], acc[i][v]);
             }
         }
@@ -3388,7 +3393,7 @@ static int outer_regs(const void *A, int adt, int64_t lda, const int64_t *a_idx,
                       int64_t E, int64_t most, void *G, int gdt, int nthreads) {
     /* most: the rows of the largest expert, at most OUTER_REG_ROWS */
     if (most > OUTER_REG_ROWS) return -1;
-    const int64_t nb = (N + 3) / 4, K16 = (Kd + 63) / 64 * 64;
+    const int64_t nb = (N + OUTER_G_ROWS - 1) / OUTER_G_ROWS, K16 = (Kd + 63) / 64 * 64;
     int64_t na = 0;
     int64_t *active = malloc((size_t)(E ? E : 1) * sizeof(int64_t));
     if (!active) return -5;
@@ -3403,8 +3408,8 @@ static int outer_regs(const void *A, int adt, int64_t lda, const int64_t *a_idx,
 #pragma omp for schedule(static)
         for (int64_t item = 0; item < na * nb; item++) {
             if (!bw) continue;
-            const int64_t e = active[item / nb], n0 = (item % nb) * 4, s0 = start[e];
-            const int R = (int)(end[e] - s0), nr = (int)min64(4, N - n0);
+            const int64_t e = active[item / nb], n0 = (item % nb) * OUTER_G_ROWS, s0 = start[e];
+            const int R = (int)(end[e] - s0), nr = (int)min64(OUTER_G_ROWS, N - n0);
             if (bw_e != e) { /* the expert's rows of B, widened, zero-padded to whole 32-column steps */
                 for (int r = 0; r < R; r++) {
                     const void *br = at(B, bdt, ldb, b_idx ? b_idx[s0 + r] : s0 + r, 0);
@@ -3413,22 +3418,22 @@ static int outer_regs(const void *A, int adt, int64_t lda, const int64_t *a_idx,
                 }
                 bw_e = e;
             }
-            float av[OUTER_REG_ROWS * 4];
+            float av[OUTER_REG_ROWS * OUTER_G_ROWS];
             for (int r = 0; r < R; r++) {
                 const void *ar = at(A, adt, lda, a_idx ? a_idx[s0 + r] : s0 + r, 0);
-                for (int i = 0; i < 4; i++) av[r * 4 + i] = i < nr ? ld(ar, adt, n0 + i) : 0.0f;
+                for (int i = 0; i < OUTER_G_ROWS; i++) av[r * OUTER_G_ROWS + i] = i < nr ? ld(ar, adt, n0 + i) : 0.0f;
             }
             char *g = (char *)G + ((size_t)e * (size_t)N + (size_t)n0) * (size_t)Kd * esize(gdt);
-            switch (R) { /* (R constant in each: the sums stay in registers) */
-            case 1: outer_regs_block(bw, K16, av, 1, 2, Kd, nr, g, gdt, Kd); break;
-            case 2: outer_regs_block(bw, K16, av, 2, 2, Kd, nr, g, gdt, Kd); break;
-            case 3: outer_regs_block(bw, K16, av, 3, 2, Kd, nr, g, gdt, Kd); break;
-            case 4: outer_regs_block(bw, K16, av, 4, 2, Kd, nr, g, gdt, Kd); break;
-            case 5: outer_regs_block(bw, K16, av, 5, 2, Kd, nr, g, gdt, Kd); break;
-            case 6: outer_regs_block(bw, K16, av, 6, 2, Kd, nr, g, gdt, Kd); break;
-            case 7: outer_regs_block(bw, K16, av, 7, 2, Kd, nr, g, gdt, Kd); break;
-            case 8: outer_regs_block(bw, K16, av, 8, 2, Kd, nr, g, gdt, Kd); break;
-            default: outer_regs_block(bw, K16, av, R, 4, Kd, nr, g, gdt, Kd); break;
+            switch (R) { /* (R constant in each up to 8: its loop unrolled) */
+            case 1: outer_regs_block(bw, K16, av, 1, Kd, nr, g, gdt, Kd); break;
+            case 2: outer_regs_block(bw, K16, av, 2, Kd, nr, g, gdt, Kd); break;
+            case 3: outer_regs_block(bw, K16, av, 3, Kd, nr, g, gdt, Kd); break;
+            case 4: outer_regs_block(bw, K16, av, 4, Kd, nr, g, gdt, Kd); break;
+            case 5: outer_regs_block(bw, K16, av, 5, Kd, nr, g, gdt, Kd); break;
+            case 6: outer_regs_block(bw, K16, av, 6, Kd, nr, g, gdt, Kd); break;
+            case 7: outer_regs_block(bw, K16, av, 7, Kd, nr, g, gdt, Kd); break;
+            case 8: outer_regs_block(bw, K16, av, 8, Kd, nr, g, gdt, Kd); break;
+            default: outer_regs_block(bw, K16, av, R, Kd, nr, g, gdt, Kd); break;
             }
         }
         _mm_sfence(); /* this thread's non-temporal stores before the barrier */
