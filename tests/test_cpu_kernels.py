@@ -203,6 +203,10 @@ CASES = [  # (E, D, F, rows per expert)
     (2, 130, 70, [24, 1]),
     (2, 300, 150, [13, 7]),  # wide outputs: work items of several tiles, a ragged last item
     (2, 530, 280, [8, 14]),  # reductions of several passes of the NN kernel (NN_KC rows each), a ragged last pass
+    (2, 40, 1000, [7, 13]),  # fp32 output projection in chunks of k (rows of d_ff beyond the tiles' L1 share)
+    (2, 1000, 40, [7, 5]),  # ...input projection (rows of d_model)
+    (1, 40, 1700, [9]),  # ...and bf16 (its chunks: whole 32-element steps, a ragged last one)
+    (1, 1700, 40, [9]),
 ]
 
 
