@@ -846,7 +846,7 @@ static int small_down(const void *a, int64_t ld_a, const int64_t *tok, const flo
                         prefetch_row(out + (size_t)tok[q] * (size_t)ld_out + g0, (g1 - g0) * 4);
                     float cb[TR][DOWN_DB_MAX] __attribute__((aligned(64))); /* the block's outputs for these rows */
                     const char *pns[DOWN_DB_MAX / TN]; /* each tile's row of the next expert to prefetch, or NULL */
-                    for (int64_t k0 = 0; k0 < F; k0 += kc) { /* the tiles' rows, a chunk of k at a time (see KC) */
+                    for (int64_t k0 = 0; k0 < F; k0 += kc) { /* the tiles' rows, a chunk of k at a time (nt_chunk) */
                         const int64_t kn = min64(kc, F - k0);
                         const void *ak[TR];
                         for (int r = 0; r < R; r++) ak[r] = (const char *)ar[r] + (size_t)k0 * esize(dt);
