@@ -298,7 +298,8 @@ static inline size_t pf_ahead(size_t rowb) {
  * tile, and a tile of one or two rows is bound by those reads rather than by its arithmetic: fp32 input and
  * output projections of Mixtral-like experts of 16 rows 0.95x, of 32 rows 0.97-0.99x, fine-grained experts of 16
  * rows 0.97x; the layer's fp32 forward at T = 128 0.976x (Mixtral-like) and 0.973x (fine-grained); 2 Emerald
- * Rapids cores, same process. The data-gradient kernel's tiles, cut the same way, measured no change). Tile i starts at row i * base + min(i, extra). */
+ * Rapids cores, same process. The data-gradient kernel's tiles, cut the same way, measured no change). Tile i
+ * starts at row i * base + min(i, extra). */
 static inline int tile_rows(int64_t m, int64_t i) {
     const int64_t n = (m + TR - 1) / TR, base = m / n, extra = m % n;
     return (int)(base + (i < extra));
@@ -637,6 +638,23 @@ static void nt_tile(const void *const *a, int R, const void *const *b, const voi
 #undef NT_CASE
 }
 
+/* nt_tile over elements k0 .. k0 + kn of the token rows a (the weight rows b, pf and pn already at k0): a row's first
+ * chunk (k0 = 0) writes c, a later one adds to it (the chunks of nt_chunk). */
+static inline __attribute__((always_inline)) void nt_tile_chunk(const void *const *a, int R, const void *const *b,
+                                                                const void *const *pf, const char *pn, int64_t k0,
+                                                                int64_t kn, int dt, float *c, int64_t ldc) {
+    const void *ak[TR];
+    for (int r = 0; r < R; r++) ak[r] = (const char *)a[r] + (size_t)k0 * esize(dt);
+    if (k0 == 0) {
+        nt_tile(ak, R, b, pf, pn, kn, dt, c, ldc);
+        return;
+    }
+    float part[TR][TN];
+    nt_tile(ak, R, b, pf, pn, kn, dt, &part[0][0], TN);
+    for (int r = 0; r < R; r++)
+        for (int q = 0; q < TN; q++) c[r * ldc + q] += part[r][q];
+}
+
 /* Input projection of every expert's rows, plus SwiGLU:
  *     h[s, n] = x[tok[s], :] . w_in[e, n, :] + b_in[e, n]     for the rows s of expert e: start[e] <= s < end[e]
  *     act == 0: h is the output (h_out, [S, W]);   act == 1 (SwiGLU, W = 2F): a[s, j] = silu(h[s, j]) * h[s, F + j]
@@ -731,8 +749,6 @@ static int small_up(const void *x, int64_t ld_x, const int64_t *tok, const int64
             const char *pns[2 * JB / TN]; /* each tile's row of the next item to prefetch, or NULL */
             for (int64_t k0 = 0; k0 < D; k0 += kc) { /* the tiles' rows a chunk of k at a time, as in small_down */
                 const int64_t kn = min64(kc, D - k0);
-                const void *ak[TR];
-                for (int r = 0; r < R; r++) ak[r] = (const char *)a[r] + (size_t)k0 * esize(dt);
                 for (int64_t jj = 0; jj < jw; jj += TN)
                     for (int half = 0; half < (act == 1 ? 2 : 1); half++) {
                         const void *b[TN], *pf[TN];
@@ -751,14 +767,7 @@ static int small_up(const void *x, int64_t ld_x, const int64_t *tok, const int64
                             }
                         }
                         const char *pn = pns[i] ? pns[i] + (size_t)k0 * esize(dt) : NULL;
-                        if (k0 == 0) {
-                            nt_tile(ak, R, b, s == s0 ? pf : NULL, pn, kn, dt, &hb[0][JB * half + jj], 2 * JB);
-                            continue;
-                        }
-                        float part[TR][TN];
-                        nt_tile(ak, R, b, s == s0 ? pf : NULL, pn, kn, dt, &part[0][0], TN);
-                        for (int r = 0; r < R; r++)
-                            for (int q = 0; q < TN; q++) hb[r][JB * half + jj + q] += part[r][q];
+                        nt_tile_chunk(a, R, b, s == s0 ? pf : NULL, pn, k0, kn, dt, &hb[0][JB * half + jj], 2 * JB);
                     }
             }
             /* vectorised epilogue over the item's columns: bias, keep h, activation */
@@ -848,8 +857,6 @@ static int small_down(const void *a, int64_t ld_a, const int64_t *tok, const flo
                     const char *pns[DOWN_DB_MAX / TN]; /* each tile's row of the next expert to prefetch, or NULL */
                     for (int64_t k0 = 0; k0 < F; k0 += kc) { /* the tiles' rows, a chunk of k at a time (nt_chunk) */
                         const int64_t kn = min64(kc, F - k0);
-                        const void *ak[TR];
-                        for (int r = 0; r < R; r++) ak[r] = (const char *)ar[r] + (size_t)k0 * esize(dt);
                         for (int64_t d = g0; d < g1; d += TN) {
                             const void *b[TN], *pf[TN];
                             for (int q = 0; q < TN; q++) { /* padding rows repeat row g0; their results land past g1 */
@@ -859,14 +866,7 @@ static int small_down(const void *a, int64_t ld_a, const int64_t *tok, const flo
                             const int64_t i = (d - g0) / TN;
                             if (k0 == 0) pns[i] = nx && nx_q < d1 ? nx + (size_t)(nx_q++) * (size_t)F * esize(dt) : NULL;
                             const char *pn = pns[i] ? pns[i] + (size_t)k0 * esize(dt) : NULL;
-                            if (k0 == 0) {
-                                nt_tile(ak, R, b, s == s0 ? pf : NULL, pn, kn, dt, &cb[0][d - g0], DOWN_DB_MAX);
-                                continue;
-                            }
-                            float part[TR][TN];
-                            nt_tile(ak, R, b, s == s0 ? pf : NULL, pn, kn, dt, &part[0][0], TN);
-                            for (int r = 0; r < R; r++)
-                                for (int q = 0; q < TN; q++) cb[r][d - g0 + q] += part[r][q];
+                            nt_tile_chunk(ar, R, b, s == s0 ? pf : NULL, pn, k0, kn, dt, &cb[0][d - g0], DOWN_DB_MAX);
                         }
                     }
                     const int64_t dw = g1 - g0;
