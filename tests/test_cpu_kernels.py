@@ -844,11 +844,12 @@ def test_fallback_equals_kernels(kernels, monkeypatch, dtype):
     c = (K.swiglu(h), *K.swiglu_backward(h, ga, w), K.gather_rows(h, idx % 6, torch.float32, w[:3]))
     out_c = out.clone()
     K.scatter_add_rows(out_c, idx, y, w[:3])
-    monkeypatch.setattr(K, "_LIB", None)
-    monkeypatch.setattr(K, "_TRIED", True)
-    p = (K.swiglu(h), *K.swiglu_backward(h, ga, w), K.gather_rows(h, idx % 6, torch.float32, w[:3]))
-    out_p = out.clone()
-    K.scatter_add_rows(out_p, idx, y, w[:3])
+    with monkeypatch.context() as m:  # (undone here, before the kernels fixture forgets this test's library)
+        m.setattr(K, "_LIB", None)
+        m.setattr(K, "_TRIED", True)
+        p = (K.swiglu(h), *K.swiglu_backward(h, ga, w), K.gather_rows(h, idx % 6, torch.float32, w[:3]))
+        out_p = out.clone()
+        K.scatter_add_rows(out_p, idx, y, w[:3])
     for a, b in zip(c, p):
         assert rel_err(a, b) < TOL[dtype]
     assert max_err(out_c, out_p) < 1e-6
@@ -1230,6 +1231,53 @@ def test_linear_autograd_matches_pytorch(bias):
     want = torch.autograd.grad(F.linear(x, w, b), [x, w] + ([b] if bias else []), g)
     for a, c in zip(got, want):
         assert max_err(a, c) < 1e-5
+
+
+@pytest.mark.parametrize("d_model,d_ff,E,k,T,seed", [(32, 64, 8, 2, 5, 0), (40, 24, 6, 2, 20, 3), (48, 40, 16, 4, 3, 1)])
+def test_few_token_step_one_pass_gradients(kernels, d_model, d_ff, E, k, T, seed, monkeypatch):
+    """fp32 on AVX-512: the experts of 1 to 6 rows take each projection's data and weight gradients in one pass
+    over its weights (the others the separate kernels, idle ones zeros). Every gradient matches the two-pass kernels and the
+    loop reference, with widths that are not multiples of 32, and the sums do not depend on the thread count."""
+    kcpu = kernels
+    monkeypatch.setattr(moekit.layer, "TRAIN_STEP_MAX_SLOTS", 256)
+    torch.manual_seed(seed)
+    layer = moekit.MoE(d_model, d_ff, num_experts=E, top_k=k)
+    loop = moekit.MoE(config=layer.config)
+    loop.load_state_dict(layer.state_dict())
+    loop.experts.backend = "loop"
+    x = torch.randn(T, d_model)
+    fused = []
+    real = kcpu.route_train_backward
+    def backward(*a):  # (records whether the one pass ran, which backward sets on what forward kept)
+        res = real(*a)
+        fused.append(a[4].fused)
+        return res
+
+    monkeypatch.setattr(kcpu, "route_train_backward", backward)
+    runs = {}
+    for name, one_pass, threads in (("one pass", True, None), ("two passes", False, None), ("1 thread", True, 1)):
+        monkeypatch.setattr(kcpu, "TRAIN_FUSED", one_pass)
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads or before)
+        try:
+            runs[name] = run_fwd_bwd(layer, x)
+        finally:
+            torch.set_num_threads(before)
+    on = kcpu.packed_width(torch.float32) == 32  # (AVX-512 builds only; the others take two passes)
+    assert fused == [on, False, on]
+    rows = layer.stats["tokens_per_expert"]
+    assert ((rows > 0) & (rows <= 6)).any()
+    if d_ff == 24:  # (this case has experts of more than 6 rows too: the separate kernels beside the one pass)
+        assert (rows > 6).any()
+    if E == 16:
+        assert (rows == 0).any()
+    want = run_fwd_bwd(loop, x)
+    for got in (runs["one pass"], runs["two passes"]):
+        assert max_err(got[0], want[0]) < 1e-5 and max_err(got[1], want[1]) < 1e-5
+        for n in want[2]:
+            assert max_err(got[2][n], want[2][n]) < 1e-5, n
+    one, single = runs["one pass"], runs["1 thread"]
+    assert torch.equal(one[1], single[1]) and all(torch.equal(one[2][n], single[2][n]) for n in one[2])
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

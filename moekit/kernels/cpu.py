@@ -166,8 +166,8 @@ def _declare(lib: ctypes.CDLL) -> None:
         "moe_route_train_fwd": [P, I64, P, I, P, P, I64, I64, I64, I, ctypes.c_float, ctypes.c_float, P, P, P, P, P, P,
                                 I64, I64, I, P, P, P, P, I64, P, I64, I64, I],
         "moe_route_train_bwd": [P, I, I64, P, I, P, P, I64, I64, I64, I, ctypes.c_float, ctypes.c_float, P, P, P, P, P,
-                                P, I64, I64, I, P, P, P, P, P, I64, I64, I],
-        "moe_route_train_bwd_in": [P, P, I64, P, I64, I64, I64, I, P, I],
+                                P, I64, I64, I, P, P, P, P, P, I64, I64, I, P, I],
+        "moe_route_train_bwd_in": [P, P, I64, P, I64, I64, I64, I, P, P, P, P, P, I, I64, I64, I],
     }
     for name, args in sigs.items():
         fn = getattr(lib, name)
@@ -822,13 +822,14 @@ class TrainStepSaved:
     """What :func:`route_train_forward` keeps for :func:`route_train_backward`: the routing (``ids [T, k]``,
     ``probs [T, E]``: the softmax), the slots grouped by expert (``seg``: start ``[E]``, end ``[E]``, token ``[S]``,
     slot ``[S]``; ``ws [S]`` their weights) and the pre-activations ``h [S, 2F]`` in that order (overwritten by
-    backward)."""
+    backward); ``fused``: whether backward took some experts' data and weight gradients in one pass (set by it)."""
 
     ids: torch.Tensor
     probs: torch.Tensor
     seg: torch.Tensor
     ws: torch.Tensor
     h: torch.Tensor | None
+    fused: bool = False
 
 
 def route_train_forward(x: torch.Tensor, router_w: torch.Tensor, router_b: torch.Tensor | None,
@@ -865,6 +866,12 @@ def route_train_forward(x: torch.Tensor, router_w: torch.Tensor, router_b: torch
     return out, counts, wts, logits, TrainStepSaved(ids, probs, seg, ws, h)
 
 
+#: The few-token training step's backward in float32 computes each projection's data and weight gradients in one
+#: pass over the weights of the experts with at most 6 rows (the kernel's ``FEW_FUSED_MAX_ROWS``): reading a weight
+#: row and writing its gradient's row together streams more bytes per second than two passes. False: two passes.
+TRAIN_FUSED = True
+
+
 def route_train_backward(g: torch.Tensor, d_probs: torch.Tensor | None, x: torch.Tensor, router_w: torch.Tensor,
                          saved: TrainStepSaved, renormalize: bool, renorm_min: float, scale: float, w_in: torch.Tensor,
                          w_out: torch.Tensor, need_x: bool, need_w_in: bool, need_w_out: bool, need_logits: bool,
@@ -894,20 +901,27 @@ def route_train_backward(g: torch.Tensor, d_probs: torch.Tensor | None, x: torch
     d_wout = torch.empty_like(w_out) if need_w_out else None
     d_logits = torch.empty(T, E, dtype=torch.float32) if need_logits or need_x or need_router_w else None
     ga = torch.empty(T * k, W // 2, dtype=x.dtype)  # (scratch: g @ W_out, then w a)
+    # (float32 with a few rows per expert: each projection's data and weight gradients in one pass; the input
+    # projection's data gradient then comes with its weight gradient, in the second call)
+    fuse = (1 | (2 if need_w_in else 0)) if TRAIN_FUSED else 0
+    deferred = ctypes.c_int(0)
     rc = lib.moe_route_train_bwd(
         _ptr(g), _dt(g, "g"), g.stride(0), _ptr(router_w), _DTYPES[router_w.dtype], _ptr(saved.ids),
         _ptr(saved.probs), T, k, E, int(renormalize), renorm_min, scale, _ptr(saved.seg), _ptr(saved.ws), _ptr(h),
         _ptr(ga), _ptr(w_in), _ptr(w_out), D, W // 2, _DTYPES[x.dtype], _ptr(dx), _ptr(d_wout), _ptr(d_probs),
         _ptr(d_logits_in), _ptr(d_logits), _packed_min(None, g.dtype if g.dtype == x.dtype else None, nn=True),
-        _packed_min(None, x.dtype, nn=True), _threads())
+        _packed_min(None, x.dtype, nn=True), fuse, ctypes.byref(deferred), _threads())
     if rc != 0:
         raise RuntimeError(f"moekit CPU kernel moe_route_train_bwd returned {rc}: arguments the checks let through")
     del ga
+    saved.fused = deferred.value != 0
     d_win = None
     if need_w_in:
         d_win = torch.empty_like(w_in)
+        late_dx = dx if deferred.value & 2 else None
         _call(lib.moe_route_train_bwd_in, _ptr(h), _ptr(x), x.stride(0), _ptr(saved.seg), E, D, W // 2,
-              _DTYPES[x.dtype], _ptr(d_win), _threads())
+              _DTYPES[x.dtype], _ptr(d_win), _ptr(w_in), _ptr(late_dx), _ptr(d_logits if late_dx is not None else None),
+              _ptr(router_w), _DTYPES[router_w.dtype], T, _packed_min(None, x.dtype, nn=True), _threads())
     del h
     d_wr = None
     if need_router_w:
