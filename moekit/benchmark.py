@@ -18,6 +18,7 @@ import argparse
 import gc
 import json
 import platform
+import random
 import statistics
 import sys
 import time
@@ -86,7 +87,7 @@ def flush_caches() -> None:
 def timeit_many(fns: dict, *, min_rounds: int = 5, max_rounds: int = 21, budget_s: float = 6.0,
                 cold: dict | None = None) -> dict:
     """Median wall time (ms) of each function, measured round-robin (one timed run of each per round, the order
-    rotated every round) so that drifts of a shared machine hit every candidate alike. Each timed run directly follows an untimed run of the same
+    shuffled every round) so that drifts of a shared machine hit every candidate alike. Each timed run directly follows an untimed run of the same
     function (warm: its weights, code and buffers are in cache). With ``cold`` (name -> the tensors it reads, e.g.
     its parameters), those tensors are then evicted from every cache level before the timed run: the weights come
     from memory while everything else stays warm, as for one layer of a model whose layers together exceed the
@@ -101,9 +102,14 @@ def timeit_many(fns: dict, *, min_rounds: int = 5, max_rounds: int = 21, budget_
     start = time.perf_counter()
     rounds = 0
     while rounds < max_rounds and (rounds < min_rounds or time.perf_counter() - start < budget_s):
-        # rotate the order every round: what ran just before (a memory-heavy peer, a GEMM that lowered the clock)
-        # then affects every candidate alike
-        for name in names[rounds % len(names):] + names[:rounds % len(names)]:
+        # a new order every round (shuffled, seeded by the round): what ran just before (a memory-heavy peer, a GEMM
+        # that lowered the clock) then affects every candidate alike. (A rotation keeps each candidate's predecessor:
+        # the one after transformers' batched_mm backend, which streams gigabytes, then found its weights evicted
+        # in every round, its untimed run not enough to bring them back: fine-grained fp32 T = 128, moekit 4.31 ms
+        # in the rotation against 3.45 alone or beside any other peer, 2 Emerald Rapids cores.)
+        order = list(names)
+        random.Random(rounds).shuffle(order)
+        for name in order:
             fn = fns[name]
             fn()  # untimed
             if cold is not None and not kcpu.flush_from_cache(cold.get(name, ())):
