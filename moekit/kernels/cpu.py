@@ -166,7 +166,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         "moe_route_train_fwd": [P, I64, P, I, P, P, I64, I64, I64, I, ctypes.c_float, ctypes.c_float, P, P, P, P, P, P,
                                 I64, I64, I, P, P, P, P, I64, P, I64, I64, I],
         "moe_route_train_bwd": [P, I, I64, P, I, P, P, I64, I64, I64, I, ctypes.c_float, ctypes.c_float, P, P, P, P, P,
-                                P, I64, I64, I, P, P, P, P, P, I64, I64, I, P, I],
+                                P, I64, I64, I, P, P, P, P, P, I64, I64, I, P, P, I],
         "moe_route_train_bwd_in": [P, P, I64, P, I64, I64, I64, I, P, P, P, P, P, I, I64, I64, I],
     }
     for name, args in sigs.items():
@@ -904,16 +904,17 @@ def route_train_backward(g: torch.Tensor, d_probs: torch.Tensor | None, x: torch
     # (float32 with a few rows per expert: each projection's data and weight gradients in one pass; the input
     # projection's data gradient then comes with its weight gradient, in the second call)
     fuse = (1 | (2 if need_w_in else 0)) if TRAIN_FUSED else 0
+    wa = torch.empty(T * k, W // 2, dtype=torch.float32) if fuse and x.dtype == torch.float32 else None  # (w a)
     deferred = ctypes.c_int(0)
     rc = lib.moe_route_train_bwd(
         _ptr(g), _dt(g, "g"), g.stride(0), _ptr(router_w), _DTYPES[router_w.dtype], _ptr(saved.ids),
         _ptr(saved.probs), T, k, E, int(renormalize), renorm_min, scale, _ptr(saved.seg), _ptr(saved.ws), _ptr(h),
         _ptr(ga), _ptr(w_in), _ptr(w_out), D, W // 2, _DTYPES[x.dtype], _ptr(dx), _ptr(d_wout), _ptr(d_probs),
         _ptr(d_logits_in), _ptr(d_logits), _packed_min(None, g.dtype if g.dtype == x.dtype else None, nn=True),
-        _packed_min(None, x.dtype, nn=True), fuse, ctypes.byref(deferred), _threads())
+        _packed_min(None, x.dtype, nn=True), fuse, _ptr(wa), ctypes.byref(deferred), _threads())
     if rc != 0:
         raise RuntimeError(f"moekit CPU kernel moe_route_train_bwd returned {rc}: arguments the checks let through")
-    del ga
+    del ga, wa
     saved.fused = deferred.value != 0
     d_win = None
     if need_w_in:

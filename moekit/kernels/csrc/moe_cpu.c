@@ -4416,19 +4416,20 @@ static int router_dx(const float *dlogits, const void *w_r, int dt_r, int64_t T,
  * (x and g), for the experts of 1 to FEW_FUSED_MAX_ROWS rows: with fuse & 1, ga and dw_out in one pass over W_out
  * (few_fused_f32); with fuse & 2 (the caller then computes dw_in), dx is left to moe_route_train_bwd_in, which
  * computes it with dw_in in one pass over W_in. *deferred (if not NULL): 1 where this call took the one pass over
- * W_out, plus 2 where it left dx to moe_route_train_bwd_in. */
+ * W_out, plus 2 where it left dx to moe_route_train_bwd_in. wa: float32 [S, F] scratch for those (w a), or NULL
+ * (no one pass). */
 int moe_route_train_bwd(const void *g, int g_dt, int64_t ld_g, const void *w_r, int dt_r, const int64_t *ids,
                         const float *probs, int64_t T, int64_t K, int64_t E, int renorm, float renorm_min,
                         float scale, const int64_t *seg, const float *ws, void *h, void *ga, const void *w_in,
                         const void *w_out, int64_t D, int64_t F, int dt, float *dx, void *dw_out,
                         const float *d_probs, const float *d_logits, float *dlogits, int64_t nn_min_g,
-                        int64_t nn_min_h, int fuse, int *deferred, int nthreads) {
+                        int64_t nn_min_h, int fuse, float *wa, int *deferred, int nthreads) {
     const int64_t S = T * K, W = 2 * F;
     const int64_t *start = seg, *end = seg + E, *tok = end + E, *slot = tok + S;
     if (dx && !dlogits) return -1;
     /* float32 with experts of a few rows: each projection's data and weight gradients for those in one pass
      * (few_fused_f32), the separate kernels for the others (their ends in big, the others' empty) */
-    int64_t *big = dt == DT_F32 && g_dt == DT_F32 && fuse ? malloc((size_t)(E ? E : 1) * sizeof(int64_t)) : NULL;
+    int64_t *big = dt == DT_F32 && g_dt == DT_F32 && fuse && wa ? malloc((size_t)(E ? E : 1) * sizeof(int64_t)) : NULL;
     int64_t nbig = 0;
     const int64_t nfew = big ? few_fused_split(start, end, E, big, &nbig) : 0;
     const int fuse_out = nfew && (fuse & 1) && dw_out, defer_dx = nfew && (fuse & 2) && dx;
@@ -4444,18 +4445,12 @@ int moe_route_train_bwd(const void *g, int g_dt, int64_t ld_g, const void *w_r, 
     if (fuse_out) {
         /* w a (from h), then ga = g @ W_out with dW_out = g^T @ (w a) in one pass for the few-row experts, ga of
          * the others, dH and the router weights' gradients (and w a over ga), then the others' dW_out */
-        float *wa = malloc((size_t)(S ? S : 1) * (size_t)F * sizeof(float));
-        if (!wa) {
-            rc = -5;
-            goto done;
-        }
         rc = moe_swiglu_fwd(h, W, wa, F, S, F, dt, nthreads);
         for (int64_t s = 0; s < S; s++)
             for (int64_t j = 0; j < F; j++) wa[s * F + j] *= ws[s];
         memset(ga, 0, (size_t)S * (size_t)F * sizeof(float));
         few_fused_f32((const float *)w_out, D, F, (const float *)g, ld_g, tok, wa, F, NULL, (float *)ga, F, NULL,
                       start, end, E, (float *)dw_out, nthreads);
-        free(wa);
         if (rc == 0 && nbig)
             rc = moe_small_nn(g, g_dt, ld_g, tok, w_out, dt, D, F, start, big, E, ga, dt, F, NULL, nn_min_g, nthreads);
         if (rc == 0) rc = moe_swiglu_bwd(h, W, ga, F, ws, S, F, dt, h, W, nbig ? ga : NULL, F, dws, nthreads);
