@@ -85,10 +85,11 @@ def flush_caches() -> None:
 
 
 def timeit_many(fns: dict, *, min_rounds: int = 5, max_rounds: int = 21, budget_s: float = 6.0,
-                cold: dict | None = None) -> dict:
+                cold: dict | None = None, warm_runs: int = 1) -> dict:
     """Median wall time (ms) of each function, measured round-robin (one timed run of each per round, the order
-    shuffled every round) so that drifts of a shared machine hit every candidate alike. Each timed run directly follows an untimed run of the same
-    function (warm: its weights, code and buffers are in cache). With ``cold`` (name -> the tensors it reads, e.g.
+    shuffled every round) so that drifts of a shared machine hit every candidate alike. Each timed run directly
+    follows ``warm_runs`` untimed runs of the same function (warm: its weights, code and buffers are in cache; after
+    a peer that swept the caches or left its own writes in them, one run does not restore that). With ``cold`` (name -> the tensors it reads, e.g.
     its parameters), those tensors are then evicted from every cache level before the timed run: the weights come
     from memory while everything else stays warm, as for one layer of a model whose layers together exceed the
     caches (where eviction by address is not possible, all caches are flushed instead). Returns
@@ -111,7 +112,8 @@ def timeit_many(fns: dict, *, min_rounds: int = 5, max_rounds: int = 21, budget_
         random.Random(rounds).shuffle(order)
         for name in order:
             fn = fns[name]
-            fn()  # untimed
+            for _ in range(warm_runs):
+                fn()  # untimed
             if cold is not None and not kcpu.flush_from_cache(cold.get(name, ())):
                 flush_caches()
             t0 = time.perf_counter()
@@ -411,9 +413,11 @@ def bench(shapes, tokens, dtypes, modes, impls, tune_allocator: bool = True) -> 
             touched = None
             if T <= DECODE_TOKENS and kcpu.library() is not None:
                 touched = touched_weights(layer, x)  # the decode step's floor: reading these bytes, nothing else
-                if "bwd" in mode:  # ...and a training step's: writing every expert's weight gradient too
+                if "bwd" in mode:  # ...and a training step's: reading them again (backward's data gradients need
+                    # the weights once the upstream gradient exists) and writing every expert's weight gradient
                     grads = [torch.empty_like(w) for w in (layer.experts.w_in, layer.experts.w_out)]
-                    steps["weight_read"] = lambda: (kcpu.read_tensors(touched), [kcpu.zero_(g) for g in grads])
+                    steps["weight_read"] = lambda: (kcpu.read_tensors(touched), kcpu.read_tensors(touched),
+                                                    [kcpu.zero_(g) for g in grads])
                 else:
                     steps["weight_read"] = lambda: kcpu.read_tensors(touched)
             drop_failing(steps, lambda name, e: rows.append(
@@ -428,8 +432,12 @@ def bench(shapes, tokens, dtypes, modes, impls, tune_allocator: bool = True) -> 
                 steps["roofline"] = roof_gemm[group][0]  # the machine's limit, timed at the same moments
             # (at least 5 rounds even where one takes seconds: these VMs' tile unit switches between two speeds
             # within seconds, and a median of 3 rounds could fall on either)
+            # (two untimed runs before each timed one where a step is short: after a peer's run, the first of them
+            # still pays for that peer's traffic, e.g. Mixtral-like fp32 T = 1 forward+backward, where each candidate
+            # writes 66 MiB of weight gradients where the other's were: grouped_mm 3.67-3.78 ms after one, 2.71-2.88
+            # after two, moekit 2.54-2.60 and 2.38-2.51)
             timed = timeit_many(steps, budget_s=3.0 if T <= 128 else 8.0, min_rounds=11 if T <= 128 else 5,
-                                cold=cold)
+                                cold=cold, warm_runs=2 if T <= 128 else 1)
             if T > DECODE_TOKENS:
                 gemm_at[f"{group}/{mode}"] = roof_gemm[group][1] / (timed.pop("roofline")[0] / 1e3) / 1e9
             for name, (ms, runs) in timed.items():
