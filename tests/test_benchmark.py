@@ -7,6 +7,37 @@ from moekit import benchmark as B
 from moekit.kernels import cpu as K
 
 
+def test_timeit_many_shuffles_the_order_and_warms_each_candidate_first():
+    """Every timed run directly follows ``warm_runs`` untimed runs of the same candidate, and the order changes from
+    round to round so that no candidate always follows the same peer (a rotation kept each one's predecessor)."""
+    calls = []
+    fns = {name: (lambda name=name: calls.append(name)) for name in "abcde"}
+    real = B.time.perf_counter
+    clock = iter(range(10**6))
+
+    def perf_counter():  # (a fake clock: 1 ms a reading)
+        return next(clock) * 1e-3
+
+    for warm in (1, 2):
+        calls.clear()
+        B.time.perf_counter = perf_counter
+        try:
+            out = B.timeit_many(fns, min_rounds=12, max_rounds=12, budget_s=0.0, warm_runs=warm)
+        finally:
+            B.time.perf_counter = real
+        assert {k: v[1] for k, v in out.items()} == dict.fromkeys("abcde", 12)
+        timed = calls[len(fns):]  # (after the first call of each)
+        rounds = [timed[i * 5 * (warm + 1):(i + 1) * 5 * (warm + 1)] for i in range(12)]
+        for rnd in rounds:
+            for j in range(5):  # warm untimed runs, then the timed one, of one candidate
+                block = rnd[j * (warm + 1):(j + 1) * (warm + 1)]
+                assert len(set(block)) == 1
+        orders = [tuple(rnd[::warm + 1]) for rnd in rounds]
+        assert all(sorted(o) == list("abcde") for o in orders)
+        predecessors = {o[o.index("a") - 1] for o in orders if o.index("a") > 0}
+        assert len(predecessors) > 1
+
+
 def test_peak_alloc_counts_transients_not_replaced_state():
     """A step that briefly holds 4 MiB and replaces a 1 MiB tensor it keeps (as a layer keeps its statistics)
     peaks at 4 MiB above what was held before it (5 MiB would charge it for the old state's copy too)."""
