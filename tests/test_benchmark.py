@@ -113,7 +113,8 @@ def test_gemm_rates_measure_a_very_slow_library_on_a_smaller_cube(monkeypatch):
 
 def test_decode_rows_time_the_weight_read_floor_and_the_summary_uses_it(monkeypatch):
     """A small end-to-end run: decode-size rows also time one read of the touched experts' weights (the bytes every
-    implementation of the step must read; forward+backward rows: plus one write of every weight gradient); the
+    implementation of the step must read; forward+backward rows: a second read, backward's, and one write of every
+    weight gradient); the
     summary calls a decode miss impossible only where that read alone exceeds the target, and a plain miss
     otherwise, and holds a speed-up at T <= 16 to the lower of the bound and that floor."""
     if K.library() is None:
