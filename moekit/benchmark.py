@@ -89,8 +89,8 @@ def timeit_many(fns: dict, *, min_rounds: int = 5, max_rounds: int = 21, budget_
     """Median wall time (ms) of each function, measured round-robin (one timed run of each per round, the order
     shuffled every round) so that drifts of a shared machine hit every candidate alike. Each timed run directly
     follows ``warm_runs`` untimed runs of the same function (warm: its weights, code and buffers are in cache; after
-    a peer that swept the caches or left its own writes in them, one run does not restore that). With ``cold`` (name -> the tensors it reads, e.g.
-    its parameters), those tensors are then evicted from every cache level before the timed run: the weights come
+    a peer that swept the caches or left its own writes in them, one run does not restore that). With ``cold``
+    (name -> the tensors it reads, e.g. its parameters), those tensors are then evicted from every cache level before the timed run: the weights come
     from memory while everything else stays warm, as for one layer of a model whose layers together exceed the
     caches (where eviction by address is not possible, all caches are flushed instead). Returns
     ``{name: (ms, runs)}``."""

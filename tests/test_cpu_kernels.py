@@ -1233,11 +1233,13 @@ def test_linear_autograd_matches_pytorch(bias):
         assert max_err(a, c) < 1e-5
 
 
-@pytest.mark.parametrize("d_model,d_ff,E,k,T,seed", [(32, 64, 8, 2, 5, 0), (40, 24, 6, 2, 20, 3), (48, 40, 16, 4, 3, 1)])
+@pytest.mark.parametrize("d_model,d_ff,E,k,T,seed",
+                         [(32, 64, 8, 2, 5, 0), (40, 24, 6, 2, 20, 3), (48, 40, 16, 4, 3, 1)])
 def test_few_token_step_one_pass_gradients(kernels, d_model, d_ff, E, k, T, seed, monkeypatch):
     """fp32 on AVX-512: the experts of 1 to 6 rows take each projection's data and weight gradients in one pass
-    over its weights (the others the separate kernels, idle ones zeros). Every gradient matches the two-pass kernels and the
-    loop reference, with widths that are not multiples of 32, and the sums do not depend on the thread count."""
+    over its weights (the others the separate kernels, idle ones zeros). Every gradient matches the two-pass
+    kernels and the loop reference, with widths that are not multiples of 32, and the sums do not depend on the
+    thread count."""
     kcpu = kernels
     monkeypatch.setattr(moekit.layer, "TRAIN_STEP_MAX_SLOTS", 256)
     torch.manual_seed(seed)

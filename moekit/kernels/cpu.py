@@ -857,8 +857,8 @@ def route_train_forward(x: torch.Tensor, router_w: torch.Tensor, router_b: torch
     rc = _require().moe_route_train_fwd(
         _ptr(x), x.stride(0), _ptr(router_w), _DTYPES[router_w.dtype], _ptr(router_b), _ptr(selection_bias), T, k, E,
         int(renormalize), renorm_min, scale, _ptr(ids), _ptr(wts), _ptr(probs), _ptr(logits), _ptr(w_in),
-        _ptr(w_out), D, F, _DTYPES[x.dtype], _ptr(seg), _ptr(ws), _ptr(h), _ptr(out), D, _ptr(counts), _packed_min(None, x.dtype),
-        _packed_min(None, x.dtype), _threads())
+        _ptr(w_out), D, F, _DTYPES[x.dtype], _ptr(seg), _ptr(ws), _ptr(h), _ptr(out), D, _ptr(counts),
+        _packed_min(None, x.dtype), _packed_min(None, x.dtype), _threads())
     if rc == 1:
         return None
     if rc != 0:
@@ -921,8 +921,8 @@ def route_train_backward(g: torch.Tensor, d_probs: torch.Tensor | None, x: torch
         d_win = torch.empty_like(w_in)
         late_dx = dx if deferred.value & 2 else None
         _call(lib.moe_route_train_bwd_in, _ptr(h), _ptr(x), x.stride(0), _ptr(saved.seg), E, D, W // 2,
-              _DTYPES[x.dtype], _ptr(d_win), _ptr(w_in), _ptr(late_dx), _ptr(d_logits if late_dx is not None else None),
-              _ptr(router_w), _DTYPES[router_w.dtype], T, _packed_min(None, x.dtype, nn=True), _threads())
+              _DTYPES[x.dtype], _ptr(d_win), _ptr(w_in), _ptr(late_dx),
+              _ptr(d_logits if late_dx is not None else None), _ptr(router_w), _DTYPES[router_w.dtype], T, _packed_min(None, x.dtype, nn=True), _threads())
     del h
     d_wr = None
     if need_router_w:

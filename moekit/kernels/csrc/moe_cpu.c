@@ -4203,8 +4203,8 @@ int moe_route_decode(const void *x, int64_t ld_x, const void *w_r, int dt_r, con
  * host ops of routing, dispatch and the expert kernels one by one.
  *
  * Forward: moe_route_decode's routing and experts (ids, wts as there), keeping what backward needs: probs [T, E]
- * (the softmax; logits, if not NULL, gets the router's logits before it), the slots grouped by expert (seg: start [E], end [E], tok [S], slot [S] as group_slots writes
- * them; ws [S] their weights) and the pre-activations h [S, 2F] in that order. out (float32 [T, D], row stride
+ * (the softmax; logits, if not NULL, gets the router's logits before it), the slots grouped by expert (seg:
+ * start [E], end [E], tok [S], slot [S] as group_slots writes them; ws [S] their weights) and the pre-activations h [S, 2F] in that order. out (float32 [T, D], row stride
  * ld_out) is zeroed here. up_min / down_min: the rows from which an expert takes the packed or AMX tiles (as the
  * packed_min of moe_small_up / moe_small_down). Returns 1 (nothing but probs written) where a token's choice is
  * ambiguous (a NaN, or a tie among its K + 1 largest choice values), else as moe_small_decode. */
