@@ -444,9 +444,11 @@ def test_amx_outer_every_count_of_column_blocks(kernels, Kd, counts):
 def test_amx_outer_large_operands_in_chunks(kernels, Kd):
     """small_experts_outer on the tiles' 2 x 2 items for experts of many rows, where B's packed rows exceed what
     stays in L2 and the items go chunk of column pairs by chunk (a last pair of one column block, a last chunk of
-    fewer pairs); an expert that fits runs as before: G against a float64 reference."""
+    fewer pairs); an expert that fits runs as before; with Kd = 2096 the two large experts' packed operands exceed
+    a thread's own buffer (AMX_OUTER_PRIVATE_BYTES) and run shared in one group, around the small ones that each run
+    on one thread: G against a float64 reference."""
     g = torch.Generator().manual_seed(Kd)
-    counts = [0, 500, 37]
+    counts = [0, 500, 37, 600, 3]
     start, end = segments(counts)
     S, N = sum(counts), 48
     a = torch.randn(S, N, generator=g).bfloat16()
@@ -454,7 +456,7 @@ def test_amx_outer_large_operands_in_chunks(kernels, Kd):
     grad = torch.full((len(counts), N, Kd), 7.0)
     K.small_experts_outer(a, None, b, None, start, end, grad)
     assert (grad[0] == 7).all()
-    for e in (1, 2):
+    for e in range(1, len(counts)):
         s, t = start[e].item(), end[e].item()
         assert rel_err(grad[e], a[s:t].double().T @ b[s:t].double()) < TOL[torch.float32] + 1e-5
 

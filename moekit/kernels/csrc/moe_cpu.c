@@ -3240,7 +3240,9 @@ static void outer8_full(const void *A, int adt, int64_t lda, const int64_t *a_id
 #endif
 
 #if defined(MOE_AMX)
+#ifndef AMX_OUTER_GROUP_BYTES
 #define AMX_OUTER_GROUP_BYTES (16 << 20) /* packed operands of the experts that run in one phase, at most */
+#endif
 #ifndef AMX_OUTER_B_BYTES
 #define AMX_OUTER_B_BYTES (1 << 20) /* packed rows of B that amx_outer's 2 x 2 items keep in L2 at a time */
 #endif
@@ -3253,129 +3255,181 @@ static void outer8_full(const void *A, int adt, int64_t lda, const int64_t *a_id
  * pair-interleaved blocks [Kd / 16][Mp / 32][16 pairs][16][2]; then G[e] tile by tile, 2 x 2 tiles of 16 x 16 at a
  * time (1 x 4 for experts of at most AMX_OUTER_WIDE_ROWS rows) over all of its rows, written once (non-temporal
  * stores). */
+#ifndef AMX_OUTER_PRIVATE_BYTES
+#define AMX_OUTER_PRIVATE_BYTES (2 << 20) /* an expert's packed operands up to which one thread runs all of it */
+#endif
+
+/* Pack item (mc, blk) of one expert (rows s0 .. s0 + R of A and B, packed buffer at: its [N, Mp] transpose of A,
+ * then B's blocks): block blk of N / 16 column blocks of A, then Kd / 16 of B, of its 32-row chunk mc. */
+static inline __attribute__((always_inline)) void amx_outer_pack(const bf16 *A, int64_t lda, const int64_t *a_idx,
+                                                                 const bf16 *B, int64_t ldb, const int64_t *b_idx,
+                                                                 int64_t s0, int64_t R, int64_t N, int64_t Mp,
+                                                                 int64_t mc, int64_t blk, bf16 *at) {
+    const __m512i ix = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8,
+                                        39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+    const int64_t nn = N / 16, nm = Mp / 32;
+    bf16 *bv = at + (size_t)N * (size_t)Mp;
+    const int isa = blk < nn;
+    const bf16 *src = isa ? A : B;
+    const int64_t ld = isa ? lda : ldb, c0 = 16 * (isa ? blk : blk - nn);
+    const int64_t *idx = isa ? a_idx : b_idx;
+    __m512i v[16];
+    for (int p = 0; p < 16; p++) {
+        const int64_t r0 = 32 * mc + 2 * p, r1 = r0 + 1;
+        __m512i x0 = _mm512_setzero_si512(), x1 = _mm512_setzero_si512();
+        if (r0 < R)
+            x0 = _mm512_castsi256_si512(_mm256_loadu_si256(
+                (const __m256i *)(src + (size_t)(idx ? idx[s0 + r0] : s0 + r0) * (size_t)ld + c0)));
+        if (r1 < R)
+            x1 = _mm512_castsi256_si512(_mm256_loadu_si256(
+                (const __m256i *)(src + (size_t)(idx ? idx[s0 + r1] : s0 + r1) * (size_t)ld + c0)));
+        v[p] = _mm512_permutex2var_epi16(x0, ix, x1); /* [(src[r0][c], src[r1][c]) for 16 c] */
+    }
+    if (isa) { /* rows c0..c0+15 of the [N, Mp] transpose, columns 32 mc.. */
+        tr16x16(v);
+        for (int n = 0; n < 16; n++) _mm512_store_si512(at + (size_t)(c0 + n) * (size_t)Mp + (size_t)(32 * mc), v[n]);
+    } else {
+        bf16 *dst = bv + ((size_t)(c0 / 16) * (size_t)nm + (size_t)mc) * 512;
+        for (int p = 0; p < 16; p++) _mm512_store_si512(dst + 32 * p, v[p]);
+    }
+}
+
+/* Tile items of an expert of Mp packed rows. */
+static inline int64_t amx_outer_items(int64_t N, int64_t Kd, int64_t Mp) {
+    const int64_t nn = N / 16, nk = Kd / 16;
+    return Mp <= AMX_OUTER_WIDE_ROWS ? nn * ((nk + 3) / 4) : ((nn + 1) / 2) * ((nk + 1) / 2);
+}
+
+/* Tile item `local` of an expert (packed buffer at, Mp rows, its gradient ge): its sums into c, then st set up to
+ * run their epilogue (during the thread's next item, or its drain). */
+static inline __attribute__((always_inline)) void amx_outer_item(const bf16 *at, int64_t N, int64_t Kd, int64_t Mp,
+                                                                 int64_t local, char *ge, float c[4][256],
+                                                                 amx_epi *st) {
+    const int64_t nn = N / 16, nk = Kd / 16, nm = Mp / 32;
+    const bf16 *bv = at + (size_t)N * (size_t)Mp;
+    int64_t n0, k0;
+    int nq, nu;
+    if (Mp <= AMX_OUTER_WIDE_ROWS) {
+        const int64_t nq4 = (nk + 3) / 4;
+        n0 = 16 * (local / nq4), k0 = 64 * (local % nq4), nq = (int)min64(4, nk - k0 / 16), nu = 16;
+        const bf16 *p[4];
+        for (int q = 0; q < 4; q++) p[q] = bv + (size_t)(k0 / 16 + (q < nq ? q : 0)) * (size_t)nm * 512;
+        amx_tiles_outer(at + (size_t)n0 * (size_t)Mp, Mp, p, nq, Mp, c, st);
+    } else { /* where B's packed rows exceed 2 AMX_OUTER_B_BYTES, in chunks of column pairs whose rows of B fit
+              * AMX_OUTER_B_BYTES, each chunk's items row pair by row pair: the chunk's B stays in L2 while A's row
+              * pairs stream once per chunk (all of B per row pair, 5.5 MiB for a Mixtral-like expert's dW_out of
+              * 2048 rows, came from L3 every time: 2.19 -> 1.49 ms on 2 Emerald Rapids cores; 0.5 or 2 MiB chunks
+              * 1.62 and 1.98 ms; its dW_in, whose B is 2 MiB, 1.04x in 1 MiB chunks, as each chunk reads all of A) */
+        const int64_t nkp = (nk + 1) / 2,
+                      kch = 64 * Mp * nkp <= 2 * AMX_OUTER_B_BYTES ? nkp : max64(1, AMX_OUTER_B_BYTES / (64 * Mp));
+        const int64_t ch = local / (((nn + 1) / 2) * kch), w = local % (((nn + 1) / 2) * kch),
+                      ks = min64(kch, nkp - ch * kch);
+        n0 = 32 * (w / ks), k0 = 32 * (ch * kch + w % ks);
+        nq = k0 + 16 < Kd ? 2 : 1, nu = n0 + 16 < N ? 32 : 16;
+        const bf16 *p0 = bv + (size_t)(k0 / 16) * (size_t)nm * 512;
+        amx_tiles_epi(at + (size_t)n0 * (size_t)Mp, nu == 32 ? at + (size_t)(n0 + 16) * (size_t)Mp : NULL, Mp, p0,
+                      nq == 2 ? p0 + (size_t)nm * 512 : NULL, Mp, c, st, AMX_EPI_OUTER, NULL, NULL, 0);
+    }
+    st->c = (const float (*)[256])c;
+    st->ge = ge;
+    st->gn0 = n0;
+    st->k0 = k0;
+    st->nq = nq;
+    st->nu = nu;
+}
+
+/* Experts whose packed operands fit AMX_OUTER_PRIVATE_BYTES (a Xeon core's L2) each run on one thread, taken in
+ * turn: it packs them into its own buffer, which then stays in its L2 while all of the expert's tiles read it.
+ * Packed together by all threads in groups of up to 16 MiB before any tile ran, they had their tiles read from L3:
+ * on 2 Emerald Rapids cores (same process, paired), the kernel alone on 64 fine-grained experts of 128 rows 0.85-
+ * 0.89x, of 16 rows 0.91-0.97x; the layer's bf16 forward+backward, fine-grained T = 128 0.94x, T = 1024 0.86x, T =
+ * 8192 0.97x, Mixtral-like T = 1024 0.92x (1 MiB: 1.00x there, its experts' 1.7 MiB not taken; 3 and 4 MiB as 2).
+ * The larger experts run in groups of consecutive experts packed together (up to AMX_OUTER_GROUP_BYTES, at least
+ * one expert), all threads packing a group and then running its tiles: one pack phase and one tile phase per
+ * group. */
 static int amx_outer(const bf16 *A, int64_t lda, const int64_t *a_idx, const bf16 *B, int64_t ldb, const int64_t *b_idx,
                      int64_t N, int64_t Kd, const int64_t *start, const int64_t *end, int64_t E, void *G, int gdt,
                      int nthreads) {
-    /* tile items per expert: wide (1 x 4 tiles, see amx_tiles_outer) for experts of at most AMX_OUTER_WIDE_ROWS
-     * rows, else 2 x 2 (fewer tile loads per multiply, where the K steps outweigh the stores) */
-    const int64_t nn = N / 16, nk = Kd / 16, nq4 = (nk + 3) / 4, per_wide = nn * nq4,
-                  per = ((nn + 1) / 2) * ((nk + 1) / 2);
-    /* per expert (cumulative, [E + 1]): packed elements, pack items, tile items; and the groups of consecutive
-     * experts packed together (up to AMX_OUTER_GROUP_BYTES, at least one expert): one pack phase and one tile
-     * phase per group, not per expert (a fork's barriers cost more than 64 fine-grained experts' few rows) */
-    int64_t *cum = malloc((size_t)(4 * (E + 1)) * sizeof(int64_t));
+    const int64_t nn = N / 16, nk = Kd / 16;
+    /* per shared expert (cumulative, [E + 1]; private ones add nothing): packed elements, pack items, tile items;
+     * the groups; the private experts */
+    int64_t *cum = malloc((size_t)(5 * (E + 1)) * sizeof(int64_t));
     if (!cum) return -5;
-    int64_t *el = cum, *pk = cum + (E + 1), *ck = cum + 2 * (E + 1), *grp = cum + 3 * (E + 1), ng = 0, work = 0;
+    int64_t *el = cum, *pk = cum + (E + 1), *ck = cum + 2 * (E + 1), *grp = cum + 3 * (E + 1), *priv = cum + 4 * (E + 1);
+    int64_t ng = 0, np = 0, work = 0, priv_max = 0;
     el[0] = pk[0] = ck[0] = 0;
     for (int64_t e = 0; e < E; e++) {
-        const int64_t R = end[e] - start[e], Mp = R > 0 ? (R + 31) / 32 * 32 : 0;
-        el[e + 1] = el[e] + Mp * (N + Kd);
-        pk[e + 1] = pk[e] + Mp / 32 * (nn + nk);
-        ck[e + 1] = ck[e] + (R > 0 ? (Mp <= AMX_OUTER_WIDE_ROWS ? per_wide : per) : 0);
+        const int64_t R = end[e] - start[e], Mp = R > 0 ? (R + 31) / 32 * 32 : 0, elems = Mp * (N + Kd);
+        const int own = R > 0 && elems * (int64_t)sizeof(bf16) <= AMX_OUTER_PRIVATE_BYTES;
+        if (own) {
+            priv[np++] = e;
+            priv_max = elems > priv_max ? elems : priv_max;
+        }
+        el[e + 1] = el[e] + (own ? 0 : Mp * (N + Kd));
+        pk[e + 1] = pk[e] + (own ? 0 : Mp / 32 * (nn + nk));
+        ck[e + 1] = ck[e] + (R > 0 && !own ? amx_outer_items(N, Kd, Mp) : 0);
         work += R > 0 ? N * Kd : 0;
     }
     int64_t buf_max = 0;
     for (int64_t g0 = 0; g0 < E;) {
         int64_t g1 = g0 + 1;
         while (g1 < E && (el[g1 + 1] - el[g0]) * (int64_t)sizeof(bf16) <= AMX_OUTER_GROUP_BYTES) g1++;
-        grp[ng++] = g0;
+        if (ck[g1] > ck[g0]) grp[ng++] = g0; /* (a group of private experts only has nothing to run) */
         buf_max = el[g1] - el[g0] > buf_max ? el[g1] - el[g0] : buf_max;
         g0 = g1;
     }
-    grp[ng] = E;
     if (!work) {
         free(cum);
         return 0;
     }
-    bf16 *buf = aligned_alloc(64, (size_t)buf_max * sizeof(bf16));
+    const int nt = threads_for(work / 4, nthreads);
+    bf16 *buf = aligned_alloc(64, (size_t)(buf_max + nt * priv_max + 32) * sizeof(bf16));
     if (!buf) {
         free(cum);
         return -5;
     }
-    const __m512i ix = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8,
-                                        39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
-#pragma omp parallel num_threads(threads_for(work / 4, nthreads))
+#pragma omp parallel num_threads(nt)
     {
         amx_config();
         /* each item's rows are stored while the thread's next item's tiles run, as in amx_up */
         float cb[2][4][256] __attribute__((aligned(64)));
         amx_epi epi = {.gdt = gdt, .Kd = Kd}, *st = &epi;
         int cur = 0;
+        bf16 *own = buf + (buf_max + 31) / 32 * 32 + (size_t)omp_get_thread_num() * (size_t)((priv_max + 31) / 32 * 32);
+#pragma omp for schedule(dynamic, 1) nowait
+        for (int64_t i = 0; i < np; i++) {
+            const int64_t e = priv[i], s0 = start[e], R = end[e] - s0, Mp = (R + 31) / 32 * 32;
+            char *ge = (char *)G + (size_t)e * (size_t)N * (size_t)Kd * esize(gdt);
+            for (int64_t mc = 0; mc < Mp / 32; mc++)
+                for (int64_t blk = 0; blk < nn + nk; blk++)
+                    amx_outer_pack(A, lda, a_idx, B, ldb, b_idx, s0, R, N, Mp, mc, blk, own);
+            for (int64_t local = 0, ni = amx_outer_items(N, Kd, Mp); local < ni; local++) {
+                amx_outer_item(own, N, Kd, Mp, local, ge, cb[cur], st);
+                cur ^= 1;
+            }
+        }
         for (int64_t g = 0; g < ng; g++) {
-            const int64_t g0 = grp[g], g1 = grp[g + 1];
-            /* pack: one item per (expert, 32-row chunk, 16-column block) of A and of B; an expert's buffer holds
-             * A's rows transposed ([N, Mp]) and then B's pair-interleaved blocks ([Kd / 16][Mp / 32][512]) */
+            int64_t g0 = grp[g], g1 = g0 + 1;
+            while (g1 < E && (el[g1 + 1] - el[g0]) * (int64_t)sizeof(bf16) <= AMX_OUTER_GROUP_BYTES) g1++;
+            amx_epi_drain(st, AMX_EPI_OUTER); /* (before the group's packing may overwrite what it reads) */
+            /* pack: one item per (expert, 32-row chunk, 16-column block) of A and of B */
 #pragma omp for schedule(static)
             for (int64_t item = pk[g0]; item < pk[g1]; item++) {
                 const int64_t e = seg_find(pk, g0, g1 - 1, item); /* the expert */
-                const int64_t s0 = start[e], R = end[e] - s0, Mp = (R + 31) / 32 * 32, nm = Mp / 32;
-                bf16 *at = buf + (el[e] - el[g0]), *bv = at + (size_t)N * (size_t)Mp;
-                const int64_t local = item - pk[e], mc = local / (nn + nk), blk = local % (nn + nk);
-                const int isa = blk < nn;
-                const bf16 *src = isa ? A : B;
-                const int64_t ld = isa ? lda : ldb, c0 = 16 * (isa ? blk : blk - nn);
-                const int64_t *idx = isa ? a_idx : b_idx;
-                __m512i v[16];
-                for (int p = 0; p < 16; p++) {
-                    const int64_t r0 = 32 * mc + 2 * p, r1 = r0 + 1;
-                    __m512i x0 = _mm512_setzero_si512(), x1 = _mm512_setzero_si512();
-                    if (r0 < R)
-                        x0 = _mm512_castsi256_si512(_mm256_loadu_si256(
-                            (const __m256i *)(src + (size_t)(idx ? idx[s0 + r0] : s0 + r0) * (size_t)ld + c0)));
-                    if (r1 < R)
-                        x1 = _mm512_castsi256_si512(_mm256_loadu_si256(
-                            (const __m256i *)(src + (size_t)(idx ? idx[s0 + r1] : s0 + r1) * (size_t)ld + c0)));
-                    v[p] = _mm512_permutex2var_epi16(x0, ix, x1); /* [(src[r0][c], src[r1][c]) for 16 c] */
-                }
-                if (isa) { /* rows c0..c0+15 of the [N, Mp] transpose, columns 32 mc.. */
-                    tr16x16(v);
-                    for (int n = 0; n < 16; n++)
-                        _mm512_store_si512(at + (size_t)(c0 + n) * (size_t)Mp + (size_t)(32 * mc), v[n]);
-                } else {
-                    bf16 *dst = bv + ((size_t)(c0 / 16) * (size_t)nm + (size_t)mc) * 512;
-                    for (int p = 0; p < 16; p++) _mm512_store_si512(dst + 32 * p, v[p]);
-                }
+                const int64_t s0 = start[e], R = end[e] - s0, Mp = (R + 31) / 32 * 32, local = item - pk[e];
+                amx_outer_pack(A, lda, a_idx, B, ldb, b_idx, s0, R, N, Mp, local / (nn + nk), local % (nn + nk),
+                               buf + (el[e] - el[g0]));
             }
 #pragma omp for schedule(static)
             for (int64_t item = ck[g0]; item < ck[g1]; item++) {
                 const int64_t e = seg_find(ck, g0, g1 - 1, item); /* the expert */
-                const int64_t Mp = (end[e] - start[e] + 31) / 32 * 32, nm = Mp / 32, local = item - ck[e];
-                const bf16 *at = buf + (el[e] - el[g0]), *bv = at + (size_t)N * (size_t)Mp;
-                char *ge = (char *)G + (size_t)e * (size_t)N * (size_t)Kd * esize(gdt);
-                int64_t n0, k0;
-                int nq, nu;
-                if (Mp <= AMX_OUTER_WIDE_ROWS) {
-                    n0 = 16 * (local / nq4), k0 = 64 * (local % nq4), nq = (int)min64(4, nk - k0 / 16), nu = 16;
-                    const bf16 *p[4];
-                    for (int q = 0; q < 4; q++) p[q] = bv + (size_t)(k0 / 16 + (q < nq ? q : 0)) * (size_t)nm * 512;
-                    amx_tiles_outer(at + (size_t)n0 * (size_t)Mp, Mp, p, nq, Mp, cb[cur], st);
-                } else { /* where B's packed rows exceed 2 AMX_OUTER_B_BYTES, in chunks of column pairs whose rows
-                          * of B fit AMX_OUTER_B_BYTES, each chunk's items row pair by row pair: the chunk's B stays
-                          * in L2 while A's row pairs stream once per chunk (all of B per row pair, 5.5 MiB for a
-                          * Mixtral-like expert's dW_out of 2048 rows, came from L3 every time: 2.19 -> 1.49 ms on 2
-                          * Emerald Rapids cores; 0.5 or 2 MiB chunks 1.62 and 1.98 ms; its dW_in, whose B is 2 MiB,
-                          * 1.04x in 1 MiB chunks, as each chunk reads all of A) */
-                    const int64_t nkp = (nk + 1) / 2,
-                                  kch = 64 * Mp * nkp <= 2 * AMX_OUTER_B_BYTES ? nkp : max64(1, AMX_OUTER_B_BYTES / (64 * Mp));
-                    const int64_t c = local / (((nn + 1) / 2) * kch), w = local % (((nn + 1) / 2) * kch),
-                                  ks = min64(kch, nkp - c * kch);
-                    n0 = 32 * (w / ks), k0 = 32 * (c * kch + w % ks);
-                    nq = k0 + 16 < Kd ? 2 : 1, nu = n0 + 16 < N ? 32 : 16;
-                    const bf16 *p0 = bv + (size_t)(k0 / 16) * (size_t)nm * 512;
-                    amx_tiles_epi(at + (size_t)n0 * (size_t)Mp, nu == 32 ? at + (size_t)(n0 + 16) * (size_t)Mp : NULL,
-                                  Mp, p0, nq == 2 ? p0 + (size_t)nm * 512 : NULL, Mp, cb[cur], st, AMX_EPI_OUTER,
-                                  NULL, NULL, 0);
-                }
-                st->c = (const float (*)[256])cb[cur];
-                st->ge = ge;
-                st->gn0 = n0;
-                st->k0 = k0;
-                st->nq = nq;
-                st->nu = nu;
+                const int64_t Mp = (end[e] - start[e] + 31) / 32 * 32;
+                amx_outer_item(buf + (el[e] - el[g0]), N, Kd, Mp, item - ck[e],
+                               (char *)G + (size_t)e * (size_t)N * (size_t)Kd * esize(gdt), cb[cur], st);
                 cur ^= 1;
             }
-            amx_epi_drain(st, AMX_EPI_OUTER); /* (before the next group's packing) */
         }
+        amx_epi_drain(st, AMX_EPI_OUTER);
         _mm_sfence();
         _tile_release();
     }
