@@ -3031,23 +3031,28 @@ static int small_nn(const void *A, int adt, int64_t lda, const int64_t *a_idx, c
 #if defined(MOE_AMX)
 /* Pack columns [n0, n0 + nw) of a [K, N] bf16 matrix (K a multiple of 32, nw of 16) into VNNI blocks: block
  * (nb, kb) at dst + (nb * K / 32 + kb) * 512, row p = the pairs (b[32 kb + 2 p, n], b[32 kb + 2 p + 1, n]) of its
- * 16 columns n. */
+ * 16 columns n. Block by block, each written whole (1 KiB in order), its 32 rows read from L1 after the first
+ * column block brought them in, the next 32 rows prefetched a share per block. Row pair by row pair, every pair
+ * wrote one line into each of the nw / 16 blocks, K / 32 KiB apart (all in one L1 set): on 2 Emerald Rapids cores
+ * the data-gradient kernel on fine-grained experts 0.86-0.95x (g W_out and dH W_in, 16-1024 rows), Mixtral-like
+ * 0.88-0.98x (16-256 rows); the layer's bf16 forward+backward at T = 128 0.97x (both shapes), T = 1024 0.99-1.02x. */
 static void amx_pack_vnni(const bf16 *b, int64_t N, int64_t K, int64_t n0, int64_t nw, bf16 *dst) {
     const __m512i idx = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8,
                                          39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
-    /* pairs of rows in order, each row's nw columns read in one contiguous run (by column strips instead, a strip
-     * took 32 bytes of every row, at a fraction of the memory rate) */
-    for (int64_t k = 0; k < K; k += 2) {
-        if (k + PACK_PF < K) {
-            prefetch_row(b + (size_t)(k + PACK_PF) * (size_t)N + (size_t)n0, nw * 2);
-            prefetch_row(b + (size_t)(k + PACK_PF + 1) * (size_t)N + (size_t)n0, nw * 2);
-        }
-        for (int64_t nb = 0; nb < nw / 16; nb++) {
-            const bf16 *r0 = b + (size_t)k * (size_t)N + (size_t)(n0 + 16 * nb);
-            __m512i v0 = _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)r0));
-            __m512i v1 = _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(r0 + N)));
-            _mm512_store_si512(dst + ((size_t)nb * (size_t)(K / 32) + (size_t)(k / 32)) * 512 + (size_t)(k % 32) * 16,
-                               _mm512_permutex2var_epi16(v0, idx, v1));
+    const int64_t nbk = nw / 16;
+    for (int64_t kb = 0; kb < K / 32; kb++) {
+        const bf16 *rows = b + (size_t)(32 * kb) * (size_t)N + (size_t)n0;
+        for (int64_t nb = 0; nb < nbk; nb++) {
+            if (32 * kb + 32 < K)
+                for (int64_t r = 32 * nb / nbk; r < 32 * (nb + 1) / nbk; r++)
+                    prefetch_row(rows + (size_t)(32 + r) * (size_t)N, nw * 2);
+            bf16 *o = dst + ((size_t)nb * (size_t)(K / 32) + (size_t)kb) * 512;
+            for (int p = 0; p < 16; p++) {
+                const bf16 *r0 = rows + (size_t)(2 * p) * (size_t)N + 16 * nb;
+                const __m512i v0 = _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)r0));
+                const __m512i v1 = _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(r0 + N)));
+                _mm512_store_si512(o + 32 * p, _mm512_permutex2var_epi16(v0, idx, v1));
+            }
         }
     }
 }
