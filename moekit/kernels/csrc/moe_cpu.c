@@ -3254,8 +3254,14 @@ static void outer8_full(const void *A, int adt, int64_t lda, const int64_t *a_id
 #ifndef AMX_OUTER_B_BYTES
 #define AMX_OUTER_B_BYTES (1 << 20) /* packed rows of B that amx_outer's 2 x 2 items keep in L2 at a time */
 #endif
+/* Rows per expert (padded to 32) up to which amx_outer's items are 1 x 4 tiles (see amx_tiles_outer): 5 tile loads
+ * per 4 multiplies instead of 4, but each row of G gets two whole lines per visit, and where an expert's few K
+ * steps make the gradient's stores the bound, that wins. Raised from 64 (2 Emerald Rapids cores, paired): 64
+ * fine-grained experts of 112-144 rows, the kernel 0.77-0.83x; the layer's bf16 forward+backward fine-grained
+ * T = 512 and 1024 0.95x, Mixtral-like T = 512 (128 rows per expert) 0.92x; Mixtral-like experts of 256 rows within
+ * 1.5% either way, of 512 or more rows 1.05-1.18x the time as 1 x 4. */
 #ifndef AMX_OUTER_WIDE_ROWS
-#define AMX_OUTER_WIDE_ROWS 64 /* rows per expert (padded to 32) up to which amx_outer's tiles are 1 x 4, see there */
+#define AMX_OUTER_WIDE_ROWS 192
 #endif
 /* The weight-gradient kernel (moe_small_outer) on the tiles, bf16 A and B, N and Kd multiples of 16, per expert:
  * its rows of A transposed into [N / 16][Mp / 32] blocks of 16 x 32 (Mp: its rows padded to a multiple of 32 with
