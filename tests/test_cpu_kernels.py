@@ -1212,6 +1212,31 @@ def test_small_fp32_gemms_skip_onednn(monkeypatch):
     assert cpu_gemm._use_onednn(small.bfloat16(), w.bfloat16()) == (cpu_gemm._LP is not None)  # bf16: always
 
 
+@pytest.mark.parametrize("wgrad", ["onednn", "torch"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_linear_into_weight_gradient_takes_its_own_provider(dtype, wgrad, monkeypatch):
+    """A weight-gradient product (``a`` a transposed view) goes to ``wgrad_provider``'s library while other
+    products stay with the forward's provider (oneDNN here), each into ``out`` with the exact product."""
+    if cpu_gemm._LP is None:
+        pytest.skip("no oneDNN linear in this torch build")
+    monkeypatch.setattr(cpu_gemm, "_PROVIDER", {torch.float32: "onednn", torch.bfloat16: "onednn"})
+    monkeypatch.setattr(cpu_gemm, "_WGRAD_PROVIDER", {dtype: wgrad})
+    calls = []
+    real_lp = cpu_gemm._LP
+    monkeypatch.setattr(cpu_gemm, "_LP", lambda *a: calls.append(a[0].shape) or real_lp(*a))
+    g, x = torch.randn(600, 64).to(dtype), torch.randn(600, 48).to(dtype)  # rows of one expert (> SMALL_GEMM_MACS)
+    out = torch.full((64, 48), float("nan"), dtype=dtype)
+    cpu_gemm.linear_into(out, g.T, x.T)  # out = g^T x
+    assert rel_err(out, g.double().T @ x.double()) < TOL[dtype]
+    assert bool(calls) == (wgrad == "onednn" and dtype == torch.float32)  # (bf16 runs in torch.mm's oneDNN)
+    calls.clear()
+    out2 = torch.full((64, 48), float("nan"), dtype=dtype)
+    cpu_gemm.linear_into(out2, g.T.contiguous(), x.T.contiguous())  # the same product, a contiguous left operand
+    assert rel_err(out2, g.double().T @ x.double()) < TOL[dtype]
+    assert bool(calls) == (dtype == torch.float32)
+    assert cpu_gemm.wgrad_provider(dtype) == wgrad
+
+
 def test_cpu_gemm_provider_choice(monkeypatch):
     assert cpu_gemm.provider(torch.float32) in ("onednn", "torch")
     assert cpu_gemm.provider(torch.float64) == "torch"
