@@ -922,7 +922,8 @@ def route_train_backward(g: torch.Tensor, d_probs: torch.Tensor | None, x: torch
         late_dx = dx if deferred.value & 2 else None
         _call(lib.moe_route_train_bwd_in, _ptr(h), _ptr(x), x.stride(0), _ptr(saved.seg), E, D, W // 2,
               _DTYPES[x.dtype], _ptr(d_win), _ptr(w_in), _ptr(late_dx),
-              _ptr(d_logits if late_dx is not None else None), _ptr(router_w), _DTYPES[router_w.dtype], T, _packed_min(None, x.dtype, nn=True), _threads())
+              _ptr(d_logits if late_dx is not None else None), _ptr(router_w), _DTYPES[router_w.dtype], T,
+              _packed_min(None, x.dtype, nn=True), _threads())
     del h
     d_wr = None
     if need_router_w:

@@ -47,6 +47,11 @@ def _rate(fn) -> float:
     return 1.0 / best
 
 
+def _faster(onednn, mm) -> str:
+    """``"onednn"`` where the oneDNN call runs over 1.1x the rate of the ``torch.mm`` one, else ``"torch"``."""
+    return "onednn" if _rate(onednn) > 1.1 * _rate(mm) else "torch"
+
+
 def provider(dtype: torch.dtype) -> str:
     """``"onednn"`` or ``"torch"``: the faster CPU GEMM for ``dtype`` here (measured once per process)."""
     if dtype not in _PROVIDER:
@@ -59,9 +64,7 @@ def provider(dtype: torch.dtype) -> str:
             _PROVIDER[dtype] = "onednn"
         else:
             a, w = torch.randn(256, 512).to(dtype), torch.randn(1024, 512).to(dtype)
-            onednn = _rate(lambda: _LP(a, w, None, "none", [], ""))
-            mm = _rate(lambda: torch.mm(a, w.T))
-            _PROVIDER[dtype] = "onednn" if onednn > 1.1 * mm else "torch"
+            _PROVIDER[dtype] = _faster(lambda: _LP(a, w, None, "none", [], ""), lambda: torch.mm(a, w.T))
     return _PROVIDER[dtype]
 
 
@@ -76,9 +79,8 @@ def wgrad_provider(dtype: torch.dtype) -> str:
         else:
             a, b = torch.randn(512, 512).to(dtype), torch.randn(512, 1024).to(dtype)
             out = torch.empty(512, 1024, dtype=dtype)
-            onednn = _rate(lambda: out.copy_(_LP(a.T, b.T, None, "none", [], "")))
-            mm = _rate(lambda: torch.mm(a.T, b, out=out))
-            _WGRAD_PROVIDER[dtype] = "onednn" if onednn > 1.1 * mm else "torch"
+            _WGRAD_PROVIDER[dtype] = _faster(lambda: out.copy_(_LP(a.T, b.T, None, "none", [], "")),
+                                             lambda: torch.mm(a.T, b, out=out))
     return _WGRAD_PROVIDER[dtype]
 
 

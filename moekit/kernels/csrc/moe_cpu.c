@@ -1849,6 +1849,16 @@ static void amx_pack16(const bf16 *src, int64_t ld, const int64_t *idx, int64_t 
     }
 }
 
+/* Pack row blocks r0 .. r1 of an expert whose sorted rows are start_e .. end_e (row s at src + idx[s] * ld, or s
+ * without idx) into dst, block b - r0 at dst + (b - r0) * K * 16: one run of the projections' packed token rows. */
+static void amx_pack_run(const bf16 *src, int64_t ld, const int64_t *idx, int64_t start_e, int64_t end_e,
+                         int64_t r0, int64_t r1, int64_t K, bf16 *dst) {
+    for (int64_t b = r0; b < r1; b++) {
+        const int64_t s0 = start_e + 16 * b;
+        amx_pack16(src, ld, idx, s0, min64(16, end_e - s0), K, dst + (size_t)(b - r0) * (size_t)K * 16);
+    }
+}
+
 /* The first 16-row block of each expert's packed rows, [E + 1] (blk[E]: all blocks); NULL if out of memory. */
 static int64_t *amx_blocks(const int64_t *start, const int64_t *end, int64_t E) {
     int64_t *blk = malloc((size_t)(E + 1) * sizeof(int64_t));
@@ -2196,10 +2206,7 @@ static int amx_up(const bf16 *x, int64_t ld_x, const int64_t *tok, const int64_t
             cost += r1 - r0 + 1;
             if (mid < lo_cost || mid >= hi_cost) continue;
             if (own_e != e || own_r0 != r0) {
-                for (int64_t b = r0; b < r1; b++) {
-                    const int64_t s0 = start[e] + 16 * b;
-                    amx_pack16(x, ld_x, tok, s0, min64(16, end[e] - s0), D, own + (size_t)(b - r0) * (size_t)D * 16);
-                }
+                amx_pack_run(x, ld_x, tok, start[e], end[e], r0, r1, D, own);
                 own_e = e, own_r0 = r0;
             }
             for (int64_t j0 = jc; j0 < jc + cw; j0 += 16) {
@@ -2280,10 +2287,7 @@ static int amx_down(const bf16 *a, int64_t ld_a, const int64_t *tok, const float
             const int64_t r1 = min64(r0 + rbb, blk[e + 1] - blk[e]);
             const bf16 *we = w_out + ((size_t)e * (size_t)D + (size_t)d0) * (size_t)F;
             if (own && d0 == dlo) /* (the run's first column block: pack it) */
-                for (int64_t b = r0; b < r1; b++) {
-                    const int64_t s0 = start[e] + 16 * b;
-                    amx_pack16(a, ld_a, NULL, s0, min64(16, end[e] - s0), F, own + (size_t)(b - r0) * (size_t)F * 16);
-                }
+                amx_pack_run(a, ld_a, NULL, start[e], end[e], r0, r1, F, own);
             for (int64_t b = r0; b < r1; b += 2) { /* pipelined as in amx_up */
                 const bf16 *p0 = own ? own + (size_t)(b - r0) * (size_t)F * 16 : a_pk + (size_t)(blk[e] + b) * (size_t)F * 16;
                 const bf16 *p1 = b + 1 < r1 ? p0 + (size_t)F * 16 : NULL;
@@ -3276,8 +3280,9 @@ static void outer8_full(const void *A, int adt, int64_t lda, const int64_t *a_id
 #define AMX_OUTER_PRIVATE_BYTES (2 << 20) /* an expert's packed operands up to which one thread runs all of it */
 #endif
 
-/* Pack item (mc, blk) of one expert (rows s0 .. s0 + R of A and B, packed buffer at: its [N, Mp] transpose of A,
- * then B's blocks): block blk of N / 16 column blocks of A, then Kd / 16 of B, of its 32-row chunk mc. */
+/* Pack item (mc, blk) of one expert (rows s0 .. s0 + R of A and B, packed buffer at: its transpose of A in
+ * [N / 16][Mp / 32] tiles, then B's blocks): block blk of N / 16 column blocks of A, then Kd / 16 of B, of its
+ * 32-row chunk mc. */
 static inline __attribute__((always_inline)) void amx_outer_pack(const bf16 *A, int64_t lda, const int64_t *a_idx,
                                                                  const bf16 *B, int64_t ldb, const int64_t *b_idx,
                                                                  int64_t s0, int64_t R, int64_t N, int64_t Mp,
@@ -3371,10 +3376,11 @@ static int amx_outer(const bf16 *A, int64_t lda, const int64_t *a_idx, const bf1
                      int nthreads) {
     const int64_t nn = N / 16, nk = Kd / 16;
     /* per shared expert (cumulative, [E + 1]; private ones add nothing): packed elements, pack items, tile items;
-     * the groups; the private experts */
-    int64_t *cum = malloc((size_t)(5 * (E + 1)) * sizeof(int64_t));
+     * the groups' first and end experts; the private experts */
+    int64_t *cum = malloc((size_t)(6 * (E + 1)) * sizeof(int64_t));
     if (!cum) return -5;
-    int64_t *el = cum, *pk = cum + (E + 1), *ck = cum + 2 * (E + 1), *grp = cum + 3 * (E + 1), *priv = cum + 4 * (E + 1);
+    int64_t *el = cum, *pk = cum + (E + 1), *ck = cum + 2 * (E + 1), *grp = cum + 3 * (E + 1),
+            *gend = cum + 4 * (E + 1), *priv = cum + 5 * (E + 1);
     int64_t ng = 0, np = 0, work = 0, priv_max = 0;
     el[0] = pk[0] = ck[0] = 0;
     for (int64_t e = 0; e < E; e++) {
@@ -3393,7 +3399,7 @@ static int amx_outer(const bf16 *A, int64_t lda, const int64_t *a_idx, const bf1
     for (int64_t g0 = 0; g0 < E;) {
         int64_t g1 = g0 + 1;
         while (g1 < E && (el[g1 + 1] - el[g0]) * (int64_t)sizeof(bf16) <= AMX_OUTER_GROUP_BYTES) g1++;
-        if (ck[g1] > ck[g0]) grp[ng++] = g0; /* (a group of private experts only has nothing to run) */
+        if (ck[g1] > ck[g0]) grp[ng] = g0, gend[ng++] = g1; /* (a group of private experts only has nothing to run) */
         buf_max = el[g1] - el[g0] > buf_max ? el[g1] - el[g0] : buf_max;
         g0 = g1;
     }
@@ -3428,9 +3434,8 @@ static int amx_outer(const bf16 *A, int64_t lda, const int64_t *a_idx, const bf1
             }
         }
         for (int64_t g = 0; g < ng; g++) {
-            int64_t g0 = grp[g], g1 = g0 + 1;
-            while (g1 < E && (el[g1 + 1] - el[g0]) * (int64_t)sizeof(bf16) <= AMX_OUTER_GROUP_BYTES) g1++;
-            amx_epi_drain(st, AMX_EPI_OUTER); /* (before the group's packing may overwrite what it reads) */
+            const int64_t g0 = grp[g], g1 = gend[g];
+            amx_epi_drain(st, AMX_EPI_OUTER); /* (the pack loop runs no tiles for pending units to overlap) */
             /* pack: one item per (expert, 32-row chunk, 16-column block) of A and of B */
 #pragma omp for schedule(static)
             for (int64_t item = pk[g0]; item < pk[g1]; item++) {
