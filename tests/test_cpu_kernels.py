@@ -609,6 +609,26 @@ def test_small_experts_decode_groups_slots_itself(kernels, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_small_experts_decode_many_rows_per_expert(kernels, dtype):
+    """Experts of 80, 75 and 5 rows in one decode call: the large ones leave the dot-product tiles for the packed
+    (or AMX) tiles of the build (from 24 rows on AVX2, 64 on AVX-512, 4 for bf16 on AMX), the small one stays; every
+    token's sum against float64."""
+    torch.manual_seed(5)
+    E, D, F_, T = 3, 37, 21, 80
+    x, _, _, w_in, w_out, b_in, b_out = _small_problem(E, D, F_, [T, 0, 0], dtype, True)
+    x = x[:T].contiguous()
+    ids = torch.tensor([[0, 1]] * 75 + [[2, 0]] * 5)
+    wts = torch.rand(T, 2)
+    y, counts = K.small_experts_decode(x, ids, wts, w_in, b_in, w_out, b_out)
+    assert counts.tolist() == [80, 75, 5]
+    h = torch.einsum("td,efd->tef", x.double(), w_in.double()) + b_in.double()
+    a = (F.silu(h[..., :F_]) * h[..., F_:]).to(dtype).double()  # [T, E, F]
+    ye = torch.einsum("tef,edf->ted", a, w_out.double()) + b_out.double()
+    want = (wts.double()[..., None] * ye.gather(1, ids[..., None].expand(T, 2, D))).sum(1)
+    assert rel_err(y, want) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("renorm,renorm_min,scale", [(True, 0.0, 1.0), (False, 0.0, 2.5), (True, 0.9, 1.0)])
 def test_route_decode_routes_like_pytorch_then_runs_the_experts(kernels, dtype, renorm, renorm_min, scale):
     """Softmax top-k routing in the kernel (router bias, selection bias, renormalisation and its clamp, scale),

@@ -573,7 +573,7 @@ def packed_tiles(dtype: torch.dtype | None = None) -> bool:
 #: multiply-adds per instruction, the token rows packed per call and padded to multiples of 16. Measured on 2
 #: Sapphire Rapids cores, the two projections against the AVX-512 tiles: 1-2 rows per expert the same or slower
 #: (Mixtral-like, one row: 0.45 against 0.44 ms), 4 rows 1.4x faster (1.26 against 1.76 ms), 32 rows 6x (1.55
-#: against 9.5 ms), 128 rows and more 3.3-5x. (The decode kernel uses the same threshold, AMX_DECODE_MIN_ROWS.)
+#: against 9.5 ms), 128 rows and more 3.3-5x. (The decode kernel uses the same threshold: decode_min_rows in the C source.)
 AMX_MIN_ROWS = 4
 
 

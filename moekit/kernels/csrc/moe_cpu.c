@@ -888,19 +888,32 @@ static int small_down(const void *a, int64_t ld_a, const int64_t *tok, const flo
 
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__) && defined(__linux__)
 #define MOE_AMX 1
-/* Rows from which a decoding expert runs on the AMX tiles (below, one 16-row tile is mostly padding: measured on
- * 2 Sapphire Rapids cores, 1-2 rows per expert as fast or slower than the AVX-512 tiles, 4 rows 1.4x faster). */
-#define AMX_DECODE_MIN_ROWS 4
-/* ...and float32 ones on the packed tiles (which AVX-512 builds have for float32) from this many: the Python side's
- * PACKED_MIN_ROWS_AVX512 (fewer rows run faster on the dot-product tiles: 16 rows 1.3x, 32 rows 1.06x slower). */
-#define F32_DECODE_MIN_ROWS 64
+#endif
+/* The rows from which a decoding expert leaves the dot-product tiles (moe_small_decode), per build and dtype:
+ * AMX builds run bf16 experts of 4 rows or more on the AMX tiles (below, one 16-row tile is mostly padding: measured
+ * on 2 Sapphire Rapids cores, 1-2 rows per expert as fast or slower than the AVX-512 tiles, 4 rows 1.4x faster);
+ * AVX-512 builds run float32 experts of 64 rows or more on their packed tiles (the Python side's
+ * PACKED_MIN_ROWS_AVX512: fewer rows run faster on the dot-product tiles, 16 rows 1.3x, 32 rows 1.06x slower);
+ * AVX2 builds run experts of either dtype on their packed tiles from 24 rows (the Python side's PACKED_MIN_ROWS:
+ * 32 rows 1.2-1.4x faster there). */
+static inline int64_t decode_min_rows(int dt) {
+#if defined(MOE_AMX)
+    if (dt == DT_BF16) return 4;
+#endif
+#if defined(V8)
+    (void)dt;
+    return 24;
+#else
+    (void)dt;
+    return 64;
+#endif
+}
 int moe_small_up(const void *x, int64_t ld_x, const int64_t *tok, const int64_t *start, const int64_t *end, int64_t E,
                  const void *w_in, const void *b_in, int64_t W, int64_t D, int dt, int act, void *h_out, void *a_out,
                  int64_t packed_min, int nthreads);
 int moe_small_down(const void *a, int64_t ld_a, const int64_t *tok, const float *w, const int64_t *start,
                    const int64_t *end, int64_t E, const void *w_out, const void *b_out, int64_t D, int64_t F, int dt,
                    float *out, int64_t ld_out, int64_t packed_min, int nthreads);
-#endif
 
 /* The S = T*K slots of ids [T, K] (ids < 0: empty) grouped by expert, a stable counting sort: expert e's slots are
  * start[e] <= s < end[e], each from token tok[s] = slot[s] / K with weight ws[s] = w[slot[s]]; counts[e] (may be
@@ -953,15 +966,9 @@ int moe_small_decode(const void *x, int64_t ld_x, const int64_t *ids, const floa
         rc = -4;
         goto done;
     }
-#if defined(MOE_AMX) /* bf16 experts of AMX_DECODE_MIN_ROWS rows or more on the tiles (fewer: no faster there) */
-    const int64_t pmin = dt == DT_BF16 ? AMX_DECODE_MIN_ROWS : F32_DECODE_MIN_ROWS;
+    const int64_t pmin = decode_min_rows(dt); /* (experts with fewer rows on the dot-product tiles) */
     rc = moe_small_up(x, ld_x, tok, start, end, E, w_in, b_in, 2 * F, D, dt, 1, NULL, a, pmin, nthreads);
-    if (rc == 0)
-        rc = moe_small_down(a, F, tok, ws, start, end, E, w_out, b_out, D, F, dt, out, ld_out, pmin, nthreads);
-#else
-    rc = small_up(x, ld_x, tok, start, end, E, w_in, b_in, 2 * F, D, dt, 1, NULL, a, nthreads);
-    if (rc == 0) rc = small_down(a, F, tok, ws, start, end, E, w_out, b_out, D, F, dt, out, ld_out, nthreads);
-#endif
+    if (rc == 0) rc = moe_small_down(a, F, tok, ws, start, end, E, w_out, b_out, D, F, dt, out, ld_out, pmin, nthreads);
 done:
     free(start);
     free(ws);
