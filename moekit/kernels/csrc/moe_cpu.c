@@ -1494,7 +1494,10 @@ static void gk_panel(const float *const *a, int64_t m, const gk_src *src, const 
         const int64_t lines = !ps ? 0 : ps->nt ? GK_NR * lpr : pkc, per = (lines + ntiles - 1) / ntiles;
         int64_t pq = 0, pl = 0; /* prefetch cursor: NT, row of the panel and line of the row; else row over k */
         const float *ak[GK_MR];
-        for (int64_t i = 0; i < m; i += GK_MR) {
+        /* the ntiles tiles as equal as whole rows allow (the first m % ntiles of them one row more): a short last
+         * tile of 1-3 rows has too few accumulators to hide the FMA latency and would take as long as a full one */
+        const int64_t tb = m / ntiles, tx = m % ntiles;
+        for (int64_t i = 0, ti = 0; i < m; i += tb + (ti < tx), ti++) {
             if (ps && ps->nt)
                 for (int64_t n = 0; n < per && pq < GK_NR; n++) {
                     if (ps->row[pq]) _mm_prefetch((const char *)ps->row[pq] + (size_t)pk0 * eb + 64 * pl, _MM_HINT_T1);
@@ -1503,7 +1506,7 @@ static void gk_panel(const float *const *a, int64_t m, const gk_src *src, const 
             else if (ps)
                 for (int64_t n = 0; n < per && pq < pkc; n++, pq++)
                     _mm_prefetch(ps->base + ((size_t)(pk0 + pq) * (size_t)ps->ld + (size_t)ps->n0) * eb, _MM_HINT_T1);
-            const int R = (int)min64(GK_MR, m - i);
+            const int R = (int)(tb + (ti < tx));
             for (int r = 0; r < R; r++) ak[r] = a[i + r] + k0;
             gk_tile(R, ak, bp, kc, c + GK_NR * i, k0 > 0);
         }
