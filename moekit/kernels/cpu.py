@@ -151,7 +151,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         "moe_amx_up_packed": [P, I64, P, P, P, I64, P, P, I64, I64, P, P, I],
         "moe_amx_down_packed": [P, P, P, P, P, I64, P, P, I64, I64, P, I64, P, P, I64, I],
         "moe_row_flags": [P, I64, I64, P],
-        "moe_small_decode": [P, I64, P, P, I64, I64, I64, P, P, P, P, I64, I64, I, P, I64, P, I],
+        "moe_small_decode": [P, I64, P, P, I64, I64, I64, P, P, P, P, I64, I64, I, P, I64, P, I64, I],
         "moe_small_nn": [P, I, I64, P, P, I, I64, I64, P, P, I64, P, I, I64, P, I64, I],
         "moe_small_outer": [P, I, I64, P, P, I, I64, P, I64, I64, P, P, I64, P, I, I],
         "moe_zero_ranges": [P, P, P, I64, I],
@@ -162,7 +162,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         "moe_softmax_topk": [P, I64, I64, I64, I64, P, I, ctypes.c_float, ctypes.c_float, P, P, P, I],
         "moe_sort_keys": [P, I64, I64, I64, P, P, P, P],
         "moe_route_decode": [P, I64, P, I, P, P, I64, I64, I64, I, ctypes.c_float, ctypes.c_float, P, P, P, P, P, P,
-                             I64, I64, I, P, I, I64, P, I],
+                             I64, I64, I, P, I, I64, P, I64, I],
         "moe_route_train_fwd": [P, I64, P, I, P, P, I64, I64, I64, I, ctypes.c_float, ctypes.c_float, P, P, P, P, P, P,
                                 I64, I64, I, P, P, P, P, I64, P, I64, I64, I],
         "moe_route_train_bwd": [P, I, I64, P, I, P, P, I64, I64, I64, I, ctypes.c_float, ctypes.c_float, P, P, P, P, P,
@@ -573,7 +573,7 @@ def packed_tiles(dtype: torch.dtype | None = None) -> bool:
 #: multiply-adds per instruction, the token rows packed per call and padded to multiples of 16. Measured on 2
 #: Sapphire Rapids cores, the two projections against the AVX-512 tiles: 1-2 rows per expert the same or slower
 #: (Mixtral-like, one row: 0.45 against 0.44 ms), 4 rows 1.4x faster (1.26 against 1.76 ms), 32 rows 6x (1.55
-#: against 9.5 ms), 128 rows and more 3.3-5x. (The decode kernel uses the same threshold: decode_min_rows in the C source.)
+#: against 9.5 ms), 128 rows and more 3.3-5x. (The decode kernel takes the same threshold.)
 AMX_MIN_ROWS = 4
 
 
@@ -760,7 +760,9 @@ def small_experts_decode(x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, w_
                          check: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """SwiGLU experts for a few tokens straight from the router's choices: float32
     ``y[t] = sum_k w[t, k] * expert_{ids[t, k]}(x[t])`` (``ids < 0``: empty slot), with the slots grouped by expert
-    inside the kernel (no sort, no host round trip). Returns ``(y [T, D], slots per expert [E] int64)``.
+    inside the kernel (no sort, no host round trip); experts with at least this build's packed-tile (or AMX)
+    threshold of rows for ``x``'s dtype run on those tiles, as in :func:`small_experts_up`. Returns ``(y [T, D],
+    slots per expert [E] int64)``.
     ``check=False`` skips the argument checks (for callers that built the arguments themselves)."""
     E, W, D = w_in.shape
     F = W // 2
@@ -778,7 +780,8 @@ def small_experts_decode(x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, w_
     out = torch.zeros(T, D, dtype=torch.float32)
     counts = torch.empty(E, dtype=torch.int64)
     _call(_require().moe_small_decode, _ptr(x), x.stride(0), _ptr(ids), _ptr(w), T, K, E, _ptr(w_in), _ptr(b_in),
-          _ptr(w_out), _ptr(b_out), D, F, _dt(x, "x"), _ptr(out), D, _ptr(counts), _threads())
+          _ptr(w_out), _ptr(b_out), D, F, _dt(x, "x"), _ptr(out), D, _ptr(counts), _packed_min(None, x.dtype),
+          _threads())
     return out, counts
 
 
@@ -809,7 +812,8 @@ def route_decode(x: torch.Tensor, router_w: torch.Tensor, router_b: torch.Tensor
     rc = _require().moe_route_decode(
         _ptr(x), x.stride(0), _ptr(router_w), _DTYPES[router_w.dtype], _ptr(router_b), _ptr(selection_bias), T, k, E,
         int(renormalize), renorm_min, scale, _ptr(ids), _ptr(wts), _ptr(w_in), _ptr(b_in), _ptr(w_out), _ptr(b_out),
-        D, W // 2, _DTYPES[x.dtype], _ptr(out), _DTYPES[out_dtype], D, _ptr(counts), _threads())
+        D, W // 2, _DTYPES[x.dtype], _ptr(out), _DTYPES[out_dtype], D, _ptr(counts),
+        _packed_min(None, x.dtype), _threads())
     if rc == 1:
         return None
     if rc != 0:

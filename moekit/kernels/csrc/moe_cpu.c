@@ -889,25 +889,6 @@ static int small_down(const void *a, int64_t ld_a, const int64_t *tok, const flo
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__) && defined(__linux__)
 #define MOE_AMX 1
 #endif
-/* The rows from which a decoding expert leaves the dot-product tiles (moe_small_decode), per build and dtype:
- * AMX builds run bf16 experts of 4 rows or more on the AMX tiles (below, one 16-row tile is mostly padding: measured
- * on 2 Sapphire Rapids cores, 1-2 rows per expert as fast or slower than the AVX-512 tiles, 4 rows 1.4x faster);
- * AVX-512 builds run float32 experts of 64 rows or more on their packed tiles (the Python side's
- * PACKED_MIN_ROWS_AVX512: fewer rows run faster on the dot-product tiles, 16 rows 1.3x, 32 rows 1.06x slower);
- * AVX2 builds run experts of either dtype on their packed tiles from 24 rows (the Python side's PACKED_MIN_ROWS:
- * 32 rows 1.2-1.4x faster there). */
-static inline int64_t decode_min_rows(int dt) {
-#if defined(MOE_AMX)
-    if (dt == DT_BF16) return 4;
-#endif
-#if defined(V8)
-    (void)dt;
-    return 24;
-#else
-    (void)dt;
-    return 64;
-#endif
-}
 int moe_small_up(const void *x, int64_t ld_x, const int64_t *tok, const int64_t *start, const int64_t *end, int64_t E,
                  const void *w_in, const void *b_in, int64_t W, int64_t D, int dt, int act, void *h_out, void *a_out,
                  int64_t packed_min, int nthreads);
@@ -948,10 +929,11 @@ static int64_t group_slots(const int64_t *ids, const float *w, int64_t S, int64_
  * grouped by expert here (a counting sort; token order kept within an expert), then the SwiGLU experts run through
  * moe_small_up and moe_small_down:  out[t] += sum_k w[t, k] * expert_{ids[t, k]}(x[t])   (ids < 0: empty slot).
  * out is float32 [T, D] and must be zeroed by the caller; counts (int64 [E], may be NULL) receives the slots per
- * expert. Returns -4 if an id is >= E, -5 if out of memory. */
+ * expert; packed_min: the rows from which an expert leaves the dot-product tiles (as moe_small_up's; the caller
+ * passes its build's threshold for the dtype). Returns -4 if an id is >= E, -5 if out of memory. */
 int moe_small_decode(const void *x, int64_t ld_x, const int64_t *ids, const float *w, int64_t T, int64_t K, int64_t E,
                      const void *w_in, const void *b_in, const void *w_out, const void *b_out, int64_t D, int64_t F,
-                     int dt, float *out, int64_t ld_out, int64_t *counts, int nthreads) {
+                     int dt, float *out, int64_t ld_out, int64_t *counts, int64_t packed_min, int nthreads) {
     const int64_t S = T * K;
     int64_t *start = calloc((size_t)(2 * E + 2 * S + 1), sizeof(int64_t));
     float *ws = malloc((size_t)(S ? S : 1) * sizeof(float));
@@ -966,9 +948,9 @@ int moe_small_decode(const void *x, int64_t ld_x, const int64_t *ids, const floa
         rc = -4;
         goto done;
     }
-    const int64_t pmin = decode_min_rows(dt); /* (experts with fewer rows on the dot-product tiles) */
-    rc = moe_small_up(x, ld_x, tok, start, end, E, w_in, b_in, 2 * F, D, dt, 1, NULL, a, pmin, nthreads);
-    if (rc == 0) rc = moe_small_down(a, F, tok, ws, start, end, E, w_out, b_out, D, F, dt, out, ld_out, pmin, nthreads);
+    rc = moe_small_up(x, ld_x, tok, start, end, E, w_in, b_in, 2 * F, D, dt, 1, NULL, a, packed_min, nthreads);
+    if (rc == 0)
+        rc = moe_small_down(a, F, tok, ws, start, end, E, w_out, b_out, D, F, dt, out, ld_out, packed_min, nthreads);
 done:
     free(start);
     free(ws);
@@ -1497,7 +1479,8 @@ static void gk_panel(const float *const *a, int64_t m, const gk_src *src, const 
         /* the ntiles tiles as equal as whole rows allow (the first m % ntiles of them one row more): a short last
          * tile of 1-3 rows has too few accumulators to hide the FMA latency and would take as long as a full one */
         const int64_t tb = m / ntiles, tx = m % ntiles;
-        for (int64_t i = 0, ti = 0; i < m; i += tb + (ti < tx), ti++) {
+        for (int64_t i = 0, ti = 0, R; i < m; i += R, ti++) {
+            R = tb + (ti < tx);
             if (ps && ps->nt)
                 for (int64_t n = 0; n < per && pq < GK_NR; n++) {
                     if (ps->row[pq]) _mm_prefetch((const char *)ps->row[pq] + (size_t)pk0 * eb + 64 * pl, _MM_HINT_T1);
@@ -1506,9 +1489,8 @@ static void gk_panel(const float *const *a, int64_t m, const gk_src *src, const 
             else if (ps)
                 for (int64_t n = 0; n < per && pq < pkc; n++, pq++)
                     _mm_prefetch(ps->base + ((size_t)(pk0 + pq) * (size_t)ps->ld + (size_t)ps->n0) * eb, _MM_HINT_T1);
-            const int R = (int)(tb + (ti < tx));
             for (int r = 0; r < R; r++) ak[r] = a[i + r] + k0;
-            gk_tile(R, ak, bp, kc, c + GK_NR * i, k0 > 0);
+            gk_tile((int)R, ak, bp, kc, c + GK_NR * i, k0 > 0);
         }
     }
 }
@@ -4260,7 +4242,8 @@ int moe_sort_keys(const int64_t *key, int64_t S, int64_t nb, int64_t K, int64_t 
 int moe_route_decode(const void *x, int64_t ld_x, const void *w_r, int dt_r, const float *b_r, const float *sel,
                      int64_t T, int64_t K, int64_t E, int renorm, float renorm_min, float scale, int64_t *ids,
                      float *wts, const void *w_in, const void *b_in, const void *w_out, const void *b_out, int64_t D,
-                     int64_t F, int dt, void *out, int out_dt, int64_t ld_out, int64_t *counts, int nthreads) {
+                     int64_t F, int dt, void *out, int out_dt, int64_t ld_out, int64_t *counts, int64_t packed_min,
+                     int nthreads) {
     if (K < 1 || K > 64 || K > E) return -1;
     float *p = malloc((size_t)(T * E * 2 + 1) * sizeof(float));
     if (!p) return -5;
@@ -4277,7 +4260,7 @@ int moe_route_decode(const void *x, int64_t ld_x, const void *w_r, int dt_r, con
     const int64_t ld_acc = out_dt == DT_F32 ? ld_out : D;
     for (int64_t t = 0; t < T; t++) memset(acc + t * ld_acc, 0, (size_t)D * sizeof(float));
     int rc = moe_small_decode(x, ld_x, ids, wts, T, K, E, w_in, b_in, w_out, b_out, D, F, dt, acc, ld_acc, counts,
-                              nthreads);
+                              packed_min, nthreads);
     if (out_dt != DT_F32) {
         for (int64_t t = 0; rc == 0 && t < T; t++) gather_row(acc + t * D, DT_F32, at(out, out_dt, ld_out, t, 0), out_dt, D, 1.0f);
         free(acc);
