@@ -237,6 +237,10 @@ PACKED_CASES = [  # (E, D, F, rows per expert): the packed tiles' edges
     (3, 37, 21, [7, 0, 13]),  # tails of every width: k not a multiple of 8, a last panel of 5 columns, tiles of 1 row
     (2, 530, 70, [30, 6]),  # k in three blocks of 256 (the last ragged), output columns in 3 full panels and a tail
     (2, 2100, 20, [130, 1]),  # more rows than one block of widened rows (a bf16 expert's 1 MiB buffer: 120 rows)
+    # float32 experts of GK_APACK_MIN_ROWS rows and more run on packed token rows (AVX2): k tails, tiles of 5 and 6
+    (3, 37, 21, [300, 0, 257]),  # rows, an expert below the threshold beside them
+    (2, 530, 70, [520, 3]),
+    (1, 2100, 20, [1100]),  # packed rows in several blocks (GK_APACK_BYTES), each of two buffers used twice
 ]
 
 
@@ -1488,6 +1492,40 @@ def test_packed_tiles_match_the_reference(kernels, dtype, E, D, F_, counts, swig
         y = act[s:t].double() @ w_o[e].double().T + b_out[e].double()
         want_out.index_add_(0, tok[s:t], y * w[s:t, None].double())
     assert rel_err(out, want_out) < tol
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_packed_tiles_same_bits_for_any_thread_count(kernels, dtype):
+    """The packed tiles give the same bits on 1, 2 or 3 threads, in both projections and the data gradients (each
+    output element is summed by one thread in the same order, whichever thread packs which tiles of rows), for
+    experts above and below the packed-rows threshold, against float64 too."""
+    if not K.packed_tiles(dtype):
+        pytest.skip("this build has no packed tiles for these operands (AVX2: float32 and bf16; AVX-512: float32)")
+    counts = [300, 0, 263, 40]
+    x, tok, w, w_in, w_out, _, _ = _small_problem(4, 37, 53, counts, dtype, False)
+    start, end = segments(counts)
+    S, T = tok.shape[0], x.shape[0]
+    dh = torch.randn(S, 106).to(dtype)
+    results = []
+    for threads in (1, 2, 3):
+        with num_threads(threads):
+            h, a = K.small_experts_up(x, tok, start, end, w_in, None, swiglu=True, keep_h=True, packed_min_rows=1)
+            out = torch.zeros(T, 37)
+            K.small_experts_down(a, tok, w, start, end, w_out, None, out, packed_min_rows=1)
+            dx = torch.zeros(T, 37)
+            K.small_experts_nn(dh, None, w_in, start, end, dx, tok, packed_min_rows=1)
+            results.append((h, a, out, dx))
+    for got in results[1:]:
+        for t, want in zip(got, results[0]):
+            assert torch.equal(t, want)
+    h, _, _, dx = results[0]
+    want_dx = torch.zeros(T, 37, dtype=torch.float64)
+    for e in range(4):
+        s, t = start[e].item(), end[e].item()
+        if s < t:
+            assert rel_err(h[s:t], x[tok[s:t]].double() @ w_in[e].double().T) < TOL[dtype]
+            want_dx.index_add_(0, tok[s:t], dh[s:t].double() @ w_in[e].double())
+    assert rel_err(dx, want_dx) < TOL[dtype]
 
 
 def test_packed_and_dot_product_tiles_agree_in_one_call(kernels):

@@ -1268,8 +1268,11 @@ static inline __attribute__((always_inline)) float swiglu_bwd_row8(const void *h
  * tile of GK_MR token rows (6; 12) accumulates GK_MR x GK_NR outputs in 2 GK_MR registers by broadcasting one token
  * value against the block's two vectors per k: 2 GK_MR FMAs per 2 loads and GK_MR broadcasts (AVX2: 93% of one
  * Zen 3 core's FMA peak in cache, 95 of 102 GFLOP/s). Token rows are read in place through their row pointers (the
- * gather costs nothing) where they are float32, or widened a block of rows at a time. The epilogues run on each
- * panel's results while they are in L1: bias, SwiGLU, keeping h; the weighted scatter-add of the output
+ * gather costs nothing) where they are float32, or widened a block of rows at a time. On AVX2 builds, the float32
+ * rows of experts of at least GK_APACK_MIN_ROWS rows are packed first, each tile's rows k-major (gk_apack: a tile
+ * then broadcasts from one sequential stream instead of GK_MR rows scattered over the input, which every panel
+ * reads again), up to GK_APACK_BYTES of packed rows at a time, the threads packing a share each. The epilogues run
+ * on each panel's results while they are in L1: bias, SwiGLU, keeping h; the weighted scatter-add of the output
  * projection. Threads split the output columns (panels), so each reads its own part of every expert's weights and
  * no two threads write the same output element.
  * ================================================================================================================ */
@@ -1306,7 +1309,20 @@ typedef __m512 gk_v;
 #endif
 #define GK_NR (2 * GK_VL) /* columns per panel: two vectors */
 #ifndef GK_OUT_PF
-#define GK_OUT_PF 8 /* rows ahead whose output rows the output projection's epilogue prefetches */
+#if defined(V8)
+/* rows ahead whose output rows the output projection's epilogue prefetches (AVX2, Zen 3: 24 against 8, the down
+ * kernel alone on 1024-row fine-grained experts scattering into 8192 tokens 0.94x; 64: 0.97x) */
+#define GK_OUT_PF 24
+#else
+#define GK_OUT_PF 8
+#endif
+#endif
+#ifndef GK_APACK
+#if defined(V8)
+#define GK_APACK 1
+#else
+#define GK_APACK 0
+#endif
 #endif
 #ifndef GK_KC
 #define GK_KC 256 /* k per packed block: 16 KiB (AVX2), 32 KiB (AVX-512: 128 and 512 within 4%) of float32 */
@@ -1434,6 +1450,55 @@ static inline __attribute__((always_inline)) void gk_tile_k(const int R, const f
     }
 }
 
+#if GK_APACK
+/* c[r][0..GK_NR] (+)= sum_k pa[k * R + r] * bp[k][0..GK_NR] for r < R: the tile's token rows packed k-major */
+static inline __attribute__((always_inline)) void gk_tile_pk_k(const int R, const float *pa, const float *bp,
+                                                               int64_t kc, float *c, const int add) {
+    gk_v c0[GK_MR], c1[GK_MR];
+    for (int r = 0; r < R; r++) {
+        c0[r] = add ? GK_LOAD(c + GK_NR * r) : GK_ZERO();
+        c1[r] = add ? GK_LOAD(c + GK_NR * r + GK_VL) : GK_ZERO();
+    }
+#pragma GCC unroll 4
+    for (int64_t k = 0; k < kc; k++) {
+        const gk_v b0 = GK_LOAD(bp + GK_NR * k), b1 = GK_LOAD(bp + GK_NR * k + GK_VL);
+        for (int r = 0; r < R; r++) {
+            const gk_v av = GK_SET1(pa[k * R + r]);
+            c0[r] = GK_FMA(av, b0, c0[r]);
+            c1[r] = GK_FMA(av, b1, c1[r]);
+        }
+    }
+    for (int r = 0; r < R; r++) {
+        GK_STORE(c + GK_NR * r, c0[r]);
+        GK_STORE(c + GK_NR * r + GK_VL, c1[r]);
+    }
+}
+
+static void gk_tile_pk(int R, const float *pa, const float *bp, int64_t kc, float *c, int add) {
+#define GK_CASE(r)                                                                                                 \
+    case r:                                                                                                        \
+        add ? gk_tile_pk_k(r, pa, bp, kc, c, 1) : gk_tile_pk_k(r, pa, bp, kc, c, 0);                               \
+        break;
+    switch (R) {
+        GK_CASE(1)
+        GK_CASE(2)
+        GK_CASE(3)
+        GK_CASE(4)
+        GK_CASE(5)
+        GK_CASE(6)
+#if GK_MR > 6
+        GK_CASE(7)
+        GK_CASE(8)
+        GK_CASE(9)
+        GK_CASE(10)
+        GK_CASE(11)
+        GK_CASE(12)
+#endif
+    }
+#undef GK_CASE
+}
+#endif
+
 static void gk_tile(int R, const float *const *a, const float *bp, int64_t kc, float *c, int add) {
 #define GK_CASE(r)                                                                                                 \
     case r:                                                                                                        \
@@ -1462,8 +1527,8 @@ static void gk_tile(int R, const float *const *a, const float *bp, int64_t kc, f
  * packed into bp. next: the caller's next panel (NULL: none), whose first block (or this panel's next) is
  * prefetched into L2 a share per tile while this block computes: the weights stream from memory under the
  * arithmetic. */
-static void gk_panel(const float *const *a, int64_t m, const gk_src *src, const gk_src *next, int dt, int64_t K,
-                     float *bp, float *c) {
+static void gk_panel(const float *const *a, const float *pa, int64_t m, const gk_src *src, const gk_src *next,
+                     int dt, int64_t K, float *bp, float *c) {
     const size_t eb = esize(dt);
     const int64_t ntiles = (m + GK_MR - 1) / GK_MR;
     for (int64_t k0 = 0; k0 < K; k0 += GK_KC) {
@@ -1489,6 +1554,12 @@ static void gk_panel(const float *const *a, int64_t m, const gk_src *src, const 
             else if (ps)
                 for (int64_t n = 0; n < per && pq < pkc; n++, pq++)
                     _mm_prefetch(ps->base + ((size_t)(pk0 + pq) * (size_t)ps->ld + (size_t)ps->n0) * eb, _MM_HINT_T1);
+#if GK_APACK
+            if (pa) {
+                gk_tile_pk((int)R, pa + i * K + k0 * R, bp, kc, c + GK_NR * i, k0 > 0);
+                continue;
+            }
+#endif
             for (int r = 0; r < R; r++) ak[r] = a[i + r] + k0;
             gk_tile((int)R, ak, bp, kc, c + GK_NR * i, k0 > 0);
         }
@@ -1502,13 +1573,25 @@ static void gk_panel(const float *const *a, int64_t m, const gk_src *src, const 
 #ifndef GK_ROWS_BYTES
 #define GK_ROWS_BYTES (1 << 20)
 #endif
-static inline int64_t gk_rows_block(int64_t K, int dt) {
-#if defined(V8)
-    if (dt == DT_F32) return INT64_MAX / 2;
-#else
-    (void)dt;
+/* AVX2 (GK_APACK): experts from this many rows run on packed token rows, in blocks of at most this many bytes of
+ * them. Measured on Zen 3 (2 threads), against the rows read in place (same process, paired round-robin ratios;
+ * this VM's speed drifts): forward fp32 at T = 8192 (fine-grained 1024 rows per expert 0.95-0.97x, Mixtral-like
+ * 2048 rows 0.88-0.90x; the kernels alone at 1024 rows of Mixtral-like experts up 0.87x, down 0.92x); at 128-256
+ * rows the same within noise, at 16-32 rows (packing and a barrier per expert) up to 1.1x slower, hence the
+ * threshold. Blocks of 256 KiB (in L2) packed and re-read the weights too often: fine-grained 1.04x against 4 MiB,
+ * Mixtral-like 2 MiB 1.02x. */
+#ifndef GK_APACK_MIN_ROWS
+#define GK_APACK_MIN_ROWS 256
 #endif
-    int64_t rb = ((int64_t)GK_ROWS_BYTES) / (4 * (K > 0 ? K : 1)) / GK_MR * GK_MR;
+#ifndef GK_APACK_BYTES
+#define GK_APACK_BYTES (4 << 20)
+#endif
+static inline int64_t gk_rows_block(int64_t K, int dt) {
+#if defined(V8) && !GK_APACK
+    if (dt == DT_F32) return INT64_MAX / 2;
+#endif
+    const int64_t bytes = GK_APACK && dt == DT_F32 ? GK_APACK_BYTES : GK_ROWS_BYTES;
+    int64_t rb = bytes / (4 * (K > 0 ? K : 1)) / GK_MR * GK_MR;
     return rb < 48 ? 48 : rb;
 }
 
@@ -1530,6 +1613,32 @@ static void gk_rows(const void *src, int dt, int64_t ld_src, const int64_t *idx,
         a[i] = q;
     }
 }
+
+#if GK_APACK
+/* The tiles t0 .. t1 of the mb float32 rows a[i] (K long; tiles as gk_panel cuts them) packed k-major, each tile of
+ * R rows starting at row i at pa + i K: pa[i K + k R + r] = a[i + r][k]. */
+static void gk_apack(const float *const *a, int64_t mb, int64_t K, int64_t t0, int64_t t1, float *pa) {
+    const int64_t ntiles = (mb + GK_MR - 1) / GK_MR, tb = mb / ntiles, tx = mb % ntiles;
+    for (int64_t ti = t0; ti < t1; ti++) {
+        const int64_t i = ti * tb + (ti < tx ? ti : tx);
+        const int R = (int)(tb + (ti < tx));
+        float *o = pa + i * K;
+        int64_t k = 0;
+        for (; k + 8 <= K; k += 8) {
+            __m256 r[8];
+            for (int q = 0; q < 8; q++) r[q] = q < R ? _mm256_loadu_ps(a[i + q] + k) : _mm256_setzero_ps();
+            tr8x8(r);
+            /* (8 floats a store, overlapping the next k's places; the tile's last k store their R alone) */
+            for (int q = 0; q < 8; q++)
+                if ((k + q) * R + 8 <= K * R) _mm256_storeu_ps(o + (k + q) * R, r[q]);
+                else _mm256_maskstore_ps(o + (k + q) * R, _mm256_cmpgt_epi32(_mm256_set1_epi32(R),
+                                         _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)), r[q]);
+        }
+        for (; k < K; k++)
+            for (int q = 0; q < R; q++) o[k * R + q] = a[i + q][k];
+    }
+}
+#endif
 
 /* One packed-tile GEMM over every expert's rows: for each expert e, each block of its rows (a[i]: row a_idx[s] of A,
  * or row s, K long) and each of the thread's panels p (threads split the panels, as output columns: no two write
@@ -1560,10 +1669,17 @@ static int gk_run(const gk_job *j, const int64_t *start, const int64_t *end, int
     int nt = threads_for(gemm_work(rows, na, j->width, j->K), nthreads);
     if (nt > j->np) nt = (int)j->np;
     int err = 0;
+    /* float32 token rows packed k-major by tiles (gk_apack), a block of rows at a time, every thread packing a share
+     * of the block's tiles for all: two buffers, so one barrier per block keeps packing clear of reading */
+    const int apack = GK_APACK && j->adt == DT_F32 && mmax >= GK_APACK_MIN_ROWS;
+    const size_t pa_stride = ((size_t)(mb_max + GK_MR) * (size_t)j->K + 16) / 16 * 16;
+    float *pa_buf = apack ? aligned_alloc(64, 2 * pa_stride * sizeof(float)) : NULL;
+    if (apack && !pa_buf) return -5;
 #pragma omp parallel num_threads(nt)
     {
         const int t = omp_get_thread_num(), n = omp_get_num_threads();
         const int64_t p0 = j->np * t / n, p1 = j->np * (t + 1) / n;
+        int64_t blk = 0;
         /* the packed block, the panel's results for a block of rows, widened token rows, row pointers */
         float *bp = aligned_alloc(64, (size_t)GK_KC * GK_NR * sizeof(float));
         float *c = aligned_alloc(64, (size_t)(mb_max + GK_MR) * GK_NR * sizeof(float));
@@ -1572,7 +1688,14 @@ static int gk_run(const gk_job *j, const int64_t *start, const int64_t *end, int
         if (!bp || !c || !a || (j->adt != DT_F32 && !buf)) {
 #pragma omp atomic write
             err = -5;
-        } else
+        }
+        if (apack) {
+#pragma omp barrier
+        }
+        int failed;
+#pragma omp atomic read
+        failed = err;
+        if (!failed)
             for (int64_t e = 0; e < E && p0 < p1; e++) {
                 /* the expert's rows in blocks of at most RB, as equal as whole tiles allow (a short last block
                  * would pack every panel again for a few rows) */
@@ -1581,17 +1704,28 @@ static int gk_run(const gk_job *j, const int64_t *start, const int64_t *end, int
                 for (int64_t s0 = start[e]; s0 < end[e]; s0 += rb) {
                     const int64_t mb = min64(rb, end[e] - s0);
                     gk_rows(j->A, j->adt, j->lda, j->a_idx, s0, mb, j->K, buf, a);
+                    const int pk = apack && mb >= GK_APACK_MIN_ROWS;
+                    float *pa = pk ? pa_buf + (size_t)(blk++ & 1) * pa_stride : NULL;
+#if GK_APACK
+                    if (pk) {
+                        const int64_t ntl = (mb + GK_MR - 1) / GK_MR;
+                        gk_apack(a, mb, j->K, ntl * t / n, ntl * (t + 1) / n, pa);
+#pragma omp barrier
+                    }
+#endif
                     gk_src src[2];
                     j->source(j, e, p0, &src[p0 & 1]);
                     for (int64_t p = p0; p < p1; p++) {
                         if (p + 1 < p1) j->source(j, e, p + 1, &src[(p + 1) & 1]);
-                        gk_panel(a, mb, &src[p & 1], p + 1 < p1 ? &src[(p + 1) & 1] : NULL, j->bdt, j->K, bp, c);
+                        gk_panel(a, pa, mb, &src[p & 1], p + 1 < p1 ? &src[(p + 1) & 1] : NULL, j->bdt, j->K, bp,
+                                 c);
                         j->epilogue(j, e, p, s0, mb, c);
                     }
                 }
             }
         free(bp), free(c), free(buf), free(a);
     }
+    free(pa_buf);
     return err;
 }
 
