@@ -929,19 +929,18 @@ def test_fused_backend_on_amx_tiles_matches_loop(T, bias):
     assert rel_err(got, want) < 2e-2
 
 
-@pytest.mark.parametrize("mode", ["never", "mixed", "always", "forward_only", "packed", "packed_bwd", "nn_dx"])
+@pytest.mark.parametrize("mode", ["never", "mixed", "always", "forward_only", "packed", "packed_bwd"])
 def test_fused_paths_agree(monkeypatch, mode):
     """Forward and backward the same whichever experts run in the small-M kernels (packed: every forward in the
     packed tiles, where the build has them, and every backward with the library; packed_bwd: backward in the
-    kernels too; nn_dx: the library backward with dx from the packed tiles, where the build has them)."""
+    kernels too)."""
     x = torch.randn(60, 48)
     ref_layer = _layer(torch.float32)
     ref_layer.experts.backend = "loop"
     want = run_fwd_bwd(ref_layer, x)
     counts = sorted(torch.bincount(_layer(torch.float32).router(x).topk_ids_TK.flatten(), minlength=6).tolist())
     small_m = {"never": 0, "mixed": counts[len(counts) // 2], "always": 10_000, "forward_only": 10_000,
-               "packed": 0, "packed_bwd": 0, "nn_dx": 0}[mode]
-    monkeypatch.setattr(ff, "NN_DX_MIN_ROWS", 1 if mode == "nn_dx" else 10**9)
+               "packed": 0, "packed_bwd": 0}[mode]
     assert mode != "mixed" or counts[0] <= small_m < counts[-1]
     monkeypatch.setattr(ff, "SMALL_M", small_m)
     monkeypatch.setattr(ff, "SMALL_FWD_WORK", 0)

@@ -421,26 +421,8 @@ def _expert_backward(e, tok, w_m, h, act, g_TD, w_in, w_out, b_out, dtype, grads
     if grads.b_in is not None:
         grads.b_in[e] = dh.sum(0, dtype=torch.float32)
     if grads.x is not None:  # dx = dH @ W_in
-        if _nn_dx(dh, w_in, m):  # (added to the tokens' rows in the kernel's epilogue)
-            kcpu.small_experts_nn(dh[:m], None, w_in[e].unsqueeze(0), None, None, grads.x, tok)
-        else:
-            kcpu.scatter_add_rows(grads.x, tok, matmul_cast(dh, w_in[e], dtype)[:m], check_index=False)
+        kcpu.scatter_add_rows(grads.x, tok, matmul_cast(dh, w_in[e], dtype)[:m], check_index=False)
     return dh
-
-
-#: fp32 experts of at least NN_DX_MIN_ROWS rows whose backward runs in the library GEMMs take ``dx = dH @ W_in`` from
-#: AVX2's packed tiles (their token rows packed, see docs/performance.md), added to the tokens' rows in the tiles'
-#: epilogue (no product to write and scatter again), where dH takes at most NN_DX_MAX_BYTES (the kernel's block of
-#: packed rows: beyond, it packs the weights again for each block). Measured on Zen 3 (2 threads, paired
-#: round-robin): fine-grained fp32 T = 8192 forward+backward (1024 rows per expert, 2 MiB of dH) 0.97x against the
-#: library GEMM and the scatter; Mixtral-like (2048 rows, 22 MiB) 1.08x, hence the limit.
-NN_DX_MIN_ROWS = 256
-NN_DX_MAX_BYTES = 4 << 20
-
-
-def _nn_dx(dh: torch.Tensor, w_in: torch.Tensor, m: int) -> bool:
-    return (NN_DX_MIN_ROWS <= m and m * dh.shape[1] * 4 <= NN_DX_MAX_BYTES and dh.dtype == w_in.dtype == torch.float32
-            and kcpu.packed_width(torch.float32) == 16 and kcpu.small_gemm_usable(dh, w_in))
 
 
 def _w_in_grad(out: torch.Tensor, dh: torch.Tensor, x: torch.Tensor, tok: torch.Tensor, dtype: torch.dtype) -> None:
