@@ -1274,6 +1274,28 @@ def test_cpu_gemm_provider_choice(monkeypatch):
     assert cpu_gemm.provider(torch.float32) == "torch"
 
 
+@pytest.mark.parametrize("drift", ["swing", "slow_start"])
+@pytest.mark.parametrize("onednn_cost,mm_cost,want", [(1.0, 1.25, "onednn"), (1.0, 1.05, "torch"),
+                                                       (1.0, 0.8, "torch")])
+def test_provider_probe_pairs_its_timings(monkeypatch, drift, onednn_cost, mm_cost, want):
+    """The provider probe decides on the two libraries' timings taken side by side, round by round: on a machine
+    whose speed swings 4x from one round to the next, or that runs 4x slower for the first 6 calls (timing one
+    library's runs and then the other's would then see oneDNN slow and pick MKL), it still picks oneDNN exactly where
+    it is over 1.1x faster."""
+    clock, calls = [0.0], [0]
+    monkeypatch.setattr(cpu_gemm.time, "perf_counter", lambda: clock[0])
+
+    def call(cost):
+        def fn():  # (the warm-up pair and each round's two calls at one speed)
+            slow = (calls[0] // 2) % 2 if drift == "swing" else calls[0] < 6
+            clock[0] += cost * (4.0 if slow else 1.0)
+            calls[0] += 1
+        return fn
+
+    assert cpu_gemm._faster(call(onednn_cost), call(mm_cost)) == want
+    assert calls[0] == 2 + 2 * cpu_gemm.PROBE_ROUNDS
+
+
 @pytest.mark.parametrize("bias", [False, True])
 def test_linear_autograd_matches_pytorch(bias):
     x = torch.randn(9, 13, requires_grad=True)
