@@ -51,7 +51,7 @@ def _faster(onednn, mm, rounds: int = PROBE_ROUNDS) -> str:
     median over rounds that time both calls one after the other, in alternating order, of the ratio of their rates.
     (Each library timed apart, best of 5 runs, let a drift of a VM's speed between the two timings decide: on 2 Zen 3
     vCPUs, where the two run the probe's GEMM within ~3% of each other and MKL is the faster on large ones, a layer's
-    process picked oneDNN about one time in two, and its training steps then ran 1.04x slower.)"""
+    process picked oneDNN in 3 of 7 tries, and its training steps then ran 1.04x slower.)"""
     onednn(), mm()
     ratios = []
     for r in range(rounds):
