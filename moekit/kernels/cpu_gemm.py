@@ -52,7 +52,8 @@ def _faster(onednn, mm, rounds: int = PROBE_ROUNDS) -> str:
     (Each library timed apart, best of 5 runs, let a drift of a VM's speed between the two timings decide: on 2 Zen 3
     vCPUs, where the two run the probe's GEMM within ~3% of each other and MKL is the faster on large ones, a layer's
     process picked oneDNN in 3 of 7 tries, and its training steps then ran 1.04x slower.)"""
-    onednn(), mm()
+    onednn()
+    mm()
     ratios = []
     for r in range(rounds):
         times = []

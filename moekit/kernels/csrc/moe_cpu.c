@@ -1421,13 +1421,15 @@ static void gk_pack_src(const gk_src *src, int dt, int64_t k0, int64_t kc, float
     }
 }
 
-/* c[r][0..GK_NR] (+)= sum_k a[r][k] * bp[k][0..GK_NR] for r < R (a compile-time constant at every call) */
-static inline __attribute__((always_inline)) void gk_tile_k(const int R, const float *const *a, const float *bp,
-                                                            int64_t kc, float *c, const int add) {
+/* c[r][0..GK_NR] (+)= sum_k a[r][k] * bp[k][0..GK_NR] for r < R (a compile-time constant at every call), the token
+ * values a[r][k] read through the row pointers a, or (pa not NULL, a constant at every call too) from the tile's rows
+ * packed k-major, pa[k R + r] (gk_apack) */
+static inline __attribute__((always_inline)) void gk_tile_k(const int R, const float *const *a, const float *pa,
+                                                            const float *bp, int64_t kc, float *c, const int add) {
     gk_v c0[GK_MR], c1[GK_MR];
     const float *ap[GK_MR];
     for (int r = 0; r < R; r++) {
-        ap[r] = a[r];
+        if (!pa) ap[r] = a[r];
         c0[r] = add ? GK_LOAD(c + GK_NR * r) : GK_ZERO();
         c1[r] = add ? GK_LOAD(c + GK_NR * r + GK_VL) : GK_ZERO();
     }
@@ -1439,7 +1441,7 @@ static inline __attribute__((always_inline)) void gk_tile_k(const int R, const f
     for (int64_t k = 0; k < kc; k++) {
         const gk_v b0 = GK_LOAD(bp + GK_NR * k), b1 = GK_LOAD(bp + GK_NR * k + GK_VL);
         for (int r = 0; r < R; r++) {
-            const gk_v av = GK_SET1(ap[r][k]);
+            const gk_v av = GK_SET1(pa ? pa[k * R + r] : ap[r][k]);
             c0[r] = GK_FMA(av, b0, c0[r]);
             c1[r] = GK_FMA(av, b1, c1[r]);
         }
@@ -1450,59 +1452,12 @@ static inline __attribute__((always_inline)) void gk_tile_k(const int R, const f
     }
 }
 
-#if GK_APACK
-/* c[r][0..GK_NR] (+)= sum_k pa[k * R + r] * bp[k][0..GK_NR] for r < R: the tile's token rows packed k-major */
-static inline __attribute__((always_inline)) void gk_tile_pk_k(const int R, const float *pa, const float *bp,
-                                                               int64_t kc, float *c, const int add) {
-    gk_v c0[GK_MR], c1[GK_MR];
-    for (int r = 0; r < R; r++) {
-        c0[r] = add ? GK_LOAD(c + GK_NR * r) : GK_ZERO();
-        c1[r] = add ? GK_LOAD(c + GK_NR * r + GK_VL) : GK_ZERO();
-    }
-#pragma GCC unroll 4
-    for (int64_t k = 0; k < kc; k++) {
-        const gk_v b0 = GK_LOAD(bp + GK_NR * k), b1 = GK_LOAD(bp + GK_NR * k + GK_VL);
-        for (int r = 0; r < R; r++) {
-            const gk_v av = GK_SET1(pa[k * R + r]);
-            c0[r] = GK_FMA(av, b0, c0[r]);
-            c1[r] = GK_FMA(av, b1, c1[r]);
-        }
-    }
-    for (int r = 0; r < R; r++) {
-        GK_STORE(c + GK_NR * r, c0[r]);
-        GK_STORE(c + GK_NR * r + GK_VL, c1[r]);
-    }
-}
-
-static void gk_tile_pk(int R, const float *pa, const float *bp, int64_t kc, float *c, int add) {
+/* gk_tile_k for a run-time R: its rows through a, or packed at pa (not NULL) */
+static void gk_tile(int R, const float *const *a, const float *pa, const float *bp, int64_t kc, float *c, int add) {
 #define GK_CASE(r)                                                                                                 \
     case r:                                                                                                        \
-        add ? gk_tile_pk_k(r, pa, bp, kc, c, 1) : gk_tile_pk_k(r, pa, bp, kc, c, 0);                               \
-        break;
-    switch (R) {
-        GK_CASE(1)
-        GK_CASE(2)
-        GK_CASE(3)
-        GK_CASE(4)
-        GK_CASE(5)
-        GK_CASE(6)
-#if GK_MR > 6
-        GK_CASE(7)
-        GK_CASE(8)
-        GK_CASE(9)
-        GK_CASE(10)
-        GK_CASE(11)
-        GK_CASE(12)
-#endif
-    }
-#undef GK_CASE
-}
-#endif
-
-static void gk_tile(int R, const float *const *a, const float *bp, int64_t kc, float *c, int add) {
-#define GK_CASE(r)                                                                                                 \
-    case r:                                                                                                        \
-        add ? gk_tile_k(r, a, bp, kc, c, 1) : gk_tile_k(r, a, bp, kc, c, 0);                                       \
+        if (pa) add ? gk_tile_k(r, NULL, pa, bp, kc, c, 1) : gk_tile_k(r, NULL, pa, bp, kc, c, 0);                 \
+        else add ? gk_tile_k(r, a, NULL, bp, kc, c, 1) : gk_tile_k(r, a, NULL, bp, kc, c, 0);                      \
         break;
     switch (R) {
         GK_CASE(1)
@@ -1554,14 +1509,9 @@ static void gk_panel(const float *const *a, const float *pa, int64_t m, const gk
             else if (ps)
                 for (int64_t n = 0; n < per && pq < pkc; n++, pq++)
                     _mm_prefetch(ps->base + ((size_t)(pk0 + pq) * (size_t)ps->ld + (size_t)ps->n0) * eb, _MM_HINT_T1);
-#if GK_APACK
-            if (pa) {
-                gk_tile_pk((int)R, pa + i * K + k0 * R, bp, kc, c + GK_NR * i, k0 > 0);
-                continue;
-            }
-#endif
-            for (int r = 0; r < R; r++) ak[r] = a[i + r] + k0;
-            gk_tile((int)R, ak, bp, kc, c + GK_NR * i, k0 > 0);
+            if (!pa)
+                for (int r = 0; r < R; r++) ak[r] = a[i + r] + k0;
+            gk_tile((int)R, ak, pa ? pa + i * K + k0 * R : NULL, bp, kc, c + GK_NR * i, k0 > 0);
         }
     }
 }
