@@ -1516,6 +1516,59 @@ def test_packed_tiles_match_the_reference(kernels, dtype, E, D, F_, counts, swig
     assert rel_err(out, want_out) < tol
 
 
+HANDOVER_CASES = [  # (E, D, F, rows per expert): F a multiple of 8, experts above and below GK_APACK_MIN_ROWS
+    (3, 40, 24, [300, 0, 257]),  # tiles of 5 and 6 rows
+    (2, 530, 72, [520, 3]),  # d_model not a multiple of 8, three k blocks of the input projection
+    (1, 2100, 16, [1100]),  # several blocks of rows, cut alike in both projections
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("E,D,F_,counts", HANDOVER_CASES)
+@pytest.mark.parametrize("bias", [False, True])
+def test_handed_over_activation_gives_the_same_bits(kernels, dtype, E, D, F_, counts, bias):
+    """SwiGLU's activation handed from the input projection to the output projection in the packed tiles' layout
+    gives the output of the activation passed as rows, bit for bit, on any thread count; where the packed tiles
+    take float32 rows packed (AVX2 builds), the activation really comes in that layout."""
+    x, tok, w, w_in, w_out, b_in, b_out = _small_problem(E, D, F_, counts, dtype, bias)
+    start, end = segments(counts)
+    T = x.shape[0]
+    results = {}
+    for hand_over in (False, True):
+        for threads in (1, 2, 3):
+            with num_threads(threads):
+                h, a = K.small_experts_up(x, tok, start, end, w_in, b_in, swiglu=True, keep_h=True,
+                                          hand_over=hand_over)
+                out = torch.zeros(T, D)
+                K.small_experts_down(a, tok, w, start, end, w_out, b_out, out, handed_over=hand_over)
+                results[hand_over, threads] = h, a, out
+    h0, a0, out0 = results[False, 1]
+    for (hand_over, _), (h, a, out) in results.items():
+        assert torch.equal(out, out0) and torch.equal(h, h0)
+        if not hand_over:
+            assert torch.equal(a, a0)
+    if K.packed_width(torch.float32) == 16 and dtype == torch.float32:  # rows of >= 256-row experts: packed
+        assert not torch.equal(results[True, 1][1][:counts[0]], a0[:counts[0]])
+    want = torch.zeros(T, D, dtype=torch.float64)
+    for e in range(E):
+        s, t = start[e].item(), end[e].item()
+        if s < t:
+            hr = x[tok[s:t]].double() @ w_in[e].double().T + (b_in[e].double() if bias else 0)
+            y = (F.silu(hr[:, :F_]) * hr[:, F_:]) @ w_out[e].double().T + (b_out[e].double() if bias else 0)
+            want.index_add_(0, tok[s:t], y * w[s:t, None].double())
+    assert rel_err(out0, want) < TOL[dtype] * max(1.0, D / 512)
+
+
+def test_handed_over_activation_must_be_the_returned_tensor(kernels):
+    x, tok, w, w_in, w_out, _, _ = _small_problem(1, 40, 24, [300], torch.float32, False)
+    start, end = segments([300])
+    _, a = K.small_experts_up(x, tok, start, end, w_in, None, swiglu=True, keep_h=False, hand_over=True)
+    strided = torch.empty(a.shape[0], 2 * a.shape[1])[:, :a.shape[1]]
+    strided.copy_(a)
+    with pytest.raises(ValueError, match="contiguous tensor it returned"):
+        K.small_experts_down(strided, tok, w, start, end, w_out, None, torch.zeros(x.shape[0], 40), handed_over=True)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_packed_tiles_same_bits_for_any_thread_count(kernels, dtype):
     """The packed tiles give the same bits on 1, 2 or 3 threads, in both projections and the data gradients (each
