@@ -4,6 +4,7 @@ float32 and bfloat16, NaN and infinity, thread-count independence, the PyTorch f
 layer-level tests (tests/test_layer.py) then check the fused backend that uses them against the loop reference."""
 
 import shutil
+import subprocess
 
 import pytest
 import torch
@@ -1633,3 +1634,24 @@ def test_bf16_rounding_of_denormal_and_special_results(kernels):
     denormal = (want.float().abs() < torch.finfo(torch.float32).tiny) & (want.float() != 0)
     assert denormal[0].sum() >= 16  # (the case the hardware conversion would flush)
     assert torch.equal(got.view(torch.int16), want.view(torch.int16))
+
+
+#: Targets whose code paths this machine may not run (so its builds never compile them): AVX2 + FMA, AVX-512,
+#: AVX512-BF16, AMX, plain x86-64.
+CROSS_TARGETS = ["haswell", "skylake-avx512", "cooperlake", "sapphirerapids", "x86-64"]
+
+
+@pytest.mark.parametrize("march", CROSS_TARGETS)
+def test_kernel_source_compiles_cleanly_for_every_target(march):
+    """The kernels' C source compiles without a warning for each instruction set it has paths for, including those
+    this CPU lacks (checked by the compiler's front end, which needs no such CPU): a macro or function missing from one
+    target's path would otherwise fail only when a machine of that kind first builds it."""
+    cc = K._compiler()
+    if cc is None:
+        pytest.skip("no C compiler")
+    flags = [f for f in K.FLAGS if f not in ("-march=native", "-shared")]
+    proc = subprocess.run([*cc.split(), *flags, f"-march={march}", "-Werror", "-fsyntax-only", str(K.SOURCE)],
+                          capture_output=True, text=True, timeout=120)
+    if "bad value" in proc.stderr or "unrecognized" in proc.stderr:
+        pytest.skip(f"{cc} does not know -march={march}")
+    assert proc.returncode == 0, proc.stderr[-3000:]

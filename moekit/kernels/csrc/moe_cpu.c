@@ -1297,6 +1297,7 @@ typedef __m256 gk_v;
 #define GK_MUL _mm256_mul_ps
 #define GK_ZERO _mm256_setzero_ps
 #define GK_SIGMOID sigmoid8
+#define GK_KEEP(v) KEEP_IN_REG(v) /* (else the compiler may fold a panel load into each of the tile's FMAs) */
 #else
 #define GK_VL 16
 #define GK_MR 12 /* 24 accumulators of 32 zmm registers (6-8, 10 and 14 rows measured 2-6% slower) */
@@ -1311,6 +1312,7 @@ typedef __m512 gk_v;
 #define GK_MUL _mm512_mul_ps
 #define GK_ZERO _mm512_setzero_ps
 #define GK_SIGMOID sigmoid16
+#define GK_KEEP(v) (void)0
 #endif
 #define GK_NR (2 * GK_VL) /* columns per panel: two vectors */
 #ifndef GK_OUT_PF
@@ -1391,6 +1393,30 @@ static inline int64_t gk_k8(int64_t K) { return (K + 7) / 8 * 8; } /* a packed t
 static void gk_pack(const void *const *rows, int dt, int64_t k0, int64_t kc, float *bp) {
     const size_t eb = esize(dt);
     int64_t k = 0;
+#if defined(V8)
+    int full = dt == DT_F32;
+    for (int j = 0; j < GK_NR; j++) full = full && rows[j];
+    if (full) /* float32, no zero column: each 8 x 8 transpose from 128-bit halves (rows j and j + 4 in one load
+               * pair), so that it needs no lane-crossing shuffles */
+        for (; k + 8 <= kc; k += 8)
+            for (int h = 0; h < 2; h++) {
+                const float *const *rw = (const float *const *)rows + 8 * h;
+                for (int half = 0; half < 2; half++) {
+                    const int64_t o = k0 + k + 4 * half;
+                    __m256 a[4];
+                    for (int j = 0; j < 4; j++)
+                        a[j] = _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_loadu_ps(rw[j] + o)),
+                                                    _mm_loadu_ps(rw[j + 4] + o), 1);
+                    const __m256 t0 = _mm256_unpacklo_ps(a[0], a[1]), t1 = _mm256_unpackhi_ps(a[0], a[1]);
+                    const __m256 t2 = _mm256_unpacklo_ps(a[2], a[3]), t3 = _mm256_unpackhi_ps(a[2], a[3]);
+                    float *q = bp + (k + 4 * half) * GK_NR + 8 * h;
+                    _mm256_store_ps(q, _mm256_shuffle_ps(t0, t2, 0x44));
+                    _mm256_store_ps(q + GK_NR, _mm256_shuffle_ps(t0, t2, 0xEE));
+                    _mm256_store_ps(q + 2 * GK_NR, _mm256_shuffle_ps(t1, t3, 0x44));
+                    _mm256_store_ps(q + 3 * GK_NR, _mm256_shuffle_ps(t1, t3, 0xEE));
+                }
+            }
+#endif
     for (; k + GK_VL <= kc; k += GK_VL)
         for (int h = 0; h < 2; h++) {
             gk_v r[GK_VL];
@@ -1443,8 +1469,8 @@ static inline __attribute__((always_inline)) void gk_tile_k(const int R, const f
 #define GK_STEP(k, A)                                                                                              \
     do {                                                                                                           \
         gk_v b0 = GK_LOAD(bp + GK_NR * (k)), b1 = GK_LOAD(bp + GK_NR * (k) + GK_VL);                               \
-        KEEP_IN_REG(b0);                                                                                           \
-        KEEP_IN_REG(b1);                                                                                           \
+        GK_KEEP(b0);                                                                                               \
+        GK_KEEP(b1);                                                                                               \
         for (int r = 0; r < R; r++) {                                                                              \
             const gk_v av = GK_SET1(A);                                                                            \
             c0[r] = GK_FMA(av, b0, c0[r]);                                                                         \
