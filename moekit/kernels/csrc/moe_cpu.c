@@ -1772,7 +1772,7 @@ static void up_epilogue(const gk_job *j, int64_t e, int64_t p, int64_t s0, int64
                         const float *c) {
     const gk_up_args *u = j->args;
     (void)s_end;
-    const int to_pk = pk && u->a_pk; /* (then jw = GK_VL = 8: gk_handover) */
+    const int to_pk = GK_APACK && pk && u->a_pk; /* (then jw = GK_VL = 8: gk_handover) */
     const int dt = j->bdt;
     const int64_t W = u->W, F = u->F, PW = u->PW, j0 = p * PW, jw = min64(PW, F - j0);
     float bias[GK_NR] __attribute__((aligned(64))) = {0.0f}; /* gate (and up) biases */
