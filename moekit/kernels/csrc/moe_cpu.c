@@ -1439,6 +1439,14 @@ typedef struct {
     int64_t ld, n0, nw;
 } gk_src;
 
+/* Rows ahead that the packing of a row-major panel (a line from each of its rows, far apart) fetches into L1: the
+ * next panel's prefetch into L2, spread over the tiles, leaves these loads waiting where an expert has few tiles.
+ * Measured on Zen 3 (2 threads, paired), forward+backward against none: fine-grained fp32 T = 128 0.96x, T = 1024
+ * 0.96x, Mixtral-like fp32 T = 128 0.98-1.00x, bf16 0.99x (8 and 32 rows ahead: the same within 1%). */
+#ifndef GK_SRC_PF
+#define GK_SRC_PF 16
+#endif
+
 /* bp[k][j] = column j of src at k0 + k, as float32 (zero past nw) */
 static void gk_pack_src(const gk_src *src, int dt, int64_t k0, int64_t kc, float *bp) {
     if (src->nt) {
@@ -1448,6 +1456,7 @@ static void gk_pack_src(const gk_src *src, int dt, int64_t k0, int64_t kc, float
     const size_t eb = esize(dt);
     for (int64_t k = 0; k < kc; k++) {
         const char *p = src->base + ((size_t)(k0 + k) * (size_t)src->ld + (size_t)src->n0) * eb;
+        if (k + GK_SRC_PF < kc) _mm_prefetch(p + (size_t)GK_SRC_PF * (size_t)src->ld * eb, _MM_HINT_T0);
         float *o = bp + k * GK_NR;
         GK_STORE(o, gk_ld(p, dt, src->nw));
         GK_STORE(o + GK_VL, gk_ld(p + GK_VL * eb, dt, src->nw - GK_VL));
