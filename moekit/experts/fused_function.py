@@ -137,12 +137,12 @@ PACKED_AVX512_BWD_MAX_ROWS = 0
 #: bf16 T = 8192 forward 0.971x Mixtral-like, 0.978x fine-grained, forward+backward 0.980x; fp32 and T = 1024
 #: within 1% either way; the same peak memory of forward+backward at T = 1024 and 8192.
 CHUNK_ROWS = 8192
+CHUNK_BYTES = 32 << 20
 #: SwiGLU chunks hand the activation from one kernel to the other in the packed tiles' layout where those pack it
 #: (float32 experts of GK_APACK_MIN_ROWS rows or more on AVX2 builds; see :func:`moekit.kernels.cpu.small_experts_up`).
 #: Same bits. Measured on Zen 3 (2 threads), forward against the activation as rows (paired round-robin medians):
 #: fine-grained fp32 T = 8192 (1024 rows per expert) 0.980-0.988x, Mixtral-like T = 8192 0.980x, T = 1024 0.997x.
 HAND_OVER = True
-CHUNK_BYTES = 32 << 20
 #: Experts on library GEMMs run with their rows padded by zero rows to a multiple of this: oneDNN's GEMMs lose
 #: 5-20% on row counts that are not (bf16 256 x 512 x 2816: 631 -> 752 GFLOP/s with 1-40 extra rows of 256 padded
 #: to 8, measured on Zen 5); the padded rows cost at most 7 rows of work and their results are dropped.

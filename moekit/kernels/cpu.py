@@ -674,7 +674,7 @@ def small_experts_up(x: torch.Tensor, tok: torch.Tensor, start: torch.Tensor, en
     h = torch.empty(S, W, dtype=x.dtype) if (keep_h or not swiglu) else None
     a = torch.empty(S, W // 2, dtype=x.dtype) if swiglu else None
     _call(_require().moe_small_up, _ptr(x), ld_x, _ptr(tok), _ptr(start), _ptr(end), E, _ptr(w_in), _ptr(b_in), W,
-          D, _dt(x, "x"), int(swiglu), _ptr(h), _ptr(a), int(hand_over and swiglu),
+          D, _dt(x, "x"), int(swiglu), _ptr(h), _ptr(a), int(hand_over),
           _packed_min(packed_min_rows, x.dtype), _threads())
     return h, a
 

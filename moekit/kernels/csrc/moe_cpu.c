@@ -1694,11 +1694,12 @@ static int gk_run(const gk_job *j, const int64_t *start, const int64_t *end, int
     if (nt > j->np) nt = (int)j->np;
     int err = 0;
     /* float32 token rows packed by tiles (gk_apack), a block of rows at a time, every thread packing a share
-     * of the block's tiles for all: two buffers, so one barrier per block keeps packing clear of reading */
-    const int apack = GK_APACK && j->adt == DT_F32 && mmax >= GK_APACK_MIN_ROWS;
+     * of the block's tiles for all: two buffers, so one barrier per block keeps packing clear of reading (none
+     * where they come packed: a_pk) */
+    const int apack = GK_APACK && j->adt == DT_F32 && mmax >= GK_APACK_MIN_ROWS, pack_here = apack && !j->a_pk;
     const size_t pa_stride = ((size_t)(mb_max + GK_MR) * (size_t)gk_k8(j->K) + 16) / 16 * 16;
-    float *pa_buf = apack ? aligned_alloc(64, 2 * pa_stride * sizeof(float)) : NULL;
-    if (apack && !pa_buf) return -5;
+    float *pa_buf = pack_here ? aligned_alloc(64, 2 * pa_stride * sizeof(float)) : NULL;
+    if (pack_here && !pa_buf) return -5;
 #pragma omp parallel num_threads(nt)
     {
         const int t = omp_get_thread_num(), n = omp_get_num_threads();
@@ -1713,7 +1714,7 @@ static int gk_run(const gk_job *j, const int64_t *start, const int64_t *end, int
 #pragma omp atomic write
             err = -5;
         }
-        if (apack) {
+        if (pack_here) { /* (every thread then sees any failure: none may be left waiting at a packing barrier) */
 #pragma omp barrier
         }
         int failed;
@@ -1729,11 +1730,10 @@ static int gk_run(const gk_job *j, const int64_t *start, const int64_t *end, int
                     const int64_t mb = min64(rb, end[e] - s0);
                     gk_rows(j->A, j->adt, j->lda, j->a_idx, s0, mb, j->K, buf, a);
                     const int pk = apack && mb >= GK_APACK_MIN_ROWS;
-                    float *pa = pk ? pa_buf + (size_t)(blk++ & 1) * pa_stride : NULL;
+                    float *pa = !pk ? NULL : j->a_pk ? (float *)j->A + s0 * j->K
+                                                     : pa_buf + (size_t)(blk++ & 1) * pa_stride;
 #if GK_APACK
-                    if (pk && j->a_pk)
-                        pa = (float *)j->A + s0 * j->K;
-                    else if (pk) {
+                    if (pk && !j->a_pk) {
                         const int64_t ntl = (mb + GK_MR - 1) / GK_MR;
                         gk_apack(a, mb, j->K, ntl * t / n, ntl * (t + 1) / n, pa);
 #pragma omp barrier
