@@ -61,6 +61,6 @@ class RoutedExpertsStep(torch.autograd.Function):
         dx, d_win, d_wout, d_logits, d_wr = kcpu.route_train_backward(
             g_TD.contiguous(), None if d_probs is None else d_probs.float(), x_TD, router_w, saved, renormalize,
             renorm_min, scale, w_in, w_out, need_x, need_win, need_wout, need_br, need_wr,
-            None if d_logits is None else d_logits.float())
+            None if d_logits is None else d_logits.float(), dx_dtype=x_TD.dtype)
         d_br = d_logits.sum(0).to(ctx.bias_dtype) if need_br else None
-        return None if dx is None else dx.to(x_TD.dtype), d_wr, d_br, d_win, d_wout, None, None, None
+        return dx, d_wr, d_br, d_win, d_wout, None, None, None

@@ -836,12 +836,13 @@ class TrainStepSaved:
     """What :func:`route_train_forward` keeps for :func:`route_train_backward`: the routing (``ids [T, k]``,
     ``probs [T, E]``: the softmax), the slots grouped by expert (``seg``: start ``[E]``, end ``[E]``, token ``[S]``,
     slot ``[S]``; ``ws [S]`` their weights) and the pre-activations ``h [S, 2F]`` in that order (overwritten by
-    backward); ``fused``: whether backward took some experts' data and weight gradients in one pass (set by it)."""
+    backward, which drops ``seg``, ``ws`` and ``h`` once done with them); ``fused``: whether backward took some
+    experts' data and weight gradients in one pass (set by it)."""
 
     ids: torch.Tensor
     probs: torch.Tensor
-    seg: torch.Tensor
-    ws: torch.Tensor
+    seg: torch.Tensor | None
+    ws: torch.Tensor | None
     h: torch.Tensor | None
     fused: bool = False
 
@@ -889,16 +890,17 @@ TRAIN_FUSED = True
 def route_train_backward(g: torch.Tensor, d_probs: torch.Tensor | None, x: torch.Tensor, router_w: torch.Tensor,
                          saved: TrainStepSaved, renormalize: bool, renorm_min: float, scale: float, w_in: torch.Tensor,
                          w_out: torch.Tensor, need_x: bool, need_w_in: bool, need_w_out: bool, need_logits: bool,
-                         need_router_w: bool, d_logits_in: torch.Tensor | None = None
-                         ) -> tuple[torch.Tensor | None, ...]:
+                         need_router_w: bool, d_logits_in: torch.Tensor | None = None,
+                         dx_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor | None, ...]:
     """The backward of :func:`route_train_forward` from the gradient ``g [T, D]`` (float32 or the experts' dtype,
     contiguous) of its output, ``d_probs`` (float32 ``[T, E]`` or None) of the saved probabilities (a balancing
-    loss's) and ``d_logits_in`` (the same, or None) of its logits (a z-loss's): ``(dx float32, dW_in, dW_out,
-    d_logits [T, E] float32, dW_router)``, each None where not asked for (dx
-    includes the router's term ``d_logits @ router_w``). Consumes ``saved.h``. One kernel call for all but the
-    input projection's weight gradient, a second for that, whose buffer (the largest) is allocated once the first
-    call's scratch is freed, and the router's weight gradient last, once the pre-activations are: the peak holds the
-    experts' gradients and what the step keeps, as the regular path's does."""
+    loss's) and ``d_logits_in`` (the same, or None) of its logits (a z-loss's): ``(dx, dW_in, dW_out,
+    d_logits [T, E] float32, dW_router)``, each None where not asked for (dx in ``dx_dtype``, summed in float32,
+    includes the router's term ``d_logits @ router_w``). Consumes ``saved.h``, ``saved.seg`` and ``saved.ws``. One
+    kernel call for all but the input projection's weight gradient, a second for that, whose buffer (the largest)
+    is allocated once the first call's scratch is freed, and the router's weight gradient last, once the
+    pre-activations, the groups and dx's float32 sums are: the peak holds the experts' gradients and what the step
+    keeps, as the regular path's does."""
     E, W, D = w_in.shape
     T, k = saved.ids.shape
     h, saved.h = saved.h, None
@@ -939,6 +941,9 @@ def route_train_backward(g: torch.Tensor, d_probs: torch.Tensor | None, x: torch
               _ptr(d_logits if late_dx is not None else None), _ptr(router_w), _DTYPES[router_w.dtype], T,
               _packed_min(None, x.dtype, nn=True), _threads())
     del h
+    saved.seg = saved.ws = None
+    if dx is not None and dx.dtype != dx_dtype:
+        dx = dx.to(dx_dtype)  # (before the router's gradient: the peak holds one copy of dx, not both)
     d_wr = None
     if need_router_w:
         d_wr = torch.empty_like(router_w)
