@@ -216,6 +216,8 @@ CASES = [  # (E, D, F, rows per expert)
 @pytest.mark.parametrize("bias", [False, True])
 def test_small_experts_forward(kernels, dtype, E, D, F_, counts, bias):
     x, tok, w, w_in, w_out, b_in, b_out = _small_problem(E, D, F_, counts, dtype, bias)
+    # (float32 sums over k in one chain, as the packed and swapped tiles run them: their rounding grows with k)
+    tol_in, tol_out = (TOL[dtype] * max(1.0, k / 512) for k in (D, F_))
     start, end = segments(counts)
     h, a = K.small_experts_up(x, tok, start, end, w_in, b_in, swiglu=True, keep_h=True)
     out = torch.zeros(x.shape[0], D)
@@ -226,12 +228,58 @@ def test_small_experts_forward(kernels, dtype, E, D, F_, counts, bias):
         if s == t:
             continue
         h_ref = x[tok[s:t]].double() @ w_in[e].double().T + (0 if b_in is None else b_in[e].double())
-        assert rel_err(h[s:t], h_ref) < TOL[dtype]
+        assert rel_err(h[s:t], h_ref) < tol_in
         a_ref = F.silu(h_ref[:, :F_]) * h_ref[:, F_:]
-        assert rel_err(a[s:t], a_ref) < TOL[dtype]
+        assert rel_err(a[s:t], a_ref) < tol_in
         y = a[s:t].double() @ w_out[e].double().T + (0 if b_out is None else b_out[e].double())
         want_out.index_add_(0, tok[s:t], y * w[s:t, None].double())
-    assert rel_err(out, want_out) < TOL[dtype]
+    assert rel_err(out, want_out) < tol_out
+
+
+SWAPPED_CASES = [  # (E, D, F, rows per expert): the swapped tiles' edges (experts of 8 to 64 rows; others beside)
+    (3, 37, 21, [8, 0, 13]),  # a group of 8 rows (one vector), a group of 16 with 3 padded rows; 7 tiles of 3
+    (2, 530, 70, [20, 5]),  # 16 rows + a group of 4; 70 = 23 x 3 + 1: a last SwiGLU tile of 1 column pair
+    (3, 64, 32, [64, 17, 65]),  # four whole groups; 16 + 1; one row more than SWAPPED_MAX_ROWS (the packed tiles)
+    (2, 41, 1000, [37, 24]),  # a long output projection reduction (1000), 41 = 6 x 6 + 5 output columns
+]
+
+
+@pytest.mark.parametrize("E,D,F_,counts", SWAPPED_CASES)
+@pytest.mark.parametrize("bias", [False, True])
+def test_swapped_tiles_give_the_packed_tiles_bits(kernels, E, D, F_, counts, bias):
+    """Float32 experts of 8 to SWAPPED_MAX_ROWS rows on AVX2 builds: the input projection's swapped tiles (each
+    output a sum over k in order in one accumulator, then the same epilogue) give the packed tiles' bits, SwiGLU
+    (with the pre-activations kept) and plain; the output projection matches the float64 reference (its terms come
+    in another order: the packed experts' first, then the swapped ones'); and neither depends on the thread count."""
+    if K.packed_width(torch.float32) != 16:
+        pytest.skip("the swapped tiles are in AVX2 builds")
+    x, tok, w, w_in, w_out, b_in, b_out = _small_problem(E, D, F_, counts, torch.float32, bias)
+    start, end = segments(counts)
+    runs = {}
+    # (the others: "swapped" without the packed tiles, whose experts of 1-7 rows then take the dot-product tiles)
+    for name, pm, sw, threads in (("packed", 1, 0, None), ("swapped", 0, None, None), ("swapped 1 thread", 0, None, 1),
+                                  ("dot-product", 0, 0, None)):
+        with num_threads(threads or torch.get_num_threads()):
+            h, a = K.small_experts_up(x, tok, start, end, w_in, b_in, swiglu=True, keep_h=True, packed_min_rows=pm,
+                                      swapped_max_rows=sw)
+            plain, _ = K.small_experts_up(x, tok, start, end, w_in, b_in, swiglu=False, keep_h=True,
+                                          packed_min_rows=pm, swapped_max_rows=sw)  # (2 F columns, 6 per tile)
+            out = torch.zeros(x.shape[0], D)
+            K.small_experts_down(a, tok, w, start, end, w_out, b_out, out, packed_min_rows=pm, swapped_max_rows=sw)
+        runs[name] = (h, a, out, plain)
+    swapped = torch.cat([torch.arange(s, t) for s, t, c in zip(start.tolist(), end.tolist(), counts)
+                         if 8 <= c <= K.SWAPPED_MAX_ROWS])
+    for name in ("swapped", "swapped 1 thread"):
+        assert all(torch.equal(runs[name][i][swapped], runs["packed"][i][swapped]) for i in (0, 1, 3))
+    # (so the swapped tiles ran: the dot-product tiles, which split the sums over k, give other bits)
+    assert not torch.equal(runs["dot-product"][0][swapped], runs["packed"][0][swapped])
+    assert torch.equal(runs["swapped 1 thread"][2], runs["swapped"][2])
+    want = torch.zeros(x.shape[0], D, dtype=torch.float64)
+    for e in range(E):
+        s, t = start[e].item(), end[e].item()
+        y = runs["packed"][1][s:t].double() @ w_out[e].double().T + (0 if b_out is None else b_out[e].double())
+        want.index_add_(0, tok[s:t], y * w[s:t, None].double())
+    assert rel_err(runs["swapped"][2], want) < TOL[torch.float32] * max(1.0, F_ / 512)
 
 
 PACKED_CASES = [  # (E, D, F, rows per expert): the packed tiles' edges
@@ -1372,7 +1420,7 @@ def test_fused_layer_runs_on_the_kernels_not_the_fallbacks(kernels, monkeypatch,
     assert {"moe_small_up", "moe_small_down", "moe_small_nn", "moe_small_outer", "moe_swiglu_bwd"} <= set(called)
     steps = []
     for name in ("route_train_forward", "route_train_backward"):
-        monkeypatch.setattr(K, name, lambda *a, _real=getattr(K, name), _n=name: steps.append(_n) or _real(*a))
+        monkeypatch.setattr(K, name, lambda *a, _real=getattr(K, name), _n=name, **kw: steps.append(_n) or _real(*a, **kw))
     monkeypatch.setattr(moekit.layer, "TRAIN_STEP_MAX_SLOTS", 256)
     got = run_fwd_bwd(layer, x)
     assert steps == ["route_train_forward", "route_train_backward"]

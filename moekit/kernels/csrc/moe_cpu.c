@@ -895,10 +895,18 @@ static int small_down(const void *a, int64_t ld_a, const int64_t *tok, const flo
  * [S, F], but not as rows), else as rows. */
 int moe_small_up(const void *x, int64_t ld_x, const int64_t *tok, const int64_t *start, const int64_t *end, int64_t E,
                  const void *w_in, const void *b_in, int64_t W, int64_t D, int dt, int act, void *h_out, void *a_out,
-                 int a_pk, int64_t packed_min, int nthreads);
+                 int a_pk, int64_t packed_min, int64_t swapped_max, int nthreads);
 int moe_small_down(const void *a, int64_t ld_a, int a_pk, const int64_t *tok, const float *w, const int64_t *start,
                    const int64_t *end, int64_t E, const void *w_out, const void *b_out, int64_t D, int64_t F, int dt,
-                   float *out, int64_t ld_out, int64_t packed_min, int nthreads);
+                   float *out, int64_t ld_out, int64_t packed_min, int64_t swapped_max, int nthreads);
+/* Float32 experts of SW_MIN_ROWS to swapped_max rows take the swapped tiles (AVX2 builds, see sw_run); the callers
+ * in C pass SW_MAX_ROWS. */
+#ifndef SW_MIN_ROWS
+#define SW_MIN_ROWS 8 /* fewer rows: the dot-product tiles (a group of 16 rows would be mostly padding) */
+#endif
+#ifndef SW_MAX_ROWS
+#define SW_MAX_ROWS 64
+#endif
 
 /* The S = T*K slots of ids [T, K] (ids < 0: empty) grouped by expert, a stable counting sort: expert e's slots are
  * start[e] <= s < end[e], each from token tok[s] = slot[s] / K with weight ws[s] = w[slot[s]]; counts[e] (may be
@@ -952,9 +960,11 @@ int moe_small_decode(const void *x, int64_t ld_x, const int64_t *ids, const floa
         rc = -4;
         goto done;
     }
-    rc = moe_small_up(x, ld_x, tok, start, end, E, w_in, b_in, 2 * F, D, dt, 1, NULL, a, 1, packed_min, nthreads);
+    rc = moe_small_up(x, ld_x, tok, start, end, E, w_in, b_in, 2 * F, D, dt, 1, NULL, a, 1, packed_min, SW_MAX_ROWS,
+                      nthreads);
     if (rc == 0)
-        rc = moe_small_down(a, F, 1, tok, ws, start, end, E, w_out, b_out, D, F, dt, out, ld_out, packed_min, nthreads);
+        rc = moe_small_down(a, F, 1, tok, ws, start, end, E, w_out, b_out, D, F, dt, out, ld_out, packed_min,
+                            SW_MAX_ROWS, nthreads);
 done:
     free(start);
     free(ws);
@@ -1923,6 +1933,241 @@ static int packed_nn(const void *A, int adt, int64_t lda, const int64_t *a_idx, 
     return gk_run(&j, start, end, E, nthreads);
 }
 
+#if defined(V8)
+/* ---------------------------------------------------------------------------------------------------------------
+ * Swapped tiles (AVX2, float32), for experts of SW_MIN_ROWS to a few dozen rows: the roles of the packed tiles
+ * swapped, so that the weights need no packing. A tile is SW_MR (6) weight rows, each value broadcast from the row
+ * as it lies in memory (six sequential streams, which the hardware prefetcher follows), times a group of 16 token
+ * rows (two vectors), transposed once per expert into [k][16] (sw_pack), k over the whole reduction: 12
+ * accumulators, as the packed tiles'. With ~32 rows per expert the packed tiles transposed every 16 x 256 block of
+ * weights for 5-6 tiles of rows (11% of the input projection's time where the weights are in cache, 17% from
+ * memory); these read them once per group of 16 rows, in place. The sums of each output element run over k in
+ * order in one accumulator, as in the packed tiles, so both give the same bits (the epilogues too, but for the
+ * output projection's columns past the last whole panel of 16, which the packed tiles sum without a fused
+ * multiply-add). Threads split the tiles; each expert's transposed rows are packed by all threads, a share of k
+ * each, into one of two buffers (one barrier per expert).
+ * --------------------------------------------------------------------------------------------------------------- */
+#define SW_MR 6
+
+/* acc[i][v] = sum_k wr[i][k] * xt[k][8 v .. 8 v + 8] for i < MR, v < NV (compile-time constants at each call) */
+static inline __attribute__((always_inline)) void sw_tile_k(const int MR, const int NV, const float *const *wr,
+                                                            const float *__restrict xt, int64_t K,
+                                                            __m256 acc[SW_MR][2]) {
+    /* (named accumulators: as arrays, GCC kept them in memory across the loop) */
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0;
+    __m256 b0 = a0, b1 = a0, b2 = a0, b3 = a0, b4 = a0, b5 = a0;
+    const float *__restrict w0 = wr[0], *__restrict w1 = wr[1 % MR], *__restrict w2 = wr[2 % MR],
+                            *__restrict w3 = wr[3 % MR], *__restrict w4 = wr[4 % MR], *__restrict w5 = wr[5 % MR];
+#pragma GCC unroll 4
+    for (int64_t k = 0; k < K; k++) {
+        __m256 x0 = _mm256_load_ps(xt + k * 8 * NV), x1 = NV > 1 ? _mm256_load_ps(xt + k * 8 * NV + 8) : x0;
+        KEEP_IN_REG(x0);
+        if (NV > 1) KEEP_IN_REG(x1);
+#define SW_ROW(i)                                                                                                  \
+    if (MR > i) {                                                                                                  \
+        const __m256 wv = _mm256_broadcast_ss(w##i + k);                                                           \
+        a##i = _mm256_fmadd_ps(wv, x0, a##i);                                                                      \
+        if (NV > 1) b##i = _mm256_fmadd_ps(wv, x1, b##i);                                                          \
+    }
+        SW_ROW(0) SW_ROW(1) SW_ROW(2) SW_ROW(3) SW_ROW(4) SW_ROW(5)
+#undef SW_ROW
+    }
+    acc[0][0] = a0, acc[1][0] = a1, acc[2][0] = a2, acc[3][0] = a3, acc[4][0] = a4, acc[5][0] = a5;
+    acc[0][1] = b0, acc[1][1] = b1, acc[2][1] = b2, acc[3][1] = b3, acc[4][1] = b4, acc[5][1] = b5;
+}
+
+static void sw_tile(int MR, int NV, const float *const *wr, const float *xt, int64_t K, __m256 acc[SW_MR][2]) {
+#define SW_CASE(r)                                                                                                 \
+    case r:                                                                                                        \
+        NV == 2 ? sw_tile_k(r, 2, wr, xt, K, acc) : sw_tile_k(r, 1, wr, xt, K, acc);                               \
+        break;
+    switch (MR) {
+        SW_CASE(1)
+        SW_CASE(2)
+        SW_CASE(3)
+        SW_CASE(4)
+        SW_CASE(5)
+        SW_CASE(6)
+    }
+#undef SW_CASE
+}
+
+/* The m token rows of an expert (row s0 + i: A[idx[s0 + i]], or A[s0 + i] without idx), k in [k0, k1), into
+ * groups of 16 rows: group g at xt + 16 g K as [k][16] (the last group, of 8 or fewer rows, [k][8]; zeros past m) */
+static void sw_pack(const float *A, int64_t lda, const int64_t *idx, int64_t s0, int64_t m, int64_t K, int64_t k0,
+                    int64_t k1, float *xt) {
+    for (int64_t g0 = 0; g0 < m; g0 += 16) {
+        const int w = m - g0 > 8 ? 16 : 8;
+        const float *r[16];
+        for (int t = 0; t < w; t++) r[t] = g0 + t < m ? A + (idx ? idx[s0 + g0 + t] : s0 + g0 + t) * lda : NULL;
+        float *o = xt + g0 * K;
+        int64_t k = k0;
+        if (w == 16 && g0 + 16 <= m) /* 8 x 8 transposes */
+            for (; k + 8 <= k1; k += 8)
+                for (int h = 0; h < 2; h++) {
+                    __m256 v[8];
+                    for (int t = 0; t < 8; t++) v[t] = _mm256_loadu_ps(r[8 * h + t] + k);
+                    tr8x8(v);
+                    for (int q = 0; q < 8; q++) _mm256_store_ps(o + (k + q) * 16 + 8 * h, v[q]);
+                }
+        for (; k < k1; k++)
+            for (int t = 0; t < w; t++) o[k * w + t] = r[t] ? r[t][k] : 0.0f;
+    }
+}
+
+struct sw_job;
+/* tile q of expert e: its weight rows (wr[i], i < *mr) */
+typedef void (*sw_rows_fn)(const struct sw_job *j, int64_t e, int64_t q, const float **wr, int *mr);
+/* the sums of tile q of expert e (acc[i][v], lane l: row i, token row s + 8 v + l) for token rows s .. s + n */
+typedef void (*sw_epi_fn)(const struct sw_job *j, int64_t e, int64_t q, int mr, int64_t s, int64_t n,
+                          __m256 acc[SW_MR][2]);
+typedef struct sw_job {
+    const float *A;
+    int64_t lda;
+    const int64_t *a_idx;
+    int64_t K, width, nq; /* reduction, output columns (for the thread count), tiles per expert */
+    sw_rows_fn rows;
+    sw_epi_fn epilogue;
+    const void *args;
+} sw_job;
+
+static int sw_run(const sw_job *j, const int64_t *start, const int64_t *end, int64_t E, int nthreads) {
+    int64_t rows = 0, na = 0, mmax = 0;
+    for (int64_t e = 0; e < E; e++)
+        if (end[e] > start[e]) {
+            rows += end[e] - start[e], na++;
+            if (end[e] - start[e] > mmax) mmax = end[e] - start[e];
+        }
+    if (rows == 0 || j->nq == 0) return 0;
+    int nt = threads_for(gemm_work(rows, na, j->width, j->K), nthreads);
+    if (nt > j->nq) nt = (int)j->nq;
+    const size_t stride = (size_t)((mmax + 15) / 16 * 16) * (size_t)j->K;
+    float *buf = aligned_alloc(64, (2 * stride + 16) * sizeof(float));
+    if (!buf) return -5;
+#pragma omp parallel num_threads(nt)
+    {
+        const int t = omp_get_thread_num(), n = omp_get_num_threads();
+        const int64_t q0 = j->nq * t / n, q1 = j->nq * (t + 1) / n, k0 = j->K * t / n, k1 = j->K * (t + 1) / n;
+        int64_t blk = 0;
+        for (int64_t e = 0; e < E; e++) {
+            const int64_t m = end[e] - start[e], s0 = start[e];
+            if (m <= 0) continue;
+            float *xt = buf + (size_t)(blk++ & 1) * stride;
+            sw_pack(j->A, j->lda, j->a_idx, s0, m, j->K, k0, k1, xt);
+#pragma omp barrier
+            for (int64_t q = q0; q < q1; q++) {
+                const float *wr[SW_MR];
+                int mr = 0;
+                j->rows(j, e, q, wr, &mr);
+                for (int64_t g0 = 0; g0 < m; g0 += 16) {
+                    const int64_t ng = min64(16, m - g0);
+                    __m256 acc[SW_MR][2];
+                    sw_tile(mr, m - g0 > 8 ? 2 : 1, wr, xt + g0 * j->K, j->K, acc);
+                    j->epilogue(j, e, q, mr, s0 + g0, ng, acc);
+                }
+            }
+        }
+    }
+    free(buf);
+    return 0;
+}
+
+/* The input projection (moe_small_up's contract, float32): SwiGLU, tile q is activation columns 3 q .. 3 q + 3
+ * (their gate rows, then their up rows); else output columns 6 q .. 6 q + 6. */
+static void sw_up_rows(const sw_job *j, int64_t e, int64_t q, const float **wr, int *mr) {
+    const gk_up_args *u = j->args;
+    const float *we = (const float *)u->w_in + e * u->W * j->K;
+    if (u->act == 1) {
+        const int64_t f0 = 3 * q, nf = min64(3, u->F - f0);
+        for (int64_t i = 0; i < nf; i++) wr[i] = we + (f0 + i) * j->K, wr[nf + i] = we + (u->F + f0 + i) * j->K;
+        *mr = (int)(2 * nf);
+    } else {
+        const int64_t c0 = SW_MR * q, nc = min64(SW_MR, u->W - c0);
+        for (int64_t i = 0; i < nc; i++) wr[i] = we + (c0 + i) * j->K;
+        *mr = (int)nc;
+    }
+}
+
+static void sw_up_epilogue(const sw_job *j, int64_t e, int64_t q, int mr, int64_t s, int64_t n,
+                           __m256 acc[SW_MR][2]) {
+    const gk_up_args *u = j->args;
+    const float *b = u->b_in ? (const float *)u->b_in + e * u->W : NULL;
+    float *h = u->h_out, *a = u->a_out;
+    float hv[SW_MR][16] __attribute__((aligned(32))), av[3][16] __attribute__((aligned(32)));
+    const int nv = n > 8 ? 2 : 1;
+    if (u->act == 1) {
+        const int nf = mr / 2;
+        const int64_t f0 = 3 * q;
+        for (int i = 0; i < nf; i++)
+            for (int v = 0; v < nv; v++) { /* (as up_epilogue: bias, then silu(gate) * up) */
+                const __m256 g = _mm256_add_ps(acc[i][v], _mm256_set1_ps(b ? b[f0 + i] : 0.0f));
+                const __m256 g2 = _mm256_add_ps(acc[nf + i][v], _mm256_set1_ps(b ? b[u->F + f0 + i] : 0.0f));
+                _mm256_store_ps(hv[i] + 8 * v, g);
+                _mm256_store_ps(hv[nf + i] + 8 * v, g2);
+                _mm256_store_ps(av[i] + 8 * v, _mm256_mul_ps(_mm256_mul_ps(g, sigmoid8(g)), g2));
+            }
+        for (int64_t r = 0; r < n; r++) {
+            float *ar = a + (s + r) * u->F + f0;
+            for (int i = 0; i < nf; i++) ar[i] = av[i][r];
+            if (h)
+                for (int i = 0; i < nf; i++) h[(s + r) * u->W + f0 + i] = hv[i][r], h[(s + r) * u->W + u->F + f0 + i] = hv[nf + i][r];
+        }
+    } else {
+        const int64_t c0 = SW_MR * q;
+        for (int i = 0; i < mr; i++)
+            for (int v = 0; v < nv; v++)
+                _mm256_store_ps(hv[i] + 8 * v, _mm256_add_ps(acc[i][v], _mm256_set1_ps(b ? b[c0 + i] : 0.0f)));
+        for (int64_t r = 0; r < n; r++)
+            for (int i = 0; i < mr; i++) h[(s + r) * u->W + c0 + i] = hv[i][r];
+    }
+}
+
+static int sw_up(const float *x, int64_t ld_x, const int64_t *tok, const int64_t *start, const int64_t *end,
+                 int64_t E, const float *w_in, const float *b_in, int64_t W, int64_t D, int act, float *h_out,
+                 float *a_out, int nthreads) {
+    const int64_t F = act == 1 ? W / 2 : W;
+    const gk_up_args u = {w_in, b_in, W, F, 0, act, h_out, a_out, 0};
+    const sw_job j = {x, ld_x, tok, D, W, act == 1 ? (F + 2) / 3 : (W + SW_MR - 1) / SW_MR, sw_up_rows,
+                      sw_up_epilogue, &u};
+    return sw_run(&j, start, end, E, nthreads);
+}
+
+/* The output projection and weighted combine (moe_small_down's contract, float32): tile q is output columns
+ * 6 q .. 6 q + 6, added with each slot's weight into out at its token (as down_epilogue's whole panels). */
+static void sw_down_rows(const sw_job *j, int64_t e, int64_t q, const float **wr, int *mr) {
+    const gk_down_args *d = j->args;
+    const float *we = (const float *)d->w_out + e * d->D * j->K;
+    const int64_t c0 = SW_MR * q, nc = min64(SW_MR, d->D - c0);
+    for (int64_t i = 0; i < nc; i++) wr[i] = we + (c0 + i) * j->K;
+    *mr = (int)nc;
+}
+
+static void sw_down_epilogue(const sw_job *j, int64_t e, int64_t q, int mr, int64_t s, int64_t n,
+                             __m256 acc[SW_MR][2]) {
+    const gk_down_args *d = j->args;
+    const float *b = d->b_out ? (const float *)d->b_out + e * d->D : NULL;
+    const int64_t c0 = SW_MR * q;
+    float yv[SW_MR][16] __attribute__((aligned(32)));
+    const int nv = n > 8 ? 2 : 1;
+    for (int i = 0; i < mr; i++)
+        for (int v = 0; v < nv; v++)
+            _mm256_store_ps(yv[i] + 8 * v, _mm256_add_ps(acc[i][v], _mm256_set1_ps(b ? b[c0 + i] : 0.0f)));
+    for (int64_t r = 0; r < n; r++) {
+        float *o = d->out + d->tok[s + r] * d->ld_out + c0;
+        const float ws = d->w[s + r];
+        for (int i = 0; i < mr; i++) o[i] = fmaf(ws, yv[i][r], o[i]);
+    }
+}
+
+static int sw_down(const float *a, int64_t ld_a, const int64_t *tok, const float *w, const int64_t *start,
+                   const int64_t *end, int64_t E, const float *w_out, const float *b_out, int64_t D, int64_t F,
+                   float *out, int64_t ld_out, int nthreads) {
+    const gk_down_args d = {w_out, b_out, D, tok, w, out, ld_out};
+    const sw_job j = {a, ld_a, NULL, F, D, (D + SW_MR - 1) / SW_MR, sw_down_rows, sw_down_epilogue, &d};
+    return sw_run(&j, start, end, E, nthreads);
+}
+#endif
+
 /* Whether the packed tiles serve operands of this dtype: AVX2 builds both; AVX-512 builds float32 (bf16 has the
  * pair dot product, vdpbf16ps, in the dot-product tiles, or AMX). */
 static inline int gk_serves(int dt) {
@@ -2499,18 +2744,36 @@ int moe_amx(int allow) {
 /* Experts with at least packed_min rows take the packed tiles (AVX2) or the AMX tiles (bf16); the others the
  * dot-product tiles. Returns NULL where none does (or packed_min is 0), else the two sets' segments ([4][E]: dot-product start, end; packed start, end;
  * the caller frees it) with *n the packed experts; *n < 0: out of memory. */
-static int64_t *split_experts(const int64_t *start, const int64_t *end, int64_t E, int64_t packed_min, int64_t *n) {
+#if defined(MOE_GK) && defined(V8)
+#define SW_LO SW_MIN_ROWS
+static inline int sw_serves(int dt, int fast) { return fast == 2 && dt == DT_F32; }
+#else
+#define SW_LO 1
+static inline int sw_serves(int dt, int fast) { return 0 * dt * fast; }
+#endif
+
+/* The experts split three ways: those with rows in [sw_lo, sw_hi] (none where sw_hi < sw_lo), the swapped tiles';
+ * of the others, those of at least packed_min rows (none where packed_min <= 0), the packed (or AMX) tiles'; the
+ * rest the dot-product tiles'. Returns each expert's bounds in each class ([6][E]: dot-product start, end, packed
+ * start, end, swapped start, end; start == end: not in that class), or NULL where all are dot-product tiles'
+ * (*n: the experts of the two other classes; -1 where out of memory). */
+static int64_t *split_experts(const int64_t *start, const int64_t *end, int64_t E, int64_t packed_min,
+                              int64_t sw_lo, int64_t sw_hi, int64_t *n) {
     *n = 0;
-    for (int64_t e = 0; e < E; e++) *n += packed_min > 0 && end[e] - start[e] >= packed_min;
+    for (int64_t e = 0; e < E; e++) {
+        const int64_t m = end[e] - start[e];
+        *n += (m >= sw_lo && m <= sw_hi) || (packed_min > 0 && m >= packed_min);
+    }
     if (*n == 0) return NULL;
-    int64_t *seg = malloc((size_t)E * 4 * sizeof(int64_t));
+    int64_t *seg = malloc((size_t)E * 6 * sizeof(int64_t));
     if (!seg) {
         *n = -1;
         return NULL;
     }
     for (int64_t e = 0; e < E; e++) {
-        seg[e] = seg[E + e] = seg[2 * E + e] = seg[3 * E + e] = start[e];
-        seg[(end[e] - start[e] >= packed_min ? 3 : 1) * E + e] = end[e];
+        const int64_t m = end[e] - start[e];
+        for (int c = 0; c < 6; c++) seg[c * E + e] = start[e];
+        seg[(m >= sw_lo && m <= sw_hi ? 5 : packed_min > 0 && m >= packed_min ? 3 : 1) * E + e] = end[e];
     }
     return seg;
 }
@@ -2528,7 +2791,7 @@ int moe_packed_tiles(int dt) {
 
 int moe_small_up(const void *x, int64_t ld_x, const int64_t *tok, const int64_t *start, const int64_t *end, int64_t E,
                  const void *w_in, const void *b_in, int64_t W, int64_t D, int dt, int act, void *h_out, void *a_out,
-                 int a_pk, int64_t packed_min, int nthreads) {
+                 int a_pk, int64_t packed_min, int64_t swapped_max, int nthreads) {
     if (act != 0 && act != 1) return -1;
     if (act == 1 && (W % 2 || a_out == NULL)) return -2;
     if (act == 0 && h_out == NULL) return -3;
@@ -2541,8 +2804,9 @@ int moe_small_up(const void *x, int64_t ld_x, const int64_t *tok, const int64_t 
 #if defined(MOE_GK)
     if (!fast && gk_serves(dt)) fast = 2;
 #endif
+    const int64_t sw_hi = sw_serves(dt, fast) ? swapped_max : 0; /* (rows of the swapped tiles' experts) */
     int64_t n = 0;
-    int64_t *seg = fast ? split_experts(start, end, E, packed_min, &n) : NULL;
+    int64_t *seg = fast ? split_experts(start, end, E, packed_min, SW_LO, sw_hi, &n) : NULL;
     if (n < 0) return -5;
     if (!seg) return small_up(x, ld_x, tok, start, end, E, w_in, b_in, W, D, dt, act, h_out, a_out, nthreads);
     int rc = -1;
@@ -2554,6 +2818,10 @@ int moe_small_up(const void *x, int64_t ld_x, const int64_t *tok, const int64_t 
     if (fast == 2)
         rc = packed_up(x, ld_x, tok, seg + 2 * E, seg + 3 * E, E, w_in, b_in, W, D, dt, act, h_out, a_out,
                        act == 1 && a_pk, nthreads);
+#if defined(V8)
+    if (fast == 2 && rc == 0 && sw_hi)
+        rc = sw_up(x, ld_x, tok, seg + 4 * E, seg + 5 * E, E, w_in, b_in, W, D, act, h_out, a_out, nthreads);
+#endif
 #endif
     if (rc == 0 && n < E) rc = small_up(x, ld_x, tok, seg, seg + E, E, w_in, b_in, W, D, dt, act, h_out, a_out, nthreads);
     free(seg);
@@ -2562,7 +2830,7 @@ int moe_small_up(const void *x, int64_t ld_x, const int64_t *tok, const int64_t 
 
 int moe_small_down(const void *a, int64_t ld_a, int a_pk, const int64_t *tok, const float *w, const int64_t *start,
                    const int64_t *end, int64_t E, const void *w_out, const void *b_out, int64_t D, int64_t F, int dt,
-                   float *out, int64_t ld_out, int64_t packed_min, int nthreads) {
+                   float *out, int64_t ld_out, int64_t packed_min, int64_t swapped_max, int nthreads) {
     if (a_pk && ld_a != F) return -2; /* (handed over: the rows of a, whole) */
     /* experts of at least packed_min rows on the AMX tiles (bf16, whole 32-element steps) or the packed tiles
      * (AVX2 builds; float32 on AVX-512), the others on the dot-product tiles */
@@ -2573,8 +2841,9 @@ int moe_small_down(const void *a, int64_t ld_a, int a_pk, const int64_t *tok, co
 #if defined(MOE_GK)
     if (!fast && gk_serves(dt)) fast = 2;
 #endif
+    const int64_t sw_hi = sw_serves(dt, fast) ? swapped_max : 0; /* (rows of the swapped tiles' experts) */
     int64_t n = 0;
-    int64_t *seg = fast ? split_experts(start, end, E, packed_min, &n) : NULL;
+    int64_t *seg = fast ? split_experts(start, end, E, packed_min, SW_LO, sw_hi, &n) : NULL;
     if (n < 0) return -5;
     if (!seg) return small_down(a, ld_a, tok, w, start, end, E, w_out, b_out, D, F, dt, out, ld_out, nthreads);
     int rc = -1;
@@ -2587,6 +2856,10 @@ int moe_small_down(const void *a, int64_t ld_a, int a_pk, const int64_t *tok, co
     if (fast == 2)
         rc = packed_down(a, ld_a, a_pk, tok, w, seg + 2 * E, seg + 3 * E, E, w_out, b_out, D, F, dt, out, ld_out,
                          nthreads);
+#if defined(V8)
+    if (fast == 2 && rc == 0 && sw_hi)
+        rc = sw_down(a, ld_a, tok, w, seg + 4 * E, seg + 5 * E, E, w_out, b_out, D, F, out, ld_out, nthreads);
+#endif
 #endif
     if (rc == 0 && n < E) rc = small_down(a, ld_a, tok, w, seg, seg + E, E, w_out, b_out, D, F, dt, out, ld_out, nthreads);
     free(seg);
@@ -3315,7 +3588,7 @@ int moe_small_nn(const void *A, int adt, int64_t lda, const int64_t *a_idx, cons
     if (!fast && gk_serves(adt) && gk_serves(bdt)) fast = 2;
 #endif
     int64_t n = 0;
-    int64_t *seg = fast ? split_experts(start, end, E, packed_min, &n) : NULL;
+    int64_t *seg = fast ? split_experts(start, end, E, packed_min, 1, 0, &n) : NULL;
     if (n < 0) return -5;
     if (!seg) return small_nn(A, adt, lda, a_idx, B, bdt, Kd, N, start, end, E, C, cdt, ldc, c_idx, nthreads);
     int rc = -1;
@@ -4477,9 +4750,11 @@ int moe_route_train_fwd(const void *x, int64_t ld_x, const void *w_r, int dt_r, 
     void *a = malloc((size_t)(S ? S : 1) * (size_t)F * esize(dt));
     if (!a) return -5;
     for (int64_t t = 0; t < T; t++) memset(out + t * ld_out, 0, (size_t)D * sizeof(float));
-    int rc = moe_small_up(x, ld_x, tok, start, end, E, w_in, NULL, 2 * F, D, dt, 1, h, a, 0, up_min, nthreads);
+    int rc = moe_small_up(x, ld_x, tok, start, end, E, w_in, NULL, 2 * F, D, dt, 1, h, a, 0, up_min, SW_MAX_ROWS,
+                          nthreads);
     if (rc == 0)
-        rc = moe_small_down(a, F, 0, tok, ws, start, end, E, w_out, NULL, D, F, dt, out, ld_out, down_min, nthreads);
+        rc = moe_small_down(a, F, 0, tok, ws, start, end, E, w_out, NULL, D, F, dt, out, ld_out, down_min, SW_MAX_ROWS,
+                            nthreads);
     free(a);
     return rc;
 }
