@@ -236,50 +236,73 @@ def test_small_experts_forward(kernels, dtype, E, D, F_, counts, bias):
     assert rel_err(out, want_out) < tol_out
 
 
-SWAPPED_CASES = [  # (E, D, F, rows per expert): the swapped tiles' edges (experts of 8 to 64 rows; others beside)
-    (3, 37, 21, [8, 0, 13]),  # a group of 8 rows (one vector), a group of 16 with 3 padded rows; 7 tiles of 3
-    (2, 530, 70, [20, 5]),  # 16 rows + a group of 4; 70 = 23 x 3 + 1: a last SwiGLU tile of 1 column pair
-    (3, 64, 32, [64, 17, 65]),  # four whole groups; 16 + 1; one row more than SWAPPED_MAX_ROWS (the packed tiles)
-    (2, 41, 1000, [37, 24]),  # a long output projection reduction (1000), 41 = 6 x 6 + 5 output columns
+SWAPPED_CASES = [  # (E, D, F, rows per expert): the swapped tiles' edges (experts of 24 to 96 rows; others beside)
+    (3, 37, 21, [24, 0, 29]),  # a group of 16 and one of 8 (one vector), 16 + 13 (3 padded rows); 7 tiles of 3
+    (2, 530, 70, [40, 5]),  # 16 + 16 + 8; 70 = 23 x 3 + 1: a last SwiGLU tile of 1 column pair; 5 rows beside
+    (3, 64, 32, [96, 23, 97]),  # six whole groups; a row fewer than SW_MIN_ROWS, one more than SWAPPED_MAX_ROWS
+    (2, 1000, 41, [37, 24]),  # a long reduction (d_model 1000); 82 = 13 x 6 + 4 plain output columns
 ]
 
 
 @pytest.mark.parametrize("E,D,F_,counts", SWAPPED_CASES)
 @pytest.mark.parametrize("bias", [False, True])
 def test_swapped_tiles_give_the_packed_tiles_bits(kernels, E, D, F_, counts, bias):
-    """Float32 experts of 8 to SWAPPED_MAX_ROWS rows on AVX2 builds: the input projection's swapped tiles (each
+    """Float32 experts of 24 to SWAPPED_MAX_ROWS rows on AVX2 builds: the input projection's swapped tiles (each
     output a sum over k in order in one accumulator, then the same epilogue) give the packed tiles' bits, SwiGLU
-    (with the pre-activations kept) and plain; the output projection matches the float64 reference (its terms come
-    in another order: the packed experts' first, then the swapped ones'); and neither depends on the thread count."""
+    with the pre-activations kept and plain, whatever the thread count; where neither runs (the dot-product tiles,
+    which split the sums over k) the bits differ, so the swapped tiles did run."""
     if K.packed_width(torch.float32) != 16:
         pytest.skip("the swapped tiles are in AVX2 builds")
     x, tok, w, w_in, w_out, b_in, b_out = _small_problem(E, D, F_, counts, torch.float32, bias)
     start, end = segments(counts)
     runs = {}
-    # (the others: "swapped" without the packed tiles, whose experts of 1-7 rows then take the dot-product tiles)
-    for name, pm, sw, threads in (("packed", 1, 0, None), ("swapped", 0, None, None), ("swapped 1 thread", 0, None, 1),
+    for name, pm, sw, threads in (("packed", 1, 0, None), ("swapped", 1, None, None), ("swapped 1 thread", 1, None, 1),
                                   ("dot-product", 0, 0, None)):
         with num_threads(threads or torch.get_num_threads()):
             h, a = K.small_experts_up(x, tok, start, end, w_in, b_in, swiglu=True, keep_h=True, packed_min_rows=pm,
                                       swapped_max_rows=sw)
             plain, _ = K.small_experts_up(x, tok, start, end, w_in, b_in, swiglu=False, keep_h=True,
                                           packed_min_rows=pm, swapped_max_rows=sw)  # (2 F columns, 6 per tile)
-            out = torch.zeros(x.shape[0], D)
-            K.small_experts_down(a, tok, w, start, end, w_out, b_out, out, packed_min_rows=pm, swapped_max_rows=sw)
-        runs[name] = (h, a, out, plain)
-    swapped = torch.cat([torch.arange(s, t) for s, t, c in zip(start.tolist(), end.tolist(), counts)
-                         if 8 <= c <= K.SWAPPED_MAX_ROWS])
+        runs[name] = (h, a, plain)
     for name in ("swapped", "swapped 1 thread"):
-        assert all(torch.equal(runs[name][i][swapped], runs["packed"][i][swapped]) for i in (0, 1, 3))
-    # (so the swapped tiles ran: the dot-product tiles, which split the sums over k, give other bits)
+        assert all(torch.equal(runs[name][i], runs["packed"][i]) for i in range(3))
+    swapped = torch.cat([torch.arange(s, t) for s, t, c in zip(start.tolist(), end.tolist(), counts)
+                         if 24 <= c <= K.SWAPPED_MAX_ROWS])
     assert not torch.equal(runs["dot-product"][0][swapped], runs["packed"][0][swapped])
-    assert torch.equal(runs["swapped 1 thread"][2], runs["swapped"][2])
-    want = torch.zeros(x.shape[0], D, dtype=torch.float64)
-    for e in range(E):
+    for e in range(E):  # (and the packed tiles' against the reference)
         s, t = start[e].item(), end[e].item()
-        y = runs["packed"][1][s:t].double() @ w_out[e].double().T + (0 if b_out is None else b_out[e].double())
-        want.index_add_(0, tok[s:t], y * w[s:t, None].double())
-    assert rel_err(runs["swapped"][2], want) < TOL[torch.float32] * max(1.0, F_ / 512)
+        if s == t:
+            continue
+        h_ref = x[tok[s:t]].double() @ w_in[e].double().T + (0 if b_in is None else b_in[e].double())
+        assert rel_err(runs["swapped"][0][s:t], h_ref) < TOL[torch.float32] * max(1.0, D / 512)
+
+
+def test_swapped_tiles_in_the_fused_decode_and_the_few_token_step(kernels, monkeypatch):
+    """The C callers of the swapped tiles: a float32 layer's inference of 96 tokens (the fused decode, ~24-48 rows
+    per expert) and its training step (the few-token step) against the loop reference."""
+    if K.packed_width(torch.float32) != 16:
+        pytest.skip("the swapped tiles are in AVX2 builds")
+    monkeypatch.setattr(moekit.layer, "TRAIN_STEP_MAX_SLOTS", 256)
+    torch.manual_seed(3)
+    layer = moekit.MoE(40, 70, num_experts=6, top_k=2)
+    loop = moekit.MoE(config=layer.config)
+    loop.load_state_dict(layer.state_dict())
+    loop.experts.backend = "loop"
+    x = torch.randn(96, 40)
+    called = []
+    real = K.route_decode
+    monkeypatch.setattr(K, "route_decode", lambda *a: called.append(1) or real(*a))
+    layer.eval(), loop.eval()
+    with torch.no_grad():
+        counts = torch.bincount(layer.router(x).topk_ids_TK.flatten(), minlength=6)
+        assert called == [] and int(counts.max()) <= K.SWAPPED_MAX_ROWS and int(counts.min()) >= 24, counts
+        assert max_err(layer(x), loop(x)) < 1e-5 and called == [1]
+    layer.train(), loop.train()
+    steps = []
+    real_step = K.route_train_forward
+    monkeypatch.setattr(K, "route_train_forward", lambda *a: steps.append(1) or real_step(*a))
+    assert_fwd_bwd_close(run_fwd_bwd(layer, x), run_fwd_bwd(loop, x), 1e-5)
+    assert steps == [1]
 
 
 PACKED_CASES = [  # (E, D, F, rows per expert): the packed tiles' edges

@@ -145,7 +145,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         "moe_swiglu_fwd": [P, I64, P, I64, I64, I64, I, I],
         "moe_swiglu_bwd": [P, I64, P, I64, P, I64, I64, I, P, I64, P, I64, P, I],
         "moe_small_up": [P, I64, P, P, P, I64, P, P, I64, I64, I, I, P, P, I, I64, I64, I],
-        "moe_small_down": [P, I64, I, P, P, P, P, I64, P, P, I64, I64, I, P, I64, I64, I64, I],
+        "moe_small_down": [P, I64, I, P, P, P, P, I64, P, P, I64, I64, I, P, I64, I64, I],
         "moe_packed_tiles": [I],
         "moe_amx": [I],
         "moe_amx_up_packed": [P, I64, P, P, P, I64, P, P, I64, I64, P, P, I],
@@ -534,10 +534,11 @@ def _stacked(w: torch.Tensor | None, name: str, shape: tuple[int, ...], dtype: t
 #: fp32, 1.6-1.7x in bf16 (74-88 -> 130-141 GFLOP/s). (The weight gradients keep their outer-product kernel, whose
 #: 6 x 16 tiles read both operands packed already: 120-139 GFLOP/s, where a packed-tile version measured 70-116.)
 PACKED_MIN_ROWS = 24
-#: Float32 experts of 8 (the kernels' ``SW_MIN_ROWS``) to this many rows take the swapped tiles on AVX2 builds
-#: instead (6 weight rows, each value broadcast from the row in place, times 16 token rows transposed once per
-#: expert: no packing of the weights). Measured on Zen 3, 2 threads, paired: see the kernels' sw_run.
-SWAPPED_MAX_ROWS = 64
+#: The input projection of float32 experts of 24 (the kernels' ``SW_MIN_ROWS``) to this many rows takes the swapped
+#: tiles on AVX2 builds instead (6 weight rows, each value broadcast from the row in place, times 16 token rows
+#: transposed once per expert: no packing of the weights). Measured on Zen 3, 2 threads, paired: see the kernels'
+#: sw_run (the C callers, the fused decode and the few-token training step, use its SW_MAX_ROWS, the same).
+SWAPPED_MAX_ROWS = 96
 #: ...except in the data-gradient kernel (:func:`small_experts_nn`), whose dot-product tiles read the weights across
 #: their rows (``w[e]`` is ``[K, N]``): there the packed tiles win from fewer rows. Measured on Zen 3, 2 threads, the
 #: kernel alone: ``g @ W_out`` of Mixtral-like experts of 16-24 rows 52-55 -> 66-74 GFLOP/s; in the layer, fine-
@@ -612,8 +613,9 @@ def _packed_min(packed_min_rows: int | None, dtype: torch.dtype | None, nn: bool
 
 
 def _swapped_max(swapped_max_rows: int | None, dtype: torch.dtype) -> int:
-    """The most rows of an expert that takes the swapped tiles (float32 on AVX2 builds, from the kernels'
-    ``SW_MIN_ROWS``, 8): ``swapped_max_rows`` if given (0: none), else :data:`SWAPPED_MAX_ROWS` where they exist."""
+    """The most rows of an expert whose input projection takes the swapped tiles (float32 on AVX2 builds, from the
+    kernels' ``SW_MIN_ROWS``, 24): ``swapped_max_rows`` if given (0: none), else :data:`SWAPPED_MAX_ROWS` where they
+    exist."""
     if swapped_max_rows is not None:
         return max(0, swapped_max_rows)
     return SWAPPED_MAX_ROWS if dtype == torch.float32 and packed_width(dtype) == 16 else 0
@@ -674,7 +676,7 @@ def small_experts_up(x: torch.Tensor, tok: torch.Tensor, start: torch.Tensor, en
     Returns ``(h, a)``: with ``swiglu``, ``a = silu(h[:, :F]) * h[:, F:]`` and ``h`` only if ``keep_h``; else
     ``(h, None)``. Experts with at least ``packed_min_rows`` rows (default :data:`PACKED_MIN_ROWS` on AVX2 builds,
     :data:`PACKED_MIN_ROWS_AVX512` for float32 on AVX-512 ones, :data:`AMX_MIN_ROWS` for bf16 on AMX tiles, else
-    none; 0: none) run in the packed (or AMX) tiles, except that float32 experts of 8 to ``swapped_max_rows`` rows
+    none; 0: none) run in the packed (or AMX) tiles, except that float32 experts of 24 to ``swapped_max_rows`` rows
     (default :data:`SWAPPED_MAX_ROWS` on AVX2 builds; 0: none) run in the swapped tiles.
 
     ``hand_over`` (SwiGLU): ``a`` is only for :func:`small_experts_down` with ``handed_over=True`` and the same
@@ -695,20 +697,19 @@ def small_experts_up(x: torch.Tensor, tok: torch.Tensor, start: torch.Tensor, en
 def small_experts_down(a: torch.Tensor, tok: torch.Tensor, w: torch.Tensor, start: torch.Tensor, end: torch.Tensor,
                        w_out: torch.Tensor, b_out: torch.Tensor | None, out: torch.Tensor,
                        check_index: bool = True, packed_min_rows: int | None = None,
-                       handed_over: bool = False, swapped_max_rows: int | None = None) -> None:
+                       handed_over: bool = False) -> None:
     """Output projection and weighted combine of all experts in one call:
     ``out[tok[s]] += w[s] * (a[s] @ w_out[e].T + b_out[e])`` for the sorted slots ``s`` of expert ``e``
     (``start[e] <= s < end[e]``), into float32 ``out``. Each token's sum runs in a fixed order whatever the thread
-    count: its packed experts' terms (``packed_min_rows`` as in :func:`small_experts_up`), then its swapped ones'
-    (``swapped_max_rows``, as there), then the others', each in expert order. ``handed_over``: ``a`` came from
-    :func:`small_experts_up` with ``hand_over=True`` (contiguous)."""
+    count: its packed experts' terms (``packed_min_rows`` as in :func:`small_experts_up`), then the others', each in
+    expert order. ``handed_over``: ``a`` came from :func:`small_experts_up` with ``hand_over=True`` (contiguous)."""
     ld_a = _rows(a, "a", (tok.shape[0], w_out.shape[2]))
     if handed_over and not a.is_contiguous():
         raise ValueError("a handed over from small_experts_up must be the contiguous tensor it returned")
     E, D, F, _, ld_out = _down_args(tok, w, start, end, w_out, b_out, out, check_index, a.dtype)
     _call(_require().moe_small_down, _ptr(a), ld_a, int(handed_over), _ptr(tok), _ptr(w), _ptr(start), _ptr(end), E,
           _ptr(w_out), _ptr(b_out), D, F, _dt(a, "a"), _ptr(out), ld_out, _packed_min(packed_min_rows, a.dtype),
-          _swapped_max(swapped_max_rows, a.dtype), _threads())
+          _threads())
 
 
 def amx_packed_usable(x: torch.Tensor, w_in: torch.Tensor, *weights: torch.Tensor | None) -> bool:

@@ -898,14 +898,14 @@ int moe_small_up(const void *x, int64_t ld_x, const int64_t *tok, const int64_t 
                  int a_pk, int64_t packed_min, int64_t swapped_max, int nthreads);
 int moe_small_down(const void *a, int64_t ld_a, int a_pk, const int64_t *tok, const float *w, const int64_t *start,
                    const int64_t *end, int64_t E, const void *w_out, const void *b_out, int64_t D, int64_t F, int dt,
-                   float *out, int64_t ld_out, int64_t packed_min, int64_t swapped_max, int nthreads);
-/* Float32 experts of SW_MIN_ROWS to swapped_max rows take the swapped tiles (AVX2 builds, see sw_run); the callers
- * in C pass SW_MAX_ROWS. */
+                   float *out, int64_t ld_out, int64_t packed_min, int nthreads);
+/* The input projection's float32 experts of SW_MIN_ROWS to swapped_max rows take the swapped tiles (AVX2 builds,
+ * see sw_run); the callers in C pass SW_MAX_ROWS. */
 #ifndef SW_MIN_ROWS
-#define SW_MIN_ROWS 8 /* fewer rows: the dot-product tiles (a group of 16 rows would be mostly padding) */
+#define SW_MIN_ROWS 24
 #endif
 #ifndef SW_MAX_ROWS
-#define SW_MAX_ROWS 64
+#define SW_MAX_ROWS 96
 #endif
 
 /* The S = T*K slots of ids [T, K] (ids < 0: empty) grouped by expert, a stable counting sort: expert e's slots are
@@ -963,8 +963,7 @@ int moe_small_decode(const void *x, int64_t ld_x, const int64_t *ids, const floa
     rc = moe_small_up(x, ld_x, tok, start, end, E, w_in, b_in, 2 * F, D, dt, 1, NULL, a, 1, packed_min, SW_MAX_ROWS,
                       nthreads);
     if (rc == 0)
-        rc = moe_small_down(a, F, 1, tok, ws, start, end, E, w_out, b_out, D, F, dt, out, ld_out, packed_min,
-                            SW_MAX_ROWS, nthreads);
+        rc = moe_small_down(a, F, 1, tok, ws, start, end, E, w_out, b_out, D, F, dt, out, ld_out, packed_min, nthreads);
 done:
     free(start);
     free(ws);
@@ -1935,17 +1934,23 @@ static int packed_nn(const void *A, int adt, int64_t lda, const int64_t *a_idx, 
 
 #if defined(V8)
 /* ---------------------------------------------------------------------------------------------------------------
- * Swapped tiles (AVX2, float32), for experts of SW_MIN_ROWS to a few dozen rows: the roles of the packed tiles
- * swapped, so that the weights need no packing. A tile is SW_MR (6) weight rows, each value broadcast from the row
- * as it lies in memory (six sequential streams, which the hardware prefetcher follows), times a group of 16 token
- * rows (two vectors), transposed once per expert into [k][16] (sw_pack), k over the whole reduction: 12
- * accumulators, as the packed tiles'. With ~32 rows per expert the packed tiles transposed every 16 x 256 block of
- * weights for 5-6 tiles of rows (11% of the input projection's time where the weights are in cache, 17% from
- * memory); these read them once per group of 16 rows, in place. The sums of each output element run over k in
- * order in one accumulator, as in the packed tiles, so both give the same bits (the epilogues too, but for the
- * output projection's columns past the last whole panel of 16, which the packed tiles sum without a fused
- * multiply-add). Threads split the tiles; each expert's transposed rows are packed by all threads, a share of k
- * each, into one of two buffers (one barrier per expert).
+ * Swapped tiles (AVX2, float32): the input projection of experts of SW_MIN_ROWS to SW_MAX_ROWS rows, with the
+ * roles of the packed tiles swapped, so that the weights need no packing. A tile is SW_MR (6) weight rows, each
+ * value broadcast from the row as it lies in memory (six sequential streams, which the hardware prefetcher follows),
+ * times a group of 16 token rows (two vectors), transposed once per expert into [k][16] (sw_pack), k over the whole
+ * reduction: 12 accumulators, as the packed tiles'. With ~32 rows per expert the packed tiles transposed every
+ * 16 x 256 block of weights for 5-6 tiles of rows (11% of the input projection's time where the weights are in
+ * cache, 17% from memory); these read them once per group of 16 rows, in place. Each output element's sum runs over
+ * k in order in one accumulator, as in the packed tiles, and the epilogue is theirs: the same bits. Threads split
+ * the tiles; each expert's transposed rows are packed by all threads, a share of k each, into one of two buffers
+ * (one barrier per expert). Measured on Zen 3 (2 threads, paired round-robin), against the packed tiles: Mixtral-
+ * like experts (d_model 512, 2 x 1408 rows) of 32 rows, the kernel alone 0.74x with the weights in cache (145
+ * against 105 GFLOP/s), 0.77x from memory; with a router's rows per expert, 28-38 rows 0.95x (the layer's fp32
+ * T = 128 forward 0.95x, forward+backward 0.96x), 57-77 rows 0.97x, 114-142 rows 0.99x (hence SW_MAX_ROWS);
+ * fine-grained experts (512 x 2 x 256) of 9-31 and 21-47 rows 1.00x. Not kept: the output projection on them
+ * (its tile of 6 output columns adds into 16 tokens' rows one value at a time, and each expert's activation rows
+ * must be transposed: fine-grained, where d_ff is 256, 1.08-1.13x; Mixtral-like 0.99x), and experts of 8-23 rows
+ * (fine-grained, against the dot-product tiles, 1.03-1.07x: a barrier and a transposition per expert of ~50 us).
  * --------------------------------------------------------------------------------------------------------------- */
 #define SW_MR 6
 
@@ -2132,40 +2137,6 @@ static int sw_up(const float *x, int64_t ld_x, const int64_t *tok, const int64_t
     return sw_run(&j, start, end, E, nthreads);
 }
 
-/* The output projection and weighted combine (moe_small_down's contract, float32): tile q is output columns
- * 6 q .. 6 q + 6, added with each slot's weight into out at its token (as down_epilogue's whole panels). */
-static void sw_down_rows(const sw_job *j, int64_t e, int64_t q, const float **wr, int *mr) {
-    const gk_down_args *d = j->args;
-    const float *we = (const float *)d->w_out + e * d->D * j->K;
-    const int64_t c0 = SW_MR * q, nc = min64(SW_MR, d->D - c0);
-    for (int64_t i = 0; i < nc; i++) wr[i] = we + (c0 + i) * j->K;
-    *mr = (int)nc;
-}
-
-static void sw_down_epilogue(const sw_job *j, int64_t e, int64_t q, int mr, int64_t s, int64_t n,
-                             __m256 acc[SW_MR][2]) {
-    const gk_down_args *d = j->args;
-    const float *b = d->b_out ? (const float *)d->b_out + e * d->D : NULL;
-    const int64_t c0 = SW_MR * q;
-    float yv[SW_MR][16] __attribute__((aligned(32)));
-    const int nv = n > 8 ? 2 : 1;
-    for (int i = 0; i < mr; i++)
-        for (int v = 0; v < nv; v++)
-            _mm256_store_ps(yv[i] + 8 * v, _mm256_add_ps(acc[i][v], _mm256_set1_ps(b ? b[c0 + i] : 0.0f)));
-    for (int64_t r = 0; r < n; r++) {
-        float *o = d->out + d->tok[s + r] * d->ld_out + c0;
-        const float ws = d->w[s + r];
-        for (int i = 0; i < mr; i++) o[i] = fmaf(ws, yv[i][r], o[i]);
-    }
-}
-
-static int sw_down(const float *a, int64_t ld_a, const int64_t *tok, const float *w, const int64_t *start,
-                   const int64_t *end, int64_t E, const float *w_out, const float *b_out, int64_t D, int64_t F,
-                   float *out, int64_t ld_out, int nthreads) {
-    const gk_down_args d = {w_out, b_out, D, tok, w, out, ld_out};
-    const sw_job j = {a, ld_a, NULL, F, D, (D + SW_MR - 1) / SW_MR, sw_down_rows, sw_down_epilogue, &d};
-    return sw_run(&j, start, end, E, nthreads);
-}
 #endif
 
 /* Whether the packed tiles serve operands of this dtype: AVX2 builds both; AVX-512 builds float32 (bf16 has the
@@ -2830,7 +2801,7 @@ int moe_small_up(const void *x, int64_t ld_x, const int64_t *tok, const int64_t 
 
 int moe_small_down(const void *a, int64_t ld_a, int a_pk, const int64_t *tok, const float *w, const int64_t *start,
                    const int64_t *end, int64_t E, const void *w_out, const void *b_out, int64_t D, int64_t F, int dt,
-                   float *out, int64_t ld_out, int64_t packed_min, int64_t swapped_max, int nthreads) {
+                   float *out, int64_t ld_out, int64_t packed_min, int nthreads) {
     if (a_pk && ld_a != F) return -2; /* (handed over: the rows of a, whole) */
     /* experts of at least packed_min rows on the AMX tiles (bf16, whole 32-element steps) or the packed tiles
      * (AVX2 builds; float32 on AVX-512), the others on the dot-product tiles */
@@ -2841,9 +2812,8 @@ int moe_small_down(const void *a, int64_t ld_a, int a_pk, const int64_t *tok, co
 #if defined(MOE_GK)
     if (!fast && gk_serves(dt)) fast = 2;
 #endif
-    const int64_t sw_hi = sw_serves(dt, fast) ? swapped_max : 0; /* (rows of the swapped tiles' experts) */
     int64_t n = 0;
-    int64_t *seg = fast ? split_experts(start, end, E, packed_min, SW_LO, sw_hi, &n) : NULL;
+    int64_t *seg = fast ? split_experts(start, end, E, packed_min, 1, 0, &n) : NULL;
     if (n < 0) return -5;
     if (!seg) return small_down(a, ld_a, tok, w, start, end, E, w_out, b_out, D, F, dt, out, ld_out, nthreads);
     int rc = -1;
@@ -2856,10 +2826,6 @@ int moe_small_down(const void *a, int64_t ld_a, int a_pk, const int64_t *tok, co
     if (fast == 2)
         rc = packed_down(a, ld_a, a_pk, tok, w, seg + 2 * E, seg + 3 * E, E, w_out, b_out, D, F, dt, out, ld_out,
                          nthreads);
-#if defined(V8)
-    if (fast == 2 && rc == 0 && sw_hi)
-        rc = sw_down(a, ld_a, tok, w, seg + 4 * E, seg + 5 * E, E, w_out, b_out, D, F, out, ld_out, nthreads);
-#endif
 #endif
     if (rc == 0 && n < E) rc = small_down(a, ld_a, tok, w, seg, seg + E, E, w_out, b_out, D, F, dt, out, ld_out, nthreads);
     free(seg);
@@ -4753,8 +4719,7 @@ int moe_route_train_fwd(const void *x, int64_t ld_x, const void *w_r, int dt_r, 
     int rc = moe_small_up(x, ld_x, tok, start, end, E, w_in, NULL, 2 * F, D, dt, 1, h, a, 0, up_min, SW_MAX_ROWS,
                           nthreads);
     if (rc == 0)
-        rc = moe_small_down(a, F, 0, tok, ws, start, end, E, w_out, NULL, D, F, dt, out, ld_out, down_min, SW_MAX_ROWS,
-                            nthreads);
+        rc = moe_small_down(a, F, 0, tok, ws, start, end, E, w_out, NULL, D, F, dt, out, ld_out, down_min, nthreads);
     free(a);
     return rc;
 }
