@@ -3648,6 +3648,27 @@ static inline __attribute__((always_inline)) void outer8_store(char *ge, int gdt
     }
 }
 
+/* Rows n0 .. n0 + nn of G from the expert's Se rows packed: ap ([Se][OTN]) and bp (column strips [Kd / 16][Se][16]),
+ * 16 columns at a time (out of line: inside the work loop, GCC reloaded a dozen values from the stack per strip). */
+static __attribute__((noinline)) void outer8_strips(const float *bp, const float *ap, int64_t Se, int64_t Kd, char *ge,
+                                                    int gdt, int64_t n0, int64_t nn) {
+    for (int64_t c0 = 0; c0 < Kd; c0 += 16) {
+        const int64_t left = Kd - c0;
+        const float *b = bp + (size_t)(c0 / 16) * (size_t)Se * 16, *a = ap;
+        __m256 acc[OTN][2];
+        UNROLL for (int i = 0; i < OTN; i++) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+        for (int64_t s = 0; s < Se; s++, b += 16, a += OTN) {
+            const __m256 b0 = _mm256_loadu_ps(b), b1 = _mm256_loadu_ps(b + 8);
+            UNROLL for (int i = 0; i < OTN; i++) {
+                const __m256 av = _mm256_broadcast_ss(a + i);
+                acc[i][0] = _mm256_fmadd_ps(av, b0, acc[i][0]);
+                acc[i][1] = _mm256_fmadd_ps(av, b1, acc[i][1]);
+            }
+        }
+        outer8_store(ge, gdt, Kd, n0, nn, c0, left, acc);
+    }
+}
+
 static void outer8_full(const void *A, int adt, int64_t lda, const int64_t *a_idx, const void *B, int bdt, int64_t ldb,
                         const int64_t *b_idx, int64_t n0, int64_t c0, int64_t s0, int64_t s1, __m256 acc[OTN][2]) {
 #define OUTER8(ad, bd) outer8_tile(A, ad, lda, a_idx, B, bd, ldb, b_idx, n0, c0, s0, s1, acc)
@@ -4072,21 +4093,7 @@ int moe_small_outer(const void *A, int adt, int64_t lda, const int64_t *a_idx, c
                     }
                 continue;
             }
-            for (int64_t c0 = 0; c0 < Kd; c0 += 16) {
-                const int64_t left = Kd - c0;
-                const float *b = bp + (size_t)(c0 / 16) * (size_t)Se * 16, *a = ap;
-                __m256 acc[OTN][2];
-                UNROLL for (int i = 0; i < OTN; i++) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
-                for (int64_t s = 0; s < Se; s++, b += 16, a += OTN) {
-                    const __m256 b0 = _mm256_loadu_ps(b), b1 = _mm256_loadu_ps(b + 8);
-                    UNROLL for (int i = 0; i < OTN; i++) {
-                        const __m256 av = _mm256_broadcast_ss(a + i);
-                        acc[i][0] = _mm256_fmadd_ps(av, b0, acc[i][0]);
-                        acc[i][1] = _mm256_fmadd_ps(av, b1, acc[i][1]);
-                    }
-                }
-                outer8_store(ge, gdt, Kd, n0, nn, c0, left, acc);
-            }
+            outer8_strips(bp, ap, Se, Kd, ge, gdt, n0, nn);
             continue;
         }
 #endif
