@@ -38,6 +38,40 @@ def test_timeit_many_shuffles_the_order_and_warms_each_candidate_first():
         assert len(predecessors) > 1
 
 
+def test_timeit_many_times_a_memory_sweeping_candidate_apart():
+    """A candidate whose first run takes over APART_FACTOR times the fastest one's (and APART_MIN_S) runs in a
+    round-robin of its own after the others', so its sweeps of memory never precede their timed runs; each still
+    gets its own median."""
+    calls, now = [], [0.0]
+    cost = {"a": 1e-3, "b": 2e-3, "slow": 5.0}
+
+    def make(name):
+        def fn():
+            calls.append(name)
+            now[0] += cost[name]
+        return fn
+
+    real = B.time.perf_counter
+    B.time.perf_counter = lambda: now[0]
+    try:
+        out = B.timeit_many({n: make(n) for n in cost}, min_rounds=4, max_rounds=4, budget_s=0.0, warm_runs=1)
+        n1 = len(calls)
+        together = B.timeit_many({n: make(n) for n in cost}, min_rounds=4, max_rounds=4, budget_s=0.0, warm_runs=1,
+                                 apart=False)
+    finally:
+        B.time.perf_counter = real
+    assert {n: round(v[0], 6) for n, v in out.items()} == {"a": 1.0, "b": 2.0, "slow": 5000.0}
+    assert {n: v[1] for n, v in out.items()} == dict.fromkeys(cost, 4) and list(out) == list(cost)
+    assert calls[:3] == ["a", "b", "slow"]  # (each candidate's first run, which tells the slow one)
+    rest = calls[3:n1]
+    last_fast = max(i for i, n in enumerate(rest) if n != "slow")
+    assert "slow" not in rest[:last_fast] and rest[last_fast + 1:].count("slow") >= 4 * 2  # (timed + untimed)
+    # without apart, the slow candidate's runs come between the others' every round
+    mixed = calls[n1 + 3:]
+    assert {n: v[1] for n, v in together.items()} == dict.fromkeys(cost, 4)
+    assert max(i for i, n in enumerate(mixed) if n != "slow") > mixed.index("slow")
+
+
 def test_peak_alloc_counts_transients_not_replaced_state():
     """A step that briefly holds 4 MiB and replaces a 1 MiB tensor it keeps (as a layer keeps its statistics)
     peaks at 4 MiB above what was held before it (5 MiB would charge it for the old state's copy too)."""
