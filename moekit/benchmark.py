@@ -84,13 +84,13 @@ def flush_caches() -> None:
     _FLUSH.sum()
 
 
-#: A candidate whose first run takes this many times the fastest one's, and at least APART_MIN_S, is timed in a round-robin
+#: A peer whose first run takes this many times the fastest peer's, and at least APART_MIN_S, is timed in a round-robin
 #: of its own after the others' (see timeit_many).
 APART_FACTOR, APART_MIN_S = 20.0, 0.5
 
 
 def timeit_many(fns: dict, *, min_rounds: int = 5, max_rounds: int = 21, budget_s: float = 6.0,
-                cold: dict | None = None, warm_runs: int = 1, apart: bool = True) -> dict:
+                cold: dict | None = None, warm_runs: int = 1, peers: tuple = ()) -> dict:
     """Median wall time (ms) of each function, measured round-robin (one timed run of each per round, the order
     shuffled every round) so that drifts of a shared machine hit every candidate alike. Each timed run directly
     follows ``warm_runs`` untimed runs of the same function (warm: its weights, code and buffers are in cache; after
@@ -100,12 +100,13 @@ def timeit_many(fns: dict, *, min_rounds: int = 5, max_rounds: int = 21, budget_
     caches (where eviction by address is not possible, all caches are flushed instead). Returns
     ``{name: (ms, runs)}``.
 
-    With ``apart``, candidates whose first run takes over APART_FACTOR times the fastest one's (and over APART_MIN_S
-    seconds) are timed after the others, in a round-robin of their own: such a step sweeps gigabytes through memory
-    (transformers' ``batched_mm`` copies the expert weights of every token slot: 2.2 GB in a Mixtral-like fp32 step of
-    128 tokens, 4.5 s), and in the others' round-robin it slowed the steps after it for longer than their untimed
-    runs last: on Zen 3 (2 threads) Mixtral-like fp32 T = 128 forward+backward, moekit 30.2 -> 37.4 ms and
-    ``grouped_mm`` 48.5 -> 57.4 ms beside it (against beside ``eager``)."""
+    Of the names in ``peers`` (one implementation's several backends), those whose first run takes over APART_FACTOR
+    times the fastest peer's (and over APART_MIN_S seconds) are timed after the others, in a round-robin of their
+    own: such a step sweeps gigabytes through memory (transformers' ``batched_mm`` copies the expert weights of every
+    token slot: 2.2 GB in a Mixtral-like fp32 step of 128 tokens, 4.5 s), and in the others' round-robin it slowed
+    the steps after it for longer than their untimed runs last: on Zen 3 (2 threads) Mixtral-like fp32 T = 128
+    forward+backward, moekit 30.2 -> 37.4 ms and ``grouped_mm`` 48.5 -> 57.4 ms beside it (against beside
+    ``eager``). The fastest peer always stays in the round-robin of the others."""
     from moekit.kernels import cpu as kcpu
 
     first = {}
@@ -113,11 +114,10 @@ def timeit_many(fns: dict, *, min_rounds: int = 5, max_rounds: int = 21, budget_
         t0 = time.perf_counter()
         fn()
         first[name] = time.perf_counter() - t0
-    fastest = min(first.values(), default=0.0)
-    slow = [n for n, t in first.items() if apart and t > max(APART_FACTOR * fastest, APART_MIN_S)]
-    if slow and len(slow) < len(fns):
-        kw = dict(min_rounds=min_rounds, max_rounds=max_rounds, budget_s=budget_s, cold=cold, warm_runs=warm_runs,
-                  apart=False)
+    fastest = min((t for n, t in first.items() if n in peers), default=0.0)
+    slow = [n for n, t in first.items() if n in peers and t > max(APART_FACTOR * fastest, APART_MIN_S)]
+    if slow:
+        kw = dict(min_rounds=min_rounds, max_rounds=max_rounds, budget_s=budget_s, cold=cold, warm_runs=warm_runs)
         out = timeit_many({n: f for n, f in fns.items() if n not in slow}, **kw)
         out.update(timeit_many({n: fns[n] for n in slow}, **kw))
         return {n: out[n] for n in fns}
@@ -460,7 +460,8 @@ def bench(shapes, tokens, dtypes, modes, impls, tune_allocator: bool = True) -> 
             # writes 66 MiB of weight gradients where the other's were: grouped_mm 3.67-3.78 ms after one, 2.71-2.88
             # after two, moekit 2.54-2.60 and 2.38-2.51)
             timed = timeit_many(steps, budget_s=3.0 if T <= 128 else 8.0, min_rounds=11 if T <= 128 else 5,
-                                cold=cold, warm_runs=2 if T <= 128 else 1)
+                                cold=cold, warm_runs=2 if T <= 128 else 1,
+                                peers=tuple(n for n in steps if n.startswith("hf_")))
             if T > DECODE_TOKENS:
                 gemm_at[f"{group}/{mode}"] = roof_gemm[group][1] / (timed.pop("roofline")[0] / 1e3) / 1e9
             for name, (ms, runs) in timed.items():

@@ -38,10 +38,10 @@ def test_timeit_many_shuffles_the_order_and_warms_each_candidate_first():
         assert len(predecessors) > 1
 
 
-def test_timeit_many_times_a_memory_sweeping_candidate_apart():
-    """A candidate whose first run takes over APART_FACTOR times the fastest one's (and APART_MIN_S) runs in a
+def test_timeit_many_times_a_memory_sweeping_peer_apart():
+    """A peer whose first run takes over APART_FACTOR times the fastest peer's (and APART_MIN_S) runs in a
     round-robin of its own after the others', so its sweeps of memory never precede their timed runs; each still
-    gets its own median."""
+    gets its own median; a candidate outside ``peers``, however slow, stays."""
     calls, now = [], [0.0]
     cost = {"a": 1e-3, "b": 2e-3, "slow": 5.0}
 
@@ -54,10 +54,11 @@ def test_timeit_many_times_a_memory_sweeping_candidate_apart():
     real = B.time.perf_counter
     B.time.perf_counter = lambda: now[0]
     try:
-        out = B.timeit_many({n: make(n) for n in cost}, min_rounds=4, max_rounds=4, budget_s=0.0, warm_runs=1)
+        out = B.timeit_many({n: make(n) for n in cost}, min_rounds=4, max_rounds=4, budget_s=0.0, warm_runs=1,
+                            peers=("b", "slow"))
         n1 = len(calls)
         together = B.timeit_many({n: make(n) for n in cost}, min_rounds=4, max_rounds=4, budget_s=0.0, warm_runs=1,
-                                 apart=False)
+                                 peers=("a", "b"))
     finally:
         B.time.perf_counter = real
     assert {n: round(v[0], 6) for n, v in out.items()} == {"a": 1.0, "b": 2.0, "slow": 5000.0}
@@ -66,7 +67,7 @@ def test_timeit_many_times_a_memory_sweeping_candidate_apart():
     rest = calls[3:n1]
     last_fast = max(i for i, n in enumerate(rest) if n != "slow")
     assert "slow" not in rest[:last_fast] and rest[last_fast + 1:].count("slow") >= 4 * 2  # (timed + untimed)
-    # without apart, the slow candidate's runs come between the others' every round
+    # not a peer: its runs come between the others' every round
     mixed = calls[n1 + 3:]
     assert {n: v[1] for n, v in together.items()} == dict.fromkeys(cost, 4)
     assert max(i for i, n in enumerate(mixed) if n != "slow") > mixed.index("slow")
