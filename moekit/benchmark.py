@@ -107,8 +107,6 @@ def timeit_many(fns: dict, *, min_rounds: int = 5, max_rounds: int = 21, budget_
     the steps after it for longer than their untimed runs last: on Zen 3 (2 threads) Mixtral-like fp32 T = 128
     forward+backward, moekit 30.2 -> 37.4 ms and ``grouped_mm`` 48.5 -> 57.4 ms beside it (against beside
     ``eager``). The fastest peer always stays in the round-robin of the others."""
-    from moekit.kernels import cpu as kcpu
-
     first = {}
     for name, fn in fns.items():
         t0 = time.perf_counter()
@@ -116,11 +114,18 @@ def timeit_many(fns: dict, *, min_rounds: int = 5, max_rounds: int = 21, budget_
         first[name] = time.perf_counter() - t0
     fastest = min((t for n, t in first.items() if n in peers), default=0.0)
     slow = [n for n, t in first.items() if n in peers and t > max(APART_FACTOR * fastest, APART_MIN_S)]
-    if slow:
-        kw = dict(min_rounds=min_rounds, max_rounds=max_rounds, budget_s=budget_s, cold=cold, warm_runs=warm_runs)
-        out = timeit_many({n: f for n, f in fns.items() if n not in slow}, **kw)
-        out.update(timeit_many({n: fns[n] for n in slow}, **kw))
-        return {n: out[n] for n in fns}
+    out: dict = {}
+    for group in ([n for n in fns if n not in slow], slow):
+        if group:
+            out.update(_round_robin({n: fns[n] for n in group}, min_rounds, max_rounds, budget_s, cold, warm_runs))
+    return {n: out[n] for n in fns}
+
+
+def _round_robin(fns: dict, min_rounds: int, max_rounds: int, budget_s: float, cold: dict | None,
+                 warm_runs: int) -> dict:
+    """timeit_many's rounds over candidates already run once."""
+    from moekit.kernels import cpu as kcpu
+
     times: dict = {name: [] for name in fns}
     names = list(fns)
     start = time.perf_counter()
