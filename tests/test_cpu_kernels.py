@@ -239,7 +239,7 @@ def test_small_experts_forward(kernels, dtype, E, D, F_, counts, bias):
 SWAPPED_CASES = [  # (E, D, F, rows per expert): the swapped tiles' edges (experts of 24 to 96 rows; others beside)
     (3, 37, 21, [24, 0, 29]),  # a group of 16 and one of 8 (one vector), 16 + 13 (3 padded rows); 7 tiles of 3
     (2, 530, 70, [40, 5]),  # 16 + 16 + 8; 70 = 23 x 3 + 1: a last SwiGLU tile of 1 column pair; 5 rows beside
-    (3, 64, 32, [96, 23, 97]),  # six whole groups; a row fewer than SW_MIN_ROWS, one more than SWAPPED_MAX_ROWS
+    (3, 64, 32, [96, 23, 97]),  # six whole groups; a row fewer than the swapped tiles take, one more
     (2, 1000, 41, [37, 24]),  # a long reduction (d_model 1000); 82 = 13 x 6 + 4 plain output columns
 ]
 
@@ -247,12 +247,14 @@ SWAPPED_CASES = [  # (E, D, F, rows per expert): the swapped tiles' edges (exper
 @pytest.mark.parametrize("E,D,F_,counts", SWAPPED_CASES)
 @pytest.mark.parametrize("bias", [False, True])
 def test_swapped_tiles_give_the_packed_tiles_bits(kernels, E, D, F_, counts, bias):
-    """Float32 experts of 24 to SWAPPED_MAX_ROWS rows on AVX2 builds: the input projection's swapped tiles (each
+    """Float32 experts of 24 to 96 rows on AVX2 builds (swapped_rows): the input projection's swapped tiles (each
     output a sum over k in order in one accumulator, then the same epilogue) give the packed tiles' bits, SwiGLU
     with the pre-activations kept and plain, whatever the thread count; where neither runs (the dot-product tiles,
     which split the sums over k) the bits differ, so the swapped tiles did run."""
-    if K.packed_width(torch.float32) != 16:
+    lo, hi = K.swapped_rows(torch.float32)
+    if hi == 0:
         pytest.skip("the swapped tiles are in AVX2 builds")
+    assert (lo, hi) == (24, 96)  # (the cases' edges)
     x, tok, w, w_in, w_out, b_in, b_out = _small_problem(E, D, F_, counts, torch.float32, bias)
     start, end = segments(counts)
     runs = {}
@@ -267,7 +269,7 @@ def test_swapped_tiles_give_the_packed_tiles_bits(kernels, E, D, F_, counts, bia
     for name in ("swapped", "swapped 1 thread"):
         assert all(torch.equal(runs[name][i], runs["packed"][i]) for i in range(3))
     swapped = torch.cat([torch.arange(s, t) for s, t, c in zip(start.tolist(), end.tolist(), counts)
-                         if 24 <= c <= K.SWAPPED_MAX_ROWS])
+                         if lo <= c <= hi])
     assert not torch.equal(runs["dot-product"][0][swapped], runs["packed"][0][swapped])
     for e in range(E):  # (and the packed tiles' against the reference)
         s, t = start[e].item(), end[e].item()
@@ -280,7 +282,8 @@ def test_swapped_tiles_give_the_packed_tiles_bits(kernels, E, D, F_, counts, bia
 def test_swapped_tiles_in_the_fused_decode_and_the_few_token_step(kernels, monkeypatch):
     """The C callers of the swapped tiles: a float32 layer's inference of 96 tokens (the fused decode, ~24-48 rows
     per expert) and its training step (the few-token step) against the loop reference."""
-    if K.packed_width(torch.float32) != 16:
+    lo, hi = K.swapped_rows(torch.float32)
+    if hi == 0:
         pytest.skip("the swapped tiles are in AVX2 builds")
     monkeypatch.setattr(moekit.layer, "TRAIN_STEP_MAX_SLOTS", 256)
     torch.manual_seed(3)
@@ -295,7 +298,7 @@ def test_swapped_tiles_in_the_fused_decode_and_the_few_token_step(kernels, monke
     layer.eval(), loop.eval()
     with torch.no_grad():
         counts = torch.bincount(layer.router(x).topk_ids_TK.flatten(), minlength=6)
-        assert called == [] and int(counts.max()) <= K.SWAPPED_MAX_ROWS and int(counts.min()) >= 24, counts
+        assert called == [] and int(counts.max()) <= hi and int(counts.min()) >= lo, counts
         assert max_err(layer(x), loop(x)) < 1e-5 and called == [1]
     layer.train(), loop.train()
     steps = []

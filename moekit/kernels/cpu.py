@@ -147,6 +147,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         "moe_small_up": [P, I64, P, P, P, I64, P, P, I64, I64, I, I, P, P, I, I64, I64, I],
         "moe_small_down": [P, I64, I, P, P, P, P, I64, P, P, I64, I64, I, P, I64, I64, I],
         "moe_packed_tiles": [I],
+        "moe_swapped_rows": [I, I],
         "moe_amx": [I],
         "moe_amx_up_packed": [P, I64, P, P, P, I64, P, P, I64, I64, P, P, I],
         "moe_amx_down_packed": [P, P, P, P, P, I64, P, P, I64, I64, P, I64, P, P, I64, I],
@@ -534,11 +535,6 @@ def _stacked(w: torch.Tensor | None, name: str, shape: tuple[int, ...], dtype: t
 #: fp32, 1.6-1.7x in bf16 (74-88 -> 130-141 GFLOP/s). (The weight gradients keep their outer-product kernel, whose
 #: 6 x 16 tiles read both operands packed already: 120-139 GFLOP/s, where a packed-tile version measured 70-116.)
 PACKED_MIN_ROWS = 24
-#: The input projection of float32 experts of 24 (the kernels' ``SW_MIN_ROWS``) to this many rows takes the swapped
-#: tiles on AVX2 builds instead (6 weight rows, each value broadcast from the row in place, times 16 token rows
-#: transposed once per expert: no packing of the weights). Measured on Zen 3, 2 threads, paired: see the kernels'
-#: sw_run (the C callers, the fused decode and the few-token training step, use its SW_MAX_ROWS, the same).
-SWAPPED_MAX_ROWS = 96
 #: ...except in the data-gradient kernel (:func:`small_experts_nn`), whose dot-product tiles read the weights across
 #: their rows (``w[e]`` is ``[K, N]``): there the packed tiles win from fewer rows. Measured on Zen 3, 2 threads, the
 #: kernel alone: ``g @ W_out`` of Mixtral-like experts of 16-24 rows 52-55 -> 66-74 GFLOP/s; in the layer, fine-
@@ -612,13 +608,20 @@ def _packed_min(packed_min_rows: int | None, dtype: torch.dtype | None, nn: bool
     return 0
 
 
+def swapped_rows(dtype: torch.dtype) -> tuple[int, int]:
+    """``(fewest, most)`` rows of an expert whose input projection takes the swapped tiles for operands of ``dtype``
+    in the kernels built here (float32 on AVX2 builds: 24-96; 6 weight rows, each value broadcast from the row in
+    place, times 16 token rows transposed once per expert: no packing of the weights; measured on Zen 3, see the
+    kernels' sw_run), else ``(0, 0)``. The kernels' own callers (the fused decode, the few-token step) use the same."""
+    lib = library()
+    if lib is None or dtype not in _DTYPES:
+        return 0, 0
+    return int(lib.moe_swapped_rows(_DTYPES[dtype], 0)), int(lib.moe_swapped_rows(_DTYPES[dtype], 1))
+
+
 def _swapped_max(swapped_max_rows: int | None, dtype: torch.dtype) -> int:
-    """The most rows of an expert whose input projection takes the swapped tiles (float32 on AVX2 builds, from the
-    kernels' ``SW_MIN_ROWS``, 24): ``swapped_max_rows`` if given (0: none), else :data:`SWAPPED_MAX_ROWS` where they
-    exist."""
-    if swapped_max_rows is not None:
-        return max(0, swapped_max_rows)
-    return SWAPPED_MAX_ROWS if dtype == torch.float32 and packed_width(dtype) == 16 else 0
+    """``swapped_max_rows`` if given (0: none), else the most of :func:`swapped_rows`."""
+    return max(0, swapped_max_rows) if swapped_max_rows is not None else swapped_rows(dtype)[1]
 
 
 def small_gemm_usable(x: torch.Tensor, *weights: torch.Tensor | None) -> bool:
@@ -676,8 +679,8 @@ def small_experts_up(x: torch.Tensor, tok: torch.Tensor, start: torch.Tensor, en
     Returns ``(h, a)``: with ``swiglu``, ``a = silu(h[:, :F]) * h[:, F:]`` and ``h`` only if ``keep_h``; else
     ``(h, None)``. Experts with at least ``packed_min_rows`` rows (default :data:`PACKED_MIN_ROWS` on AVX2 builds,
     :data:`PACKED_MIN_ROWS_AVX512` for float32 on AVX-512 ones, :data:`AMX_MIN_ROWS` for bf16 on AMX tiles, else
-    none; 0: none) run in the packed (or AMX) tiles, except that float32 experts of 24 to ``swapped_max_rows`` rows
-    (default :data:`SWAPPED_MAX_ROWS` on AVX2 builds; 0: none) run in the swapped tiles.
+    none; 0: none) run in the packed (or AMX) tiles, except that experts from the fewest rows of
+    :func:`swapped_rows` to ``swapped_max_rows`` (default: its most; 0: none) run in the swapped tiles.
 
     ``hand_over`` (SwiGLU): ``a`` is only for :func:`small_experts_down` with ``handed_over=True`` and the same
     ``tok``, ``start``, ``end`` and ``packed_min_rows``: where the output projection would pack a block of rows

@@ -112,6 +112,18 @@ static inline float sigmoid_f32(float x) {
 /* Work of a grouped GEMM over `rows` rows and `experts` weight matrices of n x k, in threads_for's units: the
  * multiply-adds (/16), or the weight elements streamed from memory, whichever is larger (a decode step with one row
  * per expert is all streaming, and needs every thread's memory bandwidth). */
+/* The rows of all experts; *na: the experts with rows, *mmax: the most rows of one. */
+static int64_t expert_rows(const int64_t *start, const int64_t *end, int64_t E, int64_t *na, int64_t *mmax) {
+    int64_t rows = 0;
+    *na = *mmax = 0;
+    for (int64_t e = 0; e < E; e++)
+        if (end[e] > start[e]) {
+            rows += end[e] - start[e], ++*na;
+            if (end[e] - start[e] > *mmax) *mmax = end[e] - start[e];
+        }
+    return rows;
+}
+
 static inline int64_t gemm_work(int64_t rows, int64_t experts, int64_t n, int64_t k) {
     int64_t flops = rows * n * k / 16, bytes = experts * n * k;
     return flops > bytes ? flops : bytes;
@@ -1691,12 +1703,8 @@ typedef struct gk_job {
 
 static int gk_run(const gk_job *j, const int64_t *start, const int64_t *end, int64_t E, int nthreads) {
     const int64_t RB = j->rb ? j->rb : gk_rows_block(j->K, j->adt);
-    int64_t rows = 0, na = 0, mmax = 0;
-    for (int64_t e = 0; e < E; e++)
-        if (end[e] > start[e]) {
-            rows += end[e] - start[e], na++;
-            if (end[e] - start[e] > mmax) mmax = end[e] - start[e];
-        }
+    int64_t na, mmax;
+    const int64_t rows = expert_rows(start, end, E, &na, &mmax);
     if (j->np == 0 || rows == 0) return 0;
     const int64_t mb_max = mmax < RB ? mmax : RB + GK_MR; /* (blocks of equal size, rounded up to whole tiles) */
     int nt = threads_for(gemm_work(rows, na, j->width, j->K), nthreads);
@@ -2037,12 +2045,8 @@ typedef struct sw_job {
 } sw_job;
 
 static int sw_run(const sw_job *j, const int64_t *start, const int64_t *end, int64_t E, int nthreads) {
-    int64_t rows = 0, na = 0, mmax = 0;
-    for (int64_t e = 0; e < E; e++)
-        if (end[e] > start[e]) {
-            rows += end[e] - start[e], na++;
-            if (end[e] - start[e] > mmax) mmax = end[e] - start[e];
-        }
+    int64_t na, mmax;
+    const int64_t rows = expert_rows(start, end, E, &na, &mmax);
     if (rows == 0 || j->nq == 0) return 0;
     int nt = threads_for(gemm_work(rows, na, j->width, j->K), nthreads);
     if (nt > j->nq) nt = (int)j->nq;
@@ -2712,15 +2716,16 @@ int moe_amx(int allow) {
 #endif
 }
 
-/* Experts with at least packed_min rows take the packed tiles (AVX2) or the AMX tiles (bf16); the others the
- * dot-product tiles. Returns NULL where none does (or packed_min is 0), else the two sets' segments ([4][E]: dot-product start, end; packed start, end;
- * the caller frees it) with *n the packed experts; *n < 0: out of memory. */
+/* Which experts take the swapped tiles (AVX2 builds, float32, see sw_run) */
 #if defined(MOE_GK) && defined(V8)
 #define SW_LO SW_MIN_ROWS
 static inline int sw_serves(int dt, int fast) { return fast == 2 && dt == DT_F32; }
 #else
 #define SW_LO 1
-static inline int sw_serves(int dt, int fast) { return 0 * dt * fast; }
+static inline int sw_serves(int dt, int fast) {
+    (void)dt, (void)fast;
+    return 0;
+}
 #endif
 
 /* The experts split three ways: those with rows in [sw_lo, sw_hi] (none where sw_hi < sw_lo), the swapped tiles';
@@ -2747,6 +2752,12 @@ static int64_t *split_experts(const int64_t *start, const int64_t *end, int64_t 
         seg[(m >= sw_lo && m <= sw_hi ? 5 : packed_min > 0 && m >= packed_min ? 3 : 1) * E + e] = end[e];
     }
     return seg;
+}
+
+/* The fewest (which 0) or most (which 1) rows of an expert whose input projection takes the swapped tiles in this
+ * build for operands of dtype dt; 0 where it has none. */
+int moe_swapped_rows(int dt, int which) {
+    return sw_serves(dt, 2) ? (which ? SW_MAX_ROWS : SW_MIN_ROWS) : 0;
 }
 
 /* The packed tiles' panel width (16: AVX2, 32: AVX-512) where they serve operands of dtype dt (-1: of every
@@ -2790,7 +2801,7 @@ int moe_small_up(const void *x, int64_t ld_x, const int64_t *tok, const int64_t 
         rc = packed_up(x, ld_x, tok, seg + 2 * E, seg + 3 * E, E, w_in, b_in, W, D, dt, act, h_out, a_out,
                        act == 1 && a_pk, nthreads);
 #if defined(V8)
-    if (fast == 2 && rc == 0 && sw_hi)
+    if (rc == 0 && sw_hi) /* (sw_serves: fast == 2) */
         rc = sw_up(x, ld_x, tok, seg + 4 * E, seg + 5 * E, E, w_in, b_in, W, D, act, h_out, a_out, nthreads);
 #endif
 #endif
