@@ -136,8 +136,8 @@ class MoE(nn.Module):
             # (inference, where _balance would only record these; a plain attribute, set without Module.__setattr__)
             self.__dict__["stats"] = {"tokens_per_expert": counts_E, "dropped": dropped}
             if self.shared_experts is None and y_TD.dtype == x.dtype:
-                return y_TD.view(shape)
-            return self._add_shared(x_TD, y_TD).to(x.dtype).view(shape)
+                return y_TD.view_as(x)  # (view_as: view(torch.Size) parses the size in Python, ~2 us more)
+            return self._add_shared(x_TD, y_TD).to(x.dtype).view_as(x)
         seq_len = shape[-2] if x.dim() >= 3 else x_TD.shape[0]
         ctx = RoutingContext(seq_len, None if token_ids is None else token_ids.reshape(-1))
         plan = dropped = None
@@ -180,16 +180,16 @@ class MoE(nn.Module):
 
     def _soft_experts(self, x_TD: torch.Tensor, soft: SoftRouting) -> tuple[torch.Tensor, torch.Tensor]:
         """Soft MoE: mix each sequence's tokens into slots, run every expert on its slots, mix the results back."""
-        B, L, X = soft.dispatch_BLX.shape
+        (B, L, X), D = soft.dispatch_BLX.shape, x_TD.shape[1]  # (sizes given: -1 cannot be inferred with no tokens)
         # slots_BXD = sum_l dispatch_BLX * x_BLD
-        slots_BXD = torch.einsum("blx,bld->bxd", soft.dispatch_BLX, x_TD.float().view(B, L, -1)).to(x_TD.dtype)
+        slots_BXD = torch.einsum("blx,bld->bxd", soft.dispatch_BLX, x_TD.float().view(B, L, D)).to(x_TD.dtype)
         expert_X = torch.arange(X, device=x_TD.device) // soft.slots
         ids = expert_X.repeat(B)[:, None]
         ones = torch.ones(ids.shape, device=x_TD.device)
         plan = self._slot_dispatcher.plan(RouterOutput(ones, ones, ids, ones))
-        y_BXD = self.experts(slots_BXD.reshape(B * X, -1), plan).view(B, X, -1)
+        y_BXD = self.experts(slots_BXD.reshape(B * X, D), plan).view(B, X, D)
         # y_BLD = sum_x combine_BLX * y_BXD
-        y_TD = torch.einsum("blx,bxd->bld", soft.combine_BLX, y_BXD).reshape(B * L, -1)
+        y_TD = torch.einsum("blx,bxd->bld", soft.combine_BLX, y_BXD).reshape(B * L, D)
         return y_TD, plan.counts_E
 
     def _experts_skipping_failures(self, x_TD: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
@@ -249,11 +249,11 @@ class MoE(nn.Module):
         if prep is None or x_TD.dtype != prep[0] or x_TD.shape[0] * prep[1] > DECODE_KERNEL_MAX_SLOTS \
                 or not x_TD.is_contiguous():
             return None
-        fused = kcpu.route_decode(x_TD, *prep[2])
+        fused = prep[2](x_TD)
         return None if fused is None else (fused[0], fused[1], fused[1].new_zeros(()))
 
     def _decode_prepared(self) -> tuple | None:
-        """``(dtype, top_k, route_decode's arguments after x)`` where this module can run the fused CPU decode, or
+        """``(dtype, top_k, the bound kernel call: kcpu.RouteDecode)`` where this module can run the fused CPU decode, or
         None; rebuilt whenever :meth:`_prep_key` changes (mode, hooks, backend, disabled experts, any parameter
         or the selection bias replaced, moved, cast or updated), so a one-token step pays for none of the ~20
         checks it stands for."""
@@ -309,10 +309,10 @@ class MoE(nn.Module):
         if spec is None:
             return None
         dtype, b_r = experts.w_in.dtype, router.bias
-        args = (router.weight, None if b_r is None else b_r.float().contiguous(),
-                router.expert_bias.float().contiguous(), cfg.top_k, *spec, experts.w_in, experts.b_in, experts.w_out,
-                experts.b_out, dtype if self.shared_experts is None else torch.float32)
-        return dtype, cfg.top_k, args
+        call = kcpu.RouteDecode(router.weight, None if b_r is None else b_r.float().contiguous(),
+                                router.expert_bias.float().contiguous(), cfg.top_k, *spec, experts.w_in, experts.b_in,
+                                experts.w_out, experts.b_out, dtype if self.shared_experts is None else torch.float32)
+        return dtype, cfg.top_k, call
 
     def _fused_train_step(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, RouterOutput] | None:
         """A few tokens with autograd on, a plain softmax top-k router and SwiGLU experts on CPU: routing and experts

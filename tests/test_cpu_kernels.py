@@ -293,8 +293,8 @@ def test_swapped_tiles_in_the_fused_decode_and_the_few_token_step(kernels, monke
     loop.experts.backend = "loop"
     x = torch.randn(96, 40)
     called = []
-    real = K.route_decode
-    monkeypatch.setattr(K, "route_decode", lambda *a: called.append(1) or real(*a))
+    real = K.RouteDecode.__call__
+    monkeypatch.setattr(K.RouteDecode, "__call__", lambda *a: called.append(1) or real(*a))
     layer.eval(), loop.eval()
     with torch.no_grad():
         counts = torch.bincount(layer.router(x).topk_ids_TK.flatten(), minlength=6)
@@ -733,6 +733,13 @@ def test_route_decode_routes_like_pytorch_then_runs_the_experts(kernels, dtype, 
     # the output in the input's dtype: the same float32 sums, rounded once
     y_x = K.route_decode(x, w_r, b_r, sel, k, renorm, renorm_min, scale, w_in, b_in, w_out, b_out, dtype)[0]
     assert y_x.dtype == dtype and torch.equal(y_x, y_ref.to(dtype))
+    # bound once and called again and again, the routing kept in the kernel's scratch: the same results
+    bound = K.RouteDecode(w_r, b_r, sel, k, renorm, renorm_min, scale, w_in, b_in, w_out, b_out, dtype)
+    for rows in (T, 1, T):
+        y_b, counts_b = bound(x[:rows])
+        assert torch.equal(y_b, y_x[:rows])
+        assert counts_b.tolist() == torch.bincount(ids[:rows].flatten(), minlength=E).tolist()
+    assert bound(x[:0])[0].shape == (0, D)
 
 
 def test_route_decode_declines_ties_and_nan(kernels):

@@ -106,6 +106,29 @@ def test_zero_tokens_and_idle_experts(backend):
     assert torch.isfinite(dx).all()
 
 
+@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("backend", list(BACKENDS))
+def test_an_empty_batch_gives_an_empty_output_and_zero_gradients(name, dtype, backend, train_path):
+    """No tokens, in inference and in a training step: an empty output, no tokens per expert, and gradients that are
+    zeros (never uninitialised memory: the weight gradient of a single-matrix product of no rows, the bf16 router's,
+    is the sum of nothing)."""
+    layer = make(name, backend, dtype)
+    for shape in [(0, 16), (2, 0, 16)]:
+        layer.eval()
+        with torch.no_grad():
+            y = layer(torch.randn(*shape).to(dtype))
+        assert y.shape == shape and y.dtype == dtype
+        assert layer.stats["tokens_per_expert"].tolist() == [0] * layer.config.num_experts
+        layer.train()
+        junk = [torch.full_like(p, float("nan")) for p in layer.parameters()]
+        del junk  # (memory a gradient allocated next may reuse: left unwritten, it shows)
+        y, dx, g = run_fwd_bwd(layer, torch.randn(*shape).to(dtype))
+        assert y.shape == shape and dx.shape == shape
+        for k, v in g.items():
+            assert torch.count_nonzero(v) == 0, k
+
+
 def test_output_is_weighted_sum_of_experts():
     layer = make("deepseek", "auto")
     x = torch.randn(10, 16)
@@ -219,8 +242,8 @@ def test_fused_decode_matches_the_regular_path(name, dtype, T, monkeypatch):
         layer.router.expert_bias.uniform_(-0.05, 0.05)  # the selection bias too
     x = torch.randn(2, T, 16).to(dtype)
     fused_calls = []
-    real = moekit.kernels.cpu.route_decode
-    monkeypatch.setattr(moekit.kernels.cpu, "route_decode", lambda *a: fused_calls.append(1) or real(*a))
+    real = moekit.kernels.cpu.RouteDecode.__call__
+    monkeypatch.setattr(moekit.kernels.cpu.RouteDecode, "__call__", lambda *a: fused_calls.append(1) or real(*a))
     with torch.no_grad():
         y = layer(x)
         counts = layer.stats["tokens_per_expert"].clone()
@@ -269,8 +292,8 @@ def test_fused_decode_follows_changes_to_the_module(monkeypatch):
     layer = moekit.MoE(16, 32, num_experts=8, top_k=2).to(torch.bfloat16).eval()
     x = torch.randn(3, 16).bfloat16()
     calls = []
-    real = moekit.kernels.cpu.route_decode
-    monkeypatch.setattr(moekit.kernels.cpu, "route_decode", lambda *a: calls.append(1) or real(*a))
+    real = moekit.kernels.cpu.RouteDecode.__call__
+    monkeypatch.setattr(moekit.kernels.cpu.RouteDecode, "__call__", lambda *a: calls.append(1) or real(*a))
 
     def check(fused: bool):
         calls.clear()

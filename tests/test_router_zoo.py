@@ -198,6 +198,30 @@ def test_router_deterministic_in_eval_and_trains_through_layer(name):
         assert grads and any(g.abs().sum() > 0 for g in grads), name
 
 
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_every_router_takes_an_empty_batch(name):
+    """No tokens (an empty batch, sequences of length 0): an empty output in inference and in training, gradients
+    of zeros, no tokens per expert; or, where the router cannot route an empty batch, a clear error."""
+    torch.manual_seed(0)
+    layer = layer_for(name)
+    for shape in [(0, D), (2, 0, D)]:
+        x = torch.randn(*shape, requires_grad=True)
+        ids = torch.randint(0, 16, shape[:-1])
+        kw = {"token_ids": ids} if name == "hash" else {}
+        layer.eval()
+        with torch.no_grad():
+            assert layer(x, **kw).shape == shape
+        layer.train()
+        layer.zero_grad(set_to_none=True)
+        y = layer(x, **kw)
+        assert y.shape == shape
+        y.sum().backward()  # (with the balancing losses the layer attaches to y)
+        assert x.grad.shape == shape
+        assert int(layer.stats["tokens_per_expert"].sum()) == 0
+        for n, p in layer.named_parameters():
+            assert p.grad is None or torch.count_nonzero(p.grad) == 0, n
+
+
 def synthetic_task(n=64, L=8, V=16, tasks=4, seed=0):
     """Token sequences whose first token names one of 4 tasks; the target of each token is a task-specific map."""
     g = torch.Generator().manual_seed(seed)

@@ -830,23 +830,58 @@ def route_decode(x: torch.Tensor, router_w: torch.Tensor, router_b: torch.Tensor
     or None where a token's choice is ambiguous (a NaN, or a tie among its ``k + 1`` largest values): the caller
     then routes in PyTorch, which resolves ties its own way. The caller checks the arguments (shapes, dtypes,
     contiguity: ``x`` and the experts' weights one dtype, ``router_w`` float32 or bfloat16, the biases float32;
-    ``1 <= k <= min(ROUTE_DECODE_MAX_K, E)``)."""
-    E, W, D = w_in.shape
-    T = x.shape[0]
-    out = torch.empty(T, D, dtype=out_dtype)  # (zeroed by the kernel)
-    counts = torch.empty(E, dtype=torch.int64)
-    ids = torch.empty(T, k, dtype=torch.int64)
-    wts = torch.empty(T, k, dtype=torch.float32)
-    rc = _require().moe_route_decode(
-        _ptr(x), x.stride(0), _ptr(router_w), _DTYPES[router_w.dtype], _ptr(router_b), _ptr(selection_bias), T, k, E,
-        int(renormalize), renorm_min, scale, _ptr(ids), _ptr(wts), _ptr(w_in), _ptr(b_in), _ptr(w_out), _ptr(b_out),
-        D, W // 2, _DTYPES[x.dtype], _ptr(out), _DTYPES[out_dtype], D, _ptr(counts),
-        _packed_min(None, x.dtype), _threads())
-    if rc == 1:
-        return None
-    if rc != 0:
-        raise RuntimeError(f"moekit CPU kernel moe_route_decode returned {rc}: arguments the checks let through")
-    return out, counts, ids, wts
+    ``1 <= k <= min(ROUTE_DECODE_MAX_K, E)``). A caller that runs the same weights again and again binds them once
+    with :class:`RouteDecode`."""
+    return RouteDecode(router_w, router_b, selection_bias, k, renormalize, renorm_min, scale, w_in, b_in, w_out,
+                       b_out, out_dtype)(x, routing=True)
+
+
+class RouteDecode:
+    """:func:`route_decode` bound to one set of router and expert weights, its arguments converted for the kernel
+    once: a call then pays for its output's allocation and the kernel, not for converting some twenty arguments
+    (a one-token step's host time, fine-grained bf16 experts on Zen 3: see ``__call__``). It holds the tensors it
+    was given; they must stay where they are, unchanged in shape and dtype (the layer binds anew whenever its
+    parameters are replaced, moved or cast)."""
+
+    def __init__(self, router_w: torch.Tensor, router_b: torch.Tensor | None, selection_bias: torch.Tensor | None,
+                 k: int, renormalize: bool, renorm_min: float, scale: float, w_in: torch.Tensor,
+                 b_in: torch.Tensor | None, w_out: torch.Tensor, b_out: torch.Tensor | None,
+                 out_dtype: torch.dtype = torch.float32):
+        lib = _require()
+        # a function object of its own, without argtypes: the arguments below are ctypes values already
+        self._fn = lib["moe_route_decode"]
+        self._fn.restype = ctypes.c_int
+        P, I64, I = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+        E, W, D = w_in.shape
+        self.k, self.num_experts, self.d_model, self.out_dtype = k, E, D, out_dtype
+        self._tensors = (router_w, router_b, selection_bias, w_in, b_in, w_out, b_out)  # (kept alive)
+        self._router = (P(_ptr(router_w)), I(_DTYPES[router_w.dtype]), P(_ptr(router_b)), P(_ptr(selection_bias)))
+        self._routing = (I64(k), I64(E), I(int(renormalize)), ctypes.c_float(renorm_min), ctypes.c_float(scale))
+        self._experts = (P(_ptr(w_in)), P(_ptr(b_in)), P(_ptr(w_out)), P(_ptr(b_out)), I64(D), I64(W // 2),
+                         I(_DTYPES[w_in.dtype]))
+        self._out = (I(_DTYPES[out_dtype]), I64(D))
+        self._packed_min = I64(_packed_min(None, w_in.dtype))
+
+    def __call__(self, x: torch.Tensor, routing: bool = False
+                 ) -> tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                 torch.Tensor] | None:
+        """``(y [T, D], slots per expert [E])`` of ``x [T, D]`` (rows contiguous, the experts' dtype), with the
+        routing ``(ids [T, k], weights [T, k])`` after them if ``routing``; None where a token's choice is
+        ambiguous (see :func:`route_decode`)."""
+        P, I64 = ctypes.c_void_p, ctypes.c_int64
+        T = x.shape[0]
+        out = torch.empty(T, self.d_model, dtype=self.out_dtype)  # (zeroed by the kernel)
+        counts = torch.empty(self.num_experts, dtype=torch.int64)
+        ids = torch.empty(T, self.k, dtype=torch.int64) if routing else None
+        wts = torch.empty(T, self.k, dtype=torch.float32) if routing else None
+        rc = self._fn(P(x.data_ptr()), I64(x.stride(0)), *self._router, I64(T), *self._routing, P(_ptr(ids)),
+                      P(_ptr(wts)), *self._experts, P(out.data_ptr()), *self._out, P(counts.data_ptr()),
+                      self._packed_min, ctypes.c_int(_threads()))
+        if rc == 1:
+            return None
+        if rc != 0:
+            raise RuntimeError(f"moekit CPU kernel moe_route_decode returned {rc}: arguments the checks let through")
+        return (out, counts, ids, wts) if routing else (out, counts)
 
 
 @dataclass
@@ -1015,14 +1050,18 @@ def small_experts_outer(a: torch.Tensor, a_idx: torch.Tensor | None, b: torch.Te
                         start: torch.Tensor | None, end: torch.Tensor | None, grad: torch.Tensor) -> None:
     """Weight gradients of every expert at once: ``grad[e] = a[rows of e]^T @ b[rows of e]`` for ``grad`` stacked
     ``[E, N, K]`` (contiguous, any of float32/bfloat16), row ``s`` reading ``a[a_idx[s]]`` and ``b[b_idx[s]]`` (or
-    row ``s``); ``start``/``end`` both None: a single expert owning every row of ``a`` (or of ``a_idx``). Experts
-    with no rows are left untouched."""
+    row ``s``); ``start``/``end`` both None: a single expert owning every row of ``a`` (or of ``a_idx``), its
+    gradient zeroed where there are none. Experts of ``start``/``end`` with no rows are left untouched."""
     E, N, Kd = grad.shape
     ld_a = _rows(a, "a", (a.shape[0], N))
     ld_b = _rows(b, "b", (b.shape[0], Kd))
     _stacked(grad, "grad", (E, N, Kd), grad.dtype)
     _dt(grad, "grad")
-    p_start, p_end, keep = _bounds(start, end, E, a.shape[0] if a_idx is None else a_idx.shape[0])
+    rows = a.shape[0] if a_idx is None else a_idx.shape[0]
+    if start is None and end is None and E == 1 and not rows:  # (the sum of no products)
+        grad.zero_()
+        return
+    p_start, p_end, keep = _bounds(start, end, E, rows)
     _call(_require().moe_small_outer, _ptr(a), _dt(a, "a"), ld_a, _ptr(a_idx), _ptr(b), _dt(b, "b"), ld_b, _ptr(b_idx),
           N, Kd, p_start, p_end, E, _ptr(grad), _dt(grad, "grad"), _threads())
     del keep

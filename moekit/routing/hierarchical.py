@@ -50,7 +50,7 @@ class HierarchicalRouter(Router):
         with torch.no_grad():
             keep_TG = torch.zeros_like(p_group_TG, dtype=torch.bool)
             keep_TG.scatter_(1, p_group_TG.topk(self.topk_group, dim=-1).indices, True)
-            choice_TE = probs_TE.view(T, G, -1).masked_fill(~keep_TG[..., None], -1.0).view(T, E)
+            choice_TE = probs_TE.view(T, G, E // G).masked_fill(~keep_TG[..., None], -1.0).view(T, E)
             ids_TK = self.mask_disabled(choice_TE).topk(self.top_k, dim=-1).indices
         w_TK = probs_TE.gather(-1, ids_TK)
         if self.renormalize:

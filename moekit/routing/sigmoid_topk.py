@@ -64,8 +64,8 @@ class GroupLimitedTopK(TopKRouter):
     def select(self, scores_TE: torch.Tensor) -> torch.Tensor:
         choice_TE = self.mask_disabled(scores_TE + self.expert_bias.to(scores_TE.dtype))
         if self.n_group > 1:
-            T, G = choice_TE.shape[0], self.n_group
-            grouped_TGe = choice_TE.view(T, G, -1)
+            (T, E), G = choice_TE.shape, self.n_group
+            grouped_TGe = choice_TE.view(T, G, E // G)  # (sizes given: -1 cannot be inferred with no tokens)
             if self.group_score == "max":
                 group_TG = grouped_TGe.amax(dim=-1)
             else:
@@ -79,7 +79,7 @@ class GroupLimitedTopK(TopKRouter):
             keep_TG.scatter_(1, group_TG.topk(self.topk_group, dim=-1, sorted=False).indices, True)
             # with disabled experts (-inf), experts of dropped groups must still outrank them: best remaining
             fill = min(self.group_fill, -1e30) if self.disabled else self.group_fill
-            choice_TE = grouped_TGe.masked_fill(~keep_TG[..., None], fill).view(T, -1)
+            choice_TE = grouped_TGe.masked_fill(~keep_TG[..., None], fill).view(T, E)
         return torch.topk(choice_TE, self.top_k, dim=-1, sorted=False).indices
 
     def combine_weights(self, scores_TE: torch.Tensor, ids_TK: torch.Tensor) -> torch.Tensor:

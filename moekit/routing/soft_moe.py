@@ -44,7 +44,7 @@ class SoftMoE(Router):
         B, E, S = T // L, self.num_experts, self.slots
         with torch.autocast(x_TD.device.type, enabled=False):
             phi_XD = self.scale * F.normalize(self.slot_embed.float(), dim=-1)
-            logits_BLX = F.normalize(x_TD.float(), dim=-1).view(B, L, -1) @ phi_XD.T
+            logits_BLX = F.normalize(x_TD.float(), dim=-1).view(B, L, x_TD.shape[1]) @ phi_XD.T
             if self.disabled:  # a disabled expert's slots receive and return nothing
                 logits_BLX = logits_BLX.masked_fill(~self.expert_enabled.repeat_interleave(S), float("-inf"))
             dispatch_BLX = torch.softmax(logits_BLX, dim=1)

@@ -4671,7 +4671,8 @@ int moe_sort_keys(const int64_t *key, int64_t S, int64_t nb, int64_t K, int64_t 
  *     p[t, :] = softmax(logits[t, :]);   ids[t, :] = indices of the K largest p[t, e] + sel[e] (sel may be NULL)
  *     wts[t, k] = p[t, ids[t, k]] / (renorm ? max(sum_k p[t, ids[t, k]], renorm_min) : 1) * scale
  * x is [T, D] of dtype dt (the experts' dtype), w_r [E, D] of dtype dt_r; ids int64 and wts float32 [T, K] are
- * written. Returns 1, with out untouched, where a row has a NaN or a tie among its K + 1 largest choice values
+ * written (either NULL: kept in scratch of this call's own, for a caller that only wants out and counts). Returns 1,
+ * with out untouched, where a row has a NaN or a tie among its K + 1 largest choice values
  * (the caller then routes in PyTorch, which breaks ties its own way); else as moe_small_decode. */
 int moe_route_decode(const void *x, int64_t ld_x, const void *w_r, int dt_r, const float *b_r, const float *sel,
                      int64_t T, int64_t K, int64_t E, int renorm, float renorm_min, float scale, int64_t *ids,
@@ -4679,18 +4680,28 @@ int moe_route_decode(const void *x, int64_t ld_x, const void *w_r, int dt_r, con
                      int64_t F, int dt, void *out, int out_dt, int64_t ld_out, int64_t *counts, int64_t packed_min,
                      int nthreads) {
     if (K < 1 || K > 64 || K > E) return -1;
-    float *p = malloc((size_t)(T * E * 2 + 1) * sizeof(float));
-    if (!p) return -5;
-    float *c = p + T * E;
+    /* scratch: the routing where the caller keeps none (ids, wts), then the logits p and choice values c [T, E] */
+    const int64_t S = T * K, own = (ids ? 0 : S * (int64_t)sizeof(int64_t)) + (wts ? 0 : S * (int64_t)sizeof(float));
+    char *scratch = malloc((size_t)own + (size_t)(T * E * 2 + 1) * sizeof(float));
+    if (!scratch) return -5;
+    if (!ids) ids = (int64_t *)scratch; /* (int64 first: aligned as malloc's block) */
+    if (!wts) wts = (float *)(scratch + (own - S * (int64_t)sizeof(float)));
+    float *p = (float *)(scratch + own), *c = p + T * E;
     router_logits(x, dt, ld_x, w_r, dt_r, b_r, T, E, D, p, E, nthreads);
     int64_t ambiguous = 0;
     for (int64_t t = 0; t < T; t++) /* (a NaN in x or the weights, or a tie: routed in PyTorch instead) */
         ambiguous += route_row(p + t * E, c + t * E, E, K, sel, renorm, renorm_min, scale, ids + t * K, wts + t * K);
-    free(p);
-    if (ambiguous) return 1;
+    if (ambiguous || T == 0) { /* (no tokens: nothing to compute, and out may be NULL, an empty tensor's pointer) */
+        free(scratch);
+        if (T == 0) memset(counts, 0, (size_t)E * sizeof(int64_t));
+        return ambiguous ? 1 : 0;
+    }
     /* the experts accumulate in float32: into out itself, or into a scratch block then rounded once into out */
     float *acc = out_dt == DT_F32 ? (float *)out : malloc((size_t)(T * D > 0 ? T * D : 1) * sizeof(float));
-    if (!acc) return -5;
+    if (!acc) {
+        free(scratch);
+        return -5;
+    }
     const int64_t ld_acc = out_dt == DT_F32 ? ld_out : D;
     for (int64_t t = 0; t < T; t++) memset(acc + t * ld_acc, 0, (size_t)D * sizeof(float));
     int rc = moe_small_decode(x, ld_x, ids, wts, T, K, E, w_in, b_in, w_out, b_out, D, F, dt, acc, ld_acc, counts,
@@ -4699,6 +4710,7 @@ int moe_route_decode(const void *x, int64_t ld_x, const void *w_r, int dt_r, con
         for (int64_t t = 0; rc == 0 && t < T; t++) gather_row(acc + t * D, DT_F32, at(out, out_dt, ld_out, t, 0), out_dt, D, 1.0f);
         free(acc);
     }
+    free(scratch);
     return rc;
 }
 
