@@ -127,17 +127,19 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor, token_ids: torch.Tensor | None = None) -> torch.Tensor:
         """``x [..., d_model]`` → same shape and dtype. ``token_ids [...]`` (same leading shape) feeds routers that
         route by token id (``router.needs_token_ids``)."""
+        if token_ids is None and not torch.is_grad_enabled() and (y := self._fused_decode(x)) is not None:
+            return y  # (a few tokens' inference in one kernel call, x checked there)
         self._check_input(x, token_ids)
         shape, D = x.shape, self.config.d_model
         x_TD = x.reshape(-1, D)
-        fused = None if torch.is_grad_enabled() else self._fused_decode(x_TD) or self._planless_inference(x_TD)
+        fused = None if torch.is_grad_enabled() else self._planless_inference(x_TD)
         if fused is not None:  # (y in x's dtype, or fp32 where shared experts are added below)
             y_TD, counts_E, dropped = fused
             # (inference, where _balance would only record these; a plain attribute, set without Module.__setattr__)
             self.__dict__["stats"] = {"tokens_per_expert": counts_E, "dropped": dropped}
             if self.shared_experts is None and y_TD.dtype == x.dtype:
-                return y_TD.view_as(x)  # (view_as: view(torch.Size) parses the size in Python, ~2 us more)
-            return self._add_shared(x_TD, y_TD).to(x.dtype).view_as(x)
+                return y_TD.view(shape)
+            return self._add_shared(x_TD, y_TD).to(x.dtype).view(shape)
         seq_len = shape[-2] if x.dim() >= 3 else x_TD.shape[0]
         ctx = RoutingContext(seq_len, None if token_ids is None else token_ids.reshape(-1))
         plan = dropped = None
@@ -237,23 +239,36 @@ class MoE(nn.Module):
         """Re-enable experts (all if ``ids`` is None)."""
         self.router.enable_experts(ids)
 
-    def _fused_decode(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    def _fused_decode(self, x: torch.Tensor) -> torch.Tensor | None:
         """Inference of a few tokens with a plain softmax top-k router and SwiGLU experts on CPU: routing and experts
-        in one kernel call (:func:`moekit.kernels.cpu.route_decode`), without the ~20 small host ops of routing
-        (~0.25 ms of a one-token step). Returns ``(y_TD, tokens per expert, dropped slots: 0)``, ``y_TD`` in
-        ``x_TD``'s dtype (fp32 where shared experts are to be added), or None where it does not
-        apply (or a token's choice is a tie, which PyTorch's top-k then breaks as on the regular path)."""
-        if x_TD.device.type != "cpu" or self._routing_hooks or torch.is_autocast_enabled("cpu"):
+        in one kernel call (:class:`moekit.kernels.cpu.RouteDecode`), without the ~20 small host ops of routing
+        (~0.25 ms of a one-token step). Returns the output (``x``'s shape and dtype; ``stats`` set), or None where it
+        does not apply (or a token's choice is a tie, which PyTorch's top-k then breaks as on the regular path).
+        It runs before the layer's other checks and reshapes, each worth microseconds of a decode step's host time
+        (more with the caches cold), and checks ``x`` itself: anything unusual takes the regular path."""
+        if self._routing_hooks or not isinstance(x, torch.Tensor) or not x.is_cpu or torch.is_autocast_enabled("cpu"):
             return None
         prep = self._decode_prepared()  # (the checks and arguments that depend on the module only, cached)
-        if prep is None or x_TD.dtype != prep[0] or x_TD.shape[0] * prep[1] > DECODE_KERNEL_MAX_SLOTS \
-                or not x_TD.is_contiguous():
+        if prep is None:
             return None
-        fused = prep[2](x_TD)
-        return None if fused is None else (fused[0], fused[1], fused[1].new_zeros(()))
+        dtype, k, call, plain = prep
+        D = call.d_model
+        if x.dtype != dtype or x.dim() == 0 or x.shape[-1] != D or x.numel() // D * k > DECODE_KERNEL_MAX_SLOTS \
+                or not x.is_contiguous():
+            return None
+        fused = call(x)  # (y in x's shape: in x's dtype, or fp32 where shared experts are added below)
+        if fused is None:
+            return None
+        y, counts_E = fused
+        # (inference, where _balance would only record these; a plain attribute, set without Module.__setattr__)
+        self.__dict__["stats"] = {"tokens_per_expert": counts_E, "dropped": counts_E.new_zeros(())}
+        if plain:
+            return y
+        return self._add_shared(x.view(-1, D), y.view(-1, D)).to(x.dtype).view_as(x)
 
     def _decode_prepared(self) -> tuple | None:
-        """``(dtype, top_k, the bound kernel call: kcpu.RouteDecode)`` where this module can run the fused CPU decode, or
+        """``(dtype, top_k, the bound kernel call: kcpu.RouteDecode, whether it has no shared experts to add)`` where
+        this module can run the fused CPU decode, or
         None; rebuilt whenever :meth:`_prep_key` changes (mode, hooks, backend, disabled experts, any parameter
         or the selection bias replaced, moved, cast or updated), so a one-token step pays for none of the ~20
         checks it stands for."""
@@ -312,14 +327,14 @@ class MoE(nn.Module):
         call = kcpu.RouteDecode(router.weight, None if b_r is None else b_r.float().contiguous(),
                                 router.expert_bias.float().contiguous(), cfg.top_k, *spec, experts.w_in, experts.b_in,
                                 experts.w_out, experts.b_out, dtype if self.shared_experts is None else torch.float32)
-        return dtype, cfg.top_k, call
+        return dtype, cfg.top_k, call, self.shared_experts is None
 
     def _fused_train_step(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, RouterOutput] | None:
         """A few tokens with autograd on, a plain softmax top-k router and SwiGLU experts on CPU: routing and experts
         forward in one kernel call, and backward in another (:class:`moekit.experts.train_step.RoutedExpertsStep`;
         the balancing losses, z-loss and selection-bias update run on the routing it returns).
-        Returns ``(y_TD, tokens per expert, the routing)``, ``y_TD`` as :meth:`_fused_decode` has it, or None where
-        it does not apply (or a token's choice is a tie)."""
+        Returns ``(y_TD, tokens per expert, the routing)``, ``y_TD`` in ``x_TD``'s dtype (fp32 where shared experts
+        are to be added), or None where it does not apply (or a token's choice is a tie)."""
         if x_TD.device.type != "cpu" or self._routing_hooks or torch.is_autocast_enabled("cpu") or \
                 torch.compiler.is_compiling():
             return None

@@ -283,6 +283,32 @@ def test_bf16_inference_rounds_in_the_output_projection(T, chunk_rows, monkeypat
     assert y.dtype == torch.bfloat16 and torch.equal(y, want)
 
 
+@pytest.mark.parametrize("shared", [0, 1])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_decode_takes_any_leading_shape(dtype, shared, monkeypatch):
+    """The fused decode reads x of any leading shape in place (one token [D], [T, D], [B, T, D]) and returns its
+    output in that shape and dtype, contiguous; a non-contiguous x, or token ids, take the regular path."""
+    if moekit.kernels.cpu.library() is None:
+        pytest.skip("no CPU kernels")
+    torch.manual_seed(4)
+    layer = moekit.MoE(16, 32, num_experts=8, top_k=2, shared_experts=shared).to(dtype).eval()
+    calls = []
+    real = moekit.kernels.cpu.RouteDecode.__call__
+    monkeypatch.setattr(moekit.kernels.cpu.RouteDecode, "__call__", lambda *a: calls.append(1) or real(*a))
+    base = torch.randn(2, 3, 32).to(dtype)
+    cases = [(base[0, 0, :16].contiguous(), True), (base[0, :, :16].contiguous(), True),
+             (base[..., :16].contiguous(), True), (base[..., :16], False), (base[0, :, :16].T.contiguous().T, False)]
+    for x, fused in cases:
+        calls.clear()
+        with torch.no_grad():
+            y = layer(x)
+            assert len(calls) == int(fused), tuple(x.shape)
+            want = moekit.MoE.forward(layer, x.contiguous(), token_ids=torch.zeros(x.shape[:-1], dtype=torch.long))
+        assert len(calls) == int(fused)  # (token ids given: the regular path)
+        assert y.shape == x.shape and y.dtype == dtype and y.is_contiguous()
+        assert max_err(y, want) <= (1e-6 if dtype == torch.float32 else 1e-2 * want.float().abs().max().item())
+
+
 def test_fused_decode_follows_changes_to_the_module(monkeypatch):
     """The fused decode prepares its checks and arguments once per module state: weights updated in place, a
     replaced parameter, a cast, a new selection bias, disabled experts and another backend are all seen."""

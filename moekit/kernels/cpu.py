@@ -865,16 +865,20 @@ class RouteDecode:
     def __call__(self, x: torch.Tensor, routing: bool = False
                  ) -> tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, torch.Tensor,
                                                                  torch.Tensor] | None:
-        """``(y [T, D], slots per expert [E])`` of ``x [T, D]`` (rows contiguous, the experts' dtype), with the
-        routing ``(ids [T, k], weights [T, k])`` after them if ``routing``; None where a token's choice is
-        ambiguous (see :func:`route_decode`)."""
+        """``(y, slots per expert [E])`` of ``x`` (the experts' dtype; ``[T, D]`` with contiguous rows, or
+        contiguous ``[..., D]``: T = its rows), ``y`` contiguous in ``x``'s shape, with the routing
+        ``(ids [T, k], weights [T, k])`` after them if ``routing``; None where a token's choice is ambiguous (see
+        :func:`route_decode`)."""
         P, I64 = ctypes.c_void_p, ctypes.c_int64
-        T = x.shape[0]
-        out = torch.empty(T, self.d_model, dtype=self.out_dtype)  # (zeroed by the kernel)
+        if x.dim() == 2:
+            T, ld = x.shape[0], x.stride(0)
+        else:
+            T, ld = x.numel() // self.d_model, self.d_model
+        out = torch.empty_like(x, dtype=self.out_dtype, memory_format=torch.contiguous_format)  # (zeroed by the kernel)
         counts = torch.empty(self.num_experts, dtype=torch.int64)
         ids = torch.empty(T, self.k, dtype=torch.int64) if routing else None
         wts = torch.empty(T, self.k, dtype=torch.float32) if routing else None
-        rc = self._fn(P(x.data_ptr()), I64(x.stride(0)), *self._router, I64(T), *self._routing, P(_ptr(ids)),
+        rc = self._fn(P(x.data_ptr()), I64(ld), *self._router, I64(T), *self._routing, P(_ptr(ids)),
                       P(_ptr(wts)), *self._experts, P(out.data_ptr()), *self._out, P(counts.data_ptr()),
                       self._packed_min, ctypes.c_int(_threads()))
         if rc == 1:
