@@ -240,9 +240,10 @@ class MoE(nn.Module):
         self.router.enable_experts(ids)
 
     def _fused_decode(self, x: torch.Tensor) -> torch.Tensor | None:
-        """Inference of a few tokens with a plain softmax top-k router and SwiGLU experts on CPU: routing and experts
-        in one kernel call (:class:`moekit.kernels.cpu.RouteDecode`), without the ~20 small host ops of routing
-        (~0.25 ms of a one-token step). Returns the output (``x``'s shape and dtype; ``stats`` set), or None where it
+        """Inference of a few tokens with a router the kernel can route as (plain softmax top-k; group-limited
+        sigmoid top-k and top-k softmax: :class:`moekit.kernels.cpu.RouteMode`) and SwiGLU experts on CPU: routing
+        and experts in one kernel call (:class:`moekit.kernels.cpu.RouteDecode`), without the ~20 small host ops of
+        routing (~0.25 ms of a one-token step; 0.3-0.45 ms for the other two). Returns the output (``x``'s shape and dtype; ``stats`` set), or None where it
         does not apply (or a token's choice is a tie, which PyTorch's top-k then breaks as on the regular path).
         It runs before the layer's other checks and reshapes, each worth microseconds of a decode step's host time
         (more with the caches cold), and checks ``x`` itself: anything unusual takes the regular path."""
@@ -299,17 +300,18 @@ class MoE(nn.Module):
                                                    t._version if versions else None))
         return tuple(key)
 
-    def _fused_routing(self) -> tuple[bool, float, float] | None:
-        """The router's ``decode_routing()`` spec where routing and experts can run in one fused CPU kernel call
-        (the fused decode, the few-token training step): plain softmax top-k into SwiGLU experts of the fused
-        backend, no capacity, no token ids, no expert-failure skipping, a router weight the kernels read as it is;
-        else None."""
+    def _fused_routing(self, decode: bool = False) -> tuple | None:
+        """The router's ``decode_routing()`` spec (``decode``: its ``fused_decode_routing()`` spec, which also covers
+        the routings of :class:`moekit.kernels.cpu.RouteMode`) where routing and experts can run in one fused CPU
+        kernel call (the few-token training step; the fused decode): plain softmax top-k into SwiGLU experts of
+        the fused backend, no capacity, no token ids, no expert-failure skipping, a router weight the kernels read
+        as it is; else None."""
         cfg, experts, router = self.config, self.experts, self.router
         if cfg.capacity_factor is not None or not isinstance(experts, Experts) \
                 or experts.backend not in ("auto", "fused") or cfg.on_expert_failure == "skip" \
                 or cfg.top_k > kcpu.ROUTE_DECODE_MAX_K or router.needs_token_ids:
             return None
-        spec = router.decode_routing()
+        spec = router.fused_decode_routing() if decode else router.decode_routing()
         probe = torch.empty(1, cfg.d_model, dtype=experts.w_in.dtype)
         if spec is None or not experts.decode_kernel_usable(probe):
             return None
@@ -320,13 +322,15 @@ class MoE(nn.Module):
 
     def _prepare_decode(self) -> tuple | None:
         cfg, experts, router = self.config, self.experts, self.router
-        spec = None if self.training else self._fused_routing()
+        spec = None if self.training else self._fused_routing(decode=True)
         if spec is None:
             return None
         dtype, b_r = experts.w_in.dtype, router.bias
+        *softmax_spec, mode = spec
         call = kcpu.RouteDecode(router.weight, None if b_r is None else b_r.float().contiguous(),
-                                router.expert_bias.float().contiguous(), cfg.top_k, *spec, experts.w_in, experts.b_in,
-                                experts.w_out, experts.b_out, dtype if self.shared_experts is None else torch.float32)
+                                router.expert_bias.float().contiguous(), cfg.top_k, *softmax_spec, experts.w_in,
+                                experts.b_in, experts.w_out, experts.b_out,
+                                dtype if self.shared_experts is None else torch.float32, mode)
         return dtype, cfg.top_k, call, self.shared_experts is None
 
     def _fused_train_step(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, RouterOutput] | None:

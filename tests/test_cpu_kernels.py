@@ -742,6 +742,73 @@ def test_route_decode_routes_like_pytorch_then_runs_the_experts(kernels, dtype, 
     assert bound(x[:0])[0].shape == (0, D)
 
 
+ROUTE_MODES = {
+    "deepseek_v3": K.RouteMode("sigmoid", "scores", 4, 2, "top2_sum", float("-inf"), 1e-20),
+    "deepseek_v2": K.RouteMode("softmax", "scores", 4, 3, "max", 0.0, 0.0),
+    "sigmoid_plain": K.RouteMode("sigmoid", "scores", renorm_eps=1e-20),
+    "topk_softmax": K.RouteMode("logits", "softmax"),
+    "topk_sigmoid": K.RouteMode("logits", "sigmoid"),
+}
+
+
+def _route_reference(logits, sel, mode, k, renorm, scale):
+    """RouteMode's routing in float64 PyTorch, the steps as moekit's routers take them."""
+    s = {"softmax": lambda v: torch.softmax(v, -1), "sigmoid": torch.sigmoid, "logits": lambda v: v}[mode.scores](logits)
+    c = s + sel.double()
+    if mode.n_group > 1 and mode.topk_group < mode.n_group:
+        grouped = c.view(c.shape[0], mode.n_group, -1)
+        gs = grouped.amax(-1) if mode.group_score == "max" else grouped.topk(2, dim=-1).values.sum(-1)
+        keep = torch.zeros_like(gs, dtype=torch.bool).scatter_(1, gs.topk(mode.topk_group, dim=-1).indices, True)
+        c = grouped.masked_fill(~keep[..., None], mode.group_fill).view_as(c)
+    ids = torch.topk(c, k, dim=-1).indices
+    w = s.gather(-1, ids)
+    if mode.weights == "softmax":
+        w = torch.softmax(w, -1)
+    else:
+        w = torch.sigmoid(w) if mode.weights == "sigmoid" else w
+        w = w / (w.sum(-1, keepdim=True) + mode.renorm_eps) if renorm else w
+    return ids, w * scale
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("renorm", [True, False])
+@pytest.mark.parametrize("name", list(ROUTE_MODES))
+def test_route_decode_modes_route_like_pytorch(kernels, name, renorm, dtype):
+    """The kernel's other routings (group-limited sigmoid or softmax top-k, top-k of the logits weighted by a
+    softmax or sigmoids over them), with a router bias and a selection bias, against the same math in float64;
+    then the experts as small_experts_decode runs them."""
+    torch.manual_seed(5)
+    E, D, F_, T, k = 8, 37, 21, 9, 2
+    mode = ROUTE_MODES[name]
+    x, _, _, w_in, w_out, b_in, b_out = _small_problem(E, D, F_, [2] * E, dtype, True)
+    x = x[:T].contiguous()
+    w_r, b_r, sel = torch.randn(E, D).to(dtype), torch.randn(E) * 0.1, torch.randn(E) * 0.05
+    got = K.route_decode(x, w_r, b_r, sel, k, renorm, 0.0, 1.5, w_in, b_in, w_out, b_out, mode=mode)
+    assert got is not None
+    y, counts, ids, wts = got
+    want_ids, want_w = _route_reference(x.double() @ w_r.double().T + b_r.double(), sel, mode, k, renorm, 1.5)
+    assert torch.equal(ids, want_ids)
+    assert rel_err(wts, want_w) < 1e-6
+    assert counts.tolist() == torch.bincount(ids.flatten(), minlength=E).tolist()
+    assert torch.equal(y, K.small_experts_decode(x, ids, wts, w_in, b_in, w_out, b_out)[0])
+
+
+def test_route_decode_modes_decline_ties_between_groups(kernels):
+    """Two groups whose scores tie at the boundary of the groups kept: PyTorch's top-k decides (None), though the
+    experts within either group would not tie; a NaN score likewise, even in a group the tie would drop."""
+    E, D, F_ = 4, 8, 6
+    x, _, _, w_in, w_out, _, _ = _small_problem(E, D, F_, [1] * E, torch.float32, False)
+    x = x[:2].contiguous()
+    half = torch.randn(2, D)
+    mode = K.RouteMode("sigmoid", "scores", 2, 1)
+    args = (1, True, 0.0, 1.0, w_in, None, w_out, None)
+    assert K.route_decode(x, torch.cat([half, half]), None, None, *args, mode=mode) is None  # groups {0, 1}, {2, 3}
+    assert K.route_decode(x, torch.cat([half, half.flip(0) * 0.5]), None, None, *args, mode=mode) is not None
+    nan_x = x.clone()
+    nan_x[0, 1] = float("nan")
+    assert K.route_decode(nan_x, torch.randn(E, D), None, None, *args, mode=mode) is None
+
+
 def test_route_decode_declines_ties_and_nan(kernels):
     """A tie among a token's k + 1 largest choices, or a NaN, is left to PyTorch (None), with nothing computed."""
     E, D, F_ = 4, 8, 6

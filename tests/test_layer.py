@@ -216,12 +216,25 @@ def test_decode_path_matches_loop(name, T):
     assert max_err(y16, want) < 0.05 * want.abs().max().item()
 
 
-FUSED_DECODE = {
+SOFTMAX_FUSED = {  # (routed in the fused decode and in the few-token training step)
     "mixtral": dict(num_experts=8, top_k=2),
     "qwen_no_renorm_scaled": dict(num_experts=16, top_k=4, router_kwargs=dict(renormalize=False, scale=1.5)),
     "ernie_renorm_min": dict(num_experts=8, top_k=2, router_kwargs=dict(renorm_min=0.9)),
     "router_bias_shared": dict(num_experts=8, top_k=2, router_kwargs=dict(bias=True), shared_experts=1),
     "switch": dict(num_experts=4, top_k=1, router="switch"),
+}
+FUSED_DECODE = {
+    **SOFTMAX_FUSED,
+    # the decode kernel's other routings (kcpu.RouteMode)
+    "deepseek_v3_groups": dict(num_experts=16, top_k=4, router="sigmoid_topk",
+                               router_kwargs=dict(n_group=4, topk_group=2, scale=2.5)),
+    "deepseek_v2_softmax_max": dict(num_experts=8, top_k=2, router="sigmoid_topk",
+                                    router_kwargs=dict(n_group=4, topk_group=3, score_func="softmax",
+                                                       group_score="max", group_fill=0.0, renormalize=False)),
+    "sigmoid_plain": dict(num_experts=8, top_k=3, router="sigmoid_topk", router_kwargs=dict(scale=1.5)),
+    "gpt_oss_routing": dict(num_experts=8, top_k=2, router="topk_softmax", router_kwargs=dict(bias=True)),
+    "topk_sigmoid_renorm": dict(num_experts=8, top_k=3, router="topk_softmax",
+                                router_kwargs=dict(weight_func="sigmoid", renormalize=True, scale=0.5)),
 }
 
 
@@ -229,8 +242,10 @@ FUSED_DECODE = {
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("T", [1, 6, 64])
 def test_fused_decode_matches_the_regular_path(name, dtype, T, monkeypatch):
-    """Inference of a few tokens with a softmax top-k router runs routing and experts in one kernel call; it must
-    give what routing in PyTorch and then the experts give (and the loop reference), and the same statistics."""
+    """Inference of a few tokens with a router the kernel routes as (softmax top-k, group-limited sigmoid or softmax
+    top-k, top-k of the logits weighted by a softmax or sigmoids over them) runs routing and experts in one kernel
+    call; it must give what routing in PyTorch and then the experts give (and the loop reference), and the same
+    statistics."""
     if moekit.kernels.cpu.library() is None:
         pytest.skip("no CPU kernels")
     torch.manual_seed(2)
@@ -379,7 +394,8 @@ def test_fused_decode_only_where_it_computes_the_same_thing():
     assert fused(disabled) is None
     assert fused(moekit.MoE(16, 32, 8, 2, capacity_factor=1.0).eval()) is None
     assert fused(moekit.MoE(16, 32, 8, 2, activation="gelu").eval()) is None
-    assert fused(moekit.MoE(16, 32, 8, 2, router="sigmoid_topk").eval()) is None
+    assert fused(moekit.MoE(16, 32, 8, 2, router="sigmoid_topk", router_kwargs=dict(logit_softcap=5.0)).eval()) is None
+    assert fused(moekit.MoE(16, 32, 8, 2, router="sigmoid_topk").eval()) is not None  # (a kcpu.RouteMode)
     assert fused(moekit.MoE(16, 32, 8, 2, backend="loop").eval()) is None
     # more choices per token than the kernel's selection keeps: declined, and the regular decode path serves it
     many = moekit.MoE(16, 32, 80, 70).eval()
@@ -417,7 +433,7 @@ def test_fused_decode_leaves_ties_to_pytorch():
 
 
 TRAIN_STEP = {
-    **FUSED_DECODE,
+    **SOFTMAX_FUSED,
     "mixtral_no_aux_loss": dict(num_experts=8, top_k=2, aux_loss=None),
     "seq_aux_loss": dict(num_experts=16, top_k=4, aux_loss="seq", aux_loss_coef=0.1),
     "bias_update": dict(num_experts=8, top_k=2, bias_update_rate=0.01),

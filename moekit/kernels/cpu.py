@@ -163,7 +163,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         "moe_softmax_topk": [P, I64, I64, I64, I64, P, I, ctypes.c_float, ctypes.c_float, P, P, P, I],
         "moe_sort_keys": [P, I64, I64, I64, P, P, P, P],
         "moe_route_decode": [P, I64, P, I, P, P, I64, I64, I64, I, ctypes.c_float, ctypes.c_float, P, P, P, P, P, P,
-                             I64, I64, I, P, I, I64, P, I64, I],
+                             P, P, I64, I64, I, P, I, I64, P, I64, I],
         "moe_route_train_fwd": [P, I64, P, I, P, P, I64, I64, I64, I, ctypes.c_float, ctypes.c_float, P, P, P, P, P, P,
                                 I64, I64, I, P, P, P, P, I64, P, I64, I64, I],
         "moe_route_train_bwd": [P, I, I64, P, I, P, P, I64, I64, I64, I, ctypes.c_float, ctypes.c_float, P, P, P, P, P,
@@ -820,7 +820,7 @@ ROUTE_DECODE_MAX_K = 64
 def route_decode(x: torch.Tensor, router_w: torch.Tensor, router_b: torch.Tensor | None,
                  selection_bias: torch.Tensor | None, k: int, renormalize: bool, renorm_min: float, scale: float,
                  w_in: torch.Tensor, b_in: torch.Tensor | None, w_out: torch.Tensor, b_out: torch.Tensor | None,
-                 out_dtype: torch.dtype = torch.float32
+                 out_dtype: torch.dtype = torch.float32, mode: RouteMode | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """Softmax top-k routing and the SwiGLU experts of a few tokens in one kernel call (inference):
     ``p = softmax(x @ router_w.T + router_b)`` in float32, the ``k`` largest ``p + selection_bias`` chosen, their
@@ -830,10 +830,41 @@ def route_decode(x: torch.Tensor, router_w: torch.Tensor, router_b: torch.Tensor
     or None where a token's choice is ambiguous (a NaN, or a tie among its ``k + 1`` largest values): the caller
     then routes in PyTorch, which resolves ties its own way. The caller checks the arguments (shapes, dtypes,
     contiguity: ``x`` and the experts' weights one dtype, ``router_w`` float32 or bfloat16, the biases float32;
-    ``1 <= k <= min(ROUTE_DECODE_MAX_K, E)``). A caller that runs the same weights again and again binds them once
-    with :class:`RouteDecode`."""
+    ``1 <= k <= min(ROUTE_DECODE_MAX_K, E)``). ``mode`` (a :class:`RouteMode`) routes another way instead:
+    group-limited sigmoid top-k, top-k of the logits weighted by a softmax over them (``renorm_min`` then unused).
+    A caller that runs the same weights again and again binds them once with :class:`RouteDecode`."""
     return RouteDecode(router_w, router_b, selection_bias, k, renormalize, renorm_min, scale, w_in, b_in, w_out,
-                       b_out, out_dtype)(x, routing=True)
+                       b_out, out_dtype, mode)(x, routing=True)
+
+
+@dataclass(frozen=True)
+class RouteMode:
+    """A routing other than softmax top-k for :func:`route_decode` (the kernel's ``route_row_mode``): the scores
+    ``s`` of the logits (``"softmax"``, ``"sigmoid"`` or ``"logits"``: the logits themselves), the ``k`` largest
+    choice values ``s + selection_bias`` chosen, within the ``topk_group`` of ``n_group`` groups of experts with the
+    best group scores (``"top2_sum"``: the sum of a group's two largest choice values; ``"max"``: its largest) where
+    ``n_group > 1``, the experts of the other groups given the choice value ``group_fill``; the weights
+    (``"scores"``: the chosen scores, ``"softmax"``: a softmax over them, ``"sigmoid"``: their sigmoids) divided by
+    their sum plus ``renorm_eps`` where renormalised (not the softmax), then scaled. At most
+    :data:`ROUTE_MAX_GROUPS` groups."""
+
+    scores: str = "sigmoid"
+    weights: str = "scores"
+    n_group: int = 1
+    topk_group: int = 1
+    group_score: str = "top2_sum"
+    group_fill: float = float("-inf")
+    renorm_eps: float = 0.0
+
+    def kernel_args(self) -> tuple[ctypes.Array, ctypes.Array]:
+        """The kernel's ``mode`` (int64 [5]) and ``fmode`` (float32 [2]) arrays."""
+        code = ({"softmax": 0, "sigmoid": 1, "logits": 2}[self.scores], {"scores": 0, "softmax": 1, "sigmoid": 2}[
+            self.weights], self.n_group, self.topk_group, {"top2_sum": 0, "max": 1}[self.group_score])
+        return (ctypes.c_int64 * 5)(*code), (ctypes.c_float * 2)(self.group_fill, self.renorm_eps)
+
+
+#: Most groups of experts a RouteMode may have (the kernel keeps their scores on the stack).
+ROUTE_MAX_GROUPS = 64
 
 
 class RouteDecode:
@@ -846,7 +877,7 @@ class RouteDecode:
     def __init__(self, router_w: torch.Tensor, router_b: torch.Tensor | None, selection_bias: torch.Tensor | None,
                  k: int, renormalize: bool, renorm_min: float, scale: float, w_in: torch.Tensor,
                  b_in: torch.Tensor | None, w_out: torch.Tensor, b_out: torch.Tensor | None,
-                 out_dtype: torch.dtype = torch.float32):
+                 out_dtype: torch.dtype = torch.float32, mode: RouteMode | None = None):
         lib = _require()
         # a function object of its own, without argtypes: the arguments below are ctypes values already
         self._fn = lib["moe_route_decode"]
@@ -856,7 +887,8 @@ class RouteDecode:
         self.k, self.num_experts, self.d_model, self.out_dtype = k, E, D, out_dtype
         self._tensors = (router_w, router_b, selection_bias, w_in, b_in, w_out, b_out)  # (kept alive)
         self._router = (P(_ptr(router_w)), I(_DTYPES[router_w.dtype]), P(_ptr(router_b)), P(_ptr(selection_bias)))
-        self._routing = (I64(k), I64(E), I(int(renormalize)), ctypes.c_float(renorm_min), ctypes.c_float(scale))
+        self._routing = (I64(k), I64(E), I(int(renormalize)), ctypes.c_float(renorm_min), ctypes.c_float(scale),
+                         *(mode.kernel_args() if mode is not None else (None, None)))
         self._experts = (P(_ptr(w_in)), P(_ptr(b_in)), P(_ptr(w_out)), P(_ptr(b_out)), I64(D), I64(W // 2),
                          I(_DTYPES[w_in.dtype]))
         self._out = (I(_DTYPES[out_dtype]), I64(D))

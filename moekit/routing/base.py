@@ -11,6 +11,7 @@ expert-choice router that left a token out, or a slot dropped for capacity). Its
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -168,6 +169,20 @@ class Router(nn.Module):
         kernel may run in its place; None (the default) otherwise."""
         return None
 
+    def fused_decode_routing(self) -> tuple[bool, float, float, kcpu.RouteMode | None] | None:
+        """``(renormalize, renorm_min, scale, mode)`` where the fused decode kernel
+        (:class:`moekit.kernels.cpu.RouteDecode`) can route as this router does in inference: softmax top-k
+        (``mode`` None; :meth:`decode_routing`), or the routing of a :class:`moekit.kernels.cpu.RouteMode`; None
+        otherwise."""
+        spec = self.decode_routing()
+        return None if spec is None else (*spec, None)
+
+    def _plainly_routed(self, base: type) -> bool:
+        """Whether this router routes with ``base``'s own steps, without disabled experts, input jitter in
+        training or a missing gate: what a fused kernel that replaces those steps needs."""
+        return not ((self.training and self.jitter > 0) or self.disabled or self.weight is None) \
+            and _same_steps(type(self), base)
+
     def extra_repr(self) -> str:
         return f"d_model={self.d_model}, num_experts={self.num_experts}, top_k={self.top_k}"
 
@@ -202,6 +217,16 @@ class TopKRouter(Router):
             weights_TK = torch.where(ids_TK >= 0, weights_TK, 0.0)
         return RouterOutput(logits_TE, self.balance_probs(logits_TE, scores_TE), ids_TK, weights_TK,
                             may_have_empty=bool(self.disabled))
+
+
+#: The methods whose definitions make a router's routing (a subclass that redefines any routes its own way).
+ROUTING_STEPS = ("forward", "logits", "route", "scores", "select", "combine_weights", "mask_disabled",
+                 "decode_routing", "fused_decode_routing")
+
+
+@functools.cache
+def _same_steps(cls: type, base: type) -> bool:
+    return all(getattr(cls, name) is getattr(base, name) for name in ROUTING_STEPS)
 
 
 def _expert_ids(ids, num_experts: int) -> frozenset[int]:

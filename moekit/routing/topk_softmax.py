@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from ..kernels import cpu as kcpu
 from .base import TopKRouter, register_router
 
 
@@ -42,6 +43,12 @@ class TopKSoftmax(TopKRouter):
             if self.renormalize:
                 w_TK = w_TK / w_TK.sum(dim=-1, keepdim=True)
         return w_TK * self.scale if self.scale != 1.0 else w_TK
+
+    def fused_decode_routing(self) -> tuple[bool, float, float, kcpu.RouteMode | None] | None:
+        """This routing as the fused decode kernel's :class:`moekit.kernels.cpu.RouteMode`."""
+        if not self._plainly_routed(TopKSoftmax):
+            return None
+        return self.renormalize, 0.0, float(self.scale), kcpu.RouteMode("logits", self.weight_func)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, weight_func={self.weight_func}, scale={self.scale}"

@@ -4537,6 +4537,75 @@ static int route_row(float *p, float *c, int64_t E, int64_t K, const float *sel,
     return 0;
 }
 
+/* The routings other than softmax top-k that moe_route_decode runs (its mode, fmode; NULL: route_row's):
+ *     mode[0] the scores s: 0 softmax of the logits, 1 their sigmoids, 2 the logits themselves
+ *     mode[1] the weights: 0 the chosen experts' scores (divided by their sum + fmode[1] if renorm), 1 a softmax over
+ *             them, 2 their sigmoids (divided by their sum + fmode[1] if renorm); then times scale
+ *     mode[2] groups G (1: none): the choice values c = s + sel in G groups of E / G, mode[3] of them kept, by the
+ *             sum of each group's two largest c (mode[4] = 0) or its largest (1); the others' c become fmode[0]
+ * Group-limited sigmoid top-k (DeepSeek-V3; softmax scores: V2) and top-k of logits then a softmax over them
+ * (GPT-OSS, Granite-MoE). p holds the logits on entry (the scores after); c is scratch. Returns 1, with ids and wts
+ * unwritten, on a NaN score or a tie at the boundary of the groups kept or of the K experts chosen. */
+#define ROUTE_MAX_GROUPS 64
+static int route_row_mode(float *p, float *c, int64_t E, int64_t K, const float *sel, int renorm, float scale,
+                          const int64_t *mode, const float *fmode, int64_t *ids, float *wts) {
+    const int64_t score = mode[0], weight = mode[1], G = mode[2], TG = mode[3];
+    if (score == 0) {
+        float mx = -__builtin_inff(), sum = 0.0f;
+        for (int64_t e = 0; e < E; e++) mx = p[e] > mx ? p[e] : mx;
+        for (int64_t e = 0; e < E; e++) {
+            p[e] = exp_f32(p[e] - mx);
+            sum += p[e];
+        }
+        const float inv = 1.0f / sum;
+        for (int64_t e = 0; e < E; e++) p[e] *= inv;
+    } else if (score == 1) {
+        for (int64_t e = 0; e < E; e++) p[e] = sigmoid_f32(p[e]);
+    }
+    for (int64_t e = 0; e < E; e++) {
+        if (p[e] != p[e]) return 1; /* (a NaN in a dropped group would vanish under the fill) */
+        c[e] = sel ? p[e] + sel[e] : p[e];
+    }
+    if (G > 1 && TG < G) {
+        const int64_t n = E / G;
+        float gs[ROUTE_MAX_GROUPS];
+        int keep[ROUTE_MAX_GROUPS];
+        for (int64_t g = 0; g < G; g++) {
+            float a = -__builtin_inff(), b = -__builtin_inff(); /* the group's largest and second largest c */
+            for (int64_t i = g * n; i < g * n + n; i++) {
+                if (c[i] > a) b = a, a = c[i];
+                else if (c[i] > b) b = c[i];
+            }
+            gs[g] = mode[4] == 1 || n < 2 ? a : a + b;
+            keep[g] = 0;
+        }
+        for (int64_t j = 0; j < TG; j++) {
+            int64_t best = -1;
+            for (int64_t g = 0; g < G; g++)
+                if (!keep[g] && (best < 0 || gs[g] > gs[best])) best = g;
+            keep[best] = 1;
+            if (j == TG - 1) /* a group left out scoring as the last one kept: the reference's to decide */
+                for (int64_t g = 0; g < G; g++)
+                    if (!keep[g] && !(gs[g] < gs[best])) return 1;
+        }
+        for (int64_t g = 0; g < G; g++)
+            if (!keep[g])
+                for (int64_t i = g * n; i < g * n + n; i++) c[i] = fmode[0];
+    }
+    if (topk_row(c, E, K, ids)) return 1;
+    float tot = 0.0f;
+    if (weight == 1) {
+        float mx = -__builtin_inff();
+        for (int64_t k = 0; k < K; k++) mx = p[ids[k]] > mx ? p[ids[k]] : mx;
+        for (int64_t k = 0; k < K; k++) tot += wts[k] = exp_f32(p[ids[k]] - mx);
+        for (int64_t k = 0; k < K; k++) wts[k] = wts[k] / tot * scale;
+        return 0;
+    }
+    for (int64_t k = 0; k < K; k++) tot += wts[k] = weight == 2 ? sigmoid_f32(p[ids[k]]) : p[ids[k]];
+    for (int64_t k = 0; k < K; k++) wts[k] = (renorm ? wts[k] / (tot + fmode[1]) : wts[k]) * scale;
+    return 0;
+}
+
 #if defined(__AVX512F__)
 /* route_row for the n <= 16 rows of logits from row t0 (E <= 16 experts), a row per lane: each expert's values of
  * the 16 rows in one vector, so that the softmax's maximum and sum and every round of the top-k are vector
@@ -4670,16 +4739,22 @@ int moe_sort_keys(const int64_t *key, int64_t S, int64_t nb, int64_t K, int64_t 
  *     logits[t, e] = x[t, :] . w_r[e, :] + b_r[e]             in float32 (b_r float32, may be NULL)
  *     p[t, :] = softmax(logits[t, :]);   ids[t, :] = indices of the K largest p[t, e] + sel[e] (sel may be NULL)
  *     wts[t, k] = p[t, ids[t, k]] / (renorm ? max(sum_k p[t, ids[t, k]], renorm_min) : 1) * scale
- * x is [T, D] of dtype dt (the experts' dtype), w_r [E, D] of dtype dt_r; ids int64 and wts float32 [T, K] are
+ * or, where mode is not NULL, route_row_mode's routing (group-limited sigmoid top-k, top-k of logits then a softmax
+ * over them; renorm_min unused). x is [T, D] of dtype dt (the experts' dtype), w_r [E, D] of dtype dt_r; ids int64
+ * and wts float32 [T, K] are
  * written (either NULL: kept in scratch of this call's own, for a caller that only wants out and counts). Returns 1,
  * with out untouched, where a row has a NaN or a tie among its K + 1 largest choice values
  * (the caller then routes in PyTorch, which breaks ties its own way); else as moe_small_decode. */
 int moe_route_decode(const void *x, int64_t ld_x, const void *w_r, int dt_r, const float *b_r, const float *sel,
-                     int64_t T, int64_t K, int64_t E, int renorm, float renorm_min, float scale, int64_t *ids,
+                     int64_t T, int64_t K, int64_t E, int renorm, float renorm_min, float scale, const int64_t *mode,
+                     const float *fmode, int64_t *ids,
                      float *wts, const void *w_in, const void *b_in, const void *w_out, const void *b_out, int64_t D,
                      int64_t F, int dt, void *out, int out_dt, int64_t ld_out, int64_t *counts, int64_t packed_min,
                      int nthreads) {
     if (K < 1 || K > 64 || K > E) return -1;
+    if (mode && (mode[0] < 0 || mode[0] > 2 || mode[1] < 0 || mode[1] > 2 || mode[2] < 1 || mode[2] > ROUTE_MAX_GROUPS
+                 || E % mode[2] || mode[3] < 1 || mode[3] > mode[2] || mode[3] * (E / mode[2]) < K || !fmode))
+        return -1;
     /* scratch: the routing where the caller keeps none (ids, wts), then the logits p and choice values c [T, E] */
     const int64_t S = T * K, own = (ids ? 0 : S * (int64_t)sizeof(int64_t)) + (wts ? 0 : S * (int64_t)sizeof(float));
     char *scratch = malloc((size_t)own + (size_t)(T * E * 2 + 1) * sizeof(float));
@@ -4690,7 +4765,9 @@ int moe_route_decode(const void *x, int64_t ld_x, const void *w_r, int dt_r, con
     router_logits(x, dt, ld_x, w_r, dt_r, b_r, T, E, D, p, E, nthreads);
     int64_t ambiguous = 0;
     for (int64_t t = 0; t < T; t++) /* (a NaN in x or the weights, or a tie: routed in PyTorch instead) */
-        ambiguous += route_row(p + t * E, c + t * E, E, K, sel, renorm, renorm_min, scale, ids + t * K, wts + t * K);
+        ambiguous += mode ? route_row_mode(p + t * E, c + t * E, E, K, sel, renorm, scale, mode, fmode, ids + t * K,
+                                           wts + t * K)
+                          : route_row(p + t * E, c + t * E, E, K, sel, renorm, renorm_min, scale, ids + t * K, wts + t * K);
     if (ambiguous || T == 0) { /* (no tokens: nothing to compute, and out may be NULL, an empty tensor's pointer) */
         free(scratch);
         if (T == 0) memset(counts, 0, (size_t)E * sizeof(int64_t));
