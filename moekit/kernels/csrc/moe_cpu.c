@@ -4492,6 +4492,18 @@ static inline float sum16_tree(__m512 v) {
 }
 #endif
 
+/* p[e] = exp(p[e] - max p) / sum_e exp(p[e] - max p), in place (the sum in order, then one reciprocal) */
+static inline void softmax_row(float *p, int64_t E) {
+    float mx = -__builtin_inff(), sum = 0.0f;
+    for (int64_t e = 0; e < E; e++) mx = p[e] > mx ? p[e] : mx;
+    for (int64_t e = 0; e < E; e++) {
+        p[e] = exp_f32(p[e] - mx);
+        sum += p[e];
+    }
+    const float inv = 1.0f / sum;
+    for (int64_t e = 0; e < E; e++) p[e] *= inv;
+}
+
 /* Softmax top-k of one token: p holds its E logits on entry and their softmax on return (c is scratch for the
  * choice values p + sel); writes the K chosen experts (largest choice first) and their weights
  *     wts[k] = p[ids[k]] / (renorm ? max(sum_k p[ids[k]], renorm_min) : 1) * scale.
@@ -4517,17 +4529,8 @@ static int route_row(float *p, float *c, int64_t E, int64_t K, const float *sel,
         _mm512_mask_storeu_ps(c + e, m, sel ? _mm512_add_ps(v, _mm512_maskz_loadu_ps(m, sel + e)) : v);
     }
 #else
-    float mx = -__builtin_inff(), sum = 0.0f;
-    for (int64_t e = 0; e < E; e++) mx = p[e] > mx ? p[e] : mx;
-    for (int64_t e = 0; e < E; e++) {
-        p[e] = exp_f32(p[e] - mx);
-        sum += p[e];
-    }
-    const float inv = 1.0f / sum;
-    for (int64_t e = 0; e < E; e++) {
-        p[e] *= inv;
-        c[e] = sel ? p[e] + sel[e] : p[e];
-    }
+    softmax_row(p, E);
+    for (int64_t e = 0; e < E; e++) c[e] = sel ? p[e] + sel[e] : p[e];
 #endif
     if (topk_row(c, E, K, ids)) return 1;
     float tot = 0.0f;
@@ -4551,14 +4554,7 @@ static int route_row_mode(float *p, float *c, int64_t E, int64_t K, const float 
                           const int64_t *mode, const float *fmode, int64_t *ids, float *wts) {
     const int64_t score = mode[0], weight = mode[1], G = mode[2], TG = mode[3];
     if (score == 0) {
-        float mx = -__builtin_inff(), sum = 0.0f;
-        for (int64_t e = 0; e < E; e++) mx = p[e] > mx ? p[e] : mx;
-        for (int64_t e = 0; e < E; e++) {
-            p[e] = exp_f32(p[e] - mx);
-            sum += p[e];
-        }
-        const float inv = 1.0f / sum;
-        for (int64_t e = 0; e < E; e++) p[e] *= inv;
+        softmax_row(p, E);
     } else if (score == 1) {
         for (int64_t e = 0; e < E; e++) p[e] = sigmoid_f32(p[e]);
     }
