@@ -243,10 +243,11 @@ class MoE(nn.Module):
         """Inference of a few tokens with a router the kernel can route as (plain softmax top-k; group-limited
         sigmoid top-k and top-k softmax: :class:`moekit.kernels.cpu.RouteMode`) and SwiGLU experts on CPU: routing
         and experts in one kernel call (:class:`moekit.kernels.cpu.RouteDecode`), without the ~20 small host ops of
-        routing (~0.25 ms of a one-token step; 0.3-0.45 ms for the other two). Returns the output (``x``'s shape and dtype; ``stats`` set), or None where it
-        does not apply (or a token's choice is a tie, which PyTorch's top-k then breaks as on the regular path).
-        It runs before the layer's other checks and reshapes, each worth microseconds of a decode step's host time
-        (more with the caches cold), and checks ``x`` itself: anything unusual takes the regular path."""
+        routing (~0.25 ms of a one-token step; 0.3-0.45 ms for the other two). Returns the output (``x``'s shape
+        and dtype; ``stats`` set), or None where it does not apply (or a token's choice is a tie, which PyTorch's
+        top-k then breaks as on the regular path). It runs before the layer's other checks and reshapes, each
+        worth microseconds of a decode step's host time (more with the caches cold), and checks ``x`` itself:
+        anything unusual takes the regular path."""
         if self._routing_hooks or not isinstance(x, torch.Tensor) or not x.is_cpu or torch.is_autocast_enabled("cpu"):
             return None
         prep = self._decode_prepared()  # (the checks and arguments that depend on the module only, cached)
@@ -269,10 +270,9 @@ class MoE(nn.Module):
 
     def _decode_prepared(self) -> tuple | None:
         """``(dtype, top_k, the bound kernel call: kcpu.RouteDecode, whether it has no shared experts to add)`` where
-        this module can run the fused CPU decode, or
-        None; rebuilt whenever :meth:`_prep_key` changes (mode, hooks, backend, disabled experts, any parameter
-        or the selection bias replaced, moved, cast or updated), so a one-token step pays for none of the ~20
-        checks it stands for."""
+        this module can run the fused CPU decode, or None; rebuilt whenever :meth:`_prep_key` changes (mode, hooks,
+        backend, disabled experts, any parameter or the selection bias replaced, moved, cast or updated), so a
+        one-token step pays for none of the ~20 checks it stands for."""
         return self._cached_prep("_decode_cache", True, self._prepare_decode)
 
     def _train_step_prepared(self) -> tuple | None:
@@ -326,9 +326,9 @@ class MoE(nn.Module):
         if spec is None:
             return None
         dtype, b_r = experts.w_in.dtype, router.bias
-        *softmax_spec, mode = spec
+        *weights_spec, mode = spec  # (renormalize, renorm_min, scale; the RouteMode or None)
         call = kcpu.RouteDecode(router.weight, None if b_r is None else b_r.float().contiguous(),
-                                router.expert_bias.float().contiguous(), cfg.top_k, *softmax_spec, experts.w_in,
+                                router.expert_bias.float().contiguous(), cfg.top_k, *weights_spec, experts.w_in,
                                 experts.b_in, experts.w_out, experts.b_out,
                                 dtype if self.shared_experts is None else torch.float32, mode)
         return dtype, cfg.top_k, call, self.shared_experts is None

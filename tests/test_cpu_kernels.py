@@ -753,7 +753,8 @@ ROUTE_MODES = {
 
 def _route_reference(logits, sel, mode, k, renorm, scale):
     """RouteMode's routing in float64 PyTorch, the steps as moekit's routers take them."""
-    s = {"softmax": lambda v: torch.softmax(v, -1), "sigmoid": torch.sigmoid, "logits": lambda v: v}[mode.scores](logits)
+    score = {"softmax": lambda v: torch.softmax(v, -1), "sigmoid": torch.sigmoid, "logits": lambda v: v}
+    s = score[mode.scores](logits)
     c = s + sel.double()
     if mode.n_group > 1 and mode.topk_group < mode.n_group:
         grouped = c.view(c.shape[0], mode.n_group, -1)
