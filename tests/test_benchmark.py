@@ -304,3 +304,27 @@ def test_tile_benchmark_times_every_path_of_each_kernel(tmp_path):
             None, torch.float32) else "dot")
     table = mod.summarise(result)
     assert table.count("\n| fine_grained | float32 |") == 4
+
+
+def test_decode_routing_benchmark_pairs_fused_and_regular_steps(tmp_path, monkeypatch):
+    """benchmarks/bench_decode_routing.py on a tiny grid: every router case takes the fused decode, each step is timed
+    fused and on the regular path of the same module, and the table has a row per (shape, router, dtype)."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_decode_routing.py"
+    spec = importlib.util.spec_from_file_location("bench_decode_routing", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    if K.library() is None:
+        pytest.skip(f"CPU kernels unavailable: {K.unavailable_reason()}")
+    monkeypatch.setattr(mod, "SHAPES", {"tiny": (16, 32, 8, 2)})
+    monkeypatch.setattr(mod, "TOKENS", (1, 4, 16))
+    out = tmp_path / "decode.json"
+    mod.main(["--out", str(out), "--no-doc"])
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == len(mod.ROUTERS) * 2 * 3
+    assert all(r["fused_decode_taken"] and r["fused_ms"] > 0 and r["regular_ms"] > 0 for r in rows)
+    table = mod.table({"rows": rows, "machine": {"cpu": "x", "isa": "y", "threads": 1}})
+    assert table.count("\n| tiny |") == len(mod.ROUTERS) * 2 and "not fused" not in table
