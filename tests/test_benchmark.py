@@ -231,16 +231,21 @@ def test_merged_results_keep_each_pass_rate():
     assert cols == {"fwd": "50%", "fwd+bwd": "25%"}
 
 
-def _bench_gpu():
-    """benchmarks/bench_gpu.py as a module (it runs only on a GPU; its bookkeeping is tested here)."""
+def _bench_script(name: str):
+    """benchmarks/<name>.py as a module (the scripts are not a package)."""
     import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_gpu.py"
-    spec = importlib.util.spec_from_file_location("bench_gpu", path)
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+def _bench_gpu():
+    """benchmarks/bench_gpu.py (it runs only on a GPU; its bookkeeping is tested here)."""
+    return _bench_script("bench_gpu")
 
 
 def test_gpu_benchmark_runs_each_group_in_its_own_process_and_merges_them(monkeypatch, tmp_path):
@@ -285,13 +290,7 @@ def test_gpu_benchmark_runs_each_group_in_its_own_process_and_merges_them(monkey
 def test_tile_benchmark_times_every_path_of_each_kernel(tmp_path):
     """benchmarks/bench_tiles.py on a tiny grid: both kernels, each candidate timed (packed where the build has a
     packed or AMX path for the dtype), the path the thresholds take named, and a table with a row per measurement."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_tiles.py"
-    spec = importlib.util.spec_from_file_location("bench_tiles", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = _bench_script("bench_tiles")
     if K.library() is None:
         pytest.skip(f"CPU kernels unavailable: {K.unavailable_reason()}")
     result = mod.bench(["fine_grained"], [2, 70], [torch.float32], rounds=2)
@@ -309,14 +308,9 @@ def test_tile_benchmark_times_every_path_of_each_kernel(tmp_path):
 def test_decode_routing_benchmark_pairs_fused_and_regular_steps(tmp_path, monkeypatch):
     """benchmarks/bench_decode_routing.py on a tiny grid: every router case takes the fused decode, each step is timed
     fused and on the regular path of the same module, and the table has a row per (shape, router, dtype)."""
-    import importlib.util
     import json
-    from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_decode_routing.py"
-    spec = importlib.util.spec_from_file_location("bench_decode_routing", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = _bench_script("bench_decode_routing")
     if K.library() is None:
         pytest.skip(f"CPU kernels unavailable: {K.unavailable_reason()}")
     monkeypatch.setattr(mod, "SHAPES", {"tiny": (16, 32, 8, 2)})
