@@ -85,6 +85,24 @@ def test_forward_and_gradients_match_transformers(model_type):
     RESULTS[model_type] = {"forward_max_abs": fwd, "input_grad_max_abs": dx, "weight_grad_max_rel": worst}
 
 
+@pytest.mark.parametrize("model_type", sorted(BLOCKS))
+def test_decode_inference_matches_transformers(model_type, monkeypatch):
+    """Inference on a few tokens (eval mode, no autograd): the path of a decode step, against the block. Every
+    family with plain SwiGLU experts and no logit soft-cap takes the fused CPU decode, routing included (its routers
+    are softmax top-k, top-k softmax or group-limited sigmoid/softmax top-k), the others the regular path."""
+    block = build_block(model_type).eval()
+    layer = moekit.from_hf(block).eval()
+    calls = []
+    real = moekit.kernels.cpu.RouteDecode.__call__
+    monkeypatch.setattr(moekit.kernels.cpu.RouteDecode, "__call__", lambda *a: calls.append(1) or real(*a))
+    x = torch.randn(1, 3, D)
+    with torch.no_grad():
+        err = (hf_forward(block, x) - layer(x)).abs().max().item()
+    assert err <= 1e-5, err
+    fusable = layer.config.activation == "swiglu" and not getattr(layer.router, "logit_softcap", 0)
+    assert len(calls) == int(fusable and moekit.kernels.cpu.library() is not None)
+
+
 def test_every_family_in_the_table_is_tested():
     assert set(FAMILIES) == set(BLOCKS)
     assert not set(FAMILIES) & set(UNSUPPORTED)
