@@ -330,7 +330,7 @@ class MoE(nn.Module):
         call = kcpu.RouteDecode(router.weight, None if b_r is None else b_r.float().contiguous(),
                                 router.expert_bias.float().contiguous(), cfg.top_k, *weights_spec, experts.w_in,
                                 experts.b_in, experts.w_out, experts.b_out,
-                                dtype if self.shared_experts is None else torch.float32, mode)
+                                dtype if self.shared_experts is None else torch.float32, mode, experts.activation)
         return dtype, cfg.top_k, call, self.shared_experts is None
 
     def _fused_train_step(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, RouterOutput] | None:

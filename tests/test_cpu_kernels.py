@@ -687,6 +687,43 @@ def test_small_experts_decode_groups_slots_itself(kernels, dtype):
         K.small_experts_decode(x[:1].contiguous(), torch.tensor([[E]]), torch.ones(1, 1), w_in, b_in, w_out, b_out)
 
 
+DECODE_ACTS = {"geglu": {}, "geglu_tanh": {}, "reglu": {}, "gpt_oss": {"alpha": 1.702, "limit": 0.5},
+               "swiglu_clamped": {"limit": 0.5}, "swiglu_clipped": {"limit": 0.2}}  # (limits the values cross)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", list(DECODE_ACTS))
+def test_small_experts_decode_other_gated_activations(kernels, name, dtype):
+    """The decode kernel's gated activations besides SwiGLU (between the projections: the pre-activations stored in
+    the layer's dtype, then the activation), on experts of 80, 75 and 5 rows (every input-projection path of the
+    build), against moekit's own activation applied in float64; and through route_decode."""
+    from moekit.experts.activations import get_activation
+
+    torch.manual_seed(6)
+    act = get_activation(name, **DECODE_ACTS[name])
+    E, D, F_, T = 3, 37, 21, 80
+    x, _, _, w_in, w_out, b_in, b_out = _small_problem(E, D, F_, [T, 0, 0], dtype, True)
+    x = x[:T].contiguous()
+    ids = torch.tensor([[0, 1]] * 75 + [[2, 0]] * 5)
+    wts = torch.rand(T, 2)
+    y, counts = K.small_experts_decode(x, ids, wts, w_in, b_in, w_out, b_out, activation=act)
+    assert counts.tolist() == [80, 75, 5]
+    h = (torch.einsum("td,efd->tef", x.double(), w_in.double()) + b_in.double()).to(dtype).double()
+    a = act(h).to(dtype).double()  # [T, E, F]
+    assert a.abs().max() > 0
+    ye = torch.einsum("tef,edf->ted", a, w_out.double()) + b_out.double()
+    want = (wts.double()[..., None] * ye.gather(1, ids[..., None].expand(T, 2, D))).sum(1)
+    assert rel_err(y, want) < TOL[dtype]
+    w_r = torch.randn(E, D).to(dtype)
+    got = K.route_decode(x[:4].contiguous(), w_r, None, None, 2, True, 0.0, 1.0, w_in, b_in, w_out, b_out,
+                         activation=act)
+    assert got is not None
+    assert torch.equal(got[0], K.small_experts_decode(x[:4].contiguous(), got[2], got[3], w_in, b_in, w_out, b_out,
+                                                      activation=act)[0])
+    with pytest.raises(ValueError, match="no relu2 activation"):
+        K.small_experts_decode(x, ids, wts, w_in, b_in, w_out, b_out, activation=get_activation("relu2"))
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_small_experts_decode_many_rows_per_expert(kernels, dtype):
     """Experts of 80, 75 and 5 rows in one decode call: the large ones leave the dot-product tiles for the packed

@@ -204,7 +204,8 @@ def test_decode_path_matches_loop(name, T):
     assert layer._decode_path(x, layer.router(x)) is False  # grad enabled: regular path
     slots = T * layer.config.top_k
     kernel = layer.experts.decode_kernel_usable(x)
-    assert kernel == (layer.experts.activation.name == "swiglu" and moekit.kernels.cpu.library() is not None)
+    assert kernel == (layer.experts.activation.name in moekit.kernels.cpu.DECODE_ACTIVATIONS
+                      and moekit.kernels.cpu.library() is not None)
     with torch.no_grad():
         assert layer._decode_path(x, layer.router(x)) == (
             slots <= DECODE_MAX_SLOTS or (kernel and slots <= DECODE_KERNEL_MAX_SLOTS))
@@ -235,6 +236,14 @@ FUSED_DECODE = {
     "gpt_oss_routing": dict(num_experts=8, top_k=2, router="topk_softmax", router_kwargs=dict(bias=True)),
     "topk_sigmoid_renorm": dict(num_experts=8, top_k=3, router="topk_softmax",
                                 router_kwargs=dict(weight_func="sigmoid", renormalize=True, scale=0.5)),
+    # the decode kernel's other gated activations
+    "gpt_oss_experts": dict(num_experts=8, top_k=2, router="topk_softmax", router_kwargs=dict(bias=True),
+                            activation="gpt_oss", activation_kwargs=dict(limit=0.5), expert_bias=True),
+    "swiglu_clamped_groups": dict(num_experts=8, top_k=2, router="sigmoid_topk",
+                                  router_kwargs=dict(n_group=2, topk_group=1), activation="swiglu_clamped",
+                                  activation_kwargs=dict(limit=0.5)),
+    "swiglu_clipped": dict(num_experts=8, top_k=2, activation="swiglu_clipped", activation_kwargs=dict(limit=0.2)),
+    "geglu_tanh": dict(num_experts=8, top_k=2, activation="geglu_tanh"),
 }
 
 

@@ -118,9 +118,10 @@ class Experts(nn.Module):
         return routed_forward(self, x_TD, ids_TK, weights_TK, out_dtype)
 
     def decode_kernel_usable(self, x_TD: torch.Tensor) -> bool:
-        """Whether :meth:`decode` runs these rows in the single small-M kernel call (SwiGLU experts, CPU kernels
-        built, contiguous rows, weights in the compute dtype) rather than one library call per chosen expert."""
-        if self.activation.name != "swiglu" or x_TD.device.type != "cpu" or x_TD.dim() != 2 or \
+        """Whether :meth:`decode` runs these rows in the single small-M kernel call (gated experts of
+        :data:`moekit.kernels.cpu.DECODE_ACTIVATIONS`, CPU kernels built, contiguous rows, weights in the compute
+        dtype) rather than one library call per chosen expert."""
+        if self.activation.name not in kcpu.DECODE_ACTIVATIONS or x_TD.device.type != "cpu" or x_TD.dim() != 2 or \
                 not x_TD.is_contiguous() or kcpu.library() is None:
             return False
         dtype = compute_dtype(x_TD, self.w_in)  # (cheap checks: this runs on every decode step)
@@ -130,8 +131,8 @@ class Experts(nn.Module):
 
     def decode(self, x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Inference for a few tokens, with no sort, no permutation buffers and no autograd bookkeeping: SwiGLU
-        experts run in one small-M kernel call that groups the slots by expert itself
+        """Inference for a few tokens, with no sort, no permutation buffers and no autograd bookkeeping: gated
+        experts (SwiGLU and its variants, GeGLU, ReGLU) run in one small-M kernel call that groups the slots by expert itself
         (:func:`moekit.kernels.cpu.small_experts_decode`); otherwise the slots are grouped on the host and each
         chosen expert runs once on its rows. Returns fp32 ``y_TD`` and the slots per expert (int64 ``[E]``, or None
         where not counted)."""
@@ -139,7 +140,8 @@ class Experts(nn.Module):
         x_TD = x_TD.to(dtype)
         if self.decode_kernel_usable(x_TD):
             return kcpu.small_experts_decode(x_TD, ids_TK.contiguous(), weights_TK.float().contiguous(), self.w_in,
-                                             self.b_in, self.w_out, self.b_out, check=False)
+                                             self.b_in, self.w_out, self.b_out, check=False,
+                                             activation=self.activation)
         rows: dict[int, list[tuple[int, int]]] = {}
         for t, experts in enumerate(ids_TK.tolist()):
             for k, e in enumerate(experts):

@@ -152,7 +152,8 @@ def _declare(lib: ctypes.CDLL) -> None:
         "moe_amx_up_packed": [P, I64, P, P, P, I64, P, P, I64, I64, P, P, I],
         "moe_amx_down_packed": [P, P, P, P, P, I64, P, P, I64, I64, P, I64, P, P, I64, I],
         "moe_row_flags": [P, I64, I64, P],
-        "moe_small_decode": [P, I64, P, P, I64, I64, I64, P, P, P, P, I64, I64, I, P, I64, P, I64, I],
+        "moe_small_decode": [P, I64, P, P, I64, I64, I64, P, P, P, P, I64, I64, I, P, I64, P, I64, I, ctypes.c_float,
+                             ctypes.c_float, I],
         "moe_small_nn": [P, I, I64, P, P, I, I64, I64, P, P, I64, P, I, I64, P, I64, I],
         "moe_small_outer": [P, I, I64, P, P, I, I64, P, I64, I64, P, P, I64, P, I, I],
         "moe_zero_ranges": [P, P, P, I64, I],
@@ -163,7 +164,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         "moe_softmax_topk": [P, I64, I64, I64, I64, P, I, ctypes.c_float, ctypes.c_float, P, P, P, I],
         "moe_sort_keys": [P, I64, I64, I64, P, P, P, P],
         "moe_route_decode": [P, I64, P, I, P, P, I64, I64, I64, I, ctypes.c_float, ctypes.c_float, P, P, P, P, P, P,
-                             P, P, I64, I64, I, P, I, I64, P, I64, I],
+                             P, P, I64, I64, I, P, I, I64, P, I64, I, ctypes.c_float, ctypes.c_float, I],
         "moe_route_train_fwd": [P, I64, P, I, P, P, I64, I64, I64, I, ctypes.c_float, ctypes.c_float, P, P, P, P, P, P,
                                 I64, I64, I, P, P, P, P, I64, P, I64, I64, I],
         "moe_route_train_bwd": [P, I, I64, P, I, P, P, I64, I64, I64, I, ctypes.c_float, ctypes.c_float, P, P, P, P, P,
@@ -783,15 +784,39 @@ def row_flags(tok: torch.Tensor, tokens: int) -> torch.Tensor | None:
     return None if none else fl
 
 
+#: The gated activations the decode kernels run (moe_cpu.c's ACT_*; SwiGLU fused into the input projection, the others
+#: applied between the projections), by moekit's activation name, with the names of their parameters in order.
+DECODE_ACTIVATIONS = {"swiglu": (1, ()), "geglu": (2, ()), "geglu_tanh": (3, ()), "reglu": (4, ()),
+                      "gpt_oss": (5, ("alpha", "limit")), "swiglu_clamped": (6, ("limit",)),
+                      "swiglu_clipped": (7, ("limit",))}
+
+
+def decode_activation(activation=None) -> tuple[int, float, float] | None:
+    """The decode kernels' ``(act, act_p0, act_p1)`` for a :class:`moekit.experts.activations.Activation` (None:
+    SwiGLU), or None where they have no such activation."""
+    if activation is None:
+        return 1, 0.0, 0.0
+    spec = DECODE_ACTIVATIONS.get(activation.name)
+    if spec is None or not activation.gated:
+        return None
+    params = dict(activation.kwargs)
+    p = [float(params[k]) for k in spec[1]] + [0.0, 0.0]
+    return spec[0], p[0], p[1]
+
+
 def small_experts_decode(x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, w_in: torch.Tensor,
                          b_in: torch.Tensor | None, w_out: torch.Tensor, b_out: torch.Tensor | None,
-                         check: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """SwiGLU experts for a few tokens straight from the router's choices: float32
-    ``y[t] = sum_k w[t, k] * expert_{ids[t, k]}(x[t])`` (``ids < 0``: empty slot), with the slots grouped by expert
-    inside the kernel (no sort, no host round trip); experts with at least this build's packed-tile (or AMX)
-    threshold of rows for ``x``'s dtype run on those tiles, as in :func:`small_experts_up`. Returns ``(y [T, D],
-    slots per expert [E] int64)``.
+                         check: bool = True, activation=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gated experts (SwiGLU, or ``activation``: any of :data:`DECODE_ACTIVATIONS`) for a few tokens straight from
+    the router's choices: float32 ``y[t] = sum_k w[t, k] * expert_{ids[t, k]}(x[t])`` (``ids < 0``: empty slot),
+    with the slots grouped by expert inside the kernel (no sort, no host round trip); experts with at least this
+    build's packed-tile (or AMX) threshold of rows for ``x``'s dtype run on those tiles, as in
+    :func:`small_experts_up`. Returns ``(y [T, D], slots per expert [E] int64)``.
     ``check=False`` skips the argument checks (for callers that built the arguments themselves)."""
+    act = decode_activation(activation)
+    if act is None:
+        raise ValueError(f"the decode kernels have no {activation.name} activation; use one of "
+                         f"{', '.join(DECODE_ACTIVATIONS)}")
     E, W, D = w_in.shape
     F = W // 2
     T, K = ids.shape
@@ -808,7 +833,7 @@ def small_experts_decode(x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, w_
     out = torch.zeros(T, D, dtype=torch.float32)
     counts = torch.empty(E, dtype=torch.int64)
     _call(_require().moe_small_decode, _ptr(x), x.stride(0), _ptr(ids), _ptr(w), T, K, E, _ptr(w_in), _ptr(b_in),
-          _ptr(w_out), _ptr(b_out), D, F, _dt(x, "x"), _ptr(out), D, _ptr(counts), _packed_min(None, x.dtype),
+          _ptr(w_out), _ptr(b_out), D, F, _dt(x, "x"), _ptr(out), D, _ptr(counts), _packed_min(None, x.dtype), *act,
           _threads())
     return out, counts
 
@@ -820,9 +845,10 @@ ROUTE_DECODE_MAX_K = 64
 def route_decode(x: torch.Tensor, router_w: torch.Tensor, router_b: torch.Tensor | None,
                  selection_bias: torch.Tensor | None, k: int, renormalize: bool, renorm_min: float, scale: float,
                  w_in: torch.Tensor, b_in: torch.Tensor | None, w_out: torch.Tensor, b_out: torch.Tensor | None,
-                 out_dtype: torch.dtype = torch.float32, mode: RouteMode | None = None
+                 out_dtype: torch.dtype = torch.float32, mode: RouteMode | None = None, activation=None
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
-    """Softmax top-k routing and the SwiGLU experts of a few tokens in one kernel call (inference):
+    """Softmax top-k routing and the SwiGLU experts (or ``activation``'s, as :func:`small_experts_decode` takes)
+    of a few tokens in one kernel call (inference):
     ``p = softmax(x @ router_w.T + router_b)`` in float32, the ``k`` largest ``p + selection_bias`` chosen, their
     ``p`` (divided by ``max(sum, renorm_min)`` if ``renormalize``, times ``scale``) as weights, then
     :func:`small_experts_decode`. Returns ``(y [T, D], slots per expert [E], ids [T, k], weights [T, k])``, ``y``
@@ -834,7 +860,7 @@ def route_decode(x: torch.Tensor, router_w: torch.Tensor, router_b: torch.Tensor
     group-limited sigmoid top-k, top-k of the logits weighted by a softmax over them (``renorm_min`` then unused).
     A caller that runs the same weights again and again binds them once with :class:`RouteDecode`."""
     return RouteDecode(router_w, router_b, selection_bias, k, renormalize, renorm_min, scale, w_in, b_in, w_out,
-                       b_out, out_dtype, mode)(x, routing=True)
+                       b_out, out_dtype, mode, activation)(x, routing=True)
 
 
 @dataclass(frozen=True)
@@ -877,7 +903,11 @@ class RouteDecode:
     def __init__(self, router_w: torch.Tensor, router_b: torch.Tensor | None, selection_bias: torch.Tensor | None,
                  k: int, renormalize: bool, renorm_min: float, scale: float, w_in: torch.Tensor,
                  b_in: torch.Tensor | None, w_out: torch.Tensor, b_out: torch.Tensor | None,
-                 out_dtype: torch.dtype = torch.float32, mode: RouteMode | None = None):
+                 out_dtype: torch.dtype = torch.float32, mode: RouteMode | None = None, activation=None):
+        act = decode_activation(activation)
+        if act is None:
+            raise ValueError(f"the decode kernels have no {activation.name} activation; use one of "
+                             f"{', '.join(DECODE_ACTIVATIONS)}")
         lib = _require()
         # a function object of its own, without argtypes: the arguments below are ctypes values already
         self._fn = lib["moe_route_decode"]
@@ -892,7 +922,7 @@ class RouteDecode:
         self._experts = (P(_ptr(w_in)), P(_ptr(b_in)), P(_ptr(w_out)), P(_ptr(b_out)), I64(D), I64(W // 2),
                          I(_DTYPES[w_in.dtype]))
         self._out = (I(_DTYPES[out_dtype]), I64(D))
-        self._packed_min = I64(_packed_min(None, w_in.dtype))
+        self._tail = (I64(_packed_min(None, w_in.dtype)), I(act[0]), ctypes.c_float(act[1]), ctypes.c_float(act[2]))
 
     def __call__(self, x: torch.Tensor, routing: bool = False
                  ) -> tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, torch.Tensor,
@@ -912,7 +942,7 @@ class RouteDecode:
         wts = torch.empty(T, self.k, dtype=torch.float32) if routing else None
         rc = self._fn(P(x.data_ptr()), I64(ld), *self._router, I64(T), *self._routing, P(_ptr(ids)),
                       P(_ptr(wts)), *self._experts, P(out.data_ptr()), *self._out, P(counts.data_ptr()),
-                      self._packed_min, ctypes.c_int(_threads()))
+                      *self._tail, ctypes.c_int(_threads()))
         if rc == 1:
             return None
         if rc != 0:
