@@ -166,6 +166,26 @@ def test_block_returns_what_the_original_returned():
     assert (want[0] - got[0]).abs().max().item() <= 1e-5 and (want[1] - got[1]).abs().max().item() <= 1e-5
 
 
+def test_patched_layers_take_the_models_mode_and_decode_fused(monkeypatch):
+    """A model patched in eval mode gets its MoE layers in eval mode (as its own .eval() would have set them), so
+    greedy decoding runs the fused CPU decode; GPT-OSS's block still returns its router scores from it; a model
+    patched in training mode gets training-mode layers, and .train() / .eval() afterwards reach them."""
+    ref, model, records = patched_pair("gpt_oss")
+    assert all(not r.layer.training and not model.get_submodule(r.name).training for r in records)
+    calls = []
+    real = moekit.kernels.cpu.RouteDecode.__call__
+    monkeypatch.setattr(moekit.kernels.cpu.RouteDecode, "__call__", lambda *a: calls.append(1) or real(*a))
+    h = torch.randn(1, 3, 32)
+    with torch.no_grad():
+        want, got = ref.model.layers[0].mlp(h), model.model.layers[0].mlp(h)
+    assert (want[0] - got[0]).abs().max().item() <= 1e-5 and (want[1] - got[1]).abs().max().item() <= 1e-5
+    assert len(calls) == int(moekit.kernels.cpu.library() is not None)
+    model.train()
+    assert all(r.layer.training for r in records)
+    trained = build_model("mixtral").train()
+    assert all(r.layer.training for r in moekit.patch_hf(trained))
+
+
 def test_clear_errors():
     llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(
         vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4))

@@ -346,7 +346,8 @@ def hf_out_weight(experts: nn.Module, w: torch.Tensor | None = None) -> torch.Te
 
 
 def from_hf(block: nn.Module, *, backend: str = "auto", **options) -> MoE:
-    """An :class:`moekit.MoE` that computes exactly what the transformers ``block`` computes, with copied weights.
+    """An :class:`moekit.MoE` that computes exactly what the transformers ``block`` computes, with copied weights,
+    in the block's mode (training or eval).
 
     Args:
         block: a transformers v5 sparse-MoE block (e.g. ``model.model.layers[0].mlp``).
@@ -410,4 +411,6 @@ def from_hf(block: nn.Module, *, backend: str = "auto", **options) -> MoE:
                 own[name].copy_(tensor)
             if parts.shared_gate is not None:
                 layer.shared_experts.gate.weight.copy_(parts.shared_gate.weight)
-    return layer
+    # in the block's mode: a block of a model already in eval mode gives a layer in eval mode (its inference paths,
+    # no balancing statistics or selection-bias updates), as the model's own .eval() would have set it
+    return layer.train(block.training)

@@ -110,6 +110,8 @@ class MoEBlockPatch(nn.Module):
                 hidden_states.reshape(-1, hidden_states.shape[-1]))
             collected["router_logits"].append(logits.to(hidden_states.dtype))
         if self.returns_scores:
+            if routed is None:  # (the fused decode routed inside its kernel call: the router's own weights again)
+                routed = self.moe.router(hidden_states.reshape(-1, hidden_states.shape[-1]))
             return y, routed.topk_weights_TK.to(hidden_states.dtype)
         return y
 
@@ -152,7 +154,7 @@ def patch_hf(model: nn.Module, *, backend: str = "auto", **options) -> list[Patc
     _install_output_capturing(model)
     for record in records:
         record.shared, record.copied = _share(record)
-        _set_submodule(model, record.name, MoEBlockPatch(record))
+        _set_submodule(model, record.name, MoEBlockPatch(record).train(record.original.training))
     return records
 
 
