@@ -783,6 +783,7 @@ ROUTE_MODES = {
     "deepseek_v3": K.RouteMode("sigmoid", "scores", 4, 2, "top2_sum", float("-inf"), 1e-20),
     "deepseek_v2": K.RouteMode("softmax", "scores", 4, 3, "max", 0.0, 0.0),
     "sigmoid_plain": K.RouteMode("sigmoid", "scores", renorm_eps=1e-20),
+    "sigmoid_softcapped": K.RouteMode("sigmoid", "scores", 4, 2, renorm_eps=1e-20, logit_softcap=0.3),
     "topk_softmax": K.RouteMode("logits", "softmax"),
     "topk_sigmoid": K.RouteMode("logits", "sigmoid"),
 }
@@ -790,6 +791,8 @@ ROUTE_MODES = {
 
 def _route_reference(logits, sel, mode, k, renorm, scale):
     """RouteMode's routing in float64 PyTorch, the steps as moekit's routers take them."""
+    if mode.logit_softcap > 0:
+        logits = torch.tanh(logits / mode.logit_softcap) * mode.logit_softcap
     score = {"softmax": lambda v: torch.softmax(v, -1), "sigmoid": torch.sigmoid, "logits": lambda v: v}
     s = score[mode.scores](logits)
     c = s + sel.double()

@@ -871,8 +871,8 @@ class RouteMode:
     best group scores (``"top2_sum"``: the sum of a group's two largest choice values; ``"max"``: its largest) where
     ``n_group > 1``, the experts of the other groups given the choice value ``group_fill``; the weights
     (``"scores"``: the chosen scores, ``"softmax"``: a softmax over them, ``"sigmoid"``: their sigmoids) divided by
-    their sum plus ``renorm_eps`` where renormalised (not the softmax), then scaled. At most
-    :data:`ROUTE_MAX_GROUPS` groups."""
+    their sum plus ``renorm_eps`` where renormalised (not the softmax), then scaled; with ``logit_softcap > 0`` the
+    logits ``l`` are ``logit_softcap * tanh(l / logit_softcap)`` first. At most :data:`ROUTE_MAX_GROUPS` groups."""
 
     scores: str = "sigmoid"
     weights: str = "scores"
@@ -881,12 +881,14 @@ class RouteMode:
     group_score: str = "top2_sum"
     group_fill: float = float("-inf")
     renorm_eps: float = 0.0
+    logit_softcap: float = 0.0
 
     def kernel_args(self) -> tuple[ctypes.Array, ctypes.Array]:
-        """The kernel's ``mode`` (int64 [5]) and ``fmode`` (float32 [2]) arrays."""
+        """The kernel's ``mode`` (int64 [5]) and ``fmode`` (float32 [3]) arrays."""
         code = ({"softmax": 0, "sigmoid": 1, "logits": 2}[self.scores], {"scores": 0, "softmax": 1, "sigmoid": 2}[
             self.weights], self.n_group, self.topk_group, {"top2_sum": 0, "max": 1}[self.group_score])
-        return (ctypes.c_int64 * 5)(*code), (ctypes.c_float * 2)(self.group_fill, self.renorm_eps)
+        return (ctypes.c_int64 * 5)(*code), (ctypes.c_float * 3)(self.group_fill, self.renorm_eps,
+                                                                   self.logit_softcap)
 
 
 #: Most groups of experts a RouteMode may have (the kernel keeps their scores on the stack).

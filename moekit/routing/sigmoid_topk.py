@@ -90,13 +90,12 @@ class GroupLimitedTopK(TopKRouter):
         return w_TK * self.scale
 
     def fused_decode_routing(self) -> tuple[bool, float, float, kcpu.RouteMode | None] | None:
-        """This routing as the fused decode kernel's :class:`moekit.kernels.cpu.RouteMode` (no logit soft-cap)."""
-        if not self._plainly_routed(GroupLimitedTopK) or self.logit_softcap > 0 \
-                or self.n_group > kcpu.ROUTE_MAX_GROUPS:
+        """This routing as the fused decode kernel's :class:`moekit.kernels.cpu.RouteMode`."""
+        if not self._plainly_routed(GroupLimitedTopK) or self.n_group > kcpu.ROUTE_MAX_GROUPS:
             return None
         return self.renormalize, 0.0, float(self.scale), kcpu.RouteMode(
             self.score_func, "scores", self.n_group, self.topk_group, self.group_score, self.group_fill,
-            float(self.renorm_eps))
+            float(self.renorm_eps), float(self.logit_softcap))
 
     def balance_probs(self, logits_TE: torch.Tensor, scores_TE: torch.Tensor) -> torch.Tensor:
         # DeepSeek-V3 eq. 19: the balance loss uses affinities normalised over all experts.

@@ -4595,6 +4595,7 @@ static int route_row(float *p, float *c, int64_t E, int64_t K, const float *sel,
  *             them, 2 their sigmoids (divided by their sum + fmode[1] if renorm); then times scale
  *     mode[2] groups G (1: none): the choice values c = s + sel in G groups of E / G, mode[3] of them kept, by the
  *             sum of each group's two largest c (mode[4] = 0) or its largest (1); the others' c become fmode[0]
+ *     fmode[2] > 0: the logits soft-capped first, l = fmode[2] tanh(l / fmode[2]) (Laguna)
  * Group-limited sigmoid top-k (DeepSeek-V3; softmax scores: V2) and top-k of logits then a softmax over them
  * (GPT-OSS, Granite-MoE). p holds the logits on entry (the scores after); c is scratch. Returns 1, with ids and wts
  * unwritten, on a NaN score or a tie at the boundary of the groups kept or of the K experts chosen. */
@@ -4602,6 +4603,8 @@ static int route_row(float *p, float *c, int64_t E, int64_t K, const float *sel,
 static int route_row_mode(float *p, float *c, int64_t E, int64_t K, const float *sel, int renorm, float scale,
                           const int64_t *mode, const float *fmode, int64_t *ids, float *wts) {
     const int64_t score = mode[0], weight = mode[1], G = mode[2], TG = mode[3];
+    if (fmode[2] > 0.0f)
+        for (int64_t e = 0; e < E; e++) p[e] = tanhf(p[e] / fmode[2]) * fmode[2];
     if (score == 0) {
         softmax_row(p, E);
     } else if (score == 1) {
