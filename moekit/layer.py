@@ -355,7 +355,8 @@ class MoE(nn.Module):
     def _prepare_train_step(self) -> tuple | None:
         cfg, experts, router = self.config, self.experts, self.router
         spec = self._fused_routing()
-        if spec is None or experts.b_in is not None or experts.b_out is not None:
+        if spec is None or experts.b_in is not None or experts.b_out is not None \
+                or experts.activation.name != "swiglu":  # (its kernels' activation; the decode kernels have more)
             return None
         dtype = experts.w_in.dtype
         args = (router.weight, router.bias, experts.w_in, experts.w_out, router.expert_bias, (cfg.top_k, *spec),

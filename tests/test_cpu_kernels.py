@@ -688,22 +688,26 @@ def test_small_experts_decode_groups_slots_itself(kernels, dtype):
 
 
 DECODE_ACTS = {"geglu": {}, "geglu_tanh": {}, "reglu": {}, "gpt_oss": {"alpha": 1.702, "limit": 0.5},
-               "swiglu_clamped": {"limit": 0.5}, "swiglu_clipped": {"limit": 0.2}}  # (limits the values cross)
+               "swiglu_clamped": {"limit": 0.5}, "swiglu_clipped": {"limit": 0.2},  # (limits the values cross)
+               "gelu": {}, "gelu_tanh": {}, "relu": {}, "relu2": {}, "silu": {}}
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("name", list(DECODE_ACTS))
-def test_small_experts_decode_other_gated_activations(kernels, name, dtype):
-    """The decode kernel's gated activations besides SwiGLU (between the projections: the pre-activations stored in
-    the layer's dtype, then the activation), on experts of 80, 75 and 5 rows (every input-projection path of the
-    build), against moekit's own activation applied in float64; and through route_decode."""
-    from moekit.experts.activations import get_activation
+def test_small_experts_decode_other_activations(kernels, name, dtype):
+    """The decode kernel's activations besides SwiGLU, gated and plain (between the projections: the
+    pre-activations stored in the layer's dtype, then the activation), on experts of 80, 75 and 5 rows (every
+    input-projection path of the build), against moekit's own activation applied in float64; and through
+    route_decode."""
+    from moekit.experts.activations import Activation, get_activation
 
     torch.manual_seed(6)
     act = get_activation(name, **DECODE_ACTS[name])
     E, D, F_, T = 3, 37, 21, 80
     x, _, _, w_in, w_out, b_in, b_out = _small_problem(E, D, F_, [T, 0, 0], dtype, True)
     x = x[:T].contiguous()
+    if not act.gated:  # (an MLP expert: an input projection of F rows)
+        w_in, b_in = w_in[:, :F_].contiguous(), b_in[:, :F_].contiguous()
     ids = torch.tensor([[0, 1]] * 75 + [[2, 0]] * 5)
     wts = torch.rand(T, 2)
     y, counts = K.small_experts_decode(x, ids, wts, w_in, b_in, w_out, b_out, activation=act)
@@ -720,8 +724,9 @@ def test_small_experts_decode_other_gated_activations(kernels, name, dtype):
     assert got is not None
     assert torch.equal(got[0], K.small_experts_decode(x[:4].contiguous(), got[2], got[3], w_in, b_in, w_out, b_out,
                                                       activation=act)[0])
-    with pytest.raises(ValueError, match="no relu2 activation"):
-        K.small_experts_decode(x, ids, wts, w_in, b_in, w_out, b_out, activation=get_activation("relu2"))
+    cube = Activation("cube", False, lambda h: h**3)
+    with pytest.raises(ValueError, match="no cube activation"):
+        K.small_experts_decode(x, ids, wts, w_in, b_in, w_out, b_out, activation=cube)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

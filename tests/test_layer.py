@@ -245,6 +245,8 @@ FUSED_DECODE = {
                                   activation_kwargs=dict(limit=0.5)),
     "swiglu_clipped": dict(num_experts=8, top_k=2, activation="swiglu_clipped", activation_kwargs=dict(limit=0.2)),
     "geglu_tanh": dict(num_experts=8, top_k=2, activation="geglu_tanh"),
+    "relu2_mlp": dict(num_experts=8, top_k=2, router="sigmoid_topk", activation="relu2"),
+    "gelu_mlp_bias": dict(num_experts=8, top_k=1, router="switch", activation="gelu", expert_bias=True),
 }
 
 
@@ -403,7 +405,9 @@ def test_fused_decode_only_where_it_computes_the_same_thing():
     disabled.disable_experts([3])
     assert fused(disabled) is None
     assert fused(moekit.MoE(16, 32, 8, 2, capacity_factor=1.0).eval()) is None
-    assert fused(moekit.MoE(16, 32, 8, 2, activation="gelu").eval()) is None
+    # every activation moekit has runs in the decode kernels; the few-token training step's kernels are SwiGLU's
+    gelu = moekit.MoE(16, 32, 8, 2, activation="gelu")
+    assert gelu._train_step_prepared() is None and fused(gelu.eval()) is not None
     assert fused(moekit.MoE(16, 32, 8, 2, router="sigmoid_topk").eval()) is not None  # (a kcpu.RouteMode)
     assert fused(moekit.MoE(16, 32, 8, 2, backend="loop").eval()) is None
     # more choices per token than the kernel's selection keeps: declined, and the regular decode path serves it

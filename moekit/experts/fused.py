@@ -118,7 +118,7 @@ class Experts(nn.Module):
         return routed_forward(self, x_TD, ids_TK, weights_TK, out_dtype)
 
     def decode_kernel_usable(self, x_TD: torch.Tensor) -> bool:
-        """Whether :meth:`decode` runs these rows in the single small-M kernel call (gated experts of
+        """Whether :meth:`decode` runs these rows in the single small-M kernel call (an activation of
         :data:`moekit.kernels.cpu.DECODE_ACTIVATIONS`, CPU kernels built, contiguous rows, weights in the compute
         dtype) rather than one library call per chosen expert."""
         if self.activation.name not in kcpu.DECODE_ACTIVATIONS or x_TD.device.type != "cpu" or x_TD.dim() != 2 or \
@@ -131,9 +131,9 @@ class Experts(nn.Module):
 
     def decode(self, x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Inference for a few tokens, with no sort, no permutation buffers and no autograd bookkeeping: gated
-        experts (SwiGLU and its variants, GeGLU, ReGLU) run in one small-M kernel call that groups the slots by expert itself
-        (:func:`moekit.kernels.cpu.small_experts_decode`); otherwise the slots are grouped on the host and each
+        """Inference for a few tokens, with no sort, no permutation buffers and no autograd bookkeeping: the
+        experts run in one small-M kernel call that groups the slots by expert itself
+        (:func:`moekit.kernels.cpu.small_experts_decode`) where :meth:`decode_kernel_usable`; otherwise the slots are grouped on the host and each
         chosen expert runs once on its rows. Returns fp32 ``y_TD`` and the slots per expert (int64 ``[E]``, or None
         where not counted)."""
         dtype = compute_dtype(x_TD, self.w_in)

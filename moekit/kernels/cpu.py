@@ -784,11 +784,13 @@ def row_flags(tok: torch.Tensor, tokens: int) -> torch.Tensor | None:
     return None if none else fl
 
 
-#: The gated activations the decode kernels run (moe_cpu.c's ACT_*; SwiGLU fused into the input projection, the others
-#: applied between the projections), by moekit's activation name, with the names of their parameters in order.
+#: The activations the decode kernels run (moe_cpu.c's ACT_*; SwiGLU fused into the input projection, the others
+#: applied between the projections), by moekit's activation name, with the names of their parameters in order:
+#: every one moekit has.
 DECODE_ACTIVATIONS = {"swiglu": (1, ()), "geglu": (2, ()), "geglu_tanh": (3, ()), "reglu": (4, ()),
                       "gpt_oss": (5, ("alpha", "limit")), "swiglu_clamped": (6, ("limit",)),
-                      "swiglu_clipped": (7, ("limit",))}
+                      "swiglu_clipped": (7, ("limit",)), "gelu": (8, ()), "gelu_tanh": (9, ()), "relu": (10, ()),
+                      "relu2": (11, ()), "silu": (12, ())}
 
 
 def decode_activation(activation=None) -> tuple[int, float, float] | None:
@@ -797,7 +799,7 @@ def decode_activation(activation=None) -> tuple[int, float, float] | None:
     if activation is None:
         return 1, 0.0, 0.0
     spec = DECODE_ACTIVATIONS.get(activation.name)
-    if spec is None or not activation.gated:
+    if spec is None or activation.gated != (spec[0] < 8):
         return None
     params = dict(activation.kwargs)
     p = [float(params[k]) for k in spec[1]] + [0.0, 0.0]
@@ -807,8 +809,8 @@ def decode_activation(activation=None) -> tuple[int, float, float] | None:
 def small_experts_decode(x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, w_in: torch.Tensor,
                          b_in: torch.Tensor | None, w_out: torch.Tensor, b_out: torch.Tensor | None,
                          check: bool = True, activation=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gated experts (SwiGLU, or ``activation``: any of :data:`DECODE_ACTIVATIONS`) for a few tokens straight from
-    the router's choices: float32 ``y[t] = sum_k w[t, k] * expert_{ids[t, k]}(x[t])`` (``ids < 0``: empty slot),
+    """Experts (SwiGLU, or ``activation``: any of :data:`DECODE_ACTIVATIONS`, gated with ``w_in [E, 2F, D]`` or
+    plain with ``w_in [E, F, D]``) for a few tokens straight from the router's choices: float32 ``y[t] = sum_k w[t, k] * expert_{ids[t, k]}(x[t])`` (``ids < 0``: empty slot),
     with the slots grouped by expert inside the kernel (no sort, no host round trip); experts with at least this
     build's packed-tile (or AMX) threshold of rows for ``x``'s dtype run on those tiles, as in
     :func:`small_experts_up`. Returns ``(y [T, D], slots per expert [E] int64)``.
@@ -818,12 +820,12 @@ def small_experts_decode(x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, w_
         raise ValueError(f"the decode kernels have no {activation.name} activation; use one of "
                          f"{', '.join(DECODE_ACTIVATIONS)}")
     E, W, D = w_in.shape
-    F = W // 2
+    F = W // 2 if act[0] < 8 else W  # (the activation's width: half the gated ones' input projection)
     T, K = ids.shape
     if check:
         _rows(x, "x", (T, D))
-        _stacked(w_in, "w_in", (E, 2 * F, D), x.dtype)
-        _stacked(b_in, "b_in", (E, 2 * F), x.dtype)
+        _stacked(w_in, "w_in", (E, W, D), x.dtype)
+        _stacked(b_in, "b_in", (E, W), x.dtype)
         _stacked(w_out, "w_out", (E, D, F), x.dtype)
         _stacked(b_out, "b_out", (E, D), x.dtype)
         if ids.dtype != torch.int64 or not ids.is_contiguous() or w.dtype != torch.float32 or w.shape != ids.shape \
@@ -921,8 +923,8 @@ class RouteDecode:
         self._router = (P(_ptr(router_w)), I(_DTYPES[router_w.dtype]), P(_ptr(router_b)), P(_ptr(selection_bias)))
         self._routing = (I64(k), I64(E), I(int(renormalize)), ctypes.c_float(renorm_min), ctypes.c_float(scale),
                          *(mode.kernel_args() if mode is not None else (None, None)))
-        self._experts = (P(_ptr(w_in)), P(_ptr(b_in)), P(_ptr(w_out)), P(_ptr(b_out)), I64(D), I64(W // 2),
-                         I(_DTYPES[w_in.dtype]))
+        self._experts = (P(_ptr(w_in)), P(_ptr(b_in)), P(_ptr(w_out)), P(_ptr(b_out)), I64(D),
+                         I64(W // 2 if act[0] < 8 else W), I(_DTYPES[w_in.dtype]))
         self._out = (I(_DTYPES[out_dtype]), I64(D))
         self._tail = (I64(_packed_min(None, w_in.dtype)), I(act[0]), ctypes.c_float(act[1]), ctypes.c_float(act[2]))
 

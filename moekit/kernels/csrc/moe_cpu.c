@@ -949,26 +949,33 @@ static int64_t group_slots(const int64_t *ids, const float *w, int64_t S, int64_
     return n;
 }
 
-/* The gated activations of the decode kernels besides SwiGLU (whose epilogue every input-projection path fuses):
- * a[s, j] = act(gate = h[s, j], up = h[s, F + j]) for s < S, j < F, in float32 from h as stored (rounded to bf16
- * in a bf16 layer, as its PyTorch path has it), with NaN kept (a clamp of NaN is NaN, as torch.clamp's). p0, p1:
- * GPT-OSS's alpha and limit; the clamped and clipped SwiGLUs' limit in p0. */
-enum { ACT_SWIGLU = 1, ACT_GEGLU, ACT_GEGLU_TANH, ACT_REGLU, ACT_GPT_OSS, ACT_SWIGLU_CLAMPED, ACT_SWIGLU_CLIPPED };
+/* The activations of the decode kernels besides SwiGLU (whose epilogue every input-projection path fuses): gated,
+ * a[s, j] = act(gate = h[s, j], up = h[s, F + j]), or plain (ACT_GELU on), a[s, j] = act(h[s, j]), for s < S,
+ * j < F, in float32 from h as stored (rounded to bf16 in a bf16 layer, as its PyTorch path has it), with NaN kept
+ * (a clamp of NaN is NaN, as torch.clamp's; relu(NaN) is NaN). p0, p1: GPT-OSS's alpha and limit; the clamped and
+ * clipped SwiGLUs' limit in p0. */
+enum { ACT_SWIGLU = 1, ACT_GEGLU, ACT_GEGLU_TANH, ACT_REGLU, ACT_GPT_OSS, ACT_SWIGLU_CLAMPED, ACT_SWIGLU_CLIPPED,
+       ACT_GELU, ACT_GELU_TANH, ACT_RELU, ACT_RELU2, ACT_SILU };
 static inline float clamp_nan(float v, float lo, float hi) { return v > hi ? hi : v < lo ? lo : v; }
-static void gated_rows(const void *h, void *a, int dt, int64_t S, int64_t F, int act, float p0, float p1,
-                       int nthreads) {
+static inline float relu_nan(float v) { return v < 0.0f ? 0.0f : v; }
+static inline float gelu_erf(float g) { return 0.5f * g * (1.0f + erff(g * 0.70710678118654752f)); }
+static inline float gelu_tanh(float g) {
+    return 0.5f * g * (1.0f + tanhf(0.79788456080286536f * (g + 0.044715f * g * g * g)));
+}
+static void act_rows(const void *h, void *a, int dt, int64_t S, int64_t F, int act, float p0, float p1,
+                     int nthreads) {
+    const int gated = act < ACT_GELU;
 #pragma omp parallel for schedule(static) num_threads(threads_for(S * F * 16, nthreads))
     for (int64_t s = 0; s < S; s++) {
-        const void *hs = at(h, dt, 2 * F, s, 0);
+        const void *hs = at(h, dt, gated ? 2 * F : F, s, 0);
         void *as = at(a, dt, F, s, 0);
         for (int64_t j = 0; j < F; j++) {
-            float g = ld(hs, dt, j), u = ld(hs, dt, F + j), v;
+            const float g = ld(hs, dt, j), u = gated ? ld(hs, dt, F + j) : 1.0f;
+            float v;
             switch (act) {
-            case ACT_GEGLU: v = 0.5f * g * (1.0f + erff(g * 0.70710678118654752f)) * u; break;
-            case ACT_GEGLU_TANH:
-                v = 0.5f * g * (1.0f + tanhf(0.79788456080286536f * (g + 0.044715f * g * g * g))) * u;
-                break;
-            case ACT_REGLU: v = (g < 0.0f ? 0.0f : g) * u; break;
+            case ACT_GEGLU: v = gelu_erf(g) * u; break;
+            case ACT_GEGLU_TANH: v = gelu_tanh(g) * u; break;
+            case ACT_REGLU: v = relu_nan(g) * u; break;
             case ACT_GPT_OSS: {
                 const float gc = clamp_nan(g, -__builtin_inff(), p1);
                 v = (clamp_nan(u, -p1, p1) + 1.0f) * (gc * sigmoid_f32(gc * p0));
@@ -980,6 +987,11 @@ static void gated_rows(const void *h, void *a, int dt, int64_t S, int64_t F, int
                 break;
             }
             case ACT_SWIGLU_CLIPPED: v = clamp_nan(g * sigmoid_f32(g), -__builtin_inff(), p0) * clamp_nan(u, -p0, p0); break;
+            case ACT_GELU: v = gelu_erf(g); break;
+            case ACT_GELU_TANH: v = gelu_tanh(g); break;
+            case ACT_RELU: v = relu_nan(g); break;
+            case ACT_RELU2: v = relu_nan(g) * relu_nan(g); break;
+            case ACT_SILU: v = g * sigmoid_f32(g); break;
             default: v = g * sigmoid_f32(g) * u;
             }
             st(as, dt, j, v);
@@ -990,8 +1002,9 @@ static void gated_rows(const void *h, void *a, int dt, int64_t S, int64_t F, int
 /* Inference for a few tokens straight from the router's choices, with no sort on the host: the S = T*K slots are
  * grouped by expert here (a counting sort; token order kept within an expert), then the gated experts run through
  * moe_small_up and moe_small_down:  out[t] += sum_k w[t, k] * expert_{ids[t, k]}(x[t])   (ids < 0: empty slot).
- * act: the activation (ACT_SWIGLU fused into the input projection; the others of gated_rows, with act_p0, act_p1,
- * between the projections).
+ * act: the activation (ACT_SWIGLU fused into the input projection; the others of act_rows, with act_p0, act_p1,
+ * between the projections); F the width of its output (the input projection's rows: 2F for the gated ones, F for
+ * the plain ones).
  * out is float32 [T, D] and must be zeroed by the caller; counts (int64 [E], may be NULL) receives the slots per
  * expert; packed_min: the rows from which an expert leaves the dot-product tiles (as moe_small_up's; the caller
  * passes its build's threshold for the dtype). Returns -4 if an id is >= E, -5 if out of memory. */
@@ -999,13 +1012,13 @@ int moe_small_decode(const void *x, int64_t ld_x, const int64_t *ids, const floa
                      const void *w_in, const void *b_in, const void *w_out, const void *b_out, int64_t D, int64_t F,
                      int dt, float *out, int64_t ld_out, int64_t *counts, int64_t packed_min, int act, float act_p0,
                      float act_p1, int nthreads) {
-    if (act < ACT_SWIGLU || act > ACT_SWIGLU_CLIPPED) return -1;
-    const int64_t S = T * K;
+    if (act < ACT_SWIGLU || act > ACT_SILU) return -1;
+    const int64_t S = T * K, W = act < ACT_GELU ? 2 * F : F;
     int64_t *start = calloc((size_t)(2 * E + 2 * S + 1), sizeof(int64_t));
     float *ws = malloc((size_t)(S ? S : 1) * sizeof(float));
     void *a = malloc((size_t)(S ? S : 1) * (size_t)F * esize(dt));
-    /* (SwiGLU: the input projection's epilogue; the others: its pre-activations, then gated_rows) */
-    void *h = act == ACT_SWIGLU ? NULL : malloc((size_t)(S ? S : 1) * (size_t)(2 * F) * esize(dt));
+    /* (SwiGLU: the input projection's epilogue; the others: its pre-activations, then act_rows) */
+    void *h = act == ACT_SWIGLU ? NULL : malloc((size_t)(S ? S : 1) * (size_t)W * esize(dt));
     int rc = 0;
     if (!start || !ws || !a || (act != ACT_SWIGLU && !h)) {
         rc = -5;
@@ -1018,9 +1031,9 @@ int moe_small_decode(const void *x, int64_t ld_x, const int64_t *ids, const floa
         goto done;
     }
     const int pk = act == ACT_SWIGLU; /* (the packed hand-over comes from the fused epilogue only) */
-    rc = moe_small_up(x, ld_x, tok, start, end, E, w_in, b_in, 2 * F, D, dt, pk, h, pk ? a : NULL, pk, packed_min,
+    rc = moe_small_up(x, ld_x, tok, start, end, E, w_in, b_in, W, D, dt, pk, h, pk ? a : NULL, pk, packed_min,
                       SW_MAX_ROWS, nthreads);
-    if (rc == 0 && !pk) gated_rows(h, a, dt, n, F, act, act_p0, act_p1, nthreads);
+    if (rc == 0 && !pk) act_rows(h, a, dt, n, F, act, act_p0, act_p1, nthreads);
     if (rc == 0)
         rc = moe_small_down(a, F, pk, tok, ws, start, end, E, w_out, b_out, D, F, dt, out, ld_out, packed_min,
                             nthreads);
@@ -4799,7 +4812,7 @@ int moe_route_decode(const void *x, int64_t ld_x, const void *w_r, int dt_r, con
                      float *wts, const void *w_in, const void *b_in, const void *w_out, const void *b_out, int64_t D,
                      int64_t F, int dt, void *out, int out_dt, int64_t ld_out, int64_t *counts, int64_t packed_min,
                      int act, float act_p0, float act_p1, int nthreads) {
-    if (K < 1 || K > 64 || K > E || act < ACT_SWIGLU || act > ACT_SWIGLU_CLIPPED) return -1;
+    if (K < 1 || K > 64 || K > E || act < ACT_SWIGLU || act > ACT_SILU) return -1;
     if (mode && (mode[0] < 0 || mode[0] > 2 || mode[1] < 0 || mode[1] > 2 || mode[2] < 1 || mode[2] > ROUTE_MAX_GROUPS
                  || E % mode[2] || mode[3] < 1 || mode[3] > mode[2] || mode[3] * (E / mode[2]) < K || !fmode))
         return -1;
