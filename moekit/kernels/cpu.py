@@ -793,34 +793,32 @@ DECODE_ACTIVATIONS = {"swiglu": (1, ()), "geglu": (2, ()), "geglu_tanh": (3, ())
                       "relu2": (11, ()), "silu": (12, ())}
 
 
-def decode_activation(activation=None) -> tuple[int, float, float] | None:
+def decode_activation(activation=None) -> tuple[tuple[int, float, float], bool]:
     """The decode kernels' ``(act, act_p0, act_p1)`` for a :class:`moekit.experts.activations.Activation` (None:
-    SwiGLU), or None where they have no such activation."""
+    SwiGLU), and whether it is gated (its input projection twice the activation's width)."""
     if activation is None:
-        return 1, 0.0, 0.0
+        return (1, 0.0, 0.0), True
     spec = DECODE_ACTIVATIONS.get(activation.name)
-    if spec is None or activation.gated != (spec[0] < 8):
-        return None
+    if spec is None:
+        raise ValueError(f"the decode kernels have no {activation.name} activation; use one of "
+                         f"{', '.join(DECODE_ACTIVATIONS)}")
     params = dict(activation.kwargs)
     p = [float(params[k]) for k in spec[1]] + [0.0, 0.0]
-    return spec[0], p[0], p[1]
+    return (spec[0], p[0], p[1]), activation.gated
 
 
 def small_experts_decode(x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, w_in: torch.Tensor,
                          b_in: torch.Tensor | None, w_out: torch.Tensor, b_out: torch.Tensor | None,
                          check: bool = True, activation=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Experts (SwiGLU, or ``activation``: any of :data:`DECODE_ACTIVATIONS`, gated with ``w_in [E, 2F, D]`` or
-    plain with ``w_in [E, F, D]``) for a few tokens straight from the router's choices: float32 ``y[t] = sum_k w[t, k] * expert_{ids[t, k]}(x[t])`` (``ids < 0``: empty slot),
-    with the slots grouped by expert inside the kernel (no sort, no host round trip); experts with at least this
-    build's packed-tile (or AMX) threshold of rows for ``x``'s dtype run on those tiles, as in
-    :func:`small_experts_up`. Returns ``(y [T, D], slots per expert [E] int64)``.
+    plain with ``w_in [E, F, D]``) for a few tokens straight from the router's choices: float32
+    ``y[t] = sum_k w[t, k] * expert_{ids[t, k]}(x[t])`` (``ids < 0``: empty slot), with the slots grouped by expert
+    inside the kernel (no sort, no host round trip); experts with at least this build's packed-tile (or AMX)
+    threshold of rows for ``x``'s dtype run on those tiles, as in :func:`small_experts_up`. Returns ``(y [T, D], slots per expert [E] int64)``.
     ``check=False`` skips the argument checks (for callers that built the arguments themselves)."""
-    act = decode_activation(activation)
-    if act is None:
-        raise ValueError(f"the decode kernels have no {activation.name} activation; use one of "
-                         f"{', '.join(DECODE_ACTIVATIONS)}")
+    act, gated = decode_activation(activation)
     E, W, D = w_in.shape
-    F = W // 2 if act[0] < 8 else W  # (the activation's width: half the gated ones' input projection)
+    F = W // 2 if gated else W  # (the activation's width)
     T, K = ids.shape
     if check:
         _rows(x, "x", (T, D))
@@ -908,10 +906,7 @@ class RouteDecode:
                  k: int, renormalize: bool, renorm_min: float, scale: float, w_in: torch.Tensor,
                  b_in: torch.Tensor | None, w_out: torch.Tensor, b_out: torch.Tensor | None,
                  out_dtype: torch.dtype = torch.float32, mode: RouteMode | None = None, activation=None):
-        act = decode_activation(activation)
-        if act is None:
-            raise ValueError(f"the decode kernels have no {activation.name} activation; use one of "
-                             f"{', '.join(DECODE_ACTIVATIONS)}")
+        act, gated = decode_activation(activation)
         lib = _require()
         # a function object of its own, without argtypes: the arguments below are ctypes values already
         self._fn = lib["moe_route_decode"]
@@ -924,7 +919,7 @@ class RouteDecode:
         self._routing = (I64(k), I64(E), I(int(renormalize)), ctypes.c_float(renorm_min), ctypes.c_float(scale),
                          *(mode.kernel_args() if mode is not None else (None, None)))
         self._experts = (P(_ptr(w_in)), P(_ptr(b_in)), P(_ptr(w_out)), P(_ptr(b_out)), I64(D),
-                         I64(W // 2 if act[0] < 8 else W), I(_DTYPES[w_in.dtype]))
+                         I64(W // 2 if gated else W), I(_DTYPES[w_in.dtype]))
         self._out = (I(_DTYPES[out_dtype]), I64(D))
         self._tail = (I64(_packed_min(None, w_in.dtype)), I(act[0]), ctypes.c_float(act[1]), ctypes.c_float(act[2]))
 
