@@ -2,8 +2,9 @@
 regular path (the router's PyTorch steps, then the experts' decode kernel), same process, same weights.
 
 For each router the fused decode routes as (softmax top-k; group-limited sigmoid top-k as in DeepSeek-V3: 8 groups
-of 8 experts, 4 kept, or 4 groups of 2, 2 kept; plain sigmoid top-k; top-k softmax as in GPT-OSS), a layer of the fine-grained shape of ../shared/DESIGN.md (d_model 512,
-d_ff 256, 64 experts, top-8) and the Mixtral-like one (512, 1408, 8, top-2), fp32 and bf16, T in {1, 4, 16} tokens:
+of 8 experts, 4 kept, or 4 groups of 2, 2 kept; plain sigmoid top-k; top-k softmax as in GPT-OSS), a layer of the
+fine-grained shape of ../shared/DESIGN.md (d_model 512, d_ff 256, 64 experts, top-8) and the Mixtral-like one (512,
+1408, 8, top-2), fp32 and bf16, T in {1, 4, 16} tokens:
 the median of round-robin runs of ``layer(x)`` (no autograd, eval mode) with the fused decode and with it turned off
 on the same module. Writes ``benchmarks/results/decode_routing_cpu.json`` and the table between the DECODE-ROUTING
 markers of docs/performance.md.

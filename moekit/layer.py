@@ -241,7 +241,7 @@ class MoE(nn.Module):
 
     def _fused_decode(self, x: torch.Tensor) -> torch.Tensor | None:
         """Inference of a few tokens with a router the kernel can route as (plain softmax top-k; group-limited
-        sigmoid top-k and top-k softmax: :class:`moekit.kernels.cpu.RouteMode`) and SwiGLU experts on CPU: routing
+        sigmoid top-k and top-k softmax: :class:`moekit.kernels.cpu.RouteMode`) and fused experts on CPU: routing
         and experts in one kernel call (:class:`moekit.kernels.cpu.RouteDecode`), without the ~20 small host ops of
         routing (~0.25 ms of a one-token step; 0.3-0.45 ms for the other two). Returns the output (``x``'s shape
         and dtype; ``stats`` set), or None where it does not apply (or a token's choice is a tie, which PyTorch's
@@ -303,8 +303,8 @@ class MoE(nn.Module):
     def _fused_routing(self, decode: bool = False) -> tuple | None:
         """The router's ``decode_routing()`` spec (``decode``: its ``fused_decode_routing()`` spec, which also covers
         the routings of :class:`moekit.kernels.cpu.RouteMode`) where routing and experts can run in one fused CPU
-        kernel call (the few-token training step; the fused decode): plain softmax top-k into SwiGLU experts of
-        the fused backend, no capacity, no token ids, no expert-failure skipping, a router weight the kernels read
+        kernel call (the few-token training step; the fused decode): plain softmax top-k into experts of the
+        fused backend that the decode kernels run (the training step then checks for SwiGLU), no capacity, no token ids, no expert-failure skipping, a router weight the kernels read
         as it is; else None."""
         cfg, experts, router = self.config, self.experts, self.router
         if cfg.capacity_factor is not None or not isinstance(experts, Experts) \

@@ -133,8 +133,8 @@ class Experts(nn.Module):
                ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Inference for a few tokens, with no sort, no permutation buffers and no autograd bookkeeping: the
         experts run in one small-M kernel call that groups the slots by expert itself
-        (:func:`moekit.kernels.cpu.small_experts_decode`) where :meth:`decode_kernel_usable`; otherwise the slots are grouped on the host and each
-        chosen expert runs once on its rows. Returns fp32 ``y_TD`` and the slots per expert (int64 ``[E]``, or None
+        (:func:`moekit.kernels.cpu.small_experts_decode`) where :meth:`decode_kernel_usable`; otherwise the slots
+        are grouped on the host and each chosen expert runs once on its rows. Returns fp32 ``y_TD`` and the slots per expert (int64 ``[E]``, or None
         where not counted)."""
         dtype = compute_dtype(x_TD, self.w_in)
         x_TD = x_TD.to(dtype)

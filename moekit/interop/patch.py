@@ -102,6 +102,8 @@ class MoEBlockPatch(nn.Module):
     def forward(self, hidden_states: torch.Tensor):
         y = self.moe(hidden_states)
         routed, self._routed = self._routed, None
+        if routed is None and self.returns_scores:  # (the fused decode routed inside its kernel call: route again)
+            routed = self.moe.router(hidden_states.reshape(-1, hidden_states.shape[-1]))
         collected = _active_collector()
         if collected is not None and "router_logits" in collected:
             # (the layer's fused few-token paths route inside one kernel call, without calling the router module:
@@ -110,8 +112,6 @@ class MoEBlockPatch(nn.Module):
                 hidden_states.reshape(-1, hidden_states.shape[-1]))
             collected["router_logits"].append(logits.to(hidden_states.dtype))
         if self.returns_scores:
-            if routed is None:  # (the fused decode routed inside its kernel call: the router's own weights again)
-                routed = self.moe.router(hidden_states.reshape(-1, hidden_states.shape[-1]))
             return y, routed.topk_weights_TK.to(hidden_states.dtype)
         return y
 

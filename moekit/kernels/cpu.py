@@ -814,7 +814,8 @@ def small_experts_decode(x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, w_
     plain with ``w_in [E, F, D]``) for a few tokens straight from the router's choices: float32
     ``y[t] = sum_k w[t, k] * expert_{ids[t, k]}(x[t])`` (``ids < 0``: empty slot), with the slots grouped by expert
     inside the kernel (no sort, no host round trip); experts with at least this build's packed-tile (or AMX)
-    threshold of rows for ``x``'s dtype run on those tiles, as in :func:`small_experts_up`. Returns ``(y [T, D], slots per expert [E] int64)``.
+    threshold of rows for ``x``'s dtype run on those tiles, as in :func:`small_experts_up`. Returns
+    ``(y [T, D], slots per expert [E] int64)``.
     ``check=False`` skips the argument checks (for callers that built the arguments themselves)."""
     act, gated = decode_activation(activation)
     E, W, D = w_in.shape

@@ -181,7 +181,7 @@ class Router(nn.Module):
         """Whether this router routes with ``base``'s own steps, without disabled experts, input jitter in
         training or a missing gate: what a fused kernel that replaces those steps needs."""
         return not ((self.training and self.jitter > 0) or self.disabled or self.weight is None) \
-            and _same_steps(type(self), base)
+            and same_steps(type(self), base)
 
     def extra_repr(self) -> str:
         return f"d_model={self.d_model}, num_experts={self.num_experts}, top_k={self.top_k}"
@@ -225,7 +225,8 @@ ROUTING_STEPS = ("forward", "logits", "route", "scores", "select", "combine_weig
 
 
 @functools.cache
-def _same_steps(cls: type, base: type) -> bool:
+def same_steps(cls: type, base: type) -> bool:
+    """Whether router class ``cls`` routes with ``base``'s own steps (a subclass may change any of them)."""
     return all(getattr(cls, name) is getattr(base, name) for name in ROUTING_STEPS)
 
 

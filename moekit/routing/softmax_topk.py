@@ -7,12 +7,10 @@
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from ..kernels import cpu as kcpu
-from .base import RouterOutput, TopKRouter, register_router
+from .base import RouterOutput, TopKRouter, register_router, same_steps
 
 
 @register_router("softmax_topk")
@@ -60,7 +58,7 @@ class SoftmaxTopK(TopKRouter):
 
     def _fused_steps_ok(self, logits_TE: torch.Tensor) -> bool:
         """What a fused routing kernel needs: these exact steps, no disabled experts, fp32 logits."""
-        return not self.disabled and logits_TE.dtype == torch.float32 and _plain_steps(type(self))
+        return not self.disabled and logits_TE.dtype == torch.float32 and same_steps(type(self), SoftmaxTopK)
 
     def _cpu_route_ok(self, logits_TE: torch.Tensor) -> bool:
         """On CPU with the C kernels (the kernel itself declines small batches,
@@ -80,8 +78,7 @@ class SoftmaxTopK(TopKRouter):
         which a fused kernel may then run (:func:`moekit.kernels.cpu.route_decode` in inference,
         :func:`moekit.kernels.cpu.route_train_forward` in a few-token training step); None for a subclass that
         changes a step, with disabled experts, or with input jitter in training mode."""
-        if (self.training and self.jitter > 0) or self.disabled or self.weight is None or \
-                not _plain_steps(type(self)):
+        if not self._plainly_routed(SoftmaxTopK):
             return None
         return self.renormalize, float(self.renorm_min), float(self.scale)
 
@@ -148,15 +145,6 @@ class CPUTopKSoftmaxFunction(torch.autograd.Function):
             d_p.scatter_add_(-1, ids_TK, d_pk)
         d_logits = probs_TE * (d_p - (d_p * probs_TE).sum(-1, keepdim=True))
         return d_logits, None, None, None, None
-
-
-_STEPS = ("forward", "logits", "route", "scores", "select", "combine_weights", "mask_disabled", "decode_routing")
-
-
-@functools.cache
-def _plain_steps(cls: type) -> bool:
-    """Whether router class ``cls`` routes with SoftmaxTopK's own steps (a subclass may change any of them)."""
-    return all(getattr(cls, name) is getattr(SoftmaxTopK, name) for name in _STEPS)
 
 
 @register_router("switch")

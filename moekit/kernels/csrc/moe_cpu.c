@@ -4655,11 +4655,10 @@ static int route_row_mode(float *p, float *c, int64_t E, int64_t K, const float 
     }
     if (topk_row(c, E, K, ids)) return 1;
     float tot = 0.0f;
-    if (weight == 1) {
-        float mx = -__builtin_inff();
-        for (int64_t k = 0; k < K; k++) mx = p[ids[k]] > mx ? p[ids[k]] : mx;
-        for (int64_t k = 0; k < K; k++) tot += wts[k] = exp_f32(p[ids[k]] - mx);
-        for (int64_t k = 0; k < K; k++) wts[k] = wts[k] / tot * scale;
+    if (weight == 1) { /* a softmax over the chosen scores */
+        for (int64_t k = 0; k < K; k++) wts[k] = p[ids[k]];
+        softmax_row(wts, K);
+        for (int64_t k = 0; k < K; k++) wts[k] *= scale;
         return 0;
     }
     for (int64_t k = 0; k < K; k++) tot += wts[k] = weight == 2 ? sigmoid_f32(p[ids[k]]) : p[ids[k]];
