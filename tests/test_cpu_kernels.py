@@ -597,8 +597,8 @@ def test_small_nn_few_rows_streams_weights_across_threads(kernels, dtype, thread
 def test_small_outer_few_rows_per_expert(kernels, dtype, counts, N, Kd):
     """Weight gradients where every expert has few rows (AVX-512 builds write them from registers, 4 rows of G at
     a time: fp32 up to 256 rows per expert, bf16 on AMX up to 4): rows of G in a last partial group of 4, columns in
-    a partial 32- or 64-column step, both operands gathered by index, fp32 sums rounded into a bf16 G, an idle
-    expert left untouched."""
+    a partial 32- or 64-column step, both operands gathered by index, fp32 sums rounded into a bf16 G (the same bits
+    as the fp32 G rounded), an idle expert left untouched."""
     g = torch.Generator().manual_seed(sum(counts) + N)
     start, end = segments(counts)
     S, T = sum(counts), max(11, *counts)
@@ -620,6 +620,9 @@ def test_small_outer_few_rows_per_expert(kernels, dtype, counts, N, Kd):
         assert rel_err(grad[e], want) < TOL[dtype]
         assert rel_err(grad2[e], want.T) < TOL[dtype]
         assert rel_err(grad3[e], want) < TOL[torch.bfloat16]
+        if dtype == torch.float32:  # the same sums, each rounded to nearest even as it is stored (whole 16-column
+            # strips in one store of both vectors, the partial ones element by element)
+            assert torch.equal(grad3[e], grad[e].to(torch.bfloat16))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
