@@ -3838,7 +3838,8 @@ static inline __attribute__((always_inline)) void bf16_line(char *o, __m256i hel
  * 16 columns at a time (out of line: inside the work loop, GCC reloaded a dozen values from the stack per strip). */
 static __attribute__((noinline)) void outer8_strips(const float *bp, const float *ap, int64_t Se, int64_t Kd, char *ge,
                                                     int gdt, int64_t n0, int64_t nn) {
-    __m256i held[OTN]; /* bf16 G: each row's first half of a 64-byte run, converted */
+    __m256i held[OTN]; /* bf16 G: each row's first half of a 64-byte run, converted (set before it is read) */
+    UNROLL for (int i = 0; i < OTN; i++) held[i] = _mm256_setzero_si256();
     for (int64_t c0 = 0; c0 < Kd; c0 += 16) {
         const int64_t left = Kd - c0;
         const float *b = bp + (size_t)(c0 / 16) * (size_t)Se * 16, *a = ap;
