@@ -3305,30 +3305,6 @@ static inline __attribute__((always_inline)) void nn_stream_regs(const char *b, 
     }
 }
 
-static inline __attribute__((always_inline)) void nn_stream_dt(const char *b, const int bdt, size_t ldb, int64_t N,
-                                                               int kn, const float a[][NN_KCHUNK], int R, float *acc,
-                                                               const char *pf, size_t pf_bytes) {
-    /* groups of up to NN_REGS rows, the chunk's weight rows read from L1 after the first group; the next chunk's
-     * prefetches spread over the groups */
-    const int ng = (R + NN_REGS - 1) / NN_REGS;
-    for (int g = 0; g < ng; g++) {
-        const int r0 = g * NN_REGS, G = R - r0 < NN_REGS ? R - r0 : NN_REGS;
-        const size_t p0 = pf_bytes * (size_t)g / (size_t)ng & ~(size_t)63, p1 = pf_bytes * (size_t)(g + 1) / (size_t)ng;
-        const char *pg = pf + p0;
-        const size_t pn = p1 > p0 ? p1 - p0 : 0;
-        float *ag = acc + (size_t)r0 * (size_t)N;
-        switch (G) { /* (G constant in each: the sums stay in registers) */
-        case 1: nn_stream_regs(b, bdt, ldb, N, kn, a + r0, 1, ag, pg, pn); break;
-        case 2: nn_stream_regs(b, bdt, ldb, N, kn, a + r0, 2, ag, pg, pn); break;
-        case 3: nn_stream_regs(b, bdt, ldb, N, kn, a + r0, 3, ag, pg, pn); break;
-        case 4: nn_stream_regs(b, bdt, ldb, N, kn, a + r0, 4, ag, pg, pn); break;
-        case 5: nn_stream_regs(b, bdt, ldb, N, kn, a + r0, 5, ag, pg, pn); break;
-        case 6: nn_stream_regs(b, bdt, ldb, N, kn, a + r0, 6, ag, pg, pn); break;
-        case 7: nn_stream_regs(b, bdt, ldb, N, kn, a + r0, 7, ag, pg, pn); break;
-        default: nn_stream_regs(b, bdt, ldb, N, kn, a + r0, 8, ag, pg, pn); break;
-        }
-    }
-}
 #elif defined(V8)
 /* The same on AVX2: each 16 columns' sums of up to NN_REGS (6) rows in 12 registers over the chunk's rows of b,
  * each weight vector loaded (and widened from bf16) once for all of them; the last N % 16 columns one by one.
@@ -3381,9 +3357,13 @@ static inline __attribute__((always_inline)) void nn_stream_regs(const char *b, 
     }
 }
 
+#endif
+#if defined(__AVX512F__) || defined(V8)
 static inline __attribute__((always_inline)) void nn_stream_dt(const char *b, const int bdt, size_t ldb, int64_t N,
                                                                int kn, const float a[][NN_KCHUNK], int R, float *acc,
                                                                const char *pf, size_t pf_bytes) {
+    /* groups of up to NN_REGS rows, the chunk's weight rows read from L1 after the first group; the next chunk's
+     * prefetches spread over the groups */
     const int ng = (R + NN_REGS - 1) / NN_REGS;
     for (int g = 0; g < ng; g++) {
         const int r0 = g * NN_REGS, G = R - r0 < NN_REGS ? R - r0 : NN_REGS;
@@ -3397,7 +3377,11 @@ static inline __attribute__((always_inline)) void nn_stream_dt(const char *b, co
         case 3: nn_stream_regs(b, bdt, ldb, N, kn, a + r0, 3, ag, pg, pn); break;
         case 4: nn_stream_regs(b, bdt, ldb, N, kn, a + r0, 4, ag, pg, pn); break;
         case 5: nn_stream_regs(b, bdt, ldb, N, kn, a + r0, 5, ag, pg, pn); break;
-        default: nn_stream_regs(b, bdt, ldb, N, kn, a + r0, 6, ag, pg, pn); break;
+#if NN_REGS > 6
+        case 6: nn_stream_regs(b, bdt, ldb, N, kn, a + r0, 6, ag, pg, pn); break;
+        case 7: nn_stream_regs(b, bdt, ldb, N, kn, a + r0, 7, ag, pg, pn); break;
+#endif
+        default: nn_stream_regs(b, bdt, ldb, N, kn, a + r0, NN_REGS, ag, pg, pn); break;
         }
     }
 }
