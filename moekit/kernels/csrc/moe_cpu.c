@@ -2045,36 +2045,53 @@ static int packed_nn(const void *A, int adt, int64_t lda, const int64_t *a_idx, 
 #define SW_MR 6
 
 /* acc[i][v] = sum_k wr[i][k] * xt[k][8 v .. 8 v + 8] for i < MR, v < NV (compile-time constants at each call) */
+/* A tile's sums over k of its MR weight rows (wr) times NV vectors of token rows (xt, [k][8 NV]); nwr (not NULL):
+ * the nmr weight rows of the thread's next tile, fetched into L1 a line of each every 16 k, so that they arrive
+ * over this tile's arithmetic (the hardware prefetcher, following the rows as they are read, left the tiles waiting
+ * on memory: Zen 3, 2 threads, paired runs, Mixtral-like experts of 24-96 rows 0.90x, 0.89-0.95x at 32, 0.98x at
+ * 64, 0.99x at 96, fine-grained at 32 0.93x; the layer's fp32 forward at T = 128 0.95x, forward+backward 0.97x;
+ * into L2 instead 0.94-0.98x; the next expert's first tile too, the same). */
 static inline __attribute__((always_inline)) void sw_tile_k(const int MR, const int NV, const float *const *wr,
                                                             const float *__restrict xt, int64_t K,
-                                                            __m256 acc[SW_MR][2]) {
+                                                            __m256 acc[SW_MR][2], const float *const *nwr, int nmr) {
     /* (named accumulators: as arrays, GCC kept them in memory across the loop) */
     __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0;
     __m256 b0 = a0, b1 = a0, b2 = a0, b3 = a0, b4 = a0, b5 = a0;
     const float *__restrict w0 = wr[0], *__restrict w1 = wr[1 % MR], *__restrict w2 = wr[2 % MR],
                             *__restrict w3 = wr[3 % MR], *__restrict w4 = wr[4 % MR], *__restrict w5 = wr[5 % MR];
-#pragma GCC unroll 4
-    for (int64_t k = 0; k < K; k++) {
-        __m256 x0 = _mm256_load_ps(xt + k * 8 * NV), x1 = NV > 1 ? _mm256_load_ps(xt + k * 8 * NV + 8) : x0;
-        KEEP_IN_REG(x0);
-        if (NV > 1) KEEP_IN_REG(x1);
-#define SW_ROW(i)                                                                                                  \
+#define SW_STEP(k)                                                                                                 \
+    {                                                                                                              \
+        __m256 x0 = _mm256_load_ps(xt + (k) * 8 * NV), x1 = NV > 1 ? _mm256_load_ps(xt + (k) * 8 * NV + 8) : x0;  \
+        KEEP_IN_REG(x0);                                                                                           \
+        if (NV > 1) KEEP_IN_REG(x1);                                                                               \
+        SW_ROW(0, k) SW_ROW(1, k) SW_ROW(2, k) SW_ROW(3, k) SW_ROW(4, k) SW_ROW(5, k)                              \
+    }
+#define SW_ROW(i, k)                                                                                               \
     if (MR > i) {                                                                                                  \
-        const __m256 wv = _mm256_broadcast_ss(w##i + k);                                                           \
+        const __m256 wv = _mm256_broadcast_ss(w##i + (k));                                                         \
         a##i = _mm256_fmadd_ps(wv, x0, a##i);                                                                      \
         if (NV > 1) b##i = _mm256_fmadd_ps(wv, x1, b##i);                                                          \
     }
-        SW_ROW(0) SW_ROW(1) SW_ROW(2) SW_ROW(3) SW_ROW(4) SW_ROW(5)
+    int64_t k = 0;
+    if (nwr)
+        for (; k + 16 <= K; k += 16) {
+            for (int i = 0; i < nmr; i++) _mm_prefetch((const char *)(nwr[i] + k), _MM_HINT_T0);
+#pragma GCC unroll 4
+            for (int64_t kk = k; kk < k + 16; kk++) SW_STEP(kk)
+        }
+#pragma GCC unroll 4
+    for (; k < K; k++) SW_STEP(k)
 #undef SW_ROW
-    }
+#undef SW_STEP
     acc[0][0] = a0, acc[1][0] = a1, acc[2][0] = a2, acc[3][0] = a3, acc[4][0] = a4, acc[5][0] = a5;
     acc[0][1] = b0, acc[1][1] = b1, acc[2][1] = b2, acc[3][1] = b3, acc[4][1] = b4, acc[5][1] = b5;
 }
 
-static void sw_tile(int MR, int NV, const float *const *wr, const float *xt, int64_t K, __m256 acc[SW_MR][2]) {
+static void sw_tile(int MR, int NV, const float *const *wr, const float *xt, int64_t K, __m256 acc[SW_MR][2],
+                    const float *const *nwr, int nmr) {
 #define SW_CASE(r)                                                                                                 \
     case r:                                                                                                        \
-        NV == 2 ? sw_tile_k(r, 2, wr, xt, K, acc) : sw_tile_k(r, 1, wr, xt, K, acc);                               \
+        NV == 2 ? sw_tile_k(r, 2, wr, xt, K, acc, nwr, nmr) : sw_tile_k(r, 1, wr, xt, K, acc, nwr, nmr);           \
         break;
     switch (MR) {
         SW_CASE(1)
@@ -2147,13 +2164,14 @@ static int sw_run(const sw_job *j, const int64_t *start, const int64_t *end, int
             sw_pack(j->A, j->lda, j->a_idx, s0, m, j->K, k0, k1, xt);
 #pragma omp barrier
             for (int64_t q = q0; q < q1; q++) {
-                const float *wr[SW_MR];
-                int mr = 0;
+                const float *wr[SW_MR], *nwr[SW_MR];
+                int mr = 0, nmr = 0;
                 j->rows(j, e, q, wr, &mr);
+                if (q + 1 < q1) j->rows(j, e, q + 1, nwr, &nmr); /* fetched over the first group of rows */
                 for (int64_t g0 = 0; g0 < m; g0 += 16) {
                     const int64_t ng = min64(16, m - g0);
                     __m256 acc[SW_MR][2];
-                    sw_tile(mr, m - g0 > 8 ? 2 : 1, wr, xt + g0 * j->K, j->K, acc);
+                    sw_tile(mr, m - g0 > 8 ? 2 : 1, wr, xt + g0 * j->K, j->K, acc, g0 == 0 && nmr ? nwr : NULL, nmr);
                     j->epilogue(j, e, q, mr, s0 + g0, ng, acc);
                 }
             }
