@@ -112,8 +112,9 @@ static inline float sigmoid_f32(float x) {
 /* Work of a grouped GEMM over `rows` rows and `experts` weight matrices of n x k, in threads_for's units: the
  * multiply-adds (/16), or the weight elements streamed from memory, whichever is larger (a decode step with one row
  * per expert is all streaming, and needs every thread's memory bandwidth). */
-/* The rows of all experts; *na: the experts with rows, *mmax: the most rows of one. */
-static int64_t expert_rows(const int64_t *start, const int64_t *end, int64_t E, int64_t *na, int64_t *mmax) {
+/* The rows of all experts; *na: the experts with rows, *mmax: the most rows of one. (Unused in the plain-C build.) */
+static __attribute__((unused)) int64_t expert_rows(const int64_t *start, const int64_t *end, int64_t E, int64_t *na,
+                                                   int64_t *mmax) {
     int64_t rows = 0;
     *na = *mmax = 0;
     for (int64_t e = 0; e < E; e++)
