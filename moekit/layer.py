@@ -304,8 +304,8 @@ class MoE(nn.Module):
         """The router's ``decode_routing()`` spec (``decode``: its ``fused_decode_routing()`` spec, which also covers
         the routings of :class:`moekit.kernels.cpu.RouteMode`) where routing and experts can run in one fused CPU
         kernel call (the few-token training step; the fused decode): plain softmax top-k into experts of the
-        fused backend that the decode kernels run (the training step then checks for SwiGLU), no capacity, no token ids, no expert-failure skipping, a router weight the kernels read
-        as it is; else None."""
+        fused backend that the decode kernels run (the training step then checks for SwiGLU), no capacity, no
+        token ids, no expert-failure skipping, a router weight the kernels read as it is; else None."""
         cfg, experts, router = self.config, self.experts, self.router
         if cfg.capacity_factor is not None or not isinstance(experts, Experts) \
                 or experts.backend not in ("auto", "fused") or cfg.on_expert_failure == "skip" \

@@ -134,8 +134,8 @@ class Experts(nn.Module):
         """Inference for a few tokens, with no sort, no permutation buffers and no autograd bookkeeping: the
         experts run in one small-M kernel call that groups the slots by expert itself
         (:func:`moekit.kernels.cpu.small_experts_decode`) where :meth:`decode_kernel_usable`; otherwise the slots
-        are grouped on the host and each chosen expert runs once on its rows. Returns fp32 ``y_TD`` and the slots per expert (int64 ``[E]``, or None
-        where not counted)."""
+        are grouped on the host and each chosen expert runs once on its rows. Returns fp32 ``y_TD`` and the slots
+        per expert (int64 ``[E]``, or None where not counted)."""
         dtype = compute_dtype(x_TD, self.w_in)
         x_TD = x_TD.to(dtype)
         if self.decode_kernel_usable(x_TD):

@@ -2045,8 +2045,8 @@ static int packed_nn(const void *A, int adt, int64_t lda, const int64_t *a_idx, 
  * --------------------------------------------------------------------------------------------------------------- */
 #define SW_MR 6
 
-/* acc[i][v] = sum_k wr[i][k] * xt[k][8 v .. 8 v + 8] for i < MR, v < NV (compile-time constants at each call) */
-/* A tile's sums over k of its MR weight rows (wr) times NV vectors of token rows (xt, [k][8 NV]); nwr (not NULL):
+/* acc[i][v] = sum_k wr[i][k] * xt[k][8 v .. 8 v + 8] for i < MR, v < NV (compile-time constants at each call): a
+ * tile's MR weight rows times NV vectors of token rows (xt, [k][8 NV]). nwr (not NULL):
  * the nmr weight rows of the thread's next tile, fetched into L1 a line of each every 16 k, so that they arrive
  * over this tile's arithmetic (the hardware prefetcher, following the rows as they are read, left the tiles waiting
  * on memory: Zen 3, 2 threads, paired runs, Mixtral-like experts of 24-96 rows 0.90x, 0.89-0.95x at 32, 0.98x at
@@ -2164,16 +2164,21 @@ static int sw_run(const sw_job *j, const int64_t *start, const int64_t *end, int
             float *xt = buf + (size_t)(blk++ & 1) * stride;
             sw_pack(j->A, j->lda, j->a_idx, s0, m, j->K, k0, k1, xt);
 #pragma omp barrier
+            /* the weight rows of tile q in wr[q & 1], those of the next (fetched over tile q's first group of token
+             * rows) in the other */
+            const float *wr[2][SW_MR];
+            int mr[2] = {0, 0};
+            if (q0 < q1) j->rows(j, e, q0, wr[q0 & 1], &mr[q0 & 1]);
             for (int64_t q = q0; q < q1; q++) {
-                const float *wr[SW_MR], *nwr[SW_MR];
-                int mr = 0, nmr = 0;
-                j->rows(j, e, q, wr, &mr);
-                if (q + 1 < q1) j->rows(j, e, q + 1, nwr, &nmr); /* fetched over the first group of rows */
+                const int cur = (int)(q & 1), nxt = cur ^ 1;
+                mr[nxt] = 0;
+                if (q + 1 < q1) j->rows(j, e, q + 1, wr[nxt], &mr[nxt]);
                 for (int64_t g0 = 0; g0 < m; g0 += 16) {
                     const int64_t ng = min64(16, m - g0);
                     __m256 acc[SW_MR][2];
-                    sw_tile(mr, m - g0 > 8 ? 2 : 1, wr, xt + g0 * j->K, j->K, acc, g0 == 0 && nmr ? nwr : NULL, nmr);
-                    j->epilogue(j, e, q, mr, s0 + g0, ng, acc);
+                    sw_tile(mr[cur], m - g0 > 8 ? 2 : 1, wr[cur], xt + g0 * j->K, j->K, acc,
+                            g0 == 0 && mr[nxt] ? wr[nxt] : NULL, mr[nxt]);
+                    j->epilogue(j, e, q, mr[cur], s0 + g0, ng, acc);
                 }
             }
         }
@@ -3287,10 +3292,11 @@ static inline __attribute__((always_inline)) void nn_stream_step(const char *b, 
  * partials are then summed into C by column blocks (each C element by one thread, experts in order: race-free). The
  * general kernel would read the weights in column blocks, a few hundred bytes of every row per pass, at about half
  * the memory rate. */
+#define NN_REGS_MIN_F32 2 /* float32 weights: rows per expert from which nn_stream_regs runs (single rows keep the
+                           * steps) */
+#define NN_KCHUNK 16 /* weight rows per chunk of nn_stream_regs (in L1/L2 while every column block reads them) */
 #if defined(__AVX512F__)
 #define NN_REGS 8 /* rows whose sums nn_stream_regs keeps in registers at once */
-#define NN_REGS_MIN_F32 2 /* float32 weights: rows per expert from which it runs (single rows keep the steps) */
-#define NN_KCHUNK 16 /* weight rows per chunk of nn_stream_regs (in L1/L2 while every column block reads them) */
 /* acc[r][:N] += sum_{k < kn} a[r][k] * b[k][:N] for R (a constant, <= NN_REGS) rows: each 32 columns' sums of all
  * R rows in registers over the kn rows of b (bf16 widened once per load, not once per row of A), added to acc once;
  * pf: the next chunk of b (pf_bytes, may be 0), prefetched into L2 a share with each column block. */
@@ -3336,8 +3342,6 @@ static inline __attribute__((always_inline)) void nn_stream_regs(const char *b, 
  * row per expert) took 1.03-1.04x. (Experts of 12-32 rows, which the packed tiles take, measured the same either
  * way: NN_FEW stays 8.) */
 #define NN_REGS 6
-#define NN_REGS_MIN_F32 2
-#define NN_KCHUNK 16
 static inline __attribute__((always_inline)) void nn_stream_regs(const char *b, const int bdt, size_t ldb, int64_t N,
                                                                  int kn, const float a[][NN_KCHUNK], const int R,
                                                                  float *acc, const char *pf, size_t pf_bytes) {
