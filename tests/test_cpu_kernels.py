@@ -568,16 +568,16 @@ def test_amx_can_be_switched_off(monkeypatch):
 @pytest.mark.parametrize("dtype,big", [(torch.float32, False), (torch.float32, True), (torch.bfloat16, False)])
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_small_nn_few_rows_streams_weights_across_threads(kernels, dtype, big, threads):
-    # every expert with few rows (at most 8; fp32 on AVX-512 builds at most 96): the NN kernel splits all weight
-    # rows into one range per thread (ranges that end inside an expert, an idle expert, Kd not a multiple of the
-    # 4-row step or the 16-row chunk) and sums the threads' partial rows afterwards; tokens shared by experts
-    # accumulate into the same rows of out. The sums of up to 8 (AVX2: 6) rows stay in registers over a chunk of
-    # weight rows, 32 (16) columns at a time, N's last 11 columns masked (one by one); fp32 single rows take steps
-    # of 4 weight rows. big: an expert of 17 rows too (register groups of 8, 8 and 1 rows on AVX-512 builds; the
-    # tiles on AVX2 builds, which stream up to 8)
-    counts, Kd, N = [3, 8, 0, 1, 6] + ([17] if big else []), 301, 203
+    # every expert with few rows (AVX2 builds: at most 40; AVX-512: 8, fp32 96): the NN kernel splits all weight
+    # rows into one range per thread, cut where the rows' cost is even (ranges that end inside an expert, an idle
+    # expert, Kd not a multiple of the 4-row step or of the chunk) and sums the threads' partial rows afterwards;
+    # tokens shared by experts accumulate into the same rows of out. The sums of up to 8 (AVX2: 6) rows stay in
+    # registers over a chunk of weight rows, 32 (16) columns at a time, N's last 11 columns masked (one by one); fp32
+    # single rows take steps of 4 weight rows. big: experts of 17 and 40 rows too (register groups of 8, 8 and 1
+    # rows on AVX-512 builds; on AVX2 builds groups of 6 over chunks of 64 weight rows, 4 whole chunks and a part)
+    counts, Kd, N = [3, 8, 0, 1, 6] + ([17, 40] if big else []), 301, 203
     start, end = segments(counts)
-    S, T = sum(counts), 19
+    S, T = sum(counts), 43
     g = torch.Generator().manual_seed(5)
     tok = torch.cat([torch.randperm(T, generator=g)[:c] for c in counts])
     a = torch.randn(T, Kd, generator=g).to(dtype)

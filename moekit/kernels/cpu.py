@@ -541,7 +541,10 @@ PACKED_MIN_ROWS = 24
 #: kernel alone: ``g @ W_out`` of Mixtral-like experts of 16-24 rows 52-55 -> 66-74 GFLOP/s; in the layer, fine-
 #: grained forward+backward at T = 128 (8-25 rows per expert) fp32 37.7 -> 35.5 ms and 45.8 -> 43.1 ms (two runs),
 #: bf16 46.8 -> 42.3 and 50.4 -> 47.5 ms with 12 rather than 24; 4 rows was slower at T = 16 (2-4 rows per expert).
-PACKED_NN_MIN_ROWS = 12
+#: Since then the experts of up to 40 rows stream whole weight rows in chunks of ~128 KiB instead (the kernels'
+#: ``NN_FEW``; Zen 3, the kernel alone, weights from memory: 16 rows 0.68-0.79x the packed tiles' time, 32 rows
+#: 0.79-0.93x, 48 rows 0.85-1.02x, 64 rows 0.96-1.12x), hence 41.
+PACKED_NN_MIN_ROWS = 41
 #: AVX-512 builds run float32 experts of at least this many rows on their packed tiles (12 token rows x 32 columns,
 #: 24 accumulators; their dot-product tiles are 6 x 4 weight rows of 16 lanes and reduce across lanes at the end, so
 #: they keep more of their rate on few rows, and transposing the weights into panels costs the packed tiles ~8 / rows

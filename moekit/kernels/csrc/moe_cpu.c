@@ -3246,22 +3246,34 @@ static void nn_tile(const void *const *a, int adt, int R, const char *b, int bdt
                    * it: fp32 fine-grained experts of 128 rows 5-7% faster than passes of 256 rows, whose 64 KiB
                    * strips overflowed L1; bf16 the same) */
 #endif
-/* Rows per expert up to which the NN kernel streams whole weight rows (nn_stream): bf16 weights (and every AVX2
- * build) up to NN_FEW_BF16, float32 ones on AVX-512 up to NN_FEW. With more rows than one register group (NN_REGS),
+/* Rows per expert up to which the NN kernel streams whole weight rows (nn_stream): up to NN_FEW, except bf16
+ * weights on the other builds than AVX2 (NN_FEW_BF16, 8). With more rows than one register group (NN_REGS),
  * each chunk of weight rows is read from memory once and from L1 by the later groups; the tiles' column blocks of
  * a few hundred bytes per weight row keep memory half idle. Measured on 2 Xeon (Sapphire Rapids) cores, fp32
  * against the tiles: fine-grained experts, dH @ W_in and g @ W_out together, 16 rows per expert 9.5 -> 5.6 ms, 32
  * rows 19.4 -> 15.0 ms, 64 rows 2-3% faster, 128 rows 10% slower; Mixtral-like 32 rows 11.6 -> 9.4 ms, 64 rows 21.4
- * -> 19.2 ms, 128 rows 5% slower. */
+ * -> 19.2 ms, 128 rows 5% slower. On AVX2, with chunks of ~128 KiB (nn_kchunk): Zen 3, 2 threads, paired
+ * round-robin, weights from memory, against the packed tiles: Mixtral-like dH @ W_in and g @ W_out fp32 at 12 rows
+ * 0.57x and 0.59x (10 rows, against the dot-product tiles, 0.55x and 0.56x), 16 rows 0.68x and 0.71x, 32 rows 0.79-0.84x and 0.89-0.90x, 48 rows 0.85x and 1.02x, 64 rows 0.96x and 1.12x, 96 rows
+ * 0.98x and 1.22x; bf16 at 32 rows 0.88x and 0.97x; fine-grained fp32 at 16 rows 0.74x and 0.79x (bf16 0.76x and
+ * 0.71x), 32 rows 0.93x and 0.87x, 48 rows 1.02x and 0.97x: up to 40 rows (the packed tiles' PACKED_NN_MIN_ROWS
+ * starts above). */
 #ifndef NN_FEW
 #if defined(__AVX512F__)
 #define NN_FEW 96
+#elif defined(V8)
+#define NN_FEW 40
 #else
 #define NN_FEW 8
 #endif
 #endif
-#define NN_FEW_BF16 (NN_FEW < 8 ? NN_FEW : 8)
+#if defined(V8) || NN_FEW < 8
+#define NN_FEW_BF16 NN_FEW
+#else
+#define NN_FEW_BF16 8
+#endif
 #define NN_STREAM_STEP 4 /* weight rows per step of nn_stream */
+#define NN_ROW_COST 6 /* nn_stream's cost of a weight row beyond its multiply-adds, in rows of A (reading it) */
 
 /* acc[r][:N] += sum_{k < kn} a_r[k] * b[k][:N] for R rows (a_r float32, kn <= NN_STREAM_STEP consecutive rows of b,
  * ldb apart, dtype bdt): one pass over the rows of b, which stay in L1 while each row's accumulator takes them. */
@@ -3294,7 +3306,22 @@ static inline __attribute__((always_inline)) void nn_stream_step(const char *b, 
  * the memory rate. */
 #define NN_REGS_MIN_F32 2 /* float32 weights: rows per expert from which nn_stream_regs runs (single rows keep the
                            * steps) */
-#define NN_KCHUNK 16 /* weight rows per chunk of nn_stream_regs (in L1/L2 while every column block reads them) */
+#define NN_KCHUNK 64 /* most weight rows per chunk of nn_stream_regs (in L1/L2 while every column block reads them) */
+/* The rows per chunk for an expert of R rows and weight rows of ldb bytes: 16 on AVX-512; on AVX2, from 9 rows
+ * per expert, as many as fill ~128 KiB (16 to NN_KCHUNK, whole steps of 4), each register group's sums then read
+ * and written once per chunk rather than once per 16 weight rows (Zen 3, 2 threads, Mixtral-like experts of 32
+ * rows, against 16 weight rows: dH @ W_in, 2 KiB rows, 64 per chunk 0.82x, 32 0.84x, 128 1.03x; g @ W_out, 5.5 KiB
+ * rows, 32 per chunk 0.89x, 64 0.96x, 128 1.11x; chunks of 96, 128 or 192 KiB within 1.5% of each other). With
+ * up to 8 rows, bound by reading the weights, 16 (the large chunks took 1.04-1.34x at 2-8 rows). */
+static inline int64_t nn_kchunk(size_t ldb, int64_t R) {
+#if defined(V8)
+    const int64_t r = (int64_t)(((size_t)128 << 10) / (ldb ? ldb : 1)) / 4 * 4;
+    return R <= 8 || r < 16 ? 16 : r > NN_KCHUNK ? NN_KCHUNK : r;
+#else
+    (void)ldb, (void)R;
+    return 16;
+#endif
+}
 #if defined(__AVX512F__)
 #define NN_REGS 8 /* rows whose sums nn_stream_regs keeps in registers at once */
 /* acc[r][:N] += sum_{k < kn} a[r][k] * b[k][:N] for R (a constant, <= NN_REGS) rows: each 32 columns' sums of all
@@ -3339,8 +3366,8 @@ static inline __attribute__((always_inline)) void nn_stream_regs(const char *b, 
  * fp32 1.07x and 0.88x, bf16 0.59x and 0.62x; 4 rows fp32 0.95x and 0.75x, bf16 0.51x and 0.57x; 8 rows fp32 0.75x
  * and 0.61x, bf16 0.55x and 0.58x; the layer's training steps T = 16, bf16 0.88-0.92x, fp32 0.94x (Mixtral-like)
  * and 0.93-0.96x (fine-grained). Single float32 rows keep the steps: with these, the layer's fp32 step at T = 4 (one
- * row per expert) took 1.03-1.04x. (Experts of 12-32 rows, which the packed tiles take, measured the same either
- * way: NN_FEW stays 8.) */
+ * row per expert) took 1.03-1.04x. (With chunks of 16 rows, experts of 12-32 rows measured the same as on the
+ * packed tiles; with larger chunks, faster: see NN_FEW.) */
 #define NN_REGS 6
 static inline __attribute__((always_inline)) void nn_stream_regs(const char *b, const int bdt, size_t ldb, int64_t N,
                                                                  int kn, const float a[][NN_KCHUNK], const int R,
@@ -3413,14 +3440,41 @@ static inline __attribute__((always_inline)) void nn_stream_dt(const char *b, co
 static int nn_stream(const void *A, int adt, int64_t lda, const int64_t *a_idx, const void *B, int bdt, int64_t Kd,
                      int64_t N, const int64_t *start, const int64_t *end, const int64_t *active, int64_t na, void *C,
                      int cdt, int64_t ldc, const int64_t *c_idx, int nt) {
-    int64_t rows_end = 0; /* partial sums are indexed by row s: rows [0, rows_end) */
-    for (int64_t i = 0; i < na; i++) rows_end = end[active[i]] > rows_end ? end[active[i]] : rows_end;
-    const int64_t units = na * Kd, per = (units + nt - 1) / nt;
-    float *part = malloc((size_t)nt * (size_t)rows_end * (size_t)N * sizeof(float));
-    int64_t *span = malloc((size_t)nt * 2 * sizeof(int64_t)); /* first and last active expert of each range */
-    if (!part || !span) {
-        free(part);
-        free(span);
+    /* Thread t streams the units (weight rows, expert after expert) [cut[t], cut[t + 1]), cut where the units' cost
+     * (an expert's rows plus NN_ROW_COST per weight row) is split evenly: experts of unequal rows (a router's) would
+     * leave a split by units unbalanced. Its partial sums hold the rows of the experts its range touches, in order
+     * (expert i's first at off[i] - off[span[2 t]], from poff[t]). */
+    int64_t *cut = malloc((size_t)(nt + 1 + 2 * nt + na + 1 + nt) * sizeof(int64_t));
+    if (!cut) return -5;
+    int64_t *span = cut + nt + 1, *off = span + 2 * nt, *poff = off + na + 1; /* span: first and last expert */
+    off[0] = 0;
+    double cost = 0.0;
+    for (int64_t i = 0; i < na; i++) {
+        off[i + 1] = off[i] + end[active[i]] - start[active[i]];
+        cost += (double)Kd * (double)(end[active[i]] - start[active[i]] + NN_ROW_COST);
+    }
+    cut[0] = 0, cut[nt] = na * Kd;
+    for (int t = 1, i = 0; t < nt; t++) {
+        double want = cost * t / nt, before = 0.0; /* (the cost of experts before i) */
+        for (i = 0; i < na; i++) {
+            const double c = (double)Kd * (double)(end[active[i]] - start[active[i]] + NN_ROW_COST);
+            if (before + c >= want) break;
+            before += c;
+        }
+        const double per_row = (double)(end[active[i < na ? i : na - 1]] - start[active[i < na ? i : na - 1]]) + NN_ROW_COST;
+        int64_t u = i < na ? i * Kd + (int64_t)((want - before) / per_row + 0.5) : na * Kd;
+        cut[t] = u < cut[t - 1] ? cut[t - 1] : u > na * Kd ? na * Kd : u;
+    }
+    size_t psize = 0;
+    for (int t = 0; t < nt; t++) {
+        span[2 * t] = cut[t] / Kd;
+        span[2 * t + 1] = cut[t + 1] > cut[t] ? (cut[t + 1] - 1) / Kd : cut[t] / Kd - 1; /* empty range: no expert */
+        poff[t] = (int64_t)psize;
+        if (span[2 * t + 1] >= span[2 * t]) psize += (size_t)(off[span[2 * t + 1] + 1] - off[span[2 * t]]) * (size_t)N;
+    }
+    float *part = malloc((psize ? psize : 1) * sizeof(float));
+    if (!part) {
+        free(cut);
         return -5;
     }
     const size_t eb = esize(bdt), ldb = (size_t)N * eb;
@@ -3429,10 +3483,8 @@ static int nn_stream(const void *A, int adt, int64_t lda, const int64_t *a_idx, 
     {
 #pragma omp for schedule(static)
         for (int t = 0; t < nt; t++) {
-            const int64_t u0 = min64(units, t * per), u1 = min64(units, u0 + per);
-            float *pt = part + (size_t)t * (size_t)rows_end * (size_t)N;
-            span[2 * t] = u0 / Kd;
-            span[2 * t + 1] = u1 > u0 ? (u1 - 1) / Kd : u0 / Kd - 1; /* empty range: no expert */
+            const int64_t u0 = cut[t], u1 = cut[t + 1];
+            float *pt = part + poff[t] - (size_t)off[span[2 * t]] * (size_t)N;
 #if defined(__AVX512F__) || defined(V8)
             float *wf = NULL; /* (bf16 rows: nn_stream_regs widens them itself) */
 #else
@@ -3441,25 +3493,26 @@ static int nn_stream(const void *A, int adt, int64_t lda, const int64_t *a_idx, 
             for (int64_t u = u0; u < u1;) {
                 const int64_t i = u / Kd, e = active[i], k0 = u % Kd, k1 = min64(Kd, k0 + (u1 - u));
                 const int64_t s0 = start[e], R = end[e] - s0;
-                float *acc = pt + (size_t)s0 * (size_t)N;
+                float *acc = pt + (size_t)off[i] * (size_t)N;
                 memset(acc, 0, (size_t)R * (size_t)N * sizeof(float));
                 const char *be = (const char *)B + (size_t)e * (size_t)Kd * ldb;
                 const void *ar[NN_FEW];
                 for (int r = 0; r < R; r++) ar[r] = at(A, adt, lda, a_idx ? a_idx[s0 + r] : s0 + r, 0);
 #if defined(__AVX512F__) || defined(V8)
                 const int regs = bdt == DT_BF16 || R >= NN_REGS_MIN_F32;
-                /* chunks of NN_KCHUNK weight rows (contiguous: read once, in order, the next chunk prefetched),
+                /* chunks of kch weight rows (contiguous: read once, in order, the next chunk prefetched),
                  * each column block's sums of all R rows in registers over the chunk. Measured on 2 Sapphire
                  * Rapids cores, Mixtral-like experts (weights in L3), against the steps below: bf16, 4 rows per
                  * expert g @ W_out 0.85 -> 0.42 ms, dH @ W_in 1.41 -> 0.81 ms; 7 rows 1.17 -> 0.54, 2.08 -> 1.03;
                  * fp32 4 rows 1.04 -> 0.64, 1.82 -> 1.60; fp32 single rows ~15% slower: they keep the steps */
-                for (int64_t k = k0; k < k1 && regs; k += NN_KCHUNK) {
-                    const int kn = (int)min64(NN_KCHUNK, k1 - k);
+                const int64_t kch = nn_kchunk(ldb, R);
+                for (int64_t k = k0; k < k1 && regs; k += kch) {
+                    const int kn = (int)min64(kch, k1 - k);
                     float a[NN_FEW][NN_KCHUNK];
                     for (int r = 0; r < R; r++)
                         for (int q = 0; q < kn; q++) a[r][q] = ld(ar[r], adt, k + q);
                     const char *b = be + (size_t)k * ldb;
-                    const size_t next = k + kn < k1 ? (size_t)min64(NN_KCHUNK, k1 - k - kn) * ldb : 0;
+                    const size_t next = k + kn < k1 ? (size_t)min64(kch, k1 - k - kn) * ldb : 0;
                     if (bdt == DT_F32) nn_stream_dt(b, DT_F32, ldb, N, kn, a, (int)R, acc, b + (size_t)kn * ldb, next);
                     else nn_stream_dt(b, DT_BF16, ldb, N, kn, a, (int)R, acc, b + (size_t)kn * ldb, next);
                 }
@@ -3500,7 +3553,7 @@ static int nn_stream(const void *A, int adt, int64_t lda, const int64_t *a_idx, 
                     float sum[64] = {0.0f};
                     for (int t = 0; t < nt; t++) {
                         if (i < span[2 * t] || i > span[2 * t + 1]) continue;
-                        const float *p = part + ((size_t)t * (size_t)rows_end + (size_t)s) * (size_t)N + j0;
+                        const float *p = part + poff[t] + (size_t)(off[i] - off[span[2 * t]] + s - start[e]) * (size_t)N + j0;
 #pragma omp simd
                         for (int64_t j = 0; j < w; j++) sum[j] += p[j];
                     }
@@ -3517,7 +3570,7 @@ static int nn_stream(const void *A, int adt, int64_t lda, const int64_t *a_idx, 
         }
     }
     free(part);
-    free(span);
+    free(cut);
     return 0;
 }
 
