@@ -36,11 +36,13 @@ DECODE_MAX_SLOTS = 16
 DECODE_KERNEL_MAX_SLOTS = 256
 #: Largest number of token slots that takes the few-token training step (routing and experts in one kernel call
 #: each way, see moekit.experts.train_step) where autograd is on. Forward+backward against the regular path, same
-#: process, 2 Emerald Rapids cores: Mixtral-like bf16 T = 1 0.66x, 16 0.81x, 128 (256 slots) 0.84x, 512 0.95x; fp32
-#: T = 1 0.78x, 128 0.93x, 512 0.98x; fine-grained (k = 8) similar. Up to 256 slots, as DECODE_KERNEL_MAX_SLOTS:
-#: experts of at most 256 rows, where the small-M kernels serve backward on every CPU measured (the regular path
-#: hands larger experts' backward to the library GEMMs on some).
-TRAIN_STEP_MAX_SLOTS = 256
+#: process, 2 Emerald Rapids cores: Mixtral-like bf16 T = 1 0.66x, 16 0.81x, 128 (256 slots) 0.84x, 512 (1024
+#: slots) 0.95x; fp32 T = 1 0.78x, 128 0.93x, 512 0.98x; fine-grained (k = 8) similar. 2 Zen 3 cores (AVX2), paired
+#: round-robin: fine-grained T = 128 (1024 slots, ~16 rows per expert) fp32 0.949x, bf16 0.955x; Mixtral-like fp32
+#: T = 512 0.958x; beyond, at 2048 slots fine-grained T = 256 0.963x but Mixtral-like T = 1024 (256 rows per
+#: expert) 0.998x, and at 4096 fine-grained T = 512 1.038x. Hence up to 1024 slots (the step's peak memory the
+#: regular path's within 0.05 MiB at T = 128-1024 in both shapes).
+TRAIN_STEP_MAX_SLOTS = 1024
 
 RoutingHook = Callable[["MoE", torch.Tensor, RouterOutput, DispatchPlan], None]
 
