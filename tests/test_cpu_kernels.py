@@ -1160,7 +1160,8 @@ def test_fused_paths_agree(monkeypatch, mode):
 def test_chunks_agree(monkeypatch, rows):
     """Small experts run in chunks of at most CHUNK_ROWS rows (an expert larger than the limit makes a chunk alone):
     forward, inference and backward the same however the experts are split."""
-    x = torch.randn(150, 48)  # 300 rows over 6 experts (inference of more than 256 rows: not the decode path)
+    x = torch.randn(150, 48)  # 300 rows over 6 experts
+    monkeypatch.setattr(moekit.layer, "DECODE_KERNEL_MAX_SLOTS", 256)  # inference of 300 slots: not the decode path
     ref_layer = _layer(torch.float32)
     ref_layer.experts.backend = "loop"
     want = run_fwd_bwd(ref_layer, x)

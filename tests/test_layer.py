@@ -310,6 +310,7 @@ def test_bf16_inference_rounds_in_the_output_projection(T, chunk_rows, monkeypat
     layer = moekit.MoE(64, 96, num_experts=4, top_k=2).bfloat16().eval()
     x = torch.randn(T, 64).bfloat16()
     monkeypatch.setattr(moekit.experts.fused_function, "CHUNK_ROWS", chunk_rows)
+    monkeypatch.setattr(moekit.layer, "DECODE_KERNEL_MAX_SLOTS", 256)
     calls = []
     real = moekit.kernels.cpu.row_flags
     monkeypatch.setattr(moekit.kernels.cpu, "row_flags", lambda *a: calls.append(1) or real(*a))
