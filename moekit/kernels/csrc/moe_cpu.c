@@ -3254,8 +3254,8 @@ static void nn_tile(const void *const *a, int adt, int R, const char *b, int bdt
  * rows 19.4 -> 15.0 ms, 64 rows 2-3% faster, 128 rows 10% slower; Mixtral-like 32 rows 11.6 -> 9.4 ms, 64 rows 21.4
  * -> 19.2 ms, 128 rows 5% slower. On AVX2, with chunks of ~128 KiB (nn_kchunk): Zen 3, 2 threads, paired
  * round-robin, weights from memory, against the packed tiles: Mixtral-like dH @ W_in and g @ W_out fp32 at 12 rows
- * 0.57x and 0.59x (10 rows, against the dot-product tiles, 0.55x and 0.56x), 16 rows 0.68x and 0.71x, 32 rows 0.79-0.84x and 0.89-0.90x, 48 rows 0.85x and 1.02x, 64 rows 0.96x and 1.12x, 96 rows
- * 0.98x and 1.22x; bf16 at 32 rows 0.88x and 0.97x; fine-grained fp32 at 16 rows 0.74x and 0.79x (bf16 0.76x and
+ * 0.57x and 0.59x (10 rows, against the dot-product tiles, 0.55x and 0.56x), 16 rows 0.68x and 0.71x, 32 rows
+ * 0.79-0.84x and 0.89-0.90x, 48 rows 0.85x and 1.02x, 64 rows 0.96x and 1.12x, 96 rows 0.98x and 1.22x; bf16 at 32 rows 0.88x and 0.97x; fine-grained fp32 at 16 rows 0.74x and 0.79x (bf16 0.76x and
  * 0.71x), 32 rows 0.93x and 0.87x, 48 rows 1.02x and 0.97x: up to 40 rows (the packed tiles' PACKED_NN_MIN_ROWS
  * starts above). */
 #ifndef NN_FEW
@@ -3448,23 +3448,19 @@ static int nn_stream(const void *A, int adt, int64_t lda, const int64_t *a_idx, 
     if (!cut) return -5;
     int64_t *span = cut + nt + 1, *off = span + 2 * nt, *poff = off + na + 1; /* span: first and last expert */
     off[0] = 0;
-    double cost = 0.0;
-    for (int64_t i = 0; i < na; i++) {
-        off[i + 1] = off[i] + end[active[i]] - start[active[i]];
-        cost += (double)Kd * (double)(end[active[i]] - start[active[i]] + NN_ROW_COST);
-    }
-    cut[0] = 0, cut[nt] = na * Kd;
-    for (int t = 1, i = 0; t < nt; t++) {
-        double want = cost * t / nt, before = 0.0; /* (the cost of experts before i) */
-        for (i = 0; i < na; i++) {
-            const double c = (double)Kd * (double)(end[active[i]] - start[active[i]] + NN_ROW_COST);
-            if (before + c >= want) break;
-            before += c;
+    for (int64_t i = 0; i < na; i++) off[i + 1] = off[i] + end[active[i]] - start[active[i]];
+#define NN_UNIT_COST(i) ((double)(off[(i) + 1] - off[i] + NN_ROW_COST)) /* of one weight row of active expert i */
+    double cost = 0.0, before = 0.0; /* all units' cost; the cost of the experts before i */
+    for (int64_t i = 0; i < na; i++) cost += (double)Kd * NN_UNIT_COST(i);
+    cut[0] = 0;
+    int t = 1;
+    for (int64_t i = 0; i < na && t < nt; before += (double)Kd * NN_UNIT_COST(i), i++)
+        for (double want; t < nt && before + (double)Kd * NN_UNIT_COST(i) >= (want = cost * t / nt); t++) {
+            const int64_t u = i * Kd + (int64_t)((want - before) / NN_UNIT_COST(i) + 0.5);
+            cut[t] = u < cut[t - 1] ? cut[t - 1] : u > na * Kd ? na * Kd : u;
         }
-        const double per_row = (double)(end[active[i < na ? i : na - 1]] - start[active[i < na ? i : na - 1]]) + NN_ROW_COST;
-        int64_t u = i < na ? i * Kd + (int64_t)((want - before) / per_row + 0.5) : na * Kd;
-        cut[t] = u < cut[t - 1] ? cut[t - 1] : u > na * Kd ? na * Kd : u;
-    }
+#undef NN_UNIT_COST
+    for (; t <= nt; t++) cut[t] = na * Kd;
     size_t psize = 0;
     for (int t = 0; t < nt; t++) {
         span[2 * t] = cut[t] / Kd;
@@ -3553,7 +3549,8 @@ static int nn_stream(const void *A, int adt, int64_t lda, const int64_t *a_idx, 
                     float sum[64] = {0.0f};
                     for (int t = 0; t < nt; t++) {
                         if (i < span[2 * t] || i > span[2 * t + 1]) continue;
-                        const float *p = part + poff[t] + (size_t)(off[i] - off[span[2 * t]] + s - start[e]) * (size_t)N + j0;
+                        const float *p =
+                            part + poff[t] + (size_t)(off[i] - off[span[2 * t]] + s - start[e]) * (size_t)N + j0;
 #pragma omp simd
                         for (int64_t j = 0; j < w; j++) sum[j] += p[j];
                     }
