@@ -151,37 +151,71 @@ def _round_robin(fns: dict, min_rounds: int, max_rounds: int, budget_s: float, c
     return {name: (statistics.median(ts) * 1e3, len(ts)) for name, ts in times.items()}
 
 
+#: What the peak-memory column counts (``meta["peak_memory"]`` of a result; older results have none).
+PEAK_MEMORY = "pytorch allocator + kernel scratch"
+
+
 def peak_alloc_mb(fn) -> float | None:
-    """Peak bytes held by PyTorch's CPU allocator during one call of ``fn`` (MiB), above what it held before: the CPU
-    analogue of ``torch.cuda.max_memory_allocated``. Read from the profiler's allocation events, each of which
-    carries the allocator's running total, so peaks inside a single large operator (a fused autograd Function, a
-    grouped GEMM) are seen too; independent of what malloc does with freed memory."""
+    """Peak bytes held during one call of ``fn`` (MiB), above what was held before: by PyTorch's CPU allocator (the
+    CPU analogue of ``torch.cuda.max_memory_allocated``) together with the scratch of moekit's C kernels, which
+    comes from the C allocator and which PyTorch never sees. PyTorch's part is read from the profiler's allocation
+    events, each of which carries the allocator's running total, so peaks inside a single large operator (a fused
+    autograd Function, a grouped GEMM) are seen too, independent of what malloc does with freed memory; each kernel
+    call that held scratch leaves an event of its own there (:func:`moekit.kernels.cpu.scratch_marks`), and its
+    scratch is added to the total PyTorch held at that moment. Scratch that the math libraries allocate inside
+    their GEMMs (oneDNN's or MKL's packing buffers, under moekit and transformers alike) is counted for neither."""
     try:
         import tempfile
 
         from torch.profiler import ProfilerActivity, profile, record_function
 
+        from moekit.kernels import cpu as kcpu
+
         # Two calls, the peak taken over the second: the profiler cannot see the release of memory allocated before
         # it started (a layer's statistics or cache from the previous call), so in a single profiled call a
         # module that replaces what it keeps would be charged for both the old and the new copy.
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        with kcpu.scratch_marks(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             fn()
             with record_function("moekit_peak_measured_call"):
+                kcpu.scratch_bytes(reset_peak=True)
                 fn()
+                scratch_peak = kcpu.scratch_bytes()[1]
         with tempfile.TemporaryDirectory() as tmp:
             trace = Path(tmp) / "trace.json"
             prof.export_chrome_trace(str(trace))
             events = json.loads(trace.read_text())["traceEvents"]
-        mark = next(e for e in events if e.get("name") == "moekit_peak_measured_call" and e.get("ph") == "X")
-        t0, t1 = mark["ts"], mark["ts"] + mark["dur"]
-        mem = sorted((e for e in events if e.get("name") == "[memory]" and e.get("args", {}).get("Device Type") == 0
-                      and t0 <= e["ts"] <= t1), key=lambda e: e["ts"])
-        if not mem:
-            return 0.0
-        base = mem[0]["args"]["Total Allocated"] - mem[0]["args"]["Bytes"]
-        return max(0, max(e["args"]["Total Allocated"] for e in mem) - base) / 2**20
+        return _peak_from_trace(events, scratch_peak) / 2**20
     except Exception:  # noqa: BLE001
         return None
+
+
+def _peak_from_trace(events: list[dict], scratch_peak: int) -> int:
+    """Bytes: the peak of the measured call (the ``moekit_peak_measured_call`` event) in a profiler trace, PyTorch's
+    allocator and the C kernels' scratch marks together (see :func:`peak_alloc_mb`); ``scratch_peak`` is the most
+    scratch held at once during the call by the kernels' own count: where no mark accounts for it (a call the marks
+    did not see), it is added to PyTorch's peak whole, an upper bound."""
+    from moekit.kernels.cpu import SCRATCH_MARK
+
+    mark = next(e for e in events if e.get("name") == "moekit_peak_measured_call" and e.get("ph") == "X")
+    t0, t1 = mark["ts"], mark["ts"] + mark["dur"]
+    inside = sorted((e for e in events if t0 <= e.get("ts", -1) <= t1 and (
+        (e.get("name") == "[memory]" and e.get("args", {}).get("Device Type") == 0)
+        or str(e.get("name", "")).startswith(SCRATCH_MARK))), key=lambda e: e["ts"])
+    mem = [e for e in inside if e["name"] == "[memory]"]
+    base = mem[0]["args"]["Total Allocated"] - mem[0]["args"]["Bytes"] if mem else 0
+    now, torch_peak, peak, marked = base, base, base, 0
+    for e in inside:
+        if e["name"] == "[memory]":
+            now = e["args"]["Total Allocated"]
+            torch_peak = max(torch_peak, now)
+            peak = max(peak, now)
+        else:
+            scratch = int(e["name"][len(SCRATCH_MARK):])
+            marked = max(marked, scratch)
+            peak = max(peak, now + scratch)
+    if scratch_peak > marked:
+        peak = max(peak, torch_peak + scratch_peak)
+    return max(0, peak - base)
 
 
 def _gemms(dtype: torch.dtype, n: int) -> dict:
@@ -392,6 +426,7 @@ def bench(shapes, tokens, dtypes, modes, impls, tune_allocator: bool = True) -> 
             if kcpu.library() is not None else f"unavailable ({kcpu.unavailable_reason()})",
         "torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
         "processor": cpu_name(), "threads": torch.get_num_threads(), "moekit": moekit.__version__,
+        "peak_memory": PEAK_MEMORY,
     }
     try:
         import transformers
@@ -587,7 +622,7 @@ def summarise(result: dict) -> str:
                                  copy_at.get(f"{group}/{mode}") or copy_at.get(group), rate)
         mem_mk = impls.get("moekit", {}).get("peak_mem_mb")
         mem_hf = impls.get("hf_grouped_mm", {}).get("peak_mem_mb")
-        mem = f"{mem_mk:.0f} / {mem_hf:.0f}" if mem_mk is not None and mem_hf is not None else ""
+        mem = f"{mem_mk:.1f} / {mem_hf:.1f}" if mem_mk is not None and mem_hf is not None else ""
         key = f"{shape} {dtype} T={T} {mode}"
         if mk and best:  # the last entry: the speed-up that zero overhead around the library GEMMs would give,
             # where moekit is no faster than those GEMMs alone (where it is, its own kernels beat the floor). The
@@ -619,7 +654,10 @@ def summarise(result: dict) -> str:
                               "{:.0f}", "GFLOP/s", "timed in their own pass, round-robin with the candidates")
             + f"; copy {next(iter(rf.values()))['copy_gbps']:.1f} GB/s"
             + _measured_range(result, "copy_gbps_at", f"the memory-bound rows, T <= {DECODE_TOKENS}, use the copy "
-                              "rate", "{:.1f}", "GB/s", "measured just before their pass") + ".")
+                              "rate", "{:.1f}", "GB/s", "measured just before their pass") + ". Peak memory: "
+            + ("PyTorch's allocator and the moekit kernels' own scratch together" if m.get("peak_memory") ==
+               PEAK_MEMORY else "PyTorch's allocator only (results from before the kernels' own scratch was counted)")
+            + ".")
     return head + "\n\n" + "\n".join(lines) + "\n\n" + targets_summary(checks)
 
 
@@ -677,7 +715,7 @@ def targets_summary(checks: dict) -> str:
     mem = checks["memory"]
     over = [(k, a, b) for k, a, b in mem if a > b]
     out.append(f"- **peak memory of forward+backward ≤ transformers grouped_mm**: {len(mem) - len(over)} of {len(mem)} "
-               "rows; above: " + (", ".join(f"{k} ({a:.0f} > {b:.0f} MiB)" for k, a, b in over) or "none") + ".")
+               "rows; above: " + (", ".join(f"{k} ({a:.3f} > {b:.3f} MiB)" for k, a, b in over) or "none") + ".")
     return "\n".join(out)
 
 

@@ -322,3 +322,25 @@ def test_decode_routing_benchmark_pairs_fused_and_regular_steps(tmp_path, monkey
     assert all(r["fused_decode_taken"] and r["fused_ms"] > 0 and r["regular_ms"] > 0 for r in rows)
     table = mod.table({"rows": rows, "machine": {"cpu": "x", "isa": "y", "threads": 1}})
     assert table.count("\n| tiny |") == len(mod.ROUTERS) * 2 and "not fused" not in table
+
+
+def _trace(memory, marks, scratch_mark="moekit_c_scratch:"):
+    """A profiler trace of the measured call: allocator events (ts, bytes, running total) and scratch marks (ts,
+    bytes)."""
+    events = [{"name": "moekit_peak_measured_call", "ph": "X", "ts": 0, "dur": 100}]
+    events += [{"name": "[memory]", "ts": ts, "args": {"Device Type": 0, "Bytes": b, "Total Allocated": tot}}
+               for ts, b, tot in memory]
+    events += [{"name": f"{scratch_mark}{b}", "ph": "X", "ts": ts, "dur": 0} for ts, b in marks]
+    return events
+
+
+def test_peak_adds_each_calls_scratch_to_what_pytorch_held_then():
+    # base 100 bytes; PyTorch goes to 1100, a kernel holds 5000 of scratch, PyTorch then peaks at 3100
+    memory = [(10, 1000, 1100), (30, 2000, 3100), (40, -2000, 1100)]
+    assert B._peak_from_trace(_trace(memory, [(20, 5000)]), 5000) == 6000  # 1000 + 5000 at t = 20
+    assert B._peak_from_trace(_trace(memory, [(35, 500)]), 500) == 3500  # 3000 + 500 at t = 35
+    assert B._peak_from_trace(_trace(memory, []), 0) == 3000
+    # scratch the marks do not account for (a call they did not see) is added to PyTorch's peak whole
+    assert B._peak_from_trace(_trace(memory, [(20, 100)]), 7000) == 10000
+    # events outside the measured call do not count
+    assert B._peak_from_trace(_trace(memory + [(150, 10**6, 10**6)], [(120, 10**6)]), 0) == 3000

@@ -595,7 +595,7 @@ def test_small_nn_few_rows_streams_weights_across_threads(kernels, dtype, big, t
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("counts", [[3, 0, 1, 4], [8, 5, 0, 2], [1, 1], [17, 0, 40]])
+@pytest.mark.parametrize("counts", [[3, 0, 1, 4], [8, 5, 0, 2], [1, 1], [1, 2, 0, 5], [17, 0, 40]])
 @pytest.mark.parametrize("N,Kd", [(37, 45), (64, 512)])
 def test_small_outer_few_rows_per_expert(kernels, dtype, counts, N, Kd):
     """Weight gradients where every expert has few rows (AVX-512 builds write them from registers, 4 rows of G at
@@ -1856,3 +1856,41 @@ def test_kernel_source_compiles_cleanly_for_every_target(march):
     if "bad value" in proc.stderr or "unrecognized" in proc.stderr:
         pytest.skip(f"{cc} does not know -march={march}")
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_scratch_is_counted_and_released(kernels):
+    """Every buffer the kernels allocate is counted (PyTorch never sees it; the benchmark adds it to PyTorch's peak)
+    and freed before the call returns; ``reset_peak`` restarts the high-water mark from what is held now."""
+    counts, Kd, N = [20, 0, 20], 96, 512  # few rows per expert: the threads' partial sums (40 x 512 floats) are
+    start, end = segments(counts)  # allocated (AVX2 builds' nn_stream; other paths allocate their own buffers)
+    g = torch.Generator().manual_seed(3)
+    a, w = torch.randn(40, Kd, generator=g), torch.randn(3, Kd, N, generator=g)
+    out = torch.empty(40, N)
+    assert K.scratch_bytes(reset_peak=True)[0] == 0
+    assert K.scratch_bytes() == (0, 0)
+    K.small_experts_nn(a, None, w, start, end, out)
+    held, peak = K.scratch_bytes(reset_peak=True)
+    assert held == 0 and peak > 0
+    if K.vector_isa() == "avx2" and K.isa() != "generic":  # (partials beyond the 16 KiB kept on the stack)
+        assert peak >= 40 * N * 4
+    assert K.scratch_bytes() == (0, 0)
+
+
+def test_peak_memory_counts_the_kernels_scratch(kernels):
+    """The benchmark's peak memory of a call that only runs a kernel is that kernel's scratch: PyTorch's profiler
+    alone reads ~0 for it."""
+    from moekit.benchmark import peak_alloc_mb
+
+    counts, Kd, N = [20, 0, 20], 96, 512
+    start, end = segments(counts)
+    a, w, out = torch.randn(40, Kd), torch.randn(3, Kd, N), torch.empty(40, N)
+
+    def step():
+        K.small_experts_nn(a, None, w, start, end, out)
+
+    step()
+    K.scratch_bytes(reset_peak=True)
+    step()
+    scratch = K.scratch_bytes()[1]
+    mb = peak_alloc_mb(step)
+    assert scratch > 0 and mb is not None and mb * 2**20 >= scratch, (mb, scratch)

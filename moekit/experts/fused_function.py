@@ -504,10 +504,10 @@ def _small_backward(plan: _Plan, act, g_TD, x_c, w_in, w_out, b_out, token_S, w_
         if grads.w_out is not None:
             _outer(plan, c, segs, g_TD, tok, aw, None, grads.w_out)  # dW_out = g^T @ (w a)
         del aw
+        if grads.x is not None:  # (before dW_in: the first chunk's scratch then comes before the largest buffer)
+            kcpu.small_experts_nn(dh, None, w_in, c.start_E, c.end_bwd_E, grads.x, tok)  # dx += dH @ W_in
         if grads.w_in_needed:
             _outer(plan, c, segs, dh, None, x_c, tok, grads.w_in_buffer())  # dW_in = dH^T @ x
-        if grads.x is not None:
-            kcpu.small_experts_nn(dh, None, w_in, c.start_E, c.end_bwd_E, grads.x, tok)  # dx += dH @ W_in
         del dh  # before the next chunk's temporaries
 
 

@@ -14,6 +14,7 @@ Where no compiler works, or with ``MOEKIT_CPU_KERNELS=0``, :func:`library` retur
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import logging
@@ -174,6 +175,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     for name, args in sigs.items():
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = args, ctypes.c_int64 if name == "moe_row_flags" else ctypes.c_int
+    lib.moe_scratch_stats.argtypes, lib.moe_scratch_stats.restype = [P], None
+    lib.moe_scratch_reset_peak.argtypes, lib.moe_scratch_reset_peak.restype = [ctypes.c_int], None
 
 
 # ------------------------------------------------------------------------------------------------ checks
@@ -238,6 +241,75 @@ def _use_c(*tensors: torch.Tensor | None) -> bool:
         if t.device.type != "cpu" or t.dtype not in _DTYPES or t.dim() != 2 or (t.shape[1] > 1 and t.stride(1) != 1):
             return False
     return library() is not None
+
+
+def scratch_bytes(reset_peak: bool = False) -> tuple[int, int]:
+    """``(held, peak)``: bytes of scratch the C kernels hold now and the most they held at once (since the library
+    loaded, or since the last ``reset_peak=True``, which restarts the peak from what is held now; the counts are
+    read first). This memory comes from the C allocator, so PyTorch's memory statistics and profiler never see it;
+    the benchmark adds the peak to PyTorch's. ``(0, 0)`` where the kernels are unavailable."""
+    lib = library()
+    if lib is None:
+        return 0, 0
+    out = (ctypes.c_int64 * 3)()
+    lib.moe_scratch_stats(out)
+    if reset_peak:
+        lib.moe_scratch_reset_peak(1)
+    return int(out[0]), int(out[1])
+
+
+#: Name prefix of the profiler events :func:`scratch_marks` records; the bytes follow it.
+SCRATCH_MARK = "moekit_c_scratch:"
+
+
+class _ScratchMarking:
+    """The library as :func:`scratch_marks` hands it out: each kernel call is followed by a zero-length profiler
+    event naming the most scratch it held at once, where it held any."""
+
+    def __init__(self, lib: ctypes.CDLL):
+        self._lib = lib
+
+    def __getitem__(self, name: str):
+        return self._lib[name]
+
+    def __getattr__(self, name: str):
+        fn = getattr(self._lib, name)
+        if not name.startswith("moe_") or name.startswith("moe_scratch"):
+            return fn
+        lib = self._lib
+        out = (ctypes.c_int64 * 3)()
+
+        def call(*args):
+            lib.moe_scratch_reset_peak(2)  # (the second mark: this call's own)
+            rc = fn(*args)
+            lib.moe_scratch_stats(out)
+            if out[2]:
+                with torch.profiler.record_function(f"{SCRATCH_MARK}{int(out[2])}"):
+                    pass
+            return rc
+
+        call.__name__ = name
+        return call
+
+
+@contextlib.contextmanager
+def scratch_marks():
+    """Within the block, every call of a kernel that allocated scratch is followed by a profiler event named
+    ``SCRATCH_MARK + str(bytes)``, ``bytes`` the most scratch it held at once (all of it is freed before the call
+    returns): under ``torch.profiler.profile(profile_memory=True)`` it lands between the allocator's events, so a
+    peak-memory reading can add each call's scratch to what PyTorch held at that moment (see
+    :func:`moekit.benchmark.peak_alloc_mb`). Calls through function objects taken from the library before the block
+    (a bound decode step's) are not marked; the global peak of :func:`scratch_bytes` still counts them."""
+    global _LIB
+    lib = library()
+    if lib is None:
+        yield
+        return
+    _LIB = _ScratchMarking(lib)
+    try:
+        yield
+    finally:
+        _LIB = lib
 
 
 # --------------------------------------------------------------------------------------------- wrappers

@@ -23,6 +23,71 @@ static inline int omp_get_thread_num(void) { return 0; }
 static inline int omp_get_num_threads(void) { return 1; }
 #endif
 
+/* Scratch accounting. Every buffer these kernels allocate comes from sc_alloc and goes back through sc_free, which
+ * keep a count of the bytes held now and two high-water marks: the most held at once since the last reset of each
+ * (moe_scratch_reset_peak: 1 the first, 2 the second, 3 both); the memory a caller's allocator (PyTorch's) never
+ * sees, which the benchmark adds to PyTorch's own peak. Each buffer carries its size and its header's in the 16 bytes
+ * in front of it (a header of 16 bytes, or 64 where it must be 64-byte aligned); the counts, headers included, are
+ * updated with atomics (a few per kernel call, against microseconds of work). */
+static int64_t sc_now, sc_peak[2];
+
+static void sc_raise(int64_t *peak, int64_t now) {
+    int64_t seen = __atomic_load_n(peak, __ATOMIC_RELAXED);
+    while (now > seen && !__atomic_compare_exchange_n(peak, &seen, now, 1, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {
+    }
+}
+
+static void *sc_alloc(size_t n, size_t align, int zero) {
+    const size_t head = align > 16 ? 64 : 16, total = head == 64 ? (n + 64 + 63) & ~(size_t)63 : n + 16;
+    char *p = head == 64 ? aligned_alloc(64, total) : malloc(total);
+    if (!p) return NULL;
+    if (zero) memset(p + head, 0, n);
+    size_t *q = (size_t *)(p + head);
+    q[-2] = total;
+    q[-1] = head;
+    const int64_t now = __atomic_add_fetch(&sc_now, (int64_t)total, __ATOMIC_RELAXED);
+    sc_raise(&sc_peak[0], now);
+    sc_raise(&sc_peak[1], now);
+    return q;
+}
+
+static void sc_free(void *ptr) {
+    if (!ptr) return;
+    const size_t *q = ptr;
+    __atomic_sub_fetch(&sc_now, (int64_t)q[-2], __ATOMIC_RELAXED);
+    free((char *)ptr - q[-1]);
+}
+
+/* Bytes of scratch held now and the two high-water marks (out[0], out[1], out[2]). */
+void moe_scratch_stats(int64_t *out) {
+    out[0] = __atomic_load_n(&sc_now, __ATOMIC_RELAXED);
+    out[1] = __atomic_load_n(&sc_peak[0], __ATOMIC_RELAXED);
+    out[2] = __atomic_load_n(&sc_peak[1], __ATOMIC_RELAXED);
+}
+
+/* Restart the marks in the mask (1: the first, 2: the second) from what is held now. */
+void moe_scratch_reset_peak(int which) {
+    const int64_t now = __atomic_load_n(&sc_now, __ATOMIC_RELAXED);
+    for (int i = 0; i < 2; i++)
+        if (which >> i & 1) __atomic_store_n(&sc_peak[i], now, __ATOMIC_RELAXED);
+}
+
+/* Every allocation below goes through the accounting. */
+#define malloc(n) sc_alloc((n), 16, 0)
+#define calloc(n, s) sc_alloc((size_t)(n) * (size_t)(s), 16, 1)
+#define aligned_alloc(a, n) sc_alloc((n), (a), 0)
+#define free(p) sc_free(p)
+
+/* An array of n elements of scratch: on the stack where n <= cap (the bookkeeping of a few-token call: no
+ * allocation at all), else allocated; SCRATCH_FREE releases it either way. */
+#define SCRATCH_ARRAY(type, name, n, cap)                                                                              \
+    type name##_st[cap];                                                                                               \
+    type *name = (size_t)(n) <= (size_t)(cap) ? name##_st : malloc((size_t)(n) * sizeof(type))
+#define SCRATCH_FREE(name)                                                                                             \
+    do {                                                                                                               \
+        if (name != name##_st) free(name);                                                                             \
+    } while (0)
+
 #define DT_F32 0
 #define DT_BF16 1
 
@@ -3437,6 +3502,11 @@ static inline __attribute__((always_inline)) void nn_stream_dt(const char *b, co
 }
 #endif
 
+/* Partial sums of up to this many floats (16 KiB: the few-token step's few rows) live on the caller's stack. */
+#ifndef NN_STACK_FLOATS
+#define NN_STACK_FLOATS 4096
+#endif
+
 static int nn_stream(const void *A, int adt, int64_t lda, const int64_t *a_idx, const void *B, int bdt, int64_t Kd,
                      int64_t N, const int64_t *start, const int64_t *end, const int64_t *active, int64_t na, void *C,
                      int cdt, int64_t ldc, const int64_t *c_idx, int nt) {
@@ -3444,7 +3514,7 @@ static int nn_stream(const void *A, int adt, int64_t lda, const int64_t *a_idx, 
      * (an expert's rows plus NN_ROW_COST per weight row) is split evenly: experts of unequal rows (a router's) would
      * leave a split by units unbalanced. Its partial sums hold the rows of the experts its range touches, in order
      * (expert i's first at off[i] - off[span[2 t]], from poff[t]). */
-    int64_t *cut = malloc((size_t)(nt + 1 + 2 * nt + na + 1 + nt) * sizeof(int64_t));
+    SCRATCH_ARRAY(int64_t, cut, nt + 1 + 2 * nt + na + 1 + nt, 256);
     if (!cut) return -5;
     int64_t *span = cut + nt + 1, *off = span + 2 * nt, *poff = off + na + 1; /* span: first and last expert */
     off[0] = 0;
@@ -3468,9 +3538,11 @@ static int nn_stream(const void *A, int adt, int64_t lda, const int64_t *a_idx, 
         poff[t] = (int64_t)psize;
         if (span[2 * t + 1] >= span[2 * t]) psize += (size_t)(off[span[2 * t + 1] + 1] - off[span[2 * t]]) * (size_t)N;
     }
-    float *part = malloc((psize ? psize : 1) * sizeof(float));
+    /* (a few rows' partial sums, a few-token step's: on the stack, no allocation) */
+    float part_st[NN_STACK_FLOATS] __attribute__((aligned(64)));
+    float *part = psize <= NN_STACK_FLOATS ? part_st : malloc(psize * sizeof(float));
     if (!part) {
-        free(cut);
+        SCRATCH_FREE(cut);
         return -5;
     }
     const size_t eb = esize(bdt), ldb = (size_t)N * eb;
@@ -3566,8 +3638,8 @@ static int nn_stream(const void *A, int adt, int64_t lda, const int64_t *a_idx, 
             }
         }
     }
-    free(part);
-    free(cut);
+    if (part != part_st) free(part);
+    SCRATCH_FREE(cut);
     return 0;
 }
 
@@ -3585,12 +3657,12 @@ static int small_nn(const void *A, int adt, int64_t lda, const int64_t *a_idx, c
      * reused from cache by the item's tiles instead of being read again per NBLK columns. */
     const int nt = threads_for(gemm_work(rows, na, N, Kd), nthreads);
     if (na && most <= (bdt == DT_F32 ? NN_FEW : NN_FEW_BF16)) {
-        int64_t *active = malloc((size_t)na * sizeof(int64_t));
+        SCRATCH_ARRAY(int64_t, active, na, 256);
         if (!active) return -5;
         for (int64_t e = 0, i = 0; e < E; e++)
             if (end[e] > start[e]) active[i++] = e;
         const int rc = nn_stream(A, adt, lda, a_idx, B, bdt, Kd, N, start, end, active, na, C, cdt, ldc, c_idx, nt);
-        free(active);
+        SCRATCH_FREE(active);
         return rc;
     }
     const size_t eb = esize(bdt);
@@ -4157,6 +4229,9 @@ static int amx_outer(const bf16 *A, int64_t lda, const int64_t *a_idx, const bf1
 }
 #endif
 
+#ifndef OUTER_STACK_K
+#define OUTER_STACK_K 2048 /* floats of a packed B row, at most, where an expert's rows are packed on the stack */
+#endif
 #define OUTER_PACK_MAX (4 << 20) /* bytes of an expert's packed rows of B, at most (else read in place) */
 #ifndef OUTER_FEW
 #define OUTER_FEW 2 /* rows per expert up to which the outer-product kernel writes G row by row */
@@ -4293,7 +4368,7 @@ int moe_small_outer(const void *A, int adt, int64_t lda, const int64_t *a_idx, c
 #endif
     const int64_t nb = (N + OTN - 1) / OTN;
     int64_t work = 0, na = 0;
-    int64_t *active = malloc((size_t)(E ? E : 1) * sizeof(int64_t)); /* items over experts with rows only */
+    SCRATCH_ARRAY(int64_t, active, E, 256); /* items over experts with rows only */
     if (!active) return -5;
     for (int64_t e = 0; e < E; e++)
         if (end[e] > start[e]) {
@@ -4308,6 +4383,8 @@ int moe_small_outer(const void *A, int adt, int64_t lda, const int64_t *a_idx, c
     float *bp = NULL, *ap = NULL;
     int64_t bp_e = -1, cap = 0;
     const int64_t K16 = (Kd + 15) / 16 * 16;
+    /* (experts of a row or two with a short B row, a few-token step's router: on the stack, no allocation) */
+    float bp_st[OUTER_FEW * OUTER_STACK_K] __attribute__((aligned(64))), ap_st[OUTER_FEW * OTN];
 #endif
 #pragma omp for schedule(static)
     for (int64_t item = 0; item < na * nb; item++) {
@@ -4318,10 +4395,10 @@ int moe_small_outer(const void *A, int adt, int64_t lda, const int64_t *a_idx, c
         const int64_t Se = s1 - s0;
         const int fits = (size_t)Se * (size_t)K16 * 4 <= OUTER_PACK_MAX;
         if (fits && Se > cap) {
-            free(bp);
-            free(ap);
-            bp = malloc((size_t)Se * (size_t)K16 * 4);
-            ap = malloc((size_t)Se * OTN * 4);
+            if (bp != bp_st) free(bp), free(ap);
+            const int st = Se <= OUTER_FEW && K16 <= OUTER_STACK_K;
+            bp = st ? bp_st : malloc((size_t)Se * (size_t)K16 * 4);
+            ap = st ? ap_st : malloc((size_t)Se * OTN * 4);
             cap = bp && ap ? Se : 0;
             bp_e = -1;
         }
@@ -4453,11 +4530,10 @@ int moe_small_outer(const void *A, int adt, int64_t lda, const int64_t *a_idx, c
     _mm_sfence(); /* order this thread's non-temporal stores before the barrier */
 #endif
 #if defined(V8)
-    free(bp);
-    free(ap);
+    if (bp != bp_st) free(bp), free(ap);
 #endif
     }
-    free(active);
+    SCRATCH_FREE(active);
     return 0;
 }
 
@@ -5221,11 +5297,11 @@ static int64_t few_fused_split(const int64_t *start, const int64_t *end, int64_t
 /* The idle experts' blocks (blk bytes each, from base) of a gradient buffer, zeroed in one streaming fill. */
 static int zero_idle_experts(const int64_t *start, const int64_t *end, int64_t E, void *base, size_t blk,
                              int nthreads) {
-    char **zp = malloc((size_t)(E ? E : 1) * sizeof(char *));
-    int64_t *zn = malloc((size_t)(E ? E : 1) * sizeof(int64_t));
+    SCRATCH_ARRAY(char *, zp, E, 256);
+    SCRATCH_ARRAY(int64_t, zn, E, 256);
     if (!zp || !zn) {
-        free(zp);
-        free(zn);
+        SCRATCH_FREE(zp);
+        SCRATCH_FREE(zn);
         return -5;
     }
     int64_t nz = 0;
@@ -5235,8 +5311,8 @@ static int zero_idle_experts(const int64_t *start, const int64_t *end, int64_t E
             zn[nz++] = (int64_t)blk;
         }
     if (nz) zero_ranges(zp, zn, nz, nthreads);
-    free(zp);
-    free(zn);
+    SCRATCH_FREE(zp);
+    SCRATCH_FREE(zn);
     return 0;
 }
 
