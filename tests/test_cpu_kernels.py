@@ -236,6 +236,30 @@ def test_small_experts_forward(kernels, dtype, E, D, F_, counts, bias):
     assert rel_err(out, want_out) < tol_out
 
 
+@pytest.mark.parametrize("swiglu", [True, False])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("threads", [1, None])
+def test_row_stream_input_projection(kernels, swiglu, bias, threads):
+    """Float32 experts of 3 to 8 rows with d_model a multiple of 16 (AVX2 builds: the row-stream dot products, each
+    weight row read start to end against all the expert's rows; others: the tiles) against the float64 reference:
+    every row count of that range, 1-2 and 9 beside it, an idle expert, a last item of 36 activation columns
+    (d_ff 100: 64 + 36), SwiGLU with the pre-activations kept and plain (2 d_ff outputs), one thread or all."""
+    counts, D, F_ = [3, 4, 5, 0, 6, 7, 8, 2, 9, 1], 128, 100
+    E = len(counts)
+    x, tok, w, w_in, w_out, b_in, b_out = _small_problem(E, D, F_, counts, torch.float32, bias)
+    start, end = segments(counts)
+    with num_threads(threads or torch.get_num_threads()):
+        h, a = K.small_experts_up(x, tok, start, end, w_in, b_in, swiglu=swiglu, keep_h=True, packed_min_rows=1000)
+    for e in range(E):
+        s, t = start[e].item(), end[e].item()
+        if s == t:
+            continue
+        h_ref = x[tok[s:t]].double() @ w_in[e].double().T + (0 if b_in is None else b_in[e].double())
+        assert rel_err(h[s:t], h_ref) < TOL[torch.float32], e
+        if swiglu:
+            assert rel_err(a[s:t], F.silu(h_ref[:, :F_]) * h_ref[:, F_:]) < TOL[torch.float32], e
+
+
 SWAPPED_CASES = [  # (E, D, F, rows per expert): the swapped tiles' edges (experts of 24 to 96 rows; others beside)
     (3, 37, 21, [24, 0, 29]),  # a group of 16 and one of 8 (one vector), 16 + 13 (3 padded rows); 7 tiles of 3
     (2, 530, 70, [40, 5]),  # 16 + 16 + 8; 70 = 23 x 3 + 1: a last SwiGLU tile of 1 column pair; 5 rows beside
