@@ -3465,13 +3465,23 @@ static inline __attribute__((always_inline)) void nn_stream_step(const char *b, 
  * and written once per chunk rather than once per 16 weight rows (Zen 3, 2 threads, Mixtral-like experts of 32
  * rows, against 16 weight rows: dH @ W_in, 2 KiB rows, 64 per chunk 0.82x, 32 0.84x, 128 1.03x; g @ W_out, 5.5 KiB
  * rows, 32 per chunk 0.89x, 64 0.96x, 128 1.11x; chunks of 96, 128 or 192 KiB within 1.5% of each other). With
- * up to 8 rows, bound by reading the weights, 16 (the large chunks took 1.04-1.34x at 2-8 rows). */
-static inline int64_t nn_kchunk(size_t ldb, int64_t R) {
+ * up to 8 rows, bound by reading the weights, 16 (the large chunks took 1.04-1.34x at 2-8 rows), and fewer for
+ * float32 experts of one register group's rows: 4 for up to NN_KCH_FEW_ROWS (3), 8 for 4-6, the chunk's weight
+ * rows then fewer streams at once, and each group's sums read and written per chunk cheap with few rows (Zen 3,
+ * 2 threads, Mixtral-like experts from memory, against 16: g @ W_out 2 rows 0.85x, 3 rows 0.78x, 4 rows 0.97x (8
+ * per chunk), 6 rows 0.85x; dH @ W_in 0.74x, 0.81x, 0.83x, 0.90x; 8 rows, two register groups, 4 per chunk 1.18-1.26x
+ * and 8 1.02-1.08x, hence 16; bf16, whose chunks widen their rows, 4 or 8 per chunk 0.95-1.40x: 16). The layer's
+ * fp32 forward+backward at T = 16: Mixtral-like 0.96-0.97x, fine-grained 0.94-0.96x; T = 8 0.98x, T = 32 0.99x. */
+#ifndef NN_KCH_FEW_ROWS
+#define NN_KCH_FEW_ROWS 3
+#endif
+static inline int64_t nn_kchunk(size_t ldb, int64_t R, int bdt) {
 #if defined(V8)
     const int64_t r = (int64_t)(((size_t)128 << 10) / (ldb ? ldb : 1)) / 4 * 4;
+    if (bdt == DT_F32 && R <= 6) return R <= NN_KCH_FEW_ROWS ? 4 : 8; /* (6: one register group on AVX2) */
     return R <= 8 || r < 16 ? 16 : r > NN_KCHUNK ? NN_KCHUNK : r;
 #else
-    (void)ldb, (void)R;
+    (void)ldb, (void)R, (void)bdt;
     return 16;
 #endif
 }
@@ -3661,7 +3671,7 @@ static int nn_stream(const void *A, int adt, int64_t lda, const int64_t *a_idx, 
                  * Rapids cores, Mixtral-like experts (weights in L3), against the steps below: bf16, 4 rows per
                  * expert g @ W_out 0.85 -> 0.42 ms, dH @ W_in 1.41 -> 0.81 ms; 7 rows 1.17 -> 0.54, 2.08 -> 1.03;
                  * fp32 4 rows 1.04 -> 0.64, 1.82 -> 1.60; fp32 single rows ~15% slower: they keep the steps */
-                const int64_t kch = nn_kchunk(ldb, R);
+                const int64_t kch = nn_kchunk(ldb, R, bdt);
                 for (int64_t k = k0; k < k1 && regs; k += kch) {
                     const int kn = (int)min64(kch, k1 - k);
                     float a[NN_FEW][NN_KCHUNK];
