@@ -620,12 +620,14 @@ def test_small_nn_few_rows_streams_weights_across_threads(kernels, dtype, big, t
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("counts", [[3, 0, 1, 4], [8, 5, 0, 2], [1, 1], [1, 2, 0, 5], [17, 0, 40]])
-@pytest.mark.parametrize("N,Kd", [(37, 45), (64, 512)])
+@pytest.mark.parametrize("N,Kd", [(37, 45), (64, 512), (13, 200)])
 def test_small_outer_few_rows_per_expert(kernels, dtype, counts, N, Kd):
     """Weight gradients where every expert has few rows (AVX-512 builds write them from registers, 4 rows of G at
     a time: fp32 up to 256 rows per expert, bf16 on AMX up to 4): rows of G in a last partial group of 4, columns in
     a partial 32- or 64-column step, both operands gathered by index, fp32 sums rounded into a bf16 G (the same bits
-    as the fp32 G rounded), an idle expert left untouched."""
+    as the fp32 G rounded), an idle expert left untouched; AVX2 builds' fp32 blocks of 128 columns written through
+    a buffer (Kd 200: a whole block and a partial one; Kd 45: rows of G not 32-byte aligned), and experts of one or
+    two rows on their own loop (Kd 512)."""
     g = torch.Generator().manual_seed(sum(counts) + N)
     start, end = segments(counts)
     S, T = sum(counts), max(11, *counts)

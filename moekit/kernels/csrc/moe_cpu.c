@@ -4061,19 +4061,23 @@ static inline __attribute__((always_inline)) void bf16_line(char *o, __m256i hel
         st8x2(o + 32, DT_BF16, lo, hi, min64(16, left), 0);
     }
 }
-/* float32 G with rows of at most OUTER_BUF_COLS columns (AVX2): each block of OTN rows summed into a buffer in L1
- * with plain stores, then streamed out row by row, rather than each 16-column strip streamed from its registers
- * (the multiply-adds then wait on the streaming stores: one Zen 3 core, 6 x 512 blocks, 3-16 rows per expert,
- * 0.68-0.78x the time as a loop alone). Measured on Zen 3 (2 threads, paired, from memory), the kernel on
- * Mixtral-like dH^T x (rows of 512): 4 rows 0.77x, 8 rows 0.71x, 32 rows 0.88x; fine-grained 16 rows 0.90x and
- * 0.94x; rows of 1408 (g^T (w a)) 1.03-1.13x with 512-column buffers, 1.10-1.15x with whole rows, hence the limit.
- * The layer's fp32 forward+backward: Mixtral-like T = 16 0.93x, T = 1024 0.97x, T = 128 1.01x; fine-grained T = 16
- * 0.98x, T = 128 0.95x, T = 1024 0.98x. The same bits. */
+/* float32 G (AVX2): each block of OTN rows summed, OUTER_BUF_COLS columns at a time, into a buffer in L1 with plain
+ * stores, then streamed out row by row, rather than each 16-column strip streamed from its registers (the
+ * multiply-adds then wait on the streaming stores: one Zen 3 core, 6 x 512 blocks, 3-16 rows per expert, 0.68-0.78x
+ * the time as a loop alone). Measured on Zen 3 (2 threads, paired, from memory), the kernel on Mixtral-like dH^T x
+ * (rows of 512) with 512-column buffers: 4 rows 0.77x, 8 rows 0.71x, 32 rows 0.88x; fine-grained 16 rows 0.90x and
+ * 0.94x; rows of 1408 (g^T (w a)) 1.03-1.13x with 512-column buffers (the buffer and the expert's packed rows
+ * overflow L1), 1.10-1.15x with whole rows, but 0.80x (4 rows), 0.97x (8) and 0.98x (32) with 128-column ones,
+ * which against 512 columns took 0.97-0.98x on the rows of 512 and 256 too (256 columns 0.98-1.00x, 64 0.85-1.00x
+ * on rows of 1408). The layer's fp32 forward+backward (512-column buffers, rows of up to 512): Mixtral-like
+ * T = 16 0.93x, T = 1024 0.97x, T = 128 1.01x; fine-grained T = 16 0.98x, T = 128 0.95x, T = 1024 0.98x; then
+ * 128-column buffers on every row length against that: Mixtral-like T = 16 0.965x, T = 128 and 1024 1.00x,
+ * fine-grained T = 1024 1.00x. The same bits. */
 #ifndef OUTER_BUF
 #define OUTER_BUF 1
 #endif
 #ifndef OUTER_BUF_COLS
-#define OUTER_BUF_COLS 512
+#define OUTER_BUF_COLS 128
 #endif
 /* Rows n0 .. n0 + nn of G from the expert's Se rows packed: ap ([Se][OTN]) and bp (column strips [Kd / 16][Se][16]),
  * 16 columns at a time (out of line: inside the work loop, GCC reloaded a dozen values from the stack per strip).
@@ -4086,7 +4090,7 @@ static __attribute__((noinline)) void outer8_strips(const float *bp, const float
     __m256i held[OTN]; /* bf16 G: each row's first half of a 64-byte run, converted (set before it is read) */
     UNROLL for (int i = 0; i < OTN; i++) held[i] = _mm256_setzero_si256();
     float buf[OUTER_BUF ? OTN : 1][OUTER_BUF ? OUTER_BUF_COLS : 16] __attribute__((aligned(64)));
-    const int buffered = OUTER_BUF && gdt == DT_F32 && Kd <= OUTER_BUF_COLS;
+    const int buffered = OUTER_BUF && gdt == DT_F32;
     for (int64_t c0 = 0, cb = 0; c0 < Kd; c0 += 16) {
         const int64_t left = Kd - c0;
         const float *b = bp + (size_t)(c0 / 16) * (size_t)Se * 16, *a = ap;
