@@ -834,8 +834,8 @@ static inline int64_t up_block_cost(int64_t rows_left, int64_t nj, int64_t mem_r
     const int64_t rb = min64(UP_RB, rows_left);
     return nj * (rb > mem_rows ? rb : mem_rows);
 }
-/* Whether a row block of the input projection (or an expert of the output projection) runs on the row-stream
- * dot products (rs_rows) rather than the tiles. */
+/* Whether a row block of the input projection runs on the row-stream dot products (rs_rows) rather than the
+ * tiles. */
 static inline int rs_serves(int dt, int64_t rows, int64_t K) {
 #if defined(V8)
     return dt == DT_F32 && rows >= RS_MIN_ROWS && rows <= RS_MAX_ROWS && K % 16 == 0;
@@ -3637,8 +3637,7 @@ static int nn_stream(const void *A, int adt, int64_t lda, const int64_t *a_idx, 
         if (span[2 * t + 1] >= span[2 * t]) psize += (size_t)(off[span[2 * t + 1] + 1] - off[span[2 * t]]) * (size_t)N;
     }
     /* (a few rows' partial sums, a few-token step's: on the stack, no allocation) */
-    float part_st[NN_STACK_FLOATS] __attribute__((aligned(64)));
-    float *part = psize <= NN_STACK_FLOATS ? part_st : malloc(psize * sizeof(float));
+    SCRATCH_ARRAY(float, part, psize, NN_STACK_FLOATS);
     if (!part) {
         SCRATCH_FREE(cut);
         return -5;
@@ -3736,7 +3735,7 @@ static int nn_stream(const void *A, int adt, int64_t lda, const int64_t *a_idx, 
             }
         }
     }
-    if (part != part_st) free(part);
+    SCRATCH_FREE(part);
     SCRATCH_FREE(cut);
     return 0;
 }
@@ -4369,15 +4368,12 @@ static int amx_outer(const bf16 *A, int64_t lda, const int64_t *a_idx, const bf1
 #define OUTER_STACK_K 2048 /* floats of a packed B row, at most, where an expert's rows are packed on the stack */
 #endif
 #define OUTER_PACK_MAX (4 << 20) /* bytes of an expert's packed rows of B, at most (else read in place) */
-/* Experts of OUTER_FEW rows or fewer with whole 16-column steps take a loop of their own, each row of G with its
- * broadcasts hoisted and its pointer walked (the general loop tested the dtype and the tail, and recomputed the
- * row's address, at every 64 bytes written, a few cycles each against a handful of multiply-adds). The same bits.
- * Measured on Zen 3 (2 threads, paired, weights and gradients from memory), the kernel on Mixtral-like experts:
- * 1 row 0.40-0.43x, 2 rows 0.53-0.58x; the layer's forward+backward: fp32 T = 1 0.89-0.94x, T = 4 0.84-0.94x,
- * fine-grained T = 16 0.88x; bf16 T = 1 0.90-0.93x, fine-grained T = 16 0.92x. */
-#ifndef OUTER_FEW_FAST
-#define OUTER_FEW_FAST 1
-#endif
+/* Experts of OUTER_FEW rows or fewer write G row by row, each row with its broadcasts hoisted and its pointer walked
+ * (a loop that tested the dtype and the tail, and recomputed the row's address, at every 64 bytes written, a few
+ * cycles each against a handful of multiply-adds, took 1.7-2.5x the time). The same bits. Measured on Zen 3 (2
+ * threads, paired, weights and gradients from memory), the kernel on Mixtral-like experts: 1 row 0.40-0.43x, 2 rows
+ * 0.53-0.58x; the layer's forward+backward: fp32 T = 1 0.89-0.94x, T = 4 0.84-0.94x, fine-grained T = 16 0.88x;
+ * bf16 T = 1 0.90-0.93x, fine-grained T = 16 0.92x. */
 #ifndef OUTER_FEW
 #define OUTER_FEW 2 /* rows per expert up to which the outer-product kernel writes G row by row */
 #endif
@@ -4564,22 +4560,22 @@ int moe_small_outer(const void *A, int adt, int64_t lda, const int64_t *a_idx, c
                 const char *ar = at(A, adt, lda, a_idx ? a_idx[s0 + s] : s0 + s, 0);
                 UNROLL for (int i = 0; i < OTN; i++) ap[s * OTN + i] = i < nn ? ld(ar, adt, n0 + i) : 0.0f;
             }
-            if (Se <= OUTER_FEW && OUTER_FEW_FAST && Kd % 16 == 0) {
-                /* (whole 16-column steps: each row of G with its broadcasts hoisted and its pointer walked, no dtype
-                 * or tail tests per step; the same sums in the same order, so the same bits as the loop below) */
+            if (Se <= OUTER_FEW) { /* a row or two: all the work is writing G; each row of G written in order */
                 const __m256 z = _mm256_setzero_ps();
                 for (int i = 0; i < nn; i++) {
                     char *g = at(ge, gdt, Kd, n0 + i, 0);
                     const int stream = gdt == DT_F32 && ((uintptr_t)g & 31) == 0;
-                    const __m256 a0 = _mm256_broadcast_ss(ap + i), a1 = _mm256_broadcast_ss(ap + OTN + i);
-                    const float *b = bp;
-                    for (int64_t c0 = 0; c0 < Kd; c0 += 16, b += 16 * Se) {
-                        __m256 lo = _mm256_fmadd_ps(a0, _mm256_loadu_ps(b), z);
-                        __m256 hi = _mm256_fmadd_ps(a0, _mm256_loadu_ps(b + 8), z);
-                        if (Se == 2) {
-                            lo = _mm256_fmadd_ps(a1, _mm256_loadu_ps(b + 16), lo);
-                            hi = _mm256_fmadd_ps(a1, _mm256_loadu_ps(b + 24), hi);
-                        }
+                    const __m256 a0 = _mm256_broadcast_ss(ap + i), a1 = Se == 2 ? _mm256_broadcast_ss(ap + OTN + i) : z;
+                    const float *b = bp; /* (the strips are zero-padded to whole 16 columns) */
+                    int64_t c0 = 0;
+#define OUTER_FEW_STEP                                                                                             \
+    __m256 lo = _mm256_fmadd_ps(a0, _mm256_loadu_ps(b), z), hi = _mm256_fmadd_ps(a0, _mm256_loadu_ps(b + 8), z);    \
+    if (Se == 2) {                                                                                                 \
+        lo = _mm256_fmadd_ps(a1, _mm256_loadu_ps(b + 16), lo);                                                     \
+        hi = _mm256_fmadd_ps(a1, _mm256_loadu_ps(b + 24), hi);                                                     \
+    }
+                    for (; c0 + 16 <= Kd; c0 += 16, b += 16 * Se) {
+                        OUTER_FEW_STEP
                         if (gdt == DT_BF16) /* (plain stores: see OUTER_BF16_LINES) */
                             _mm256_storeu_si256((__m256i *)(g + 2 * c0), cvt8x2_bf16(lo, hi));
                         else if (stream)
@@ -4587,22 +4583,12 @@ int moe_small_outer(const void *A, int adt, int64_t lda, const int64_t *a_idx, c
                         else
                             _mm256_storeu_ps((float *)g + c0, lo), _mm256_storeu_ps((float *)g + c0 + 8, hi);
                     }
-                }
-                continue;
-            }
-            if (Se <= OUTER_FEW) { /* a row or two: all the work is writing G; each row of G written in order */
-                for (int i = 0; i < nn; i++)
-                    for (int64_t c0 = 0; c0 < Kd; c0 += 16) {
-                        const int64_t left = Kd - c0;
-                        const float *b = bp + (size_t)(c0 / 16) * (size_t)Se * 16;
-                        __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-                        for (int64_t s = 0; s < Se; s++) {
-                            const __m256 av = _mm256_broadcast_ss(ap + s * OTN + i);
-                            acc0 = _mm256_fmadd_ps(av, _mm256_loadu_ps(b + 16 * s), acc0);
-                            acc1 = _mm256_fmadd_ps(av, _mm256_loadu_ps(b + 16 * s + 8), acc1);
-                        }
-                        st8x2(at(ge, gdt, Kd, n0 + i, c0), gdt, acc0, acc1, min64(16, left), 1);
+                    if (c0 < Kd) { /* the row's tail, outside the loop (inside, its store slowed every step) */
+                        OUTER_FEW_STEP
+                        st8x2(g + (size_t)c0 * esize(gdt), gdt, lo, hi, Kd - c0, 1);
                     }
+#undef OUTER_FEW_STEP
+                }
                 continue;
             }
             outer8_strips(bp, ap, Se, Kd, ge, gdt, n0, nn);
