@@ -1583,6 +1583,11 @@ typedef __m512 gk_v;
 #define GK_OUT_PF 8
 #endif
 #endif
+/* fetch into L1 the GK_NR float32 columns at o of a scattered output row that an epilogue will add into */
+static inline void gk_prefetch_out(const float *o) {
+    _mm_prefetch((const char *)o, _MM_HINT_T0);
+    _mm_prefetch((const char *)o + 4 * GK_NR - 1, _MM_HINT_T0);
+}
 #ifndef GK_APACK
 #if defined(V8)
 #define GK_APACK 1
@@ -2107,11 +2112,8 @@ static void down_epilogue(const gk_job *j, int64_t e, int64_t p, int64_t s0, int
         const int64_t s = s0 + i;
         float *o = d->out + d->tok[s] * d->ld_out + d0;
         const float *r = c + GK_NR * i;
-        if (GK_OUT_PF && s + GK_OUT_PF < s_end) { /* the output rows are scattered: fetch them a few rows ahead */
-            const char *po = (const char *)(d->out + d->tok[s + GK_OUT_PF] * d->ld_out + d0);
-            _mm_prefetch(po, _MM_HINT_T0);
-            _mm_prefetch(po + 4 * GK_NR - 1, _MM_HINT_T0);
-        }
+        if (GK_OUT_PF && s + GK_OUT_PF < s_end) /* the output rows are scattered: fetch them a few rows ahead */
+            gk_prefetch_out(d->out + d->tok[s + GK_OUT_PF] * d->ld_out + d0);
         const gk_v ws = GK_SET1(d->w[s]);
         if (dw == GK_NR) {
             GK_STOREU(o, GK_FMA(ws, GK_ADD(GK_LOAD(r), b0), GK_LOADU(o)));
@@ -2158,11 +2160,8 @@ static void nn_epilogue(const gk_job *j, int64_t e, int64_t p, int64_t s0, int64
         const float *r = c + GK_NR * i;
         if (m->c_idx) {
             float *o = (float *)m->C + m->c_idx[s0 + i] * m->ldc + n0;
-            if (GK_OUT_PF && s0 + i + GK_OUT_PF < s_end) { /* scattered rows, as the output projection's */
-                const char *po = (const char *)((float *)m->C + m->c_idx[s0 + i + GK_OUT_PF] * m->ldc + n0);
-                _mm_prefetch(po, _MM_HINT_T0);
-                _mm_prefetch(po + 4 * GK_NR - 1, _MM_HINT_T0);
-            }
+            if (GK_OUT_PF && s0 + i + GK_OUT_PF < s_end) /* scattered rows, as the output projection's */
+                gk_prefetch_out((float *)m->C + m->c_idx[s0 + i + GK_OUT_PF] * m->ldc + n0);
             if (nw == GK_NR) {
                 GK_STOREU(o, GK_ADD(GK_LOADU(o), GK_LOAD(r)));
                 GK_STOREU(o + GK_VL, GK_ADD(GK_LOADU(o + GK_VL), GK_LOAD(r + GK_VL)));
@@ -3415,9 +3414,9 @@ static void nn_tile(const void *const *a, int adt, int R, const char *b, int bdt
  * -> 19.2 ms, 128 rows 5% slower. On AVX2, with chunks of ~128 KiB (nn_kchunk): Zen 3, 2 threads, paired
  * round-robin, weights from memory, against the packed tiles: Mixtral-like dH @ W_in and g @ W_out fp32 at 12 rows
  * 0.57x and 0.59x (10 rows, against the dot-product tiles, 0.55x and 0.56x), 16 rows 0.68x and 0.71x, 32 rows
- * 0.79-0.84x and 0.89-0.90x, 48 rows 0.85x and 1.02x, 64 rows 0.96x and 1.12x, 96 rows 0.98x and 1.22x; bf16 at 32 rows 0.88x and 0.97x; fine-grained fp32 at 16 rows 0.74x and 0.79x (bf16 0.76x and
- * 0.71x), 32 rows 0.93x and 0.87x, 48 rows 1.02x and 0.97x: up to 40 rows (the packed tiles' PACKED_NN_MIN_ROWS
- * starts above). */
+ * 0.79-0.84x and 0.89-0.90x, 48 rows 0.85x and 1.02x, 64 rows 0.96x and 1.12x, 96 rows 0.98x and 1.22x; bf16 at
+ * 32 rows 0.88x and 0.97x; fine-grained fp32 at 16 rows 0.74x and 0.79x (bf16 0.76x and 0.71x), 32 rows 0.93x and
+ * 0.87x, 48 rows 1.02x and 0.97x: up to 40 rows (the packed tiles' PACKED_NN_MIN_ROWS starts above). */
 #ifndef NN_FEW
 #if defined(__AVX512F__)
 #define NN_FEW 96
