@@ -627,7 +627,8 @@ def test_small_outer_few_rows_per_expert(kernels, dtype, counts, N, Kd):
     a partial 32- or 64-column step, both operands gathered by index, fp32 sums rounded into a bf16 G (the same bits
     as the fp32 G rounded), an idle expert left untouched; AVX2 builds' fp32 blocks of 128 columns written through
     a buffer (Kd 200: a whole block and a partial one; Kd 45: rows of G not 32-byte aligned), and experts of one or
-    two rows on their own loop (Kd 512)."""
+    two rows on their own loop (Kd 512); AVX2 builds pack A's columns 4 blocks of 6 at a time (N 37: a group of 4
+    blocks and one of 3, whose last block has a single column and the one before it too few for an 8-lane load)."""
     g = torch.Generator().manual_seed(sum(counts) + N)
     start, end = segments(counts)
     S, T = sum(counts), max(11, *counts)
