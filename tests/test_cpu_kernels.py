@@ -1749,6 +1749,8 @@ HANDOVER_CASES = [  # (E, D, F, rows per expert): F a multiple of 8, experts abo
     (3, 40, 24, [300, 0, 257]),  # tiles of 5 and 6 rows
     (2, 530, 72, [520, 3]),  # d_model not a multiple of 8, three k blocks of the input projection
     (1, 2100, 16, [1100]),  # several blocks of rows, cut alike in both projections
+    (2, 64, 48, [300, 130]),  # d_ff a multiple of 16 (AVX2: the input projection's panels pair, 6 of them: on 2
+    # threads the second starts at an odd one, which writes alone), one expert packed and one not
 ]
 
 
@@ -1757,7 +1759,8 @@ HANDOVER_CASES = [  # (E, D, F, rows per expert): F a multiple of 8, experts abo
 @pytest.mark.parametrize("bias", [False, True])
 def test_handed_over_activation_gives_the_same_bits(kernels, dtype, E, D, F_, counts, bias):
     """SwiGLU's activation handed from the input projection to the output projection in the packed tiles' layout
-    gives the output of the activation passed as rows, bit for bit, on any thread count; where the packed tiles
+    gives the output of the activation passed as rows, bit for bit, on any thread count (and so the input
+    projection's paired panels, which write two panels' rows at once, those of a panel alone); where the packed tiles
     take float32 rows packed (AVX2 builds), the activation really comes in that layout."""
     x, tok, w, w_in, w_out, b_in, b_out = _small_problem(E, D, F_, counts, dtype, bias)
     start, end = segments(counts)

@@ -1805,7 +1805,7 @@ static void gk_tile(int R, const float *const *a, const float *pa, const float *
 
 struct gk_job;
 typedef void (*gk_epilogue)(const struct gk_job *j, int64_t e, int64_t p, int64_t s, int64_t R, int64_t s_end,
-                            int pk, const float *c);
+                            int pk, const float *c, const float *prev, int next);
 
 /* c[i][0..GK_NR] = sum_k a[i][k] * src[k][0..GK_NR] for the m float32 rows a[i] of length K, K in blocks of GK_KC
  * packed into bp, then epi(j, e, p, ...) on each tile's rows as the last block completes them, while their sums
@@ -1813,8 +1813,8 @@ typedef void (*gk_epilogue)(const struct gk_job *j, int64_t e, int64_t p, int64_
  * block (or this panel's next) is prefetched into L2 a share per tile while this block computes: the weights
  * stream from memory under the arithmetic. */
 static void gk_panel(const float *const *a, const float *pa, int64_t m, const gk_src *src, const gk_src *next,
-                     int dt, int64_t K, float *bp, float *c, gk_epilogue epi, const struct gk_job *j, int64_t e,
-                     int64_t p, int64_t s0, int pk) {
+                     int dt, int64_t K, float *bp, float *c, const float *prev, gk_epilogue epi,
+                     const struct gk_job *j, int64_t e, int64_t p, int64_t s0, int pk) {
     const size_t eb = esize(dt);
     const int64_t ntiles = (m + GK_MR - 1) / GK_MR;
     for (int64_t k0 = 0; k0 < K; k0 += GK_KC) {
@@ -1843,7 +1843,8 @@ static void gk_panel(const float *const *a, const float *pa, int64_t m, const gk
             if (!pa)
                 for (int r = 0; r < R; r++) ak[r] = a[i + r] + k0;
             gk_tile((int)R, ak, pa ? pa + i * gk_k8(K) + k0 * R : NULL, bp, kc, c + GK_NR * i, k0 > 0);
-            if (k0 + GK_KC >= K) epi(j, e, p, s0 + i, R, s0 + m, pk, c + GK_NR * i);
+            if (k0 + GK_KC >= K)
+                epi(j, e, p, s0 + i, R, s0 + m, pk, c + GK_NR * i, prev ? prev + GK_NR * i : NULL, next != NULL);
         }
     }
 }
@@ -1942,6 +1943,8 @@ typedef struct gk_job {
     gk_epilogue epilogue;     /* on rows s .. s + R of a block ending at s_end, their sums c ([R][GK_NR]); pk:
                                * the block's rows ran packed */
     const void *args;         /* the kernel's own arguments, for source and epilogue */
+    int pair;                 /* the epilogue of panel p + 1 also sees panel p's sums (prev), where the thread ran
+                               * panel p on the same block just before it (two buffers of sums, alternating) */
 } gk_job;
 
 static int gk_run(const gk_job *j, const int64_t *start, const int64_t *end, int64_t E, int nthreads) {
@@ -1967,7 +1970,8 @@ static int gk_run(const gk_job *j, const int64_t *start, const int64_t *end, int
         int64_t blk = 0;
         /* the packed block, the panel's results for a block of rows, widened token rows, row pointers */
         float *bp = aligned_alloc(64, (size_t)GK_KC * GK_NR * sizeof(float));
-        float *c = aligned_alloc(64, (size_t)(mb_max + GK_MR) * GK_NR * sizeof(float));
+        const size_t cn = (size_t)(mb_max + GK_MR) * GK_NR; /* floats of sums per panel */
+        float *c = aligned_alloc(64, (j->pair ? 2 : 1) * cn * sizeof(float));
         float *buf = j->adt == DT_F32 ? NULL : malloc((size_t)mb_max * (size_t)j->K * sizeof(float) + 64);
         const float **a = malloc((size_t)(mb_max + 1) * sizeof(float *));
         if (!bp || !c || !a || (j->adt != DT_F32 && !buf)) {
@@ -2003,8 +2007,10 @@ static int gk_run(const gk_job *j, const int64_t *start, const int64_t *end, int
                     j->source(j, e, p0, &src[p0 & 1]);
                     for (int64_t p = p0; p < p1; p++) {
                         if (p + 1 < p1) j->source(j, e, p + 1, &src[(p + 1) & 1]);
+                        const size_t cur = j->pair ? (size_t)(p & 1) * cn : 0, before = cn - cur;
                         gk_panel(a, pa, mb, &src[p & 1], p + 1 < p1 ? &src[(p + 1) & 1] : NULL, j->bdt, j->K, bp,
-                                 c, j->epilogue, j, e, p, s0, pa != NULL);
+                                 c + cur, j->pair && p > p0 ? c + before : NULL, j->epilogue, j, e, p, s0,
+                                 pa != NULL);
                     }
                 }
             }
@@ -2022,6 +2028,7 @@ typedef struct {
     int act;
     void *h_out, *a_out;
     int a_pk; /* a handed over packed (gk_handover) */
+    int pair; /* the panels pair (up_epilogue) */
 } gk_up_args;
 
 static void up_source(const gk_job *j, int64_t e, int64_t p, gk_src *src) {
@@ -2036,21 +2043,65 @@ static void up_source(const gk_job *j, int64_t e, int64_t p, gk_src *src) {
     }
 }
 
-/* bias, keep h, SwiGLU: a as rows, or (handed over, the block packed) as gk_apack packs it */
+#ifndef UP_PAIR
+#define UP_PAIR 1
+#endif
+/* bias, keep h, SwiGLU: a as rows, or (handed over, the block packed) as gk_apack packs it. Where the panels pair
+ * (gk_up_args.pair: SwiGLU, float32, d_ff a multiple of 16), an even panel whose odd partner this thread runs next
+ * writes nothing, and the partner writes both panels' rows: 16 columns of h's gate half and 16 of its up half, each
+ * one whole 64-byte line with streaming stores (no read for ownership of lines that backward reads much later), and
+ * 16 columns of a as one line too (plain stores: the output projection reads a next). One panel alone writes half
+ * lines, each read from memory first and completed only when the next panel's tiles come round. */
+static inline __attribute__((always_inline)) void up_bias(const gk_up_args *u, int dt, int64_t e, int64_t j0,
+                                                         int64_t jw, float *bias) {
+    for (int64_t i = 0; i < GK_NR; i++) bias[i] = 0.0f;
+    if (u->b_in)
+        for (int64_t i = 0; i < jw; i++) {
+            bias[i] = ld(u->b_in, dt, e * u->W + j0 + i);
+            if (u->act == 1) bias[u->PW + i] = ld(u->b_in, dt, e * u->W + u->F + j0 + i);
+        }
+}
+
 static void up_epilogue(const gk_job *j, int64_t e, int64_t p, int64_t s0, int64_t mb, int64_t s_end, int pk,
-                        const float *c) {
+                        const float *c, const float *prev, int next) {
     const gk_up_args *u = j->args;
     (void)s_end;
     const int to_pk = GK_APACK && pk && u->a_pk; /* (then jw = GK_VL = 8: gk_handover) */
     const int dt = j->bdt;
     const int64_t W = u->W, F = u->F, PW = u->PW, j0 = p * PW, jw = min64(PW, F - j0);
-    float bias[GK_NR] __attribute__((aligned(64))) = {0.0f}; /* gate (and up) biases */
-    if (u->b_in)
-        for (int64_t i = 0; i < jw; i++) {
-            bias[i] = ld(u->b_in, dt, e * W + j0 + i);
-            if (u->act == 1) bias[PW + i] = ld(u->b_in, dt, e * W + F + j0 + i);
-        }
+    float bias[GK_NR] __attribute__((aligned(64)));
+    up_bias(u, dt, e, j0, jw, bias);
     const gk_v b0 = GK_LOAD(bias), b1 = GK_LOAD(bias + GK_VL);
+#if defined(V8)
+    if (u->pair && !(p & 1) && next) return; /* written with panel p + 1's */
+    if (u->pair && (p & 1) && prev) {
+        float pbias[GK_NR] __attribute__((aligned(64)));
+        const int64_t jp = j0 - PW; /* the even panel's columns: jp .. jp + 16 are one line of each row */
+        up_bias(u, dt, e, jp, PW, pbias);
+        const gk_v pb0 = GK_LOAD(pbias), pb1 = GK_LOAD(pbias + GK_VL);
+        for (int64_t i = 0; i < mb; i++) {
+            const float *r0 = prev + GK_NR * i, *r1 = c + GK_NR * i;
+            const gk_v g0 = GK_ADD(GK_LOAD(r0), pb0), u0 = GK_ADD(GK_LOAD(r0 + GK_VL), pb1);
+            const gk_v g1 = GK_ADD(GK_LOAD(r1), b0), u1 = GK_ADD(GK_LOAD(r1 + GK_VL), b1);
+            if (u->h_out) {
+                float *hg = (float *)u->h_out + (s0 + i) * W + jp;
+                _mm256_stream_ps(hg, g0), _mm256_stream_ps(hg + GK_VL, g1);
+                _mm256_stream_ps(hg + F, u0), _mm256_stream_ps(hg + F + GK_VL, u1);
+            }
+            const gk_v a0 = GK_MUL(GK_MUL(g0, GK_SIGMOID(g0)), u0), a1 = GK_MUL(GK_MUL(g1, GK_SIGMOID(g1)), u1);
+            if (to_pk) { /* each panel's 8 columns where gk_apack puts them */
+                GK_STOREU((float *)u->a_out + s0 * F + jp * mb + 8 * i, a0);
+                GK_STOREU((float *)u->a_out + s0 * F + j0 * mb + 8 * i, a1);
+            } else {
+                float *ar = (float *)u->a_out + (s0 + i) * F + jp;
+                GK_STOREU(ar, a0), GK_STOREU(ar + GK_VL, a1);
+            }
+        }
+        return;
+    }
+#else
+    (void)prev, (void)next;
+#endif
     for (int64_t i = 0; i < mb; i++) {
         const float *r = c + GK_NR * i;
         const gk_v g = GK_ADD(GK_LOAD(r), b0), g2 = GK_ADD(GK_LOAD(r + GK_VL), b1); /* g2: up (SwiGLU) */
@@ -2073,9 +2124,14 @@ static int packed_up(const void *x, int64_t ld_x, const int64_t *tok, const int6
                      void *a_out, int a_pk, int nthreads) {
     const int64_t F = act == 1 ? W / 2 : W, PW = act == 1 ? GK_VL : GK_NR; /* output (activation) columns per panel */
     a_pk = a_pk && gk_handover(dt, F);
-    const gk_up_args u = {w_in, b_in, W, F, PW, act, h_out, a_out, a_pk};
+#if defined(V8)
+    const int pair = UP_PAIR && dt == DT_F32 && act == 1 && F % 16 == 0 && ((uintptr_t)h_out & 63) == 0;
+#else
+    const int pair = 0;
+#endif
+    const gk_up_args u = {w_in, b_in, W, F, PW, act, h_out, a_out, a_pk, pair};
     const gk_job j = {x, dt, ld_x, tok, dt, D, W, (F + PW - 1) / PW, a_pk ? gk_handover_rows(D, F) : 0, 0,
-                      up_source, up_epilogue, &u};
+                      up_source, up_epilogue, &u, pair};
     return gk_run(&j, start, end, E, nthreads);
 }
 
@@ -2100,9 +2156,9 @@ static void down_source(const gk_job *j, int64_t e, int64_t p, gk_src *src) {
 }
 
 static void down_epilogue(const gk_job *j, int64_t e, int64_t p, int64_t s0, int64_t mb, int64_t s_end, int pk,
-                          const float *c) {
+                          const float *c, const float *prev, int next) {
     const gk_down_args *d = j->args;
-    (void)pk;
+    (void)pk, (void)prev, (void)next;
     const int64_t d0 = p * GK_NR, dw = min64(GK_NR, d->D - d0);
     float bias[GK_NR] __attribute__((aligned(64))) = {0.0f};
     if (d->b_out)
@@ -2152,10 +2208,10 @@ static void nn_source(const gk_job *j, int64_t e, int64_t p, gk_src *src) {
 }
 
 static void nn_epilogue(const gk_job *j, int64_t e, int64_t p, int64_t s0, int64_t mb, int64_t s_end, int pk,
-                        const float *c) {
+                        const float *c, const float *prev, int next) {
     const gk_nn_args *m = j->args;
     const int64_t n0 = p * GK_NR, nw = min64(GK_NR, m->N - n0);
-    (void)e, (void)pk;
+    (void)e, (void)pk, (void)prev, (void)next;
     for (int64_t i = 0; i < mb; i++) {
         const float *r = c + GK_NR * i;
         if (m->c_idx) {
