@@ -656,6 +656,36 @@ def test_small_outer_few_rows_per_expert(kernels, dtype, counts, N, Kd):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_small_outer_same_bits_for_any_thread_count(kernels, dtype):
+    """Each element of G is summed by one work item in row order, so 1, 2 or 3 threads give the same bits: where a
+    thread's first item starts inside an expert, in the middle of a group of column blocks that one pass packs
+    together (AVX2 builds: 4 blocks of 6 columns of A), it packs its own group from there. N 37: 7 blocks, a
+    group of 4 and one of 3 ending in a one-column block; 4 experts with rows, 28 items, so the third of 3 threads
+    starts at the third block of the second expert (Kd 5400: enough work for the kernel to take 3 threads)."""
+    counts, N, Kd = [5, 130, 0, 9, 40], 37, 5400
+    start, end = segments(counts)
+    g = torch.Generator().manual_seed(11)
+    S = sum(counts)
+    a = torch.randn(S, N, generator=g).to(dtype)
+    b = torch.randn(S + 7, Kd, generator=g).to(dtype)
+    b_idx = torch.randperm(S + 7, generator=g)[:S]
+    got = []
+    for threads in (1, 2, 3):
+        with num_threads(threads):
+            grad = torch.full((len(counts), N, Kd), 7.0).to(dtype)
+            K.small_experts_outer(a, None, b, b_idx, start, end, grad)
+            got.append(grad)
+    for grad in got[1:]:
+        assert torch.equal(grad, got[0])
+    for e, c in enumerate(counts):
+        s, t = start[e].item(), end[e].item()
+        if c == 0:
+            assert (got[0][e] == 7).all()
+        else:
+            assert rel_err(got[0][e], a[s:t].double().T @ b[b_idx[s:t]].double()) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_small_outer_with_rows_too_many_to_pack(kernels, dtype):
     # an expert whose rows of b exceed the outer-product kernel's packing buffer (OUTER_PACK_MAX, 4 MiB of fp32)
     # is read in place; a small one next to it is packed
