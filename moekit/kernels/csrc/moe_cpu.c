@@ -2014,6 +2014,9 @@ static int gk_run(const gk_job *j, const int64_t *start, const int64_t *end, int
                     }
                 }
             }
+#if defined(V8)
+        if (j->pair) _mm_sfence(); /* order this thread's streaming stores (up_epilogue) before the join */
+#endif
         free(bp), free(c), free(buf), free(a);
     }
     free(pa_buf);
