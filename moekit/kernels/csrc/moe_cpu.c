@@ -2031,7 +2031,6 @@ typedef struct {
     int act;
     void *h_out, *a_out;
     int a_pk; /* a handed over packed (gk_handover) */
-    int pair; /* the panels pair (up_epilogue) */
 } gk_up_args;
 
 static void up_source(const gk_job *j, int64_t e, int64_t p, gk_src *src) {
@@ -2050,7 +2049,7 @@ static void up_source(const gk_job *j, int64_t e, int64_t p, gk_src *src) {
 #define UP_PAIR 1
 #endif
 /* bias, keep h, SwiGLU: a as rows, or (handed over, the block packed) as gk_apack packs it. Where the panels pair
- * (gk_up_args.pair: SwiGLU, float32, d_ff a multiple of 16), an even panel whose odd partner this thread runs next
+ * (gk_job.pair: SwiGLU, float32, d_ff a multiple of 16), an even panel whose odd partner this thread runs next
  * writes nothing, and the partner writes both panels' rows: 16 columns of h's gate half and 16 of its up half, each
  * one whole 64-byte line with streaming stores (no read for ownership of lines that backward reads much later), and
  * 16 columns of a as one line too (plain stores: the output projection reads a next). One panel alone writes half
@@ -2076,8 +2075,8 @@ static void up_epilogue(const gk_job *j, int64_t e, int64_t p, int64_t s0, int64
     up_bias(u, dt, e, j0, jw, bias);
     const gk_v b0 = GK_LOAD(bias), b1 = GK_LOAD(bias + GK_VL);
 #if defined(V8)
-    if (u->pair && !(p & 1) && next) return; /* written with panel p + 1's */
-    if (u->pair && (p & 1) && prev) {
+    if (j->pair && !(p & 1) && next) return; /* written with panel p + 1's */
+    if (j->pair && (p & 1) && prev) {
         float pbias[GK_NR] __attribute__((aligned(64)));
         const int64_t jp = j0 - PW; /* the even panel's columns: jp .. jp + 16 are one line of each row */
         up_bias(u, dt, e, jp, PW, pbias);
@@ -2091,7 +2090,7 @@ static void up_epilogue(const gk_job *j, int64_t e, int64_t p, int64_t s0, int64
                 _mm256_stream_ps(hg, g0), _mm256_stream_ps(hg + GK_VL, g1);
                 _mm256_stream_ps(hg + F, u0), _mm256_stream_ps(hg + F + GK_VL, u1);
             }
-            const gk_v a0 = GK_MUL(GK_MUL(g0, GK_SIGMOID(g0)), u0), a1 = GK_MUL(GK_MUL(g1, GK_SIGMOID(g1)), u1);
+            const gk_v a0 = swiglu8(g0, u0), a1 = swiglu8(g1, u1);
             if (to_pk) { /* each panel's 8 columns where gk_apack puts them */
                 GK_STOREU((float *)u->a_out + s0 * F + jp * mb + 8 * i, a0);
                 GK_STOREU((float *)u->a_out + s0 * F + j0 * mb + 8 * i, a1);
@@ -2132,7 +2131,7 @@ static int packed_up(const void *x, int64_t ld_x, const int64_t *tok, const int6
 #else
     const int pair = 0;
 #endif
-    const gk_up_args u = {w_in, b_in, W, F, PW, act, h_out, a_out, a_pk, pair};
+    const gk_up_args u = {w_in, b_in, W, F, PW, act, h_out, a_out, a_pk};
     const gk_job j = {x, dt, ld_x, tok, dt, D, W, (F + PW - 1) / PW, a_pk ? gk_handover_rows(D, F) : 0, 0,
                       up_source, up_epilogue, &u, pair};
     return gk_run(&j, start, end, E, nthreads);
@@ -4637,7 +4636,7 @@ int moe_small_outer(const void *A, int adt, int64_t lda, const int64_t *a_idx, c
                 bp_e = e;
             }
             const int64_t blk = n0 / OTN;
-            if (ap_e != e || blk < ap_b0 || blk >= ap_b1) { /* this block and the next few, block by block */
+            if (ap_e != e || blk >= ap_b1) { /* this block and the next few (a thread's items come in order) */
                 ap_e = e, ap_b0 = blk, ap_b1 = min64(nb, blk + OUTER_AP_GROUP);
                 for (int64_t b = ap_b0; b < ap_b1; b++) {
                     float *o = ap + (size_t)(b - ap_b0) * (size_t)Se * OTN;
