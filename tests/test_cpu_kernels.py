@@ -3,6 +3,7 @@ PyTorch reference: odd sizes (tails of every vector width), empty experts, gathe
 float32 and bfloat16, NaN and infinity, thread-count independence, the PyTorch fallback, and bad arguments. The
 layer-level tests (tests/test_layer.py) then check the fused backend that uses them against the loop reference."""
 
+import re
 import shutil
 import subprocess
 
@@ -1916,6 +1917,25 @@ def test_kernel_source_compiles_cleanly_for_every_target(march):
     if "bad value" in proc.stderr or "unrecognized" in proc.stderr:
         pytest.skip(f"{cc} does not know -march={march}")
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_kernel_parts_are_all_included_once_and_key_the_build(tmp_path, monkeypatch):
+    """moe_cpu.c includes every part beside it exactly once (a part left out would be dead code; one included twice,
+    a redefinition), and an edit to any part changes the cached build's key, so a stale library is never loaded."""
+    root = K.SOURCE.read_text()
+    included = re.findall(r'^#include "([^"]+)"$', root, flags=re.M)
+    parts = sorted(p.name for p in K.SOURCE.parent.glob("*.h"))
+    assert sorted(included) == parts and len(included) == len(set(included)) and len(parts) >= 10
+    for p in parts:  # parts include nothing themselves: the order lives in one place
+        assert not re.search(r'^#include "', (K.SOURCE.parent / p).read_text(), flags=re.M), p
+    copy = tmp_path / "csrc"
+    copy.mkdir()
+    for p in K.SOURCE.parent.iterdir():
+        (copy / p.name).write_text(p.read_text())
+    monkeypatch.setattr(K, "SOURCE", copy / "moe_cpu.c")
+    before = K._source_text()
+    (copy / parts[-1]).write_text((copy / parts[-1]).read_text() + "\n")
+    assert K._source_text() != before
 
 
 def test_scratch_is_counted_and_released(kernels):

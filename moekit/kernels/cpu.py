@@ -1,12 +1,14 @@
-"""moekit's CPU kernels (``csrc/moe_cpu.c``): gather, weighted scatter-add and SwiGLU forward/backward.
+"""moekit's CPU kernels (``csrc/moe_cpu.c`` and the parts it includes, ``csrc/*.h``): the experts' grouped GEMMs
+(projections, data and weight gradients) with their epilogues fused, routing, decode and few-token training steps
+in one call each, gather, weighted scatter-add and SwiGLU forward/backward.
 
-The memory-bound steps between the library GEMMs. PyTorch runs them as several elementwise passes (and its
-``index_add_`` on one thread); here each is one pass over rows that are usually still in cache, on PyTorch's own
-OpenMP threads.
+PyTorch runs the memory-bound steps as several elementwise passes (and its ``index_add_`` on one thread), and a
+library GEMM per expert pays call overhead and small-M blocking on the few rows of an expert; here each step is one
+pass, on PyTorch's own OpenMP threads.
 
-The C file is compiled on first use with the system C compiler (``$CC``, else ``cc``/``gcc``/``clang``) with
+The C source (one translation unit) is compiled on first use with the system C compiler (``$CC``, else ``cc``/``gcc``/``clang``) with
 ``-O3 -march=native -fopenmp``, cached in ``kernels/`` of moekit's cache folder (``$MOEKIT_CACHE``, default
-``~/.cache/moekit``) by a hash of the source, the compiler, the flags and the CPU, and loaded with ctypes: no PyTorch headers, about a second of build.
+``~/.cache/moekit``) by a hash of the sources, the compiler, the flags and the CPU, and loaded with ctypes: no PyTorch headers, about a second of build.
 Where no compiler works, or with ``MOEKIT_CPU_KERNELS=0``, :func:`library` returns None and callers use PyTorch ops
 (same results up to rounding; slower). Every wrapper checks its tensors (device, dtype, layout, shapes) and raises
 ``ValueError`` naming the problem; it never reads out of bounds.
@@ -32,7 +34,7 @@ from ..utils import cache_root
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).parent / "csrc" / "moe_cpu.c"
+SOURCE = Path(__file__).parent / "csrc" / "moe_cpu.c"  # includes the parts beside it, csrc/*.h
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-fPIC", "-shared", "-std=c11", "-Wall"]
 #: ``MOEKIT_CPU_ISA``: the vector code paths to build (default ``native``, the best this CPU has: AVX-512 with
 #: AVX512-BF16, AVX-512, AVX2 + FMA, or plain C). ``avx2`` or ``generic`` build a lesser path on a better CPU, which
@@ -84,10 +86,16 @@ def isa() -> str:
     return name
 
 
+def _source_text() -> str:
+    """The translation unit's files (moe_cpu.c and every part beside it), names and contents, for the build's key."""
+    files = sorted(p for p in SOURCE.parent.iterdir() if p.suffix in (".c", ".h"))
+    return "\0".join(f"{p.name}\0{p.read_text()}" for p in files)
+
+
 def _build(cc: str) -> Path:
     version = subprocess.run([*cc.split(), "--version"], capture_output=True, text=True, timeout=60).stdout
     flags = FLAGS + ISA_FLAGS[isa()]
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), cc, version, " ".join(flags), _cpu_id()]).encode())
+    key = hashlib.sha256("\0".join([_source_text(), cc, version, " ".join(flags), _cpu_id()]).encode())
     out = cache_dir() / f"moe_cpu-{key.hexdigest()[:16]}.so"
     if out.exists():
         return out
