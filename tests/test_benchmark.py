@@ -344,3 +344,36 @@ def test_peak_adds_each_calls_scratch_to_what_pytorch_held_then():
     assert B._peak_from_trace(_trace(memory, [(20, 100)]), 7000) == 10000
     # events outside the measured call do not count
     assert B._peak_from_trace(_trace(memory + [(150, 10**6, 10**6)], [(120, 10**6)]), 0) == 3000
+
+
+def test_a_speed_miss_is_beyond_the_library_only_where_its_gemms_alone_are_too_slow():
+    """A row short of the speed-up target, though the machine bound allows it, counts as beyond the library GEMMs
+    (not met) only where moekit is no faster than the same FLOPs on the library's GEMMs with no routing (the faster
+    of the per-expert GEMM floor and the dense FFN of equal active FLOPs) and that alone allows less than the
+    target; otherwise it is a plain miss."""
+    shape = dict(family="mixtral", d_model=512, d_ff=256, num_experts=64, top_k=8)
+    roof = {"float32": {"gemm_gflops": 1000.0, "gemm_by_library": {"torch.mm": 1000.0}, "copy_gbps": 20.0}}
+
+    def result(mk, hf, gemm_floor, dense):
+        rows = [dict(shape="s", dtype="float32", tokens=1024, mode="fwd+bwd", impl=name, median_ms=ms, runs=5,
+                     peak_mem_mb=None)
+                for name, ms in [("moekit", mk), ("hf_grouped_mm", hf), ("gemm_floor", gemm_floor),
+                                 ("dense_equal_flops", dense)]]
+        meta = dict(processor="cpu", threads=2, torch="t", transformers="x", peak_memory=B.PEAK_MEMORY)
+        return dict(meta=meta, roofline=roof, copy_gbps_at={}, gemm_gflops_at={}, shapes={"s": shape}, rows=rows)
+
+    bound = B.machine_bound_ms(shape, 1024, "float32", "fwd+bwd", roof)
+    assert 188 / bound > 1.5  # the machine bound allows the target in every case below
+    # moekit (131) slower than the dense FFN (127), which allows 188 / 127 = 1.48x: beyond the library
+    text = B.summarise(result(131.0, 188.0, 143.0, 127.0))
+    assert "s float32 T=1024 fwd+bwd (1.44×, the library allows 1.48×)" in text
+    assert "Missed although both allow it: none." in text
+    # moekit faster than both floors: its own kernels beat the library, so the miss is a plain one
+    text = B.summarise(result(131.0, 188.0, 143.0, 135.0))
+    assert "Missed although both allow it: s float32 T=1024 fwd+bwd (1.44×" in text
+    # the floors themselves allow the target (188 / 120 = 1.57x): a plain miss too
+    text = B.summarise(result(131.0, 188.0, 143.0, 120.0))
+    assert "Missed although both allow it: s float32 T=1024 fwd+bwd (1.44×" in text
+    # no dense FFN in the row: the per-expert floor alone decides, as before
+    text = B.summarise(result(150.0, 188.0, 143.0, None))
+    assert "s float32 T=1024 fwd+bwd (1.25×, the library allows 1.31×)" in text
