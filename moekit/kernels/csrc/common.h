@@ -300,17 +300,21 @@ static inline void swiglu_row(const void *h, void *a, int dt, int64_t F) {
  *     aw     = w[i] * a                              (for dW_down = g^T @ aw; aw may be NULL)
  *     dgate  = w ga * up * silu'(gate),  dup = w ga * silu(gate)     written to dh = [dgate | dup]
  * with silu'(x) = s (1 + x (1 - s)) = s + silu(x) (1 - s), s = sigmoid(x). */
+/* Column j of one row: writes aw[j] (aw not NULL), dgate and dup; returns ga[j] * a[j]. */
+static inline __attribute__((always_inline)) float swiglu_bwd_at(const void *h, const void *ga, float w, void *dh,
+                                                                  void *aw, int dt, int64_t F, int64_t j) {
+    float x = ld(h, dt, j), up = ld(h, dt, F + j), g = ld(ga, dt, j);
+    float s = sigmoid_f32(x), silu = x * s, av = silu * up, d = g * w;
+    if (aw) st(aw, dt, j, av * w);
+    st(dh, dt, j, d * up * (s + silu * (1.0f - s)));
+    st(dh, dt, F + j, d * silu);
+    return g * av;
+}
+
 static inline float swiglu_bwd_row(const void *h, const void *ga, float w, void *dh, void *aw, int dt, int64_t F) {
     float acc = 0.0f;
 #pragma omp simd reduction(+ : acc)
-    for (int64_t j = 0; j < F; j++) {
-        float x = ld(h, dt, j), up = ld(h, dt, F + j), g = ld(ga, dt, j);
-        float s = sigmoid_f32(x), silu = x * s, av = silu * up, d = g * w;
-        acc += g * av;
-        if (aw) st(aw, dt, j, av * w);
-        st(dh, dt, j, d * up * (s + silu * (1.0f - s)));
-        st(dh, dt, F + j, d * silu);
-    }
+    for (int64_t j = 0; j < F; j++) acc += swiglu_bwd_at(h, ga, w, dh, aw, dt, F, j);
     return acc;
 }
 

@@ -392,14 +392,7 @@ static inline __attribute__((always_inline)) float swiglu_bwd_row8(const void *h
     __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
     s4 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
     float sum = _mm_cvtss_f32(_mm_add_ss(s4, _mm_movehdup_ps(s4)));
-    for (; j < F; j++) { /* the row's tail: swiglu_bwd_row's loop body */
-        float x = ld(h, dt, j), up = ld(h, dt, F + j), g = ld(ga, dt, j);
-        float s = sigmoid_f32(x), silu = x * s, av = silu * up, d = g * w;
-        sum += g * av;
-        if (aw) st(aw, dt, j, av * w);
-        st(dh, dt, j, d * up * (s + silu * (1.0f - s)));
-        st(dh, dt, F + j, d * silu);
-    }
+    for (; j < F; j++) sum += swiglu_bwd_at(h, ga, w, dh, aw, dt, F, j); /* the row's tail */
     return sum;
 }
 #define SWIGLU_ROW swiglu_row8
