@@ -14,7 +14,7 @@
  */
 
 /* One translation unit in parts, included below in the order they build on each other (each part uses what the
- * ones before it define, and includes nothing itself):
+ * ones before it define and includes no other part; common.h and amx.h include the system headers they need):
  *   common.h        headers, scratch accounting, dtypes, threads, gather, scatter-add, scalar SwiGLU; V8 (AVX2)
  *   vec.h           vector loads and stores (float32, bfloat16), exp, sigmoid, SwiGLU in 8 and 16 lanes
  *   tiles_dot.h     dot-product tiles: the projections of a few rows per expert (decode, small batches)
