@@ -130,7 +130,21 @@ class MoE(nn.Module):
     # ---------------------------------------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor, token_ids: torch.Tensor | None = None) -> torch.Tensor:
         """``x [..., d_model]`` → same shape and dtype. ``token_ids [...]`` (same leading shape) feeds routers that
-        route by token id (``router.needs_token_ids``)."""
+        route by token id (``router.needs_token_ids``).
+
+        Inside ``torch.compile`` on CPU the layer runs as it does eagerly, on its kernels, as one region the
+        compiler leaves alone (a graph break before and after it): traced, the same layer would run PyTorch's
+        generic ops instead, 1.1-2.9x slower (``benchmarks/bench_compile.py``). Where graph breaks are errors
+        (``fullgraph=True``, ``torch.export``, ``error_on_graph_break``) it is traced."""
+        if torch.compiler.is_compiling() and isinstance(x, torch.Tensor) and x.is_cpu and _opaque_under_compile():
+            return self._forward_opaque(x, token_ids)
+        return self._forward(x, token_ids)
+
+    @torch.compiler.disable
+    def _forward_opaque(self, x: torch.Tensor, token_ids: torch.Tensor | None) -> torch.Tensor:
+        return self._forward(x, token_ids)
+
+    def _forward(self, x: torch.Tensor, token_ids: torch.Tensor | None) -> torch.Tensor:
         if token_ids is None and not torch.is_grad_enabled() and (y := self._fused_decode(x)) is not None:
             return y  # (a few tokens' inference in one kernel call, x checked there)
         self._check_input(x, token_ids)
@@ -388,6 +402,7 @@ class MoE(nn.Module):
     def _decode_path(self, x_TD: torch.Tensor, routed: RouterOutput) -> bool:
         """Few tokens, no autograd, on CPU: skip the sort and run each chosen expert directly (see Experts.decode)."""
         if not (x_TD.device.type == "cpu" and not torch.is_grad_enabled() and not self._routing_hooks
+                and not torch.compiler.is_compiling()  # (its per-expert loop reads the routing on the host)
                 and not routed.may_have_empty and self.config.capacity_factor is None
                 and isinstance(self.experts, Experts) and self.experts.backend in ("auto", "fused")):
             return False
@@ -487,6 +502,23 @@ class MoE(nn.Module):
         c = self.config
         cap = "dropless" if c.capacity_factor is None else f"capacity_factor={c.capacity_factor}, {c.drop_policy}"
         return f"d_model={c.d_model}, num_experts={c.num_experts}, top_k={c.top_k}, {cap}"
+
+
+@torch._dynamo.assume_constant_result  # (run once while tracing, its answer a constant of the compiled code)
+def _opaque_under_compile() -> bool:
+    """Whether the layer being traced by ``torch.compile`` should run eagerly instead (:meth:`MoE.forward`): where
+    the CPU kernels are built and a graph break is allowed. Dynamo's current trace tells whether breaks are errors
+    there; where it cannot be asked (``torch.export``'s non-strict mode has no such trace, or a PyTorch version
+    without it), the layer is traced."""
+    if not kcpu.available():
+        return False
+    try:
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+
+        tx = InstructionTranslator.current_tx()
+        return not (tx.one_graph or tx.error_on_graph_break or tx.export)
+    except Exception:  # noqa: BLE001 - no trace to ask: trace the layer, which works everywhere
+        return False
 
 
 def _router_name(router: Router) -> str:

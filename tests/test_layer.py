@@ -6,7 +6,7 @@ import torch
 import moekit
 from moekit.experts import BACKENDS
 
-from .helpers import max_err, run_fwd_bwd
+from .helpers import assert_fwd_bwd_close, max_err, run_fwd_bwd
 
 FAST = [b for b in BACKENDS if b != "loop"]
 
@@ -182,6 +182,75 @@ def test_torch_compile_in_inference_matches_eager():
     assert max_err(got, want) < 1e-6
 
 
+def _compile_case(T: int, grad: bool):
+    torch.manual_seed(3)
+    layer = moekit.MoE(64, 32, 8, 2, aux_loss="switch", z_loss_coef=1e-3)
+    return layer, torch.randn(2, T, 64, requires_grad=grad)
+
+
+def _spy_forward(monkeypatch) -> list:
+    """Records, for each call of the layer's forward work, whether it ran traced (inside torch.compile's trace)."""
+    traced = []
+    inner = moekit.MoE._forward
+
+    def spy(self, x, token_ids):
+        traced.append(torch.compiler.is_compiling())
+        return inner(self, x, token_ids)
+
+    monkeypatch.setattr(moekit.MoE, "_forward", spy)
+    return traced
+
+
+@pytest.mark.skipif(not moekit.kernels.cpu.available(), reason="needs the CPU kernels")
+@pytest.mark.parametrize("T,grad", [(1, False), (32, False), (4, True), (96, True)])
+def test_torch_compile_runs_the_layer_eagerly_on_its_kernels(monkeypatch, T, grad):
+    """Inside torch.compile (graph breaks allowed) the layer on CPU runs as in eager mode, on its kernels (traced, it
+    would run PyTorch's generic ops, 1.1-2.9x slower): one graph break, the same outputs, gradients and aux loss."""
+    torch._dynamo.reset()
+    layer, x = _compile_case(T, grad)
+    traced = _spy_forward(monkeypatch)
+    compiled = torch.compile(layer)
+    with torch.set_grad_enabled(grad):
+        if grad:
+            want, got = run_fwd_bwd(layer, x), run_fwd_bwd(compiled, x)
+            assert_fwd_bwd_close(got, want, 1e-6)
+        else:
+            want, got = layer(x), compiled(x)
+            assert max_err(got, want) < 1e-6
+    assert traced == [False, False]  # eager, then compiled: neither traced
+    assert "aux_loss" in layer.stats
+    explained = torch._dynamo.explain(layer)(x)
+    assert len(explained.break_reasons) == 1 and "disable" in explained.break_reasons[0].reason
+
+
+@pytest.mark.parametrize("T,grad", [(1, False), (32, False), (4, True), (96, True)])
+def test_torch_compile_fullgraph_traces_the_layer(monkeypatch, T, grad):
+    """Where graph breaks are errors (fullgraph=True), the layer is traced whole, with no kernel call in the graph
+    (few-token inference too, whose eager paths call the kernels), and gives the eager layer's results."""
+    torch._dynamo.reset()
+    layer, x = _compile_case(T, grad)
+    traced = _spy_forward(monkeypatch)
+    compiled = torch.compile(layer, fullgraph=True)
+    with torch.set_grad_enabled(grad):
+        if grad:
+            assert_fwd_bwd_close(run_fwd_bwd(compiled, x), run_fwd_bwd(layer, x), 1e-5)
+        else:
+            assert max_err(compiled(x), layer(x)) < 1e-5
+    assert traced == [True, False]  # traced once while compiling, then eager
+
+
+def test_torch_compile_never_probes_the_gemm_library_while_tracing(monkeypatch):
+    """The faster-GEMM probe (timed GEMMs) runs eagerly, never inside a trace: a process whose first use of the
+    router is a compiled layer used to fail in Inductor's lowering of the probe's oneDNN call."""
+    from moekit.kernels import cpu_gemm
+
+    monkeypatch.setattr(cpu_gemm, "_PROVIDER", {})
+    torch._dynamo.reset()
+    layer, x = _compile_case(8, True)
+    assert_fwd_bwd_close(run_fwd_bwd(torch.compile(layer, fullgraph=True), x), run_fwd_bwd(layer, x), 1e-5)
+    assert cpu_gemm._PROVIDER.keys() <= {torch.float32}  # (probed by the eager run only, if at all)
+
+
 def test_module_list_experts():
     mlps = [torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.Tanh(), torch.nn.Linear(8, 16)) for _ in range(4)]
     layer = moekit.MoE(16, 8, 4, 2, experts=mlps)
@@ -269,7 +338,7 @@ def test_fused_decode_matches_the_regular_path(name, dtype, T, monkeypatch):
     top-k, top-k of the logits weighted by a softmax or sigmoids over them) runs routing and experts in one kernel
     call; it must give what routing in PyTorch and then the experts give (and the loop reference), and the same
     statistics."""
-    if moekit.kernels.cpu.library() is None:
+    if not moekit.kernels.cpu.available():
         pytest.skip("no CPU kernels")
     torch.manual_seed(2)
     layer = moekit.MoE(16, 32, **FUSED_DECODE[name]).to(dtype).eval()
@@ -327,7 +396,7 @@ def test_bf16_inference_rounds_in_the_output_projection(T, chunk_rows, monkeypat
 def test_fused_decode_takes_any_leading_shape(dtype, shared, monkeypatch):
     """The fused decode reads x of any leading shape in place (one token [D], [T, D], [B, T, D]) and returns its
     output in that shape and dtype, contiguous; a non-contiguous x, or token ids, take the regular path."""
-    if moekit.kernels.cpu.library() is None:
+    if not moekit.kernels.cpu.available():
         pytest.skip("no CPU kernels")
     torch.manual_seed(4)
     layer = moekit.MoE(16, 32, num_experts=8, top_k=2, shared_experts=shared).to(dtype).eval()
@@ -351,7 +420,7 @@ def test_fused_decode_takes_any_leading_shape(dtype, shared, monkeypatch):
 def test_fused_decode_follows_changes_to_the_module(monkeypatch):
     """The fused decode prepares its checks and arguments once per module state: weights updated in place, a
     replaced parameter, a cast, a new selection bias, disabled experts and another backend are all seen."""
-    if moekit.kernels.cpu.library() is None:
+    if not moekit.kernels.cpu.available():
         pytest.skip("no CPU kernels")
     torch.manual_seed(3)
     layer = moekit.MoE(16, 32, num_experts=8, top_k=2).to(torch.bfloat16).eval()
@@ -397,7 +466,7 @@ def test_fused_decode_follows_changes_to_the_module(monkeypatch):
 def test_fused_decode_only_where_it_computes_the_same_thing():
     """Training, autograd, hooks, disabled experts, capacity, autocast, other activations, a router subclass
     that changes a step: the fused decode declines (None) and the regular path runs."""
-    if moekit.kernels.cpu.library() is None:
+    if not moekit.kernels.cpu.available():
         pytest.skip("no CPU kernels")
     from moekit.routing.softmax_topk import SoftmaxTopK
 
@@ -486,7 +555,7 @@ def test_few_token_training_step_matches_the_regular_path(name, dtype, T, monkey
     """A training step of a few tokens with a softmax top-k router runs routing and experts in one kernel call
     forward and one backward; output, every gradient (input, router weight and bias, experts), the balancing loss
     and the statistics must be the regular path's, which the loop reference checks in turn."""
-    if moekit.kernels.cpu.library() is None:
+    if not moekit.kernels.cpu.available():
         pytest.skip("no CPU kernels")
     torch.manual_seed(4)
     layer = moekit.MoE(32, 64, **TRAIN_STEP[name]).to(dtype)
@@ -559,7 +628,7 @@ def test_few_token_training_step_with_frozen_parts(monkeypatch):
 def test_few_token_training_step_only_where_it_computes_the_same_thing():
     """Hooks, disabled experts, capacity, other activations or routers, expert biases, the loop backend, input
     jitter, autocast, too many slots: the step declines and the regular path runs."""
-    if moekit.kernels.cpu.library() is None:
+    if not moekit.kernels.cpu.available():
         pytest.skip("no CPU kernels")
     x = torch.randn(3, 16)
     assert moekit.MoE(16, 32, 8, 2)._fused_train_step(x) is not None
@@ -616,7 +685,7 @@ def test_few_token_training_step_peak_is_at_most_grouped_mms(family, d_ff, E, k,
     fp32, fine-grained and Mixtral-like), and its last calls keep their few rows' buffers and bookkeeping on the
     stack (allocated, they made it 116-128 bytes larger at T = 1, bf16)."""
     pytest.importorskip("transformers")
-    if moekit.kernels.cpu.library() is None:
+    if not moekit.kernels.cpu.available():
         pytest.skip("no CPU kernels")
     from moekit import benchmark as B
 

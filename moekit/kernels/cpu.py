@@ -112,7 +112,20 @@ def _build(cc: str) -> Path:
 
 
 def library() -> ctypes.CDLL | None:
-    """The compiled kernels, or None where they cannot be built here (see :func:`unavailable_reason`)."""
+    """The compiled kernels, or None where they cannot be built here (see :func:`unavailable_reason`), and None
+    while ``torch.compile`` traces: a kernel call is no operation a compiled graph can hold, so traced code takes
+    the PyTorch ops (a layer runs eagerly inside compiled code where it may, see :meth:`moekit.MoE.forward`)."""
+    if torch.compiler.is_compiling():
+        return None
+    return _load()
+
+
+def available() -> bool:
+    """Whether the compiled kernels load here (built on first use), also while ``torch.compile`` traces."""
+    return _load() is not None
+
+
+def _load() -> ctypes.CDLL | None:
     global _LIB, _TRIED, _WHY_NOT, _AMX
     if _TRIED:
         return _LIB

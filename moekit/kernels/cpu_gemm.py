@@ -67,7 +67,11 @@ def _faster(onednn, mm, rounds: int = PROBE_ROUNDS) -> str:
 
 
 def provider(dtype: torch.dtype) -> str:
-    """``"onednn"`` or ``"torch"``: the faster CPU GEMM for ``dtype`` here (measured once per process)."""
+    """``"onednn"`` or ``"torch"``: the faster CPU GEMM for ``dtype`` here (measured once per process; never
+    inside ``torch.compile``'s tracing, which would record the probe's GEMMs as part of the model: there the choice
+    already measured, else ``"torch"``)."""
+    if dtype not in _PROVIDER and torch.compiler.is_compiling():
+        return "torch"
     if dtype not in _PROVIDER:
         forced = os.environ.get("MOEKIT_CPU_GEMM", "auto")
         if forced not in ("auto", "onednn", "torch"):
@@ -281,8 +285,8 @@ def linear_autograd(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = N
     # _Linear also wherever a cast is involved: autograd on F.linear(w.to(dtype)) would keep the cast copy of the
     # weight alive until backward (a bf16 router computed in fp32: an fp32 copy of its weight per layer)
     cast = x.dtype != dtype or w.dtype != dtype
-    if x.device.type == "cpu" and x.dim() == 2 and (provider(dtype) == "onednn" or cast) and \
-            not torch.compiler.is_compiling():
+    if x.device.type == "cpu" and x.dim() == 2 and not torch.compiler.is_compiling() and \
+            (cast or provider(dtype) == "onednn"):
         if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w, b))):
             return _linear_cast(x, w, b, dtype)  # no graph to record
         return _Linear.apply(x, w, b, dtype)
