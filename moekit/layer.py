@@ -266,7 +266,8 @@ class MoE(nn.Module):
         top-k then breaks as on the regular path). It runs before the layer's other checks and reshapes, each
         worth microseconds of a decode step's host time (more with the caches cold), and checks ``x`` itself:
         anything unusual takes the regular path."""
-        if self._routing_hooks or not isinstance(x, torch.Tensor) or not x.is_cpu or torch.is_autocast_enabled("cpu"):
+        if self._routing_hooks or not isinstance(x, torch.Tensor) or not x.is_cpu or torch.is_autocast_enabled("cpu") \
+                or torch.compiler.is_compiling():
             return None
         prep = self._decode_prepared()  # (the checks and arguments that depend on the module only, cached)
         if prep is None:

@@ -6,7 +6,7 @@ import torch
 import moekit
 from moekit.experts import BACKENDS
 
-from .helpers import assert_fwd_bwd_close, max_err, run_fwd_bwd
+from .helpers import max_err, run_fwd_bwd
 
 FAST = [b for b in BACKENDS if b != "loop"]
 
@@ -156,99 +156,6 @@ def test_autocast_bf16(backend):
     y.sum().backward()
     assert layer.experts.gate_up_proj.grad.dtype == torch.float32
     assert torch.isfinite(x.grad).all()
-
-
-@pytest.mark.slow
-def test_torch_compile_matches_eager():
-    layer = make("qwen2_gated_shared", "auto")
-    x = torch.randn(2, 8, 16)
-    eager = run_fwd_bwd(layer, x)
-    compiled = torch.compile(layer)
-    got = run_fwd_bwd(compiled, x)
-    assert max_err(got[0], eager[0]) < 1e-5
-    assert max_err(got[1], eager[1]) < 1e-5
-    for k in eager[2]:
-        assert max_err(got[2][k], eager[2][k]) < 1e-5
-
-
-def test_torch_compile_in_inference_matches_eager():
-    """A compiled layer in inference on a few tokens (where the eager layer runs the fused CPU decode, one kernel
-    call that the compiler leaves to run as it is) gives the eager layer's output."""
-    layer = make("mixtral", "auto").eval()
-    x = torch.randn(1, 3, 16)
-    with torch.no_grad():
-        want = layer(x)
-        got = torch.compile(layer)(x)
-    assert max_err(got, want) < 1e-6
-
-
-def _compile_case(T: int, grad: bool):
-    torch.manual_seed(3)
-    layer = moekit.MoE(64, 32, 8, 2, aux_loss="switch", z_loss_coef=1e-3)
-    return layer, torch.randn(2, T, 64, requires_grad=grad)
-
-
-def _spy_forward(monkeypatch) -> list:
-    """Records, for each call of the layer's forward work, whether it ran traced (inside torch.compile's trace)."""
-    traced = []
-    inner = moekit.MoE._forward
-
-    def spy(self, x, token_ids):
-        traced.append(torch.compiler.is_compiling())
-        return inner(self, x, token_ids)
-
-    monkeypatch.setattr(moekit.MoE, "_forward", spy)
-    return traced
-
-
-@pytest.mark.skipif(not moekit.kernels.cpu.available(), reason="needs the CPU kernels")
-@pytest.mark.parametrize("T,grad", [(1, False), (32, False), (4, True), (96, True)])
-def test_torch_compile_runs_the_layer_eagerly_on_its_kernels(monkeypatch, T, grad):
-    """Inside torch.compile (graph breaks allowed) the layer on CPU runs as in eager mode, on its kernels (traced, it
-    would run PyTorch's generic ops, 1.1-2.9x slower): one graph break, the same outputs, gradients and aux loss."""
-    torch._dynamo.reset()
-    layer, x = _compile_case(T, grad)
-    traced = _spy_forward(monkeypatch)
-    compiled = torch.compile(layer)
-    with torch.set_grad_enabled(grad):
-        if grad:
-            want, got = run_fwd_bwd(layer, x), run_fwd_bwd(compiled, x)
-            assert_fwd_bwd_close(got, want, 1e-6)
-        else:
-            want, got = layer(x), compiled(x)
-            assert max_err(got, want) < 1e-6
-    assert traced == [False, False]  # eager, then compiled: neither traced
-    assert "aux_loss" in layer.stats
-    explained = torch._dynamo.explain(layer)(x)
-    assert len(explained.break_reasons) == 1 and "disable" in explained.break_reasons[0].reason
-
-
-@pytest.mark.parametrize("T,grad", [(1, False), (32, False), (4, True), (96, True)])
-def test_torch_compile_fullgraph_traces_the_layer(monkeypatch, T, grad):
-    """Where graph breaks are errors (fullgraph=True), the layer is traced whole, with no kernel call in the graph
-    (few-token inference too, whose eager paths call the kernels), and gives the eager layer's results."""
-    torch._dynamo.reset()
-    layer, x = _compile_case(T, grad)
-    traced = _spy_forward(monkeypatch)
-    compiled = torch.compile(layer, fullgraph=True)
-    with torch.set_grad_enabled(grad):
-        if grad:
-            assert_fwd_bwd_close(run_fwd_bwd(compiled, x), run_fwd_bwd(layer, x), 1e-5)
-        else:
-            assert max_err(compiled(x), layer(x)) < 1e-5
-    assert traced == [True, False]  # traced once while compiling, then eager
-
-
-def test_torch_compile_never_probes_the_gemm_library_while_tracing(monkeypatch):
-    """The faster-GEMM probe (timed GEMMs) runs eagerly, never inside a trace: a process whose first use of the
-    router is a compiled layer used to fail in Inductor's lowering of the probe's oneDNN call."""
-    from moekit.kernels import cpu_gemm
-
-    monkeypatch.setattr(cpu_gemm, "_PROVIDER", {})
-    torch._dynamo.reset()
-    layer, x = _compile_case(8, True)
-    assert_fwd_bwd_close(run_fwd_bwd(torch.compile(layer, fullgraph=True), x), run_fwd_bwd(layer, x), 1e-5)
-    assert cpu_gemm._PROVIDER.keys() <= {torch.float32}  # (probed by the eager run only, if at all)
 
 
 def test_module_list_experts():

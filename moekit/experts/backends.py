@@ -10,7 +10,7 @@
   what backward needs; see :mod:`moekit.experts.fused_function`.
 - ``triton``: Triton kernels (gather fused into grouped GEMMs, SwiGLU epilogue, hand-written backward) for CUDA;
   see :mod:`moekit.experts.triton_backend`. On CPU it runs only under ``TRITON_INTERPRET=1``, else falls back.
-- ``auto``: ``fused`` on CPU (eager), else ``triton`` where Triton imports (not under ``torch.compile``) except
+- ``auto``: ``fused`` on CPU (in compiled code traced whole, as custom operators: :mod:`.fused_op`), else ``triton`` where Triton imports (not under ``torch.compile``) except
   for fp32 with many rows per expert (where cuBLAS's exact fp32 GEMMs beat Triton's, see
   :func:`auto_prefers_triton`), else ``grouped_mm`` where available, else ``segment``.
 
@@ -228,7 +228,7 @@ def _sorted_backend(experts: "Experts", x_TD: torch.Tensor, plan: "DispatchPlan"
 
 def auto_backend(experts: "Experts", x_TD: torch.Tensor, plan: "DispatchPlan",
                  out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    if x_TD.device.type == "cpu" and not torch.compiler.is_compiling():
+    if x_TD.device.type == "cpu":
         return fused_backend(experts, x_TD, plan, out_dtype)  # host-side counts are free on CPU
     return _auto_device(experts, x_TD, plan).to(out_dtype)
 

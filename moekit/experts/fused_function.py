@@ -328,6 +328,13 @@ class _Grads:
         return self.w_in
 
 
+def _keep_pre(plan: _Plan, x_TD: torch.Tensor, dtype: torch.dtype) -> None:
+    """Pre-activations of bf16 layers computed in fp32 are kept in bf16: half the memory, and no less precise than a
+    bf16 computation would have been."""
+    keep = x_TD.dtype if x_TD.dtype.itemsize < dtype.itemsize else dtype
+    plan.pre = {i: h.to(keep) for i, h in plan.pre.items()}
+
+
 class FusedExpertsFunction(torch.autograd.Function):
     """``y_TD = sum_k w_TK * expert_{id_TK}(x_TD)`` in fp32, with a hand-written, memory-lean backward."""
 
@@ -337,10 +344,7 @@ class FusedExpertsFunction(torch.autograd.Function):
         with torch.autocast(x_TD.device.type, enabled=False):
             out_TD, plan = fused_forward(x_TD, w_in, w_out, b_in, b_out, weights_TK, token_S, slot_S, counts,
                                          activation, dtype, save=True)
-        # Pre-activations of bf16 layers computed in fp32 are kept in bf16: half the memory, and no less precise
-        # than a bf16 computation would have been.
-        keep = x_TD.dtype if x_TD.dtype.itemsize < dtype.itemsize else dtype
-        plan.pre = {i: h.to(keep) for i, h in plan.pre.items()}
+        _keep_pre(plan, x_TD, dtype)
         ctx.plan = plan
         ctx.save_for_backward(x_TD, w_in, w_out, b_out, weights_TK, token_S, slot_S)
         ctx.counts, ctx.activation, ctx.dtype = counts, activation, dtype
@@ -350,54 +354,63 @@ class FusedExpertsFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_TD):
         x_TD, w_in, w_out, b_out, weights_TK, token_S, slot_S = ctx.saved_tensors
-        counts, act, dtype, plan = ctx.counts, ctx.activation, ctx.dtype, ctx.plan
-        ctx.plan = None
-        need_x, need_win, need_wout, need_bin, need_bout, need_w = ctx.needs_input_grad[:6]
-        dev = g_TD.device
-        with torch.autocast(dev.type, enabled=False):
-            # (the library path gathers and converts each expert's rows itself: no converted copy of all of x)
-            x_c = x_TD if x_TD.dtype == dtype or not any(plan.small_bwd) else x_TD.to(dtype)
-            g_TD = g_TD.contiguous()  # fp32 or the output's dtype: the kernels read either
-            w_S = weights_TK.reshape(-1).index_select(0, slot_S).float()
-            grads = _Grads(
-                torch.zeros(x_TD.shape, dtype=torch.float32, device=dev) if need_x else None,
-                need_win,
-                _expert_grad_buffer(w_out, counts) if need_wout else None,
-                torch.zeros(w_in.shape[:2], dtype=ctx.bias_dtypes[0], device=dev) if need_bin else None,
-                torch.zeros(w_out.shape[:2], dtype=ctx.bias_dtypes[1], device=dev) if need_bout else None,
-                torch.empty(w_S.shape, dtype=torch.float32, device=dev) if need_w else None,
-                lambda: _expert_grad_buffer(w_in, counts))
-            if any(plan.small_bwd):
-                _small_backward(plan, act, g_TD, x_c, w_in, w_out, b_out, token_S, w_S, dtype, grads)
-            # The library-path experts' input-projection weight gradients come last, from their dH kept in the
-            # dtype their pre-activations were kept in (for a bf16 layer computed in fp32: bf16, as a bf16
-            # computation would have them): the largest gradient buffer is then not allocated until every other
-            # temporary of those experts is freed.
-            keep = x_TD.dtype if x_TD.dtype.itemsize < dtype.itemsize else dtype
-            deferred = []
-            for i, (e, s, t) in enumerate(plan.segments):
-                if not plan.small_bwd[i]:
-                    h, plan.pre[i] = plan.pre[i].to(dtype), None
-                    dh = _expert_backward(e, token_S[s:t], w_S[s:t], h, act, g_TD, w_in, w_out, b_out, dtype, grads,
-                                          None if grads.w_S is None else grads.w_S[s:t])
-                    del h
-                    if grads.w_in_needed:
-                        deferred.append((e, token_S[s:t], dh.to(keep)))
-                    del dh
-            # the input's and router weights' gradients are complete: cast to their dtypes before dW_in (a bf16 dx
-            # holds half the memory of its fp32 sums while the largest buffer is filled)
-            d_x = grads.x.to(x_TD.dtype) if need_x else None
-            grads.x = None
-            d_weights = None
-            if need_w:
-                d_weights = torch.zeros(weights_TK.numel(), dtype=torch.float32, device=dev)
-                d_weights = d_weights.index_copy_(0, slot_S, grads.w_S).view(weights_TK.shape).to(weights_TK.dtype)
-            while deferred:
-                e, tok, dh = deferred.pop(0)
-                _w_in_grad(grads.w_in_buffer()[e], dh, x_c, tok, dtype)
+        plan, ctx.plan = ctx.plan, None
+        grads = fused_backward(plan, g_TD, x_TD, w_in, w_out, b_out, weights_TK, token_S, slot_S, ctx.counts,
+                               ctx.activation, ctx.dtype, ctx.bias_dtypes, ctx.needs_input_grad[:6])
+        return *grads, None, None, None, None, None, None
+
+
+def fused_backward(plan: _Plan, g_TD, x_TD, w_in, w_out, b_out, weights_TK, token_S, slot_S, counts: list[int],
+                   act: Activation, dtype: torch.dtype, bias_dtypes: tuple, needs: tuple) -> tuple:
+    """The backward of :func:`fused_forward` (run with ``save=True``, its pre-activations through
+    :func:`_keep_pre`) for upstream gradient ``g_TD``: ``(d_x, d_w_in, d_w_out, d_b_in, d_b_out, d_weights)``, None
+    where ``needs`` (the six flags, in that order) says not needed."""
+    need_x, need_win, need_wout, need_bin, need_bout, need_w = needs
+    dev = g_TD.device
+    with torch.autocast(dev.type, enabled=False):
+        # (the library path gathers and converts each expert's rows itself: no converted copy of all of x)
+        x_c = x_TD if x_TD.dtype == dtype or not any(plan.small_bwd) else x_TD.to(dtype)
+        g_TD = g_TD.contiguous()  # fp32 or the output's dtype: the kernels read either
+        w_S = weights_TK.reshape(-1).index_select(0, slot_S).float()
+        grads = _Grads(
+            torch.zeros(x_TD.shape, dtype=torch.float32, device=dev) if need_x else None,
+            need_win,
+            _expert_grad_buffer(w_out, counts) if need_wout else None,
+            torch.zeros(w_in.shape[:2], dtype=bias_dtypes[0], device=dev) if need_bin else None,
+            torch.zeros(w_out.shape[:2], dtype=bias_dtypes[1], device=dev) if need_bout else None,
+            torch.empty(w_S.shape, dtype=torch.float32, device=dev) if need_w else None,
+            lambda: _expert_grad_buffer(w_in, counts))
+        if any(plan.small_bwd):
+            _small_backward(plan, act, g_TD, x_c, w_in, w_out, b_out, token_S, w_S, dtype, grads)
+        # The library-path experts' input-projection weight gradients come last, from their dH kept in the
+        # dtype their pre-activations were kept in (for a bf16 layer computed in fp32: bf16, as a bf16
+        # computation would have them): the largest gradient buffer is then not allocated until every other
+        # temporary of those experts is freed.
+        keep = x_TD.dtype if x_TD.dtype.itemsize < dtype.itemsize else dtype
+        deferred = []
+        for i, (e, s, t) in enumerate(plan.segments):
+            if not plan.small_bwd[i]:
+                h, plan.pre[i] = plan.pre[i].to(dtype), None
+                dh = _expert_backward(e, token_S[s:t], w_S[s:t], h, act, g_TD, w_in, w_out, b_out, dtype, grads,
+                                      None if grads.w_S is None else grads.w_S[s:t])
+                del h
+                if grads.w_in_needed:
+                    deferred.append((e, token_S[s:t], dh.to(keep)))
                 del dh
-        d_win = grads.w_in_buffer() if need_win else None  # (all experts idle: zeros)
-        return d_x, d_win, grads.w_out, grads.b_in, grads.b_out, d_weights, None, None, None, None, None, None
+        # the input's and router weights' gradients are complete: cast to their dtypes before dW_in (a bf16 dx
+        # holds half the memory of its fp32 sums while the largest buffer is filled)
+        d_x = grads.x.to(x_TD.dtype) if need_x else None
+        grads.x = None
+        d_weights = None
+        if need_w:
+            d_weights = torch.zeros(weights_TK.numel(), dtype=torch.float32, device=dev)
+            d_weights = d_weights.index_copy_(0, slot_S, grads.w_S).view(weights_TK.shape).to(weights_TK.dtype)
+        while deferred:
+            e, tok, dh = deferred.pop(0)
+            _w_in_grad(grads.w_in_buffer()[e], dh, x_c, tok, dtype)
+            del dh
+    d_win = grads.w_in_buffer() if need_win else None  # (all experts idle: zeros)
+    return d_x, d_win, grads.w_out, grads.b_in, grads.b_out, d_weights
 
 
 def _expert_backward(e, tok, w_m, h, act, g_TD, w_in, w_out, b_out, dtype, grads: _Grads, dw_m) -> torch.Tensor:
@@ -555,16 +568,15 @@ def _activation_backward(act: Activation, h: torch.Tensor, ga: torch.Tensor, w_m
 
 
 def _activation_with_backward(act: Activation, h: torch.Tensor):
-    """``(act(h), backward)`` where ``backward(da) = d act / d h * da``, from autograd (the activations without a
-    hand-written backward; SwiGLU has :func:`moekit.kernels.cpu.swiglu_backward`)."""
-    with torch.enable_grad():
-        h = h.detach().requires_grad_(True)
-        a = act(h)
+    """``(act(h), backward)`` where ``backward(da) = d act / d h * da``, from ``torch.func.vjp`` (the activations
+    without a hand-written backward; SwiGLU has :func:`moekit.kernels.cpu.swiglu_backward`), which also works inside
+    a custom operator (:mod:`moekit.experts.fused_op`), where autograd records nothing."""
+    a, vjp = torch.func.vjp(act, h.detach())
 
     def backward(da: torch.Tensor) -> torch.Tensor:
-        return torch.autograd.grad(a, h, da)[0]
+        return vjp(da)[0]
 
-    return a.detach(), backward
+    return a, backward
 
 
 def _expert_grad_buffer(w_EOI: torch.Tensor, counts: list[int]) -> torch.Tensor:
@@ -628,14 +640,14 @@ def _kernels_run_bf16(weight: torch.Tensor, counts: list[int], expert_size: int,
 
 
 def fused_compute_dtype(x_TD: torch.Tensor, weight: torch.Tensor, counts: list[int], expert_size: int = 0,
-                        training: bool = True) -> torch.dtype:
+                        training: bool = True, dtype: torch.dtype | None = None) -> torch.dtype:
     """The dtype the fused backend computes in (see the module's docstring): a bf16 layer on a CPU whose bf16 GEMM
     is slow computes in fp32 where its experts average at least ``BF16_UPCAST_MIN_ROWS`` rows, unless the CPU
     kernels run all of it in bf16 (:func:`_kernels_run_bf16`; ``expert_size`` ``d_model * d_ff``, ``training``
-    whether a backward follows)."""
+    whether a backward follows). ``dtype``: the autocast or weights' dtype where already known."""
     from .backends import compute_dtype
 
-    dtype = compute_dtype(x_TD, weight)
+    dtype = dtype or compute_dtype(x_TD, weight)
     if dtype == torch.bfloat16 and x_TD.device.type == "cpu" and not torch.compiler.is_compiling():
         active = sum(1 for n in counts if n)
         if active and sum(counts) >= BF16_UPCAST_MIN_ROWS * active and cpu_bf16_gemm_is_slow() and \
@@ -646,6 +658,10 @@ def fused_compute_dtype(x_TD: torch.Tensor, weight: torch.Tensor, counts: list[i
 
 def fused_backend(experts: "Experts", x_TD: torch.Tensor, plan: "DispatchPlan",
                   out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    if torch.compiler.is_compiling():  # (the counts stay on the device, inside one opaque call)
+        from .fused_op import fused_op_backend
+
+        return fused_op_backend(experts, x_TD, plan, out_dtype)
     counts = plan.counts_E.tolist()
     S = sum(counts)  # valid slots come first in expert order; empty/dropped slots sit at the end
     slot_S, token_S = plan.order_S[:S], plan.token_S[:S]
