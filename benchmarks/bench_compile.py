@@ -87,7 +87,8 @@ def table(result: dict) -> str:
     lines = [f"{m['cpu']} ({m['isa']} kernels), {m['threads']} threads, torch {m['torch']}: median ms of "
              "round-robin runs (`python benchmarks/bench_compile.py`). **compiled**: `torch.compile(layer)`, where "
              "the layer runs eagerly on its kernels (one graph break); **fullgraph**: `torch.compile(layer, "
-             "fullgraph=True)`, the layer traced onto PyTorch's ops; transformers' block with its `grouped_mm` "
+             "fullgraph=True)`, the layer traced whole, its experts in moekit's custom operators; transformers' block with "
+             "its `grouped_mm` "
              "experts, eager and compiled. In brackets: over moekit eager.", "",
              "| shape | dtype | T | pass | moekit eager | compiled | fullgraph | HF grouped_mm eager | HF compiled "
              "| HF compiled / moekit compiled |",
