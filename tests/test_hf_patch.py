@@ -92,6 +92,28 @@ def test_gradients_match(model_type):
     RESULTS.setdefault(model_type, {})["grad_max_rel_err"] = worst
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("model_type", ["mixtral"])
+def test_compiled_patched_model_matches(model_type):
+    """A patched model under torch.compile (its moekit layers run eagerly inside the compiled code): the unpatched
+    model's logits in inference, and its gradients in training."""
+    torch._dynamo.reset()
+    ref, model, records = patched_pair(model_type)
+    compiled = torch.compile(model)
+    x = ids()
+    with torch.no_grad():
+        want, got = output(ref(input_ids=x, use_cache=False)), output(compiled(input_ids=x, use_cache=False))
+    assert (want - got).abs().max().item() <= 1e-5
+    probe = torch.randn(2, 9, VOCAB, generator=torch.Generator().manual_seed(3))
+    for m in (ref, compiled):
+        (output(m(input_ids=x, use_cache=False)) * probe).sum().backward()
+    want = {n: p.grad for n, p in ref.named_parameters() if p.grad is not None}
+    got = hf_grads(model, records)
+    assert set(want) == set(got)
+    for name, g in want.items():
+        assert (g - got[name]).abs().max().item() <= 1e-5 * max(1.0, g.abs().max().item()), name
+
+
 @pytest.mark.parametrize("model_type", ["mixtral", "gpt_oss", "minimax_m3_vl_text"])
 def test_fine_tuning_trains_the_model_weights_and_unpatch_keeps_them(model_type):
     """One SGD step through moekit equals one step through transformers; after unpatch_hf the original blocks are
