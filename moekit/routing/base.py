@@ -224,10 +224,17 @@ ROUTING_STEPS = ("forward", "logits", "route", "scores", "select", "combine_weig
                  "decode_routing", "fused_decode_routing")
 
 
-@functools.cache
 def same_steps(cls: type, base: type) -> bool:
-    """Whether router class ``cls`` routes with ``base``'s own steps (a subclass may change any of them)."""
+    """Whether router class ``cls`` routes with ``base``'s own steps (a subclass may change any of them). Cached,
+    except while ``torch.compile`` traces (which warns of a cache it cannot see into, and traces the check itself)."""
+    return _same_steps(cls, base) if torch.compiler.is_compiling() else _same_steps_cached(cls, base)
+
+
+def _same_steps(cls: type, base: type) -> bool:
     return all(getattr(cls, name) is getattr(base, name) for name in ROUTING_STEPS)
+
+
+_same_steps_cached = functools.cache(_same_steps)
 
 
 def _expert_ids(ids, num_experts: int) -> frozenset[int]:
