@@ -456,7 +456,7 @@ class MoE(nn.Module):
         total = None
         losses = dict(routed.aux_losses)
         if not (self.training or torch.is_grad_enabled()):
-            self.stats = stats
+            self._record(stats)
             return None
         soft = routed.soft is not None  # Soft MoE is balanced by construction: no load or z-loss
         if cfg.aux_loss and cfg.aux_loss_coef > 0 and not soft:
@@ -478,8 +478,14 @@ class MoE(nn.Module):
                 self.load_accum += expert_load(routed.topk_ids_TK, cfg.num_experts)
             if cfg.bias_update == "auto":
                 self.update_bias()
-        self.stats = stats
+        self._record(stats)
         return total
+
+    def _record(self, stats: dict[str, torch.Tensor]) -> None:
+        """``stats`` of this forward, except under ``torch.export``, whose program has no place for them (it warns
+        of tensors assigned to a module's attributes)."""
+        if not torch.compiler.is_exporting():
+            self.__dict__["stats"] = stats
 
     # ---------------------------------------------------------------------------------------- balancing
     @torch.no_grad()

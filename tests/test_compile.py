@@ -2,6 +2,8 @@
 fused experts' custom operators where they are not (fullgraph, export), and those operators against the loop
 reference, forward and backward."""
 
+import warnings
+
 import pytest
 import torch
 
@@ -192,3 +194,18 @@ def test_fullgraph_runs_the_fused_operators(monkeypatch):
     got = run_fwd_bwd(torch.compile(layer, fullgraph=True), x)
     assert_fwd_bwd_close(got, want, 1e-5)
     assert calls and all(calls)
+
+
+@pytest.mark.parametrize("T", [1, 5, 64])
+def test_export_matches_eager(T):
+    """torch.export traces the layer whole: the exported program gives the eager layer's output, and the layer's
+    statistics (tensors assigned to a module attribute, which export warns of) are not recorded there."""
+    torch.manual_seed(4)
+    layer = moekit.MoE(32, 16, 8, 2).eval()
+    x = torch.randn(1, T, 32)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        program = torch.export.export(layer, (x,))
+    assert not [w for w in caught if "stats" in str(w.message)]
+    with torch.no_grad():
+        assert max_err(program.module()(x), layer(x)) < 1e-6
