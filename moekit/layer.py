@@ -403,11 +403,12 @@ class MoE(nn.Module):
     def _decode_path(self, x_TD: torch.Tensor, routed: RouterOutput) -> bool:
         """Few tokens, no autograd, on CPU: skip the sort and run each chosen expert directly (see Experts.decode)."""
         if not (x_TD.device.type == "cpu" and not torch.is_grad_enabled() and not self._routing_hooks
-                and not torch.compiler.is_compiling()  # (its per-expert loop reads the routing on the host)
                 and not routed.may_have_empty and self.config.capacity_factor is None
                 and isinstance(self.experts, Experts) and self.experts.backend in ("auto", "fused")):
             return False
         slots = x_TD.shape[0] * self.config.top_k
+        if torch.compiler.is_compiling():  # (traced: the kernel call only, whose operator groups the slots itself)
+            return slots <= DECODE_KERNEL_MAX_SLOTS and self.experts.decode_kernel_usable(x_TD)
         return slots <= DECODE_MAX_SLOTS or (slots <= DECODE_KERNEL_MAX_SLOTS
                                              and self.experts.decode_kernel_usable(x_TD))
 

@@ -209,3 +209,30 @@ def test_export_matches_eager(T):
     assert not [w for w in caught if "stats" in str(w.message)]
     with torch.no_grad():
         assert max_err(program.module()(x), layer(x)) < 1e-6
+
+
+@pytest.mark.skipif(not K.available(), reason="needs the CPU kernels")
+@pytest.mark.parametrize("T", [1, 32])
+def test_fullgraph_inference_of_a_few_tokens_runs_the_decode_kernel(monkeypatch, T):
+    """Compiled whole, a few tokens' inference skips the sort as the eager layer does: the traced router's choices
+    go straight to the decode kernel, one custom operator (``moekit::experts_decode``)."""
+    torch._dynamo.reset()
+    layer, x = _compile_case(T, False)
+    layer.eval()
+    calls = []
+    decode = K.small_experts_decode
+    monkeypatch.setattr(K, "small_experts_decode", lambda *a, **k: calls.append(a[0].shape[0]) or decode(*a, **k))
+    with torch.no_grad():
+        want = layer(x)
+        calls.clear()  # (the eager layer's own path aside)
+        got = torch.compile(layer, fullgraph=True)(x)
+    assert max_err(got, want) < 1e-5
+    assert calls == [2 * T]
+
+
+def test_decode_operator_registration_is_consistent():
+    torch.manual_seed(0)
+    w_in, w_out = torch.randn(4, 16, 8), torch.randn(4, 8, 8)
+    ids = torch.tensor([[0, 2], [3, 2], [1, 0]])
+    args = (torch.randn(3, 8), ids, torch.rand(3, 2), w_in, None, w_out, None, "swiglu", [])
+    torch.library.opcheck(fused_op.experts_decode, args)

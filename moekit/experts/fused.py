@@ -122,7 +122,7 @@ class Experts(nn.Module):
         :data:`moekit.kernels.cpu.DECODE_ACTIVATIONS`, CPU kernels built, contiguous rows, weights in the compute
         dtype) rather than one library call per chosen expert."""
         if self.activation.name not in kcpu.DECODE_ACTIVATIONS or x_TD.device.type != "cpu" or x_TD.dim() != 2 or \
-                not x_TD.is_contiguous() or kcpu.library() is None:
+                not x_TD.is_contiguous() or not kcpu.available():
             return False
         dtype = compute_dtype(x_TD, self.w_in)  # (cheap checks: this runs on every decode step)
         return dtype in (torch.float32, torch.bfloat16) and all(
@@ -139,6 +139,12 @@ class Experts(nn.Module):
         dtype = compute_dtype(x_TD, self.w_in)
         x_TD = x_TD.to(dtype)
         if self.decode_kernel_usable(x_TD):
+            if torch.compiler.is_compiling():  # (traced whole: the kernel call as a custom operator)
+                from .fused_op import experts_decode
+
+                return experts_decode(x_TD, ids_TK.contiguous(), weights_TK.float().contiguous(), self.w_in,
+                                      self.b_in, self.w_out, self.b_out, self.activation.name,
+                                      [float(v) for _, v in self.activation.kwargs])
             return kcpu.small_experts_decode(x_TD, ids_TK.contiguous(), weights_TK.float().contiguous(), self.w_in,
                                              self.b_in, self.w_out, self.b_out, check=False,
                                              activation=self.activation)

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Optional
 
 import torch
 
+from ..kernels import cpu as kcpu
 from .activations import _PARAMETRIC, Activation, get_activation
 from .fused_function import _keep_pre, _padded, _Plan, fused_backward, fused_compute_dtype, fused_forward
 
@@ -131,6 +132,22 @@ def _backward(ctx, g_TD, _g_saved):
 
 
 fused_experts.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("moekit::experts_decode", mutates_args=())
+def experts_decode(x_TD: Tensor, ids_TK: Tensor, weights_TK: Tensor, w_in: Tensor, b_in: Optional[Tensor],
+                   w_out: Tensor, b_out: Optional[Tensor], activation: str,
+                   act_params: list[float]) -> tuple[Tensor, Tensor]:
+    """:func:`moekit.kernels.cpu.small_experts_decode` (``Experts.decode``'s kernel: a few tokens' inference
+    straight from the router's choices, no sort) as an operator: ``(y_TD fp32, slots per expert [E] int64)``."""
+    return kcpu.small_experts_decode(x_TD, ids_TK, weights_TK, w_in, b_in, w_out, b_out, check=False,
+                                     activation=_activation(activation, act_params))
+
+
+@experts_decode.register_fake
+def _(x_TD, ids_TK, weights_TK, w_in, b_in, w_out, b_out, activation, act_params):
+    return (x_TD.new_empty(x_TD.shape, dtype=torch.float32),
+            x_TD.new_empty(w_in.shape[0], dtype=torch.int64))
 
 
 def fused_op_backend(experts: "Experts", x_TD: Tensor, plan: "DispatchPlan",

@@ -120,6 +120,7 @@ def library() -> ctypes.CDLL | None:
     return _load()
 
 
+@torch._dynamo.assume_constant_result  # (while tracing: run once, the answer a constant of the compiled code)
 def available() -> bool:
     """Whether the compiled kernels load here (built on first use), also while ``torch.compile`` traces."""
     return _load() is not None
