@@ -75,7 +75,7 @@ def run(dtypes, tokens, shapes) -> dict:
             t0 = time.perf_counter()
             steps[name]()  # (compiles)
             first_s[name] = time.perf_counter() - t0
-        times = timeit_many(steps, min_rounds=7, max_rounds=31, budget_s=4.0 if T >= 1024 else 2.0, warm_runs=1)
+        times = timeit_many(steps, min_rounds=11, max_rounds=41, budget_s=6.0 if T >= 1024 else 3.0, warm_runs=1)
         rows.append({"shape": shape_name, "dtype": str(dtype).removeprefix("torch."), "tokens": T, "mode": mode,
                      "ms": {n: times[n][0] for n in steps}, "runs": times["moekit"][1], "first_call_s": first_s})
     return {"rows": rows, "machine": {"cpu": cpu_name(), "isa": kcpu.isa(), "threads": torch.get_num_threads(),
