@@ -9,7 +9,7 @@ compiled candidate compiled afresh for its row (static shapes), its compile time
 ``benchmarks/results/compile_cpu.json`` and the table between the COMPILE-BENCH markers of docs/performance.md.
 
     python benchmarks/bench_compile.py [--dtypes float32 bfloat16] [--tokens 1 16 128 1024]   (repository root;
-    ~15 minutes for fp32 on 2 CPU cores, most of it compiling)
+    ~2 minutes for fp32 on 2 CPU cores, most of it compiling)
 """
 
 from __future__ import annotations
