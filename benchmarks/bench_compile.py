@@ -1,6 +1,6 @@
 """The layer inside ``torch.compile`` on CPU: eager against compiled (where the layer runs eagerly on its kernels, one
-graph break) and compiled with ``fullgraph=True`` (the layer traced onto PyTorch's generic ops, as compiled code
-without graph breaks must run it), with transformers' MoE block (``grouped_mm`` experts) eager and compiled as the
+graph break) and compiled with ``fullgraph=True`` (the layer traced whole, as compiled code without graph breaks
+must run it: router and sort as PyTorch ops, the experts in moekit's custom operators), with transformers' MoE block (``grouped_mm`` experts) eager and compiled as the
 peer, same process, same weights.
 
 Shapes of ../shared/DESIGN.md (Mixtral-like and fine-grained), T in {1, 16, 128, 1024} tokens, forward (inference:

@@ -132,10 +132,11 @@ class MoE(nn.Module):
         """``x [..., d_model]`` → same shape and dtype. ``token_ids [...]`` (same leading shape) feeds routers that
         route by token id (``router.needs_token_ids``).
 
-        Inside ``torch.compile`` on CPU the layer runs as it does eagerly, on its kernels, as one region the
-        compiler leaves alone (a graph break before and after it): traced, the same layer would run PyTorch's
-        generic ops instead, 1.1-2.9x slower (``benchmarks/bench_compile.py``). Where graph breaks are errors
-        (``fullgraph=True``, ``torch.export``, ``error_on_graph_break``) it is traced."""
+        Inside ``torch.compile`` on CPU the layer runs as it does eagerly, on all of its fast paths, as one region
+        the compiler leaves alone (a graph break before and after it). Where graph breaks are errors
+        (``fullgraph=True``, ``torch.export``, ``error_on_graph_break``) it is traced whole: router, sort and
+        losses as PyTorch ops, the experts in custom operators on the same kernels (:mod:`moekit.experts.fused_op`;
+        ``benchmarks/bench_compile.py`` compares both with the eager layer)."""
         if torch.compiler.is_compiling() and isinstance(x, torch.Tensor) and x.is_cpu and _opaque_under_compile():
             return self._forward_opaque(x, token_ids)
         return self._forward(x, token_ids)

@@ -64,8 +64,9 @@ def _spy_forward(monkeypatch) -> list:
 @pytest.mark.skipif(not moekit.kernels.cpu.available(), reason="needs the CPU kernels")
 @pytest.mark.parametrize("T,grad", [(1, False), (32, False), (4, True), (96, True)])
 def test_torch_compile_runs_the_layer_eagerly_on_its_kernels(monkeypatch, T, grad):
-    """Inside torch.compile (graph breaks allowed) the layer on CPU runs as in eager mode, on its kernels (traced, it
-    would run PyTorch's generic ops, 1.1-2.9x slower): one graph break, the same outputs, gradients and aux loss."""
+    """Inside torch.compile (graph breaks allowed) the layer on CPU runs as in eager mode, on its kernels and fast
+    paths (the fused decode and few-token training step included): one graph break, the same outputs, gradients and
+    aux loss."""
     torch._dynamo.reset()
     layer, x = _compile_case(T, grad)
     traced = _spy_forward(monkeypatch)
