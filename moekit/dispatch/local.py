@@ -164,6 +164,8 @@ def _capacity_keep(ids_TK: torch.Tensor, weights_TK: torch.Tensor, E: int, capac
         0, key_S, torch.ones_like(key_S))
     starts_E = torch.cumsum(counts_E, 0) - counts_E
     rank_S = torch.arange(T * K, device=ids_TK.device) - starts_E[expert_S]
-    keep_S = torch.zeros(T * K, dtype=torch.bool, device=ids_TK.device)
-    keep_S[order_S] = (rank_S < capacity) & (expert_S < E)
+    # (sorted order back to slot order through the inverse permutation, a gather: scattered into a zero buffer
+    # in place, Inductor (torch 2.13, fullgraph=True) reordered reads of the buffer before the write in a layer
+    # with the position drop policy, its experts then running on zero counts)
+    keep_S = ((rank_S < capacity) & (expert_S < E)).gather(0, torch.argsort(order_S))
     return keep_S.view(T, K)
