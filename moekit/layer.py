@@ -138,11 +138,7 @@ class MoE(nn.Module):
         losses as PyTorch ops, the experts in custom operators on the same kernels (:mod:`moekit.experts.fused_op`;
         ``benchmarks/bench_compile.py`` compares both with the eager layer)."""
         if torch.compiler.is_compiling() and isinstance(x, torch.Tensor) and x.is_cpu and _opaque_under_compile():
-            return self._forward_opaque(x, token_ids)
-        return self._forward(x, token_ids)
-
-    @torch.compiler.disable
-    def _forward_opaque(self, x: torch.Tensor, token_ids: torch.Tensor | None) -> torch.Tensor:
+            return _EAGER_FORWARD[0](self, x, token_ids)
         return self._forward(x, token_ids)
 
     def _forward(self, x: torch.Tensor, token_ids: torch.Tensor | None) -> torch.Tensor:
@@ -513,21 +509,38 @@ class MoE(nn.Module):
         return f"d_model={c.d_model}, num_experts={c.num_experts}, top_k={c.top_k}, {cap}"
 
 
-@torch._dynamo.assume_constant_result  # (run once while tracing, its answer a constant of the compiled code)
+#: ``MoE._forward`` behind ``torch.compiler.disable`` (the region a compiled model runs eagerly), made by
+#: :func:`_opaque_under_compile` when first needed: ``torch._dynamo`` is imported by then anyway, and importing it
+#: with moekit would double the time ``import moekit`` takes.
+_EAGER_FORWARD: list = []
+
+
 def _opaque_under_compile() -> bool:
     """Whether the layer being traced by ``torch.compile`` should run eagerly instead (:meth:`MoE.forward`): where
     the CPU kernels are built and a graph break is allowed. Dynamo's current trace tells whether breaks are errors
     there; where it cannot be asked (``torch.export``'s non-strict mode has no such trace, or a PyTorch version
-    without it), the layer is traced."""
+    without it), the layer is traced. Runs once per trace, its answer a constant of the compiled code."""
     if not kcpu.available():
         return False
     try:
         from torch._dynamo.symbolic_convert import InstructionTranslator
 
         tx = InstructionTranslator.current_tx()
-        return not (tx.one_graph or tx.error_on_graph_break or tx.export)
+        if tx.one_graph or tx.error_on_graph_break or tx.export:
+            return False
     except Exception:  # noqa: BLE001 - no trace to ask: trace the layer, which works everywhere
         return False
+    if not _EAGER_FORWARD:
+        _EAGER_FORWARD.append(torch.compiler.disable(_forward))
+    return True
+
+
+def _forward(layer: MoE, x: torch.Tensor, token_ids: torch.Tensor | None) -> torch.Tensor:
+    return layer._forward(x, token_ids)
+
+
+# (what torch._dynamo.assume_constant_result marks, set by hand: see _EAGER_FORWARD)
+_opaque_under_compile._dynamo_marked_constant = True
 
 
 def _router_name(router: Router) -> str:

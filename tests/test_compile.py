@@ -255,3 +255,14 @@ def test_fullgraph_with_capacity_matches_eager(policy, grad):
         with torch.no_grad():
             assert max_err(torch.compile(layer, fullgraph=True)(x), layer(x)) < 1e-5
     assert layer.stats["dropped"] > 0
+
+
+def test_importing_moekit_leaves_the_compiler_unloaded():
+    """``import moekit`` does not import ``torch._dynamo`` (which alone took ~1.5 s, doubling the import), although
+    the layer's compile support refers to it."""
+    import subprocess
+    import sys
+
+    code = "import sys, moekit; print('torch._dynamo' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"

@@ -120,10 +120,14 @@ def library() -> ctypes.CDLL | None:
     return _load()
 
 
-@torch._dynamo.assume_constant_result  # (while tracing: run once, the answer a constant of the compiled code)
 def available() -> bool:
     """Whether the compiled kernels load here (built on first use), also while ``torch.compile`` traces."""
     return _load() is not None
+
+
+# While tracing: run once, the answer a constant of the compiled code (what ``torch._dynamo.assume_constant_result``
+# marks, set by hand: importing ``torch._dynamo`` for it would double the time ``import moekit`` takes).
+available._dynamo_marked_constant = True
 
 
 def _load() -> ctypes.CDLL | None:
