@@ -114,6 +114,20 @@ def test_compiled_patched_model_matches(model_type):
         assert (g - got[name]).abs().max().item() <= 1e-5 * max(1.0, g.abs().max().item()), name
 
 
+@pytest.mark.slow
+def test_patched_model_compiles_whole():
+    """A patched model compiled with fullgraph=True (as transformers' compiled generation does): the unpatched
+    model's logits at one token and at several, its moekit layers traced with their experts in custom operators."""
+    torch._dynamo.reset()
+    ref, model, _ = patched_pair("mixtral")
+    compiled = torch.compile(model, fullgraph=True)
+    for length in (1, 9):
+        x = ids(length=length)
+        with torch.no_grad():
+            want, got = output(ref(input_ids=x, use_cache=False)), output(compiled(input_ids=x, use_cache=False))
+        assert (want - got).abs().max().item() <= 1e-5
+
+
 @pytest.mark.parametrize("model_type", ["mixtral", "gpt_oss", "minimax_m3_vl_text"])
 def test_fine_tuning_trains_the_model_weights_and_unpatch_keeps_them(model_type):
     """One SGD step through moekit equals one step through transformers; after unpatch_hf the original blocks are
