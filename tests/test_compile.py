@@ -267,3 +267,33 @@ def test_importing_moekit_leaves_the_compiler_unloaded():
     code = "import sys, moekit; print('torch._dynamo' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+@pytest.mark.skipif(not K.available(), reason="needs the CPU kernels")
+def test_saved_export_loads_in_a_fresh_process(tmp_path):
+    """An exported layer (its experts in moekit's operators) saved with torch.export.save runs again in another
+    process after ``import moekit``, which registers the operators."""
+    import subprocess
+    import sys
+
+    torch.manual_seed(4)
+    layer = moekit.MoE(32, 16, 8, 2).eval()
+    out = {}
+    for T in (1, 64):
+        x = torch.randn(1, T, 32)
+        program = torch.export.export(layer, (x,))
+        names = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
+        assert any("moekit." in name for name in names), names
+        torch.export.save(program, tmp_path / f"layer{T}.pt2")
+        torch.save(x, tmp_path / f"x{T}.pt")
+        with torch.no_grad():
+            out[T] = layer(x)
+        torch.save(out[T], tmp_path / f"y{T}.pt")
+    code = ("import sys, torch, moekit\n"
+            "for T in (1, 64):\n"
+            "    p = torch.export.load(f'{sys.argv[1]}/layer{T}.pt2')\n"
+            "    x, y = torch.load(f'{sys.argv[1]}/x{T}.pt'), torch.load(f'{sys.argv[1]}/y{T}.pt')\n"
+            "    assert (p.module()(x) - y).abs().max().item() < 1e-6, T\n"
+            "print('ok')\n")
+    run = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True)
+    assert run.stdout.strip() == "ok", run.stderr[-2000:]
