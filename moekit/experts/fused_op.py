@@ -63,6 +63,7 @@ def fused_experts(x_TD: Tensor, w_in: Tensor, w_out: Tensor, b_in: Optional[Tens
         for i, h in plan.pre.items():  # (library-path experts: with padding rows)
             _, s, t = plan.segments[i]
             saved[s:t] = h[:t - s]
+        saved[slot_S.shape[0]:].zero_()  # (dropped slots' rows: no uninitialised memory in an output)
     return y_TD.to(out_dtype), saved
 
 
