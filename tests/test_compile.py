@@ -168,13 +168,15 @@ def test_fused_op_matches_the_loop_reference(monkeypatch, op_backend, mode, case
         assert (rel_err if case == "bf16" else max_err)(inferred, ref.eval()(x)) < (2e-2 if case == "bf16" else 1e-5)
 
 
-def test_fused_op_registration_is_consistent(op_backend):
+@pytest.mark.parametrize("capacity", [None, 0.5])
+def test_fused_op_registration_is_consistent(op_backend, capacity):
     """torch.library's own checks of the operators: schema, fake (meta) functions against the real ones, autograd
-    registration, and that they survive tracing."""
-    layer = _op_layer(bias=True)
+    registration, and that they survive tracing (with dropped slots too)."""
+    layer = _op_layer(bias=True, capacity_factor=capacity)
     x = torch.randn(20, 48, requires_grad=True)
     with torch.no_grad():
         plan = layer.dispatcher.plan(layer.router(x))
+    assert (plan.num_dropped > 0) == (capacity is not None)
     e = layer.experts
     weights_TK = plan.weights_TK.detach().requires_grad_(True)
     args = (x, e.w_in, e.w_out, e.b_in, e.b_out, weights_TK, plan.order_S, plan.token_S, plan.counts_E,
