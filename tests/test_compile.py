@@ -299,3 +299,16 @@ def test_saved_export_loads_in_a_fresh_process(tmp_path):
             "print('ok')\n")
     run = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True)
     assert run.stdout.strip() == "ok", run.stderr[-2000:]
+
+
+def test_fullgraph_hash_routing_checks_its_token_ids():
+    """Hash routing compiled whole: the eager layer's output, and token ids out of range still raise (a check that
+    runs inside the compiled code instead of a host branch on the ids)."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    layer = moekit.MoE(16, 32, 4, 1, router="hash", router_kwargs={"vocab_size": 16})
+    x, ids = torch.randn(2, 8, 16), torch.randint(0, 16, (2, 8))
+    compiled = torch.compile(layer, fullgraph=True)
+    assert max_err(compiled(x, ids), layer(x, ids)) < 1e-6
+    with pytest.raises(RuntimeError, match=r"token ids must lie in \[0, 16\)"):
+        compiled(x, ids + 16)
