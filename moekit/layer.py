@@ -138,7 +138,7 @@ class MoE(nn.Module):
         losses as PyTorch ops, the experts in custom operators on the same kernels (:mod:`moekit.experts.fused_op`;
         ``benchmarks/bench_compile.py`` compares both with the eager layer)."""
         if torch.compiler.is_compiling() and isinstance(x, torch.Tensor) and x.is_cpu and _opaque_under_compile():
-            return _EAGER_FORWARD[0](self, x, token_ids)
+            return _EAGER_FORWARD(self, x, token_ids)
         return self._forward(x, token_ids)
 
     def _forward(self, x: torch.Tensor, token_ids: torch.Tensor | None) -> torch.Tensor:
@@ -512,7 +512,7 @@ class MoE(nn.Module):
 #: ``MoE._forward`` behind ``torch.compiler.disable`` (the region a compiled model runs eagerly), made by
 #: :func:`_opaque_under_compile` when first needed: ``torch._dynamo`` is imported by then anyway, and importing it
 #: with moekit would double the time ``import moekit`` takes.
-_EAGER_FORWARD: list = []
+_EAGER_FORWARD: Callable[[MoE, torch.Tensor, torch.Tensor | None], torch.Tensor] | None = None
 
 
 def _opaque_under_compile() -> bool:
@@ -530,13 +530,10 @@ def _opaque_under_compile() -> bool:
             return False
     except Exception:  # noqa: BLE001 - no trace to ask: trace the layer, which works everywhere
         return False
-    if not _EAGER_FORWARD:
-        _EAGER_FORWARD.append(torch.compiler.disable(_forward))
+    global _EAGER_FORWARD
+    if _EAGER_FORWARD is None:  # (calls _forward through the instance: a patched method is honoured)
+        _EAGER_FORWARD = torch.compiler.disable(lambda layer, x, token_ids: layer._forward(x, token_ids))
     return True
-
-
-def _forward(layer: MoE, x: torch.Tensor, token_ids: torch.Tensor | None) -> torch.Tensor:
-    return layer._forward(x, token_ids)
 
 
 # (what torch._dynamo.assume_constant_result marks, set by hand: see _EAGER_FORWARD)

@@ -128,7 +128,8 @@ def _op_layer(activation: str = "swiglu", bias: bool = False, dtype=torch.float3
 def op_backend(monkeypatch):
     """The layer's fused backend through the custom operators (eagerly: the operators run as they would inside a
     compiled graph), and its few-token training step off, so every step reaches them."""
-    monkeypatch.setitem(backends.BACKENDS, "fused", fused_op.fused_op_backend)
+    monkeypatch.setitem(backends.BACKENDS, "fused", lambda experts, x, plan, out_dtype=torch.float32: (
+        fused_op.fused_op_backend(experts, x, plan, out_dtype, ff.needs_backward(experts, x, plan))))
     monkeypatch.setattr(moekit.layer, "TRAIN_STEP_MAX_SLOTS", 0)
     calls = []
     forward = fused_op.fused_forward

@@ -139,15 +139,13 @@ class Experts(nn.Module):
         dtype = compute_dtype(x_TD, self.w_in)
         x_TD = x_TD.to(dtype)
         if self.decode_kernel_usable(x_TD):
+            args = (x_TD, ids_TK.contiguous(), weights_TK.float().contiguous(), self.w_in, self.b_in, self.w_out,
+                    self.b_out)
             if torch.compiler.is_compiling():  # (traced whole: the kernel call as a custom operator)
-                from .fused_op import experts_decode
+                from .fused_op import activation_spec, experts_decode
 
-                return experts_decode(x_TD, ids_TK.contiguous(), weights_TK.float().contiguous(), self.w_in,
-                                      self.b_in, self.w_out, self.b_out, self.activation.name,
-                                      [float(v) for _, v in self.activation.kwargs])
-            return kcpu.small_experts_decode(x_TD, ids_TK.contiguous(), weights_TK.float().contiguous(), self.w_in,
-                                             self.b_in, self.w_out, self.b_out, check=False,
-                                             activation=self.activation)
+                return experts_decode(*args, *activation_spec(self.activation))
+            return kcpu.small_experts_decode(*args, check=False, activation=self.activation)
         rows: dict[int, list[tuple[int, int]]] = {}
         for t, experts in enumerate(ids_TK.tolist()):
             for k, e in enumerate(experts):

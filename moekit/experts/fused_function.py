@@ -663,19 +663,31 @@ def fused_compute_dtype(x_TD: torch.Tensor, weight: torch.Tensor, counts: list[i
     return dtype
 
 
+def valid_slots(order_S: torch.Tensor, token_S: torch.Tensor, counts_E: torch.Tensor
+                ) -> tuple[list[int], torch.Tensor, torch.Tensor]:
+    """``(counts per expert on the host, slot_S, token_S)`` of a dispatch plan's valid slots, which come first in
+    expert order (empty and dropped slots sit at the end)."""
+    counts = counts_E.tolist()
+    S = sum(counts)
+    return counts, order_S[:S], token_S[:S]
+
+
+def needs_backward(experts: "Experts", x_TD: torch.Tensor, plan: "DispatchPlan") -> bool:
+    """Whether autograd records this call: grad mode on and an input or weight requiring grad."""
+    return torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x_TD, experts.w_in, experts.w_out, experts.b_in, experts.b_out,
+                                                    plan.weights_TK))
+
+
 def fused_backend(experts: "Experts", x_TD: torch.Tensor, plan: "DispatchPlan",
                   out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    training = needs_backward(experts, x_TD, plan)
     if torch.compiler.is_compiling():  # (the counts stay on the device, inside one opaque call)
         from .fused_op import fused_op_backend
 
-        return fused_op_backend(experts, x_TD, plan, out_dtype)
-    counts = plan.counts_E.tolist()
-    S = sum(counts)  # valid slots come first in expert order; empty/dropped slots sit at the end
-    slot_S, token_S = plan.order_S[:S], plan.token_S[:S]
+        return fused_op_backend(experts, x_TD, plan, out_dtype, training)
+    counts, slot_S, token_S = valid_slots(plan.order_S, plan.token_S, plan.counts_E)
     act: Activation = experts.activation
-    training = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x_TD, experts.w_in, experts.w_out, experts.b_in, experts.b_out,
-                                                    plan.weights_TK))
     dtype = fused_compute_dtype(x_TD, experts.w_in, counts, experts.w_out.shape[1] * experts.w_out.shape[2],
                                 training)
     args = (x_TD, experts.w_in, experts.w_out, experts.b_in, experts.b_out, plan.weights_TK, token_S, slot_S,

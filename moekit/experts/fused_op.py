@@ -20,7 +20,8 @@ import torch
 
 from ..kernels import cpu as kcpu
 from .activations import _PARAMETRIC, Activation, get_activation
-from .fused_function import _keep_pre, _padded, _Plan, fused_backward, fused_compute_dtype, fused_forward
+from .fused_function import (_keep_pre, _padded, _Plan, fused_backward, fused_compute_dtype, fused_forward,
+                             valid_slots)
 
 if TYPE_CHECKING:
     from ..dispatch.local import DispatchPlan
@@ -29,16 +30,15 @@ if TYPE_CHECKING:
 Tensor = torch.Tensor
 
 
+def activation_spec(act: Activation) -> tuple[str, list[float]]:
+    """``act`` as the operators take it: its name and its parameters' values (:func:`_activation` inverts it)."""
+    return act.name, [float(v) for _, v in act.kwargs]
+
+
 def _activation(name: str, params: list[float]) -> Activation:
     if name in _PARAMETRIC:
         return get_activation(name, **dict(zip(sorted(_PARAMETRIC[name][0]), params)))
     return get_activation(name)
-
-
-def _routing(order_S: Tensor, token_S: Tensor, counts_E: Tensor) -> tuple[list[int], Tensor, Tensor]:
-    counts = counts_E.tolist()
-    S = sum(counts)  # valid slots come first in expert order; empty/dropped slots sit at the end
-    return counts, order_S[:S], token_S[:S]
 
 
 @torch.library.custom_op("moekit::fused_experts", mutates_args=())
@@ -50,7 +50,7 @@ def fused_experts(x_TD: Tensor, w_in: Tensor, w_out: Tensor, b_in: Optional[Tens
     the autocast or weights' dtype, ``training`` whether a backward follows (both as the eager backend takes them).
     ``saved`` (``[S, W]`` in ``dtype``, its first ``sum(counts_E)`` rows set; ``[0, W]`` unless ``training``):
     every sorted slot's pre-activation, what the backward needs of the forward."""
-    counts, slot_S, token_S = _routing(order_S, token_S, counts_E)
+    counts, slot_S, token_S = valid_slots(order_S, token_S, counts_E)
     dt = fused_compute_dtype(x_TD, w_in, counts, w_out.shape[1] * w_out.shape[2], training, dtype)
     with torch.autocast(x_TD.device.type, enabled=False):
         y_TD, plan = fused_forward(x_TD, w_in, w_out, b_in, b_out, weights_TK, token_S, slot_S, counts,
@@ -102,7 +102,7 @@ def fused_experts_backward(g_TD: Tensor, x_TD: Tensor, w_in: Tensor, w_out: Tens
                            dtype: torch.dtype, needs: list[bool]) -> list[Tensor]:
     """The gradients of :func:`fused_experts` for ``x_TD, w_in, w_out, b_in, b_out, weights_TK`` (an empty tensor
     where ``needs`` says not needed)."""
-    counts, slot_S, token_S = _routing(order_S, token_S, counts_E)
+    counts, slot_S, token_S = valid_slots(order_S, token_S, counts_E)
     act = _activation(activation, act_params)
     dt = fused_compute_dtype(x_TD, w_in, counts, w_out.shape[1] * w_out.shape[2], True, dtype)
     plan = _plan_from(saved, x_TD, w_in, w_out, b_in, b_out, counts, act, dt)
@@ -163,15 +163,12 @@ def _(x_TD, ids_TK, weights_TK, w_in, b_in, w_out, b_out, activation, act_params
 experts_decode = torch.ops.moekit.experts_decode.default
 
 
-def fused_op_backend(experts: "Experts", x_TD: Tensor, plan: "DispatchPlan",
-                     out_dtype: torch.dtype = torch.float32) -> Tensor:
-    """The fused backend through :func:`fused_experts`: what compiled code traced whole runs on CPU."""
+def fused_op_backend(experts: "Experts", x_TD: Tensor, plan: "DispatchPlan", out_dtype: torch.dtype,
+                     training: bool) -> Tensor:
+    """The fused backend through :func:`fused_experts`: what compiled code traced whole runs on CPU (``training``:
+    whether a backward follows)."""
     from .backends import compute_dtype
 
-    act = experts.activation
-    training = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x_TD, experts.w_in, experts.w_out, experts.b_in, experts.b_out,
-                                                    plan.weights_TK))
     return fused_experts(x_TD, experts.w_in, experts.w_out, experts.b_in, experts.b_out, plan.weights_TK,
-                         plan.order_S, plan.token_S, plan.counts_E, act.name, [float(v) for _, v in act.kwargs],
+                         plan.order_S, plan.token_S, plan.counts_E, *activation_spec(experts.activation),
                          compute_dtype(x_TD, experts.w_in), out_dtype, training)[0]

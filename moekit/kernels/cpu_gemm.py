@@ -70,9 +70,9 @@ def provider(dtype: torch.dtype) -> str:
     """``"onednn"`` or ``"torch"``: the faster CPU GEMM for ``dtype`` here (measured once per process; never
     inside ``torch.compile``'s tracing, which would record the probe's GEMMs as part of the model: there the choice
     already measured, else ``"torch"``)."""
-    if dtype not in _PROVIDER and torch.compiler.is_compiling():
-        return "torch"
     if dtype not in _PROVIDER:
+        if torch.compiler.is_compiling():
+            return "torch"
         forced = os.environ.get("MOEKIT_CPU_GEMM", "auto")
         if forced not in ("auto", "onednn", "torch"):
             raise ValueError(f"MOEKIT_CPU_GEMM must be auto, onednn or torch, got {forced!r}")
