@@ -15,7 +15,6 @@ compiled candidate compiled afresh for its row (static shapes), its compile time
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import time
 from pathlib import Path
@@ -25,7 +24,7 @@ from rich.progress import track
 
 import moekit
 from moekit.benchmark import SHAPES, _HFImpl, cpu_name, hf_block, make_step, share_hf, timeit_many, \
-    write_marked_table
+    publish
 from moekit.kernels import cpu as kcpu
 from moekit.utils import tune_cpu_allocator
 
@@ -118,12 +117,7 @@ def main(argv=None) -> None:
     if kcpu.library() is None:
         raise SystemExit(f"the CPU kernels are unavailable here ({kcpu.unavailable_reason()}): nothing to compare")
     result = run([getattr(torch, d) for d in args.dtypes], args.tokens, args.shapes)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1))
-    text = table(result)
-    if not args.no_doc:
-        write_marked_table(DOC, text, "COMPILE-BENCH")
-    print(text)
+    publish(result, table(result), args.out, None if args.no_doc else DOC, "COMPILE-BENCH")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ markers of docs/performance.md.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 from pathlib import Path
 
@@ -23,7 +22,7 @@ import torch
 from rich.progress import track
 
 import moekit
-from moekit.benchmark import cpu_name, timeit_many, write_marked_table
+from moekit.benchmark import cpu_name, timeit_many, publish
 from moekit.kernels import cpu as kcpu
 from moekit.utils import tune_cpu_allocator
 
@@ -104,12 +103,7 @@ def main(argv=None) -> None:
     if kcpu.library() is None:
         raise SystemExit(f"the CPU kernels are unavailable here ({kcpu.unavailable_reason()}): nothing to compare")
     result = run()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1))
-    text = table(result)
-    if not args.no_doc:
-        write_marked_table(DOC, text, "DECODE-ROUTING")
-    print(text)
+    publish(result, table(result), args.out, None if args.no_doc else DOC, "DECODE-ROUTING")
 
 
 if __name__ == "__main__":

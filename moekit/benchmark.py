@@ -746,6 +746,16 @@ def write_marked_table(path: Path, table: str, marker: str) -> None:
     path.write_text(f"{before}{start}\n{table}\n{end}{after}")
 
 
+def publish(result: dict, text: str, out: Path, doc: Path | None, marker: str) -> None:
+    """A benchmark script's last step: ``result`` as JSON to ``out``, its table ``text`` between ``marker``'s markers
+    in ``doc`` (unless None), and printed."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    if doc is not None:
+        write_marked_table(doc, text, marker)
+    print(text)
+
+
 def write_readme_table(table: str, marker: str = "LAYER-BENCH") -> None:
     write_marked_table(ROOT / "README.md", table, marker)
 

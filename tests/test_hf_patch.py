@@ -74,12 +74,12 @@ def hf_grads(model, records) -> dict[str, torch.Tensor]:
     return out
 
 
-@pytest.mark.parametrize("model_type", KEY_FAMILIES)
-def test_gradients_match(model_type):
-    ref, model, records = patched_pair(model_type)
+def assert_gradients_match(ref, model, records, run=None) -> float:
+    """Backward of the same probe through ``ref`` and ``run`` (the patched ``model``, or a compiled wrapper of it):
+    every parameter's gradient within 1e-5 relative to its largest value. Returns the worst relative error."""
     x = ids()
     probe = torch.randn(2, 9, VOCAB, generator=torch.Generator().manual_seed(3))
-    for m in (ref, model):
+    for m in (ref, model if run is None else run):
         (output(m(input_ids=x, use_cache=False)) * probe).sum().backward()
     want = {n: p.grad for n, p in ref.named_parameters() if p.grad is not None}
     got = hf_grads(model, records)
@@ -89,7 +89,13 @@ def test_gradients_match(model_type):
         rel = (g - got[name]).abs().max().item() / max(1.0, g.abs().max().item())
         worst = max(worst, rel)
         assert rel <= 1e-5, (name, rel)
-    RESULTS.setdefault(model_type, {})["grad_max_rel_err"] = worst
+    return worst
+
+
+@pytest.mark.parametrize("model_type", KEY_FAMILIES)
+def test_gradients_match(model_type):
+    ref, model, records = patched_pair(model_type)
+    RESULTS.setdefault(model_type, {})["grad_max_rel_err"] = assert_gradients_match(ref, model, records)
 
 
 @pytest.mark.slow
@@ -104,14 +110,7 @@ def test_compiled_patched_model_matches(model_type):
     with torch.no_grad():
         want, got = output(ref(input_ids=x, use_cache=False)), output(compiled(input_ids=x, use_cache=False))
     assert (want - got).abs().max().item() <= 1e-5
-    probe = torch.randn(2, 9, VOCAB, generator=torch.Generator().manual_seed(3))
-    for m in (ref, compiled):
-        (output(m(input_ids=x, use_cache=False)) * probe).sum().backward()
-    want = {n: p.grad for n, p in ref.named_parameters() if p.grad is not None}
-    got = hf_grads(model, records)
-    assert set(want) == set(got)
-    for name, g in want.items():
-        assert (g - got[name]).abs().max().item() <= 1e-5 * max(1.0, g.abs().max().item()), name
+    assert_gradients_match(ref, model, records, compiled)
 
 
 @pytest.mark.slow
