@@ -49,10 +49,8 @@ def loop_backend(experts: "Experts", x_TD: torch.Tensor, plan: "DispatchPlan") -
     dtype = compute_dtype(x_TD, experts.w_in)
     x_TD = x_TD.to(dtype)
     y_TD = x_TD.new_zeros(x_TD.shape, dtype=torch.float32)
-    for e in range(experts.num_experts):
-        tok_N, slot_N = torch.where(plan.ids_TK == e)
-        if tok_N.numel() == 0:
-            continue
+    for e in range(experts.num_experts):  # (idle ones too: their empty products give the zero gradients every
+        tok_N, slot_N = torch.where(plan.ids_TK == e)  # other backend gives, also where no expert has a token)
         h = F.linear(x_TD[tok_N], experts.w_in[e].to(dtype), _cast(_row(experts.b_in, e), dtype))
         h = experts.activation(h)
         out = F.linear(h, experts.w_out[e].to(dtype), _cast(_row(experts.b_out, e), dtype))
