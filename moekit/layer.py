@@ -264,7 +264,7 @@ class MoE(nn.Module):
         worth microseconds of a decode step's host time (more with the caches cold), and checks ``x`` itself:
         anything unusual takes the regular path."""
         if self._routing_hooks or not isinstance(x, torch.Tensor) or not x.is_cpu or torch.is_autocast_enabled("cpu") \
-                or torch.compiler.is_compiling():
+                or kcpu.bypassed():
             return None
         prep = self._decode_prepared()  # (the checks and arguments that depend on the module only, cached)
         if prep is None:
@@ -355,8 +355,7 @@ class MoE(nn.Module):
         the balancing losses, z-loss and selection-bias update run on the routing it returns).
         Returns ``(y_TD, tokens per expert, the routing)``, ``y_TD`` in ``x_TD``'s dtype (fp32 where shared experts
         are to be added), or None where it does not apply (or a token's choice is a tie)."""
-        if x_TD.device.type != "cpu" or self._routing_hooks or torch.is_autocast_enabled("cpu") or \
-                torch.compiler.is_compiling():
+        if x_TD.device.type != "cpu" or self._routing_hooks or torch.is_autocast_enabled("cpu") or kcpu.bypassed():
             return None
         prep = self._train_step_prepared()
         if prep is None or x_TD.dtype != prep[0] or not 0 < x_TD.shape[0] * prep[1] <= TRAIN_STEP_MAX_SLOTS \
@@ -404,7 +403,7 @@ class MoE(nn.Module):
                 and isinstance(self.experts, Experts) and self.experts.backend in ("auto", "fused")):
             return False
         slots = x_TD.shape[0] * self.config.top_k
-        if torch.compiler.is_compiling():  # (traced: the kernel call only, whose operator groups the slots itself)
+        if kcpu.bypassed():  # (traced, or under a dispatch mode: the kernel call's operator, which groups the slots)
             return slots <= DECODE_KERNEL_MAX_SLOTS and self.experts.decode_kernel_usable(x_TD)
         return slots <= DECODE_MAX_SLOTS or (slots <= DECODE_KERNEL_MAX_SLOTS
                                              and self.experts.decode_kernel_usable(x_TD))

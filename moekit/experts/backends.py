@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING, Callable
 import torch
 import torch.nn.functional as F
 
+from .op_flops import count_in_flop_counters
+
 if TYPE_CHECKING:
     from ..dispatch.local import DispatchPlan
     from .fused import Experts
@@ -116,6 +118,7 @@ _segment_linear.register_autograd(_segment_backward, setup_context=_segment_setu
 
 def segment_linear(x_SI: torch.Tensor, w_EOI: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
     """``x_e @ w_e.T`` for each expert's row segment (``offsets_E`` inclusive ends); later rows come out as zeros."""
+    count_in_flop_counters()
     return _segment_linear(x_SI, w_EOI, offsets_E)
 
 

@@ -141,9 +141,11 @@ class Experts(nn.Module):
         if self.decode_kernel_usable(x_TD):
             args = (x_TD, ids_TK.contiguous(), weights_TK.float().contiguous(), self.w_in, self.b_in, self.w_out,
                     self.b_out)
-            if torch.compiler.is_compiling():  # (traced whole: the kernel call as a custom operator)
+            if kcpu.bypassed():  # (traced whole, or under a dispatch mode: the kernel call as an operator)
                 from .fused_op import activation_spec, experts_decode
+                from .op_flops import count_in_flop_counters
 
+                count_in_flop_counters()
                 return experts_decode(*args, *activation_spec(self.activation))
             return kcpu.small_experts_decode(*args, check=False, activation=self.activation)
         rows: dict[int, list[tuple[int, int]]] = {}

@@ -655,7 +655,7 @@ def fused_compute_dtype(x_TD: torch.Tensor, weight: torch.Tensor, counts: list[i
     from .backends import compute_dtype
 
     dtype = dtype or compute_dtype(x_TD, weight)
-    if dtype == torch.bfloat16 and x_TD.device.type == "cpu" and not torch.compiler.is_compiling():
+    if dtype == torch.bfloat16 and x_TD.device.type == "cpu" and not kcpu.bypassed():
         active = sum(1 for n in counts if n)
         if active and sum(counts) >= BF16_UPCAST_MIN_ROWS * active and cpu_bf16_gemm_is_slow() and \
                 not _kernels_run_bf16(weight, counts, expert_size, training):
@@ -682,7 +682,7 @@ def needs_backward(experts: "Experts", x_TD: torch.Tensor, plan: "DispatchPlan")
 def fused_backend(experts: "Experts", x_TD: torch.Tensor, plan: "DispatchPlan",
                   out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     training = needs_backward(experts, x_TD, plan)
-    if torch.compiler.is_compiling():  # (the counts stay on the device, inside one opaque call)
+    if kcpu.bypassed():  # (traced, or under a dispatch mode: the counts stay on the device, in one operator)
         from .fused_op import fused_op_backend
 
         return fused_op_backend(experts, x_TD, plan, out_dtype, training)

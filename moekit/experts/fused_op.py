@@ -165,9 +165,12 @@ experts_decode = torch.ops.moekit.experts_decode.default
 
 def fused_op_backend(experts: "Experts", x_TD: Tensor, plan: "DispatchPlan", out_dtype: torch.dtype,
                      training: bool) -> Tensor:
-    """The fused backend through :func:`fused_experts`: what compiled code traced whole runs on CPU (``training``:
-    whether a backward follows)."""
+    """The fused backend through :func:`fused_experts`: what compiled code traced whole runs on CPU, and what runs
+    under a Python dispatch mode (``training``: whether a backward follows)."""
     from .backends import compute_dtype
+    from .op_flops import count_in_flop_counters
+
+    count_in_flop_counters()
 
     return fused_experts(x_TD, experts.w_in, experts.w_out, experts.b_in, experts.b_out, plan.weights_TK,
                          plan.order_S, plan.token_S, plan.counts_E, *activation_spec(experts.activation),

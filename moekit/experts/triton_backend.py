@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ..kernels import cpu as kcpu
 from .activations import Activation
 
 if TYPE_CHECKING:
@@ -80,8 +81,8 @@ def interpreting() -> bool:
 
 def triton_usable(device: torch.device, dtype: torch.dtype) -> str | None:
     """``None`` if the Triton backend can run on this device and compute dtype, else the reason it cannot."""
-    if torch.compiler.is_compiling():
-        return "inside torch.compile"
+    if kcpu.bypassed():
+        return "inside torch.compile or a Python dispatch mode"
     if not triton_available():
         return "Triton is not installed"
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
@@ -102,7 +103,7 @@ def _fallback(experts: "Experts", x_TD: torch.Tensor, plan: "DispatchPlan", why:
 
     name = "fused" if x_TD.device.type == "cpu" else "grouped_mm"
     key = (x_TD.device.type, why)
-    if key not in _WARNED and not torch.compiler.is_compiling():
+    if key not in _WARNED and not kcpu.bypassed():
         _WARNED.add(key)
         log.warning("the 'triton' experts backend cannot run here (%s); using %r", why, name)
     return (fused_backend if name == "fused" else grouped_mm_backend)(experts, x_TD, plan)

@@ -111,11 +111,19 @@ def _build(cc: str) -> Path:
     return out
 
 
+def bypassed() -> bool:
+    """Whether PyTorch must see every operation, so that no kernel is called: while ``torch.compile`` traces (a
+    kernel call is no operation a compiled graph can hold; a layer runs eagerly inside compiled code where it may,
+    see :meth:`moekit.MoE.forward`), and while a Python dispatch mode is active (``FlopCounterMode``, which would
+    not see a kernel's work, ``FakeTensorMode``, whose tensors hold no data, ``DebugMode``...). Callers take
+    PyTorch's operations then, or moekit's own operators, which such a mode sees as one call each."""
+    return torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
+
+
 def library() -> ctypes.CDLL | None:
-    """The compiled kernels, or None where they cannot be built here (see :func:`unavailable_reason`), and None
-    while ``torch.compile`` traces: a kernel call is no operation a compiled graph can hold, so traced code takes
-    the PyTorch ops (a layer runs eagerly inside compiled code where it may, see :meth:`moekit.MoE.forward`)."""
-    if torch.compiler.is_compiling():
+    """The compiled kernels, or None where they cannot be built here (see :func:`unavailable_reason`) or must not
+    be called now (:func:`bypassed`)."""
+    if bypassed():
         return None
     return _load()
 
@@ -417,7 +425,7 @@ def topk_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
     NaN, or a tie among a row's k + 1 largest values, where the answer depends on tie-breaking, sends the whole
     batch to ``torch.topk`` so that ties resolve exactly as PyTorch resolves them."""
     if scores.dim() == 2 and scores.dtype == torch.float32 and scores.numel() >= TOPK_MIN_SCORES and \
-            1 <= k <= min(64, scores.shape[1]) and _use_c(scores) and not torch.compiler.is_compiling():
+            1 <= k <= min(64, scores.shape[1]) and _use_c(scores):
         T, E = scores.shape
         ids = torch.empty(T, k, dtype=torch.int64)
         rc = library().moe_topk_rows(scores.data_ptr(), scores.stride(0), T, E, k, ids.data_ptr(), _threads())
@@ -444,7 +452,7 @@ def router_logits(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = Non
     ``ROUTER_LOGITS_MAX_EXPERTS`` experts in a dot-product kernel. None where neither applies (a float32 ``x``,
     other dtypes or layouts, no library): the caller then casts and uses the library GEMM."""
     if x.dtype != torch.bfloat16 or x.dim() != 2 or w.dim() != 2 or x.shape[1] != w.shape[1] or \
-            w.shape[0] < 1 or not _use_c(x, w) or torch.compiler.is_compiling() or \
+            w.shape[0] < 1 or not _use_c(x, w) or \
             (b is not None and (b.dtype != torch.float32 or b.shape != (w.shape[0],) or b.device != x.device)):
         return None
     (T, D), E = x.shape, w.shape[0]
@@ -486,7 +494,7 @@ def softmax_topk(logits: torch.Tensor, selection_bias: torch.Tensor | None, k: i
     ambiguous (a NaN, or a tie among its ``k + 1`` largest values): the caller then routes in PyTorch, which
     resolves ties its own way."""
     if logits.dim() != 2 or logits.dtype != torch.float32 or logits.numel() < ROUTE_MIN_SCORES or \
-            not 1 <= k <= min(64, logits.shape[1]) or not _use_c(logits) or torch.compiler.is_compiling():
+            not 1 <= k <= min(64, logits.shape[1]) or not _use_c(logits):
         return None
     T, E = logits.shape
     if selection_bias is not None:
@@ -508,7 +516,7 @@ def sort_keys(key: torch.Tensor, bins: int, k: int) -> tuple[torch.Tensor, torch
     plan grouped by expert: ~1 ms -> ~0.1 ms for 16k slots). None without the library or for a non-CPU or
     non-int64 ``key``; raises ValueError for a key out of range."""
     if key.device.type != "cpu" or key.dtype != torch.int64 or key.dim() != 1 or not key.is_contiguous() or \
-            library() is None or torch.compiler.is_compiling():
+            library() is None:
         return None
     S = key.shape[0]
     srt, order, tok = (torch.empty(S, dtype=torch.int64) for _ in range(3))

@@ -20,6 +20,8 @@ import time
 import torch
 import torch.nn.functional as F
 
+from . import cpu as kcpu
+
 _LP = getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None)
 _PROVIDER: dict[torch.dtype, str] = {}
 _WGRAD_PROVIDER: dict[torch.dtype, str] = {}
@@ -68,10 +70,11 @@ def _faster(onednn, mm, rounds: int = PROBE_ROUNDS) -> str:
 
 def provider(dtype: torch.dtype) -> str:
     """``"onednn"`` or ``"torch"``: the faster CPU GEMM for ``dtype`` here (measured once per process; never
-    inside ``torch.compile``'s tracing, which would record the probe's GEMMs as part of the model: there the choice
-    already measured, else ``"torch"``)."""
+    inside ``torch.compile``'s tracing, which would record the probe's GEMMs as part of the model, nor under a
+    Python dispatch mode, e.g. a FlopCounterMode that would count them: there the choice already measured, else
+    ``"torch"``)."""
     if dtype not in _PROVIDER:
-        if torch.compiler.is_compiling():
+        if kcpu.bypassed():
             return "torch"
         forced = os.environ.get("MOEKIT_CPU_GEMM", "auto")
         if forced not in ("auto", "onednn", "torch"):
@@ -204,8 +207,6 @@ def _few_rows_cast(g: torch.Tensor, w: torch.Tensor, x: torch.Tensor, dtype: tor
     """Whether _Linear's backward runs the C kernels (_few_rows_backward): a cast (a bf16 router computed in fp32)
     and fewer rows of ``g`` than of ``w`` (a decode-size batch), where the library GEMMs' fp32 copies of ``w`` or of
     the product would be the largest temporaries of the step, more than a bf16 model's own backward holds."""
-    from . import cpu as kcpu  # (imports this module)
-
     return (w.dtype != dtype and g.shape[0] < w.shape[0] and g.dtype == torch.float32 and x.dim() == 2
             and x.dtype in (torch.float32, torch.bfloat16) and w.dtype in (torch.float32, torch.bfloat16)
             and w.device.type == x.device.type == "cpu" and kcpu.library() is not None)
@@ -215,8 +216,6 @@ def _few_rows_backward(g: torch.Tensor, w: torch.Tensor, x: torch.Tensor, need_d
                        ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """``dx = g @ w`` in ``x``'s dtype and ``dw = g^T @ x`` in ``w``'s, each a single-"expert" call of the small-M
     kernels, which read bf16 operands as they are: no fp32 copy of ``w``, of ``x`` or of either product."""
-    from . import cpu as kcpu
-
     T = g.shape[0]
     dx = dw = None
     if need_dx:  # (one "expert" owning all T rows: no start/end tensors)
@@ -243,7 +242,6 @@ def _cast_backward(g: torch.Tensor, w: torch.Tensor, x: torch.Tensor, need_dx: b
     ``CAST_NN_MAX_OUT`` outputs (no fp32 product to cast after), else by blocks of rows as ``dw``. Caches flushed,
     2 Emerald Rapids cores, 8192 tokens: 8 experts dw 1.35 -> 1.06 ms, dx 1.07 -> 0.64 ms; 64 experts dw 3.0 -> 2.2
     ms, dx 2.15 -> 1.8 ms."""
-    from . import cpu as kcpu  # (imports this module)
 
     T, (E, D) = g.shape[0], w.shape
     rows = max(1, CAST_BLOCK_BYTES // max(1, D * g.element_size()))
@@ -269,8 +267,7 @@ def _linear_cast(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, dtype
     """``linear(x.to(dtype), w.to(dtype), b)``; a bf16 ``x`` computed in fp32 (a bf16 layer's router) in the C
     kernel where it applies (:func:`moekit.kernels.cpu.router_logits`: no fp32 copy of ``x``)."""
     if dtype == torch.float32 and x.dtype == torch.bfloat16:
-        from . import cpu as kcpu  # (imports this module)
-
+    
         out = kcpu.router_logits(x, w, None if b is None else b.float())
         if out is not None:
             return out
@@ -285,7 +282,7 @@ def linear_autograd(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = N
     # _Linear also wherever a cast is involved: autograd on F.linear(w.to(dtype)) would keep the cast copy of the
     # weight alive until backward (a bf16 router computed in fp32: an fp32 copy of its weight per layer)
     cast = x.dtype != dtype or w.dtype != dtype
-    if x.device.type == "cpu" and x.dim() == 2 and not torch.compiler.is_compiling() and \
+    if x.device.type == "cpu" and x.dim() == 2 and not kcpu.bypassed() and \
             (cast or provider(dtype) == "onednn"):
         if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w, b))):
             return _linear_cast(x, w, b, dtype)  # no graph to record

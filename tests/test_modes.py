@@ -1,0 +1,136 @@
+"""The layer under PyTorch's Python dispatch modes: FakeTensorMode (tensors without data: shape inference, memory
+planning), FlopCounterMode (counts every matrix product, moekit's operators included) and selective activation
+checkpointing. Under a mode no CPU kernel is called directly (it would read fake tensors' missing data, and no
+mode would see its work): the layer runs PyTorch's operations and moekit's own operators."""
+
+import functools
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+from torch.utils.flop_counter import FlopCounterMode
+
+import moekit
+from moekit.kernels import cpu as kcpu
+
+from .helpers import max_err, run_fwd_bwd
+
+D, F_, E, K = 32, 48, 8, 2
+# tokens per path: fused decode (1), decode kernel (16), few-token training step (16), sorted dispatch (300)
+TOKENS = [1, 16, 300]
+
+
+def _layer(backend="auto", dtype=torch.float32, **kw):
+    torch.manual_seed(0)
+    layer = moekit.MoE(D, F_, E, K, backend=backend, **kw)
+    return layer if dtype == torch.float32 else layer.to(dtype)  # (fake parameters cannot be converted)
+
+
+def _flops(layer, x, train: bool) -> int:
+    layer.train(train)
+    x = x.detach().requires_grad_(train)
+    with FlopCounterMode(display=False) as counter, torch.set_grad_enabled(train):
+        y = layer(x)
+        if train:
+            y.sum().backward()
+    return counter.get_total_flops()
+
+
+def test_no_kernel_is_called_under_a_dispatch_mode():
+    assert not kcpu.bypassed()
+    with FlopCounterMode(display=False):
+        assert kcpu.bypassed() and kcpu.library() is None
+    assert not kcpu.bypassed()
+
+
+@pytest.mark.parametrize("T", TOKENS)
+@pytest.mark.parametrize("train", [False, True])
+@pytest.mark.parametrize("dtype,made", [(torch.float32, "fake"), (torch.float32, "real"), (torch.bfloat16, "real")])
+def test_fake_tensors_give_the_shapes_and_gradients(T, train, dtype, made):
+    """A layer made under the mode (fake parameters) or before it (real ones, fake inputs): shapes, dtypes and
+    gradients. (The CPU kernels were called on fake tensors' data pointers: the process crashed.)"""
+    layer = None if made == "fake" else _layer(dtype=dtype, shared_experts=1)
+    with FakeTensorMode(allow_non_fake_inputs=made == "real"):
+        layer = (layer or _layer(dtype=dtype, shared_experts=1)).train(train)
+        x = torch.randn(2, T, D, dtype=dtype, requires_grad=train)
+        with torch.set_grad_enabled(train):
+            y = layer(x)
+            assert isinstance(y, FakeTensor) and y.shape == x.shape and y.dtype == dtype
+            if train:
+                y.sum().backward()
+                assert x.grad.shape == x.shape
+                assert all(p.grad is not None and p.grad.shape == p.shape for p in layer.parameters())
+
+
+@pytest.mark.parametrize("backend", ["auto", "fused", "segment"])
+@pytest.mark.parametrize("T", TOKENS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_flop_counter_counts_what_the_loop_reference_counts(backend, T, dtype):
+    """FlopCounterMode saw none of the experts' work (0 FLOPs for the whole layer on CPU); now every backend counts
+    the products the loop reference counts (one ``mm`` per expert and projection, in autograd's backward too),
+    forward and forward+backward, and computes the same output under the mode as without it."""
+    x = torch.randn(T, D).to(dtype)
+    layer, ref = _layer(backend, dtype), _layer("loop", dtype)
+    for train in (False, True):
+        want = _flops(ref, x, train)
+        assert want > 0 and _flops(layer, x, train) == want, train
+    experts = 2 * T * K * D * (2 * F_ + F_)  # the arithmetic, for the record: SwiGLU's two projections, then one
+    assert _flops(layer, x, False) == experts + 2 * T * D * E  # ... and the router's logits
+    layer.eval()
+    with torch.no_grad():
+        plain = layer(x)
+        with FlopCounterMode(display=False):
+            counted = layer(x)
+    assert max_err(counted, plain) <= (1e-6 if dtype == torch.float32 else 1e-2)
+
+
+def test_flop_counter_made_before_the_first_counted_layer():
+    """A FlopCounterMode copies PyTorch's table of formulas when it is made; one made before moekit's operators are
+    registered (the first time a layer runs under a dispatch mode) counts them too."""
+    x = torch.randn(300, D)
+    early = FlopCounterMode(display=False)
+    with early:
+        _layer()(x)
+    assert early.get_flop_counts()["Global"][torch.ops.moekit.fused_experts] == 2 * 300 * K * D * 3 * F_
+
+
+def test_flop_counter_with_fake_tensors_counts_every_slot():
+    with FakeTensorMode():
+        layer, x = _layer(), torch.randn(300, D)
+        forward = 2 * 300 * K * D * 3 * F_ + 2 * 300 * D * E  # experts and router
+        assert _flops(layer, x, False) == forward
+        assert _flops(layer, x, True) == 3 * forward  # ... and both products' two gradients
+
+
+@pytest.mark.parametrize("T", TOKENS)
+def test_selective_activation_checkpointing_gives_the_same_gradients(T):
+    def policy(ctx, op, *args, **kwargs):
+        return CheckpointPolicy.MUST_SAVE if op == torch.ops.aten.mm.default else CheckpointPolicy.PREFER_RECOMPUTE
+
+    class Checkpointed(torch.nn.Module):
+        def __init__(self, layer):
+            super().__init__()
+            self.layer = layer
+
+        def forward(self, x):
+            context = functools.partial(create_selective_checkpoint_contexts, policy)
+            return checkpoint(self.layer, x, use_reentrant=False, context_fn=context)
+
+    layer = _layer(shared_experts=1)
+    x = torch.randn(T, D)
+    want = run_fwd_bwd(layer, x)
+    got = run_fwd_bwd(Checkpointed(layer), x)
+    assert max_err(got[0], want[0]) < 1e-5 and max_err(got[1], want[1]) < 1e-5
+    for name, g in want[2].items():
+        assert max_err(got[2][f"layer.{name}"], g) < 1e-5, name
+
+
+def test_capacity_and_other_routers_under_fake_tensors():
+    """Routers whose work stays in tensors run under fake tensors too (capacity dispatch, group-limited sigmoid)."""
+    with FakeTensorMode():
+        for layer in (_layer(capacity_factor=1.0), _layer(router="sigmoid_topk", router_kwargs=dict(n_group=4,
+                                                                                                    topk_group=2))):
+            x = torch.randn(300, D, requires_grad=True)
+            layer(x).sum().backward()
+            assert x.grad.shape == x.shape
