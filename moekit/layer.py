@@ -139,7 +139,19 @@ class MoE(nn.Module):
         ``benchmarks/bench_compile.py`` compares both with the eager layer)."""
         if torch.compiler.is_compiling() and isinstance(x, torch.Tensor) and x.is_cpu and _opaque_under_compile():
             return _EAGER_FORWARD(self, x, token_ids)
+        if type(x) is not torch.Tensor or not self._plain_weights():
+            with kcpu.bypass():  # (a tensor subclass: PyTorch's operations and moekit's operators, which it sees)
+                return self._forward(x, token_ids)
         return self._forward(x, token_ids)
+
+    def _plain_weights(self) -> bool:
+        """Whether the router's and the experts' parameters are plain (no tensor subclass, :func:`kcpu.plain`),
+        checked on every call (~1 us): FSDP, for one, swaps sharded and gathered parameters around a forward."""
+        for mod in (self._modules["experts"], self._modules["router"]):
+            for t in mod._parameters.values():
+                if t is not None and type(t) not in kcpu.PLAIN:
+                    return False
+        return True
 
     def _forward(self, x: torch.Tensor, token_ids: torch.Tensor | None) -> torch.Tensor:
         if token_ids is None and not torch.is_grad_enabled() and (y := self._fused_decode(x)) is not None:

@@ -56,3 +56,22 @@ def dataclass_from_dict(cls, d):
     if unknown:
         raise ValueError(f"unknown {cls.__name__} fields {unknown}; known fields: {sorted(known)}")
     return cls(**copy.deepcopy(d))
+
+
+def autocast_enabled(device_type: str) -> bool:
+    """``torch.is_autocast_enabled(device_type)`` for any device type: False where it has no autocast (``meta``,
+    where PyTorch's own check raises)."""
+    import torch
+
+    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+
+
+def no_autocast(device_type: str):
+    """A context with autocast off on ``device_type`` (nothing to switch off where it has none, e.g. ``meta``)."""
+    import contextlib
+
+    import torch
+
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()

@@ -1,7 +1,7 @@
 """The layer under PyTorch's Python dispatch modes: FakeTensorMode (tensors without data: shape inference, memory
 planning), FlopCounterMode (counts every matrix product, moekit's operators included) and selective activation
-checkpointing. Under a mode no CPU kernel is called directly (it would read fake tensors' missing data, and no
-mode would see its work): the layer runs PyTorch's operations and moekit's own operators."""
+checkpointing; and on the meta device. Under a mode no CPU kernel is called directly (it would read fake tensors'
+missing data, and no mode would see its work): the layer runs PyTorch's operations and moekit's own operators."""
 
 import functools
 
@@ -134,3 +134,81 @@ def test_capacity_and_other_routers_under_fake_tensors():
             x = torch.randn(300, D, requires_grad=True)
             layer(x).sum().backward()
             assert x.grad.shape == x.shape
+
+
+@pytest.mark.parametrize("backend", ["auto", "fused", "segment"])
+def test_meta_tensors_give_the_shapes_and_the_flop_count(backend):
+    """A model made on the meta device (no memory, as for counting a large model's FLOPs): shapes, gradients and the
+    FLOP count of real tensors. (Autocast's check raised on the meta device, before any expert ran.)"""
+    x = torch.randn(300, D)
+    want = (_flops(_layer(backend), x, False), _flops(_layer(backend), x, True))
+    with torch.device("meta"):
+        layer = moekit.MoE(D, F_, E, K, backend=backend, shared_experts=1)
+        y = layer(torch.randn(2, 300, D))
+        assert y.shape == (2, 300, D) and y.is_meta
+        layer = moekit.MoE(D, F_, E, K, backend=backend)
+        assert (_flops(layer, x.to("meta"), False), _flops(layer, x.to("meta"), True)) == want
+        assert all(p.grad is not None and p.grad.is_meta for p in layer.parameters())
+
+
+class _Wrapped(torch.Tensor):
+    """A wrapper tensor subclass (as DTensor or a quantized weight is one): its data in ``elem``, none of its own;
+    it records every operation it sees, then runs it on the unwrapped tensors."""
+
+    seen: list = []
+
+    @staticmethod
+    def __new__(cls, elem):
+        return torch.Tensor._make_wrapper_subclass(cls, elem.shape, dtype=elem.dtype, device=elem.device,
+                                                   requires_grad=elem.requires_grad)
+
+    def __init__(self, elem):
+        self.elem = elem
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        cls.seen.append(str(func))
+        unwrap = functools.partial(torch.utils._pytree.tree_map_only, _Wrapped, lambda t: t.elem)
+        out = func(*unwrap(args), **unwrap(kwargs or {}))
+        return torch.utils._pytree.tree_map_only(torch.Tensor, _Wrapped, out)
+
+
+@pytest.mark.parametrize("T", TOKENS)
+@pytest.mark.parametrize("train", [False, True])
+@pytest.mark.parametrize("where", ["input", "weights"])
+def test_tensor_subclass_sees_the_experts_operators(T, train, where):
+    """A subclass input, or subclass expert weights: the layer's operations go through its dispatch (the experts as
+    moekit's operators), with the plain layer's results and gradients. (The kernels read the wrapper's data
+    pointer: the process crashed.)"""
+    layer, ref = _layer(shared_experts=1).train(train), _layer(shared_experts=1).train(train)
+    if where == "weights":
+        layer.experts.gate_up_proj = torch.nn.Parameter(_Wrapped(layer.experts.gate_up_proj.detach().clone()))
+    x, g = torch.randn(T, D), torch.randn(T, D)
+
+    def run(layer, wrap: bool):
+        """(output, input gradient, parameter gradients), unwrapped, each checked to be of the input's kind"""
+        def unwrap(t):
+            assert type(t) is (_Wrapped if wrap else torch.Tensor)
+            return t.elem if wrap else t
+
+        xi = (_Wrapped(x.clone()) if wrap and where == "input" else x.clone()).requires_grad_(train)
+        with torch.set_grad_enabled(train):
+            y = layer(xi)
+            if not train:
+                return unwrap(y), None, {}
+            y.backward(g)
+        grads = {n: p.grad for n, p in layer.named_parameters()}
+        if where == "weights":  # (the gradients of the plain parameters stay plain)
+            grads = {n: t for n, t in grads.items() if n == "experts.gate_up_proj"}
+        return unwrap(y), xi.grad if where == "weights" else unwrap(xi.grad), {n: unwrap(t) for n, t in grads.items()}
+
+    _Wrapped.seen = []
+    y, dx, grads = run(layer, wrap=True)
+    op = "experts_decode" if not train and T * K <= 2048 else "fused_experts"
+    assert any(f"moekit.{op}" in name for name in _Wrapped.seen)
+    y_ref, dx_ref, grads_ref = run(ref, wrap=False)
+    assert max_err(y, y_ref) < 1e-5
+    if train:
+        assert max_err(dx, dx_ref) < 1e-5
+        for name in grads:
+            assert max_err(grads[name], grads_ref[name]) < 1e-5, name

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Callable
 import torch
 import torch.nn.functional as F
 
+from ..utils import autocast_enabled
 from .op_flops import count_in_flop_counters
 
 if TYPE_CHECKING:
@@ -37,7 +38,7 @@ log = logging.getLogger(__name__)
 def compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     """The dtype the expert GEMMs run in: the autocast dtype if autocast is on, else the weights' dtype."""
     dev = x.device.type
-    if torch.is_autocast_enabled(dev):
+    if autocast_enabled(dev):
         return torch.get_autocast_dtype(dev)
     return weight.dtype
 

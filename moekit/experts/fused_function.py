@@ -682,7 +682,8 @@ def needs_backward(experts: "Experts", x_TD: torch.Tensor, plan: "DispatchPlan")
 def fused_backend(experts: "Experts", x_TD: torch.Tensor, plan: "DispatchPlan",
                   out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     training = needs_backward(experts, x_TD, plan)
-    if kcpu.bypassed():  # (traced, or under a dispatch mode: the counts stay on the device, in one operator)
+    if kcpu.bypassed() or x_TD.is_meta:  # (traced, under a dispatch mode, or meta tensors: the counts stay on the
+        # device, in one operator)
         from .fused_op import fused_op_backend
 
         return fused_op_backend(experts, x_TD, plan, out_dtype, training)

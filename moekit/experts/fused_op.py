@@ -14,6 +14,7 @@ bf16, as the eager Function does for its library-path experts.
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING, Optional
 
 import torch
@@ -41,7 +42,19 @@ def _activation(name: str, params: list[float]) -> Activation:
     return get_activation(name)
 
 
+def _on_kernels(impl):
+    """An operator's implementation, run with the kernels allowed: it gets plain tensors (under a dispatch mode,
+    which steps aside while the operator runs; from a tensor subclass, which unwraps them), also where the layer
+    itself runs under :func:`moekit.kernels.cpu.bypass`."""
+    @functools.wraps(impl)
+    def run(*args, **kwargs):
+        with kcpu.bypass(False):
+            return impl(*args, **kwargs)
+    return run
+
+
 @torch.library.custom_op("moekit::fused_experts", mutates_args=())
+@_on_kernels
 def fused_experts(x_TD: Tensor, w_in: Tensor, w_out: Tensor, b_in: Optional[Tensor], b_out: Optional[Tensor],
                   weights_TK: Tensor, order_S: Tensor, token_S: Tensor, counts_E: Tensor, activation: str,
                   act_params: list[float], dtype: torch.dtype, out_dtype: torch.dtype,
@@ -96,6 +109,7 @@ def _plan_from(saved: Tensor, x_TD: Tensor, w_in: Tensor, w_out: Tensor, b_in, b
 
 
 @torch.library.custom_op("moekit::fused_experts_backward", mutates_args=())
+@_on_kernels
 def fused_experts_backward(g_TD: Tensor, x_TD: Tensor, w_in: Tensor, w_out: Tensor, b_in: Optional[Tensor],
                            b_out: Optional[Tensor], weights_TK: Tensor, order_S: Tensor, token_S: Tensor,
                            counts_E: Tensor, saved: Tensor, activation: str, act_params: list[float],
@@ -135,6 +149,7 @@ def _backward(ctx, g_TD, _g_saved):
 fused_experts.register_autograd(_backward, setup_context=_setup_context)
 
 
+@_on_kernels
 def _experts_decode(x_TD: Tensor, ids_TK: Tensor, weights_TK: Tensor, w_in: Tensor, b_in: Optional[Tensor],
                     w_out: Tensor, b_out: Optional[Tensor], activation: str,
                     act_params: list[float]) -> tuple[Tensor, Tensor]:

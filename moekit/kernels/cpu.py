@@ -26,6 +26,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -114,10 +115,36 @@ def _build(cc: str) -> Path:
 def bypassed() -> bool:
     """Whether PyTorch must see every operation, so that no kernel is called: while ``torch.compile`` traces (a
     kernel call is no operation a compiled graph can hold; a layer runs eagerly inside compiled code where it may,
-    see :meth:`moekit.MoE.forward`), and while a Python dispatch mode is active (``FlopCounterMode``, which would
-    not see a kernel's work, ``FakeTensorMode``, whose tensors hold no data, ``DebugMode``...). Callers take
-    PyTorch's operations then, or moekit's own operators, which such a mode sees as one call each."""
-    return torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
+    see :meth:`moekit.MoE.forward`), while a Python dispatch mode is active (``FlopCounterMode``, which would not
+    see a kernel's work, ``FakeTensorMode``, whose tensors hold no data, ``DebugMode``...), and inside
+    :func:`bypass` (a layer's forward on tensor subclasses). Callers take PyTorch's operations then, or moekit's
+    own operators, which such a mode or subclass sees as one call each."""
+    return torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0 or _LOCAL.__dict__.get(
+        "bypass", False)
+
+
+_LOCAL = threading.local()
+#: the tensor types the kernels read (:func:`plain`)
+PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+@contextlib.contextmanager
+def bypass(on: bool = True):
+    """No kernel called inside (:func:`bypassed`), in this thread; ``on=False``: kernels allowed again inside (an
+    operator's implementation, on the plain tensors a subclass passed it)."""
+    before = _LOCAL.__dict__.get("bypass", False)
+    _LOCAL.bypass = on
+    try:
+        yield
+    finally:
+        _LOCAL.bypass = before
+
+
+def plain(*tensors: torch.Tensor | None) -> bool:
+    """Whether each of ``tensors`` (None skipped) is a plain tensor or parameter: a tensor subclass (a wrapper such
+    as DTensor or a quantized weight, or one that logs or transforms operations) has its own dispatch, which a
+    kernel call would go around, and a wrapper holds no data of its own to read."""
+    return all(t is None or type(t) in PLAIN for t in tensors)
 
 
 def library() -> ctypes.CDLL | None:

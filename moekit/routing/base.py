@@ -20,6 +20,7 @@ from torch import nn
 
 from ..kernels import cpu as kcpu
 from ..kernels.cpu_gemm import linear_autograd
+from ..utils import autocast_enabled, no_autocast
 
 
 @dataclass
@@ -153,9 +154,9 @@ class Router(nn.Module):
         if self.training and self.jitter > 0:
             x_TD = x_TD * torch.empty_like(x_TD).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
         bias = None if self.bias is None else self.bias.float()
-        if not torch.is_autocast_enabled(x_TD.device.type):  # (entering a disabled autocast costs ~10 us a call)
+        if not autocast_enabled(x_TD.device.type):  # (entering a disabled autocast costs ~10 us a call)
             return self.mask_disabled(linear_autograd(x_TD, self.weight, bias, torch.float32))
-        with torch.autocast(x_TD.device.type, enabled=False):
+        with no_autocast(x_TD.device.type):
             return self.mask_disabled(linear_autograd(x_TD, self.weight, bias, torch.float32))
 
     def forward(self, x_TD: torch.Tensor, ctx: RoutingContext | None = None) -> RouterOutput:

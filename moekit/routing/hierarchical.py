@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..utils import no_autocast
 from .base import Router, RouterOutput, register_router
 
 
@@ -38,7 +39,7 @@ class HierarchicalRouter(Router):
         self.group_weight = nn.Parameter(torch.randn(n_group, d_model) * d_model**-0.5)
 
     def forward(self, x_TD, ctx=None) -> RouterOutput:
-        with torch.autocast(x_TD.device.type, enabled=False):
+        with no_autocast(x_TD.device.type):
             group_logits_TG = F.linear(x_TD.float(), self.group_weight.float())
         return self._route(self.logits(x_TD), group_logits_TG)
 

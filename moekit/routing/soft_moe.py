@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..utils import no_autocast
 from .base import Router, RouterOutput, RoutingContext, SoftRouting, register_router
 
 
@@ -42,7 +43,7 @@ class SoftMoE(Router):
         if T % L:
             raise ValueError(f"soft_moe: {T} tokens do not split into sequences of {L}")
         B, E, S = T // L, self.num_experts, self.slots
-        with torch.autocast(x_TD.device.type, enabled=False):
+        with no_autocast(x_TD.device.type):
             phi_XD = self.scale * F.normalize(self.slot_embed.float(), dim=-1)
             logits_BLX = F.normalize(x_TD.float(), dim=-1).view(B, L, x_TD.shape[1]) @ phi_XD.T
             if self.disabled:  # a disabled expert's slots receive and return nothing
