@@ -237,3 +237,24 @@ def test_clear_errors():
     with pytest.raises(ValueError, match="'phimoe'.*sparsemixer.*supported: .*mixtral"):
         moekit.patch_hf(phimoe)
     assert not any(isinstance(m, MoEBlockPatch) for m in phimoe.modules())  # nothing half-patched
+
+
+@pytest.mark.parametrize("model_type", KEY_FAMILIES)
+def test_flop_counter_and_fake_tensors_on_a_patched_model(model_type):
+    """FlopCounterMode counts a patched model's FLOPs as it counts the unpatched model with transformers' eager
+    experts (one product per expert hit; its grouped_mm experts count nothing there), and the patched model runs
+    under fake tensors (its CPU kernels crashed the process on them)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils.flop_counter import FlopCounterMode
+
+    ref, model, _ = patched_pair(model_type)
+    ref.config._experts_implementation = "eager"
+    counts = []
+    for m in (ref, model):
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            m(ids())
+        counts.append(counter.get_total_flops())
+    assert counts[0] > 0 and counts[1] == counts[0]
+    with FakeTensorMode(allow_non_fake_inputs=True), torch.no_grad():
+        logits = output(model(ids()))
+        assert logits.shape == (2, 9, VOCAB)
