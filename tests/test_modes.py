@@ -212,3 +212,25 @@ def test_tensor_subclass_sees_the_experts_operators(T, train, where):
         assert max_err(dx, dx_ref) < 1e-5
         for name in grads:
             assert max_err(grads[name], grads_ref[name]) < 1e-5, name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_mm_backend_under_the_modes(dtype):
+    """``torch._grouped_mm`` counts (PyTorch has no formula for it); fake tensors run it in bf16 (its meta function
+    takes nothing else: fp32 takes the segment backend there); and its feature test (public:
+    ``grouped_mm_supported``), first run under a mode, runs on real tensors the mode does not see (under fake
+    tensors it failed, and grouped_mm was off for good; a FlopCounterMode counted it)."""
+    from moekit.experts import backends
+
+    x = torch.randn(300, D).to(dtype)
+    for train in (False, True):
+        assert _flops(_layer("grouped_mm", dtype), x, train) == _flops(_layer("loop", dtype), x, train)
+    want = backends.grouped_mm_supported("cpu", dtype)
+    for mode in (FakeTensorMode(allow_non_fake_inputs=True), FlopCounterMode(display=False)):
+        backends._SUPPORT_CACHE.clear()
+        layer = _layer("grouped_mm", dtype)
+        with mode:
+            assert backends.grouped_mm_supported("cpu", dtype) == want
+            assert layer(torch.randn(300, D).to(dtype)).shape == (300, D)
+        assert backends._SUPPORT_CACHE == {("cpu", dtype): want}
+    assert mode.get_total_flops() == 2 * 300 * K * D * 3 * F_ + 2 * 300 * D * E  # (the layer's, not the probe's)

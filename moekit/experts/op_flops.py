@@ -73,6 +73,23 @@ def _segment_linear_backward(grad_SO, x_SI, w_EOI, offsets_E, out_val=None) -> i
     return 2 * _segment_linear(x_SI, w_EOI, offsets_E)
 
 
+def _grouped_mm(a, b, offs=None, bias=None, out_dtype=None, out_val=None) -> int:
+    """``torch._grouped_mm`` (the ``grouped_mm`` backend's and transformers' experts; PyTorch counts it as nothing):
+    ``2 m n k`` per group, the groups' extent along the dimension ``offs`` cuts (its last offset) where it can be
+    read, else the whole dimension."""
+    if a.dim() == 3 and b.dim() == 3:  # a batch of equal groups
+        return 2 * a.shape[0] * a.shape[1] * a.shape[2] * b.shape[2]
+    if a.dim() == 2 and b.dim() == 3:  # a's rows cut into groups, one matrix of b each
+        return 2 * _cut(offs, a.shape[0]) * a.shape[1] * b.shape[2]
+    if a.dim() == 3:  # b's columns cut into groups (a [G, M, K], b [K, N])
+        return 2 * a.shape[1] * a.shape[2] * _cut(offs, b.shape[1])
+    return 2 * a.shape[0] * _cut(offs, a.shape[1]) * b.shape[1]  # the reduction cut into groups (weight gradients)
+
+
+def _cut(offs, whole: int) -> int:
+    return whole if offs is None or not offs.numel() else _rows(offs[-1], whole)
+
+
 def count_in_flop_counters() -> None:
     """Make FlopCounterMode count moekit's operators, where a Python dispatch mode is active (a no-op otherwise):
     their formulas registered in PyTorch's table once, and added to every FlopCounterMode active now."""
@@ -83,6 +100,7 @@ def count_in_flop_counters() -> None:
     from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
 
     ops = {getattr(torch.ops.moekit, name): f for name, f in _FORMULAS.items()}
+    ops[torch.ops.aten._grouped_mm] = _grouped_mm
     if not _REGISTERED:
         for op, f in ops.items():
             if op not in flop_counter.flop_registry:
