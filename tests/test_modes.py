@@ -15,6 +15,7 @@ import moekit
 from moekit.kernels import cpu as kcpu
 
 from .helpers import max_err, run_fwd_bwd
+from .router_cases import CASES
 
 D, F_, E, K = 32, 48, 8, 2
 # tokens per path: fused decode (1), decode kernel (16), few-token training step (16), sorted dispatch (300)
@@ -234,3 +235,31 @@ def test_grouped_mm_backend_under_the_modes(dtype):
             assert layer(torch.randn(300, D).to(dtype)).shape == (300, D)
         assert backends._SUPPORT_CACHE == {("cpu", dtype): want}
     assert mode.get_total_flops() == 2 * 300 * K * D * 3 * F_ + 2 * 300 * D * E  # (the layer's, not the probe's)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_every_router_under_fake_tensors_and_the_flop_counter(name):
+    """Every router in training and inference under fake tensors (shapes; the noisy top-k load loss's normal CDF
+    validated its scale on the host, and hash routing's token-id check ran there: both failed), and under the FLOP
+    counter with the experts counted (the expert-choice and soft routers included); the BASE router's training
+    assignment, solved on the host from the scores' values, says so under fake tensors."""
+    k, kwargs = CASES[name]
+    for train in (False, True):
+        layer = moekit.MoE(D, F_, E, k, router=name, router_kwargs=kwargs, allow_non_causal=True).train(train)
+        extra = {"token_ids": torch.randint(0, 16, (40,))} if layer.router.needs_token_ids else {}
+        x = torch.randn(40, D, requires_grad=train)
+        with FakeTensorMode(allow_non_fake_inputs=True), torch.set_grad_enabled(train):
+            if name == "base" and train:
+                with pytest.raises(ValueError, match="fake and meta tensors"):
+                    layer(x, **extra)
+            else:
+                y = layer(x, **extra)
+                assert isinstance(y, FakeTensor) and y.shape == x.shape
+                if train:
+                    y.sum().backward()
+        with FlopCounterMode(display=False) as counter, torch.set_grad_enabled(train):
+            y = layer(x, **extra)
+            if train:
+                y.sum().backward()
+        router = 2 * 40 * D * E * (3 if train else 1)  # (at most: the logits' product and its two gradients)
+        assert counter.get_total_flops() > router + 2 * D * 3 * F_  # (and some expert's work)

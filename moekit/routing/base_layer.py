@@ -23,7 +23,11 @@ MAX_ASSIGNMENT_TOKENS = 2048  # larger batches are assigned in chunks of this ma
 def balanced_assignment(scores_TE: torch.Tensor) -> torch.Tensor:
     """Expert per token maximising the total score with every expert holding ``ceil(T/E)`` tokens at most."""
     from scipy.optimize import linear_sum_assignment
+    from torch._subclasses.fake_tensor import is_fake
 
+    if scores_TE.is_meta or is_fake(scores_TE):
+        raise ValueError("the 'base' router's training assignment is solved on the host from the scores' values, "
+                         "which fake and meta tensors do not have: run it on real tensors, or in eval mode (greedy)")
     T, E = scores_TE.shape
     out = torch.empty(T, dtype=torch.long)
     for start in range(0, T, MAX_ASSIGNMENT_TOKENS):

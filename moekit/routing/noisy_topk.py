@@ -65,9 +65,8 @@ class NoisyTopK(TopKRouter):
         top_TK1 = noisy_TE.topk(self.top_k + 1, dim=-1).values
         kth_in, kth_out = top_TK1[:, self.top_k:self.top_k + 1], top_TK1[:, self.top_k - 1:self.top_k]
         is_in_TE = noisy_TE > kth_in
-        normal = torch.distributions.Normal(0.0, 1.0)
-        p_if_in = normal.cdf((clean_TE - kth_in) / std_TE)
-        p_if_out = normal.cdf((clean_TE - kth_out) / std_TE)
+        p_if_in = torch.special.ndtr((clean_TE - kth_in) / std_TE)  # (the standard normal's CDF)
+        p_if_out = torch.special.ndtr((clean_TE - kth_out) / std_TE)
         return torch.where(is_in_TE, p_if_in, p_if_out)
 
     def scores(self, logits_TE: torch.Tensor) -> torch.Tensor:
