@@ -263,3 +263,27 @@ def test_every_router_under_fake_tensors_and_the_flop_counter(name):
                 y.sum().backward()
         router = 2 * 40 * D * E * (3 if train else 1)  # (at most: the logits' product and its two gradients)
         assert counter.get_total_flops() > router + 2 * D * 3 * F_  # (and some expert's work)
+
+
+def test_language_model_under_fake_tensors_the_flop_counter_and_on_meta():
+    """moekit's language model: under fake tensors (its token-id check read the ids on the host: failed), and its
+    experts' FLOPs counted the same on real and on meta tensors."""
+    from moekit.models.config import get_preset
+    from moekit.models.model import TransformerLM
+
+    cfg = get_preset("tiny", vocab_size=64)
+    ids = torch.randint(0, 64, (2, 16))
+    counts = []
+    for device in ("cpu", "meta"):
+        with torch.device(device):
+            torch.manual_seed(0)
+            model = TransformerLM(cfg)
+        with FlopCounterMode(display=False) as counter:
+            model(ids.to(device))
+        counts.append(counter.get_flop_counts()["Global"])
+    experts = [sum(v for op, v in c.items() if "moekit" in str(op)) for c in counts]
+    assert experts[0] > 0 and experts[1] == experts[0]
+    with FakeTensorMode():
+        out = TransformerLM(cfg)(torch.randint(0, 64, (2, 16)))
+    logits = out[0] if isinstance(out, tuple) else out
+    assert isinstance(logits, FakeTensor) and logits.shape == (2, 16, 64)
