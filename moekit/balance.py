@@ -71,10 +71,16 @@ class AttachAuxLoss(torch.autograd.Function):
     without the training loop adding them to its loss.
     """
 
+    generate_vmap_rule = True  # (torch.func transforms: forward and setup_context apart, as they need)
+
     @staticmethod
-    def forward(ctx, output: torch.Tensor, aux_loss: torch.Tensor, scale: float) -> torch.Tensor:
-        ctx.aux_shape, ctx.aux_dtype, ctx.scale = aux_loss.shape, aux_loss.dtype, scale
+    def forward(output: torch.Tensor, aux_loss: torch.Tensor, scale: float) -> torch.Tensor:
         return output.view_as(output)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        _, aux_loss, ctx.scale = inputs
+        ctx.aux_shape, ctx.aux_dtype = aux_loss.shape, aux_loss.dtype
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):

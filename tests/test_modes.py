@@ -287,3 +287,28 @@ def test_language_model_under_fake_tensors_the_flop_counter_and_on_meta():
         out = TransformerLM(cfg)(torch.randint(0, 64, (2, 16)))
     logits = out[0] if isinstance(out, tuple) else out
     assert isinstance(logits, FakeTensor) and logits.shape == (2, 16, 64)
+
+
+def test_torch_func_grad_and_vmap():
+    """``torch.func.grad`` over a training layer (balancing losses attached) gives autograd's gradients, and
+    ``torch.func.vmap`` runs inference over a batch dimension. (The kernels read the transforms' wrapper tensors,
+    which have no storage: both failed; the aux-loss Function lacked the setup_context these transforms need.)"""
+    from torch.func import functional_call, grad, vmap
+
+    layer = _layer(shared_experts=1)
+    params = {n: p.detach() for n, p in layer.named_parameters()}
+    x = torch.randn(40, D)
+
+    def loss(p, x):
+        return functional_call(layer, p, (x,)).pow(2).sum()
+
+    got = grad(loss)(params, x)
+    layer.zero_grad(set_to_none=True)
+    layer(x).pow(2).sum().backward()
+    assert got.keys() == {n for n, p in layer.named_parameters()}
+    for name, p in layer.named_parameters():
+        assert max_err(got[name], p.grad) < 1e-5, name
+    layer.eval()
+    with torch.no_grad():
+        batched = vmap(layer)(x.view(4, 10, D))
+        assert max_err(batched, layer(x).view(4, 10, D)) < 1e-5

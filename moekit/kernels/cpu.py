@@ -116,11 +116,18 @@ def bypassed() -> bool:
     """Whether PyTorch must see every operation, so that no kernel is called: while ``torch.compile`` traces (a
     kernel call is no operation a compiled graph can hold; a layer runs eagerly inside compiled code where it may,
     see :meth:`moekit.MoE.forward`), while a Python dispatch mode is active (``FlopCounterMode``, which would not
-    see a kernel's work, ``FakeTensorMode``, whose tensors hold no data, ``DebugMode``...), and inside
+    see a kernel's work, ``FakeTensorMode``, whose tensors hold no data, ``DebugMode``...), inside a ``torch.func``
+    transform (``grad``, ``vmap``...: its tensors are wrappers with no storage of their own) and inside
     :func:`bypass` (a layer's forward on tensor subclasses). Callers take PyTorch's operations then, or moekit's
-    own operators, which such a mode or subclass sees as one call each."""
-    return torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0 or _LOCAL.__dict__.get(
-        "bypass", False)
+    own operators, which such a mode, transform or subclass sees as one call each."""
+    return torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0 or func_transformed() or \
+        _LOCAL.__dict__.get("bypass", False)
+
+
+def func_transformed() -> bool:
+    """Whether a ``torch.func`` transform (``grad``, ``vmap``, ``jacrev``...) is running: its tensors are wrappers
+    that neither the kernels nor moekit's custom operators (whose autograd those transforms do not follow) take."""
+    return torch._C._functorch.peek_interpreter_stack() is not None
 
 
 _LOCAL = threading.local()
