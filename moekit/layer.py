@@ -194,7 +194,8 @@ class MoE(nn.Module):
             counts_E, dropped = plan.counts_E, plan.num_dropped
         y = self._add_shared(x_TD, y_TD).to(x.dtype).view(shape)
         loss = self._balance(routed, counts_E, dropped, seq_len)
-        if loss is not None and torch.is_grad_enabled() and loss.requires_grad:
+        # (not under forward-mode AD, which has no use for it and would need a jvp that torch.compile cannot trace)
+        if loss is not None and torch.is_grad_enabled() and loss.requires_grad and not kcpu.forward_ad():
             y = AttachAuxLoss.apply(y, loss, float(self.aux_loss_scale))
         for hook in self._routing_hooks.values():
             hook(self, x_TD, routed, plan)
@@ -415,6 +416,8 @@ class MoE(nn.Module):
                 and isinstance(self.experts, Experts) and self.experts.backend in ("auto", "fused")):
             return False
         slots = x_TD.shape[0] * self.config.top_k
+        if kcpu.plain_ops_only(batching_ok=True):  # (forward-mode AD, grad or jvp transforms: no derivative there)
+            return False
         if kcpu.bypassed():  # (traced, or under a dispatch mode: the kernel call's operator, which groups the slots)
             return slots <= DECODE_KERNEL_MAX_SLOTS and self.experts.decode_kernel_usable(x_TD)
         return slots <= DECODE_MAX_SLOTS or (slots <= DECODE_KERNEL_MAX_SLOTS

@@ -312,3 +312,25 @@ def test_torch_func_grad_and_vmap():
     with torch.no_grad():
         batched = vmap(layer)(x.view(4, 10, D))
         assert max_err(batched, layer(x).view(4, 10, D)) < 1e-5
+
+
+@pytest.mark.parametrize("T", TOKENS)
+@pytest.mark.parametrize("train", [False, True])
+def test_forward_mode_ad_gives_the_tangents(T, train):
+    """Forward-mode AD (``torch.autograd.forward_ad``, ``torch.func.jvp``): the tangent of the output equals the
+    loop reference's and a central finite difference. (The fused paths dropped the tangent, silently: None.)"""
+    import torch.autograd.forward_ad as fwAD
+    from torch.func import jvp
+
+    layer, ref = _layer(shared_experts=1).train(train), _layer("loop", shared_experts=1).train(train)
+    x, v = torch.randn(T, D), torch.randn(T, D)
+    with fwAD.dual_level(), torch.set_grad_enabled(train):
+        tangent = fwAD.unpack_dual(layer(fwAD.make_dual(x, v))).tangent
+    assert tangent is not None
+    assert max_err(tangent, jvp(ref, (x,), (v,))[1]) < 1e-5
+    assert max_err(jvp(layer, (x,), (v,))[1], tangent) < 1e-5
+    exact = _layer("loop", shared_experts=1).double().eval()
+    eps = 1e-3  # (the router's logits are computed in fp32 even here)
+    with torch.no_grad():
+        fd = (exact((x + eps * v).double()) - exact((x - eps * v).double())) / (2 * eps)
+    assert max_err(tangent, fd) < 1e-3 * fd.abs().max().item()

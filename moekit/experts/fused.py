@@ -91,7 +91,7 @@ class Experts(nn.Module):
         if not kcpu.plain(x_TD, self.w_in, self.w_out) and not kcpu.bypassed():
             with kcpu.bypass():  # (a tensor subclass: no kernel goes around its dispatch)
                 return self.forward(x_TD, plan, out_dtype)
-        if kcpu.func_transformed():  # (torch.func: PyTorch's own operations, which its transforms follow)
+        if kcpu.plain_ops_only():  # (torch.func, forward-mode AD: PyTorch's own operations, which they follow)
             return BACKENDS["loop"](self, x_TD, plan).to(out_dtype)
         backend = BACKENDS[self._backend]
         if backend in (BACKENDS["fused"], BACKENDS["auto"]):

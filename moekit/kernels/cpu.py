@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 
 from ..utils import cache_root
 
@@ -120,14 +121,31 @@ def bypassed() -> bool:
     transform (``grad``, ``vmap``...: its tensors are wrappers with no storage of their own) and inside
     :func:`bypass` (a layer's forward on tensor subclasses). Callers take PyTorch's operations then, or moekit's
     own operators, which such a mode, transform or subclass sees as one call each."""
-    return torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0 or func_transformed() or \
+    return torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0 or plain_ops_only() or \
         _LOCAL.__dict__.get("bypass", False)
 
 
-def func_transformed() -> bool:
-    """Whether a ``torch.func`` transform (``grad``, ``vmap``, ``jacrev``...) is running: its tensors are wrappers
-    that neither the kernels nor moekit's custom operators (whose autograd those transforms do not follow) take."""
-    return torch._C._functorch.peek_interpreter_stack() is not None
+def plain_ops_only(batching_ok: bool = False) -> bool:
+    """Whether only PyTorch's own operations may run: inside a ``torch.func`` transform (``grad``, ``vmap``, ``jvp``,
+    ``jacrev``...: its tensors are wrappers without storage, and it follows neither the kernels nor moekit's custom
+    operators' autograd) or under forward-mode AD (``torch.autograd.forward_ad``: a kernel would drop the tangents).
+    ``batching_ok``: an operator without derivatives is fine under ``vmap`` alone (PyTorch runs it per sample).
+    Never while ``torch.compile`` traces (whose tracing runs under transforms of its own: see :func:`bypassed`)."""
+    if torch.compiler.is_compiling():
+        return False
+    if _forward_ad._current_level >= 0:
+        return True
+    top = torch._C._functorch.peek_interpreter_stack()
+    return top is not None and not (batching_ok and top.key() == torch._C._functorch.TransformType.Vmap)
+
+
+def forward_ad() -> bool:
+    """Whether forward-mode AD runs (``torch.autograd.forward_ad``'s dual level, or ``torch.func.jvp``), never while
+    ``torch.compile`` traces."""
+    if torch.compiler.is_compiling():
+        return False
+    top = torch._C._functorch.peek_interpreter_stack()
+    return _forward_ad._current_level >= 0 or (top is not None and top.key() == torch._C._functorch.TransformType.Jvp)
 
 
 _LOCAL = threading.local()
