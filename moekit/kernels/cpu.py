@@ -121,7 +121,9 @@ def bypassed() -> bool:
     transform (``grad``, ``vmap``...: its tensors are wrappers with no storage of their own) and inside
     :func:`bypass` (a layer's forward on tensor subclasses). Callers take PyTorch's operations then, or moekit's
     own operators, which such a mode, transform or subclass sees as one call each."""
-    return torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0 or plain_ops_only() or \
+    # (plain_ops_only() written out: this runs a few times in every forward)
+    return torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0 or \
+        _forward_ad._current_level >= 0 or torch._C._functorch.peek_interpreter_stack() is not None or \
         _LOCAL.__dict__.get("bypass", False)
 
 
