@@ -118,9 +118,9 @@ def bypassed() -> bool:
     kernel call is no operation a compiled graph can hold; a layer runs eagerly inside compiled code where it may,
     see :meth:`moekit.MoE.forward`), while a Python dispatch mode is active (``FlopCounterMode``, which would not
     see a kernel's work, ``FakeTensorMode``, whose tensors hold no data, ``DebugMode``...), inside a ``torch.func``
-    transform (``grad``, ``vmap``...: its tensors are wrappers with no storage of their own) and inside
-    :func:`bypass` (a layer's forward on tensor subclasses). Callers take PyTorch's operations then, or moekit's
-    own operators, which such a mode, transform or subclass sees as one call each."""
+    transform or under forward-mode AD (:func:`plain_ops_only`) and inside :func:`bypass` (a layer's forward on
+    tensor subclasses). Callers take PyTorch's operations then, or moekit's own operators, which such a mode or
+    subclass sees as one call each."""
     # (plain_ops_only() written out: this runs a few times in every forward)
     return torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0 or \
         _forward_ad._current_level >= 0 or torch._C._functorch.peek_interpreter_stack() is not None or \
