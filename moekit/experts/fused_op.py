@@ -1,6 +1,7 @@
 """The ``fused`` experts backend as custom operators, for compiled code traced whole (``torch.compile(...,
 fullgraph=True)``, ``torch.export``), where the layer cannot run eagerly beside the compiled graph (see
-:meth:`moekit.MoE.forward`).
+:meth:`moekit.MoE.forward`), and wherever no kernel may be called directly (:func:`moekit.kernels.cpu.bypassed`:
+Python dispatch modes, tensor subclasses; meta tensors), which see each operator as one call.
 
 ``moekit::fused_experts`` computes the experts' forward as :func:`moekit.experts.fused_function.fused_forward`
 does, on the CPU kernels, and the compiler keeps it as one opaque call: the counts per expert, the chunking and the
@@ -23,6 +24,7 @@ from ..kernels import cpu as kcpu
 from .activations import _PARAMETRIC, Activation, get_activation
 from .fused_function import (_keep_pre, _padded, _Plan, fused_backward, fused_compute_dtype, fused_forward,
                              valid_slots)
+from .op_flops import count_in_flop_counters
 
 if TYPE_CHECKING:
     from ..dispatch.local import DispatchPlan
@@ -183,10 +185,8 @@ def fused_op_backend(experts: "Experts", x_TD: Tensor, plan: "DispatchPlan", out
     """The fused backend through :func:`fused_experts`: what compiled code traced whole runs on CPU, and what runs
     under a Python dispatch mode (``training``: whether a backward follows)."""
     from .backends import compute_dtype
-    from .op_flops import count_in_flop_counters
 
     count_in_flop_counters()
-
     return fused_experts(x_TD, experts.w_in, experts.w_out, experts.b_in, experts.b_out, plan.weights_TK,
                          plan.order_S, plan.token_S, plan.counts_E, *activation_spec(experts.activation),
                          compute_dtype(x_TD, experts.w_in), out_dtype, training)[0]

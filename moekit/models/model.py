@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels import cpu as kcpu
 from ..layer import MoE
+from ..routing.base import check_token_ids
 from .config import LMConfig
 
 
@@ -221,14 +221,7 @@ class TransformerLM(nn.Module):
         if end > self.config.max_seq_len:
             raise ValueError(f"sequence of {end} tokens exceeds max_seq_len={self.config.max_seq_len}; "
                              "shorten the input or build the model with a larger max_seq_len")
-        if not ids.numel() or ids.is_meta:  # (meta: no values to check)
-            return
-        if kcpu.bypassed():  # (traced, fake tensors...: no host branch on the ids, the same check when it runs)
-            torch._assert_async(((ids >= 0) & (ids < self.config.vocab_size)).all(),
-                                f"token ids must lie in [0, {self.config.vocab_size})")
-        elif int(ids.min()) < 0 or int(ids.max()) >= self.config.vocab_size:
-            raise ValueError(f"token ids must lie in [0, {self.config.vocab_size}); got "
-                             f"[{int(ids.min())}, {int(ids.max())}]")
+        check_token_ids(ids, self.config.vocab_size)
 
     # ---------------------------------------------------------------------------------------------- inspect
     def moe_layers(self) -> list[MoE]:

@@ -238,6 +238,18 @@ def _same_steps(cls: type, base: type) -> bool:
 _same_steps_cached = functools.cache(_same_steps)
 
 
+def check_token_ids(ids: torch.Tensor, vocab_size: int) -> None:
+    """ValueError unless every token id lies in ``[0, vocab_size)``. Where the ids' values cannot be read on the host
+    (while ``torch.compile`` traces, under fake tensors and other bypasses, :func:`moekit.kernels.cpu.bypassed`) the
+    same check runs inside the computation (``torch._assert_async``); meta tensors have no values to check."""
+    if not ids.numel() or ids.is_meta:
+        return
+    if kcpu.bypassed():
+        torch._assert_async(((ids >= 0) & (ids < vocab_size)).all(), f"token ids must lie in [0, {vocab_size})")
+    elif int(ids.min()) < 0 or int(ids.max()) >= vocab_size:
+        raise ValueError(f"token ids must lie in [0, {vocab_size}); got range [{int(ids.min())}, {int(ids.max())}]")
+
+
 def _expert_ids(ids, num_experts: int) -> frozenset[int]:
     ids = frozenset(int(i) for i in ([ids] if isinstance(ids, int) else ids))
     bad = sorted(i for i in ids if not 0 <= i < num_experts)

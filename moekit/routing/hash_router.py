@@ -13,8 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from ..kernels import cpu as kcpu
-from .base import Router, RouterOutput, RoutingContext, register_router
+from .base import Router, RouterOutput, RoutingContext, check_token_ids, register_router
 
 
 @register_router("hash")
@@ -64,12 +63,7 @@ class HashRouter(Router):
         ids_T = None if ctx is None else ctx.token_ids_T
         if ids_T is None:
             raise ValueError("hash routing needs token ids: call the layer as layer(x, token_ids=ids)")
-        if kcpu.bypassed():  # (traced, or fake tensors: no host branch on the ids, the same check when it runs)
-            torch._assert_async(((ids_T >= 0) & (ids_T < self.vocab_size)).all(),
-                                f"token ids must lie in [0, {self.vocab_size})")
-        elif ids_T.numel() and (int(ids_T.min()) < 0 or int(ids_T.max()) >= self.vocab_size):
-            raise ValueError(f"token ids must lie in [0, {self.vocab_size}); got range "
-                             f"[{int(ids_T.min())}, {int(ids_T.max())}]")
+        check_token_ids(ids_T, self.vocab_size)
         ids_TK = self.table_VK[ids_T.long()]
         if self.disabled:  # a disabled expert's ids move to the next enabled expert
             ids_TK = self._reroute(ids_TK)
