@@ -50,6 +50,9 @@ def check_case(name: str, res: dict) -> None:
     elif "align_launches" in res:  # dropping or empty slots: the dispatcher's plan
         assert res["align_launches"] == 0, f"{name}: the plan-free path ran where slots can be empty or dropped"
     assert res["y_dtype"] == res["ref_y_dtype"]
+    want_block_m = (cases.EXPERT_CASES.get(name.removesuffix("@bf16")) or {}).get("gpu_tiles")
+    if want_block_m:  # the GPU's tiles, not the interpreter's 16-row ones
+        assert max(res["block_m"]) == want_block_m, f"{name}: BLOCK_M {res['block_m']}, expected {want_block_m}"
     exact = res["dtype"] == "float32" and "autocast" not in name
     for key, err in res["errors"].items():
         scale = res["scales"][key]

@@ -11,6 +11,7 @@ launches); the tolerances live in the test, so a failure there names the case an
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -39,9 +40,16 @@ EXPERT_CASES: dict[str, dict] = {
     "frozen_experts": dict(E=4, K=2, T=9, D=24, F=40, frozen=True),
     "fp16": dict(E=4, K=2, T=9, D=24, F=40, dtype="float16"),
     "autocast_bf16": dict(E=4, K=2, T=9, D=24, F=40, autocast=True),
+    # A GPU's tile sizes (BLOCK_M 32/64/128, GROUP_M 8 swizzle, several column tiles) under the interpreter too, which
+    # otherwise runs 16-row tiles only: rows per expert pick them (see triton_moe.gemm_config).
+    "gpu_tiles_m32": dict(E=4, K=2, T=90, D=40, F=72, gpu_tiles=32),
+    "gpu_tiles_m64_bias": dict(E=3, K=2, T=200, D=70, F=100, bias=True, gpu_tiles=64),
+    "gpu_tiles_m128_gelu": dict(E=2, K=1, T=1100, D=48, F=136, activation="gelu", bias=True, gpu_tiles=128),
+    "gpu_tiles_m128_swiglu": dict(E=3, K=2, T=800, D=36, F=200, only_experts=(0, 2), gpu_tiles=128),
 }
 # The same cases in bf16 (weights and input), compared with the bf16 loop and with an fp32 loop.
-BF16_CASES = ("swiglu", "swiglu_bias_odd_dims", "multi_tile", "empty_slots_dynamic_k", "gelu_bias")
+BF16_CASES = ("swiglu", "swiglu_bias_odd_dims", "multi_tile", "empty_slots_dynamic_k", "gelu_bias",
+              "gpu_tiles_m64_bias")
 # Whole-layer cases (router, dispatcher and experts; the router weight's gradient includes the routing weights').
 LAYER_CASES: dict[str, dict] = {
     # dropless top-k: the experts index the slots themselves (one align kernel, no dispatch plan)
@@ -88,6 +96,36 @@ def _err(a: torch.Tensor | None, b: torch.Tensor | None) -> float:
 
 def _scale(t: torch.Tensor | None) -> float:
     return t.float().abs().max().item() if t is not None and t.numel() else 0.0
+
+
+@contextlib.contextmanager
+def gpu_tiles(on: bool = True):
+    """Under the interpreter, the tile sizes a GPU would pick (the config helpers with ``INTERPRET`` off while they
+    choose; the kernels still interpret). Yields the set of ``BLOCK_M`` the grouped GEMMs were given."""
+    from moekit.kernels import triton_moe as tm
+
+    used: set[int] = set()
+    saved = {n: getattr(tm, n) for n in ("block_m_for", "gemm_config", "xty_config")}
+
+    def chooser(fn, record=False):
+        def choose(*args, **kwargs):
+            interpret, tm.INTERPRET = tm.INTERPRET, tm.INTERPRET and not on
+            try:
+                cfg = fn(*args, **kwargs)
+            finally:
+                tm.INTERPRET = interpret
+            if record:
+                used.add(cfg["BLOCK_M"])
+            return cfg
+        return choose
+
+    for n, fn in saved.items():
+        setattr(tm, n, chooser(fn, record=n == "gemm_config"))
+    try:
+        yield used
+    finally:
+        for n, fn in saved.items():
+            setattr(tm, n, fn)
 
 
 def _launches(kernel: str = "count") -> int:
@@ -157,9 +195,11 @@ def run_expert_case(name: str, device: str, dtype: torch.dtype | None = None) ->
     dtype = dtype or getattr(torch, spec.get("dtype", "float32"))
     ref_y, ref_g, plan = _expert_pass(spec, "loop", dtype, device)
     before = _launches()
-    y, g, _ = _expert_pass(spec, "triton", dtype, device)
+    with gpu_tiles(bool(spec.get("gpu_tiles"))) as block_m:
+        y, g, _ = _expert_pass(spec, "triton", dtype, device)
     launches = _launches() - before
     out = {"dtype": str(dtype).removeprefix("torch."), "launches": launches, "y_dtype": str(y.dtype),
+           "block_m": sorted(block_m),
            "ref_y_dtype": str(ref_y.dtype), "errors": {"y": _err(y, ref_y)}, "scales": {"y": _scale(ref_y)},
            "valid_slots": int(plan.counts_E.sum()), "idle_experts": int((plan.counts_E == 0).sum())}
     if set(g) != set(ref_g):
