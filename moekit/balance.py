@@ -17,7 +17,8 @@ def _counts(ids_NK: torch.Tensor, num_experts: int) -> torch.Tensor:
     """Slots per expert along the last axes: ``[..., K]`` ids → ``[..., E]`` float counts (empty slots skipped)."""
     key = torch.where(ids_NK >= 0, ids_NK, num_experts)
     out = torch.zeros(*ids_NK.shape[:-1], num_experts + 1, device=ids_NK.device, dtype=torch.float32)
-    return out.scatter_add_(-1, key, torch.ones_like(key, dtype=torch.float32))[..., :num_experts]
+    # (out of place: under torch.func.vmap the ids are batched, the fresh zeros are not)
+    return out.scatter_add(-1, key, torch.ones_like(key, dtype=torch.float32))[..., :num_experts]
 
 
 def expert_load(ids_TK: torch.Tensor, num_experts: int) -> torch.Tensor:

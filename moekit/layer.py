@@ -24,6 +24,7 @@ from .experts.fused import Experts, ModuleListExperts
 from .experts.shared import SharedExperts
 from .experts.train_step import AmbiguousRouting, RoutedExpertsStep
 from .kernels import cpu as kcpu
+from .utils import state_frozen
 from .routing.base import ROUTERS, Router, RouterOutput, RoutingContext, SoftRouting, build_router
 
 log = logging.getLogger(__name__)
@@ -185,6 +186,9 @@ class MoE(nn.Module):
         else:
             plan = self.dispatcher.plan(routed)
             if self.config.on_expert_failure == "skip":
+                if kcpu.vmapping():
+                    raise RuntimeError("on_expert_failure='skip' checks each expert's output on the host, which "
+                                       "torch.func.vmap cannot batch; use on_expert_failure='raise' under vmap")
                 y_TD = self._experts_skipping_failures(x_TD, plan)
             else:
                 if isinstance(self.experts, Experts):  # without shared experts to add in fp32: the input's dtype
@@ -485,7 +489,7 @@ class MoE(nn.Module):
         for name, value in losses.items():
             total = value if total is None else total + value
             stats.setdefault(name, value.detach())
-        if self.training and cfg.bias_update_rate > 0:
+        if self.training and cfg.bias_update_rate > 0 and not state_frozen("the auxiliary-loss-free bias's load"):
             with torch.no_grad():
                 self.load_accum += expert_load(routed.topk_ids_TK, cfg.num_experts)
             if cfg.bias_update == "auto":
@@ -496,7 +500,9 @@ class MoE(nn.Module):
     def _record(self, stats: dict[str, torch.Tensor]) -> None:
         """``stats`` of this forward, except under ``torch.export``, whose program has no place for them (it warns
         of tensors assigned to a module's attributes)."""
-        if not torch.compiler.is_exporting():
+        if kcpu.vmapping():  # (per-sample values, which cannot leave the transform)
+            self.__dict__["stats"] = {}
+        elif not torch.compiler.is_exporting():
             self.__dict__["stats"] = stats
 
     # ---------------------------------------------------------------------------------------- balancing

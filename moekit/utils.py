@@ -75,3 +75,25 @@ def no_autocast(device_type: str):
     if torch.amp.is_autocast_available(device_type):
         return torch.autocast(device_type, enabled=False)
     return contextlib.nullcontext()
+
+
+_FROZEN_WARNED: set[str] = set()
+
+
+def state_frozen(what: str) -> bool:
+    """Whether training state (a buffer a forward updates in place: ``what``) must be left as it is, because a
+    ``torch.func`` transform (``vmap``, ``grad``, ``jvp``...) is running: the values computed there are its wrapper
+    tensors (under ``vmap`` one per sample), which may neither leave it nor be written into a tensor from outside it.
+    Warns once per ``what``. Never while ``torch.compile`` traces."""
+    import torch
+
+    if torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is None:
+        return False
+    import logging
+
+    if what not in _FROZEN_WARNED:
+        _FROZEN_WARNED.add(what)
+        logging.getLogger("moekit").warning(
+            "%s is not updated inside a torch.func transform (vmap, grad...): its values there cannot leave the "
+            "transform. A forward outside it (e.g. under torch.no_grad() in training mode) updates it", what)
+    return True

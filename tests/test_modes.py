@@ -4,6 +4,7 @@ checkpointing; and on the meta device. Under a mode no CPU kernel is called dire
 missing data, and no mode would see its work): the layer runs PyTorch's operations and moekit's own operators."""
 
 import functools
+import logging
 
 import pytest
 import torch
@@ -334,3 +335,148 @@ def test_forward_mode_ad_gives_the_tangents(T, train):
     with torch.no_grad():
         fd = (exact((x + eps * v).double()) - exact((x - eps * v).double())) / (2 * eps)
     assert max_err(tangent, fd) < 1e-3 * fd.abs().max().item()
+
+
+# -------------------------------------------------------------------------------- vmap: per-sample gradients
+def _per_sample_grads(layer, x_BTD, token_ids=None, randomness="error"):
+    """``torch.func.vmap(grad(loss))`` over the samples of ``x_BTD`` (each a batch of one sequence)."""
+    from torch.func import functional_call, grad, vmap
+
+    params = {n: p.detach() for n, p in layer.named_parameters()}
+
+    def loss(p, x, ids):
+        kwargs = {} if ids is None else {"token_ids": ids[None]}
+        return functional_call(layer, p, (x[None],), kwargs).pow(2).sum()
+
+    return vmap(grad(loss), in_dims=(None, 0, None if token_ids is None else 0), randomness=randomness)(
+        params, x_BTD, token_ids)
+
+
+def _eager_grads(layer, x_TD, token_ids=None):
+    layer.zero_grad(set_to_none=True)
+    y = layer(x_TD[None]) if token_ids is None else layer(x_TD[None], token_ids=token_ids[None])
+    y.pow(2).sum().backward()
+    return {n: p.grad if p.grad is not None else torch.zeros_like(p) for n, p in layer.named_parameters()}
+
+
+VMAP_CASES = {name: dict(router=name, top_k=k, router_kwargs=kw) for name, (k, kw) in CASES.items()
+              if name not in ("base", "noisy_topk", "gshard_top2")}  # (the assignment needs values; random ones)
+VMAP_CASES.update({
+    "capacity_position": dict(capacity_factor=1.0, drop_policy="position"),
+    "capacity_probs_bias": dict(capacity_factor=0.75, expert_bias=True),
+    "shared_seq_aux_z_loss": dict(shared_experts=1, aux_loss="seq", z_loss_coef=1e-2),
+    "gelu_experts": dict(activation="gelu", expert_bias=True),
+    "module_list_experts": dict(experts="modules"),
+})
+
+
+@pytest.mark.parametrize("T", [1, 7])
+@pytest.mark.parametrize("case", sorted(VMAP_CASES))
+def test_vmap_per_sample_gradients_equal_autograd_per_sample(case, T):
+    """``vmap(grad(loss))`` (per-sample gradients, e.g. for differentially private training) over a training layer,
+    balancing losses attached: each sample's gradients equal autograd's on that sample alone. The routing picks a
+    different set of tokens per sample, so the experts run every expert on every token there (the ``dense``
+    backend; user expert modules likewise). (The dispatch's counts, the balancing losses' and three routers' masks
+    were written in place, which vmap cannot batch, and the experts selected rows by value.)"""
+    kw = dict(VMAP_CASES[case])
+    k = kw.pop("top_k", K)
+    if kw.pop("experts", None) == "modules":
+        torch.manual_seed(0)
+        kw["experts"] = [torch.nn.Sequential(torch.nn.Linear(D, 12), torch.nn.GELU(), torch.nn.Linear(12, D))
+                         for _ in range(E)]
+    torch.manual_seed(0)
+    layer = moekit.MoE(D, F_, E, k, **kw)
+    B = 3
+    x = torch.randn(B, T, D, generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(0, CASES["hash"][1]["vocab_size"], (B, T)) if case == "hash" else None
+    got = _per_sample_grads(layer, x, ids)
+    for b in range(B):
+        want = _eager_grads(layer, x[b], None if ids is None else ids[b])
+        for name, g in want.items():
+            assert max_err(got[name][b], g) <= 1e-5 * max(1.0, g.abs().max().item()), (case, b, name)
+
+
+@pytest.mark.parametrize("router", ["noisy_topk", "gshard_top2"])
+def test_vmap_with_random_routing_runs_with_a_randomness_flag(router):
+    """Routers that draw random numbers in training run under ``vmap(..., randomness="different")`` (vmap's own error
+    asks for the flag otherwise); the gradients are finite and each sample's differ."""
+    k, kw = CASES[router]
+    torch.manual_seed(0)
+    layer = moekit.MoE(D, F_, E, k, router=router, router_kwargs=kw)
+    got = _per_sample_grads(layer, torch.randn(3, 9, D), randomness="different")
+    g = got["router.weight"]
+    assert g.shape == (3, E, D) and bool(torch.isfinite(g).all()) and not torch.equal(g[0], g[1])
+
+
+@pytest.mark.parametrize("T", [1, 16, 300])
+def test_vmap_inference_equals_the_batched_layer(T):
+    """Inference under vmap (one sample per call: the decode paths at a few tokens, the dispatch plan and every
+    expert on every token beyond) equals the layer on the whole batch."""
+    from torch.func import vmap
+
+    layer = _layer(shared_experts=1).eval()
+    x = torch.randn(4, T, D)
+    with torch.no_grad():
+        assert max_err(vmap(layer)(x), layer(x)) < 1e-5
+
+
+def test_training_state_is_left_alone_inside_torch_func(caplog):
+    """Buffers a training forward updates (the auxiliary-loss-free bias's load, the ReLU router's L1 coefficient)
+    are left as they are inside a torch.func transform, which its values cannot leave, with one warning each; the
+    layer's stats after vmap are empty (not the transform's per-sample tensors, which fail on any later use)."""
+    from torch.func import grad
+
+    torch.manual_seed(0)
+    layer = moekit.MoE(D, F_, E, 3, router="relu", bias_update_rate=1e-3, bias_update="manual")
+    load, coef = layer.load_accum.clone(), layer.router.l1_coef.clone()
+    x = torch.randn(2, 8, D)
+    with caplog.at_level(logging.WARNING, logger="moekit"):
+        _per_sample_grads(layer, x)
+        _per_sample_grads(layer, x)
+    assert torch.equal(layer.load_accum, load) and torch.equal(layer.router.l1_coef, coef)
+    assert layer.stats == {}
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("bias's load is not updated inside a torch.func transform" in m for m in messages) <= 1
+    assert sum("L1 coefficient is not updated" in m for m in messages) <= 1  # (once per process)
+    params = {n: p.detach() for n, p in layer.named_parameters()}
+    grad(lambda p: torch.func.functional_call(layer, p, (x,)).sum())(params)  # grad alone: stats stay usable
+    assert float(layer.stats["tokens_per_expert"].sum()) > 0
+    layer(x)  # outside: both updated
+    assert not torch.equal(layer.load_accum, load) and not torch.equal(layer.router.l1_coef, coef)
+
+
+def test_what_vmap_cannot_batch_says_so():
+    from torch.func import vmap
+
+    base = moekit.MoE(D, F_, E, 1, router="base")
+    with pytest.raises(ValueError, match="torch.func transforms"):
+        vmap(base)(torch.randn(2, 5, D))
+    skip = moekit.MoE(D, F_, E, K, on_expert_failure="skip")
+    with pytest.raises(RuntimeError, match="on_expert_failure='raise' under vmap"):
+        vmap(skip)(torch.randn(2, 5, D))
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop")  # (PyTorch's per-sample fallback for attention)
+def test_vmap_per_sample_gradients_of_the_language_model():
+    """moekit's language model (every layer's routing, balancing losses, attention): per-sample gradients of the
+    next-token loss with ``vmap(grad(...))`` equal autograd's on each sequence alone."""
+    from torch.func import functional_call, grad, vmap
+
+    from moekit.models.config import get_preset
+    from moekit.models.model import TransformerLM
+
+    torch.manual_seed(0)
+    model = TransformerLM(get_preset("tiny", vocab_size=64))
+    ids = torch.randint(0, 64, (3, 16), generator=torch.Generator().manual_seed(1))
+
+    def loss(p, seq):
+        logits = functional_call(model, p, (seq[None],))[0]
+        return torch.nn.functional.cross_entropy(logits[0, :-1], seq[1:])
+
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    got = vmap(grad(loss), in_dims=(None, 0))(params, ids)
+    for b in range(3):
+        model.zero_grad(set_to_none=True)
+        loss(dict(model.named_parameters()), ids[b]).backward()
+        for name, p in model.named_parameters():
+            assert max_err(got[name][b], p.grad) <= 1e-5 * max(1.0, p.grad.abs().max().item()), (b, name)

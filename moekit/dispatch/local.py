@@ -135,8 +135,9 @@ class LocalDispatcher:
             else:
                 expert_S, order_S = torch.sort(key_S, stable=True)
                 token_S = order_S // K
-                counts_E = torch.zeros(E + 1, dtype=torch.int64, device=ids_TK.device)
-                counts_E.scatter_add_(0, key_S, torch.ones_like(key_S))
+                # (out of place: under vmap the keys are batched, a fresh zero buffer is not)
+                counts_E = torch.zeros(E + 1, dtype=torch.int64, device=ids_TK.device).scatter_add(
+                    0, key_S, torch.ones_like(key_S))
             counts_E = counts_E[:E]
             offsets_E = torch.cumsum(counts_E, 0).to(torch.int32)
         return DispatchPlan(ids_TK, weights_TK, order_S, token_S, expert_S, counts_E, offsets_E,
@@ -160,7 +161,7 @@ def _capacity_keep(ids_TK: torch.Tensor, weights_TK: torch.Tensor, E: int, capac
         pre_S = torch.arange(T * K, device=ids_TK.device)
     expert_S, sub_S = torch.sort(key_S[pre_S], stable=True)
     order_S = pre_S[sub_S]
-    counts_E = torch.zeros(E + 1, dtype=torch.int64, device=ids_TK.device).scatter_add_(
+    counts_E = torch.zeros(E + 1, dtype=torch.int64, device=ids_TK.device).scatter_add(
         0, key_S, torch.ones_like(key_S))
     starts_E = torch.cumsum(counts_E, 0) - counts_E
     rank_S = torch.arange(T * K, device=ids_TK.device) - starts_E[expert_S]

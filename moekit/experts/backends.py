@@ -2,6 +2,8 @@
 
 - ``loop``: the obviously-correct reference. For each expert, find its slots with ``torch.where``, run the
   expert, add ``weight * output`` to the token. Ignores the plan's sort entirely.
+- ``dense``: every expert on every token, weighted by the routing (zero where not chosen): ``E / K`` times the
+  FLOPs, but no shape depends on the routing, which ``torch.func.vmap`` needs (the layer takes it there itself).
 - ``segment``: expert-sorted rows, one ``torch.mm`` per non-empty expert segment (needs the counts on the host).
 - ``grouped_mm``: expert-sorted rows, one PyTorch grouped GEMM per projection (``torch.nn.functional.grouped_mm``,
   or ``torch._grouped_mm`` on older releases), no host sync. Falls back to ``segment`` where the running torch
@@ -60,6 +62,35 @@ def loop_backend(experts: "Experts", x_TD: torch.Tensor, plan: "DispatchPlan") -
         out = F.linear(h, experts.w_out[e].to(dtype), _cast(_row(experts.b_out, e), dtype))
         y_TD = y_TD.index_add(0, tok_N, out.float() * plan.weights_TK[tok_N, slot_N, None].float())
     return y_TD
+
+
+def dense_weights(ids_TK: torch.Tensor, weights_TK: torch.Tensor, num_experts: int
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 ``w_TE`` (each token's routing weight per expert, summed over its slots; 0 where none) and bool
+    ``chosen_TE`` (whether any of its slots holds that expert; empty slots, ``-1``, hold none)."""
+    valid_TK = ids_TK >= 0
+    key_TK = ids_TK.clamp_min(0)
+    zeros_TE = weights_TK.new_zeros(ids_TK.shape[0], num_experts, dtype=torch.float32)
+    w_TE = zeros_TE.scatter_add(1, key_TK, torch.where(valid_TK, weights_TK.float(), 0.0))
+    return w_TE, zeros_TE.scatter_add(1, key_TK, valid_TK.float()) > 0
+
+
+def dense_backend(experts: "Experts", x_TD: torch.Tensor, plan: "DispatchPlan") -> torch.Tensor:
+    """Every expert on every token, each output weighted by the token's routing weight for that expert (none where
+    it did not choose it): the ``loop`` reference's sums with shapes that do not depend on the routing, so it runs
+    under ``torch.func.vmap`` (per-sample gradients), at ``E / K`` times the FLOPs of the others."""
+    dtype = compute_dtype(x_TD, experts.w_in)
+    x_TD = x_TD.to(dtype)
+    w_TE, chosen_TE = dense_weights(plan.ids_TK, plan.weights_TK, experts.num_experts)
+    h_ETW = torch.einsum("td,ewd->etw", x_TD, experts.w_in.to(dtype))
+    if experts.b_in is not None:
+        h_ETW = h_ETW + experts.b_in.to(dtype)[:, None]
+    y_ETD = torch.einsum("etf,edf->etd", experts.activation(h_ETW), experts.w_out.to(dtype))
+    if experts.b_out is not None:
+        y_ETD = y_ETD + experts.b_out.to(dtype)[:, None]
+    # (an expert a token did not choose adds nothing, not 0 * its output, which may be inf)
+    y_ETD = torch.where(chosen_TE.T[..., None], y_ETD.float(), 0.0)
+    return torch.einsum("te,etd->td", w_TE, y_ETD)
 
 
 def _row(b: torch.Tensor | None, e: int) -> torch.Tensor | None:
@@ -274,6 +305,7 @@ BACKENDS: dict[str, Callable[["Experts", torch.Tensor, "DispatchPlan"], torch.Te
     "auto": auto_backend,
     "fused": fused_backend,
     "loop": loop_backend,
+    "dense": dense_backend,
     "segment": segment_backend,
     "grouped_mm": grouped_mm_backend,
     "triton": triton_backend,

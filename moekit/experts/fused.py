@@ -18,7 +18,7 @@ from torch import nn
 from ..dispatch.local import DispatchPlan
 from ..kernels import cpu as kcpu
 from .activations import Activation, get_activation
-from .backends import BACKENDS, compute_dtype
+from .backends import BACKENDS, compute_dtype, dense_weights
 
 
 class Experts(nn.Module):
@@ -91,8 +91,9 @@ class Experts(nn.Module):
         if not kcpu.plain(x_TD, self.w_in, self.w_out) and not kcpu.bypassed():
             with kcpu.bypass():  # (a tensor subclass: no kernel goes around its dispatch)
                 return self.forward(x_TD, plan, out_dtype)
-        if kcpu.plain_ops_only():  # (torch.func, forward-mode AD: PyTorch's own operations, which they follow)
-            return BACKENDS["loop"](self, x_TD, plan).to(out_dtype)
+        if kcpu.plain_ops_only():  # (torch.func, forward-mode AD: PyTorch's own operations, which they follow;
+            # under vmap every expert on every token, as the routing picks a different set per sample)
+            return BACKENDS["dense" if kcpu.vmapping() else "loop"](self, x_TD, plan).to(out_dtype)
         backend = BACKENDS[self._backend]
         if backend in (BACKENDS["fused"], BACKENDS["auto"]):
             return backend(self, x_TD, plan, out_dtype)
@@ -197,6 +198,8 @@ class ModuleListExperts(nn.Module):
         return out
 
     def forward(self, x_TD: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+        if kcpu.vmapping():  # (the routing picks a different set of rows per sample: every expert on every row)
+            return self._dense(x_TD, plan)
         y_TD = x_TD.new_zeros(x_TD.shape, dtype=torch.float32)
         for e, expert in enumerate(self.experts):
             tok_N, slot_N = torch.where(plan.ids_TK == e)
@@ -206,4 +209,14 @@ class ModuleListExperts(nn.Module):
             if out.shape != (tok_N.numel(), x_TD.shape[-1]):
                 raise ValueError(f"expert {e} returned shape {tuple(out.shape)}; experts must map [N, D] to [N, D]")
             y_TD = y_TD.index_add(0, tok_N, out.float() * plan.weights_TK[tok_N, slot_N, None].float())
+        return y_TD
+
+    def _dense(self, x_TD: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+        """Every expert on every token, weighted by the routing (nothing where a token did not choose it), as the
+        ``dense`` backend does: shapes that do not depend on the routing."""
+        w_TE, chosen_TE = dense_weights(plan.ids_TK, plan.weights_TK, self.num_experts)
+        y_TD = x_TD.new_zeros(x_TD.shape, dtype=torch.float32)
+        for e in range(self.num_experts):
+            out = self.expert_forward(e, x_TD).float()
+            y_TD = y_TD + w_TE[:, e, None] * torch.where(chosen_TE[:, e, None], out, 0.0)
         return y_TD

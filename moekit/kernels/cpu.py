@@ -141,6 +141,16 @@ def plain_ops_only(batching_ok: bool = False) -> bool:
     return top is not None and not (batching_ok and top.key() == torch._C._functorch.TransformType.Vmap)
 
 
+def vmapping() -> bool:
+    """Whether a ``torch.func.vmap`` transform is on the stack, at any level (``vmap(grad(f))`` too): tensors then
+    hold a batch of samples each, so an operation whose output's shape depends on the data (``torch.where(mask)``,
+    ``.tolist()``) cannot run; never while ``torch.compile`` traces."""
+    if torch.compiler.is_compiling():  # (first: Dynamo cannot trace get_interpreter_stack)
+        return False
+    stack = torch._C._functorch.get_interpreter_stack()
+    return stack is not None and any(i.key() == torch._C._functorch.TransformType.Vmap for i in stack)
+
+
 def forward_ad() -> bool:
     """Whether forward-mode AD runs (``torch.autograd.forward_ad``'s dual level, or ``torch.func.jvp``), never while
     ``torch.compile`` traces."""

@@ -241,8 +241,9 @@ _same_steps_cached = functools.cache(_same_steps)
 def check_token_ids(ids: torch.Tensor, vocab_size: int) -> None:
     """ValueError unless every token id lies in ``[0, vocab_size)``. Where the ids' values cannot be read on the host
     (while ``torch.compile`` traces, under fake tensors and other bypasses, :func:`moekit.kernels.cpu.bypassed`) the
-    same check runs inside the computation (``torch._assert_async``); meta tensors have no values to check."""
-    if not ids.numel() or ids.is_meta:
+    same check runs inside the computation (``torch._assert_async``); meta tensors have no values to check, nor has
+    ``torch.func.vmap`` a batched form of that assertion (there the lookup by id itself fails on a CPU tensor)."""
+    if not ids.numel() or ids.is_meta or kcpu.vmapping():
         return
     if kcpu.bypassed():
         torch._assert_async(((ids >= 0) & (ids < vocab_size)).all(), f"token ids must lie in [0, {vocab_size})")

@@ -25,9 +25,10 @@ def balanced_assignment(scores_TE: torch.Tensor) -> torch.Tensor:
     from scipy.optimize import linear_sum_assignment
     from torch._subclasses.fake_tensor import is_fake
 
-    if scores_TE.is_meta or is_fake(scores_TE):
+    if scores_TE.is_meta or is_fake(scores_TE) or torch._C._functorch.is_functorch_wrapped_tensor(scores_TE):
         raise ValueError("the 'base' router's training assignment is solved on the host from the scores' values, "
-                         "which fake and meta tensors do not have: run it on real tensors, or in eval mode (greedy)")
+                         "which fake and meta tensors and those of torch.func transforms (vmap, grad) do not have: "
+                         "run it on real tensors, or in eval mode (greedy)")
     T, E = scores_TE.shape
     out = torch.empty(T, dtype=torch.long)
     for start in range(0, T, MAX_ASSIGNMENT_TOKENS):

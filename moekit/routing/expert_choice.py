@@ -46,7 +46,8 @@ class ExpertChoice(Router):
         chosen_TE = torch.zeros_like(probs_TE, dtype=torch.bool)
         if T:
             top_EC = probs_TE.T.topk(self.capacity(T), dim=-1).indices  # each expert's tokens
-            chosen_TE.scatter_(0, top_EC.T, True)
+            # (out of place, from a tensor: what torch.func.vmap has a batching rule for)
+            chosen_TE = chosen_TE.scatter(0, top_EC.T, torch.ones_like(top_EC.T, dtype=torch.bool))
             if self.disabled:
                 chosen_TE &= self.expert_enabled
         experts_TE = torch.arange(E, device=logits_TE.device).expand(T, E)

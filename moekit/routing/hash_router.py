@@ -69,7 +69,7 @@ class HashRouter(Router):
             ids_TK = self._reroute(ids_TK)
         T, E = ids_TK.shape[0], self.num_experts
         weights_TK = torch.full(ids_TK.shape, 1.0 / self.top_k, device=x_TD.device)
-        probs_TE = torch.zeros(T, E, device=x_TD.device).scatter_add_(-1, ids_TK, weights_TK)
+        probs_TE = torch.zeros(T, E, device=x_TD.device).scatter_add(-1, ids_TK, weights_TK)
         return RouterOutput(torch.zeros(T, E, device=x_TD.device), probs_TE, ids_TK, weights_TK)
 
     def _reroute(self, ids_TK: torch.Tensor) -> torch.Tensor:

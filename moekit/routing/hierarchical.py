@@ -49,8 +49,10 @@ class HierarchicalRouter(Router):
         p_within_TGe = torch.softmax(logits_TE.view(T, G, E // G), dim=-1).nan_to_num(0.0)
         probs_TE = (p_group_TG[..., None] * p_within_TGe).view(T, E)
         with torch.no_grad():
-            keep_TG = torch.zeros_like(p_group_TG, dtype=torch.bool)
-            keep_TG.scatter_(1, p_group_TG.topk(self.topk_group, dim=-1).indices, True)
+            top_TG = p_group_TG.topk(self.topk_group, dim=-1).indices
+            # (out of place, from a tensor: what torch.func.vmap has a batching rule for)
+            keep_TG = torch.zeros_like(p_group_TG, dtype=torch.bool).scatter(1, top_TG, torch.ones_like(top_TG,
+                                                                                               dtype=torch.bool))
             choice_TE = probs_TE.view(T, G, E // G).masked_fill(~keep_TG[..., None], -1.0).view(T, E)
             ids_TK = self.mask_disabled(choice_TE).topk(self.top_k, dim=-1).indices
         w_TK = probs_TE.gather(-1, ids_TK)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from ..utils import state_frozen
 from .base import Router, RouterOutput, register_router
 
 
@@ -42,6 +43,8 @@ class ReLURouter(Router):
         out.metrics["experts_per_token"] = active
         if self.training and gates_TE.numel():
             out.aux_losses["relu_l1"] = self.l1_coef.clone() * gates_TE.sum(-1).mean()
+            if state_frozen("the ReLU router's L1 coefficient"):
+                return out
             with torch.no_grad():  # eq. 7: raise lambda while too dense, lower it while too sparse
                 self.l1_coef *= self.alpha ** torch.sign(active - self.k_target)
         return out

@@ -76,8 +76,10 @@ class GroupLimitedTopK(TopKRouter):
                     group_TG = torch.where(dead_TG2.all(-1), float("-inf"), top_TG2.masked_fill(dead_TG2, 0).sum(-1))
                 else:
                     group_TG = top_TG2.sum(dim=-1)
-            keep_TG = torch.zeros_like(group_TG, dtype=torch.bool)
-            keep_TG.scatter_(1, group_TG.topk(self.topk_group, dim=-1, sorted=False).indices, True)
+            top_TG = group_TG.topk(self.topk_group, dim=-1, sorted=False).indices
+            # (out of place, from a tensor: what torch.func.vmap has a batching rule for)
+            keep_TG = torch.zeros_like(group_TG, dtype=torch.bool).scatter(1, top_TG, torch.ones_like(top_TG,
+                                                                                             dtype=torch.bool))
             # with disabled experts (-inf), experts of dropped groups must still outrank them: best remaining
             fill = min(self.group_fill, -1e30) if self.disabled else self.group_fill
             choice_TE = grouped_TGe.masked_fill(~keep_TG[..., None], fill).view(T, E)
