@@ -65,6 +65,14 @@ def router_z_loss(logits_TE: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(logits_TE.float(), dim=-1).square().mean()
 
 
+def _nested_reverse_transforms() -> bool:
+    """Whether two reverse-mode ``torch.func`` transforms (``grad``, ``vjp``, ``jacrev``) are nested here."""
+    if torch.compiler.is_compiling():
+        return False
+    stack = torch._C._functorch.get_interpreter_stack() or ()
+    return sum(i.key() == torch._C._functorch.TransformType.Grad for i in stack) >= 2
+
+
 class AttachAuxLoss(torch.autograd.Function):
     """Return ``output`` unchanged; in backward also send gradient ``scale`` into ``aux_loss``.
 
@@ -82,11 +90,37 @@ class AttachAuxLoss(torch.autograd.Function):
     def setup_context(ctx, inputs, output) -> None:
         _, aux_loss, ctx.scale = inputs
         ctx.aux_shape, ctx.aux_dtype = aux_loss.shape, aux_loss.dtype
+        ctx.graphed = False
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
+        # The losses' gradient is no function of grad_output: every pass through here would add it. Once a pass has
+        # built a graph of its gradients (create_graph=True: double backward, torch.func.grad), a later pass through
+        # this node differentiates that graph, whose losses' part is differentiated on its own: it adds nothing
+        # (reverse-over-reverse Hessian-vector products had the losses' gradient added once more).
+        if ctx.graphed:
+            return grad_output, None, None
+        ctx.graphed = torch.is_grad_enabled()
+        if ctx.graphed and _nested_reverse_transforms():
+            raise RuntimeError(
+                "reverse-over-reverse torch.func transforms (vjp or jacrev of grad, jacrev(jacrev(...))) through a "
+                "layer whose balancing losses are attached to its output would count their gradient wrongly. Use "
+                "forward-over-reverse, which is exact: torch.func.jvp(torch.func.grad(loss), ...) for Hessian-vector "
+                "products, torch.func.hessian (jacfwd of jacrev); or double backward with torch.autograd "
+                "(create_graph=True); or set aux_loss_coef and z_loss_coef to 0")
         grad_aux = torch.full(ctx.aux_shape, ctx.scale, dtype=ctx.aux_dtype, device=grad_output.device)
         return grad_output, grad_aux, None
+
+
+class AttachAuxLossJvp(AttachAuxLoss):
+    """:class:`AttachAuxLoss` for forward-mode AD (``torch.autograd.forward_ad``, ``torch.func.jvp``), which needs a
+    ``jvp`` (the output's tangent, unchanged): a reverse pass inside it (``jvp(grad(loss))``, forward-over-reverse
+    Hessian-vector products) still reaches the losses. Apart, since ``torch.compile`` cannot trace a Function with a
+    ``jvp``."""
+
+    @staticmethod
+    def jvp(ctx, d_output: torch.Tensor, d_aux_loss, d_scale) -> torch.Tensor:
+        return d_output.view_as(d_output)
 
 
 @torch.no_grad()

@@ -97,3 +97,22 @@ def state_frozen(what: str) -> bool:
             "%s is not updated inside a torch.func transform (vmap, grad...): its values there cannot leave the "
             "transform. A forward outside it (e.g. under torch.no_grad() in training mode) updates it", what)
     return True
+
+
+def grads_by_reference(reference, inputs: tuple, needs: tuple, grad_outputs: tuple) -> tuple:
+    """Double backward for a custom autograd Function whose backward is not itself differentiable (kernels, saved
+    intermediates): the gradients of ``reference(*inputs)`` (the same outputs in PyTorch's operations; a tensor or a
+    tuple, matched with ``grad_outputs``, None where no gradient arrives) with respect to the ``inputs`` that
+    ``needs`` marks, with their graph built (``create_graph=True``), so that a second backward differentiates them.
+    Call it from ``backward`` where ``torch.is_grad_enabled()`` (a ``create_graph=True`` pass); returns one entry
+    per input (None where not needed)."""
+    import torch
+
+    with torch.enable_grad():
+        outs = reference(*inputs)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    pairs = [(o, g) for o, g in zip(outs, grad_outputs) if g is not None and o.requires_grad]
+    wrt = [t for t, need in zip(inputs, needs) if need]
+    got = iter(torch.autograd.grad([o for o, _ in pairs], wrt, [g for _, g in pairs], create_graph=True,
+                                   allow_unused=True) if pairs and wrt else [None] * len(wrt))
+    return tuple(next(got) if need else None for need in needs)

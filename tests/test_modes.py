@@ -480,3 +480,95 @@ def test_vmap_per_sample_gradients_of_the_language_model():
         loss(dict(model.named_parameters()), ids[b]).backward()
         for name, p in model.named_parameters():
             assert max_err(got[name][b], p.grad) <= 1e-5 * max(1.0, p.grad.abs().max().item()), (b, name)
+
+
+# ------------------------------------------------------------------------------ second order: Hessian-vector products
+def _hvp_setup():
+    """A training layer with both balancing losses attached, and the same layer with none plus the losses written
+    out: their Hessian-vector products must agree."""
+    from moekit.balance import load_balancing_loss, router_z_loss
+
+    torch.manual_seed(0)
+    attached = moekit.MoE(16, 24, 4, 2, backend="loop", aux_loss_coef=0.5, z_loss_coef=0.1).double()
+    plain = moekit.MoE(16, 24, 4, 2, backend="loop", aux_loss_coef=0.0, z_loss_coef=0.0).double()
+    plain.load_state_dict(attached.state_dict())
+    x = torch.randn(20, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    params = {n: p.detach() for n, p in attached.named_parameters()}
+    v = {n: torch.randn(p.shape, dtype=p.dtype, generator=torch.Generator().manual_seed(2)) for n, p in params.items()}
+
+    def loss(p):
+        return torch.func.functional_call(attached, p, (x,)).pow(2).sum()
+
+    def explicit(p):
+        routed = torch.func.functional_call(plain.router, {"weight": p["router.weight"]}, (x,))
+        return torch.func.functional_call(plain, p, (x,)).pow(2).sum() + \
+            0.5 * load_balancing_loss(routed.probs_TE, routed.topk_ids_TK) + 0.1 * router_z_loss(routed.logits_TE)
+
+    _, want = torch.func.jvp(torch.func.grad(explicit), (params,), (v,))
+    return loss, params, v, want
+
+
+def _eager_hvp(loss, params, v):
+    ps = {n: p.clone().requires_grad_(True) for n, p in params.items()}
+    g = torch.autograd.grad(loss(ps), list(ps.values()), create_graph=True)
+    hv = torch.autograd.grad(sum((gi * v[n]).sum() for gi, n in zip(g, ps)), list(ps.values()))
+    return dict(zip(ps, hv))
+
+
+def test_hessian_vector_products_count_the_balancing_losses_once():
+    """Hessian-vector products of a loss through a layer whose balancing losses are attached to its output equal
+    those of the same loss with the balancing losses added explicitly: by double backward (the losses' Function
+    added their gradient again in the second pass: the router weight's product off by 1%) and by forward-over-
+    reverse ``jvp(grad(...))`` (which dropped the losses: not attached under forward-mode AD)."""
+    loss, params, v, want = _hvp_setup()
+    _, fr = torch.func.jvp(torch.func.grad(loss), (params,), (v,))
+    rr = _eager_hvp(loss, params, v)
+    for name, w in want.items():
+        tol = 1e-5 * w.abs().max().item()  # (the router's logits are fp32)
+        assert max_err(fr[name], w) <= tol, ("jvp(grad)", name)
+        assert max_err(rr[name], w) <= tol, ("double backward", name)
+    assert want["router.weight"].abs().max() > 1.0
+
+
+def test_reverse_over_reverse_transforms_refuse_attached_losses():
+    """torch.func's reverse-over-reverse (``vjp`` of ``grad``) would count the attached losses' gradient wrongly:
+    a clear error naming the exact ways instead."""
+    loss, params, v, _ = _hvp_setup()
+    with pytest.raises(RuntimeError, match="forward-over-reverse"):
+        torch.func.vjp(torch.func.grad(loss), params)[1](v)
+
+
+@pytest.mark.parametrize("backend", ["auto", "segment", "grouped_mm", "dense"])
+@pytest.mark.parametrize("T", [4, 400, 1200])  # few-token training step; routing kernel; fused experts Function
+@pytest.mark.parametrize("kw", [dict(aux_loss_coef=0.3, z_loss_coef=0.1),
+                                dict(shared_experts=1, activation="gelu", expert_bias=True, capacity_factor=1.0)],
+                         ids=["losses", "shared_gelu_capacity"])
+def test_double_backward_through_every_path(backend, T, kw):
+    """Double backward (``create_graph=True``, then a second backward: Hessian-vector products, gradient
+    penalties) through the kernels' autograd Functions gives what forward-over-reverse gives on the loop
+    reference: each Function's backward, where it builds a graph, differentiates its output recomputed in
+    PyTorch's operations. (The routing kernel's backward treated its saved probabilities as constants: the
+    router's products 20% off, silently; the fused experts and the few-token step failed, the ``segment``
+    operator had no second derivative.)"""
+    torch.manual_seed(0)
+    ref = moekit.MoE(32, 48, 8, 2, backend="loop", **kw)
+    layer = moekit.MoE(32, 48, 8, 2, backend=backend, **kw)
+    layer.load_state_dict(ref.state_dict())
+    x = torch.randn(T, 32, generator=torch.Generator().manual_seed(1))
+    params = {n: p.detach() for n, p in ref.named_parameters()}
+    v = {n: torch.randn(p.shape, generator=torch.Generator().manual_seed(2)) for n, p in params.items()}
+    want = torch.func.jvp(torch.func.grad(lambda p: torch.func.functional_call(ref, p, (x,)).pow(2).sum()),
+                          (params,), (v,))[1]
+    got = _eager_hvp(lambda p: torch.func.functional_call(layer, p, (x,)).pow(2).sum(), params, v)
+    for name, w in want.items():
+        assert max_err(got[name], w) <= 1e-4 * w.abs().max().item(), name
+
+
+def test_fused_experts_backward_twice_says_so():
+    """The fused experts free what they kept as their backward goes: a second backward through the same graph
+    (``retain_graph=True``) is a clear error, not a crash inside the kernels' bookkeeping."""
+    layer = moekit.MoE(32, 48, 8, 2, shared_experts=1, activation="gelu")  # (not the few-token step's router)
+    y = layer(torch.randn(600, 32))
+    y.sum().backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="retain_graph=True is not supported"):
+        y.sum().backward()

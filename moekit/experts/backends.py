@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from ..kernels import cpu as kcpu
-from ..utils import autocast_enabled
+from ..utils import autocast_enabled, grads_by_reference
 from .op_flops import count_in_flop_counters
 
 if TYPE_CHECKING:
@@ -52,15 +52,26 @@ def _cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
 
 # ------------------------------------------------------------------------------------------------ loop
 def loop_backend(experts: "Experts", x_TD: torch.Tensor, plan: "DispatchPlan") -> torch.Tensor:
-    dtype = compute_dtype(x_TD, experts.w_in)
+    def rows():
+        for e in range(experts.num_experts):  # (idle ones too: their empty products give the zero gradients every
+            tok_N, slot_N = torch.where(plan.ids_TK == e)  # other backend gives, also where no expert has a token)
+            yield e, tok_N, plan.weights_TK[tok_N, slot_N]
+
+    return expert_rows_sum(x_TD, experts.w_in, experts.w_out, experts.b_in, experts.b_out, experts.activation,
+                           compute_dtype(x_TD, experts.w_in), rows())
+
+
+def expert_rows_sum(x_TD: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor, b_in: torch.Tensor | None,
+                    b_out: torch.Tensor | None, act, dtype: torch.dtype, rows) -> torch.Tensor:
+    """fp32 ``y_TD = sum w_N * expert_e(x_TD[tok_N])`` over ``rows`` (``(e, tok_N, w_N)``: an expert, its tokens and
+    their routing weights), each expert computed in ``dtype`` with PyTorch's operations: the loop reference's sums,
+    differentiable (twice) in every input."""
     x_TD = x_TD.to(dtype)
     y_TD = x_TD.new_zeros(x_TD.shape, dtype=torch.float32)
-    for e in range(experts.num_experts):  # (idle ones too: their empty products give the zero gradients every
-        tok_N, slot_N = torch.where(plan.ids_TK == e)  # other backend gives, also where no expert has a token)
-        h = F.linear(x_TD[tok_N], experts.w_in[e].to(dtype), _cast(_row(experts.b_in, e), dtype))
-        h = experts.activation(h)
-        out = F.linear(h, experts.w_out[e].to(dtype), _cast(_row(experts.b_out, e), dtype))
-        y_TD = y_TD.index_add(0, tok_N, out.float() * plan.weights_TK[tok_N, slot_N, None].float())
+    for e, tok_N, w_N in rows:
+        h = F.linear(x_TD[tok_N], w_in[e].to(dtype), _cast(_row(b_in, e), dtype))
+        out = F.linear(act(h), w_out[e].to(dtype), _cast(_row(b_out, e), dtype))
+        y_TD = y_TD.index_add(0, tok_N, out.float() * w_N[:, None].float())
     return y_TD
 
 
@@ -142,6 +153,13 @@ def _segment_setup(ctx, inputs, output):
 
 def _segment_backward(ctx, grad_SO):
     x_SI, w_EOI, offsets_E = ctx.saved_tensors
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling():  # (double backward: PyTorch's products)
+        def reference(x, w):
+            ends = offsets_E.tolist()  # (rows past the last segment, empty slots, stay zero)
+            return torch.cat([*(x[s:t] @ w[e].T for e, (s, t) in enumerate(zip([0, *ends[:-1]], ends))),
+                              x.new_zeros(x.shape[0] - ends[-1], w.shape[1])])
+
+        return *grads_by_reference(reference, (x_SI, w_EOI), ctx.needs_input_grad[:2], (grad_SO,)), None
     grad_x, grad_w = _segment_linear_backward(grad_SO.contiguous(), x_SI, w_EOI, offsets_E)
     return grad_x, grad_w, None
 
@@ -262,6 +280,9 @@ def _sorted_backend(experts: "Experts", x_TD: torch.Tensor, plan: "DispatchPlan"
     h_SF = linear(x_SD, experts.w_in.to(dtype))
     if experts.b_in is not None:
         h_SF = h_SF + experts.b_in.to(dtype)[expert_S]
+    if plan.may_have_empty:  # (a grouped GEMM leaves the rows past the last group unwritten: their garbage, through
+        h_SF = torch.where(plan.valid_S()[:, None], h_SF, 0)  # the activation's second derivative, reached a
+        # double backward's bias gradients)
     h_SF = experts.activation(h_SF)
     y_SD = linear(h_SF, experts.w_out.to(dtype))
     if experts.b_out is not None:

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Callable
 
 import torch
 
+from ..utils import grads_by_reference
 from .activations import Activation
 from ..kernels import cpu as kcpu
 from ..kernels import cpu_gemm
@@ -346,15 +347,34 @@ class FusedExpertsFunction(torch.autograd.Function):
                                          activation, dtype, save=True)
         _keep_pre(plan, x_TD, dtype)
         ctx.plan = plan
-        ctx.save_for_backward(x_TD, w_in, w_out, b_out, weights_TK, token_S, slot_S)
-        ctx.counts, ctx.activation, ctx.dtype = counts, activation, dtype
+        ctx.save_for_backward(x_TD, w_in, w_out, b_in, b_out, weights_TK, token_S, slot_S)
+        ctx.counts, ctx.activation, ctx.dtype, ctx.out_dtype = counts, activation, dtype, out_dtype
         ctx.bias_dtypes = (None if b_in is None else b_in.dtype, None if b_out is None else b_out.dtype)
         return out_TD.to(out_dtype)  # summed in fp32; a bf16 output also makes its gradient arrive in bf16
 
     @staticmethod
     def backward(ctx, g_TD):
-        x_TD, w_in, w_out, b_out, weights_TK, token_S, slot_S = ctx.saved_tensors
+        x_TD, w_in, w_out, b_in, b_out, weights_TK, token_S, slot_S = ctx.saved_tensors
+        if torch.is_grad_enabled():  # (double backward: the loop reference's sums, which autograd differentiates;
+            # a second pass reaching this node again runs the kernels' backward)
+            counts, act, dtype, out_dtype = ctx.counts, ctx.activation, ctx.dtype, ctx.out_dtype
+
+            def reference(x, wi, wo, bi, bo, w):
+                from .backends import expert_rows_sum
+
+                ends = itertools.accumulate(counts)
+                rows = ((e, token_S[t - n:t], w.reshape(-1)[slot_S[t - n:t]]) for e, (n, t) in
+                        enumerate(zip(counts, ends)))
+                with torch.autocast(x.device.type, enabled=False):
+                    return expert_rows_sum(x, wi, wo, bi, bo, act, dtype, rows).to(out_dtype)
+
+            grads = grads_by_reference(reference, (x_TD, w_in, w_out, b_in, b_out, weights_TK),
+                                       ctx.needs_input_grad[:6], (g_TD,))
+            return *grads, None, None, None, None, None, None
         plan, ctx.plan = ctx.plan, None
+        if plan is None:
+            raise RuntimeError("the fused experts' backward ran already (it frees what it kept as it goes): "
+                               "retain_graph=True is not supported on it")
         grads = fused_backward(plan, g_TD, x_TD, w_in, w_out, b_out, weights_TK, token_S, slot_S, ctx.counts,
                                ctx.activation, ctx.dtype, ctx.bias_dtypes, ctx.needs_input_grad[:6])
         return *grads, None, None, None, None, None, None

@@ -14,8 +14,10 @@ path; a single autograd node stands for all of it.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from ..kernels import cpu as kcpu
+from ..utils import grads_by_reference
 
 
 class AmbiguousRouting(Exception):
@@ -40,8 +42,8 @@ class RoutedExpertsStep(torch.autograd.Function):
         if res is None:
             raise AmbiguousRouting
         y, counts, weights, logits, saved = res
-        ctx.save_for_backward(x_TD, router_w, w_in, w_out, saved.probs)
-        ctx.saved, ctx.spec = saved, spec
+        ctx.save_for_backward(x_TD, router_w, router_b, w_in, w_out, saved.ids)
+        ctx.saved, ctx.spec, ctx.out_dtype = saved, spec, out_dtype
         ctx.bias_dtype = None if router_b is None else router_b.dtype
         ctx.mark_non_differentiable(counts, saved.ids, weights)
         ctx.set_materialize_grads(False)  # (unused probabilities or logits, no balancing loss or z-loss: None)
@@ -49,9 +51,16 @@ class RoutedExpertsStep(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_TD, _counts, d_probs, _ids, _weights, d_logits):
-        x_TD, router_w, w_in, w_out, _ = ctx.saved_tensors
+        x_TD, router_w, router_b, w_in, w_out, ids_TK = ctx.saved_tensors
         need_x, need_wr, need_br, need_win, need_wout = ctx.needs_input_grad[:5]
         _, renormalize, renorm_min, scale = ctx.spec
+        if torch.is_grad_enabled():  # (double backward: the same step in PyTorch's operations, differentiated again;
+            # the second pass, which reaches this node again where the loss's gradient depends on y, runs the kernels)
+            spec, out_dtype = ctx.spec[1:], ctx.out_dtype
+            grads = grads_by_reference(lambda *a: _step_reference(*a, ids_TK, spec, out_dtype),
+                                       (x_TD, router_w, router_b, w_in, w_out), ctx.needs_input_grad[:5],
+                                       (g_TD, d_probs, d_logits))
+            return *grads, None, None, None
         saved, ctx.saved = ctx.saved, None
         if saved is None:
             raise RuntimeError("this few-token training step was already backpropagated (its backward overwrites "
@@ -64,3 +73,18 @@ class RoutedExpertsStep(torch.autograd.Function):
             None if d_logits is None else d_logits.float(), dx_dtype=x_TD.dtype)
         d_br = d_logits.sum(0).to(ctx.bias_dtype) if need_br else None
         return dx, d_wr, d_br, d_win, d_wout, None, None, None
+
+
+def _step_reference(x_TD, router_w, router_b, w_in, w_out, ids_TK, spec, out_dtype):
+    """``(y_TD, probs_TE, logits_TE)`` of :class:`RoutedExpertsStep` for its chosen ``ids_TK``, in PyTorch's
+    operations (the router in fp32, SwiGLU experts in their weights' dtype)."""
+    from ..routing.softmax_topk import softmax_topk_reference
+    from .activations import get_activation
+    from .backends import expert_rows_sum
+
+    logits_TE = F.linear(x_TD.float(), router_w.float(), None if router_b is None else router_b.float())
+    weights_TK, probs_TE = softmax_topk_reference(logits_TE, ids_TK, *spec)
+    rows = ((e, *torch.where(ids_TK == e)) for e in range(w_in.shape[0]))
+    rows = ((e, tok_N, weights_TK[tok_N, slot_N]) for e, tok_N, slot_N in rows)
+    y_TD = expert_rows_sum(x_TD, w_in, w_out, None, None, get_activation("swiglu"), w_in.dtype, rows)
+    return y_TD.to(out_dtype), probs_TE, logits_TE

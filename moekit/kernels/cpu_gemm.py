@@ -20,6 +20,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from ..utils import grads_by_reference
 from . import cpu as kcpu
 
 _LP = getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None)
@@ -179,13 +180,18 @@ class _Linear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w, b, dtype):
-        ctx.save_for_backward(x, w)
+        ctx.save_for_backward(x, w, b)
         ctx.has_bias, ctx.dtype = b is not None, dtype
         return _linear_cast(x, w, b, dtype)
 
     @staticmethod
     def backward(ctx, g):
-        x, w = ctx.saved_tensors
+        x, w, b = ctx.saved_tensors
+        if torch.is_grad_enabled():  # (double backward: PyTorch's linear, which autograd differentiates again)
+            dtype = ctx.dtype
+            return *grads_by_reference(
+                lambda x_, w_, b_: F.linear(x_.to(dtype), w_.to(dtype), None if b_ is None else b_.to(dtype)),
+                (x, w, b), ctx.needs_input_grad[:3], (g,)), None
         g = g.contiguous().to(ctx.dtype)
         need_dx, need_dw = ctx.needs_input_grad[:2]
         if _few_rows_cast(g, w, x, ctx.dtype):

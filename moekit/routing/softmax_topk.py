@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..kernels import cpu as kcpu
+from ..utils import grads_by_reference
 from .base import RouterOutput, TopKRouter, register_router, same_steps
 
 
@@ -86,6 +87,18 @@ class SoftmaxTopK(TopKRouter):
         return f"{super().extra_repr()}, renormalize={self.renormalize}, scale={self.scale}"
 
 
+def softmax_topk_reference(logits_TE: torch.Tensor, ids_TK: torch.Tensor, renormalize: bool, renorm_min: float,
+                           scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(weights_TK, probs_TE)`` of softmax top-k routing for the chosen ``ids_TK``, in PyTorch's operations (the
+    kernels' double backward differentiates these, :func:`moekit.utils.grads_by_reference`)."""
+    probs_TE = torch.softmax(logits_TE.float(), dim=-1)
+    w_TK = probs_TE.gather(-1, ids_TK)
+    if renormalize:
+        total = w_TK.sum(dim=-1, keepdim=True)
+        w_TK = w_TK / (total.clamp_min(renorm_min) if renorm_min > 0 else total)
+    return w_TK * scale, probs_TE
+
+
 class TopKSoftmaxFunction(torch.autograd.Function):
     """``(ids_TK, weights_TK, probs_TE)`` of softmax top-k routing by :func:`moekit.kernels.triton_moe.topk_softmax`,
     differentiable in the logits through the weights and the probabilities (the balancing losses' input)."""
@@ -96,7 +109,7 @@ class TopKSoftmaxFunction(torch.autograd.Function):
 
         ids_TK, weights_TK, probs_TE = triton_moe.topk_softmax(logits_TE, bias_E, k, renormalize, renorm_min, scale,
                                                               save_p=True)
-        ctx.save_for_backward(probs_TE, ids_TK)
+        ctx.save_for_backward(probs_TE, ids_TK, logits_TE)
         ctx.spec = (renormalize, renorm_min, scale)
         ctx.mark_non_differentiable(ids_TK)
         ctx.set_materialize_grads(False)  # unused probabilities (no balancing loss) reach backward as None
@@ -106,7 +119,11 @@ class TopKSoftmaxFunction(torch.autograd.Function):
     def backward(ctx, d_ids, d_weights_TK, d_probs_TE):
         from ..kernels import triton_moe
 
-        probs_TE, ids_TK = ctx.saved_tensors
+        probs_TE, ids_TK, logits_TE = ctx.saved_tensors
+        if torch.is_grad_enabled():  # (double backward)
+            d_logits, = grads_by_reference(lambda lg: softmax_topk_reference(lg, ids_TK, *ctx.spec), (logits_TE,),
+                                           ctx.needs_input_grad[:1], (d_weights_TK, d_probs_TE))
+            return d_logits, None, None, None, None, None
         if d_weights_TK is None:
             d_weights_TK = torch.zeros(ids_TK.shape, dtype=torch.float32, device=ids_TK.device)
         d_logits = triton_moe.topk_softmax_backward(probs_TE, ids_TK, d_weights_TK, d_probs_TE, *ctx.spec)
@@ -121,15 +138,19 @@ class CPUTopKSoftmaxFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits_TE, ids_TK, weights_TK, probs_TE, spec):
-        ctx.save_for_backward(probs_TE, ids_TK)
+        ctx.save_for_backward(probs_TE, ids_TK, logits_TE)
         ctx.spec = spec
         ctx.set_materialize_grads(False)
         return weights_TK.clone(), probs_TE.clone()
 
     @staticmethod
     def backward(ctx, d_weights_TK, d_probs_TE):
-        probs_TE, ids_TK = ctx.saved_tensors
+        probs_TE, ids_TK, logits_TE = ctx.saved_tensors
         renormalize, renorm_min, scale = ctx.spec
+        if torch.is_grad_enabled():  # (double backward: the saved probabilities are constants to autograd)
+            d_logits, = grads_by_reference(lambda lg: softmax_topk_reference(lg, ids_TK, *ctx.spec), (logits_TE,),
+                                           ctx.needs_input_grad[:1], (d_weights_TK, d_probs_TE))
+            return d_logits, None, None, None, None
         d_p = torch.zeros_like(probs_TE) if d_probs_TE is None else d_probs_TE.float().clone()
         if d_weights_TK is not None:
             dw = d_weights_TK.float() * scale
