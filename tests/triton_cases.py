@@ -58,6 +58,12 @@ LAYER_CASES: dict[str, dict] = {
     "layer_top_p": dict(num_experts=6, top_k=3, router="top_p", router_kwargs=dict(p=0.5)),
     "layer_switch_capacity": dict(num_experts=4, top_k=1, router="switch", capacity_factor=0.5, expert_bias=True),
 }
+# Double backward (Hessian-vector products) of a whole layer against forward-over-reverse on the loop reference:
+# the plan-free path (with the routing kernel) and the dispatcher's.
+HVP_CASES: dict[str, dict] = {
+    "hvp_planless_softmax_topk": dict(num_experts=6, top_k=2, z_loss_coef=0.1),
+    "hvp_capacity_gelu_bias": dict(num_experts=5, top_k=2, capacity_factor=1.0, activation="gelu", expert_bias=True),
+}
 # The plan-free index (moekit.kernels.triton_moe.align) against the dispatcher's sort and the tile schedule: one
 # program, and blocks of a few slots standing in for the three-launch path of large batches.
 ALIGN_CASES: dict[str, dict] = {
@@ -82,7 +88,8 @@ CUDA_ONLY_CASES: dict[str, dict] = {
 
 
 def all_case_names(device: str = "cpu") -> list[str]:
-    names = list(EXPERT_CASES) + [f"{n}@bf16" for n in BF16_CASES] + list(LAYER_CASES) + list(ALIGN_CASES) + list(ROUTER_CASES)
+    names = list(EXPERT_CASES) + [f"{n}@bf16" for n in BF16_CASES] + list(LAYER_CASES) + list(ALIGN_CASES) + \
+        list(ROUTER_CASES) + list(HVP_CASES)
     return names + list(CUDA_ONLY_CASES) if device == "cuda" else names
 
 
@@ -249,6 +256,27 @@ def run_layer_case(name: str, device: str) -> dict:
     return out
 
 
+def run_hvp_case(name: str, device: str) -> dict:
+    """A layer's Hessian-vector product by double backward (``create_graph=True``) on the Triton backend against
+    forward-over-reverse (``jvp(grad)``) on the loop reference."""
+    spec = HVP_CASES[name]
+    torch.manual_seed(1)
+    ref = moekit.MoE(16, 24, backend="loop", **spec).to(device)
+    layer = moekit.MoE(16, 24, backend="triton", **spec).to(device)
+    layer.load_state_dict(ref.state_dict())
+    x = torch.randn(30, 16, generator=torch.Generator().manual_seed(2)).to(device)
+    params = {n: p.detach() for n, p in ref.named_parameters()}
+    v = {n: torch.randn(p.shape, generator=torch.Generator().manual_seed(3)).to(device) for n, p in params.items()}
+    want = torch.func.jvp(torch.func.grad(lambda p: torch.func.functional_call(ref, p, (x,)).pow(2).sum()),
+                          (params,), (v,))[1]
+    before = _launches()
+    ps = dict(layer.named_parameters())
+    g = torch.autograd.grad(layer(x).pow(2).sum(), list(ps.values()), create_graph=True)
+    got = torch.autograd.grad(sum((gi * v[n]).sum() for gi, n in zip(g, ps)), list(ps.values()))
+    return {"dtype": "float32", "launches": _launches() - before, "y_dtype": "hvp", "ref_y_dtype": "hvp",
+            "errors": {n: _err(gi, want[n]) for n, gi in zip(ps, got)}, "scales": {n: _scale(want[n]) for n in ps}}
+
+
 def run_align_case(name: str, device: str) -> dict:
     """Mismatching entries of each align output against LocalDispatcher.plan + tile_schedule (0 = identical)."""
     from moekit.kernels import triton_moe
@@ -322,6 +350,8 @@ def run_case(name: str, device: str = "cpu") -> dict:
         out = run_align_case(name, device)
     elif name in ROUTER_CASES:
         out = run_router_case(name, device)
+    elif name in HVP_CASES:
+        out = run_hvp_case(name, device)
     else:
         out = run_expert_case(name, device)
     out["seconds"] = time.perf_counter() - t0

@@ -202,7 +202,8 @@ class TritonExpertsFunction(torch.autograd.Function):
                 out_dtype=torch.float32):
         out_TD, h_SW, y_SD = _forward(x_TD, w_in, w_out, b_in, b_out, weights_TK, ix, act, dtype, save_h=True,
                                       out_dtype=out_dtype)
-        ctx.save_for_backward(x_TD, w_in, w_out, weights_TK)
+        ctx.save_for_backward(x_TD, w_in, w_out, b_in, b_out, weights_TK)
+        ctx.out_dtype = out_dtype
         # intermediates ride on ctx, not in save_for_backward, so that backward can drop each once it is used: saved
         # tensors live until backward returns (h_SW is the largest buffer, S x 2F)
         ctx.h_SW, ctx.y_SD = h_SW, y_SD if ctx.needs_input_grad[5] else None
@@ -212,7 +213,10 @@ class TritonExpertsFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_TD):
-        x_TD, w_in, w_out, weights_TK = ctx.saved_tensors
+        x_TD, w_in, w_out, b_in, b_out, weights_TK = ctx.saved_tensors
+        if torch.is_grad_enabled():  # (double backward: the loop reference's sums, which autograd differentiates;
+            # a second pass reaching this node again runs the kernels' backward)
+            return *_double_backward(ctx, g_TD, x_TD, w_in, w_out, b_in, b_out, weights_TK), None, None, None, None
         h_SW, y_SD = ctx.h_SW, ctx.y_SD
         ctx.h_SW = ctx.y_SD = None
         ix, act, dtype = ctx.ix, ctx.act, ctx.dtype
@@ -275,6 +279,22 @@ class TritonExpertsFunction(torch.autograd.Function):
             K_.grouped_xty(dh_SW, x_TD, d_win, gather_r=ix.token_S, dbias=d_bin, **seg)
             d_win = d_win if need_win else None
         return d_x, d_win, d_wout, d_bin, d_bout, d_weights, None, None, None, None
+
+
+def _double_backward(ctx, g_TD, *inputs) -> tuple:
+    """:class:`TritonExpertsFunction`'s gradients with their graph built, from its output recomputed by the loop
+    reference's sums over the index's expert segments (:func:`moekit.utils.grads_by_reference`)."""
+    from ..utils import grads_by_reference
+    from .backends import expert_rows_sum
+
+    ix, act, dtype, out_dtype = ctx.ix, ctx.act, ctx.dtype, ctx.out_dtype
+    bounds = list(zip(ix.seg_start_E.tolist(), ix.seg_end_E.tolist()))
+
+    def reference(x, wi, wo, bi, bo, w):
+        rows = ((e, ix.token_S[s:t].long(), w.reshape(-1)[ix.order_S[s:t].long()]) for e, (s, t) in enumerate(bounds))
+        return expert_rows_sum(x, wi, wo, bi, bo, act, dtype, rows).to(out_dtype)
+
+    return grads_by_reference(reference, inputs, ctx.needs_input_grad[:6], (g_TD,))
 
 
 def triton_backend(experts: "Experts", x_TD: torch.Tensor, plan: "DispatchPlan") -> torch.Tensor:
