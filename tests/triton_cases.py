@@ -61,7 +61,7 @@ LAYER_CASES: dict[str, dict] = {
 # Double backward (Hessian-vector products) of a whole layer against forward-over-reverse on the loop reference:
 # the plan-free path (with the routing kernel) and the dispatcher's.
 HVP_CASES: dict[str, dict] = {
-    "hvp_planless_softmax_topk": dict(num_experts=6, top_k=2, z_loss_coef=0.1),
+    "hvp_dropless_softmax_topk": dict(num_experts=6, top_k=2, z_loss_coef=0.1),
     "hvp_capacity_gelu_bias": dict(num_experts=5, top_k=2, capacity_factor=1.0, activation="gelu", expert_bias=True),
 }
 # The plan-free index (moekit.kernels.triton_moe.align) against the dispatcher's sort and the tile schedule: one
