@@ -46,7 +46,9 @@ class MoEConfig:
         aux_loss_coef: weight of the auxiliary loss (0 switches it off).
         z_loss_coef: weight of the router z-loss (0 = off).
         bias_update_rate: auxiliary-loss-free balancing step ``gamma`` (0 = off).
-        bias_update: ``"auto"`` (after every training forward) or ``"manual"`` (call ``layer.update_bias()``).
+        bias_update: ``"auto"`` (each training forward's load steps the bias when the layer next runs a forward,
+            so a forward recomputed under activation checkpointing routes as the original did) or ``"manual"``
+            (call ``layer.update_bias()``).
         causal: the layer sits in a causal (autoregressive) model; non-causal routers are then refused.
         allow_non_causal: accept a non-causal router in a causal model anyway (it leaks future tokens).
         on_expert_failure: ``"raise"``, or ``"skip"``: an expert that raises or returns non-finite values is

@@ -155,6 +155,8 @@ class MoE(nn.Module):
         return True
 
     def _forward(self, x: torch.Tensor, token_ids: torch.Tensor | None) -> torch.Tensor:
+        if self.config.bias_update_rate > 0 and self.config.bias_update == "auto":
+            self._step_bias()
         if token_ids is None and not torch.is_grad_enabled() and (y := self._fused_decode(x)) is not None:
             return y  # (a few tokens' inference in one kernel call, x checked there)
         self._check_input(x, token_ids)
@@ -255,6 +257,8 @@ class MoE(nn.Module):
         return y_TD
 
     def _report_failure(self, expert: int, err: Exception) -> None:
+        if torch._C._current_graph_task_id() != -1:  # (a forward recomputed in backward: counted already)
+            return
         with torch.no_grad():
             self.failure_counts[expert] += 1
         if expert not in self._warned_failures:
@@ -489,11 +493,9 @@ class MoE(nn.Module):
         for name, value in losses.items():
             total = value if total is None else total + value
             stats.setdefault(name, value.detach())
-        if self.training and cfg.bias_update_rate > 0 and not state_frozen("the auxiliary-loss-free bias's load"):
+        if self.training and cfg.bias_update_rate > 0 and not state_frozen("the auxiliary-loss-free bias and its load"):
             with torch.no_grad():
                 self.load_accum += expert_load(routed.topk_ids_TK, cfg.num_experts)
-            if cfg.bias_update == "auto":
-                self.update_bias()
         self._record(stats)
         return total
 
@@ -506,6 +508,14 @@ class MoE(nn.Module):
             self.__dict__["stats"] = stats
 
     # ---------------------------------------------------------------------------------------- balancing
+    def _step_bias(self) -> None:
+        """``bias_update="auto"``: the bias step of the load the training forwards since the last step saw, taken
+        before this forward routes (not at the end of the forward that saw it: a forward recomputed in backward,
+        under activation checkpointing, must route with the bias the original forward used). Not inside a
+        backward pass or a torch.func transform (:func:`moekit.utils.state_frozen`)."""
+        if not state_frozen("the auxiliary-loss-free bias and its load"):
+            self.update_bias()
+
     @torch.no_grad()
     def update_bias(self) -> None:
         """Apply one auxiliary-loss-free bias step from the load seen since the last call, then reset it."""

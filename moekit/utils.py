@@ -84,10 +84,16 @@ def state_frozen(what: str) -> bool:
     """Whether training state (a buffer a forward updates in place: ``what``) must be left as it is, because a
     ``torch.func`` transform (``vmap``, ``grad``, ``jvp``...) is running: the values computed there are its wrapper
     tensors (under ``vmap`` one per sample), which may neither leave it nor be written into a tensor from outside it.
-    Warns once per ``what``. Never while ``torch.compile`` traces."""
+    Warns once per ``what``. Also (without a warning) where a forward runs inside a backward pass: activation
+    checkpointing's recomputation of a forward whose state updates were made already. Never while ``torch.compile``
+    traces."""
     import torch
 
-    if torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is None:
+    if torch.compiler.is_compiling():
+        return False
+    if torch._C._current_graph_task_id() != -1:  # (a forward recomputed in backward)
+        return True
+    if torch._C._functorch.peek_interpreter_stack() is None:
         return False
     import logging
 

@@ -6,6 +6,8 @@ import torch
 import moekit
 from moekit.balance import expert_load, load_balancing_loss, router_z_loss, sequence_balancing_loss
 
+from .helpers import max_err
+
 
 def test_switch_loss_hand_computed():
     probs = torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.6, 0.3]])
@@ -121,3 +123,51 @@ def test_manual_bias_update_accumulates_until_called():
     assert layer.load_accum.sum().item() == 0
     with pytest.raises(ValueError, match="bias_update_rate > 0"):
         moekit.MoE(8, 16, 4, 2).update_bias()
+
+
+def test_auto_bias_step_is_taken_before_the_next_forward():
+    """``bias_update="auto"``: a training forward's load steps the bias when the layer next runs, before it routes
+    (so the forward that saw the load, recomputed in backward under activation checkpointing, routes as it did)."""
+    layer = skewed_layer(bias_update_rate=0.05)
+    x = torch.randn(64, 8).abs()
+    layer(x)
+    assert torch.all(layer.router.expert_bias == 0) and layer.load_accum.sum().item() == 64 * 2
+    load = layer.load_accum.clone()
+    layer(x)
+    want = torch.zeros_like(layer.router.expert_bias)
+    moekit.balance.update_expert_bias(want, load, 0.05)
+    assert torch.equal(layer.router.expert_bias, want) and layer.load_accum.sum().item() == 64 * 2
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+@pytest.mark.parametrize("kw", [dict(bias_update_rate=0.05), dict(bias_update_rate=0.05, bias_update="manual"),
+                                dict(router="relu", top_k=3, alpha=2.0)], ids=["auto", "manual", "relu"])
+def test_activation_checkpointing_gives_the_same_steps(kw, reentrant):
+    """A layer under ``torch.utils.checkpoint`` (its forward recomputed in backward) trains exactly as without it:
+    the same gradients, balancing bias, load and ReLU L1 coefficient over three steps. (The bias stepped at the end
+    of each forward: the recomputation routed with the stepped bias, its gradients silently off (reentrant: 1.67
+    where they were ~10), and the recomputation stepped the bias, the load and the L1 coefficient a second time.)"""
+    from torch.utils.checkpoint import checkpoint
+
+    def train(checkpointed: bool):
+        torch.manual_seed(0)
+        opts = dict(kw)
+        k = opts.pop("top_k", 2)
+        router_kwargs = {"alpha": opts.pop("alpha")} if "alpha" in opts else {}
+        layer = moekit.MoE(32, 48, 8, k, router_kwargs=router_kwargs, **opts)
+        x = torch.randn(64, 32, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        grads = []
+        for _ in range(3):
+            layer.zero_grad(set_to_none=True)
+            y = checkpoint(layer, x, use_reentrant=reentrant) if checkpointed else layer(x)
+            y.pow(2).sum().backward()
+            grads.append({n: p.grad.clone() for n, p in layer.named_parameters()})
+        return grads, {n: b.clone() for n, b in layer.named_buffers()}
+
+    (want, want_buffers), (got, got_buffers) = train(False), train(True)
+    for step, (g, w) in enumerate(zip(got, want)):
+        for name in w:
+            assert max_err(g[name], w[name]) < 1e-5, (step, name)
+    for name, b in want_buffers.items():
+        assert torch.equal(got_buffers[name], b), name
+    assert any(b.abs().sum() > 0 for n, b in want_buffers.items() if "bias" in n or "l1" in n or "load" in n)
