@@ -106,19 +106,25 @@ def state_frozen(what: str) -> bool:
 
 
 def grads_by_reference(reference, inputs: tuple, needs: tuple, grad_outputs: tuple) -> tuple:
-    """Double backward for a custom autograd Function whose backward is not itself differentiable (kernels, saved
-    intermediates): the gradients of ``reference(*inputs)`` (the same outputs in PyTorch's operations; a tensor or a
-    tuple, matched with ``grad_outputs``, None where no gradient arrives) with respect to the ``inputs`` that
-    ``needs`` marks, with their graph built (``create_graph=True``), so that a second backward differentiates them.
-    Call it from ``backward`` where ``torch.is_grad_enabled()`` (a ``create_graph=True`` pass); returns one entry
-    per input (None where not needed)."""
+    """The backward of a custom autograd Function where its own cannot serve: a pass that builds a graph of the
+    gradients (``create_graph=True``: double backward), whose own backward is not differentiable (kernels, saved
+    intermediates), or a second pass through the same graph (``retain_graph=True``, e.g. ``gradcheck``) after its
+    own freed what it kept. The gradients of ``reference(*inputs)`` (the same outputs in PyTorch's operations; a
+    tensor or a tuple, matched with ``grad_outputs``, None where no gradient arrives) with respect to the ``inputs``
+    that ``needs`` marks, their graph built where grad mode is on (in a ``create_graph=True`` pass), so that a
+    second backward differentiates them. Returns one entry per input (None where not needed)."""
     import torch
 
+    create_graph = torch.is_grad_enabled()
     with torch.enable_grad():
+        # (each input through a view of its own: the gradient with respect to it is then the partial derivative, not
+        # the total one, which would also follow one input's history into another's, e.g. the routing weights' into
+        # the tokens; its graph still reaches the input)
+        inputs = tuple(None if t is None else t.view_as(t) for t in inputs)
         outs = reference(*inputs)
     outs = outs if isinstance(outs, tuple) else (outs,)
     pairs = [(o, g) for o, g in zip(outs, grad_outputs) if g is not None and o.requires_grad]
     wrt = [t for t, need in zip(inputs, needs) if need]
-    got = iter(torch.autograd.grad([o for o, _ in pairs], wrt, [g for _, g in pairs], create_graph=True,
+    got = iter(torch.autograd.grad([o for o, _ in pairs], wrt, [g for _, g in pairs], create_graph=create_graph,
                                    allow_unused=True) if pairs and wrt else [None] * len(wrt))
     return tuple(next(got) if need else None for need in needs)

@@ -576,12 +576,22 @@ def test_few_token_training_step_leaves_ties_to_pytorch():
     assert torch.isfinite(x.grad).all() and layer.router.weight.grad is not None
 
 
-def test_few_token_training_step_twice_backward_is_a_clear_error():
-    layer = moekit.MoE(16, 32, 8, 2)
-    y = layer(torch.randn(2, 16)).sum()
+@pytest.mark.parametrize("T, kw", [(2, {}), (600, dict(shared_experts=1, activation="gelu"))],
+                         ids=["few_token_step", "fused_experts"])
+def test_second_backward_through_the_same_graph(T, kw):
+    """``retain_graph=True`` and a second backward: the kernels' backward frees (or overwrites) what it kept as it
+    goes, so the second pass differentiates the output recomputed in PyTorch's operations, and the gradients
+    accumulate to exactly twice the first pass's (to rounding). (It was an error, or a crash in the bookkeeping.)"""
+    layer = moekit.MoE(16, 32, 8, 2, **kw)
+    x = torch.randn(T, 16, requires_grad=True)
+    y = layer(x).pow(2).sum()
     y.backward(retain_graph=True)
-    with pytest.raises(RuntimeError, match="retain_graph=True is not supported"):
-        y.backward()
+    once = {n: p.grad.clone() for n, p in layer.named_parameters()}
+    x_once = x.grad.clone()
+    y.backward()
+    for n, p in layer.named_parameters():
+        assert max_err(p.grad, 2 * once[n]) <= 1e-5 * max(1.0, once[n].abs().max().item()), n
+    assert max_err(x.grad, 2 * x_once) <= 1e-5 * max(1.0, x_once.abs().max().item())
 
 
 @pytest.mark.parametrize("family, d_ff, E, k", [("qwen3_moe", 32, 16, 4), ("mixtral", 96, 8, 2)])

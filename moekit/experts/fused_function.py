@@ -355,8 +355,9 @@ class FusedExpertsFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_TD):
         x_TD, w_in, w_out, b_in, b_out, weights_TK, token_S, slot_S = ctx.saved_tensors
-        if torch.is_grad_enabled():  # (double backward: the loop reference's sums, which autograd differentiates;
-            # a second pass reaching this node again runs the kernels' backward)
+        if torch.is_grad_enabled() or ctx.plan is None:  # (double backward, or a second pass through this graph,
+            # retain_graph=True, after the kernels' backward freed what it kept: the loop reference's sums, which
+            # autograd differentiates; a second pass reaching this node after a double backward's runs the kernels)
             counts, act, dtype, out_dtype = ctx.counts, ctx.activation, ctx.dtype, ctx.out_dtype
 
             def reference(x, wi, wo, bi, bo, w):
@@ -372,9 +373,6 @@ class FusedExpertsFunction(torch.autograd.Function):
                                        ctx.needs_input_grad[:6], (g_TD,))
             return *grads, None, None, None, None, None, None
         plan, ctx.plan = ctx.plan, None
-        if plan is None:
-            raise RuntimeError("the fused experts' backward ran already (it frees what it kept as it goes): "
-                               "retain_graph=True is not supported on it")
         grads = fused_backward(plan, g_TD, x_TD, w_in, w_out, b_out, weights_TK, token_S, slot_S, ctx.counts,
                                ctx.activation, ctx.dtype, ctx.bias_dtypes, ctx.needs_input_grad[:6])
         return *grads, None, None, None, None, None, None

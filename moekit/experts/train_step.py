@@ -54,17 +54,15 @@ class RoutedExpertsStep(torch.autograd.Function):
         x_TD, router_w, router_b, w_in, w_out, ids_TK = ctx.saved_tensors
         need_x, need_wr, need_br, need_win, need_wout = ctx.needs_input_grad[:5]
         _, renormalize, renorm_min, scale = ctx.spec
-        if torch.is_grad_enabled():  # (double backward: the same step in PyTorch's operations, differentiated again;
-            # the second pass, which reaches this node again where the loss's gradient depends on y, runs the kernels)
+        if torch.is_grad_enabled() or ctx.saved is None:  # (double backward, or a second pass through this graph,
+            # retain_graph=True, after the kernels' backward overwrote what it kept: the same step in PyTorch's
+            # operations, differentiated; a second pass reaching this node after a double backward's runs the kernels)
             spec, out_dtype = ctx.spec[1:], ctx.out_dtype
             grads = grads_by_reference(lambda *a: _step_reference(*a, ids_TK, spec, out_dtype),
                                        (x_TD, router_w, router_b, w_in, w_out), ctx.needs_input_grad[:5],
                                        (g_TD, d_probs, d_logits))
             return *grads, None, None, None
         saved, ctx.saved = ctx.saved, None
-        if saved is None:
-            raise RuntimeError("this few-token training step was already backpropagated (its backward overwrites "
-                               "what it kept): retain_graph=True is not supported on it")
         if g_TD is None:  # (only the probabilities or logits were used)
             g_TD = torch.zeros(x_TD.shape, dtype=torch.float32)
         dx, d_win, d_wout, d_logits, d_wr = kcpu.route_train_backward(

@@ -214,8 +214,9 @@ class TritonExpertsFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_TD):
         x_TD, w_in, w_out, b_in, b_out, weights_TK = ctx.saved_tensors
-        if torch.is_grad_enabled():  # (double backward: the loop reference's sums, which autograd differentiates;
-            # a second pass reaching this node again runs the kernels' backward)
+        if torch.is_grad_enabled() or ctx.h_SW is None:  # (double backward, or a second pass through this graph,
+            # retain_graph=True, after the kernels' backward dropped what it kept: the loop reference's sums, which
+            # autograd differentiates; a second pass reaching this node after a double backward's runs the kernels)
             return *_double_backward(ctx, g_TD, x_TD, w_in, w_out, b_in, b_out, weights_TK), None, None, None, None
         h_SW, y_SD = ctx.h_SW, ctx.y_SD
         ctx.h_SW = ctx.y_SD = None
