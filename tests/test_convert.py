@@ -189,6 +189,14 @@ def test_native_model_that_fits_no_family_is_refused(tmp_path):
     save_checkpoint(tmp_path / "ck2", model, None, {"model_config": cfg.to_dict(), "step": 0})
     with pytest.raises(HFCheckpointError, match="blocks.0.ffn.router.expert_bias is nonzero.*no selection bias"):
         to_hf_folder(tmp_path / "ck2", tmp_path / "hf")
+    # one training step's load, whose bias step the model takes on its next forward: the bias is still zero
+    cfg = LMConfig(d_model=32, n_layers=1, n_heads=4, num_experts=4, top_k=2, d_ff_expert=16, bias_update_rate=0.01)
+    model = TransformerLM(cfg)
+    model(torch.randint(0, cfg.vocab_size, (1, 8)))
+    assert not model.blocks[0].ffn.router.expert_bias.any() and model.blocks[0].ffn.load_accum.any()
+    save_checkpoint(tmp_path / "ck3", model, None, {"model_config": cfg.to_dict(), "step": 1})
+    with pytest.raises(HFCheckpointError, match="blocks.0.ffn.load_accum holds load.*no selection bias"):
+        to_hf_folder(tmp_path / "ck3", tmp_path / "hf")
     assert not (tmp_path / "hf").exists()
 
 

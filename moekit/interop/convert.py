@@ -256,6 +256,10 @@ def to_hf_folder(ckpt: str | Path, out: str | Path, *, model_type: str | None = 
         if name.endswith("router.expert_bias") and bool(t.any()):
             raise HFCheckpointError(f"{name} is nonzero (auxiliary-loss-free balancing sets it); {arch.model_type} "
                                     "has no selection bias, so the model would route differently in transformers")
+        if name.endswith("load_accum") and cfg.bias_update_rate > 0 and bool(t.any()):  # (a pending bias step)
+            raise HFCheckpointError(f"{name} holds load for an auxiliary-loss-free bias step the model takes on its "
+                                    f"next forward; {arch.model_type} has no selection bias, so the model would "
+                                    "route differently in transformers")
     rules, shapes = tensor_rules(cfg, arch, lay)
     hf_tensors = {}
     for rule in rules:
