@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from .utils import acc_dtype
+
 AUX_LOSSES = ("switch", "seq")
 
 
@@ -37,7 +39,7 @@ def load_balancing_loss(probs_TE: torch.Tensor, ids_TK: torch.Tensor) -> torch.T
     with torch.no_grad():
         counts_E = _counts(ids_TK, E)
         f_E = counts_E / counts_E.sum().clamp_min(1.0)
-    return E * (f_E * probs_TE.float().mean(dim=0)).sum()
+    return E * (f_E * probs_TE.to(acc_dtype(probs_TE.dtype)).mean(dim=0)).sum()
 
 
 def sequence_balancing_loss(probs_TE: torch.Tensor, ids_TK: torch.Tensor, seq_len: int) -> torch.Tensor:
@@ -54,7 +56,7 @@ def sequence_balancing_loss(probs_TE: torch.Tensor, ids_TK: torch.Tensor, seq_le
     with torch.no_grad():
         counts_BE = _counts(ids_TK.view(B, seq_len, -1).reshape(B, -1), E)
         f_BE = counts_BE / counts_BE.sum(dim=-1, keepdim=True).clamp_min(1.0)
-    P_BE = probs_TE.float().view(B, seq_len, E).mean(dim=1)
+    P_BE = probs_TE.to(acc_dtype(probs_TE.dtype)).view(B, seq_len, E).mean(dim=1)
     return E * (f_BE * P_BE).sum(dim=-1).mean()
 
 
@@ -62,7 +64,7 @@ def router_z_loss(logits_TE: torch.Tensor) -> torch.Tensor:
     """ST-MoE router z-loss (Zoph et al. 2022, eq. 5): mean over tokens of ``logsumexp(logits)^2``."""
     if logits_TE.shape[0] == 0:
         return logits_TE.sum() * 0.0
-    return torch.logsumexp(logits_TE.float(), dim=-1).square().mean()
+    return torch.logsumexp(logits_TE.to(acc_dtype(logits_TE.dtype)), dim=-1).square().mean()
 
 
 def _nested_reverse_transforms() -> bool:

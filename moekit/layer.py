@@ -16,15 +16,15 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from .balance import (AttachAuxLoss, AttachAuxLossJvp, expert_load, load_balancing_loss, router_z_loss, sequence_balancing_loss,
-                      update_expert_bias)
+from .balance import (AttachAuxLoss, AttachAuxLossJvp, expert_load, load_balancing_loss, router_z_loss,
+                      sequence_balancing_loss, update_expert_bias)
 from .config import MoEConfig
 from .dispatch.local import DispatchPlan, LocalDispatcher
 from .experts.fused import Experts, ModuleListExperts
 from .experts.shared import SharedExperts
 from .experts.train_step import AmbiguousRouting, RoutedExpertsStep
 from .kernels import cpu as kcpu
-from .utils import state_frozen
+from .utils import acc_dtype, state_frozen
 from .routing.base import ROUTERS, Router, RouterOutput, RoutingContext, SoftRouting, build_router
 
 log = logging.getLogger(__name__)
@@ -183,8 +183,8 @@ class MoE(nn.Module):
             if counts_E is None:
                 counts_E = expert_load(routed.topk_ids_TK, self.config.num_experts).long()
         elif self._planless_path(x_TD, routed):
-            y_TD, counts_E, dropped = self.experts.planless(x_TD, routed.topk_ids_TK, routed.topk_weights_TK,
-                                                            x.dtype if self.shared_experts is None else torch.float32)
+            out_dtype = x.dtype if self.shared_experts is None else acc_dtype(x.dtype)
+            y_TD, counts_E, dropped = self.experts.planless(x_TD, routed.topk_ids_TK, routed.topk_weights_TK, out_dtype)
         else:
             plan = self.dispatcher.plan(routed)
             if self.config.on_expert_failure == "skip":
@@ -194,7 +194,7 @@ class MoE(nn.Module):
                 y_TD = self._experts_skipping_failures(x_TD, plan)
             else:
                 if isinstance(self.experts, Experts):  # without shared experts to add in fp32: the input's dtype
-                    y_TD = self.experts(x_TD, plan, x.dtype if self.shared_experts is None else torch.float32)
+                    y_TD = self.experts(x_TD, plan, x.dtype if self.shared_experts is None else acc_dtype(x.dtype))
                 else:
                     y_TD = self.experts(x_TD, plan)
             counts_E, dropped = plan.counts_E, plan.num_dropped
@@ -211,19 +211,23 @@ class MoE(nn.Module):
         """The routed experts' output plus the shared experts' (in fp32), if any."""
         if self.shared_experts is None:
             return y_TD
-        shared_TD = self.shared_experts(x_TD).float()
+        shared_TD = self.shared_experts(x_TD).to(acc_dtype(y_TD.dtype, x_TD.dtype))
         return y_TD + (shared_TD if self.config.shared_scale == 1.0 else self.config.shared_scale * shared_TD)
 
     def _soft_experts(self, x_TD: torch.Tensor, soft: SoftRouting) -> tuple[torch.Tensor, torch.Tensor]:
         """Soft MoE: mix each sequence's tokens into slots, run every expert on its slots, mix the results back."""
         (B, L, X), D = soft.dispatch_BLX.shape, x_TD.shape[1]  # (sizes given: -1 cannot be inferred with no tokens)
         # slots_BXD = sum_l dispatch_BLX * x_BLD
-        slots_BXD = torch.einsum("blx,bld->bxd", soft.dispatch_BLX, x_TD.float().view(B, L, D)).to(x_TD.dtype)
+        slots_BXD = torch.einsum("blx,bld->bxd", soft.dispatch_BLX, x_TD.to(soft.dispatch_BLX.dtype).view(B, L, D)
+                                 ).to(x_TD.dtype)
         expert_X = torch.arange(X, device=x_TD.device) // soft.slots
         ids = expert_X.repeat(B)[:, None]
         ones = torch.ones(ids.shape, device=x_TD.device)
         plan = self._slot_dispatcher.plan(RouterOutput(ones, ones, ids, ones))
-        y_BXD = self.experts(slots_BXD.reshape(B * X, D), plan).view(B, X, D)
+        acc = soft.combine_BLX.dtype  # (fp32; float64 for a float64 layer)
+        slots_SD = slots_BXD.reshape(B * X, D)
+        y_SD = self.experts(slots_SD, plan, acc) if isinstance(self.experts, Experts) else self.experts(slots_SD, plan)
+        y_BXD = y_SD.view(B, X, D).to(acc)
         # y_BLD = sum_x combine_BLX * y_BXD
         y_TD = torch.einsum("blx,bxd->bld", soft.combine_BLX, y_BXD).reshape(B * L, D)
         return y_TD, plan.counts_E
@@ -231,14 +235,15 @@ class MoE(nn.Module):
     def _experts_skipping_failures(self, x_TD: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
         """``on_expert_failure="skip"``: run experts one by one; one that raises or returns non-finite values is
         dropped for this call and its tokens' weights are renormalised over their surviving choices."""
-        ids_TK, w_TK = plan.ids_TK, plan.weights_TK.float()
+        acc = acc_dtype(x_TD.dtype)
+        ids_TK, w_TK = plan.ids_TK, plan.weights_TK.to(acc)
         outputs, failed = [], []
         for e in range(self.config.num_experts):
             tok_N, slot_N = torch.where(ids_TK == e)
             if tok_N.numel() == 0:
                 continue
             try:
-                out = self.experts.expert_forward(e, x_TD[tok_N]).float()
+                out = self.experts.expert_forward(e, x_TD[tok_N]).to(acc)
                 if not bool(torch.isfinite(out).all()):
                     raise FloatingPointError("non-finite output")
             except Exception as err:  # noqa: BLE001 - any failure of one expert is survivable in "skip" mode
@@ -251,7 +256,7 @@ class MoE(nn.Module):
         total_T = (w_TK * valid_TK).sum(-1)
         alive_T = (w_TK * alive_TK).sum(-1)
         scale_T = torch.where(alive_T > 0, total_T / alive_T.clamp_min(1e-30), 0.0)
-        y_TD = x_TD.new_zeros(x_TD.shape, dtype=torch.float32)
+        y_TD = x_TD.new_zeros(x_TD.shape, dtype=acc)
         for tok_N, slot_N, out in outputs:
             y_TD = y_TD.index_add(0, tok_N, out * (w_TK[tok_N, slot_N] * scale_T[tok_N])[:, None])
         return y_TD
@@ -415,7 +420,7 @@ class MoE(nn.Module):
         ids_TK, weights_TK = triton_moe.topk_softmax(router.logits(x_TD).contiguous(), router.expert_bias, cfg.top_k,
                                                      *spec)
         return self.experts.planless(x_TD, ids_TK, weights_TK,
-                                     x_TD.dtype if self.shared_experts is None else torch.float32)
+                                     x_TD.dtype if self.shared_experts is None else acc_dtype(x_TD.dtype))
 
     def _decode_path(self, x_TD: torch.Tensor, routed: RouterOutput) -> bool:
         """Few tokens, no autograd, on CPU: skip the sort and run each chosen expert directly (see Experts.decode)."""

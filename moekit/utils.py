@@ -9,6 +9,10 @@ import os
 import sys
 from dataclasses import fields
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 _TUNED = False
 
@@ -128,3 +132,11 @@ def grads_by_reference(reference, inputs: tuple, needs: tuple, grad_outputs: tup
     got = iter(torch.autograd.grad([o for o, _ in pairs], wrt, [g for _, g in pairs], create_graph=create_graph,
                                    allow_unused=True) if pairs and wrt else [None] * len(wrt))
     return tuple(next(got) if need else None for need in needs)
+
+
+def acc_dtype(*dtypes) -> torch.dtype:
+    """The dtype sums, router logits and balancing losses are computed in for tensors of ``dtypes``: float64 where
+    any is float64, else float32 (bf16 and fp16 layers too)."""
+    import torch
+
+    return torch.float64 if torch.float64 in dtypes else torch.float32

@@ -10,6 +10,7 @@ from moekit.experts import BACKENDS
 from moekit.experts.activations import ACTIVATIONS
 
 from .helpers import max_err, num_threads, run_fwd_bwd
+from .router_cases import CASES
 
 FAST = [b for b in BACKENDS if b != "loop"]
 
@@ -696,3 +697,42 @@ def test_the_fast_paths_match_the_loop_reference_at_any_size(seed):
         pairs += [(k, got[2][k], loop[2][k], want[2][k]) for k in want[2]]
     for name, g, lp, w in pairs:
         assert _rel_err(g, w) <= max(tol, 3 * _rel_err(lp, w)), (name, _rel_err(g, w), _rel_err(lp, w))
+
+
+# --------------------------------------------------------------------------------------------------- float64
+def _float64_fd_error(layer, T: int, token_ids: bool = False) -> float:
+    """Relative distance between a central finite difference (step 1e-6) of a float64 layer's output and its exact
+    directional derivative (forward-mode AD): ~1e-10 where everything runs in float64; an fp32 rounding anywhere on
+    the way (1e-8 of the output) puts ~1e-2 into the difference."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(T, layer.config.d_model, dtype=torch.float64, generator=g)
+    v = torch.randn(x.shape, dtype=torch.float64, generator=g)
+    ids = torch.randint(0, 16, (T,), generator=g) if token_ids else None
+    f = (lambda z: layer(z, token_ids=ids)) if token_ids else layer
+    with torch.no_grad():
+        fd = (f(x + 1e-6 * v) - f(x - 1e-6 * v)) / 2e-6
+    exact = torch.func.jvp(f, (x,), (v,))[1]
+    assert f(x).dtype == torch.float64
+    return ((fd - exact).abs().max() / exact.abs().max()).item()
+
+
+@pytest.mark.parametrize("T", [2, 40, 600])
+@pytest.mark.parametrize("backend", sorted(BACKENDS))
+def test_float64_layer_computes_in_float64(backend, T):
+    """A float64 layer (e.g. for finite-difference checks) routes, sums its experts' outputs and adds its shared
+    experts in float64, on every backend (the CPU kernels' float64 layers run one product per expert), in
+    training (balancing losses in float64) and in inference. (Router logits, sums and losses were fp32: a float64
+    layer's output was 3-8e-8 from an exact computation.)"""
+    torch.manual_seed(0)
+    layer = moekit.MoE(16, 24, 4, 2, backend=backend, shared_experts=1, z_loss_coef=0.1).double()
+    assert _float64_fd_error(layer.eval(), T) < 1e-6
+    layer.train()(torch.randn(T, 16, dtype=torch.float64)).sum().backward()
+    assert layer.stats["aux_loss"].dtype == layer.stats["z_loss"].dtype == torch.float64
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_float64_routers_compute_in_float64(name):
+    k, kw = CASES[name]
+    torch.manual_seed(0)
+    layer = moekit.MoE(16, 24, 4, k, router=name, router_kwargs=kw).double().eval()
+    assert _float64_fd_error(layer, 40, token_ids=name == "hash") < 1e-6

@@ -15,6 +15,7 @@ import torch
 
 from ..kernels import cpu as kcpu
 from ..routing.base import RouterOutput
+from ..utils import acc_dtype
 
 DROP_POLICIES = ("probs", "position", "batch_priority")
 
@@ -71,16 +72,17 @@ class DispatchPlan:
         return self.weights_TK.reshape(-1)[self.order_S]
 
     def combine(self, y_SD: torch.Tensor, weighted: bool = False) -> torch.Tensor:
-        """Weighted sum over each token's slots, accumulated in fp32: ``y_TD = sum_k w_TK * y``.
+        """Weighted sum over each token's slots, accumulated in fp32 (float64 rows: float64):
+        ``y_TD = sum_k w_TK * y``.
 
         ``y_SD`` is in sorted slot order. Rows of empty slots may hold garbage (even NaN); they are masked out.
         Pass ``weighted=True`` if the rows were already multiplied by their weights.
         """
-        y_SD = y_SD.float()
+        y_SD = y_SD.to(acc_dtype(y_SD.dtype))
         if self.may_have_empty:  # mask before weighting, or 0 * NaN would reach the router's gradient
             y_SD = torch.where(self.valid_S()[:, None], y_SD, 0.0)
         if not weighted:
-            y_SD = y_SD * self.weights_S().float()[:, None]
+            y_SD = y_SD * self.weights_S().to(y_SD.dtype)[:, None]
         inverse_S = torch.empty_like(self.order_S)
         inverse_S[self.order_S] = torch.arange(self.order_S.numel(), device=self.order_S.device)
         T, K = self.ids_TK.shape

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from ..kernels import cpu as kcpu
-from ..utils import autocast_enabled, grads_by_reference
+from ..utils import acc_dtype, autocast_enabled, grads_by_reference
 from .op_flops import count_in_flop_counters
 
 if TYPE_CHECKING:
@@ -63,27 +63,29 @@ def loop_backend(experts: "Experts", x_TD: torch.Tensor, plan: "DispatchPlan") -
 
 def expert_rows_sum(x_TD: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor, b_in: torch.Tensor | None,
                     b_out: torch.Tensor | None, act, dtype: torch.dtype, rows) -> torch.Tensor:
-    """fp32 ``y_TD = sum w_N * expert_e(x_TD[tok_N])`` over ``rows`` (``(e, tok_N, w_N)``: an expert, its tokens and
-    their routing weights), each expert computed in ``dtype`` with PyTorch's operations: the loop reference's sums,
+    """``y_TD = sum w_N * expert_e(x_TD[tok_N])`` (summed in fp32, float64 for float64) over ``rows``
+    (``(e, tok_N, w_N)``: an expert, its tokens and their routing weights), each expert computed in ``dtype`` with
+    PyTorch's operations: the loop reference's sums,
     differentiable (twice) in every input."""
     x_TD = x_TD.to(dtype)
-    y_TD = x_TD.new_zeros(x_TD.shape, dtype=torch.float32)
+    acc = acc_dtype(dtype)
+    y_TD = x_TD.new_zeros(x_TD.shape, dtype=acc)
     for e, tok_N, w_N in rows:
         h = F.linear(x_TD[tok_N], w_in[e].to(dtype), _cast(_row(b_in, e), dtype))
         out = F.linear(act(h), w_out[e].to(dtype), _cast(_row(b_out, e), dtype))
-        y_TD = y_TD.index_add(0, tok_N, out.float() * w_N[:, None].float())
+        y_TD = y_TD.index_add(0, tok_N, out.to(acc) * w_N[:, None].to(acc))
     return y_TD
 
 
-def dense_weights(ids_TK: torch.Tensor, weights_TK: torch.Tensor, num_experts: int
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp32 ``w_TE`` (each token's routing weight per expert, summed over its slots; 0 where none) and bool
+def dense_weights(ids_TK: torch.Tensor, weights_TK: torch.Tensor, num_experts: int,
+                  dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """``w_TE`` in ``dtype`` (each token's routing weight per expert, summed over its slots; 0 where none) and bool
     ``chosen_TE`` (whether any of its slots holds that expert; empty slots, ``-1``, hold none)."""
     valid_TK = ids_TK >= 0
     key_TK = ids_TK.clamp_min(0)
-    zeros_TE = weights_TK.new_zeros(ids_TK.shape[0], num_experts, dtype=torch.float32)
-    w_TE = zeros_TE.scatter_add(1, key_TK, torch.where(valid_TK, weights_TK.float(), 0.0))
-    return w_TE, zeros_TE.scatter_add(1, key_TK, valid_TK.float()) > 0
+    zeros_TE = weights_TK.new_zeros(ids_TK.shape[0], num_experts, dtype=dtype)
+    w_TE = zeros_TE.scatter_add(1, key_TK, torch.where(valid_TK, weights_TK.to(dtype), 0.0))
+    return w_TE, zeros_TE.scatter_add(1, key_TK, valid_TK.to(dtype)) > 0
 
 
 def dense_backend(experts: "Experts", x_TD: torch.Tensor, plan: "DispatchPlan") -> torch.Tensor:
@@ -92,7 +94,8 @@ def dense_backend(experts: "Experts", x_TD: torch.Tensor, plan: "DispatchPlan") 
     under ``torch.func.vmap`` (per-sample gradients), at ``E / K`` times the FLOPs of the others."""
     dtype = compute_dtype(x_TD, experts.w_in)
     x_TD = x_TD.to(dtype)
-    w_TE, chosen_TE = dense_weights(plan.ids_TK, plan.weights_TK, experts.num_experts)
+    acc = acc_dtype(dtype)
+    w_TE, chosen_TE = dense_weights(plan.ids_TK, plan.weights_TK, experts.num_experts, acc)
     h_ETW = torch.einsum("td,ewd->etw", x_TD, experts.w_in.to(dtype))
     if experts.b_in is not None:
         h_ETW = h_ETW + experts.b_in.to(dtype)[:, None]
@@ -100,7 +103,7 @@ def dense_backend(experts: "Experts", x_TD: torch.Tensor, plan: "DispatchPlan") 
     if experts.b_out is not None:
         y_ETD = y_ETD + experts.b_out.to(dtype)[:, None]
     # (an expert a token did not choose adds nothing, not 0 * its output, which may be inf)
-    y_ETD = torch.where(chosen_TE.T[..., None], y_ETD.float(), 0.0)
+    y_ETD = torch.where(chosen_TE.T[..., None], y_ETD.to(acc), 0.0)
     return torch.einsum("te,etd->td", w_TE, y_ETD)
 
 
@@ -291,10 +294,11 @@ def _sorted_backend(experts: "Experts", x_TD: torch.Tensor, plan: "DispatchPlan"
 
 
 def auto_backend(experts: "Experts", x_TD: torch.Tensor, plan: "DispatchPlan",
-                 out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+                 out_dtype: torch.dtype | None = None) -> torch.Tensor:
     if x_TD.device.type == "cpu":
         return fused_backend(experts, x_TD, plan, out_dtype)  # host-side counts are free on CPU
-    return _auto_device(experts, x_TD, plan).to(out_dtype)
+    y_TD = _auto_device(experts, x_TD, plan)
+    return y_TD if out_dtype is None else y_TD.to(out_dtype)
 
 
 #: fp32 rows per expert from which ``auto`` leaves Triton for the library GEMMs on a GPU. Triton's exact fp32

@@ -17,6 +17,7 @@ from torch import nn
 
 from ..dispatch.local import DispatchPlan
 from ..kernels import cpu as kcpu
+from ..utils import acc_dtype
 from .activations import Activation, get_activation
 from .backends import BACKENDS, compute_dtype, dense_weights
 
@@ -85,9 +86,11 @@ class Experts(nn.Module):
             if b is not None:
                 nn.init.zeros_(b)
 
-    def forward(self, x_TD: torch.Tensor, plan: DispatchPlan, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """``y_TD = sum_k w_TK * expert_{id_TK}(x_TD)`` for the slots in ``plan``, summed in fp32 and returned in
-        ``out_dtype`` (the CPU backends round once at the end, and then keep the gradient in that dtype too)."""
+    def forward(self, x_TD: torch.Tensor, plan: DispatchPlan, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+        """``y_TD = sum_k w_TK * expert_{id_TK}(x_TD)`` for the slots in ``plan``, summed in fp32 (float64 for float64
+        tensors) and returned in ``out_dtype``, by default the sums' (the CPU backends round once at the end, and
+        then keep the gradient in that dtype too)."""
+        out_dtype = out_dtype or acc_dtype(x_TD.dtype, self.w_in.dtype)
         if not kcpu.plain(x_TD, self.w_in, self.w_out) and not kcpu.bypassed():
             with kcpu.bypass():  # (a tensor subclass: no kernel goes around its dispatch)
                 return self.forward(x_TD, plan, out_dtype)
@@ -158,7 +161,8 @@ class Experts(nn.Module):
         for t, experts in enumerate(ids_TK.tolist()):
             for k, e in enumerate(experts):
                 rows.setdefault(e, []).append((t, k))
-        y_TD = torch.zeros(x_TD.shape, dtype=torch.float32, device=x_TD.device)
+        acc = acc_dtype(dtype)
+        y_TD = torch.zeros(x_TD.shape, dtype=acc, device=x_TD.device)
         b_in, b_out = self.b_in, self.b_out
         for e, tk in rows.items():
             if len(tk) == 1:
@@ -170,10 +174,10 @@ class Experts(nn.Module):
             h = F.linear(x_ND, self.w_in[e].to(dtype), None if b_in is None else b_in[e].to(dtype))
             out = F.linear(self.activation(h), self.w_out[e].to(dtype), None if b_out is None else b_out[e].to(dtype))
             if len(tk) == 1:
-                y_TD[t].add_(out[0].float() * weights_TK[t, k])
+                y_TD[t].add_(out[0].to(acc) * weights_TK[t, k])
             else:
                 slot = torch.tensor([k for _, k in tk], device=x_TD.device)
-                y_TD.index_add_(0, tok, out.float() * weights_TK[tok, slot, None].float())
+                y_TD.index_add_(0, tok, out.to(acc) * weights_TK[tok, slot, None].to(acc))
         return y_TD, None
 
     def extra_repr(self) -> str:
@@ -200,7 +204,8 @@ class ModuleListExperts(nn.Module):
     def forward(self, x_TD: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
         if kcpu.vmapping():  # (the routing picks a different set of rows per sample: every expert on every row)
             return self._dense(x_TD, plan)
-        y_TD = x_TD.new_zeros(x_TD.shape, dtype=torch.float32)
+        acc = acc_dtype(x_TD.dtype)
+        y_TD = x_TD.new_zeros(x_TD.shape, dtype=acc)
         for e, expert in enumerate(self.experts):
             tok_N, slot_N = torch.where(plan.ids_TK == e)
             if tok_N.numel() == 0:
@@ -208,15 +213,16 @@ class ModuleListExperts(nn.Module):
             out = expert(x_TD[tok_N])
             if out.shape != (tok_N.numel(), x_TD.shape[-1]):
                 raise ValueError(f"expert {e} returned shape {tuple(out.shape)}; experts must map [N, D] to [N, D]")
-            y_TD = y_TD.index_add(0, tok_N, out.float() * plan.weights_TK[tok_N, slot_N, None].float())
+            y_TD = y_TD.index_add(0, tok_N, out.to(acc) * plan.weights_TK[tok_N, slot_N, None].to(acc))
         return y_TD
 
     def _dense(self, x_TD: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
         """Every expert on every token, weighted by the routing (nothing where a token did not choose it), as the
         ``dense`` backend does: shapes that do not depend on the routing."""
-        w_TE, chosen_TE = dense_weights(plan.ids_TK, plan.weights_TK, self.num_experts)
-        y_TD = x_TD.new_zeros(x_TD.shape, dtype=torch.float32)
+        acc = acc_dtype(x_TD.dtype)
+        w_TE, chosen_TE = dense_weights(plan.ids_TK, plan.weights_TK, self.num_experts, acc)
+        y_TD = x_TD.new_zeros(x_TD.shape, dtype=acc)
         for e in range(self.num_experts):
-            out = self.expert_forward(e, x_TD).float()
+            out = self.expert_forward(e, x_TD).to(acc)
             y_TD = y_TD + w_TE[:, e, None] * torch.where(chosen_TE[:, e, None], out, 0.0)
         return y_TD

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Callable
 
 import torch
 
-from ..utils import grads_by_reference
+from ..utils import acc_dtype, grads_by_reference
 from .activations import Activation
 from ..kernels import cpu as kcpu
 from ..kernels import cpu_gemm
@@ -698,13 +698,18 @@ def needs_backward(experts: "Experts", x_TD: torch.Tensor, plan: "DispatchPlan")
 
 
 def fused_backend(experts: "Experts", x_TD: torch.Tensor, plan: "DispatchPlan",
-                  out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+                  out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    out_dtype = out_dtype or acc_dtype(x_TD.dtype, experts.w_in.dtype)  # (fp32 sums; float64 for float64)
     training = needs_backward(experts, x_TD, plan)
     if kcpu.bypassed() or x_TD.is_meta:  # (traced, under a dispatch mode, or meta tensors: the counts stay on the
         # device, in one operator)
         from .fused_op import fused_op_backend
 
         return fused_op_backend(experts, x_TD, plan, out_dtype, training)
+    if experts.w_in.dtype == torch.float64:  # (no kernel sums in float64: one product per expert, float64 sums)
+        from .backends import segment_backend
+
+        return segment_backend(experts, x_TD, plan).to(out_dtype)
     counts, slot_S, token_S = valid_slots(plan.order_S, plan.token_S, plan.counts_E)
     act: Activation = experts.activation
     dtype = fused_compute_dtype(x_TD, experts.w_in, counts, experts.w_out.shape[1] * experts.w_out.shape[2],

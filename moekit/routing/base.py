@@ -20,7 +20,7 @@ from torch import nn
 
 from ..kernels import cpu as kcpu
 from ..kernels.cpu_gemm import linear_autograd
-from ..utils import autocast_enabled, no_autocast
+from ..utils import acc_dtype, autocast_enabled, no_autocast
 
 
 @dataclass
@@ -149,15 +149,16 @@ class Router(nn.Module):
 
     # ------------------------------------------------------------------------------------------- routing
     def logits(self, x_TD: torch.Tensor) -> torch.Tensor:
-        """Router logits in fp32 (autocast is disabled here so routing never happens in bf16); disabled experts
-        get ``-inf``."""
+        """Router logits in fp32 (float64 for a float64 layer; autocast is disabled here so routing never happens in
+        bf16); disabled experts get ``-inf``."""
         if self.training and self.jitter > 0:
             x_TD = x_TD * torch.empty_like(x_TD).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
-        bias = None if self.bias is None else self.bias.float()
+        acc = acc_dtype(x_TD.dtype, self.weight.dtype)  # (float64 layers: float64)
+        bias = None if self.bias is None else self.bias.to(acc)
         if not autocast_enabled(x_TD.device.type):  # (entering a disabled autocast costs ~10 us a call)
-            return self.mask_disabled(linear_autograd(x_TD, self.weight, bias, torch.float32))
+            return self.mask_disabled(linear_autograd(x_TD, self.weight, bias, acc))
         with no_autocast(x_TD.device.type):
-            return self.mask_disabled(linear_autograd(x_TD, self.weight, bias, torch.float32))
+            return self.mask_disabled(linear_autograd(x_TD, self.weight, bias, acc))
 
     def forward(self, x_TD: torch.Tensor, ctx: RoutingContext | None = None) -> RouterOutput:
         return self.route(self.logits(x_TD))

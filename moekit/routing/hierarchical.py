@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..utils import no_autocast
+from ..utils import acc_dtype
 from .base import Router, RouterOutput, register_router
 
 
@@ -40,7 +41,8 @@ class HierarchicalRouter(Router):
 
     def forward(self, x_TD, ctx=None) -> RouterOutput:
         with no_autocast(x_TD.device.type):
-            group_logits_TG = F.linear(x_TD.float(), self.group_weight.float())
+            acc = acc_dtype(x_TD.dtype, self.group_weight.dtype)
+            group_logits_TG = F.linear(x_TD.to(acc), self.group_weight.to(acc))
         return self._route(self.logits(x_TD), group_logits_TG)
 
     def _route(self, logits_TE: torch.Tensor, group_logits_TG: torch.Tensor) -> RouterOutput:

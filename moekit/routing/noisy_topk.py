@@ -45,7 +45,7 @@ class NoisyTopK(TopKRouter):
         clean_TE = self.logits(x_TD)
         noisy = self.training and self.w_noise is not None
         if noisy:
-            std_TE = F.softplus(F.linear(x_TD.float(), self.w_noise.float())) + 1e-2
+            std_TE = F.softplus(F.linear(x_TD.to(clean_TE.dtype), self.w_noise.to(clean_TE.dtype))) + 1e-2
             logits_TE = clean_TE + torch.randn_like(clean_TE) * std_TE
         else:
             logits_TE = clean_TE

@@ -14,13 +14,14 @@ import math
 
 import torch
 
+from ..utils import acc_dtype
 from .base import Router, RouterOutput, register_router
 
 
 def sinkhorn(logits_TE: torch.Tensor, iters: int = 8) -> torch.Tensor:
     """A transport plan close to ``exp(logits)`` whose rows sum to 1 and columns to ``T/E`` (log domain)."""
     T, E = logits_TE.shape
-    log_p = logits_TE.float()
+    log_p = logits_TE.to(acc_dtype(logits_TE.dtype))
     log_col = math.log(T / E)
     for _ in range(iters):
         log_p = log_p - log_p.logsumexp(dim=0, keepdim=True) + log_col  # columns

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..utils import no_autocast
+from ..utils import acc_dtype
 from .base import Router, RouterOutput, RoutingContext, SoftRouting, register_router
 
 
@@ -44,8 +45,9 @@ class SoftMoE(Router):
             raise ValueError(f"soft_moe: {T} tokens do not split into sequences of {L}")
         B, E, S = T // L, self.num_experts, self.slots
         with no_autocast(x_TD.device.type):
-            phi_XD = self.scale * F.normalize(self.slot_embed.float(), dim=-1)
-            logits_BLX = F.normalize(x_TD.float(), dim=-1).view(B, L, x_TD.shape[1]) @ phi_XD.T
+            acc = acc_dtype(x_TD.dtype, self.slot_embed.dtype)
+            phi_XD = self.scale * F.normalize(self.slot_embed.to(acc), dim=-1)
+            logits_BLX = F.normalize(x_TD.to(acc), dim=-1).view(B, L, x_TD.shape[1]) @ phi_XD.T
             if self.disabled:  # a disabled expert's slots receive and return nothing
                 logits_BLX = logits_BLX.masked_fill(~self.expert_enabled.repeat_interleave(S), float("-inf"))
             dispatch_BLX = torch.softmax(logits_BLX, dim=1)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..kernels import cpu as kcpu
-from ..utils import grads_by_reference
+from ..utils import acc_dtype, grads_by_reference
 from .base import RouterOutput, TopKRouter, register_router, same_steps
 
 
@@ -91,7 +91,7 @@ def softmax_topk_reference(logits_TE: torch.Tensor, ids_TK: torch.Tensor, renorm
                            scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """``(weights_TK, probs_TE)`` of softmax top-k routing for the chosen ``ids_TK``, in PyTorch's operations (the
     kernels' double backward differentiates these, :func:`moekit.utils.grads_by_reference`)."""
-    probs_TE = torch.softmax(logits_TE.float(), dim=-1)
+    probs_TE = torch.softmax(logits_TE.to(acc_dtype(logits_TE.dtype)), dim=-1)
     w_TK = probs_TE.gather(-1, ids_TK)
     if renormalize:
         total = w_TK.sum(dim=-1, keepdim=True)
