@@ -208,7 +208,7 @@ class MoE(nn.Module):
         return y
 
     def _add_shared(self, x_TD: torch.Tensor, y_TD: torch.Tensor) -> torch.Tensor:
-        """The routed experts' output plus the shared experts' (in fp32), if any."""
+        """The routed experts' output plus the shared experts' (in fp32; float64 for float64), if any."""
         if self.shared_experts is None:
             return y_TD
         shared_TD = self.shared_experts(x_TD).to(acc_dtype(y_TD.dtype, x_TD.dtype))
