@@ -145,8 +145,8 @@ def test_auto_bias_step_is_taken_before_the_next_forward():
 def test_activation_checkpointing_gives_the_same_steps(kw, reentrant):
     """A layer under ``torch.utils.checkpoint`` (its forward recomputed in backward) trains exactly as without it:
     the same gradients, balancing bias, load and ReLU L1 coefficient over three steps. (The bias stepped at the end
-    of each forward: the recomputation routed with the stepped bias, its gradients silently off (reentrant: 1.67
-    where they were ~10), and the recomputation stepped the bias, the load and the L1 coefficient a second time.)"""
+    of each forward: the recomputation routed with the stepped bias, its gradients silently off (reentrant: an
+    entry off by 1.67), and the recomputation stepped the bias, the load and the L1 coefficient a second time.)"""
     from torch.utils.checkpoint import checkpoint
 
     def train(checkpointed: bool):
