@@ -24,7 +24,7 @@ from .experts.fused import Experts, ModuleListExperts
 from .experts.shared import SharedExperts
 from .experts.train_step import AmbiguousRouting, RoutedExpertsStep
 from .kernels import cpu as kcpu
-from .utils import acc_dtype, state_frozen
+from .utils import acc_dtype, in_backward_pass, state_frozen
 from .routing.base import ROUTERS, Router, RouterOutput, RoutingContext, SoftRouting, build_router
 
 log = logging.getLogger(__name__)
@@ -183,8 +183,8 @@ class MoE(nn.Module):
             if counts_E is None:
                 counts_E = expert_load(routed.topk_ids_TK, self.config.num_experts).long()
         elif self._planless_path(x_TD, routed):
-            out_dtype = x.dtype if self.shared_experts is None else acc_dtype(x.dtype)
-            y_TD, counts_E, dropped = self.experts.planless(x_TD, routed.topk_ids_TK, routed.topk_weights_TK, out_dtype)
+            y_TD, counts_E, dropped = self.experts.planless(x_TD, routed.topk_ids_TK, routed.topk_weights_TK,
+                                                            self._routed_dtype(x.dtype))
         else:
             plan = self.dispatcher.plan(routed)
             if self.config.on_expert_failure == "skip":
@@ -194,7 +194,7 @@ class MoE(nn.Module):
                 y_TD = self._experts_skipping_failures(x_TD, plan)
             else:
                 if isinstance(self.experts, Experts):  # without shared experts to add in fp32: the input's dtype
-                    y_TD = self.experts(x_TD, plan, x.dtype if self.shared_experts is None else acc_dtype(x.dtype))
+                    y_TD = self.experts(x_TD, plan, self._routed_dtype(x.dtype))
                 else:
                     y_TD = self.experts(x_TD, plan)
             counts_E, dropped = plan.counts_E, plan.num_dropped
@@ -206,6 +206,11 @@ class MoE(nn.Module):
         for hook in self._routing_hooks.values():
             hook(self, x_TD, routed, plan)
         return y
+
+    def _routed_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        """The dtype the routed experts return their sums in: the input's, or, with shared experts to add to them,
+        the sums' own (fp32; float64 for float64)."""
+        return dtype if self.shared_experts is None else acc_dtype(dtype)
 
     def _add_shared(self, x_TD: torch.Tensor, y_TD: torch.Tensor) -> torch.Tensor:
         """The routed experts' output plus the shared experts' (in fp32; float64 for float64), if any."""
@@ -262,7 +267,7 @@ class MoE(nn.Module):
         return y_TD
 
     def _report_failure(self, expert: int, err: Exception) -> None:
-        if torch._C._current_graph_task_id() != -1:  # (a forward recomputed in backward: counted already)
+        if in_backward_pass():  # (a forward recomputed in backward: counted already)
             return
         with torch.no_grad():
             self.failure_counts[expert] += 1
@@ -372,7 +377,7 @@ class MoE(nn.Module):
         call = kcpu.RouteDecode(router.weight, None if b_r is None else b_r.float().contiguous(),
                                 router.expert_bias.float().contiguous(), cfg.top_k, *weights_spec, experts.w_in,
                                 experts.b_in, experts.w_out, experts.b_out,
-                                dtype if self.shared_experts is None else torch.float32, mode, experts.activation)
+                                self._routed_dtype(dtype), mode, experts.activation)
         return dtype, cfg.top_k, call, self.shared_experts is None
 
     def _fused_train_step(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, RouterOutput] | None:
@@ -401,7 +406,7 @@ class MoE(nn.Module):
             return None
         dtype = experts.w_in.dtype
         args = (router.weight, router.bias, experts.w_in, experts.w_out, router.expert_bias, (cfg.top_k, *spec),
-                dtype if self.shared_experts is None else torch.float32)
+                self._routed_dtype(dtype))
         return dtype, cfg.top_k, args
 
     def _planless_inference(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
@@ -419,8 +424,7 @@ class MoE(nn.Module):
 
         ids_TK, weights_TK = triton_moe.topk_softmax(router.logits(x_TD).contiguous(), router.expert_bias, cfg.top_k,
                                                      *spec)
-        return self.experts.planless(x_TD, ids_TK, weights_TK,
-                                     x_TD.dtype if self.shared_experts is None else acc_dtype(x_TD.dtype))
+        return self.experts.planless(x_TD, ids_TK, weights_TK, self._routed_dtype(x_TD.dtype))
 
     def _decode_path(self, x_TD: torch.Tensor, routed: RouterOutput) -> bool:
         """Few tokens, no autograd, on CPU: skip the sort and run each chosen expert directly (see Experts.decode)."""

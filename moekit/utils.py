@@ -84,6 +84,14 @@ def no_autocast(device_type: str):
 _FROZEN_WARNED: set[str] = set()
 
 
+def in_backward_pass() -> bool:
+    """Whether this code runs inside an autograd backward pass (e.g. activation checkpointing recomputing a
+    forward there)."""
+    import torch
+
+    return torch._C._current_graph_task_id() != -1
+
+
 def state_frozen(what: str) -> bool:
     """Whether training state (a buffer a forward updates in place: ``what``) must be left as it is, because a
     ``torch.func`` transform (``vmap``, ``grad``, ``jvp``...) is running: the values computed there are its wrapper
@@ -95,7 +103,7 @@ def state_frozen(what: str) -> bool:
 
     if torch.compiler.is_compiling():
         return False
-    if torch._C._current_graph_task_id() != -1:  # (a forward recomputed in backward)
+    if in_backward_pass():  # (a forward recomputed in backward)
         return True
     if torch._C._functorch.peek_interpreter_stack() is None:
         return False

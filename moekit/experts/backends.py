@@ -52,13 +52,25 @@ def _cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
 
 # ------------------------------------------------------------------------------------------------ loop
 def loop_backend(experts: "Experts", x_TD: torch.Tensor, plan: "DispatchPlan") -> torch.Tensor:
-    def rows():
-        for e in range(experts.num_experts):  # (idle ones too: their empty products give the zero gradients every
-            tok_N, slot_N = torch.where(plan.ids_TK == e)  # other backend gives, also where no expert has a token)
-            yield e, tok_N, plan.weights_TK[tok_N, slot_N]
-
     return expert_rows_sum(x_TD, experts.w_in, experts.w_out, experts.b_in, experts.b_out, experts.activation,
-                           compute_dtype(x_TD, experts.w_in), rows())
+                           compute_dtype(x_TD, experts.w_in), slot_rows(plan.ids_TK, plan.weights_TK,
+                                                                        experts.num_experts))
+
+
+def slot_rows(ids_TK: torch.Tensor, weights_TK: torch.Tensor, num_experts: int):
+    """:func:`expert_rows_sum`'s rows of a routing: per expert, its tokens (``torch.where``) and their weights;
+    idle experts too (their empty products give the zero gradients every other backend gives)."""
+    for e in range(num_experts):
+        tok_N, slot_N = torch.where(ids_TK == e)
+        yield e, tok_N, weights_TK[tok_N, slot_N]
+
+
+def segment_rows(weights_TK: torch.Tensor, token_S: torch.Tensor, slot_S: torch.Tensor, bounds):
+    """:func:`expert_rows_sum`'s rows of expert-sorted slots: expert ``e`` owns sorted slots ``bounds[e] = (s, t)``,
+    their tokens ``token_S[s:t]`` and slot positions ``slot_S[s:t]`` (into the flattened ``weights_TK``)."""
+    w_S = weights_TK.reshape(-1)
+    for e, (s, t) in enumerate(bounds):
+        yield e, token_S[s:t].long(), w_S[slot_S[s:t].long()]
 
 
 def expert_rows_sum(x_TD: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor, b_in: torch.Tensor | None,

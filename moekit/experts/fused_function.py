@@ -361,13 +361,12 @@ class FusedExpertsFunction(torch.autograd.Function):
             counts, act, dtype, out_dtype = ctx.counts, ctx.activation, ctx.dtype, ctx.out_dtype
 
             def reference(x, wi, wo, bi, bo, w):
-                from .backends import expert_rows_sum
+                from .backends import expert_rows_sum, segment_rows
 
-                ends = itertools.accumulate(counts)
-                rows = ((e, token_S[t - n:t], w.reshape(-1)[slot_S[t - n:t]]) for e, (n, t) in
-                        enumerate(zip(counts, ends)))
+                bounds = ((t - n, t) for n, t in zip(counts, itertools.accumulate(counts)))
                 with torch.autocast(x.device.type, enabled=False):
-                    return expert_rows_sum(x, wi, wo, bi, bo, act, dtype, rows).to(out_dtype)
+                    return expert_rows_sum(x, wi, wo, bi, bo, act, dtype,
+                                           segment_rows(w, token_S, slot_S, bounds)).to(out_dtype)
 
             grads = grads_by_reference(reference, (x_TD, w_in, w_out, b_in, b_out, weights_TK),
                                        ctx.needs_input_grad[:6], (g_TD,))

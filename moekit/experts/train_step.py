@@ -78,11 +78,10 @@ def _step_reference(x_TD, router_w, router_b, w_in, w_out, ids_TK, spec, out_dty
     operations (the router in fp32, SwiGLU experts in their weights' dtype)."""
     from ..routing.softmax_topk import softmax_topk_reference
     from .activations import get_activation
-    from .backends import expert_rows_sum
+    from .backends import expert_rows_sum, slot_rows
 
     logits_TE = F.linear(x_TD.float(), router_w.float(), None if router_b is None else router_b.float())
     weights_TK, probs_TE = softmax_topk_reference(logits_TE, ids_TK, *spec)
-    rows = ((e, *torch.where(ids_TK == e)) for e in range(w_in.shape[0]))
-    rows = ((e, tok_N, weights_TK[tok_N, slot_N]) for e, tok_N, slot_N in rows)
-    y_TD = expert_rows_sum(x_TD, w_in, w_out, None, None, get_activation("swiglu"), w_in.dtype, rows)
+    y_TD = expert_rows_sum(x_TD, w_in, w_out, None, None, get_activation("swiglu"), w_in.dtype,
+                           slot_rows(ids_TK, weights_TK, w_in.shape[0]))
     return y_TD.to(out_dtype), probs_TE, logits_TE

@@ -217,7 +217,7 @@ class TritonExpertsFunction(torch.autograd.Function):
         if torch.is_grad_enabled() or ctx.h_SW is None:  # (double backward, or a second pass through this graph,
             # retain_graph=True, after the kernels' backward dropped what it kept: the loop reference's sums, which
             # autograd differentiates; a second pass reaching this node after a double backward's runs the kernels)
-            return *_double_backward(ctx, g_TD, x_TD, w_in, w_out, b_in, b_out, weights_TK), None, None, None, None
+            return *_reference_backward(ctx, g_TD, x_TD, w_in, w_out, b_in, b_out, weights_TK), None, None, None, None
         h_SW, y_SD = ctx.h_SW, ctx.y_SD
         ctx.h_SW = ctx.y_SD = None
         ix, act, dtype = ctx.ix, ctx.act, ctx.dtype
@@ -282,17 +282,18 @@ class TritonExpertsFunction(torch.autograd.Function):
         return d_x, d_win, d_wout, d_bin, d_bout, d_weights, None, None, None, None
 
 
-def _double_backward(ctx, g_TD, *inputs) -> tuple:
-    """:class:`TritonExpertsFunction`'s gradients with their graph built, from its output recomputed by the loop
-    reference's sums over the index's expert segments (:func:`moekit.utils.grads_by_reference`)."""
+def _reference_backward(ctx, g_TD, *inputs) -> tuple:
+    """:class:`TritonExpertsFunction`'s gradients (for a double backward, or a second pass through one graph) from
+    its output recomputed by the loop reference's sums over the index's expert segments
+    (:func:`moekit.utils.grads_by_reference`)."""
     from ..utils import grads_by_reference
-    from .backends import expert_rows_sum
+    from .backends import expert_rows_sum, segment_rows
 
     ix, act, dtype, out_dtype = ctx.ix, ctx.act, ctx.dtype, ctx.out_dtype
     bounds = list(zip(ix.seg_start_E.tolist(), ix.seg_end_E.tolist()))
 
     def reference(x, wi, wo, bi, bo, w):
-        rows = ((e, ix.token_S[s:t].long(), w.reshape(-1)[ix.order_S[s:t].long()]) for e, (s, t) in enumerate(bounds))
+        rows = segment_rows(w, ix.token_S, ix.order_S, bounds)
         return expert_rows_sum(x, wi, wo, bi, bo, act, dtype, rows).to(out_dtype)
 
     return grads_by_reference(reference, inputs, ctx.needs_input_grad[:6], (g_TD,))
