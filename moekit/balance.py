@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from .kernels import cpu as kcpu
 from .utils import acc_dtype
 
 AUX_LOSSES = ("switch", "seq")
@@ -79,19 +80,17 @@ class AttachAuxLoss(torch.autograd.Function):
     """Return ``output`` unchanged; in backward also send gradient ``scale`` into ``aux_loss``.
 
     This makes auxiliary losses train the router whenever anything downstream of the layer is back-propagated,
-    without the training loop adding them to its loss.
+    without the training loop adding them to its loss. Under torch.func transforms use :meth:`pick`'s class.
     """
 
-    generate_vmap_rule = True  # (torch.func transforms: forward and setup_context apart, as they need)
-
     @staticmethod
-    def forward(output: torch.Tensor, aux_loss: torch.Tensor, scale: float) -> torch.Tensor:
+    def forward(ctx, output: torch.Tensor, aux_loss: torch.Tensor, scale: float) -> torch.Tensor:
+        AttachAuxLoss._keep(ctx, aux_loss, scale)
         return output.view_as(output)
 
     @staticmethod
-    def setup_context(ctx, inputs, output) -> None:
-        _, aux_loss, ctx.scale = inputs
-        ctx.aux_shape, ctx.aux_dtype = aux_loss.shape, aux_loss.dtype
+    def _keep(ctx, aux_loss: torch.Tensor, scale: float) -> None:
+        ctx.scale, ctx.aux_shape, ctx.aux_dtype = scale, aux_loss.shape, aux_loss.dtype
         ctx.graphed = False
 
     @staticmethod
@@ -113,8 +112,35 @@ class AttachAuxLoss(torch.autograd.Function):
         grad_aux = torch.full(ctx.aux_shape, ctx.scale, dtype=ctx.aux_dtype, device=grad_output.device)
         return grad_output, grad_aux, None
 
+    @staticmethod
+    def pick() -> type["AttachAuxLoss"]:
+        """The class to apply here: under forward-mode AD (``torch.autograd.forward_ad``, ``torch.func.jvp``)
+        :class:`AttachAuxLossJvp`, under any other torch.func transform :class:`AttachAuxLossFunc`, else this one
+        (whose ``apply`` costs ~10 us on the host against ~60 for a Function with ``setup_context``, which
+        ``apply`` binds through ``inspect.signature`` on every call)."""
+        if kcpu.forward_ad():
+            return AttachAuxLossJvp
+        if not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active():
+            return AttachAuxLossFunc
+        return AttachAuxLoss
 
-class AttachAuxLossJvp(AttachAuxLoss):
+
+class AttachAuxLossFunc(AttachAuxLoss):
+    """:class:`AttachAuxLoss` for torch.func transforms (``vmap``, ``grad``, ``jacrev``...), which need ``forward``
+    and ``setup_context`` apart."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(output: torch.Tensor, aux_loss: torch.Tensor, scale: float) -> torch.Tensor:
+        return output.view_as(output)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        AttachAuxLoss._keep(ctx, inputs[1], inputs[2])
+
+
+class AttachAuxLossJvp(AttachAuxLossFunc):
     """:class:`AttachAuxLoss` for forward-mode AD (``torch.autograd.forward_ad``, ``torch.func.jvp``), which needs a
     ``jvp`` (the output's tangent, unchanged): a reverse pass inside it (``jvp(grad(loss))``, forward-over-reverse
     Hessian-vector products) still reaches the losses. Apart, since ``torch.compile`` cannot trace a Function with a

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from .balance import (AttachAuxLoss, AttachAuxLossJvp, expert_load, load_balancing_loss, router_z_loss,
+from .balance import (AttachAuxLoss, expert_load, load_balancing_loss, router_z_loss,
                       sequence_balancing_loss, update_expert_bias)
 from .config import MoEConfig
 from .dispatch.local import DispatchPlan, LocalDispatcher
@@ -201,8 +201,8 @@ class MoE(nn.Module):
         y = self._add_shared(x_TD, y_TD).to(x.dtype).view(shape)
         loss = self._balance(routed, counts_E, dropped, seq_len)
         if loss is not None and torch.is_grad_enabled() and loss.requires_grad:
-            # (under forward-mode AD the Function with a jvp, which torch.compile cannot trace)
-            y = (AttachAuxLossJvp if kcpu.forward_ad() else AttachAuxLoss).apply(y, loss, float(self.aux_loss_scale))
+            # (the class for the AD mode or torch.func transform running: AttachAuxLoss.pick)
+            y = AttachAuxLoss.pick().apply(y, loss, float(self.aux_loss_scale))
         for hook in self._routing_hooks.values():
             hook(self, x_TD, routed, plan)
         return y
