@@ -29,18 +29,22 @@ def expert_load(ids_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
     return _counts(ids_TK, num_experts).sum(dim=0)
 
 
-def load_balancing_loss(probs_TE: torch.Tensor, ids_TK: torch.Tensor) -> torch.Tensor:
+def load_balancing_loss(probs_TE: torch.Tensor, ids_TK: torch.Tensor,
+                        counts_E: torch.Tensor | None = None) -> torch.Tensor:
     """Switch/GShard auxiliary loss (Fedus et al. 2021, eq. 4): ``E * sum_i f_i * P_i``.
 
     ``f_i``: fraction of routed slots that chose expert ``i``; ``P_i``: mean router probability of ``i``.
+    ``counts_E``: the slots each expert was sent (its demand), where the caller has them already (a dropless
+    dispatch's own counts), so ``ids_TK`` is not counted again.
     """
     E = probs_TE.shape[-1]
     if probs_TE.shape[0] == 0:
         return probs_TE.sum() * 0.0
+    acc = acc_dtype(probs_TE.dtype)
     with torch.no_grad():
-        counts_E = _counts(ids_TK, E)
+        counts_E = (expert_load(ids_TK, E) if counts_E is None else counts_E).to(acc)
         f_E = counts_E / counts_E.sum().clamp_min(1.0)
-    return E * (f_E * probs_TE.to(acc_dtype(probs_TE.dtype)).mean(dim=0)).sum()
+    return E * (f_E * probs_TE.to(acc).mean(dim=0)).sum()
 
 
 def sequence_balancing_loss(probs_TE: torch.Tensor, ids_TK: torch.Tensor, seq_len: int) -> torch.Tensor:

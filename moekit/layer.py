@@ -488,11 +488,13 @@ class MoE(nn.Module):
             self._record(stats)
             return None
         soft = routed.soft is not None  # Soft MoE is balanced by construction: no load or z-loss
+        # (the slots each expert was sent: a dropless dispatch's counts, else counted from the routing)
+        demand_E = counts_E if cfg.capacity_factor is None else None
         if cfg.aux_loss and cfg.aux_loss_coef > 0 and not soft:
             if cfg.aux_loss == "seq":
                 aux = sequence_balancing_loss(routed.probs_TE, routed.topk_ids_TK, seq_len)
             else:
-                aux = load_balancing_loss(routed.probs_TE, routed.topk_ids_TK)
+                aux = load_balancing_loss(routed.probs_TE, routed.topk_ids_TK, demand_E)
             stats["aux_loss"] = aux.detach()
             losses["aux_loss"] = cfg.aux_loss_coef * aux
         if cfg.z_loss_coef > 0 and not soft:
@@ -504,7 +506,8 @@ class MoE(nn.Module):
             stats.setdefault(name, value.detach())
         if self.training and cfg.bias_update_rate > 0 and not state_frozen("the auxiliary-loss-free bias and its load"):
             with torch.no_grad():
-                self.load_accum += expert_load(routed.topk_ids_TK, cfg.num_experts)
+                self.load_accum += expert_load(routed.topk_ids_TK, cfg.num_experts) if demand_E is None \
+                    else demand_E.to(self.load_accum.dtype)
         self._record(stats)
         return total
 

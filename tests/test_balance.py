@@ -36,6 +36,36 @@ def test_z_loss_and_load():
     assert load_balancing_loss(torch.zeros(0, 4), torch.zeros(0, 2, dtype=torch.long)).item() == 0.0
 
 
+@pytest.mark.parametrize("path", ["plan", "few_token_step", "dynamic_k", "capacity"])
+def test_layer_loss_and_load_from_the_dispatch_counts_equal_the_routing_counted(path):
+    """A dropless layer hands its dispatch's slot counts to the switch loss and the bias load instead of counting the
+    routing again; with capacity (kept slots fewer than the demand) it counts the routing. Either way the loss and
+    the load are those of the routing's own counts."""
+    torch.manual_seed(0)
+    kw = dict(dynamic_k=dict(router="top_p", router_kwargs=dict(p=0.6)), capacity=dict(capacity_factor=0.5)).get(
+        path, {})
+    layer = moekit.MoE(16, 24, 8, 2, aux_loss_coef=0.01, bias_update_rate=0.1, bias_update="manual",
+                       backend="auto" if path == "few_token_step" else "segment", **kw)
+    seen = {}
+    if path != "few_token_step":  # (a hook sends a training step down the regular path)
+        layer.register_routing_hook(lambda mod, x, routed, plan: seen.update(routed=routed))
+    x = torch.randn(2 if path == "few_token_step" else 40, 16, requires_grad=True)
+    calls = []
+    step = layer._fused_train_step
+    layer._fused_train_step = lambda x_TD: calls.append(step(x_TD)) or calls[-1]
+    layer(x).sum().backward()
+    if path == "few_token_step":
+        assert calls[-1] is not None, "the few-token training step did not run"
+        seen["routed"] = layer.router(x.detach())
+    routed = seen["routed"]
+    demand = expert_load(routed.topk_ids_TK, 8)
+    assert torch.equal(layer.load_accum, demand)
+    assert (layer.stats["dropped"] > 0) == (path == "capacity")
+    want = load_balancing_loss(routed.probs_TE.detach(), routed.topk_ids_TK)
+    assert torch.allclose(layer.stats["aux_loss"], want, rtol=1e-6, atol=0), (layer.stats["aux_loss"], want)
+    assert torch.equal(load_balancing_loss(routed.probs_TE, routed.topk_ids_TK, demand.long()), want)
+
+
 @pytest.mark.parametrize("aux", ["switch", "seq"])
 def test_aux_loss_reaches_router_gradient_without_the_user(aux):
     torch.manual_seed(0)
