@@ -26,6 +26,7 @@ input-projection width, ``E`` experts.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import os
@@ -35,6 +36,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..kernels import cpu as kcpu
+from ..utils import autocast_enabled, no_autocast
 from .activations import Activation
 
 if TYPE_CHECKING:
@@ -61,10 +63,17 @@ def triton_available() -> bool:
     return _AVAILABLE
 
 
-def _kernels():
-    from ..kernels import triton_moe
+_KERNELS = None
 
-    return triton_moe
+
+def _kernels():
+    """:mod:`moekit.kernels.triton_moe`, imported on first use (it imports Triton)."""
+    global _KERNELS
+    if _KERNELS is None:
+        from ..kernels import triton_moe
+
+        _KERNELS = triton_moe
+    return _KERNELS
 
 
 def interpreting() -> bool:
@@ -313,7 +322,8 @@ def _run(experts: "Experts", x_TD, weights_TK, ix: _Index, dtype, out_dtype) -> 
     """The experts over index ``ix``: through :class:`TritonExpertsFunction` where a gradient is wanted, else the
     forward alone (no pre-activations kept)."""
     args = (x_TD, experts.w_in, experts.w_out, experts.b_in, experts.b_out, weights_TK)
-    with torch.autocast(x_TD.device.type, enabled=False):
+    dev = x_TD.device.type
+    with no_autocast(dev) if autocast_enabled(dev) else contextlib.nullcontext():  # (entering one costs ~5 us)
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args):
             return TritonExpertsFunction.apply(*args, ix, experts.activation, dtype, out_dtype)
         return _forward(*args, ix, experts.activation, dtype, save_h=False, out_dtype=out_dtype)[0]

@@ -1,0 +1,180 @@
+"""Host time of the GPU (Triton) path, measured on any machine: what moekit's own Python and PyTorch calls cost around
+the kernels of one inference forward and one training step, with every Triton launch replaced by a stand-in.
+
+On a GPU a small layer is bound by its host: each PyTorch op or kernel launch costs 5-80 us to issue, far more than
+the kernels of a few tokens take (see the README's GPU section). This measures the part moekit controls, on CPU
+tensors: the layer's Python, its argument checks and tile configurations, the PyTorch ops around the kernels
+(allocations, views, the balancing losses) and the autograd machinery; not Triton's own launcher (a stand-in
+records each launch; those of the routing and of the index write valid routings, so the rest runs as it would) and
+not the router's GEMM, which here runs on the CPU (a few microseconds at these sizes). The CPU-only fast paths
+(fused decode, few-token training step), which a GPU never takes, are switched off.
+
+Per case: the median over rounds (single-threaded, after warm-up; each round times every case once), the Triton launches per step and the
+top-level PyTorch operators per step (torch.profiler). Writes ``benchmarks/results/triton_host_cpu.json`` and the
+table between the TRITON-HOST markers of docs/performance.md.
+
+    python benchmarks/bench_triton_host.py        (from the repository root; ~1 minute)
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from rich.progress import track
+
+import moekit
+from moekit.benchmark import cpu_name, publish
+
+ROOT = Path.cwd()
+OUT = ROOT / "benchmarks" / "results" / "triton_host_cpu.json"
+DOC = ROOT / "docs" / "performance.md"
+SHAPES = {"mixtral": (512, 1408, 8, 2), "fine_grained": (512, 256, 64, 8)}
+TOKENS = (1, 16)
+MODES = ("fwd", "fwd+bwd")
+
+
+class StandIns:
+    """Triton launches replaced by records; the routing kernel writes a valid routing (slot ``s`` to expert
+    ``s % E``) and the index kernels an identity order, so the ops after them index within bounds. ``fills``: the
+    PyTorch ops these writes took (not the layer's)."""
+
+    def __init__(self):
+        self.names, self.fills, self._cache = [], 0, {}
+
+    def _fill(self, t: torch.Tensor, mod: int | None = None) -> None:
+        key = (mod, t.numel(), t.dtype)
+        if key not in self._cache:
+            s = torch.arange(t.numel())
+            self._cache[key] = (s if mod is None else s % mod).to(t.dtype).view(t.shape)
+        t.copy_(self._cache[key])
+        self.fills += 1
+
+    def launch(self, kernel, grid, *args, **kwargs) -> None:
+        name = kernel.__name__
+        self.names.append(name)
+        if name == "_topk_softmax_kernel":  # (logits_TE, stride, bias, ids, ...)
+            self._fill(args[3], mod=args[0].shape[1])
+        elif name == "_align_kernel":  # (ids, order, token, counts, ...)
+            self._fill(args[1]), self._fill(args[2])
+            args[3].zero_()
+            self.fills += 1
+        elif name == "_align_place_kernel":  # (ids, base, order, token, ...)
+            self._fill(args[2]), self._fill(args[3])
+
+
+@contextlib.contextmanager
+def stand_ins():
+    from moekit.experts import triton_backend as tb
+    from moekit.kernels import triton_moe as tm
+
+    s = StandIns()
+    saved = tm._launch, tb.triton_usable
+    tm._launch, tb.triton_usable = s.launch, (lambda device, dtype: None)
+    try:
+        yield s
+    finally:
+        tm._launch, tb.triton_usable = saved
+
+
+def make_step(layer: moekit.MoE, x: torch.Tensor, mode: str):
+    layer.__dict__["_fused_decode"] = lambda x: None  # (CPU-only paths, which a GPU never takes)
+    layer.__dict__["_fused_train_step"] = lambda x_TD: None
+    if mode == "fwd":
+        layer.eval()
+
+        def step():
+            with torch.no_grad():
+                layer(x)
+    else:
+        layer.train()
+
+        def step():
+            xi = x.detach().requires_grad_(True)
+            y = layer(xi)
+            y.backward(torch.ones_like(y))
+            for p in layer.parameters():
+                p.grad = None
+    return step
+
+
+def top_level_ops(step) -> int:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    return sum(1 for e in prof.events() if e.name.startswith("aten::")
+               and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")))
+
+
+def run(rounds: int = 21, per_round: int = 40) -> dict:
+    torch.set_num_threads(1)  # (the host thread that issues a GPU's work)
+    cases = [(s, d, t, m) for s in SHAPES for d in (torch.bfloat16, torch.float32) for t in TOKENS for m in MODES]
+    steps, rows = [], []
+    with stand_ins() as s:
+        for shape, dtype, T, mode in cases:
+            D, F, E, K = SHAPES[shape]
+            torch.manual_seed(0)
+            layer = moekit.MoE(D, F, E, K, backend="triton").to(dtype)
+            step = make_step(layer, torch.randn(T, D).to(dtype), mode)
+            for _ in range(per_round):
+                step()
+            s.names.clear()
+            step()
+            launches = len(s.names)
+            s.fills = 0
+            ops = top_level_ops(step) - s.fills
+            steps.append(step)
+            rows.append({"shape": shape, "dtype": str(dtype).removeprefix("torch."), "tokens": T, "mode": mode,
+                         "launches": launches, "ops": ops, "times_us": []})
+        # round-robin: every round times each case once, so a drift of the machine hits every case alike
+        for _ in track(range(rounds), description="host time"):
+            for step, row in zip(steps, rows):
+                t0 = time.perf_counter()
+                for _ in range(per_round):
+                    step()
+                row["times_us"].append((time.perf_counter() - t0) / per_round * 1e6)
+    for row in rows:
+        row["host_us"] = statistics.median(row["times_us"])
+    import triton
+
+    return {"rows": rows, "machine": {"cpu": cpu_name(), "threads": 1, "torch": torch.__version__,
+                                      "triton": triton.__version__, "python": platform.python_version()}}
+
+
+def table(result: dict) -> str:
+    m = result["machine"]
+    lines = [f"Host time of the Triton path per step, launches replaced by stand-ins, {m['cpu']}, one thread, torch "
+             f"{m['torch']}, Triton {m['triton']}: median µs, Triton launches and top-level PyTorch operators per "
+             "step (`python benchmarks/bench_triton_host.py`).", "",
+             "| shape | dtype | T | forward µs (launches, ops) | forward+backward µs (launches, ops) |",
+             "|---|---|---:|---:|---:|"]
+    groups: dict = {}
+    for r in result["rows"]:
+        groups.setdefault((r["shape"], r["dtype"], r["tokens"]), {})[r["mode"]] = r
+    for (shape, dt, T), by_mode in groups.items():
+        cells = [f"{by_mode[md]['host_us']:.0f} ({by_mode[md]['launches']}, {by_mode[md]['ops']})" for md in MODES]
+        lines.append(f"| {shape} | {dt} | {T} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--no-doc", action="store_true", help="do not rewrite the table in docs/performance.md")
+    args = parser.parse_args(argv)
+    from moekit.experts.triton_backend import triton_available
+
+    if not triton_available():
+        raise SystemExit("Triton is not installed: its launches are what this measures around")
+    result = run()
+    publish(result, table(result), args.out, None if args.no_doc else DOC, "TRITON-HOST")
+
+
+if __name__ == "__main__":
+    main()
