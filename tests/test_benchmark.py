@@ -1,5 +1,7 @@
 """The layer benchmark's measuring tools (moekit.benchmark): what they report must be what happened."""
 
+import functools
+
 import pytest
 import torch
 
@@ -377,3 +379,30 @@ def test_a_speed_miss_is_beyond_the_library_only_where_its_gemms_alone_are_too_s
     # no dense FFN in the row: the per-expert floor alone decides, as before
     text = B.summarise(result(150.0, 188.0, 143.0, None))
     assert "s float32 T=1024 fwd+bwd (1.25×, the library allows 1.31×)" in text
+
+
+def test_triton_host_benchmark_times_the_triton_path_with_launches_stubbed(tmp_path, monkeypatch):
+    """benchmarks/bench_triton_host.py on a tiny grid: each step runs the Triton path (its launches recorded by the
+    stand-ins: 5 in an inference forward, 12 in a training step), the stand-ins and the thread count are restored afterwards, and the table
+    has a row per (shape, dtype, T)."""
+    import json
+
+    pytest.importorskip("triton")
+    from moekit.experts import triton_backend as tb
+    from moekit.kernels import triton_moe as tm
+
+    mod = _bench_script("bench_triton_host")
+    monkeypatch.setattr(mod, "SHAPES", {"tiny": (16, 32, 8, 2)})
+    monkeypatch.setattr(mod, "TOKENS", (1, 3))
+    monkeypatch.setattr(mod, "run", functools.partial(mod.run, rounds=2, per_round=2))
+    saved = tm._launch, tb.triton_usable, torch.get_num_threads()
+    out = tmp_path / "host.json"
+    mod.main(["--out", str(out), "--no-doc"])
+    assert (tm._launch, tb.triton_usable, torch.get_num_threads()) == saved
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 2 * 2 * 2
+    assert all(r["host_us"] > 0 and r["ops"] > 0 for r in rows)
+    assert {r["launches"] for r in rows if r["mode"] == "fwd"} == {5}
+    assert {r["launches"] for r in rows if r["mode"] == "fwd+bwd"} == {12}
+    table = mod.table({"rows": rows, "machine": {"cpu": "x", "torch": "t", "triton": "3"}})
+    assert table.count("\n| tiny |") == 4
