@@ -11,8 +11,8 @@ one cuBLAS call on a GPU). The CPU-only fast paths (fused decode, few-token trai
 takes, are switched off.
 
 Per case: the median over rounds (single-threaded, after warm-up; each round times every case once), the Triton
-launches per step and the top-level PyTorch operators per step (torch.profiler). Writes ``benchmarks/results/triton_host_cpu.json`` and the
-table between the TRITON-HOST markers of docs/performance.md.
+launches per step and the top-level PyTorch operators per step (torch.profiler). Writes
+``benchmarks/results/triton_host_cpu.json`` and the table between the TRITON-HOST markers of docs/performance.md.
 
     python benchmarks/bench_triton_host.py        (from the repository root; ~1 minute)
 """
