@@ -201,3 +201,26 @@ def test_activation_checkpointing_gives_the_same_steps(kw, reentrant):
     for name, b in want_buffers.items():
         assert torch.equal(got_buffers[name], b), name
     assert any(b.abs().sum() > 0 for n, b in want_buffers.items() if "bias" in n or "l1" in n or "load" in n)
+
+
+def test_aux_loss_attach_class_follows_the_mode():
+    """Outside torch.func transforms the losses attach through a Function without ``setup_context`` (whose ``apply``
+    binds no signature: ~10 against ~60 us of host time a call); under a transform the one with ``setup_context``
+    and a vmap rule, under forward-mode AD the one with a ``jvp``. Each attaches the same gradient."""
+    from moekit.balance import AttachAuxLoss, AttachAuxLossFunc, AttachAuxLossJvp
+
+    seen = []
+
+    def f(y, aux):
+        seen.append(AttachAuxLoss.pick())
+        return seen[-1].apply(y, aux, 0.5).sum()
+
+    y, aux = torch.randn(3, requires_grad=True), torch.tensor(2.0, requires_grad=True)
+    f(y, aux).backward()
+    assert seen[-1] is AttachAuxLoss
+    assert AttachAuxLoss.setup_context is torch.autograd.Function.setup_context  # (not overridden)
+    assert (y.grad == 1).all() and aux.grad.item() == 0.5
+    g_y, g_aux = torch.func.grad(f, argnums=(0, 1))(y.detach(), aux.detach())
+    assert seen[-1] is AttachAuxLossFunc and (g_y == 1).all() and g_aux.item() == 0.5
+    torch.func.jvp(lambda y: f(y, aux.detach()), (y.detach(),), (torch.ones(3),))
+    assert seen[-1] is AttachAuxLossJvp
