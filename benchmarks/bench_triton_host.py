@@ -6,9 +6,9 @@ the kernels of a few tokens take (see the README's GPU section). This measures t
 tensors: the layer's Python, its argument checks and tile configurations, the PyTorch ops around the kernels
 (allocations, views, the balancing losses) and the autograd machinery; not Triton's own launcher (a stand-in
 records each launch; those of the routing and of the index write valid routings, so the rest runs as it would).
-The router's GEMM runs on the CPU here, through moekit's CPU kernel call (~45 us of a forward on 2 Zen 3 cores,
-one cuBLAS call on a GPU). The CPU-only fast paths (fused decode, few-token training step), which a GPU never
-takes, are switched off.
+The router's GEMM is PyTorch's ``linear``, as off the CPU (here it also computes: ~1 MFLOP at 16 tokens), and the
+CPU-only fast paths (fused decode, few-token training step, the CPU kernels' router GEMM), which a GPU never takes,
+are switched off.
 
 Per case: the median over rounds (single-threaded, after warm-up; each round times every case once), the Triton
 launches per step and the top-level PyTorch operators per step (torch.profiler). Writes
@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from rich.progress import track
 
 import moekit
@@ -69,18 +70,27 @@ class StandIns:
             self._fill(args[2]), self._fill(args[3])
 
 
+def gpu_router_linear(x, w, b=None, dtype=None):
+    """The router's logits as ``moekit.kernels.cpu_gemm.linear_autograd`` computes them off the CPU (PyTorch's
+    ``linear`` on operands cast to ``dtype``), instead of its CPU kernel call."""
+    dtype = dtype or x.dtype
+    return F.linear(x.to(dtype), w.to(dtype), None if b is None else b.to(dtype))
+
+
 @contextlib.contextmanager
 def stand_ins():
+    """Triton usable on CPU tensors, its launches recorded by :class:`StandIns`, the router's GEMM as off the CPU."""
     from moekit.experts import triton_backend as tb
     from moekit.kernels import triton_moe as tm
+    from moekit.routing import base as rb
 
     s = StandIns()
-    saved = tm._launch, tb.triton_usable
-    tm._launch, tb.triton_usable = s.launch, (lambda device, dtype: None)
+    saved = tm._launch, tb.triton_usable, rb.linear_autograd
+    tm._launch, tb.triton_usable, rb.linear_autograd = s.launch, (lambda device, dtype: None), gpu_router_linear
     try:
         yield s
     finally:
-        tm._launch, tb.triton_usable = saved
+        tm._launch, tb.triton_usable, rb.linear_autograd = saved
 
 
 def make_step(layer: moekit.MoE, x: torch.Tensor, mode: str):

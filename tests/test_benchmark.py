@@ -399,6 +399,10 @@ def test_triton_host_benchmark_times_the_triton_path_with_launches_stubbed(tmp_p
     out = tmp_path / "host.json"
     mod.main(["--out", str(out), "--no-doc"])
     assert (tm._launch, tb.triton_usable, torch.get_num_threads()) == saved
+    from moekit.kernels.cpu_gemm import linear_autograd
+    from moekit.routing import base as rb
+
+    assert rb.linear_autograd is linear_autograd
     rows = json.loads(out.read_text())["rows"]
     assert len(rows) == 2 * 2 * 2
     assert all(r["host_us"] > 0 and r["ops"] > 0 for r in rows)
