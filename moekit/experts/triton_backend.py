@@ -26,7 +26,6 @@ input-projection width, ``E`` experts.
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import logging
 import os
@@ -36,7 +35,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..kernels import cpu as kcpu
-from ..utils import autocast_enabled, no_autocast
+from ..utils import no_autocast
 from .activations import Activation
 
 if TYPE_CHECKING:
@@ -322,8 +321,7 @@ def _run(experts: "Experts", x_TD, weights_TK, ix: _Index, dtype, out_dtype) -> 
     """The experts over index ``ix``: through :class:`TritonExpertsFunction` where a gradient is wanted, else the
     forward alone (no pre-activations kept)."""
     args = (x_TD, experts.w_in, experts.w_out, experts.b_in, experts.b_out, weights_TK)
-    dev = x_TD.device.type
-    with no_autocast(dev) if autocast_enabled(dev) else contextlib.nullcontext():  # (entering one costs ~5 us)
+    with no_autocast(x_TD.device.type):
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args):
             return TritonExpertsFunction.apply(*args, ix, experts.activation, dtype, out_dtype)
         return _forward(*args, ix, experts.activation, dtype, save_h=False, out_dtype=out_dtype)[0]

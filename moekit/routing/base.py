@@ -20,7 +20,7 @@ from torch import nn
 
 from ..kernels import cpu as kcpu
 from ..kernels.cpu_gemm import linear_autograd
-from ..utils import acc_dtype, autocast_enabled, no_autocast
+from ..utils import acc_dtype, no_autocast
 
 
 @dataclass
@@ -155,8 +155,6 @@ class Router(nn.Module):
             x_TD = x_TD * torch.empty_like(x_TD).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
         acc = acc_dtype(x_TD.dtype, self.weight.dtype)  # (float64 layers: float64)
         bias = None if self.bias is None else self.bias.to(acc)
-        if not autocast_enabled(x_TD.device.type):  # (entering a disabled autocast costs ~10 us a call)
-            return self.mask_disabled(linear_autograd(x_TD, self.weight, bias, acc))
         with no_autocast(x_TD.device.type):
             return self.mask_disabled(linear_autograd(x_TD, self.weight, bias, acc))
 
