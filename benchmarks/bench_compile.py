@@ -23,8 +23,8 @@ import torch
 from rich.progress import track
 
 import moekit
-from moekit.benchmark import SHAPES, _HFImpl, cpu_name, hf_block, make_step, share_hf, timeit_many, \
-    publish
+from moekit.benchmark import SHAPES, _HFImpl, add_publish_args, cpu_name, hf_block, make_step, publish, share_hf, \
+    timeit_many
 from moekit.kernels import cpu as kcpu
 from moekit.utils import tune_cpu_allocator
 
@@ -111,8 +111,7 @@ def main(argv=None) -> None:
     parser.add_argument("--dtypes", nargs="*", default=["float32"], choices=["float32", "bfloat16"])
     parser.add_argument("--tokens", nargs="*", type=int, default=list(TOKENS))
     parser.add_argument("--shapes", nargs="*", default=list(SHAPES), choices=list(SHAPES))
-    parser.add_argument("--out", type=Path, default=OUT)
-    parser.add_argument("--no-doc", action="store_true", help="do not rewrite the table in docs/performance.md")
+    add_publish_args(parser, OUT, DOC)
     args = parser.parse_args(argv)
     if kcpu.library() is None:
         raise SystemExit(f"the CPU kernels are unavailable here ({kcpu.unavailable_reason()}): nothing to compare")

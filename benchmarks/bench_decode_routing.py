@@ -22,7 +22,7 @@ import torch
 from rich.progress import track
 
 import moekit
-from moekit.benchmark import cpu_name, timeit_many, publish
+from moekit.benchmark import add_publish_args, cpu_name, publish, timeit_many
 from moekit.kernels import cpu as kcpu
 from moekit.utils import tune_cpu_allocator
 
@@ -97,8 +97,7 @@ def table(result: dict) -> str:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", type=Path, default=OUT)
-    parser.add_argument("--no-doc", action="store_true", help="do not rewrite the table in docs/performance.md")
+    add_publish_args(parser, OUT, DOC)
     args = parser.parse_args(argv)
     if kcpu.library() is None:
         raise SystemExit(f"the CPU kernels are unavailable here ({kcpu.unavailable_reason()}): nothing to compare")

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from rich.progress import track
 
 import moekit
-from moekit.benchmark import cpu_name, publish
+from moekit.benchmark import add_publish_args, cpu_name, publish
 
 ROOT = Path.cwd()
 OUT = ROOT / "benchmarks" / "results" / "triton_host_cpu.json"
@@ -184,8 +184,7 @@ def table(result: dict) -> str:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", type=Path, default=OUT)
-    parser.add_argument("--no-doc", action="store_true", help="do not rewrite the table in docs/performance.md")
+    add_publish_args(parser, OUT, DOC)
     args = parser.parse_args(argv)
     from moekit.experts.triton_backend import triton_available
 

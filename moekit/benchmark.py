@@ -746,6 +746,15 @@ def write_marked_table(path: Path, table: str, marker: str) -> None:
     path.write_text(f"{before}{start}\n{table}\n{end}{after}")
 
 
+def add_publish_args(parser: argparse.ArgumentParser, out: Path, doc: Path) -> argparse.ArgumentParser:
+    """A benchmark script's ``--out`` (its JSON, ``out`` by default) and ``--no-doc`` (leave its table in ``doc``
+    alone), which :func:`publish` takes."""
+    parser.add_argument("--out", type=Path, default=out)
+    parser.add_argument("--no-doc", action="store_true",
+                        help=f"do not rewrite the table in {doc.parent.name}/{doc.name}")
+    return parser
+
+
 def publish(result: dict, text: str, out: Path, doc: Path | None, marker: str) -> None:
     """A benchmark script's last step: ``result`` as JSON to ``out``, its table ``text`` between ``marker``'s markers
     in ``doc`` (unless None), and printed."""
