@@ -16,8 +16,8 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from .balance import (AttachAuxLoss, expert_load, load_balancing_loss, router_z_loss,
-                      sequence_balancing_loss, update_expert_bias)
+from .balance import (AttachAuxLoss, AttachSwitchLoss, expert_load, load_balancing_loss,
+                      load_balancing_loss_and_gradient, router_z_loss, sequence_balancing_loss, update_expert_bias)
 from .config import MoEConfig
 from .dispatch.local import DispatchPlan, LocalDispatcher
 from .experts.fused import Experts, ModuleListExperts
@@ -199,10 +199,8 @@ class MoE(nn.Module):
                     y_TD = self.experts(x_TD, plan)
             counts_E, dropped = plan.counts_E, plan.num_dropped
         y = self._add_shared(x_TD, y_TD).to(x.dtype).view(shape)
-        loss = self._balance(routed, counts_E, dropped, seq_len)
-        if loss is not None and torch.is_grad_enabled() and loss.requires_grad:
-            # (the class for the AD mode or torch.func transform running: AttachAuxLoss.pick)
-            y = AttachAuxLoss.pick().apply(y, loss, float(self.aux_loss_scale))
+        if (attach := self._balance(routed, counts_E, dropped, seq_len)) is not None:
+            y = attach[0].apply(y, *attach[1:])
         for hook in self._routing_hooks.values():
             hook(self, x_TD, routed, plan)
         return y
@@ -472,10 +470,10 @@ class MoE(nn.Module):
                              f"last dimension), got {getattr(token_ids, 'shape', type(token_ids).__name__)}")
 
     def _balance(self, routed: RouterOutput, counts_E: torch.Tensor, dropped: torch.Tensor | None,
-                 seq_len: int) -> torch.Tensor | None:
-        """Compute the configured balancing losses and statistics; update the selection bias if asked.
-
-        Losses are skipped in pure inference (eval mode without autograd): nothing could use them."""
+                 seq_len: int) -> tuple | None:
+        """Compute the configured balancing losses and statistics; update the selection bias if asked. Returns the
+        Function that attaches the losses to the output and its arguments after the output, or None (no loss to
+        train: pure inference, eval mode without autograd, skips them)."""
         cfg = self.config
         stats = {"tokens_per_expert": counts_E.detach(),
                  "dropped": dropped.detach() if dropped is not None else counts_E.new_zeros(())}
@@ -490,7 +488,17 @@ class MoE(nn.Module):
         soft = routed.soft is not None  # Soft MoE is balanced by construction: no load or z-loss
         # (the slots each expert was sent: a dropless dispatch's counts, else counted from the routing)
         demand_E = counts_E if cfg.capacity_factor is None else None
-        if cfg.aux_loss and cfg.aux_loss_coef > 0 and not soft:
+        attach = None
+        probs_TE = routed.probs_TE
+        if (cfg.aux_loss == "switch" and cfg.aux_loss_coef > 0 and cfg.z_loss_coef == 0 and not soft and not losses
+                and probs_TE.shape[0] and torch.is_grad_enabled() and probs_TE.requires_grad
+                and AttachAuxLoss.plain()):
+            # (the Switch loss alone: its value for the statistics and its gradient, attached in one node)
+            aux, g_E = load_balancing_loss_and_gradient(
+                probs_TE, expert_load(routed.topk_ids_TK, cfg.num_experts) if demand_E is None else demand_E)
+            stats["aux_loss"] = aux
+            attach = AttachSwitchLoss, probs_TE, g_E, float(cfg.aux_loss_coef), float(self.aux_loss_scale)
+        elif cfg.aux_loss and cfg.aux_loss_coef > 0 and not soft:
             if cfg.aux_loss == "seq":
                 aux = sequence_balancing_loss(routed.probs_TE, routed.topk_ids_TK, seq_len)
             else:
@@ -509,7 +517,10 @@ class MoE(nn.Module):
                 self.load_accum += expert_load(routed.topk_ids_TK, cfg.num_experts) if demand_E is None \
                     else demand_E.to(self.load_accum.dtype)
         self._record(stats)
-        return total
+        if total is not None and torch.is_grad_enabled() and total.requires_grad:
+            # (the class for the AD mode or torch.func transform running: AttachAuxLoss.pick)
+            attach = AttachAuxLoss.pick(), total, float(self.aux_loss_scale)
+        return attach
 
     def _record(self, stats: dict[str, torch.Tensor]) -> None:
         """``stats`` of this forward, except under ``torch.export``, whose program has no place for them (it warns

@@ -66,12 +66,16 @@ def test_layer_loss_and_load_from_the_dispatch_counts_equal_the_routing_counted(
     assert torch.equal(load_balancing_loss(routed.probs_TE, routed.topk_ids_TK, demand.long()), want)
 
 
-@pytest.mark.parametrize("aux", ["switch", "seq"])
-def test_aux_loss_reaches_router_gradient_without_the_user(aux):
+@pytest.mark.parametrize("aux,z_coef", [("switch", 0.1), ("seq", 0.1), ("switch", 0.0)])
+def test_aux_loss_reaches_router_gradient_without_the_user(aux, z_coef):
+    """The attached losses' gradient reaches the router exactly; the Switch loss alone (z_coef 0) attaches through
+    its own one-node Function (:class:`moekit.balance.AttachSwitchLoss`), the rest through the losses' graph."""
     torch.manual_seed(0)
-    layer = moekit.MoE(8, 16, 4, 2, aux_loss=aux, aux_loss_coef=0.5, z_loss_coef=0.1)
+    layer = moekit.MoE(8, 16, 4, 2, aux_loss=aux, aux_loss_coef=0.5, z_loss_coef=z_coef)
     x = torch.randn(3, 5, 8)
     y = layer(x)
+    fused = aux == "switch" and z_coef == 0
+    assert (type(y.grad_fn).__name__ == "AttachSwitchLossBackward") == fused, y.grad_fn
     (y * 0).sum().backward()  # the task loss gives the router no gradient at all ...
     got = layer.router.weight.grad.clone()
     # ... so the router's gradient must be exactly that of 0.5 * aux + 0.1 * z computed by hand.
@@ -79,11 +83,29 @@ def test_aux_loss_reaches_router_gradient_without_the_user(aux):
     r = layer.router(x.reshape(-1, 8))
     lb = (sequence_balancing_loss(r.probs_TE, r.topk_ids_TK, 5) if aux == "seq"
           else load_balancing_loss(r.probs_TE, r.topk_ids_TK))
-    (0.5 * lb + 0.1 * router_z_loss(r.logits_TE)).backward()
+    (0.5 * lb + z_coef * router_z_loss(r.logits_TE)).backward()
     assert got.abs().sum() > 0
     assert torch.allclose(got, layer.router.weight.grad, atol=1e-7)
     assert torch.isclose(layer.stats["aux_loss"], lb.detach())
-    assert "z_loss" in layer.stats
+    assert ("z_loss" in layer.stats) == (z_coef > 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_switch_loss_and_gradient_equal_the_loss_differentiated(dtype):
+    """:func:`moekit.balance.load_balancing_loss_and_gradient` (what the one-node attachment sends back) is the loss
+    and autograd's gradient of it, counting empty slots out, in the loss's dtype."""
+    from moekit.balance import load_balancing_loss_and_gradient
+
+    torch.manual_seed(0)
+    probs = torch.randn(11, 6, dtype=dtype).softmax(-1).requires_grad_(True)
+    ids = torch.randint(0, 6, (11, 3))
+    ids[2, 1] = -1
+    want = load_balancing_loss(probs, ids)
+    want.backward()
+    value, g_E = load_balancing_loss_and_gradient(probs.detach(), expert_load(ids, 6))
+    assert value.dtype == g_E.dtype == dtype and not value.requires_grad
+    assert torch.allclose(value, want.detach(), rtol=1e-6 if dtype == torch.float32 else 1e-12, atol=0)
+    assert torch.allclose(g_E.expand(11, 6), probs.grad, rtol=1e-6 if dtype == torch.float32 else 1e-12, atol=0)
 
 
 def test_aux_loss_scale_and_switch_off():

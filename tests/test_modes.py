@@ -484,13 +484,14 @@ def test_vmap_per_sample_gradients_of_the_language_model():
 
 
 # ------------------------------------------------------------------------------ second order: Hessian-vector products
-def _hvp_setup():
-    """A training layer with both balancing losses attached, and the same layer with none plus the losses written
-    out: their Hessian-vector products must agree."""
+def _hvp_setup(z_coef: float = 0.1):
+    """A training layer with both balancing losses attached (``z_coef`` 0: the Switch loss alone, through its
+    one-node attachment), and the same layer with none plus the losses written out: their Hessian-vector products
+    must agree."""
     from moekit.balance import load_balancing_loss, router_z_loss
 
     torch.manual_seed(0)
-    attached = moekit.MoE(16, 24, 4, 2, backend="loop", aux_loss_coef=0.5, z_loss_coef=0.1).double()
+    attached = moekit.MoE(16, 24, 4, 2, backend="loop", aux_loss_coef=0.5, z_loss_coef=z_coef).double()
     plain = moekit.MoE(16, 24, 4, 2, backend="loop", aux_loss_coef=0.0, z_loss_coef=0.0).double()
     plain.load_state_dict(attached.state_dict())
     x = torch.randn(20, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
@@ -503,7 +504,7 @@ def _hvp_setup():
     def explicit(p):
         routed = torch.func.functional_call(plain.router, {"weight": p["router.weight"]}, (x,))
         return torch.func.functional_call(plain, p, (x,)).pow(2).sum() + \
-            0.5 * load_balancing_loss(routed.probs_TE, routed.topk_ids_TK) + 0.1 * router_z_loss(routed.logits_TE)
+            0.5 * load_balancing_loss(routed.probs_TE, routed.topk_ids_TK) + z_coef * router_z_loss(routed.logits_TE)
 
     _, want = torch.func.jvp(torch.func.grad(explicit), (params,), (v,))
     return loss, params, v, want
@@ -516,12 +517,13 @@ def _eager_hvp(loss, params, v):
     return dict(zip(ps, hv))
 
 
-def test_hessian_vector_products_count_the_balancing_losses_once():
+@pytest.mark.parametrize("z_coef", [0.1, 0.0])
+def test_hessian_vector_products_count_the_balancing_losses_once(z_coef):
     """Hessian-vector products of a loss through a layer whose balancing losses are attached to its output equal
     those of the same loss with the balancing losses added explicitly: by double backward (the losses' Function
     added their gradient again in the second pass: the router weight's product off by 1%) and by forward-over-
     reverse ``jvp(grad(...))`` (which dropped the losses: not attached under forward-mode AD)."""
-    loss, params, v, want = _hvp_setup()
+    loss, params, v, want = _hvp_setup(z_coef)
     _, fr = torch.func.jvp(torch.func.grad(loss), (params,), (v,))
     rr = _eager_hvp(loss, params, v)
     for name, w in want.items():
@@ -534,7 +536,7 @@ def test_hessian_vector_products_count_the_balancing_losses_once():
 def test_reverse_over_reverse_transforms_refuse_attached_losses():
     """torch.func's reverse-over-reverse (``vjp`` of ``grad``) would count the attached losses' gradient wrongly:
     a clear error naming the exact ways instead."""
-    loss, params, v, _ = _hvp_setup()
+    loss, params, v, _ = _hvp_setup(0.0)
     with pytest.raises(RuntimeError, match="forward-over-reverse"):
         torch.func.vjp(torch.func.grad(loss), params)[1](v)
 
