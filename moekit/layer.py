@@ -24,7 +24,7 @@ from .experts.fused import Experts, ModuleListExperts
 from .experts.shared import SharedExperts
 from .experts.train_step import AmbiguousRouting, RoutedExpertsStep
 from .kernels import cpu as kcpu
-from .utils import acc_dtype, in_backward_pass, state_frozen
+from .utils import acc_dtype, autocast_enabled, in_backward_pass, state_frozen
 from .routing.base import ROUTERS, Router, RouterOutput, RoutingContext, SoftRouting, build_router
 
 log = logging.getLogger(__name__)
@@ -157,8 +157,9 @@ class MoE(nn.Module):
     def _forward(self, x: torch.Tensor, token_ids: torch.Tensor | None) -> torch.Tensor:
         if self.config.bias_update_rate > 0 and self.config.bias_update == "auto":
             self._step_bias()
-        if token_ids is None and not torch.is_grad_enabled() and (y := self._fused_decode(x)) is not None:
-            return y  # (a few tokens' inference in one kernel call, x checked there)
+        if token_ids is None and not torch.is_grad_enabled() and ((y := self._fused_decode(x)) is not None
+                                                                   or (y := self._triton_inference(x)) is not None):
+            return y  # (inference in one CPU kernel call, or on the Triton path as prepared; x checked there)
         self._check_input(x, token_ids)
         shape, D = x.shape, self.config.d_model
         x_TD = x.reshape(-1, D)
@@ -312,6 +313,42 @@ class MoE(nn.Module):
         if plain:
             return y
         return self._add_shared(x.view(-1, D), y.view(-1, D)).to(x.dtype).view_as(x)
+
+    def _triton_inference(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Inference on the Triton path (a GPU) as :meth:`_planless_inference` runs it, but through a call prepared
+        once per module state (:class:`moekit.experts.triton_backend.RoutedInference`), as :meth:`_fused_decode`
+        is on CPU: the checks that depend on the module alone are not repeated in every forward. Returns the output
+        (``stats`` set) or None where it does not apply (then the regular path decides)."""
+        if self._routing_hooks or type(x) is not torch.Tensor or x.dim() == 0 or kcpu.bypassed():
+            return None
+        call = self._cached_prep("_triton_cache", False, self._prepare_triton_inference)
+        if call is None or x.dtype != call.dtype or x.shape[-1] != call.D or x.numel() == 0 \
+                or autocast_enabled(x.device.type):
+            return None
+        x_TD = x.reshape(-1, call.D)
+        out = call(x_TD)
+        if out is None:
+            return None
+        y_TD, counts = out
+        E = call.E
+        # (inference, where _balance would only record these; a plain attribute, set without Module.__setattr__)
+        self.__dict__["stats"] = {"tokens_per_expert": counts.narrow(0, 0, E), "dropped": counts.select(0, E)}
+        if self.shared_experts is None:
+            return y_TD.view(x.shape)
+        return self._add_shared(x_TD, y_TD).to(x.dtype).view(x.shape)
+
+    def _prepare_triton_inference(self):
+        from .experts.triton_backend import RoutedInference, triton_usable
+
+        cfg, router, experts = self.config, self.router, self.experts
+        if self.training or not self._planless_allowed() or router.disabled or router.needs_token_ids:
+            return None
+        spec = router.decode_routing()
+        w = experts.w_in
+        if spec is None or not (experts.backend == "triton" or (experts.backend == "auto" and w.device.type == "cuda")) \
+                or triton_usable(w.device, w.dtype) is not None or router.weight.device != w.device:
+            return None
+        return RoutedInference(router, experts, cfg.top_k, spec, self._routed_dtype(w.dtype))
 
     def _decode_prepared(self) -> tuple | None:
         """``(dtype, top_k, the bound kernel call: kcpu.RouteDecode, whether it has no shared experts to add)`` where

@@ -41,6 +41,12 @@ HAS_CUDA = torch.cuda.is_available()
 def check_case(name: str, res: dict) -> None:
     """Assert one result of :func:`tests.triton_cases.run_case`."""
     assert "exception" not in res, f"{name}: {res['exception']}\n{res.get('traceback', '')}"
+    if name.startswith("prepared"):  # the prepared inference call and the regular path: identical, step by step
+        assert res["launches"] > 0, f"{name}: no Triton kernel was launched"
+        assert res["prepared_calls"] == 5, f"{name}: the prepared call ran {res['prepared_calls']} times, not 5"
+        for step, err in res["errors"].items():
+            assert err == 0, f"{name}: {step}: the prepared call differs from the regular path by {err:.3g}"
+        return
     if name != "zero_tokens":  # the kernels computed it, not a fallback
         assert res["launches"] > 0, f"{name}: no Triton kernel was launched"
     if "planless" in name:  # training and inference took the plan-free path (one align kernel per forward),
@@ -128,6 +134,20 @@ def test_cpu_without_interpreter_falls_back_to_fused(monkeypatch, caplog):
     assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
     for k in ref[2]:
         assert torch.equal(got[2][k], ref[2][k]), k
+
+
+def test_prepared_inference_only_where_triton_runs():
+    """The layer's prepared Triton inference call (:meth:`moekit.MoE._triton_inference`) is built only where the
+    kernels run: not for ``auto`` on CPU, not for ``triton`` on CPU without the interpreter (the regular path
+    warns and falls back there), never in training mode."""
+    x = torch.randn(5, 16)
+    for backend in ("auto", "triton"):
+        layer = _layer(backend).eval()
+        assert (layer._prepare_triton_inference() is not None) == (backend == "triton" and tb.interpreting())
+        layer.train()
+        assert layer._prepare_triton_inference() is None
+    with torch.no_grad():
+        assert _layer("auto").eval()._triton_inference(x) is None
 
 
 def test_without_triton_falls_back(monkeypatch, caplog):

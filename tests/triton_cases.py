@@ -64,6 +64,14 @@ HVP_CASES: dict[str, dict] = {
     "hvp_dropless_softmax_topk": dict(num_experts=6, top_k=2, z_loss_coef=0.1),
     "hvp_capacity_gelu_bias": dict(num_experts=5, top_k=2, capacity_factor=1.0, activation="gelu", expert_bias=True),
 }
+# A layer's inference through the call prepared once per module state (MoE._triton_inference: RoutedInference)
+# against the regular plan-free path on the same layer: the same output and statistics, bit for bit, as the
+# parameters change in place, experts are disabled and enabled, a routing hook comes and goes, the layer is cast.
+PREPARED_CASES: dict[str, dict] = {
+    "prepared_inference": dict(num_experts=6, top_k=2),
+    "prepared_shared_gelu_bias": dict(num_experts=5, top_k=3, shared_experts=1, activation="gelu", expert_bias=True,
+                                      router_kwargs=dict(bias=True)),
+}
 # The plan-free index (moekit.kernels.triton_moe.align) against the dispatcher's sort and the tile schedule: one
 # program, and blocks of a few slots standing in for the three-launch path of large batches.
 ALIGN_CASES: dict[str, dict] = {
@@ -89,7 +97,7 @@ CUDA_ONLY_CASES: dict[str, dict] = {
 
 def all_case_names(device: str = "cpu") -> list[str]:
     names = list(EXPERT_CASES) + [f"{n}@bf16" for n in BF16_CASES] + list(LAYER_CASES) + list(ALIGN_CASES) + \
-        list(ROUTER_CASES) + list(HVP_CASES)
+        list(ROUTER_CASES) + list(HVP_CASES) + list(PREPARED_CASES)
     return names + list(CUDA_ONLY_CASES) if device == "cuda" else names
 
 
@@ -256,6 +264,68 @@ def run_layer_case(name: str, device: str) -> dict:
     return out
 
 
+def run_prepared_case(name: str, device: str) -> dict:
+    """Each step's output and statistics by the prepared call and by the regular path (the prepared call switched
+    off on the instance): their largest differences (0 = identical) and how often the prepared call ran."""
+    from moekit.experts import triton_backend as tb
+
+    torch.manual_seed(1)
+    layer = moekit.MoE(16, 24, backend="triton", **PREPARED_CASES[name]).to(device).eval()
+    with torch.no_grad():
+        for n, p in layer.named_parameters():
+            if "bias" in n:
+                p.uniform_(-0.1, 0.1)
+    gen = torch.Generator().manual_seed(2)
+    calls, call = [], tb.RoutedInference.__call__
+    out = {"dtype": "float32", "y_dtype": "", "ref_y_dtype": "", "errors": {}, "scales": {}}
+
+    def counted(self, x_TD):
+        res = call(self, x_TD)
+        calls.append(res is not None)
+        return res
+
+    def step(label: str, x: torch.Tensor, prepared: bool) -> None:
+        before = sum(calls)
+        with torch.no_grad():
+            got, got_stats = layer(x), dict(layer.stats)
+            layer.__dict__["_triton_inference"] = lambda x: None
+            want, want_stats = layer(x), dict(layer.stats)
+            del layer.__dict__["_triton_inference"]
+        if sum(calls) - before != prepared:
+            raise AssertionError(f"{label}: the prepared call ran {sum(calls) - before} times, expected {int(prepared)}")
+        if got.dtype != want.dtype or set(got_stats) != set(want_stats):
+            raise AssertionError(f"{label}: {got.dtype} {sorted(got_stats)} != {want.dtype} {sorted(want_stats)}")
+        out["y_dtype"], out["ref_y_dtype"] = str(got.dtype), str(want.dtype)
+        out["errors"][label] = max([_err(got, want)] + [_err(got_stats[k], want_stats[k]) for k in want_stats])
+        out["scales"][label] = _scale(want)
+
+    tb.RoutedInference.__call__ = counted
+    try:
+        x = torch.randn(2, 9, 16, generator=gen).to(device)
+        before = _launches()
+        step("tokens_18", x, True)
+        out["launches"] = _launches() - before
+        step("one_token", x[0, :1], True)
+        with torch.no_grad():
+            layer.experts.w_in.mul_(1.5)  # (in place: the prepared call reads the parameter itself)
+        step("updated_in_place", x, True)
+        layer.disable_experts([1])
+        step("expert_disabled", x, False)
+        layer.enable_experts()
+        step("enabled_again", x, True)
+        handle = layer.register_routing_hook(lambda *args: None)  # (hooks are given a plan: the regular path)
+        step("routing_hook", x, False)
+        handle.remove()
+        layer.to(torch.bfloat16)
+        step("cast_bf16", x.bfloat16(), True)
+        layer.train()
+        step("train_mode_no_grad", x.bfloat16(), False)
+    finally:
+        tb.RoutedInference.__call__ = call
+    out["prepared_calls"] = sum(calls)
+    return out
+
+
 def run_hvp_case(name: str, device: str) -> dict:
     """A layer's Hessian-vector product by double backward (``create_graph=True``) on the Triton backend against
     forward-over-reverse (``jvp(grad)``) on the loop reference."""
@@ -352,6 +422,8 @@ def run_case(name: str, device: str = "cpu") -> dict:
         out = run_router_case(name, device)
     elif name in HVP_CASES:
         out = run_hvp_case(name, device)
+    elif name in PREPARED_CASES:
+        out = run_prepared_case(name, device)
     else:
         out = run_expert_case(name, device)
     out["seconds"] = time.perf_counter() - t0

@@ -159,19 +159,25 @@ class _Index:
         return self.schedules[block_m]
 
 
-def _gemm_pair_configs(K_, ix: _Index, n1: int, k1: int, n2: int, k2: int, dtype, two_acc: bool):
+def _pair_configs(K_, rows_per_expert: float, n1: int, k1: int, n2: int, k2: int, dtype, two_acc: bool):
     """Configs of two grouped GEMMs over the same rows: they share ``BLOCK_M``, hence one tile schedule."""
-    c1 = K_.gemm_config(ix.rows_per_expert, n1, k1, dtype, two_acc=two_acc)
-    c2 = K_.gemm_config(ix.rows_per_expert, n2, k2, dtype)
+    c1 = K_.gemm_config(rows_per_expert, n1, k1, dtype, two_acc=two_acc)
+    c2 = K_.gemm_config(rows_per_expert, n2, k2, dtype)
     c2["BLOCK_M"] = c1["BLOCK_M"]
+    return c1, c2
+
+
+def _gemm_pair_configs(K_, ix: _Index, n1: int, k1: int, n2: int, k2: int, dtype, two_acc: bool):
+    """:func:`_pair_configs` for the rows of ``ix``, and their tile schedule."""
+    c1, c2 = _pair_configs(K_, ix.rows_per_expert, n1, k1, n2, k2, dtype, two_acc)
     return c1, c2, ix.schedule(c1["BLOCK_M"])
 
 
 # ------------------------------------------------------------------------------------------------- forward
 def _forward(x_TD, w_in, w_out, b_in, b_out, weights_TK, ix: _Index, act: Activation, dtype, save_h: bool,
-             out_dtype: torch.dtype = torch.float32):
+             out_dtype: torch.dtype = torch.float32, cfgs: tuple[dict, dict] | None = None):
     """Returns ``(y_TD, h_SW or None, y_SD slot-major unweighted outputs)``; ``y_TD`` summed in fp32, stored in
-    ``out_dtype``."""
+    ``out_dtype``. ``cfgs``: the two GEMMs' configs (:func:`_pair_configs`), where the caller has them."""
     K_ = _kernels()
     T, D = x_TD.shape
     S, W, F = ix.num_slots, w_in.shape[1], w_out.shape[2]
@@ -180,7 +186,10 @@ def _forward(x_TD, w_in, w_out, b_in, b_out, weights_TK, ix: _Index, act: Activa
     if S == 0:
         return out_TD.zero_(), (x_TD.new_empty(0, W, dtype=dtype) if save_h or not swiglu else None), \
             x_TD.new_empty(0, D, dtype=dtype)
-    c1, c2, sched = _gemm_pair_configs(K_, ix, F if swiglu else W, D, D, F, dtype, two_acc=swiglu)
+    if cfgs is None:
+        c1, c2, sched = _gemm_pair_configs(K_, ix, F if swiglu else W, D, D, F, dtype, two_acc=swiglu)
+    else:
+        (c1, c2), sched = cfgs, ix.schedule(cfgs[0]["BLOCK_M"])
     common = dict(sched=sched, seg_end=ix.seg_end_E, dtype=dtype, rows_per_expert=ix.rows_per_expert)
     if swiglu:
         a_SF = x_TD.new_empty(S, F, dtype=dtype)
@@ -354,3 +363,69 @@ def routed_forward(experts: "Experts", x_TD: torch.Tensor, ids_TK: torch.Tensor,
     E = experts.num_experts
     ix, counts = _Index.from_ids(ids_TK.contiguous(), E, _kernels().block_m_for(ids_TK.numel() / E))
     return _run(experts, x_TD, weights_TK, ix, compute_dtype(x_TD, experts.w_in), out_dtype), counts[:E], counts[E]
+
+
+class RoutedInference:
+    """A layer's inference forward on the Triton path with a plain softmax top-k router, decided once per module
+    state (:meth:`moekit.MoE._triton_inference` caches it as the CPU decode's call is): the router's logits,
+    :func:`moekit.kernels.triton_moe.topk_softmax`, the index (:func:`~moekit.kernels.triton_moe.align`) and the
+    experts' kernels, as :meth:`moekit.MoE._planless_inference` runs them, with its checks and the kernels' tile
+    configurations decided once per token count instead of in every call. A one-token forward's host time was
+    ~2/3 those checks and the Python between the calls (``benchmarks/bench_triton_host.py``).
+
+    Holds the parameters themselves (updated in place, they stay valid); built only where the layer's own checks
+    pass (eval mode, dropless local dispatch, no disabled expert, the ``triton`` backend or ``auto`` on a GPU,
+    Triton usable for the weights' device and dtype). :meth:`__call__` returns None wherever the regular path
+    must run instead."""
+
+    def __init__(self, router, experts: "Experts", top_k: int, spec: tuple, out_dtype: torch.dtype):
+        from ..utils import acc_dtype
+
+        self.w_r, self.b_r, self.expert_bias = router.weight, router.bias, router.expert_bias
+        self.w_in, self.w_out, self.b_in, self.b_out = experts.w_in, experts.w_out, experts.b_in, experts.b_out
+        self.act, self.top_k, self.spec, self.out_dtype = experts.activation, top_k, spec, out_dtype
+        self.auto = experts.backend == "auto"
+        self.dtype, self.device = experts.w_in.dtype, experts.w_in.device
+        self.E, self.D = experts.num_experts, experts.w_in.shape[2]
+        self.acc = acc_dtype(self.dtype, self.w_r.dtype)
+        self._plans: dict = {}
+
+    def _plan(self, T: int):
+        """``(BLOCK_M, the two GEMMs' configs)`` for ``T`` tokens, or None where the plan-free index or ``auto``
+        does not take them (:func:`routed_usable`)."""
+        from .backends import auto_prefers_triton
+
+        K_ = _kernels()
+        S, F = T * self.top_k, self.w_out.shape[2]
+        rows = S / self.E
+        block_m = K_.block_m_for(rows)
+        plan = None
+        if K_.align_usable(S, self.E, block_m) and not (self.auto and not auto_prefers_triton(self.dtype, rows)):
+            swiglu = self.act.name == "swiglu"
+            plan = block_m, _pair_configs(K_, rows, F if swiglu else self.w_in.shape[1], self.D, self.D, F,
+                                          self.dtype, swiglu)
+        if len(self._plans) >= 256:  # (a bounded memo: token counts vary in serving)
+            self._plans.clear()
+        self._plans[T, K_.INTERPRET] = plan
+        return plan
+
+    def __call__(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(y_TD in out_dtype, slots per expert int64 [E + 1], the last the dropped: 0)`` for 2-D ``x_TD`` of the
+        weights' dtype, or None."""
+        from ..routing import base as rb
+
+        T = x_TD.shape[0]
+        plan = self._plans.get((T, _kernels().INTERPRET), False)
+        if plan is False:
+            plan = self._plan(T)
+        if plan is None or x_TD.device != self.device:
+            return None
+        K_ = _kernels()
+        b_r = self.b_r
+        logits_TE = rb.linear_autograd(x_TD, self.w_r, None if b_r is None else b_r.to(self.acc), self.acc)
+        ids_TK, weights_TK = K_.topk_softmax(logits_TE.contiguous(), self.expert_bias, self.top_k, *self.spec)
+        block_m, cfgs = plan
+        ix, counts = _Index.from_ids(ids_TK, self.E, block_m)
+        y_TD = _forward(x_TD, self.w_in, self.w_out, self.b_in, self.b_out, weights_TK, ix, self.act, self.dtype,
+                        save_h=False, out_dtype=self.out_dtype, cfgs=cfgs)[0]
+        return y_TD, counts
