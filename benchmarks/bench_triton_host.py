@@ -6,15 +6,24 @@ the kernels of a few tokens take (see the README's GPU section). This measures t
 tensors: the layer's Python, its argument checks and tile configurations, the PyTorch ops around the kernels
 (allocations, views, the balancing losses) and the autograd machinery; not Triton's own launcher (a stand-in
 records each launch; those of the routing and of the index write valid routings, so the rest runs as it would).
-The router's GEMM is PyTorch's ``linear``, as off the CPU (here it also computes: ~1 MFLOP at 16 tokens), and the
+The router's GEMM is PyTorch's, as off the CPU (here it also computes: ~1 MFLOP at 16 tokens), and the
 CPU-only fast paths (fused decode, few-token training step, the CPU kernels' router GEMM), which a GPU never takes,
 are switched off.
 
 Per case: the median over rounds (single-threaded, after warm-up; each round times every case once), the Triton
-launches per step and the top-level PyTorch operators per step (torch.profiler). Writes
-``benchmarks/results/triton_host_cpu.json`` and the table between the TRITON-HOST markers of docs/performance.md.
+launches per step and the top-level PyTorch operators per step (torch.profiler).
 
-    python benchmarks/bench_triton_host.py        (from the repository root; ~1 minute)
+The same stand-ins give the path's memory: the tensors a training step allocates do not depend on the device, so
+the peak of a training step's allocations (``moekit.benchmark.peak_alloc_mb``, the CPU analogue of
+``torch.cuda.max_memory_allocated`` above what was held before) is measured for the large batches the GPU table
+reports memory for, against transformers' ``grouped_mm`` block on the same weights measured the same way (on CPU;
+its allocations are PyTorch's own ops, the same on a GPU up to the caching allocator's rounding).
+
+Writes ``benchmarks/results/triton_host_cpu.json`` and the tables between the TRITON-HOST markers of
+docs/performance.md.
+
+    python benchmarks/bench_triton_host.py        (from the repository root; ~3 minutes, two of them the
+                                                  transformers block's bf16 GEMMs on a CPU without bf16 arithmetic)
 """
 
 from __future__ import annotations
@@ -27,7 +36,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from rich.progress import track
 
 import moekit
@@ -39,6 +47,10 @@ DOC = ROOT / "docs" / "performance.md"
 SHAPES = {"mixtral": (512, 1408, 8, 2), "fine_grained": (512, 256, 64, 8)}
 TOKENS = (1, 16)
 MODES = ("fwd", "fwd+bwd")
+#: (shape, dtype, T) of the training steps whose peak memory is measured
+MEMORY_CASES = (("mixtral", torch.float32, 1024), ("mixtral", torch.bfloat16, 1024), ("mixtral", torch.float32, 8192),
+                ("fine_grained", torch.float32, 1024), ("fine_grained", torch.bfloat16, 1024),
+                ("fine_grained", torch.float32, 8192))
 
 
 class StandIns:
@@ -70,27 +82,21 @@ class StandIns:
             self._fill(args[2]), self._fill(args[3])
 
 
-def gpu_router_linear(x, w, b=None, dtype=None):
-    """The router's logits as ``moekit.kernels.cpu_gemm.linear_autograd`` computes them off the CPU (PyTorch's
-    ``linear`` on operands cast to ``dtype``), instead of its CPU kernel call."""
-    dtype = dtype or x.dtype
-    return F.linear(x.to(dtype), w.to(dtype), None if b is None else b.to(dtype))
-
-
 @contextlib.contextmanager
 def stand_ins():
-    """Triton usable on CPU tensors, its launches recorded by :class:`StandIns`, the router's GEMM as off the CPU."""
+    """Triton usable on CPU tensors, its launches recorded by :class:`StandIns`, the router's GEMM as off the CPU
+    (``moekit.kernels.cpu_gemm.on_cpu`` False: PyTorch's GEMMs, not the CPU kernels)."""
     from moekit.experts import triton_backend as tb
+    from moekit.kernels import cpu_gemm
     from moekit.kernels import triton_moe as tm
-    from moekit.routing import base as rb
 
     s = StandIns()
-    saved = tm._launch, tb.triton_usable, rb.linear_autograd
-    tm._launch, tb.triton_usable, rb.linear_autograd = s.launch, (lambda device, dtype: None), gpu_router_linear
+    saved = tm._launch, tb.triton_usable, cpu_gemm.on_cpu
+    tm._launch, tb.triton_usable, cpu_gemm.on_cpu = s.launch, (lambda device, dtype: None), (lambda t: False)
     try:
         yield s
     finally:
-        tm._launch, tb.triton_usable, rb.linear_autograd = saved
+        tm._launch, tb.triton_usable, cpu_gemm.on_cpu = saved
 
 
 def make_step(layer: moekit.MoE, x: torch.Tensor, mode: str):
@@ -166,6 +172,26 @@ def _run(rounds: int, per_round: int) -> dict:
                                       "triton": triton.__version__, "python": platform.python_version()}}
 
 
+def memory() -> list[dict]:
+    """Peak MiB of one training step's allocations: the Triton path (launches stubbed) and transformers' block with
+    ``grouped_mm``, on the same weights (:func:`moekit.benchmark.share_hf`)."""
+    from moekit import benchmark as mb
+    from moekit.interop.patch import share_hf
+
+    rows = []
+    for shape, dtype, T in track(MEMORY_CASES, description="peak memory"):
+        D, F, E, K = SHAPES[shape]
+        block = mb.hf_block(mb.SHAPES.get(shape) or dict(family="mixtral", d_model=D, d_ff=F, num_experts=E,
+                                                         top_k=K), dtype)
+        x = torch.randn(T, D, generator=torch.Generator().manual_seed(0)).to(dtype)
+        with stand_ins():
+            mk = mb.peak_alloc_mb(make_step(share_hf(block, backend="triton"), x, "fwd+bwd"))
+        hf = mb.peak_alloc_mb(mb.make_step(mb._HFImpl(block, "grouped_mm"), x[None], "fwd+bwd"))
+        rows.append({"shape": shape, "dtype": str(dtype).removeprefix("torch."), "tokens": T, "moekit_triton_mb": mk,
+                     "hf_grouped_mm_mb": hf})
+    return rows
+
+
 def table(result: dict) -> str:
     m = result["machine"]
     lines = [f"Host time of the Triton path per step, launches replaced by stand-ins, {m['cpu']}, one thread, torch "
@@ -179,18 +205,31 @@ def table(result: dict) -> str:
     for (shape, dt, T), by_mode in groups.items():
         cells = [f"{by_mode[md]['host_us']:.0f} ({by_mode[md]['launches']}, {by_mode[md]['ops']})" for md in MODES]
         lines.append(f"| {shape} | {dt} | {T} | " + " | ".join(cells) + " |")
+    if result.get("memory"):
+        lines += ["", "Peak memory of a training step's allocations (MiB above what was held before: PyTorch's CPU "
+                  "allocator's running total), the Triton path with its launches stubbed against transformers' "
+                  "`grouped_mm` block on the same weights, both measured on CPU.", "",
+                  "| shape | dtype | T | moekit Triton path MiB | transformers grouped_mm MiB | moekit / HF |",
+                  "|---|---|---:|---:|---:|---:|"]
+        for r in result["memory"]:
+            mk, hf = r["moekit_triton_mb"], r["hf_grouped_mm_mb"]
+            ratio = f"{mk / hf:.2f}" if mk and hf else ""
+            lines.append(f"| {r['shape']} | {r['dtype']} | {r['tokens']} | {mk:.1f} | {hf:.1f} | {ratio} |")
     return "\n".join(lines)
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_publish_args(parser, OUT, DOC)
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory comparison (~2 minutes)")
     args = parser.parse_args(argv)
     from moekit.experts.triton_backend import triton_available
 
     if not triton_available():
         raise SystemExit("Triton is not installed: its launches are what this measures around")
     result = run()
+    if not args.no_memory:
+        result["memory"] = memory()
     publish(result, table(result), args.out, None if args.no_doc else DOC, "TRITON-HOST")
 
 

@@ -383,8 +383,9 @@ def test_a_speed_miss_is_beyond_the_library_only_where_its_gemms_alone_are_too_s
 
 def test_triton_host_benchmark_times_the_triton_path_with_launches_stubbed(tmp_path, monkeypatch):
     """benchmarks/bench_triton_host.py on a tiny grid: each step runs the Triton path (its launches recorded by the
-    stand-ins: 5 in an inference forward, 12 in a training step), the stand-ins and the thread count are restored afterwards, and the table
-    has a row per (shape, dtype, T)."""
+    stand-ins: 5 in an inference forward, 12 in a training step), the stand-ins and the thread count are restored
+    afterwards, the table has a row per (shape, dtype, T), and a training step's peak memory is measured for the
+    Triton path and transformers' block."""
     import json
 
     pytest.importorskip("triton")
@@ -394,19 +395,21 @@ def test_triton_host_benchmark_times_the_triton_path_with_launches_stubbed(tmp_p
     mod = _bench_script("bench_triton_host")
     monkeypatch.setattr(mod, "SHAPES", {"tiny": (16, 32, 8, 2)})
     monkeypatch.setattr(mod, "TOKENS", (1, 3))
+    monkeypatch.setattr(mod, "MEMORY_CASES", (("tiny", torch.float32, 40),))
     monkeypatch.setattr(mod, "run", functools.partial(mod.run, rounds=2, per_round=2))
-    saved = tm._launch, tb.triton_usable, torch.get_num_threads()
+    from moekit.kernels import cpu_gemm
+
+    saved = tm._launch, tb.triton_usable, cpu_gemm.on_cpu, torch.get_num_threads()
     out = tmp_path / "host.json"
     mod.main(["--out", str(out), "--no-doc"])
-    assert (tm._launch, tb.triton_usable, torch.get_num_threads()) == saved
-    from moekit.kernels.cpu_gemm import linear_autograd
-    from moekit.routing import base as rb
-
-    assert rb.linear_autograd is linear_autograd
-    rows = json.loads(out.read_text())["rows"]
+    assert (tm._launch, tb.triton_usable, cpu_gemm.on_cpu, torch.get_num_threads()) == saved
+    result = json.loads(out.read_text())
+    rows = result["rows"]
+    (mem,) = result["memory"]  # (both peaks measured, each at least the experts' weight gradients: 8 x 3 x 16 x 32)
+    assert min(mem["moekit_triton_mb"], mem["hf_grouped_mm_mb"]) * 2**20 >= 8 * 3 * 16 * 32 * 4
     assert len(rows) == 2 * 2 * 2
     assert all(r["host_us"] > 0 and r["ops"] > 0 for r in rows)
     assert {r["launches"] for r in rows if r["mode"] == "fwd"} == {5}
     assert {r["launches"] for r in rows if r["mode"] == "fwd+bwd"} == {12}
-    table = mod.table({"rows": rows, "machine": {"cpu": "x", "torch": "t", "triton": "3"}})
-    assert table.count("\n| tiny |") == 4
+    table = mod.table({"rows": rows, "machine": {"cpu": "x", "torch": "t", "triton": "3"}, "memory": [mem]})
+    assert table.count("\n| tiny |") == 5 and "| tiny | float32 | 40 |" in table

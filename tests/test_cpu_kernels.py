@@ -1693,14 +1693,23 @@ def test_topk_indices_small_or_other_dtypes_use_torch():
     assert torch.equal(K.topk_indices(b, 4), torch.topk(b, 4, dim=-1).indices)
 
 
-def test_linear_autograd_with_a_cast_keeps_no_cast_copy_for_backward():
-    # a bf16 router computed in fp32: backward needs the weight, and gets the bf16 tensor itself (cast again there),
-    # not an fp32 copy held from forward to backward
+@pytest.mark.parametrize("where", ["cpu", "device"])
+def test_linear_autograd_with_a_cast_keeps_no_cast_copy_for_backward(where, monkeypatch):
+    """A bf16 router computed in fp32: backward needs the weight and the input, and gets the bf16 tensors
+    themselves (cast again there), not fp32 copies held from forward to backward; on CPU with the CPU kernels, on a
+    device (here: CPU tensors taken as a GPU's, ``on_cpu`` False) with PyTorch's GEMMs, from
+    ``DEVICE_CAST_MIN_ELEMENTS`` input elements (fewer: PyTorch's own nodes, cheaper on the host)."""
+    if where == "device":
+        monkeypatch.setattr(cpu_gemm, "on_cpu", lambda t: False)
+        monkeypatch.setattr(cpu_gemm, "DEVICE_CAST_MIN_ELEMENTS", 5 * 16)
     g = torch.Generator().manual_seed(3)
     x = torch.randn(5, 16, generator=g).bfloat16().requires_grad_(True)
     w = torch.randn(4, 16, generator=g).bfloat16().requires_grad_(True)
+    if where == "device":  # (one row fewer than the threshold: autograd's own linear)
+        small = cpu_gemm.linear_autograd(x[:4], w, None, torch.float32)
+        assert type(small.grad_fn).__name__ != "_LinearBackward"
     y = cpu_gemm.linear_autograd(x, w, None, torch.float32)
-    assert y.dtype == torch.float32
+    assert y.dtype == torch.float32 and type(y.grad_fn).__name__ == "_LinearBackward"
     assert all(t is None or t.dtype == torch.bfloat16 for t in y.grad_fn.saved_tensors)  # (None: no bias)
     gy = torch.randn(5, 4, generator=g)
     y.backward(gy)

@@ -173,15 +173,29 @@ def linear_into(out: torch.Tensor, a: torch.Tensor, w: torch.Tensor, chunk_bytes
         out[r:r + rows].copy_(_LP(a[r:r + rows], w, None, "none", [], "") if onednn else a[r:r + rows] @ w.T)
 
 
+#: Off the CPU, an input of at least this many elements cast for its GEMM (a bf16 router computed in fp32) goes
+#: through :class:`_Linear`, which keeps no cast copy for backward (256 KiB of fp32 and more).
+DEVICE_CAST_MIN_ELEMENTS = 1 << 16
+
+
+def on_cpu(t: torch.Tensor) -> bool:
+    """Whether ``t``'s GEMMs here are the CPU's (its kernels and library providers) rather than PyTorch's on a
+    device (``benchmarks/bench_triton_host.py`` runs CPU tensors as a GPU's through this)."""
+    return t.device.type == "cpu"
+
+
 class _Linear(torch.autograd.Function):
     """``x @ w.T + b`` computed in ``dtype`` with the fast CPU GEMM in forward and backward (oneDNN has no autograd
-    formula of its own). The inputs are saved as given and cast again in backward, so computing a bf16 layer's
-    router in fp32 keeps no fp32 copy of its input alive."""
+    formula of its own); on other devices, with PyTorch's GEMMs where a cast is involved. The inputs are saved as
+    given and cast again in backward, so computing a bf16 layer's router in fp32 keeps no fp32 copy of its input
+    alive (autograd on ``F.linear(x.float(), w.float())`` keeps ``T x D`` fp32 values per layer until backward)."""
 
     @staticmethod
     def forward(ctx, x, w, b, dtype):
         ctx.save_for_backward(x, w, b)
         ctx.has_bias, ctx.dtype = b is not None, dtype
+        if not on_cpu(x):
+            return F.linear(x.to(dtype), w.to(dtype), None if b is None else b.to(dtype))
         return _linear_cast(x, w, b, dtype)
 
     @staticmethod
@@ -194,7 +208,10 @@ class _Linear(torch.autograd.Function):
                 (x, w, b), ctx.needs_input_grad[:3], (g,)), None
         g = g.contiguous().to(ctx.dtype)
         need_dx, need_dw = ctx.needs_input_grad[:2]
-        if _few_rows_cast(g, w, x, ctx.dtype):
+        if not on_cpu(x):  # (the operands cast again, transient; the router's weight gradient is small)
+            dx = (g @ w.to(ctx.dtype)).to(x.dtype) if need_dx else None
+            dw = (g.T @ x.to(ctx.dtype)).to(w.dtype) if need_dw else None
+        elif _few_rows_cast(g, w, x, ctx.dtype):
             dx, dw = _few_rows_backward(g, w, x, need_dx, need_dw)
         elif (w.dtype != ctx.dtype or x.dtype != ctx.dtype) and x.dim() == 2 and x.device.type == "cpu":
             dx, dw = _cast_backward(g, w, x, need_dx, need_dw)
@@ -283,12 +300,17 @@ def linear_autograd(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = N
     """``F.linear(x.to(dtype), w.to(dtype), b)`` for 2-D ``x``, differentiable, with the faster CPU GEMM where it
     differs from PyTorch's (``dtype`` defaults to ``x``'s)."""
     dtype = dtype or x.dtype
-    # _Linear also wherever a cast is involved: autograd on F.linear(w.to(dtype)) would keep the cast copy of the
-    # weight alive until backward (a bf16 router computed in fp32: an fp32 copy of its weight per layer)
+    # _Linear also wherever a cast is involved, on any device: autograd on F.linear(x.to(dtype), w.to(dtype)) would
+    # keep the cast copies alive until backward (a bf16 router computed in fp32: fp32 copies of its input and weight
+    # per layer)
     cast = x.dtype != dtype or w.dtype != dtype
-    if x.device.type == "cpu" and x.dim() == 2 and not kcpu.bypassed() and \
-            (cast or provider(dtype) == "onednn"):
-        if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w, b))):
+    if on_cpu(x):
+        use = cast or provider(dtype) == "onednn"
+    else:  # (PyTorch's own nodes where the copy is small: a Python Function costs ~70 us of host time a step)
+        use = cast and x.numel() >= DEVICE_CAST_MIN_ELEMENTS
+    if use and x.dim() == 2 and not kcpu.bypassed():
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w, b)):
+            return _Linear.apply(x, w, b, dtype)
+        if on_cpu(x):
             return _linear_cast(x, w, b, dtype)  # no graph to record
-        return _Linear.apply(x, w, b, dtype)
     return F.linear(x.to(dtype), w.to(dtype), None if b is None else b.to(dtype))

@@ -30,6 +30,7 @@ nearest even by hand (``RTNE``).
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -472,15 +473,23 @@ def dot_precision(dtype: torch.dtype) -> tuple[str, bool]:
 
 def block_m_for(rows_per_expert: float) -> int:
     """``BLOCK_M`` of :func:`gemm_config` (it fixes the tile schedule, so it depends on the rows alone)."""
-    if INTERPRET:
-        return 16
+    return 16 if INTERPRET else _gpu_block_m(rows_per_expert)
+
+
+def _gpu_block_m(rows_per_expert: float) -> int:
     return 16 if rows_per_expert <= 16 else 32 if rows_per_expert <= 64 else 64 if rows_per_expert <= 512 else 128
 
 
 def gemm_config(rows_per_expert: float, N: int, K: int, dtype: torch.dtype, two_acc: bool = False) -> dict:
     """Tile sizes for :func:`_grouped_gemm_kernel` (a heuristic in the spirit of vLLM's default ``fused_moe``
-    configs; ``BLOCK_M`` also fixes the tile schedule). ``two_acc``: the SwiGLU forward holds two accumulators."""
-    if INTERPRET:  # few large programs are fastest for numpy
+    configs; ``BLOCK_M`` also fixes the tile schedule). ``two_acc``: the SwiGLU forward holds two accumulators.
+    A fresh dict, from a memo (a training step asks for four, ~4 us each on the host)."""
+    return dict(_gemm_config(rows_per_expert, N, K, dtype, two_acc, INTERPRET))
+
+
+@functools.lru_cache(maxsize=1024)
+def _gemm_config(rows_per_expert: float, N: int, K: int, dtype: torch.dtype, two_acc: bool, interpret: bool) -> dict:
+    if interpret:  # few large programs are fastest for numpy
         return dict(BLOCK_M=16, BLOCK_N=_pow2(N, 16, 64), BLOCK_K=_pow2(K, 16, 64), GROUP_M=1,
                     num_warps=4, num_stages=1)
     wide = dtype != torch.float32
@@ -496,13 +505,19 @@ def gemm_config(rows_per_expert: float, N: int, K: int, dtype: torch.dtype, two_
     cfg["BLOCK_N"] = min(cfg["BLOCK_N"], _pow2(N, 16, 256))
     cfg["BLOCK_K"] = min(cfg["BLOCK_K"], _pow2(K, 16, 256))
     cfg["GROUP_M"] = 8
-    assert cfg["BLOCK_M"] == block_m_for(rows_per_expert)
+    assert cfg["BLOCK_M"] == _gpu_block_m(rows_per_expert)
     return cfg
 
 
 def xty_config(rows_per_expert: float, M: int, N: int, dtype: torch.dtype) -> dict:
-    """Tile sizes for :func:`_grouped_xty_kernel` (``BLOCK_K`` runs over an expert's rows)."""
-    if INTERPRET:
+    """Tile sizes for :func:`_grouped_xty_kernel` (``BLOCK_K`` runs over an expert's rows); a fresh dict, from a
+    memo."""
+    return dict(_xty_config(rows_per_expert, M, N, dtype, INTERPRET))
+
+
+@functools.lru_cache(maxsize=1024)
+def _xty_config(rows_per_expert: float, M: int, N: int, dtype: torch.dtype, interpret: bool) -> dict:
+    if interpret:
         return dict(BLOCK_M=_pow2(M, 16, 64), BLOCK_N=_pow2(N, 16, 64), BLOCK_K=16, num_warps=4, num_stages=1)
     wide = dtype != torch.float32
     big = rows_per_expert > 1024
@@ -641,7 +656,7 @@ def grouped_gemm(a, b, out, *, sched, seg_end, N: int, K: int, stride_bn: int, s
     """Launch :func:`_grouped_gemm_kernel` (see there). ``b`` is ``[E, ...]`` read as ``B[e][n, k]`` through
     ``stride_bn`` / ``stride_bk``; ``sched = (tile_expert, tile_row, num_tiles)`` from :func:`tile_schedule` with
     the same ``BLOCK_M`` as ``cfg``."""
-    cfg = dict(cfg or gemm_config(rows_per_expert, N, K, dtype, two_acc=epilogue == EPI_SWIGLU))
+    cfg = cfg or gemm_config(rows_per_expert, N, K, dtype, two_acc=epilogue == EPI_SWIGLU)
     tile_expert, tile_row, num_tiles = sched
     prec, upcast = dot_precision(dtype)
     dummy = out
@@ -668,7 +683,7 @@ def grouped_xty(l_, r, out, *, seg_start, seg_end, dtype, rows_per_expert: float
                 scale=None, dbias=None, cfg: dict | None = None) -> None:
     """Launch :func:`_grouped_xty_kernel`: ``out[e] = (scale * L[seg_e])^T @ R[seg_e]`` (``out`` is ``[E, M, N]``)."""
     E, M, N = out.shape
-    cfg = dict(cfg or xty_config(rows_per_expert, M, N, dtype))
+    cfg = cfg or xty_config(rows_per_expert, M, N, dtype)
     prec, upcast = dot_precision(dtype)
     grid = (E * _cdiv(M, cfg["BLOCK_M"]) * _cdiv(N, cfg["BLOCK_N"]),)
     _launch(_grouped_xty_kernel, grid,
