@@ -47,17 +47,16 @@ def load_balancing_loss(probs_TE: torch.Tensor, ids_TK: torch.Tensor,
     return E * (f_E * probs_TE.to(acc).mean(dim=0)).sum()
 
 
-@torch.no_grad()
 def load_balancing_loss_and_gradient(probs_TE: torch.Tensor, counts_E: torch.Tensor) -> tuple[torch.Tensor,
                                                                                                torch.Tensor]:
     """:func:`load_balancing_loss` of ``T > 0`` tokens from the experts' slot counts, and its gradient in
     ``probs_TE``, the same on every token (``f`` is no function of the probabilities): ``(loss, g_E)`` with
-    ``d loss / d probs[t, e] = g_E[e] = E * f_e / T``, in the loss's dtype."""
+    ``d loss / d probs[t, e] = g_E[e] = E * f_e / T``, in the loss's dtype; neither records a graph."""
     T, E = probs_TE.shape
     acc = acc_dtype(probs_TE.dtype)
-    g_E = counts_E.to(acc)
+    g_E = counts_E.detach().to(acc)  # (detached rather than under torch.no_grad(): ~10 us less host time a call)
     g_E = g_E / (g_E.sum().clamp_min(1.0) * (T / E))
-    return torch.dot(g_E, probs_TE.to(acc).sum(dim=0)), g_E
+    return torch.dot(g_E, probs_TE.detach().to(acc).sum(dim=0)), g_E
 
 
 def sequence_balancing_loss(probs_TE: torch.Tensor, ids_TK: torch.Tensor, seq_len: int) -> torch.Tensor:

@@ -362,7 +362,8 @@ def routed_forward(experts: "Experts", x_TD: torch.Tensor, ids_TK: torch.Tensor,
 
     E = experts.num_experts
     ix, counts = _Index.from_ids(ids_TK.contiguous(), E, _kernels().block_m_for(ids_TK.numel() / E))
-    return _run(experts, x_TD, weights_TK, ix, compute_dtype(x_TD, experts.w_in), out_dtype), counts[:E], counts[E]
+    y_TD = _run(experts, x_TD, weights_TK, ix, compute_dtype(x_TD, experts.w_in), out_dtype)
+    return y_TD, counts.narrow(0, 0, E), counts.select(0, E)  # (not counts[:E], counts[E]: ~10 us less host time)
 
 
 class RoutedInference:
