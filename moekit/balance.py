@@ -47,15 +47,19 @@ def load_balancing_loss(probs_TE: torch.Tensor, ids_TK: torch.Tensor,
     return E * (f_E * probs_TE.to(acc).mean(dim=0)).sum()
 
 
-def load_balancing_loss_and_gradient(probs_TE: torch.Tensor, counts_E: torch.Tensor) -> tuple[torch.Tensor,
-                                                                                               torch.Tensor]:
+def load_balancing_loss_and_gradient(probs_TE: torch.Tensor, counts_E: torch.Tensor,
+                                     total: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`load_balancing_loss` of ``T > 0`` tokens from the experts' slot counts, and its gradient in
     ``probs_TE``, the same on every token (``f`` is no function of the probabilities): ``(loss, g_E)`` with
-    ``d loss / d probs[t, e] = g_E[e] = E * f_e / T``, in the loss's dtype; neither records a graph."""
+    ``d loss / d probs[t, e] = g_E[e] = E * f_e / T``, in the loss's dtype; neither records a graph. ``total``: the
+    counts' sum where the caller knows it (``T * K`` for a routing without empty slots), so it is not summed again."""
     T, E = probs_TE.shape
     acc = acc_dtype(probs_TE.dtype)
     g_E = counts_E.detach().to(acc)  # (detached rather than under torch.no_grad(): ~10 us less host time a call)
-    g_E = g_E / (g_E.sum().clamp_min(1.0) * (T / E))
+    if total is not None:
+        g_E = g_E * (E / (T * max(total, 1)))
+    else:
+        g_E = g_E / (g_E.sum().clamp_min(1.0) * (T / E))
     return torch.dot(g_E, probs_TE.detach().to(acc).sum(dim=0)), g_E
 
 

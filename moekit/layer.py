@@ -531,8 +531,10 @@ class MoE(nn.Module):
                 and probs_TE.shape[0] and torch.is_grad_enabled() and probs_TE.requires_grad
                 and AttachAuxLoss.plain()):
             # (the Switch loss alone: its value for the statistics and its gradient, attached in one node)
+            # (every slot routed, none empty: the counts sum to T * K, known here without a kernel)
             aux, g_E = load_balancing_loss_and_gradient(
-                probs_TE, expert_load(routed.topk_ids_TK, cfg.num_experts) if demand_E is None else demand_E)
+                probs_TE, expert_load(routed.topk_ids_TK, cfg.num_experts) if demand_E is None else demand_E,
+                None if routed.may_have_empty else routed.topk_ids_TK.numel())
             stats["aux_loss"] = aux
             attach = AttachSwitchLoss, probs_TE, g_E, float(cfg.aux_loss_coef), float(self.aux_loss_scale)
         elif cfg.aux_loss and cfg.aux_loss_coef > 0 and not soft:

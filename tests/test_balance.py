@@ -102,10 +102,18 @@ def test_switch_loss_and_gradient_equal_the_loss_differentiated(dtype):
     ids[2, 1] = -1
     want = load_balancing_loss(probs, ids)
     want.backward()
-    value, g_E = load_balancing_loss_and_gradient(probs.detach(), expert_load(ids, 6))
-    assert value.dtype == g_E.dtype == dtype and not value.requires_grad
-    assert torch.allclose(value, want.detach(), rtol=1e-6 if dtype == torch.float32 else 1e-12, atol=0)
-    assert torch.allclose(g_E.expand(11, 6), probs.grad, rtol=1e-6 if dtype == torch.float32 else 1e-12, atol=0)
+    tol = 1e-6 if dtype == torch.float32 else 1e-12
+    value, g_E = load_balancing_loss_and_gradient(probs, expert_load(ids, 6))
+    assert value.dtype == g_E.dtype == dtype and not value.requires_grad and not g_E.requires_grad
+    assert torch.allclose(value, want.detach(), rtol=tol, atol=0)
+    assert torch.allclose(g_E.expand(11, 6), probs.grad, rtol=tol, atol=0)
+    # the counts' sum given (no empty slot): the same; a wrong sum would scale both
+    full = torch.randint(0, 6, (11, 3))
+    want_full = load_balancing_loss(probs.detach(), full)
+    for total in (33, None):
+        v, g = load_balancing_loss_and_gradient(probs, expert_load(full, 6), total)
+        assert torch.allclose(v, want_full, rtol=tol, atol=0) and torch.allclose(g.sum() * 11 / 6, g.new_ones(()))
+    assert not torch.allclose(load_balancing_loss_and_gradient(probs, expert_load(full, 6), 30)[0], want_full)
 
 
 def test_aux_loss_scale_and_switch_off():
