@@ -177,6 +177,8 @@ class MoE(nn.Module):
         if (step := self._fused_train_step(x_TD) if torch.is_grad_enabled() else None) is not None:
             y_TD, counts_E, routed = step
             dropped = counts_E.new_zeros(())
+        elif token_ids is None and torch.is_grad_enabled() and (step := self._triton_train_step(x_TD)) is not None:
+            y_TD, counts_E, dropped, routed = step  # (the Triton path's checks and configurations prepared once)
         elif (routed := self.router(x_TD, ctx)).soft is not None:
             y_TD, counts_E = self._soft_experts(x_TD, routed.soft)
         elif self._decode_path(x_TD, routed):
@@ -316,12 +318,12 @@ class MoE(nn.Module):
 
     def _triton_inference(self, x: torch.Tensor) -> torch.Tensor | None:
         """Inference on the Triton path (a GPU) as :meth:`_planless_inference` runs it, but through a call prepared
-        once per module state (:class:`moekit.experts.triton_backend.RoutedInference`), as :meth:`_fused_decode`
-        is on CPU: the checks that depend on the module alone are not repeated in every forward. Returns the output
-        (``stats`` set) or None where it does not apply (then the regular path decides)."""
-        if self._routing_hooks or type(x) is not torch.Tensor or x.dim() == 0 or kcpu.bypassed():
+        once per module state (:meth:`_triton_prepared`), as :meth:`_fused_decode` is on CPU: the checks that depend
+        on the module alone are not repeated in every forward. Returns the output (``stats`` set) or None where it
+        does not apply (then the regular path decides)."""
+        if self.training or type(x) is not torch.Tensor or x.dim() == 0:
             return None
-        call = self._cached_prep("_triton_cache", False, self._prepare_triton_inference)
+        call = self._triton_prepared()
         if call is None or x.dtype != call.dtype or x.shape[-1] != call.D or x.numel() == 0 \
                 or autocast_enabled(x.device.type):
             return None
@@ -337,18 +339,38 @@ class MoE(nn.Module):
             return y_TD.view(x.shape)
         return self._add_shared(x_TD, y_TD).to(x.dtype).view(x.shape)
 
-    def _prepare_triton_inference(self):
-        from .experts.triton_backend import RoutedInference, triton_usable
+    def _triton_train_step(self, x_TD: torch.Tensor) -> tuple | None:
+        """A training forward on the Triton path through the call :meth:`_triton_inference` uses
+        (``PreparedRouted.train_step``): ``(y_TD, tokens per expert, dropped, the routing)`` or None."""
+        call = self._triton_prepared()
+        if call is None or x_TD.dtype != call.dtype or x_TD.shape[0] == 0 or autocast_enabled(x_TD.device.type):
+            return None
+        step = call.train_step(x_TD)
+        if step is None:
+            return None
+        y_TD, counts, routed = step
+        return y_TD, counts.narrow(0, 0, call.E), counts.select(0, call.E), routed
+
+    def _triton_prepared(self):
+        """The Triton path's prepared call (:class:`moekit.experts.triton_backend.PreparedRouted`), or None where it
+        does not apply: rebuilt whenever :meth:`_prep_key` changes (mode, backend, disabled experts, any parameter
+        replaced, moved or cast); not with routing hooks or where PyTorch must see every operation."""
+        if self._routing_hooks or kcpu.bypassed():
+            return None
+        return self._cached_prep("_triton_cache", False, self._prepare_triton)
+
+    def _prepare_triton(self):
+        from .experts.triton_backend import PreparedRouted, triton_usable
 
         cfg, router, experts = self.config, self.router, self.experts
-        if self.training or not self._planless_allowed() or router.disabled or router.needs_token_ids:
+        if not self._planless_allowed() or router.disabled or router.needs_token_ids:
             return None
         spec = router.decode_routing()
         w = experts.w_in
         if spec is None or not (experts.backend == "triton" or (experts.backend == "auto" and w.device.type == "cuda")) \
                 or triton_usable(w.device, w.dtype) is not None or router.weight.device != w.device:
             return None
-        return RoutedInference(router, experts, cfg.top_k, spec, self._routed_dtype(w.dtype))
+        return PreparedRouted(router, experts, cfg.top_k, spec, self._routed_dtype(w.dtype))
 
     def _decode_prepared(self) -> tuple | None:
         """``(dtype, top_k, the bound kernel call: kcpu.RouteDecode, whether it has no shared experts to add)`` where

@@ -43,7 +43,7 @@ def check_case(name: str, res: dict) -> None:
     assert "exception" not in res, f"{name}: {res['exception']}\n{res.get('traceback', '')}"
     if name.startswith("prepared"):  # the prepared inference call and the regular path: identical, step by step
         assert res["launches"] > 0, f"{name}: no Triton kernel was launched"
-        assert res["prepared_calls"] == 5, f"{name}: the prepared call ran {res['prepared_calls']} times, not 5"
+        assert res["prepared_calls"] == 8, f"{name}: the prepared call ran {res['prepared_calls']} times, not 8"
         for step, err in res["errors"].items():
             assert err == 0, f"{name}: {step}: the prepared call differs from the regular path by {err:.3g}"
         return
@@ -136,18 +136,21 @@ def test_cpu_without_interpreter_falls_back_to_fused(monkeypatch, caplog):
         assert torch.equal(got[2][k], ref[2][k]), k
 
 
-def test_prepared_inference_only_where_triton_runs():
-    """The layer's prepared Triton inference call (:meth:`moekit.MoE._triton_inference`) is built only where the
-    kernels run: not for ``auto`` on CPU, not for ``triton`` on CPU without the interpreter (the regular path
-    warns and falls back there), never in training mode."""
+def test_prepared_triton_call_only_where_triton_runs():
+    """The layer's prepared Triton call (:meth:`moekit.MoE._triton_prepared`) is built only where the kernels run:
+    not for ``auto`` on CPU, not for ``triton`` on CPU without the interpreter (the regular path warns and falls
+    back there), not for a router with input jitter in training mode; its inference is never run in training
+    mode."""
     x = torch.randn(5, 16)
     for backend in ("auto", "triton"):
-        layer = _layer(backend).eval()
-        assert (layer._prepare_triton_inference() is not None) == (backend == "triton" and tb.interpreting())
-        layer.train()
-        assert layer._prepare_triton_inference() is None
+        for train in (False, True):
+            layer = _layer(backend).train(train)
+            assert (layer._prepare_triton() is not None) == (backend == "triton" and tb.interpreting())
+    jittery = _layer("triton", router_kwargs=dict(jitter=0.1))
+    assert jittery.train()._prepare_triton() is None
     with torch.no_grad():
         assert _layer("auto").eval()._triton_inference(x) is None
+        assert _layer("triton").train()._triton_inference(x) is None
 
 
 def test_without_triton_falls_back(monkeypatch, caplog):

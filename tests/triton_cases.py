@@ -64,8 +64,8 @@ HVP_CASES: dict[str, dict] = {
     "hvp_dropless_softmax_topk": dict(num_experts=6, top_k=2, z_loss_coef=0.1),
     "hvp_capacity_gelu_bias": dict(num_experts=5, top_k=2, capacity_factor=1.0, activation="gelu", expert_bias=True),
 }
-# A layer's inference through the call prepared once per module state (MoE._triton_inference: RoutedInference)
-# against the regular plan-free path on the same layer: the same output and statistics, bit for bit, as the
+# A layer's inference and training steps through the call prepared once per module state (MoE._triton_prepared:
+# PreparedRouted) against the regular plan-free path on the same layer: the same output, statistics and gradients, bit for bit, as the
 # parameters change in place, experts are disabled and enabled, a routing hook comes and goes, the layer is cast.
 PREPARED_CASES: dict[str, dict] = {
     "prepared_inference": dict(num_experts=6, top_k=2),
@@ -265,8 +265,9 @@ def run_layer_case(name: str, device: str) -> dict:
 
 
 def run_prepared_case(name: str, device: str) -> dict:
-    """Each step's output and statistics by the prepared call and by the regular path (the prepared call switched
-    off on the instance): their largest differences (0 = identical) and how often the prepared call ran."""
+    """Each step's output and statistics (and in training, every gradient) by the prepared call and by the regular
+    path (the prepared call switched off on the instance): their largest differences (0 = identical) and how often
+    the prepared call ran."""
     from moekit.experts import triton_backend as tb
 
     torch.manual_seed(1)
@@ -276,30 +277,46 @@ def run_prepared_case(name: str, device: str) -> dict:
             if "bias" in n:
                 p.uniform_(-0.1, 0.1)
     gen = torch.Generator().manual_seed(2)
-    calls, call = [], tb.RoutedInference.__call__
+    calls, saved = [], (tb.PreparedRouted.__call__, tb.PreparedRouted.train_step)
     out = {"dtype": "float32", "y_dtype": "", "ref_y_dtype": "", "errors": {}, "scales": {}}
 
-    def counted(self, x_TD):
-        res = call(self, x_TD)
-        calls.append(res is not None)
-        return res
+    def counted(fn):
+        def run(self, x_TD):
+            res = fn(self, x_TD)
+            calls.append(res is not None)
+            return res
+        return run
 
-    def step(label: str, x: torch.Tensor, prepared: bool) -> None:
+    def forward(x: torch.Tensor, train: bool):
+        if not train:
+            with torch.no_grad():
+                return layer(x), dict(layer.stats), {}
+        xi = x.detach().requires_grad_(True)
+        y = layer(xi)
+        y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(5)).to(y))
+        grads = {n: p.grad for n, p in layer.named_parameters()}
+        grads["x"] = xi.grad
+        layer.zero_grad(set_to_none=True)
+        return y.detach(), dict(layer.stats), grads
+
+    def step(label: str, x: torch.Tensor, prepared: bool, train: bool = False) -> None:
         before = sum(calls)
-        with torch.no_grad():
-            got, got_stats = layer(x), dict(layer.stats)
-            layer.__dict__["_triton_inference"] = lambda x: None
-            want, want_stats = layer(x), dict(layer.stats)
-            del layer.__dict__["_triton_inference"]
+        got = forward(x, train)
+        off = "_triton_train_step" if train else "_triton_inference"
+        layer.__dict__[off] = lambda x: None
+        want = forward(x, train)
+        del layer.__dict__[off]
         if sum(calls) - before != prepared:
             raise AssertionError(f"{label}: the prepared call ran {sum(calls) - before} times, expected {int(prepared)}")
-        if got.dtype != want.dtype or set(got_stats) != set(want_stats):
-            raise AssertionError(f"{label}: {got.dtype} {sorted(got_stats)} != {want.dtype} {sorted(want_stats)}")
-        out["y_dtype"], out["ref_y_dtype"] = str(got.dtype), str(want.dtype)
-        out["errors"][label] = max([_err(got, want)] + [_err(got_stats[k], want_stats[k]) for k in want_stats])
-        out["scales"][label] = _scale(want)
+        if got[0].dtype != want[0].dtype or set(got[1]) != set(want[1]) or set(got[2]) != set(want[2]):
+            raise AssertionError(f"{label}: {got[0].dtype} {sorted(got[1])} {sorted(got[2])} != {want[0].dtype} "
+                                 f"{sorted(want[1])} {sorted(want[2])}")
+        out["y_dtype"], out["ref_y_dtype"] = str(got[0].dtype), str(want[0].dtype)
+        out["errors"][label] = max([_err(got[0], want[0])] + [_err(got[1][k], want[1][k]) for k in want[1]]
+                                   + [_err(got[2][k], want[2][k]) for k in want[2]])
+        out["scales"][label] = _scale(want[0])
 
-    tb.RoutedInference.__call__ = counted
+    tb.PreparedRouted.__call__, tb.PreparedRouted.train_step = map(counted, saved)
     try:
         x = torch.randn(2, 9, 16, generator=gen).to(device)
         before = _launches()
@@ -316,12 +333,16 @@ def run_prepared_case(name: str, device: str) -> dict:
         handle = layer.register_routing_hook(lambda *args: None)  # (hooks are given a plan: the regular path)
         step("routing_hook", x, False)
         handle.remove()
-        layer.to(torch.bfloat16)
-        step("cast_bf16", x.bfloat16(), True)
+        step("training_step_eval_mode", x, True, train=True)
         layer.train()
-        step("train_mode_no_grad", x.bfloat16(), False)
+        step("training_step", x, True, train=True)
+        step("train_mode_no_grad", x, False)
+        layer.to(torch.bfloat16)
+        step("training_step_bf16", x.bfloat16(), True, train=True)
+        layer.eval()
+        step("cast_bf16", x.bfloat16(), True)
     finally:
-        tb.RoutedInference.__call__ = call
+        tb.PreparedRouted.__call__, tb.PreparedRouted.train_step = saved
     out["prepared_calls"] = sum(calls)
     return out
 

@@ -216,9 +216,9 @@ class TritonExpertsFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x_TD, w_in, w_out, b_in, b_out, weights_TK, ix: _Index, act: Activation, dtype,
-                out_dtype=torch.float32):
+                out_dtype=torch.float32, cfgs=None):
         out_TD, h_SW, y_SD = _forward(x_TD, w_in, w_out, b_in, b_out, weights_TK, ix, act, dtype, save_h=True,
-                                      out_dtype=out_dtype)
+                                      out_dtype=out_dtype, cfgs=cfgs)
         ctx.save_for_backward(x_TD, w_in, w_out, b_in, b_out, weights_TK)
         ctx.out_dtype = out_dtype
         # intermediates ride on ctx, not in save_for_backward, so that backward can drop each once it is used: saved
@@ -234,7 +234,8 @@ class TritonExpertsFunction(torch.autograd.Function):
         if torch.is_grad_enabled() or ctx.h_SW is None:  # (double backward, or a second pass through this graph,
             # retain_graph=True, after the kernels' backward dropped what it kept: the loop reference's sums, which
             # autograd differentiates; a second pass reaching this node after a double backward's runs the kernels)
-            return *_reference_backward(ctx, g_TD, x_TD, w_in, w_out, b_in, b_out, weights_TK), None, None, None, None
+            return (*_reference_backward(ctx, g_TD, x_TD, w_in, w_out, b_in, b_out, weights_TK),
+                    None, None, None, None, None)
         h_SW, y_SD = ctx.h_SW, ctx.y_SD
         ctx.h_SW = ctx.y_SD = None
         ix, act, dtype = ctx.ix, ctx.act, ctx.dtype
@@ -249,12 +250,12 @@ class TritonExpertsFunction(torch.autograd.Function):
             return (z(x_TD) if need_x else None, z(w_in) if need_win else None, z(w_out) if need_wout else None,
                     torch.zeros(E, W, dtype=ctx.bias_dtypes[0], device=dev) if need_bin else None,
                     torch.zeros(E, D, dtype=ctx.bias_dtypes[1], device=dev) if need_bout else None,
-                    z(weights_TK) if need_w else None, None, None, None, None)
+                    z(weights_TK) if need_w else None, None, None, None, None, None)
         if need_w:
             d_weights = K_.weights_grad(g_TD, y_SD, ix.ids_TK).to(weights_TK.dtype)
         del y_SD
         if not (need_x or need_win or need_wout or need_bin or need_bout):
-            return d_x, d_win, d_wout, d_bin, d_bout, d_weights, None, None, None, None
+            return d_x, d_win, d_wout, d_bin, d_bout, d_weights, None, None, None, None, None
 
         w_S = weights_TK.reshape(-1).index_select(0, ix.order_S).float()  # sorted router weights
         swiglu = act.name == "swiglu"
@@ -296,7 +297,7 @@ class TritonExpertsFunction(torch.autograd.Function):
             d_bin = torch.empty(E, W, dtype=ctx.bias_dtypes[0], device=dev) if need_bin else None
             K_.grouped_xty(dh_SW, x_TD, d_win, gather_r=ix.token_S, dbias=d_bin, **seg)
             d_win = d_win if need_win else None
-        return d_x, d_win, d_wout, d_bin, d_bout, d_weights, None, None, None, None
+        return d_x, d_win, d_wout, d_bin, d_bout, d_weights, None, None, None, None, None
 
 
 def _reference_backward(ctx, g_TD, *inputs) -> tuple:
@@ -366,17 +367,19 @@ def routed_forward(experts: "Experts", x_TD: torch.Tensor, ids_TK: torch.Tensor,
     return y_TD, counts.narrow(0, 0, E), counts.select(0, E)  # (not counts[:E], counts[E]: ~10 us less host time)
 
 
-class RoutedInference:
-    """A layer's inference forward on the Triton path with a plain softmax top-k router, decided once per module
-    state (:meth:`moekit.MoE._triton_inference` caches it as the CPU decode's call is): the router's logits,
-    :func:`moekit.kernels.triton_moe.topk_softmax`, the index (:func:`~moekit.kernels.triton_moe.align`) and the
-    experts' kernels, as :meth:`moekit.MoE._planless_inference` runs them, with its checks and the kernels' tile
-    configurations decided once per token count instead of in every call. A one-token forward's host time was
-    ~2/3 those checks and the Python between the calls (``benchmarks/bench_triton_host.py``).
+class PreparedRouted:
+    """A layer's forward on the Triton path with a plain softmax top-k router, decided once per module state
+    (:meth:`moekit.MoE._triton_prepared` caches it as the CPU decode's call is): the router's logits, the routing
+    kernel (:func:`moekit.kernels.triton_moe.topk_softmax`), the index (:func:`~moekit.kernels.triton_moe.align`)
+    and the experts' kernels, as the layer's plan-free paths run them, with their checks and the kernels' tile
+    configurations decided once per token count instead of in every call: :meth:`__call__` in inference (as
+    :meth:`moekit.MoE._planless_inference`), :meth:`train_step` with autograd (as the router module, the routing's
+    :class:`~moekit.routing.softmax_topk.TopKSoftmaxFunction` and :meth:`Experts.planless`). A one-token forward's
+    host time was ~2/3 those checks and the Python between the calls (``benchmarks/bench_triton_host.py``).
 
     Holds the parameters themselves (updated in place, they stay valid); built only where the layer's own checks
-    pass (eval mode, dropless local dispatch, no disabled expert, the ``triton`` backend or ``auto`` on a GPU,
-    Triton usable for the weights' device and dtype). :meth:`__call__` returns None wherever the regular path
+    pass (dropless local dispatch, no disabled expert, no input jitter in training, the ``triton`` backend or
+    ``auto`` on a GPU, Triton usable for the weights' device and dtype). Both return None wherever the regular path
     must run instead."""
 
     def __init__(self, router, experts: "Experts", top_k: int, spec: tuple, out_dtype: torch.dtype):
@@ -413,20 +416,46 @@ class RoutedInference:
     def __call__(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """``(y_TD in out_dtype, slots per expert int64 [E + 1], the last the dropped: 0)`` for 2-D ``x_TD`` of the
         weights' dtype, or None."""
-        from ..routing import base as rb
-
-        T = x_TD.shape[0]
-        plan = self._plans.get((T, _kernels().INTERPRET), False)
-        if plan is False:
-            plan = self._plan(T)
-        if plan is None or x_TD.device != self.device:
+        plan = self._plan_for(x_TD)
+        if plan is None:
             return None
-        K_ = _kernels()
-        b_r = self.b_r
-        logits_TE = rb.linear_autograd(x_TD, self.w_r, None if b_r is None else b_r.to(self.acc), self.acc)
-        ids_TK, weights_TK = K_.topk_softmax(logits_TE.contiguous(), self.expert_bias, self.top_k, *self.spec)
+        logits_TE = self._logits(x_TD)
+        ids_TK, weights_TK = _kernels().topk_softmax(logits_TE.contiguous(), self.expert_bias, self.top_k, *self.spec)
         block_m, cfgs = plan
         ix, counts = _Index.from_ids(ids_TK, self.E, block_m)
         y_TD = _forward(x_TD, self.w_in, self.w_out, self.b_in, self.b_out, weights_TK, ix, self.act, self.dtype,
                         save_h=False, out_dtype=self.out_dtype, cfgs=cfgs)[0]
         return y_TD, counts
+
+    def train_step(self, x_TD: torch.Tensor) -> tuple | None:
+        """With autograd: ``(y_TD in out_dtype, slots per expert int64 [E + 1] as in :meth:`__call__`, the routing as
+        the router returns it)`` for 2-D ``x_TD`` of the weights' dtype, differentiable in ``x_TD`` and every
+        parameter, or None."""
+        from ..routing.base import RouterOutput
+        from ..routing.softmax_topk import TopKSoftmaxFunction
+
+        plan = self._plan_for(x_TD)
+        if plan is None:
+            return None
+        logits_TE = self._logits(x_TD)
+        ids_TK, weights_TK, probs_TE = TopKSoftmaxFunction.apply(logits_TE.contiguous(), self.expert_bias,
+                                                                 self.top_k, *self.spec)
+        block_m, cfgs = plan
+        ix, counts = _Index.from_ids(ids_TK, self.E, block_m)
+        y_TD = TritonExpertsFunction.apply(x_TD, self.w_in, self.w_out, self.b_in, self.b_out, weights_TK, ix,
+                                           self.act, self.dtype, self.out_dtype, cfgs)
+        return y_TD, counts, RouterOutput(logits_TE, probs_TE, ids_TK, weights_TK)
+
+    def _plan_for(self, x_TD: torch.Tensor):
+        plan = self._plans.get((x_TD.shape[0], _kernels().INTERPRET), False)
+        if plan is False:
+            plan = self._plan(x_TD.shape[0])
+        return None if plan is None or x_TD.device != self.device else plan
+
+    def _logits(self, x_TD: torch.Tensor) -> torch.Tensor:
+        """The router's logits as :meth:`moekit.routing.Router.logits` computes them (no expert disabled, no
+        autocast: checked by the caller)."""
+        from ..routing import base as rb
+
+        b_r = self.b_r
+        return rb.linear_autograd(x_TD, self.w_r, None if b_r is None else b_r.to(self.acc), self.acc)
