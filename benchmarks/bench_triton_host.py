@@ -11,7 +11,8 @@ CPU-only fast paths (fused decode, few-token training step, the CPU kernels' rou
 are switched off.
 
 Per case: the median over rounds (single-threaded, after warm-up; each round times every case once), the Triton
-launches per step and the top-level PyTorch operators per step (torch.profiler).
+launches per step, the top-level PyTorch operators per step (torch.profiler) and how many of those would launch a
+kernel on a GPU (not views, allocations, detaches, casts to the same dtype): what a CUDA graph of the step replays.
 
 The same stand-ins give the path's memory: the tensors a training step allocates do not depend on the device, so
 the peak of a training step's allocations (``moekit.benchmark.peak_alloc_mb``, the CPU analogue of
@@ -120,13 +121,28 @@ def make_step(layer: moekit.MoE, x: torch.Tensor, mode: str):
     return step
 
 
-def top_level_ops(step) -> int:
+#: top-level operators that launch no kernel on a GPU: views, allocations, detaches
+NO_KERNEL = {"view", "_unsafe_view", "view_as", "reshape", "t", "transpose", "permute", "expand", "narrow", "select",
+             "slice", "detach", "unsqueeze", "squeeze", "split", "split_with_sizes", "as_strided", "alias", "flatten",
+             "unflatten", "empty", "empty_like", "new_empty", "empty_strided", "to", "contiguous", "type_as"}
+#: ... unless they copy (a cast, a reshape or contiguous of a strided tensor): an operator below them
+COPYING = {"aten::copy_", "aten::clone", "aten::_to_copy"}
+
+
+def op_counts(step) -> tuple[int, int]:
+    """``(top-level PyTorch operators, those of them that launch a kernel on a GPU)`` in one call of ``step``."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         step()
-    return sum(1 for e in prof.events() if e.name.startswith("aten::")
-               and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")))
+
+    def copies(e) -> bool:
+        return any(c.name in COPYING or copies(c) for c in e.cpu_children)
+
+    tops = [e for e in prof.events() if e.name.startswith("aten::")
+            and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))]
+    kernels = sum(1 for e in tops if e.name.removeprefix("aten::") not in NO_KERNEL or copies(e))
+    return len(tops), kernels
 
 
 def run(rounds: int = 21, per_round: int = 40) -> dict:
@@ -153,10 +169,11 @@ def _run(rounds: int, per_round: int) -> dict:
             step()
             launches = len(s.names)
             s.fills = 0
-            ops = top_level_ops(step) - s.fills
+            ops, kernels = op_counts(step)  # (less the stand-ins' own writes, each one kernel)
             steps.append(step)
             rows.append({"shape": shape, "dtype": str(dtype).removeprefix("torch."), "tokens": T, "mode": mode,
-                         "launches": launches, "ops": ops, "times_us": []})
+                         "launches": launches, "ops": ops - s.fills, "torch_kernels": kernels - s.fills,
+                         "times_us": []})
         # round-robin: every round times each case once, so a drift of the machine hits every case alike
         for _ in track(range(rounds), description="host time"):
             for step, row in zip(steps, rows):
@@ -195,15 +212,18 @@ def memory() -> list[dict]:
 def table(result: dict) -> str:
     m = result["machine"]
     lines = [f"Host time of the Triton path per step, launches replaced by stand-ins, {m['cpu']}, one thread, torch "
-             f"{m['torch']}, Triton {m['triton']}: median µs, Triton launches and top-level PyTorch operators per "
-             "step (`python benchmarks/bench_triton_host.py`).", "",
-             "| shape | dtype | T | forward µs (launches, ops) | forward+backward µs (launches, ops) |",
-             "|---|---|---:|---:|---:|"]
+             f"{m['torch']}, Triton {m['triton']}: median µs; the kernels a GPU would run per step (Triton launches "
+             "+ PyTorch operators that launch one: not views, allocations or casts to the same dtype), which a CUDA "
+             "graph replays too; and all top-level PyTorch operators, each with its host cost "
+             "(`python benchmarks/bench_triton_host.py`).", "",
+             "| shape | dtype | T | forward µs | kernels | ops | forward+backward µs | kernels | ops |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     groups: dict = {}
     for r in result["rows"]:
         groups.setdefault((r["shape"], r["dtype"], r["tokens"]), {})[r["mode"]] = r
     for (shape, dt, T), by_mode in groups.items():
-        cells = [f"{by_mode[md]['host_us']:.0f} ({by_mode[md]['launches']}, {by_mode[md]['ops']})" for md in MODES]
+        cells = [f"{r['host_us']:.0f} | {r['launches']} + {r['torch_kernels']} | {r['ops']}"
+                 for r in (by_mode[md] for md in MODES)]
         lines.append(f"| {shape} | {dt} | {T} | " + " | ".join(cells) + " |")
     if result.get("memory"):
         lines += ["", "Peak memory of a training step's allocations (MiB above what was held before: PyTorch's CPU "
