@@ -145,7 +145,14 @@ def op_counts(step) -> tuple[int, int]:
     return len(tops), kernels
 
 
-def run(rounds: int = 21, per_round: int = 40) -> dict:
+def run(rounds: int = 21, per_round: int = 40, tune_allocator: bool = True) -> dict:
+    """``tune_allocator``: glibc keeps freed large blocks (:func:`moekit.utils.tune_cpu_allocator`, process-wide), as
+    a GPU's caching allocator does; else a training step's weight gradients come from a fresh ``mmap`` each step,
+    a cost no GPU step has."""
+    if tune_allocator:
+        from moekit.utils import tune_cpu_allocator
+
+        tune_cpu_allocator()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # (the host thread that issues a GPU's work)
     try:
@@ -174,19 +181,28 @@ def _run(rounds: int, per_round: int) -> dict:
             rows.append({"shape": shape, "dtype": str(dtype).removeprefix("torch."), "tokens": T, "mode": mode,
                          "launches": launches, "ops": ops - s.fills, "torch_kernels": kernels - s.fills,
                          "times_us": []})
-        # round-robin: every round times each case once, so a drift of the machine hits every case alike
+        # round-robin: every round times each case once, so a drift of the machine hits every case alike; and a
+        # yardstick of this machine's speed at the time: one plain PyTorch operator (this VM's speed drifts by a
+        # third between runs, so the steps' times are best read in plain operators)
+        a, b = torch.randn(16, 512), torch.randn(16, 512)
+        plain_op_us = []
         for _ in track(range(rounds), description="host time"):
             for step, row in zip(steps, rows):
                 t0 = time.perf_counter()
                 for _ in range(per_round):
                     step()
                 row["times_us"].append((time.perf_counter() - t0) / per_round * 1e6)
+            t0 = time.perf_counter()
+            for _ in range(per_round * 20):
+                torch.add(a, b)
+            plain_op_us.append((time.perf_counter() - t0) / (per_round * 20) * 1e6)
     for row in rows:
         row["host_us"] = statistics.median(row["times_us"])
     import triton
 
-    return {"rows": rows, "machine": {"cpu": cpu_name(), "threads": 1, "torch": torch.__version__,
-                                      "triton": triton.__version__, "python": platform.python_version()}}
+    return {"rows": rows, "plain_op_us": statistics.median(plain_op_us),
+            "machine": {"cpu": cpu_name(), "threads": 1, "torch": torch.__version__, "triton": triton.__version__,
+                        "python": platform.python_version()}}
 
 
 def memory() -> list[dict]:
@@ -215,15 +231,21 @@ def table(result: dict) -> str:
              f"{m['torch']}, Triton {m['triton']}: median µs; the kernels a GPU would run per step (Triton launches "
              "+ PyTorch operators that launch one: not views, allocations or casts to the same dtype), which a CUDA "
              "graph replays too; and all top-level PyTorch operators, each with its host cost "
-             "(`python benchmarks/bench_triton_host.py`).", "",
-             "| shape | dtype | T | forward µs | kernels | ops | forward+backward µs | kernels | ops |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "(`python benchmarks/bench_triton_host.py`)."
+             + (f" The machine's speed in the same rounds: one plain PyTorch operator (`torch.add` of two 16 × 512 "
+                f"fp32 tensors) took {result['plain_op_us']:.2f} µs; the steps in such operators: forward / "
+                f"forward+backward." if result.get("plain_op_us") else ""), "",
+             "| shape | dtype | T | forward µs | kernels | ops | forward+backward µs | kernels | ops |"
+             + (" steps in plain ops |" if result.get("plain_op_us") else ""),
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if result.get("plain_op_us") else "")]
     groups: dict = {}
     for r in result["rows"]:
         groups.setdefault((r["shape"], r["dtype"], r["tokens"]), {})[r["mode"]] = r
     for (shape, dt, T), by_mode in groups.items():
         cells = [f"{r['host_us']:.0f} | {r['launches']} + {r['torch_kernels']} | {r['ops']}"
                  for r in (by_mode[md] for md in MODES)]
+        if result.get("plain_op_us"):
+            cells.append(" / ".join(f"{by_mode[md]['host_us'] / result['plain_op_us']:.0f}" for md in MODES))
         lines.append(f"| {shape} | {dt} | {T} | " + " | ".join(cells) + " |")
     if result.get("memory"):
         lines += ["", "Peak memory of a training step's allocations (MiB above what was held before: PyTorch's CPU "

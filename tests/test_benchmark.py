@@ -396,7 +396,7 @@ def test_triton_host_benchmark_times_the_triton_path_with_launches_stubbed(tmp_p
     monkeypatch.setattr(mod, "SHAPES", {"tiny": (16, 32, 8, 2)})
     monkeypatch.setattr(mod, "TOKENS", (1, 3))
     monkeypatch.setattr(mod, "MEMORY_CASES", (("tiny", torch.float32, 40),))
-    monkeypatch.setattr(mod, "run", functools.partial(mod.run, rounds=2, per_round=2))
+    monkeypatch.setattr(mod, "run", functools.partial(mod.run, rounds=2, per_round=2, tune_allocator=False))
     from moekit.kernels import cpu_gemm
 
     saved = tm._launch, tb.triton_usable, cpu_gemm.on_cpu, torch.get_num_threads()
@@ -409,7 +409,9 @@ def test_triton_host_benchmark_times_the_triton_path_with_launches_stubbed(tmp_p
     assert min(mem["moekit_triton_mb"], mem["hf_grouped_mm_mb"]) * 2**20 >= 8 * 3 * 16 * 32 * 4
     assert len(rows) == 2 * 2 * 2
     assert all(r["host_us"] > 0 and 0 < r["torch_kernels"] < r["ops"] for r in rows)  # (views launch nothing)
+    assert 0 < result["plain_op_us"] < min(r["host_us"] for r in rows)
     assert {r["launches"] for r in rows if r["mode"] == "fwd"} == {5}
     assert {r["launches"] for r in rows if r["mode"] == "fwd+bwd"} == {12}
-    table = mod.table({"rows": rows, "machine": {"cpu": "x", "torch": "t", "triton": "3"}, "memory": [mem]})
-    assert table.count("\n| tiny |") == 5 and "| tiny | float32 | 40 |" in table
+    table = mod.table({"rows": rows, "machine": {"cpu": "x", "torch": "t", "triton": "3"}, "memory": [mem],
+                       "plain_op_us": result["plain_op_us"]})
+    assert table.count("\n| tiny |") == 5 and "| tiny | float32 | 40 |" in table and "plain PyTorch operator" in table
