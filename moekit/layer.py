@@ -165,12 +165,7 @@ class MoE(nn.Module):
         x_TD = x.reshape(-1, D)
         fused = None if torch.is_grad_enabled() else self._planless_inference(x_TD)
         if fused is not None:  # (y in x's dtype, or fp32 where shared experts are added below)
-            y_TD, counts_E, dropped = fused
-            # (inference, where _balance would only record these; a plain attribute, set without Module.__setattr__)
-            self.__dict__["stats"] = {"tokens_per_expert": counts_E, "dropped": dropped}
-            if self.shared_experts is None and y_TD.dtype == x.dtype:
-                return y_TD.view(shape)
-            return self._add_shared(x_TD, y_TD).to(x.dtype).view(shape)
+            return self._inference_output(x, x_TD, *fused)
         seq_len = shape[-2] if x.dim() >= 3 else x_TD.shape[0]
         ctx = RoutingContext(seq_len, None if token_ids is None else token_ids.reshape(-1))
         plan = dropped = None
@@ -316,6 +311,17 @@ class MoE(nn.Module):
             return y
         return self._add_shared(x.view(-1, D), y.view(-1, D)).to(x.dtype).view_as(x)
 
+    def _inference_output(self, x: torch.Tensor, x_TD: torch.Tensor, y_TD: torch.Tensor, counts_E: torch.Tensor,
+                          dropped: torch.Tensor) -> torch.Tensor:
+        """The end of an inference forward that skipped :meth:`_balance`: its statistics recorded, the shared
+        experts added where there are some, in ``x``'s shape and dtype (``y_TD``: in ``x``'s dtype, or fp32 where
+        shared experts are to be added)."""
+        # (inference, where _balance would only record these; a plain attribute, set without Module.__setattr__)
+        self.__dict__["stats"] = {"tokens_per_expert": counts_E, "dropped": dropped}
+        if self.shared_experts is None and y_TD.dtype == x.dtype:
+            return y_TD.view(x.shape)
+        return self._add_shared(x_TD, y_TD).to(x.dtype).view(x.shape)
+
     def _triton_inference(self, x: torch.Tensor) -> torch.Tensor | None:
         """Inference on the Triton path (a GPU) as :meth:`_planless_inference` runs it, but through a call prepared
         once per module state (:meth:`_triton_prepared`), as :meth:`_fused_decode` is on CPU: the checks that depend
@@ -323,52 +329,40 @@ class MoE(nn.Module):
         does not apply (then the regular path decides)."""
         if self.training or type(x) is not torch.Tensor or x.dim() == 0:
             return None
-        call = self._triton_prepared()
-        if call is None or x.dtype != call.dtype or x.shape[-1] != call.D or x.numel() == 0 \
-                or autocast_enabled(x.device.type):
+        call = self._triton_prepared(x)
+        if call is None or x.shape[-1] != call.D:
             return None
         x_TD = x.reshape(-1, call.D)
         out = call(x_TD)
-        if out is None:
-            return None
-        y_TD, counts = out
-        E = call.E
-        # (inference, where _balance would only record these; a plain attribute, set without Module.__setattr__)
-        self.__dict__["stats"] = {"tokens_per_expert": counts.narrow(0, 0, E), "dropped": counts.select(0, E)}
-        if self.shared_experts is None:
-            return y_TD.view(x.shape)
-        return self._add_shared(x_TD, y_TD).to(x.dtype).view(x.shape)
+        return None if out is None else self._inference_output(x, x_TD, *out)
 
     def _triton_train_step(self, x_TD: torch.Tensor) -> tuple | None:
         """A training forward on the Triton path through the call :meth:`_triton_inference` uses
         (``PreparedRouted.train_step``): ``(y_TD, tokens per expert, dropped, the routing)`` or None."""
-        call = self._triton_prepared()
-        if call is None or x_TD.dtype != call.dtype or x_TD.shape[0] == 0 or autocast_enabled(x_TD.device.type):
-            return None
-        step = call.train_step(x_TD)
-        if step is None:
-            return None
-        y_TD, counts, routed = step
-        return y_TD, counts.narrow(0, 0, call.E), counts.select(0, call.E), routed
+        call = self._triton_prepared(x_TD)
+        return None if call is None else call.train_step(x_TD)
 
-    def _triton_prepared(self):
-        """The Triton path's prepared call (:class:`moekit.experts.triton_backend.PreparedRouted`), or None where it
-        does not apply: rebuilt whenever :meth:`_prep_key` changes (mode, backend, disabled experts, any parameter
-        replaced, moved or cast); not with routing hooks or where PyTorch must see every operation."""
+    def _triton_prepared(self, x: torch.Tensor):
+        """The Triton path's prepared call (:class:`moekit.experts.triton_backend.PreparedRouted`) for input ``x``,
+        or None where it does not apply: rebuilt whenever :meth:`_prep_key` changes (mode, backend, disabled
+        experts, any parameter replaced, moved or cast); not with routing hooks, where PyTorch must see every
+        operation, under autocast, for no tokens or an input of another dtype than the weights'."""
         if self._routing_hooks or kcpu.bypassed():
             return None
-        return self._cached_prep("_triton_cache", False, self._prepare_triton)
+        call = self._cached_prep("_triton_cache", False, self._prepare_triton)
+        if call is None or x.dtype != call.dtype or x.numel() == 0 or autocast_enabled(x.device.type):
+            return None
+        return call
 
     def _prepare_triton(self):
-        from .experts.triton_backend import PreparedRouted, triton_usable
+        from .experts.triton_backend import PreparedRouted, selects_triton
 
         cfg, router, experts = self.config, self.router, self.experts
         if not self._planless_allowed() or router.disabled or router.needs_token_ids:
             return None
         spec = router.decode_routing()
         w = experts.w_in
-        if spec is None or not (experts.backend == "triton" or (experts.backend == "auto" and w.device.type == "cuda")) \
-                or triton_usable(w.device, w.dtype) is not None or router.weight.device != w.device:
+        if spec is None or not selects_triton(experts.backend, w.device, w.dtype) or router.weight.device != w.device:
             return None
         return PreparedRouted(router, experts, cfg.top_k, spec, self._routed_dtype(w.dtype))
 

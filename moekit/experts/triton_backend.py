@@ -340,16 +340,31 @@ def _run(experts: "Experts", x_TD, weights_TK, ix: _Index, dtype, out_dtype) -> 
 def routed_usable(experts: "Experts", x_TD: torch.Tensor, num_slots: int) -> bool:
     """Whether :func:`routed_forward` runs these rows: the ``triton`` backend (or ``auto`` on a GPU) usable here, and
     few enough slots and experts for the one-program index (:func:`moekit.kernels.triton_moe.align_usable`)."""
-    from .backends import auto_prefers_triton, compute_dtype
+    from .backends import compute_dtype
 
-    if experts.backend != "triton" and not (experts.backend == "auto" and x_TD.device.type == "cuda"):
-        return False
-    dtype, rows = compute_dtype(x_TD, experts.w_in), num_slots / experts.num_experts
-    if triton_usable(x_TD.device, dtype) is not None or (experts.backend == "auto"
-                                                          and not auto_prefers_triton(dtype, rows)):
-        return False
-    K_ = _kernels()
-    return K_.align_usable(num_slots, experts.num_experts, K_.block_m_for(rows))
+    dtype = compute_dtype(x_TD, experts.w_in)
+    return selects_triton(experts.backend, x_TD.device, dtype) and \
+        _plan_free_block_m(num_slots, experts.num_experts, dtype, experts.backend == "auto") is not None
+
+
+def selects_triton(backend: str, device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether experts of ``backend`` run Triton's kernels on ``device`` in ``dtype``: the ``triton`` backend, or
+    ``auto`` on a GPU, with Triton usable there (:func:`triton_usable`)."""
+    return (backend == "triton" or (backend == "auto" and device.type == "cuda")) and \
+        triton_usable(device, dtype) is None
+
+
+def _plan_free_block_m(num_slots: int, num_experts: int, dtype: torch.dtype, auto: bool) -> int | None:
+    """The tiles' ``BLOCK_M`` for ``num_slots`` dropless slots on the plan-free path, or None where it does not take
+    them: ``auto`` preferring the library GEMMs there (:func:`moekit.experts.backends.auto_prefers_triton`), or too
+    many slots and experts for the index (:func:`moekit.kernels.triton_moe.align_usable`)."""
+    from .backends import auto_prefers_triton
+
+    K_, rows = _kernels(), num_slots / num_experts
+    if auto and not auto_prefers_triton(dtype, rows):
+        return None
+    block_m = K_.block_m_for(rows)
+    return block_m if K_.align_usable(num_slots, num_experts, block_m) else None
 
 
 def routed_forward(experts: "Experts", x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor,
@@ -363,8 +378,13 @@ def routed_forward(experts: "Experts", x_TD: torch.Tensor, ids_TK: torch.Tensor,
 
     E = experts.num_experts
     ix, counts = _Index.from_ids(ids_TK.contiguous(), E, _kernels().block_m_for(ids_TK.numel() / E))
-    y_TD = _run(experts, x_TD, weights_TK, ix, compute_dtype(x_TD, experts.w_in), out_dtype)
-    return y_TD, counts.narrow(0, 0, E), counts.select(0, E)  # (not counts[:E], counts[E]: ~10 us less host time)
+    return _run(experts, x_TD, weights_TK, ix, compute_dtype(x_TD, experts.w_in), out_dtype), *_split_counts(counts, E)
+
+
+def _split_counts(counts: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`~moekit.kernels.triton_moe.align`'s ``[E + 1]`` counts as ``(slots per expert, dropped slots)``
+    (``narrow``/``select``, not ``counts[:E], counts[E]``: ~10 us less host time)."""
+    return counts.narrow(0, 0, num_experts), counts.select(0, num_experts)
 
 
 class PreparedRouted:
@@ -395,27 +415,24 @@ class PreparedRouted:
         self._plans: dict = {}
 
     def _plan(self, T: int):
-        """``(BLOCK_M, the two GEMMs' configs)`` for ``T`` tokens, or None where the plan-free index or ``auto``
-        does not take them (:func:`routed_usable`)."""
-        from .backends import auto_prefers_triton
-
+        """``(BLOCK_M, the two GEMMs' configs)`` for ``T`` tokens, or None where the plan-free path does not take
+        them (:func:`_plan_free_block_m`)."""
         K_ = _kernels()
         S, F = T * self.top_k, self.w_out.shape[2]
-        rows = S / self.E
-        block_m = K_.block_m_for(rows)
+        block_m = _plan_free_block_m(S, self.E, self.dtype, self.auto)
         plan = None
-        if K_.align_usable(S, self.E, block_m) and not (self.auto and not auto_prefers_triton(self.dtype, rows)):
+        if block_m is not None:
             swiglu = self.act.name == "swiglu"
-            plan = block_m, _pair_configs(K_, rows, F if swiglu else self.w_in.shape[1], self.D, self.D, F,
+            plan = block_m, _pair_configs(K_, S / self.E, F if swiglu else self.w_in.shape[1], self.D, self.D, F,
                                           self.dtype, swiglu)
         if len(self._plans) >= 256:  # (a bounded memo: token counts vary in serving)
             self._plans.clear()
         self._plans[T, K_.INTERPRET] = plan
         return plan
 
-    def __call__(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """``(y_TD in out_dtype, slots per expert int64 [E + 1], the last the dropped: 0)`` for 2-D ``x_TD`` of the
-        weights' dtype, or None."""
+    def __call__(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """``(y_TD in out_dtype, slots per expert int64 [E], dropped slots: a 0-dim 0)`` for 2-D ``x_TD`` of the
+        weights' dtype, as :func:`routed_forward` returns them, or None."""
         plan = self._plan_for(x_TD)
         if plan is None:
             return None
@@ -425,11 +442,11 @@ class PreparedRouted:
         ix, counts = _Index.from_ids(ids_TK, self.E, block_m)
         y_TD = _forward(x_TD, self.w_in, self.w_out, self.b_in, self.b_out, weights_TK, ix, self.act, self.dtype,
                         save_h=False, out_dtype=self.out_dtype, cfgs=cfgs)[0]
-        return y_TD, counts
+        return y_TD, *_split_counts(counts, self.E)
 
     def train_step(self, x_TD: torch.Tensor) -> tuple | None:
-        """With autograd: ``(y_TD in out_dtype, slots per expert int64 [E + 1] as in :meth:`__call__`, the routing as
-        the router returns it)`` for 2-D ``x_TD`` of the weights' dtype, differentiable in ``x_TD`` and every
+        """With autograd: ``(y_TD, slots per expert, dropped slots)`` as :meth:`__call__` returns them and the routing
+        as the router returns it, for 2-D ``x_TD`` of the weights' dtype, differentiable in ``x_TD`` and every
         parameter, or None."""
         from ..routing.base import RouterOutput
         from ..routing.softmax_topk import TopKSoftmaxFunction
@@ -444,7 +461,7 @@ class PreparedRouted:
         ix, counts = _Index.from_ids(ids_TK, self.E, block_m)
         y_TD = TritonExpertsFunction.apply(x_TD, self.w_in, self.w_out, self.b_in, self.b_out, weights_TK, ix,
                                            self.act, self.dtype, self.out_dtype, cfgs)
-        return y_TD, counts, RouterOutput(logits_TE, probs_TE, ids_TK, weights_TK)
+        return y_TD, *_split_counts(counts, self.E), RouterOutput(logits_TE, probs_TE, ids_TK, weights_TK)
 
     def _plan_for(self, x_TD: torch.Tensor):
         plan = self._plans.get((x_TD.shape[0], _kernels().INTERPRET), False)
