@@ -15,8 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..utils import no_autocast
-from ..utils import acc_dtype
+from ..utils import acc_dtype, no_autocast
 from .base import Router, RouterOutput, RoutingContext, SoftRouting, register_router
 
 
