@@ -6,8 +6,10 @@ F=256 E=64 K=8), T from 1 to 32768, fp32 and bf16, forward, forward+backward, an
 Every candidate is also timed replayed as a CUDA graph (:func:`moekit.cuda_graphed`; ``--no-graphs`` to skip), since at
 these sizes a layer's launches cost the host more than its kernels cost the GPU. Also in the same run: a dense SwiGLU FFN of equal active FLOPs, the experts' GEMMs alone on pre-sorted rows
 (``torch._grouped_mm``, where it runs: the floor of any grouped-GEMM MoE), and the device's roofline, a large dense
-GEMM (TFLOP/s; fp32 with and without TF32, bf16) and a large copy (GB/s). Timing: CUDA events, candidates measured
-round-robin, median of the repeats after warm-up. Each moekit forward is also checked against the transformers
+GEMM (TFLOP/s; fp32 with and without TF32, bf16) and a large copy (GB/s). Timing: CUDA events, median of the repeats
+after warm-up, candidates in an order shuffled every round, each run from an idle GPU; eager candidates are timed with
+the host's issue of their launches (what running eagerly costs), CUDA graphs and the GEMM floor by the device's time
+alone (the host queues the whole call behind a spin kernel first; see ``cuda_timeit_many``). Each moekit forward is also checked against the transformers
 ``eager`` output (max abs difference, in the row's note). Results go to ``benchmarks/results/layer_cuda.json``
 (rewritten after every configuration, so an interrupted run keeps what it measured) and a markdown table is printed.
 
@@ -26,10 +28,11 @@ import copy
 import gc
 import json
 import platform
+import random
 import statistics
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -43,6 +46,14 @@ MOEKIT_BACKENDS = ("triton", "grouped_mm")
 RESULTS = Path.cwd() / "benchmarks" / "results"
 
 
+@dataclass
+class GpuRow(Row):
+    """A timed row: ``timing`` says how (``"device"``: the GPU's time alone, ``"issue"``: from an idle GPU, the host's
+    issue included; see the timing notes below), ``host_ms`` is the median host time of the call itself."""
+    timing: str = ""
+    host_ms: float | None = None
+
+
 def require_cuda() -> torch.device:
     if not torch.cuda.is_available():
         raise SystemExit("bench_gpu.py needs a CUDA GPU: torch.cuda.is_available() is False "
@@ -52,6 +63,22 @@ def require_cuda() -> torch.device:
 
 
 # ----------------------------------------------------------------------------------------------- timing
+# How a call is timed. CUDA events time the device: the span between two events is from when the GPU reaches the
+# first to when it reaches the second. If the GPU is idle when the first is recorded, that span also holds the host's
+# time to issue the call's work, and if the GPU is still busy with the call before, the host's issue is hidden behind
+# it. Timed back to back in a fixed order, a candidate's figure therefore depended on its neighbour: in the first H200
+# run moekit's graph replay, timed right after the eager candidates (idle GPU), carried the host's 31-49 us of issuing
+# it, while transformers' graphs, queued behind moekit's still-running one, did not (moekit's forward graph took 0.070 ms
+# at Mixtral-like bf16 T = 1 and 0.038 ms in the cold-L2 pass, where an L2 flush queued before every run hid everyone's
+# issue; transformers' 0.060 and 0.063). Now every run starts from an idle GPU (synchronised), in an order shuffled each
+# round, and is timed one of two ways:
+# - issue-bound (eager candidates): nothing queued before it, so the span is the host's issue of the call plus the
+#   GPU's tail: the latency of one call, which is what running eagerly costs;
+# - device time (CUDA graphs, the GEMM floor, the roofline): a spin kernel (``torch.cuda._sleep``) is queued first, long
+#   enough for the host to queue the whole call behind it, so the span is the GPU's time alone (a run whose host issue
+#   outlasted the spin is not counted, and the spin grows).
+ISSUE, DEVICE = "issue", "device"
+HEAD_START_MIN_MS = 0.25  # the shortest spin queued before a device-timed run
 _FLUSH: torch.Tensor | None = None
 
 
@@ -63,32 +90,90 @@ def flush_l2() -> None:
     _FLUSH.zero_()
 
 
-def cuda_timeit_many(fns: dict, *, warmup: int = 3, min_reps: int = 10, max_reps: int = 100, budget_s: float = 2.0,
-                     cold: bool = False) -> dict:
-    """Median CUDA-event time (ms) of each function, measured round-robin after ``warmup`` untimed calls each
-    (which also compiles Triton kernels and fills the allocator cache). Returns ``{name: (ms, reps)}``."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    torch.cuda.synchronize()
-    times: dict = {name: [] for name in fns}
-    start = time.perf_counter()
-    reps = 0
-    while reps < max_reps and (reps < min_reps or time.perf_counter() - start < budget_s):
-        events = []
-        for name, fn in fns.items():
-            if cold:
-                flush_l2()
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            events.append((name, a, b))
+class CudaDevice:
+    """The device operations the timing uses (tests replace them with a simulated stream)."""
+
+    def synchronize(self) -> None:
         torch.cuda.synchronize()
-        for name, a, b in events:
+
+    def event(self):
+        return torch.cuda.Event(enable_timing=True)
+
+    def spin(self, cycles: int) -> None:
+        torch.cuda._sleep(int(cycles))
+
+    def flush(self) -> None:
+        flush_l2()
+
+    def clock(self) -> float:
+        return time.perf_counter()
+
+
+def spin_cycles_per_ms(dev) -> float:
+    """How many cycles of ``dev.spin`` take a millisecond of the device (its clock, measured now)."""
+    cycles = 2_000_000
+    rate = 0.0
+    for _ in range(2):  # (the first also warms the clock up)
+        dev.synchronize()
+        a, b = dev.event(), dev.event()
+        a.record()
+        dev.spin(cycles)
+        b.record()
+        dev.synchronize()
+        rate = cycles / max(a.elapsed_time(b), 1e-6)
+    return rate
+
+
+def cuda_timeit_many(fns: dict, *, warmup: int = 3, min_reps: int = 10, max_reps: int = 100, budget_s: float = 2.0,
+                     cold: bool = False, device_timed=(), dev=None, seed: int = 0) -> dict:
+    """Median CUDA-event time (ms) of each function after ``warmup`` untimed calls each (which also compile Triton
+    kernels, capture graphs and fill the allocator cache), in rounds of every function in a shuffled order. Each run
+    starts from an idle GPU; the functions named in ``device_timed`` get their device time, the others their
+    issue-bound time (see the notes above). ``cold``: the L2 cache is overwritten before every run.
+    Returns ``{name: (ms, reps, host_ms)}``, ``host_ms`` the median host time of the call itself."""
+    dev = dev or CudaDevice()
+    rng = random.Random(seed)
+    head_ms: dict = {}
+    if device_timed:
+        per_ms = spin_cycles_per_ms(dev)
+    for name, fn in fns.items():
+        host = []
+        for _ in range(warmup):
+            t0 = dev.clock()
+            fn()
+            host.append((dev.clock() - t0) * 1e3)
+        dev.synchronize()
+        if name in device_timed:  # (the first call may have compiled or captured: not a measure of its issue)
+            head_ms[name] = max(HEAD_START_MIN_MS, 2 * max(host[1:] or host))
+    times: dict = {name: [] for name in fns}
+    hosts: dict = {name: [] for name in fns}
+    order = list(fns)
+    start = dev.clock()
+    rounds = 0
+    while rounds < max_reps and (min(map(len, times.values())) < min_reps or dev.clock() - start < budget_s):
+        rng.shuffle(order)
+        for name in order:
+            if cold:
+                dev.flush()
+            dev.synchronize()
+            head = head_ms.get(name, 0.0)
+            if head:
+                dev.spin(head * per_ms)
+            a, b = dev.event(), dev.event()
+            t0 = dev.clock()
+            a.record()
+            fns[name]()
+            b.record()
+            host_ms = (dev.clock() - t0) * 1e3
+            dev.synchronize()
+            hosts[name].append(host_ms)
+            if head and host_ms >= head:  # the GPU waited for the host: not the device's time alone
+                head_ms[name] = 2 * host_ms
+                continue
             times[name].append(a.elapsed_time(b))
-        reps += 1
-    return {name: (statistics.median(ts), len(ts)) for name, ts in times.items()}
+        rounds += 1
+    return {name: (statistics.median(ts) if ts else None, len(ts), statistics.median(hosts[name]))
+            for name, ts in times.items()}
 
 
 def peak_mem_mb(fn) -> float:
@@ -112,14 +197,16 @@ def roofline() -> dict:
             torch.backends.cuda.matmul.allow_tf32 = allow
             a = torch.randn(n, n, device="cuda", dtype=dtype)
             b = torch.randn(n, n, device="cuda", dtype=dtype)
-            ms, _ = cuda_timeit_many({"mm": lambda a=a, b=b: a @ b}, min_reps=5, max_reps=20, budget_s=1.0)["mm"]
+            ms = cuda_timeit_many({"mm": lambda a=a, b=b: a @ b}, min_reps=5, max_reps=20, budget_s=1.0,
+                                  device_timed={"mm"})["mm"][0]
             out[f"gemm_tflops_{name}"] = 2 * n**3 / (ms / 1e3) / 1e12
             del a, b
     finally:
         torch.backends.cuda.matmul.allow_tf32 = tf32
     src = torch.empty(2**28, dtype=torch.float32, device="cuda").uniform_()  # 1 GiB
     dst = torch.empty_like(src)
-    ms, _ = cuda_timeit_many({"copy": lambda dst=dst, src=src: dst.copy_(src)}, min_reps=5, max_reps=20, budget_s=1.0)["copy"]
+    ms = cuda_timeit_many({"copy": lambda dst=dst, src=src: dst.copy_(src)}, min_reps=5, max_reps=20, budget_s=1.0,
+                          device_timed={"copy"})["copy"][0]
     out["copy_gbps"] = 2 * src.numel() * 4 / (ms / 1e3) / 1e9  # read + write
     del src, dst
     torch.cuda.empty_cache()
@@ -251,11 +338,13 @@ def bench(shapes, tokens, dtypes, modes, out_path: Path, budget_s: float, graphs
         drop_failing(steps, lambda name, e: rows.append(
             Row(shape_name, _dt(dtype), T, mode, name, None, 0, note=f"error: {e!s:.160}")),
             cleanup=torch.cuda.empty_cache)
-        timed = cuda_timeit_many(steps, budget_s=budget_s, cold=mode == "fwd-cold")
-        for name, (ms, reps) in timed.items():
+        device_timed = {name for name in steps if name in graphed or name == "gemm_floor"}
+        timed = cuda_timeit_many(steps, budget_s=budget_s, cold=mode == "fwd-cold", device_timed=device_timed)
+        for name, (ms, reps, host_ms) in timed.items():
             # (a graph's memory is taken at capture, not while it replays: no peak measured for it)
             mem = peak_mem_mb(steps[name]) if mode == "fwd+bwd" and T >= 1024 and name not in graphed else None
-            rows.append(Row(shape_name, _dt(dtype), T, mode, name, ms, reps, mem, notes.get(name, "")))
+            rows.append(GpuRow(shape_name, _dt(dtype), T, mode, name, ms, reps, mem, notes.get(name, ""),
+                               timing=DEVICE if name in device_timed else ISSUE, host_ms=host_ms))
         result["rows"] += [asdict(r) for r in rows]
         out_path.write_text(json.dumps(result, indent=1))
         del candidates, graphed, steps, block, x
@@ -320,7 +409,11 @@ def summarise(result: dict) -> str:
             f"triton {m['triton']}, transformers {m['transformers']}. Roofline in the same run: GEMM "
             f"{roof['gemm_tflops_float32']:.0f} TFLOP/s fp32, {roof['gemm_tflops_tf32']:.0f} tf32, "
             f"{roof['gemm_tflops_bfloat16']:.0f} bf16; copy {roof['copy_gbps']:.0f} GB/s. fp32 GEMMs run without TF32 "
-            f"(torch's default), so fp32 rows are compared with the fp32 roofline.")
+            f"(torch's default), so fp32 rows are compared with the fp32 roofline. " + (
+                "Eager columns: one call from an idle GPU, the host's issue of its launches included; graph columns and "
+                "the GEMM floor: the GPU's time alone." if any(r.get("timing") for r in result["rows"]) else
+                "Timed back to back in a fixed order, so a graph's time holds the host's issue of it or not depending "
+                "on its neighbour (the benchmark's first protocol; see cuda_timeit_many)."))
     errors = [f"- {r['shape']} {r['dtype']} T={r['tokens']} {r['mode']} {r['impl']}: {r['note']}"
               for r in result["rows"] if r["note"].startswith(("error", "max|", "skipped"))]
     return head + "\n\n" + "\n".join(lines) + ("\n\nChecks and errors:\n" + "\n".join(errors) if errors else "")

@@ -239,8 +239,11 @@ def _bench_script(name: str):
     from pathlib import Path
 
     path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    import sys
+
     spec = importlib.util.spec_from_file_location(name, path)
     mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod  # (its dataclasses look their module up there)
     spec.loader.exec_module(mod)
     return mod
 
@@ -415,3 +418,117 @@ def test_triton_host_benchmark_times_the_triton_path_with_launches_stubbed(tmp_p
     table = mod.table({"rows": rows, "machine": {"cpu": "x", "torch": "t", "triton": "3"}, "memory": [mem],
                        "plain_op_us": result["plain_op_us"]})
     assert table.count("\n| tiny |") == 5 and "| tiny | float32 | 40 |" in table and "plain PyTorch operator" in table
+
+
+class _SimStream:
+    """One CUDA stream and the host, simulated (times in ms): a launch issued at host time ``h`` starts when the GPU
+    has finished what was queued before it and ``h`` has come; an event is stamped when the GPU reaches it;
+    ``synchronize`` makes the host wait for the GPU. The spin kernel runs ``CYCLES_PER_MS`` cycles a millisecond."""
+
+    CYCLES_PER_MS = 1.5e6
+
+    def __init__(self):
+        self.host = 0.0
+        self.gpu_free = 0.0
+        self.flushes = 0
+        self.spins = []
+
+    def launch(self, gpu_ms: float) -> None:
+        self.gpu_free = max(self.gpu_free, self.host) + gpu_ms
+
+    def issue(self, host_ms: float) -> None:
+        self.host += host_ms
+
+    def synchronize(self) -> None:
+        self.host = max(self.host, self.gpu_free)
+
+    def event(self):
+        sim = self
+
+        class Event:
+            def record(self):
+                self.at = max(sim.host, sim.gpu_free)  # (nothing queued after it yet: stamped when the GPU gets there)
+                sim.gpu_free = self.at
+
+            def elapsed_time(self, end):
+                return end.at - self.at
+
+        return Event()
+
+    def spin(self, cycles: int) -> None:
+        self.spins.append(cycles / self.CYCLES_PER_MS)
+        self.launch(cycles / self.CYCLES_PER_MS)
+
+    def flush(self) -> None:
+        self.flushes += 1
+        self.launch(0.15)
+
+    def clock(self) -> float:
+        return self.host / 1e3  # (seconds, as time.perf_counter)
+
+
+def _sim_call(sim, ops, pre_ms=0.0):
+    """A call that spends ``pre_ms`` on the host, then issues each ``(host_ms, gpu_ms)`` launch in turn."""
+    def call():
+        sim.issue(pre_ms)
+        for host_ms, gpu_ms in ops:
+            sim.issue(host_ms)
+            sim.launch(gpu_ms)
+    return call
+
+
+def test_gpu_benchmark_times_graphs_by_device_time_and_eager_calls_from_an_idle_gpu():
+    """bench_gpu.cuda_timeit_many on a simulated stream: a graph replay (0.03 ms of host issue, 0.038 ms of GPU) is
+    timed at its GPU time wherever it falls in the order, an eager call (10 launches of 0.05 ms host, 0.002 GPU) at its
+    issue plus the GPU's tail, both the same warm and cold; the protocol before (back to back, fixed order) gave the
+    graph placed after an eager call the host's issue and the next graph none."""
+    G = _bench_gpu()
+    sim = _SimStream()
+    fns = {"eager": _sim_call(sim, [(0.05, 0.002)] * 10), "graph_a": _sim_call(sim, [(0.03, 0.038)]),
+           "graph_b": _sim_call(sim, [(0.03, 0.060)])}
+    for cold in (False, True):
+        out = G.cuda_timeit_many(fns, min_reps=12, max_reps=12, budget_s=0.0, cold=cold,
+                                 device_timed={"graph_a", "graph_b"}, dev=sim)
+        assert out["graph_a"][:2] == (pytest.approx(0.038), 12) and out["graph_b"][0] == pytest.approx(0.060)
+        assert out["eager"][:2] == (pytest.approx(0.5 + 0.002), 12)
+        assert out["graph_a"][2] == pytest.approx(0.03) and out["eager"][2] == pytest.approx(0.5)
+    assert sim.flushes == 3 * 12  # (cold: before every run)
+    # the head start before each graph run: the minimum, above twice the graphs' 0.03 ms issue
+    # (the others, 2M cycles each, measured the device's clock: two per call)
+    heads = [x for x in sim.spins if x < 1.0]
+    assert heads == pytest.approx([G.HEAD_START_MIN_MS] * (2 * 2 * 12))
+
+    # the first protocol on the same calls: the graph after the eager call pays its issue, the one after it does not
+    def back_to_back(order):
+        stamps = {}
+        sim.synchronize()
+        for name in order:
+            a, b = sim.event(), sim.event()
+            a.record()
+            fns[name]()
+            b.record()
+            stamps[name] = a.elapsed_time(b)
+        return stamps
+
+    old = back_to_back(["eager", "graph_a", "graph_b"])
+    # (graph_a: the issue, less the eager call's 0.002 ms tail it overlaps, and its own 0.038 ms)
+    assert old["graph_a"] == pytest.approx(0.03 - 0.002 + 0.038) and old["graph_b"] == pytest.approx(0.060)
+
+
+def test_gpu_benchmark_drops_runs_whose_issue_outlasted_the_head_start():
+    """A device-timed call whose host issue grows after warm-up (here to 1 ms, past the 0.25 ms head start): the runs
+    where the GPU waited for the host are not counted, the head start grows, and the median is the GPU's time."""
+    G = _bench_gpu()
+    sim = _SimStream()
+    calls = {"n": 0}
+
+    def slow_later():
+        calls["n"] += 1
+        sim.issue(0.01 if calls["n"] <= 3 else 1.0)  # (3 warm-up calls)
+        sim.launch(0.04)
+
+    out = G.cuda_timeit_many({"graph": slow_later}, min_reps=5, max_reps=6, budget_s=0.0, device_timed={"graph"},
+                             dev=sim)
+    assert out["graph"][:2] == (pytest.approx(0.04), 5)  # 6 runs, the first too short a head start
+    # (after the two spins that measure the device's clock) the head start: 0.25 ms, then twice the 1 ms issue
+    assert sim.spins[2:] == pytest.approx([G.HEAD_START_MIN_MS] + [2.0] * 5)
