@@ -275,6 +275,32 @@ def graph_step(module, x, mode: str):
     return step
 
 
+#: moekit's Triton layer with the fp32 few-row tiles switched off (``triton_moe.FMA_MAX_ROWS = 0``: 16-row ``tl.dot``
+#: tiles), graphed, where the layer would take them: the A/B of that choice, reported beside the table
+DOT_TILES = "moekit_triton_dot_tiles_graph"
+
+
+def fma_tiles_apply(shape: dict, dtype: torch.dtype, T: int) -> bool:
+    """Whether moekit's Triton GEMMs take the few-row tiles multiplied on the CUDA cores for these rows."""
+    from moekit.kernels import triton_moe
+
+    rows = T * shape["top_k"] / shape["num_experts"]
+    return triton_moe.block_m_for(rows, dtype) < 16
+
+
+def with_dot_tiles(step):
+    """``step`` (its first call captures the graphs, forward and backward) with the few-row tiles switched off."""
+    from moekit.kernels import triton_moe
+
+    def run():
+        saved, triton_moe.FMA_MAX_ROWS = triton_moe.FMA_MAX_ROWS, 0
+        try:
+            step()
+        finally:
+            triton_moe.FMA_MAX_ROWS = saved
+    return run
+
+
 # ------------------------------------------------------------------------------------------------- runner
 def bench(shapes, tokens, dtypes, modes, out_path: Path, budget_s: float, graphs: bool = True) -> dict:
     dev = require_cuda()
@@ -332,6 +358,11 @@ def bench(shapes, tokens, dtypes, modes, out_path: Path, budget_s: float, graphs
                         notes[name] = f"error: {e!s:.120}"
         steps = {name: make_step(m, x, mode) for name, m in candidates.items()}
         steps.update({name: graph_step(m, x, mode) for name, m in graphed.items()})
+        if graphs and fma_tiles_apply(shape, dtype, T):  # the A/B of the few-row tiles: 16-row tl.dot ones
+            layer = moekit.from_hf(block, backend="triton").to(dev, dtype) if block is not None else \
+                copy.deepcopy(candidates["moekit_triton"])
+            graphed[DOT_TILES] = layer
+            steps[DOT_TILES] = with_dot_tiles(graph_step(layer, x, mode))
         if grouped_mm_supported("cuda", dtype):
             floor = GroupedGemmFloor(shape, T, dtype)
             steps["gemm_floor"] = lambda: floor.step(backward=mode == "fwd+bwd")
@@ -416,7 +447,14 @@ def summarise(result: dict) -> str:
                 "on its neighbour (the benchmark's first protocol; see cuda_timeit_many)."))
     errors = [f"- {r['shape']} {r['dtype']} T={r['tokens']} {r['mode']} {r['impl']}: {r['note']}"
               for r in result["rows"] if r["note"].startswith(("error", "max|", "skipped"))]
-    return head + "\n\n" + "\n".join(lines) + ("\n\nChecks and errors:\n" + "\n".join(errors) if errors else "")
+    ab = [f"- {shape} {dtype} T={T} {mode}: {_f(impls['moekit_triton_graph']['median_ms'])} ms with them, "
+          f"{_f(impls[DOT_TILES]['median_ms'])} with 16-row tl.dot tiles "
+          f"({impls[DOT_TILES]['median_ms'] / impls['moekit_triton_graph']['median_ms']:.2f}x)"
+          for (shape, dtype, T, mode), impls in by_key.items()
+          if impls.get(DOT_TILES, {}).get("median_ms") and impls.get("moekit_triton_graph", {}).get("median_ms")]
+    return head + "\n\n" + "\n".join(lines) + \
+        ("\n\nfp32 few-row tiles on the CUDA cores (graphs, device time):\n" + "\n".join(ab) if ab else "") + \
+        ("\n\nChecks and errors:\n" + "\n".join(errors) if errors else "")
 
 
 def child_args(argv: list[str]) -> list[str]:

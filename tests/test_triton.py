@@ -261,24 +261,21 @@ class TestCUDA:
 
 
 # ------------------------------------------------------------------------------- GPU compile without a GPU
-_TT_TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int64: "i64",
-             torch.int32: "i32"}
-
-
-def _captured_launches(monkeypatch, dtype: torch.dtype, backward: bool) -> list:
-    """The exact kernel launches (kernel, args, kwargs) of one forward (+ backward) of the backend, recorded
-    instead of run: CPU tensors stand in for GPU ones, only their dtypes matter."""
+def _captured_launches(monkeypatch, dtype: torch.dtype, backward: bool, T: int = 40) -> list:
+    """The exact kernel launches (kernel, args, kwargs) of one forward (+ backward) of the backend over ``T`` tokens
+    (8 experts, top-2), recorded instead of run: CPU tensors stand in for GPU ones (their dtypes and alignment are
+    what the compiler sees)."""
     from moekit.kernels import triton_moe
 
     calls = []
     monkeypatch.setattr(triton_moe, "_launch", lambda kernel, grid, *a, **k: calls.append((kernel, a, k)))
     torch.manual_seed(0)
     ex = Experts(8, 64, 96, bias=True).to(dtype)
-    ids, weights, _ = cases._routing(dict(E=8, K=2, T=40), "cpu")
+    ids, weights, _ = cases._routing(dict(E=8, K=2, T=T), "cpu")
     weights.requires_grad_(backward)
-    logits = torch.zeros(40, 8)
+    logits = torch.zeros(T, 8)
     plan = LocalDispatcher(8).plan(RouterOutput(logits, logits, ids, weights))
-    x = torch.randn(40, 64, dtype=dtype, requires_grad=backward)
+    x = torch.randn(T, 64, dtype=dtype, requires_grad=backward)
     args = (x, ex.w_in, ex.w_out, ex.b_in, ex.b_out, plan.weights_TK)
     with torch.set_grad_enabled(backward):
         y = tb.TritonExpertsFunction.apply(*args, tb._Index.from_plan(plan), ex.activation, dtype)
@@ -301,25 +298,43 @@ def _captured_layer_inference_launches(monkeypatch) -> list:
     return calls
 
 
+def _compile_as_launched(fn, args: tuple, kwargs: dict, target):
+    """Compile the JIT function ``fn`` for ``target`` as launching it with these arguments would: Triton's own
+    specialisation of them (integers divisible by 16 and 16-byte aligned pointers as hints, integers equal to 1 as
+    constants), so the code is the GPU's. Returns ``(specialisation key, compiled kernel)``."""
+    import triton
+    from triton.backends.nvidia.compiler import CUDABackend
+    from triton.compiler import ASTSource
+    from triton.runtime.jit import create_function_from_signature
+
+    backend = CUDABackend(target)
+    bound, spec, opts = create_function_from_signature(fn.signature, fn.params, backend)(*args, **kwargs)
+    options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, spec, opts)
+    key = (fn.__name__, str(spec), str(sorted(options.__dict__.items())))
+    return key, lambda: triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target,
+                                       options=options.__dict__)
+
+
 @needs_triton
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:TRITON_DEFAULT_FP_FUSION")
 def test_kernels_compile_for_sm90(monkeypatch):
-    """Compile every kernel variant of a bf16 forward + backward and an fp32 forward for an H100 (sm_90) without a
-    GPU, through Triton's own compiler and the bundled ptxas: catches what the interpreter lets through (types,
-    shapes of tl.dot, shared-memory limits)."""
-    import triton
-
+    """Compile every kernel variant of a bf16 forward + backward and fp32 forwards + backwards (16-row tiles, and the
+    1- and 2-row tiles of few rows per expert multiplied on the CUDA cores) for an H100 (sm_90) without a GPU,
+    specialised as their launches would be, through Triton's own compiler and the bundled ptxas: catches what the
+    interpreter lets through (types, shapes of tl.dot, shared-memory and register limits)."""
     if tb.interpreting():
         pytest.skip("the kernels are interpreted in this process")
     try:
         from triton.backends.compiler import GPUTarget
-        from triton.compiler import ASTSource
+        from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401
+        from triton.runtime.jit import create_function_from_signature  # noqa: F401
     except ImportError as e:
         pytest.skip(f"this Triton has no ahead-of-time compile API ({e})")
-    seen, compiled = set(), 0
     launches = _captured_launches(monkeypatch, torch.bfloat16, True) + \
-        _captured_launches(monkeypatch, torch.float32, False) + _captured_layer_inference_launches(monkeypatch)
+        _captured_launches(monkeypatch, torch.float32, False) + \
+        _captured_launches(monkeypatch, torch.float32, True, T=3) + \
+        _captured_launches(monkeypatch, torch.float32, True, T=7) + _captured_layer_inference_launches(monkeypatch)
     from moekit.kernels import triton_moe  # (its _launch records, as patched above)
 
     recorded: list = []
@@ -334,30 +349,18 @@ def test_kernels_compile_for_sm90(monkeypatch):
     assert len(launches) >= 18
     assert {"_topk_softmax_kernel", "_topk_softmax_bwd_kernel", "_align_kernel", "_align_count_kernel",
             "_align_scan_kernel", "_align_place_kernel"} <= {kernel.__name__ for kernel, _, _ in launches}
+    gemm_tiles = {(k["BLOCK_M"], k["FMA"]) for kernel, _, k in launches if kernel.__name__ == "_grouped_gemm_kernel"}
+    assert {(16, False), (1, True), (2, True)} <= gemm_tiles, gemm_tiles
+    seen, compiled = set(), 0
     for kernel, args, kwargs in launches:
-        fn = kernel  # a JITFunction
-        names = fn.arg_names
-        options = {k: kwargs[k] for k in ("num_warps", "num_stages") if k in kwargs}
-        constexprs = {k: v for k, v in kwargs.items() if k not in options}
-        signature = {}
-        for name, value in zip(names, args):
-            if isinstance(value, torch.Tensor):
-                signature[name] = "*" + _TT_TYPES[value.dtype]
-            elif isinstance(value, float):
-                signature[name] = "fp32"
-            else:
-                signature[name] = "i64" if abs(int(value)) >= 2**31 else "i32"
-        signature.update({k: "constexpr" for k in constexprs})
-        assert set(signature) == set(names), f"{fn.__name__}: launch does not match the kernel's parameters"
-        key = (fn.__name__, tuple(sorted(signature.items())), tuple(sorted((k, str(v)) for k, v in kwargs.items())))
+        key, build = _compile_as_launched(kernel, args, kwargs, GPUTarget("cuda", 90, 32))
         if key in seen:
             continue
         seen.add(key)
-        src = ASTSource(fn=fn, signature=signature, constexprs={(names.index(k),): v for k, v in constexprs.items()})
-        out = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
-        assert out.metadata.shared <= 227 * 1024, f"{fn.__name__}: {out.metadata.shared} bytes of shared memory"
+        out = build()
+        assert out.metadata.shared <= 227 * 1024, f"{kernel.__name__}: {out.metadata.shared} bytes of shared memory"
         compiled += 1
-    assert compiled >= 15
+    assert compiled >= 20
 
 
 def test_auto_leaves_triton_for_fp32_only_with_many_rows_per_expert():

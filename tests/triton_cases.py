@@ -46,6 +46,11 @@ EXPERT_CASES: dict[str, dict] = {
     "gpu_tiles_m64_bias": dict(E=3, K=2, T=200, D=70, F=100, bias=True, gpu_tiles=64),
     "gpu_tiles_m128_gelu": dict(E=2, K=1, T=1100, D=48, F=136, activation="gelu", bias=True, gpu_tiles=128),
     "gpu_tiles_m128_swiglu": dict(E=3, K=2, T=800, D=36, F=200, only_experts=(0, 2), gpu_tiles=128),
+    # fp32 with few rows per expert: tiles of 1-8 rows multiplied on the CUDA cores (triton_moe._mac), the GPU's
+    # narrow column tiles (several K steps and column tiles here); the other fp32 cases of <= 8 rows per expert
+    # take them too, with the interpreter's tile sizes
+    "gpu_tiles_fma_m1": dict(E=8, K=2, T=3, D=70, F=100, bias=True, gpu_tiles=1),
+    "gpu_tiles_fma_m4": dict(E=4, K=2, T=7, D=40, F=72, gpu_tiles=4),
 }
 # The same cases in bf16 (weights and input), compared with the bf16 loop and with an fp32 loop.
 BF16_CASES = ("swiglu", "swiglu_bias_odd_dims", "multi_tile", "empty_slots_dynamic_k", "gelu_bias",

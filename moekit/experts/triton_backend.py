@@ -363,7 +363,7 @@ def _plan_free_block_m(num_slots: int, num_experts: int, dtype: torch.dtype, aut
     K_, rows = _kernels(), num_slots / num_experts
     if auto and not auto_prefers_triton(dtype, rows):
         return None
-    block_m = K_.block_m_for(rows)
+    block_m = K_.block_m_for(rows, dtype)
     return block_m if K_.align_usable(num_slots, num_experts, block_m) else None
 
 
@@ -376,9 +376,9 @@ def routed_forward(experts: "Experts", x_TD: torch.Tensor, ids_TK: torch.Tensor,
     forward and backward are :class:`TritonExpertsFunction`'s. Check :func:`routed_usable` first."""
     from .backends import compute_dtype
 
-    E = experts.num_experts
-    ix, counts = _Index.from_ids(ids_TK.contiguous(), E, _kernels().block_m_for(ids_TK.numel() / E))
-    return _run(experts, x_TD, weights_TK, ix, compute_dtype(x_TD, experts.w_in), out_dtype), *_split_counts(counts, E)
+    E, dtype = experts.num_experts, compute_dtype(x_TD, experts.w_in)
+    ix, counts = _Index.from_ids(ids_TK.contiguous(), E, _kernels().block_m_for(ids_TK.numel() / E, dtype))
+    return _run(experts, x_TD, weights_TK, ix, dtype, out_dtype), *_split_counts(counts, E)
 
 
 def _split_counts(counts: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:

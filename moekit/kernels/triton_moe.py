@@ -31,6 +31,7 @@ nearest even by hand (``RTNE``).
 from __future__ import annotations
 
 import functools
+import math
 import os
 
 import torch
@@ -60,6 +61,36 @@ def _dot(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     return tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=tl.float32)
 
 
+# A grouped GEMM's accumulator: ``tl.dot``'s [BLOCK_M, BLOCK_N] tile, or with ``FMA`` (fp32 tiles of fewer than 16
+# rows) a [BLOCK_M, BLOCK_K, BLOCK_N] one that collects the products on the CUDA cores and is summed over K once at
+# the end: a tile of one row multiplies one row (``tl.dot`` needs 16, and runs exact fp32 on the CUDA cores too), and
+# the loop is loads and FMAs alone (no reduction across threads per step), as a memory-bound GEMV wants.
+@triton.jit
+def _acc_zeros(FMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    if FMA:  # (else: a constexpr if's taken branch is the only one compiled, but a return after it would be too)
+        return tl.zeros((BLOCK_M, BLOCK_K, BLOCK_N), dtype=tl.float32)
+    else:
+        return tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+
+
+@triton.jit
+def _mac(a, b, acc, FMA: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """``acc + a @ b`` into an accumulator of :func:`_acc_zeros`."""
+    if FMA:
+        return acc + a.to(tl.float32)[:, :, None] * b.to(tl.float32)[None, :, :]
+    else:
+        return _dot(a, b, acc, PRECISION, UPCAST)
+
+
+@triton.jit
+def _acc_result(acc, FMA: tl.constexpr):
+    """The [BLOCK_M, BLOCK_N] product held by an accumulator of :func:`_acc_zeros`."""
+    if FMA:
+        return tl.sum(acc, axis=1)
+    else:
+        return acc
+
+
 @triton.jit
 def _cast(x, dtype: tl.constexpr, RTNE: tl.constexpr):
     """``x.to(dtype)``; with ``RTNE`` (interpreter only) fp32 -> bf16 rounds to nearest even by hand, as a GPU does
@@ -85,7 +116,7 @@ def _grouped_gemm_kernel(
     N, K, HALF, num_tiles_m,
     GATHER: tl.constexpr, SCATTER: tl.constexpr, SCALE: tl.constexpr, HAS_BIAS: tl.constexpr,
     EPILOGUE: tl.constexpr, SAVE_H: tl.constexpr,
-    DTYPE: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, RTNE: tl.constexpr,
+    DTYPE: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, RTNE: tl.constexpr, FMA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # program -> (row tile, column tile), grouped along rows so neighbouring programs share weight tiles in L2
@@ -118,8 +149,8 @@ def _grouped_gemm_kernel(
     b_up_off = HALF * stride_bn  # the up half of a [gate; up] weight (SwiGLU epilogue only)
     if SCALE:
         scale = tl.load(scale_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = _acc_zeros(FMA, BLOCK_M, BLOCK_N, BLOCK_K)
+    acc_up = _acc_zeros(FMA, BLOCK_M, BLOCK_N, BLOCK_K)
     for k0 in range(0, K, BLOCK_K):
         k_ok = ks < K - k0
         a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
@@ -128,12 +159,14 @@ def _grouped_gemm_kernel(
         a = _cast(a, DTYPE, RTNE)
         b_mask = k_ok[:, None] & col_ok[None, :]
         b = _cast(tl.load(b_ptrs, mask=b_mask, other=0.0), DTYPE, RTNE)
-        acc = _dot(a, b, acc, PRECISION, UPCAST)
+        acc = _mac(a, b, acc, FMA, PRECISION, UPCAST)
         if EPILOGUE == 1:
             b_up = _cast(tl.load(b_ptrs + b_up_off, mask=b_mask, other=0.0), DTYPE, RTNE)
-            acc_up = _dot(a, b_up, acc_up, PRECISION, UPCAST)
+            acc_up = _mac(a, b_up, acc_up, FMA, PRECISION, UPCAST)
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
+    acc = _acc_result(acc, FMA)
+    acc_up = _acc_result(acc_up, FMA)
 
     if SCATTER:
         out_rows = tl.load(scatter_ptr + rows, mask=row_ok, other=0).to(tl.int64)
@@ -471,12 +504,21 @@ def dot_precision(dtype: torch.dtype) -> tuple[str, bool]:
     return "tf32", False  # the default; Triton ignores it for 16-bit operands
 
 
-def block_m_for(rows_per_expert: float) -> int:
-    """``BLOCK_M`` of :func:`gemm_config` (it fixes the tile schedule, so it depends on the rows alone)."""
-    return 16 if INTERPRET else _gpu_block_m(rows_per_expert)
+#: fp32 GEMMs over at most this many rows per expert (on average) take tiles of fewer than 16 rows, multiplied on the
+#: CUDA cores (:func:`_mac`), instead of ``tl.dot``'s 16-row tiles; 0 turns that off
+FMA_MAX_ROWS = 8
 
 
-def _gpu_block_m(rows_per_expert: float) -> int:
+def block_m_for(rows_per_expert: float, dtype: torch.dtype) -> int:
+    """``BLOCK_M`` of :func:`gemm_config` for GEMMs in ``dtype`` (it fixes the tile schedule)."""
+    return _block_m(rows_per_expert, dtype, INTERPRET, FMA_MAX_ROWS)
+
+
+def _block_m(rows_per_expert: float, dtype: torch.dtype, interpret: bool, fma_max_rows: int) -> int:
+    if dtype == torch.float32 and rows_per_expert <= fma_max_rows:
+        return _pow2(math.ceil(rows_per_expert), 1, 8)
+    if interpret:
+        return 16
     return 16 if rows_per_expert <= 16 else 32 if rows_per_expert <= 64 else 64 if rows_per_expert <= 512 else 128
 
 
@@ -484,14 +526,21 @@ def gemm_config(rows_per_expert: float, N: int, K: int, dtype: torch.dtype, two_
     """Tile sizes for :func:`_grouped_gemm_kernel` (a heuristic in the spirit of vLLM's default ``fused_moe``
     configs; ``BLOCK_M`` also fixes the tile schedule). ``two_acc``: the SwiGLU forward holds two accumulators.
     A fresh dict, from a memo (a training step asks for four, ~4 us each on the host)."""
-    return dict(_gemm_config(rows_per_expert, N, K, dtype, two_acc, INTERPRET))
+    return dict(_gemm_config(rows_per_expert, N, K, dtype, two_acc, INTERPRET, FMA_MAX_ROWS))
 
 
 @functools.lru_cache(maxsize=1024)
-def _gemm_config(rows_per_expert: float, N: int, K: int, dtype: torch.dtype, two_acc: bool, interpret: bool) -> dict:
+def _gemm_config(rows_per_expert: float, N: int, K: int, dtype: torch.dtype, two_acc: bool, interpret: bool,
+                 fma_max_rows: int) -> dict:
+    block_m = _block_m(rows_per_expert, dtype, interpret, fma_max_rows)
     if interpret:  # few large programs are fastest for numpy
-        return dict(BLOCK_M=16, BLOCK_N=_pow2(N, 16, 64), BLOCK_K=_pow2(K, 16, 64), GROUP_M=1,
-                    num_warps=4, num_stages=1)
+        return dict(BLOCK_M=block_m, BLOCK_N=_pow2(N, 16, 64), BLOCK_K=_pow2(K, 16, 64), GROUP_M=1,
+                    num_warps=4, num_stages=1, FMA=block_m < 16)
+    if block_m < 16:  # accumulators of [BLOCK_M, BLOCK_K, BLOCK_N] = 4096 (32 registers a thread of 4 warps, each);
+        # narrow column tiles, as a memory-bound GEMV wants many programs (one-token Mixtral-like down projection: 64,
+        # against 16 of 64 columns), long K steps (16 KiB of weights a step: few steps in a row, each a memory latency)
+        return dict(BLOCK_M=block_m, BLOCK_N=16, BLOCK_K=min(256 // block_m, _pow2(K, 16, 256)), GROUP_M=8,
+                    num_warps=4, num_stages=2, FMA=True)
     wide = dtype != torch.float32
     bk = 64 if wide else 32
     if rows_per_expert <= 16:
@@ -505,7 +554,8 @@ def _gemm_config(rows_per_expert: float, N: int, K: int, dtype: torch.dtype, two
     cfg["BLOCK_N"] = min(cfg["BLOCK_N"], _pow2(N, 16, 256))
     cfg["BLOCK_K"] = min(cfg["BLOCK_K"], _pow2(K, 16, 256))
     cfg["GROUP_M"] = 8
-    assert cfg["BLOCK_M"] == _gpu_block_m(rows_per_expert)
+    cfg["FMA"] = False
+    assert cfg["BLOCK_M"] == block_m
     return cfg
 
 
