@@ -275,30 +275,44 @@ def graph_step(module, x, mode: str):
     return step
 
 
-#: moekit's Triton layer with the fp32 few-row tiles switched off (``triton_moe.FMA_MAX_ROWS = 0``: 16-row ``tl.dot``
-#: tiles), graphed, where the layer would take them: the A/B of that choice, reported beside the table
-DOT_TILES = "moekit_triton_dot_tiles_graph"
+#: moekit's Triton layer, graphed, with the other choice of tiles for its GEMMs (``triton_moe.FMA_MAX_ROWS``) where
+#: there is one at decode sizes: 16-row ``tl.dot`` tiles where it takes few-row ones (fp32 up to 8 rows per expert),
+#: few-row ones for 16-bit at one row per expert or fewer. The A/B of that choice, listed after the table.
+OTHER_TILES = "moekit_triton_other_tiles_graph"
 
 
-def fma_tiles_apply(shape: dict, dtype: torch.dtype, T: int) -> bool:
-    """Whether moekit's Triton GEMMs take the few-row tiles multiplied on the CUDA cores for these rows."""
+def other_tiles(shape: dict, dtype: torch.dtype, T: int) -> dict | None:
+    """``FMA_MAX_ROWS`` for the other choice of tiles at these rows, or None where there is none to try."""
     from moekit.kernels import triton_moe
 
     rows = T * shape["top_k"] / shape["num_experts"]
-    return triton_moe.block_m_for(rows, dtype) < 16
+    if triton_moe.block_m_for(rows, dtype) < 16:
+        return {k: v for k, v in triton_moe.FMA_MAX_ROWS.items() if k != dtype}
+    if dtype != torch.float32 and rows <= 1:
+        return {**triton_moe.FMA_MAX_ROWS, dtype: 1}
+    return None
 
 
-def with_dot_tiles(step):
-    """``step`` (its first call captures the graphs, forward and backward) with the few-row tiles switched off."""
+def with_tiles(step, fma_max_rows: dict):
+    """``step`` (its first call captures the graphs, forward and backward) with ``FMA_MAX_ROWS`` set so."""
     from moekit.kernels import triton_moe
 
     def run():
-        saved, triton_moe.FMA_MAX_ROWS = triton_moe.FMA_MAX_ROWS, 0
+        saved, triton_moe.FMA_MAX_ROWS = triton_moe.FMA_MAX_ROWS, fma_max_rows
         try:
             step()
         finally:
             triton_moe.FMA_MAX_ROWS = saved
     return run
+
+
+def tiles_note(shape: dict, dtype: torch.dtype, T: int, fma_max_rows: dict | None = None) -> str:
+    """Which tiles moekit's Triton GEMMs take on a GPU for these rows, with ``FMA_MAX_ROWS`` as it stands or as given."""
+    from moekit.kernels import triton_moe
+
+    limits = triton_moe.FMA_MAX_ROWS if fma_max_rows is None else fma_max_rows
+    bm = triton_moe._block_m(T * shape["top_k"] / shape["num_experts"], False, limits.get(dtype, 0))
+    return f"tiles: {bm}-row (CUDA cores)" if bm < 16 else "tiles: tl.dot"
 
 
 # ------------------------------------------------------------------------------------------------- runner
@@ -358,11 +372,14 @@ def bench(shapes, tokens, dtypes, modes, out_path: Path, budget_s: float, graphs
                         notes[name] = f"error: {e!s:.120}"
         steps = {name: make_step(m, x, mode) for name, m in candidates.items()}
         steps.update({name: graph_step(m, x, mode) for name, m in graphed.items()})
-        if graphs and fma_tiles_apply(shape, dtype, T):  # the A/B of the few-row tiles: 16-row tl.dot ones
+        other = other_tiles(shape, dtype, T) if graphs else None
+        if other is not None:  # the A/B of the GEMMs' tiles
             layer = moekit.from_hf(block, backend="triton").to(dev, dtype) if block is not None else \
                 copy.deepcopy(candidates["moekit_triton"])
-            graphed[DOT_TILES] = layer
-            steps[DOT_TILES] = with_dot_tiles(graph_step(layer, x, mode))
+            graphed[OTHER_TILES] = layer
+            steps[OTHER_TILES] = with_tiles(graph_step(layer, x, mode), other)
+            notes[OTHER_TILES] = tiles_note(shape, dtype, T, other)
+            notes["moekit_triton_graph"] = tiles_note(shape, dtype, T)
         if grouped_mm_supported("cuda", dtype):
             floor = GroupedGemmFloor(shape, T, dtype)
             steps["gemm_floor"] = lambda: floor.step(backward=mode == "fwd+bwd")
@@ -447,13 +464,15 @@ def summarise(result: dict) -> str:
                 "on its neighbour (the benchmark's first protocol; see cuda_timeit_many)."))
     errors = [f"- {r['shape']} {r['dtype']} T={r['tokens']} {r['mode']} {r['impl']}: {r['note']}"
               for r in result["rows"] if r["note"].startswith(("error", "max|", "skipped"))]
-    ab = [f"- {shape} {dtype} T={T} {mode}: {_f(impls['moekit_triton_graph']['median_ms'])} ms with them, "
-          f"{_f(impls[DOT_TILES]['median_ms'])} with 16-row tl.dot tiles "
-          f"({impls[DOT_TILES]['median_ms'] / impls['moekit_triton_graph']['median_ms']:.2f}x)"
+    ab = [f"- {shape} {dtype} T={T} {mode}: {_f(mine['median_ms'])} ms ({mine['note'].removeprefix('tiles: ')}, "
+          f"the layer's), {_f(alt['median_ms'])} ({alt['note'].removeprefix('tiles: ')}): "
+          f"{alt['median_ms'] / mine['median_ms']:.2f}x"
           for (shape, dtype, T, mode), impls in by_key.items()
-          if impls.get(DOT_TILES, {}).get("median_ms") and impls.get("moekit_triton_graph", {}).get("median_ms")]
+          for mine, alt in [(impls.get("moekit_triton_graph", {}), impls.get(OTHER_TILES, {}))]
+          if mine.get("median_ms") and alt.get("median_ms")]
     return head + "\n\n" + "\n".join(lines) + \
-        ("\n\nfp32 few-row tiles on the CUDA cores (graphs, device time):\n" + "\n".join(ab) if ab else "") + \
+        ("\n\nThe GEMMs' tiles, the layer's choice and the other (graphs, device time):\n" + "\n".join(ab)
+         if ab else "") + \
         ("\n\nChecks and errors:\n" + "\n".join(errors) if errors else "")
 
 

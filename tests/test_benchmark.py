@@ -534,23 +534,30 @@ def test_gpu_benchmark_drops_runs_whose_issue_outlasted_the_head_start():
     assert sim.spins[2:] == pytest.approx([G.HEAD_START_MIN_MS] + [2.0] * 5)
 
 
-def test_gpu_benchmark_pairs_the_fp32_few_row_tiles_with_16_row_ones():
-    """Where the fp32 few-row tiles apply (decode sizes), bench_gpu.py times the graphed layer with them switched off
-    too (its first call, the capture, with FMA_MAX_ROWS = 0, restored after) and lists the pair after the table."""
+def test_gpu_benchmark_pairs_the_layers_tiles_with_the_other_choice():
+    """At decode sizes bench_gpu.py also times the graphed layer with the other choice of GEMM tiles (fp32: 16-row
+    tl.dot tiles instead of few-row ones; bf16 at one row per expert: few-row tiles instead of tl.dot), set for its
+    first call (the capture) and restored after, and lists each pair after the table, named by the tiles they ran."""
     from moekit.kernels import triton_moe as tm
 
     G = _bench_gpu()
     mixtral, fine = G.SHAPES["mixtral"], G.SHAPES["fine_grained"]
-    assert G.fma_tiles_apply(mixtral, torch.float32, 16) and G.fma_tiles_apply(fine, torch.float32, 1)
-    assert not G.fma_tiles_apply(mixtral, torch.bfloat16, 1) and not G.fma_tiles_apply(mixtral, torch.float32, 128)
-    seen = []
-    G.with_dot_tiles(lambda: seen.append((tm.FMA_MAX_ROWS, tm.block_m_for(0.25, torch.float32))))()
-    assert seen == [(0, 16)] and tm.FMA_MAX_ROWS == 8
+    assert G.other_tiles(mixtral, torch.float32, 16) == {} and G.other_tiles(fine, torch.float32, 1) == {}
+    assert G.other_tiles(mixtral, torch.bfloat16, 1) == {**tm.FMA_MAX_ROWS, torch.bfloat16: 1}
+    assert G.other_tiles(mixtral, torch.bfloat16, 16) is None and G.other_tiles(mixtral, torch.float32, 128) is None
+    assert G.tiles_note(mixtral, torch.float32, 16) == "tiles: 4-row (CUDA cores)"
+    assert G.tiles_note(mixtral, torch.float32, 16, {}) == G.tiles_note(mixtral, torch.bfloat16, 1) == "tiles: tl.dot"
+    assert G.tiles_note(mixtral, torch.bfloat16, 1, G.other_tiles(mixtral, torch.bfloat16, 1)) == \
+        "tiles: 1-row (CUDA cores)"
+    seen, before = [], dict(tm.FMA_MAX_ROWS)
+    G.with_tiles(lambda: seen.append(tm.block_m_for(0.25, torch.float32)), {})()
+    assert seen == [16] and tm.FMA_MAX_ROWS == before and tm.block_m_for(0.25, torch.float32) == 1
     rows = [dict(shape="mixtral", dtype="float32", tokens=1, mode="fwd", impl=impl, median_ms=ms, runs=10,
-                 peak_mem_mb=None, note="") for impl, ms in (("moekit_triton_graph", 0.05), (G.DOT_TILES, 0.1),
-                                                             ("hf_batched_mm_graph", 0.06))]
+                 peak_mem_mb=None, note=note) for impl, ms, note in (
+        ("moekit_triton_graph", 0.05, "tiles: 1-row (CUDA cores)"), (G.OTHER_TILES, 0.1, "tiles: tl.dot"),
+        ("hf_batched_mm_graph", 0.06, ""))]
     roof = {"gemm_tflops_float32": 50.0, "gemm_tflops_tf32": 400.0, "gemm_tflops_bfloat16": 800.0, "copy_gbps": 4e3}
     table = G.summarise({"meta": {"device": "gpu", "capability": "9.0", "torch": "t", "cuda": "c", "triton": "3",
                                   "transformers": "5"}, "roofline": roof, "shapes": {"mixtral": mixtral}, "rows": rows})
     assert "| 1.20× |" in table  # (the table's moekit: the layer as it runs, 0.05 ms; not the A/B's 0.1)
-    assert "- mixtral float32 T=1 fwd: 0.050 ms with them, 0.100 with 16-row tl.dot tiles (2.00x)" in table
+    assert "- mixtral float32 T=1 fwd: 0.050 ms (1-row (CUDA cores), the layer's), 0.100 (tl.dot): 2.00x" in table

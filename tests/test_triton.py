@@ -319,8 +319,8 @@ def _compile_as_launched(fn, args: tuple, kwargs: dict, target):
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:TRITON_DEFAULT_FP_FUSION")
 def test_kernels_compile_for_sm90(monkeypatch):
-    """Compile every kernel variant of a bf16 forward + backward and fp32 forwards + backwards (16-row tiles, and the
-    1- and 2-row tiles of few rows per expert multiplied on the CUDA cores) for an H100 (sm_90) without a GPU,
+    """Compile every kernel variant of bf16 and fp32 forwards + backwards (16-row tiles, and the 1- and 2-row tiles of
+    few rows per expert multiplied on the CUDA cores) for an H100 (sm_90) without a GPU,
     specialised as their launches would be, through Triton's own compiler and the bundled ptxas: catches what the
     interpreter lets through (types, shapes of tl.dot, shared-memory and register limits)."""
     if tb.interpreting():
@@ -331,12 +331,15 @@ def test_kernels_compile_for_sm90(monkeypatch):
         from triton.runtime.jit import create_function_from_signature  # noqa: F401
     except ImportError as e:
         pytest.skip(f"this Triton has no ahead-of-time compile API ({e})")
-    launches = _captured_launches(monkeypatch, torch.bfloat16, True) + \
-        _captured_launches(monkeypatch, torch.float32, False) + \
+    from moekit.kernels import triton_moe
+
+    launches = _captured_launches(monkeypatch, torch.bfloat16, True)
+    monkeypatch.setattr(triton_moe, "FMA_MAX_ROWS", {**triton_moe.FMA_MAX_ROWS, torch.bfloat16: 1})
+    launches += _captured_launches(monkeypatch, torch.bfloat16, True, T=3)  # (bf16 few-row tiles: the GPU A/B's)
+    monkeypatch.undo()
+    launches += _captured_launches(monkeypatch, torch.float32, False) + \
         _captured_launches(monkeypatch, torch.float32, True, T=3) + \
         _captured_launches(monkeypatch, torch.float32, True, T=7) + _captured_layer_inference_launches(monkeypatch)
-    from moekit.kernels import triton_moe  # (its _launch records, as patched above)
-
     recorded: list = []
     monkeypatch.setattr(triton_moe, "_launch", lambda kernel, grid, *a, **k: recorded.append((kernel, a, k)))
     triton_moe.align(torch.zeros(3000, 2, dtype=torch.int64), 64, 32)  # the three-launch path
@@ -349,8 +352,10 @@ def test_kernels_compile_for_sm90(monkeypatch):
     assert len(launches) >= 18
     assert {"_topk_softmax_kernel", "_topk_softmax_bwd_kernel", "_align_kernel", "_align_count_kernel",
             "_align_scan_kernel", "_align_place_kernel"} <= {kernel.__name__ for kernel, _, _ in launches}
-    gemm_tiles = {(k["BLOCK_M"], k["FMA"]) for kernel, _, k in launches if kernel.__name__ == "_grouped_gemm_kernel"}
-    assert {(16, False), (1, True), (2, True)} <= gemm_tiles, gemm_tiles
+    gemm_tiles = {(a[0].dtype, k["BLOCK_M"], k["FMA"]) for kernel, a, k in launches
+                  if kernel.__name__ == "_grouped_gemm_kernel"}
+    assert {(torch.bfloat16, 16, False), (torch.bfloat16, 1, True), (torch.float32, 16, False),
+            (torch.float32, 1, True), (torch.float32, 2, True)} <= gemm_tiles, gemm_tiles
     seen, compiled = set(), 0
     for kernel, args, kwargs in launches:
         key, build = _compile_as_launched(kernel, args, kwargs, GPUTarget("cuda", 90, 32))

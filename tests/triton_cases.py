@@ -46,15 +46,18 @@ EXPERT_CASES: dict[str, dict] = {
     "gpu_tiles_m64_bias": dict(E=3, K=2, T=200, D=70, F=100, bias=True, gpu_tiles=64),
     "gpu_tiles_m128_gelu": dict(E=2, K=1, T=1100, D=48, F=136, activation="gelu", bias=True, gpu_tiles=128),
     "gpu_tiles_m128_swiglu": dict(E=3, K=2, T=800, D=36, F=200, only_experts=(0, 2), gpu_tiles=128),
-    # fp32 with few rows per expert: tiles of 1-8 rows multiplied on the CUDA cores (triton_moe._mac), the GPU's
-    # narrow column tiles (several K steps and column tiles here); the other fp32 cases of <= 8 rows per expert
-    # take them too, with the interpreter's tile sizes
+    # few rows per expert: tiles of 1-8 rows multiplied on the CUDA cores (triton_moe._mac; fp32 up to 8 rows per
+    # expert; the m1 case in bf16 too, see BF16_FMA_CASES), the GPU's narrow column tiles (several K steps and column
+    # tiles here); the other fp32 cases of <= 8 rows per expert take them too, at the interpreter's sizes
     "gpu_tiles_fma_m1": dict(E=8, K=2, T=3, D=70, F=100, bias=True, gpu_tiles=1),
     "gpu_tiles_fma_m4": dict(E=4, K=2, T=7, D=40, F=72, gpu_tiles=4),
 }
 # The same cases in bf16 (weights and input), compared with the bf16 loop and with an fp32 loop.
 BF16_CASES = ("swiglu", "swiglu_bias_odd_dims", "multi_tile", "empty_slots_dynamic_k", "gelu_bias",
-              "gpu_tiles_m64_bias")
+              "gpu_tiles_m64_bias", "gpu_tiles_fma_m1")
+# bf16 cases run with the few-row tiles allowed for bf16 (triton_moe.FMA_MAX_ROWS; off by default, the GPU
+# benchmark's A/B tries them)
+BF16_FMA_CASES = ("gpu_tiles_fma_m1",)
 # Whole-layer cases (router, dispatcher and experts; the router weight's gradient includes the routing weights').
 LAYER_CASES: dict[str, dict] = {
     # dropless top-k: the experts index the slots themselves (one align kernel, no dispatch plan)
@@ -439,7 +442,16 @@ def run_router_case(name: str, device: str) -> dict:
 def run_case(name: str, device: str = "cpu") -> dict:
     t0 = time.perf_counter()
     if name.endswith("@bf16"):
-        out = run_expert_case(name.removesuffix("@bf16"), device, torch.bfloat16)
+        from moekit.kernels import triton_moe as tm
+
+        base = name.removesuffix("@bf16")
+        saved = tm.FMA_MAX_ROWS
+        if base in BF16_FMA_CASES:
+            tm.FMA_MAX_ROWS = {**saved, torch.bfloat16: 1}
+        try:
+            out = run_expert_case(base, device, torch.bfloat16)
+        finally:
+            tm.FMA_MAX_ROWS = saved
     elif name in LAYER_CASES:
         out = run_layer_case(name, device)
     elif name in ALIGN_CASES:

@@ -504,18 +504,21 @@ def dot_precision(dtype: torch.dtype) -> tuple[str, bool]:
     return "tf32", False  # the default; Triton ignores it for 16-bit operands
 
 
-#: fp32 GEMMs over at most this many rows per expert (on average) take tiles of fewer than 16 rows, multiplied on the
-#: CUDA cores (:func:`_mac`), instead of ``tl.dot``'s 16-row tiles; 0 turns that off
-FMA_MAX_ROWS = 8
+#: GEMMs over at most this many rows per expert (on average; by compute dtype) take tiles of 1-8 rows multiplied on
+#: the CUDA cores (:func:`_mac`) instead of ``tl.dot``'s 16-row tiles. fp32 up to 8: exact ``tl.dot`` runs on the CUDA
+#: cores too, so 16-row tiles multiply up to 16x the rows there are. 16-bit dtypes are absent (never): ``tl.dot`` runs
+#: them on the tensor cores, where a one-token layer measured 1.67x transformers' on an H200; the few-row tiles (4x the
+#: programs, 1/4 the steps in a row) are the benchmark's A/B there (``benchmarks/bench_gpu.py``), not yet measured.
+FMA_MAX_ROWS = {torch.float32: 8}
 
 
 def block_m_for(rows_per_expert: float, dtype: torch.dtype) -> int:
     """``BLOCK_M`` of :func:`gemm_config` for GEMMs in ``dtype`` (it fixes the tile schedule)."""
-    return _block_m(rows_per_expert, dtype, INTERPRET, FMA_MAX_ROWS)
+    return _block_m(rows_per_expert, INTERPRET, FMA_MAX_ROWS.get(dtype, 0))
 
 
-def _block_m(rows_per_expert: float, dtype: torch.dtype, interpret: bool, fma_max_rows: int) -> int:
-    if dtype == torch.float32 and rows_per_expert <= fma_max_rows:
+def _block_m(rows_per_expert: float, interpret: bool, fma_max_rows: float) -> int:
+    if rows_per_expert <= fma_max_rows:
         return _pow2(math.ceil(rows_per_expert), 1, 8)
     if interpret:
         return 16
@@ -526,13 +529,13 @@ def gemm_config(rows_per_expert: float, N: int, K: int, dtype: torch.dtype, two_
     """Tile sizes for :func:`_grouped_gemm_kernel` (a heuristic in the spirit of vLLM's default ``fused_moe``
     configs; ``BLOCK_M`` also fixes the tile schedule). ``two_acc``: the SwiGLU forward holds two accumulators.
     A fresh dict, from a memo (a training step asks for four, ~4 us each on the host)."""
-    return dict(_gemm_config(rows_per_expert, N, K, dtype, two_acc, INTERPRET, FMA_MAX_ROWS))
+    return dict(_gemm_config(rows_per_expert, N, K, dtype, two_acc, INTERPRET, FMA_MAX_ROWS.get(dtype, 0)))
 
 
 @functools.lru_cache(maxsize=1024)
 def _gemm_config(rows_per_expert: float, N: int, K: int, dtype: torch.dtype, two_acc: bool, interpret: bool,
-                 fma_max_rows: int) -> dict:
-    block_m = _block_m(rows_per_expert, dtype, interpret, fma_max_rows)
+                 fma_max_rows: float) -> dict:
+    block_m = _block_m(rows_per_expert, interpret, fma_max_rows)
     if interpret:  # few large programs are fastest for numpy
         return dict(BLOCK_M=block_m, BLOCK_N=_pow2(N, 16, 64), BLOCK_K=_pow2(K, 16, 64), GROUP_M=1,
                     num_warps=4, num_stages=1, FMA=block_m < 16)
