@@ -561,3 +561,28 @@ def test_gpu_benchmark_pairs_the_layers_tiles_with_the_other_choice():
                                   "transformers": "5"}, "roofline": roof, "shapes": {"mixtral": mixtral}, "rows": rows})
     assert "| 1.20× |" in table  # (the table's moekit: the layer as it runs, 0.05 ms; not the A/B's 0.1)
     assert "- mixtral float32 T=1 fwd: 0.050 ms (1-row (CUDA cores), the layer's), 0.100 (tl.dot): 2.00x" in table
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:TRITON_DEFAULT_FP_FUSION")
+def test_sass_benchmark_reads_the_compiled_gemms_of_each_tile_choice():
+    """benchmarks/sass_triton.py on two one-token cases: the grouped GEMMs compiled for sm_90 and read back; fp32
+    takes the few-row tiles (CUDA cores) whose longest program issues far fewer instructions than 16-row tl.dot
+    tiles, bf16 keeps tl.dot with few-row tiles as the other choice; a table row per case."""
+    pytest.importorskip("triton")
+    try:
+        from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401
+    except ImportError as e:
+        pytest.skip(f"this Triton has no ahead-of-time compile API ({e})")
+    mod = _bench_script("sass_triton")
+    result = mod.run(shapes=("mixtral",), tokens=(1,), modes=("fwd",))
+    by_dtype = {r["dtype"]: r for r in result["rows"]}
+    fp32, bf16 = by_dtype["float32"]["choices"], by_dtype["bfloat16"]["choices"]
+    assert set(fp32) == {"layer", "tl.dot"} and set(bf16) == {"layer", "few-row"}
+    assert all(g["cuda_cores"] for g in fp32["layer"]["gemms"]) and not any(g["cuda_cores"] for g in fp32["tl.dot"]["gemms"])
+    assert [g["gemm"] for g in fp32["layer"]["gemms"]] == ["up", "down"]
+    assert [g["programs"] for g in fp32["layer"]["gemms"]] == [2 * 1408 // 16, 2 * 512 // 16]  # (2 experts of 1 row)
+    assert fp32["tl.dot"]["longest_program"] > 5 * fp32["layer"]["longest_program"] > 0
+    assert all(g["registers"] and g["loop"] and g["steps"] for c in (fp32, bf16) for ch in c.values() for g in ch["gemms"])
+    text = mod.table(result)
+    assert text.count("\n| mixtral |") == 2 and "| tl.dot |" in text and "| few-row |" in text

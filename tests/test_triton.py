@@ -298,23 +298,6 @@ def _captured_layer_inference_launches(monkeypatch) -> list:
     return calls
 
 
-def _compile_as_launched(fn, args: tuple, kwargs: dict, target):
-    """Compile the JIT function ``fn`` for ``target`` as launching it with these arguments would: Triton's own
-    specialisation of them (integers divisible by 16 and 16-byte aligned pointers as hints, integers equal to 1 as
-    constants), so the code is the GPU's. Returns ``(specialisation key, compiled kernel)``."""
-    import triton
-    from triton.backends.nvidia.compiler import CUDABackend
-    from triton.compiler import ASTSource
-    from triton.runtime.jit import create_function_from_signature
-
-    backend = CUDABackend(target)
-    bound, spec, opts = create_function_from_signature(fn.signature, fn.params, backend)(*args, **kwargs)
-    options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, spec, opts)
-    key = (fn.__name__, str(spec), str(sorted(options.__dict__.items())))
-    return key, lambda: triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target,
-                                       options=options.__dict__)
-
-
 @needs_triton
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:TRITON_DEFAULT_FP_FUSION")
@@ -326,11 +309,12 @@ def test_kernels_compile_for_sm90(monkeypatch):
     if tb.interpreting():
         pytest.skip("the kernels are interpreted in this process")
     try:
-        from triton.backends.compiler import GPUTarget
         from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401
         from triton.runtime.jit import create_function_from_signature  # noqa: F401
     except ImportError as e:
         pytest.skip(f"this Triton has no ahead-of-time compile API ({e})")
+    from moekit.kernels.triton_aot import compile_launch, sass_stats
+
     from moekit.kernels import triton_moe
 
     launches = _captured_launches(monkeypatch, torch.bfloat16, True)
@@ -358,13 +342,18 @@ def test_kernels_compile_for_sm90(monkeypatch):
             (torch.float32, 1, True), (torch.float32, 2, True)} <= gemm_tiles, gemm_tiles
     seen, compiled = set(), 0
     for kernel, args, kwargs in launches:
-        key, build = _compile_as_launched(kernel, args, kwargs, GPUTarget("cuda", 90, 32))
+        key, build = compile_launch(kernel, args, kwargs)
         if key in seen:
             continue
         seen.add(key)
         out = build()
         assert out.metadata.shared <= 227 * 1024, f"{kernel.__name__}: {out.metadata.shared} bytes of shared memory"
         compiled += 1
+        if kernel.__name__ == "_grouped_gemm_kernel" and kwargs["FMA"] and kwargs["BLOCK_M"] == 1:
+            stats = sass_stats(out)  # the few-row tiles: CUDA-core FMAs, no tensor-core MMA, no register spills
+            assert stats["ops"].get("FFMA", 0) > 0 and not any(op.startswith("HMMA") for op in stats["ops"]), stats
+            assert 0 < stats["loop"] < stats["instructions"] and stats["registers"] <= 255
+            assert not any(op in stats["ops"] for op in ("STL", "LDL")), f"register spills: {stats}"
     assert compiled >= 20
 
 

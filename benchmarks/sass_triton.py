@@ -1,0 +1,197 @@
+"""What the Triton path's grouped GEMMs cost an H100 (sm_90), read from their machine code, on any machine: a static
+measure (no GPU, no timing) for choosing tile configurations where no GPU is at hand.
+
+Each case records the launches of one forward (and one forward + backward) of the experts at the benchmark's shapes
+(``moekit.benchmark.SHAPES``: Mixtral-like and fine-grained) with a balanced routing (slot ``s`` to expert
+``s mod E``), the launches replaced by records, then compiles every grouped-GEMM launch as Triton's JIT would
+specialise it (:func:`moekit.kernels.triton_aot.compile_launch`) and reads the code
+(:func:`~moekit.kernels.triton_aot.sass_stats`). Per GEMM: the tiles, the programs that work (row tiles that hold
+rows x column tiles), the registers a thread, the instructions of the K loop's body and its steps. From them, per
+case and summed over its GEMMs: the **longest program** (loop instructions x steps, summed over the GEMMs: what one
+warp of the slowest program issues, the critical path where every program runs at once) and the **warp
+instructions in all** (x warps x working programs: the issue work). Neither counts memory stalls, which is where
+small GEMMs spend their time; they say how much each configuration asks of the SMs.
+
+Each case is compiled under each choice of tiles the layer has at its rows: the layer's (``triton_moe.FMA_MAX_ROWS``
+as it stands), 16-row ``tl.dot`` tiles only, and few-row tiles for 16-bit dtypes at one row per expert or fewer.
+
+Writes ``benchmarks/results/sass_triton.json`` and the table between the SASS-TRITON markers of docs/performance.md.
+
+    python benchmarks/sass_triton.py             (from the repository root; ~1 minute, Triton's cache warm: seconds)
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+from pathlib import Path
+
+import torch
+from rich.progress import track
+
+from moekit.benchmark import SHAPES, add_publish_args, publish
+
+ROOT = Path.cwd()
+OUT = ROOT / "benchmarks" / "results" / "sass_triton.json"
+DOC = ROOT / "docs" / "performance.md"
+TOKENS = (1, 16, 128)
+DTYPES = (torch.float32, torch.bfloat16)
+MODES = ("fwd", "fwd+bwd")
+TARGET = ("cuda", 90, 32)
+
+
+def choices(dtype: torch.dtype, rows: float) -> dict[str, dict | None]:
+    """The tile choices to compile at ``rows`` per expert: name -> ``FMA_MAX_ROWS`` (None: as it stands)."""
+    from moekit.kernels import triton_moe as tm
+
+    out: dict[str, dict | None] = {"layer": None}
+    if tm.block_m_for(rows, dtype) < 16:
+        out["tl.dot"] = {}
+    elif dtype != torch.float32 and rows <= 1:
+        out["few-row"] = {**tm.FMA_MAX_ROWS, dtype: 1}
+    return out
+
+
+@contextlib.contextmanager
+def tiles(fma_max_rows: dict | None):
+    from moekit.kernels import triton_moe as tm
+
+    saved = tm.FMA_MAX_ROWS
+    tm.FMA_MAX_ROWS = saved if fma_max_rows is None else fma_max_rows
+    try:
+        yield
+    finally:
+        tm.FMA_MAX_ROWS = saved
+
+
+def record_launches(shape: str, dtype: torch.dtype, T: int, mode: str) -> tuple[list, torch.Tensor]:
+    """The grouped-GEMM launches ``(grid, args, kwargs)`` of one pass of the experts, recorded instead of run, and
+    the slots per expert."""
+    from moekit.dispatch.local import LocalDispatcher
+    from moekit.experts import Experts
+    from moekit.experts import triton_backend as tb
+    from moekit.kernels import triton_moe as tm
+    from moekit.routing.base import RouterOutput
+
+    s = SHAPES[shape]
+    D, F, E, K = s["d_model"], s["d_ff"], s["num_experts"], s["top_k"]
+    calls: list = []
+    saved = tm._launch
+    tm._launch = lambda kernel, grid, *a, **k: calls.append((kernel, grid, a, k))
+    try:
+        torch.manual_seed(0)
+        ex = Experts(E, D, F).to(dtype)
+        ids = (torch.arange(T * K) % E).view(T, K)
+        train = mode == "fwd+bwd"
+        weights = torch.full((T, K), 1.0 / K, requires_grad=train)
+        logits = torch.zeros(T, E)
+        plan = LocalDispatcher(E).plan(RouterOutput(logits, logits, ids, weights))
+        x = torch.randn(T, D, dtype=dtype, requires_grad=train)
+        with torch.set_grad_enabled(train):
+            y = tb.TritonExpertsFunction.apply(x, ex.w_in, ex.w_out, ex.b_in, ex.b_out, plan.weights_TK,
+                                               tb._Index.from_plan(plan), ex.activation, dtype)
+            if train:
+                y.sum().backward()
+    finally:
+        tm._launch = saved
+    gemms = [(grid, a, k) for kernel, grid, a, k in calls if kernel.__name__ == "_grouped_gemm_kernel"]
+    return gemms, plan.counts_E.clone()
+
+
+def gemm_role(kwargs: dict, index: int, mode: str) -> str:
+    names = ("up", "down", "dA", "dX") if mode == "fwd+bwd" else ("up", "down")
+    return names[index] if index < len(names) else f"gemm{index}"
+
+
+def measure(shape: str, dtype: torch.dtype, T: int, mode: str, memo: dict) -> dict:
+    from moekit.kernels import triton_moe as tm
+    from moekit.kernels.triton_aot import compile_launch, sass_stats
+
+    s = SHAPES[shape]
+    rows = T * s["top_k"] / s["num_experts"]
+    out = {"shape": shape, "dtype": str(dtype).removeprefix("torch."), "tokens": T, "mode": mode,
+           "rows_per_expert": rows, "choices": {}}
+    for name, fma in choices(dtype, rows).items():
+        with tiles(fma):
+            gemms, counts = record_launches(shape, dtype, T, mode)
+        per_gemm = []
+        for i, (grid, args, kw) in enumerate(gemms):
+            key, build = compile_launch(tm._grouped_gemm_kernel, args, kw, TARGET)
+            if key not in memo:
+                memo[key] = sass_stats(build())
+            st = memo[key]
+            N = args[tm._grouped_gemm_kernel.arg_names.index("N")]
+            K = args[tm._grouped_gemm_kernel.arg_names.index("K")]
+            row_tiles = int(sum(math.ceil(int(c) / kw["BLOCK_M"]) for c in counts))
+            programs = row_tiles * math.ceil(N / kw["BLOCK_N"])
+            steps = math.ceil(K / kw["BLOCK_K"])
+            per_gemm.append({
+                "gemm": gemm_role(kw, i, mode), "tiles": f"{kw['BLOCK_M']}x{kw['BLOCK_N']}x{kw['BLOCK_K']}",
+                "cuda_cores": bool(kw["FMA"]), "programs": programs, "grid": grid[0], "warps": kw["num_warps"],
+                "registers": st["registers"], "shared": st["shared"], "loop": st["loop"], "steps": steps,
+                "program_warp_instructions": st["loop"] * steps,
+                "warp_instructions": st["loop"] * steps * kw["num_warps"] * programs})
+        out["choices"][name] = {
+            "gemms": per_gemm,
+            "longest_program": sum(g["program_warp_instructions"] for g in per_gemm),
+            "warp_instructions": sum(g["warp_instructions"] for g in per_gemm),
+        }
+    return out
+
+
+def run(shapes=tuple(SHAPES), dtypes=DTYPES, tokens=TOKENS, modes=MODES) -> dict:
+    import triton
+
+    memo: dict = {}
+    cases = [(sh, dt, T, m) for sh in shapes for dt in dtypes for T in tokens for m in modes]
+    rows = [measure(*c, memo) for c in track(cases, description="compiling for sm_90")]
+    return {"meta": {"target": "sm_90 (H100), warp 32", "triton": triton.__version__, "torch": torch.__version__},
+            "rows": rows}
+
+
+def _k(n: float) -> str:
+    return f"{n / 1e3:.1f}k" if n < 1e6 else f"{n / 1e6:.2f}M"
+
+
+def table(result: dict) -> str:
+    m = result["meta"]
+    lines = [
+        f"Compiled for {m['target']} by Triton {m['triton']} without a GPU (`python benchmarks/sass_triton.py`): per "
+        "pass, summed over its grouped GEMMs (forward: up and down projections; with backward also dA and dX; the "
+        "weight-gradient kernels are not counted), the warp instructions of the longest program's K loops (the "
+        "critical path where all programs run at once) and in all. Static: memory stalls, where small GEMMs spend "
+        "their time, are not counted. Each choice of tiles the layer has at these rows; **layer** is its own.",
+        "",
+        "| shape | dtype | T | pass | rows / expert | tiles (layer) | programs | registers | longest program | in all "
+        "| other choice | its longest program | its in all |",
+        "|---|---|---:|---|---:|---|---:|---:|---:|---:|---|---:|---:|",
+    ]
+    for r in result["rows"]:
+        mine = r["choices"]["layer"]
+        other = [(n, c) for n, c in r["choices"].items() if n != "layer"]
+        tiles_ = ", ".join(sorted({g["tiles"] + (" (CUDA cores)" if g["cuda_cores"] else "") for g in mine["gemms"]}))
+        progs = "/".join(str(g["programs"]) for g in mine["gemms"])
+        regs = "/".join(str(g["registers"]) for g in mine["gemms"])
+        cells = ["", "", ""]
+        if other:
+            n, c = other[0]
+            cells = [n, f"{_k(c['longest_program'])} ({c['longest_program'] / mine['longest_program']:.2f}×)",
+                     f"{_k(c['warp_instructions'])} ({c['warp_instructions'] / mine['warp_instructions']:.2f}×)"]
+        lines.append(f"| {r['shape']} | {r['dtype']} | {r['tokens']} | {r['mode']} | {r['rows_per_expert']:g} | "
+                     f"{tiles_} | {progs} | {regs} | {_k(mine['longest_program'])} | {_k(mine['warp_instructions'])} "
+                     f"| {' | '.join(cells)} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", nargs="*", type=int, default=list(TOKENS))
+    add_publish_args(parser, OUT, DOC)
+    args = parser.parse_args(argv)
+    result = run(tokens=tuple(args.tokens))
+    publish(result, table(result), args.out, None if args.no_doc else DOC, "SASS-TRITON")
+
+
+if __name__ == "__main__":
+    main()
