@@ -570,12 +570,11 @@ def test_sass_benchmark_reads_the_compiled_gemms_of_each_tile_choice():
     takes the few-row tiles (CUDA cores) whose longest program issues far fewer instructions than 16-row tl.dot
     tiles, bf16 keeps tl.dot with few-row tiles as the other choice; a table row per case."""
     pytest.importorskip("triton")
-    try:
-        from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401
-    except ImportError as e:
-        pytest.skip(f"this Triton has no ahead-of-time compile API ({e})")
     mod = _bench_script("sass_triton")
-    result = mod.run(shapes=("mixtral",), tokens=(1,), modes=("fwd",))
+    try:
+        result = mod.run(shapes=("mixtral",), tokens=(1,), modes=("fwd",))
+    except NotImplementedError as e:  # (another Triton's internals)
+        pytest.skip(str(e))
     by_dtype = {r["dtype"]: r for r in result["rows"]}
     fp32, bf16 = by_dtype["float32"]["choices"], by_dtype["bfloat16"]["choices"]
     assert set(fp32) == {"layer", "tl.dot"} and set(bf16) == {"layer", "few-row"}

@@ -308,11 +308,6 @@ def test_kernels_compile_for_sm90(monkeypatch):
     interpreter lets through (types, shapes of tl.dot, shared-memory and register limits)."""
     if tb.interpreting():
         pytest.skip("the kernels are interpreted in this process")
-    try:
-        from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401
-        from triton.runtime.jit import create_function_from_signature  # noqa: F401
-    except ImportError as e:
-        pytest.skip(f"this Triton has no ahead-of-time compile API ({e})")
     from moekit.kernels.triton_aot import compile_launch, sass_stats
 
     from moekit.kernels import triton_moe
@@ -342,7 +337,10 @@ def test_kernels_compile_for_sm90(monkeypatch):
             (torch.float32, 1, True), (torch.float32, 2, True)} <= gemm_tiles, gemm_tiles
     seen, compiled = set(), 0
     for kernel, args, kwargs in launches:
-        key, build = compile_launch(kernel, args, kwargs)
+        try:
+            key, build = compile_launch(kernel, args, kwargs)
+        except NotImplementedError as e:  # (another Triton's internals)
+            pytest.skip(str(e))
         if key in seen:
             continue
         seen.add(key)

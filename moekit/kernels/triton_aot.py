@@ -23,15 +23,20 @@ def compile_launch(kernel, args: tuple, kwargs: dict, target: tuple = ("cuda", 9
     ``target`` (backend, compute capability, warp size) as the JIT would specialise these arguments; equal keys
     compile to the same code."""
     import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.backends.nvidia.compiler import CUDABackend
-    from triton.compiler import ASTSource
-    from triton.runtime.jit import create_function_from_signature
 
-    gpu = GPUTarget(*target)
-    backend = CUDABackend(gpu)
-    bound, spec, opts = create_function_from_signature(kernel.signature, kernel.params, backend)(*args, **kwargs)
-    options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound, spec, opts)
+    try:  # (the JIT's own specialisation: internals that have moved between Triton releases)
+        from triton.backends.compiler import GPUTarget
+        from triton.backends.nvidia.compiler import CUDABackend
+        from triton.compiler import ASTSource
+        from triton.runtime.jit import create_function_from_signature
+
+        gpu = GPUTarget(*target)
+        backend = CUDABackend(gpu)
+        bound, spec, opts = create_function_from_signature(kernel.signature, kernel.params, backend)(*args, **kwargs)
+        options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound, spec, opts)
+    except (ImportError, AttributeError, TypeError) as e:
+        raise NotImplementedError(f"compiling a launch without a GPU needs Triton's JIT internals of 3.9 "
+                                  f"(this is Triton {triton.__version__}: {type(e).__name__}: {e})") from e
     key = (kernel.__name__, str(spec), str(sorted(options.__dict__.items())))
     return key, lambda: triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=gpu,
                                        options=options.__dict__)
