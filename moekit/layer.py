@@ -462,20 +462,17 @@ class MoE(nn.Module):
 
     def _planless_inference(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
         """Inference with a plain softmax top-k router into experts that index their slots themselves (Triton, on a
-        GPU): the router's logits, one top-k kernel (:func:`moekit.kernels.triton_moe.topk_softmax`) and the
-        experts' plan-free path, about 7 launches in all. Returns ``(y_TD, tokens per expert, dropped)`` or None
-        where it does not apply."""
+        GPU): the router's logits, the routing and the index in one kernel for few tokens
+        (:func:`moekit.kernels.triton_moe.route_and_align`) and the experts' kernels. Returns ``(y_TD, tokens per
+        expert, dropped)`` or None where it does not apply."""
         cfg, router = self.config, self.router
         if self.training or x_TD.shape[0] == 0 or not self._planless_allowed():
             return None
         spec = router.decode_routing()
         if spec is None or not self.experts.planless_usable(x_TD, x_TD.shape[0] * cfg.top_k):
             return None
-        from .kernels import triton_moe
-
-        ids_TK, weights_TK = triton_moe.topk_softmax(router.logits(x_TD).contiguous(), router.expert_bias, cfg.top_k,
-                                                     *spec)
-        return self.experts.planless(x_TD, ids_TK, weights_TK, self._routed_dtype(x_TD.dtype))
+        return self.experts.planless_routed(x_TD, router.logits(x_TD).contiguous(), router.expert_bias, cfg.top_k,
+                                            spec, self._routed_dtype(x_TD.dtype))
 
     def _decode_path(self, x_TD: torch.Tensor, routed: RouterOutput) -> bool:
         """Few tokens, no autograd, on CPU: skip the sort and run each chosen expert directly (see Experts.decode)."""

@@ -49,12 +49,13 @@ def check_case(name: str, res: dict) -> None:
         return
     if name != "zero_tokens":  # the kernels computed it, not a fallback
         assert res["launches"] > 0, f"{name}: no Triton kernel was launched"
-    if "planless" in name:  # training and inference took the plan-free path (one align kernel per forward),
-        # each routed by one top-k kernel
-        assert res["align_launches"] == 2, f"{name}: {res['align_launches']} align launches, expected 2"
-        assert res["topk_launches"] == 2, f"{name}: {res['topk_launches']} top-k routing launches, expected 2"
+    if "planless" in name:  # training and inference took the plan-free path: training routed by one top-k kernel
+        # and indexed by one align kernel, inference (14 tokens) both in one
+        got = (res["topk_launches"], res["align_launches"], res["route_align_launches"])
+        assert got == (1, 1, 1), f"{name}: (top-k, align, route+align) launches {got}, expected (1, 1, 1)"
     elif "align_launches" in res:  # dropping or empty slots: the dispatcher's plan
-        assert res["align_launches"] == 0, f"{name}: the plan-free path ran where slots can be empty or dropped"
+        assert res["align_launches"] == res["route_align_launches"] == 0, \
+            f"{name}: the plan-free path ran where slots can be empty or dropped"
     assert res["y_dtype"] == res["ref_y_dtype"]
     want_block_m = (cases.EXPERT_CASES.get(name.removesuffix("@bf16")) or {}).get("gpu_tiles")
     if want_block_m:  # the GPU's tiles, not the interpreter's 16-row ones
@@ -322,6 +323,7 @@ def test_kernels_compile_for_sm90(monkeypatch):
     recorded: list = []
     monkeypatch.setattr(triton_moe, "_launch", lambda kernel, grid, *a, **k: recorded.append((kernel, a, k)))
     triton_moe.align(torch.zeros(3000, 2, dtype=torch.int64), 64, 32)  # the three-launch path
+    triton_moe.align(torch.zeros(100, 2, dtype=torch.int64), 8, 16)  # one program (training's index)
     from moekit.routing.softmax_topk import SoftmaxTopK  # training routing: top-k with probabilities, backward
 
     monkeypatch.setattr(SoftmaxTopK, "_kernel_route_ok", lambda self, logits: True)
@@ -330,7 +332,8 @@ def test_kernels_compile_for_sm90(monkeypatch):
     launches += recorded
     assert len(launches) >= 18
     assert {"_topk_softmax_kernel", "_topk_softmax_bwd_kernel", "_align_kernel", "_align_count_kernel",
-            "_align_scan_kernel", "_align_place_kernel"} <= {kernel.__name__ for kernel, _, _ in launches}
+            "_align_scan_kernel", "_align_place_kernel", "_route_align_kernel"} <= \
+        {kernel.__name__ for kernel, _, _ in launches}
     gemm_tiles = {(a[0].dtype, k["BLOCK_M"], k["FMA"]) for kernel, a, k in launches
                   if kernel.__name__ == "_grouped_gemm_kernel"}
     assert {(torch.bfloat16, 16, False), (torch.bfloat16, 1, True), (torch.float32, 16, False),

@@ -95,6 +95,16 @@ ROUTER_CASES: dict[str, dict] = {
     "router_switch": dict(T=13, E=5, K=1, renormalize=False),
     "router_renorm_min_scale": dict(T=11, E=7, K=3, renorm_min=0.9, scale=2.5),  # 7 of 11 rows clamped
 }
+# Routing and index in one launch for few tokens (moekit.kernels.triton_moe.route_and_align) against the top-k kernel
+# and the align kernel launched one after the other: the same ids, weights and index, bit for bit; with a GPU's
+# blocks (64 tokens a routing program) where gpu_blocks, so 40 fine-grained tokens are one program and 70 fall back
+# to two launches.
+ROUTE_ALIGN_CASES: dict[str, dict] = {
+    "route_align_few": dict(T=9, E=6, K=2, bias=True, block_m=16, fused=True),
+    "route_align_fine_grained": dict(T=40, E=64, K=8, block_m=1, gpu_blocks=True, fused=True),
+    "route_align_renorm_min_scale": dict(T=11, E=7, K=3, renorm_min=0.9, scale=2.5, block_m=2, fused=True),
+    "route_align_many_tokens": dict(T=70, E=8, K=2, bias=True, block_m=16, gpu_blocks=True, fused=False),
+}
 # Larger shapes for a GPU only (they select the big-tile configurations), too slow for the interpreter.
 CUDA_ONLY_CASES: dict[str, dict] = {
     "cuda_medium": dict(E=8, K=2, T=512, D=256, F=176, bias=True),
@@ -105,7 +115,7 @@ CUDA_ONLY_CASES: dict[str, dict] = {
 
 def all_case_names(device: str = "cpu") -> list[str]:
     names = list(EXPERT_CASES) + [f"{n}@bf16" for n in BF16_CASES] + list(LAYER_CASES) + list(ALIGN_CASES) + \
-        list(ROUTER_CASES) + list(HVP_CASES) + list(PREPARED_CASES)
+        list(ROUTER_CASES) + list(HVP_CASES) + list(PREPARED_CASES) + list(ROUTE_ALIGN_CASES)
     return names + list(CUDA_ONLY_CASES) if device == "cuda" else names
 
 
@@ -259,9 +269,11 @@ def _layer_pass(name: str, backend: str, device: str):
 def run_layer_case(name: str, device: str) -> dict:
     ref_y, ref_g = _layer_pass(name, "loop", device)
     before, align, topk = _launches(), _launches("_align_kernel"), _launches("_topk_softmax_kernel")
+    route_align = _launches("_route_align_kernel")
     y, g = _layer_pass(name, "triton", device)
     out = {"dtype": "float32", "launches": _launches() - before, "align_launches": _launches("_align_kernel") - align,
            "topk_launches": _launches("_topk_softmax_kernel") - topk,
+           "route_align_launches": _launches("_route_align_kernel") - route_align,
            "y_dtype": str(y.dtype),
            "ref_y_dtype": str(ref_y.dtype), "errors": {"y": _err(y, ref_y)}, "scales": {"y": _scale(ref_y)}}
     if set(g) != set(ref_g):
@@ -405,6 +417,50 @@ def run_align_case(name: str, device: str) -> dict:
             "scales": {k: 1.0 for k in ref}}
 
 
+def run_route_align_case(name: str, device: str) -> dict:
+    """Mismatching entries of route_and_align's outputs against topk_softmax then align (0 = identical), and the
+    launches each took."""
+    from moekit.kernels import triton_moe as tm
+
+    spec = ROUTE_ALIGN_CASES[name]
+    T, E, K, block_m = spec["T"], spec["E"], spec["K"], spec["block_m"]
+    g = torch.Generator().manual_seed(11)
+    logits = (2 * torch.randn(T, E, generator=g)).to(device)
+    bias = (0.1 * torch.randn(E, generator=g) if spec.get("bias") else torch.zeros(E)).to(device)
+    route = (True, spec.get("renorm_min", 0.0), spec.get("scale", 1.0))
+    saved = tm._route_blocks
+    if spec.get("gpu_blocks"):  # (the GPU's: the interpreter's routing programs take 16 tokens)
+        def gpu_blocks(E_):
+            interpret, tm.INTERPRET = tm.INTERPRET, False
+            try:
+                return saved(E_)
+            finally:
+                tm.INTERPRET = interpret
+        tm._route_blocks = gpu_blocks
+    try:
+        before = dict(tm.LAUNCHES)
+        ids, w, (order, token, counts, start, end, (tile_e, tile_r, n)) = tm.route_and_align(logits, bias, K, *route,
+                                                                                            block_m)
+        fused_launches = {k: v - before.get(k, 0) for k, v in tm.LAUNCHES.items() if v != before.get(k, 0)}
+        ref_ids, ref_w = tm.topk_softmax(logits, bias, K, *route)
+        ref = tm.align(ref_ids, E, block_m)
+    finally:
+        tm._route_blocks = saved
+    r_order, r_token, r_counts, r_start, r_end, (r_tile_e, r_tile_r, r_n) = ref
+    if n != r_n:
+        raise AssertionError(f"{n} tiles, the two launches' index has {r_n}")
+    used = r_tile_e >= 0
+    got = {"ids": ids, "weights": w, "order_S": order, "token_S": token, "counts_E": counts, "seg_start_E": start,
+           "seg_end_E": end, "tile_expert": tile_e, "tile_row": tile_r[used]}
+    want = {"ids": ref_ids, "weights": ref_w, "order_S": r_order, "token_S": r_token, "counts_E": r_counts,
+            "seg_start_E": r_start, "seg_end_E": r_end, "tile_expert": r_tile_e, "tile_row": r_tile_r[used]}
+    expected = {"_route_align_kernel": 1} if spec["fused"] else {"_topk_softmax_kernel": 1, "_align_kernel": 1}
+    if {k: v for k, v in fused_launches.items() if k != "count"} != expected:
+        raise AssertionError(f"launches {fused_launches}, expected {expected}")
+    return {"dtype": "float32", "launches": fused_launches["count"], "y_dtype": "index", "ref_y_dtype": "index",
+            "errors": {k: float((got[k] != want[k]).sum()) for k in want}, "scales": {k: 1.0 for k in want}}
+
+
 def run_router_case(name: str, device: str) -> dict:
     """The router's kernel route against its PyTorch steps (TopKRouter.route), forward and backward."""
     from moekit.routing.base import TopKRouter
@@ -462,6 +518,8 @@ def run_case(name: str, device: str = "cpu") -> dict:
         out = run_hvp_case(name, device)
     elif name in PREPARED_CASES:
         out = run_prepared_case(name, device)
+    elif name in ROUTE_ALIGN_CASES:
+        out = run_route_align_case(name, device)
     else:
         out = run_expert_case(name, device)
     out["seconds"] = time.perf_counter() - t0

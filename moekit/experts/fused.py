@@ -126,6 +126,15 @@ class Experts(nn.Module):
 
         return routed_forward(self, x_TD, ids_TK, weights_TK, out_dtype)
 
+    def planless_routed(self, x_TD: torch.Tensor, logits_TE: torch.Tensor, bias_E: torch.Tensor, top_k: int,
+                        spec: tuple, out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`planless` of the softmax top-k routing of fp32 ``logits_TE`` (``spec``: renormalise, its minimum,
+        scale), routed and indexed together (one kernel for few tokens:
+        :func:`moekit.experts.triton_backend.routed_inference`). Inference: no gradient."""
+        from .triton_backend import routed_inference
+
+        return routed_inference(self, x_TD, logits_TE, bias_E, top_k, spec, out_dtype)
+
     def decode_kernel_usable(self, x_TD: torch.Tensor) -> bool:
         """Whether :meth:`decode` runs these rows in the single small-M kernel call (an activation of
         :data:`moekit.kernels.cpu.DECODE_ACTIVATIONS`, CPU kernels built, contiguous rows, weights in the compute

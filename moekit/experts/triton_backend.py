@@ -141,7 +141,20 @@ class _Index:
     def from_ids(cls, ids_TK: torch.Tensor, num_experts: int, block_m: int) -> tuple["_Index", torch.Tensor]:
         """The index of a dropless routing built by :func:`moekit.kernels.triton_moe.align`, with its tile schedule
         for ``block_m``, and the slots per expert (int64 ``[E + 1]``, the last 0)."""
-        order, token, counts, start, end, sched = _kernels().align(ids_TK, num_experts, block_m)
+        return cls._aligned(ids_TK, num_experts, block_m, _kernels().align(ids_TK, num_experts, block_m))
+
+    @classmethod
+    def routed(cls, logits_TE: torch.Tensor, bias_E: torch.Tensor, top_k: int, spec: tuple, num_experts: int,
+               block_m: int) -> tuple["_Index", torch.Tensor, torch.Tensor]:
+        """:meth:`from_ids` of the softmax top-k routing of fp32 ``logits_TE`` (``spec``: renormalise, its minimum,
+        scale), routed and indexed in one launch for few tokens (:func:`moekit.kernels.triton_moe.route_and_align`);
+        also returns the routing weights. No gradient: inference."""
+        ids_TK, weights_TK, aligned = _kernels().route_and_align(logits_TE, bias_E, top_k, *spec, block_m)
+        return *cls._aligned(ids_TK, num_experts, block_m, aligned), weights_TK
+
+    @classmethod
+    def _aligned(cls, ids_TK, num_experts: int, block_m: int, aligned) -> tuple["_Index", torch.Tensor]:
+        order, token, counts, start, end, sched = aligned
         return cls(ids_TK, order, token, start, end, num_experts, {block_m: sched}), counts
 
     @property
@@ -381,6 +394,19 @@ def routed_forward(experts: "Experts", x_TD: torch.Tensor, ids_TK: torch.Tensor,
     return _run(experts, x_TD, weights_TK, ix, dtype, out_dtype), *_split_counts(counts, E)
 
 
+def routed_inference(experts: "Experts", x_TD: torch.Tensor, logits_TE: torch.Tensor, bias_E: torch.Tensor,
+                     top_k: int, spec: tuple, out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`routed_forward` of the softmax top-k routing of ``logits_TE`` (``spec``: renormalise, its minimum,
+    scale), routed and indexed together (:meth:`_Index.routed`: one launch for few tokens). Inference: no gradient
+    of the routing. Check :func:`routed_usable` first."""
+    from .backends import compute_dtype
+
+    E, dtype = experts.num_experts, compute_dtype(x_TD, experts.w_in)
+    ix, counts, weights_TK = _Index.routed(logits_TE, bias_E, top_k, spec, E,
+                                           _kernels().block_m_for(logits_TE.shape[0] * top_k / E, dtype))
+    return _run(experts, x_TD, weights_TK, ix, dtype, out_dtype), *_split_counts(counts, E)
+
+
 def _split_counts(counts: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`~moekit.kernels.triton_moe.align`'s ``[E + 1]`` counts as ``(slots per expert, dropped slots)``
     (``narrow``/``select``, not ``counts[:E], counts[E]``: ~10 us less host time)."""
@@ -436,10 +462,9 @@ class PreparedRouted:
         plan = self._plan_for(x_TD)
         if plan is None:
             return None
-        logits_TE = self._logits(x_TD)
-        ids_TK, weights_TK = _kernels().topk_softmax(logits_TE.contiguous(), self.expert_bias, self.top_k, *self.spec)
         block_m, cfgs = plan
-        ix, counts = _Index.from_ids(ids_TK, self.E, block_m)
+        ix, counts, weights_TK = _Index.routed(self._logits(x_TD).contiguous(), self.expert_bias, self.top_k,
+                                               self.spec, self.E, block_m)
         y_TD = _forward(x_TD, self.w_in, self.w_out, self.b_in, self.b_out, weights_TK, ix, self.act, self.dtype,
                         save_h=False, out_dtype=self.out_dtype, cfgs=cfgs)[0]
         return y_TD, *_split_counts(counts, self.E)

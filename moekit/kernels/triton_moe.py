@@ -345,6 +345,14 @@ def _align_kernel(
     S, E, K, num_tiles,
     BLOCK_S: tl.constexpr, BLOCK_E: tl.constexpr, CHUNK_T: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
+    _align_one(ids_ptr, order_ptr, token_ptr, counts_ptr, start_ptr, end_ptr, tile_expert_ptr, tile_row_ptr,
+               S, E, K, num_tiles, BLOCK_S, BLOCK_E, CHUNK_T, BLOCK_M)
+
+
+@triton.jit
+def _align_one(ids_ptr, order_ptr, token_ptr, counts_ptr, start_ptr, end_ptr, tile_expert_ptr, tile_row_ptr,
+               S, E, K, num_tiles,
+               BLOCK_S: tl.constexpr, BLOCK_E: tl.constexpr, CHUNK_T: tl.constexpr, BLOCK_M: tl.constexpr):
     # One program: the slots sorted by expert (stable), tokens per expert, segments and the tile schedule
     s = tl.arange(0, BLOCK_S)
     e_s = tl.load(ids_ptr + s, mask=s < S, other=E).to(tl.int32)  # padding lanes sort last, into bin E
@@ -407,8 +415,34 @@ def _topk_softmax_kernel(
     logits_ptr, stride_lt, bias_ptr, ids_ptr, w_ptr, p_ptr, T, E, renorm_min, scale,
     K: tl.constexpr, RENORM: tl.constexpr, SAVE_P: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
+    _topk_softmax_rows(tl.program_id(0) * BLOCK_T, logits_ptr, stride_lt, bias_ptr, ids_ptr, w_ptr, p_ptr, T, E,
+                       renorm_min, scale, K, RENORM, SAVE_P, BLOCK_T, BLOCK_E)
+
+
+@triton.jit
+def _route_align_kernel(
+    logits_ptr, stride_lt, bias_ptr, ids_ptr, w_ptr,
+    order_ptr, token_ptr, counts_ptr, start_ptr, end_ptr, tile_expert_ptr, tile_row_ptr,
+    T, E, renorm_min, scale, num_tiles,
+    K: tl.constexpr, RENORM: tl.constexpr, BLOCK_T: tl.constexpr, ROUTE_E: tl.constexpr,
+    BLOCK_S: tl.constexpr, ALIGN_E: tl.constexpr, CHUNK_T: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    # One program, few tokens: the routing of all T tokens (_topk_softmax_kernel's), then their index
+    # (_align_kernel's) from the ids it has just written: one launch instead of two
+    _topk_softmax_rows(0, logits_ptr, stride_lt, bias_ptr, ids_ptr, w_ptr, w_ptr, T, E, renorm_min, scale, K, RENORM,
+                       False, BLOCK_T, ROUTE_E)
+    tl.debug_barrier()  # (the ids, stored by every thread of the program, visible to all of them)
+    _align_one(ids_ptr, order_ptr, token_ptr, counts_ptr, start_ptr, end_ptr, tile_expert_ptr, tile_row_ptr,
+               T * K, E, K, num_tiles, BLOCK_S, ALIGN_E, CHUNK_T, BLOCK_M)
+
+
+@triton.jit
+def _topk_softmax_rows(t0, logits_ptr, stride_lt, bias_ptr, ids_ptr, w_ptr, p_ptr, T, E, renorm_min, scale,
+                       K: tl.constexpr, RENORM: tl.constexpr, SAVE_P: tl.constexpr, BLOCK_T: tl.constexpr,
+                       BLOCK_E: tl.constexpr):
     # p = softmax(logits); ids = the K largest p + bias (ties: lowest expert first); w = p[ids] (/ max(sum, min)) * scale
-    ts = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    # for tokens t0 .. t0 + BLOCK_T
+    ts = t0 + tl.arange(0, BLOCK_T)
     es = tl.arange(0, BLOCK_E)
     t_ok = ts < T
     e_ok = es < E
@@ -622,16 +656,8 @@ def align(ids_TK: torch.Tensor, num_experts: int, block_m: int, block_slots: int
     launch of :func:`_align_kernel`, more in three (``block_slots`` forces the three-launch path, for tests)."""
     T, K = ids_TK.shape
     S, E = T * K, num_experts
-    num_tiles = min(S, -(-S // block_m) + E)
-    dev = ids_TK.device
-    block_e = _pow2(E + 1, 16, 2**30)
-    chunk_t = max(16, min(_pow2(num_tiles, 16, 2**30), _ALIGN_REGS // block_e))
-    # (split_with_sizes, not split: the latter's Python wrapper costs ~5 us of a small forward's host time)
-    order, token, start, end, tile_expert, tile_row = torch.empty(
-        2 * S + 2 * E + 2 * num_tiles, dtype=torch.int32, device=dev).split_with_sizes(
-        [S, S, E, E, num_tiles, num_tiles])
-    counts = torch.empty(E + 1, dtype=torch.int64, device=dev)  # (the kernel writes a 0 at [E]: nothing dropped)
-    out = order, token, counts, start, end, (tile_expert, tile_row, num_tiles)
+    out, block_e, chunk_t = _align_outputs(S, E, block_m, ids_TK.device)
+    order, token, counts, start, end, (tile_expert, tile_row, num_tiles) = out
     if block_slots is None and S <= ALIGN_MAX_SLOTS:
         block_s = _pow2(S, 16, ALIGN_MAX_SLOTS)
         _launch(_align_kernel, (1,), ids_TK, order, token, counts, start, end, tile_expert, tile_row, S, E, K,
@@ -640,13 +666,50 @@ def align(ids_TK: torch.Tensor, num_experts: int, block_m: int, block_slots: int
         return out
     block_s = block_slots or ALIGN_BLOCK_SLOTS
     blocks = _cdiv(S, block_s)
-    hist, base = torch.empty(2, blocks, block_e, dtype=torch.int32, device=dev)
+    hist, base = torch.empty(2, blocks, block_e, dtype=torch.int32, device=ids_TK.device)
     _launch(_align_count_kernel, (blocks,), ids_TK, hist, S, E, BLOCK_S=block_s, BLOCK_E=block_e, num_warps=4)
     _launch(_align_scan_kernel, (1,), hist, base, counts, start, end, tile_expert, tile_row, E, blocks, num_tiles,
             BLOCK_B=_pow2(blocks, 1, 2**30), BLOCK_E=block_e, CHUNK_T=chunk_t, BLOCK_M=block_m, num_warps=8)
     _launch(_align_place_kernel, (blocks,), ids_TK, base, order, token, S, E, K, BLOCK_S=block_s, BLOCK_E=block_e,
             num_warps=4)
     return out
+
+
+def _align_outputs(S: int, E: int, block_m: int, dev):
+    """:func:`align`'s outputs, empty, and its kernels' expert block and tile chunk."""
+    num_tiles = min(S, -(-S // block_m) + E)
+    block_e = _pow2(E + 1, 16, 2**30)
+    chunk_t = max(16, min(_pow2(num_tiles, 16, 2**30), _ALIGN_REGS // block_e))
+    # (split_with_sizes, not split: the latter's Python wrapper costs ~5 us of a small forward's host time)
+    order, token, start, end, tile_expert, tile_row = torch.empty(
+        2 * S + 2 * E + 2 * num_tiles, dtype=torch.int32, device=dev).split_with_sizes(
+        [S, S, E, E, num_tiles, num_tiles])
+    counts = torch.empty(E + 1, dtype=torch.int64, device=dev)  # (the kernel writes a 0 at [E]: nothing dropped)
+    return (order, token, counts, start, end, (tile_expert, tile_row, num_tiles)), block_e, chunk_t
+
+
+def route_and_align(logits_TE: torch.Tensor, bias_E: torch.Tensor, k: int, renormalize: bool, renorm_min: float,
+                    scale: float, block_m: int):
+    """``(ids_TK, weights_TK, index)``: :func:`topk_softmax` of ``logits_TE`` and :func:`align` of its ids (the
+    same values, bit for bit: the same tiles and warps), in one launch (:func:`_route_align_kernel`) where one program
+    routes every token (up to 64 tokens, fewer with over 64 experts) and sorts up to 1024 slots, else the two
+    functions' launches."""
+    T, E = logits_TE.shape
+    S = T * k
+    block_t, route_e = _route_blocks(E)
+    if T > block_t or S > 1024:
+        ids, weights = topk_softmax(logits_TE, bias_E, k, renormalize, renorm_min, scale)
+        return ids, weights, align(ids, E, block_m)
+    ids = torch.empty(T, k, dtype=torch.int64, device=logits_TE.device)
+    weights = torch.empty(T, k, dtype=torch.float32, device=logits_TE.device)
+    out, align_e, chunk_t = _align_outputs(S, E, block_m, logits_TE.device)
+    order, token, counts, start, end, (tile_expert, tile_row, num_tiles) = out
+    block_s = _pow2(S, 16, ALIGN_MAX_SLOTS)
+    _launch(_route_align_kernel, (1,), logits_TE, logits_TE.stride(0), bias_E, ids, weights,
+            order, token, counts, start, end, tile_expert, tile_row, T, E, float(renorm_min), float(scale), num_tiles,
+            K=k, RENORM=bool(renormalize), BLOCK_T=block_t, ROUTE_E=route_e, BLOCK_S=block_s, ALIGN_E=align_e,
+            CHUNK_T=chunk_t, BLOCK_M=block_m, num_warps=4)
+    return ids, weights, out
 
 
 def _route_blocks(E: int) -> tuple[int, int]:
