@@ -526,6 +526,18 @@ def run_isolated(groups: list[tuple[str, str]], argv: list[str], out: Path) -> d
     return merged
 
 
+def merge(results: list[dict]) -> dict:
+    """Several runs' results as one (rows in run order), each (shape, dtype) group keeping the roofline measured in
+    its own process."""
+    merged = {**results[0], "shapes": {}, "rooflines": {}, "rows": []}
+    for res in results:
+        merged["shapes"].update(res["shapes"])
+        merged["rooflines"].update(res.get("rooflines") or {
+            f"{r['shape']}/{r['dtype']}": res["roofline"] for r in res["rows"] if r["mode"] != "-"})
+        merged["rows"] += res["rows"]
+    return merged
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="smoke run: T in {1, 1024}, bf16, fwd and fwd+bwd")
@@ -539,7 +551,18 @@ def main(argv=None) -> None:
     ap.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/layer_cuda.json)")
     ap.add_argument("--in-process", action="store_true",
                     help="run every shape and dtype in this process (default: one process each, see run_isolated)")
+    ap.add_argument("--merge", nargs="+", type=Path, default=None, metavar="JSON",
+                    help="merge these runs' results (those that exist) into --out and print the table; runs nothing")
     args = ap.parse_args(argv)
+    if args.merge:
+        found = [json.loads(f.read_text()) for f in args.merge if f.exists()]
+        if not found:
+            raise SystemExit(f"none of {[str(f) for f in args.merge]} exists")
+        result = merge(found)
+        out = args.out or RESULTS / "layer_cuda.json"
+        out.write_text(json.dumps(result, indent=1))
+        print(summarise(result))
+        return
     require_cuda()
     if args.quick:
         args.tokens, args.dtypes, args.modes = [1, 1024], ["bfloat16"], ["fwd", "fwd+bwd"]

@@ -585,3 +585,39 @@ def test_sass_benchmark_reads_the_compiled_gemms_of_each_tile_choice():
     assert all(g["registers"] and g["loop"] and g["steps"] for c in (fp32, bf16) for ch in c.values() for g in ch["gemms"])
     text = mod.table(result)
     assert text.count("\n| mixtral |") == 2 and "| tl.dot |" in text and "| few-row |" in text
+
+
+def test_gpu_benchmark_merges_runs_keeping_each_groups_roofline(tmp_path, capsys):
+    """bench_gpu.py --merge (no GPU needed): a run of several groups (its rooflines per group) and a single group's
+    partial result (one roofline) as one result, rows in run order, each group with its own roofline; missing files
+    are left out."""
+    import json
+
+    G = _bench_gpu()
+    meta = {"device": "gpu", "capability": "9.0", "torch": "t", "cuda": "c", "triton": "3", "transformers": "5"}
+
+    def roof(bf16):
+        return {"gemm_tflops_float32": 50.0, "gemm_tflops_tf32": 400.0, "gemm_tflops_bfloat16": bf16,
+                "copy_gbps": 4e3}
+
+    def row(shape, dtype, T):
+        return dict(shape=shape, dtype=dtype, tokens=T, mode="fwd", impl="moekit_triton_graph", median_ms=0.05,
+                    runs=10, peak_mem_mb=None, note="")
+
+    decode = {"meta": meta, "roofline": roof(700.0), "shapes": {"mixtral": G.SHAPES["mixtral"]},
+              "rooflines": {"mixtral/bfloat16": roof(700.0)}, "rows": [row("mixtral", "bfloat16", 1)]}
+    part = {"meta": meta, "roofline": roof(800.0), "shapes": {"fine_grained": G.SHAPES["fine_grained"]},
+            "rows": [row("fine_grained", "float32", 1)]}
+    paths = [tmp_path / "decode.json", tmp_path / "decode.fine_grained.float32.json", tmp_path / "large.json"]
+    paths[0].write_text(json.dumps(decode))
+    paths[1].write_text(json.dumps(part))
+    out = tmp_path / "layer_cuda.json"
+    G.main(["--merge", *map(str, paths), "--out", str(out)])
+    merged = json.loads(out.read_text())
+    assert [(r["shape"], r["dtype"]) for r in merged["rows"]] == [("mixtral", "bfloat16"), ("fine_grained", "float32")]
+    assert merged["rooflines"] == {"mixtral/bfloat16": roof(700.0), "fine_grained/float32": roof(800.0)}
+    assert set(merged["shapes"]) == {"mixtral", "fine_grained"}
+    table = capsys.readouterr().out
+    assert "\n| mixtral | bfloat16 | 1 | fwd |" in table and "\n| fine_grained | float32 | 1 | fwd |" in table
+    with pytest.raises(SystemExit, match="exists"):
+        G.main(["--merge", str(paths[2]), "--out", str(out)])
