@@ -4,8 +4,9 @@ the SwiGLU epilogue and the scatter to slot order fused into the GEMMs (the Scat
 Notation: ``T`` tokens, ``K`` slots per token, ``S = T*K`` slots (sorted by expert: the plan's ``order_S``),
 ``D`` model dim, ``F`` expert hidden dim, ``W`` input-projection width (``2F`` gated, ``F`` plain), ``E`` experts.
 
-Kernels (all accumulate in fp32 with ``tl.dot``; operands are cast to the compute dtype inside the kernel, so weights
-and inputs are never copied to cast or permute them):
+Kernels (all accumulate in fp32, with ``tl.dot`` or, for GEMMs over few rows per expert, :data:`FMA_MAX_ROWS`, with
+FMAs on the CUDA cores; operands are cast to the compute dtype inside the kernel, so weights and inputs are never
+copied to cast or permute them):
 
 - :func:`_grouped_gemm_kernel` ``out[s] = (scale_s * A[gather_s]) @ B[e_s]^T (+ bias[e_s])`` for the sorted rows
   of every expert segment. The tile schedule (``tile_expert``, ``tile_row``) is built once per call on the device
@@ -13,13 +14,17 @@ and inputs are never copied to cast or permute them):
   exit at once, so there is no host sync. Epilogues: none, SwiGLU forward (gate and up columns in one program,
   writes ``silu(gate) * up`` and optionally the pre-activation), SwiGLU backward (``dH`` from ``dA`` and the saved
   pre-activation, plus the recomputed activation for the weight gradient). Rows can be written in sorted order or
-  scattered to their slot position ``order_S[s]`` (the ``[T*K, D]`` slot-major layout).
+  scattered to their slot position ``order_S[s]`` (the ``[T*K, D]`` slot-major layout). Tiles of 1-8 rows
+  (``FMA``: :func:`_mac`) where the rows per expert are few, else 16-128-row ``tl.dot`` tiles.
 - :func:`_grouped_xty_kernel` ``out[e] = (scale * L[seg_e])^T @ R[seg_e]`` (the weight gradients: one program per
   output tile of one expert, looping over that expert's rows; optional gathers of either operand and the bias
   gradient ``sum(L[seg_e])``). Idle experts get zeros, written by the same kernel.
 - :func:`_combine_kernel` ``y[t] = sum_k w[t, k] * Y[t*K + k]`` in fp32 in a fixed order (deterministic, no atomics);
   empty slots (``ids_TK == -1``) are skipped, so unwritten rows are never read.
 - :func:`_weights_grad_kernel` ``dw[t, k] = <g[t], Y[t*K + k]>`` (the router-weight gradient).
+- :func:`_topk_softmax_kernel` (and its backward) softmax top-k routing; :func:`_align_kernel` (or three kernels for
+  many slots) the plan-free index: the slots sorted by expert, their segments and the tile schedule;
+  :func:`_route_align_kernel` both in one program for few tokens (:func:`route_and_align`).
 
 The interpreter (``TRITON_INTERPRET=1`` set before this module is imported) runs the same kernels on CPU tensors.
 Two of its bf16 shortcomings (Triton 3.9) are worked around there only, so it computes what a GPU computes:
@@ -61,8 +66,8 @@ def _dot(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     return tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=tl.float32)
 
 
-# A grouped GEMM's accumulator: ``tl.dot``'s [BLOCK_M, BLOCK_N] tile, or with ``FMA`` (fp32 tiles of fewer than 16
-# rows) a [BLOCK_M, BLOCK_K, BLOCK_N] one that collects the products on the CUDA cores and is summed over K once at
+# A grouped GEMM's accumulator: ``tl.dot``'s [BLOCK_M, BLOCK_N] tile, or with ``FMA`` (tiles of fewer than 16 rows,
+# see FMA_MAX_ROWS) a [BLOCK_M, BLOCK_K, BLOCK_N] one that collects the products on the CUDA cores and is summed over K once at
 # the end: a tile of one row multiplies one row (``tl.dot`` needs 16, and runs exact fp32 on the CUDA cores too), and
 # the loop is loads and FMAs alone (no reduction across threads per step), as a memory-bound GEMV wants.
 @triton.jit
