@@ -81,10 +81,10 @@ class StandIns:
             self.fills += 1
         elif name == "_align_place_kernel":  # (ids, base, order, token, ...)
             self._fill(args[2]), self._fill(args[3])
-        elif name == "_route_align_kernel":  # (logits_TE, stride, bias, ids, weights, order, token, counts, ...)
+        elif name == "_route_align_kernel":  # (logits_TE, stride, bias, ids, weights, p, order, token, counts, ...)
             self._fill(args[3], mod=args[0].shape[1])
-            self._fill(args[5]), self._fill(args[6])
-            args[7].zero_()
+            self._fill(args[6]), self._fill(args[7])
+            args[8].zero_()
             self.fills += 1
 
 

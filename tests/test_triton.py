@@ -324,6 +324,7 @@ def test_kernels_compile_for_sm90(monkeypatch):
     monkeypatch.setattr(triton_moe, "_launch", lambda kernel, grid, *a, **k: recorded.append((kernel, a, k)))
     triton_moe.align(torch.zeros(3000, 2, dtype=torch.int64), 64, 32)  # the three-launch path
     triton_moe.align(torch.zeros(100, 2, dtype=torch.int64), 8, 16)  # one program (training's index)
+    triton_moe.route_and_align(torch.randn(5, 8), torch.zeros(8), 2, True, 0.0, 1.0, 16, save_p=True)  # (training's)
     from moekit.routing.softmax_topk import SoftmaxTopK  # training routing: top-k with probabilities, backward
 
     monkeypatch.setattr(SoftmaxTopK, "_kernel_route_ok", lambda self, logits: True)

@@ -104,6 +104,8 @@ ROUTE_ALIGN_CASES: dict[str, dict] = {
     "route_align_fine_grained": dict(T=40, E=64, K=8, block_m=1, gpu_blocks=True, fused=True),
     "route_align_renorm_min_scale": dict(T=11, E=7, K=3, renorm_min=0.9, scale=2.5, block_m=2, fused=True),
     "route_align_many_tokens": dict(T=70, E=8, K=2, bias=True, block_m=16, gpu_blocks=True, fused=False),
+    # training's: the probabilities too (TopKSoftmaxAlignFunction)
+    "route_align_probs": dict(T=12, E=16, K=4, bias=True, block_m=4, save_p=True, fused=True),
 }
 # Larger shapes for a GPU only (they select the big-tile configurations), too slow for the interpreter.
 CUDA_ONLY_CASES: dict[str, dict] = {
@@ -438,21 +440,23 @@ def run_route_align_case(name: str, device: str) -> dict:
                 tm.INTERPRET = interpret
         tm._route_blocks = gpu_blocks
     try:
+        save_p = bool(spec.get("save_p"))
         before = dict(tm.LAUNCHES)
-        ids, w, (order, token, counts, start, end, (tile_e, tile_r, n)) = tm.route_and_align(logits, bias, K, *route,
-                                                                                            block_m)
+        *routed, (order, token, counts, start, end, (tile_e, tile_r, n)) = tm.route_and_align(
+            logits, bias, K, *route, block_m, save_p=save_p)
         fused_launches = {k: v - before.get(k, 0) for k, v in tm.LAUNCHES.items() if v != before.get(k, 0)}
-        ref_ids, ref_w = tm.topk_softmax(logits, bias, K, *route)
-        ref = tm.align(ref_ids, E, block_m)
+        ref_routed = tm.topk_softmax(logits, bias, K, *route, save_p=save_p)
+        ref = tm.align(ref_routed[0], E, block_m)
     finally:
         tm._route_blocks = saved
     r_order, r_token, r_counts, r_start, r_end, (r_tile_e, r_tile_r, r_n) = ref
     if n != r_n:
         raise AssertionError(f"{n} tiles, the two launches' index has {r_n}")
     used = r_tile_e >= 0
-    got = {"ids": ids, "weights": w, "order_S": order, "token_S": token, "counts_E": counts, "seg_start_E": start,
+    names = ("ids", "weights", "probs")[:len(routed)]
+    got = {**dict(zip(names, routed)), "order_S": order, "token_S": token, "counts_E": counts, "seg_start_E": start,
            "seg_end_E": end, "tile_expert": tile_e, "tile_row": tile_r[used]}
-    want = {"ids": ref_ids, "weights": ref_w, "order_S": r_order, "token_S": r_token, "counts_E": r_counts,
+    want = {**dict(zip(names, ref_routed)), "order_S": r_order, "token_S": r_token, "counts_E": r_counts,
             "seg_start_E": r_start, "seg_end_E": r_end, "tile_expert": r_tile_e, "tile_row": r_tile_r[used]}
     expected = {"_route_align_kernel": 1} if spec["fused"] else {"_topk_softmax_kernel": 1, "_align_kernel": 1}
     if {k: v for k, v in fused_launches.items() if k != "count"} != expected:

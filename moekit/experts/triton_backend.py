@@ -420,7 +420,8 @@ class PreparedRouted:
     and the experts' kernels, as the layer's plan-free paths run them, with their checks and the kernels' tile
     configurations decided once per token count instead of in every call: :meth:`__call__` in inference (as
     :meth:`moekit.MoE._planless_inference`), :meth:`train_step` with autograd (as the router module, the routing's
-    :class:`~moekit.routing.softmax_topk.TopKSoftmaxFunction` and :meth:`Experts.planless`). A one-token forward's
+    :class:`~moekit.routing.softmax_topk.TopKSoftmaxFunction` and :meth:`Experts.planless`, the routing and the index
+    in one launch for few tokens: :class:`~moekit.routing.softmax_topk.TopKSoftmaxAlignFunction`). A one-token forward's
     host time was ~2/3 those checks and the Python between the calls (``benchmarks/bench_triton_host.py``).
 
     Holds the parameters themselves (updated in place, they stay valid); built only where the layer's own checks
@@ -474,16 +475,18 @@ class PreparedRouted:
         as the router returns it, for 2-D ``x_TD`` of the weights' dtype, differentiable in ``x_TD`` and every
         parameter, or None."""
         from ..routing.base import RouterOutput
-        from ..routing.softmax_topk import TopKSoftmaxFunction
+        from ..routing.softmax_topk import TopKSoftmaxAlignFunction
 
         plan = self._plan_for(x_TD)
         if plan is None:
             return None
         logits_TE = self._logits(x_TD)
-        ids_TK, weights_TK, probs_TE = TopKSoftmaxFunction.apply(logits_TE.contiguous(), self.expert_bias,
-                                                                 self.top_k, *self.spec)
         block_m, cfgs = plan
-        ix, counts = _Index.from_ids(ids_TK, self.E, block_m)
+        ids_TK, weights_TK, probs_TE, *index = TopKSoftmaxAlignFunction.apply(
+            logits_TE.contiguous(), self.expert_bias, self.top_k, *self.spec, block_m)
+        order, token, counts, start, end, tile_expert, tile_row, num_tiles = index
+        ix, counts = _Index._aligned(ids_TK, self.E, block_m,
+                                     (order, token, counts, start, end, (tile_expert, tile_row, num_tiles)))
         y_TD = TritonExpertsFunction.apply(x_TD, self.w_in, self.w_out, self.b_in, self.b_out, weights_TK, ix,
                                            self.act, self.dtype, self.out_dtype, cfgs)
         return y_TD, *_split_counts(counts, self.E), RouterOutput(logits_TE, probs_TE, ids_TK, weights_TK)

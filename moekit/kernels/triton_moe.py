@@ -426,16 +426,16 @@ def _topk_softmax_kernel(
 
 @triton.jit
 def _route_align_kernel(
-    logits_ptr, stride_lt, bias_ptr, ids_ptr, w_ptr,
+    logits_ptr, stride_lt, bias_ptr, ids_ptr, w_ptr, p_ptr,
     order_ptr, token_ptr, counts_ptr, start_ptr, end_ptr, tile_expert_ptr, tile_row_ptr,
     T, E, renorm_min, scale, num_tiles,
-    K: tl.constexpr, RENORM: tl.constexpr, BLOCK_T: tl.constexpr, ROUTE_E: tl.constexpr,
+    K: tl.constexpr, RENORM: tl.constexpr, SAVE_P: tl.constexpr, BLOCK_T: tl.constexpr, ROUTE_E: tl.constexpr,
     BLOCK_S: tl.constexpr, ALIGN_E: tl.constexpr, CHUNK_T: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     # One program, few tokens: the routing of all T tokens (_topk_softmax_kernel's), then their index
     # (_align_kernel's) from the ids it has just written: one launch instead of two
-    _topk_softmax_rows(0, logits_ptr, stride_lt, bias_ptr, ids_ptr, w_ptr, w_ptr, T, E, renorm_min, scale, K, RENORM,
-                       False, BLOCK_T, ROUTE_E)
+    _topk_softmax_rows(0, logits_ptr, stride_lt, bias_ptr, ids_ptr, w_ptr, p_ptr, T, E, renorm_min, scale, K, RENORM,
+                       SAVE_P, BLOCK_T, ROUTE_E)
     tl.debug_barrier()  # (the ids, stored by every thread of the program, visible to all of them)
     _align_one(ids_ptr, order_ptr, token_ptr, counts_ptr, start_ptr, end_ptr, tile_expert_ptr, tile_row_ptr,
                T * K, E, K, num_tiles, BLOCK_S, ALIGN_E, CHUNK_T, BLOCK_M)
@@ -694,27 +694,28 @@ def _align_outputs(S: int, E: int, block_m: int, dev):
 
 
 def route_and_align(logits_TE: torch.Tensor, bias_E: torch.Tensor, k: int, renormalize: bool, renorm_min: float,
-                    scale: float, block_m: int):
-    """``(ids_TK, weights_TK, index)``: :func:`topk_softmax` of ``logits_TE`` and :func:`align` of its ids (the
-    same values, bit for bit: the same tiles and warps), in one launch (:func:`_route_align_kernel`) where one program
-    routes every token (up to 64 tokens, fewer with over 64 experts) and sorts up to 1024 slots, else the two
+                    scale: float, block_m: int, save_p: bool = False):
+    """``(ids_TK, weights_TK[, probs_TE], index)``: :func:`topk_softmax` of ``logits_TE`` and :func:`align` of its
+    ids (the same values, bit for bit: the same tiles and warps), in one launch (:func:`_route_align_kernel`) where one
+    program routes every token (up to 64 tokens, fewer with over 64 experts) and sorts up to 1024 slots, else the two
     functions' launches."""
     T, E = logits_TE.shape
     S = T * k
     block_t, route_e = _route_blocks(E)
     if T > block_t or S > 1024:
-        ids, weights = topk_softmax(logits_TE, bias_E, k, renormalize, renorm_min, scale)
-        return ids, weights, align(ids, E, block_m)
+        routed = topk_softmax(logits_TE, bias_E, k, renormalize, renorm_min, scale, save_p)
+        return *routed, align(routed[0], E, block_m)
     ids = torch.empty(T, k, dtype=torch.int64, device=logits_TE.device)
     weights = torch.empty(T, k, dtype=torch.float32, device=logits_TE.device)
+    p = torch.empty(T, E, dtype=torch.float32, device=logits_TE.device) if save_p else weights
     out, align_e, chunk_t = _align_outputs(S, E, block_m, logits_TE.device)
     order, token, counts, start, end, (tile_expert, tile_row, num_tiles) = out
     block_s = _pow2(S, 16, ALIGN_MAX_SLOTS)
-    _launch(_route_align_kernel, (1,), logits_TE, logits_TE.stride(0), bias_E, ids, weights,
+    _launch(_route_align_kernel, (1,), logits_TE, logits_TE.stride(0), bias_E, ids, weights, p,
             order, token, counts, start, end, tile_expert, tile_row, T, E, float(renorm_min), float(scale), num_tiles,
-            K=k, RENORM=bool(renormalize), BLOCK_T=block_t, ROUTE_E=route_e, BLOCK_S=block_s, ALIGN_E=align_e,
-            CHUNK_T=chunk_t, BLOCK_M=block_m, num_warps=4)
-    return ids, weights, out
+            K=k, RENORM=bool(renormalize), SAVE_P=save_p, BLOCK_T=block_t, ROUTE_E=route_e, BLOCK_S=block_s,
+            ALIGN_E=align_e, CHUNK_T=chunk_t, BLOCK_M=block_m, num_warps=4)
+    return (ids, weights, p, out) if save_p else (ids, weights, out)
 
 
 def _route_blocks(E: int) -> tuple[int, int]:

@@ -130,6 +130,30 @@ class TopKSoftmaxFunction(torch.autograd.Function):
         return d_logits, None, None, None, None, None
 
 
+class TopKSoftmaxAlignFunction(TopKSoftmaxFunction):
+    """:class:`TopKSoftmaxFunction` that also returns the plan-free index of its ids for tiles of ``block_m`` rows
+    (:func:`moekit.kernels.triton_moe.align`'s ``order, token, counts, start, end, tile_expert, tile_row,
+    num_tiles``, not differentiable), routed and indexed in one launch for few tokens
+    (:func:`moekit.kernels.triton_moe.route_and_align`)."""
+
+    @staticmethod
+    def forward(ctx, logits_TE, bias_E, k: int, renormalize: bool, renorm_min: float, scale: float, block_m: int):
+        from ..kernels import triton_moe
+
+        ids_TK, weights_TK, probs_TE, index = triton_moe.route_and_align(logits_TE, bias_E, k, renormalize,
+                                                                         renorm_min, scale, block_m, save_p=True)
+        ctx.save_for_backward(probs_TE, ids_TK, logits_TE)
+        ctx.spec = (renormalize, renorm_min, scale)
+        order, token, counts, start, end, (tile_expert, tile_row, num_tiles) = index
+        ctx.mark_non_differentiable(ids_TK, order, token, counts, start, end, tile_expert, tile_row)
+        ctx.set_materialize_grads(False)
+        return ids_TK, weights_TK, probs_TE, order, token, counts, start, end, tile_expert, tile_row, num_tiles
+
+    @staticmethod
+    def backward(ctx, d_ids, d_weights_TK, d_probs_TE, *d_index):
+        return *TopKSoftmaxFunction.backward(ctx, d_ids, d_weights_TK, d_probs_TE), None
+
+
 class CPUTopKSoftmaxFunction(torch.autograd.Function):
     """The gradient path of a softmax top-k routing the C kernel computed (:func:`moekit.kernels.cpu.softmax_topk`):
     forward passes its weights and probabilities through; backward is the softmax top-k's own, in PyTorch ops, from
