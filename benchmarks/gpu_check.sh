@@ -2,7 +2,8 @@
 # The GPU checks in one go, for a machine with a CUDA device (run from the repository root):
 #   bash benchmarks/gpu_check.sh [OUT_DIR]
 # 1. the CUDA tests (Triton backend against the loop reference, CUDA graphs, no host sync),
-# 2. where a step's time goes (benchmarks/profile_gpu.py, one-token and 8192-token bf16 forwards),
+# 2. where a step's time goes (benchmarks/profile_gpu.py, one-token and 8192-token bf16 forwards, a one-token fp32
+#    forward),
 # 3. the layer benchmark (benchmarks/bench_gpu.py, one process per shape and dtype).
 # Each step has a time limit (seconds, environment: TESTS_S, PROFILE_S, DECODE_S, LARGE_S) so the whole fits a
 # short lease (600 s in all by default).
@@ -13,14 +14,16 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD
 timeout "${TESTS_S:-120}" python3 -m pytest -q -p no:cacheprovider tests/test_graphs.py tests/test_triton.py -k TestCUDA \
     > "$out/gpu_tests.log" 2>&1
 echo "tests: exit $? ($(tail -1 "$out/gpu_tests.log"))"
-timeout "${PROFILE_S:-60}" python3 benchmarks/profile_gpu.py --tokens 1 8192 > "$out/gpu_profile.txt" 2>&1
+timeout "${PROFILE_S:-45}" python3 benchmarks/profile_gpu.py --tokens 1 8192 > "$out/gpu_profile.txt" 2>&1
+# (fp32 one-token: the few-row tiles on the CUDA cores)
+timeout "${PROFILE_S:-45}" python3 benchmarks/profile_gpu.py --dtype float32 --tokens 1 >> "$out/gpu_profile.txt" 2>&1
 grep '^## ' "$out/gpu_profile.txt"
 # the decode sizes first (T <= 16: the fewest-kernel and few-row-tile paths), then the large ones, each in its own
 # time limit, so one that runs long leaves the other's rows; merged into layer_cuda.json
 timeout "${DECODE_S:-200}" python3 benchmarks/bench_gpu.py --tokens 1 16 --budget-s "${BUDGET_S:-0.5}" \
     --out "$out/layer_cuda_decode.json" > "$out/gpu_bench.log" 2>&1
 echo "bench T <= 16: exit $?"
-timeout "${LARGE_S:-220}" python3 benchmarks/bench_gpu.py --tokens 128 1024 8192 --budget-s "${BUDGET_S:-0.5}" \
+timeout "${LARGE_S:-180}" python3 benchmarks/bench_gpu.py --tokens 128 1024 8192 --budget-s "${BUDGET_S:-0.5}" \
     --out "$out/layer_cuda_large.json" >> "$out/gpu_bench.log" 2>&1
 echo "bench T >= 128: exit $?"
 # (with the part a killed run left of the group it was measuring: layer_cuda_<run>.<shape>.<dtype>.json)
