@@ -1,4 +1,4 @@
-"""What the Triton path's grouped GEMMs cost an H100 (sm_90), read from their machine code, on any machine: a static
+"""What the Triton path's grouped GEMMs (and weight-gradient kernels) cost an H100 (sm_90), read from their machine code, on any machine: a static
 measure (no GPU, no timing) for choosing tile configurations where no GPU is at hand.
 
 Each case records the launches of one forward (and one forward + backward) of the experts at the benchmark's shapes
@@ -6,7 +6,8 @@ Each case records the launches of one forward (and one forward + backward) of th
 ``s mod E``), the launches replaced by records, then compiles every grouped-GEMM launch as Triton's JIT would
 specialise it (:func:`moekit.kernels.triton_aot.compile_launch`) and reads the code
 (:func:`~moekit.kernels.triton_aot.sass_stats`). Per GEMM: the tiles, the programs that work (row tiles that hold
-rows x column tiles), the registers a thread, the instructions of the K loop's body and its steps. From them, per
+rows x column tiles; for a weight gradient every expert's output tiles, each looping over its expert's rows), the
+registers a thread, the instructions of the K loop's body and its steps (the most of any program). From them, per
 case and summed over its GEMMs: the **longest program** (loop instructions x steps, summed over the GEMMs: what one
 warp of the slowest program issues, the critical path where every program runs at once) and the **warp
 instructions in all** (x warps x working programs: the issue work). Neither counts memory stalls, which is where
@@ -95,17 +96,17 @@ def record_launches(shape: str, dtype: torch.dtype, T: int, mode: str) -> tuple[
                 y.sum().backward()
     finally:
         tm._launch = saved
-    gemms = [(grid, a, k) for kernel, grid, a, k in calls if kernel.__name__ == "_grouped_gemm_kernel"]
+    gemms = [(kernel, grid, a, k) for kernel, grid, a, k in calls
+             if kernel.__name__ in ("_grouped_gemm_kernel", "_grouped_xty_kernel")]
     return gemms, plan.counts_E.clone()
 
 
-def gemm_role(kwargs: dict, index: int, mode: str) -> str:
-    names = ("up", "down", "dA", "dX") if mode == "fwd+bwd" else ("up", "down")
-    return names[index] if index < len(names) else f"gemm{index}"
+#: the GEMMs of a pass in launch order: forward's up and down projections; backward's dA, the down projection's
+#: weight gradient, dX, the up projection's weight gradient
+ROLES = ("up", "down", "dA", "dW_down", "dX", "dW_up")
 
 
 def measure(shape: str, dtype: torch.dtype, T: int, mode: str, memo: dict) -> dict:
-    from moekit.kernels import triton_moe as tm
     from moekit.kernels.triton_aot import compile_launch, sass_stats
 
     s = SHAPES[shape]
@@ -116,22 +117,27 @@ def measure(shape: str, dtype: torch.dtype, T: int, mode: str, memo: dict) -> di
         with tiles(fma):
             gemms, counts = record_launches(shape, dtype, T, mode)
         per_gemm = []
-        for i, (grid, args, kw) in enumerate(gemms):
-            key, build = compile_launch(tm._grouped_gemm_kernel, args, kw, TARGET)
+        for i, (kernel, grid, args, kw) in enumerate(gemms):
+            key, build = compile_launch(kernel, args, kw, TARGET)
             if key not in memo:
                 memo[key] = sass_stats(build())
             st = memo[key]
-            N = args[tm._grouped_gemm_kernel.arg_names.index("N")]
-            K = args[tm._grouped_gemm_kernel.arg_names.index("K")]
-            row_tiles = int(sum(math.ceil(int(c) / kw["BLOCK_M"]) for c in counts))
-            programs = row_tiles * math.ceil(N / kw["BLOCK_N"])
-            steps = math.ceil(K / kw["BLOCK_K"])
+            arg = dict(zip(kernel.arg_names, args))
+            if kernel.__name__ == "_grouped_gemm_kernel":  # programs: row tiles of the used experts x column tiles
+                programs = int(sum(math.ceil(int(c) / kw["BLOCK_M"]) for c in counts)) * \
+                    math.ceil(arg["N"] / kw["BLOCK_N"])
+                steps = [math.ceil(arg["K"] / kw["BLOCK_K"])] * programs
+            else:  # an expert's output tiles (idle experts' too: they write zeros), each over the expert's rows
+                out_tiles = math.ceil(arg["M"] / kw["BLOCK_M"]) * math.ceil(arg["N"] / kw["BLOCK_N"])
+                steps = [math.ceil(int(c) / kw["BLOCK_K"]) for c in counts for _ in range(out_tiles)]
+                programs = len(steps)
             per_gemm.append({
-                "gemm": gemm_role(kw, i, mode), "tiles": f"{kw['BLOCK_M']}x{kw['BLOCK_N']}x{kw['BLOCK_K']}",
+                "gemm": ROLES[i] if i < len(ROLES) else f"gemm{i}",
+                "tiles": f"{kw['BLOCK_M']}x{kw['BLOCK_N']}x{kw['BLOCK_K']}",
                 "cuda_cores": bool(kw["FMA"]), "programs": programs, "grid": grid[0], "warps": kw["num_warps"],
-                "registers": st["registers"], "shared": st["shared"], "loop": st["loop"], "steps": steps,
-                "program_warp_instructions": st["loop"] * steps,
-                "warp_instructions": st["loop"] * steps * kw["num_warps"] * programs})
+                "registers": st["registers"], "shared": st["shared"], "loop": st["loop"], "steps": max(steps),
+                "program_warp_instructions": st["loop"] * max(steps),
+                "warp_instructions": st["loop"] * sum(steps) * kw["num_warps"]})
         out["choices"][name] = {
             "gemms": per_gemm,
             "longest_program": sum(g["program_warp_instructions"] for g in per_gemm),
@@ -158,9 +164,9 @@ def table(result: dict) -> str:
     m = result["meta"]
     lines = [
         f"Compiled for {m['target']} by Triton {m['triton']} without a GPU (`python benchmarks/sass_triton.py`): per "
-        "pass, summed over its grouped GEMMs (forward: up and down projections; with backward also dA and dX; the "
-        "weight-gradient kernels are not counted), the warp instructions of the longest program's K loops (the "
-        "critical path where all programs run at once) and in all. Static: memory stalls, where small GEMMs spend "
+        "pass, summed over its grouped GEMMs (forward: up and down projections; with backward also dA, dX and the "
+        "two weight gradients), the warp instructions of the longest program's K loops (the critical path where all "
+        "programs run at once) and in all. Static: memory stalls, where small GEMMs spend "
         "their time, are not counted. Each choice of tiles the layer has at these rows; **layer** is its own.",
         "",
         "| shape | dtype | T | pass | rows / expert | tiles (layer) | programs | registers | longest program | in all "

@@ -572,10 +572,15 @@ def test_sass_benchmark_reads_the_compiled_gemms_of_each_tile_choice():
     pytest.importorskip("triton")
     mod = _bench_script("sass_triton")
     try:
-        result = mod.run(shapes=("mixtral",), tokens=(1,), modes=("fwd",))
+        result = mod.run(shapes=("mixtral",), tokens=(1,), modes=("fwd", "fwd+bwd"))
     except NotImplementedError as e:  # (another Triton's internals)
         pytest.skip(str(e))
-    by_dtype = {r["dtype"]: r for r in result["rows"]}
+    by_dtype = {r["dtype"]: r for r in result["rows"] if r["mode"] == "fwd"}
+    (bwd32,) = [r["choices"] for r in result["rows"] if r["mode"] == "fwd+bwd" and r["dtype"] == "float32"]
+    assert [g["gemm"] for g in bwd32["layer"]["gemms"]] == ["up", "down", "dA", "dW_down", "dX", "dW_up"]
+    dw = [g for g in bwd32["layer"]["gemms"] if g["gemm"].startswith("dW")]  # (1 row per used expert: 1 step)
+    assert all(g["cuda_cores"] and g["steps"] == 1 for g in dw)
+    assert bwd32["tl.dot"]["warp_instructions"] > bwd32["layer"]["warp_instructions"]
     fp32, bf16 = by_dtype["float32"]["choices"], by_dtype["bfloat16"]["choices"]
     assert set(fp32) == {"layer", "tl.dot"} and set(bf16) == {"layer", "few-row"}
     assert all(g["cuda_cores"] for g in fp32["layer"]["gemms"]) and not any(g["cuda_cores"] for g in fp32["tl.dot"]["gemms"])
@@ -584,7 +589,7 @@ def test_sass_benchmark_reads_the_compiled_gemms_of_each_tile_choice():
     assert fp32["tl.dot"]["longest_program"] > 5 * fp32["layer"]["longest_program"] > 0
     assert all(g["registers"] and g["loop"] and g["steps"] for c in (fp32, bf16) for ch in c.values() for g in ch["gemms"])
     text = mod.table(result)
-    assert text.count("\n| mixtral |") == 2 and "| tl.dot |" in text and "| few-row |" in text
+    assert text.count("\n| mixtral |") == 4 and "| tl.dot |" in text and "| few-row |" in text
 
 
 def test_gpu_benchmark_merges_runs_keeping_each_groups_roofline(tmp_path, capsys):

@@ -339,6 +339,8 @@ def test_kernels_compile_for_sm90(monkeypatch):
                   if kernel.__name__ == "_grouped_gemm_kernel"}
     assert {(torch.bfloat16, 16, False), (torch.bfloat16, 1, True), (torch.float32, 16, False),
             (torch.float32, 1, True), (torch.float32, 2, True)} <= gemm_tiles, gemm_tiles
+    xty_steps = {(k["BLOCK_K"], k["FMA"]) for kernel, _, k in launches if kernel.__name__ == "_grouped_xty_kernel"}
+    assert {(1, True), (2, True)} <= xty_steps and any(not fma for _, fma in xty_steps), xty_steps
     seen, compiled = set(), 0
     for kernel, args, kwargs in launches:
         try:
@@ -351,7 +353,7 @@ def test_kernels_compile_for_sm90(monkeypatch):
         out = build()
         assert out.metadata.shared <= 227 * 1024, f"{kernel.__name__}: {out.metadata.shared} bytes of shared memory"
         compiled += 1
-        if kernel.__name__ == "_grouped_gemm_kernel" and kwargs["FMA"] and kwargs["BLOCK_M"] == 1:
+        if kernel.__name__ in ("_grouped_gemm_kernel", "_grouped_xty_kernel") and kwargs["FMA"]:
             stats = sass_stats(out)  # the few-row tiles: CUDA-core FMAs, no tensor-core MMA, no register spills
             assert stats["ops"].get("FFMA", 0) > 0 and not any(op.startswith("HMMA") for op in stats["ops"]), stats
             assert 0 < stats["loop"] < stats["instructions"] and stats["registers"] <= 255

@@ -17,8 +17,9 @@ copied to cast or permute them):
   scattered to their slot position ``order_S[s]`` (the ``[T*K, D]`` slot-major layout). Tiles of 1-8 rows
   (``FMA``: :func:`_mac`) where the rows per expert are few, else 16-128-row ``tl.dot`` tiles.
 - :func:`_grouped_xty_kernel` ``out[e] = (scale * L[seg_e])^T @ R[seg_e]`` (the weight gradients: one program per
-  output tile of one expert, looping over that expert's rows; optional gathers of either operand and the bias
-  gradient ``sum(L[seg_e])``). Idle experts get zeros, written by the same kernel.
+  output tile of one expert, looping over that expert's rows, in steps of 1-8 rows on the CUDA cores where the
+  GEMMs take few-row tiles; optional gathers of either operand and the bias gradient ``sum(L[seg_e])``). Idle
+  experts get zeros, written by the same kernel.
 - :func:`_combine_kernel` ``y[t] = sum_k w[t, k] * Y[t*K + k]`` in fp32 in a fixed order (deterministic, no atomics);
   empty slots (``ids_TK == -1``) are skipped, so unwritten rows are never read.
 - :func:`_weights_grad_kernel` ``dw[t, k] = <g[t], Y[t*K + k]>`` (the router-weight gradient).
@@ -224,7 +225,7 @@ def _grouped_xty_kernel(
     gather_l_ptr, gather_r_ptr, scale_ptr, seg_start_ptr, seg_end_ptr,
     M, N,
     GATHER_L: tl.constexpr, GATHER_R: tl.constexpr, SCALE: tl.constexpr, DBIAS: tl.constexpr,
-    DTYPE: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, RTNE: tl.constexpr,
+    DTYPE: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, RTNE: tl.constexpr, FMA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # out[e] (M x N) = sum over the rows s of expert e of  (scale_s * L[s, :])^T  R[s, :]
@@ -242,7 +243,7 @@ def _grouped_xty_kernel(
     m_ok = ms < M
     n_ok = ns < N
     ss = tl.arange(0, BLOCK_K)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = _acc_zeros(FMA, BLOCK_M, BLOCK_N, BLOCK_K)
     dbias = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for s0 in range(start, end, BLOCK_K):
         rows = s0 + ss
@@ -262,9 +263,10 @@ def _grouped_xty_kernel(
         lt = _cast(lt, DTYPE, RTNE)
         r = _cast(tl.load(r_ptr + r_rows[:, None] * stride_rm + ns[None, :] * stride_rn,
                           mask=ok[:, None] & n_ok[None, :], other=0.0), DTYPE, RTNE)
-        acc = _dot(lt, r, acc, PRECISION, UPCAST)
+        acc = _mac(lt, r, acc, FMA, PRECISION, UPCAST)
         if DBIAS:
             dbias += tl.sum(lt.to(tl.float32), axis=1)
+    acc = _acc_result(acc, FMA)
     e64 = e.to(tl.int64)
     o_ptrs = out_ptr + e64 * stride_oe + ms[:, None] * stride_om + ns[None, :] * stride_on
     tl.store(o_ptrs, _cast(acc, out_ptr.dtype.element_ty, RTNE), mask=m_ok[:, None] & n_ok[None, :])
@@ -604,19 +606,28 @@ def _gemm_config(rows_per_expert: float, N: int, K: int, dtype: torch.dtype, two
 def xty_config(rows_per_expert: float, M: int, N: int, dtype: torch.dtype) -> dict:
     """Tile sizes for :func:`_grouped_xty_kernel` (``BLOCK_K`` runs over an expert's rows); a fresh dict, from a
     memo."""
-    return dict(_xty_config(rows_per_expert, M, N, dtype, INTERPRET))
+    return dict(_xty_config(rows_per_expert, M, N, dtype, INTERPRET, FMA_MAX_ROWS.get(dtype, 0)))
 
 
 @functools.lru_cache(maxsize=1024)
-def _xty_config(rows_per_expert: float, M: int, N: int, dtype: torch.dtype, interpret: bool) -> dict:
+def _xty_config(rows_per_expert: float, M: int, N: int, dtype: torch.dtype, interpret: bool,
+                fma_max_rows: float) -> dict:
+    rows_k = _block_m(rows_per_expert, interpret, fma_max_rows)  # (the GEMMs' choice: steps of 1-8 rows, or tl.dot)
+    fma = rows_k < 16
     if interpret:
-        return dict(BLOCK_M=_pow2(M, 16, 64), BLOCK_N=_pow2(N, 16, 64), BLOCK_K=16, num_warps=4, num_stages=1)
+        return dict(BLOCK_M=_pow2(M, 16, 64), BLOCK_N=_pow2(N, 16, 64), BLOCK_K=rows_k, num_warps=4, num_stages=1,
+                    FMA=fma)
+    if fma:  # accumulators of [BLOCK_M, rows, BLOCK_N] <= 8192 (64 registers a thread of 4 warps)
+        side = 64 if rows_k <= 2 else 32
+        return dict(BLOCK_M=min(side, _pow2(M, 16, 256)), BLOCK_N=min(side, _pow2(N, 16, 256)), BLOCK_K=rows_k,
+                    num_warps=4, num_stages=2, FMA=True)
     wide = dtype != torch.float32
     big = rows_per_expert > 1024
     cfg = dict(BLOCK_M=128 if big else 64, BLOCK_N=128 if big else 64, BLOCK_K=64 if wide else 32,
                num_warps=8 if big else 4, num_stages=3)
     cfg["BLOCK_M"] = min(cfg["BLOCK_M"], _pow2(M, 16, 256))
     cfg["BLOCK_N"] = min(cfg["BLOCK_N"], _pow2(N, 16, 256))
+    cfg["FMA"] = False
     return cfg
 
 
