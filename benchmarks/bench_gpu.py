@@ -282,15 +282,11 @@ OTHER_TILES = "moekit_triton_other_tiles_graph"
 
 
 def other_tiles(shape: dict, dtype: torch.dtype, T: int) -> dict | None:
-    """``FMA_MAX_ROWS`` for the other choice of tiles at these rows, or None where there is none to try."""
+    """``FMA_MAX_ROWS`` for the other choice of tiles at these rows (``triton_moe.other_tiles``), or None."""
     from moekit.kernels import triton_moe
 
-    rows = T * shape["top_k"] / shape["num_experts"]
-    if triton_moe.block_m_for(rows, dtype) < 16:
-        return {k: v for k, v in triton_moe.FMA_MAX_ROWS.items() if k != dtype}
-    if dtype != torch.float32 and rows <= 1:
-        return {**triton_moe.FMA_MAX_ROWS, dtype: 1}
-    return None
+    other = triton_moe.other_tiles(T * shape["top_k"] / shape["num_experts"], dtype)
+    return None if other is None else other[1]
 
 
 def with_tiles(step, fma_max_rows: dict):
@@ -298,11 +294,8 @@ def with_tiles(step, fma_max_rows: dict):
     from moekit.kernels import triton_moe
 
     def run():
-        saved, triton_moe.FMA_MAX_ROWS = triton_moe.FMA_MAX_ROWS, fma_max_rows
-        try:
+        with triton_moe.fma_rows(fma_max_rows):
             step()
-        finally:
-            triton_moe.FMA_MAX_ROWS = saved
     return run
 
 

@@ -24,7 +24,6 @@ Writes ``benchmarks/results/sass_triton.json`` and the table between the SASS-TR
 from __future__ import annotations
 
 import argparse
-import contextlib
 import math
 from pathlib import Path
 
@@ -46,24 +45,8 @@ def choices(dtype: torch.dtype, rows: float) -> dict[str, dict | None]:
     """The tile choices to compile at ``rows`` per expert: name -> ``FMA_MAX_ROWS`` (None: as it stands)."""
     from moekit.kernels import triton_moe as tm
 
-    out: dict[str, dict | None] = {"layer": None}
-    if tm.block_m_for(rows, dtype) < 16:
-        out["tl.dot"] = {}
-    elif dtype != torch.float32 and rows <= 1:
-        out["few-row"] = {**tm.FMA_MAX_ROWS, dtype: 1}
-    return out
-
-
-@contextlib.contextmanager
-def tiles(fma_max_rows: dict | None):
-    from moekit.kernels import triton_moe as tm
-
-    saved = tm.FMA_MAX_ROWS
-    tm.FMA_MAX_ROWS = saved if fma_max_rows is None else fma_max_rows
-    try:
-        yield
-    finally:
-        tm.FMA_MAX_ROWS = saved
+    other = tm.other_tiles(rows, dtype)
+    return {"layer": None, **({} if other is None else dict([other]))}
 
 
 def record_launches(shape: str, dtype: torch.dtype, T: int, mode: str) -> tuple[list, torch.Tensor]:
@@ -107,6 +90,7 @@ ROLES = ("up", "down", "dA", "dW_down", "dX", "dW_up")
 
 
 def measure(shape: str, dtype: torch.dtype, T: int, mode: str, memo: dict) -> dict:
+    from moekit.kernels import triton_moe as tm
     from moekit.kernels.triton_aot import compile_launch, sass_stats
 
     s = SHAPES[shape]
@@ -114,7 +98,7 @@ def measure(shape: str, dtype: torch.dtype, T: int, mode: str, memo: dict) -> di
     out = {"shape": shape, "dtype": str(dtype).removeprefix("torch."), "tokens": T, "mode": mode,
            "rows_per_expert": rows, "choices": {}}
     for name, fma in choices(dtype, rows).items():
-        with tiles(fma):
+        with tm.fma_rows(fma):
             gemms, counts = record_launches(shape, dtype, T, mode)
         per_gemm = []
         for i, (kernel, grid, args, kw) in enumerate(gemms):

@@ -135,12 +135,13 @@ def _scale(t: torch.Tensor | None) -> float:
 
 @contextlib.contextmanager
 def gpu_tiles(on: bool = True):
-    """Under the interpreter, the tile sizes a GPU would pick (the config helpers with ``INTERPRET`` off while they
-    choose; the kernels still interpret). Yields the set of ``BLOCK_M`` the grouped GEMMs were given."""
+    """Under the interpreter, the tile sizes (and routing blocks) a GPU would pick (the config helpers with
+    ``INTERPRET`` off while they choose; the kernels still interpret). Yields the set of ``BLOCK_M`` the grouped GEMMs
+    were given."""
     from moekit.kernels import triton_moe as tm
 
     used: set[int] = set()
-    saved = {n: getattr(tm, n) for n in ("block_m_for", "gemm_config", "xty_config")}
+    saved = {n: getattr(tm, n) for n in ("block_m_for", "gemm_config", "xty_config", "_route_blocks")}
 
     def chooser(fn, record=False):
         def choose(*args, **kwargs):
@@ -430,16 +431,7 @@ def run_route_align_case(name: str, device: str) -> dict:
     logits = (2 * torch.randn(T, E, generator=g)).to(device)
     bias = (0.1 * torch.randn(E, generator=g) if spec.get("bias") else torch.zeros(E)).to(device)
     route = (True, spec.get("renorm_min", 0.0), spec.get("scale", 1.0))
-    saved = tm._route_blocks
-    if spec.get("gpu_blocks"):  # (the GPU's: the interpreter's routing programs take 16 tokens)
-        def gpu_blocks(E_):
-            interpret, tm.INTERPRET = tm.INTERPRET, False
-            try:
-                return saved(E_)
-            finally:
-                tm.INTERPRET = interpret
-        tm._route_blocks = gpu_blocks
-    try:
+    with gpu_tiles(bool(spec.get("gpu_blocks"))):  # (the GPU's: the interpreter's routing programs take 16 tokens)
         save_p = bool(spec.get("save_p"))
         before = dict(tm.LAUNCHES)
         *routed, (order, token, counts, start, end, (tile_e, tile_r, n)) = tm.route_and_align(
@@ -447,8 +439,6 @@ def run_route_align_case(name: str, device: str) -> dict:
         fused_launches = {k: v - before.get(k, 0) for k, v in tm.LAUNCHES.items() if v != before.get(k, 0)}
         ref_routed = tm.topk_softmax(logits, bias, K, *route, save_p=save_p)
         ref = tm.align(ref_routed[0], E, block_m)
-    finally:
-        tm._route_blocks = saved
     r_order, r_token, r_counts, r_start, r_end, (r_tile_e, r_tile_r, r_n) = ref
     if n != r_n:
         raise AssertionError(f"{n} tiles, the two launches' index has {r_n}")
@@ -505,13 +495,8 @@ def run_case(name: str, device: str = "cpu") -> dict:
         from moekit.kernels import triton_moe as tm
 
         base = name.removesuffix("@bf16")
-        saved = tm.FMA_MAX_ROWS
-        if base in BF16_FMA_CASES:
-            tm.FMA_MAX_ROWS = {**saved, torch.bfloat16: 1}
-        try:
+        with tm.fma_rows({**tm.FMA_MAX_ROWS, torch.bfloat16: 1} if base in BF16_FMA_CASES else None):
             out = run_expert_case(base, device, torch.bfloat16)
-        finally:
-            tm.FMA_MAX_ROWS = saved
     elif name in LAYER_CASES:
         out = run_layer_case(name, device)
     elif name in ALIGN_CASES:

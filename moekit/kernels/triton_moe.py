@@ -36,6 +36,7 @@ nearest even by hand (``RTNE``).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -553,6 +554,30 @@ def dot_precision(dtype: torch.dtype) -> tuple[str, bool]:
 FMA_MAX_ROWS = {torch.float32: 8}
 
 
+@contextlib.contextmanager
+def fma_rows(limits: dict | None):
+    """:data:`FMA_MAX_ROWS` set to ``limits`` inside (None: as it stands): the tiles of the GEMMs configured there,
+    those of a CUDA graph captured there included."""
+    global FMA_MAX_ROWS
+    saved = FMA_MAX_ROWS
+    FMA_MAX_ROWS = saved if limits is None else limits
+    try:
+        yield
+    finally:
+        FMA_MAX_ROWS = saved
+
+
+def other_tiles(rows_per_expert: float, dtype: torch.dtype) -> tuple[str, dict] | None:
+    """The other choice of tiles at these rows, ``(name, FMA_MAX_ROWS for it)``: 16-row ``tl.dot`` tiles where the
+    GEMMs take few-row ones, few-row ones for 16-bit dtypes at one row per expert or fewer; None elsewhere. What the
+    benchmarks compare (``bench_gpu.py`` timed on a GPU, ``sass_triton.py`` compiled)."""
+    if block_m_for(rows_per_expert, dtype) < 16:
+        return "tl.dot", {k: v for k, v in FMA_MAX_ROWS.items() if k != dtype}
+    if dtype != torch.float32 and rows_per_expert <= 1:
+        return "few-row", {**FMA_MAX_ROWS, dtype: 1}
+    return None
+
+
 def block_m_for(rows_per_expert: float, dtype: torch.dtype) -> int:
     """``BLOCK_M`` of :func:`gemm_config` for GEMMs in ``dtype`` (it fixes the tile schedule)."""
     return _block_m(rows_per_expert, INTERPRET, FMA_MAX_ROWS.get(dtype, 0))
@@ -716,9 +741,7 @@ def route_and_align(logits_TE: torch.Tensor, bias_E: torch.Tensor, k: int, renor
     if T > block_t or S > 1024:
         routed = topk_softmax(logits_TE, bias_E, k, renormalize, renorm_min, scale, save_p)
         return *routed, align(routed[0], E, block_m)
-    ids = torch.empty(T, k, dtype=torch.int64, device=logits_TE.device)
-    weights = torch.empty(T, k, dtype=torch.float32, device=logits_TE.device)
-    p = torch.empty(T, E, dtype=torch.float32, device=logits_TE.device) if save_p else weights
+    ids, weights, p = _routing_outputs(logits_TE, k, save_p)
     out, align_e, chunk_t = _align_outputs(S, E, block_m, logits_TE.device)
     order, token, counts, start, end, (tile_expert, tile_row, num_tiles) = out
     block_s = _pow2(S, 16, ALIGN_MAX_SLOTS)
@@ -727,6 +750,15 @@ def route_and_align(logits_TE: torch.Tensor, bias_E: torch.Tensor, k: int, renor
             K=k, RENORM=bool(renormalize), SAVE_P=save_p, BLOCK_T=block_t, ROUTE_E=route_e, BLOCK_S=block_s,
             ALIGN_E=align_e, CHUNK_T=chunk_t, BLOCK_M=block_m, num_warps=4)
     return (ids, weights, p, out) if save_p else (ids, weights, out)
+
+
+def _routing_outputs(logits_TE: torch.Tensor, k: int, save_p: bool):
+    """The routing kernels' outputs, empty: int64 ids and fp32 weights ``[T, k]``, fp32 probabilities ``[T, E]``
+    (``save_p``; else the weights stand in, unwritten)."""
+    T, E = logits_TE.shape
+    ids = torch.empty(T, k, dtype=torch.int64, device=logits_TE.device)
+    weights = torch.empty(T, k, dtype=torch.float32, device=logits_TE.device)
+    return ids, weights, torch.empty(T, E, dtype=torch.float32, device=logits_TE.device) if save_p else weights
 
 
 def _route_blocks(E: int) -> tuple[int, int]:
@@ -743,9 +775,7 @@ def topk_softmax(logits_TE: torch.Tensor, bias_E: torch.Tensor, k: int, renormal
     choose differently) and ties broken towards the lower expert index. ``save_p``: also return the probabilities
     (fp32 ``[T, E]``), which :func:`topk_softmax_backward` needs."""
     T, E = logits_TE.shape
-    ids = torch.empty(T, k, dtype=torch.int64, device=logits_TE.device)
-    weights = torch.empty(T, k, dtype=torch.float32, device=logits_TE.device)
-    p = torch.empty(T, E, dtype=torch.float32, device=logits_TE.device) if save_p else weights
+    ids, weights, p = _routing_outputs(logits_TE, k, save_p)
     block_t, block_e = _route_blocks(E)
     _launch(_topk_softmax_kernel, (_cdiv(T, block_t),), logits_TE, logits_TE.stride(0), bias_E, ids, weights, p,
             T, E, float(renorm_min), float(scale), K=k, RENORM=bool(renormalize), SAVE_P=save_p, BLOCK_T=block_t,

@@ -109,11 +109,16 @@ class TopKSoftmaxFunction(torch.autograd.Function):
 
         ids_TK, weights_TK, probs_TE = triton_moe.topk_softmax(logits_TE, bias_E, k, renormalize, renorm_min, scale,
                                                               save_p=True)
-        ctx.save_for_backward(probs_TE, ids_TK, logits_TE)
-        ctx.spec = (renormalize, renorm_min, scale)
-        ctx.mark_non_differentiable(ids_TK)
-        ctx.set_materialize_grads(False)  # unused probabilities (no balancing loss) reach backward as None
+        TopKSoftmaxFunction._keep(ctx, logits_TE, ids_TK, probs_TE, (renormalize, renorm_min, scale))
         return ids_TK, weights_TK, probs_TE
+
+    @staticmethod
+    def _keep(ctx, logits_TE, ids_TK, probs_TE, spec: tuple, *index) -> None:
+        """What backward needs; the ids (and the index tensors, if any) are not differentiable."""
+        ctx.save_for_backward(probs_TE, ids_TK, logits_TE)
+        ctx.spec = spec
+        ctx.mark_non_differentiable(ids_TK, *index)
+        ctx.set_materialize_grads(False)  # unused probabilities (no balancing loss) reach backward as None
 
     @staticmethod
     def backward(ctx, d_ids, d_weights_TK, d_probs_TE):
@@ -142,11 +147,9 @@ class TopKSoftmaxAlignFunction(TopKSoftmaxFunction):
 
         ids_TK, weights_TK, probs_TE, index = triton_moe.route_and_align(logits_TE, bias_E, k, renormalize,
                                                                          renorm_min, scale, block_m, save_p=True)
-        ctx.save_for_backward(probs_TE, ids_TK, logits_TE)
-        ctx.spec = (renormalize, renorm_min, scale)
         order, token, counts, start, end, (tile_expert, tile_row, num_tiles) = index
-        ctx.mark_non_differentiable(ids_TK, order, token, counts, start, end, tile_expert, tile_row)
-        ctx.set_materialize_grads(False)
+        TopKSoftmaxFunction._keep(ctx, logits_TE, ids_TK, probs_TE, (renormalize, renorm_min, scale),
+                                  order, token, counts, start, end, tile_expert, tile_row)
         return ids_TK, weights_TK, probs_TE, order, token, counts, start, end, tile_expert, tile_row, num_tiles
 
     @staticmethod
