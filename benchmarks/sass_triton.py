@@ -74,9 +74,9 @@ def record_launches(shape: str, dtype: torch.dtype, T: int, mode: str) -> tuple[
         x = torch.randn(T, D, dtype=dtype, requires_grad=train)
         with torch.set_grad_enabled(train):
             y = tb.TritonExpertsFunction.apply(x, ex.w_in, ex.w_out, ex.b_in, ex.b_out, plan.weights_TK,
-                                               tb._Index.from_plan(plan), ex.activation, dtype)
-            if train:
-                y.sum().backward()
+                                               tb._Index.from_plan(plan), ex.activation, dtype, dtype)
+            if train:  # (a contiguous gradient in the layer's dtype, as a layer without shared experts gets one)
+                y.backward(torch.ones_like(y))
     finally:
         tm._launch = saved
     gemms = [(kernel, grid, a, k) for kernel, grid, a, k in calls

@@ -8,8 +8,9 @@ Forward, in three kernels plus the combine:
 Backward (a custom autograd Function; saves ``x``, the pre-activation ``h_SW`` and, when the router weights need a
 gradient, the unweighted slot outputs):
     dw_TK  = <g_T, y_TK>                                                   router-weight gradient
-    dA/dH  = (w_S * g[token_S]) @ w_out[e]  (+ SwiGLU backward epilogue, which also recomputes a_SF)
-    dW_out[e] = (w * g[token])_e^T @ a_e,   dW_in[e] = dH_e^T @ x[token]_e   (+ bias gradients, one kernel each)
+    dA/dH  = w_S * (g[token_S] @ w_out[e])  (+ SwiGLU backward epilogue, which also recomputes w_S * a_SF)
+    dW_out[e] = g[token]_e^T @ (w * a)_e,   dW_in[e] = dH_e^T @ x[token]_e   (+ bias gradients, one kernel each)
+(the router weights applied in epilogues, never to a GEMM operand inside its K loop)
     dX     = sum_k (dH @ w_in[e])  scattered to slot order, summed like the forward combine
 No permuted copy of ``x`` or of the gradient is ever made, and no host sync (the tile schedule is built on the
 device from ``counts_E``). Other activations than SwiGLU run through torch between the two GEMMs.
@@ -172,17 +173,18 @@ class _Index:
         return self.schedules[block_m]
 
 
-def _pair_configs(K_, rows_per_expert: float, n1: int, k1: int, n2: int, k2: int, dtype, two_acc: bool):
-    """Configs of two grouped GEMMs over the same rows: they share ``BLOCK_M``, hence one tile schedule."""
-    c1 = K_.gemm_config(rows_per_expert, n1, k1, dtype, two_acc=two_acc)
+def _pair_configs(K_, rows_per_expert: float, n1: int, k1: int, n2: int, k2: int, dtype, swiglu: bool):
+    """Configs of two grouped GEMMs over the same rows: they share ``BLOCK_M``, hence one tile schedule; ``swiglu``:
+    the first has a SwiGLU epilogue."""
+    c1 = K_.gemm_config(rows_per_expert, n1, k1, dtype, swiglu=swiglu)
     c2 = K_.gemm_config(rows_per_expert, n2, k2, dtype)
     c2["BLOCK_M"] = c1["BLOCK_M"]
     return c1, c2
 
 
-def _gemm_pair_configs(K_, ix: _Index, n1: int, k1: int, n2: int, k2: int, dtype, two_acc: bool):
+def _gemm_pair_configs(K_, ix: _Index, n1: int, k1: int, n2: int, k2: int, dtype, swiglu: bool):
     """:func:`_pair_configs` for the rows of ``ix``, and their tile schedule."""
-    c1, c2 = _pair_configs(K_, ix.rows_per_expert, n1, k1, n2, k2, dtype, two_acc)
+    c1, c2 = _pair_configs(K_, ix.rows_per_expert, n1, k1, n2, k2, dtype, swiglu)
     return c1, c2, ix.schedule(c1["BLOCK_M"])
 
 
@@ -200,7 +202,7 @@ def _forward(x_TD, w_in, w_out, b_in, b_out, weights_TK, ix: _Index, act: Activa
         return out_TD.zero_(), (x_TD.new_empty(0, W, dtype=dtype) if save_h or not swiglu else None), \
             x_TD.new_empty(0, D, dtype=dtype)
     if cfgs is None:
-        c1, c2, sched = _gemm_pair_configs(K_, ix, F if swiglu else W, D, D, F, dtype, two_acc=swiglu)
+        c1, c2, sched = _gemm_pair_configs(K_, ix, F if swiglu else W, D, D, F, dtype, swiglu=swiglu)
     else:
         (c1, c2), sched = cfgs, ix.schedule(cfgs[0]["BLOCK_M"])
     common = dict(sched=sched, seg_end=ix.seg_end_E, dtype=dtype, rows_per_expert=ix.rows_per_expert)
@@ -272,9 +274,9 @@ class TritonExpertsFunction(torch.autograd.Function):
 
         w_S = weights_TK.reshape(-1).index_select(0, ix.order_S).float()  # sorted router weights
         swiglu = act.name == "swiglu"
-        c_da, c_dx, sched = _gemm_pair_configs(K_, ix, F, D, D, W, dtype, two_acc=False)
+        c_da, c_dx, sched = _gemm_pair_configs(K_, ix, F, D, D, W, dtype, swiglu=swiglu)
         common = dict(sched=sched, seg_end=ix.seg_end_E, dtype=dtype, rows_per_expert=ix.rows_per_expert)
-        # dA = (w * g)[token_S] @ w_out[e]:  B[e][n=f, k=d] = w_out[e, d, f]
+        # dA = w * (g[token_S] @ w_out[e]):  B[e][n=f, k=d] = w_out[e, d, f]; a_SF = w * act, for d_wout
         if swiglu:
             dh_SW = x_TD.new_empty(S, W, dtype=dtype)
             a_SF = x_TD.new_empty(S, F, dtype=dtype)
@@ -290,12 +292,13 @@ class TritonExpertsFunction(torch.autograd.Function):
             a_SF, act_backward = _activation_with_backward(act, h_SW)
             dh_SW = act_backward(da_SF)
             del da_SF
+            a_SF.mul_(w_S[:, None])  # (as the SwiGLU epilogue does: the router weights on it, for d_wout; fp32 product)
         del h_SW
         seg = dict(seg_start=ix.seg_start_E, seg_end=ix.seg_end_E, dtype=dtype, rows_per_expert=ix.rows_per_expert)
         if need_wout or need_bout:
             d_wout = torch.empty_like(w_out)
             d_bout = torch.empty(E, D, dtype=ctx.bias_dtypes[1], device=dev) if need_bout else None
-            K_.grouped_xty(g_TD, a_SF, d_wout, gather_l=ix.token_S, scale=w_S, dbias=d_bout, **seg)
+            K_.grouped_xty(g_TD, a_SF, d_wout, gather_l=ix.token_S, dbias=d_bout, dbias_scale=w_S, **seg)
             d_wout = d_wout if need_wout else None
         del a_SF
         if need_x:  # (before the input projection's weight gradient: its slot rows are gone by then)

@@ -53,8 +53,9 @@ _OP = re.compile(r"^\s+/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P[T\d]\s+)?([A-Z][A-Z0-9_]
 
 def sass_stats(compiled) -> dict:
     """What the machine code of a compiled kernel holds: ``registers`` a thread, ``shared`` bytes, ``instructions``
-    in all and by opcode (``ops``: ``FFMA``, ``HMMA``, ``LDG``, ``LDS``, ...), and ``loop`` the instructions of the
-    longest loop body (the span of its backward branch: a GEMM's K loop)."""
+    in all and by opcode (``ops``: ``FFMA``, ``HMMA``, ``LDG``, ``LDS``, ``STL`` (a register spill), ...), ``loop``
+    the instructions of the longest loop body (the span of its backward branch: a GEMM's K loop) and ``loop_ops``
+    its opcodes."""
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
         f.write(compiled.asm["cubin"])
         path = f.name
@@ -64,13 +65,15 @@ def sass_stats(compiled) -> dict:
                                check=True).stdout
     finally:
         os.unlink(path)
-    ops: Counter = Counter()
-    loop = 0
-    for m in _OP.finditer(sass):
-        addr, op, target = int(m.group(1), 16), m.group(2), m.group(4)
-        ops[op] += 1
-        if op == "BRA" and target is not None and int(target, 16) < addr:
-            loop = max(loop, (addr - int(target, 16)) // 16 + 1)
+    code = [(int(m.group(1), 16), m.group(2), m.group(4)) for m in _OP.finditer(sass)]
+    ops = Counter(op for _, op, _ in code)
+    span = (0, -1)
+    for addr, op, target in code:
+        if op == "BRA" and target is not None and int(target, 16) < addr \
+                and addr - int(target, 16) > span[1] - span[0]:
+            span = (int(target, 16), addr)
+    loop_ops = Counter(op for addr, op, _ in code if span[0] <= addr <= span[1])
     regs = re.search(r"REG:(\d+)", usage)
     return {"registers": int(regs.group(1)) if regs else None, "shared": compiled.metadata.shared,
-            "instructions": sum(ops.values()), "loop": loop, "ops": dict(ops)}
+            "instructions": sum(ops.values()), "loop": sum(loop_ops.values()), "ops": dict(ops),
+            "loop_ops": dict(loop_ops)}

@@ -8,18 +8,21 @@ Kernels (all accumulate in fp32, with ``tl.dot`` or, for GEMMs over few rows per
 FMAs on the CUDA cores; operands are cast to the compute dtype inside the kernel, so weights and inputs are never
 copied to cast or permute them):
 
-- :func:`_grouped_gemm_kernel` ``out[s] = (scale_s * A[gather_s]) @ B[e_s]^T (+ bias[e_s])`` for the sorted rows
-  of every expert segment. The tile schedule (``tile_expert``, ``tile_row``) is built once per call on the device
+- :func:`_grouped_gemm_kernel` ``out[s] = scale_s * (A[gather_s] @ B[e_s]^T) (+ bias[e_s])`` for the sorted rows
+  of every expert segment (the row scale in the epilogue, on the fp32 sums: an operand that needs no arithmetic goes
+  from memory to the tensor cores' shared-memory tiles asynchronously, where a scaled one would pass through
+  registers inside the K loop). The tile schedule (``tile_expert``, ``tile_row``) is built once per call on the device
   from ``counts_E`` (:func:`tile_schedule`): every tile holds rows of a single expert, tiles past the last used one
   exit at once, so there is no host sync. Epilogues: none, SwiGLU forward (gate and up columns in one program,
   writes ``silu(gate) * up`` and optionally the pre-activation), SwiGLU backward (``dH`` from ``dA`` and the saved
-  pre-activation, plus the recomputed activation for the weight gradient). Rows can be written in sorted order or
+  pre-activation, plus the recomputed activation for the weight gradient, times the row scale where there is one,
+  so the weight gradient needs none). Rows can be written in sorted order or
   scattered to their slot position ``order_S[s]`` (the ``[T*K, D]`` slot-major layout). Tiles of 1-8 rows
   (``FMA``: :func:`_mac`) where the rows per expert are few, else 16-128-row ``tl.dot`` tiles.
-- :func:`_grouped_xty_kernel` ``out[e] = (scale * L[seg_e])^T @ R[seg_e]`` (the weight gradients: one program per
+- :func:`_grouped_xty_kernel` ``out[e] = L[seg_e]^T @ R[seg_e]`` (the weight gradients: one program per
   output tile of one expert, looping over that expert's rows, in steps of 1-8 rows on the CUDA cores where the
-  GEMMs take few-row tiles; optional gathers of either operand and the bias gradient ``sum(L[seg_e])``). Idle
-  experts get zeros, written by the same kernel.
+  GEMMs take few-row tiles; optional gathers of either operand and the bias gradient ``sum(scale * L[seg_e])``).
+  Idle experts get zeros, written by the same kernel.
 - :func:`_combine_kernel` ``y[t] = sum_k w[t, k] * Y[t*K + k]`` in fp32 in a fixed order (deterministic, no atomics);
   empty slots (``ids_TK == -1``) are skipped, so unwritten rows are never read.
 - :func:`_weights_grad_kernel` ``dw[t, k] = <g[t], Y[t*K + k]>`` (the router-weight gradient).
@@ -154,16 +157,11 @@ def _grouped_gemm_kernel(
     a_ptrs = a_ptr + a_rows[:, None] * stride_am + ks[None, :] * stride_ak
     b_ptrs = b_ptr + e * stride_be + cols[None, :].to(tl.int64) * stride_bn + ks[:, None] * stride_bk
     b_up_off = HALF * stride_bn  # the up half of a [gate; up] weight (SwiGLU epilogue only)
-    if SCALE:
-        scale = tl.load(scale_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
     acc = _acc_zeros(FMA, BLOCK_M, BLOCK_N, BLOCK_K)
     acc_up = _acc_zeros(FMA, BLOCK_M, BLOCK_N, BLOCK_K)
     for k0 in range(0, K, BLOCK_K):
         k_ok = ks < K - k0
-        a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        if SCALE:
-            a = a.to(tl.float32) * scale[:, None]
-        a = _cast(a, DTYPE, RTNE)
+        a = _cast(tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0), DTYPE, RTNE)
         b_mask = k_ok[:, None] & col_ok[None, :]
         b = _cast(tl.load(b_ptrs, mask=b_mask, other=0.0), DTYPE, RTNE)
         acc = _mac(a, b, acc, FMA, PRECISION, UPCAST)
@@ -174,6 +172,11 @@ def _grouped_gemm_kernel(
         b_ptrs += BLOCK_K * stride_bk
     acc = _acc_result(acc, FMA)
     acc_up = _acc_result(acc_up, FMA)
+    if SCALE:  # rows scaled as scaling A's rows would, on the fp32 sums
+        scale = tl.load(scale_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)[:, None]
+        acc = acc * scale
+        if EPILOGUE == 1:
+            acc_up = acc_up * scale
 
     if SCATTER:
         out_rows = tl.load(scatter_ptr + rows, mask=row_ok, other=0).to(tl.int64)
@@ -201,7 +204,9 @@ def _grouped_gemm_kernel(
         silu = _cast(g32 * tl.sigmoid(g32), DTYPE, RTNE).to(tl.float32)
         tl.store(o_ptrs, _cast(silu * up.to(tl.float32), out_ptr.dtype.element_ty, RTNE), mask=mask)
     else:
-        # SwiGLU backward: acc = dA for hidden columns `cols`; h holds [gate | up] of the same (sorted) rows
+        # SwiGLU backward: acc = dA for hidden columns `cols`; h holds [gate | up] of the same (sorted) rows. With
+        # SCALE, dA = scale * dY @ W^T and the activation is stored times the scale too: the down projection's
+        # weight gradient sum_s dY_s^T (scale_s a_s) takes it from there
         da = _cast(acc, DTYPE, RTNE).to(tl.float32)
         h_ptrs = h_ptr + rows64[:, None] * stride_hm + cols[None, :] * stride_hn
         gate = tl.load(h_ptrs, mask=mask, other=0.0).to(tl.float32)
@@ -214,6 +219,8 @@ def _grouped_gemm_kernel(
         tl.store(o_ptrs + HALF * stride_on, _cast(d_up, out_ptr.dtype.element_ty, RTNE), mask=mask)
         act_ptrs = act_ptr + rows64[:, None] * stride_actm + cols[None, :] * stride_actn
         a = _cast(silu, DTYPE, RTNE).to(tl.float32) * up
+        if SCALE:
+            a = a * scale
         tl.store(act_ptrs, _cast(a, act_ptr.dtype.element_ty, RTNE), mask=mask)
 
 
@@ -225,11 +232,12 @@ def _grouped_xty_kernel(
     dbias_ptr, stride_dbias_e,
     gather_l_ptr, gather_r_ptr, scale_ptr, seg_start_ptr, seg_end_ptr,
     M, N,
-    GATHER_L: tl.constexpr, GATHER_R: tl.constexpr, SCALE: tl.constexpr, DBIAS: tl.constexpr,
+    GATHER_L: tl.constexpr, GATHER_R: tl.constexpr, SCALE_DBIAS: tl.constexpr, DBIAS: tl.constexpr,
     DTYPE: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, RTNE: tl.constexpr, FMA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    # out[e] (M x N) = sum over the rows s of expert e of  (scale_s * L[s, :])^T  R[s, :]
+    # out[e] (M x N) = sum over the rows s of expert e of  L[s, :]^T  R[s, :];  dbias[e] = sum_s (scale_s) L[s, :]
+    # (operands straight from memory: no arithmetic on them inside the loop, see _grouped_gemm_kernel)
     pid = tl.program_id(0)
     tiles_m = tl.cdiv(M, BLOCK_M)
     tiles_n = tl.cdiv(N, BLOCK_N)
@@ -259,14 +267,15 @@ def _grouped_xty_kernel(
             r_rows = rows.to(tl.int64)
         lt = tl.load(l_ptr + l_rows[None, :] * stride_lm + ms[:, None] * stride_lk,
                      mask=m_ok[:, None] & ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_K] = L^T tile
-        if SCALE:
-            lt = lt.to(tl.float32) * tl.load(scale_ptr + rows, mask=ok, other=0.0).to(tl.float32)[None, :]
         lt = _cast(lt, DTYPE, RTNE)
         r = _cast(tl.load(r_ptr + r_rows[:, None] * stride_rm + ns[None, :] * stride_rn,
                           mask=ok[:, None] & n_ok[None, :], other=0.0), DTYPE, RTNE)
         acc = _mac(lt, r, acc, FMA, PRECISION, UPCAST)
         if DBIAS:
-            dbias += tl.sum(lt.to(tl.float32), axis=1)
+            if SCALE_DBIAS:
+                dbias += tl.sum(lt.to(tl.float32) * tl.load(scale_ptr + rows, mask=ok, other=0.0)[None, :], axis=1)
+            else:
+                dbias += tl.sum(lt.to(tl.float32), axis=1)
     acc = _acc_result(acc, FMA)
     e64 = e.to(tl.int64)
     o_ptrs = out_ptr + e64 * stride_oe + ms[:, None] * stride_om + ns[None, :] * stride_on
@@ -591,15 +600,17 @@ def _block_m(rows_per_expert: float, interpret: bool, fma_max_rows: float) -> in
     return 16 if rows_per_expert <= 16 else 32 if rows_per_expert <= 64 else 64 if rows_per_expert <= 512 else 128
 
 
-def gemm_config(rows_per_expert: float, N: int, K: int, dtype: torch.dtype, two_acc: bool = False) -> dict:
+def gemm_config(rows_per_expert: float, N: int, K: int, dtype: torch.dtype, swiglu: bool = False) -> dict:
     """Tile sizes for :func:`_grouped_gemm_kernel` (a heuristic in the spirit of vLLM's default ``fused_moe``
-    configs; ``BLOCK_M`` also fixes the tile schedule). ``two_acc``: the SwiGLU forward holds two accumulators.
+    configs; ``BLOCK_M`` also fixes the tile schedule). ``swiglu``: a SwiGLU epilogue, forward (two accumulators) or
+    backward (the pre-activation's gate and up tiles beside the accumulator), takes 64-column tiles from 64 rows: at
+    128 columns they spill registers (sm_90, ``benchmarks/sass_triton.py``).
     A fresh dict, from a memo (a training step asks for four, ~4 us each on the host)."""
-    return dict(_gemm_config(rows_per_expert, N, K, dtype, two_acc, INTERPRET, FMA_MAX_ROWS.get(dtype, 0)))
+    return dict(_gemm_config(rows_per_expert, N, K, dtype, swiglu, INTERPRET, FMA_MAX_ROWS.get(dtype, 0)))
 
 
 @functools.lru_cache(maxsize=1024)
-def _gemm_config(rows_per_expert: float, N: int, K: int, dtype: torch.dtype, two_acc: bool, interpret: bool,
+def _gemm_config(rows_per_expert: float, N: int, K: int, dtype: torch.dtype, swiglu: bool, interpret: bool,
                  fma_max_rows: float) -> dict:
     block_m = _block_m(rows_per_expert, interpret, fma_max_rows)
     if interpret:  # few large programs are fastest for numpy
@@ -617,9 +628,9 @@ def _gemm_config(rows_per_expert: float, N: int, K: int, dtype: torch.dtype, two
     elif rows_per_expert <= 64:
         cfg = dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=bk, num_warps=4, num_stages=4)
     elif rows_per_expert <= 512:
-        cfg = dict(BLOCK_M=64, BLOCK_N=64 if two_acc else 128, BLOCK_K=bk, num_warps=4, num_stages=3)
+        cfg = dict(BLOCK_M=64, BLOCK_N=64 if swiglu else 128, BLOCK_K=bk, num_warps=4, num_stages=3)
     else:
-        cfg = dict(BLOCK_M=128, BLOCK_N=64 if two_acc else 128, BLOCK_K=bk, num_warps=8, num_stages=3)
+        cfg = dict(BLOCK_M=128, BLOCK_N=64 if swiglu else 128, BLOCK_K=bk, num_warps=8, num_stages=3)
     cfg["BLOCK_N"] = min(cfg["BLOCK_N"], _pow2(N, 16, 256))
     cfg["BLOCK_K"] = min(cfg["BLOCK_K"], _pow2(K, 16, 256))
     cfg["GROUP_M"] = 8
@@ -819,7 +830,7 @@ def grouped_gemm(a, b, out, *, sched, seg_end, N: int, K: int, stride_bn: int, s
     """Launch :func:`_grouped_gemm_kernel` (see there). ``b`` is ``[E, ...]`` read as ``B[e][n, k]`` through
     ``stride_bn`` / ``stride_bk``; ``sched = (tile_expert, tile_row, num_tiles)`` from :func:`tile_schedule` with
     the same ``BLOCK_M`` as ``cfg``."""
-    cfg = cfg or gemm_config(rows_per_expert, N, K, dtype, two_acc=epilogue == EPI_SWIGLU)
+    cfg = cfg or gemm_config(rows_per_expert, N, K, dtype, swiglu=epilogue != EPI_NONE)
     tile_expert, tile_row, num_tiles = sched
     prec, upcast = dot_precision(dtype)
     dummy = out
@@ -843,8 +854,9 @@ def grouped_gemm(a, b, out, *, sched, seg_end, N: int, K: int, stride_bn: int, s
 
 
 def grouped_xty(l_, r, out, *, seg_start, seg_end, dtype, rows_per_expert: float, gather_l=None, gather_r=None,
-                scale=None, dbias=None, cfg: dict | None = None) -> None:
-    """Launch :func:`_grouped_xty_kernel`: ``out[e] = (scale * L[seg_e])^T @ R[seg_e]`` (``out`` is ``[E, M, N]``)."""
+                dbias=None, dbias_scale=None, cfg: dict | None = None) -> None:
+    """Launch :func:`_grouped_xty_kernel`: ``out[e] = L[seg_e]^T @ R[seg_e]`` (``out`` is ``[E, M, N]``) and, with
+    ``dbias``, ``dbias[e] = sum_s (dbias_scale_s) L[s]`` over the rows ``s`` of expert ``e``."""
     E, M, N = out.shape
     cfg = cfg or xty_config(rows_per_expert, M, N, dtype)
     prec, upcast = dot_precision(dtype)
@@ -855,9 +867,9 @@ def grouped_xty(l_, r, out, *, seg_start, seg_end, dtype, rows_per_expert: float
             out, out.stride(0), out.stride(1), out.stride(2),
             dbias if dbias is not None else out, dbias.stride(0) if dbias is not None else 0,
             gather_l if gather_l is not None else seg_start, gather_r if gather_r is not None else seg_start,
-            scale if scale is not None else out, seg_start, seg_end,
+            dbias_scale if dbias_scale is not None else out, seg_start, seg_end,
             M, N,
-            GATHER_L=gather_l is not None, GATHER_R=gather_r is not None, SCALE=scale is not None,
+            GATHER_L=gather_l is not None, GATHER_R=gather_r is not None, SCALE_DBIAS=dbias_scale is not None,
             DBIAS=dbias is not None, DTYPE=_TL_DTYPES[dtype], UPCAST=upcast, PRECISION=prec, RTNE=INTERPRET, **cfg)
 
 
