@@ -86,6 +86,10 @@ ALIGN_CASES: dict[str, dict] = {
     "align_one_program": dict(T=33, K=8, E=64, block_m=16),
     "align_blocks": dict(T=150, K=8, E=64, block_m=16, block_slots=32),
     "align_blocks_ragged": dict(T=37, K=3, E=5, block_m=32, block_slots=16),
+    # the scan over the blocks' histograms in several chunks of blocks (13 blocks, chunks of 8 at 1024 expert bins;
+    # 40 blocks, chunks of 32 at 256), and the tile schedule in chunks of 8 tiles; most experts empty in the first
+    "align_blocks_many_experts": dict(T=100, K=2, E=1000, block_m=16, block_slots=16),
+    "align_blocks_chunks": dict(T=160, K=4, E=200, block_m=16, block_slots=16),
 }
 # Softmax top-k routing in one kernel (and its backward kernel) against the router's PyTorch steps: weights and
 # balancing probabilities both used by the loss, with the selection bias, renorm_min clamping and a scale.

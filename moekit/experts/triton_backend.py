@@ -355,7 +355,7 @@ def _run(experts: "Experts", x_TD, weights_TK, ix: _Index, dtype, out_dtype) -> 
 
 def routed_usable(experts: "Experts", x_TD: torch.Tensor, num_slots: int) -> bool:
     """Whether :func:`routed_forward` runs these rows: the ``triton`` backend (or ``auto`` on a GPU) usable here, and
-    few enough slots and experts for the one-program index (:func:`moekit.kernels.triton_moe.align_usable`)."""
+    few enough experts for the index (:func:`moekit.kernels.triton_moe.align_usable`)."""
     from .backends import compute_dtype
 
     dtype = compute_dtype(x_TD, experts.w_in)
@@ -373,7 +373,7 @@ def selects_triton(backend: str, device: torch.device, dtype: torch.dtype) -> bo
 def _plan_free_block_m(num_slots: int, num_experts: int, dtype: torch.dtype, auto: bool) -> int | None:
     """The tiles' ``BLOCK_M`` for ``num_slots`` dropless slots on the plan-free path, or None where it does not take
     them: ``auto`` preferring the library GEMMs there (:func:`moekit.experts.backends.auto_prefers_triton`), or too
-    many slots and experts for the index (:func:`moekit.kernels.triton_moe.align_usable`)."""
+    many experts for the index (:func:`moekit.kernels.triton_moe.align_usable`)."""
     from .backends import auto_prefers_triton
 
     K_, rows = _kernels(), num_slots / num_experts

@@ -397,19 +397,31 @@ def _align_count_kernel(ids_ptr, hist_ptr, S, E, BLOCK_S: tl.constexpr, BLOCK_E:
 @triton.jit
 def _align_scan_kernel(
     hist_ptr, base_ptr, counts_ptr, start_ptr, end_ptr, tile_expert_ptr, tile_row_ptr, E, num_blocks, num_tiles,
-    BLOCK_B: tl.constexpr, BLOCK_E: tl.constexpr, CHUNK_T: tl.constexpr, BLOCK_M: tl.constexpr,
+    CHUNK_B: tl.constexpr, BLOCK_E: tl.constexpr, CHUNK_T: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
-    bs = tl.arange(0, BLOCK_B)
+    # the blocks' histograms in chunks of CHUNK_B blocks (a [CHUNK_B, BLOCK_E] tile a step, see _ALIGN_TILE): first
+    # the totals, then each block's offsets with a running sum over the blocks before its chunk
+    cb = tl.arange(0, CHUNK_B)
     es = tl.arange(0, BLOCK_E)
-    b_ok = bs < num_blocks
-    h = tl.load(hist_ptr + bs[:, None] * BLOCK_E + es[None, :], mask=b_ok[:, None] & (es < E)[None, :], other=0)
-    start = _segments_and_tiles(tl.sum(h, axis=0), es, E, counts_ptr, start_ptr, end_ptr, tile_expert_ptr,
-                                tile_row_ptr, num_tiles, CHUNK_T, BLOCK_M)
-    in_earlier_blocks = tl.cumsum(h, 0) - h  # slots of expert e in blocks before b
-    lower_in_block = tl.cumsum(h, 1) - h  # slots of block b with a lower expert: where e starts in its sorted block
-    # sorted lane i of block b (expert e) goes to start[e] + in_earlier_blocks[b, e] + (i - lower_in_block[b, e])
-    tl.store(base_ptr + bs[:, None] * BLOCK_E + es[None, :], start[None, :] + in_earlier_blocks - lower_in_block,
-             mask=b_ok[:, None])
+    e_ok = es < E
+    counts = tl.zeros((BLOCK_E,), dtype=tl.int32)
+    for b0 in range(0, num_blocks, CHUNK_B):
+        bs = b0 + cb
+        counts += tl.sum(tl.load(hist_ptr + bs[:, None] * BLOCK_E + es[None, :],
+                                 mask=(bs < num_blocks)[:, None] & e_ok[None, :], other=0), axis=0)
+    # before[e]: where expert e's slots of the current chunk's first block start (its segment start + earlier blocks')
+    before = _segments_and_tiles(counts, es, E, counts_ptr, start_ptr, end_ptr, tile_expert_ptr, tile_row_ptr,
+                                 num_tiles, CHUNK_T, BLOCK_M)
+    for b0 in range(0, num_blocks, CHUNK_B):
+        bs = b0 + cb
+        b_ok = bs < num_blocks
+        h = tl.load(hist_ptr + bs[:, None] * BLOCK_E + es[None, :], mask=b_ok[:, None] & e_ok[None, :], other=0)
+        in_earlier_blocks = tl.cumsum(h, 0) - h  # slots of expert e in the chunk's blocks before b
+        lower_in_block = tl.cumsum(h, 1) - h  # slots of block b with a lower expert: where e starts in its sorted block
+        # sorted lane i of block b (expert e) goes to before[e] + in_earlier_blocks[b, e] + (i - lower_in_block[b, e])
+        tl.store(base_ptr + bs[:, None] * BLOCK_E + es[None, :],
+                 before[None, :] + in_earlier_blocks - lower_in_block, mask=b_ok[:, None])
+        before += tl.sum(h, axis=0)
 
 
 @triton.jit
@@ -690,13 +702,18 @@ def tile_schedule(counts_E: torch.Tensor, offsets_E: torch.Tensor, num_slots: in
 #: the most slots :func:`align` sorts in one program; beyond, blocks of ALIGN_BLOCK_SLOTS sort themselves
 ALIGN_MAX_SLOTS = 4096
 ALIGN_BLOCK_SLOTS = 1024
-_ALIGN_REGS = 2**16  # the largest [rows, experts] tile a program of the align kernels holds
+#: the most experts the align kernels take (their histograms hold E + 1 bins, a power of two)
+ALIGN_MAX_EXPERTS = 1023
+#: the largest [tiles or blocks, experts] tile a step of the align kernels holds: 64 values a thread of 4 warps. The
+#: tile schedule's [CHUNK_T, BLOCK_E] comparison and the scan's [CHUNK_B, BLOCK_E] histograms loop over chunks of
+#: this size; compiled for sm_90, 2**16 of them (the whole of a fine-grained batch of 8192 tokens at once) spilled
+#: ~2000 registers' worth of stores in the scan, a single program every GEMM waits for
+_ALIGN_TILE = 2**13
 
 
 def align_usable(num_slots: int, num_experts: int, block_m: int = 16) -> bool:
-    """Whether :func:`align` handles this many slots and experts (its scan holds a block x expert tile)."""
-    blocks = 1 if num_slots <= ALIGN_MAX_SLOTS else -(-num_slots // ALIGN_BLOCK_SLOTS)
-    return num_slots > 0 and _pow2(blocks, 1, 2**30) * _pow2(num_experts + 1, 16, 2**30) <= _ALIGN_REGS
+    """Whether :func:`align` handles this many slots and experts (any number of slots; up to ALIGN_MAX_EXPERTS)."""
+    return num_slots > 0 and num_experts <= ALIGN_MAX_EXPERTS
 
 
 def align(ids_TK: torch.Tensor, num_experts: int, block_m: int, block_slots: int | None = None):
@@ -721,7 +738,8 @@ def align(ids_TK: torch.Tensor, num_experts: int, block_m: int, block_slots: int
     hist, base = torch.empty(2, blocks, block_e, dtype=torch.int32, device=ids_TK.device)
     _launch(_align_count_kernel, (blocks,), ids_TK, hist, S, E, BLOCK_S=block_s, BLOCK_E=block_e, num_warps=4)
     _launch(_align_scan_kernel, (1,), hist, base, counts, start, end, tile_expert, tile_row, E, blocks, num_tiles,
-            BLOCK_B=_pow2(blocks, 1, 2**30), BLOCK_E=block_e, CHUNK_T=chunk_t, BLOCK_M=block_m, num_warps=8)
+            CHUNK_B=max(2, min(_pow2(blocks, 1, 2**30), _ALIGN_TILE // block_e)), BLOCK_E=block_e, CHUNK_T=chunk_t,
+            BLOCK_M=block_m, num_warps=8)
     _launch(_align_place_kernel, (blocks,), ids_TK, base, order, token, S, E, K, BLOCK_S=block_s, BLOCK_E=block_e,
             num_warps=4)
     return out
@@ -731,7 +749,7 @@ def _align_outputs(S: int, E: int, block_m: int, dev):
     """:func:`align`'s outputs, empty, and its kernels' expert block and tile chunk."""
     num_tiles = min(S, -(-S // block_m) + E)
     block_e = _pow2(E + 1, 16, 2**30)
-    chunk_t = max(16, min(_pow2(num_tiles, 16, 2**30), _ALIGN_REGS // block_e))
+    chunk_t = max(8, min(_pow2(num_tiles, 8, 2**30), _ALIGN_TILE // block_e))
     # (split_with_sizes, not split: the latter's Python wrapper costs ~5 us of a small forward's host time)
     order, token, start, end, tile_expert, tile_row = torch.empty(
         2 * S + 2 * E + 2 * num_tiles, dtype=torch.int32, device=dev).split_with_sizes(
