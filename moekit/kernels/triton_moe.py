@@ -766,7 +766,7 @@ def route_and_align(logits_TE: torch.Tensor, bias_E: torch.Tensor, k: int, renor
     functions' launches."""
     T, E = logits_TE.shape
     S = T * k
-    block_t, route_e = _route_blocks(E)
+    block_t, route_e, warps = _route_blocks(E)
     if T > block_t or S > 1024:
         routed = topk_softmax(logits_TE, bias_E, k, renormalize, renorm_min, scale, save_p)
         return *routed, align(routed[0], E, block_m)
@@ -777,7 +777,7 @@ def route_and_align(logits_TE: torch.Tensor, bias_E: torch.Tensor, k: int, renor
     _launch(_route_align_kernel, (1,), logits_TE, logits_TE.stride(0), bias_E, ids, weights, p,
             order, token, counts, start, end, tile_expert, tile_row, T, E, float(renorm_min), float(scale), num_tiles,
             K=k, RENORM=bool(renormalize), SAVE_P=save_p, BLOCK_T=block_t, ROUTE_E=route_e, BLOCK_S=block_s,
-            ALIGN_E=align_e, CHUNK_T=chunk_t, BLOCK_M=block_m, num_warps=4)
+            ALIGN_E=align_e, CHUNK_T=chunk_t, BLOCK_M=block_m, num_warps=warps)
     return (ids, weights, p, out) if save_p else (ids, weights, out)
 
 
@@ -790,9 +790,13 @@ def _routing_outputs(logits_TE: torch.Tensor, k: int, save_p: bool):
     return ids, weights, torch.empty(T, E, dtype=torch.float32, device=logits_TE.device) if save_p else weights
 
 
-def _route_blocks(E: int) -> tuple[int, int]:
+def _route_blocks(E: int) -> tuple[int, int, int]:
+    """The routing kernels' ``(BLOCK_T tokens, BLOCK_E experts, warps)`` a program: 8 warps for a full tile of 4096
+    scores (fine-grained, 64 experts: with 4, sm_90 code of 255 registers spilled), else 4; the same for the routing
+    alone and routed with its index, which therefore reduce in the same order."""
     block_e = _pow2(E, 16, 2**16)
-    return max(1, min(16 if INTERPRET else 64, 4096 // block_e)), block_e
+    block_t = max(1, min(16 if INTERPRET else 64, 4096 // block_e))
+    return block_t, block_e, 8 if block_t * block_e >= 4096 else 4
 
 
 def topk_softmax(logits_TE: torch.Tensor, bias_E: torch.Tensor, k: int, renormalize: bool, renorm_min: float,
@@ -805,10 +809,10 @@ def topk_softmax(logits_TE: torch.Tensor, bias_E: torch.Tensor, k: int, renormal
     (fp32 ``[T, E]``), which :func:`topk_softmax_backward` needs."""
     T, E = logits_TE.shape
     ids, weights, p = _routing_outputs(logits_TE, k, save_p)
-    block_t, block_e = _route_blocks(E)
+    block_t, block_e, warps = _route_blocks(E)
     _launch(_topk_softmax_kernel, (_cdiv(T, block_t),), logits_TE, logits_TE.stride(0), bias_E, ids, weights, p,
             T, E, float(renorm_min), float(scale), K=k, RENORM=bool(renormalize), SAVE_P=save_p, BLOCK_T=block_t,
-            BLOCK_E=block_e, num_warps=4)
+            BLOCK_E=block_e, num_warps=warps)
     return (ids, weights, p) if save_p else (ids, weights)
 
 
@@ -819,11 +823,11 @@ def topk_softmax_backward(p_TE: torch.Tensor, ids_TK: torch.Tensor, d_weights_TK
     T, E = p_TE.shape
     K = ids_TK.shape[1]
     out = torch.empty_like(p_TE)
-    block_t, block_e = _route_blocks(E)
+    block_t, block_e, warps = _route_blocks(E)
     _launch(_topk_softmax_bwd_kernel, (_cdiv(T, block_t),), p_TE, ids_TK, d_weights_TK.contiguous(),
             d_probs_TE.contiguous() if d_probs_TE is not None else p_TE, out, T, E, float(renorm_min), float(scale),
             K=K, RENORM=bool(renormalize), HAS_DP=d_probs_TE is not None, BLOCK_T=block_t, BLOCK_E=block_e,
-            num_warps=4)
+            num_warps=warps)
     return out
 
 
