@@ -325,6 +325,8 @@ def test_kernels_compile_for_sm90(monkeypatch):
     monkeypatch.setattr(triton_moe, "_launch", lambda kernel, grid, *a, **k: recorded.append((kernel, a, k)))
     triton_moe.align(torch.zeros(3000, 2, dtype=torch.int64), 64, 32)  # the three-launch path
     triton_moe.align(torch.zeros(8192, 8, dtype=torch.int64), 64, 64)  # (fine-grained T = 8192: 64 blocks)
+    triton_moe.topk_softmax(torch.randn(128, 64), torch.zeros(64), 8, True, 0.0, 1.0)  # (fine-grained routing)
+    triton_moe.route_and_align(torch.randn(16, 64), torch.zeros(64), 8, True, 0.0, 1.0, 16, save_p=True)
     triton_moe.align(torch.zeros(100, 2, dtype=torch.int64), 8, 16)  # one program (training's index)
     triton_moe.route_and_align(torch.randn(5, 8), torch.zeros(8), 2, True, 0.0, 1.0, 16, save_p=True)  # (training's)
     from moekit.routing.softmax_topk import SoftmaxTopK  # training routing: top-k with probabilities, backward
@@ -355,7 +357,7 @@ def test_kernels_compile_for_sm90(monkeypatch):
         out = build()
         assert out.metadata.shared <= 227 * 1024, f"{kernel.__name__}: {out.metadata.shared} bytes of shared memory"
         compiled += 1
-        if kernel.__name__.startswith("_align"):  # (the scan and the tile schedule loop over tiles of bounded size)
+        if kernel.__name__.startswith(("_align", "_topk", "_route")):  # (tiles of bounded size a thread)
             stats = sass_stats(out)
             assert not any(op in stats["ops"] for op in ("STL", "LDL")), f"register spills: {kernel.__name__} {stats}"
         if kernel.__name__ in ("_grouped_gemm_kernel", "_grouped_xty_kernel") and kwargs["FMA"]:
