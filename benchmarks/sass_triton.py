@@ -119,7 +119,8 @@ def measure(shape: str, dtype: torch.dtype, T: int, mode: str, memo: dict) -> di
                 "gemm": ROLES[i] if i < len(ROLES) else f"gemm{i}",
                 "tiles": f"{kw['BLOCK_M']}x{kw['BLOCK_N']}x{kw['BLOCK_K']}",
                 "cuda_cores": bool(kw["FMA"]), "programs": programs, "grid": grid[0], "warps": kw["num_warps"],
-                "registers": st["registers"], "shared": st["shared"], "loop": st["loop"], "steps": max(steps),
+                "registers": st["registers"], "shared": st["shared"], "spill_stores": st["ops"].get("STL", 0),
+                "loop": st["loop"], "loop_ops": st["loop_ops"], "steps": max(steps),
                 "program_warp_instructions": st["loop"] * max(steps),
                 "warp_instructions": st["loop"] * sum(steps) * kw["num_warps"]})
         out["choices"][name] = {
