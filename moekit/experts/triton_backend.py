@@ -10,8 +10,8 @@ gradient, the unweighted slot outputs):
     dw_TK  = <g_T, y_TK>                                                   router-weight gradient
     dA/dH  = w_S * (g[token_S] @ w_out[e])  (+ SwiGLU backward epilogue, which also recomputes w_S * a_SF)
     dW_out[e] = g[token]_e^T @ (w * a)_e,   dW_in[e] = dH_e^T @ x[token]_e   (+ bias gradients, one kernel each)
-(the router weights applied in epilogues, never to a GEMM operand inside its K loop)
     dX     = sum_k (dH @ w_in[e])  scattered to slot order, summed like the forward combine
+(the router weights applied in epilogues, never to a GEMM operand inside its K loop).
 No permuted copy of ``x`` or of the gradient is ever made, and no host sync (the tile schedule is built on the
 device from ``counts_E``). Other activations than SwiGLU run through torch between the two GEMMs.
 
