@@ -65,6 +65,8 @@ def check_case(name: str, res: dict) -> None:
         scale = res["scales"][key]
         bound = 1e-5 * max(1.0, scale) if exact else 2e-2 * max(scale, 1e-3)
         assert err <= bound, f"{name}: {key} differs from the loop by {err:.3g} > {bound:.3g} (|ref| <= {scale:.3g})"
+    for key, n in res.get("precast_mismatches", {}).items():
+        assert n == 0, f"{name}: {key}: {n:g} entries differ between operands cast before the GEMMs and inside them"
     # 16-bit: no less accurate than the loop computing in the same dtype (both measured against an fp32 loop)
     for key, err in res.get("errors_vs_fp32", {}).items():
         loop_err, scale = res["loop_errors_vs_fp32"][key], res["scales"][key]

@@ -40,6 +40,8 @@ EXPERT_CASES: dict[str, dict] = {
     "frozen_experts": dict(E=4, K=2, T=9, D=24, F=40, frozen=True),
     "fp16": dict(E=4, K=2, T=9, D=24, F=40, dtype="float16"),
     "autocast_bf16": dict(E=4, K=2, T=9, D=24, F=40, autocast=True),
+    # fp32 inputs and weights cast to bf16 once before the GEMMs (triton_backend.PRECAST_MIN_ROWS rows per expert)
+    "autocast_bf16_precast": dict(E=2, K=1, T=600, D=16, F=24, autocast=True, precast=True),
     # A GPU's tile sizes (BLOCK_M 32/64/128, GROUP_M 8 swizzle, several column tiles) under the interpreter too, which
     # otherwise runs 16-row tiles only: rows per expert pick them (see triton_moe.gemm_config).
     "gpu_tiles_m32": dict(E=4, K=2, T=90, D=40, F=72, gpu_tiles=32),
@@ -247,11 +249,36 @@ def run_expert_case(name: str, device: str, dtype: torch.dtype | None = None) ->
     for k in ref_g:
         out["errors"][k] = _err(g[k], ref_g[k])
         out["scales"][k] = _scale(ref_g[k])
+    if spec.get("precast"):  # operands cast once before the GEMMs, against the kernels casting them: the same bits
+        out["precast_mismatches"] = _precast_mismatches(spec, dtype, device)
     if dtype != torch.float32:  # the same case in fp32 (loop): how far each 16-bit result is from exact
         ref32_y, ref32_g, _ = _expert_pass(spec, "loop", torch.float32, device)
         out["errors_vs_fp32"] = {"y": _err(y, ref32_y), **{k: _err(g[k], ref32_g[k]) for k in ref32_g}}
         out["loop_errors_vs_fp32"] = {"y": _err(ref_y, ref32_y), **{k: _err(ref_g[k], ref32_g[k]) for k in ref32_g}}
     return out
+
+
+def _precast_mismatches(spec: dict, dtype: torch.dtype, device: str) -> dict:
+    """Entries of the output and each gradient that differ between the Triton path with its operands cast to the
+    compute dtype before the GEMMs (checked to happen) and with the kernels casting them (the threshold off)."""
+    from moekit.experts import triton_backend as tb
+
+    cast, real = [], tb._cast_operands
+
+    def spy(*args):
+        cast.append(real(*args))
+        return cast[-1]
+
+    tb._cast_operands, saved = spy, tb.PRECAST_MIN_ROWS
+    try:
+        y_p, g_p, _ = _expert_pass(spec, "triton", dtype, device)
+        tb._cast_operands, tb.PRECAST_MIN_ROWS = real, float("inf")
+        y_k, g_k, _ = _expert_pass(spec, "triton", dtype, device)
+    finally:
+        tb._cast_operands, tb.PRECAST_MIN_ROWS = real, saved
+    if not cast or any(t.dtype != torch.bfloat16 for t in cast[0]):
+        raise AssertionError(f"{spec}: the operands were not cast before the GEMMs: {cast}")
+    return {k: float((a != b).sum()) for k, (a, b) in {"y": (y_p, y_k), **{k: (g_p[k], g_k[k]) for k in g_p}}.items()}
 
 
 # --------------------------------------------------------------------------------------------- layer cases

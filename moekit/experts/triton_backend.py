@@ -188,6 +188,22 @@ def _gemm_pair_configs(K_, ix: _Index, n1: int, k1: int, n2: int, k2: int, dtype
     return c1, c2, ix.schedule(c1["BLOCK_M"])
 
 
+#: rows per expert from which inputs and weights not in the compute dtype (autocast: fp32 parameters, bf16 GEMMs)
+#: are cast once before the GEMMs rather than inside them: each weight tile is read by rows / BLOCK_M row tiles, which
+#: then read it in half the bytes, and an operand converted in the K loop passes through registers instead of going
+#: to shared memory asynchronously (compiled for sm_90: 1.6-1.9x the loop's instructions); from 4 row tiles of 64 rows
+#: a cast pass (read fp32, write bf16) costs fewer bytes than the repeated fp32 reads. Below, the kernels convert.
+PRECAST_MIN_ROWS = 256
+
+
+def _cast_operands(x_TD, w_in, w_out, dtype, rows_per_expert: float) -> tuple:
+    """``(x_TD, w_in, w_out)`` in ``dtype`` where they are not and the rows per expert reach
+    :data:`PRECAST_MIN_ROWS` (the same values the kernels' own casts give: round to nearest even), else as given."""
+    if rows_per_expert < PRECAST_MIN_ROWS:
+        return x_TD, w_in, w_out
+    return tuple(t if t.dtype == dtype else t.detach().to(dtype) for t in (x_TD, w_in, w_out))
+
+
 # ------------------------------------------------------------------------------------------------- forward
 def _forward(x_TD, w_in, w_out, b_in, b_out, weights_TK, ix: _Index, act: Activation, dtype, save_h: bool,
              out_dtype: torch.dtype = torch.float32, cfgs: tuple[dict, dict] | None = None):
@@ -232,9 +248,12 @@ class TritonExpertsFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_TD, w_in, w_out, b_in, b_out, weights_TK, ix: _Index, act: Activation, dtype,
                 out_dtype=torch.float32, cfgs=None):
-        out_TD, h_SW, y_SD = _forward(x_TD, w_in, w_out, b_in, b_out, weights_TK, ix, act, dtype, save_h=True,
+        cast = _cast_operands(x_TD, w_in, w_out, dtype, ix.rows_per_expert)
+        out_TD, h_SW, y_SD = _forward(*cast, b_in, b_out, weights_TK, ix, act, dtype, save_h=True,
                                       out_dtype=out_dtype, cfgs=cfgs)
         ctx.save_for_backward(x_TD, w_in, w_out, b_in, b_out, weights_TK)
+        # the cast operands, for the backward's GEMMs (dropped there once used), where any was cast
+        ctx.cast = None if all(c is t for c, t in zip(cast, (x_TD, w_in, w_out))) else list(cast)
         ctx.out_dtype = out_dtype
         # intermediates ride on ctx, not in save_for_backward, so that backward can drop each once it is used: saved
         # tensors live until backward returns (h_SW is the largest buffer, S x 2F)
@@ -253,6 +272,8 @@ class TritonExpertsFunction(torch.autograd.Function):
                     None, None, None, None, None)
         h_SW, y_SD = ctx.h_SW, ctx.y_SD
         ctx.h_SW = ctx.y_SD = None
+        x_c, w_in_c, w_out_c = ctx.cast or (x_TD, w_in, w_out)  # (the GEMMs' operands; gradients take the originals')
+        ctx.cast = None
         ix, act, dtype = ctx.ix, ctx.act, ctx.dtype
         need_x, need_win, need_wout, need_bin, need_bout, need_w = ctx.needs_input_grad[:6]
         K_ = _kernels()
@@ -284,20 +305,20 @@ class TritonExpertsFunction(torch.autograd.Function):
         if swiglu:
             dh_SW = x_TD.new_empty(S, W, dtype=dtype)
             a_SF = x_TD.new_empty(S, F, dtype=dtype)
-            K_.grouped_gemm(g_TD, w_out, dh_SW, N=F, K=D, stride_bn=w_out.stride(2), stride_bk=w_out.stride(1),
+            K_.grouped_gemm(g_TD, w_out_c, dh_SW, N=F, K=D, stride_bn=w_out_c.stride(2), stride_bk=w_out_c.stride(1),
                             gather=ix.token_S, scale=w_S, epilogue=K_.EPI_SWIGLU_BWD, half=F, h=h_SW, act=a_SF,
                             cfg=c_da, **common)
         else:
             from .fused_function import _activation_with_backward
 
             da_SF = x_TD.new_empty(S, F, dtype=dtype)
-            K_.grouped_gemm(g_TD, w_out, da_SF, N=F, K=D, stride_bn=w_out.stride(2), stride_bk=w_out.stride(1),
+            K_.grouped_gemm(g_TD, w_out_c, da_SF, N=F, K=D, stride_bn=w_out_c.stride(2), stride_bk=w_out_c.stride(1),
                             gather=ix.token_S, scale=w_S, cfg=c_da, **common)
             a_SF, act_backward = _activation_with_backward(act, h_SW)
             dh_SW = act_backward(da_SF)
             del da_SF
             a_SF.mul_(w_S[:, None])  # (as the SwiGLU epilogue does: the router weights on it, for d_wout; fp32 product)
-        del h_SW
+        del h_SW, w_out_c
         seg = dict(seg_start=ix.seg_start_E, seg_end=ix.seg_end_E, dtype=dtype, rows_per_expert=ix.rows_per_expert)
         if need_wout or need_bout:
             d_wout = torch.empty_like(w_out)
@@ -308,14 +329,15 @@ class TritonExpertsFunction(torch.autograd.Function):
         if need_x:  # (before the input projection's weight gradient: its slot rows are gone by then)
             # dX rows: dH @ w_in[e]  (B[e][n=d, k=w] = w_in[e, w, d]), scattered to slot order, then summed over k
             dx_SD = x_TD.new_empty(S, D, dtype=dtype)
-            K_.grouped_gemm(dh_SW, w_in, dx_SD, N=D, K=W, stride_bn=w_in.stride(2), stride_bk=w_in.stride(1),
+            K_.grouped_gemm(dh_SW, w_in_c, dx_SD, N=D, K=W, stride_bn=w_in_c.stride(2), stride_bk=w_in_c.stride(1),
                             scatter=ix.order_S, cfg=c_dx, **common)
             d_x = K_.combine(dx_SD, ix.ids_TK, torch.empty(T, D, dtype=x_TD.dtype, device=dev))
             del dx_SD
+        del w_in_c
         if need_win or need_bin:
             d_win = torch.empty_like(w_in)
             d_bin = torch.empty(E, W, dtype=ctx.bias_dtypes[0], device=dev) if need_bin else None
-            K_.grouped_xty(dh_SW, x_TD, d_win, gather_r=ix.token_S, dbias=d_bin, **seg)
+            K_.grouped_xty(dh_SW, x_c, d_win, gather_r=ix.token_S, dbias=d_bin, **seg)
             d_win = d_win if need_win else None
         return d_x, d_win, d_wout, d_bin, d_bout, d_weights, None, None, None, None, None
 
@@ -354,7 +376,8 @@ def _run(experts: "Experts", x_TD, weights_TK, ix: _Index, dtype, out_dtype) -> 
     with no_autocast(x_TD.device.type):
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args):
             return TritonExpertsFunction.apply(*args, ix, experts.activation, dtype, out_dtype)
-        return _forward(*args, ix, experts.activation, dtype, save_h=False, out_dtype=out_dtype)[0]
+        return _forward(*_cast_operands(*args[:3], dtype, ix.rows_per_expert), *args[3:], ix, experts.activation,
+                        dtype, save_h=False, out_dtype=out_dtype)[0]
 
 
 def routed_usable(experts: "Experts", x_TD: torch.Tensor, num_slots: int) -> bool:
