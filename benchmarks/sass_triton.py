@@ -35,7 +35,7 @@ from moekit.benchmark import SHAPES, add_publish_args, publish
 ROOT = Path.cwd()
 OUT = ROOT / "benchmarks" / "results" / "sass_triton.json"
 DOC = ROOT / "docs" / "performance.md"
-TOKENS = (1, 16, 128)
+TOKENS = (1, 16, 128, 1024, 8192)
 DTYPES = (torch.float32, torch.bfloat16)
 MODES = ("fwd", "fwd+bwd")
 TARGET = ("cuda", 90, 32)
