@@ -706,8 +706,8 @@ ALIGN_BLOCK_SLOTS = 1024
 ALIGN_MAX_EXPERTS = 1023
 #: the largest [tiles or blocks, experts] tile a step of the align kernels holds: 64 values a thread of 4 warps. The
 #: tile schedule's [CHUNK_T, BLOCK_E] comparison and the scan's [CHUNK_B, BLOCK_E] histograms loop over chunks of
-#: this size; compiled for sm_90, 2**16 of them (the whole of a fine-grained batch of 8192 tokens at once) spilled
-#: ~2000 registers' worth of stores in the scan, a single program every GEMM waits for
+#: this size; compiled for sm_90, the whole tables of a fine-grained batch of 8192 tokens at once (64 blocks and 512
+#: tiles by 128 expert bins) made the scan, a single program every GEMM waits for, spill (1854 spill stores)
 _ALIGN_TILE = 2**13
 
 
