@@ -18,7 +18,13 @@ as it stands), 16-row ``tl.dot`` tiles only, and few-row tiles for 16-bit dtypes
 
 Writes ``benchmarks/results/sass_triton.json`` and the table between the SASS-TRITON markers of docs/performance.md.
 
-    python benchmarks/sass_triton.py             (from the repository root; ~1 minute, Triton's cache warm: seconds)
+``--spills`` instead compiles every Triton launch of a whole layer step (the router's kernels, the index, the GEMMs,
+the combine and the backward's, recorded through ``bench_triton_host.py``'s stand-ins) at both shapes, fp32 and bf16,
+these token counts, inference and training, and lists each specialisation that spills registers to local memory
+(``benchmarks/results/sass_spills.json``, the SASS-SPILLS table of docs/performance.md).
+
+    python benchmarks/sass_triton.py             (from the repository root; ~2 minutes, Triton's cache warm: seconds)
+    python benchmarks/sass_triton.py --spills    (~4 minutes)
 """
 
 from __future__ import annotations
@@ -30,10 +36,12 @@ from pathlib import Path
 import torch
 from rich.progress import track
 
+import moekit
 from moekit.benchmark import SHAPES, add_publish_args, publish
 
 ROOT = Path.cwd()
 OUT = ROOT / "benchmarks" / "results" / "sass_triton.json"
+SPILLS_OUT = ROOT / "benchmarks" / "results" / "sass_spills.json"
 DOC = ROOT / "docs" / "performance.md"
 TOKENS = (1, 16, 128, 1024, 8192)
 DTYPES = (torch.float32, torch.bfloat16)
@@ -175,11 +183,89 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def layer_launches(shape: str, dtype: torch.dtype, T: int, mode: str) -> list:
+    """Every Triton launch ``(kernel, args, kwargs)`` of one step of a whole layer (``bench_triton_host.py``'s
+    stand-ins: routing, index, experts, combine; with backward), the second of two steps."""
+    import bench_triton_host as bth
+
+    from moekit.kernels import triton_moe as tm
+
+    s = SHAPES[shape]
+    D, F, E, K = s["d_model"], s["d_ff"], s["num_experts"], s["top_k"]
+    torch.manual_seed(0)
+    layer = moekit.MoE(D, F, E, K, backend="triton").to(dtype)
+    calls: list = []
+    with bth.stand_ins() as stand:
+        def launch(kernel, grid, *args, **kwargs):
+            calls.append((kernel, args, kwargs))
+            stand.launch(kernel, grid, *args, **kwargs)
+
+        tm._launch = launch  # (stand_ins puts the real one back)
+        step = bth.make_step(layer, torch.randn(T, D).to(dtype), mode)
+        step()
+        calls.clear()
+        step()
+    return calls
+
+
+def spills(shapes=tuple(SHAPES), dtypes=DTYPES, tokens=TOKENS, modes=MODES) -> dict:
+    """Each distinct specialisation of every kernel a layer step launches, compiled: its registers and spill stores,
+    and the cases that launch it."""
+    import triton
+
+    from moekit.kernels.triton_aot import compile_launch, sass_stats
+
+    seen: dict = {}
+    cases = [(sh, dt, T, m) for sh in shapes for dt in dtypes for T in tokens for m in modes]
+    for sh, dt, T, m in track(cases, description="compiling layer steps for sm_90"):
+        for kernel, args, kwargs in layer_launches(sh, dt, T, m):
+            key, build = compile_launch(kernel, args, kwargs, TARGET)
+            if key not in seen:
+                st = sass_stats(build())
+                seen[key] = {"kernel": kernel.__name__, "registers": st["registers"],
+                             "spill_stores": st["ops"].get("STL", 0), "spill_loads": st["ops"].get("LDL", 0),
+                             "instructions": st["instructions"], "num_warps": kwargs.get("num_warps", 4),
+                             "constexprs": {k: str(v) for k, v in kwargs.items() if k.isupper()}, "cases": []}
+            case = f"{sh} {str(dt).removeprefix('torch.')} T={T} {m}"
+            if case not in seen[key]["cases"]:
+                seen[key]["cases"].append(case)
+    return {"meta": {"target": "sm_90 (H100), warp 32", "triton": triton.__version__, "torch": torch.__version__,
+                     "cases": len(cases)}, "kernels": list(seen.values())}
+
+
+def spills_table(result: dict) -> str:
+    m, ks = result["meta"], result["kernels"]
+    bad = [k for k in ks if k["spill_stores"] or k["spill_loads"]]
+    lines = [f"Every Triton launch of a layer step at both shapes, fp32 and bf16, T = {', '.join(map(str, TOKENS))}, "
+             f"inference and training ({m['cases']} steps), compiled for {m['target']} by Triton {m['triton']} "
+             f"without a GPU (`python benchmarks/sass_triton.py --spills`): {len(ks)} distinct specialisations, "
+             f"{len(bad)} of them spilling registers to local memory" + (":" if bad else ".")]
+    if bad:
+        lines += ["", "| kernel | tiles and flags | warps | registers | spill stores / loads | launched by |",
+                  "|---|---|---:|---:|---:|---|"]
+        for k in bad:
+            c = k["constexprs"]
+            tiles = "x".join(c[n] for n in ("BLOCK_M", "BLOCK_N", "BLOCK_K") if n in c) or \
+                ", ".join(f"{n}={v}" for n, v in c.items() if n.startswith(("BLOCK", "CHUNK")))
+            flags = ", ".join(n for n in ("GATHER", "SCATTER", "SCALE", "FMA") if c.get(n) == "True")
+            lines.append(f"| `{k['kernel']}` | {tiles}{' ' + flags if flags else ''}, {c.get('DTYPE', '')} | "
+                         f"{k['num_warps']} | {k['registers']} | {k['spill_stores']} / {k['spill_loads']} | "
+                         f"{'; '.join(k['cases'][:3])}{' ...' if len(k['cases']) > 3 else ''} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", nargs="*", type=int, default=list(TOKENS))
+    parser.add_argument("--spills", action="store_true", help="list the register spills of every kernel of a "
+                        "layer step instead (its own JSON and table)")
     add_publish_args(parser, OUT, DOC)
     args = parser.parse_args(argv)
+    if args.spills:
+        result = spills(tokens=tuple(args.tokens))
+        out = SPILLS_OUT if args.out == OUT else args.out
+        publish(result, spills_table(result), out, None if args.no_doc else DOC, "SASS-SPILLS")
+        return
     result = run(tokens=tuple(args.tokens))
     publish(result, table(result), args.out, None if args.no_doc else DOC, "SASS-TRITON")
 

@@ -592,6 +592,33 @@ def test_sass_benchmark_reads_the_compiled_gemms_of_each_tile_choice():
     assert text.count("\n| mixtral |") == 4 and "| tl.dot |" in text and "| few-row |" in text
 
 
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:TRITON_DEFAULT_FP_FUSION")
+def test_sass_spill_sweep_compiles_every_kernel_of_a_layer_step():
+    """benchmarks/sass_triton.py --spills on one fine-grained bf16 training step of 8 tokens: every kernel the layer
+    launches (routing and index in one, the GEMMs, combine, the router-weight and routing gradients) compiled once
+    per specialisation with its registers and spills; the table lists the spilling ones and says how many."""
+    pytest.importorskip("triton")
+    mod = _bench_script("sass_triton")
+    _bench_script("bench_triton_host")  # (whose stand-ins it takes, imported by name)
+    try:
+        result = mod.spills(shapes=("fine_grained",), dtypes=(torch.bfloat16,), tokens=(8,), modes=("fwd+bwd",))
+    except NotImplementedError as e:  # (another Triton's internals)
+        pytest.skip(str(e))
+    names = {k["kernel"] for k in result["kernels"]}
+    assert {"_route_align_kernel", "_grouped_gemm_kernel", "_grouped_xty_kernel", "_combine_kernel",
+            "_weights_grad_kernel", "_topk_softmax_bwd_kernel"} <= names, names
+    assert all(k["registers"] and k["instructions"] and k["cases"] == ["fine_grained bfloat16 T=8 fwd+bwd"]
+               for k in result["kernels"])
+    text = mod.spills_table(result)
+    bad = [k for k in result["kernels"] if k["spill_stores"] or k["spill_loads"]]
+    assert f"{len(result['kernels'])} distinct specialisations, {len(bad)} of them spilling" in text
+    assert text.count("\n| `_") == len(bad)
+    bad.append(dict(result["kernels"][0], spill_stores=2, spill_loads=3))  # (a spilling one is listed)
+    text = mod.spills_table(dict(result, kernels=result["kernels"] + bad[-1:]))
+    assert f"| {bad[-1]['registers']} | 2 / 3 |" in text
+
+
 def test_gpu_benchmark_merges_runs_keeping_each_groups_roofline(tmp_path, capsys):
     """bench_gpu.py --merge (no GPU needed): a run of several groups (its rooflines per group) and a single group's
     partial result (one roofline) as one result, rows in run order, each group with its own roofline; missing files
