@@ -407,7 +407,7 @@ def _plan_free_block_m(num_slots: int, num_experts: int, dtype: torch.dtype, aut
     if auto and not auto_prefers_triton(dtype, rows):
         return None
     block_m = K_.block_m_for(rows, dtype)
-    return block_m if K_.align_usable(num_slots, num_experts, block_m) else None
+    return block_m if K_.align_usable(num_slots, num_experts) else None
 
 
 def routed_forward(experts: "Experts", x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor,

@@ -5,8 +5,9 @@ Notation: ``T`` tokens, ``K`` slots per token, ``S = T*K`` slots (sorted by expe
 ``D`` model dim, ``F`` expert hidden dim, ``W`` input-projection width (``2F`` gated, ``F`` plain), ``E`` experts.
 
 Kernels (all accumulate in fp32, with ``tl.dot`` or, for GEMMs over few rows per expert, :data:`FMA_MAX_ROWS`, with
-FMAs on the CUDA cores; operands are cast to the compute dtype inside the kernel, so weights and inputs are never
-copied to cast or permute them):
+FMAs on the CUDA cores; operands not in the compute dtype are cast inside the kernel, so weights and inputs are never
+copied to permute them, nor to cast them where few rows read each weight tile: from
+``triton_backend.PRECAST_MIN_ROWS`` rows per expert the caller casts them once instead):
 
 - :func:`_grouped_gemm_kernel` ``out[s] = scale_s * (A[gather_s] @ B[e_s]^T) (+ bias[e_s])`` for the sorted rows
   of every expert segment (the row scale in the epilogue, on the fp32 sums: an operand that needs no arithmetic goes
@@ -711,7 +712,7 @@ ALIGN_MAX_EXPERTS = 1023
 _ALIGN_TILE = 2**13
 
 
-def align_usable(num_slots: int, num_experts: int, block_m: int = 16) -> bool:
+def align_usable(num_slots: int, num_experts: int) -> bool:
     """Whether :func:`align` handles this many slots and experts (any number of slots; up to ALIGN_MAX_EXPERTS)."""
     return num_slots > 0 and num_experts <= ALIGN_MAX_EXPERTS
 
