@@ -1,19 +1,29 @@
 #!/usr/bin/env bash
 # The GPU checks in one go, for a machine with a CUDA device (run from the repository root):
 #   bash benchmarks/gpu_check.sh [OUT_DIR]
+# 0. beside the tests, every Triton kernel specialisation the benchmark will launch compiled ahead in parallel
+#    (benchmarks/warm_triton.py: its processes then find them in Triton's cache instead of compiling each in turn),
 # 1. the CUDA tests (Triton backend against the loop reference, CUDA graphs, no host sync),
 # 2. where a step's time goes (benchmarks/profile_gpu.py, one-token and 8192-token bf16 forwards, a one-token fp32
 #    forward),
 # 3. the layer benchmark (benchmarks/bench_gpu.py, one process per shape and dtype).
-# Each step has a time limit (seconds, environment: TESTS_S, PROFILE_S, DECODE_S, LARGE_S) so the whole fits a
-# short lease (600 s in all by default).
+# Each step has a time limit (seconds, environment: WARM_S, TESTS_S, PROFILE_S, DECODE_S, LARGE_S) so the whole
+# fits a short lease (600 s in all by default; the warm-up runs during the tests).
 set -u
 out=${1:-benchmarks/results}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD
+cache_entries() { python3 -c 'import sys; sys.path.insert(0, "benchmarks"); import warm_triton; print(warm_triton.entries())'; }
+echo "Triton cache: $(cache_entries) entries at the start"
+timeout "${WARM_S:-120}" python3 benchmarks/warm_triton.py --workers "$(( $(nproc) > 3 ? $(nproc) - 2 : 1 ))" \
+    > "$out/gpu_warm.log" 2>&1 &
+warm=$!
 timeout "${TESTS_S:-120}" python3 -m pytest -q -p no:cacheprovider tests/test_graphs.py tests/test_triton.py -k TestCUDA \
     > "$out/gpu_tests.log" 2>&1
 echo "tests: exit $? ($(tail -1 "$out/gpu_tests.log"))"
+wait $warm
+echo "warm-up: exit $? ($(grep -E '^(warm_triton|  failed)' "$out/gpu_warm.log" | head -4))"
+echo "Triton cache: $(cache_entries) entries after the tests and the warm-up"
 timeout "${PROFILE_S:-45}" python3 benchmarks/profile_gpu.py --tokens 1 8192 > "$out/gpu_profile.txt" 2>&1
 # (fp32 one-token: the few-row tiles on the CUDA cores)
 timeout "${PROFILE_S:-45}" python3 benchmarks/profile_gpu.py --dtype float32 --tokens 1 >> "$out/gpu_profile.txt" 2>&1
@@ -29,3 +39,5 @@ echo "bench T >= 128: exit $?"
 # (with the part a killed run left of the group it was measuring: layer_cuda_<run>.<shape>.<dtype>.json)
 python3 benchmarks/bench_gpu.py --merge "$out"/layer_cuda_decode*.json "$out"/layer_cuda_large*.json \
     --out "$out/layer_cuda.json" | grep -v 'max|' | tail -80
+# (what the runs compiled that the warm-up had not: the entries the cache gained after it)
+echo "Triton cache: $(cache_entries) entries at the end"

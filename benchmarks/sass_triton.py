@@ -183,9 +183,11 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def layer_launches(shape: str, dtype: torch.dtype, T: int, mode: str) -> list:
+def layer_launches(shape: str, dtype: torch.dtype, T: int, mode: str, layer: moekit.MoE | None = None,
+                   both: bool = False) -> list:
     """Every Triton launch ``(kernel, args, kwargs)`` of one step of a whole layer (``bench_triton_host.py``'s
-    stand-ins: routing, index, experts, combine; with backward), the second of two steps."""
+    stand-ins: routing, index, experts, combine; with backward), the second of two steps (``both``: of the two).
+    ``layer``: the layer to step (default: a fresh one of the shape, Triton backend)."""
     import bench_triton_host as bth
 
     from moekit.kernels import triton_moe as tm
@@ -193,7 +195,7 @@ def layer_launches(shape: str, dtype: torch.dtype, T: int, mode: str) -> list:
     s = SHAPES[shape]
     D, F, E, K = s["d_model"], s["d_ff"], s["num_experts"], s["top_k"]
     torch.manual_seed(0)
-    layer = moekit.MoE(D, F, E, K, backend="triton").to(dtype)
+    layer = layer if layer is not None else moekit.MoE(D, F, E, K, backend="triton").to(dtype)
     calls: list = []
     with bth.stand_ins() as stand:
         def launch(kernel, grid, *args, **kwargs):
@@ -203,7 +205,8 @@ def layer_launches(shape: str, dtype: torch.dtype, T: int, mode: str) -> list:
         tm._launch = launch  # (stand_ins puts the real one back)
         step = bth.make_step(layer, torch.randn(T, D).to(dtype), mode)
         step()
-        calls.clear()
+        if not both:
+            calls.clear()
         step()
     return calls
 

@@ -619,6 +619,69 @@ def test_sass_spill_sweep_compiles_every_kernel_of_a_layer_step():
     assert f"| {bad[-1]['registers']} | 2 / 3 |" in text
 
 
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:TRITON_DEFAULT_FP_FUSION")
+def test_warm_triton_fills_the_cache_the_jit_then_reads(tmp_path, monkeypatch):
+    """benchmarks/warm_triton.py on the one-token Mixtral-like fp32 forward (the Triton layer under both choices of
+    tiles, the grouped_mm layer): its launches recorded as the GPU benchmark builds the layers, one job per
+    specialisation, compiled ahead for sm_90 by two
+    worker processes into an empty cache. Triton's JIT then launching the same steps on the CPU tensors themselves
+    (a stand-in driver reporting an sm_90 GPU; ``warmup``: compile, no launch) finds every specialisation there and
+    compiles nothing, while a step that was not warmed (bf16) adds entries; a second warm adds none."""
+    pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.runtime import driver
+
+    from moekit.kernels import triton_moe as tm
+
+    W = _bench_script("warm_triton")
+    S = _bench_script("sass_triton")
+    _bench_script("bench_triton_host")
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    case = dict(shapes=("mixtral",), dtypes=("float32",), tokens=(1,), modes=("fwd",))
+    n, jobs = W.record(**case)
+    assert n > len(jobs) >= 3 and {j[1] for j in jobs} >= {"_route_align_kernel", "_grouped_gemm_kernel"}
+    try:
+        W.compile_one(jobs[0], ("cuda", 90, 32))  # (in this process: another Triton's internals skip here)
+    except NotImplementedError as e:
+        pytest.skip(str(e))
+    first = W.warm(jobs, workers=2, target=("cuda", 90, 32))
+    assert first["failed"] == 0 and first["specialisations"] == len(jobs), first
+    assert W.entries() == len(jobs)  # (one entry per specialisation: the key is no finer than the JIT's here)
+    assert W.warm(jobs, workers=2, target=("cuda", 90, 32))["new_cache_entries"] == 0
+
+    class Sm90:  # the JIT's view of a device: no GPU is touched before a launch, which warmup skips
+        def get_current_device(self):
+            return 0
+
+        def get_current_stream(self, device=None):
+            return 0
+
+        def get_current_target(self):
+            return GPUTarget("cuda", 90, 32)
+
+    def jit(dtype, limits=None, backend="triton"):
+        layer = W._layer("mixtral", dtype, backend)
+        with tm.fma_rows(limits):
+            calls = S.layer_launches("mixtral", dtype, 1, "fwd", layer=layer, both=True)
+        for kernel, args, kwargs in calls:
+            kernel.warmup(*args, grid=(1,), **kwargs)
+        return {k for k, _, _ in calls}
+
+    monkeypatch.setattr(driver, "_active", Sm90())
+    kernels: set = set()
+    try:
+        kernels |= jit(torch.float32)
+        kernels |= jit(torch.float32, tm.other_tiles(0.25, torch.float32)[1])
+        kernels |= jit(torch.float32, backend="grouped_mm")  # (its router's Triton kernels)
+        assert W.entries() == len(jobs)  # every specialisation the JIT asked for was there
+        kernels |= jit(torch.bfloat16)
+        assert W.entries() > len(jobs)  # (and one it did not warm is not)
+    finally:
+        for k in kernels:  # (binders made for the stand-in device)
+            k.device_caches.clear()
+
+
 def test_gpu_benchmark_merges_runs_keeping_each_groups_roofline(tmp_path, capsys):
     """bench_gpu.py --merge (no GPU needed): a run of several groups (its rooflines per group) and a single group's
     partial result (one roofline) as one result, rows in run order, each group with its own roofline; missing files
