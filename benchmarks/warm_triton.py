@@ -156,13 +156,16 @@ def warm(jobs: list, workers: int, target: tuple | None) -> dict:
 
     before, t0 = entries(), time.perf_counter()
     failed: list[str] = []
+    busy = 0.0
     with cf.ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         futures = {pool.submit(compile_one, job, target): job for job in jobs}
         for f in track(cf.as_completed(futures), total=len(futures), description="compiling", transient=True):
             if f.exception() is not None:
                 failed.append(f"{futures[f][1]}: {type(f.exception()).__name__}: {f.exception()!s:.200}")
+            else:
+                busy += f.result()
     return {"specialisations": len(jobs), "failed": len(failed), "errors": failed[:3],
-            "new_cache_entries": entries() - before, "seconds": time.perf_counter() - t0}
+            "new_cache_entries": entries() - before, "seconds": time.perf_counter() - t0, "compile_s": busy}
 
 
 def parse_target(text: str) -> tuple:
@@ -190,7 +193,8 @@ def main(argv=None) -> dict:
     recorded_s = time.perf_counter() - t0
     out = {"launches": n, "recorded_s": recorded_s, **warm(jobs, args.workers, args.target)}
     print(f"warm_triton: {out['launches']} launches recorded in {recorded_s:.1f} s, {out['specialisations']} "
-          f"specialisations compiled in {out['seconds']:.1f} s by {args.workers} workers into {cache_dir()} "
+          f"specialisations compiled in {out['seconds']:.1f} s by {args.workers} workers ({out['compile_s']:.1f} s of "
+          f"compiling, one after another) into {cache_dir()} "
           f"({out['new_cache_entries']} new cache entries, {out['failed']} failed)", flush=True)
     for e in out["errors"]:
         print(f"  failed: {e}", flush=True)
