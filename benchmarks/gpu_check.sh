@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU checks in one go, for a machine with a CUDA device (run from the repository root):
-#   bash benchmarks/gpu_check.sh [OUT_DIR]
+#   bash benchmarks/gpu_check.sh [OUT_DIR]      (on a lent machine: OUT_DIR "$OUT", whose files come back)
 # 0. beside the tests, every Triton kernel specialisation the benchmark will launch compiled ahead in parallel
 #    (benchmarks/warm_triton.py: its processes then find them in Triton's cache instead of compiling each in turn),
 # 1. the CUDA tests (Triton backend against the loop reference, CUDA graphs, no host sync),
@@ -41,3 +41,7 @@ python3 benchmarks/bench_gpu.py --merge "$out"/layer_cuda_decode*.json "$out"/la
     --out "$out/layer_cuda.json" | grep -v 'max|' | tail -80
 # (what the runs compiled that the warm-up had not: the entries the cache gained after it)
 echo "Triton cache: $(cache_entries) entries at the end"
+# The logs and the runs' own results (merged above) in one archive, so that OUT_DIR holds three files: a lease
+# returns only a few files from its output folder (run it as `bash benchmarks/gpu_check.sh "$OUT"` there).
+(cd "$out" && parts=$(ls gpu_warm.log gpu_tests.log gpu_bench.log layer_cuda_decode*.json layer_cuda_large*.json \
+    2>/dev/null) && tar czf gpu_check_logs.tar.gz $parts && rm -f $parts && echo "logs: $out/gpu_check_logs.tar.gz")
