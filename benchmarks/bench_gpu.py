@@ -39,11 +39,14 @@ import torch
 
 import moekit
 from moekit.benchmark import (HF_IMPLS, SHAPES, DenseFFN, Row, _dt, _f, _HFImpl, batched_mm_copy_bytes,
-                              distinct_expert_bytes, drop_failing, expert_flops, hf_block, hf_peers, make_step)
+                              distinct_expert_bytes, drop_failing, expert_flops, hf_block, hf_peers, make_step,
+                              write_marked_table)
 
 TOKENS = (1, 16, 128, 1024, 8192, 32768)
 MOEKIT_BACKENDS = ("triton", "grouped_mm")
 RESULTS = Path.cwd() / "benchmarks" / "results"
+#: the README's markers around the GPU table (``--merge ... --doc README.md``)
+DOC_MARKER = "LAYER-BENCH-CUDA"
 
 
 @dataclass
@@ -546,6 +549,9 @@ def main(argv=None) -> None:
                     help="run every shape and dtype in this process (default: one process each, see run_isolated)")
     ap.add_argument("--merge", nargs="+", type=Path, default=None, metavar="JSON",
                     help="merge these runs' results (those that exist) into --out and print the table; runs nothing")
+    ap.add_argument("--doc", type=Path, default=None, metavar="MARKDOWN",
+                    help=f"with --merge: also write the table (without its checks and errors) between the "
+                         f"{DOC_MARKER} markers of this file (the README, where the GPU table lives)")
     args = ap.parse_args(argv)
     if args.merge:
         found = [json.loads(f.read_text()) for f in args.merge if f.exists()]
@@ -554,7 +560,10 @@ def main(argv=None) -> None:
         result = merge(found)
         out = args.out or RESULTS / "layer_cuda.json"
         out.write_text(json.dumps(result, indent=1))
-        print(summarise(result))
+        text = summarise(result)
+        if args.doc is not None:
+            write_marked_table(args.doc, text.split("\n\nChecks and errors:\n")[0], DOC_MARKER)
+        print(text)
         return
     require_cuda()
     if args.quick:

@@ -714,5 +714,16 @@ def test_gpu_benchmark_merges_runs_keeping_each_groups_roofline(tmp_path, capsys
     assert set(merged["shapes"]) == {"mixtral", "fine_grained"}
     table = capsys.readouterr().out
     assert "\n| mixtral | bfloat16 | 1 | fwd |" in table and "\n| fine_grained | float32 | 1 | fwd |" in table
+    # --doc: the table (its checks and errors left out) between the README's GPU markers, the text around kept
+    doc = tmp_path / "README.md"
+    doc.write_text(f"intro\n<!-- {G.DOC_MARKER}:START -->\nold table\n<!-- {G.DOC_MARKER}:END -->\noutro\n")
+    part["rows"].append(dict(row("fine_grained", "float32", 1), impl="hf_eager", median_ms=None, note="error: boom"))
+    paths[1].write_text(json.dumps(part))
+    G.main(["--merge", *map(str, paths), "--out", str(out), "--doc", str(doc)])
+    assert "Checks and errors" in capsys.readouterr().out
+    written = doc.read_text()
+    assert written.startswith(f"intro\n<!-- {G.DOC_MARKER}:START -->\nMeasured on gpu (sm_90)")
+    assert written.endswith(f"|\n<!-- {G.DOC_MARKER}:END -->\noutro\n")
+    assert "old table" not in written and "boom" not in written and "\n| fine_grained | float32 | 1 | fwd |" in written
     with pytest.raises(SystemExit, match="exists"):
         G.main(["--merge", str(paths[2]), "--out", str(out)])
