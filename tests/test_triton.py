@@ -266,9 +266,10 @@ class TestCUDA:
 # ------------------------------------------------------------------------------- GPU compile without a GPU
 def _captured_launches(monkeypatch, dtype: torch.dtype, backward: bool, T: int = 40, D: int = 64, F: int = 96,
                        E: int = 8, bias: bool = True) -> list:
-    """The exact kernel launches (kernel, args, kwargs) of one forward (+ backward) of the backend over ``T`` tokens
-    (``E`` experts, top-2), recorded instead of run: CPU tensors stand in for GPU ones (their dtypes and alignment are
-    what the compiler sees). The output and its gradient in ``dtype``, contiguous, as a layer's are."""
+    """The exact kernel launches (kernel, args, kwargs) of one forward of the backend over ``T`` tokens (``E``
+    experts, top-2), in inference or with backward (training), recorded instead of run: CPU tensors stand in for GPU
+    ones (their dtypes and alignment are what the compiler sees). The output and its gradient in ``dtype``,
+    contiguous, as a layer's are."""
     from moekit.kernels import triton_moe
 
     calls = []
@@ -282,9 +283,11 @@ def _captured_launches(monkeypatch, dtype: torch.dtype, backward: bool, T: int =
     x = torch.randn(T, D, dtype=dtype, requires_grad=backward)
     args = (x, ex.w_in, ex.w_out, ex.b_in, ex.b_out, plan.weights_TK)
     with torch.set_grad_enabled(backward):
-        y = tb.TritonExpertsFunction.apply(*args, tb._Index.from_plan(plan), ex.activation, dtype, dtype)
         if backward:
+            y = tb.TritonExpertsFunction.apply(*args, tb._Index.from_plan(plan), ex.activation, dtype, dtype)
             y.backward(torch.randn_like(y))
+        else:  # (inference: the forward alone, keeping no pre-activations, as a layer runs it)
+            tb._run(ex, x, plan.weights_TK, tb._Index.from_plan(plan), dtype, dtype)
     return calls
 
 
@@ -374,22 +377,28 @@ def test_kernels_compile_for_sm90(monkeypatch):
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:TRITON_DEFAULT_FP_FUSION")
 @pytest.mark.parametrize("rows", [200, 600])
-def test_tensor_core_tiles_take_operands_straight_from_memory_on_sm90(monkeypatch, rows):
-    """bf16 training at 64- and 128-row tiles (rows per expert 200 and 600), compiled for an H100: every grouped GEMM
-    and weight gradient multiplies on the tensor cores (HGMMA) with operands that go from memory to shared memory
-    untouched (no multiply or conversion inside the K loop: the router weights are applied in the epilogues), and no
-    kernel spills registers (the SwiGLU epilogues, forward and backward, take 64-column tiles)."""
+@pytest.mark.parametrize("backward", [True, False], ids=["training", "inference"])
+def test_tensor_core_tiles_take_operands_straight_from_memory_on_sm90(monkeypatch, rows, backward):
+    """bf16 training and inference at 64- and 128-row tiles (rows per expert 200 and 600), compiled for an H100: every
+    grouped GEMM and weight gradient multiplies on the tensor cores (HGMMA) with operands that go from memory to
+    shared memory untouched (no multiply or conversion inside the K loop: the router weights are applied in the
+    epilogues), its products in flight while the next operands load (one wait a K step: ptxas had serialised them,
+    a wait after each, in the inference SwiGLU forward whose epilogue computed g * sigmoid(g)), and no kernel spills
+    registers (the SwiGLU epilogues, forward and backward, take 64-column tiles)."""
     if tb.interpreting():
         pytest.skip("the kernels are interpreted in this process")
     from moekit.kernels.triton_aot import compile_launch, sass_stats
 
-    launches = [(k, a, kw) for k, a, kw in _captured_launches(monkeypatch, torch.bfloat16, True, T=rows, D=128,
+    launches = [(k, a, kw) for k, a, kw in _captured_launches(monkeypatch, torch.bfloat16, backward, T=rows, D=128,
                                                               F=128, E=2, bias=False)
                 if k.__name__ in ("_grouped_gemm_kernel", "_grouped_xty_kernel")]
-    assert len(launches) == 6 and {kw["BLOCK_M"] for k, _, kw in launches if k.__name__ == "_grouped_gemm_kernel"} \
-        == {64 if rows == 200 else 128}
-    assert any(kw.get("SCALE") for _, _, kw in launches) and any(kw["EPILOGUE"] == 2 for k, _, kw in launches
-                                                                if k.__name__ == "_grouped_gemm_kernel")
+    assert len(launches) == (6 if backward else 2)
+    assert {kw["BLOCK_M"] for k, _, kw in launches if k.__name__ == "_grouped_gemm_kernel"} == \
+        {64 if rows == 200 else 128}
+    assert any(kw["EPILOGUE"] == 1 and kw["SAVE_H"] == backward for _, _, kw in launches)
+    if backward:
+        assert any(kw.get("SCALE") for _, _, kw in launches) and any(kw["EPILOGUE"] == 2 for k, _, kw in launches
+                                                                    if k.__name__ == "_grouped_gemm_kernel")
     for kernel, args, kwargs in launches:
         try:
             _, build = compile_launch(kernel, args, kwargs)
@@ -399,6 +408,7 @@ def test_tensor_core_tiles_take_operands_straight_from_memory_on_sm90(monkeypatc
         what = f"{kernel.__name__} {dict((n, kwargs[n]) for n in ('BLOCK_M', 'BLOCK_N', 'BLOCK_K'))}: {st}"
         assert st["loop_ops"].get("HGMMA", 0) > 0 and st["loop_ops"].get("LDGSTS", 0) > 0, what
         assert not {"FMUL", "FFMA", "F2FP", "F2F", "STS"} & set(st["loop_ops"]), what
+        assert st["loop_waits"] == 1, f"tensor-core products waited for one by one: {what}"
         assert not {"STL", "LDL"} & set(st["ops"]), f"register spills: {what}"
 
 

@@ -54,8 +54,8 @@ _OP = re.compile(r"^\s+/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P[T\d]\s+)?([A-Z][A-Z0-9_]
 def sass_stats(compiled) -> dict:
     """What the machine code of a compiled kernel holds: ``registers`` a thread, ``shared`` bytes, ``instructions``
     in all and by opcode (``ops``: ``FFMA``, ``HMMA``, ``LDG``, ``LDS``, ``STL`` (a register spill), ...), ``loop``
-    the instructions of the longest loop body (the span of its backward branch: a GEMM's K loop) and ``loop_ops``
-    its opcodes."""
+    the instructions of the longest loop body (the span of its backward branch: a GEMM's K loop), ``loop_ops``
+    its opcodes and ``loop_waits`` its waits for tensor-core products (``WARPGROUP.DEPBAR``)."""
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
         f.write(compiled.asm["cubin"])
         path = f.name
@@ -65,15 +65,19 @@ def sass_stats(compiled) -> dict:
                                check=True).stdout
     finally:
         os.unlink(path)
-    code = [(int(m.group(1), 16), m.group(2), m.group(4)) for m in _OP.finditer(sass)]
-    ops = Counter(op for _, op, _ in code)
+    code = [(int(m.group(1), 16), m.group(2), m.group(3), m.group(4)) for m in _OP.finditer(sass)]
+    ops = Counter(op for _, op, _, _ in code)
     span = (0, -1)
-    for addr, op, target in code:
+    for addr, op, _, target in code:
         if op == "BRA" and target is not None and int(target, 16) < addr \
                 and addr - int(target, 16) > span[1] - span[0]:
             span = (int(target, 16), addr)
-    loop_ops = Counter(op for addr, op, _ in code if span[0] <= addr <= span[1])
+    loop_ops = Counter(op for addr, op, _, _ in code if span[0] <= addr <= span[1])
+    # waits for the warpgroup's tensor-core products (WARPGROUP.DEPBAR): one a step keeps them in flight while the
+    # next operands load; one after each product means ptxas serialised them
+    loop_waits = sum(1 for addr, op, suffix, _ in code if span[0] <= addr <= span[1] and op == "WARPGROUP"
+                     and suffix.startswith(".DEPBAR"))
     regs = re.search(r"REG:(\d+)", usage)
     return {"registers": int(regs.group(1)) if regs else None, "shared": compiled.metadata.shared,
             "instructions": sum(ops.values()), "loop": sum(loop_ops.values()), "ops": dict(ops),
-            "loop_ops": dict(loop_ops)}
+            "loop_ops": dict(loop_ops), "loop_waits": loop_waits}
