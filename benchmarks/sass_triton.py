@@ -228,6 +228,7 @@ def spills(shapes=tuple(SHAPES), dtypes=DTYPES, tokens=TOKENS, modes=MODES) -> d
                 seen[key] = {"kernel": kernel.__name__, "registers": st["registers"],
                              "spill_stores": st["ops"].get("STL", 0), "spill_loads": st["ops"].get("LDL", 0),
                              "instructions": st["instructions"], "num_warps": kwargs.get("num_warps", 4),
+                             "mma_in_loop": st["loop_ops"].get("HGMMA", 0), "mma_waits_in_loop": st["loop_waits"],
                              "constexprs": {k: str(v) for k, v in kwargs.items() if k.isupper()}, "cases": []}
             case = f"{sh} {str(dt).removeprefix('torch.')} T={T} {m}"
             if case not in seen[key]["cases"]:
@@ -236,16 +237,26 @@ def spills(shapes=tuple(SHAPES), dtypes=DTYPES, tokens=TOKENS, modes=MODES) -> d
                      "cases": len(cases)}, "kernels": list(seen.values())}
 
 
+def serialised(k: dict) -> bool:
+    """Whether a compiled kernel waits for its tensor-core products one by one in its K loop (more than one wait a
+    step: ``ptxas`` serialised them)."""
+    return k.get("mma_in_loop", 0) > 1 and k.get("mma_waits_in_loop", 0) > 1
+
+
 def spills_table(result: dict) -> str:
     m, ks = result["meta"], result["kernels"]
-    bad = [k for k in ks if k["spill_stores"] or k["spill_loads"]]
+    spilling = [k for k in ks if k["spill_stores"] or k["spill_loads"]]
+    bad = [k for k in ks if k in spilling or serialised(k)]
     lines = [f"Every Triton launch of a layer step at both shapes, fp32 and bf16, T = {', '.join(map(str, TOKENS))}, "
              f"inference and training ({m['cases']} steps), compiled for {m['target']} by Triton {m['triton']} "
              f"without a GPU (`python benchmarks/sass_triton.py --spills`): {len(ks)} distinct specialisations, "
-             f"{len(bad)} of them spilling registers to local memory" + (":" if bad else ".")]
+             f"{len(spilling)} of them spilling registers to local memory, "
+             f"{sum(map(serialised, ks))} waiting for each tensor-core product in their K loop "
+             f"(of {sum(k.get('mma_in_loop', 0) > 0 for k in ks)} with tensor-core products there)"
+             + (":" if bad else ".")]
     if bad:
-        lines += ["", "| kernel | tiles and flags | warps | registers | spill stores / loads | launched by |",
-                  "|---|---|---:|---:|---:|---|"]
+        lines += ["", "| kernel | tiles and flags | warps | registers | spill stores / loads | tensor-core products "
+                  "/ waits a K step | launched by |", "|---|---|---:|---:|---:|---:|---|"]
         for k in bad:
             c = k["constexprs"]
             tiles = "x".join(c[n] for n in ("BLOCK_M", "BLOCK_N", "BLOCK_K") if n in c) or \
@@ -253,6 +264,7 @@ def spills_table(result: dict) -> str:
             flags = ", ".join(n for n in ("GATHER", "SCATTER", "SCALE", "FMA") if c.get(n) == "True")
             lines.append(f"| `{k['kernel']}` | {tiles}{' ' + flags if flags else ''}, {c.get('DTYPE', '')} | "
                          f"{k['num_warps']} | {k['registers']} | {k['spill_stores']} / {k['spill_loads']} | "
+                         f"{k.get('mma_in_loop', 0)} / {k.get('mma_waits_in_loop', 0)} | "
                          f"{'; '.join(k['cases'][:3])}{' ...' if len(k['cases']) > 3 else ''} |")
     return "\n".join(lines)
 

@@ -616,7 +616,13 @@ def test_sass_spill_sweep_compiles_every_kernel_of_a_layer_step():
     assert text.count("\n| `_") == len(bad)
     bad.append(dict(result["kernels"][0], spill_stores=2, spill_loads=3))  # (a spilling one is listed)
     text = mod.spills_table(dict(result, kernels=result["kernels"] + bad[-1:]))
-    assert f"| {bad[-1]['registers']} | 2 / 3 |" in text
+    assert f"| {bad[-1]['registers']} | 2 / 3 | " in text
+    # (and one whose tensor-core products are waited for one by one; one wait a step is the pipelined loop)
+    fine = dict(result["kernels"][0], mma_in_loop=4, mma_waits_in_loop=1)
+    slow = dict(fine, mma_waits_in_loop=4)
+    text = mod.spills_table(dict(result, kernels=result["kernels"] + [fine, slow]))
+    assert "1 waiting for each tensor-core product in their K loop" in text and text.count("| 4 / 4 |") == 1
+    assert "| 4 / 1 |" not in text
 
 
 @pytest.mark.slow

@@ -157,15 +157,16 @@ def _grouped_gemm_kernel(
     ks = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + a_rows[:, None] * stride_am + ks[None, :] * stride_ak
     # The SwiGLU forward's gate and up columns (`cols`, and `cols + HALF` of a [gate; up] weight) as one product over
-    # both column tiles side by side (PAIR): one tl.dot of twice the width, whose tensor-core instructions read each A
-    # tile from shared memory once instead of twice (sm_90: 8-14 fewer instructions a K step). With FMA (the CUDA
-    # cores) the two accumulators are kept.
-    PAIR: tl.constexpr = EPILOGUE == 1 and not FMA
+    # both column tiles side by side (PAIR) where the tensor cores multiply (16-bit operands, or fp32 as tf32): one
+    # tl.dot of twice the width, whose instructions read each A tile from shared memory once instead of twice (sm_90:
+    # 8-14 fewer instructions a K step). On the CUDA cores (FMA tiles, exact fp32) the two accumulators are kept: an
+    # exact fp32 product twice as wide spills registers at 64-row tiles.
+    PAIR: tl.constexpr = EPILOGUE == 1 and not FMA and (DTYPE != tl.float32 or PRECISION != "ieee")
     jj = tl.arange(0, BLOCK_N * (1 + PAIR))
     b_rows = pid_n * BLOCK_N + jj % BLOCK_N + (jj // BLOCK_N) * HALF
     b_ok = pid_n * BLOCK_N + jj % BLOCK_N < N
     b_ptrs = b_ptr + e * stride_be + b_rows[None, :].to(tl.int64) * stride_bn + ks[:, None] * stride_bk
-    b_up_off = HALF * stride_bn  # the up half of a [gate; up] weight (SwiGLU epilogue on the CUDA cores)
+    b_up_off = HALF * stride_bn  # the up half of a [gate; up] weight (SwiGLU epilogue, two accumulators)
     acc = _acc_zeros(FMA, BLOCK_M, BLOCK_N * (1 + PAIR), BLOCK_K)
     acc_up = _acc_zeros(FMA, BLOCK_M, BLOCK_N, BLOCK_K)
     for k0 in range(0, K, BLOCK_K):
@@ -174,7 +175,7 @@ def _grouped_gemm_kernel(
         b_mask = k_ok[:, None] & b_ok[None, :]
         b = _cast(tl.load(b_ptrs, mask=b_mask, other=0.0), DTYPE, RTNE)
         acc = _mac(a, b, acc, FMA, PRECISION, UPCAST)
-        if EPILOGUE == 1 and FMA:
+        if EPILOGUE == 1 and not PAIR:
             b_up = _cast(tl.load(b_ptrs + b_up_off, mask=b_mask, other=0.0), DTYPE, RTNE)
             acc_up = _mac(a, b_up, acc_up, FMA, PRECISION, UPCAST)
         a_ptrs += BLOCK_K * stride_ak
