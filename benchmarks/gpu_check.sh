@@ -44,4 +44,5 @@ echo "Triton cache: $(cache_entries) entries at the end"
 # The logs and the runs' own results (merged above) in one archive, so that OUT_DIR holds three files: a lease
 # returns only a few files from its output folder (run it as `bash benchmarks/gpu_check.sh "$OUT"` there).
 (cd "$out" && parts=$(ls gpu_warm.log gpu_tests.log gpu_bench.log layer_cuda_decode*.json layer_cuda_large*.json \
-    2>/dev/null) && tar czf gpu_check_logs.tar.gz $parts && rm -f $parts && echo "logs: $out/gpu_check_logs.tar.gz")
+    2>/dev/null); [ -n "$parts" ] && tar czf gpu_check_logs.tar.gz $parts && rm -f $parts \
+    && echo "logs: $out/gpu_check_logs.tar.gz")
