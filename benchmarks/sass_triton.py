@@ -246,7 +246,7 @@ def serialised(k: dict) -> bool:
 def spills_table(result: dict) -> str:
     m, ks = result["meta"], result["kernels"]
     spilling = [k for k in ks if k["spill_stores"] or k["spill_loads"]]
-    bad = [k for k in ks if k in spilling or serialised(k)]
+    bad = [k for k in ks if k["spill_stores"] or k["spill_loads"] or serialised(k)]
     lines = [f"Every Triton launch of a layer step at both shapes, fp32 and bf16, T = {', '.join(map(str, TOKENS))}, "
              f"inference and training ({m['cases']} steps), compiled for {m['target']} by Triton {m['triton']} "
              f"without a GPU (`python benchmarks/sass_triton.py --spills`): {len(ks)} distinct specialisations, "

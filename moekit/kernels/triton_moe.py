@@ -163,8 +163,9 @@ def _grouped_gemm_kernel(
     # exact fp32 product twice as wide spills registers at 64-row tiles.
     PAIR: tl.constexpr = EPILOGUE == 1 and not FMA and (DTYPE != tl.float32 or PRECISION != "ieee")
     jj = tl.arange(0, BLOCK_N * (1 + PAIR))
-    b_rows = pid_n * BLOCK_N + jj % BLOCK_N + (jj // BLOCK_N) * HALF
-    b_ok = pid_n * BLOCK_N + jj % BLOCK_N < N
+    b_cols = pid_n * BLOCK_N + jj % BLOCK_N  # the output column each of the tile's weight rows feeds
+    b_rows = b_cols + (jj // BLOCK_N) * HALF
+    b_ok = b_cols < N
     b_ptrs = b_ptr + e * stride_be + b_rows[None, :].to(tl.int64) * stride_bn + ks[:, None] * stride_bk
     b_up_off = HALF * stride_bn  # the up half of a [gate; up] weight (SwiGLU epilogue, two accumulators)
     acc = _acc_zeros(FMA, BLOCK_M, BLOCK_N * (1 + PAIR), BLOCK_K)
